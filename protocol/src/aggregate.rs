@@ -1,0 +1,241 @@
+//! Pluggable aggregation: the coordinator session hands every participant's
+//! [`AggregationPayload`] to an [`Aggregator`] and waits for its
+//! [`AggregateResult`]. Plain summing ([`PlainAggregator`]) is the first
+//! implementation; secure aggregation replaces it without touching the
+//! session or the transport, since an aggregator may also emit its own
+//! messages ([`Aggregator::poll_transmit`]) for multi-stage protocols.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{
+    error::ProtocolError,
+    message::{AggregationPayload, Message, ParticipantId},
+};
+
+/// What an aggregator learns at the end of a round: the weighted mean of the
+/// contributors' updates, and no individual update.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AggregateResult {
+    /// Round number.
+    pub round: u32,
+    /// `sum(w_i * x_i) / sum(w_i)` over the contributors, flattened in tensor order.
+    pub mean_update: Vec<f32>,
+    /// `sum(w_i)`: total aggregation weight (samples) of the contributors.
+    pub total_weight: f64,
+    /// Participants whose updates are in the sum, ascending.
+    pub contributors: Vec<ParticipantId>,
+}
+
+/// The coordinator side of one aggregation scheme, driven by the session.
+///
+/// Call order per round: [`begin_round`](Aggregator::begin_round), then any
+/// mix of [`handle_payload`](Aggregator::handle_payload) and
+/// [`handle_dropout`](Aggregator::handle_dropout), draining
+/// [`poll_transmit`](Aggregator::poll_transmit) after each, until
+/// [`poll_result`](Aggregator::poll_result) returns `Some`.
+pub trait Aggregator: Send {
+    /// Short name recorded in metrics, e.g. `"plain"`.
+    fn kind(&self) -> &'static str;
+
+    /// Starts a round over `cohort` for updates of `num_params` values.
+    fn begin_round(
+        &mut self,
+        round: u32,
+        cohort: &[ParticipantId],
+        num_params: usize,
+    ) -> Result<(), ProtocolError>;
+
+    /// Accepts one payload. Errors reject the payload without disturbing the
+    /// round (the session decides whether to drop the sender).
+    fn handle_payload(
+        &mut self,
+        from: ParticipantId,
+        payload: AggregationPayload,
+    ) -> Result<(), ProtocolError>;
+
+    /// `who` will not contribute any more this round (disconnected or late).
+    fn handle_dropout(&mut self, who: ParticipantId);
+
+    /// Messages the aggregator wants sent (multi-stage schemes only).
+    fn poll_transmit(&mut self) -> Option<(ParticipantId, Message)> {
+        None
+    }
+
+    /// The round's result once every cohort member has contributed or dropped
+    /// out; an error when the round cannot produce one (e.g. nobody left).
+    fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>>;
+}
+
+/// Unprotected weighted summing, for comparison and tests: the coordinator
+/// sees every update. Sums in `f64`.
+#[derive(Debug, Default)]
+pub struct PlainAggregator {
+    round: u32,
+    num_params: usize,
+    waiting: BTreeSet<ParticipantId>,
+    contributors: BTreeMap<ParticipantId, ()>,
+    sum: Vec<f64>,
+    total_weight: f64,
+    done: bool,
+}
+
+impl PlainAggregator {
+    /// A new aggregator; configure per round with `begin_round`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Aggregator for PlainAggregator {
+    fn kind(&self) -> &'static str {
+        "plain"
+    }
+
+    fn begin_round(
+        &mut self,
+        round: u32,
+        cohort: &[ParticipantId],
+        num_params: usize,
+    ) -> Result<(), ProtocolError> {
+        self.round = round;
+        self.num_params = num_params;
+        self.waiting = cohort.iter().copied().collect();
+        self.contributors.clear();
+        self.sum.clear();
+        self.sum.resize(num_params, 0.0);
+        self.total_weight = 0.0;
+        self.done = false;
+        Ok(())
+    }
+
+    fn handle_payload(
+        &mut self,
+        from: ParticipantId,
+        payload: AggregationPayload,
+    ) -> Result<(), ProtocolError> {
+        if self.contributors.contains_key(&from) {
+            return Err(ProtocolError::DuplicateContribution(from));
+        }
+        if !self.waiting.contains(&from) {
+            return Err(ProtocolError::UnknownParticipant(from));
+        }
+        #[allow(unreachable_patterns)]
+        let (update, weight) = match payload {
+            AggregationPayload::Plain { update, weight } => (update, weight),
+            other => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    expected: "plain payload",
+                    got: other.kind(),
+                });
+            }
+        };
+        if update.len() != self.num_params {
+            return Err(ProtocolError::InvalidContribution(format!(
+                "update has {} values, the model has {}",
+                update.len(),
+                self.num_params
+            )));
+        }
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(ProtocolError::InvalidContribution(format!(
+                "weight {weight} must be finite and positive"
+            )));
+        }
+        if update.iter().any(|v| !v.is_finite()) {
+            return Err(ProtocolError::InvalidContribution(
+                "update contains NaN or infinity".into(),
+            ));
+        }
+        for (s, &u) in self.sum.iter_mut().zip(&update) {
+            *s += weight * u as f64;
+        }
+        self.total_weight += weight;
+        self.waiting.remove(&from);
+        self.contributors.insert(from, ());
+        Ok(())
+    }
+
+    fn handle_dropout(&mut self, who: ParticipantId) {
+        self.waiting.remove(&who);
+    }
+
+    fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>> {
+        if self.done || !self.waiting.is_empty() {
+            return None;
+        }
+        self.done = true;
+        if self.contributors.is_empty() {
+            return Some(Err(ProtocolError::InvalidContribution(
+                "no participant contributed to the round".into(),
+            )));
+        }
+        let inv = 1.0 / self.total_weight;
+        Some(Ok(AggregateResult {
+            round: self.round,
+            mean_update: self.sum.iter().map(|s| (s * inv) as f32).collect(),
+            total_weight: self.total_weight,
+            contributors: self.contributors.keys().copied().collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(update: Vec<f32>, weight: f64) -> AggregationPayload {
+        AggregationPayload::Plain { update, weight }
+    }
+
+    #[test]
+    fn weighted_mean_of_contributors() {
+        let mut agg = PlainAggregator::new();
+        agg.begin_round(1, &[0, 1, 2], 2).unwrap();
+        agg.handle_payload(0, plain(vec![1.0, 0.0], 1.0)).unwrap();
+        assert!(agg.poll_result().is_none());
+        agg.handle_payload(2, plain(vec![4.0, 3.0], 3.0)).unwrap();
+        agg.handle_dropout(1);
+        let r = agg.poll_result().unwrap().unwrap();
+        assert_eq!(r.mean_update, vec![13.0 / 4.0, 9.0 / 4.0]);
+        assert_eq!(r.total_weight, 4.0);
+        assert_eq!(r.contributors, vec![0, 2]);
+        assert!(agg.poll_result().is_none(), "result is handed out once");
+    }
+
+    #[test]
+    fn bad_payloads_rejected_without_disturbing_the_round() {
+        let mut agg = PlainAggregator::new();
+        agg.begin_round(1, &[0, 1], 2).unwrap();
+        assert!(agg.handle_payload(0, plain(vec![1.0], 1.0)).is_err());
+        assert!(
+            agg.handle_payload(0, plain(vec![1.0, f32::NAN], 1.0))
+                .is_err()
+        );
+        assert!(agg.handle_payload(0, plain(vec![1.0, 1.0], -1.0)).is_err());
+        assert!(
+            agg.handle_payload(0, plain(vec![1.0, 1.0], f64::NAN))
+                .is_err()
+        );
+        assert_eq!(
+            agg.handle_payload(7, plain(vec![1.0, 1.0], 1.0)),
+            Err(ProtocolError::UnknownParticipant(7))
+        );
+        agg.handle_payload(0, plain(vec![2.0, 2.0], 1.0)).unwrap();
+        assert_eq!(
+            agg.handle_payload(0, plain(vec![2.0, 2.0], 1.0)),
+            Err(ProtocolError::DuplicateContribution(0))
+        );
+        agg.handle_payload(1, plain(vec![0.0, 0.0], 1.0)).unwrap();
+        let r = agg.poll_result().unwrap().unwrap();
+        assert_eq!(r.mean_update, vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn everyone_dropped_is_an_error() {
+        let mut agg = PlainAggregator::new();
+        agg.begin_round(1, &[0, 1], 2).unwrap();
+        agg.handle_dropout(0);
+        agg.handle_dropout(1);
+        assert!(agg.poll_result().unwrap().is_err());
+    }
+}

@@ -1,0 +1,31 @@
+//! greyfed wire protocol, sans-IO: message types, framing, model weights,
+//! aggregation and the session state machines of both sides.
+//!
+//! Nothing in this crate opens a socket, reads a clock or spawns a task: the
+//! coordinator and participant crates drive these state machines over QUIC,
+//! and the tests drive them in memory with a virtual clock.
+//!
+//! - [`message`]: every message and the configuration types they carry.
+//! - [`frame`]: length-prefixed, versioned bincode framing with a size limit.
+//! - [`weights`]: [`ModelWeights`], with a safetensors round trip.
+//! - [`aggregate`]: the pluggable [`Aggregator`](aggregate::Aggregator) and plain summing.
+//! - [`session`]: the coordinator's session state machine.
+//! - [`participant`]: the participant's session state machine.
+
+pub mod aggregate;
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod participant;
+pub mod session;
+pub mod weights;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::ProtocolError;
+pub use message::*;
+pub use weights::{ModelWeights, NamedTensor};
+
+/// Version of the wire protocol; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,295 @@
+//! Every message that travels between coordinator and participants, and the
+//! configuration types they carry.
+//!
+//! One long-lived bidirectional QUIC stream per participant carries these
+//! messages as frames (see [`crate::frame`]). The conversation is:
+//!
+//! ```text
+//! participant                     coordinator
+//!     Hello            ───────▶
+//!                      ◀───────   Welcome | Reject
+//!   (per round)
+//!                      ◀───────   TrainRequest
+//!     Contribution     ───────▶
+//!                      ◀───────   EvaluateRequest
+//!     Evaluation       ───────▶
+//!   (end)
+//!                      ◀───────   Finished
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::weights::ModelWeights;
+
+/// Index of a participant within one coordinator session, assigned in
+/// [`Message::Welcome`].
+pub type ParticipantId = u32;
+
+/// The model architecture all participants train. Pure data: the participant
+/// crate builds the network from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ModelSpec {
+    /// A block-wise network: a convolution with kernel = stride = `block_size`
+    /// (one output vector per image block, exactly the blocks the image
+    /// cipher scrambles), ReLU, then an MLP with one hidden layer.
+    BlockNet {
+        /// Image height in pixels.
+        image_rows: u32,
+        /// Image width in pixels.
+        image_cols: u32,
+        /// Block edge in pixels; must divide both image dimensions.
+        block_size: u32,
+        /// Output channels of the block convolution.
+        channels: u32,
+        /// Width of the hidden layer.
+        hidden: u32,
+        /// Number of classes.
+        num_classes: u32,
+    },
+}
+
+impl ModelSpec {
+    /// The default `blocknet` for 28x28 images, 10 classes and block size
+    /// `block_size`.
+    pub fn blocknet_28x28(block_size: u32) -> Self {
+        ModelSpec::BlockNet {
+            image_rows: 28,
+            image_cols: 28,
+            block_size,
+            channels: 32,
+            hidden: 256,
+            num_classes: 10,
+        }
+    }
+
+    /// Short name for logs and metadata, e.g. `"blocknet"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelSpec::BlockNet { .. } => "blocknet",
+        }
+    }
+
+    /// Number of output classes.
+    pub fn num_classes(&self) -> u32 {
+        match self {
+            ModelSpec::BlockNet { num_classes, .. } => *num_classes,
+        }
+    }
+
+    /// Input image size as `(rows, cols)`.
+    pub fn image_size(&self) -> (u32, u32) {
+        match self {
+            ModelSpec::BlockNet {
+                image_rows,
+                image_cols,
+                ..
+            } => (*image_rows, *image_cols),
+        }
+    }
+}
+
+/// Local optimiser and its hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum OptimizerSpec {
+    /// Adam with the usual betas (0.9, 0.999) and eps 1e-8.
+    Adam {
+        /// Learning rate.
+        lr: f32,
+    },
+    /// SGD with heavy-ball momentum.
+    Sgd {
+        /// Learning rate.
+        lr: f32,
+        /// Momentum factor in [0, 1).
+        momentum: f32,
+    },
+}
+
+/// What every participant does locally in a round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingConfig {
+    /// Passes over the local training data per round.
+    pub local_epochs: u32,
+    /// Minibatch size.
+    pub batch_size: u32,
+    /// Optimiser; its state is reset at the start of every round.
+    pub optimizer: OptimizerSpec,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            local_epochs: 1,
+            batch_size: 32,
+            optimizer: OptimizerSpec::Adam { lr: 1e-3 },
+        }
+    }
+}
+
+/// First message of a participant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version the participant speaks (also checked per frame).
+    pub protocol_version: u16,
+    /// Free-form display name (host name, shard), for logs only.
+    pub name: String,
+    /// Number of local training samples.
+    pub train_samples: u64,
+    /// Number of local test samples used for federated evaluation.
+    pub test_samples: u64,
+    /// Model input the participant's data has, `(rows, cols)`.
+    pub image_size: (u32, u32),
+    /// Fingerprint of the image key (never the key), so that a participant
+    /// with a different key is refused instead of poisoning the model.
+    /// Empty when the participant trains on plain images.
+    pub key_fingerprint: String,
+}
+
+/// Session parameters sent to every admitted participant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Random id of this coordinator session.
+    pub session_id: u64,
+    /// Architecture to train.
+    pub model: ModelSpec,
+    /// Local training settings.
+    pub training: TrainingConfig,
+    /// Total number of rounds planned.
+    pub rounds: u32,
+}
+
+/// A participant's input to aggregation, in the form the configured
+/// aggregator expects. Secure aggregation adds variants; transport code only
+/// moves them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AggregationPayload {
+    /// Unprotected: the coordinator sees this participant's update.
+    Plain {
+        /// Local model minus the round's global model, flattened in tensor order.
+        update: Vec<f32>,
+        /// Aggregation weight (the number of local training samples).
+        weight: f64,
+    },
+}
+
+impl AggregationPayload {
+    /// Short variant name for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AggregationPayload::Plain { .. } => "plain",
+        }
+    }
+}
+
+/// Evaluation result on one participant's test split. Sums, not means, so that
+/// results combine exactly by addition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Sum of per-sample cross-entropy losses.
+    pub loss_sum: f64,
+    /// Number of correctly classified samples.
+    pub correct: u64,
+    /// Number of samples evaluated.
+    pub count: u64,
+}
+
+impl EvalMetrics {
+    /// Adds another participant's sums.
+    pub fn merge(&mut self, other: &EvalMetrics) {
+        self.loss_sum += other.loss_sum;
+        self.correct += other.correct;
+        self.count += other.count;
+    }
+
+    /// Mean loss, or NaN when nothing was evaluated.
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.count as f64
+    }
+
+    /// Accuracy in [0, 1], or NaN when nothing was evaluated.
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.count as f64
+    }
+}
+
+/// A protocol message. See the module docs for the conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Message {
+    /// Participant → coordinator: join request.
+    Hello(Hello),
+    /// Coordinator → participant: admitted, with its id and the session.
+    Welcome {
+        /// The participant's id in this session.
+        participant_id: ParticipantId,
+        /// Session parameters.
+        session: SessionInfo,
+    },
+    /// Coordinator → participant: not admitted (full, wrong key, wrong input).
+    Reject {
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Coordinator → participant: train from `global` and contribute.
+    TrainRequest {
+        /// Round number, from 1.
+        round: u32,
+        /// Current global model.
+        global: ModelWeights,
+        /// Seed for this participant's shuffling in this round.
+        seed: u64,
+    },
+    /// Participant → coordinator: this participant's input to aggregation.
+    Contribution {
+        /// Round the contribution belongs to.
+        round: u32,
+        /// Mean training loss over the local epochs (for progress display).
+        train_loss: f32,
+        /// The aggregator-specific payload.
+        payload: AggregationPayload,
+    },
+    /// Coordinator → participant: evaluate `global` on the local test split.
+    EvaluateRequest {
+        /// Round whose aggregated model is evaluated.
+        round: u32,
+        /// The new global model.
+        global: ModelWeights,
+    },
+    /// Participant → coordinator: evaluation sums.
+    Evaluation {
+        /// Round the evaluation belongs to.
+        round: u32,
+        /// Sums over the local test split.
+        metrics: EvalMetrics,
+    },
+    /// Coordinator → participant: the session is over.
+    Finished {
+        /// Rounds completed.
+        rounds_completed: u32,
+    },
+    /// Either side: a fatal error; the sender closes the connection next.
+    Error {
+        /// Human-readable description (never contains secrets).
+        message: String,
+    },
+}
+
+impl Message {
+    /// Short variant name for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Reject { .. } => "Reject",
+            Message::TrainRequest { .. } => "TrainRequest",
+            Message::Contribution { .. } => "Contribution",
+            Message::EvaluateRequest { .. } => "EvaluateRequest",
+            Message::Evaluation { .. } => "Evaluation",
+            Message::Finished { .. } => "Finished",
+            Message::Error { .. } => "Error",
+        }
+    }
+}

@@ -1,0 +1,673 @@
+//! The coordinator's side of a training session as a sans-IO state machine.
+//!
+//! [`CoordinatorSession`] admits participants, runs rounds (train →
+//! aggregate → evaluate) and decides what to send to whom. It never touches a
+//! socket or a clock: the driver feeds it messages, disconnects and the
+//! current time, and drains its outputs.
+//!
+//! Method families, in the style of quinn-proto:
+//! - input: [`handle_message`](CoordinatorSession::handle_message),
+//!   [`handle_disconnect`](CoordinatorSession::handle_disconnect),
+//!   [`handle_timeout`](CoordinatorSession::handle_timeout);
+//! - command: [`apply_global`](CoordinatorSession::apply_global), after an
+//!   [`SessionEvent::Aggregated`] (the strategy that turns the mean update
+//!   into the next global model lives in the coordinator);
+//! - output, drained in this order after every input or command:
+//!   [`poll_transmit`](CoordinatorSession::poll_transmit) until `None`, then
+//!   [`poll_event`](CoordinatorSession::poll_event) until `None`, then
+//!   [`poll_timeout`](CoordinatorSession::poll_timeout) to re-arm the timer.
+//!
+//! A round's phases: `Training` (TrainRequest out, Contributions in, through
+//! the [`Aggregator`]) → `AwaitingModel` (the driver applies the strategy) →
+//! `Evaluating` (EvaluateRequest out, Evaluations in) → next round. Each
+//! waiting phase has a deadline; participants that miss it are treated as
+//! dropped for that phase.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::{
+    PROTOCOL_VERSION,
+    aggregate::{AggregateResult, Aggregator},
+    error::ProtocolError,
+    message::{EvalMetrics, Hello, Message, ModelSpec, ParticipantId, SessionInfo, TrainingConfig},
+    weights::ModelWeights,
+};
+
+/// Parameters of one coordinator session.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Random id of the session, sent to participants.
+    pub session_id: u64,
+    /// Number of participants to wait for before round 1 starts.
+    pub participants: usize,
+    /// Fewest contributors a round may have; with fewer left the session aborts.
+    pub min_participants: usize,
+    /// Number of rounds to run.
+    pub rounds: u32,
+    /// Architecture to train.
+    pub model: ModelSpec,
+    /// Local training settings.
+    pub training: TrainingConfig,
+    /// How long participants have to contribute, and to evaluate, per round.
+    pub round_timeout: Duration,
+    /// How long to wait for `participants` to join; `None` waits forever.
+    /// When it passes, the session starts with those present if there are at
+    /// least `min_participants`, and aborts otherwise.
+    pub join_timeout: Option<Duration>,
+    /// Image key fingerprint every participant must present; `None` accepts
+    /// the first participant's and requires the others to match it.
+    pub key_fingerprint: Option<String>,
+    /// Seed for the per-round, per-participant training seeds.
+    pub seed: u64,
+}
+
+/// What one completed round produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundSummary {
+    /// Round number, from 1.
+    pub round: u32,
+    /// Participants asked to train.
+    pub cohort: Vec<ParticipantId>,
+    /// Participants whose updates were aggregated.
+    pub contributors: Vec<ParticipantId>,
+    /// Cohort members that dropped out or missed the deadline while training.
+    pub dropped: Vec<ParticipantId>,
+    /// Sample-weighted mean of the contributors' training losses.
+    pub train_loss: f64,
+    /// Sum of the evaluations that arrived in time.
+    pub eval: EvalMetrics,
+    /// Number of participants that evaluated.
+    pub evaluators: usize,
+}
+
+/// Something the driver should know about.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// A participant was admitted.
+    Joined {
+        /// Its id.
+        id: ParticipantId,
+        /// Its self-reported name.
+        name: String,
+    },
+    /// A participant was refused.
+    Rejected {
+        /// Its id.
+        id: ParticipantId,
+        /// Why.
+        reason: String,
+    },
+    /// A round began.
+    RoundStarted {
+        /// Round number.
+        round: u32,
+        /// Participants asked to train.
+        cohort: Vec<ParticipantId>,
+    },
+    /// Aggregation finished; call [`CoordinatorSession::apply_global`].
+    Aggregated(AggregateResult),
+    /// A round was abandoned (no result); no model change was applied.
+    RoundAbandoned {
+        /// Round number.
+        round: u32,
+        /// Why.
+        reason: String,
+    },
+    /// A round completed, evaluation included.
+    RoundCompleted(RoundSummary),
+    /// All rounds ran; the session is over.
+    Finished {
+        /// Rounds that completed (abandoned ones excluded).
+        rounds_completed: u32,
+    },
+    /// The session cannot continue (too few participants).
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Joining,
+    Training { round: u32 },
+    AwaitingModel { round: u32 },
+    Evaluating { round: u32 },
+    Over,
+}
+
+#[derive(Debug)]
+struct Peer {
+    name: String,
+    train_samples: u64,
+}
+
+#[derive(Debug, Default)]
+struct RoundState {
+    cohort: Vec<ParticipantId>,
+    train_loss_sum: f64,
+    train_loss_weight: f64,
+    contributors: Vec<ParticipantId>,
+    dropped: Vec<ParticipantId>,
+    eval: EvalMetrics,
+    evaluators: usize,
+}
+
+/// The coordinator's state machine for a whole session. See the module docs.
+pub struct CoordinatorSession {
+    config: SessionConfig,
+    aggregator: Box<dyn Aggregator>,
+    global: ModelWeights,
+    phase: Phase,
+    peers: BTreeMap<ParticipantId, Peer>,
+    /// Who the current phase still waits for.
+    pending: BTreeSet<ParticipantId>,
+    deadline: Option<Instant>,
+    round: RoundState,
+    rounds_completed: u32,
+    key_fingerprint: Option<String>,
+    outbox: VecDeque<(ParticipantId, Message)>,
+    events: VecDeque<SessionEvent>,
+}
+
+impl CoordinatorSession {
+    /// A session that starts with `global` and aggregates with `aggregator`.
+    pub fn new(
+        config: SessionConfig,
+        global: ModelWeights,
+        aggregator: Box<dyn Aggregator>,
+        now: Instant,
+    ) -> Result<Self, ProtocolError> {
+        if config.participants == 0 || config.min_participants == 0 {
+            return Err(ProtocolError::InvalidConfig(
+                "participants and min_participants must be at least 1".into(),
+            ));
+        }
+        if config.min_participants > config.participants {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "min_participants {} exceeds participants {}",
+                config.min_participants, config.participants
+            )));
+        }
+        if config.rounds == 0 {
+            return Err(ProtocolError::InvalidConfig(
+                "rounds must be at least 1".into(),
+            ));
+        }
+        global.validate()?;
+        let deadline = config.join_timeout.map(|t| now + t);
+        let key_fingerprint = config.key_fingerprint.clone();
+        Ok(Self {
+            config,
+            aggregator,
+            global,
+            phase: Phase::Joining,
+            peers: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            deadline,
+            round: RoundState::default(),
+            rounds_completed: 0,
+            key_fingerprint,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    /// The current global model.
+    pub fn global(&self) -> &ModelWeights {
+        &self.global
+    }
+
+    /// Name of the aggregation scheme in use.
+    pub fn aggregation_kind(&self) -> &'static str {
+        self.aggregator.kind()
+    }
+
+    /// The current round (0 before the first).
+    pub fn current_round(&self) -> u32 {
+        match self.phase {
+            Phase::Training { round }
+            | Phase::AwaitingModel { round }
+            | Phase::Evaluating { round } => round,
+            Phase::Joining => 0,
+            Phase::Over => self.config.rounds,
+        }
+    }
+
+    /// Number of admitted, connected participants.
+    pub fn num_participants(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The self-reported name of participant `id`, if admitted and connected.
+    pub fn participant_name(&self, id: ParticipantId) -> Option<&str> {
+        self.peers.get(&id).map(|p| p.name.as_str())
+    }
+
+    /// True once the session has finished or aborted.
+    pub fn is_over(&self) -> bool {
+        self.phase == Phase::Over
+    }
+
+    /// Rounds completed so far.
+    pub fn rounds_completed(&self) -> u32 {
+        self.rounds_completed
+    }
+
+    /// Handles a message from connection `from`. An error means the message
+    /// was rejected and changed nothing; the driver should close that
+    /// connection (and then call [`handle_disconnect`](Self::handle_disconnect)).
+    pub fn handle_message(
+        &mut self,
+        now: Instant,
+        from: ParticipantId,
+        msg: Message,
+    ) -> Result<(), ProtocolError> {
+        match msg {
+            Message::Hello(hello) => self.handle_hello(now, from, hello),
+            _ if !self.peers.contains_key(&from) => Err(ProtocolError::UnknownParticipant(from)),
+            Message::Contribution {
+                round,
+                train_loss,
+                payload,
+            } => {
+                let current = self.expect_round(from, "Contribution", round, |p| {
+                    matches!(p, Phase::Training { .. })
+                })?;
+                self.aggregator.handle_payload(from, payload)?;
+                self.pending.remove(&from);
+                let w = self.peers[&from].train_samples as f64;
+                if train_loss.is_finite() {
+                    self.round.train_loss_sum += w * train_loss as f64;
+                    self.round.train_loss_weight += w;
+                }
+                self.drain_aggregator(now, current);
+                Ok(())
+            }
+            Message::Evaluation { round, metrics } => {
+                self.expect_round(from, "Evaluation", round, |p| {
+                    matches!(p, Phase::Evaluating { .. })
+                })?;
+                if !(metrics.loss_sum.is_finite()
+                    && metrics.loss_sum >= 0.0
+                    && metrics.correct <= metrics.count)
+                {
+                    return Err(ProtocolError::InvalidContribution(format!(
+                        "inconsistent evaluation {metrics:?}"
+                    )));
+                }
+                self.pending.remove(&from);
+                self.round.eval.merge(&metrics);
+                self.round.evaluators += 1;
+                self.maybe_finish_evaluation(now);
+                Ok(())
+            }
+            Message::Error { message } => Err(ProtocolError::PeerError(message)),
+            other => Err(ProtocolError::UnexpectedMessage {
+                expected: "Hello, Contribution or Evaluation",
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// Checks that `msg_round` is the round in progress, the phase accepts this
+    /// message and `from` still owes it. Returns the round.
+    fn expect_round(
+        &self,
+        from: ParticipantId,
+        what: &'static str,
+        msg_round: u32,
+        phase_ok: impl Fn(Phase) -> bool,
+    ) -> Result<u32, ProtocolError> {
+        let current = self.current_round();
+        if msg_round != current {
+            return Err(ProtocolError::WrongRound {
+                current,
+                got: msg_round,
+            });
+        }
+        if !phase_ok(self.phase) {
+            return Err(ProtocolError::UnexpectedMessage {
+                expected: self.phase_expects(),
+                got: what,
+            });
+        }
+        if !self.pending.contains(&from) {
+            return Err(ProtocolError::DuplicateContribution(from));
+        }
+        Ok(current)
+    }
+
+    fn phase_expects(&self) -> &'static str {
+        match self.phase {
+            Phase::Joining => "Hello",
+            Phase::Training { .. } => "Contribution",
+            Phase::AwaitingModel { .. } => "nothing (aggregating)",
+            Phase::Evaluating { .. } => "Evaluation",
+            Phase::Over => "nothing (session over)",
+        }
+    }
+
+    fn handle_hello(
+        &mut self,
+        now: Instant,
+        from: ParticipantId,
+        hello: Hello,
+    ) -> Result<(), ProtocolError> {
+        if self.peers.contains_key(&from) {
+            return Err(ProtocolError::UnexpectedMessage {
+                expected: self.phase_expects(),
+                got: "Hello",
+            });
+        }
+        let refusal = if hello.protocol_version != PROTOCOL_VERSION {
+            Some(
+                ProtocolError::VersionMismatch {
+                    ours: PROTOCOL_VERSION,
+                    theirs: hello.protocol_version,
+                }
+                .to_string(),
+            )
+        } else if self.phase != Phase::Joining {
+            Some("the session has already started".to_string())
+        } else if hello.image_size != self.config.model.image_size() {
+            Some(format!(
+                "images are {}x{} but the model expects {}x{}",
+                hello.image_size.0,
+                hello.image_size.1,
+                self.config.model.image_size().0,
+                self.config.model.image_size().1
+            ))
+        } else if hello.train_samples == 0 {
+            Some("no training samples".to_string())
+        } else {
+            match &self.key_fingerprint {
+                Some(fp) if *fp != hello.key_fingerprint => Some(format!(
+                    "image key fingerprint {:?} differs from the session's {:?}; \
+                     all participants must encrypt with the same key (or all use --plain)",
+                    hello.key_fingerprint, fp
+                )),
+                _ => None,
+            }
+        };
+        if let Some(reason) = refusal {
+            self.outbox.push_back((
+                from,
+                Message::Reject {
+                    reason: reason.clone(),
+                },
+            ));
+            self.events
+                .push_back(SessionEvent::Rejected { id: from, reason });
+            return Ok(());
+        }
+        self.key_fingerprint
+            .get_or_insert_with(|| hello.key_fingerprint.clone());
+        self.peers.insert(
+            from,
+            Peer {
+                name: hello.name.clone(),
+                train_samples: hello.train_samples,
+            },
+        );
+        self.outbox.push_back((
+            from,
+            Message::Welcome {
+                participant_id: from,
+                session: SessionInfo {
+                    session_id: self.config.session_id,
+                    model: self.config.model.clone(),
+                    training: self.config.training.clone(),
+                    rounds: self.config.rounds,
+                },
+            },
+        ));
+        self.events.push_back(SessionEvent::Joined {
+            id: from,
+            name: hello.name,
+        });
+        if self.peers.len() >= self.config.participants {
+            self.start_round(now, 1);
+        }
+        Ok(())
+    }
+
+    /// The connection of `id` is gone. Unknown ids are ignored.
+    pub fn handle_disconnect(&mut self, now: Instant, id: ParticipantId) {
+        if self.peers.remove(&id).is_none() {
+            return;
+        }
+        let was_pending = self.pending.remove(&id);
+        match self.phase {
+            Phase::Training { round } if was_pending => {
+                self.aggregator.handle_dropout(id);
+                self.round.dropped.push(id);
+                self.drain_aggregator(now, round);
+            }
+            Phase::Evaluating { .. } if was_pending => self.maybe_finish_evaluation(now),
+            _ => {}
+        }
+    }
+
+    /// Advances on the clock: a passed deadline turns whoever the phase still
+    /// waits for into dropouts for that phase.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.deadline {
+            Some(d) if now >= d => {}
+            _ => return,
+        }
+        self.deadline = None;
+        match self.phase {
+            Phase::Joining => {
+                if self.peers.len() >= self.config.min_participants {
+                    self.start_round(now, 1);
+                } else {
+                    self.abort(format!(
+                        "only {} of the {} required participants joined in time",
+                        self.peers.len(),
+                        self.config.min_participants
+                    ));
+                }
+            }
+            Phase::Training { round } => {
+                for id in std::mem::take(&mut self.pending) {
+                    self.aggregator.handle_dropout(id);
+                    self.round.dropped.push(id);
+                }
+                self.drain_aggregator(now, round);
+            }
+            Phase::Evaluating { .. } => {
+                self.pending.clear();
+                self.maybe_finish_evaluation(now);
+            }
+            Phase::AwaitingModel { .. } | Phase::Over => {}
+        }
+    }
+
+    /// Installs the next global model after [`SessionEvent::Aggregated`] and
+    /// starts the round's evaluation.
+    pub fn apply_global(
+        &mut self,
+        now: Instant,
+        global: ModelWeights,
+    ) -> Result<(), ProtocolError> {
+        let Phase::AwaitingModel { round } = self.phase else {
+            return Err(ProtocolError::UnexpectedMessage {
+                expected: self.phase_expects(),
+                got: "apply_global",
+            });
+        };
+        if !global.same_layout(&self.global) {
+            return Err(ProtocolError::LayoutMismatch);
+        }
+        if !global.is_finite() {
+            return Err(ProtocolError::InvalidWeights(
+                "the new global model contains NaN or infinity".into(),
+            ));
+        }
+        self.global = global;
+        self.phase = Phase::Evaluating { round };
+        self.pending = self.peers.keys().copied().collect();
+        for &id in &self.pending {
+            self.outbox.push_back((
+                id,
+                Message::EvaluateRequest {
+                    round,
+                    global: self.global.clone(),
+                },
+            ));
+        }
+        self.deadline = Some(now + self.config.round_timeout);
+        self.maybe_finish_evaluation(now);
+        Ok(())
+    }
+
+    /// Next message to send, with its recipient.
+    pub fn poll_transmit(&mut self) -> Option<(ParticipantId, Message)> {
+        self.outbox.pop_front()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    fn start_round(&mut self, now: Instant, round: u32) {
+        if round > self.config.rounds {
+            self.finish();
+            return;
+        }
+        let cohort: Vec<ParticipantId> = self.peers.keys().copied().collect();
+        if cohort.len() < self.config.min_participants {
+            self.abort(format!(
+                "only {} participants left, at least {} needed",
+                cohort.len(),
+                self.config.min_participants
+            ));
+            return;
+        }
+        if let Err(e) = self
+            .aggregator
+            .begin_round(round, &cohort, self.global.num_parameters())
+        {
+            self.abort(format!("aggregator refused round {round}: {e}"));
+            return;
+        }
+        self.phase = Phase::Training { round };
+        self.round = RoundState {
+            cohort: cohort.clone(),
+            ..RoundState::default()
+        };
+        self.pending = cohort.iter().copied().collect();
+        for &id in &cohort {
+            self.outbox.push_back((
+                id,
+                Message::TrainRequest {
+                    round,
+                    global: self.global.clone(),
+                    seed: derive_seed(self.config.seed, round, id),
+                },
+            ));
+        }
+        self.deadline = Some(now + self.config.round_timeout);
+        self.events
+            .push_back(SessionEvent::RoundStarted { round, cohort });
+    }
+
+    fn drain_aggregator(&mut self, now: Instant, round: u32) {
+        while let Some(t) = self.aggregator.poll_transmit() {
+            self.outbox.push_back(t);
+        }
+        match self.aggregator.poll_result() {
+            None => {}
+            Some(Ok(result)) => {
+                self.round.contributors = result.contributors.clone();
+                self.phase = Phase::AwaitingModel { round };
+                self.pending.clear();
+                self.deadline = None;
+                self.events.push_back(SessionEvent::Aggregated(result));
+            }
+            Some(Err(e)) => {
+                self.events.push_back(SessionEvent::RoundAbandoned {
+                    round,
+                    reason: e.to_string(),
+                });
+                self.start_round(now, round + 1);
+            }
+        }
+    }
+
+    fn maybe_finish_evaluation(&mut self, now: Instant) {
+        let Phase::Evaluating { round } = self.phase else {
+            return;
+        };
+        if !self.pending.is_empty() {
+            return;
+        }
+        let r = std::mem::take(&mut self.round);
+        self.rounds_completed += 1;
+        self.events
+            .push_back(SessionEvent::RoundCompleted(RoundSummary {
+                round,
+                cohort: r.cohort,
+                contributors: r.contributors,
+                dropped: r.dropped,
+                train_loss: if r.train_loss_weight > 0.0 {
+                    r.train_loss_sum / r.train_loss_weight
+                } else {
+                    f64::NAN
+                },
+                eval: r.eval,
+                evaluators: r.evaluators,
+            }));
+        self.start_round(now, round + 1);
+    }
+
+    fn finish(&mut self) {
+        self.phase = Phase::Over;
+        self.deadline = None;
+        self.pending.clear();
+        for &id in self.peers.keys() {
+            self.outbox.push_back((
+                id,
+                Message::Finished {
+                    rounds_completed: self.rounds_completed,
+                },
+            ));
+        }
+        self.events.push_back(SessionEvent::Finished {
+            rounds_completed: self.rounds_completed,
+        });
+    }
+
+    fn abort(&mut self, reason: String) {
+        self.phase = Phase::Over;
+        self.deadline = None;
+        self.pending.clear();
+        for &id in self.peers.keys() {
+            self.outbox.push_back((
+                id,
+                Message::Error {
+                    message: format!("session aborted: {reason}"),
+                },
+            ));
+        }
+        self.events.push_back(SessionEvent::Aborted { reason });
+    }
+}
+
+/// Per-round, per-participant seed: SplitMix64 over the session seed, the
+/// round and the participant id.
+pub fn derive_seed(seed: u64, round: u32, id: ParticipantId) -> u64 {
+    let mut z = seed ^ ((round as u64) << 32 | id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,4 @@
+//! In-memory tests of the session state machines, driven by [`util::Harness`].
+
+mod session;
+pub(crate) mod util;

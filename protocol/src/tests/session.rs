@@ -1,0 +1,324 @@
+//! Session state-machine tests: whole sessions, dropouts, bad messages.
+
+use std::time::Duration;
+
+use super::util::*;
+use crate::{
+    PROTOCOL_VERSION, ProtocolError,
+    aggregate::PlainAggregator,
+    message::{AggregationPayload, EvalMetrics, Message},
+    session::{CoordinatorSession, SessionEvent},
+};
+
+/// Weighted mean of the fake updates of `ids` in `round`.
+fn expected_mean(h: &Harness, round: u32, ids: &[u32]) -> Vec<f32> {
+    let n = tiny_model().num_parameters();
+    let total: f64 = ids.iter().map(|i| h.samples[i] as f64).sum();
+    (0..n)
+        .map(|k| {
+            ids.iter()
+                .map(|i| h.samples[i] as f64 * h.submitted[&(round, *i)][k] as f64)
+                .sum::<f64>()
+                / total
+        })
+        .map(|v| v as f32)
+        .collect()
+}
+
+fn aggregated(h: &Harness) -> Vec<&crate::aggregate::AggregateResult> {
+    h.events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::Aggregated(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn full_session_completes_every_round_with_exact_weighted_means() {
+    let mut h = Harness::new(config(3, 4), 3);
+    h.drive(1000);
+    assert!(h.coordinator.is_over());
+    assert_eq!(h.completed().len(), 4);
+    assert!(matches!(
+        h.events.last(),
+        Some(SessionEvent::Finished {
+            rounds_completed: 4
+        })
+    ));
+    for (i, r) in aggregated(&h).into_iter().enumerate() {
+        assert_eq!(r.round, i as u32 + 1);
+        assert_eq!(r.contributors, vec![0, 1, 2]);
+        assert_eq!(r.total_weight, 60.0);
+        assert_eq!(r.mean_update, expected_mean(&h, r.round, &[0, 1, 2]));
+    }
+    let s = h.completed()[0];
+    assert_eq!(s.eval.count, 9);
+    assert_eq!(s.eval.correct, 1 + 2);
+    assert_eq!(s.evaluators, 3);
+    // The global model is the sum of the applied mean updates.
+    let mut expect = vec![0.0f32; 4];
+    for r in aggregated(&h) {
+        for (e, u) in expect.iter_mut().zip(&r.mean_update) {
+            *e += u;
+        }
+    }
+    assert_eq!(h.coordinator.global().to_flat(), expect);
+    for p in h.participants.values() {
+        assert!(p.is_finished());
+    }
+}
+
+#[test]
+fn disconnect_while_training_excludes_exactly_that_participant() {
+    let mut h = Harness::new(config(4, 2), 4);
+    h.departures
+        .push((2, 1, Stage::Train, Departure::Disconnect));
+    h.drive(1000);
+    let aggs = aggregated(&h);
+    assert_eq!(aggs[0].contributors, vec![0, 1, 3]);
+    assert_eq!(aggs[0].mean_update, expected_mean(&h, 1, &[0, 1, 3]));
+    assert_eq!(h.completed()[0].dropped, vec![2]);
+    assert_eq!(aggs[1].contributors, vec![0, 1, 3]);
+    assert_eq!(h.completed().len(), 2);
+}
+
+#[test]
+fn silent_participant_is_dropped_at_the_deadline() {
+    let mut h = Harness::new(config(3, 2), 3);
+    h.departures.push((1, 1, Stage::Train, Departure::Silent));
+    let start = h.now;
+    h.drive(1000);
+    assert!(
+        h.now >= start + Duration::from_secs(30),
+        "clock jumped to the deadline"
+    );
+    let aggs = aggregated(&h);
+    assert_eq!(aggs[0].contributors, vec![0, 2]);
+    assert_eq!(aggs[0].mean_update, expected_mean(&h, 1, &[0, 2]));
+    // Still connected but silent: asked again in round 2, misses again.
+    assert_eq!(aggs[1].contributors, vec![0, 2]);
+    assert_eq!(h.completed().len(), 2);
+}
+
+#[test]
+fn dropout_during_evaluation_counts_only_the_evaluators() {
+    let mut h = Harness::new(config(3, 1), 3);
+    h.departures
+        .push((0, 1, Stage::Evaluate, Departure::Disconnect));
+    h.drive(1000);
+    let s = h.completed()[0];
+    assert_eq!(s.contributors, vec![0, 1, 2]);
+    assert_eq!(s.evaluators, 2);
+    assert_eq!(s.eval.count, 6);
+}
+
+#[test]
+fn everyone_dropping_abandons_the_round_without_touching_the_model() {
+    let mut c = config(2, 2);
+    c.min_participants = 1;
+    let mut h = Harness::new(c, 2);
+    h.departures.push((0, 1, Stage::Train, Departure::Silent));
+    h.departures.push((1, 1, Stage::Train, Departure::Silent));
+    h.drive(1000);
+    assert!(
+        h.events
+            .iter()
+            .any(|e| matches!(e, SessionEvent::RoundAbandoned { round: 1, .. }))
+    );
+    assert!(aggregated(&h).is_empty());
+    assert_eq!(h.coordinator.global(), &tiny_model());
+    // Round 2 also fails (both stay silent); the session still ends.
+    assert!(matches!(
+        h.events.last(),
+        Some(SessionEvent::Finished {
+            rounds_completed: 0
+        })
+    ));
+}
+
+#[test]
+fn too_few_participants_aborts() {
+    let mut c = config(3, 3);
+    c.min_participants = 3;
+    let mut h = Harness::new(c, 3);
+    h.departures
+        .push((0, 1, Stage::Evaluate, Departure::Disconnect));
+    h.drive(1000);
+    assert_eq!(h.completed().len(), 1);
+    assert!(matches!(
+        h.events.last(),
+        Some(SessionEvent::Aborted { .. })
+    ));
+}
+
+#[test]
+fn join_timeout_starts_with_those_present_or_aborts() {
+    let mut c = config(3, 1);
+    c.join_timeout = Some(Duration::from_secs(5));
+    c.min_participants = 2;
+    let mut h = Harness::new(c.clone(), 2);
+    h.drive(1000);
+    assert_eq!(h.completed().len(), 1);
+    assert_eq!(h.completed()[0].cohort, vec![0, 1]);
+
+    let mut h = Harness::new(c, 1);
+    h.drive(1000);
+    assert!(matches!(
+        h.events.last(),
+        Some(SessionEvent::Aborted { .. })
+    ));
+}
+
+fn started_session(n: u32) -> (CoordinatorSession, std::time::Instant) {
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(n as usize, 2),
+        tiny_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    for id in 0..n {
+        s.handle_message(now, id, Message::Hello(hello(id, 10)))
+            .unwrap();
+    }
+    while s.poll_transmit().is_some() {}
+    while s.poll_event().is_some() {}
+    (s, now)
+}
+
+fn contribution(round: u32, update: Vec<f32>) -> Message {
+    Message::Contribution {
+        round,
+        train_loss: 0.1,
+        payload: AggregationPayload::Plain {
+            update,
+            weight: 10.0,
+        },
+    }
+}
+
+#[test]
+fn wrong_round_duplicate_unknown_and_out_of_phase_messages_are_rejected() {
+    let (mut s, now) = started_session(2);
+    assert_eq!(
+        s.handle_message(now, 0, contribution(2, vec![0.0; 4])),
+        Err(ProtocolError::WrongRound { current: 1, got: 2 })
+    );
+    assert_eq!(
+        s.handle_message(now, 9, contribution(1, vec![0.0; 4])),
+        Err(ProtocolError::UnknownParticipant(9))
+    );
+    assert!(matches!(
+        s.handle_message(
+            now,
+            0,
+            Message::Evaluation {
+                round: 1,
+                metrics: EvalMetrics::default()
+            }
+        ),
+        Err(ProtocolError::UnexpectedMessage { .. })
+    ));
+    assert!(matches!(
+        s.handle_message(now, 0, contribution(1, vec![0.0; 3])),
+        Err(ProtocolError::InvalidContribution(_))
+    ));
+    assert!(matches!(
+        s.handle_message(
+            now,
+            0,
+            Message::Finished {
+                rounds_completed: 0
+            }
+        ),
+        Err(ProtocolError::UnexpectedMessage { .. })
+    ));
+    s.handle_message(now, 0, contribution(1, vec![1.0; 4]))
+        .unwrap();
+    assert_eq!(
+        s.handle_message(now, 0, contribution(1, vec![1.0; 4])),
+        Err(ProtocolError::DuplicateContribution(0))
+    );
+    // None of that disturbed the round: the last contribution completes it.
+    s.handle_message(now, 1, contribution(1, vec![3.0; 4]))
+        .unwrap();
+    let mut agg = None;
+    while let Some(e) = s.poll_event() {
+        if let SessionEvent::Aggregated(r) = e {
+            agg = Some(r);
+        }
+    }
+    assert_eq!(agg.unwrap().mean_update, vec![2.0; 4]);
+}
+
+#[test]
+fn hellos_with_other_key_version_or_image_size_are_refused() {
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(3, 1),
+        tiny_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    s.handle_message(now, 0, Message::Hello(hello(0, 10)))
+        .unwrap();
+    let mut other_key = hello(1, 10);
+    other_key.key_fingerprint = "different".into();
+    s.handle_message(now, 1, Message::Hello(other_key)).unwrap();
+    let mut old = hello(2, 10);
+    old.protocol_version = PROTOCOL_VERSION + 1;
+    s.handle_message(now, 2, Message::Hello(old)).unwrap();
+    let mut small = hello(3, 10);
+    small.image_size = (32, 32);
+    s.handle_message(now, 3, Message::Hello(small)).unwrap();
+    let sent: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert!(matches!(sent[0], (0, Message::Welcome { .. })));
+    for (i, (id, m)) in sent[1..].iter().enumerate() {
+        assert_eq!(*id, i as u32 + 1);
+        let Message::Reject { reason } = m else {
+            panic!("expected Reject, got {m:?}")
+        };
+        assert!(!reason.is_empty());
+    }
+    assert_eq!(s.num_participants(), 1);
+    assert_eq!(
+        s.current_round(),
+        0,
+        "refused hellos do not start the session"
+    );
+}
+
+#[test]
+fn participant_session_rejects_out_of_order_messages() {
+    use crate::participant::ParticipantSession;
+    let mut p = ParticipantSession::new(hello(0, 10));
+    assert!(matches!(p.poll_transmit(), Some(Message::Hello(_))));
+    let err = p
+        .handle_message(Message::TrainRequest {
+            round: 1,
+            global: tiny_model(),
+            seed: 0,
+        })
+        .unwrap_err();
+    assert!(matches!(err, ProtocolError::UnexpectedMessage { .. }));
+    // Poisoned: the same error again.
+    assert_eq!(
+        p.handle_message(Message::Finished {
+            rounds_completed: 0
+        }),
+        Err(err)
+    );
+    assert!(p.is_finished());
+
+    let mut p = ParticipantSession::new(hello(0, 10));
+    p.handle_message(Message::Reject {
+        reason: "full".into(),
+    })
+    .map(|_| ())
+    .expect_err("a Reject ends the session with an error");
+    assert!(p.submit_update(1, 0.0, vec![], 1.0).is_err());
+}

@@ -1,0 +1,255 @@
+//! [`Harness`]: one [`CoordinatorSession`] and N [`ParticipantSession`]s wired
+//! together by in-memory queues and a virtual clock, in the spirit of
+//! quinn-proto's `Pair`. Participants "train" with a fake, deterministic rule
+//! so that tests can assert exact aggregates.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::{
+    PROTOCOL_VERSION,
+    aggregate::PlainAggregator,
+    message::{EvalMetrics, Hello, Message, ModelSpec, ParticipantId, TrainingConfig},
+    participant::{ParticipantEvent, ParticipantSession},
+    session::{CoordinatorSession, SessionConfig, SessionEvent},
+    weights::{ModelWeights, NamedTensor},
+};
+
+/// Where a scripted participant stops responding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// After receiving the TrainRequest of the round.
+    Train,
+    /// After receiving the EvaluateRequest of the round.
+    Evaluate,
+}
+
+/// How a participant leaves: its connection closes, or it goes silent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Departure {
+    Disconnect,
+    Silent,
+}
+
+pub struct Harness {
+    pub now: Instant,
+    pub coordinator: CoordinatorSession,
+    pub participants: BTreeMap<ParticipantId, ParticipantSession>,
+    /// Messages in flight to the coordinator.
+    pub to_coordinator: VecDeque<(ParticipantId, Message)>,
+    /// Messages in flight to each participant.
+    pub to_participant: VecDeque<(ParticipantId, Message)>,
+    pub events: Vec<SessionEvent>,
+    /// (participant, round, stage, how) at which a participant leaves.
+    pub departures: Vec<(ParticipantId, u32, Stage, Departure)>,
+    pub gone: BTreeSet<ParticipantId>,
+    pub samples: BTreeMap<ParticipantId, u64>,
+    /// Every update each participant submitted, by round.
+    pub submitted: BTreeMap<(u32, ParticipantId), Vec<f32>>,
+}
+
+pub fn tiny_model() -> ModelWeights {
+    ModelWeights::new(vec![
+        NamedTensor::new("w", vec![3], vec![0.0; 3]).unwrap(),
+        NamedTensor::new("b", vec![1], vec![0.0]).unwrap(),
+    ])
+    .unwrap()
+}
+
+pub fn config(participants: usize, rounds: u32) -> SessionConfig {
+    SessionConfig {
+        session_id: 7,
+        participants,
+        min_participants: 1,
+        rounds,
+        model: ModelSpec::blocknet_28x28(4),
+        training: TrainingConfig::default(),
+        round_timeout: Duration::from_secs(30),
+        join_timeout: None,
+        key_fingerprint: None,
+        seed: 1,
+    }
+}
+
+pub fn hello(id: ParticipantId, samples: u64) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        name: format!("p{id}"),
+        train_samples: samples,
+        test_samples: 10,
+        image_size: (28, 28),
+        key_fingerprint: "fp".into(),
+    }
+}
+
+/// The fake local update of participant `id` in `round`.
+pub fn fake_update(id: ParticipantId, round: u32, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|k| (id as f32 + 1.0) * (k as f32 + 1.0) + round as f32)
+        .collect()
+}
+
+impl Harness {
+    pub fn new(config: SessionConfig, n: usize) -> Self {
+        let now = Instant::now();
+        let coordinator =
+            CoordinatorSession::new(config, tiny_model(), Box::new(PlainAggregator::new()), now)
+                .unwrap();
+        let mut h = Harness {
+            now,
+            coordinator,
+            participants: BTreeMap::new(),
+            to_coordinator: VecDeque::new(),
+            to_participant: VecDeque::new(),
+            events: Vec::new(),
+            departures: Vec::new(),
+            gone: BTreeSet::new(),
+            samples: BTreeMap::new(),
+            submitted: BTreeMap::new(),
+        };
+        for id in 0..n as ParticipantId {
+            h.add_participant(id, 10 * (id as u64 + 1));
+        }
+        h
+    }
+
+    pub fn add_participant(&mut self, id: ParticipantId, samples: u64) {
+        self.samples.insert(id, samples);
+        self.participants
+            .insert(id, ParticipantSession::new(hello(id, samples)));
+    }
+
+    fn leaves(&self, id: ParticipantId, round: u32, stage: Stage) -> Option<Departure> {
+        self.departures
+            .iter()
+            .find(|d| d.0 == id && d.1 == round && d.2 == stage)
+            .map(|d| d.3)
+    }
+
+    fn depart(&mut self, id: ParticipantId, how: Departure) {
+        self.gone.insert(id);
+        if how == Departure::Disconnect {
+            self.coordinator.handle_disconnect(self.now, id);
+        }
+    }
+
+    /// Moves every queued message once and lets participants react.
+    /// Returns true if anything happened.
+    pub fn step(&mut self) -> bool {
+        let mut progressed = false;
+        for (id, p) in self.participants.iter_mut() {
+            if self.gone.contains(id) {
+                continue;
+            }
+            while let Some(m) = p.poll_transmit() {
+                self.to_coordinator.push_back((*id, m));
+            }
+        }
+        while let Some((from, m)) = self.to_coordinator.pop_front() {
+            progressed = true;
+            if self.gone.contains(&from) {
+                continue;
+            }
+            let _ = self.coordinator.handle_message(self.now, from, m);
+        }
+        self.collect_coordinator_output();
+        while let Some((to, m)) = self.to_participant.pop_front() {
+            progressed = true;
+            if self.gone.contains(&to) {
+                continue;
+            }
+            let p = self.participants.get_mut(&to).unwrap();
+            if p.handle_message(m).is_err() {
+                continue;
+            }
+            let events: Vec<_> = std::iter::from_fn(|| p.poll_event()).collect();
+            for ev in events {
+                match ev {
+                    ParticipantEvent::Train { round, global, .. } => {
+                        if let Some(how) = self.leaves(to, round, Stage::Train) {
+                            self.depart(to, how);
+                            break;
+                        }
+                        let update = fake_update(to, round, global.num_parameters());
+                        self.submitted.insert((round, to), update.clone());
+                        let p = self.participants.get_mut(&to).unwrap();
+                        p.submit_update(round, 0.5, update, self.samples[&to] as f64)
+                            .unwrap();
+                    }
+                    ParticipantEvent::Evaluate { round, .. } => {
+                        if let Some(how) = self.leaves(to, round, Stage::Evaluate) {
+                            self.depart(to, how);
+                            break;
+                        }
+                        let p = self.participants.get_mut(&to).unwrap();
+                        let m = EvalMetrics {
+                            loss_sum: 1.0,
+                            correct: to as u64 % 3,
+                            count: 3,
+                        };
+                        p.submit_evaluation(round, m).unwrap();
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.collect_coordinator_output();
+        progressed
+    }
+
+    fn collect_coordinator_output(&mut self) {
+        loop {
+            while let Some(t) = self.coordinator.poll_transmit() {
+                self.to_participant.push_back(t);
+            }
+            let mut applied = false;
+            while let Some(ev) = self.coordinator.poll_event() {
+                if let SessionEvent::Aggregated(r) = &ev {
+                    // FedAvg with server learning rate 1.
+                    let mut g = self.coordinator.global().clone();
+                    let delta = g.with_flat_values(&r.mean_update).unwrap();
+                    g.add_scaled(&delta, 1.0).unwrap();
+                    self.events.push(ev);
+                    self.coordinator.apply_global(self.now, g).unwrap();
+                    applied = true;
+                    break;
+                }
+                self.events.push(ev);
+            }
+            if !applied {
+                break;
+            }
+        }
+    }
+
+    /// Steps until nothing moves, jumping the clock to the next deadline when
+    /// idle. Panics after `max_steps` (a livelock is a bug).
+    pub fn drive(&mut self, max_steps: usize) {
+        for _ in 0..max_steps {
+            if self.coordinator.is_over() {
+                return;
+            }
+            if !self.step() {
+                match self.coordinator.poll_timeout() {
+                    Some(t) => {
+                        self.now = self.now.max(t);
+                        self.coordinator.handle_timeout(self.now);
+                        self.collect_coordinator_output();
+                    }
+                    None => return,
+                }
+            }
+        }
+        panic!("harness did not settle in {max_steps} steps");
+    }
+
+    pub fn completed(&self) -> Vec<&crate::session::RoundSummary> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::RoundCompleted(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,349 @@
+//! [`ModelWeights`]: an ordered list of named `f32` tensors, the unit that
+//! travels between coordinator and participants and that is checkpointed.
+//!
+//! Order matters: flattening ([`ModelWeights::to_flat`]) concatenates the
+//! tensors in their stored order, and that flat vector is what aggregation
+//! sums. Two weight sets can be combined only when they have the same
+//! [layout](ModelWeights::same_layout) (names, order and shapes).
+
+use std::collections::HashMap;
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+
+/// safetensors metadata key that records the tensor order (safetensors itself
+/// stores tensors sorted, not in insertion order).
+const ORDER_KEY: &str = "greyfed.tensor_order";
+
+/// One named, shaped `f32` tensor in row-major order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedTensor {
+    /// Unique name within its [`ModelWeights`], e.g. `"conv.weight"`.
+    pub name: String,
+    /// Dimensions, outermost first; their product is `data.len()`.
+    pub shape: Vec<usize>,
+    /// Values in row-major order.
+    pub data: Vec<f32>,
+}
+
+impl NamedTensor {
+    /// Creates a tensor, checking that `shape` matches `data.len()`.
+    pub fn new(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    ) -> Result<Self, ProtocolError> {
+        let name = name.into();
+        let expected: usize = shape.iter().product();
+        if expected != data.len() {
+            return Err(ProtocolError::InvalidWeights(format!(
+                "tensor {name:?}: shape {shape:?} needs {expected} values, got {}",
+                data.len()
+            )));
+        }
+        Ok(Self { name, shape, data })
+    }
+}
+
+/// An ordered set of named `f32` tensors: a model's parameters, or an update
+/// (difference of parameters) with the same layout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelWeights {
+    tensors: Vec<NamedTensor>,
+}
+
+impl ModelWeights {
+    /// Builds weights from tensors, checking shapes and that names are unique
+    /// and non-empty.
+    pub fn new(tensors: Vec<NamedTensor>) -> Result<Self, ProtocolError> {
+        let weights = Self { tensors };
+        weights.validate()?;
+        Ok(weights)
+    }
+
+    /// Checks the invariants [`ModelWeights::new`] establishes. Weights decoded
+    /// from the wire are validated with this before use.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.tensors {
+            if t.name.is_empty() || t.name.contains('\n') {
+                return Err(ProtocolError::InvalidWeights(format!(
+                    "invalid tensor name {:?}",
+                    t.name
+                )));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(ProtocolError::InvalidWeights(format!(
+                    "duplicate tensor name {:?}",
+                    t.name
+                )));
+            }
+            let expected = t
+                .shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+            if expected != Some(t.data.len()) {
+                return Err(ProtocolError::InvalidWeights(format!(
+                    "tensor {:?}: shape {:?} does not match {} values",
+                    t.name,
+                    t.shape,
+                    t.data.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensors in order.
+    pub fn tensors(&self) -> &[NamedTensor] {
+        &self.tensors
+    }
+
+    /// Consumes the weights, returning the tensors in order.
+    pub fn into_tensors(self) -> Vec<NamedTensor> {
+        self.tensors
+    }
+
+    /// The tensor called `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&NamedTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+
+    /// True when `other` has the same names, order and shapes.
+    pub fn same_layout(&self, other: &ModelWeights) -> bool {
+        self.tensors.len() == other.tensors.len()
+            && self
+                .tensors
+                .iter()
+                .zip(&other.tensors)
+                .all(|(a, b)| a.name == b.name && a.shape == b.shape)
+    }
+
+    fn check_layout(&self, other: &ModelWeights) -> Result<(), ProtocolError> {
+        if self.same_layout(other) {
+            Ok(())
+        } else {
+            Err(ProtocolError::LayoutMismatch)
+        }
+    }
+
+    /// All values concatenated in tensor order.
+    pub fn to_flat(&self) -> Vec<f32> {
+        let mut flat = Vec::with_capacity(self.num_parameters());
+        for t in &self.tensors {
+            flat.extend_from_slice(&t.data);
+        }
+        flat
+    }
+
+    /// Weights with the layout of `self` and the values of `flat`.
+    pub fn with_flat_values(&self, flat: &[f32]) -> Result<ModelWeights, ProtocolError> {
+        if flat.len() != self.num_parameters() {
+            return Err(ProtocolError::InvalidWeights(format!(
+                "expected {} values, got {}",
+                self.num_parameters(),
+                flat.len()
+            )));
+        }
+        let mut offset = 0;
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| {
+                let n = t.data.len();
+                let data = flat[offset..offset + n].to_vec();
+                offset += n;
+                NamedTensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    data,
+                }
+            })
+            .collect();
+        Ok(ModelWeights { tensors })
+    }
+
+    /// `self - other`, element-wise (an update from a base model).
+    pub fn sub(&self, other: &ModelWeights) -> Result<ModelWeights, ProtocolError> {
+        self.check_layout(other)?;
+        let mut out = self.clone();
+        for (t, o) in out.tensors.iter_mut().zip(&other.tensors) {
+            for (a, b) in t.data.iter_mut().zip(&o.data) {
+                *a -= *b;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `self += alpha * other`, element-wise.
+    pub fn add_scaled(&mut self, other: &ModelWeights, alpha: f32) -> Result<(), ProtocolError> {
+        self.check_layout(other)?;
+        for (t, o) in self.tensors.iter_mut().zip(&other.tensors) {
+            for (a, b) in t.data.iter_mut().zip(&o.data) {
+                *a += alpha * *b;
+            }
+        }
+        Ok(())
+    }
+
+    /// True when every value is finite (no NaN or infinity).
+    pub fn is_finite(&self) -> bool {
+        self.tensors
+            .iter()
+            .all(|t| t.data.iter().all(|v| v.is_finite()))
+    }
+
+    /// Serialises to the safetensors format, with the tensor order and the
+    /// given `metadata` in the header.
+    pub fn to_safetensors(
+        &self,
+        metadata: &HashMap<String, String>,
+    ) -> Result<Vec<u8>, ProtocolError> {
+        let bytes: Vec<Vec<u8>> = self
+            .tensors
+            .iter()
+            .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let views = self
+            .tensors
+            .iter()
+            .zip(&bytes)
+            .map(|(t, b)| {
+                TensorView::new(Dtype::F32, t.shape.clone(), b)
+                    .map(|v| (t.name.clone(), v))
+                    .map_err(|e| ProtocolError::Safetensors(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut meta = metadata.clone();
+        meta.insert(
+            ORDER_KEY.to_string(),
+            self.tensors
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        safetensors::serialize(views, Some(meta))
+            .map_err(|e| ProtocolError::Safetensors(e.to_string()))
+    }
+
+    /// Parses safetensors bytes written by [`ModelWeights::to_safetensors`] (or
+    /// any safetensors file of `f32` tensors), returning the weights and the
+    /// header metadata (without greyfed's internal keys).
+    pub fn from_safetensors(
+        bytes: &[u8],
+    ) -> Result<(ModelWeights, HashMap<String, String>), ProtocolError> {
+        let parse_err = |e: safetensors::SafeTensorError| ProtocolError::Safetensors(e.to_string());
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(parse_err)?;
+        let mut meta = header.metadata().clone().unwrap_or_default();
+        let file = safetensors::SafeTensors::deserialize(bytes).map_err(parse_err)?;
+        let mut names: Vec<String> = match meta.remove(ORDER_KEY) {
+            Some(order) if !order.is_empty() => order.split('\n').map(str::to_string).collect(),
+            _ => {
+                let mut n: Vec<String> = file.names().into_iter().map(|s| s.to_string()).collect();
+                n.sort();
+                n
+            }
+        };
+        if names.len() != file.len() {
+            return Err(ProtocolError::Safetensors(format!(
+                "tensor order lists {} names but the file holds {} tensors",
+                names.len(),
+                file.len()
+            )));
+        }
+        let tensors = names
+            .drain(..)
+            .map(|name| {
+                let view = file.tensor(&name).map_err(parse_err)?;
+                if view.dtype() != Dtype::F32 {
+                    return Err(ProtocolError::Safetensors(format!(
+                        "tensor {name:?} has dtype {:?}, expected F32",
+                        view.dtype()
+                    )));
+                }
+                let data = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                NamedTensor::new(name, view.shape().to_vec(), data)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((ModelWeights::new(tensors)?, meta))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ModelWeights {
+        ModelWeights::new(vec![
+            NamedTensor::new(
+                "z.weight",
+                vec![2, 3],
+                vec![1.0, -2.0, 3.5, 0.0, 1e-7, -0.25],
+            )
+            .unwrap(),
+            NamedTensor::new("a.bias", vec![3], vec![0.1, 0.2, 0.3]).unwrap(),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn safetensors_round_trip_keeps_order_values_and_metadata() {
+        let w = sample();
+        let mut meta = HashMap::new();
+        meta.insert("greyfed.model".to_string(), "blocknet".to_string());
+        let bytes = w.to_safetensors(&meta).unwrap();
+        let (back, back_meta) = ModelWeights::from_safetensors(&bytes).unwrap();
+        assert_eq!(back, w);
+        assert_eq!(back.tensors()[0].name, "z.weight");
+        assert_eq!(back_meta, meta);
+    }
+
+    #[test]
+    fn safetensors_rejects_truncated_and_garbage() {
+        let bytes = sample().to_safetensors(&HashMap::new()).unwrap();
+        assert!(ModelWeights::from_safetensors(&bytes[..bytes.len() - 3]).is_err());
+        assert!(ModelWeights::from_safetensors(b"not a safetensors file").is_err());
+        assert!(ModelWeights::from_safetensors(&[]).is_err());
+    }
+
+    #[test]
+    fn new_rejects_bad_shapes_and_duplicate_names() {
+        assert!(NamedTensor::new("x", vec![2, 2], vec![1.0; 3]).is_err());
+        let t = NamedTensor::new("x", vec![1], vec![1.0]).unwrap();
+        assert!(ModelWeights::new(vec![t.clone(), t]).is_err());
+        let bad = NamedTensor {
+            name: "y".into(),
+            shape: vec![usize::MAX, 2],
+            data: vec![],
+        };
+        assert!(ModelWeights::new(vec![bad]).is_err());
+    }
+
+    #[test]
+    fn flat_round_trip_and_arithmetic() {
+        let w = sample();
+        let flat = w.to_flat();
+        assert_eq!(flat.len(), w.num_parameters());
+        assert_eq!(w.with_flat_values(&flat).unwrap(), w);
+        assert!(w.with_flat_values(&flat[1..]).is_err());
+        let mut acc = w.clone();
+        acc.add_scaled(&w, 1.0).unwrap();
+        let diff = acc.sub(&w).unwrap();
+        assert_eq!(diff, w);
+        let other =
+            ModelWeights::new(vec![NamedTensor::new("q", vec![1], vec![0.0]).unwrap()]).unwrap();
+        assert_eq!(acc.sub(&other), Err(ProtocolError::LayoutMismatch));
+    }
+}
