@@ -1,1 +1,83 @@
-fn main() {}
+//! `greyfed` command-line entry point: parse arguments, set up logging, run.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+use greyfed::cli::{Cli, Command};
+use greyfed::{commands, keygen, simulate};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Keygen(args) => {
+            let out = keygen::keygen(&args.out, &args.hosts)?;
+            for path in &out.written {
+                println!("wrote {}", path.display());
+            }
+            println!("image key fingerprint: {}", out.image_key_fingerprint);
+            println!(
+                "give ca.pem and image.key to participants; never give image.key to the coordinator"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Coordinator(args) => {
+            let report = commands::coordinator(args).await?;
+            Ok(if report.rounds_completed == report.rounds_planned {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "only {} of {} rounds completed",
+                    report.rounds_completed, report.rounds_planned
+                );
+                ExitCode::FAILURE
+            })
+        }
+        Command::Participant(args) => {
+            commands::participant(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate(args) => {
+            let report = simulate::simulate(&args, true).await?;
+            println!("{}", report.table());
+            println!(
+                "{} of {} rounds completed in {:.1} s; metrics in {}",
+                report.rounds.len(),
+                report.rounds_planned,
+                report.wall.as_secs_f64(),
+                report.out.join("metrics.jsonl").display()
+            );
+            Ok(if report.all_rounds_completed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

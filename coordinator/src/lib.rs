@@ -1,1 +1,23 @@
-//! placeholder
+//! greyfed coordinator: accepts participants over QUIC (quinn + rustls,
+//! TLS 1.3), drives the sans-IO session from `greyfed-protocol`, applies the
+//! server strategy, and records metrics and the final model.
+//!
+//! The coordinator never sees an image or the image key, and with secure
+//! aggregation (later issues) never an individual update either.
+//!
+//! - [`config`]: [`CoordinatorConfig`].
+//! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]).
+//! - [`strategy`]: FedAvg and friends.
+//! - [`metrics`]: `metrics.jsonl` records.
+//! - [`tls`]: certificate generation and the QUIC server configuration.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod strategy;
+pub mod tls;
+
+pub use config::CoordinatorConfig;
+pub use error::{CoordinatorError, Result};
+pub use server::{Coordinator, RunReport};

@@ -1,1 +1,21 @@
-//! placeholder
+//! greyfed participant: everything that touches a party's private images.
+//!
+//! - [`data`]: IDX reader, the built-in synthetic digit set, partitioning.
+//! - [`cipher`]: block-scrambling image encryption keyed by the shared image key.
+//! - [`model`] and [`train`]: candle models, local training and evaluation.
+//! - [`client`] and [`driver`]: the QUIC client and the loop that drives the
+//!   protocol's participant state machine.
+//!
+//! Images and the image key never leave this crate; only model updates and
+//! evaluation sums do.
+
+pub mod cipher;
+pub mod client;
+pub mod data;
+pub mod driver;
+pub mod error;
+pub mod model;
+pub mod train;
+
+pub use driver::{LocalData, ParticipantConfig, ParticipantReport, run};
+pub use error::{ParticipantError, Result};

@@ -1,0 +1,74 @@
+//! [`CoordinatorConfig`]: everything a coordinator run needs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use greyfed_protocol::{ModelSpec, ModelWeights, TrainingConfig, frame::DEFAULT_MAX_FRAME};
+
+use crate::strategy::StrategyConfig;
+
+/// Configuration of one coordinator run.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// UDP address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// PEM certificate chain of the coordinator.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key of the coordinator (secret; never logged).
+    pub key_pem: Vec<u8>,
+    /// Participants to wait for before round 1.
+    pub participants: usize,
+    /// Fewest participants a round may run with.
+    pub min_participants: usize,
+    /// Rounds to run.
+    pub rounds: u32,
+    /// Architecture to train.
+    pub model: ModelSpec,
+    /// The model round 1 starts from.
+    pub initial_weights: ModelWeights,
+    /// Local training settings sent to participants.
+    pub training: TrainingConfig,
+    /// How the mean update becomes the next global model.
+    pub strategy: StrategyConfig,
+    /// Deadline for contributions and for evaluations, per round.
+    pub round_timeout: Duration,
+    /// How long to wait for participants to join (`None`: forever).
+    pub join_timeout: Option<Duration>,
+    /// Largest frame accepted from a participant, in bytes.
+    pub max_frame: usize,
+    /// Directory for `metrics.jsonl` and `model.safetensors`.
+    pub out_dir: PathBuf,
+    /// Seed for session id and participants' training seeds.
+    pub seed: u64,
+}
+
+impl CoordinatorConfig {
+    /// A configuration with greyfed's defaults for everything but the
+    /// certificate, the initial model and the output directory.
+    pub fn new(
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+        model: ModelSpec,
+        initial_weights: ModelWeights,
+        out_dir: PathBuf,
+    ) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cert_pem,
+            key_pem,
+            participants: 10,
+            min_participants: 1,
+            rounds: 10,
+            model,
+            initial_weights,
+            training: TrainingConfig::default(),
+            strategy: StrategyConfig::default(),
+            round_timeout: Duration::from_secs(600),
+            join_timeout: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            out_dir,
+            seed: 0,
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Per-round metrics, appended to `metrics.jsonl` (one JSON object a line).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoordinatorError, Result};
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// Round number, from 1.
+    pub round: u32,
+    /// Accuracy of the new global model on the participants' test splits
+    /// together (sample-weighted), in [0, 1].
+    pub accuracy: f64,
+    /// Mean test cross-entropy of the new global model.
+    pub loss: f64,
+    /// Sample-weighted mean training loss reported by the contributors.
+    pub train_loss: f64,
+    /// Participants whose updates were aggregated.
+    pub participants: usize,
+    /// Participants asked to train.
+    pub cohort: usize,
+    /// Cohort members that dropped out while training.
+    pub dropped: usize,
+    /// Test samples evaluated.
+    pub test_samples: u64,
+    /// Aggregation scheme (`plain`, later `secagg`, `secagg+`).
+    pub aggregation: String,
+    /// Bytes received from participants during the round (frames incl. headers).
+    pub bytes_up: u64,
+    /// Bytes sent to participants during the round.
+    pub bytes_down: u64,
+    /// Wall time of the round in seconds.
+    pub secs: f64,
+}
+
+/// Appends [`RoundRecord`]s to a file, flushing each line.
+#[derive(Debug)]
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsWriter {
+    /// Creates (truncates) `path`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| CoordinatorError::Io {
+                path: path.into(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.into(),
+            file,
+        })
+    }
+
+    /// Appends one record.
+    pub fn append(&mut self, record: &RoundRecord) -> Result<()> {
+        let mut line = serde_json::to_string(record).expect("RoundRecord serialises");
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+            .map_err(|source| CoordinatorError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Reads a `metrics.jsonl` file back.
+pub fn read_metrics(path: &Path) -> Result<Vec<RoundRecord>> {
+    let text = std::fs::read_to_string(path).map_err(|source| CoordinatorError::Io {
+        path: path.into(),
+        source,
+    })?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                CoordinatorError::Config(format!("{} line {}: {e}", path.display(), i + 1))
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,600 @@
+//! The coordinator's I/O shell: a quinn endpoint whose connections feed the
+//! sans-IO [`CoordinatorSession`], and a driver loop that sends what the
+//! session emits, applies the strategy, records metrics and writes the model.
+//!
+//! Tasks: one accept loop; per connection, one reader (bytes → frames →
+//! [`Inbound`] events on a channel) and one writer (encoded frames from a
+//! channel → stream). The driver is the only owner of the session, so no
+//! locks guard protocol state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use greyfed_protocol::{
+    Message, ModelWeights, ParticipantId, ProtocolError,
+    aggregate::PlainAggregator,
+    frame::{FrameDecoder, encode_frame},
+    session::{CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, derive_seed},
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::CoordinatorConfig,
+    error::{CoordinatorError, Result},
+    metrics::{MetricsWriter, RoundRecord},
+    strategy::Strategy,
+    tls,
+};
+
+/// QUIC application close codes.
+mod close_code {
+    pub const DONE: u32 = 0;
+    pub const PROTOCOL_ERROR: u32 = 1;
+    pub const REJECTED: u32 = 2;
+    pub const SHUTDOWN: u32 = 3;
+}
+
+/// A connection must open its stream and say Hello within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a finishing connection waits for the peer to close.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// The outcome of a finished session.
+#[derive(Debug)]
+pub struct RunReport {
+    /// One record per completed round.
+    pub rounds: Vec<RoundRecord>,
+    /// Number of rounds that completed.
+    pub rounds_completed: u32,
+    /// Rounds planned.
+    pub rounds_planned: u32,
+    /// The final global model.
+    pub final_model: ModelWeights,
+    /// Where the final model was written.
+    pub model_path: PathBuf,
+}
+
+/// What connection tasks tell the driver.
+enum Inbound {
+    Connected {
+        id: ParticipantId,
+        remote: SocketAddr,
+        tx: mpsc::UnboundedSender<Outbound>,
+    },
+    Message {
+        id: ParticipantId,
+        msg: Message,
+    },
+    Closed {
+        id: ParticipantId,
+        reason: String,
+    },
+}
+
+/// What the driver tells a connection's writer.
+enum Outbound {
+    Frame(Vec<u8>),
+    /// Finish the stream, wait briefly for the peer to close, then close.
+    Finish {
+        code: u32,
+        reason: String,
+    },
+}
+
+/// A bound coordinator, ready to [`run`](Coordinator::run).
+pub struct Coordinator {
+    endpoint: quinn::Endpoint,
+    config: CoordinatorConfig,
+}
+
+impl Coordinator {
+    /// Validates the configuration, loads the certificate and binds the
+    /// QUIC endpoint.
+    pub fn bind(config: CoordinatorConfig) -> Result<Self> {
+        if config.rounds == 0 || config.participants == 0 {
+            return Err(CoordinatorError::Config(
+                "rounds and participants must be at least 1".into(),
+            ));
+        }
+        config.initial_weights.validate()?;
+        std::fs::create_dir_all(&config.out_dir).map_err(|source| CoordinatorError::Io {
+            path: config.out_dir.clone(),
+            source,
+        })?;
+        let server_config = tls::server_config(&config.cert_pem, &config.key_pem)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            CoordinatorError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        Ok(Self { endpoint, config })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .map_err(|source| CoordinatorError::Io {
+                path: PathBuf::from("<quic endpoint>"),
+                source,
+            })
+    }
+
+    /// Runs the session to its end or until `shutdown` completes.
+    ///
+    /// # Errors
+    /// [`CoordinatorError::Aborted`] when too few participants remain,
+    /// [`CoordinatorError::Interrupted`] on shutdown, I/O errors writing
+    /// metrics or the model.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
+        let Coordinator { endpoint, config } = self;
+        let started = Instant::now();
+        let session_id = derive_seed(
+            config.seed,
+            0,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0),
+        );
+        let session = CoordinatorSession::new(
+            SessionConfig {
+                session_id,
+                participants: config.participants,
+                min_participants: config.min_participants.max(1),
+                rounds: config.rounds,
+                model: config.model.clone(),
+                training: config.training.clone(),
+                round_timeout: config.round_timeout,
+                join_timeout: config.join_timeout,
+                key_fingerprint: None,
+                seed: config.seed,
+            },
+            config.initial_weights.clone(),
+            Box::new(PlainAggregator::new()),
+            started,
+        )?;
+        let metrics = MetricsWriter::create(&config.out_dir.join("metrics.jsonl"))?;
+        let counters = Arc::new(ByteCounters::default());
+        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+        let accept = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            inbound_tx,
+            config.max_frame,
+            counters.clone(),
+        ));
+        info!(
+            addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            participants = config.participants,
+            rounds = config.rounds,
+            model = config.model.name(),
+            "coordinator listening"
+        );
+        let mut driver = Driver {
+            strategy: config.strategy.build(),
+            session,
+            connections: HashMap::new(),
+            metrics,
+            records: Vec::new(),
+            counters,
+            round_start: BTreeMap::new(),
+            round_bytes: (0, 0),
+            max_frame: config.max_frame,
+        };
+        let outcome = driver.run(inbound_rx, shutdown).await;
+        // Let writers flush their last frames and peers close, then stop.
+        for (_, conn) in driver.connections.drain() {
+            let _ = conn.send(Outbound::Finish {
+                code: close_code::SHUTDOWN,
+                reason: "coordinator stopped".into(),
+            });
+        }
+        accept.abort();
+        let _ = tokio::time::timeout(LINGER, endpoint.wait_idle()).await;
+        endpoint.close(close_code::SHUTDOWN.into(), b"coordinator stopped");
+
+        let final_model = driver.session.global().clone();
+        let model_path = config.out_dir.join("model.safetensors");
+        write_model(
+            &model_path,
+            &final_model,
+            &config,
+            driver.session.rounds_completed(),
+        )?;
+        info!(path = %model_path.display(), "wrote final model");
+        let rounds_completed = driver.session.rounds_completed();
+        match outcome {
+            Ok(()) => Ok(RunReport {
+                rounds: driver.records,
+                rounds_completed,
+                rounds_planned: config.rounds,
+                final_model,
+                model_path,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Bytes on the wire, counted by the connection tasks.
+#[derive(Default)]
+struct ByteCounters {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl ByteCounters {
+    fn snapshot(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
+    }
+}
+
+struct Driver {
+    session: CoordinatorSession,
+    strategy: Box<dyn Strategy>,
+    connections: HashMap<ParticipantId, mpsc::UnboundedSender<Outbound>>,
+    metrics: MetricsWriter,
+    records: Vec<RoundRecord>,
+    counters: Arc<ByteCounters>,
+    round_start: BTreeMap<u32, Instant>,
+    /// Byte counters at the start of the current round.
+    round_bytes: (u64, u64),
+    max_frame: usize,
+}
+
+impl Driver {
+    async fn run(
+        &mut self,
+        mut inbound: mpsc::UnboundedReceiver<Inbound>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let deadline = self.session.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = inbound.recv() => {
+                    let Some(ev) = ev else { return Err(CoordinatorError::Aborted("listener stopped".into())) };
+                    self.handle_inbound(ev);
+                }
+                () = sleep => self.session.handle_timeout(Instant::now()),
+                () = &mut shutdown => {
+                    info!("shutdown requested");
+                    return Err(CoordinatorError::Interrupted { rounds_completed: self.session.rounds_completed() });
+                }
+            }
+            if let Some(done) = self.process_outputs()? {
+                return done;
+            }
+        }
+    }
+
+    fn handle_inbound(&mut self, ev: Inbound) {
+        let now = Instant::now();
+        match ev {
+            Inbound::Connected { id, remote, tx } => {
+                debug!(id, %remote, "connection opened");
+                self.connections.insert(id, tx);
+            }
+            Inbound::Message { id, msg } => {
+                let kind = msg.kind();
+                match self.session.handle_message(now, id, msg) {
+                    Ok(()) => {}
+                    // Late or repeated messages: ignore, the peer may still be useful.
+                    Err(
+                        e @ (ProtocolError::WrongRound { .. }
+                        | ProtocolError::DuplicateContribution(_)),
+                    ) => {
+                        warn!(id, kind, "ignoring message: {e}");
+                    }
+                    Err(e) => {
+                        warn!(id, kind, "closing connection: {e}");
+                        self.close(id, close_code::PROTOCOL_ERROR, &e.to_string());
+                        self.session.handle_disconnect(now, id);
+                    }
+                }
+            }
+            Inbound::Closed { id, reason } => {
+                if self.connections.remove(&id).is_some() {
+                    if let Some(name) = self.session.participant_name(id) {
+                        warn!(id, name, "participant disconnected: {reason}");
+                    } else {
+                        debug!(id, "connection closed: {reason}");
+                    }
+                }
+                self.session.handle_disconnect(now, id);
+            }
+        }
+    }
+
+    /// Sends an error frame and closes the connection of `id`.
+    fn close(&mut self, id: ParticipantId, code: u32, reason: &str) {
+        if let Some(tx) = self.connections.remove(&id) {
+            if let Ok(frame) = encode_frame(
+                &Message::Error {
+                    message: reason.to_string(),
+                },
+                self.max_frame,
+            ) {
+                let _ = tx.send(Outbound::Frame(frame));
+            }
+            let _ = tx.send(Outbound::Finish {
+                code,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// Drains the session: transmits, then events. Returns `Some` when the
+    /// session is over.
+    fn process_outputs(&mut self) -> Result<Option<Result<()>>> {
+        loop {
+            while let Some((to, msg)) = self.session.poll_transmit() {
+                let Some(tx) = self.connections.get(&to) else {
+                    continue;
+                };
+                match encode_frame(&msg, self.max_frame) {
+                    Ok(frame) => {
+                        let _ = tx.send(Outbound::Frame(frame));
+                    }
+                    Err(e) => warn!(to, kind = msg.kind(), "cannot encode message: {e}"),
+                }
+            }
+            let Some(ev) = self.session.poll_event() else {
+                return Ok(None);
+            };
+            let now = Instant::now();
+            match ev {
+                SessionEvent::Joined { id, name } => {
+                    info!(
+                        id,
+                        name,
+                        joined = self.session.num_participants(),
+                        "participant joined"
+                    );
+                }
+                SessionEvent::Rejected { id, reason } => {
+                    warn!(id, "refused participant: {reason}");
+                    if let Some(tx) = self.connections.remove(&id) {
+                        // The Reject frame is already queued; finish after it.
+                        let _ = tx.send(Outbound::Finish {
+                            code: close_code::REJECTED,
+                            reason,
+                        });
+                    }
+                }
+                SessionEvent::RoundStarted { round, cohort } => {
+                    info!(round, cohort = cohort.len(), "round started");
+                    self.round_start.insert(round, now);
+                    self.round_bytes = self.counters.snapshot();
+                }
+                SessionEvent::Aggregated(result) => {
+                    let next = self
+                        .strategy
+                        .apply(self.session.global(), &result.mean_update)?;
+                    self.session.apply_global(now, next)?;
+                }
+                SessionEvent::RoundAbandoned { round, reason } => {
+                    warn!(round, "round abandoned, model unchanged: {reason}");
+                }
+                SessionEvent::RoundCompleted(summary) => self.record_round(now, &summary)?,
+                SessionEvent::Finished { rounds_completed } => {
+                    info!(rounds_completed, "session finished");
+                    self.finish_all(close_code::DONE, "session finished");
+                    return Ok(Some(Ok(())));
+                }
+                SessionEvent::Aborted { reason } => {
+                    warn!("session aborted: {reason}");
+                    self.finish_all(close_code::SHUTDOWN, "session aborted");
+                    return Ok(Some(Err(CoordinatorError::Aborted(reason))));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn finish_all(&mut self, code: u32, reason: &str) {
+        // Flush the session's last messages (Finished / Error) first.
+        while let Some((to, msg)) = self.session.poll_transmit() {
+            if let (Some(tx), Ok(frame)) = (
+                self.connections.get(&to),
+                encode_frame(&msg, self.max_frame),
+            ) {
+                let _ = tx.send(Outbound::Frame(frame));
+            }
+        }
+        for (_, tx) in self.connections.drain() {
+            let _ = tx.send(Outbound::Finish {
+                code,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    fn record_round(&mut self, now: Instant, s: &RoundSummary) -> Result<()> {
+        let (up, down) = self.counters.snapshot();
+        let start = self.round_start.remove(&s.round).unwrap_or(now);
+        let record = RoundRecord {
+            round: s.round,
+            accuracy: s.eval.accuracy(),
+            loss: s.eval.mean_loss(),
+            train_loss: s.train_loss,
+            participants: s.contributors.len(),
+            cohort: s.cohort.len(),
+            dropped: s.dropped.len(),
+            test_samples: s.eval.count,
+            aggregation: self.session.aggregation_kind().to_string(),
+            bytes_up: up - self.round_bytes.0,
+            bytes_down: down - self.round_bytes.1,
+            secs: now.duration_since(start).as_secs_f64(),
+        };
+        info!(
+            round = record.round,
+            accuracy = format!("{:.4}", record.accuracy),
+            loss = format!("{:.4}", record.loss),
+            participants = record.participants,
+            secs = format!("{:.2}", record.secs),
+            "round completed"
+        );
+        self.metrics.append(&record)?;
+        self.records.push(record);
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    max_frame: usize,
+    counters: Arc<ByteCounters>,
+) {
+    let mut next_id: ParticipantId = 0;
+    while let Some(incoming) = endpoint.accept().await {
+        let id = next_id;
+        next_id = next_id.wrapping_add(1);
+        tokio::spawn(connection_task(
+            incoming,
+            id,
+            inbound.clone(),
+            max_frame,
+            counters.clone(),
+        ));
+    }
+}
+
+async fn connection_task(
+    incoming: quinn::Incoming,
+    id: ParticipantId,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    max_frame: usize,
+    counters: Arc<ByteCounters>,
+) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%remote, "connection closed before opening a stream: {e}");
+            return;
+        }
+        Err(_) => {
+            conn.close(
+                close_code::PROTOCOL_ERROR.into(),
+                b"no stream opened in time",
+            );
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if inbound.send(Inbound::Connected { id, remote, tx }).is_err() {
+        return;
+    }
+    let writer_conn = conn.clone();
+    let writer_counters = counters.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            match out {
+                Outbound::Frame(bytes) => {
+                    if send.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                    writer_counters
+                        .down
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+                Outbound::Finish { code, reason } => {
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(LINGER, writer_conn.closed()).await;
+                    writer_conn.close(code.into(), reason.as_bytes());
+                    break;
+                }
+            }
+        }
+    });
+    let reason = read_frames(&mut recv, id, &inbound, max_frame, &counters).await;
+    let _ = inbound.send(Inbound::Closed { id, reason });
+    let _ = writer.await;
+}
+
+/// Reads frames until the stream ends or fails; returns why it ended.
+async fn read_frames(
+    recv: &mut quinn::RecvStream,
+    id: ParticipantId,
+    inbound: &mpsc::UnboundedSender<Inbound>,
+    max_frame: usize,
+    counters: &ByteCounters,
+) -> String {
+    let mut decoder = FrameDecoder::new(max_frame);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => {
+                counters.up.fetch_add(n as u64, Ordering::Relaxed);
+                decoder.push(&buf[..n]);
+                loop {
+                    match decoder.next_message() {
+                        Ok(Some(msg)) => {
+                            if inbound.send(Inbound::Message { id, msg }).is_err() {
+                                return "coordinator stopped".into();
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return format!("protocol error: {e}"),
+                    }
+                }
+            }
+            Ok(None) => {
+                return match decoder.finish() {
+                    Ok(()) => "stream finished".into(),
+                    Err(e) => e.to_string(),
+                };
+            }
+            Err(e) => return format!("connection lost: {e}"),
+        }
+    }
+}
+
+/// Writes the model atomically (temporary file, then rename) with metadata
+/// naming the architecture and the rounds completed.
+fn write_model(
+    path: &Path,
+    model: &ModelWeights,
+    config: &CoordinatorConfig,
+    rounds_completed: u32,
+) -> Result<()> {
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("greyfed.model".to_string(), format!("{:?}", config.model));
+    meta.insert(
+        "greyfed.rounds_completed".to_string(),
+        rounds_completed.to_string(),
+    );
+    let bytes = model.to_safetensors(&meta)?;
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, &bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| CoordinatorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}

@@ -1,0 +1,294 @@
+//! The participant's I/O shell: connects to the coordinator, drives the
+//! sans-IO [`ParticipantSession`], and runs local training and evaluation on
+//! blocking threads when the session asks for them.
+//!
+//! Images are encrypted once, in [`LocalData::prepare`], before any
+//! connection is made; what leaves the process is only model updates and
+//! evaluation sums.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use candle_core::Device;
+use greyfed_protocol::{
+    Hello, Message, ModelSpec, PROTOCOL_VERSION, ParticipantId,
+    frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
+    participant::{ParticipantEvent, ParticipantSession},
+};
+use tracing::{debug, info};
+
+use crate::{
+    cipher::BlockScrambler,
+    client,
+    data::Dataset,
+    error::{ParticipantError, Result},
+    train::{TensorData, evaluate, train_local},
+};
+
+/// Batch size used for evaluation (does not affect results).
+const EVAL_BATCH: usize = 256;
+
+/// Where and how to reach the coordinator.
+#[derive(Clone, Debug)]
+pub struct ParticipantConfig {
+    /// Coordinator's UDP address.
+    pub coordinator: SocketAddr,
+    /// Name the coordinator's certificate must carry (DNS name or IP).
+    pub server_name: String,
+    /// PEM of the CA that signed the coordinator's certificate.
+    pub ca_pem: Vec<u8>,
+    /// Display name sent in Hello (logs only).
+    pub name: String,
+    /// Largest frame accepted from the coordinator, in bytes.
+    pub max_frame: usize,
+}
+
+impl ParticipantConfig {
+    /// A configuration with default limits.
+    pub fn new(coordinator: SocketAddr, server_name: impl Into<String>, ca_pem: Vec<u8>) -> Self {
+        Self {
+            coordinator,
+            server_name: server_name.into(),
+            ca_pem,
+            name: String::from("participant"),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// A participant's local data, encrypted (unless plain) and converted to
+/// tensors once.
+pub struct LocalData {
+    train: TensorData,
+    test: TensorData,
+    image_size: (u32, u32),
+    key_fingerprint: String,
+    block_size: Option<usize>,
+}
+
+impl LocalData {
+    /// Encrypts `train` and `test` with `cipher` (or keeps them plain when
+    /// `None`) and converts them to tensors.
+    pub fn prepare(
+        train: &Dataset,
+        test: &Dataset,
+        cipher: Option<&BlockScrambler>,
+    ) -> Result<Self> {
+        if (train.rows(), train.cols()) != (test.rows(), test.cols()) {
+            return Err(ParticipantError::Dataset(format!(
+                "train images are {}x{} but test images are {}x{}",
+                train.rows(),
+                train.cols(),
+                test.rows(),
+                test.cols()
+            )));
+        }
+        let (train, test) = match cipher {
+            Some(c) => (c.encrypt_dataset(train)?, c.encrypt_dataset(test)?),
+            None => (train.clone(), test.clone()),
+        };
+        let device = Device::Cpu;
+        Ok(Self {
+            image_size: (train.rows() as u32, train.cols() as u32),
+            train: TensorData::from_dataset(&train, &device)?,
+            test: TensorData::from_dataset(&test, &device)?,
+            key_fingerprint: cipher
+                .map(|c| c.key_fingerprint().to_string())
+                .unwrap_or_default(),
+            block_size: cipher.map(|c| c.config().block_size),
+        })
+    }
+
+    /// Number of training samples (the aggregation weight).
+    pub fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    /// Number of test samples.
+    pub fn test_len(&self) -> usize {
+        self.test.len()
+    }
+}
+
+/// What a participant did in a session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParticipantReport {
+    /// Our id in the session.
+    pub id: Option<ParticipantId>,
+    /// Rounds we trained in.
+    pub rounds_trained: u32,
+    /// Rounds the coordinator completed.
+    pub rounds_completed: u32,
+}
+
+/// Joins the coordinator's session and takes part until it finishes.
+///
+/// # Errors
+/// Connection and TLS failures, a rejection by the coordinator, protocol
+/// violations, or a model the local data does not fit.
+pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<ParticipantReport> {
+    let tls = client::client_config(&config.ca_pem)?;
+    let (endpoint, conn) = client::connect(tls, config.coordinator, &config.server_name).await?;
+    info!(coordinator = %config.coordinator, name = config.name, "connected");
+    let result = session_loop(config, &conn, data).await;
+    match &result {
+        Ok(_) => conn.close(0u32.into(), b"done"),
+        Err(e) => conn.close(1u32.into(), e.to_string().as_bytes()),
+    }
+    endpoint.wait_idle().await;
+    result
+}
+
+async fn session_loop(
+    config: &ParticipantConfig,
+    conn: &quinn::Connection,
+    data: Arc<LocalData>,
+) -> Result<ParticipantReport> {
+    let conn_err = |e: &dyn std::fmt::Display| ParticipantError::Connection(e.to_string());
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_err(&e))?;
+    let mut session = ParticipantSession::new(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        name: config.name.clone(),
+        train_samples: data.train.len() as u64,
+        test_samples: data.test.len() as u64,
+        image_size: data.image_size,
+        key_fingerprint: data.key_fingerprint.clone(),
+    });
+    let mut report = ParticipantReport::default();
+    let mut spec: Option<ModelSpec> = None;
+    let mut decoder = FrameDecoder::new(config.max_frame);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Send what the session queued, then act on its events.
+        while let Some(msg) = session.poll_transmit() {
+            let frame = encode_frame(&msg, config.max_frame)?;
+            send.write_all(&frame).await.map_err(|e| conn_err(&e))?;
+        }
+        let mut acted = false;
+        while let Some(event) = session.poll_event() {
+            acted = true;
+            match event {
+                ParticipantEvent::Joined { id, session: info } => {
+                    check_model_fits(&info.model, &data)?;
+                    info!(
+                        id,
+                        model = info.model.name(),
+                        rounds = info.rounds,
+                        "joined session"
+                    );
+                    report.id = Some(id);
+                    spec = Some(info.model);
+                }
+                ParticipantEvent::Train {
+                    round,
+                    global,
+                    seed,
+                } => {
+                    let spec = spec.clone().ok_or_else(|| no_session("Train"))?;
+                    let training = session
+                        .session()
+                        .map(|s| s.training.clone())
+                        .ok_or_else(|| no_session("Train"))?;
+                    let data = data.clone();
+                    let start = std::time::Instant::now();
+                    let (outcome, global) = tokio::task::spawn_blocking(move || {
+                        train_local(&spec, &global, &data.train, &training, seed)
+                            .map(|o| (o, global))
+                    })
+                    .await
+                    .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
+                    let update = outcome.weights.sub(&global)?.to_flat();
+                    debug!(
+                        round,
+                        loss = outcome.mean_loss,
+                        secs = start.elapsed().as_secs_f32(),
+                        "trained"
+                    );
+                    session.submit_update(
+                        round,
+                        outcome.mean_loss,
+                        update,
+                        outcome.samples as f64,
+                    )?;
+                    report.rounds_trained += 1;
+                }
+                ParticipantEvent::Evaluate { round, global } => {
+                    let spec = spec.clone().ok_or_else(|| no_session("Evaluate"))?;
+                    let data = data.clone();
+                    let metrics = tokio::task::spawn_blocking(move || {
+                        evaluate(&spec, &global, &data.test, EVAL_BATCH)
+                    })
+                    .await
+                    .map_err(|e| {
+                        ParticipantError::Model(format!("evaluation task failed: {e}"))
+                    })??;
+                    session.submit_evaluation(round, metrics)?;
+                }
+                ParticipantEvent::Finished { rounds_completed } => {
+                    info!(rounds_completed, "session finished");
+                    report.rounds_completed = rounds_completed;
+                    let _ = send.finish();
+                    return Ok(report);
+                }
+                _ => {}
+            }
+        }
+        if acted {
+            continue; // flush what the events queued before reading again
+        }
+        // Read until at least one message arrives.
+        let msg = loop {
+            if let Some(m) = decoder.next_message()? {
+                break m;
+            }
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => decoder.push(&buf[..n]),
+                Ok(None) => {
+                    decoder.finish()?;
+                    return Err(ParticipantError::Connection(
+                        "the coordinator closed the stream before the session finished".into(),
+                    ));
+                }
+                Err(e) => return Err(conn_err(&e)),
+            }
+        };
+        if let Message::Reject { reason } = &msg {
+            return Err(ParticipantError::Rejected(reason.clone()));
+        }
+        session.handle_message(msg)?;
+    }
+}
+
+fn no_session(what: &str) -> ParticipantError {
+    ParticipantError::Protocol(greyfed_protocol::ProtocolError::UnexpectedMessage {
+        expected: "Welcome first",
+        got: if what == "Train" {
+            "TrainRequest"
+        } else {
+            "EvaluateRequest"
+        },
+    })
+}
+
+/// Refuses a model whose input size or block size does not match the data
+/// and the cipher: a block-wise model only absorbs block-wise encryption when
+/// its block size equals the cipher's.
+fn check_model_fits(model: &ModelSpec, data: &LocalData) -> Result<()> {
+    if model.image_size() != data.image_size {
+        return Err(ParticipantError::Model(format!(
+            "the coordinator's model expects {:?} images, ours are {:?}",
+            model.image_size(),
+            data.image_size
+        )));
+    }
+    #[allow(unreachable_patterns)]
+    match (model, data.block_size) {
+        (ModelSpec::BlockNet { block_size, .. }, Some(b)) if *block_size as usize != b => {
+            Err(ParticipantError::Model(format!(
+                "the coordinator's blocknet uses block size {block_size} but our images are \
+                 encrypted with block size {b}; both must be equal"
+            )))
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,192 @@
+//! Command-line definitions (clap). No logic lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use greyfed_participant::data::partition::Partition;
+
+/// greyfed: federated training on encrypted grey-scale images.
+#[derive(Debug, Parser)]
+#[command(name = "greyfed", version, about, long_about = None)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a private CA, a coordinator certificate and a fresh image key.
+    Keygen(KeygenArgs),
+    /// Run the coordinator of a federation.
+    Coordinator(CoordinatorArgs),
+    /// Run one participant.
+    Participant(ParticipantArgs),
+    /// Run a whole federation on this machine: one coordinator and N
+    /// participant processes on loopback.
+    Simulate(SimulateArgs),
+}
+
+/// `greyfed keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Directory to write into (created; existing key files are never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Host names or IP addresses participants use to reach the coordinator
+    /// (subject names of its certificate). Repeatable.
+    #[arg(long = "host", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
+    pub hosts: Vec<String>,
+}
+
+/// Local optimiser choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerKind {
+    /// Adam (betas 0.9, 0.999).
+    Adam,
+    /// SGD with momentum.
+    Sgd,
+}
+
+/// Training settings the coordinator sends to participants.
+#[derive(Clone, Debug, Args)]
+pub struct TrainingArgs {
+    /// Number of rounds.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u32,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 2)]
+    pub local_epochs: u32,
+    /// Minibatch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: u32,
+    /// Local optimiser.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
+    pub optimizer: OptimizerKind,
+    /// Learning rate (default: 0.001 for Adam, 0.05 for SGD).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Momentum for SGD.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    /// Block size of the blocknet model; in `simulate` also the cipher's.
+    #[arg(long, default_value_t = 4)]
+    pub block_size: u32,
+    /// Seconds participants have to contribute (and to evaluate) per round.
+    #[arg(long, default_value_t = 600)]
+    pub round_timeout: u64,
+}
+
+/// `greyfed coordinator`.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7447")]
+    pub listen: SocketAddr,
+    /// Coordinator certificate (PEM), from `greyfed keygen`.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Coordinator private key (PEM), from `greyfed keygen`.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Participants to wait for before the first round.
+    #[arg(long, default_value_t = 10)]
+    pub participants: usize,
+    /// Fewest participants a round may run with (default: all of them).
+    #[arg(long)]
+    pub min_participants: Option<usize>,
+    /// Seconds to wait for participants to join (default: forever).
+    #[arg(long)]
+    pub join_timeout: Option<u64>,
+    /// Directory for metrics.jsonl and model.safetensors.
+    #[arg(long, default_value = "out/coordinator")]
+    pub out: PathBuf,
+    /// Start from this model instead of a fresh initialisation.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Seed for model initialisation and participants' shuffling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the bound address to this file once listening (for scripts).
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// Training settings.
+    #[command(flatten)]
+    pub training: TrainingArgs,
+}
+
+/// Where a participant's images come from.
+#[derive(Clone, Debug, Args)]
+pub struct DataArgs {
+    /// IDX directory (train-/t10k- images and labels, raw or .gz); default:
+    /// the built-in synthetic digits.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// How the training set is split among participants.
+    #[arg(long, default_value = "iid")]
+    pub partition: Partition,
+    /// Seed of the built-in dataset and of partitioning (must be equal for
+    /// all participants so that shards are disjoint).
+    #[arg(long, default_value_t = 0)]
+    pub data_seed: u64,
+}
+
+/// `greyfed participant`.
+#[derive(Debug, Args)]
+pub struct ParticipantArgs {
+    /// Coordinator address, HOST:PORT.
+    #[arg(long)]
+    pub coordinator: String,
+    /// Name in the coordinator's certificate (default: the HOST of --coordinator).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// CA certificate that signed the coordinator's certificate.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// Shared image key file (64 hex characters, owner-only permissions).
+    #[arg(long, required_unless_present = "plain")]
+    pub key_file: Option<PathBuf>,
+    /// Train on plain images (no encryption), for comparison only.
+    #[arg(long, conflicts_with = "key_file")]
+    pub plain: bool,
+    /// Which part of the data this participant holds, I/N (0-based).
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
+    /// Display name (default: participant-I).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Block size of the image cipher (must equal the model's).
+    #[arg(long, default_value_t = 4)]
+    pub block_size: usize,
+    /// Data settings.
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// `greyfed simulate`.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Number of participant processes.
+    #[arg(long, default_value_t = 10)]
+    pub participants: usize,
+    /// Output directory (keys, logs, metrics.jsonl, model.safetensors).
+    #[arg(long, default_value = "out/simulate")]
+    pub out: PathBuf,
+    /// Train on plain images (no encryption), for comparison.
+    #[arg(long)]
+    pub plain: bool,
+    /// Seed for model initialisation and shuffling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute threads per participant process.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Data settings.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Training settings.
+    #[command(flatten)]
+    pub training: TrainingArgs,
+}

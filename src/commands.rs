@@ -1,0 +1,191 @@
+//! `greyfed coordinator` and `greyfed participant`: turn command-line
+//! arguments into library configurations and run them.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use greyfed_coordinator::{Coordinator, CoordinatorConfig, RunReport};
+use greyfed_participant::{
+    LocalData, ParticipantConfig, ParticipantReport,
+    cipher::{BlockScrambler, CipherConfig, ImageKey},
+    data::{
+        DatasetSplits,
+        idx::load_idx_dir,
+        partition::{Partition, shard},
+        synthetic::builtin_splits,
+    },
+    model::init_weights,
+};
+use greyfed_protocol::{ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig};
+use tracing::info;
+
+use crate::cli::{CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, TrainingArgs};
+
+/// The training configuration the arguments describe.
+pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
+    let optimizer = match args.optimizer {
+        OptimizerKind::Adam => OptimizerSpec::Adam {
+            lr: args.lr.unwrap_or(1e-3),
+        },
+        OptimizerKind::Sgd => OptimizerSpec::Sgd {
+            lr: args.lr.unwrap_or(0.05),
+            momentum: args.momentum,
+        },
+    };
+    TrainingConfig {
+        local_epochs: args.local_epochs,
+        batch_size: args.batch_size,
+        optimizer,
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Runs `greyfed coordinator` until the session ends or Ctrl-C.
+pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
+    let model = ModelSpec::blocknet_28x28(args.training.block_size);
+    let initial = match &args.init {
+        Some(path) => {
+            let (w, _) = ModelWeights::from_safetensors(&read(path)?)
+                .with_context(|| format!("loading initial model {}", path.display()))?;
+            greyfed_participant::model::check_weights(&model, &w)
+                .with_context(|| format!("initial model {}", path.display()))?;
+            w
+        }
+        None => init_weights(&model, args.seed)?,
+    };
+    let mut config = CoordinatorConfig::new(
+        read(&args.cert)?,
+        read(&args.key)?,
+        model,
+        initial,
+        args.out.clone(),
+    );
+    config.listen = args.listen;
+    config.participants = args.participants;
+    config.min_participants = args.min_participants.unwrap_or(args.participants);
+    config.rounds = args.training.rounds;
+    config.training = training_config(&args.training);
+    config.round_timeout = Duration::from_secs(args.training.round_timeout);
+    config.join_timeout = args.join_timeout.map(Duration::from_secs);
+    config.seed = args.seed;
+    let coordinator = Coordinator::bind(config)?;
+    let addr = coordinator.local_addr()?;
+    if let Some(path) = &args.addr_file {
+        // Written atomically so a watcher never reads half an address.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    Ok(coordinator.run(shutdown).await?)
+}
+
+/// Parses `I/N` (0-based shard index of N).
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (i, n) = s
+        .split_once('/')
+        .context("--shard must look like I/N, e.g. 0/10")?;
+    let i: usize = i.trim().parse().context("--shard: I is not a number")?;
+    let n: usize = n.trim().parse().context("--shard: N is not a number")?;
+    if n == 0 || i >= n {
+        bail!("--shard {s}: need 0 <= I < N");
+    }
+    Ok((i, n))
+}
+
+/// Loads the dataset the arguments name (an IDX directory or the built-in digits).
+pub fn load_splits(args: &DataArgs) -> Result<DatasetSplits> {
+    Ok(match &args.data {
+        Some(dir) => load_idx_dir(dir)?,
+        None => builtin_splits(args.data_seed),
+    })
+}
+
+/// This participant's train and test shards: the training split partitioned
+/// by `partition`, the test split always IID so that the participants'
+/// evaluations together cover the whole test split exactly once.
+pub fn local_shards(
+    splits: &DatasetSplits,
+    index: usize,
+    parts: usize,
+    partition: Partition,
+    seed: u64,
+) -> Result<(
+    greyfed_participant::data::Dataset,
+    greyfed_participant::data::Dataset,
+)> {
+    let train = shard(&splits.train, index, parts, partition, seed)?;
+    let test = shard(&splits.test, index, parts, Partition::Iid, seed ^ 0x7e57)?;
+    Ok((train, test))
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))
+}
+
+/// Runs `greyfed participant` until the session ends.
+pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
+    let (index, parts) = parse_shard(&args.shard)?;
+    let splits = load_splits(&args.data)?;
+    let (train, test) = local_shards(
+        &splits,
+        index,
+        parts,
+        args.data.partition,
+        args.data.data_seed,
+    )?;
+    let scrambler = match (&args.key_file, args.plain) {
+        (Some(path), false) => {
+            let key = ImageKey::read_file(path)?;
+            let cipher = CipherConfig::block_scrambling(args.block_size);
+            Some(BlockScrambler::new(
+                &key,
+                &cipher,
+                train.rows(),
+                train.cols(),
+            )?)
+        }
+        (None, true) => None,
+        _ => bail!("give either --key-file or --plain"),
+    };
+    info!(
+        shard = args.shard,
+        train = train.len(),
+        test = test.len(),
+        encryption = scrambler
+            .as_ref()
+            .map(|s| s.key_fingerprint().to_string())
+            .unwrap_or_else(|| "plain".into()),
+        "data ready"
+    );
+    let data = Arc::new(LocalData::prepare(&train, &test, scrambler.as_ref())?);
+    let host = args
+        .coordinator
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(&args.coordinator);
+    let server_name = args.server_name.clone().unwrap_or_else(|| {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    });
+    let mut config =
+        ParticipantConfig::new(resolve(&args.coordinator)?, server_name, read(&args.ca)?);
+    config.name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("participant-{index}"));
+    Ok(greyfed_participant::run(&config, data).await?)
+}

@@ -1,0 +1,13 @@
+//! The `greyfed` command-line tool as a library: argument definitions
+//! ([`cli`]), key generation ([`keygen`]), the coordinator and participant
+//! commands ([`commands`]) and the local multi-process simulation
+//! ([`simulate`]).
+//!
+//! The protocol, coordinator and participant logic live in the
+//! `greyfed-protocol`, `greyfed-coordinator` and `greyfed-participant`
+//! crates; this crate only wires them to the command line.
+
+pub mod cli;
+pub mod commands;
+pub mod keygen;
+pub mod simulate;

@@ -1,0 +1,245 @@
+//! `greyfed simulate`: one coordinator process and N participant processes
+//! on loopback, with fresh keys, a progress bar and a summary table.
+//!
+//! The processes are this same executable run as `greyfed coordinator` and
+//! `greyfed participant`, so a simulation exercises exactly what a
+//! multi-machine deployment runs. Each writes its log to `OUT/logs/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use greyfed_coordinator::metrics::{RoundRecord, read_metrics};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::process::{Child, Command};
+
+use crate::cli::{OptimizerKind, SimulateArgs};
+use crate::keygen::{self, files};
+
+/// What a finished simulation produced.
+#[derive(Debug)]
+pub struct SimulationReport {
+    /// Per-round metrics, as written to `OUT/metrics.jsonl`.
+    pub rounds: Vec<RoundRecord>,
+    /// Rounds requested.
+    pub rounds_planned: u32,
+    /// Wall time of the whole run.
+    pub wall: Duration,
+    /// Output directory.
+    pub out: PathBuf,
+}
+
+impl SimulationReport {
+    /// True when every requested round completed.
+    pub fn all_rounds_completed(&self) -> bool {
+        self.rounds.len() == self.rounds_planned as usize
+    }
+
+    /// The summary table printed at the end of a simulation.
+    pub fn table(&self) -> String {
+        let mut s = String::from(
+            "round  accuracy    loss  train_loss  participants  dropped   up(MB)  down(MB)    secs\n",
+        );
+        for r in &self.rounds {
+            s.push_str(&format!(
+                "{:>5}  {:>7.2}%  {:>6.4}  {:>10.4}  {:>12}  {:>7}  {:>7.2}  {:>8.2}  {:>6.2}\n",
+                r.round,
+                100.0 * r.accuracy,
+                r.loss,
+                r.train_loss,
+                r.participants,
+                r.dropped,
+                r.bytes_up as f64 / 1e6,
+                r.bytes_down as f64 / 1e6,
+                r.secs
+            ));
+        }
+        s
+    }
+}
+
+fn push_training_args(cmd: &mut Command, args: &SimulateArgs) {
+    let t = &args.training;
+    cmd.arg("--rounds").arg(t.rounds.to_string());
+    cmd.arg("--local-epochs").arg(t.local_epochs.to_string());
+    cmd.arg("--batch-size").arg(t.batch_size.to_string());
+    cmd.arg("--optimizer").arg(match t.optimizer {
+        OptimizerKind::Adam => "adam",
+        OptimizerKind::Sgd => "sgd",
+    });
+    if let Some(lr) = t.lr {
+        cmd.arg("--lr").arg(lr.to_string());
+    }
+    cmd.arg("--momentum").arg(t.momentum.to_string());
+    cmd.arg("--block-size").arg(t.block_size.to_string());
+    cmd.arg("--round-timeout").arg(t.round_timeout.to_string());
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+    std::fs::File::create(dir.join(name)).with_context(|| format!("creating log {name}"))
+}
+
+/// Runs the simulation and returns its report; `progress` shows a bar.
+pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationReport> {
+    if args.participants == 0 {
+        bail!("--participants must be at least 1");
+    }
+    let started = Instant::now();
+    let out = args.out.clone();
+    let keys = out.join("keys");
+    let logs = out.join("logs");
+    if keys.exists() {
+        std::fs::remove_dir_all(&keys)
+            .with_context(|| format!("removing old {}", keys.display()))?;
+    }
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+    keygen::keygen(&keys, &["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let exe = std::env::current_exe().context("locating the greyfed executable")?;
+    let addr_file = out.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+
+    let mut coordinator = Command::new(&exe);
+    coordinator
+        .arg("coordinator")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--cert")
+        .arg(keys.join(files::COORDINATOR_CERT))
+        .arg("--key")
+        .arg(keys.join(files::COORDINATOR_KEY))
+        .arg("--participants")
+        .arg(args.participants.to_string())
+        .arg("--join-timeout")
+        .arg("120")
+        .arg("--out")
+        .arg(&out)
+        .arg("--seed")
+        .arg(args.seed.to_string())
+        .arg("--addr-file")
+        .arg(&addr_file);
+    push_training_args(&mut coordinator, args);
+    coordinator
+        .stdin(Stdio::null())
+        .stdout(log_file(&logs, "coordinator.log")?)
+        .stderr(log_file(&logs, "coordinator.log")?)
+        .kill_on_drop(true);
+    let mut coordinator = coordinator.spawn().context("starting the coordinator")?;
+
+    let addr = wait_for_addr(&addr_file, &mut coordinator).await?;
+    let mut participants: Vec<Child> = Vec::with_capacity(args.participants);
+    for i in 0..args.participants {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("participant")
+            .arg("--coordinator")
+            .arg(&addr)
+            .arg("--server-name")
+            .arg("localhost")
+            .arg("--ca")
+            .arg(keys.join(files::CA_CERT))
+            .arg("--shard")
+            .arg(format!("{i}/{}", args.participants))
+            .arg("--partition")
+            .arg(args.data.partition.to_string())
+            .arg("--data-seed")
+            .arg(args.data.data_seed.to_string())
+            .arg("--block-size")
+            .arg(args.training.block_size.to_string());
+        if let Some(dir) = &args.data.data {
+            cmd.arg("--data").arg(dir);
+        }
+        if args.plain {
+            cmd.arg("--plain");
+        } else {
+            cmd.arg("--key-file").arg(keys.join(files::IMAGE_KEY));
+        }
+        let log = format!("participant-{i}.log");
+        cmd.env("RAYON_NUM_THREADS", args.threads.to_string())
+            .env("CANDLE_NUM_THREADS", args.threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(log_file(&logs, &log)?)
+            .stderr(log_file(&logs, &log)?)
+            .kill_on_drop(true);
+        participants.push(
+            cmd.spawn()
+                .with_context(|| format!("starting participant {i}"))?,
+        );
+    }
+
+    let bar = if progress {
+        let bar = ProgressBar::new(args.training.rounds as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message("waiting for participants");
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let metrics_path = out.join("metrics.jsonl");
+    let status = loop {
+        tokio::select! {
+            status = coordinator.wait() => break status.context("waiting for the coordinator")?,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {
+                if let Ok(rounds) = read_metrics(&metrics_path)
+                    && let Some(last) = rounds.last()
+                {
+                    bar.set_position(rounds.len() as u64);
+                    bar.set_message(format!("accuracy {:.2}%", 100.0 * last.accuracy));
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    // Participants exit on their own after Finished; give them a moment.
+    for (i, p) in participants.iter_mut().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(10), p.wait()).await {
+            Ok(Ok(s)) if !s.success() => {
+                tracing::warn!(
+                    "participant {i} exited with {s}; see {}",
+                    logs.join(format!("participant-{i}.log")).display()
+                );
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let _ = p.kill().await;
+            }
+        }
+    }
+    let rounds = read_metrics(&metrics_path).unwrap_or_default();
+    let report = SimulationReport {
+        rounds,
+        rounds_planned: args.training.rounds,
+        wall: started.elapsed(),
+        out,
+    };
+    if !status.success() {
+        tracing::error!(
+            "the coordinator exited with {status}; see {}",
+            logs.join("coordinator.log").display()
+        );
+    }
+    Ok(report)
+}
+
+async fn wait_for_addr(path: &Path, coordinator: &mut Child) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(path)
+            && !addr.trim().is_empty()
+        {
+            return Ok(addr.trim().to_string());
+        }
+        if let Some(status) = coordinator.try_wait()? {
+            bail!("the coordinator exited with {status} before listening; see its log");
+        }
+        if Instant::now() > deadline {
+            bail!("the coordinator did not start listening within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
