@@ -57,13 +57,13 @@ pub struct TrainingArgs {
     #[arg(long, default_value_t = 10)]
     pub rounds: u32,
     /// Local epochs per round.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 5)]
     pub local_epochs: u32,
     /// Minibatch size.
     #[arg(long, default_value_t = 32)]
     pub batch_size: u32,
     /// Local optimiser.
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
     pub optimizer: OptimizerKind,
     /// Learning rate (default: 0.001 for Adam, 0.05 for SGD).
     #[arg(long)]
@@ -109,6 +109,10 @@ pub struct CoordinatorArgs {
     /// Seed for model initialisation and participants' shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fingerprint of the image key participants must use (`greyfed keygen`
+    /// prints it). Default: the first participant's, which the others must match.
+    #[arg(long)]
+    pub key_fingerprint: Option<String>,
     /// Write the bound address to this file once listening (for scripts).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,

@@ -74,6 +74,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     config.round_timeout = Duration::from_secs(args.training.round_timeout);
     config.join_timeout = args.join_timeout.map(Duration::from_secs);
     config.seed = args.seed;
+    config.key_fingerprint = args.key_fingerprint.clone();
     let coordinator = Coordinator::bind(config)?;
     let addr = coordinator.local_addr()?;
     if let Some(path) = &args.addr_file {

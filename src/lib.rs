@@ -10,4 +10,5 @@
 pub mod cli;
 pub mod commands;
 pub mod keygen;
+pub mod sim;
 pub mod simulate;

@@ -95,7 +95,7 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     }
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let _ = std::fs::remove_file(out.join("metrics.jsonl"));
-    keygen::keygen(&keys, &["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let generated = keygen::keygen(&keys, &["localhost".to_string(), "127.0.0.1".to_string()])?;
     let exe = std::env::current_exe().context("locating the greyfed executable")?;
     let addr_file = out.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
@@ -118,7 +118,13 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         .arg("--seed")
         .arg(args.seed.to_string())
         .arg("--addr-file")
-        .arg(&addr_file);
+        .arg(&addr_file)
+        .arg("--key-fingerprint")
+        .arg(if args.plain {
+            String::new()
+        } else {
+            generated.image_key_fingerprint.clone()
+        });
     push_training_args(&mut coordinator, args);
     coordinator
         .stdin(Stdio::null())

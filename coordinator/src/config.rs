@@ -35,6 +35,10 @@ pub struct CoordinatorConfig {
     pub round_timeout: Duration,
     /// How long to wait for participants to join (`None`: forever).
     pub join_timeout: Option<Duration>,
+    /// Image key fingerprint participants must present (`None`: the first
+    /// admitted participant's, which the others must then match). A
+    /// fingerprint, never the key: the coordinator cannot decrypt images.
+    pub key_fingerprint: Option<String>,
     /// Largest frame accepted from a participant, in bytes.
     pub max_frame: usize,
     /// Directory for `metrics.jsonl` and `model.safetensors`.
@@ -66,6 +70,7 @@ impl CoordinatorConfig {
             strategy: StrategyConfig::default(),
             round_timeout: Duration::from_secs(600),
             join_timeout: None,
+            key_fingerprint: None,
             max_frame: DEFAULT_MAX_FRAME,
             out_dir,
             seed: 0,

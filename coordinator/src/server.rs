@@ -154,7 +154,7 @@ impl Coordinator {
                 training: config.training.clone(),
                 round_timeout: config.round_timeout,
                 join_timeout: config.join_timeout,
-                key_fingerprint: None,
+                key_fingerprint: config.key_fingerprint.clone(),
                 seed: config.seed,
             },
             config.initial_weights.clone(),

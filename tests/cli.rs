@@ -1,0 +1,159 @@
+//! The `greyfed` executable itself: simulate with real processes, keygen,
+//! and clear errors for bad input.
+
+use std::process::Command;
+
+use greyfed_coordinator::metrics::read_metrics;
+
+fn greyfed() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_greyfed"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+#[test]
+fn simulate_runs_processes_and_writes_metrics() {
+    let out = tempfile::tempdir().unwrap();
+    let status = greyfed()
+        .args([
+            "simulate",
+            "--participants",
+            "3",
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "1",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "simulate failed: {stdout}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(stdout.contains("2 of 2 rounds completed"), "{stdout}");
+    assert!(
+        stdout.contains("accuracy"),
+        "summary table printed: {stdout}"
+    );
+    let rounds = read_metrics(&out.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(rounds.len(), 2);
+    assert!(
+        rounds
+            .iter()
+            .all(|r| r.participants == 3 && r.bytes_up > 0 && r.secs > 0.0)
+    );
+    assert!(rounds[1].accuracy > 0.3, "{rounds:?}");
+    // The required fields are present under their names in the raw JSON.
+    let line = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    for key in [
+        "round",
+        "accuracy",
+        "loss",
+        "participants",
+        "bytes_up",
+        "bytes_down",
+        "secs",
+    ] {
+        assert!(
+            first.get(key).is_some(),
+            "metrics.jsonl lacks {key}: {first}"
+        );
+    }
+    assert!(out.path().join("model.safetensors").exists());
+}
+
+#[test]
+fn keygen_writes_files_and_the_participant_refuses_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let out = greyfed()
+        .args(["keygen", "--out"])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let secret = std::fs::read_to_string(keys.join("image.key")).unwrap();
+    assert!(text.contains("fingerprint"));
+    assert!(
+        !text.contains(secret.trim()),
+        "keygen must not print the key"
+    );
+
+    // A truncated key file: clear error naming the file, no key material.
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, &secret.trim()[..40]).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let out = greyfed()
+        .args(["participant", "--coordinator", "127.0.0.1:9", "--ca"])
+        .arg(keys.join("ca.pem"))
+        .arg("--key-file")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.key") && err.contains("64 hex"), "{err}");
+    assert!(
+        !err.contains(&secret.trim()[..40]),
+        "error leaks key material: {err}"
+    );
+
+    // A block size that does not divide 28.
+    let out = greyfed()
+        .args([
+            "participant",
+            "--coordinator",
+            "127.0.0.1:9",
+            "--block-size",
+            "5",
+            "--ca",
+        ])
+        .arg(keys.join("ca.pem"))
+        .arg("--key-file")
+        .arg(keys.join("image.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not divide"), "{err}");
+
+    // Refuses to overwrite existing keys.
+    let out = greyfed()
+        .args(["keygen", "--out"])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn missing_data_directory_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = greyfed()
+        .args([
+            "participant",
+            "--coordinator",
+            "127.0.0.1:9",
+            "--plain",
+            "--ca",
+            "/nonexistent/ca.pem",
+            "--data",
+        ])
+        .arg(dir.path().join("nope"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
