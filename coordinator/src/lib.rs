@@ -5,7 +5,7 @@
 //! The coordinator never sees an image or the image key, and with secure
 //! aggregation (later issues) never an individual update either.
 //!
-//! - [`config`]: [`CoordinatorConfig`].
+//! - [`config`]: the run configuration, [`CoordinatorConfig`].
 //! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]).
 //! - [`strategy`]: FedAvg and friends.
 //! - [`metrics`]: `metrics.jsonl` records.

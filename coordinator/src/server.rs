@@ -42,6 +42,9 @@ mod close_code {
 
 /// A connection must open its stream and say Hello within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest first frame (the Hello) accepted from a connection: an
+/// unauthenticated peer cannot make the coordinator buffer a huge frame.
+const HELLO_MAX_FRAME: usize = 64 * 1024;
 /// How long a finishing connection waits for the peer to close.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -507,7 +510,14 @@ async fn connection_task(
         }
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    if inbound.send(Inbound::Connected { id, remote, tx }).is_err() {
+    if inbound
+        .send(Inbound::Connected {
+            id,
+            remote,
+            tx: tx.clone(),
+        })
+        .is_err()
+    {
         return;
     }
     let writer_conn = conn.clone();
@@ -532,20 +542,49 @@ async fn connection_task(
             }
         }
     });
-    let reason = read_frames(&mut recv, id, &inbound, max_frame, &counters).await;
+    let reason = match read_frames(&mut recv, id, &inbound, max_frame, &counters).await {
+        ReadEnd::Closed(reason) => reason,
+        ReadEnd::ProtocolError(e) => {
+            // Tell the peer why before closing; nothing it sent is used.
+            debug!(id, %remote, "protocol error: {e}");
+            let message = e.to_string();
+            if let Ok(frame) = encode_frame(
+                &Message::Error {
+                    message: message.clone(),
+                },
+                max_frame,
+            ) {
+                let _ = tx.send(Outbound::Frame(frame));
+            }
+            let _ = tx.send(Outbound::Finish {
+                code: close_code::PROTOCOL_ERROR,
+                reason: message.clone(),
+            });
+            format!("protocol error: {message}")
+        }
+    };
+    drop(tx);
     let _ = inbound.send(Inbound::Closed { id, reason });
     let _ = writer.await;
 }
 
-/// Reads frames until the stream ends or fails; returns why it ended.
+/// Why a connection's reader stopped.
+enum ReadEnd {
+    /// The stream ended or the connection went away.
+    Closed(String),
+    /// The peer sent bytes that are not valid greyfed frames.
+    ProtocolError(ProtocolError),
+}
+
+/// Reads frames until the stream ends or fails.
 async fn read_frames(
     recv: &mut quinn::RecvStream,
     id: ParticipantId,
     inbound: &mpsc::UnboundedSender<Inbound>,
     max_frame: usize,
     counters: &ByteCounters,
-) -> String {
-    let mut decoder = FrameDecoder::new(max_frame);
+) -> ReadEnd {
+    let mut decoder = FrameDecoder::new(HELLO_MAX_FRAME.min(max_frame));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match recv.read(&mut buf).await {
@@ -555,22 +594,23 @@ async fn read_frames(
                 loop {
                     match decoder.next_message() {
                         Ok(Some(msg)) => {
+                            decoder.set_max_frame(max_frame);
                             if inbound.send(Inbound::Message { id, msg }).is_err() {
-                                return "coordinator stopped".into();
+                                return ReadEnd::Closed("coordinator stopped".into());
                             }
                         }
                         Ok(None) => break,
-                        Err(e) => return format!("protocol error: {e}"),
+                        Err(e) => return ReadEnd::ProtocolError(e),
                     }
                 }
             }
             Ok(None) => {
-                return match decoder.finish() {
+                return ReadEnd::Closed(match decoder.finish() {
                     Ok(()) => "stream finished".into(),
                     Err(e) => e.to_string(),
-                };
+                });
             }
-            Err(e) => return format!("connection lost: {e}"),
+            Err(e) => return ReadEnd::Closed(format!("connection lost: {e}")),
         }
     }
 }

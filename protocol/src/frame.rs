@@ -91,6 +91,12 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the maximum payload size for frames not yet started (e.g. a
+    /// small limit until a peer has introduced itself, a large one after).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame.min(MAX_FRAME_CEILING);
+    }
+
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.pos > 0 && self.pos == self.buf.len() {
