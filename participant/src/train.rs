@@ -1,0 +1,875 @@
+//! Local training and evaluation of a [`Network`] on a participant's data.
+//!
+//! # Design
+//!
+//! - [`TensorData`] converts a [`Dataset`] into candle tensors once (images
+//!   `f32 [N, 1, R, W]` scaled to `[0, 1]`, labels `u32 [N]`); every
+//!   minibatch is then one `index_select` per tensor, nothing is decoded per
+//!   epoch.
+//! - [`train_local`] runs `local_epochs` passes over a per-epoch shuffled
+//!   order (seeded by the round seed and the epoch), minibatches of
+//!   `batch_size` (the last one may be smaller), mean cross-entropy loss via
+//!   log-softmax; gradients from [`Network::loss_and_grads`] (a hand-written
+//!   backward pass for blocknet, candle autograd available for other models).
+//! - The optimisers are fused and written in plain Rust: one pass over each
+//!   parameter tensor updates the parameters, in place in the candle
+//!   variable's storage, together with the optimiser state kept in Rust
+//!   vectors (candle's own `AdamW` costs about a dozen allocating tensor ops
+//!   per parameter tensor, a large share of a small model's step). Semantics
+//!   are PyTorch's: Adam with betas (0.9, 0.999), eps 1e-8, no weight decay,
+//!   bias-corrected; SGD with `buf = momentum * buf + grad; p -= lr * buf`.
+//!   State starts fresh on every call, as the protocol requires.
+//! - A FedProx proximal term `mu/2 * ||w - w_global||^2` is available through
+//!   [`TrainOptions::proximal_mu`] (0 by default). It is added to the
+//!   gradient inside the fused update (`grad += mu * (w - w_global)`), which
+//!   is exactly its gradient; the reported loss is the data loss only.
+//!
+//! Threads: candle's matmul uses rayon (`RAYON_NUM_THREADS`) and its
+//! element-wise ops its own pool (`CANDLE_NUM_THREADS`). This module sets
+//! neither; a caller running many participant processes on few cores should
+//! set both to 1. Callers should set `RAYON_NUM_THREADS` in any case (at
+//! process start, even to the default): when it is unset, candle 0.11
+//! re-detects the physical core count on every matmul by reading `/proc`
+//! (about 4,000 file opens per 5,000-image blocknet epoch pair), which cut
+//! blocknet training throughput on a 2-core machine from ~30,000 to
+//! 9,000-28,000 images/s.
+
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor, Var};
+use greyfed_protocol::message::{EvalMetrics, ModelSpec, OptimizerSpec, TrainingConfig};
+use greyfed_protocol::weights::ModelWeights;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::data::Dataset;
+use crate::error::{ParticipantError, Result};
+use crate::model::{Network, f32_operand};
+
+/// A [`Dataset`] converted once into candle tensors on a device.
+#[derive(Clone, Debug)]
+pub struct TensorData {
+    images: Tensor,
+    labels: Tensor,
+    rows: usize,
+    cols: usize,
+    max_label: Option<u8>,
+}
+
+impl TensorData {
+    /// Converts `dataset`: images to `f32 [N, 1, R, W]` divided by 255,
+    /// labels to `u32 [N]`.
+    pub fn from_dataset(dataset: &Dataset, device: &Device) -> Result<Self> {
+        let (n, rows, cols) = (dataset.len(), dataset.rows(), dataset.cols());
+        let pixels: Vec<f32> = dataset
+            .pixels()
+            .iter()
+            .map(|&p| f32::from(p) / 255.0)
+            .collect();
+        let labels: Vec<u32> = dataset.labels().iter().map(|&l| u32::from(l)).collect();
+        Ok(Self {
+            images: Tensor::from_vec(pixels, (n, 1, rows, cols), device)?,
+            labels: Tensor::from_vec(labels, n, device)?,
+            rows,
+            cols,
+            max_label: dataset.labels().iter().copied().max(),
+        })
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.dims1().unwrap_or(0)
+    }
+
+    /// True when there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image size `(rows, cols)`.
+    pub fn image_size(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// All images, `f32 [N, 1, R, W]` in `[0, 1]`.
+    pub fn images(&self) -> &Tensor {
+        &self.images
+    }
+
+    /// All labels, `u32 [N]`.
+    pub fn labels(&self) -> &Tensor {
+        &self.labels
+    }
+
+    /// The device the tensors live on.
+    pub fn device(&self) -> &Device {
+        self.images.device()
+    }
+
+    /// The samples at `indices` as `(images, labels)`.
+    fn batch(&self, indices: &[u32]) -> Result<(Tensor, Tensor)> {
+        let idx = Tensor::from_slice(indices, indices.len(), self.device())?;
+        Ok((
+            self.images.index_select(&idx, 0)?,
+            self.labels.index_select(&idx, 0)?,
+        ))
+    }
+
+    /// Checks that the data fits `spec` (image size, labels below the number
+    /// of classes).
+    fn check_fits(&self, spec: &ModelSpec) -> Result<()> {
+        let (r, c) = spec.image_size();
+        if (r as usize, c as usize) != (self.rows, self.cols) {
+            return Err(ParticipantError::Model(format!(
+                "model {:?} expects {r}x{c} images, the data has {}x{}",
+                spec.name(),
+                self.rows,
+                self.cols
+            )));
+        }
+        match self.max_label {
+            Some(l) if u32::from(l) >= spec.num_classes() => Err(ParticipantError::Model(format!(
+                "label {l} is not below the model's {} classes",
+                spec.num_classes()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Extra local-training options beyond the protocol's [`TrainingConfig`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrainOptions {
+    /// FedProx proximal coefficient `mu` (`loss += mu/2 * ||w - w_global||^2`);
+    /// 0 disables the term.
+    pub proximal_mu: f32,
+}
+
+/// Result of one call of [`train_local`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOutcome {
+    /// The locally trained weights (same layout as the global weights).
+    pub weights: ModelWeights,
+    /// Mean of the minibatch losses, weighted by minibatch size, over all
+    /// epochs (data loss only); 0 when no step was taken.
+    pub mean_loss: f32,
+    /// Number of local training samples (the aggregation weight), not
+    /// multiplied by the number of epochs.
+    pub samples: usize,
+    /// Number of optimiser steps taken.
+    pub steps: usize,
+}
+
+/// Trains `global` on `data` for `config.local_epochs` epochs with fresh
+/// optimiser state; the shuffling is deterministic in `seed`.
+///
+/// An empty dataset is not an error: the global weights come back unchanged
+/// with `samples = 0` and `steps = 0`.
+pub fn train_local(
+    spec: &ModelSpec,
+    global: &ModelWeights,
+    data: &TensorData,
+    config: &TrainingConfig,
+    seed: u64,
+) -> Result<TrainOutcome> {
+    train_local_with(spec, global, data, config, seed, &TrainOptions::default())
+}
+
+/// [`train_local`] with extra [`TrainOptions`] (e.g. a FedProx term).
+pub fn train_local_with(
+    spec: &ModelSpec,
+    global: &ModelWeights,
+    data: &TensorData,
+    config: &TrainingConfig,
+    seed: u64,
+    options: &TrainOptions,
+) -> Result<TrainOutcome> {
+    let batch_size = config.batch_size as usize;
+    if batch_size == 0 {
+        return Err(ParticipantError::Model(
+            "batch size must be positive".into(),
+        ));
+    }
+    if !options.proximal_mu.is_finite() || options.proximal_mu < 0.0 {
+        return Err(ParticipantError::Model(format!(
+            "proximal mu {} must be finite and non-negative",
+            options.proximal_mu
+        )));
+    }
+    let kind = Kind::from_spec(config.optimizer)?;
+    let net = Network::new(spec, global, data.device())?;
+    data.check_fits(spec)?;
+    let n = data.len();
+    if n == 0 {
+        return Ok(TrainOutcome {
+            weights: global.clone(),
+            mean_loss: 0.0,
+            samples: 0,
+            steps: 0,
+        });
+    }
+    let mut optimizer = FusedOptimizer::new(kind, net.vars(), options.proximal_mu)?;
+    let mut loss_sum = 0f64;
+    let mut seen = 0usize;
+    let mut order: Vec<u32> = Vec::with_capacity(n);
+    for epoch in 0..config.local_epochs {
+        order.clear();
+        order.extend(0..n as u32);
+        order.shuffle(&mut StdRng::seed_from_u64(epoch_seed(seed, epoch)));
+        for chunk in order.chunks(batch_size) {
+            let (x, y) = data.batch(chunk)?;
+            let step = net.loss_and_grads(&x, &y)?;
+            optimizer.step(&step.grads)?;
+            loss_sum += f64::from(step.loss) * chunk.len() as f64;
+            seen += chunk.len();
+        }
+    }
+    Ok(TrainOutcome {
+        weights: net.to_weights()?,
+        mean_loss: if seen == 0 {
+            0.0
+        } else {
+            (loss_sum / seen as f64) as f32
+        },
+        samples: n,
+        steps: optimizer.steps as usize,
+    })
+}
+
+/// Seed of the shuffling generator of one epoch.
+fn epoch_seed(seed: u64, epoch: u32) -> u64 {
+    seed ^ (u64::from(epoch) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Sum of cross-entropy losses, number of correct argmax predictions and
+/// sample count of `weights` on `data`, in batches of `batch_size`. An empty
+/// dataset gives zero counts.
+pub fn evaluate(
+    spec: &ModelSpec,
+    weights: &ModelWeights,
+    data: &TensorData,
+    batch_size: usize,
+) -> Result<EvalMetrics> {
+    if batch_size == 0 {
+        return Err(ParticipantError::Model(
+            "batch size must be positive".into(),
+        ));
+    }
+    let net = Network::new(spec, weights, data.device())?;
+    data.check_fits(spec)?;
+    let mut metrics = EvalMetrics::default();
+    let n = data.len();
+    let mut start = 0;
+    while start < n {
+        let len = batch_size.min(n - start);
+        let x = data.images.narrow(0, start, len)?;
+        let y = data.labels.narrow(0, start, len)?;
+        let logits = net.predict(&x)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
+        let losses = log_probs.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?;
+        metrics.loss_sum -= losses
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&v| f64::from(v))
+            .sum::<f64>();
+        let predicted = logits.argmax(1)?;
+        metrics.correct += u64::from(
+            predicted
+                .eq(&y)?
+                .to_dtype(candle_core::DType::U32)?
+                .sum_all()?
+                .to_scalar::<u32>()?,
+        );
+        metrics.count += len as u64;
+        start += len;
+    }
+    Ok(metrics)
+}
+
+/// Per-parameter optimiser state.
+struct ParamState {
+    var: Var,
+    /// Adam's first moment or SGD's momentum buffer.
+    m: Vec<f32>,
+    /// Adam's second moment (empty for SGD).
+    v: Vec<f32>,
+    /// The starting (global) values, kept only for the proximal term.
+    anchor: Vec<f32>,
+}
+
+/// Adam or SGD with momentum, fused into one in-place pass per tensor.
+struct FusedOptimizer {
+    kind: Kind,
+    mu: f32,
+    steps: u32,
+    params: Vec<ParamState>,
+}
+
+impl FusedOptimizer {
+    fn new(kind: Kind, vars: Vec<Var>, mu: f32) -> Result<Self> {
+        let adam = matches!(kind, Kind::Adam { .. });
+        let params = vars
+            .into_iter()
+            .map(|var| {
+                let len = var.elem_count();
+                let anchor = if mu > 0.0 {
+                    var.as_tensor().flatten_all()?.to_vec1::<f32>()?
+                } else {
+                    Vec::new()
+                };
+                Ok(ParamState {
+                    var,
+                    m: vec![0.0; len],
+                    v: if adam { vec![0.0; len] } else { Vec::new() },
+                    anchor,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            kind,
+            mu,
+            steps: 0,
+            params,
+        })
+    }
+
+    /// Applies one update from `grads` (one per variable, in order).
+    fn step(&mut self, grads: &[Tensor]) -> Result<()> {
+        if grads.len() != self.params.len() {
+            return Err(ParticipantError::Model(format!(
+                "{} gradients for {} variables",
+                grads.len(),
+                self.params.len()
+            )));
+        }
+        self.steps += 1;
+        let rule = match self.kind {
+            Kind::Adam { lr } => {
+                let t = self.steps as i32;
+                Rule::Adam {
+                    step_size: lr / (1.0 - ADAM_BETA1.powi(t)),
+                    bias_correction2_sqrt: (1.0 - ADAM_BETA2.powi(t)).sqrt(),
+                }
+            }
+            Kind::Sgd { lr, momentum } => Rule::Sgd { lr, momentum },
+        };
+        for (p, grad) in self.params.iter_mut().zip(grads) {
+            let grad = grad.contiguous()?;
+            let update = FusedUpdate {
+                rule,
+                mu: self.mu,
+                state: RefCell::new((&mut p.m, &mut p.v)),
+                anchor: &p.anchor,
+            };
+            p.var.as_tensor().inplace_op2(&grad, &update)?;
+        }
+        Ok(())
+    }
+}
+
+const ADAM_BETA1: f32 = 0.9;
+const ADAM_BETA2: f32 = 0.999;
+const ADAM_EPS: f32 = 1e-8;
+
+/// A validated [`OptimizerSpec`].
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Adam { lr: f32 },
+    Sgd { lr: f32, momentum: f32 },
+}
+
+impl Kind {
+    /// Checks the settings: finite `lr >= 0`, `momentum` in `[0, 1)`.
+    fn from_spec(spec: OptimizerSpec) -> Result<Self> {
+        match spec {
+            OptimizerSpec::Adam { lr } if lr.is_finite() && lr >= 0.0 => Ok(Kind::Adam { lr }),
+            OptimizerSpec::Sgd { lr, momentum }
+                if lr.is_finite() && lr >= 0.0 && (0.0..1.0).contains(&momentum) =>
+            {
+                Ok(Kind::Sgd { lr, momentum })
+            }
+            other => Err(ParticipantError::Model(format!(
+                "unsupported or invalid optimiser settings {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The per-step constants of an update rule.
+#[derive(Clone, Copy, Debug)]
+enum Rule {
+    Adam {
+        /// `lr / (1 - beta1^t)`.
+        step_size: f32,
+        /// `sqrt(1 - beta2^t)`.
+        bias_correction2_sqrt: f32,
+    },
+    Sgd {
+        lr: f32,
+        momentum: f32,
+    },
+}
+
+/// An in-place candle op: parameter (destination) updated from its gradient
+/// (source) and the Rust-side optimiser state.
+struct FusedUpdate<'a> {
+    rule: Rule,
+    mu: f32,
+    state: RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    anchor: &'a [f32],
+}
+
+impl InplaceOp2 for FusedUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "fused-optimizer-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        let params = match (dst, dl.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &mut v[a..b],
+            _ => candle_core::bail!("fused optimiser: expected a contiguous f32 parameter"),
+        };
+        let grads = f32_operand(src, sl, self.name())?;
+        let mut state = self.state.borrow_mut();
+        let (m, v) = &mut *state;
+        if grads.len() != params.len() || m.len() != params.len() {
+            candle_core::bail!(
+                "fused optimiser: {} parameters, {} gradients, {} state values",
+                params.len(),
+                grads.len(),
+                m.len()
+            );
+        }
+        let mu = self.mu;
+        let anchor = self.anchor;
+        let grad_at = |i: usize, p: f32| -> f32 {
+            if mu > 0.0 {
+                grads[i] + mu * (p - anchor[i])
+            } else {
+                grads[i]
+            }
+        };
+        match self.rule {
+            Rule::Adam {
+                step_size,
+                bias_correction2_sqrt,
+            } => {
+                if v.len() != params.len() {
+                    candle_core::bail!("fused optimiser: Adam state missing");
+                }
+                if mu > 0.0 {
+                    for i in 0..params.len() {
+                        let g = grad_at(i, params[i]);
+                        adam_one(
+                            &mut params[i],
+                            g,
+                            &mut m[i],
+                            &mut v[i],
+                            step_size,
+                            bias_correction2_sqrt,
+                        );
+                    }
+                } else {
+                    for (((p, &g), m), v) in params
+                        .iter_mut()
+                        .zip(grads)
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                    {
+                        adam_one(p, g, m, v, step_size, bias_correction2_sqrt);
+                    }
+                }
+            }
+            Rule::Sgd { lr, momentum } => {
+                for (i, (p, b)) in params.iter_mut().zip(m.iter_mut()).enumerate() {
+                    let g = grad_at(i, *p);
+                    *b = momentum * *b + g;
+                    *p -= lr * *b;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[inline(always)]
+fn adam_one(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, step_size: f32, bc2_sqrt: f32) {
+    *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * g;
+    *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * g * g;
+    let denom = v.sqrt() / bc2_sqrt + ADAM_EPS;
+    *p -= step_size * *m / denom;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::init_weights;
+    use greyfed_protocol::weights::NamedTensor;
+    use rand::RngExt;
+
+    /// 12x12 images, 9 blocks of 4x4; class k (< 9) brightens block k, class
+    /// 9 none; uniform noise everywhere.
+    fn synthetic(n: usize, seed: u64) -> Dataset {
+        let (rows, cols, b) = (12, 12, 4);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut pixels = Vec::with_capacity(n * rows * cols);
+        let mut labels = Vec::with_capacity(n);
+        for _ in 0..n {
+            let label: u8 = rng.random_range(0..10);
+            for y in 0..rows {
+                for x in 0..cols {
+                    let block = (y / b) * (cols / b) + x / b;
+                    let base = if usize::from(label) == block { 140 } else { 0 };
+                    pixels.push(base + rng.random_range(0..110u8));
+                }
+            }
+            labels.push(label);
+        }
+        Dataset::new(rows, cols, 10, pixels, labels).unwrap()
+    }
+
+    fn small_spec() -> ModelSpec {
+        ModelSpec::BlockNet {
+            image_rows: 12,
+            image_cols: 12,
+            block_size: 4,
+            channels: 4,
+            hidden: 16,
+            num_classes: 10,
+        }
+    }
+
+    fn config(optimizer: OptimizerSpec, local_epochs: u32) -> TrainingConfig {
+        TrainingConfig {
+            local_epochs,
+            batch_size: 32,
+            optimizer,
+        }
+    }
+
+    #[test]
+    fn tensor_data_converts_once() {
+        let ds = synthetic(5, 1);
+        let td = TensorData::from_dataset(&ds, &Device::Cpu).unwrap();
+        assert_eq!(td.len(), 5);
+        assert_eq!(td.image_size(), (12, 12));
+        assert_eq!(td.images().dims(), &[5, 1, 12, 12]);
+        let first = td
+            .images()
+            .get(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want: Vec<f32> = ds.image(0).iter().map(|&p| p as f32 / 255.0).collect();
+        assert_eq!(first, want);
+        let labels = td.labels().to_vec1::<u32>().unwrap();
+        assert_eq!(
+            labels,
+            ds.labels().iter().map(|&l| l as u32).collect::<Vec<_>>()
+        );
+    }
+
+    fn train_and_check(optimizer: OptimizerSpec) {
+        let spec = small_spec();
+        let train = TensorData::from_dataset(&synthetic(400, 2), &Device::Cpu).unwrap();
+        let test = TensorData::from_dataset(&synthetic(200, 3), &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 4).unwrap();
+        let before = evaluate(&spec, &global, &test, 64).unwrap();
+        let out = train_local(&spec, &global, &train, &config(optimizer, 6), 5).unwrap();
+        assert_eq!(out.samples, 400);
+        assert_eq!(out.steps, 6 * 400usize.div_ceil(32));
+        assert!(out.weights.same_layout(&global) && out.weights.is_finite());
+        let after = evaluate(&spec, &out.weights, &test, 64).unwrap();
+        assert_eq!(after.count, 200);
+        assert!(
+            after.mean_loss() < 0.5 * before.mean_loss(),
+            "{optimizer:?}: loss {} -> {}",
+            before.mean_loss(),
+            after.mean_loss()
+        );
+        assert!(
+            after.accuracy() > 0.85,
+            "{optimizer:?}: accuracy {}",
+            after.accuracy()
+        );
+        assert!(out.mean_loss.is_finite() && out.mean_loss < before.mean_loss() as f32);
+    }
+
+    #[test]
+    fn adam_learns_the_synthetic_task() {
+        train_and_check(OptimizerSpec::Adam { lr: 0.01 });
+    }
+
+    #[test]
+    fn sgd_momentum_learns_the_synthetic_task() {
+        train_and_check(OptimizerSpec::Sgd {
+            lr: 0.05,
+            momentum: 0.9,
+        });
+    }
+
+    #[test]
+    fn training_is_deterministic_and_seed_dependent() {
+        let spec = small_spec();
+        let data = TensorData::from_dataset(&synthetic(100, 6), &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 7).unwrap();
+        let cfg = config(OptimizerSpec::Adam { lr: 0.01 }, 2);
+        let a = train_local(&spec, &global, &data, &cfg, 1).unwrap();
+        let b = train_local(&spec, &global, &data, &cfg, 1).unwrap();
+        assert_eq!(a, b);
+        let c = train_local(&spec, &global, &data, &cfg, 2).unwrap();
+        assert_ne!(a.weights, c.weights);
+    }
+
+    /// One step by hand: Adam's first step moves every parameter with a
+    /// non-zero gradient by almost exactly `lr`; SGD's by `lr * grad`.
+    #[test]
+    fn fused_updates_follow_pytorch_semantics() {
+        let spec = small_spec();
+        let data = TensorData::from_dataset(&synthetic(8, 8), &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 9).unwrap();
+        let one_step = |optimizer| {
+            let cfg = TrainingConfig {
+                local_epochs: 1,
+                batch_size: 8,
+                optimizer,
+            };
+            train_local(&spec, &global, &data, &cfg, 0).unwrap()
+        };
+        // Reference gradient through candle's autograd.
+        let net = Network::new(&spec, &global, &Device::Cpu).unwrap();
+        let logits = net.forward(data.images()).unwrap();
+        let auto =
+            crate::model::autograd_loss_and_grads(&logits, data.labels(), &net.vars()).unwrap();
+        let g: Vec<Vec<f32>> = auto
+            .grads
+            .iter()
+            .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+
+        let sgd = one_step(OptimizerSpec::Sgd {
+            lr: 0.5,
+            momentum: 0.9,
+        });
+        let adam = one_step(OptimizerSpec::Adam { lr: 1e-3 });
+        // Compare in the network's internal layout, where the gradients are.
+        let internal = |w: &ModelWeights| -> Vec<Vec<f32>> {
+            Network::new(&spec, w, &Device::Cpu)
+                .unwrap()
+                .vars()
+                .iter()
+                .map(|v| v.flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let (w0, sgd, adam) = (
+            internal(&global),
+            internal(&sgd.weights),
+            internal(&adam.weights),
+        );
+        for i in 0..w0.len() {
+            for j in 0..w0[i].len() {
+                let want = w0[i][j] - 0.5 * g[i][j];
+                assert!((sgd[i][j] - want).abs() < 1e-5, "sgd tensor {i}[{j}]");
+                if g[i][j].abs() > 1e-4 {
+                    let want = w0[i][j] - 1e-3 * g[i][j].signum();
+                    let got = adam[i][j];
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "adam tensor {i}[{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn proximal_term_pulls_towards_global() {
+        let spec = small_spec();
+        let data = TensorData::from_dataset(&synthetic(100, 10), &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 11).unwrap();
+        let cfg = config(
+            OptimizerSpec::Sgd {
+                lr: 0.05,
+                momentum: 0.0,
+            },
+            3,
+        );
+        let dist = |w: &ModelWeights| {
+            w.sub(&global)
+                .unwrap()
+                .to_flat()
+                .iter()
+                .map(|v| f64::from(v * v))
+                .sum::<f64>()
+        };
+        let free = train_local(&spec, &global, &data, &cfg, 1).unwrap();
+        let prox = train_local_with(
+            &spec,
+            &global,
+            &data,
+            &cfg,
+            1,
+            &TrainOptions { proximal_mu: 5.0 },
+        )
+        .unwrap();
+        assert!(dist(&prox.weights) < 0.8 * dist(&free.weights));
+        let bad = TrainOptions { proximal_mu: -1.0 };
+        assert!(train_local_with(&spec, &global, &data, &cfg, 1, &bad).is_err());
+    }
+
+    #[test]
+    fn evaluate_counts_a_known_model() {
+        let spec = small_spec();
+        let ds = synthetic(150, 12);
+        let data = TensorData::from_dataset(&ds, &Device::Cpu).unwrap();
+        // All zero except fc2.bias favouring class 3 by 10.
+        let zero = init_weights(&spec, 0).unwrap();
+        let tensors = zero
+            .tensors()
+            .iter()
+            .map(|t| {
+                let mut data = vec![0.0; t.data.len()];
+                if t.name == "fc2.bias" {
+                    data[3] = 10.0;
+                }
+                NamedTensor::new(t.name.clone(), t.shape.clone(), data).unwrap()
+            })
+            .collect();
+        let weights = ModelWeights::new(tensors).unwrap();
+        let threes = ds.labels().iter().filter(|&&l| l == 3).count();
+        assert!(threes > 0);
+        for batch in [1, 7, 64, 1000] {
+            let m = evaluate(&spec, &weights, &data, batch).unwrap();
+            assert_eq!(m.count, 150);
+            assert_eq!(m.correct, threes as u64);
+            let lse = (10f64.exp() + 9.0).ln();
+            let want = 150.0 * lse - 10.0 * threes as f64;
+            assert!(
+                (m.loss_sum - want).abs() < 1e-3 * want,
+                "{} vs {want}",
+                m.loss_sum
+            );
+        }
+    }
+
+    #[test]
+    fn empty_data_and_bad_inputs() {
+        let spec = small_spec();
+        let global = init_weights(&spec, 0).unwrap();
+        let empty = Dataset::new(12, 12, 10, vec![], vec![]).unwrap();
+        let empty = TensorData::from_dataset(&empty, &Device::Cpu).unwrap();
+        assert!(empty.is_empty());
+        let cfg = config(OptimizerSpec::Adam { lr: 1e-3 }, 1);
+        let out = train_local(&spec, &global, &empty, &cfg, 0).unwrap();
+        assert_eq!((out.samples, out.steps, out.mean_loss), (0, 0, 0.0));
+        assert_eq!(out.weights, global);
+        assert_eq!(
+            evaluate(&spec, &global, &empty, 8).unwrap(),
+            EvalMetrics::default()
+        );
+
+        let data = TensorData::from_dataset(&synthetic(4, 0), &Device::Cpu).unwrap();
+        let zero_batch = TrainingConfig {
+            batch_size: 0,
+            ..cfg.clone()
+        };
+        assert!(train_local(&spec, &global, &data, &zero_batch, 0).is_err());
+        assert!(evaluate(&spec, &global, &data, 0).is_err());
+        // Image size or label range that does not fit the model.
+        let other = ModelSpec::blocknet_28x28(4);
+        let other_w = init_weights(&other, 0).unwrap();
+        let e = train_local(&other, &other_w, &data, &cfg, 0).unwrap_err();
+        assert!(e.to_string().contains("28x28"), "{e}");
+        let few_classes = ModelSpec::BlockNet {
+            image_rows: 12,
+            image_cols: 12,
+            block_size: 4,
+            channels: 4,
+            hidden: 16,
+            num_classes: 2,
+        };
+        let fw = init_weights(&few_classes, 0).unwrap();
+        let big_labels = Dataset::new(12, 12, 10, vec![0; 144], vec![5]).unwrap();
+        let big_labels = TensorData::from_dataset(&big_labels, &Device::Cpu).unwrap();
+        assert!(evaluate(&few_classes, &fw, &big_labels, 4).is_err());
+        // Weights of another layout.
+        assert!(train_local(&spec, &other_w, &data, &cfg, 0).is_err());
+        let bad_opt = config(
+            OptimizerSpec::Sgd {
+                lr: 0.1,
+                momentum: 1.5,
+            },
+            1,
+        );
+        assert!(train_local(&spec, &global, &data, &bad_opt, 0).is_err());
+    }
+
+    /// Throughput of the default blocknet: 2 epochs over 5,000 random 28x28
+    /// images at batch 64 with Adam. Run with
+    /// `cargo test --release -p greyfed-participant --lib bench_blocknet -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_blocknet_throughput() {
+        let spec = ModelSpec::blocknet_28x28(4);
+        let n: usize = 5_000;
+        let mut rng = StdRng::seed_from_u64(0);
+        let pixels: Vec<u8> = (0..n * 28 * 28).map(|_| rng.random()).collect();
+        let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..10)).collect();
+        let ds = Dataset::new(28, 28, 10, pixels, labels).unwrap();
+        let data = TensorData::from_dataset(&ds, &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 0).unwrap();
+        let cfg = TrainingConfig {
+            local_epochs: 2,
+            batch_size: 64,
+            optimizer: OptimizerSpec::Adam { lr: 1e-3 },
+        };
+        // Warm-up (thread pools, allocator).
+        let warm = TrainingConfig {
+            local_epochs: 1,
+            ..cfg.clone()
+        };
+        let small =
+            TensorData::from_dataset(&ds.subset(&(0..640).collect::<Vec<_>>()), &Device::Cpu)
+                .unwrap();
+        train_local(&spec, &global, &small, &warm, 0).unwrap();
+        // Three timed runs (the machine may be shared); report each and the best.
+        let mut rates = Vec::new();
+        let mut checksums = Vec::new();
+        for _ in 0..3 {
+            let start = std::time::Instant::now();
+            let out = train_local(&spec, &global, &data, &cfg, 1).unwrap();
+            let secs = start.elapsed().as_secs_f64();
+            rates.push((2 * n) as f64 / secs);
+            assert_eq!(out.steps, 2 * n.div_ceil(64));
+            checksums.push(
+                out.weights
+                    .to_flat()
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .sum::<f64>(),
+            );
+        }
+        let best = rates.iter().fold(0f64, |m, &r| m.max(r));
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            println!(
+                "note: RAYON_NUM_THREADS is unset, so candle re-reads the core count from /proc \
+                 on every matmul; set it (e.g. to the core count) for representative numbers"
+            );
+        }
+        println!(
+            "blocknet batch 64, rayon threads {}: {:.0} images/s best of {:.0?}; weight checksums {checksums:?}",
+            candle_core::utils::get_num_threads(),
+            best,
+            rates
+        );
+    }
+}
