@@ -33,6 +33,22 @@ async fn three_participants_two_rounds_learn_the_builtin_digits() {
         "test loss should fall: {:?}",
         report.rounds.iter().map(|r| r.loss).collect::<Vec<_>>()
     );
+    // Every round sends each participant the model twice (train, evaluate)
+    // and receives one update: frame bytes are the float payload plus a
+    // small header and metadata.
+    let model_bytes = 4 * report.final_model.num_parameters() as u64;
+    for r in &report.rounds {
+        assert!(
+            r.bytes_down >= 6 * model_bytes && r.bytes_down < 6 * model_bytes + 6 * 4096,
+            "bytes_down {} for 6 model frames of {model_bytes} bytes",
+            r.bytes_down
+        );
+        assert!(
+            r.bytes_up >= 3 * model_bytes && r.bytes_up < 3 * model_bytes + 3 * 4096,
+            "bytes_up {} for 3 updates of {model_bytes} bytes",
+            r.bytes_up
+        );
+    }
     let spec = ModelSpec::blocknet_28x28(4);
     greyfed_participant::model::check_weights(&spec, &report.final_model).unwrap();
     for p in &report.participants {

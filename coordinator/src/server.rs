@@ -11,8 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use greyfed_protocol::{
@@ -73,6 +71,8 @@ enum Inbound {
     Message {
         id: ParticipantId,
         msg: Message,
+        /// Size of the frame on the wire (header included).
+        wire_bytes: usize,
     },
     Closed {
         id: ParticipantId,
@@ -165,14 +165,8 @@ impl Coordinator {
             started,
         )?;
         let metrics = MetricsWriter::create(&config.out_dir.join("metrics.jsonl"))?;
-        let counters = Arc::new(ByteCounters::default());
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
-        let accept = tokio::spawn(accept_loop(
-            endpoint.clone(),
-            inbound_tx,
-            config.max_frame,
-            counters.clone(),
-        ));
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), inbound_tx, config.max_frame));
         info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             participants = config.participants,
@@ -186,9 +180,8 @@ impl Coordinator {
             connections: HashMap::new(),
             metrics,
             records: Vec::new(),
-            counters,
             round_start: BTreeMap::new(),
-            round_bytes: (0, 0),
+            round_bytes: BTreeMap::new(),
             max_frame: config.max_frame,
         };
         let outcome = driver.run(inbound_rx, shutdown).await;
@@ -226,32 +219,15 @@ impl Coordinator {
     }
 }
 
-/// Bytes on the wire, counted by the connection tasks.
-#[derive(Default)]
-struct ByteCounters {
-    up: AtomicU64,
-    down: AtomicU64,
-}
-
-impl ByteCounters {
-    fn snapshot(&self) -> (u64, u64) {
-        (
-            self.up.load(Ordering::Relaxed),
-            self.down.load(Ordering::Relaxed),
-        )
-    }
-}
-
 struct Driver {
     session: CoordinatorSession,
     strategy: Box<dyn Strategy>,
     connections: HashMap<ParticipantId, mpsc::UnboundedSender<Outbound>>,
     metrics: MetricsWriter,
     records: Vec<RoundRecord>,
-    counters: Arc<ByteCounters>,
     round_start: BTreeMap<u32, Instant>,
-    /// Byte counters at the start of the current round.
-    round_bytes: (u64, u64),
+    /// Frame bytes (up, down) by the round in progress when they crossed.
+    round_bytes: BTreeMap<u32, (u64, u64)>,
     max_frame: usize,
 }
 
@@ -294,7 +270,15 @@ impl Driver {
                 debug!(id, %remote, "connection opened");
                 self.connections.insert(id, tx);
             }
-            Inbound::Message { id, msg } => {
+            Inbound::Message {
+                id,
+                msg,
+                wire_bytes,
+            } => {
+                self.round_bytes
+                    .entry(self.session.current_round())
+                    .or_default()
+                    .0 += wire_bytes as u64;
                 let kind = msg.kind();
                 match self.session.handle_message(now, id, msg) {
                     Ok(()) => {}
@@ -325,17 +309,29 @@ impl Driver {
         }
     }
 
+    /// Queues an encoded frame for `to`, counting it towards the `bytes_down`
+    /// of the round in progress.
+    fn send_frame(&mut self, to: ParticipantId, frame: Vec<u8>) {
+        if let Some(tx) = self.connections.get(&to) {
+            self.round_bytes
+                .entry(self.session.current_round())
+                .or_default()
+                .1 += frame.len() as u64;
+            let _ = tx.send(Outbound::Frame(frame));
+        }
+    }
+
     /// Sends an error frame and closes the connection of `id`.
     fn close(&mut self, id: ParticipantId, code: u32, reason: &str) {
+        if let Ok(frame) = encode_frame(
+            &Message::Error {
+                message: reason.to_string(),
+            },
+            self.max_frame,
+        ) {
+            self.send_frame(id, frame);
+        }
         if let Some(tx) = self.connections.remove(&id) {
-            if let Ok(frame) = encode_frame(
-                &Message::Error {
-                    message: reason.to_string(),
-                },
-                self.max_frame,
-            ) {
-                let _ = tx.send(Outbound::Frame(frame));
-            }
             let _ = tx.send(Outbound::Finish {
                 code,
                 reason: reason.to_string(),
@@ -347,17 +343,7 @@ impl Driver {
     /// session is over.
     fn process_outputs(&mut self) -> Result<Option<Result<()>>> {
         loop {
-            while let Some((to, msg)) = self.session.poll_transmit() {
-                let Some(tx) = self.connections.get(&to) else {
-                    continue;
-                };
-                match encode_frame(&msg, self.max_frame) {
-                    Ok(frame) => {
-                        let _ = tx.send(Outbound::Frame(frame));
-                    }
-                    Err(e) => warn!(to, kind = msg.kind(), "cannot encode message: {e}"),
-                }
-            }
+            self.flush_transmits();
             let Some(ev) = self.session.poll_event() else {
                 return Ok(None);
             };
@@ -384,7 +370,6 @@ impl Driver {
                 SessionEvent::RoundStarted { round, cohort } => {
                     info!(round, cohort = cohort.len(), "round started");
                     self.round_start.insert(round, now);
-                    self.round_bytes = self.counters.snapshot();
                 }
                 SessionEvent::Aggregated(result) => {
                     let next = self
@@ -411,16 +396,22 @@ impl Driver {
         }
     }
 
-    fn finish_all(&mut self, code: u32, reason: &str) {
-        // Flush the session's last messages (Finished / Error) first.
+    /// Encodes and queues everything the session wants to send.
+    fn flush_transmits(&mut self) {
         while let Some((to, msg)) = self.session.poll_transmit() {
-            if let (Some(tx), Ok(frame)) = (
-                self.connections.get(&to),
-                encode_frame(&msg, self.max_frame),
-            ) {
-                let _ = tx.send(Outbound::Frame(frame));
+            if !self.connections.contains_key(&to) {
+                continue;
+            }
+            match encode_frame(&msg, self.max_frame) {
+                Ok(frame) => self.send_frame(to, frame),
+                Err(e) => warn!(to, kind = msg.kind(), "cannot encode message: {e}"),
             }
         }
+    }
+
+    fn finish_all(&mut self, code: u32, reason: &str) {
+        // Flush the session's last messages (Finished / Error) first.
+        self.flush_transmits();
         for (_, tx) in self.connections.drain() {
             let _ = tx.send(Outbound::Finish {
                 code,
@@ -430,7 +421,7 @@ impl Driver {
     }
 
     fn record_round(&mut self, now: Instant, s: &RoundSummary) -> Result<()> {
-        let (up, down) = self.counters.snapshot();
+        let (up, down) = self.round_bytes.remove(&s.round).unwrap_or_default();
         let start = self.round_start.remove(&s.round).unwrap_or(now);
         let record = RoundRecord {
             round: s.round,
@@ -442,8 +433,8 @@ impl Driver {
             dropped: s.dropped.len(),
             test_samples: s.eval.count,
             aggregation: self.session.aggregation_kind().to_string(),
-            bytes_up: up - self.round_bytes.0,
-            bytes_down: down - self.round_bytes.1,
+            bytes_up: up,
+            bytes_down: down,
             secs: now.duration_since(start).as_secs_f64(),
         };
         info!(
@@ -464,19 +455,12 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     inbound: mpsc::UnboundedSender<Inbound>,
     max_frame: usize,
-    counters: Arc<ByteCounters>,
 ) {
     let mut next_id: ParticipantId = 0;
     while let Some(incoming) = endpoint.accept().await {
         let id = next_id;
         next_id = next_id.wrapping_add(1);
-        tokio::spawn(connection_task(
-            incoming,
-            id,
-            inbound.clone(),
-            max_frame,
-            counters.clone(),
-        ));
+        tokio::spawn(connection_task(incoming, id, inbound.clone(), max_frame));
     }
 }
 
@@ -485,7 +469,6 @@ async fn connection_task(
     id: ParticipantId,
     inbound: mpsc::UnboundedSender<Inbound>,
     max_frame: usize,
-    counters: Arc<ByteCounters>,
 ) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
@@ -521,7 +504,6 @@ async fn connection_task(
         return;
     }
     let writer_conn = conn.clone();
-    let writer_counters = counters.clone();
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
             match out {
@@ -529,9 +511,6 @@ async fn connection_task(
                     if send.write_all(&bytes).await.is_err() {
                         break;
                     }
-                    writer_counters
-                        .down
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 }
                 Outbound::Finish { code, reason } => {
                     let _ = send.finish();
@@ -542,7 +521,7 @@ async fn connection_task(
             }
         }
     });
-    let reason = match read_frames(&mut recv, id, &inbound, max_frame, &counters).await {
+    let reason = match read_frames(&mut recv, id, &inbound, max_frame).await {
         ReadEnd::Closed(reason) => reason,
         ReadEnd::ProtocolError(e) => {
             // Tell the peer why before closing; nothing it sent is used.
@@ -582,20 +561,27 @@ async fn read_frames(
     id: ParticipantId,
     inbound: &mpsc::UnboundedSender<Inbound>,
     max_frame: usize,
-    counters: &ByteCounters,
 ) -> ReadEnd {
     let mut decoder = FrameDecoder::new(HELLO_MAX_FRAME.min(max_frame));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match recv.read(&mut buf).await {
             Ok(Some(n)) => {
-                counters.up.fetch_add(n as u64, Ordering::Relaxed);
                 decoder.push(&buf[..n]);
                 loop {
+                    let before = decoder.buffered();
                     match decoder.next_message() {
                         Ok(Some(msg)) => {
                             decoder.set_max_frame(max_frame);
-                            if inbound.send(Inbound::Message { id, msg }).is_err() {
+                            let wire_bytes = before - decoder.buffered();
+                            if inbound
+                                .send(Inbound::Message {
+                                    id,
+                                    msg,
+                                    wire_bytes,
+                                })
+                                .is_err()
+                            {
                                 return ReadEnd::Closed("coordinator stopped".into());
                             }
                         }
