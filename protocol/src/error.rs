@@ -79,6 +79,26 @@ pub enum ProtocolError {
     /// The peer rejected us or reported an error.
     #[error("peer reported an error: {0}")]
     PeerError(String),
+    /// Secure-aggregation parameters would overflow the ring.
+    #[error("bit budget exceeded: {0}")]
+    BitBudget(String),
+    /// A secret cannot be reconstructed: fewer than `need` shares arrived.
+    #[error(
+        "secure aggregation: only {have} shares of participant {owner}'s {what}, {need} needed"
+    )]
+    NotEnoughShares {
+        /// Whose secret.
+        owner: u32,
+        /// Which secret (`"self-mask seed"` or `"mask key"`).
+        what: &'static str,
+        /// Shares available.
+        have: usize,
+        /// Threshold.
+        need: usize,
+    },
+    /// A cryptographic check failed (bad ciphertext, low-order key, inconsistent shares).
+    #[error("secure aggregation crypto: {0}")]
+    Crypto(String),
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -11,6 +11,7 @@
 //! - [`aggregate`]: the pluggable [`Aggregator`](aggregate::Aggregator) and plain summing.
 //! - [`session`]: the coordinator's session state machine.
 //! - [`participant`]: the participant's session state machine.
+//! - [`secagg`]: secure aggregation (SecAgg/SecAgg+), sans-IO.
 //! - [`transport`]: ALPN and timing constants both QUIC endpoints share.
 
 pub mod aggregate;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod participant;
+pub mod secagg;
 pub mod session;
 pub mod transport;
 pub mod weights;
