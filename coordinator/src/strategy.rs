@@ -1,5 +1,14 @@
-//! Server-side strategies: how the aggregated mean update becomes the next
-//! global model.
+//! Server-side strategies: how the aggregated, sample-weighted mean update
+//! `Δ = sum(w_i (x_i - x)) / sum(w_i)` becomes the next global model `x`.
+//!
+//! | strategy | update | parameters |
+//! |---|---|---|
+//! | FedAvg (McMahan et al., 2017) | `x += η Δ` | server learning rate `η` (1 = plain FedAvg) |
+//! | FedAvgM (Hsu et al., 2019) | `v = β v + Δ; x += η v` | `η`, server momentum `β` |
+//! | FedAdam (Reddi et al., 2021) | `m = β1 m + (1-β1) Δ; v = β2 v + (1-β2) Δ²; x += η m / (√v + τ)` | `η`, `β1`, `β2`, adaptivity `τ` |
+//!
+//! Strategies only see the mean update, so they work unchanged with secure
+//! aggregation. Their state (momentum buffers) lives on the coordinator.
 
 use greyfed_protocol::{ModelWeights, ProtocolError};
 
@@ -7,11 +16,29 @@ use greyfed_protocol::{ModelWeights, ProtocolError};
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum StrategyConfig {
-    /// Federated averaging (McMahan et al. 2017): `global += server_lr * mean_update`,
-    /// where the mean is weighted by sample counts. `server_lr = 1` is plain FedAvg.
+    /// Federated averaging: `x += server_lr * Δ`.
     FedAvg {
-        /// Server learning rate.
+        /// Server learning rate `η`.
         server_lr: f32,
+    },
+    /// FedAvg with server momentum: `v = momentum * v + Δ; x += server_lr * v`.
+    FedAvgM {
+        /// Server learning rate `η`.
+        server_lr: f32,
+        /// Server momentum `β` in [0, 1).
+        momentum: f32,
+    },
+    /// Adaptive server optimiser (FedAdam): Adam on the pseudo-gradient `-Δ`,
+    /// without bias correction, as in Reddi et al.
+    FedAdam {
+        /// Server learning rate `η` (typically 1e-2 .. 1e-1).
+        server_lr: f32,
+        /// First-moment decay `β1`.
+        beta1: f32,
+        /// Second-moment decay `β2`.
+        beta2: f32,
+        /// Adaptivity `τ` (larger = closer to FedAvgM).
+        tau: f32,
     },
 }
 
@@ -21,7 +48,78 @@ impl Default for StrategyConfig {
     }
 }
 
-/// A strategy instance (may keep state across rounds, e.g. server momentum).
+impl StrategyConfig {
+    /// FedAdam with the defaults of Reddi et al. (η = 0.01, β1 = 0.9, β2 = 0.99, τ = 1e-3).
+    pub fn fedadam() -> Self {
+        StrategyConfig::FedAdam {
+            server_lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
+    }
+
+    /// Checks the parameters' ranges.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |what: &str| Err(ProtocolError::InvalidConfig(format!("strategy: {what}")));
+        match *self {
+            StrategyConfig::FedAvg { server_lr } if !(server_lr.is_finite() && server_lr > 0.0) => {
+                bad("server learning rate must be positive")
+            }
+            StrategyConfig::FedAvgM {
+                server_lr,
+                momentum,
+            } if !(server_lr.is_finite() && server_lr > 0.0 && (0.0..1.0).contains(&momentum)) => {
+                bad("FedAvgM needs server_lr > 0 and momentum in [0, 1)")
+            }
+            StrategyConfig::FedAdam {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            } if !(server_lr.is_finite()
+                && server_lr > 0.0
+                && (0.0..1.0).contains(&beta1)
+                && (0.0..1.0).contains(&beta2)
+                && tau.is_finite()
+                && tau > 0.0) =>
+            {
+                bad("FedAdam needs server_lr > 0, beta1 and beta2 in [0, 1), tau > 0")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Builds the strategy (with empty state).
+    pub fn build(self) -> Box<dyn Strategy> {
+        match self {
+            StrategyConfig::FedAvg { server_lr } => Box::new(FedAvg { server_lr }),
+            StrategyConfig::FedAvgM {
+                server_lr,
+                momentum,
+            } => Box::new(FedAvgM {
+                server_lr,
+                momentum,
+                velocity: Vec::new(),
+            }),
+            StrategyConfig::FedAdam {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            } => Box::new(FedAdam {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+                m: Vec::new(),
+                v: Vec::new(),
+            }),
+        }
+    }
+}
+
+/// A strategy instance; may keep state across rounds.
 pub trait Strategy: Send {
     /// The next global model from the current one and the weighted mean update.
     fn apply(
@@ -29,6 +127,26 @@ pub trait Strategy: Send {
         global: &ModelWeights,
         mean_update: &[f32],
     ) -> Result<ModelWeights, ProtocolError>;
+}
+
+/// Applies a per-element step `x_k += step_k` computed by `f(k, Δ_k)`.
+fn step_each(
+    global: &ModelWeights,
+    mean_update: &[f32],
+    mut f: impl FnMut(usize, f32) -> f32,
+) -> Result<ModelWeights, ProtocolError> {
+    let mut flat = global.to_flat();
+    if flat.len() != mean_update.len() {
+        return Err(ProtocolError::InvalidWeights(format!(
+            "mean update has {} values, the model {}",
+            mean_update.len(),
+            flat.len()
+        )));
+    }
+    for (k, (x, &d)) in flat.iter_mut().zip(mean_update).enumerate() {
+        *x += f(k, d);
+    }
+    global.with_flat_values(&flat)
 }
 
 /// FedAvg; see [`StrategyConfig::FedAvg`].
@@ -43,19 +161,63 @@ impl Strategy for FedAvg {
         global: &ModelWeights,
         mean_update: &[f32],
     ) -> Result<ModelWeights, ProtocolError> {
-        let delta = global.with_flat_values(mean_update)?;
-        let mut next = global.clone();
-        next.add_scaled(&delta, self.server_lr)?;
-        Ok(next)
+        step_each(global, mean_update, |_, d| self.server_lr * d)
     }
 }
 
-impl StrategyConfig {
-    /// Builds the strategy.
-    pub fn build(self) -> Box<dyn Strategy> {
-        match self {
-            StrategyConfig::FedAvg { server_lr } => Box::new(FedAvg { server_lr }),
+/// FedAvgM; see [`StrategyConfig::FedAvgM`].
+#[derive(Clone, Debug)]
+pub struct FedAvgM {
+    server_lr: f32,
+    momentum: f32,
+    velocity: Vec<f32>,
+}
+
+impl Strategy for FedAvgM {
+    fn apply(
+        &mut self,
+        global: &ModelWeights,
+        mean_update: &[f32],
+    ) -> Result<ModelWeights, ProtocolError> {
+        if self.velocity.len() != mean_update.len() {
+            self.velocity = vec![0.0; mean_update.len()];
         }
+        let (lr, beta, v) = (self.server_lr, self.momentum, &mut self.velocity);
+        step_each(global, mean_update, |k, d| {
+            v[k] = beta * v[k] + d;
+            lr * v[k]
+        })
+    }
+}
+
+/// FedAdam; see [`StrategyConfig::FedAdam`].
+#[derive(Clone, Debug)]
+pub struct FedAdam {
+    server_lr: f32,
+    beta1: f32,
+    beta2: f32,
+    tau: f32,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Strategy for FedAdam {
+    fn apply(
+        &mut self,
+        global: &ModelWeights,
+        mean_update: &[f32],
+    ) -> Result<ModelWeights, ProtocolError> {
+        if self.m.len() != mean_update.len() {
+            self.m = vec![0.0; mean_update.len()];
+            self.v = vec![0.0; mean_update.len()];
+        }
+        let (lr, b1, b2, tau) = (self.server_lr, self.beta1, self.beta2, self.tau);
+        let (m, v) = (&mut self.m, &mut self.v);
+        step_each(global, mean_update, |k, d| {
+            m[k] = b1 * m[k] + (1.0 - b1) * d;
+            v[k] = b2 * v[k] + (1.0 - b2) * d * d;
+            lr * m[k] / (v[k].sqrt() + tau)
+        })
     }
 }
 
@@ -64,17 +226,84 @@ mod tests {
     use super::*;
     use greyfed_protocol::NamedTensor;
 
+    fn model(values: &[f32]) -> ModelWeights {
+        ModelWeights::new(vec![
+            NamedTensor::new("w", vec![values.len()], values.to_vec()).unwrap(),
+        ])
+        .unwrap()
+    }
+
     #[test]
     fn fedavg_adds_the_scaled_mean_update() {
-        let g = ModelWeights::new(vec![
-            NamedTensor::new("w", vec![2], vec![1.0, 2.0]).unwrap(),
-        ])
-        .unwrap();
+        let g = model(&[1.0, 2.0]);
         let next = StrategyConfig::FedAvg { server_lr: 0.5 }
             .build()
             .apply(&g, &[2.0, -4.0])
             .unwrap();
         assert_eq!(next.to_flat(), vec![2.0, 0.0]);
         assert!(StrategyConfig::default().build().apply(&g, &[1.0]).is_err());
+    }
+
+    #[test]
+    fn fedavgm_accumulates_momentum_across_rounds() {
+        let mut s = StrategyConfig::FedAvgM {
+            server_lr: 1.0,
+            momentum: 0.5,
+        }
+        .build();
+        let g1 = s.apply(&model(&[0.0]), &[1.0]).unwrap();
+        assert_eq!(g1.to_flat(), vec![1.0]); // v = 1
+        let g2 = s.apply(&g1, &[1.0]).unwrap();
+        assert_eq!(g2.to_flat(), vec![2.5]); // v = 0.5 + 1
+        let g3 = s.apply(&g2, &[0.0]).unwrap();
+        assert_eq!(g3.to_flat(), vec![3.25]); // v = 0.75
+    }
+
+    #[test]
+    fn fedadam_takes_normalised_steps() {
+        let mut s = StrategyConfig::FedAdam {
+            server_lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
+        .build();
+        // A tiny and a huge update of the same sign get steps of similar size:
+        // m/√v = 0.1 d / (0.1 |d| + τ) ≈ sign(d) * 0.1 / √0.01 for |d| >> τ.
+        let g = s
+            .apply(&model(&[0.0, 0.0]), &[0.5, 500.0])
+            .unwrap()
+            .to_flat();
+        let expect = 0.1 * 0.1 / (0.01f32.sqrt() + 1e-3 / 0.5); // step for d = 0.5
+        assert!((g[0] - expect).abs() < 1e-5, "{g:?} vs {expect}");
+        assert!((g[1] - 0.1).abs() < 1e-3, "{g:?}");
+    }
+
+    #[test]
+    fn invalid_parameters_are_refused() {
+        assert!(
+            StrategyConfig::FedAvg { server_lr: 0.0 }
+                .validate()
+                .is_err()
+        );
+        assert!(
+            StrategyConfig::FedAvgM {
+                server_lr: 1.0,
+                momentum: 1.0
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            StrategyConfig::FedAdam {
+                server_lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 0.0
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(StrategyConfig::fedadam().validate().is_ok());
     }
 }
