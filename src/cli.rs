@@ -50,6 +50,17 @@ pub enum OptimizerKind {
     Sgd,
 }
 
+/// Server strategy choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StrategyKind {
+    /// FedAvg: `x += server_lr * mean_update`.
+    Fedavg,
+    /// FedAvg with server momentum (`--server-momentum`).
+    Fedavgm,
+    /// FedAdam (Reddi et al.): adaptive server steps.
+    Fedadam,
+}
+
 /// Training settings the coordinator sends to participants.
 #[derive(Clone, Debug, Args)]
 pub struct TrainingArgs {
@@ -74,6 +85,15 @@ pub struct TrainingArgs {
     /// Block size of the blocknet model; in `simulate` also the cipher's.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
+    /// Server strategy.
+    #[arg(long, value_enum, default_value_t = StrategyKind::Fedavg)]
+    pub strategy: StrategyKind,
+    /// Server learning rate (default: 1 for FedAvg/FedAvgM, 0.01 for FedAdam).
+    #[arg(long)]
+    pub server_lr: Option<f32>,
+    /// Server momentum for FedAvgM.
+    #[arg(long, default_value_t = 0.9)]
+    pub server_momentum: f32,
     /// Seconds participants have to contribute (and to evaluate) per round.
     #[arg(long, default_value_t = 600)]
     pub round_timeout: u64,

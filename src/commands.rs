@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use greyfed_coordinator::{Coordinator, CoordinatorConfig, RunReport};
+use greyfed_coordinator::{Coordinator, CoordinatorConfig, RunReport, strategy::StrategyConfig};
 use greyfed_participant::{
     LocalData, ParticipantConfig, ParticipantReport,
     cipher::{BlockScrambler, CipherConfig, ImageKey},
@@ -22,7 +22,9 @@ use greyfed_participant::{
 use greyfed_protocol::{ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig};
 use tracing::info;
 
-use crate::cli::{CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, TrainingArgs};
+use crate::cli::{
+    CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, StrategyKind, TrainingArgs,
+};
 
 /// The training configuration the arguments describe.
 pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
@@ -44,6 +46,32 @@ pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The server strategy the arguments describe.
+pub fn strategy_config(args: &TrainingArgs) -> Result<StrategyConfig> {
+    let config = match args.strategy {
+        StrategyKind::Fedavg => StrategyConfig::FedAvg {
+            server_lr: args.server_lr.unwrap_or(1.0),
+        },
+        StrategyKind::Fedavgm => StrategyConfig::FedAvgM {
+            server_lr: args.server_lr.unwrap_or(1.0),
+            momentum: args.server_momentum,
+        },
+        StrategyKind::Fedadam => match StrategyConfig::fedadam() {
+            StrategyConfig::FedAdam {
+                beta1, beta2, tau, ..
+            } => StrategyConfig::FedAdam {
+                server_lr: args.server_lr.unwrap_or(0.01),
+                beta1,
+                beta2,
+                tau,
+            },
+            other => other,
+        },
+    };
+    config.validate()?;
+    Ok(config)
 }
 
 /// Runs `greyfed coordinator` until the session ends or Ctrl-C.
@@ -71,6 +99,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     config.min_participants = args.min_participants.unwrap_or(args.participants);
     config.rounds = args.training.rounds;
     config.training = training_config(&args.training);
+    config.strategy = strategy_config(&args.training)?;
     config.round_timeout = Duration::from_secs(args.training.round_timeout);
     config.join_timeout = args.join_timeout.map(Duration::from_secs);
     config.seed = args.seed;

@@ -14,7 +14,7 @@ use greyfed_coordinator::metrics::{RoundRecord, read_metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::process::{Child, Command};
 
-use crate::cli::{OptimizerKind, SimulateArgs};
+use crate::cli::{OptimizerKind, SimulateArgs, StrategyKind};
 use crate::keygen::{self, files};
 
 /// What a finished simulation produced.
@@ -74,6 +74,16 @@ fn push_training_args(cmd: &mut Command, args: &SimulateArgs) {
     cmd.arg("--momentum").arg(t.momentum.to_string());
     cmd.arg("--block-size").arg(t.block_size.to_string());
     cmd.arg("--round-timeout").arg(t.round_timeout.to_string());
+    cmd.arg("--strategy").arg(match t.strategy {
+        StrategyKind::Fedavg => "fedavg",
+        StrategyKind::Fedavgm => "fedavgm",
+        StrategyKind::Fedadam => "fedadam",
+    });
+    if let Some(lr) = t.server_lr {
+        cmd.arg("--server-lr").arg(lr.to_string());
+    }
+    cmd.arg("--server-momentum")
+        .arg(t.server_momentum.to_string());
 }
 
 fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
@@ -85,6 +95,8 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     if args.participants == 0 {
         bail!("--participants must be at least 1");
     }
+    // Refuse bad settings here, with their message, not in a child's log.
+    crate::commands::strategy_config(&args.training)?;
     let started = Instant::now();
     let out = args.out.clone();
     let keys = out.join("keys");
