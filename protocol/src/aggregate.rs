@@ -6,6 +6,7 @@
 //! messages ([`Aggregator::poll_transmit`]) for multi-stage protocols.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use crate::{
     error::ProtocolError,
@@ -29,10 +30,14 @@ pub struct AggregateResult {
 /// The coordinator side of one aggregation scheme, driven by the session.
 ///
 /// Call order per round: [`begin_round`](Aggregator::begin_round), then any
-/// mix of [`handle_payload`](Aggregator::handle_payload) and
-/// [`handle_dropout`](Aggregator::handle_dropout), draining
-/// [`poll_transmit`](Aggregator::poll_transmit) after each, until
-/// [`poll_result`](Aggregator::poll_result) returns `Some`.
+/// mix of [`handle_payload`](Aggregator::handle_payload),
+/// [`handle_dropout`](Aggregator::handle_dropout) and
+/// [`handle_timeout`](Aggregator::handle_timeout), after each draining
+/// [`poll_transmit`](Aggregator::poll_transmit) until `None`, then
+/// [`poll_result`](Aggregator::poll_result), then re-arming the timer from
+/// [`poll_timeout`](Aggregator::poll_timeout), until `poll_result` returns
+/// `Some`. Time is always passed in: multi-stage schemes start a stage's
+/// deadline when the previous stage closes.
 pub trait Aggregator: Send {
     /// Short name recorded in metrics, e.g. `"plain"`.
     fn kind(&self) -> &'static str;
@@ -40,6 +45,7 @@ pub trait Aggregator: Send {
     /// Starts a round over `cohort` for updates of `num_params` values.
     fn begin_round(
         &mut self,
+        now: Instant,
         round: u32,
         cohort: &[ParticipantId],
         num_params: usize,
@@ -49,16 +55,30 @@ pub trait Aggregator: Send {
     /// round (the session decides whether to drop the sender).
     fn handle_payload(
         &mut self,
+        now: Instant,
         from: ParticipantId,
         payload: AggregationPayload,
     ) -> Result<(), ProtocolError>;
 
     /// `who` will not contribute any more this round (disconnected or late).
-    fn handle_dropout(&mut self, who: ParticipantId);
+    fn handle_dropout(&mut self, now: Instant, who: ParticipantId);
 
     /// Messages the aggregator wants sent (multi-stage schemes only).
     fn poll_transmit(&mut self) -> Option<(ParticipantId, Message)> {
         None
+    }
+
+    /// The aggregator's own next deadline (multi-stage schemes only); the
+    /// session calls [`handle_timeout`](Aggregator::handle_timeout) once it
+    /// has passed.
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Advances on the clock: whoever a stage whose deadline has passed still
+    /// waits for is treated as dropped for that stage.
+    fn handle_timeout(&mut self, now: Instant) {
+        let _ = now;
     }
 
     /// The round's result once every cohort member has contributed or dropped
@@ -93,6 +113,7 @@ impl Aggregator for PlainAggregator {
 
     fn begin_round(
         &mut self,
+        _now: Instant,
         round: u32,
         cohort: &[ParticipantId],
         num_params: usize,
@@ -110,6 +131,7 @@ impl Aggregator for PlainAggregator {
 
     fn handle_payload(
         &mut self,
+        _now: Instant,
         from: ParticipantId,
         payload: AggregationPayload,
     ) -> Result<(), ProtocolError> {
@@ -119,7 +141,6 @@ impl Aggregator for PlainAggregator {
         if !self.waiting.contains(&from) {
             return Err(ProtocolError::UnknownParticipant(from));
         }
-        #[allow(unreachable_patterns)]
         let (update, weight) = match payload {
             AggregationPayload::Plain { update, weight } => (update, weight),
             other => {
@@ -155,7 +176,7 @@ impl Aggregator for PlainAggregator {
         Ok(())
     }
 
-    fn handle_dropout(&mut self, who: ParticipantId) {
+    fn handle_dropout(&mut self, _now: Instant, who: ParticipantId) {
         self.waiting.remove(&who);
     }
 
@@ -183,6 +204,10 @@ impl Aggregator for PlainAggregator {
 mod tests {
     use super::*;
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     fn plain(update: Vec<f32>, weight: f64) -> AggregationPayload {
         AggregationPayload::Plain { update, weight }
     }
@@ -190,11 +215,13 @@ mod tests {
     #[test]
     fn weighted_mean_of_contributors() {
         let mut agg = PlainAggregator::new();
-        agg.begin_round(1, &[0, 1, 2], 2).unwrap();
-        agg.handle_payload(0, plain(vec![1.0, 0.0], 1.0)).unwrap();
+        agg.begin_round(now(), 1, &[0, 1, 2], 2).unwrap();
+        agg.handle_payload(now(), 0, plain(vec![1.0, 0.0], 1.0))
+            .unwrap();
         assert!(agg.poll_result().is_none());
-        agg.handle_payload(2, plain(vec![4.0, 3.0], 3.0)).unwrap();
-        agg.handle_dropout(1);
+        agg.handle_payload(now(), 2, plain(vec![4.0, 3.0], 3.0))
+            .unwrap();
+        agg.handle_dropout(now(), 1);
         let r = agg.poll_result().unwrap().unwrap();
         assert_eq!(r.mean_update, vec![13.0 / 4.0, 9.0 / 4.0]);
         assert_eq!(r.total_weight, 4.0);
@@ -205,27 +232,32 @@ mod tests {
     #[test]
     fn bad_payloads_rejected_without_disturbing_the_round() {
         let mut agg = PlainAggregator::new();
-        agg.begin_round(1, &[0, 1], 2).unwrap();
-        assert!(agg.handle_payload(0, plain(vec![1.0], 1.0)).is_err());
+        agg.begin_round(now(), 1, &[0, 1], 2).unwrap();
+        assert!(agg.handle_payload(now(), 0, plain(vec![1.0], 1.0)).is_err());
         assert!(
-            agg.handle_payload(0, plain(vec![1.0, f32::NAN], 1.0))
+            agg.handle_payload(now(), 0, plain(vec![1.0, f32::NAN], 1.0))
                 .is_err()
         );
-        assert!(agg.handle_payload(0, plain(vec![1.0, 1.0], -1.0)).is_err());
         assert!(
-            agg.handle_payload(0, plain(vec![1.0, 1.0], f64::NAN))
+            agg.handle_payload(now(), 0, plain(vec![1.0, 1.0], -1.0))
+                .is_err()
+        );
+        assert!(
+            agg.handle_payload(now(), 0, plain(vec![1.0, 1.0], f64::NAN))
                 .is_err()
         );
         assert_eq!(
-            agg.handle_payload(7, plain(vec![1.0, 1.0], 1.0)),
+            agg.handle_payload(now(), 7, plain(vec![1.0, 1.0], 1.0)),
             Err(ProtocolError::UnknownParticipant(7))
         );
-        agg.handle_payload(0, plain(vec![2.0, 2.0], 1.0)).unwrap();
+        agg.handle_payload(now(), 0, plain(vec![2.0, 2.0], 1.0))
+            .unwrap();
         assert_eq!(
-            agg.handle_payload(0, plain(vec![2.0, 2.0], 1.0)),
+            agg.handle_payload(now(), 0, plain(vec![2.0, 2.0], 1.0)),
             Err(ProtocolError::DuplicateContribution(0))
         );
-        agg.handle_payload(1, plain(vec![0.0, 0.0], 1.0)).unwrap();
+        agg.handle_payload(now(), 1, plain(vec![0.0, 0.0], 1.0))
+            .unwrap();
         let r = agg.poll_result().unwrap().unwrap();
         assert_eq!(r.mean_update, vec![1.0, 1.0]);
     }
@@ -233,9 +265,9 @@ mod tests {
     #[test]
     fn everyone_dropped_is_an_error() {
         let mut agg = PlainAggregator::new();
-        agg.begin_round(1, &[0, 1], 2).unwrap();
-        agg.handle_dropout(0);
-        agg.handle_dropout(1);
+        agg.begin_round(now(), 1, &[0, 1], 2).unwrap();
+        agg.handle_dropout(now(), 0);
+        agg.handle_dropout(now(), 1);
         assert!(agg.poll_result().unwrap().is_err());
     }
 }

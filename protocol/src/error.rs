@@ -96,6 +96,19 @@ pub enum ProtocolError {
         /// Threshold.
         need: usize,
     },
+    /// A secure-aggregation stage left too few participants to go on (after
+    /// excluding those with fewer than `t` live neighbours).
+    #[error(
+        "secure aggregation: only {have} participants left after stage {stage}, at least {need} needed"
+    )]
+    TooFewSurvivors {
+        /// The stage that ended (`"advertise keys"`, `"share keys"`, `"masked input"`).
+        stage: &'static str,
+        /// Participants left.
+        have: usize,
+        /// Fewest allowed.
+        need: usize,
+    },
     /// A cryptographic check failed (bad ciphertext, low-order key, inconsistent shares).
     #[error("secure aggregation crypto: {0}")]
     Crypto(String),

@@ -11,6 +11,8 @@
 //!   (per round)
 //!                      ◀───────   TrainRequest
 //!     Contribution     ───────▶
+//!   (secure aggregation: several Contribution/SecAgg exchanges per round,
+//!    see crate::secagg::message)
 //!                      ◀───────   EvaluateRequest
 //!     Evaluation       ───────▶
 //!   (end)
@@ -19,7 +21,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::weights::ModelWeights;
+use crate::{
+    secagg::message::{SecAggDownload, SecAggUpload},
+    weights::ModelWeights,
+};
 
 /// Index of a participant within one coordinator session, assigned in
 /// [`Message::Welcome`].
@@ -173,6 +178,13 @@ pub enum AggregationPayload {
         /// Aggregation weight (the number of local training samples).
         weight: f64,
     },
+    /// One stage upload of secure aggregation (see [`crate::secagg`]).
+    SecAgg {
+        /// Round the upload belongs to.
+        round: u32,
+        /// The stage message.
+        msg: SecAggUpload,
+    },
 }
 
 impl AggregationPayload {
@@ -180,6 +192,7 @@ impl AggregationPayload {
     pub fn kind(&self) -> &'static str {
         match self {
             AggregationPayload::Plain { .. } => "plain",
+            AggregationPayload::SecAgg { msg, .. } => msg.kind(),
         }
     }
 }
@@ -270,6 +283,15 @@ pub enum Message {
         /// Rounds completed.
         rounds_completed: u32,
     },
+    /// Coordinator → participant: a secure-aggregation stage message
+    /// (see [`crate::secagg`]); the participant answers with `Contribution`s
+    /// carrying [`AggregationPayload::SecAgg`].
+    SecAgg {
+        /// Round the message belongs to.
+        round: u32,
+        /// The stage message.
+        msg: SecAggDownload,
+    },
     /// Either side: a fatal error; the sender closes the connection next.
     Error {
         /// Human-readable description (never contains secrets).
@@ -289,6 +311,7 @@ impl Message {
             Message::EvaluateRequest { .. } => "EvaluateRequest",
             Message::Evaluation { .. } => "Evaluation",
             Message::Finished { .. } => "Finished",
+            Message::SecAgg { msg, .. } => msg.kind(),
             Message::Error { .. } => "Error",
         }
     }

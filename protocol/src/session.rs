@@ -276,7 +276,7 @@ impl CoordinatorSession {
                 let current = self.expect_round(from, "Contribution", round, |p| {
                     matches!(p, Phase::Training { .. })
                 })?;
-                self.aggregator.handle_payload(from, payload)?;
+                self.aggregator.handle_payload(now, from, payload)?;
                 self.pending.remove(&from);
                 let w = self.peers[&from].train_samples as f64;
                 if train_loss.is_finite() {
@@ -442,7 +442,7 @@ impl CoordinatorSession {
         let was_pending = self.pending.remove(&id);
         match self.phase {
             Phase::Training { round } if was_pending => {
-                self.aggregator.handle_dropout(id);
+                self.aggregator.handle_dropout(now, id);
                 self.round.dropped.push(id);
                 self.drain_aggregator(now, round);
             }
@@ -473,7 +473,7 @@ impl CoordinatorSession {
             }
             Phase::Training { round } => {
                 for id in std::mem::take(&mut self.pending) {
-                    self.aggregator.handle_dropout(id);
+                    self.aggregator.handle_dropout(now, id);
                     self.round.dropped.push(id);
                 }
                 self.drain_aggregator(now, round);
@@ -553,9 +553,9 @@ impl CoordinatorSession {
             ));
             return;
         }
-        if let Err(e) = self
-            .aggregator
-            .begin_round(round, &cohort, self.global.num_parameters())
+        if let Err(e) =
+            self.aggregator
+                .begin_round(now, round, &cohort, self.global.num_parameters())
         {
             self.abort(format!("aggregator refused round {round}: {e}"));
             return;

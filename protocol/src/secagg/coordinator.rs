@@ -1,1 +1,441 @@
-//! (in progress)
+//! The coordinator's side of secure aggregation, sans-IO, as an
+//! [`Aggregator`]: it replaces [`PlainAggregator`](crate::aggregate::PlainAggregator)
+//! without any change to the session or the transport.
+//!
+//! One round, with the sets it builds (`N(u)`: `u`'s graph neighbours):
+//!
+//! 1. **advertise keys**: `Setup` to the cohort; `U1` = who sent
+//!    `AdvertiseKeys` by the deadline. Then, repeatedly until none is left,
+//!    drop from `U1` every `u` with fewer than `t` neighbours in `U1` (its
+//!    secrets could never be reconstructed). `N1(u) = N(u) ∩ U1`; each
+//!    `u ∈ U1` gets `NeighbourKeys` with the keys of `N1(u)`.
+//! 2. **share keys**: `U2` ⊆ `U1` = who sent valid `EncryptedShares` (exactly
+//!    one per `N1` neighbour), pruned the same way; the shares of a pruned
+//!    participant are never delivered. `N2(u) = N1(u) ∩ U2` = the neighbours
+//!    `u` receives shares from and masks with; each live `u ∈ U2` gets
+//!    `SharesForYou`.
+//! 3. **masked input**: `U3` ⊆ `U2` = who sent `MaskedInput`; the inputs are
+//!    summed in `u32` with wrapping. Fails early with
+//!    [`ProtocolError::NotEnoughShares`] when some secret can no longer reach
+//!    `t` shares (a survivor `u` has `|U3 ∩ N2(u)| + o < t` holders, a dropped
+//!    `v ∈ U2 \ U3` has `|U3 ∩ N2(v)| < t`; `o` is 1 when a survivor's own
+//!    share counts, see [`RoundSetup::own_share_counts`], else 0). Each live `u ∈ U3` gets
+//!    `UnmaskRequest { survivors: U3 ∩ N2(u), dropped: (U2 \ U3) ∩ N2(u) }`.
+//! 4. **unmasking**: `U4` ⊆ `U3` = who sent `UnmaskShares`. As soon as every
+//!    survivor's self-mask seed `b_u` and every dropped participant's mask key
+//!    `s_sk_v` has `t` shares (or at the deadline), the coordinator
+//!    reconstructs them, removes `PRG(b_u)` for `u ∈ U3` and the pairwise
+//!    masks between each dropped `v` and its surviving neighbours, and decodes
+//!    the weighted mean of `U3`'s inputs.
+//!
+//! Participants pruned in stages 1–2 get [`SecAggDownload::Abort`]; so does
+//! every live participant when the round fails. A round fails with
+//! [`ProtocolError::TooFewSurvivors`] when a stage leaves fewer than
+//! `max(min_contributors, t + 1)` (stages 1, 2) or `min_contributors`
+//! (stage 3) participants, and with `NotEnoughShares` as above.
+//!
+//! Deadlines: every stage ends when everyone it waits for has answered or
+//! dropped, or at its deadline ([`poll_timeout`](Aggregator::poll_timeout),
+//! then [`handle_timeout`](Aggregator::handle_timeout)); whoever is still
+//! missing then is dropped for the rest of the round. A stage's deadline is
+//! `stage_timeout` after the previous stage closed.
+//!
+//! Output polling order after every input: [`poll_transmit`](Aggregator::poll_transmit)
+//! until `None`, then [`poll_result`](Aggregator::poll_result), then
+//! [`poll_timeout`](Aggregator::poll_timeout).
+//!
+//! A rejected message (another round, out of stage, duplicated, from an
+//! unknown or dropped participant, malformed) returns an error and leaves
+//! the round exactly as it was. The one late message that is not an error:
+//! when the round finished early, `UnmaskShares` from survivors that were
+//! asked but no longer needed are accepted and ignored.
+//!
+//! The stage state and transitions live in `stages`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::{SeedableRng, rngs::StdRng};
+
+use crate::{
+    aggregate::{AggregateResult, Aggregator},
+    error::ProtocolError,
+    message::{AggregationPayload, Message, ParticipantId},
+    secagg::{
+        encode::EncodingParams,
+        graph::{NeighbourGraph, graph_params},
+        keys::RoundContext,
+        message::{RoundSetup, SecAggDownload},
+        prg::PrgKind,
+    },
+};
+
+mod stages;
+
+use stages::{CollectKeys, RoundInfo, Stage};
+
+/// Upper bound on one sealed share pair; real ones are about 130 bytes.
+const MAX_SEALED_LEN: usize = 1024;
+
+/// The coordinator's secure-aggregation settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecAggConfig {
+    /// Coordinator session id (binds key derivations to the session).
+    pub session_id: u64,
+    /// Clipping bound `c > 0` of every update value.
+    pub clip: f32,
+    /// Quantisation bits `b`.
+    pub bits: u32,
+    /// Largest aggregation weight a participant may use.
+    pub max_weight: u32,
+    /// Bound `δ` on the fraction of participants that drop out (picks `k`, `t`).
+    pub dropout_fraction: f64,
+    /// Bound `γ` on the fraction of corrupt participants (picks `k`, `t`).
+    pub corrupt_fraction: f64,
+    /// Full SecAgg (every pair are neighbours) instead of SecAgg+.
+    pub full: bool,
+    /// How long each of the four stages may take.
+    pub stage_timeout: Duration,
+    /// Fewest inputs an aggregate may have; rounds with fewer survivors fail.
+    pub min_contributors: usize,
+    /// Seed of the coordinator's own CSPRNG (the graph order).
+    pub seed: [u8; 32],
+}
+
+impl SecAggConfig {
+    /// SecAgg+ with `c = 1`, `b = 16`, `max_weight = 256`, `δ = 0.1`,
+    /// `γ = 0.1`, 30 s per stage and at least 2 contributors. These fit the
+    /// 32-bit ring for up to 256 participants; lower `bits` or `max_weight`
+    /// for more (see [`EncodingParams::new`]).
+    pub fn new(session_id: u64, seed: [u8; 32]) -> Self {
+        Self {
+            session_id,
+            clip: 1.0,
+            bits: 16,
+            max_weight: 256,
+            dropout_fraction: 0.1,
+            corrupt_fraction: 0.1,
+            full: false,
+            stage_timeout: Duration::from_secs(30),
+            min_contributors: 2,
+            seed,
+        }
+    }
+}
+
+/// The coordinator's side of secure aggregation. See the module docs.
+pub struct SecAggCoordinator {
+    config: SecAggConfig,
+    rng: StdRng,
+    prg: PrgKind,
+    round: Option<RoundInfo>,
+    stage: Stage,
+    outbox: VecDeque<(ParticipantId, Message)>,
+    result: Option<Result<AggregateResult, ProtocolError>>,
+    /// The unmasked ring sum of the last successful round, for tests.
+    #[cfg(test)]
+    unmasked_sum: Option<Vec<u32>>,
+}
+
+impl std::fmt::Debug for SecAggCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecAggCoordinator")
+            .field("config", &self.config)
+            .field("prg", &self.prg)
+            .field("round", &self.round.as_ref().map(|r| r.ctx.round))
+            .field("expects", &self.stage.expects())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecAggCoordinator {
+    /// A coordinator with `config`; the stream cipher is
+    /// [`PrgKind::fastest`] on this machine.
+    ///
+    /// # Errors
+    /// [`ProtocolError::InvalidConfig`] for out-of-range settings and
+    /// [`ProtocolError::BitBudget`] when even two participants overflow the ring.
+    pub fn new(config: SecAggConfig) -> Result<Self, ProtocolError> {
+        Self::with_prg(config, PrgKind::fastest())
+    }
+
+    /// Like [`new`](Self::new) with an explicit stream cipher.
+    pub fn with_prg(config: SecAggConfig, prg: PrgKind) -> Result<Self, ProtocolError> {
+        let frac_ok = |f: f64| (0.0..1.0).contains(&f);
+        if !frac_ok(config.dropout_fraction)
+            || !frac_ok(config.corrupt_fraction)
+            || config.dropout_fraction + config.corrupt_fraction >= 1.0
+        {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "dropout fraction {} and corrupt fraction {} must be in [0, 1) with a sum below 1",
+                config.dropout_fraction, config.corrupt_fraction
+            )));
+        }
+        if config.stage_timeout.is_zero() || config.min_contributors == 0 {
+            return Err(ProtocolError::InvalidConfig(
+                "stage_timeout and min_contributors must be positive".into(),
+            ));
+        }
+        EncodingParams::new(config.clip, config.bits, config.max_weight, 2)?;
+        Ok(Self {
+            rng: StdRng::from_seed(config.seed),
+            config,
+            prg,
+            round: None,
+            stage: Stage::Idle,
+            outbox: VecDeque::new(),
+            result: None,
+            #[cfg(test)]
+            unmasked_sum: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SecAggConfig {
+        &self.config
+    }
+
+    /// The parameters of the current (or last) round, once begun.
+    pub fn setup(&self) -> Option<&RoundSetup> {
+        self.round.as_ref().map(|r| &r.setup)
+    }
+
+    /// Which upload the coordinator waits for now, e.g. `"SecAgg::MaskedInput"`.
+    pub fn expects(&self) -> &'static str {
+        self.stage.expects()
+    }
+
+    /// The unmasked ring sum of the last successful round (tests only).
+    #[cfg(test)]
+    pub(crate) fn unmasked_sum(&self) -> Option<&[u32]> {
+        self.unmasked_sum.as_deref()
+    }
+
+    fn send(&mut self, to: ParticipantId, msg: SecAggDownload) {
+        let round = self.round.as_ref().map_or(0, |r| r.ctx.round);
+        self.outbox.push_back((to, Message::SecAgg { round, msg }));
+    }
+
+    /// Ends the round with `result`; on failure tells every live participant.
+    fn finish(&mut self, result: Result<AggregateResult, ProtocolError>) {
+        if !matches!(self.stage, Stage::Finished { .. }) {
+            self.stage = Stage::Finished {
+                stragglers: BTreeSet::new(),
+            };
+        }
+        if let Err(e) = &result
+            && let Some(r) = &self.round
+        {
+            let live: Vec<ParticipantId> = r
+                .neighbours
+                .keys()
+                .filter(|id| !r.gone.contains(id))
+                .copied()
+                .collect();
+            for id in live {
+                self.send(
+                    id,
+                    SecAggDownload::Abort {
+                        reason: format!("round failed: {e}"),
+                    },
+                );
+            }
+        }
+        self.result = Some(result);
+    }
+
+    /// Closes the current stage and opens the next (possibly several, when a
+    /// stage opens with nobody to wait for).
+    fn close_stage(&mut self, now: Instant) {
+        loop {
+            let stage = std::mem::replace(
+                &mut self.stage,
+                Stage::Finished {
+                    stragglers: BTreeSet::new(),
+                },
+            );
+            let next = match stage {
+                Stage::CollectKeys(s) => self.close_keys(now, s),
+                Stage::CollectShares(s) => self.close_shares(now, s),
+                Stage::CollectMasked(s) => self.close_masked(now, s),
+                Stage::CollectUnmask(mut s) => {
+                    let stragglers = std::mem::take(&mut s.waiting);
+                    self.stage = Stage::Finished { stragglers };
+                    match self.unmask(s) {
+                        Ok(r) => {
+                            self.finish(Ok(r));
+                            return;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                other => Ok(other),
+            };
+            match next {
+                Ok(mut stage) => {
+                    let empty = stage.waiting().is_some_and(|w| w.is_empty());
+                    self.stage = stage;
+                    if !empty {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.finish(Err(e));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Aggregator for SecAggCoordinator {
+    fn kind(&self) -> &'static str {
+        if self.config.full {
+            "secagg"
+        } else {
+            "secagg+"
+        }
+    }
+
+    fn begin_round(
+        &mut self,
+        now: Instant,
+        round: u32,
+        cohort: &[ParticipantId],
+        num_params: usize,
+    ) -> Result<(), ProtocolError> {
+        self.stage = Stage::Idle;
+        self.round = None;
+        self.result = None;
+        let members: BTreeSet<ParticipantId> = cohort.iter().copied().collect();
+        if members.len() != cohort.len() {
+            return Err(ProtocolError::InvalidConfig(
+                "the cohort lists a participant twice".into(),
+            ));
+        }
+        let n = cohort.len();
+        if n < self.config.min_contributors.max(2) {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "secure aggregation needs at least {} participants, the cohort has {n}",
+                self.config.min_contributors.max(2)
+            )));
+        }
+        let c = &self.config;
+        let gp = graph_params(n, c.dropout_fraction, c.corrupt_fraction, c.full)?;
+        let encoding = EncodingParams::new(c.clip, c.bits, c.max_weight, n)?;
+        let graph = NeighbourGraph::random(cohort, gp.degree, &mut self.rng)?;
+        let neighbours = members.iter().map(|&u| (u, graph.neighbours(u))).collect();
+        let setup = RoundSetup {
+            session_id: c.session_id,
+            round,
+            prg: self.prg,
+            encoding,
+            graph_order: graph.order().to_vec(),
+            degree: gp.degree as u32,
+            threshold: gp.threshold as u32,
+            num_elements: num_params as u64 + 1,
+        };
+        self.round = Some(RoundInfo {
+            ctx: RoundContext {
+                session_id: c.session_id,
+                round,
+            },
+            threshold: gp.threshold,
+            num_elements: num_params + 1,
+            neighbours,
+            gone: BTreeSet::new(),
+            deadline: now + c.stage_timeout,
+            setup: setup.clone(),
+        });
+        for &u in &members {
+            self.send(u, SecAggDownload::Setup(setup.clone()));
+        }
+        self.stage = Stage::CollectKeys(CollectKeys {
+            waiting: members,
+            keys: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    fn handle_payload(
+        &mut self,
+        now: Instant,
+        from: ParticipantId,
+        payload: AggregationPayload,
+    ) -> Result<(), ProtocolError> {
+        let (round, msg) = match payload {
+            AggregationPayload::SecAgg { round, msg } => (round, msg),
+            other => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    expected: "a secure-aggregation upload",
+                    got: other.kind(),
+                });
+            }
+        };
+        let Some(r) = &self.round else {
+            return Err(ProtocolError::WrongRound {
+                current: 0,
+                got: round,
+            });
+        };
+        if round != r.ctx.round {
+            return Err(ProtocolError::WrongRound {
+                current: r.ctx.round,
+                got: round,
+            });
+        }
+        if !r.neighbours.contains_key(&from) {
+            return Err(ProtocolError::UnknownParticipant(from));
+        }
+        if self.accept(from, msg)? {
+            self.close_stage(now);
+        }
+        Ok(())
+    }
+
+    fn handle_dropout(&mut self, now: Instant, who: ParticipantId) {
+        let Some(r) = self.round.as_mut() else {
+            return;
+        };
+        if !r.neighbours.contains_key(&who) || !r.gone.insert(who) {
+            return;
+        }
+        if let Some(waiting) = self.stage.waiting()
+            && waiting.remove(&who)
+            && waiting.is_empty()
+        {
+            self.close_stage(now);
+        }
+    }
+
+    fn poll_transmit(&mut self) -> Option<(ParticipantId, Message)> {
+        self.outbox.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self.stage {
+            Stage::Idle | Stage::Finished { .. } => None,
+            _ => self.round.as_ref().map(|r| r.deadline),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        let Some(deadline) = self.poll_timeout() else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        let r = self.round.as_mut().expect("round in progress");
+        if let Some(waiting) = self.stage.waiting() {
+            for id in std::mem::take(waiting) {
+                r.gone.insert(id);
+            }
+        }
+        self.close_stage(now);
+    }
+
+    fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>> {
+        self.result.take()
+    }
+}

@@ -1,1 +1,181 @@
-//! (in progress)
+//! Wire types of the four secure-aggregation stages.
+//!
+//! Coordinator → participant messages ([`SecAggDownload`]) travel as
+//! [`Message::SecAgg`](crate::message::Message::SecAgg); participant →
+//! coordinator uploads ([`SecAggUpload`]) travel as
+//! [`AggregationPayload::SecAgg`](crate::message::AggregationPayload::SecAgg)
+//! inside a `Contribution`. Both carry the round number next to them, so a
+//! message for another round is refused before it is looked at.
+//!
+//! ```text
+//! participant i                              coordinator
+//!                      ◀───────   Setup (parameters, graph order)
+//!  AdvertiseKeys       ───────▶                               stage 1
+//!                      ◀───────   NeighbourKeys (N1(i))
+//!  EncryptedShares     ───────▶                               stage 2
+//!                      ◀───────   SharesForYou (from N2(i))
+//!  MaskedInput         ───────▶                               stage 3
+//!                      ◀───────   UnmaskRequest (survivors, dropped)
+//!  UnmaskShares        ───────▶                               stage 4
+//! ```
+//!
+//! At any point the coordinator may send [`SecAggDownload::Abort`]: the
+//! round is over for that participant (excluded, or the round failed).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    message::ParticipantId,
+    secagg::{encode::EncodingParams, prg::PrgKind, shamir::Share},
+};
+
+/// The round parameters every cohort member receives first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundSetup {
+    /// Coordinator session id (binds every derivation to the session).
+    pub session_id: u64,
+    /// Round number (binds every derivation to the round).
+    pub round: u32,
+    /// Stream cipher that expands mask seeds.
+    pub prg: PrgKind,
+    /// Clipping, quantisation and ring parameters.
+    pub encoding: EncodingParams,
+    /// The cohort in graph order; with `degree` it defines the neighbour graph.
+    pub graph_order: Vec<ParticipantId>,
+    /// Degree `k` of the neighbour graph (`n - 1` for full SecAgg).
+    pub degree: u32,
+    /// Shares needed to reconstruct a secret, `t`.
+    pub threshold: u32,
+    /// Ring elements per input: model parameters plus one weight element.
+    pub num_elements: u64,
+}
+
+impl RoundSetup {
+    /// Whether a survivor's own share of its self-mask seed is revealed and
+    /// counted in stage 4: only when `2t > k + 1`. A coordinator that tells
+    /// some holders of `u`'s shares "`u` survived" and others "`u` dropped"
+    /// gets both secrets of `u` only if it collects `t` shares of each from
+    /// distinct holders; `u`'s `k` neighbours plus `u` itself (which only
+    /// ever reveals its self-mask share) are `k + 1` holders, so with
+    /// `2t = k + 1` the own share would be the one that tips it.
+    pub fn own_share_counts(&self) -> bool {
+        2 * u64::from(self.threshold) > u64::from(self.degree) + 1
+    }
+}
+
+/// A neighbour's advertised public keys, as forwarded in stage 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeighbourKey {
+    /// The neighbour.
+    pub id: ParticipantId,
+    /// Its share-channel public key.
+    pub c_pk: [u8; 32],
+    /// Its mask-agreement public key.
+    pub s_pk: [u8; 32],
+}
+
+/// Coordinator → participant stage messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SecAggDownload {
+    /// Start of the round: the parameters; answer with `AdvertiseKeys`.
+    Setup(RoundSetup),
+    /// End of stage 1: the keys of the graph neighbours that advertised
+    /// theirs and stay in the round (`N1(i)`); answer with `EncryptedShares`.
+    NeighbourKeys {
+        /// One entry per neighbour in `N1(i)`, ascending by id.
+        keys: Vec<NeighbourKey>,
+    },
+    /// End of stage 2: the sealed share pairs addressed to this participant
+    /// by the neighbours that completed stage 2 (`N2(i)`, the senders);
+    /// answer with `MaskedInput` once the input is set.
+    SharesForYou {
+        /// `(sender, ciphertext)`, ascending by sender.
+        shares: Vec<(ParticipantId, Vec<u8>)>,
+    },
+    /// End of stage 3: which of `N2(i)` sent a masked input (`survivors`)
+    /// and which did not (`dropped`); answer with `UnmaskShares`.
+    UnmaskRequest {
+        /// `U3 ∩ N2(i)`, ascending; the recipient itself is implicit.
+        survivors: Vec<ParticipantId>,
+        /// `(U2 \ U3) ∩ N2(i)`, ascending.
+        dropped: Vec<ParticipantId>,
+    },
+    /// The round is over for the recipient: it was excluded (too few live
+    /// neighbours) or the round failed. Nothing more is expected from it.
+    Abort {
+        /// Human-readable reason (never contains secrets).
+        reason: String,
+    },
+}
+
+impl SecAggDownload {
+    /// Short variant name for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SecAggDownload::Setup(_) => "SecAgg::Setup",
+            SecAggDownload::NeighbourKeys { .. } => "SecAgg::NeighbourKeys",
+            SecAggDownload::SharesForYou { .. } => "SecAgg::SharesForYou",
+            SecAggDownload::UnmaskRequest { .. } => "SecAgg::UnmaskRequest",
+            SecAggDownload::Abort { .. } => "SecAgg::Abort",
+        }
+    }
+}
+
+/// Participant → coordinator stage uploads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SecAggUpload {
+    /// Stage 1: two fresh X25519 public keys.
+    AdvertiseKeys {
+        /// Share-channel public key.
+        c_pk: [u8; 32],
+        /// Mask-agreement public key.
+        s_pk: [u8; 32],
+    },
+    /// Stage 2: one sealed [`SharePair`](crate::secagg::keys::SharePair) per
+    /// neighbour in `N1(i)`.
+    EncryptedShares {
+        /// `(recipient, ciphertext)`, ascending by recipient.
+        shares: Vec<(ParticipantId, Vec<u8>)>,
+    },
+    /// Stage 3: the masked input, `num_elements` ring elements packed in
+    /// `ring_bits` bits each.
+    MaskedInput {
+        /// Packed masked elements.
+        packed: Vec<u8>,
+    },
+    /// Stage 4: shares of the survivors' self-mask seeds (the sender's own
+    /// included) and of the dropped neighbours' mask keys; never both kinds
+    /// for one owner.
+    UnmaskShares {
+        /// `(owner, share of owner's self-mask seed)`, for the survivors and
+        /// the sender itself, ascending by owner.
+        self_mask_shares: Vec<(ParticipantId, Share)>,
+        /// `(owner, share of owner's mask secret key)`, for the dropped,
+        /// ascending by owner.
+        key_shares: Vec<(ParticipantId, Share)>,
+    },
+}
+
+impl SecAggUpload {
+    /// Short variant name for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SecAggUpload::AdvertiseKeys { .. } => "SecAgg::AdvertiseKeys",
+            SecAggUpload::EncryptedShares { .. } => "SecAgg::EncryptedShares",
+            SecAggUpload::MaskedInput { .. } => "SecAgg::MaskedInput",
+            SecAggUpload::UnmaskShares { .. } => "SecAgg::UnmaskShares",
+        }
+    }
+
+    /// The stage (1..=4) this upload completes.
+    pub fn stage(&self) -> u8 {
+        match self {
+            SecAggUpload::AdvertiseKeys { .. } => 1,
+            SecAggUpload::EncryptedShares { .. } => 2,
+            SecAggUpload::MaskedInput { .. } => 3,
+            SecAggUpload::UnmaskShares { .. } => 4,
+        }
+    }
+}

@@ -11,6 +11,12 @@
 //! Mask word `k` is the little-endian `u32` at keystream bytes `4k..4k+4`.
 //! Seeds are fresh per round and per pair, so a fixed nonce is safe.
 
+use aes::Aes128;
+use chacha20::ChaCha12;
+use ctr::{
+    Ctr128BE,
+    cipher::{KeyIvInit, StreamCipher},
+};
 use serde::{Deserialize, Serialize};
 
 /// Which stream cipher expands mask seeds. Chosen by the coordinator at run
@@ -26,25 +32,234 @@ pub enum PrgKind {
 impl PrgKind {
     /// AES-128-CTR when this CPU has AES instructions, ChaCha12 otherwise.
     pub fn fastest() -> PrgKind {
-        todo!("runtime CPU feature detection")
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            if std::arch::is_x86_feature_detected!("aes") {
+                return PrgKind::Aes128Ctr;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("aes") {
+                return PrgKind::Aes128Ctr;
+            }
+        }
+        PrgKind::ChaCha12
+    }
+}
+
+/// Mask words generated per keystream chunk: 8 KiB of keystream, small
+/// enough to stay in L1 between generation and use.
+const CHUNK_WORDS: usize = 2048;
+
+/// How a chunk of mask words is combined into the output.
+#[derive(Clone, Copy)]
+enum Op {
+    Add,
+    Sub,
+    Set,
+}
+
+/// `out[k] = op(out[k], word k of the keystream)`: the keystream is written
+/// chunk by chunk into a stack buffer and combined as little-endian words.
+#[inline(always)]
+fn expand<C: StreamCipher>(mut cipher: C, out: &mut [u32], op: Op) {
+    let mut buf = [0u8; 4 * CHUNK_WORDS];
+    for chunk in out.chunks_mut(CHUNK_WORDS) {
+        let bytes = &mut buf[..4 * chunk.len()];
+        cipher.write_keystream(bytes);
+        let (words, _) = bytes.as_chunks::<4>();
+        match op {
+            Op::Add => {
+                for (o, w) in chunk.iter_mut().zip(words) {
+                    *o = o.wrapping_add(u32::from_le_bytes(*w));
+                }
+            }
+            Op::Sub => {
+                for (o, w) in chunk.iter_mut().zip(words) {
+                    *o = o.wrapping_sub(u32::from_le_bytes(*w));
+                }
+            }
+            Op::Set => {
+                for (o, w) in chunk.iter_mut().zip(words) {
+                    *o = u32::from_le_bytes(*w);
+                }
+            }
+        }
+    }
+}
+
+fn apply(kind: PrgKind, seed: &[u8; 32], out: &mut [u32], op: Op) {
+    if out.is_empty() {
+        return;
+    }
+    match kind {
+        PrgKind::Aes128Ctr => {
+            let (halves, _) = seed.as_chunks::<16>();
+            let cipher = Ctr128BE::<Aes128>::new(&halves[0].into(), &halves[1].into());
+            expand(cipher, out, op);
+        }
+        PrgKind::ChaCha12 => {
+            let cipher = ChaCha12::new(seed.into(), &[0u8; 12].into());
+            expand(cipher, out, op);
+        }
     }
 }
 
 /// `out[k] = out[k].wrapping_add(mask[k])` for the mask stream of `seed`.
 pub fn add_mask(kind: PrgKind, seed: &[u8; 32], out: &mut [u32]) {
-    let _ = (kind, seed, out);
-    todo!()
+    apply(kind, seed, out, Op::Add);
 }
 
 /// `out[k] = out[k].wrapping_sub(mask[k])` for the mask stream of `seed`.
 pub fn sub_mask(kind: PrgKind, seed: &[u8; 32], out: &mut [u32]) {
-    let _ = (kind, seed, out);
-    todo!()
+    apply(kind, seed, out, Op::Sub);
 }
 
 /// Writes the raw mask stream of `seed` into `out` (for benchmarks: the
 /// keystream lower bound, and for tests).
 pub fn fill_mask(kind: PrgKind, seed: &[u8; 32], out: &mut [u32]) {
-    let _ = (kind, seed, out);
-    todo!()
+    apply(kind, seed, out, Op::Set);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aes::cipher::{BlockCipherEncrypt, KeyInit};
+    use rand::{Rng, SeedableRng};
+
+    const KINDS: [PrgKind; 2] = [PrgKind::Aes128Ctr, PrgKind::ChaCha12];
+    const LENGTHS: [usize; 7] = [0, 1, 1023, 1024, 1025, 2049, 100_003];
+
+    fn seed(tag: u8) -> [u8; 32] {
+        core::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(tag))
+    }
+
+    /// AES-128-CTR computed block by block: key = seed[..16], counter block
+    /// = seed[16..] incremented as a big-endian 128-bit integer.
+    fn aes_reference(seed: &[u8; 32], words: usize) -> Vec<u32> {
+        let cipher = Aes128::new(&seed[..16].try_into().unwrap());
+        let mut ctr = u128::from_be_bytes(seed[16..].try_into().unwrap());
+        let mut bytes = Vec::new();
+        while bytes.len() < 4 * words {
+            let mut block = ctr.to_be_bytes().into();
+            cipher.encrypt_block(&mut block);
+            bytes.extend_from_slice(&block);
+            ctr = ctr.wrapping_add(1);
+        }
+        words_le(&bytes[..4 * words])
+    }
+
+    /// ChaCha12 through the RNG with the same key (64-bit counter, stream
+    /// 0: the same keystream as nonce 0 for the first 2^32 blocks).
+    fn chacha_reference(seed: &[u8; 32], words: usize) -> Vec<u32> {
+        let mut rng = chacha20::ChaCha12Rng::from_seed(*seed);
+        let mut bytes = vec![0u8; 4 * words];
+        rng.fill_bytes(&mut bytes);
+        words_le(&bytes)
+    }
+
+    fn words_le(bytes: &[u8]) -> Vec<u32> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn mask(kind: PrgKind, seed: &[u8; 32], len: usize) -> Vec<u32> {
+        let mut out = vec![0u32; len];
+        fill_mask(kind, seed, &mut out);
+        out
+    }
+
+    #[test]
+    fn aes_known_answer() {
+        // FIPS-197 appendix C.1: AES-128(000102..0f, 00112233..ff).
+        let mut s = [0u8; 32];
+        for i in 0..16 {
+            s[i] = i as u8;
+            s[16 + i] = (i as u8) * 0x11;
+        }
+        let expected = [0x69, 0xc4, 0xe0, 0xd8, 0x6a, 0x7b, 0x04, 0x30];
+        let m = mask(PrgKind::Aes128Ctr, &s, 2);
+        assert_eq!(m, words_le(&expected));
+    }
+
+    #[test]
+    fn fill_matches_independent_keystream() {
+        for len in LENGTHS {
+            let s = seed(len as u8);
+            assert_eq!(mask(PrgKind::Aes128Ctr, &s, len), aes_reference(&s, len));
+            assert_eq!(mask(PrgKind::ChaCha12, &s, len), chacha_reference(&s, len));
+        }
+    }
+
+    #[test]
+    fn aes_counter_wraps_around() {
+        let mut s = seed(1);
+        s[16..].fill(0xff);
+        assert_eq!(
+            mask(PrgKind::Aes128Ctr, &s, 100),
+            aes_reference(&s, 100),
+            "the counter wraps modulo 2^128"
+        );
+    }
+
+    #[test]
+    fn prefix_consistent_across_lengths() {
+        for kind in KINDS {
+            let long = mask(kind, &seed(3), 100_003);
+            for len in LENGTHS {
+                assert_eq!(mask(kind, &seed(3), len), long[..len]);
+            }
+        }
+    }
+
+    #[test]
+    fn add_then_sub_restores() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for kind in KINDS {
+            for len in LENGTHS {
+                let original: Vec<u32> = (0..len).map(|_| rng.next_u32()).collect();
+                let mut v = original.clone();
+                add_mask(kind, &seed(9), &mut v);
+                if len > 0 {
+                    assert_ne!(v, original);
+                }
+                let m = mask(kind, &seed(9), len);
+                for ((a, o), w) in v.iter().zip(&original).zip(&m) {
+                    assert_eq!(*a, o.wrapping_add(*w));
+                }
+                sub_mask(kind, &seed(9), &mut v);
+                assert_eq!(v, original);
+            }
+        }
+    }
+
+    #[test]
+    fn seeds_and_kinds_differ() {
+        for kind in KINDS {
+            assert_ne!(mask(kind, &seed(1), 64), mask(kind, &seed(2), 64));
+        }
+        let mut s = seed(1);
+        s[31] ^= 1;
+        for kind in KINDS {
+            assert_ne!(mask(kind, &seed(1), 64), mask(kind, &s, 64));
+        }
+        assert_ne!(
+            mask(PrgKind::Aes128Ctr, &seed(1), 64),
+            mask(PrgKind::ChaCha12, &seed(1), 64)
+        );
+    }
+
+    #[test]
+    fn fastest_is_consistent() {
+        let kind = PrgKind::fastest();
+        assert_eq!(kind, PrgKind::fastest());
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            kind == PrgKind::Aes128Ctr,
+            std::arch::is_x86_feature_detected!("aes")
+        );
+    }
 }
