@@ -22,6 +22,7 @@ async fn main() -> Result<()> {
                 lr: 0.05,
                 momentum: 0.9,
             },
+            proximal_mu: 0.0,
         });
     if let Some(dir) = std::env::args().nth(1) {
         builder = builder.data_dir(dir);

@@ -57,6 +57,8 @@ pub enum StrategyKind {
     Fedavg,
     /// FedAvg with server momentum (`--server-momentum`).
     Fedavgm,
+    /// FedProx: FedAvg on the server, a proximal term in local training (`--proximal-mu`).
+    Fedprox,
     /// FedAdam (Reddi et al.): adaptive server steps.
     Fedadam,
 }
@@ -94,6 +96,9 @@ pub struct TrainingArgs {
     /// Server momentum for FedAvgM.
     #[arg(long, default_value_t = 0.9)]
     pub server_momentum: f32,
+    /// FedProx proximal coefficient mu (used with `--strategy fedprox`).
+    #[arg(long, default_value_t = 0.01)]
+    pub proximal_mu: f32,
     /// Seconds participants have to contribute (and to evaluate) per round.
     #[arg(long, default_value_t = 600)]
     pub round_timeout: u64,

@@ -41,6 +41,10 @@ pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
         local_epochs: args.local_epochs,
         batch_size: args.batch_size,
         optimizer,
+        proximal_mu: match args.strategy {
+            StrategyKind::Fedprox => args.proximal_mu,
+            _ => 0.0,
+        },
     }
 }
 
@@ -51,7 +55,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 /// The server strategy the arguments describe.
 pub fn strategy_config(args: &TrainingArgs) -> Result<StrategyConfig> {
     let config = match args.strategy {
-        StrategyKind::Fedavg => StrategyConfig::FedAvg {
+        StrategyKind::Fedavg | StrategyKind::Fedprox => StrategyConfig::FedAvg {
             server_lr: args.server_lr.unwrap_or(1.0),
         },
         StrategyKind::Fedavgm => StrategyConfig::FedAvgM {
@@ -71,6 +75,9 @@ pub fn strategy_config(args: &TrainingArgs) -> Result<StrategyConfig> {
         },
     };
     config.validate()?;
+    if !(args.proximal_mu.is_finite() && args.proximal_mu >= 0.0) {
+        bail!("--proximal-mu must be finite and non-negative");
+    }
     Ok(config)
 }
 
@@ -218,4 +225,79 @@ pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
         .clone()
         .unwrap_or_else(|| format!("participant-{index}"));
     Ok(greyfed_participant::run(&config, data).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn training(args: &[&str]) -> TrainingArgs {
+        let mut argv = vec!["greyfed", "simulate"];
+        argv.extend_from_slice(args);
+        match Cli::parse_from(argv).command {
+            Command::Simulate(s) => s.training,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn strategies_map_to_server_configs_and_proximal_terms() {
+        let t = training(&[]);
+        assert_eq!(
+            strategy_config(&t).unwrap(),
+            StrategyConfig::FedAvg { server_lr: 1.0 }
+        );
+        assert_eq!(training_config(&t).proximal_mu, 0.0);
+        assert_eq!(
+            training_config(&t).optimizer,
+            OptimizerSpec::Sgd {
+                lr: 0.05,
+                momentum: 0.9
+            }
+        );
+
+        let t = training(&["--strategy", "fedprox", "--proximal-mu", "0.5"]);
+        assert_eq!(
+            strategy_config(&t).unwrap(),
+            StrategyConfig::FedAvg { server_lr: 1.0 }
+        );
+        assert_eq!(training_config(&t).proximal_mu, 0.5);
+
+        let t = training(&["--strategy", "fedavgm", "--server-momentum", "0.7"]);
+        assert_eq!(
+            strategy_config(&t).unwrap(),
+            StrategyConfig::FedAvgM {
+                server_lr: 1.0,
+                momentum: 0.7
+            }
+        );
+        let t = training(&["--strategy", "fedadam", "--server-lr", "0.05"]);
+        assert!(matches!(
+            strategy_config(&t).unwrap(),
+            StrategyConfig::FedAdam { server_lr, .. } if server_lr == 0.05
+        ));
+
+        assert!(
+            strategy_config(&training(&["--strategy", "fedprox", "--proximal-mu=-1"])).is_err()
+        );
+        assert!(
+            strategy_config(&training(&[
+                "--strategy",
+                "fedavgm",
+                "--server-momentum",
+                "1"
+            ]))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn shard_syntax_is_checked() {
+        assert_eq!(parse_shard("2/10").unwrap(), (2, 10));
+        for bad in ["10/10", "1", "a/3", "1/0", "-1/3"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -77,6 +77,7 @@ fn push_training_args(cmd: &mut Command, args: &SimulateArgs) {
     cmd.arg("--strategy").arg(match t.strategy {
         StrategyKind::Fedavg => "fedavg",
         StrategyKind::Fedavgm => "fedavgm",
+        StrategyKind::Fedprox => "fedprox",
         StrategyKind::Fedadam => "fedadam",
     });
     if let Some(lr) = t.server_lr {

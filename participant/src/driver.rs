@@ -22,7 +22,7 @@ use crate::{
     client,
     data::Dataset,
     error::{ParticipantError, Result},
-    train::{TensorData, evaluate, train_local},
+    train::{TensorData, TrainOptions, evaluate, train_local_with},
 };
 
 /// Batch size used for evaluation (does not affect results).
@@ -192,7 +192,10 @@ async fn session_loop(
                     let data = data.clone();
                     let start = std::time::Instant::now();
                     let (outcome, global) = tokio::task::spawn_blocking(move || {
-                        train_local(&spec, &global, &data.train, &training, seed)
+                        let options = TrainOptions {
+                            proximal_mu: training.proximal_mu,
+                        };
+                        train_local_with(&spec, &global, &data.train, &training, seed, &options)
                             .map(|o| (o, global))
                     })
                     .await

@@ -551,6 +551,7 @@ mod tests {
             local_epochs,
             batch_size: 32,
             optimizer,
+            proximal_mu: 0.0,
         }
     }
 
@@ -642,6 +643,7 @@ mod tests {
                 local_epochs: 1,
                 batch_size: 8,
                 optimizer,
+                proximal_mu: 0.0,
             };
             train_local(&spec, &global, &data, &cfg, 0).unwrap()
         };
@@ -831,6 +833,7 @@ mod tests {
             local_epochs: 2,
             batch_size: 64,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },
+            proximal_mu: 0.0,
         };
         // Warm-up (thread pools, allocator).
         let warm = TrainingConfig {

@@ -121,6 +121,11 @@ pub struct TrainingConfig {
     pub batch_size: u32,
     /// Optimiser; its state is reset at the start of every round.
     pub optimizer: OptimizerSpec,
+    /// FedProx proximal coefficient `mu` (Li et al., 2020): local training
+    /// minimises `loss + mu/2 * ||w - w_global||^2`, which limits client
+    /// drift on non-IID data. 0 disables it (plain FedAvg local training).
+    #[serde(default)]
+    pub proximal_mu: f32,
 }
 
 impl Default for TrainingConfig {
@@ -129,6 +134,7 @@ impl Default for TrainingConfig {
             local_epochs: 1,
             batch_size: 32,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },
+            proximal_mu: 0.0,
         }
     }
 }
