@@ -63,8 +63,21 @@ pub enum StrategyKind {
     Fedadam,
 }
 
+/// Aggregation scheme choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AggregationArg {
+    /// SecAgg+ (sparse neighbour graph): the coordinator learns only the sum.
+    #[value(name = "secagg+")]
+    SecAggPlus,
+    /// Full SecAgg (every pair of participants are neighbours).
+    #[value(name = "secagg")]
+    SecAgg,
+    /// Unprotected sums, for comparison only: the coordinator sees every update.
+    Plain,
+}
+
 /// Training settings the coordinator sends to participants.
-#[derive(Clone, Debug, Args)]
+#[derive(Clone, Debug, PartialEq, Args)]
 pub struct TrainingArgs {
     /// Number of rounds.
     #[arg(long, default_value_t = 10)]
@@ -99,9 +112,68 @@ pub struct TrainingArgs {
     /// FedProx proximal coefficient mu (used with `--strategy fedprox`).
     #[arg(long, default_value_t = 0.01)]
     pub proximal_mu: f32,
+    /// How updates are aggregated.
+    #[arg(long, value_enum, default_value_t = AggregationArg::SecAggPlus)]
+    pub aggregation: AggregationArg,
+    /// Secure aggregation: updates are clipped to [-C, C] before quantisation.
+    #[arg(long, default_value_t = 1.0)]
+    pub secagg_clip: f32,
+    /// Secure aggregation: at most this many quantisation bits (fewer when the
+    /// 32-bit ring needs it for many participants or large sample counts).
+    #[arg(long, default_value_t = 16)]
+    pub secagg_bits: u32,
+    /// Secure aggregation: the fraction of dropouts the neighbour graph is sized for.
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout_bound: f64,
+    /// Secure aggregation: seconds each of the four stages may take.
+    #[arg(long, default_value_t = 60)]
+    pub stage_timeout: u64,
     /// Seconds participants have to contribute (and to evaluate) per round.
     #[arg(long, default_value_t = 600)]
     pub round_timeout: u64,
+}
+
+impl TrainingArgs {
+    /// These settings as command-line arguments (how `simulate` passes them
+    /// to the coordinator process). Every field appears; a test checks that
+    /// parsing them back gives the same settings.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |flag: &str, value: String| {
+            a.push(format!("--{flag}"));
+            a.push(value);
+        };
+        push("rounds", self.rounds.to_string());
+        push("local-epochs", self.local_epochs.to_string());
+        push("batch-size", self.batch_size.to_string());
+        push("optimizer", value_name(self.optimizer));
+        if let Some(lr) = self.lr {
+            push("lr", lr.to_string());
+        }
+        push("momentum", self.momentum.to_string());
+        push("block-size", self.block_size.to_string());
+        push("strategy", value_name(self.strategy));
+        if let Some(lr) = self.server_lr {
+            push("server-lr", lr.to_string());
+        }
+        push("server-momentum", self.server_momentum.to_string());
+        push("proximal-mu", self.proximal_mu.to_string());
+        push("aggregation", value_name(self.aggregation));
+        push("secagg-clip", self.secagg_clip.to_string());
+        push("secagg-bits", self.secagg_bits.to_string());
+        push("dropout-bound", self.dropout_bound.to_string());
+        push("stage-timeout", self.stage_timeout.to_string());
+        push("round-timeout", self.round_timeout.to_string());
+        a
+    }
+}
+
+/// The command-line spelling of an enum value.
+fn value_name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .expect("no skipped values")
+        .get_name()
+        .to_string()
 }
 
 /// `greyfed coordinator`.
@@ -218,4 +290,65 @@ pub struct SimulateArgs {
     /// Training settings.
     #[command(flatten)]
     pub training: TrainingArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_args_survive_a_round_trip_through_the_command_line() {
+        let parse = |extra: &[String]| {
+            let mut argv = vec!["greyfed".to_string(), "simulate".to_string()];
+            argv.extend_from_slice(extra);
+            match Cli::parse_from(argv).command {
+                Command::Simulate(s) => s.training,
+                other => panic!("parsed {other:?}"),
+            }
+        };
+        let defaults = parse(&[]);
+        assert_eq!(parse(&defaults.to_args()), defaults);
+        let custom: Vec<String> = [
+            "--rounds",
+            "3",
+            "--local-epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.002",
+            "--momentum",
+            "0.5",
+            "--block-size",
+            "7",
+            "--strategy",
+            "fedprox",
+            "--server-lr",
+            "0.5",
+            "--server-momentum",
+            "0.3",
+            "--proximal-mu",
+            "0.2",
+            "--aggregation",
+            "plain",
+            "--secagg-clip",
+            "2",
+            "--secagg-bits",
+            "12",
+            "--dropout-bound",
+            "0.2",
+            "--stage-timeout",
+            "9",
+            "--round-timeout",
+            "99",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let custom = parse(&custom);
+        assert_ne!(custom, defaults);
+        assert_eq!(parse(&custom.to_args()), custom);
+    }
 }

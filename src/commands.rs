@@ -19,11 +19,12 @@ use greyfed_participant::{
     },
     model::init_weights,
 };
-use greyfed_protocol::{ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig};
+use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig};
 use tracing::info;
 
 use crate::cli::{
-    CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, StrategyKind, TrainingArgs,
+    AggregationArg, CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, StrategyKind,
+    TrainingArgs,
 };
 
 /// The training configuration the arguments describe.
@@ -81,6 +82,15 @@ pub fn strategy_config(args: &TrainingArgs) -> Result<StrategyConfig> {
     Ok(config)
 }
 
+/// The protocol's aggregation kind for the command-line choice.
+pub fn aggregation_kind(arg: AggregationArg) -> AggregationKind {
+    match arg {
+        AggregationArg::SecAggPlus => AggregationKind::SecAgg { full: false },
+        AggregationArg::SecAgg => AggregationKind::SecAgg { full: true },
+        AggregationArg::Plain => AggregationKind::Plain,
+    }
+}
+
 /// Runs `greyfed coordinator` until the session ends or Ctrl-C.
 pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     let model = ModelSpec::blocknet_28x28(args.training.block_size);
@@ -107,6 +117,11 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     config.rounds = args.training.rounds;
     config.training = training_config(&args.training);
     config.strategy = strategy_config(&args.training)?;
+    config.aggregation = aggregation_kind(args.training.aggregation);
+    config.secagg.clip = args.training.secagg_clip;
+    config.secagg.bits = args.training.secagg_bits;
+    config.secagg.dropout_fraction = args.training.dropout_bound;
+    config.secagg.stage_timeout = Duration::from_secs(args.training.stage_timeout);
     config.round_timeout = Duration::from_secs(args.training.round_timeout);
     config.join_timeout = args.join_timeout.map(Duration::from_secs);
     config.seed = args.seed;

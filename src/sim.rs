@@ -27,7 +27,7 @@ use greyfed_participant::{
     data::{DatasetSplits, idx::load_idx_dir, partition::Partition, synthetic::builtin_splits},
     model::init_weights,
 };
-use greyfed_protocol::{ModelSpec, ModelWeights, TrainingConfig};
+use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, TrainingConfig};
 
 use crate::commands::local_shards;
 
@@ -36,7 +36,8 @@ pub struct Federation;
 
 impl Federation {
     /// A builder with defaults: 3 participants, 2 rounds, built-in data,
-    /// encrypted with block size 4, IID partition, Adam, 1 local epoch.
+    /// encrypted with block size 4, IID partition, Adam, 1 local epoch,
+    /// SecAgg+ aggregation.
     pub fn builder() -> FederationBuilder {
         FederationBuilder {
             participants: 3,
@@ -51,6 +52,7 @@ impl Federation {
             join_timeout: Duration::from_secs(60),
             key_overrides: BTreeMap::new(),
             max_train_samples: None,
+            aggregation: AggregationKind::SecAgg { full: false },
         }
     }
 }
@@ -69,6 +71,7 @@ pub struct FederationBuilder {
     join_timeout: Duration,
     key_overrides: BTreeMap<usize, ImageKey>,
     max_train_samples: Option<usize>,
+    aggregation: AggregationKind,
 }
 
 impl FederationBuilder {
@@ -129,6 +132,11 @@ impl FederationBuilder {
         self.key_overrides.insert(index, key);
         self
     }
+    /// How updates are aggregated (default: SecAgg+).
+    pub fn aggregation(mut self, kind: AggregationKind) -> Self {
+        self.aggregation = kind;
+        self
+    }
     /// Keep at most this many training samples per participant (faster tests).
     pub fn max_train_samples(mut self, n: usize) -> Self {
         self.max_train_samples = Some(n);
@@ -163,6 +171,8 @@ impl FederationBuilder {
         config.rounds = self.rounds;
         config.training = self.training.clone();
         config.round_timeout = self.round_timeout;
+        config.aggregation = self.aggregation;
+        config.secagg.stage_timeout = self.round_timeout / 5;
         config.join_timeout = Some(self.join_timeout);
         config.seed = self.seed;
         let key = ImageKey::generate();

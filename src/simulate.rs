@@ -14,7 +14,7 @@ use greyfed_coordinator::metrics::{RoundRecord, read_metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::process::{Child, Command};
 
-use crate::cli::{OptimizerKind, SimulateArgs, StrategyKind};
+use crate::cli::SimulateArgs;
 use crate::keygen::{self, files};
 
 /// What a finished simulation produced.
@@ -39,52 +39,26 @@ impl SimulationReport {
     /// The summary table printed at the end of a simulation.
     pub fn table(&self) -> String {
         let mut s = String::from(
-            "round  accuracy    loss  train_loss  participants  dropped   up(MB)  down(MB)    secs\n",
+            "round  accuracy    loss  train_loss  participants  dropped   up(MB)  down(MB)    secs  aggregation\n",
         );
         for r in &self.rounds {
             s.push_str(&format!(
-                "{:>5}  {:>7.2}%  {:>6.4}  {:>10.4}  {:>12}  {:>7}  {:>7.2}  {:>8.2}  {:>6.2}\n",
+                "{:>5}  {:>7.2}%  {:>6.4}  {:>10}  {:>12}  {:>7}  {:>7.2}  {:>8.2}  {:>6.2}  {}\n",
                 r.round,
                 100.0 * r.accuracy,
                 r.loss,
-                r.train_loss,
+                r.train_loss
+                    .map_or_else(|| "-".to_string(), |l| format!("{l:.4}")),
                 r.participants,
                 r.dropped,
                 r.bytes_up as f64 / 1e6,
                 r.bytes_down as f64 / 1e6,
-                r.secs
+                r.secs,
+                r.aggregation
             ));
         }
         s
     }
-}
-
-fn push_training_args(cmd: &mut Command, args: &SimulateArgs) {
-    let t = &args.training;
-    cmd.arg("--rounds").arg(t.rounds.to_string());
-    cmd.arg("--local-epochs").arg(t.local_epochs.to_string());
-    cmd.arg("--batch-size").arg(t.batch_size.to_string());
-    cmd.arg("--optimizer").arg(match t.optimizer {
-        OptimizerKind::Adam => "adam",
-        OptimizerKind::Sgd => "sgd",
-    });
-    if let Some(lr) = t.lr {
-        cmd.arg("--lr").arg(lr.to_string());
-    }
-    cmd.arg("--momentum").arg(t.momentum.to_string());
-    cmd.arg("--block-size").arg(t.block_size.to_string());
-    cmd.arg("--round-timeout").arg(t.round_timeout.to_string());
-    cmd.arg("--strategy").arg(match t.strategy {
-        StrategyKind::Fedavg => "fedavg",
-        StrategyKind::Fedavgm => "fedavgm",
-        StrategyKind::Fedprox => "fedprox",
-        StrategyKind::Fedadam => "fedadam",
-    });
-    if let Some(lr) = t.server_lr {
-        cmd.arg("--server-lr").arg(lr.to_string());
-    }
-    cmd.arg("--server-momentum")
-        .arg(t.server_momentum.to_string());
 }
 
 fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
@@ -138,7 +112,7 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         } else {
             generated.image_key_fingerprint.clone()
         });
-    push_training_args(&mut coordinator, args);
+    coordinator.args(args.training.to_args());
     coordinator
         .stdin(Stdio::null())
         .stdout(log_file(&logs, "coordinator.log")?)

@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use greyfed_protocol::{ModelSpec, ModelWeights, TrainingConfig, frame::DEFAULT_MAX_FRAME};
+use greyfed_protocol::{
+    AggregationKind, ModelSpec, ModelWeights, TrainingConfig, frame::DEFAULT_MAX_FRAME,
+    secagg::coordinator::SecAggConfig,
+};
 
 use crate::strategy::StrategyConfig;
 
@@ -31,6 +34,12 @@ pub struct CoordinatorConfig {
     pub training: TrainingConfig,
     /// How the mean update becomes the next global model.
     pub strategy: StrategyConfig,
+    /// How updates are summed: secure aggregation (default, SecAgg+) or plain.
+    pub aggregation: AggregationKind,
+    /// Secure-aggregation parameters (clipping, bits, dropout and corrupt
+    /// bounds, stage timeout). `session_id`, `seed`, `full` and `max_weight`
+    /// are set per session (the last from the cohort's sample counts).
+    pub secagg: SecAggConfig,
     /// Deadline for contributions and for evaluations, per round.
     pub round_timeout: Duration,
     /// How long to wait for participants to join (`None`: forever).
@@ -68,6 +77,8 @@ impl CoordinatorConfig {
             initial_weights,
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
+            aggregation: AggregationKind::SecAgg { full: false },
+            secagg: SecAggConfig::new(0, [0; 32]),
             round_timeout: Duration::from_secs(600),
             join_timeout: None,
             key_fingerprint: None,

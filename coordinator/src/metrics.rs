@@ -18,8 +18,9 @@ pub struct RoundRecord {
     pub accuracy: f64,
     /// Mean test cross-entropy of the new global model.
     pub loss: f64,
-    /// Sample-weighted mean training loss reported by the contributors.
-    pub train_loss: f64,
+    /// Sample-weighted mean training loss reported by the contributors;
+    /// absent under secure aggregation (no individual loss is reported).
+    pub train_loss: Option<f64>,
     /// Participants whose updates were aggregated.
     pub participants: usize,
     /// Participants asked to train.

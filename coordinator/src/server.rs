@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use greyfed_protocol::{
-    Message, ModelWeights, ParticipantId, ProtocolError,
+    AggregationKind, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
     frame::{FrameDecoder, encode_frame},
+    secagg::coordinator::SecAggCoordinator,
     session::{CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, derive_seed},
 };
 use tokio::sync::mpsc;
@@ -161,7 +162,7 @@ impl Coordinator {
                 seed: config.seed,
             },
             config.initial_weights.clone(),
-            Box::new(PlainAggregator::new()),
+            build_aggregator(&config, session_id)?,
             started,
         )?;
         let metrics = MetricsWriter::create(&config.out_dir.join("metrics.jsonl"))?;
@@ -288,6 +289,9 @@ impl Driver {
                         | ProtocolError::DuplicateContribution(_)),
                     ) => {
                         warn!(id, kind, "ignoring message: {e}");
+                    }
+                    Err(e @ ProtocolError::Late(_)) => {
+                        debug!(id, kind, "{e}");
                     }
                     Err(e) => {
                         warn!(id, kind, "closing connection: {e}");
@@ -427,7 +431,7 @@ impl Driver {
             round: s.round,
             accuracy: s.eval.accuracy(),
             loss: s.eval.mean_loss(),
-            train_loss: s.train_loss,
+            train_loss: s.train_loss.is_finite().then_some(s.train_loss),
             participants: s.contributors.len(),
             cohort: s.cohort.len(),
             dropped: s.dropped.len(),
@@ -623,4 +627,25 @@ fn write_model(
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// The aggregator the configuration asks for. Secure aggregation gets a
+/// fresh seed from the OS for its graph order.
+fn build_aggregator(
+    config: &CoordinatorConfig,
+    session_id: u64,
+) -> Result<Box<dyn greyfed_protocol::aggregate::Aggregator>> {
+    Ok(match config.aggregation {
+        AggregationKind::Plain => Box::new(PlainAggregator::with_timeout(config.round_timeout)),
+        AggregationKind::SecAgg { full } => {
+            let mut seed = [0u8; 32];
+            rand::TryRng::try_fill_bytes(&mut rand::rngs::SysRng, &mut seed)
+                .map_err(|e| CoordinatorError::Config(format!("no OS randomness: {e}")))?;
+            let mut secagg = config.secagg.clone();
+            secagg.session_id = session_id;
+            secagg.seed = seed;
+            secagg.full = full;
+            Box::new(SecAggCoordinator::new(secagg)?)
+        }
+    })
 }

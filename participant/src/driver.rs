@@ -11,18 +11,22 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use greyfed_protocol::{
-    Hello, Message, ModelSpec, PROTOCOL_VERSION, ParticipantId,
+    Hello, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION, ParticipantId,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
     participant::{ParticipantEvent, ParticipantSession},
 };
-use tracing::{debug, info};
+use rand::{
+    SeedableRng,
+    rngs::{StdRng, SysRng},
+};
+use tracing::{debug, info, warn};
 
 use crate::{
     cipher::BlockScrambler,
     client,
     data::Dataset,
     error::{ParticipantError, Result},
-    train::{TensorData, TrainOptions, evaluate, train_local_with},
+    train::{TensorData, TrainOptions, TrainOutcome, evaluate, train_local_with},
 };
 
 /// Batch size used for evaluation (does not affect results).
@@ -139,12 +143,21 @@ pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<Par
     result
 }
 
+/// Local training running on a blocking thread while the loop keeps
+/// answering the coordinator (secure-aggregation key exchange overlaps it).
+struct Training {
+    round: u32,
+    task: tokio::task::JoinHandle<Result<(TrainOutcome, ModelWeights)>>,
+}
+
 async fn session_loop(
     config: &ParticipantConfig,
     conn: &quinn::Connection,
     data: Arc<LocalData>,
 ) -> Result<ParticipantReport> {
     let conn_err = |e: &dyn std::fmt::Display| ParticipantError::Connection(e.to_string());
+    let mut rng = StdRng::try_from_rng(&mut SysRng)
+        .map_err(|e| ParticipantError::Connection(format!("no OS randomness: {e}")))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_err(&e))?;
     let mut session = ParticipantSession::new(Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -156,6 +169,7 @@ async fn session_loop(
     });
     let mut report = ParticipantReport::default();
     let mut spec: Option<ModelSpec> = None;
+    let mut training: Option<Training> = None;
     let mut decoder = FrameDecoder::new(config.max_frame);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -174,6 +188,7 @@ async fn session_loop(
                         id,
                         model = info.model.name(),
                         rounds = info.rounds,
+                        aggregation = info.aggregation.name(),
                         "joined session"
                     );
                     report.id = Some(id);
@@ -185,35 +200,31 @@ async fn session_loop(
                     seed,
                 } => {
                     let spec = spec.clone().ok_or_else(|| no_session("Train"))?;
-                    let training = session
+                    let training_config = session
                         .session()
                         .map(|s| s.training.clone())
                         .ok_or_else(|| no_session("Train"))?;
                     let data = data.clone();
-                    let start = std::time::Instant::now();
-                    let (outcome, global) = tokio::task::spawn_blocking(move || {
-                        let options = TrainOptions {
-                            proximal_mu: training.proximal_mu,
-                        };
-                        train_local_with(&spec, &global, &data.train, &training, seed, &options)
+                    if let Some(old) = training.take() {
+                        old.task.abort();
+                    }
+                    training = Some(Training {
+                        round,
+                        task: tokio::task::spawn_blocking(move || {
+                            let options = TrainOptions {
+                                proximal_mu: training_config.proximal_mu,
+                            };
+                            train_local_with(
+                                &spec,
+                                &global,
+                                &data.train,
+                                &training_config,
+                                seed,
+                                &options,
+                            )
                             .map(|o| (o, global))
-                    })
-                    .await
-                    .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
-                    let update = outcome.weights.sub(&global)?.to_flat();
-                    debug!(
-                        round,
-                        loss = outcome.mean_loss,
-                        secs = start.elapsed().as_secs_f32(),
-                        "trained"
-                    );
-                    session.submit_update(
-                        round,
-                        outcome.mean_loss,
-                        update,
-                        outcome.samples as f64,
-                    )?;
-                    report.rounds_trained += 1;
+                        }),
+                    });
                 }
                 ParticipantEvent::Evaluate { round, global } => {
                     let spec = spec.clone().ok_or_else(|| no_session("Evaluate"))?;
@@ -237,28 +248,53 @@ async fn session_loop(
             }
         }
         if acted {
-            continue; // flush what the events queued before reading again
+            continue; // flush what the events queued before waiting again
         }
-        // Read until at least one message arrives.
-        let msg = loop {
-            if let Some(m) = decoder.next_message()? {
-                break m;
-            }
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => decoder.push(&buf[..n]),
-                Ok(None) => {
-                    decoder.finish()?;
-                    return Err(ParticipantError::Connection(
-                        "the coordinator closed the stream before the session finished".into(),
-                    ));
+        // Wait for the next message, or for local training to finish.
+        let msg = if let Some(m) = decoder.next_message()? {
+            m
+        } else {
+            tokio::select! {
+                done = async { (&mut training.as_mut().expect("guarded").task).await }, if training.is_some() => {
+                    let Training { round, .. } = training.take().expect("guarded");
+                    let (outcome, global) = done
+                        .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
+                    let update = outcome.weights.sub(&global)?.to_flat();
+                    debug!(round, loss = outcome.mean_loss, "trained");
+                    match session.submit_update(round, outcome.mean_loss, update, outcome.samples as f64, &mut rng) {
+                        Ok(()) => report.rounds_trained += 1,
+                        // The coordinator moved on without us, or this
+                        // round's secure aggregation failed: not fatal.
+                        Err(e) => warn!(round, "update not used: {e}"),
+                    }
+                    continue;
                 }
-                Err(e) => return Err(conn_err(&e)),
+                read = recv.read(&mut buf) => match read {
+                    Ok(Some(n)) => {
+                        decoder.push(&buf[..n]);
+                        continue;
+                    }
+                    Ok(None) => {
+                        decoder.finish()?;
+                        return Err(ParticipantError::Connection(
+                            "the coordinator closed the stream before the session finished".into(),
+                        ));
+                    }
+                    Err(e) => return Err(conn_err(&e)),
+                },
             }
         };
         if let Message::Reject { reason } = &msg {
             return Err(ParticipantError::Rejected(reason.clone()));
         }
-        session.handle_message(msg)?;
+        if let Err(e) = session.handle_message(msg, &mut rng) {
+            if session.is_finished() {
+                return Err(e.into());
+            }
+            // A secure-aggregation round we cannot complete; the coordinator
+            // leaves us out of it and the next round starts afresh.
+            warn!("secure aggregation round failed: {e}");
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::{
     error::ProtocolError,
-    message::{AggregationPayload, Message, ParticipantId},
+    message::{AggregationKind, AggregationPayload, Message, ParticipantId},
 };
 
 /// What an aggregator learns at the end of a round: the weighted mean of the
@@ -39,8 +39,20 @@ pub struct AggregateResult {
 /// `Some`. Time is always passed in: multi-stage schemes start a stage's
 /// deadline when the previous stage closes.
 pub trait Aggregator: Send {
-    /// Short name recorded in metrics, e.g. `"plain"`.
-    fn kind(&self) -> &'static str;
+    /// The scheme, announced to participants in the session info.
+    fn aggregation(&self) -> AggregationKind;
+
+    /// Short name recorded in metrics: `plain`, `secagg` or `secagg+`.
+    fn kind(&self) -> &'static str {
+        self.aggregation().name()
+    }
+
+    /// The largest aggregation weight any member of the next cohort will use
+    /// (its sample count). Schemes that encode weights in a bounded ring size
+    /// their encoding from it; the default ignores it.
+    fn set_max_weight(&mut self, max_weight: u64) {
+        let _ = max_weight;
+    }
 
     /// Starts a round over `cohort` for updates of `num_params` values.
     fn begin_round(
@@ -90,6 +102,8 @@ pub trait Aggregator: Send {
 /// sees every update. Sums in `f64`.
 #[derive(Debug, Default)]
 pub struct PlainAggregator {
+    timeout: Option<std::time::Duration>,
+    deadline: Option<Instant>,
     round: u32,
     num_params: usize,
     waiting: BTreeSet<ParticipantId>,
@@ -100,24 +114,35 @@ pub struct PlainAggregator {
 }
 
 impl PlainAggregator {
-    /// A new aggregator; configure per round with `begin_round`.
+    /// A new aggregator without a deadline of its own (the session's round
+    /// deadline still applies); configure per round with `begin_round`.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An aggregator that treats participants who have not contributed
+    /// `timeout` after the round began as dropped.
+    pub fn with_timeout(timeout: std::time::Duration) -> Self {
+        Self {
+            timeout: Some(timeout),
+            ..Self::default()
+        }
     }
 }
 
 impl Aggregator for PlainAggregator {
-    fn kind(&self) -> &'static str {
-        "plain"
+    fn aggregation(&self) -> AggregationKind {
+        AggregationKind::Plain
     }
 
     fn begin_round(
         &mut self,
-        _now: Instant,
+        now: Instant,
         round: u32,
         cohort: &[ParticipantId],
         num_params: usize,
     ) -> Result<(), ProtocolError> {
+        self.deadline = self.timeout.map(|t| now + t);
         self.round = round;
         self.num_params = num_params;
         self.waiting = cohort.iter().copied().collect();
@@ -178,6 +203,20 @@ impl Aggregator for PlainAggregator {
 
     fn handle_dropout(&mut self, _now: Instant, who: ParticipantId) {
         self.waiting.remove(&who);
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        if self.done || self.waiting.is_empty() {
+            None
+        } else {
+            self.deadline
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.deadline.is_some_and(|d| now >= d) {
+            self.waiting.clear();
+        }
     }
 
     fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>> {

@@ -67,6 +67,10 @@ pub enum ProtocolError {
         /// The round named by the message.
         got: u32,
     },
+    /// A message for the current round that arrived after its phase ended
+    /// (e.g. unmasking shares no longer needed). Harmless: ignore it.
+    #[error("late {0} ignored: its phase of the round is over")]
+    Late(&'static str),
     /// A message came from a participant the coordinator does not know.
     #[error("unknown participant {0}")]
     UnknownParticipant(u32),

@@ -158,6 +158,30 @@ pub struct Hello {
     pub key_fingerprint: String,
 }
 
+/// How participants' updates are aggregated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AggregationKind {
+    /// Unprotected sums: the coordinator sees each update (comparison only).
+    Plain,
+    /// Secure aggregation ([`crate::secagg`]): the coordinator learns only the
+    /// sum of the survivors' updates.
+    SecAgg {
+        /// Complete graph (SecAgg) instead of the sparse Harary graph (SecAgg+).
+        full: bool,
+    },
+}
+
+impl AggregationKind {
+    /// The name used on the command line and in metrics: `plain`, `secagg`, `secagg+`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AggregationKind::Plain => "plain",
+            AggregationKind::SecAgg { full: true } => "secagg",
+            AggregationKind::SecAgg { full: false } => "secagg+",
+        }
+    }
+}
+
 /// Session parameters sent to every admitted participant.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SessionInfo {
@@ -169,6 +193,8 @@ pub struct SessionInfo {
     pub training: TrainingConfig,
     /// Total number of rounds planned.
     pub rounds: u32,
+    /// How updates are aggregated.
+    pub aggregation: AggregationKind,
 }
 
 /// A participant's input to aggregation, in the form the configured

@@ -8,13 +8,27 @@
 //! the replies. Drain [`poll_transmit`](ParticipantSession::poll_transmit)
 //! then [`poll_event`](ParticipantSession::poll_event) after every call.
 //!
-//! After a fatal error the session is poisoned and returns that error again.
+//! With secure aggregation (announced in the session info) each round also
+//! runs a [`SecAggParticipant`]: its stage messages arrive while the driver
+//! is still training, are answered at once, and the update is masked when
+//! `submit_update` hands it over. The driver keeps reading messages while it
+//! trains so that key exchange overlaps training.
+//!
+//! A fatal error poisons the session: it returns that error again. A failed
+//! secure-aggregation round is not fatal: the coordinator leaves this
+//! participant out of that round and the next round starts afresh.
 
 use std::collections::VecDeque;
 
+use rand::CryptoRng;
+
 use crate::{
     error::ProtocolError,
-    message::{AggregationPayload, EvalMetrics, Hello, Message, ParticipantId, SessionInfo},
+    message::{
+        AggregationKind, AggregationPayload, EvalMetrics, Hello, Message, ParticipantId,
+        SessionInfo,
+    },
+    secagg::{keys::RoundContext, participant::SecAggParticipant},
     weights::ModelWeights,
 };
 
@@ -68,6 +82,8 @@ pub struct ParticipantSession {
     id: Option<ParticipantId>,
     session: Option<SessionInfo>,
     last_round: u32,
+    /// The secure-aggregation side of the current round, if any.
+    secagg: Option<SecAggParticipant>,
     outbox: VecDeque<Message>,
     events: VecDeque<ParticipantEvent>,
     poisoned: Option<ProtocolError>,
@@ -81,6 +97,7 @@ impl ParticipantSession {
             id: None,
             session: None,
             last_round: 0,
+            secagg: None,
             outbox: VecDeque::from([Message::Hello(hello)]),
             events: VecDeque::new(),
             poisoned: None,
@@ -102,10 +119,26 @@ impl ParticipantSession {
         self.state == State::Finished || self.poisoned.is_some()
     }
 
-    /// Handles one message from the coordinator.
-    pub fn handle_message(&mut self, msg: Message) -> Result<(), ProtocolError> {
+    /// Handles one message from the coordinator; `rng` supplies the fresh
+    /// keys and masks of secure aggregation.
+    pub fn handle_message(
+        &mut self,
+        msg: Message,
+        rng: &mut impl CryptoRng,
+    ) -> Result<(), ProtocolError> {
         if let Some(e) = &self.poisoned {
             return Err(e.clone());
+        }
+        if let Message::SecAgg { round, .. } = &msg {
+            // Not fatal for the session: the round goes on without us.
+            let round = *round;
+            return match &mut self.secagg {
+                Some(s) if s.context().round == round => s.handle_message(msg, rng),
+                _ => Err(ProtocolError::WrongRound {
+                    current: self.last_round,
+                    got: round,
+                }),
+            };
         }
         let result = self.dispatch(msg);
         if let Err(e) = &result {
@@ -152,6 +185,19 @@ impl ParticipantSession {
                 global.validate()?;
                 self.last_round = round;
                 self.state = State::Training { round };
+                self.secagg = match (&self.session, self.id) {
+                    (Some(info), Some(id)) if info.aggregation != AggregationKind::Plain => {
+                        Some(SecAggParticipant::new(
+                            id,
+                            RoundContext {
+                                session_id: info.session_id,
+                                round,
+                            },
+                            Some(global.num_parameters()),
+                        ))
+                    }
+                    _ => None,
+                };
                 self.events.push_back(ParticipantEvent::Train {
                     round,
                     global,
@@ -159,7 +205,9 @@ impl ParticipantSession {
                 });
                 Ok(())
             }
-            (State::Idle, Message::EvaluateRequest { round, global }) => {
+            // `Training` too: the coordinator may finish a round without us
+            // (we were late or excluded); our update is then discarded.
+            (State::Idle | State::Training { .. }, Message::EvaluateRequest { round, global }) => {
                 global.validate()?;
                 self.state = State::Evaluating { round };
                 self.events
@@ -168,6 +216,7 @@ impl ParticipantSession {
             }
             (State::Idle, Message::Finished { rounds_completed }) => {
                 self.state = State::Finished;
+                self.secagg = None;
                 self.events
                     .push_back(ParticipantEvent::Finished { rounds_completed });
                 Ok(())
@@ -177,7 +226,7 @@ impl ParticipantSession {
                 expected: match state {
                     State::AwaitingWelcome => "Welcome or Reject",
                     State::Idle => "TrainRequest, EvaluateRequest or Finished",
-                    State::Training { .. } => "nothing while training",
+                    State::Training { .. } => "secure-aggregation messages while training",
                     State::Evaluating { .. } => "nothing while evaluating",
                     State::Finished => "nothing after Finished",
                 },
@@ -188,26 +237,43 @@ impl ParticipantSession {
 
     /// Reports the local update for `round`: `update` is the trained model
     /// minus the global model, flattened; `weight` the number of samples.
+    /// With secure aggregation the update is masked (and sent once the key
+    /// exchange allows); `rng` drives the stochastic rounding.
+    ///
+    /// # Errors
+    /// No TrainRequest for `round` is outstanding (e.g. the coordinator
+    /// already moved on), or the update cannot be encoded.
     pub fn submit_update(
         &mut self,
         round: u32,
         train_loss: f32,
         update: Vec<f32>,
         weight: f64,
+        rng: &mut impl CryptoRng,
     ) -> Result<(), ProtocolError> {
         if self.state != (State::Training { round }) {
-            return Err(ProtocolError::UnexpectedMessage {
-                expected: "a TrainRequest for this round first",
-                got: "submit_update",
-            });
+            return Err(ProtocolError::Late("update"));
         }
         self.state = State::Idle;
-        self.outbox.push_back(Message::Contribution {
-            round,
-            train_loss,
-            payload: AggregationPayload::Plain { update, weight },
-        });
-        Ok(())
+        match &mut self.secagg {
+            Some(s) => {
+                let w = weight.round();
+                if !(w >= 1.0 && w <= u32::MAX as f64) {
+                    return Err(ProtocolError::InvalidContribution(format!(
+                        "weight {weight} is not a positive sample count"
+                    )));
+                }
+                s.set_input(&update, w as u32, rng)
+            }
+            None => {
+                self.outbox.push_back(Message::Contribution {
+                    round,
+                    train_loss,
+                    payload: AggregationPayload::Plain { update, weight },
+                });
+                Ok(())
+            }
+        }
     }
 
     /// Reports the evaluation sums for `round`.
@@ -228,9 +294,20 @@ impl ParticipantSession {
         Ok(())
     }
 
-    /// Next message to send to the coordinator.
+    /// Next message to send to the coordinator. Secure-aggregation uploads
+    /// travel as `Contribution`s without a training loss (a per-participant
+    /// loss would be seen by the coordinator alone).
     pub fn poll_transmit(&mut self) -> Option<Message> {
-        self.outbox.pop_front()
+        if let Some(m) = self.outbox.pop_front() {
+            return Some(m);
+        }
+        let s = self.secagg.as_mut()?;
+        let round = s.context().round;
+        s.poll_transmit().map(|payload| Message::Contribution {
+            round,
+            train_loss: f32::NAN,
+            payload,
+        })
     }
 
     /// Next event for the driver.

@@ -147,6 +147,8 @@ struct Peer {
 #[derive(Debug, Default)]
 struct RoundState {
     cohort: Vec<ParticipantId>,
+    /// Contributors whose training loss is already counted.
+    reported_loss: BTreeSet<ParticipantId>,
     train_loss_sum: f64,
     train_loss_weight: f64,
     contributors: Vec<ParticipantId>,
@@ -273,13 +275,35 @@ impl CoordinatorSession {
                 train_loss,
                 payload,
             } => {
-                let current = self.expect_round(from, "Contribution", round, |p| {
-                    matches!(p, Phase::Training { .. })
-                })?;
+                let current = self.current_round();
+                if round != current {
+                    return Err(ProtocolError::WrongRound {
+                        current,
+                        got: round,
+                    });
+                }
+                match self.phase {
+                    Phase::Training { .. } => {}
+                    // Aggregation already finished without needing this
+                    // (e.g. spare unmasking shares): harmless.
+                    Phase::AwaitingModel { .. } | Phase::Evaluating { .. } => {
+                        return Err(ProtocolError::Late("Contribution"));
+                    }
+                    _ => {
+                        return Err(ProtocolError::UnexpectedMessage {
+                            expected: self.phase_expects(),
+                            got: "Contribution",
+                        });
+                    }
+                }
+                if !self.round.cohort.contains(&from) {
+                    return Err(ProtocolError::UnknownParticipant(from));
+                }
+                // Multi-stage aggregators take several payloads per round;
+                // the aggregator itself rejects duplicates within a stage.
                 self.aggregator.handle_payload(now, from, payload)?;
-                self.pending.remove(&from);
                 let w = self.peers[&from].train_samples as f64;
-                if train_loss.is_finite() {
+                if train_loss.is_finite() && self.round.reported_loss.insert(from) {
                     self.round.train_loss_sum += w * train_loss as f64;
                     self.round.train_loss_weight += w;
                 }
@@ -421,6 +445,7 @@ impl CoordinatorSession {
                     model: self.config.model.clone(),
                     training: self.config.training.clone(),
                     rounds: self.config.rounds,
+                    aggregation: self.aggregator.aggregation(),
                 },
             },
         ));
@@ -441,9 +466,8 @@ impl CoordinatorSession {
         }
         let was_pending = self.pending.remove(&id);
         match self.phase {
-            Phase::Training { round } if was_pending => {
+            Phase::Training { round } if self.round.cohort.contains(&id) => {
                 self.aggregator.handle_dropout(now, id);
-                self.round.dropped.push(id);
                 self.drain_aggregator(now, round);
             }
             Phase::Evaluating { .. } if was_pending => self.maybe_finish_evaluation(now),
@@ -454,6 +478,20 @@ impl CoordinatorSession {
     /// Advances on the clock: a passed deadline turns whoever the phase still
     /// waits for into dropouts for that phase.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Training { round } = self.phase {
+            // Stage deadlines of the aggregator, then the round's hard limit.
+            if self.aggregator.poll_timeout().is_some_and(|d| now >= d) {
+                self.aggregator.handle_timeout(now);
+            }
+            if self.deadline.is_some_and(|d| now >= d) {
+                self.deadline = None;
+                for &id in &self.round.cohort {
+                    self.aggregator.handle_dropout(now, id);
+                }
+            }
+            self.drain_aggregator(now, round);
+            return;
+        }
         match self.deadline {
             Some(d) if now >= d => {}
             _ => return,
@@ -471,18 +509,11 @@ impl CoordinatorSession {
                     ));
                 }
             }
-            Phase::Training { round } => {
-                for id in std::mem::take(&mut self.pending) {
-                    self.aggregator.handle_dropout(now, id);
-                    self.round.dropped.push(id);
-                }
-                self.drain_aggregator(now, round);
-            }
             Phase::Evaluating { .. } => {
                 self.pending.clear();
                 self.maybe_finish_evaluation(now);
             }
-            Phase::AwaitingModel { .. } | Phase::Over => {}
+            Phase::Training { .. } | Phase::AwaitingModel { .. } | Phase::Over => {}
         }
     }
 
@@ -536,7 +567,10 @@ impl CoordinatorSession {
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        match (self.phase, self.aggregator.poll_timeout()) {
+            (Phase::Training { .. }, Some(a)) => Some(self.deadline.map_or(a, |d| d.min(a))),
+            _ => self.deadline,
+        }
     }
 
     fn start_round(&mut self, now: Instant, round: u32) {
@@ -553,6 +587,12 @@ impl CoordinatorSession {
             ));
             return;
         }
+        let max_weight = cohort
+            .iter()
+            .map(|id| self.peers[id].train_samples)
+            .max()
+            .unwrap_or(1);
+        self.aggregator.set_max_weight(max_weight);
         if let Err(e) =
             self.aggregator
                 .begin_round(now, round, &cohort, self.global.num_parameters())
@@ -565,7 +605,7 @@ impl CoordinatorSession {
             cohort: cohort.clone(),
             ..RoundState::default()
         };
-        self.pending = cohort.iter().copied().collect();
+        self.pending.clear();
         for &id in &cohort {
             self.outbox.push_back((
                 id,
@@ -579,6 +619,9 @@ impl CoordinatorSession {
         self.deadline = Some(now + self.config.round_timeout);
         self.events
             .push_back(SessionEvent::RoundStarted { round, cohort });
+        // The aggregator's first messages (e.g. the secure-aggregation setup)
+        // go out after the TrainRequests, which open the round on each side.
+        self.drain_aggregator(now, round);
     }
 
     fn drain_aggregator(&mut self, now: Instant, round: u32) {
@@ -589,6 +632,13 @@ impl CoordinatorSession {
             None => {}
             Some(Ok(result)) => {
                 self.round.contributors = result.contributors.clone();
+                self.round.dropped = self
+                    .round
+                    .cohort
+                    .iter()
+                    .filter(|id| !result.contributors.contains(id))
+                    .copied()
+                    .collect();
                 self.phase = Phase::AwaitingModel { round };
                 self.pending.clear();
                 self.deadline = None;

@@ -52,6 +52,7 @@
 //!
 //! The stage state and transitions live in `stages`.
 
+use crate::message::AggregationKind;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -128,6 +129,9 @@ pub struct SecAggCoordinator {
     config: SecAggConfig,
     rng: StdRng,
     prg: PrgKind,
+    /// Largest weight of the next cohort, from [`Aggregator::set_max_weight`]
+    /// (overrides `config.max_weight`).
+    weight_bound: Option<u32>,
     round: Option<RoundInfo>,
     stage: Stage,
     outbox: VecDeque<(ParticipantId, Message)>,
@@ -181,6 +185,7 @@ impl SecAggCoordinator {
             rng: StdRng::from_seed(config.seed),
             config,
             prg,
+            weight_bound: None,
             round: None,
             stage: Stage::Idle,
             outbox: VecDeque::new(),
@@ -289,12 +294,14 @@ impl SecAggCoordinator {
 }
 
 impl Aggregator for SecAggCoordinator {
-    fn kind(&self) -> &'static str {
-        if self.config.full {
-            "secagg"
-        } else {
-            "secagg+"
+    fn aggregation(&self) -> AggregationKind {
+        AggregationKind::SecAgg {
+            full: self.config.full,
         }
+    }
+
+    fn set_max_weight(&mut self, max_weight: u64) {
+        self.weight_bound = Some(max_weight.clamp(1, u32::MAX as u64) as u32);
     }
 
     fn begin_round(
@@ -322,7 +329,18 @@ impl Aggregator for SecAggCoordinator {
         }
         let c = &self.config;
         let gp = graph_params(n, c.dropout_fraction, c.corrupt_fraction, c.full)?;
-        let encoding = EncodingParams::new(c.clip, c.bits, c.max_weight, n)?;
+        // With the cohort's real weight bound (from the session), use as many
+        // quantisation bits as fit the ring, down to MIN_FITTED_BITS; below
+        // that (or without a bound) the configured bits apply and the budget
+        // check explains what to change.
+        let (bits, max_weight) = match self.weight_bound {
+            Some(w) => match fit_bits(c.bits, w, n) {
+                b if b >= MIN_FITTED_BITS => (b, w),
+                _ => (c.bits, w),
+            },
+            None => (c.bits, c.max_weight),
+        };
+        let encoding = EncodingParams::new(c.clip, bits, max_weight, n)?;
         let graph = NeighbourGraph::random(cohort, gp.degree, &mut self.rng)?;
         let neighbours = members.iter().map(|&u| (u, graph.neighbours(u))).collect();
         let setup = RoundSetup {
@@ -438,4 +456,17 @@ impl Aggregator for SecAggCoordinator {
     fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>> {
         self.result.take()
     }
+}
+
+/// Fewest quantisation bits [`fit_bits`] may choose on its own.
+const MIN_FITTED_BITS: u32 = 8;
+
+/// The most quantisation bits, up to `wanted`, for which `n` inputs of weight
+/// up to `max_weight` fit the 32-bit ring (at least 1: if even that does not
+/// fit, [`EncodingParams::new`] reports the bit budget).
+fn fit_bits(wanted: u32, max_weight: u32, n: usize) -> u32 {
+    (1..=wanted)
+        .rev()
+        .find(|&b| (n as u128) * (max_weight as u128) * ((1u128 << b) - 1) < (1u128 << 32))
+        .unwrap_or(1)
 }

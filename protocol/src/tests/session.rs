@@ -295,30 +295,99 @@ fn hellos_with_other_key_version_or_image_size_are_refused() {
 #[test]
 fn participant_session_rejects_out_of_order_messages() {
     use crate::participant::ParticipantSession;
+    let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(1);
     let mut p = ParticipantSession::new(hello(0, 10));
     assert!(matches!(p.poll_transmit(), Some(Message::Hello(_))));
-    let err = p
-        .handle_message(Message::TrainRequest {
-            round: 1,
-            global: tiny_model(),
-            seed: 0,
-        })
-        .unwrap_err();
+    let train = Message::TrainRequest {
+        round: 1,
+        global: tiny_model(),
+        seed: 0,
+    };
+    let err = p.handle_message(train, &mut rng).unwrap_err();
     assert!(matches!(err, ProtocolError::UnexpectedMessage { .. }));
     // Poisoned: the same error again.
-    assert_eq!(
-        p.handle_message(Message::Finished {
-            rounds_completed: 0
-        }),
-        Err(err)
-    );
+    let finished = Message::Finished {
+        rounds_completed: 0,
+    };
+    assert_eq!(p.handle_message(finished, &mut rng), Err(err));
     assert!(p.is_finished());
 
     let mut p = ParticipantSession::new(hello(0, 10));
-    p.handle_message(Message::Reject {
+    let reject = Message::Reject {
         reason: "full".into(),
-    })
-    .map(|_| ())
-    .expect_err("a Reject ends the session with an error");
-    assert!(p.submit_update(1, 0.0, vec![], 1.0).is_err());
+    };
+    p.handle_message(reject, &mut rng)
+        .expect_err("a Reject ends the session with an error");
+    assert!(p.submit_update(1, 0.0, vec![], 1.0, &mut rng).is_err());
+}
+
+mod secure {
+    use super::*;
+    use crate::secagg::coordinator::{SecAggConfig, SecAggCoordinator};
+
+    fn secagg_harness(n: usize, rounds: u32) -> Harness {
+        let mut cfg = SecAggConfig::new(7, [9; 32]);
+        cfg.clip = 64.0; // the fake updates are up to ~30
+        // Four stages must fit in the session's 30 s round deadline.
+        cfg.stage_timeout = std::time::Duration::from_secs(5);
+        cfg.full = true;
+        Harness::with_aggregator(
+            config(n, rounds),
+            n,
+            Box::new(SecAggCoordinator::new(cfg).unwrap()),
+        )
+    }
+
+    /// Quantisation step of the encoding the coordinator chose (16 bits here).
+    const STEP: f32 = 128.0 / 65535.0;
+
+    #[test]
+    fn secure_session_matches_the_weighted_mean_within_the_quantisation_step() {
+        let mut h = secagg_harness(4, 2);
+        h.drive(10_000);
+        assert!(matches!(
+            h.events.last(),
+            Some(SessionEvent::Finished {
+                rounds_completed: 2
+            })
+        ));
+        let aggs = aggregated(&h);
+        assert_eq!(aggs.len(), 2);
+        for r in aggs {
+            assert_eq!(r.contributors, vec![0, 1, 2, 3]);
+            assert_eq!(r.total_weight, 100.0);
+            let expect = expected_mean(&h, r.round, &[0, 1, 2, 3]);
+            for (a, b) in r.mean_update.iter().zip(&expect) {
+                assert!((a - b).abs() <= STEP, "{a} vs {b}");
+            }
+        }
+        // No individual training loss reaches the coordinator.
+        assert!(h.completed().iter().all(|s| s.train_loss.is_nan()));
+    }
+
+    #[test]
+    fn secure_session_survives_a_participant_vanishing_while_training() {
+        let mut h = secagg_harness(5, 2);
+        h.departures
+            .push((3, 1, Stage::Train, Departure::Disconnect));
+        h.drive(10_000);
+        let aggs = aggregated(&h);
+        assert_eq!(aggs.len(), 2);
+        assert_eq!(aggs[0].contributors, vec![0, 1, 2, 4]);
+        assert_eq!(h.completed()[0].dropped, vec![3]);
+        let expect = expected_mean(&h, 1, &[0, 1, 2, 4]);
+        for (a, b) in aggs[0].mean_update.iter().zip(&expect) {
+            assert!((a - b).abs() <= STEP, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn silent_participant_is_dropped_by_the_stage_deadlines() {
+        let mut h = secagg_harness(5, 1);
+        h.departures.push((1, 1, Stage::Train, Departure::Silent));
+        h.drive(10_000);
+        let aggs = aggregated(&h);
+        assert_eq!(aggs.len(), 1, "{:?}", h.events);
+        assert_eq!(aggs[0].contributors, vec![0, 2, 3, 4]);
+    }
 }

@@ -46,6 +46,8 @@ pub struct Harness {
     pub samples: BTreeMap<ParticipantId, u64>,
     /// Every update each participant submitted, by round.
     pub submitted: BTreeMap<(u32, ParticipantId), Vec<f32>>,
+    /// Randomness handed to the participants.
+    pub rng: rand::rngs::StdRng,
 }
 
 pub fn tiny_model() -> ModelWeights {
@@ -91,10 +93,16 @@ pub fn fake_update(id: ParticipantId, round: u32, n: usize) -> Vec<f32> {
 
 impl Harness {
     pub fn new(config: SessionConfig, n: usize) -> Self {
+        Self::with_aggregator(config, n, Box::new(PlainAggregator::new()))
+    }
+
+    pub fn with_aggregator(
+        config: SessionConfig,
+        n: usize,
+        aggregator: Box<dyn crate::aggregate::Aggregator>,
+    ) -> Self {
         let now = Instant::now();
-        let coordinator =
-            CoordinatorSession::new(config, tiny_model(), Box::new(PlainAggregator::new()), now)
-                .unwrap();
+        let coordinator = CoordinatorSession::new(config, tiny_model(), aggregator, now).unwrap();
         let mut h = Harness {
             now,
             coordinator,
@@ -106,6 +114,7 @@ impl Harness {
             gone: BTreeSet::new(),
             samples: BTreeMap::new(),
             submitted: BTreeMap::new(),
+            rng: rand::SeedableRng::seed_from_u64(3),
         };
         for id in 0..n as ParticipantId {
             h.add_participant(id, 10 * (id as u64 + 1));
@@ -159,7 +168,7 @@ impl Harness {
                 continue;
             }
             let p = self.participants.get_mut(&to).unwrap();
-            if p.handle_message(m).is_err() {
+            if p.handle_message(m, &mut self.rng).is_err() {
                 continue;
             }
             let events: Vec<_> = std::iter::from_fn(|| p.poll_event()).collect();
@@ -173,8 +182,14 @@ impl Harness {
                         let update = fake_update(to, round, global.num_parameters());
                         self.submitted.insert((round, to), update.clone());
                         let p = self.participants.get_mut(&to).unwrap();
-                        p.submit_update(round, 0.5, update, self.samples[&to] as f64)
-                            .unwrap();
+                        p.submit_update(
+                            round,
+                            0.5,
+                            update,
+                            self.samples[&to] as f64,
+                            &mut self.rng,
+                        )
+                        .unwrap();
                     }
                     ParticipantEvent::Evaluate { round, .. } => {
                         if let Some(how) = self.leaves(to, round, Stage::Evaluate) {
