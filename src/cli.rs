@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use greyfed_participant::data::partition::Partition;
+use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
 
 /// greyfed: federated training on encrypted grey-scale images.
 #[derive(Debug, Parser)]
@@ -61,6 +62,29 @@ pub enum StrategyKind {
     Fedprox,
     /// FedAdam (Reddi et al.): adaptive server steps.
     Fedadam,
+}
+
+/// `--dropout-stage`: a stage, or `any` (a random stage per crash).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropoutStageArg {
+    /// A random stage for each crashing participant.
+    Any,
+    /// This stage.
+    Stage(DropoutStage),
+}
+
+impl std::str::FromStr for DropoutStageArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "any" => Ok(DropoutStageArg::Any),
+            _ => s
+                .parse()
+                .map(DropoutStageArg::Stage)
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// Aggregation scheme choice.
@@ -191,7 +215,8 @@ pub struct CoordinatorArgs {
     /// Participants to wait for before the first round.
     #[arg(long, default_value_t = 10)]
     pub participants: usize,
-    /// Fewest participants a round may run with (default: all of them).
+    /// Fewest participants a round may start with (default: half of
+    /// --participants, at least 1; secure aggregation needs 2 per round).
     #[arg(long)]
     pub min_participants: Option<usize>,
     /// Seconds to wait for participants to join (default: forever).
@@ -210,6 +235,9 @@ pub struct CoordinatorArgs {
     /// prints it). Default: the first participant's, which the others must match.
     #[arg(long)]
     pub key_fingerprint: Option<String>,
+    /// Test mode only: write each round's aggregated update to DIR.
+    #[arg(long, hide = true)]
+    pub dump_aggregates: Option<PathBuf>,
     /// Write the bound address to this file once listening (for scripts).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
@@ -261,6 +289,14 @@ pub struct ParticipantArgs {
     /// Block size of the image cipher (must equal the model's).
     #[arg(long, default_value_t = 4)]
     pub block_size: usize,
+    /// Crash (SIGKILL this process) at ROUND:STAGE, STAGE one of train,
+    /// advertise, share, masked, unmask: for dropout simulations and tests.
+    #[arg(long)]
+    pub drop_at: Option<DropoutPlan>,
+    /// Test mode only: write each round's unmasked update to DIR (defeats
+    /// secure aggregation locally; never use in a deployment).
+    #[arg(long, hide = true)]
+    pub dump_updates: Option<PathBuf>,
     /// Data settings.
     #[command(flatten)]
     pub data: DataArgs,
@@ -281,6 +317,13 @@ pub struct SimulateArgs {
     /// Seed for model initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fraction of participants that crash once during the run (each picked
+    /// at random, at a random round).
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Where in the round the crashes happen.
+    #[arg(long, default_value = "any")]
+    pub dropout_stage: DropoutStageArg,
     /// Compute threads per participant process.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,

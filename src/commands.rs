@@ -113,7 +113,9 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     );
     config.listen = args.listen;
     config.participants = args.participants;
-    config.min_participants = args.min_participants.unwrap_or(args.participants);
+    config.min_participants = args
+        .min_participants
+        .unwrap_or((args.participants / 2).max(1));
     config.rounds = args.training.rounds;
     config.training = training_config(&args.training);
     config.strategy = strategy_config(&args.training)?;
@@ -126,6 +128,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     config.join_timeout = args.join_timeout.map(Duration::from_secs);
     config.seed = args.seed;
     config.key_fingerprint = args.key_fingerprint.clone();
+    config.dump_aggregates = args.dump_aggregates.clone();
     let coordinator = Coordinator::bind(config)?;
     let addr = coordinator.local_addr()?;
     if let Some(path) = &args.addr_file {
@@ -239,6 +242,8 @@ pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
         .name
         .clone()
         .unwrap_or_else(|| format!("participant-{index}"));
+    config.dropout = args.drop_at;
+    config.dump_updates = args.dump_updates.clone();
     Ok(greyfed_participant::run(&config, data).await?)
 }
 

@@ -66,6 +66,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Simulate(args) => {
             let report = simulate::simulate(&args, true).await?;
+            for (i, plan) in &report.crashes {
+                println!(
+                    "participant {i} crashed (scheduled) at round {}, stage {}",
+                    plan.round, plan.stage
+                );
+            }
             println!("{}", report.table());
             println!(
                 "{} of {} rounds completed in {:.1} s; metrics in {}",

@@ -14,12 +14,16 @@ use greyfed_coordinator::metrics::{RoundRecord, read_metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::process::{Child, Command};
 
-use crate::cli::SimulateArgs;
+use crate::cli::{DropoutStageArg, SimulateArgs};
 use crate::keygen::{self, files};
+use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
+use greyfed_protocol::session::derive_seed;
 
 /// What a finished simulation produced.
 #[derive(Debug)]
 pub struct SimulationReport {
+    /// Participants scheduled to crash (`--dropout`), with where.
+    pub crashes: Vec<(usize, DropoutPlan)>,
     /// Per-round metrics, as written to `OUT/metrics.jsonl`.
     pub rounds: Vec<RoundRecord>,
     /// Rounds requested.
@@ -72,6 +76,9 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     }
     // Refuse bad settings here, with their message, not in a child's log.
     crate::commands::strategy_config(&args.training)?;
+    if !(0.0..=1.0).contains(&args.dropout) {
+        bail!("--dropout must be a fraction in [0, 1]");
+    }
     let started = Instant::now();
     let out = args.out.clone();
     let keys = out.join("keys");
@@ -121,6 +128,14 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     let mut coordinator = coordinator.spawn().context("starting the coordinator")?;
 
     let addr = wait_for_addr(&addr_file, &mut coordinator).await?;
+    let crashes = plan_dropouts(args);
+    for (i, plan) in &crashes {
+        tracing::info!(
+            "participant {i} will crash at round {}, stage {}",
+            plan.round,
+            plan.stage
+        );
+    }
     let mut participants: Vec<Child> = Vec::with_capacity(args.participants);
     for i in 0..args.participants {
         let mut cmd = Command::new(&exe);
@@ -141,6 +156,9 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
             .arg(args.training.block_size.to_string());
         if let Some(dir) = &args.data.data {
             cmd.arg("--data").arg(dir);
+        }
+        if let Some(plan) = crashes.get(&i) {
+            cmd.arg("--drop-at").arg(plan.to_string());
         }
         if args.plain {
             cmd.arg("--plain");
@@ -191,6 +209,7 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     // Participants exit on their own after Finished; give them a moment.
     for (i, p) in participants.iter_mut().enumerate() {
         match tokio::time::timeout(Duration::from_secs(10), p.wait()).await {
+            Ok(Ok(_)) if crashes.contains_key(&i) => {}
             Ok(Ok(s)) if !s.success() => {
                 tracing::warn!(
                     "participant {i} exited with {s}; see {}",
@@ -205,6 +224,7 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     }
     let rounds = read_metrics(&metrics_path).unwrap_or_default();
     let report = SimulationReport {
+        crashes: crashes.into_iter().collect(),
         rounds,
         rounds_planned: args.training.rounds,
         wall: started.elapsed(),
@@ -217,6 +237,29 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         );
     }
     Ok(report)
+}
+
+/// Which participants crash, and where: each with probability `--dropout`,
+/// at a uniformly drawn round (and stage, for `--dropout-stage any`),
+/// deterministic in `--seed`.
+pub fn plan_dropouts(args: &SimulateArgs) -> std::collections::BTreeMap<usize, DropoutPlan> {
+    let uniform =
+        |i: usize, k: u32| derive_seed(args.seed ^ 0xD0D0, k, i as u32) as f64 / 2f64.powi(64);
+    (0..args.participants)
+        .filter(|&i| uniform(i, 0) < args.dropout)
+        .map(|i| {
+            let rounds = args.training.rounds.max(1);
+            let round = 1 + ((uniform(i, 1) * rounds as f64) as u32).min(rounds - 1);
+            let stage = match args.dropout_stage {
+                DropoutStageArg::Stage(s) => s,
+                DropoutStageArg::Any => {
+                    let all = DropoutStage::ALL;
+                    all[((uniform(i, 2) * all.len() as f64) as usize).min(all.len() - 1)]
+                }
+            };
+            (i, DropoutPlan { round, stage })
+        })
+        .collect()
 }
 
 async fn wait_for_addr(path: &Path, coordinator: &mut Child) -> Result<String> {

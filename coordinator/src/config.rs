@@ -40,7 +40,8 @@ pub struct CoordinatorConfig {
     /// bounds, stage timeout). `session_id`, `seed`, `full` and `max_weight`
     /// are set per session (the last from the cohort's sample counts).
     pub secagg: SecAggConfig,
-    /// Deadline for contributions and for evaluations, per round.
+    /// Hard limit on a round's training phase (local training plus
+    /// aggregation); evaluations get `secagg.stage_timeout`.
     pub round_timeout: Duration,
     /// How long to wait for participants to join (`None`: forever).
     pub join_timeout: Option<Duration>,
@@ -52,6 +53,9 @@ pub struct CoordinatorConfig {
     pub max_frame: usize,
     /// Directory for `metrics.jsonl` and `model.safetensors`.
     pub out_dir: PathBuf,
+    /// Test mode only: write each round's aggregated mean update (with the
+    /// contributors and their total weight) to `DIR/round-R.safetensors`.
+    pub dump_aggregates: Option<PathBuf>,
     /// Seed for session id and participants' training seeds.
     pub seed: u64,
 }
@@ -84,6 +88,7 @@ impl CoordinatorConfig {
             key_fingerprint: None,
             max_frame: DEFAULT_MAX_FRAME,
             out_dir,
+            dump_aggregates: None,
             seed: 0,
         }
     }

@@ -157,6 +157,7 @@ impl Coordinator {
                 model: config.model.clone(),
                 training: config.training.clone(),
                 round_timeout: config.round_timeout,
+                evaluation_timeout: config.secagg.stage_timeout,
                 join_timeout: config.join_timeout,
                 key_fingerprint: config.key_fingerprint.clone(),
                 seed: config.seed,
@@ -182,6 +183,7 @@ impl Coordinator {
             metrics,
             records: Vec::new(),
             round_start: BTreeMap::new(),
+            dump_aggregates: config.dump_aggregates.clone(),
             round_bytes: BTreeMap::new(),
             max_frame: config.max_frame,
         };
@@ -227,6 +229,7 @@ struct Driver {
     metrics: MetricsWriter,
     records: Vec<RoundRecord>,
     round_start: BTreeMap<u32, Instant>,
+    dump_aggregates: Option<PathBuf>,
     /// Frame bytes (up, down) by the round in progress when they crossed.
     round_bytes: BTreeMap<u32, (u64, u64)>,
     max_frame: usize,
@@ -376,6 +379,14 @@ impl Driver {
                     self.round_start.insert(round, now);
                 }
                 SessionEvent::Aggregated(result) => {
+                    if let Some(dir) = &self.dump_aggregates {
+                        let names: Vec<String> = result
+                            .contributors
+                            .iter()
+                            .map(|&id| self.session.participant_name(id).unwrap_or("?").to_string())
+                            .collect();
+                        dump_aggregate(dir, self.session.global(), &result, &names)?;
+                    }
                     let next = self
                         .strategy
                         .apply(self.session.global(), &result.mean_update)?;
@@ -648,4 +659,24 @@ fn build_aggregator(
             Box::new(SecAggCoordinator::new(secagg)?)
         }
     })
+}
+
+/// Test mode: writes a round's mean update, the contributors' names and
+/// their total weight.
+fn dump_aggregate(
+    dir: &Path,
+    layout: &ModelWeights,
+    result: &greyfed_protocol::aggregate::AggregateResult,
+    names: &[String],
+) -> Result<()> {
+    let mean = layout.with_flat_values(&result.mean_update)?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert(
+        "greyfed.total_weight".into(),
+        result.total_weight.to_string(),
+    );
+    meta.insert("greyfed.contributors".into(), names.join(","));
+    let path = dir.join(format!("round-{}.safetensors", result.round));
+    std::fs::write(&path, mean.to_safetensors(&meta)?)
+        .map_err(|source| CoordinatorError::Io { path, source })
 }

@@ -7,6 +7,7 @@
 //! evaluation sums.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -25,6 +26,7 @@ use crate::{
     cipher::BlockScrambler,
     client,
     data::Dataset,
+    dropout::{CrashMode, DropoutPlan, DropoutStage, kill_this_process},
     error::{ParticipantError, Result},
     train::{TensorData, TrainOptions, TrainOutcome, evaluate, train_local_with},
 };
@@ -45,6 +47,14 @@ pub struct ParticipantConfig {
     pub name: String,
     /// Largest frame accepted from the coordinator, in bytes.
     pub max_frame: usize,
+    /// Crash at this point of a round (simulations and tests only).
+    pub dropout: Option<DropoutPlan>,
+    /// How a scheduled dropout ends the participant.
+    pub crash: CrashMode,
+    /// Test mode only: write each round's unmasked update (and weight) to
+    /// `DIR/round-R-NAME.safetensors`, so tests can check the aggregate.
+    /// Never enable in a deployment: it defeats secure aggregation locally.
+    pub dump_updates: Option<PathBuf>,
 }
 
 impl ParticipantConfig {
@@ -56,6 +66,9 @@ impl ParticipantConfig {
             ca_pem,
             name: String::from("participant"),
             max_frame: DEFAULT_MAX_FRAME,
+            dropout: None,
+            crash: CrashMode::KillProcess,
+            dump_updates: None,
         }
     }
 }
@@ -137,6 +150,8 @@ pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<Par
     let result = session_loop(config, &conn, data).await;
     match &result {
         Ok(_) => conn.close(0u32.into(), b"done"),
+        // A simulated crash says nothing; the handles are simply dropped.
+        Err(ParticipantError::ScheduledDropout(_)) => return result,
         Err(e) => conn.close(1u32.into(), e.to_string().as_bytes()),
     }
     endpoint.wait_idle().await;
@@ -175,6 +190,12 @@ async fn session_loop(
     loop {
         // Send what the session queued, then act on its events.
         while let Some(msg) = session.poll_transmit() {
+            if let (Some(plan), Message::Contribution { round, .. }) = (config.dropout, &msg)
+                && plan.round == *round
+                && DropoutStage::of_message(&msg) == Some(plan.stage)
+            {
+                return Err(crash(config, plan));
+            }
             let frame = encode_frame(&msg, config.max_frame)?;
             send.write_all(&frame).await.map_err(|e| conn_err(&e))?;
         }
@@ -199,6 +220,15 @@ async fn session_loop(
                     global,
                     seed,
                 } => {
+                    if let Some(plan) = config.dropout
+                        && plan
+                            == (DropoutPlan {
+                                round,
+                                stage: DropoutStage::Train,
+                            })
+                    {
+                        return Err(crash(config, plan));
+                    }
                     let spec = spec.clone().ok_or_else(|| no_session("Train"))?;
                     let training_config = session
                         .session()
@@ -259,7 +289,11 @@ async fn session_loop(
                     let Training { round, .. } = training.take().expect("guarded");
                     let (outcome, global) = done
                         .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
-                    let update = outcome.weights.sub(&global)?.to_flat();
+                    let update = outcome.weights.sub(&global)?;
+                    if let Some(dir) = &config.dump_updates {
+                        dump_update(dir, &config.name, round, &update, outcome.samples)?;
+                    }
+                    let update = update.to_flat();
                     debug!(round, loss = outcome.mean_loss, "trained");
                     match session.submit_update(round, outcome.mean_loss, update, outcome.samples as f64, &mut rng) {
                         Ok(()) => report.rounds_trained += 1,
@@ -296,6 +330,30 @@ async fn session_loop(
             warn!("secure aggregation round failed: {e}");
         }
     }
+}
+
+/// Ends the participant as `plan` says: the process dies, or the task stops.
+fn crash(config: &ParticipantConfig, plan: DropoutPlan) -> ParticipantError {
+    warn!(%plan, "scheduled dropout");
+    match config.crash {
+        CrashMode::KillProcess => kill_this_process(),
+        CrashMode::Vanish => ParticipantError::ScheduledDropout(plan),
+    }
+}
+
+/// Test mode: writes an unmasked update and its weight for later checks.
+fn dump_update(
+    dir: &Path,
+    name: &str,
+    round: u32,
+    update: &ModelWeights,
+    samples: usize,
+) -> Result<()> {
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("greyfed.weight".to_string(), samples.to_string());
+    let bytes = update.to_safetensors(&meta)?;
+    let path = dir.join(format!("round-{round}-{name}.safetensors"));
+    std::fs::write(&path, bytes).map_err(|source| ParticipantError::Io { path, source })
 }
 
 fn no_session(what: &str) -> ParticipantError {

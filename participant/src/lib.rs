@@ -4,7 +4,8 @@
 //! - [`cipher`]: block-scrambling image encryption keyed by the shared image key.
 //! - [`model`] and [`train`]: candle models, local training and evaluation.
 //! - [`client`] and [`driver`]: the QUIC client and the loop that drives the
-//!   protocol's participant state machine.
+//!   protocol's participant state machine; [`dropout`]: scheduled crashes
+//!   for simulations and tests.
 //!
 //! Images and the image key never leave this crate; only model updates and
 //! evaluation sums do.
@@ -13,6 +14,7 @@ pub mod cipher;
 pub mod client;
 pub mod data;
 pub mod driver;
+pub mod dropout;
 pub mod error;
 pub mod model;
 pub mod train;

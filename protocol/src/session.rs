@@ -49,8 +49,11 @@ pub struct SessionConfig {
     pub model: ModelSpec,
     /// Local training settings.
     pub training: TrainingConfig,
-    /// How long participants have to contribute, and to evaluate, per round.
+    /// Hard limit on a round's training phase (local training plus
+    /// aggregation, all secure-aggregation stages included).
     pub round_timeout: Duration,
+    /// How long participants have to return their evaluation.
+    pub evaluation_timeout: Duration,
     /// How long to wait for `participants` to join; `None` waits forever.
     /// When it passes, the session starts with those present if there are at
     /// least `min_participants`, and aborts otherwise.
@@ -550,7 +553,7 @@ impl CoordinatorSession {
                 },
             ));
         }
-        self.deadline = Some(now + self.config.round_timeout);
+        self.deadline = Some(now + self.config.evaluation_timeout);
         self.maybe_finish_evaluation(now);
         Ok(())
     }

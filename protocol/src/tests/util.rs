@@ -67,6 +67,7 @@ pub fn config(participants: usize, rounds: u32) -> SessionConfig {
         model: ModelSpec::blocknet_28x28(4),
         training: TrainingConfig::default(),
         round_timeout: Duration::from_secs(30),
+        evaluation_timeout: Duration::from_secs(30),
         join_timeout: None,
         key_fingerprint: None,
         seed: 1,
