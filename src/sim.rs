@@ -25,6 +25,7 @@ use greyfed_participant::{
     LocalData, ParticipantConfig, ParticipantReport,
     cipher::{BlockScrambler, CipherConfig, ImageKey},
     data::{DatasetSplits, idx::load_idx_dir, partition::Partition, synthetic::builtin_splits},
+    dropout::{CrashMode, DropoutPlan},
     model::init_weights,
 };
 use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, TrainingConfig};
@@ -53,6 +54,7 @@ impl Federation {
             key_overrides: BTreeMap::new(),
             max_train_samples: None,
             aggregation: AggregationKind::SecAgg { full: false },
+            dropouts: BTreeMap::new(),
         }
     }
 }
@@ -72,6 +74,7 @@ pub struct FederationBuilder {
     key_overrides: BTreeMap<usize, ImageKey>,
     max_train_samples: Option<usize>,
     aggregation: AggregationKind,
+    dropouts: BTreeMap<usize, DropoutPlan>,
 }
 
 impl FederationBuilder {
@@ -132,6 +135,13 @@ impl FederationBuilder {
         self.key_overrides.insert(index, key);
         self
     }
+    /// Participant `index` vanishes at `plan` (a round and a stage): its task
+    /// stops and drops its connection without a goodbye, as a crashed
+    /// machine would. Its entry in the report is then an error.
+    pub fn dropout(mut self, index: usize, plan: DropoutPlan) -> Self {
+        self.dropouts.insert(index, plan);
+        self
+    }
     /// How updates are aggregated (default: SecAgg+).
     pub fn aggregation(mut self, kind: AggregationKind) -> Self {
         self.aggregation = kind;
@@ -167,7 +177,7 @@ impl FederationBuilder {
             dir.path().to_path_buf(),
         );
         config.participants = self.participants;
-        config.min_participants = 1;
+        config.min_participants = 2;
         config.rounds = self.rounds;
         config.training = self.training.clone();
         config.round_timeout = self.round_timeout;
@@ -203,6 +213,8 @@ impl FederationBuilder {
             let mut pc =
                 ParticipantConfig::new(addr, "localhost", certs.ca_cert_pem.clone().into_bytes());
             pc.name = format!("participant-{i}");
+            pc.dropout = self.dropouts.get(&i).copied();
+            pc.crash = CrashMode::Vanish;
             tasks.push(tokio::spawn(async move {
                 greyfed_participant::run(&pc, data).await
             }));

@@ -119,3 +119,37 @@ async fn mnist_10k_federation_learns() {
     let acc = report.final_accuracy();
     assert!(acc > 0.85, "accuracy {acc} on real MNIST after 2 rounds");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_dropouts_leave_their_rounds_to_the_survivors() {
+    use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
+    let report = Federation::builder()
+        .participants(5)
+        .rounds(2)
+        .max_train_samples(300)
+        .dropout(
+            1,
+            DropoutPlan {
+                round: 1,
+                stage: DropoutStage::Share,
+            },
+        )
+        .dropout(
+            3,
+            DropoutPlan {
+                round: 2,
+                stage: DropoutStage::Masked,
+            },
+        )
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.rounds.len(), 2);
+    assert_eq!(report.rounds[0].participants, 4);
+    assert_eq!(report.rounds[0].dropped, 1);
+    assert_eq!(report.rounds[1].participants, 3);
+    assert_eq!(report.rounds[1].dropped, 1);
+    for (i, p) in report.participants.iter().enumerate() {
+        assert_eq!(p.is_err(), i == 1 || i == 3, "participant {i}: {p:?}");
+    }
+}
