@@ -26,8 +26,16 @@ struct Run {
 }
 
 /// Runs a coordinator and `n` participant processes for `rounds` rounds;
-/// participant 1 crashes at `drop_at`. Returns the directories to inspect.
-fn run_federation(dir: &Path, n: usize, rounds: u32, drop_at: &str) -> Run {
+/// participant `i` crashes at `at` for each `(i, at)` in `drops`. Checks
+/// that exactly the crashing participants fail; returns the directories to
+/// inspect and whether the coordinator exited successfully.
+fn run_federation(
+    dir: &Path,
+    n: usize,
+    rounds: u32,
+    stage_timeout: u32,
+    drops: &[(usize, &str)],
+) -> (Run, bool) {
     let keys = dir.join("keys");
     let status = greyfed()
         .args(["keygen", "--out"])
@@ -64,7 +72,7 @@ fn run_federation(dir: &Path, n: usize, rounds: u32, drop_at: &str) -> Run {
             "--batch-size",
             "64",
             "--stage-timeout",
-            "5",
+            &stage_timeout.to_string(),
         ])
         .args(["--round-timeout", "120", "--join-timeout", "60"])
         .arg("--cert")
@@ -108,27 +116,19 @@ fn run_federation(dir: &Path, n: usize, rounds: u32, drop_at: &str) -> Run {
             .arg("--dump-updates")
             .arg(&run.updates)
             .stderr(log(&format!("p{i}.log")));
-            if i == 1 {
-                c.args(["--drop-at", drop_at]);
+            if let Some((_, at)) = drops.iter().find(|(j, _)| *j == i) {
+                c.args(["--drop-at", at]);
             }
             c.spawn().unwrap()
         })
         .collect();
-    let status = wait_timeout(coordinator, Duration::from_secs(240));
-    assert!(
-        status,
-        "coordinator failed for {drop_at}; logs in {}",
-        dir.display()
-    );
+    let coordinator_ok = wait_timeout(coordinator, Duration::from_secs(240));
     for (i, p) in participants.into_iter().enumerate() {
         let ok = wait_timeout(p, Duration::from_secs(30));
-        assert_eq!(
-            ok,
-            i != 1,
-            "participant {i} exit status (drop at {drop_at})"
-        );
+        let crashes = drops.iter().any(|(j, _)| *j == i);
+        assert_eq!(ok, !crashes, "participant {i} exit status ({drops:?})");
     }
-    run
+    (run, coordinator_ok)
 }
 
 /// Waits for `child`; true when it exited successfully. Kills it on timeout.
@@ -201,7 +201,12 @@ fn a_crash_at_any_stage_leaves_exactly_the_survivors_in_the_sum() {
         ("unmask", &["p0", "p1", "p2", "p3"][..]),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let run = run_federation(dir.path(), 4, 2, &format!("1:{stage}"));
+        let (run, ok) = run_federation(dir.path(), 4, 2, 5, &[(1, &format!("1:{stage}"))]);
+        assert!(
+            ok,
+            "coordinator failed ({stage}); logs in {}",
+            dir.path().display()
+        );
         let metrics = read_metrics(&run.out.join("metrics.jsonl")).unwrap();
         assert_eq!(metrics.len(), 2, "both rounds completed ({stage})");
         assert_eq!(metrics[0].participants, survivors.len(), "{stage}");
@@ -209,4 +214,47 @@ fn a_crash_at_any_stage_leaves_exactly_the_survivors_in_the_sum() {
         check_aggregate(&run, 1, survivors);
         check_aggregate(&run, 2, &["p0", "p2", "p3"]);
     }
+}
+
+#[test]
+fn too_many_dropouts_abandon_the_round_without_touching_the_model() {
+    // 5 participants, 3 crash before sending their masked input in round 1:
+    // their mask keys need t = 3 shares but only 2 survivors hold any.
+    let dir = tempfile::tempdir().unwrap();
+    let drops = [(1, "1:masked"), (2, "1:masked"), (3, "1:masked")];
+    // Stages outlast QUIC's idle timeout (15 s), so the crashed processes are
+    // known to be gone before round 2 picks its cohort.
+    let (run, ok) = run_federation(dir.path(), 5, 2, 20, &drops);
+    assert!(
+        !ok,
+        "one of two rounds failed: the coordinator must not report success"
+    );
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    assert!(
+        log.contains("round abandoned"),
+        "clear log line expected:\n{log}"
+    );
+    let metrics = read_metrics(&run.out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.len(), 1, "only round 2 completed: {metrics:?}");
+    assert_eq!(metrics[0].round, 2);
+    assert_eq!(metrics[0].participants, 2);
+    assert!(!run.aggregates.join("round-1.safetensors").exists());
+    check_aggregate(&run, 2, &["p0", "p4"]);
+    // No partial model was applied: final = initial + round 2's mean update.
+    let spec = greyfed_protocol::ModelSpec::blocknet_28x28(4);
+    let initial = greyfed_participant::model::init_weights(&spec, 0)
+        .unwrap()
+        .to_flat();
+    let (mean, _) = load(&run.aggregates.join("round-2.safetensors"));
+    let (fin, _) = load(&run.out.join("model.safetensors"));
+    let worst = initial
+        .iter()
+        .zip(&mean)
+        .zip(&fin)
+        .map(|((i, m), f)| (i + m - f).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-6,
+        "final model differs from initial + round-2 update by {worst}"
+    );
 }
