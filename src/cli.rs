@@ -241,6 +241,11 @@ pub struct CoordinatorArgs {
     /// Write the bound address to this file once listening (for scripts).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
+    /// Continue an interrupted run from its last completed round: DIR is
+    /// that run's --out (its DIR/checkpoint is read). Give the same --out
+    /// (and training settings) to continue in place.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
     /// Training settings.
     #[command(flatten)]
     pub training: TrainingArgs,
@@ -297,6 +302,10 @@ pub struct ParticipantArgs {
     /// secure aggregation locally; never use in a deployment).
     #[arg(long, hide = true)]
     pub dump_updates: Option<PathBuf>,
+    /// Seconds to keep reconnecting (with backoff) when the coordinator
+    /// goes away before the session finished; 0 gives up at once.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub reconnect_for: u64,
     /// Data settings.
     #[command(flatten)]
     pub data: DataArgs,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use greyfed_coordinator::{Coordinator, CoordinatorConfig, RunReport, strategy::StrategyConfig};
+use greyfed_coordinator::{
+    Checkpoint, Coordinator, CoordinatorConfig, RunReport, strategy::StrategyConfig,
+};
 use greyfed_participant::{
     LocalData, ParticipantConfig, ParticipantReport,
     cipher::{BlockScrambler, CipherConfig, ImageKey},
@@ -20,7 +22,7 @@ use greyfed_participant::{
     model::init_weights,
 };
 use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cli::{
     AggregationArg, CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, StrategyKind,
@@ -129,6 +131,41 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     config.seed = args.seed;
     config.key_fingerprint = args.key_fingerprint.clone();
     config.dump_aggregates = args.dump_aggregates.clone();
+    if let Some(dir) = &args.resume {
+        let cp_dir = Checkpoint::dir_in(dir);
+        match Checkpoint::load(&cp_dir)
+            .with_context(|| format!("loading checkpoint {}", cp_dir.display()))?
+        {
+            Some(cp) if cp.rounds_completed >= config.rounds => {
+                println!(
+                    "{}: all {} rounds are already completed; nothing to resume",
+                    cp_dir.display(),
+                    cp.rounds_completed
+                );
+                return Ok(RunReport {
+                    rounds_completed: cp.rounds_completed,
+                    rounds_planned: cp.rounds_completed,
+                    final_model: cp.global,
+                    model_path: args.out.join("model.safetensors"),
+                    rounds: cp.records,
+                });
+            }
+            Some(cp) => {
+                greyfed_participant::model::check_weights(&config.model, &cp.global)
+                    .with_context(|| format!("checkpoint model in {}", cp_dir.display()))?;
+                info!(
+                    rounds_completed = cp.rounds_completed,
+                    "resuming from {}",
+                    cp_dir.display()
+                );
+                config.resume = Some(cp);
+            }
+            None => warn!(
+                "no checkpoint in {}; starting from round 1",
+                cp_dir.display()
+            ),
+        }
+    }
     let coordinator = Coordinator::bind(config)?;
     let addr = coordinator.local_addr()?;
     if let Some(path) = &args.addr_file {
@@ -244,6 +281,7 @@ pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
         .unwrap_or_else(|| format!("participant-{index}"));
     config.dropout = args.drop_at;
     config.dump_updates = args.dump_updates.clone();
+    config.reconnect_for = Duration::from_secs(args.reconnect_for);
     Ok(greyfed_participant::run(&config, data).await?)
 }
 

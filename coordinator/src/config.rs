@@ -9,7 +9,7 @@ use greyfed_protocol::{
     secagg::coordinator::SecAggConfig,
 };
 
-use crate::strategy::StrategyConfig;
+use crate::{checkpoint::Checkpoint, strategy::StrategyConfig};
 
 /// Configuration of one coordinator run.
 #[derive(Clone, Debug)]
@@ -58,6 +58,9 @@ pub struct CoordinatorConfig {
     pub dump_aggregates: Option<PathBuf>,
     /// Seed for session id and participants' training seeds.
     pub seed: u64,
+    /// Continue from this checkpoint: the session starts at round
+    /// `rounds_completed + 1` with its model, strategy state and metrics.
+    pub resume: Option<Checkpoint>,
 }
 
 impl CoordinatorConfig {
@@ -90,6 +93,7 @@ impl CoordinatorConfig {
             out_dir,
             dump_aggregates: None,
             seed: 0,
+            resume: None,
         }
     }
 }

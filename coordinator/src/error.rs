@@ -35,6 +35,9 @@ pub enum CoordinatorError {
     /// A protocol error from the session state machine.
     #[error(transparent)]
     Protocol(#[from] greyfed_protocol::ProtocolError),
+    /// A checkpoint is corrupt, inconsistent or does not fit this run.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// The session ended before all rounds ran.
     #[error("session aborted: {0}")]
     Aborted(String),

@@ -5,12 +5,14 @@
 //! The coordinator never sees an image or the image key, and with secure
 //! aggregation (later issues) never an individual update either.
 //!
+//! - [`checkpoint`]: per-round checkpoints and `--resume`.
 //! - [`config`]: the run configuration, [`CoordinatorConfig`].
 //! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]).
 //! - [`strategy`]: FedAvg and friends.
 //! - [`metrics`]: `metrics.jsonl` records.
 //! - [`tls`]: certificate generation and the QUIC server configuration.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -18,6 +20,7 @@ pub mod server;
 pub mod strategy;
 pub mod tls;
 
+pub use checkpoint::Checkpoint;
 pub use config::CoordinatorConfig;
 pub use error::{CoordinatorError, Result};
 pub use server::{Coordinator, RunReport};

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
+    checkpoint::Checkpoint,
     config::CoordinatorConfig,
     error::{CoordinatorError, Result},
     metrics::{MetricsWriter, RoundRecord},
@@ -107,6 +108,19 @@ impl Coordinator {
             ));
         }
         config.initial_weights.validate()?;
+        if let Some(cp) = &config.resume {
+            if !cp.global.same_layout(&config.initial_weights) {
+                return Err(CoordinatorError::Checkpoint(
+                    "the checkpoint's model does not fit the configured architecture".into(),
+                ));
+            }
+            if cp.rounds_completed >= config.rounds {
+                return Err(CoordinatorError::Checkpoint(format!(
+                    "all {} rounds are already completed",
+                    cp.rounds_completed
+                )));
+            }
+        }
         std::fs::create_dir_all(&config.out_dir).map_err(|source| CoordinatorError::Io {
             path: config.out_dir.clone(),
             source,
@@ -161,12 +175,32 @@ impl Coordinator {
                 join_timeout: config.join_timeout,
                 key_fingerprint: config.key_fingerprint.clone(),
                 seed: config.seed,
+                first_round: config.resume.as_ref().map_or(1, |c| c.rounds_completed + 1),
             },
-            config.initial_weights.clone(),
+            config
+                .resume
+                .as_ref()
+                .map_or(&config.initial_weights, |c| &c.global)
+                .clone(),
             build_aggregator(&config, session_id)?,
             started,
         )?;
-        let metrics = MetricsWriter::create(&config.out_dir.join("metrics.jsonl"))?;
+        let mut strategy = config.strategy.build();
+        let mut metrics = MetricsWriter::create(&config.out_dir.join("metrics.jsonl"))?;
+        let mut records = Vec::new();
+        if let Some(cp) = &config.resume {
+            strategy.restore(cp.strategy_state.clone())?;
+            // metrics.jsonl may hold a round the crash interrupted after its
+            // line was written but before its checkpoint: rewrite it.
+            for r in &cp.records {
+                metrics.append(r)?;
+            }
+            records = cp.records.clone();
+            info!(
+                rounds_completed = cp.rounds_completed,
+                "resuming from checkpoint"
+            );
+        }
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
         let accept = tokio::spawn(accept_loop(endpoint.clone(), inbound_tx, config.max_frame));
         info!(
@@ -177,11 +211,13 @@ impl Coordinator {
             "coordinator listening"
         );
         let mut driver = Driver {
-            strategy: config.strategy.build(),
+            strategy,
             session,
             connections: HashMap::new(),
             metrics,
-            records: Vec::new(),
+            records,
+            checkpoint_dir: Checkpoint::dir_in(&config.out_dir),
+            rounds_planned: config.rounds,
             round_start: BTreeMap::new(),
             dump_aggregates: config.dump_aggregates.clone(),
             round_bytes: BTreeMap::new(),
@@ -228,6 +264,9 @@ struct Driver {
     connections: HashMap<ParticipantId, mpsc::UnboundedSender<Outbound>>,
     metrics: MetricsWriter,
     records: Vec<RoundRecord>,
+    /// Where a checkpoint is written after every completed round.
+    checkpoint_dir: PathBuf,
+    rounds_planned: u32,
     round_start: BTreeMap<u32, Instant>,
     dump_aggregates: Option<PathBuf>,
     /// Frame bytes (up, down) by the round in progress when they crossed.
@@ -462,6 +501,15 @@ impl Driver {
         );
         self.metrics.append(&record)?;
         self.records.push(record);
+        Checkpoint {
+            rounds_completed: self.session.rounds_completed(),
+            rounds_planned: self.rounds_planned,
+            global: self.session.global().clone(),
+            strategy_state: self.strategy.state(),
+            records: self.records.clone(),
+        }
+        .save(&self.checkpoint_dir)?;
+        debug!(round = s.round, "checkpoint written");
         Ok(())
     }
 }

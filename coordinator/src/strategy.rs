@@ -127,6 +127,32 @@ pub trait Strategy: Send {
         global: &ModelWeights,
         mean_update: &[f32],
     ) -> Result<ModelWeights, ProtocolError>;
+
+    /// The state carried across rounds (momentum buffers), for checkpoints.
+    /// Empty for stateless strategies.
+    fn state(&self) -> Vec<Vec<f32>>;
+
+    /// Restores what [`state`](Strategy::state) returned, so that a resumed
+    /// run continues exactly.
+    ///
+    /// # Errors
+    /// [`ProtocolError::InvalidConfig`] when `state` does not fit this
+    /// strategy (wrong number of buffers or buffers of different lengths).
+    fn restore(&mut self, state: Vec<Vec<f32>>) -> Result<(), ProtocolError>;
+}
+
+/// Checks that `state` holds `n` buffers of one length (or none at all).
+fn check_state(state: &[Vec<f32>], n: usize, name: &str) -> Result<(), ProtocolError> {
+    let ok =
+        state.is_empty() || (state.len() == n && state.iter().all(|b| b.len() == state[0].len()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::InvalidConfig(format!(
+            "{name} state needs {n} buffers of equal length, got {}",
+            state.len()
+        )))
+    }
 }
 
 /// Applies a per-element step `x_k += step_k` computed by `f(k, Δ_k)`.
@@ -163,6 +189,14 @@ impl Strategy for FedAvg {
     ) -> Result<ModelWeights, ProtocolError> {
         step_each(global, mean_update, |_, d| self.server_lr * d)
     }
+
+    fn state(&self) -> Vec<Vec<f32>> {
+        Vec::new()
+    }
+
+    fn restore(&mut self, state: Vec<Vec<f32>>) -> Result<(), ProtocolError> {
+        check_state(&state, 0, "FedAvg")
+    }
 }
 
 /// FedAvgM; see [`StrategyConfig::FedAvgM`].
@@ -187,6 +221,20 @@ impl Strategy for FedAvgM {
             v[k] = beta * v[k] + d;
             lr * v[k]
         })
+    }
+
+    fn state(&self) -> Vec<Vec<f32>> {
+        if self.velocity.is_empty() {
+            Vec::new()
+        } else {
+            vec![self.velocity.clone()]
+        }
+    }
+
+    fn restore(&mut self, state: Vec<Vec<f32>>) -> Result<(), ProtocolError> {
+        check_state(&state, 1, "FedAvgM")?;
+        self.velocity = state.into_iter().next().unwrap_or_default();
+        Ok(())
     }
 }
 
@@ -218,6 +266,22 @@ impl Strategy for FedAdam {
             v[k] = b2 * v[k] + (1.0 - b2) * d * d;
             lr * m[k] / (v[k].sqrt() + tau)
         })
+    }
+
+    fn state(&self) -> Vec<Vec<f32>> {
+        if self.m.is_empty() {
+            Vec::new()
+        } else {
+            vec![self.m.clone(), self.v.clone()]
+        }
+    }
+
+    fn restore(&mut self, state: Vec<Vec<f32>>) -> Result<(), ProtocolError> {
+        check_state(&state, 2, "FedAdam")?;
+        let mut it = state.into_iter();
+        self.m = it.next().unwrap_or_default();
+        self.v = it.next().unwrap_or_default();
+        Ok(())
     }
 }
 
@@ -277,6 +341,27 @@ mod tests {
         let expect = 0.1 * 0.1 / (0.01f32.sqrt() + 1e-3 / 0.5); // step for d = 0.5
         assert!((g[0] - expect).abs() < 1e-5, "{g:?} vs {expect}");
         assert!((g[1] - 0.1).abs() < 1e-3, "{g:?}");
+    }
+
+    #[test]
+    fn restored_state_continues_exactly() {
+        for cfg in [
+            StrategyConfig::FedAvgM {
+                server_lr: 1.0,
+                momentum: 0.5,
+            },
+            StrategyConfig::fedadam(),
+            StrategyConfig::default(),
+        ] {
+            let mut a = cfg.build();
+            let g1 = a.apply(&model(&[0.0, 1.0]), &[1.0, -2.0]).unwrap();
+            let mut b = cfg.build();
+            b.restore(a.state()).unwrap();
+            let next_a = a.apply(&g1, &[0.5, 0.25]).unwrap();
+            let next_b = b.apply(&g1, &[0.5, 0.25]).unwrap();
+            assert_eq!(next_a.to_flat(), next_b.to_flat(), "{cfg:?}");
+            assert!(b.restore(vec![vec![1.0], vec![1.0, 2.0], vec![]]).is_err());
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use greyfed_protocol::{
@@ -33,6 +34,10 @@ use crate::{
 
 /// Batch size used for evaluation (does not affect results).
 const EVAL_BATCH: usize = 256;
+/// First wait before reconnecting; doubles after each failed attempt.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Where and how to reach the coordinator.
 #[derive(Clone, Debug)]
@@ -55,6 +60,10 @@ pub struct ParticipantConfig {
     /// `DIR/round-R-NAME.safetensors`, so tests can check the aggregate.
     /// Never enable in a deployment: it defeats secure aggregation locally.
     pub dump_updates: Option<PathBuf>,
+    /// How long to keep trying to reconnect, with exponential backoff, after
+    /// the connection fails or is lost before the session finished. Zero
+    /// gives up at once. A rejection or a protocol error is never retried.
+    pub reconnect_for: Duration,
 }
 
 impl ParticipantConfig {
@@ -69,6 +78,7 @@ impl ParticipantConfig {
             dropout: None,
             crash: CrashMode::KillProcess,
             dump_updates: None,
+            reconnect_for: Duration::from_secs(60),
         }
     }
 }
@@ -140,21 +150,67 @@ pub struct ParticipantReport {
 
 /// Joins the coordinator's session and takes part until it finishes.
 ///
+/// When the connection fails or is lost before the session finished, it
+/// reconnects with exponential backoff for up to
+/// [`ParticipantConfig::reconnect_for`] and joins afresh (a new Hello); a
+/// restarted coordinator admits it again, and a running one lets it train
+/// from the next round.
+///
 /// # Errors
-/// Connection and TLS failures, a rejection by the coordinator, protocol
-/// violations, or a model the local data does not fit.
+/// Connection and TLS failures (once reconnecting gave up), a rejection by
+/// the coordinator, protocol violations, or a model the local data does not
+/// fit.
 pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<ParticipantReport> {
     let tls = client::client_config(&config.ca_pem)?;
+    let mut report = ParticipantReport::default();
+    let mut lost_since: Option<Instant> = None;
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        report.id = None;
+        let err = match connect_once(config, tls.clone(), data.clone(), &mut report).await {
+            Ok(()) => return Ok(report),
+            Err(e @ ParticipantError::Connection(_)) => e,
+            Err(e) => return Err(e),
+        };
+        if report.id.is_some() {
+            // We had joined: the loss starts a fresh reconnection window.
+            lost_since = Some(Instant::now());
+            backoff = FIRST_BACKOFF;
+        }
+        let since = *lost_since.get_or_insert_with(Instant::now);
+        let left = config.reconnect_for.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            return Err(err);
+        }
+        let wait = backoff.min(left);
+        warn!(
+            "{err}; reconnecting in {:.1} s ({:.0} s left)",
+            wait.as_secs_f64(),
+            left.as_secs_f64()
+        );
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection: connects, takes part in the session, closes.
+async fn connect_once(
+    config: &ParticipantConfig,
+    tls: quinn::ClientConfig,
+    data: Arc<LocalData>,
+    report: &mut ParticipantReport,
+) -> Result<()> {
     let (endpoint, conn) = client::connect(tls, config.coordinator, &config.server_name).await?;
     info!(coordinator = %config.coordinator, name = config.name, "connected");
-    let result = session_loop(config, &conn, data).await;
+    let result = session_loop(config, &conn, data, report).await;
     match &result {
         Ok(_) => conn.close(0u32.into(), b"done"),
         // A simulated crash says nothing; the handles are simply dropped.
         Err(ParticipantError::ScheduledDropout(_)) => return result,
         Err(e) => conn.close(1u32.into(), e.to_string().as_bytes()),
     }
-    endpoint.wait_idle().await;
+    // A vanished coordinator never answers the close: do not wait for it.
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     result
 }
 
@@ -169,7 +225,8 @@ async fn session_loop(
     config: &ParticipantConfig,
     conn: &quinn::Connection,
     data: Arc<LocalData>,
-) -> Result<ParticipantReport> {
+    report: &mut ParticipantReport,
+) -> Result<()> {
     let conn_err = |e: &dyn std::fmt::Display| ParticipantError::Connection(e.to_string());
     let mut rng = StdRng::try_from_rng(&mut SysRng)
         .map_err(|e| ParticipantError::Connection(format!("no OS randomness: {e}")))?;
@@ -182,7 +239,6 @@ async fn session_loop(
         image_size: data.image_size,
         key_fingerprint: data.key_fingerprint.clone(),
     });
-    let mut report = ParticipantReport::default();
     let mut spec: Option<ModelSpec> = None;
     let mut training: Option<Training> = None;
     let mut decoder = FrameDecoder::new(config.max_frame);
@@ -272,7 +328,7 @@ async fn session_loop(
                     info!(rounds_completed, "session finished");
                     report.rounds_completed = rounds_completed;
                     let _ = send.finish();
-                    return Ok(report);
+                    return Ok(());
                 }
                 _ => {}
             }

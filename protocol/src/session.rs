@@ -63,6 +63,9 @@ pub struct SessionConfig {
     pub key_fingerprint: Option<String>,
     /// Seed for the per-round, per-participant training seeds.
     pub seed: u64,
+    /// Number of the first round to run, from 1; a resumed session starts
+    /// after the last completed round (rounds before it count as completed).
+    pub first_round: u32,
 }
 
 /// What one completed round produced.
@@ -201,9 +204,16 @@ impl CoordinatorSession {
                 "rounds must be at least 1".into(),
             ));
         }
+        if config.first_round == 0 || config.first_round > config.rounds {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "first round {} is not in 1..={}",
+                config.first_round, config.rounds
+            )));
+        }
         global.validate()?;
         let deadline = config.join_timeout.map(|t| now + t);
         let key_fingerprint = config.key_fingerprint.clone();
+        let rounds_completed = config.first_round - 1;
         Ok(Self {
             config,
             aggregator,
@@ -213,7 +223,7 @@ impl CoordinatorSession {
             pending: BTreeSet::new(),
             deadline,
             round: RoundState::default(),
-            rounds_completed: 0,
+            rounds_completed,
             key_fingerprint,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
@@ -397,8 +407,8 @@ impl CoordinatorSession {
                 }
                 .to_string(),
             )
-        } else if self.phase != Phase::Joining {
-            Some("the session has already started".to_string())
+        } else if self.phase == Phase::Over {
+            Some("the session is over".to_string())
         } else if hello.image_size != self.config.model.image_size() {
             Some(format!(
                 "images are {}x{} but the model expects {}x{}",
@@ -456,8 +466,10 @@ impl CoordinatorSession {
             id: from,
             name: hello.name,
         });
-        if self.peers.len() >= self.config.participants {
-            self.start_round(now, 1);
+        // A participant admitted while a session runs (e.g. one that
+        // reconnected) joins the cohort when the next round starts.
+        if self.phase == Phase::Joining && self.peers.len() >= self.config.participants {
+            self.start_round(now, self.config.first_round);
         }
         Ok(())
     }
@@ -503,7 +515,7 @@ impl CoordinatorSession {
         match self.phase {
             Phase::Joining => {
                 if self.peers.len() >= self.config.min_participants {
-                    self.start_round(now, 1);
+                    self.start_round(now, self.config.first_round);
                 } else {
                     self.abort(format!(
                         "only {} of the {} required participants joined in time",
@@ -543,7 +555,13 @@ impl CoordinatorSession {
         }
         self.global = global;
         self.phase = Phase::Evaluating { round };
-        self.pending = self.peers.keys().copied().collect();
+        // Participants admitted during this round sit it out entirely.
+        self.pending = self
+            .peers
+            .keys()
+            .filter(|id| self.round.cohort.contains(id))
+            .copied()
+            .collect();
         for &id in &self.pending {
             self.outbox.push_back((
                 id,

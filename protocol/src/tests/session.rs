@@ -6,7 +6,7 @@ use super::util::*;
 use crate::{
     PROTOCOL_VERSION, ProtocolError,
     aggregate::PlainAggregator,
-    message::{AggregationPayload, EvalMetrics, Message},
+    message::{AggregationPayload, EvalMetrics, Message, ParticipantId},
     session::{CoordinatorSession, SessionEvent},
 };
 
@@ -390,4 +390,87 @@ mod secure {
         assert_eq!(aggs.len(), 1, "{:?}", h.events);
         assert_eq!(aggs[0].contributors, vec![0, 2, 3, 4]);
     }
+}
+
+#[test]
+fn a_resumed_session_starts_at_first_round_and_counts_earlier_rounds() {
+    let mut cfg = config(2, 4);
+    cfg.first_round = 3;
+    let mut h = Harness::new(cfg, 2);
+    h.drive(1000);
+    assert!(h.coordinator.is_over());
+    let rounds: Vec<u32> = h.completed().iter().map(|s| s.round).collect();
+    assert_eq!(rounds, vec![3, 4]);
+    assert!(matches!(
+        h.events.last(),
+        Some(SessionEvent::Finished {
+            rounds_completed: 4
+        })
+    ));
+    let mut bad = config(2, 4);
+    bad.first_round = 5;
+    assert!(
+        CoordinatorSession::new(bad, tiny_model(), Box::new(PlainAggregator::new()), h.now)
+            .is_err()
+    );
+}
+
+#[test]
+fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
+    let (mut s, now) = started_session(2);
+    // Participant 5 arrives while round 1 is training.
+    s.handle_message(now, 5, Message::Hello(hello(5, 10)))
+        .unwrap();
+    assert!(matches!(
+        s.poll_transmit(),
+        Some((5, Message::Welcome { .. }))
+    ));
+    assert!(
+        s.poll_transmit().is_none(),
+        "no request for the current round"
+    );
+    assert!(matches!(
+        s.poll_event(),
+        Some(SessionEvent::Joined { id: 5, .. })
+    ));
+    s.handle_message(now, 0, contribution(1, vec![1.0; 4]))
+        .unwrap();
+    s.handle_message(now, 1, contribution(1, vec![1.0; 4]))
+        .unwrap();
+    while s.poll_event().is_some() {}
+    let next = s.global().clone();
+    s.apply_global(now, next).unwrap();
+    let mut evaluated = Vec::new();
+    while let Some((to, m)) = s.poll_transmit() {
+        assert!(matches!(m, Message::EvaluateRequest { .. }));
+        evaluated.push(to);
+    }
+    assert_eq!(evaluated, vec![0, 1], "the newcomer sits round 1 out");
+    for id in [0, 1] {
+        s.handle_message(
+            now,
+            id,
+            Message::Evaluation {
+                round: 1,
+                metrics: EvalMetrics::default(),
+            },
+        )
+        .unwrap();
+    }
+    let mut cohort = None;
+    while let Some(e) = s.poll_event() {
+        if let SessionEvent::RoundStarted {
+            round: 2,
+            cohort: c,
+        } = e
+        {
+            cohort = Some(c);
+        }
+    }
+    assert_eq!(cohort, Some(vec![0, 1, 5]));
+    let trained: Vec<ParticipantId> = std::iter::from_fn(|| s.poll_transmit())
+        .filter(|(_, m)| matches!(m, Message::TrainRequest { round: 2, .. }))
+        .map(|(to, _)| to)
+        .collect();
+    assert_eq!(trained, vec![0, 1, 5]);
 }

@@ -71,6 +71,7 @@ pub fn config(participants: usize, rounds: u32) -> SessionConfig {
         join_timeout: None,
         key_fingerprint: None,
         seed: 1,
+        first_round: 1,
     }
 }
 
