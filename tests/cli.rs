@@ -1,15 +1,10 @@
 //! The `greyfed` executable itself: simulate with real processes, keygen,
 //! and clear errors for bad input.
 
-use std::process::Command;
+mod common;
 
+use common::greyfed;
 use greyfed_coordinator::metrics::read_metrics;
-
-fn greyfed() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_greyfed"));
-    c.env("RUST_LOG", "warn");
-    c
-}
 
 #[test]
 fn simulate_runs_processes_and_writes_metrics() {

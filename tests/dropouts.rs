@@ -5,19 +5,14 @@
 //! participants dump in test mode (`--dump-updates`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{greyfed, wait_timeout};
 use greyfed_coordinator::metrics::read_metrics;
 use greyfed_protocol::ModelWeights;
-
-fn greyfed() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_greyfed"));
-    c.env("RUST_LOG", "warn")
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::null());
-    c
-}
 
 struct Run {
     out: PathBuf,
@@ -52,7 +47,7 @@ fn run_federation(
     std::fs::create_dir_all(&run.aggregates).unwrap();
     let addr_file = dir.join("addr");
     let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
-    let coordinator = greyfed()
+    let mut coordinator = greyfed()
         .args([
             "coordinator",
             "--listen",
@@ -122,28 +117,13 @@ fn run_federation(
             c.spawn().unwrap()
         })
         .collect();
-    let coordinator_ok = wait_timeout(coordinator, Duration::from_secs(240));
-    for (i, p) in participants.into_iter().enumerate() {
-        let ok = wait_timeout(p, Duration::from_secs(30));
+    let coordinator_ok = wait_timeout(&mut coordinator, Duration::from_secs(240));
+    for (i, mut p) in participants.into_iter().enumerate() {
+        let ok = wait_timeout(&mut p, Duration::from_secs(30));
         let crashes = drops.iter().any(|(j, _)| *j == i);
         assert_eq!(ok, !crashes, "participant {i} exit status ({drops:?})");
     }
     (run, coordinator_ok)
-}
-
-/// Waits for `child`; true when it exited successfully. Kills it on timeout.
-fn wait_timeout(mut child: Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.success();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn load(path: &Path) -> (Vec<f32>, std::collections::HashMap<String, String>) {

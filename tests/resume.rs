@@ -4,35 +4,14 @@
 //! all rounds, and no completed round is lost or recorded twice.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{greyfed, wait_timeout};
 use greyfed_coordinator::metrics::read_metrics;
 use greyfed_protocol::ModelWeights;
-
-fn greyfed() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_greyfed"));
-    c.env("RUST_LOG", "info")
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::null());
-    c
-}
-
-/// Waits for `child`; true when it exited successfully. Kills it on timeout.
-fn wait_timeout(child: &mut Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.success();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A loopback UDP port that was free a moment ago.
 fn free_port() -> u16 {
@@ -54,7 +33,8 @@ fn coordinator(dir: &Path, addr: &str, log: &str, resume: bool) -> Child {
         .arg(keys.join("coordinator-key.pem"))
         .arg("--out")
         .arg(dir.join("out"))
-        .stderr(std::fs::File::create(dir.join(log)).unwrap());
+        .stderr(std::fs::File::create(dir.join(log)).unwrap())
+        .env("RUST_LOG", "info"); // the test reads the "resuming from" line
     if resume {
         c.arg("--resume").arg(dir.join("out"));
     }

@@ -702,35 +702,29 @@ impl CoordinatorSession {
     }
 
     fn finish(&mut self) {
-        self.phase = Phase::Over;
-        self.deadline = None;
-        self.pending.clear();
-        for &id in self.peers.keys() {
-            self.outbox.push_back((
-                id,
-                Message::Finished {
-                    rounds_completed: self.rounds_completed,
-                },
-            ));
-        }
-        self.events.push_back(SessionEvent::Finished {
-            rounds_completed: self.rounds_completed,
-        });
+        let rounds_completed = self.rounds_completed;
+        self.end(
+            Message::Finished { rounds_completed },
+            SessionEvent::Finished { rounds_completed },
+        );
     }
 
     fn abort(&mut self, reason: String) {
+        let farewell = Message::Error {
+            message: format!("session aborted: {reason}"),
+        };
+        self.end(farewell, SessionEvent::Aborted { reason });
+    }
+
+    /// Ends the session: `farewell` to every participant, then `event`.
+    fn end(&mut self, farewell: Message, event: SessionEvent) {
         self.phase = Phase::Over;
         self.deadline = None;
         self.pending.clear();
         for &id in self.peers.keys() {
-            self.outbox.push_back((
-                id,
-                Message::Error {
-                    message: format!("session aborted: {reason}"),
-                },
-            ));
+            self.outbox.push_back((id, farewell.clone()));
         }
-        self.events.push_back(SessionEvent::Aborted { reason });
+        self.events.push_back(event);
     }
 }
 

@@ -1,6 +1,37 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests. Each test file compiles this
+//! module on its own, so helpers one file does not use are not dead code.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `greyfed` executable under test, quiet and single-threaded (several
+/// processes share the machine's cores).
+pub fn greyfed() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_greyfed"));
+    c.env("RUST_LOG", "warn")
+        .env("RAYON_NUM_THREADS", "1")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Waits for `child`; true when it exited successfully. Kills it (and reaps
+/// it) when `limit` passes first.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("waiting for a child process") {
+            return s.success();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// The real MNIST subset at `../shared/data/mnist-10k`, or `None` (after
 /// printing why the caller skips) when it is absent.
