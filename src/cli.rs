@@ -115,7 +115,7 @@ pub struct TrainingArgs {
     /// Local optimiser.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
     pub optimizer: OptimizerKind,
-    /// Learning rate (default: 0.001 for Adam, 0.05 for SGD).
+    /// Learning rate (default: 0.001 for Adam, 0.1 for SGD).
     #[arg(long)]
     pub lr: Option<f32>,
     /// Momentum for SGD.

@@ -36,7 +36,7 @@ pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
             lr: args.lr.unwrap_or(1e-3),
         },
         OptimizerKind::Sgd => OptimizerSpec::Sgd {
-            lr: args.lr.unwrap_or(0.05),
+            lr: args.lr.unwrap_or(0.1),
             momentum: args.momentum,
         },
     };
@@ -311,7 +311,7 @@ mod tests {
         assert_eq!(
             training_config(&t).optimizer,
             OptimizerSpec::Sgd {
-                lr: 0.05,
+                lr: 0.1,
                 momentum: 0.9
             }
         );
