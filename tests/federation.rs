@@ -24,6 +24,16 @@ async fn three_participants_two_rounds_learn_the_builtin_digits() {
             "the whole built-in test split is evaluated"
         );
         assert_eq!(r.aggregation, "secagg+");
+        assert_eq!(r.survivors, r.participants);
+        let stages: Vec<&str> = r.stage_secs.keys().map(String::as_str).collect();
+        assert_eq!(stages, ["advertise", "masked", "share", "unmask"]); // sorted
+        let staged: f64 = r.stage_secs.values().sum();
+        assert!(
+            staged > 0.0 && staged <= r.secs,
+            "{:?} vs round {}",
+            r.stage_secs,
+            r.secs
+        );
     }
     let acc = report.final_accuracy();
     assert!(acc > 0.5, "accuracy {acc} should be far above chance (0.1)");

@@ -187,6 +187,8 @@ mod tests {
             loss: 1.25,
             train_loss: None,
             participants: 3,
+            survivors: 3,
+            stage_secs: Default::default(),
             cohort: 3,
             dropped: 0,
             test_samples: 30,

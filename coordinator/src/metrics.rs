@@ -23,6 +23,10 @@ pub struct RoundRecord {
     pub train_loss: Option<f64>,
     /// Participants whose updates were aggregated.
     pub participants: usize,
+    /// Participants whose updates are in the sum (the same as
+    /// `participants`; named for secure aggregation's survivors).
+    #[serde(default)]
+    pub survivors: usize,
     /// Participants asked to train.
     pub cohort: usize,
     /// Cohort members that dropped out while training.
@@ -37,6 +41,12 @@ pub struct RoundRecord {
     pub bytes_down: u64,
     /// Wall time of the round in seconds.
     pub secs: f64,
+    /// Seconds per secure-aggregation stage (`advertise`, `share`, `masked`,
+    /// `unmask`), measured at the coordinator from the round's start or the
+    /// previous stage's close; `masked` includes local training. Empty with
+    /// plain aggregation.
+    #[serde(default)]
+    pub stage_secs: std::collections::BTreeMap<String, f64>,
 }
 
 /// Appends [`RoundRecord`]s to a file, flushing each line.

@@ -483,6 +483,12 @@ impl Driver {
             loss: s.eval.mean_loss(),
             train_loss: s.train_loss.is_finite().then_some(s.train_loss),
             participants: s.contributors.len(),
+            survivors: s.contributors.len(),
+            stage_secs: s
+                .stage_secs
+                .iter()
+                .map(|(name, secs)| (name.to_string(), *secs))
+                .collect(),
             cohort: s.cohort.len(),
             dropped: s.dropped.len(),
             test_samples: s.eval.count,

@@ -25,6 +25,10 @@ pub struct AggregateResult {
     pub total_weight: f64,
     /// Participants whose updates are in the sum, ascending.
     pub contributors: Vec<ParticipantId>,
+    /// Seconds each stage of a multi-stage scheme took, in order, measured
+    /// from the round's start or the previous stage's close (empty for
+    /// single-stage schemes).
+    pub stage_secs: Vec<(&'static str, f64)>,
 }
 
 /// The coordinator side of one aggregation scheme, driven by the session.
@@ -235,6 +239,7 @@ impl Aggregator for PlainAggregator {
             mean_update: self.sum.iter().map(|s| (s * inv) as f32).collect(),
             total_weight: self.total_weight,
             contributors: self.contributors.keys().copied().collect(),
+            stage_secs: Vec::new(),
         }))
     }
 }

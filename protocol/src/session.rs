@@ -85,6 +85,8 @@ pub struct RoundSummary {
     pub eval: EvalMetrics,
     /// Number of participants that evaluated.
     pub evaluators: usize,
+    /// Seconds per aggregation stage (see [`AggregateResult::stage_secs`]).
+    pub stage_secs: Vec<(&'static str, f64)>,
 }
 
 /// Something the driver should know about.
@@ -161,6 +163,7 @@ struct RoundState {
     dropped: Vec<ParticipantId>,
     eval: EvalMetrics,
     evaluators: usize,
+    stage_secs: Vec<(&'static str, f64)>,
 }
 
 /// The coordinator's state machine for a whole session. See the module docs.
@@ -653,6 +656,7 @@ impl CoordinatorSession {
             None => {}
             Some(Ok(result)) => {
                 self.round.contributors = result.contributors.clone();
+                self.round.stage_secs = result.stage_secs.clone();
                 self.round.dropped = self
                     .round
                     .cohort
@@ -697,6 +701,7 @@ impl CoordinatorSession {
                 },
                 eval: r.eval,
                 evaluators: r.evaluators,
+                stage_secs: r.stage_secs,
             }));
         self.start_round(now, round + 1);
     }

@@ -259,6 +259,13 @@ impl SecAggCoordinator {
                     stragglers: BTreeSet::new(),
                 },
             );
+            if let (Some(name), Some(r)) = (stage.metric_name(), self.round.as_mut()) {
+                r.stage_secs.push((
+                    name,
+                    now.saturating_duration_since(r.stage_started).as_secs_f64(),
+                ));
+                r.stage_started = now;
+            }
             let next = match stage {
                 Stage::CollectKeys(s) => self.close_keys(now, s),
                 Stage::CollectShares(s) => self.close_shares(now, s),
@@ -363,6 +370,8 @@ impl Aggregator for SecAggCoordinator {
             neighbours,
             gone: BTreeSet::new(),
             deadline: now + c.stage_timeout,
+            stage_started: now,
+            stage_secs: Vec::new(),
             setup: setup.clone(),
         });
         for &u in &members {

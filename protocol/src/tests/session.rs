@@ -363,6 +363,9 @@ mod secure {
         }
         // No individual training loss reaches the coordinator.
         assert!(h.completed().iter().all(|s| s.train_loss.is_nan()));
+        // Stage durations come in protocol order.
+        let names: Vec<&str> = h.completed()[0].stage_secs.iter().map(|s| s.0).collect();
+        assert_eq!(names, ["advertise", "share", "masked", "unmask"]);
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub(super) struct RoundInfo {
     /// Dropped, timed out or pruned: never contacted again this round.
     pub(super) gone: BTreeSet<ParticipantId>,
     pub(super) deadline: Instant,
+    /// When the current stage began (the round start, then each close).
+    pub(super) stage_started: Instant,
+    /// Durations of the closed stages, in order.
+    pub(super) stage_secs: Vec<(&'static str, f64)>,
 }
 
 /// Stage 1: collecting public keys.
@@ -95,6 +99,17 @@ pub(super) enum Stage {
 }
 
 impl Stage {
+    /// The stage's name in metrics (`advertise`, `share`, `masked`, `unmask`).
+    pub(super) fn metric_name(&self) -> Option<&'static str> {
+        match self {
+            Stage::CollectKeys(_) => Some("advertise"),
+            Stage::CollectShares(_) => Some("share"),
+            Stage::CollectMasked(_) => Some("masked"),
+            Stage::CollectUnmask(_) => Some("unmask"),
+            _ => None,
+        }
+    }
+
     pub(super) fn expects(&self) -> &'static str {
         match self {
             Stage::Idle => "nothing (no round in progress)",
@@ -409,6 +424,11 @@ impl SecAggCoordinator {
             mean_update,
             total_weight: total_weight as f64,
             contributors: s.u3.into_iter().collect(),
+            stage_secs: self
+                .round
+                .as_ref()
+                .map(|r| r.stage_secs.clone())
+                .unwrap_or_default(),
         })
     }
 
