@@ -62,8 +62,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CoordinatorError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` through a synced temporary file and a rename,
+/// so readers see the old file or the new one, never half of one.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::File::open(&tmp)?.sync_all())

@@ -684,14 +684,7 @@ fn write_model(
         "greyfed.rounds_completed".to_string(),
         rounds_completed.to_string(),
     );
-    let bytes = model.to_safetensors(&meta)?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, &bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| CoordinatorError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+    crate::checkpoint::write_atomic(path, &model.to_safetensors(&meta)?)
 }
 
 /// The aggregator the configuration asks for. Secure aggregation gets a

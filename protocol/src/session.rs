@@ -327,9 +327,7 @@ impl CoordinatorSession {
                 Ok(())
             }
             Message::Evaluation { round, metrics } => {
-                self.expect_round(from, "Evaluation", round, |p| {
-                    matches!(p, Phase::Evaluating { .. })
-                })?;
+                self.expect_evaluation(from, round)?;
                 if !(metrics.loss_sum.is_finite()
                     && metrics.loss_sum >= 0.0
                     && metrics.correct <= metrics.count)
@@ -352,15 +350,9 @@ impl CoordinatorSession {
         }
     }
 
-    /// Checks that `msg_round` is the round in progress, the phase accepts this
-    /// message and `from` still owes it. Returns the round.
-    fn expect_round(
-        &self,
-        from: ParticipantId,
-        what: &'static str,
-        msg_round: u32,
-        phase_ok: impl Fn(Phase) -> bool,
-    ) -> Result<u32, ProtocolError> {
+    /// Checks that an Evaluation from `from` for `msg_round` is expected:
+    /// the round in progress, its evaluation phase, and still owed by `from`.
+    fn expect_evaluation(&self, from: ParticipantId, msg_round: u32) -> Result<(), ProtocolError> {
         let current = self.current_round();
         if msg_round != current {
             return Err(ProtocolError::WrongRound {
@@ -368,16 +360,16 @@ impl CoordinatorSession {
                 got: msg_round,
             });
         }
-        if !phase_ok(self.phase) {
+        if !matches!(self.phase, Phase::Evaluating { .. }) {
             return Err(ProtocolError::UnexpectedMessage {
                 expected: self.phase_expects(),
-                got: what,
+                got: "Evaluation",
             });
         }
         if !self.pending.contains(&from) {
             return Err(ProtocolError::DuplicateContribution(from));
         }
-        Ok(current)
+        Ok(())
     }
 
     fn phase_expects(&self) -> &'static str {
