@@ -54,7 +54,7 @@ async fn main() -> Result<()> {
             r.round,
             r.participants,
             r.dropped,
-            100.0 * r.accuracy
+            100.0 * r.accuracy.unwrap_or(f64::NAN)
         );
     }
     ensure!(report.rounds.len() == 3, "every round completed");

@@ -32,8 +32,8 @@ async fn main() -> Result<()> {
         println!(
             "round {:>2}: accuracy {:.2}%  loss {:.4}  participants {}",
             r.round,
-            100.0 * r.accuracy,
-            r.loss,
+            100.0 * r.accuracy.unwrap_or(f64::NAN),
+            r.loss.unwrap_or(f64::NAN),
             r.participants
         );
     }

@@ -101,10 +101,7 @@ fn main() -> Result<()> {
     let keystream_before = keystream_time(setup.prg, d + 1);
     let graph = NeighbourGraph::from_order(setup.graph_order.clone(), setup.degree as usize)?;
     let enc = setup.encoding;
-    let ctx = RoundContext {
-        session_id: SESSION,
-        round: ROUND,
-    };
+    let ctx = RoundContext::update(SESSION, ROUND);
     let mut parts: Vec<SecAggParticipant> = cohort
         .iter()
         .map(|&id| SecAggParticipant::new(id, ctx, Some(d)))

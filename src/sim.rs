@@ -250,8 +250,12 @@ pub struct FederationReport {
 }
 
 impl FederationReport {
-    /// Accuracy after the last completed round (NaN if none completed).
+    /// Accuracy after the last completed round (NaN if none completed or
+    /// its evaluation failed).
     pub fn final_accuracy(&self) -> f64 {
-        self.rounds.last().map_or(f64::NAN, |r| r.accuracy)
+        self.rounds
+            .last()
+            .and_then(|r| r.accuracy)
+            .unwrap_or(f64::NAN)
     }
 }

@@ -47,10 +47,12 @@ impl SimulationReport {
         );
         for r in &self.rounds {
             s.push_str(&format!(
-                "{:>5}  {:>7.2}%  {:>6.4}  {:>10}  {:>12}  {:>7}  {:>7.2}  {:>8.2}  {:>6.2}  {}\n",
+                "{:>5}  {:>8}  {:>6}  {:>10}  {:>12}  {:>7}  {:>7.2}  {:>8.2}  {:>6.2}  {}\n",
                 r.round,
-                100.0 * r.accuracy,
-                r.loss,
+                r.accuracy
+                    .map_or_else(|| "-".to_string(), |a| format!("{:.2}%", 100.0 * a)),
+                r.loss
+                    .map_or_else(|| "-".to_string(), |l| format!("{l:.4}")),
                 r.train_loss
                     .map_or_else(|| "-".to_string(), |l| format!("{l:.4}")),
                 r.participants,
@@ -200,7 +202,9 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
                     && let Some(last) = rounds.last()
                 {
                     bar.set_position(rounds.len() as u64);
-                    bar.set_message(format!("accuracy {:.2}%", 100.0 * last.accuracy));
+                    if let Some(accuracy) = last.accuracy {
+                        bar.set_message(format!("accuracy {:.2}%", 100.0 * accuracy));
+                    }
                 }
             }
         }

@@ -23,10 +23,14 @@ async fn three_participants_two_rounds_learn_the_builtin_digits() {
             r.test_samples, 1000,
             "the whole built-in test split is evaluated"
         );
+        assert_eq!(r.evaluators, 3);
         assert_eq!(r.aggregation, "secagg+");
         assert_eq!(r.survivors, r.participants);
         let stages: Vec<&str> = r.stage_secs.keys().map(String::as_str).collect();
-        assert_eq!(stages, ["advertise", "masked", "share", "unmask"]); // sorted
+        assert_eq!(
+            stages,
+            ["advertise", "evaluate", "masked", "share", "unmask"]
+        ); // sorted
         let staged: f64 = r.stage_secs.values().sum();
         assert!(
             staged > 0.0 && staged <= r.secs,
@@ -38,7 +42,7 @@ async fn three_participants_two_rounds_learn_the_builtin_digits() {
     let acc = report.final_accuracy();
     assert!(acc > 0.5, "accuracy {acc} should be far above chance (0.1)");
     assert!(
-        report.rounds[1].loss < report.rounds[0].loss,
+        report.rounds[1].loss.unwrap() < report.rounds[0].loss.unwrap(),
         "test loss should fall: {:?}",
         report.rounds.iter().map(|r| r.loss).collect::<Vec<_>>()
     );

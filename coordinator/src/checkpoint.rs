@@ -184,8 +184,9 @@ mod tests {
     fn record(round: u32) -> RoundRecord {
         RoundRecord {
             round,
-            accuracy: 0.5,
-            loss: 1.25,
+            accuracy: Some(0.5),
+            loss: Some(1.25),
+            evaluators: 3,
             train_loss: None,
             participants: 3,
             survivors: 3,

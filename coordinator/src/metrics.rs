@@ -14,10 +14,14 @@ pub struct RoundRecord {
     /// Round number, from 1.
     pub round: u32,
     /// Accuracy of the new global model on the participants' test splits
-    /// together (sample-weighted), in [0, 1].
-    pub accuracy: f64,
-    /// Mean test cross-entropy of the new global model.
-    pub loss: f64,
+    /// together (sample-weighted, from the evaluation sum), in [0, 1];
+    /// absent when the round's evaluation failed or nobody evaluated.
+    pub accuracy: Option<f64>,
+    /// Mean test cross-entropy of the new global model (sample-weighted).
+    pub loss: Option<f64>,
+    /// Participants whose metrics are in the evaluation sum.
+    #[serde(default)]
+    pub evaluators: usize,
     /// Sample-weighted mean training loss reported by the contributors;
     /// absent under secure aggregation (no individual loss is reported).
     pub train_loss: Option<f64>,
@@ -31,7 +35,7 @@ pub struct RoundRecord {
     pub cohort: usize,
     /// Cohort members that dropped out while training.
     pub dropped: usize,
-    /// Test samples evaluated.
+    /// Test samples evaluated (over all evaluators).
     pub test_samples: u64,
     /// Aggregation scheme (`plain`, later `secagg`, `secagg+`).
     pub aggregation: String,
@@ -43,8 +47,9 @@ pub struct RoundRecord {
     pub secs: f64,
     /// Seconds per secure-aggregation stage (`advertise`, `share`, `masked`,
     /// `unmask`), measured at the coordinator from the round's start or the
-    /// previous stage's close; `masked` includes local training. Empty with
-    /// plain aggregation.
+    /// previous stage's close (`masked` includes local training), then
+    /// `evaluate`: the whole evaluation phase (evaluation sum included).
+    /// Only `evaluate` with plain aggregation.
     #[serde(default)]
     pub stage_secs: std::collections::BTreeMap<String, f64>,
 }

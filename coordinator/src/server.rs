@@ -289,25 +289,32 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            // One clock reading per input: the session's stage times and the
+            // round times recorded here then agree.
+            let now = tokio::select! {
                 ev = inbound.recv() => {
                     let Some(ev) = ev else { return Err(CoordinatorError::Aborted("listener stopped".into())) };
-                    self.handle_inbound(ev);
+                    let now = Instant::now();
+                    self.handle_inbound(now, ev);
+                    now
                 }
-                () = sleep => self.session.handle_timeout(Instant::now()),
+                () = sleep => {
+                    let now = Instant::now();
+                    self.session.handle_timeout(now);
+                    now
+                }
                 () = &mut shutdown => {
                     info!("shutdown requested");
                     return Err(CoordinatorError::Interrupted { rounds_completed: self.session.rounds_completed() });
                 }
-            }
-            if let Some(done) = self.process_outputs()? {
+            };
+            if let Some(done) = self.process_outputs(now)? {
                 return done;
             }
         }
     }
 
-    fn handle_inbound(&mut self, ev: Inbound) {
-        let now = Instant::now();
+    fn handle_inbound(&mut self, now: Instant, ev: Inbound) {
         match ev {
             Inbound::Connected { id, remote, tx } => {
                 debug!(id, %remote, "connection opened");
@@ -387,13 +394,12 @@ impl Driver {
 
     /// Drains the session: transmits, then events. Returns `Some` when the
     /// session is over.
-    fn process_outputs(&mut self) -> Result<Option<Result<()>>> {
+    fn process_outputs(&mut self, now: Instant) -> Result<Option<Result<()>>> {
         loop {
             self.flush_transmits();
             let Some(ev) = self.session.poll_event() else {
                 return Ok(None);
             };
-            let now = Instant::now();
             match ev {
                 SessionEvent::Joined { id, name } => {
                     info!(
@@ -433,6 +439,9 @@ impl Driver {
                 }
                 SessionEvent::RoundAbandoned { round, reason } => {
                     warn!(round, "round abandoned, model unchanged: {reason}");
+                }
+                SessionEvent::EvaluationFailed { round, reason } => {
+                    warn!(round, "evaluation failed, no metrics this round: {reason}");
                 }
                 SessionEvent::RoundCompleted(summary) => self.record_round(now, &summary)?,
                 SessionEvent::Finished { rounds_completed } => {
@@ -479,8 +488,9 @@ impl Driver {
         let start = self.round_start.remove(&s.round).unwrap_or(now);
         let record = RoundRecord {
             round: s.round,
-            accuracy: s.eval.accuracy(),
-            loss: s.eval.mean_loss(),
+            accuracy: s.eval.map(|e| e.accuracy),
+            loss: s.eval.map(|e| e.loss),
+            evaluators: s.eval.map_or(0, |e| e.evaluators),
             train_loss: s.train_loss.is_finite().then_some(s.train_loss),
             participants: s.contributors.len(),
             survivors: s.contributors.len(),
@@ -491,7 +501,7 @@ impl Driver {
                 .collect(),
             cohort: s.cohort.len(),
             dropped: s.dropped.len(),
-            test_samples: s.eval.count,
+            test_samples: s.eval.map_or(0, |e| e.samples),
             aggregation: self.session.aggregation_kind().to_string(),
             bytes_up: up,
             bytes_down: down,
@@ -499,8 +509,8 @@ impl Driver {
         };
         info!(
             round = record.round,
-            accuracy = format!("{:.4}", record.accuracy),
-            loss = format!("{:.4}", record.loss),
+            accuracy = fmt_metric(record.accuracy),
+            loss = fmt_metric(record.loss),
             participants = record.participants,
             secs = format!("{:.2}", record.secs),
             "round completed"
@@ -518,6 +528,11 @@ impl Driver {
         debug!(round = s.round, "checkpoint written");
         Ok(())
     }
+}
+
+/// A metric for the log: four decimals, or `-` when absent.
+fn fmt_metric(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
 }
 
 async fn accept_loop(

@@ -322,7 +322,7 @@ async fn session_loop(
                     .map_err(|e| {
                         ParticipantError::Model(format!("evaluation task failed: {e}"))
                     })??;
-                    session.submit_evaluation(round, metrics)?;
+                    session.submit_evaluation(round, metrics, &mut rng)?;
                 }
                 ParticipantEvent::Finished { rounds_completed } => {
                     info!(rounds_completed, "session finished");

@@ -100,6 +100,14 @@ pub trait Aggregator: Send {
     /// The round's result once every cohort member has contributed or dropped
     /// out; an error when the round cannot produce one (e.g. nobody left).
     fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>>;
+
+    /// A fresh aggregator of the same scheme for the round's evaluation sum
+    /// (two values per participant, weighted by test samples), so that the
+    /// metrics get the same protection as the updates.
+    ///
+    /// # Errors
+    /// Settings that cannot be carried over.
+    fn for_evaluation(&self) -> Result<Box<dyn Aggregator>, ProtocolError>;
 }
 
 /// Unprotected weighted summing, for comparison and tests: the coordinator
@@ -240,6 +248,13 @@ impl Aggregator for PlainAggregator {
             total_weight: self.total_weight,
             contributors: self.contributors.keys().copied().collect(),
             stage_secs: Vec::new(),
+        }))
+    }
+
+    fn for_evaluation(&self) -> Result<Box<dyn Aggregator>, ProtocolError> {
+        Ok(Box::new(Self {
+            timeout: self.timeout,
+            ..Self::default()
         }))
     }
 }

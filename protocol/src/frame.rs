@@ -190,7 +190,7 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{EvalMetrics, Hello};
+    use crate::message::{AggregationPayload, Hello};
     use crate::weights::{ModelWeights, NamedTensor};
 
     fn hello() -> Message {
@@ -223,10 +223,9 @@ mod tests {
             train_request(),
             Message::Evaluation {
                 round: 1,
-                metrics: EvalMetrics {
-                    loss_sum: 1.5,
-                    correct: 3,
-                    count: 4,
+                payload: AggregationPayload::Plain {
+                    update: vec![0.5, -0.25],
+                    weight: 4.0,
                 },
             },
         ];

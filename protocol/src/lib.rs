@@ -32,4 +32,4 @@ pub use message::*;
 pub use weights::{ModelWeights, NamedTensor};
 
 /// Version of the wire protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;

@@ -15,6 +15,8 @@
 //!    see crate::secagg::message)
 //!                      ◀───────   EvaluateRequest
 //!     Evaluation       ───────▶
+//!   (secure aggregation: the evaluation metrics go through a second, small
+//!    secure sum, with SecAgg { sum: Evaluation } messages)
 //!   (end)
 //!                      ◀───────   Finished
 //! ```
@@ -229,8 +231,23 @@ impl AggregationPayload {
     }
 }
 
-/// Evaluation result on one participant's test split. Sums, not means, so that
-/// results combine exactly by addition.
+/// What one aggregation of a round adds up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SumKind {
+    /// The participants' model updates, weighted by training samples.
+    Update,
+    /// The participants' evaluation metrics of the new global model,
+    /// weighted by test samples (see [`EvalMetrics::sum_input`]).
+    Evaluation,
+}
+
+/// Mean losses above this count as this in the evaluation sum (the secure
+/// sum needs bounded values); a model this bad is diverged anyway.
+pub const MAX_EVAL_LOSS: f64 = 64.0;
+
+/// Evaluation result on one participant's test split, kept on the
+/// participant: only [`sum_input`](EvalMetrics::sum_input) leaves it, into
+/// the round's evaluation sum.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalMetrics {
     /// Sum of per-sample cross-entropy losses.
@@ -257,6 +274,73 @@ impl EvalMetrics {
     /// Accuracy in [0, 1], or NaN when nothing was evaluated.
     pub fn accuracy(&self) -> f64 {
         self.correct as f64 / self.count as f64
+    }
+
+    /// This participant's input to the evaluation sum: `[accuracy, mean
+    /// loss]` mapped affinely onto `[-1, 1]` (the loss clipped to
+    /// [`MAX_EVAL_LOSS`]) with the sample count as weight, so that the
+    /// weighted mean of the inputs is the sample-weighted mean over all
+    /// evaluators. [`EvalSummary::from_mean`] maps it back.
+    ///
+    /// # Errors
+    /// No samples, a NaN or negative loss, or more correct than samples.
+    pub fn sum_input(&self) -> Result<(Vec<f32>, u64), crate::ProtocolError> {
+        if self.count == 0
+            || self.correct > self.count
+            || !(self.loss_sum.is_finite() && self.loss_sum >= 0.0)
+        {
+            return Err(crate::ProtocolError::InvalidContribution(format!(
+                "inconsistent evaluation: {} correct of {} samples, loss sum {}",
+                self.correct, self.count, self.loss_sum
+            )));
+        }
+        let loss = self.mean_loss().min(MAX_EVAL_LOSS);
+        let values = vec![
+            (2.0 * self.accuracy() - 1.0) as f32,
+            (2.0 * loss / MAX_EVAL_LOSS - 1.0) as f32,
+        ];
+        Ok((values, self.count))
+    }
+}
+
+/// The sample-weighted mean of the evaluators' metrics: all the coordinator
+/// learns of a round's federated evaluation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalSummary {
+    /// Sample-weighted mean accuracy in [0, 1].
+    pub accuracy: f64,
+    /// Sample-weighted mean loss (mean losses clipped to [`MAX_EVAL_LOSS`]).
+    pub loss: f64,
+    /// Test samples over all evaluators.
+    pub samples: u64,
+    /// Participants whose metrics are in the sum.
+    pub evaluators: usize,
+}
+
+impl EvalSummary {
+    /// Maps the weighted mean of [`EvalMetrics::sum_input`] vectors back.
+    /// With secure aggregation each value carries the quantisation error of
+    /// the encoding (at most one step, `2 / (2^b - 1)` before the mapping).
+    ///
+    /// # Errors
+    /// A mean that is not two finite values.
+    pub fn from_mean(
+        mean: &[f32],
+        samples: u64,
+        evaluators: usize,
+    ) -> Result<Self, crate::ProtocolError> {
+        match *mean {
+            [acc, loss] if acc.is_finite() && loss.is_finite() => Ok(Self {
+                accuracy: ((f64::from(acc) + 1.0) / 2.0).clamp(0.0, 1.0),
+                loss: ((f64::from(loss) + 1.0) / 2.0 * MAX_EVAL_LOSS).max(0.0),
+                samples,
+                evaluators,
+            }),
+            _ => Err(crate::ProtocolError::Malformed(format!(
+                "evaluation sum has {} values, expected 2 finite ones",
+                mean.len()
+            ))),
+        }
     }
 }
 
@@ -303,12 +387,13 @@ pub enum Message {
         /// The new global model.
         global: ModelWeights,
     },
-    /// Participant → coordinator: evaluation sums.
+    /// Participant → coordinator: this participant's input to the round's
+    /// evaluation sum (see [`EvalMetrics::sum_input`]).
     Evaluation {
         /// Round the evaluation belongs to.
         round: u32,
-        /// Sums over the local test split.
-        metrics: EvalMetrics,
+        /// The aggregator-specific payload.
+        payload: AggregationPayload,
     },
     /// Coordinator → participant: the session is over.
     Finished {
@@ -321,6 +406,9 @@ pub enum Message {
     SecAgg {
         /// Round the message belongs to.
         round: u32,
+        /// Which of the round's sums it belongs to; uploads for the
+        /// evaluation sum travel in `Evaluation` messages.
+        sum: SumKind,
         /// The stage message.
         msg: SecAggDownload,
     },

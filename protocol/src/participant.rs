@@ -12,7 +12,11 @@
 //! runs a [`SecAggParticipant`]: its stage messages arrive while the driver
 //! is still training, are answered at once, and the update is masked when
 //! `submit_update` hands it over. The driver keeps reading messages while it
-//! trains so that key exchange overlaps training.
+//! trains so that key exchange overlaps training. The evaluation metrics go
+//! through a second, small secure sum in the same way (see
+//! [`EvalMetrics::sum_input`]), so the coordinator never sees one
+//! participant's accuracy or loss. With plain aggregation both are sent in
+//! the clear.
 //!
 //! A fatal error poisons the session: it returns that error again. A failed
 //! secure-aggregation round is not fatal: the coordinator leaves this
@@ -26,7 +30,7 @@ use crate::{
     error::ProtocolError,
     message::{
         AggregationKind, AggregationPayload, EvalMetrics, Hello, Message, ParticipantId,
-        SessionInfo,
+        SessionInfo, SumKind,
     },
     secagg::{keys::RoundContext, participant::SecAggParticipant},
     weights::ModelWeights,
@@ -82,8 +86,10 @@ pub struct ParticipantSession {
     id: Option<ParticipantId>,
     session: Option<SessionInfo>,
     last_round: u32,
-    /// The secure-aggregation side of the current round, if any.
-    secagg: Option<SecAggParticipant>,
+    /// Our side of the current round's secure update sum, if any.
+    update_sum: Option<SecAggParticipant>,
+    /// Our side of the current round's secure evaluation sum, if any.
+    eval_sum: Option<SecAggParticipant>,
     outbox: VecDeque<Message>,
     events: VecDeque<ParticipantEvent>,
     poisoned: Option<ProtocolError>,
@@ -97,7 +103,8 @@ impl ParticipantSession {
             id: None,
             session: None,
             last_round: 0,
-            secagg: None,
+            update_sum: None,
+            eval_sum: None,
             outbox: VecDeque::from([Message::Hello(hello)]),
             events: VecDeque::new(),
             poisoned: None,
@@ -129,10 +136,14 @@ impl ParticipantSession {
         if let Some(e) = &self.poisoned {
             return Err(e.clone());
         }
-        if let Message::SecAgg { round, .. } = &msg {
+        if let Message::SecAgg { round, sum, .. } = &msg {
             // Not fatal for the session: the round goes on without us.
             let round = *round;
-            return match &mut self.secagg {
+            let target = match sum {
+                SumKind::Update => &mut self.update_sum,
+                SumKind::Evaluation => &mut self.eval_sum,
+            };
+            return match target {
                 Some(s) if s.context().round == round => s.handle_message(msg, rng),
                 _ => Err(ProtocolError::WrongRound {
                     current: self.last_round,
@@ -185,19 +196,7 @@ impl ParticipantSession {
                 global.validate()?;
                 self.last_round = round;
                 self.state = State::Training { round };
-                self.secagg = match (&self.session, self.id) {
-                    (Some(info), Some(id)) if info.aggregation != AggregationKind::Plain => {
-                        Some(SecAggParticipant::new(
-                            id,
-                            RoundContext {
-                                session_id: info.session_id,
-                                round,
-                            },
-                            Some(global.num_parameters()),
-                        ))
-                    }
-                    _ => None,
-                };
+                self.update_sum = self.secure_sum(round, SumKind::Update, global.num_parameters());
                 self.events.push_back(ParticipantEvent::Train {
                     round,
                     global,
@@ -209,14 +208,24 @@ impl ParticipantSession {
             // (we were late or excluded); our update is then discarded.
             (State::Idle | State::Training { .. }, Message::EvaluateRequest { round, global }) => {
                 global.validate()?;
+                // A participant admitted during the round evaluates it too.
+                if round < self.last_round {
+                    return Err(ProtocolError::WrongRound {
+                        current: self.last_round,
+                        got: round,
+                    });
+                }
+                self.last_round = round;
                 self.state = State::Evaluating { round };
+                self.eval_sum = self.secure_sum(round, SumKind::Evaluation, 2);
                 self.events
                     .push_back(ParticipantEvent::Evaluate { round, global });
                 Ok(())
             }
             (State::Idle, Message::Finished { rounds_completed }) => {
                 self.state = State::Finished;
-                self.secagg = None;
+                self.update_sum = None;
+                self.eval_sum = None;
                 self.events
                     .push_back(ParticipantEvent::Finished { rounds_completed });
                 Ok(())
@@ -232,6 +241,25 @@ impl ParticipantSession {
                 },
                 got: other.kind(),
             }),
+        }
+    }
+
+    /// Our side of a secure sum of `num_values` values for `round`, when the
+    /// session aggregates securely.
+    fn secure_sum(&self, round: u32, sum: SumKind, num_values: usize) -> Option<SecAggParticipant> {
+        match (&self.session, self.id) {
+            (Some(info), Some(id)) if info.aggregation != AggregationKind::Plain => {
+                Some(SecAggParticipant::new(
+                    id,
+                    RoundContext {
+                        session_id: info.session_id,
+                        round,
+                        sum,
+                    },
+                    Some(num_values),
+                ))
+            }
+            _ => None,
         }
     }
 
@@ -255,7 +283,7 @@ impl ParticipantSession {
             return Err(ProtocolError::Late("update"));
         }
         self.state = State::Idle;
-        match &mut self.secagg {
+        match &mut self.update_sum {
             Some(s) => {
                 let w = weight.round();
                 if !(w >= 1.0 && w <= u32::MAX as f64) {
@@ -276,11 +304,18 @@ impl ParticipantSession {
         }
     }
 
-    /// Reports the evaluation sums for `round`.
+    /// Reports the evaluation of `round`'s global model on the local test
+    /// split: it enters the round's evaluation sum (masked with secure
+    /// aggregation); `rng` drives the stochastic rounding.
+    ///
+    /// # Errors
+    /// No EvaluateRequest for `round` is outstanding, or `metrics` are
+    /// inconsistent (see [`EvalMetrics::sum_input`]).
     pub fn submit_evaluation(
         &mut self,
         round: u32,
         metrics: EvalMetrics,
+        rng: &mut impl CryptoRng,
     ) -> Result<(), ProtocolError> {
         if self.state != (State::Evaluating { round }) {
             return Err(ProtocolError::UnexpectedMessage {
@@ -289,25 +324,48 @@ impl ParticipantSession {
             });
         }
         self.state = State::Idle;
-        self.outbox
-            .push_back(Message::Evaluation { round, metrics });
-        Ok(())
+        let (values, samples) = metrics.sum_input()?;
+        match &mut self.eval_sum {
+            Some(s) => {
+                let weight = u32::try_from(samples).map_err(|_| {
+                    ProtocolError::InvalidContribution(format!("{samples} test samples"))
+                })?;
+                s.set_input(&values, weight, rng)
+            }
+            None => {
+                self.outbox.push_back(Message::Evaluation {
+                    round,
+                    payload: AggregationPayload::Plain {
+                        update: values,
+                        weight: samples as f64,
+                    },
+                });
+                Ok(())
+            }
+        }
     }
 
-    /// Next message to send to the coordinator. Secure-aggregation uploads
-    /// travel as `Contribution`s without a training loss (a per-participant
-    /// loss would be seen by the coordinator alone).
+    /// Next message to send to the coordinator. Uploads of the secure update
+    /// sum travel as `Contribution`s without a training loss (a
+    /// per-participant loss would be seen by the coordinator alone), those
+    /// of the evaluation sum as `Evaluation`s.
     pub fn poll_transmit(&mut self) -> Option<Message> {
         if let Some(m) = self.outbox.pop_front() {
             return Some(m);
         }
-        let s = self.secagg.as_mut()?;
+        if let Some(s) = self.update_sum.as_mut()
+            && let Some(payload) = s.poll_transmit()
+        {
+            return Some(Message::Contribution {
+                round: s.context().round,
+                train_loss: f32::NAN,
+                payload,
+            });
+        }
+        let s = self.eval_sum.as_mut()?;
         let round = s.context().round;
-        s.poll_transmit().map(|payload| Message::Contribution {
-            round,
-            train_loss: f32::NAN,
-            payload,
-        })
+        s.poll_transmit()
+            .map(|payload| Message::Evaluation { round, payload })
     }
 
     /// Next event for the driver.

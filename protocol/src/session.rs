@@ -19,9 +19,13 @@
 //!
 //! A round's phases: `Training` (TrainRequest out, Contributions in, through
 //! the [`Aggregator`]) → `AwaitingModel` (the driver applies the strategy) →
-//! `Evaluating` (EvaluateRequest out, Evaluations in) → next round. Each
-//! waiting phase has a deadline; participants that miss it are treated as
-//! dropped for that phase.
+//! `Evaluating` (EvaluateRequest out to every participant with a test split,
+//! Evaluations in, through a second aggregator of the same scheme from
+//! [`Aggregator::for_evaluation`], so the coordinator learns only the
+//! sample-weighted mean metrics) → next round. Each waiting phase has a
+//! deadline; participants that miss it are treated as dropped for that
+//! phase. A failed evaluation sum (too few evaluators left) is reported and
+//! the round still completes: its model is already applied.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -30,7 +34,7 @@ use crate::{
     PROTOCOL_VERSION,
     aggregate::{AggregateResult, Aggregator},
     error::ProtocolError,
-    message::{EvalMetrics, Hello, Message, ModelSpec, ParticipantId, SessionInfo, TrainingConfig},
+    message::{EvalSummary, Hello, Message, ModelSpec, ParticipantId, SessionInfo, TrainingConfig},
     weights::ModelWeights,
 };
 
@@ -52,7 +56,8 @@ pub struct SessionConfig {
     /// Hard limit on a round's training phase (local training plus
     /// aggregation, all secure-aggregation stages included).
     pub round_timeout: Duration,
-    /// How long participants have to return their evaluation.
+    /// Hard limit on a round's evaluation phase (all stages of the secure
+    /// evaluation sum included).
     pub evaluation_timeout: Duration,
     /// How long to wait for `participants` to join; `None` waits forever.
     /// When it passes, the session starts with those present if there are at
@@ -81,11 +86,11 @@ pub struct RoundSummary {
     pub dropped: Vec<ParticipantId>,
     /// Sample-weighted mean of the contributors' training losses.
     pub train_loss: f64,
-    /// Sum of the evaluations that arrived in time.
-    pub eval: EvalMetrics,
-    /// Number of participants that evaluated.
-    pub evaluators: usize,
-    /// Seconds per aggregation stage (see [`AggregateResult::stage_secs`]).
+    /// Sample-weighted mean metrics of the evaluators; `None` when nobody
+    /// evaluated or the evaluation sum failed.
+    pub eval: Option<EvalSummary>,
+    /// Seconds per aggregation stage (see [`AggregateResult::stage_secs`]),
+    /// then `"evaluate"`: the whole evaluation phase.
     pub stage_secs: Vec<(&'static str, f64)>,
 }
 
@@ -116,6 +121,14 @@ pub enum SessionEvent {
     },
     /// Aggregation finished; call [`CoordinatorSession::apply_global`].
     Aggregated(AggregateResult),
+    /// A round's evaluation sum failed (too few evaluators left); the round
+    /// still completes without metrics.
+    EvaluationFailed {
+        /// Round number.
+        round: u32,
+        /// Why.
+        reason: String,
+    },
     /// A round was abandoned (no result); no model change was applied.
     RoundAbandoned {
         /// Round number.
@@ -150,6 +163,7 @@ enum Phase {
 struct Peer {
     name: String,
     train_samples: u64,
+    test_samples: u64,
 }
 
 #[derive(Debug, Default)]
@@ -161,8 +175,9 @@ struct RoundState {
     train_loss_weight: f64,
     contributors: Vec<ParticipantId>,
     dropped: Vec<ParticipantId>,
-    eval: EvalMetrics,
-    evaluators: usize,
+    /// Who was asked to evaluate.
+    evaluators: BTreeSet<ParticipantId>,
+    evaluation_started: Option<Instant>,
     stage_secs: Vec<(&'static str, f64)>,
 }
 
@@ -170,11 +185,13 @@ struct RoundState {
 pub struct CoordinatorSession {
     config: SessionConfig,
     aggregator: Box<dyn Aggregator>,
+    /// The evaluation sum's aggregator (same scheme as `aggregator`).
+    evaluator: Box<dyn Aggregator>,
     global: ModelWeights,
     phase: Phase,
     peers: BTreeMap<ParticipantId, Peer>,
-    /// Who the current phase still waits for.
-    pending: BTreeSet<ParticipantId>,
+    /// The last round whose evaluation finished (its stragglers are late).
+    last_evaluated: u32,
     deadline: Option<Instant>,
     round: RoundState,
     rounds_completed: u32,
@@ -184,7 +201,9 @@ pub struct CoordinatorSession {
 }
 
 impl CoordinatorSession {
-    /// A session that starts with `global` and aggregates with `aggregator`.
+    /// A session that starts with `global` and aggregates with `aggregator`
+    /// (and the evaluation metrics with its
+    /// [`for_evaluation`](Aggregator::for_evaluation) counterpart).
     pub fn new(
         config: SessionConfig,
         global: ModelWeights,
@@ -217,13 +236,15 @@ impl CoordinatorSession {
         let deadline = config.join_timeout.map(|t| now + t);
         let key_fingerprint = config.key_fingerprint.clone();
         let rounds_completed = config.first_round - 1;
+        let evaluator = aggregator.for_evaluation()?;
         Ok(Self {
             config,
             aggregator,
+            evaluator,
             global,
             phase: Phase::Joining,
             peers: BTreeMap::new(),
-            pending: BTreeSet::new(),
+            last_evaluated: 0,
             deadline,
             round: RoundState::default(),
             rounds_completed,
@@ -326,20 +347,10 @@ impl CoordinatorSession {
                 self.drain_aggregator(now, current);
                 Ok(())
             }
-            Message::Evaluation { round, metrics } => {
+            Message::Evaluation { round, payload } => {
                 self.expect_evaluation(from, round)?;
-                if !(metrics.loss_sum.is_finite()
-                    && metrics.loss_sum >= 0.0
-                    && metrics.correct <= metrics.count)
-                {
-                    return Err(ProtocolError::InvalidContribution(format!(
-                        "inconsistent evaluation {metrics:?}"
-                    )));
-                }
-                self.pending.remove(&from);
-                self.round.eval.merge(&metrics);
-                self.round.evaluators += 1;
-                self.maybe_finish_evaluation(now);
+                self.evaluator.handle_payload(now, from, payload)?;
+                self.drain_evaluator(now);
                 Ok(())
             }
             Message::Error { message } => Err(ProtocolError::PeerError(message)),
@@ -351,8 +362,13 @@ impl CoordinatorSession {
     }
 
     /// Checks that an Evaluation from `from` for `msg_round` is expected:
-    /// the round in progress, its evaluation phase, and still owed by `from`.
+    /// the evaluation phase of the round in progress, from someone asked.
+    /// Uploads for an evaluation that already finished (spare unmasking
+    /// shares) are [`ProtocolError::Late`].
     fn expect_evaluation(&self, from: ParticipantId, msg_round: u32) -> Result<(), ProtocolError> {
+        if msg_round != 0 && msg_round == self.last_evaluated {
+            return Err(ProtocolError::Late("Evaluation"));
+        }
         let current = self.current_round();
         if msg_round != current {
             return Err(ProtocolError::WrongRound {
@@ -366,8 +382,8 @@ impl CoordinatorSession {
                 got: "Evaluation",
             });
         }
-        if !self.pending.contains(&from) {
-            return Err(ProtocolError::DuplicateContribution(from));
+        if !self.round.evaluators.contains(&from) {
+            return Err(ProtocolError::UnknownParticipant(from));
         }
         Ok(())
     }
@@ -442,6 +458,7 @@ impl CoordinatorSession {
             Peer {
                 name: hello.name.clone(),
                 train_samples: hello.train_samples,
+                test_samples: hello.test_samples,
             },
         );
         self.outbox.push_back((
@@ -474,13 +491,15 @@ impl CoordinatorSession {
         if self.peers.remove(&id).is_none() {
             return;
         }
-        let was_pending = self.pending.remove(&id);
         match self.phase {
             Phase::Training { round } if self.round.cohort.contains(&id) => {
                 self.aggregator.handle_dropout(now, id);
                 self.drain_aggregator(now, round);
             }
-            Phase::Evaluating { .. } if was_pending => self.maybe_finish_evaluation(now),
+            Phase::Evaluating { .. } if self.round.evaluators.contains(&id) => {
+                self.evaluator.handle_dropout(now, id);
+                self.drain_evaluator(now);
+            }
             _ => {}
         }
     }
@@ -502,6 +521,19 @@ impl CoordinatorSession {
             self.drain_aggregator(now, round);
             return;
         }
+        if let Phase::Evaluating { .. } = self.phase {
+            if self.evaluator.poll_timeout().is_some_and(|d| now >= d) {
+                self.evaluator.handle_timeout(now);
+            }
+            if self.deadline.is_some_and(|d| now >= d) {
+                self.deadline = None;
+                for &id in &self.round.evaluators {
+                    self.evaluator.handle_dropout(now, id);
+                }
+            }
+            self.drain_evaluator(now);
+            return;
+        }
         match self.deadline {
             Some(d) if now >= d => {}
             _ => return,
@@ -519,11 +551,10 @@ impl CoordinatorSession {
                     ));
                 }
             }
-            Phase::Evaluating { .. } => {
-                self.pending.clear();
-                self.maybe_finish_evaluation(now);
-            }
-            Phase::Training { .. } | Phase::AwaitingModel { .. } | Phase::Over => {}
+            Phase::Training { .. }
+            | Phase::Evaluating { .. }
+            | Phase::AwaitingModel { .. }
+            | Phase::Over => {}
         }
     }
 
@@ -550,14 +581,35 @@ impl CoordinatorSession {
         }
         self.global = global;
         self.phase = Phase::Evaluating { round };
-        // Participants admitted during this round sit it out entirely.
-        self.pending = self
+        self.round.evaluation_started = Some(now);
+        // Everyone connected with a test split evaluates, in the cohort or
+        // not (participants admitted during the round included).
+        let evaluators: Vec<ParticipantId> = self
             .peers
-            .keys()
-            .filter(|id| self.round.cohort.contains(id))
-            .copied()
+            .iter()
+            .filter(|(_, p)| p.test_samples > 0)
+            .map(|(&id, _)| id)
             .collect();
-        for &id in &self.pending {
+        if evaluators.is_empty() {
+            self.finish_evaluation(now, round, None);
+            return Ok(());
+        }
+        let max_weight = evaluators
+            .iter()
+            .map(|id| self.peers[id].test_samples)
+            .max()
+            .unwrap_or(1);
+        self.evaluator.set_max_weight(max_weight);
+        if let Err(e) = self.evaluator.begin_round(now, round, &evaluators, 2) {
+            self.events.push_back(SessionEvent::EvaluationFailed {
+                round,
+                reason: e.to_string(),
+            });
+            self.finish_evaluation(now, round, None);
+            return Ok(());
+        }
+        self.round.evaluators = evaluators.iter().copied().collect();
+        for &id in &evaluators {
             self.outbox.push_back((
                 id,
                 Message::EvaluateRequest {
@@ -567,7 +619,8 @@ impl CoordinatorSession {
             ));
         }
         self.deadline = Some(now + self.config.evaluation_timeout);
-        self.maybe_finish_evaluation(now);
+        // The evaluator's first messages go out after the EvaluateRequests.
+        self.drain_evaluator(now);
         Ok(())
     }
 
@@ -583,9 +636,14 @@ impl CoordinatorSession {
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.phase, self.aggregator.poll_timeout()) {
-            (Phase::Training { .. }, Some(a)) => Some(self.deadline.map_or(a, |d| d.min(a))),
-            _ => self.deadline,
+        let own = match self.phase {
+            Phase::Training { .. } => self.aggregator.poll_timeout(),
+            Phase::Evaluating { .. } => self.evaluator.poll_timeout(),
+            _ => None,
+        };
+        match (own, self.deadline) {
+            (Some(a), Some(d)) => Some(a.min(d)),
+            (a, d) => a.or(d),
         }
     }
 
@@ -621,7 +679,6 @@ impl CoordinatorSession {
             cohort: cohort.clone(),
             ..RoundState::default()
         };
-        self.pending.clear();
         for &id in &cohort {
             self.outbox.push_back((
                 id,
@@ -657,7 +714,6 @@ impl CoordinatorSession {
                     .copied()
                     .collect();
                 self.phase = Phase::AwaitingModel { round };
-                self.pending.clear();
                 self.deadline = None;
                 self.events.push_back(SessionEvent::Aggregated(result));
             }
@@ -671,14 +727,44 @@ impl CoordinatorSession {
         }
     }
 
-    fn maybe_finish_evaluation(&mut self, now: Instant) {
+    fn drain_evaluator(&mut self, now: Instant) {
         let Phase::Evaluating { round } = self.phase else {
             return;
         };
-        if !self.pending.is_empty() {
-            return;
+        while let Some(t) = self.evaluator.poll_transmit() {
+            self.outbox.push_back(t);
         }
-        let r = std::mem::take(&mut self.round);
+        let eval = match self.evaluator.poll_result() {
+            None => return,
+            Some(Ok(result)) => EvalSummary::from_mean(
+                &result.mean_update,
+                result.total_weight.round() as u64,
+                result.contributors.len(),
+            ),
+            Some(Err(e)) => Err(e),
+        };
+        let eval = eval
+            .map_err(|e| {
+                self.events.push_back(SessionEvent::EvaluationFailed {
+                    round,
+                    reason: e.to_string(),
+                });
+            })
+            .ok();
+        self.finish_evaluation(now, round, eval);
+    }
+
+    /// Completes `round` with its evaluation `eval` and starts the next.
+    fn finish_evaluation(&mut self, now: Instant, round: u32, eval: Option<EvalSummary>) {
+        let mut r = std::mem::take(&mut self.round);
+        if let Some(start) = r.evaluation_started {
+            r.stage_secs.push((
+                "evaluate",
+                now.saturating_duration_since(start).as_secs_f64(),
+            ));
+        }
+        self.last_evaluated = round;
+        self.deadline = None;
         self.rounds_completed += 1;
         self.events
             .push_back(SessionEvent::RoundCompleted(RoundSummary {
@@ -691,8 +777,7 @@ impl CoordinatorSession {
                 } else {
                     f64::NAN
                 },
-                eval: r.eval,
-                evaluators: r.evaluators,
+                eval,
                 stage_secs: r.stage_secs,
             }));
         self.start_round(now, round + 1);
@@ -717,7 +802,6 @@ impl CoordinatorSession {
     fn end(&mut self, farewell: Message, event: SessionEvent) {
         self.phase = Phase::Over;
         self.deadline = None;
-        self.pending.clear();
         for &id in self.peers.keys() {
             self.outbox.push_back((id, farewell.clone()));
         }

@@ -52,7 +52,7 @@
 //!
 //! The stage state and transitions live in `stages`.
 
-use crate::message::AggregationKind;
+use crate::message::{AggregationKind, SumKind};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -101,6 +101,9 @@ pub struct SecAggConfig {
     pub min_contributors: usize,
     /// Seed of the coordinator's own CSPRNG (the graph order).
     pub seed: [u8; 32],
+    /// Which sum of the round this aggregator computes (tags its messages
+    /// and binds its key derivations).
+    pub sum: SumKind,
 }
 
 impl SecAggConfig {
@@ -120,6 +123,26 @@ impl SecAggConfig {
             stage_timeout: Duration::from_secs(30),
             min_contributors: 2,
             seed,
+            sum: SumKind::Update,
+        }
+    }
+
+    /// The settings of the evaluation sum that goes with these: the same
+    /// graph, dropout and timing settings, 24 quantisation bits (lowered to
+    /// fit the ring, see [`EncodingParams::new`]) for the two values of
+    /// [`EvalMetrics::sum_input`](crate::message::EvalMetrics::sum_input),
+    /// and a graph seed of its own. The weight bound is the session's
+    /// ([`Aggregator::set_max_weight`] with the largest test split).
+    pub fn for_evaluation(&self) -> Self {
+        let mut seed = self.seed;
+        seed[0] ^= 0x5a;
+        Self {
+            clip: 1.0,
+            bits: 24,
+            max_weight: 1,
+            seed,
+            sum: SumKind::Evaluation,
+            ..self.clone()
         }
     }
 }
@@ -218,7 +241,9 @@ impl SecAggCoordinator {
 
     fn send(&mut self, to: ParticipantId, msg: SecAggDownload) {
         let round = self.round.as_ref().map_or(0, |r| r.ctx.round);
-        self.outbox.push_back((to, Message::SecAgg { round, msg }));
+        let sum = self.config.sum;
+        self.outbox
+            .push_back((to, Message::SecAgg { round, sum, msg }));
     }
 
     /// Ends the round with `result`; on failure tells every live participant.
@@ -364,6 +389,7 @@ impl Aggregator for SecAggCoordinator {
             ctx: RoundContext {
                 session_id: c.session_id,
                 round,
+                sum: c.sum,
             },
             threshold: gp.threshold,
             num_elements: num_params + 1,
@@ -464,6 +490,13 @@ impl Aggregator for SecAggCoordinator {
 
     fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>> {
         self.result.take()
+    }
+
+    fn for_evaluation(&self) -> Result<Box<dyn Aggregator>, ProtocolError> {
+        Ok(Box::new(Self::with_prg(
+            self.config.for_evaluation(),
+            self.prg,
+        )?))
     }
 }
 

@@ -3,14 +3,15 @@
 //! shares routed through the coordinator.
 //!
 //! Derivations (all HKDF-SHA256, salt = `"greyfed/secagg/v1" || session_id
-//! (8 bytes BE) || round (4 bytes BE)`, ikm = the X25519 shared secret):
+//! (8 bytes BE) || round (4 bytes BE) || sum (1 byte: 0 for the update sum, 1
+//! for the evaluation sum)`, ikm = the X25519 shared secret):
 //! - pairwise mask seed of `a` and `b`: info = `"pairwise-mask" || min(a,b) || max(a,b)` (4 bytes BE each), 32 bytes;
 //! - share-channel key of `a` and `b`: info = `"share-key" || min || max`, 32 bytes.
 //!
 //! Shares are sealed with ChaCha20-Poly1305 under the share-channel key,
 //! nonce = `from (4 bytes BE) || to (4 bytes BE) || 0u32`, associated data =
 //! salt || from || to, so a ciphertext cannot be replayed to another round,
-//! pair or direction.
+//! sum, pair or direction.
 
 use chacha20poly1305::{
     ChaCha20Poly1305, KeyInit,
@@ -25,29 +26,45 @@ use zeroize::Zeroize;
 
 use crate::{
     error::ProtocolError,
-    message::ParticipantId,
+    message::{ParticipantId, SumKind},
     secagg::shamir::{CHUNKS, MODULUS, Share},
 };
 
 /// Domain-separation prefix of every salt.
 const DOMAIN: &[u8] = b"greyfed/secagg/v1";
 
-/// Session and round a derivation is bound to.
+/// Session, round and sum a derivation is bound to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoundContext {
     /// Coordinator session id.
     pub session_id: u64,
     /// Round number.
     pub round: u32,
+    /// Which of the round's sums (updates or evaluation metrics).
+    pub sum: SumKind,
 }
 
 impl RoundContext {
-    /// `"greyfed/secagg/v1" || session_id (8 bytes BE) || round (4 bytes BE)`.
+    /// The context of the update sum of `round`.
+    pub fn update(session_id: u64, round: u32) -> Self {
+        Self {
+            session_id,
+            round,
+            sum: SumKind::Update,
+        }
+    }
+
+    /// `"greyfed/secagg/v1" || session_id (8 bytes BE) || round (4 bytes BE)
+    /// || sum (1 byte: 0 updates, 1 evaluation)`.
     fn salt(&self) -> Vec<u8> {
-        let mut salt = Vec::with_capacity(DOMAIN.len() + 12);
+        let mut salt = Vec::with_capacity(DOMAIN.len() + 13);
         salt.extend_from_slice(DOMAIN);
         salt.extend_from_slice(&self.session_id.to_be_bytes());
         salt.extend_from_slice(&self.round.to_be_bytes());
+        salt.push(match self.sum {
+            SumKind::Update => 0,
+            SumKind::Evaluation => 1,
+        });
         salt
     }
 }
@@ -305,6 +322,7 @@ mod tests {
     const CTX: RoundContext = RoundContext {
         session_id: 0x0102_0304_0506_0708,
         round: 7,
+        sum: SumKind::Update,
     };
 
     fn pair(from: ParticipantId, to: ParticipantId) -> SharePair {
@@ -395,6 +413,11 @@ mod tests {
             ..CTX
         };
         assert_ne!(seed, pairwise_mask_seed(&shared, &other_session, 3, 8));
+        let evaluation = RoundContext {
+            sum: SumKind::Evaluation,
+            ..CTX
+        };
+        assert_ne!(seed, pairwise_mask_seed(&shared, &evaluation, 3, 8));
     }
 
     /// The documented derivation, computed with HMAC directly (RFC 5869).
@@ -405,6 +428,7 @@ mod tests {
         let mut salt = b"greyfed/secagg/v1".to_vec();
         salt.extend_from_slice(&CTX.session_id.to_be_bytes());
         salt.extend_from_slice(&CTX.round.to_be_bytes());
+        salt.push(0); // SumKind::Update
         let mut mac = <Hmac<Sha256> as hkdf::hmac::KeyInit>::new_from_slice(&salt).unwrap();
         mac.update(&shared);
         let prk = mac.finalize().into_bytes();

@@ -374,7 +374,13 @@ impl Common {
         rng: &mut impl CryptoRng,
     ) -> Result<State, ProtocolError> {
         let (round, msg) = match msg {
-            Message::SecAgg { round, msg } => (round, msg),
+            Message::SecAgg { round, sum, msg } if sum == self.ctx.sum => (round, msg),
+            Message::SecAgg { .. } => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    expected: "a message of this secure sum",
+                    got: "a message of the round's other sum",
+                });
+            }
             Message::Error { message } => return Err(ProtocolError::PeerError(message)),
             other => {
                 return Err(ProtocolError::UnexpectedMessage {

@@ -6,7 +6,7 @@ use super::util::*;
 use crate::{
     PROTOCOL_VERSION, ProtocolError,
     aggregate::PlainAggregator,
-    message::{AggregationPayload, EvalMetrics, Message, ParticipantId},
+    message::{AggregationPayload, EvalMetrics, MAX_EVAL_LOSS, Message, ParticipantId},
     session::{CoordinatorSession, SessionEvent},
 };
 
@@ -23,6 +23,31 @@ fn expected_mean(h: &Harness, round: u32, ids: &[u32]) -> Vec<f32> {
         })
         .map(|v| v as f32)
         .collect()
+}
+
+/// The exact sample-weighted (accuracy, loss) of the harness's fake
+/// evaluations of `ids` (each: `id % 3` of 3 correct, loss sum 1).
+fn expected_eval(ids: &[u32]) -> (f64, f64) {
+    let correct: u32 = ids.iter().map(|i| i % 3).sum();
+    let n = 3.0 * ids.len() as f64;
+    (f64::from(correct) / n, ids.len() as f64 / n)
+}
+
+/// A plain evaluation upload.
+fn plain_evaluation(round: u32) -> Message {
+    let metrics = EvalMetrics {
+        loss_sum: 1.0,
+        correct: 1,
+        count: 2,
+    };
+    let (update, weight) = metrics.sum_input().unwrap();
+    Message::Evaluation {
+        round,
+        payload: AggregationPayload::Plain {
+            update,
+            weight: weight as f64,
+        },
+    }
 }
 
 fn aggregated(h: &Harness) -> Vec<&crate::aggregate::AggregateResult> {
@@ -53,10 +78,12 @@ fn full_session_completes_every_round_with_exact_weighted_means() {
         assert_eq!(r.total_weight, 60.0);
         assert_eq!(r.mean_update, expected_mean(&h, r.round, &[0, 1, 2]));
     }
-    let s = h.completed()[0];
-    assert_eq!(s.eval.count, 9);
-    assert_eq!(s.eval.correct, 1 + 2);
-    assert_eq!(s.evaluators, 3);
+    let eval = h.completed()[0].eval.expect("evaluated");
+    assert_eq!(eval.samples, 9);
+    assert_eq!(eval.evaluators, 3);
+    let (acc, loss) = expected_eval(&[0, 1, 2]);
+    assert!((eval.accuracy - acc).abs() < 1e-6, "{eval:?}");
+    assert!((eval.loss - loss).abs() < 1e-5, "{eval:?}");
     // The global model is the sum of the applied mean updates.
     let mut expect = vec![0.0f32; 4];
     for r in aggregated(&h) {
@@ -110,8 +137,9 @@ fn dropout_during_evaluation_counts_only_the_evaluators() {
     h.drive(1000);
     let s = h.completed()[0];
     assert_eq!(s.contributors, vec![0, 1, 2]);
-    assert_eq!(s.evaluators, 2);
-    assert_eq!(s.eval.count, 6);
+    let eval = s.eval.expect("evaluated");
+    assert_eq!((eval.evaluators, eval.samples), (2, 6));
+    assert!((eval.accuracy - expected_eval(&[1, 2]).0).abs() < 1e-6);
 }
 
 #[test]
@@ -212,14 +240,7 @@ fn wrong_round_duplicate_unknown_and_out_of_phase_messages_are_rejected() {
         Err(ProtocolError::UnknownParticipant(9))
     );
     assert!(matches!(
-        s.handle_message(
-            now,
-            0,
-            Message::Evaluation {
-                round: 1,
-                metrics: EvalMetrics::default()
-            }
-        ),
+        s.handle_message(now, 0, plain_evaluation(1)),
         Err(ProtocolError::UnexpectedMessage { .. })
     ));
     assert!(matches!(
@@ -365,7 +386,72 @@ mod secure {
         assert!(h.completed().iter().all(|s| s.train_loss.is_nan()));
         // Stage durations come in protocol order.
         let names: Vec<&str> = h.completed()[0].stage_secs.iter().map(|s| s.0).collect();
-        assert_eq!(names, ["advertise", "share", "masked", "unmask"]);
+        assert_eq!(
+            names,
+            ["advertise", "share", "masked", "unmask", "evaluate"]
+        );
+    }
+
+    /// Largest error of a decoded evaluation value: one quantisation step of
+    /// the evaluation sum (at least 16 of its 24 bits fit here), mapped back.
+    const EVAL_STEP: f64 = 2.0 / 65535.0;
+
+    #[test]
+    fn evaluation_goes_through_the_secure_sum() {
+        let mut h = secagg_harness(4, 2);
+        h.drive(10_000);
+        assert_eq!(h.completed().len(), 2);
+        for s in h.completed() {
+            let eval = s.eval.expect("evaluated");
+            assert_eq!((eval.evaluators, eval.samples), (4, 12));
+            let (acc, loss) = expected_eval(&[0, 1, 2, 3]);
+            assert!((eval.accuracy - acc).abs() <= EVAL_STEP / 2.0, "{eval:?}");
+            assert!(
+                (eval.loss - loss).abs() <= EVAL_STEP / 2.0 * MAX_EVAL_LOSS,
+                "{eval:?}"
+            );
+        }
+        // The coordinator never received an unmasked evaluation.
+        let kinds = &h.evaluation_uploads;
+        assert!(kinds.iter().all(|k| *k != "plain"), "{kinds:?}");
+        assert!(kinds.contains(&"SecAgg::MaskedInput"), "{kinds:?}");
+    }
+
+    #[test]
+    fn secure_evaluation_counts_exactly_the_evaluators_that_stayed() {
+        let mut h = secagg_harness(5, 1);
+        h.departures
+            .push((2, 1, Stage::Evaluate, Departure::Disconnect));
+        h.drive(10_000);
+        let s = h.completed()[0];
+        assert_eq!(s.contributors, vec![0, 1, 2, 3, 4]);
+        let eval = s.eval.expect("evaluated");
+        assert_eq!((eval.evaluators, eval.samples), (4, 12));
+        let (acc, _) = expected_eval(&[0, 1, 3, 4]);
+        assert!((eval.accuracy - acc).abs() <= EVAL_STEP / 2.0, "{eval:?}");
+    }
+
+    #[test]
+    fn too_few_evaluators_fail_the_evaluation_but_not_the_round() {
+        let mut h = secagg_harness(3, 2);
+        // Two of three leave while evaluating round 1: one evaluator alone
+        // must not have its metrics revealed.
+        for id in [0, 1] {
+            h.departures
+                .push((id, 1, Stage::Evaluate, Departure::Disconnect));
+        }
+        h.drive(10_000);
+        assert!(
+            h.events
+                .iter()
+                .any(|e| matches!(e, SessionEvent::EvaluationFailed { round: 1, .. })),
+            "{:?}",
+            h.events
+        );
+        let s = h.completed()[0];
+        assert_eq!(s.round, 1);
+        assert!(s.eval.is_none());
+        assert_eq!(s.contributors, vec![0, 1, 2], "the model was applied");
     }
 
     #[test]
@@ -448,18 +534,19 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
         assert!(matches!(m, Message::EvaluateRequest { .. }));
         evaluated.push(to);
     }
-    assert_eq!(evaluated, vec![0, 1], "the newcomer sits round 1 out");
-    for id in [0, 1] {
-        s.handle_message(
-            now,
-            id,
-            Message::Evaluation {
-                round: 1,
-                metrics: EvalMetrics::default(),
-            },
-        )
-        .unwrap();
+    assert_eq!(
+        evaluated,
+        vec![0, 1, 5],
+        "the newcomer did not train round 1 but evaluates it"
+    );
+    for id in [0, 1, 5] {
+        s.handle_message(now, id, plain_evaluation(1)).unwrap();
     }
+    // A second upload for the finished evaluation is late, not an error.
+    assert_eq!(
+        s.handle_message(now, 0, plain_evaluation(1)),
+        Err(ProtocolError::Late("Evaluation"))
+    );
     let mut cohort = None;
     while let Some(e) = s.poll_event() {
         if let SessionEvent::RoundStarted {

@@ -46,6 +46,8 @@ pub struct Harness {
     pub samples: BTreeMap<ParticipantId, u64>,
     /// Every update each participant submitted, by round.
     pub submitted: BTreeMap<(u32, ParticipantId), Vec<f32>>,
+    /// Payload kind of every `Evaluation` the coordinator received.
+    pub evaluation_uploads: Vec<&'static str>,
     /// Randomness handed to the participants.
     pub rng: rand::rngs::StdRng,
 }
@@ -116,6 +118,7 @@ impl Harness {
             gone: BTreeSet::new(),
             samples: BTreeMap::new(),
             submitted: BTreeMap::new(),
+            evaluation_uploads: Vec::new(),
             rng: rand::SeedableRng::seed_from_u64(3),
         };
         for id in 0..n as ParticipantId {
@@ -161,6 +164,9 @@ impl Harness {
             if self.gone.contains(&from) {
                 continue;
             }
+            if let Message::Evaluation { payload, .. } = &m {
+                self.evaluation_uploads.push(payload.kind());
+            }
             let _ = self.coordinator.handle_message(self.now, from, m);
         }
         self.collect_coordinator_output();
@@ -204,7 +210,7 @@ impl Harness {
                             correct: to as u64 % 3,
                             count: 3,
                         };
-                        p.submit_evaluation(round, m).unwrap();
+                        p.submit_evaluation(round, m, &mut self.rng).unwrap();
                     }
                     _ => {}
                 }

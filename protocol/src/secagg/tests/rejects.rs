@@ -6,7 +6,7 @@
 use super::util::*;
 use crate::{
     error::ProtocolError,
-    message::{AggregationPayload, Message},
+    message::{AggregationPayload, Message, SumKind},
     secagg::{
         keys::RoundContext,
         message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload},
@@ -20,7 +20,11 @@ fn up(round: u32, msg: SecAggUpload) -> AggregationPayload {
 }
 
 fn down(msg: SecAggDownload) -> Message {
-    Message::SecAgg { round: 1, msg }
+    Message::SecAgg {
+        round: 1,
+        sum: SumKind::Update,
+        msg,
+    }
 }
 
 /// Takes participant `id`'s next upload out of its outbox.
@@ -369,10 +373,7 @@ fn participant_rejects_bad_shares_and_the_round_goes_on_without_it() {
 fn participant_rejects_bad_setups() {
     let (h, _) = held("SecAgg::NeighbourKeys");
     let good: RoundSetup = h.setup().clone();
-    let ctx = RoundContext {
-        session_id: SESSION,
-        round: 1,
-    };
+    let ctx = RoundContext::update(SESSION, 1);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
     let variants: Vec<(&str, RoundSetup)> = vec![
         (
@@ -446,6 +447,7 @@ fn participant_rejects_bad_setups() {
         p.handle_message(
             Message::SecAgg {
                 round: 2,
+                sum: SumKind::Update,
                 msg: SecAggDownload::Setup(good.clone())
             },
             &mut rng
@@ -466,10 +468,7 @@ fn participant_rejects_bad_setups() {
 
 #[test]
 fn participant_rejects_out_of_stage_messages_and_inputs() {
-    let ctx = RoundContext {
-        session_id: SESSION,
-        round: 1,
-    };
+    let ctx = RoundContext::update(SESSION, 1);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(2);
     let mut p = SecAggParticipant::new(0, ctx, Some(4));
     assert!(p.needs_input());

@@ -5,7 +5,7 @@
 use super::util::*;
 use crate::{
     error::ProtocolError,
-    message::{AggregationPayload, Message},
+    message::{AggregationPayload, Message, SumKind},
     secagg::{
         message::{SecAggDownload, SecAggUpload},
         participant::ParticipantStage,
@@ -93,6 +93,7 @@ fn request(h: &Harness, id: u32) -> (Vec<u32>, Vec<u32>) {
 fn unmask_request(survivors: Vec<u32>, dropped: Vec<u32>) -> Message {
     Message::SecAgg {
         round: 1,
+        sum: SumKind::Update,
         msg: SecAggDownload::UnmaskRequest { survivors, dropped },
     }
 }

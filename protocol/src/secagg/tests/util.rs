@@ -200,10 +200,7 @@ impl Harness {
             .into_iter()
             .map(|id| (id, self.make_input(round, id)))
             .collect();
-        let ctx = RoundContext {
-            session_id: SESSION,
-            round,
-        };
+        let ctx = RoundContext::update(SESSION, round);
         for id in self.cohort() {
             let mut p = SecAggParticipant::new(id, ctx, Some(self.d));
             if self.input_timing == InputTiming::BeforeSetup {
