@@ -155,6 +155,13 @@ pub struct TrainingArgs {
     /// Seconds participants have to contribute (and to evaluate) per round.
     #[arg(long, default_value_t = 600)]
     pub round_timeout: u64,
+    /// Fraction of the connected participants that train each round, chosen
+    /// at random per round (every participant evaluates).
+    #[arg(long, default_value_t = 1.0)]
+    pub cohort_fraction: f64,
+    /// Smallest number of participants to train each round.
+    #[arg(long, default_value_t = 2)]
+    pub min_cohort: usize,
 }
 
 impl TrainingArgs {
@@ -188,6 +195,8 @@ impl TrainingArgs {
         push("dropout-bound", self.dropout_bound.to_string());
         push("stage-timeout", self.stage_timeout.to_string());
         push("round-timeout", self.round_timeout.to_string());
+        push("cohort-fraction", self.cohort_fraction.to_string());
+        push("min-cohort", self.min_cohort.to_string());
         a
     }
 }
@@ -395,6 +404,10 @@ mod tests {
             "9",
             "--round-timeout",
             "99",
+            "--cohort-fraction",
+            "0.4",
+            "--min-cohort",
+            "3",
         ]
         .iter()
         .map(|s| s.to_string())

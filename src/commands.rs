@@ -21,7 +21,9 @@ use greyfed_participant::{
     },
     model::init_weights,
 };
-use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig};
+use greyfed_protocol::{
+    AggregationKind, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig, session::Selection,
+};
 use tracing::{info, warn};
 
 use crate::cli::{
@@ -127,6 +129,10 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     config.secagg.dropout_fraction = args.training.dropout_bound;
     config.secagg.stage_timeout = Duration::from_secs(args.training.stage_timeout);
     config.round_timeout = Duration::from_secs(args.training.round_timeout);
+    config.selection = Selection {
+        fraction: args.training.cohort_fraction,
+        minimum: args.training.min_cohort,
+    };
     config.join_timeout = args.join_timeout.map(Duration::from_secs);
     config.seed = args.seed;
     config.key_fingerprint = args.key_fingerprint.clone();

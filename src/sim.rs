@@ -28,7 +28,9 @@ use greyfed_participant::{
     dropout::{CrashMode, DropoutPlan},
     model::init_weights,
 };
-use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, TrainingConfig};
+use greyfed_protocol::{
+    AggregationKind, ModelSpec, ModelWeights, TrainingConfig, session::Selection,
+};
 
 use crate::commands::local_shards;
 
@@ -54,6 +56,7 @@ impl Federation {
             key_overrides: BTreeMap::new(),
             max_train_samples: None,
             aggregation: AggregationKind::SecAgg { full: false },
+            selection: Selection::default(),
             dropouts: BTreeMap::new(),
         }
     }
@@ -74,6 +77,7 @@ pub struct FederationBuilder {
     key_overrides: BTreeMap<usize, ImageKey>,
     max_train_samples: Option<usize>,
     aggregation: AggregationKind,
+    selection: Selection,
     dropouts: BTreeMap<usize, DropoutPlan>,
 }
 
@@ -147,6 +151,12 @@ impl FederationBuilder {
         self.aggregation = kind;
         self
     }
+    /// Train a random `fraction` of the participants each round, at least
+    /// `minimum` of them (every participant still evaluates).
+    pub fn selection(mut self, fraction: f64, minimum: usize) -> Self {
+        self.selection = Selection { fraction, minimum };
+        self
+    }
     /// Keep at most this many training samples per participant (faster tests).
     pub fn max_train_samples(mut self, n: usize) -> Self {
         self.max_train_samples = Some(n);
@@ -178,6 +188,7 @@ impl FederationBuilder {
         );
         config.participants = self.participants;
         config.min_participants = 2;
+        config.selection = self.selection;
         config.rounds = self.rounds;
         config.training = self.training.clone();
         config.round_timeout = self.round_timeout;

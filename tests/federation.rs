@@ -167,3 +167,23 @@ async fn scheduled_dropouts_leave_their_rounds_to_the_survivors() {
         assert_eq!(p.is_err(), i == 1 || i == 3, "participant {i}: {p:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selection_trains_half_the_participants_and_all_evaluate() {
+    let report = Federation::builder()
+        .participants(6)
+        .rounds(3)
+        .max_train_samples(300)
+        .selection(0.5, 2)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.rounds.len(), 3, "every round completed");
+    for r in &report.rounds {
+        assert_eq!(r.cohort, 3, "ceil(0.5 * 6) selected");
+        assert_eq!(r.participants, 3);
+        assert_eq!(r.evaluators, 6, "unselected participants evaluate too");
+        assert_eq!(r.test_samples, 1000, "the whole test split");
+        assert!(r.accuracy.is_some());
+    }
+}

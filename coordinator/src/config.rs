@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use greyfed_protocol::{
     AggregationKind, ModelSpec, ModelWeights, TrainingConfig, frame::DEFAULT_MAX_FRAME,
-    secagg::coordinator::SecAggConfig,
+    secagg::coordinator::SecAggConfig, session::Selection,
 };
 
 use crate::{checkpoint::Checkpoint, strategy::StrategyConfig};
@@ -24,6 +24,8 @@ pub struct CoordinatorConfig {
     pub participants: usize,
     /// Fewest participants a round may run with.
     pub min_participants: usize,
+    /// Which connected participants train each round (default: all).
+    pub selection: Selection,
     /// Rounds to run.
     pub rounds: u32,
     /// Architecture to train.
@@ -79,6 +81,7 @@ impl CoordinatorConfig {
             key_pem,
             participants: 10,
             min_participants: 1,
+            selection: Selection::default(),
             rounds: 10,
             model,
             initial_weights,

@@ -167,6 +167,7 @@ impl Coordinator {
                 session_id,
                 participants: config.participants,
                 min_participants: config.min_participants.max(1),
+                selection: config.selection,
                 rounds: config.rounds,
                 model: config.model.clone(),
                 training: config.training.clone(),

@@ -30,6 +30,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+
 use crate::{
     PROTOCOL_VERSION,
     aggregate::{AggregateResult, Aggregator},
@@ -47,6 +49,8 @@ pub struct SessionConfig {
     pub participants: usize,
     /// Fewest contributors a round may have; with fewer left the session aborts.
     pub min_participants: usize,
+    /// Which connected participants train each round.
+    pub selection: Selection,
     /// Number of rounds to run.
     pub rounds: u32,
     /// Architecture to train.
@@ -71,6 +75,36 @@ pub struct SessionConfig {
     /// Number of the first round to run, from 1; a resumed session starts
     /// after the last completed round (rounds before it count as completed).
     pub first_round: u32,
+}
+
+/// Participant selection: each round trains a fresh uniformly random
+/// cohort of `max(ceil(fraction * connected), minimum, min_participants)`
+/// connected participants (all of them when fewer are connected). Every
+/// connected participant with a test split evaluates, selected or not.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Selection {
+    /// Fraction of the connected participants to train, in (0, 1].
+    pub fraction: f64,
+    /// Smallest cohort to select.
+    pub minimum: usize,
+}
+
+impl Default for Selection {
+    /// Everyone trains every round.
+    fn default() -> Self {
+        Self {
+            fraction: 1.0,
+            minimum: 1,
+        }
+    }
+}
+
+impl Selection {
+    /// How many of `connected` participants train (at least `floor`).
+    pub fn cohort_size(&self, connected: usize, floor: usize) -> usize {
+        let wanted = (self.fraction * connected as f64).ceil() as usize;
+        wanted.max(self.minimum).max(floor).min(connected)
+    }
 }
 
 /// What one completed round produced.
@@ -225,6 +259,13 @@ impl CoordinatorSession {
             return Err(ProtocolError::InvalidConfig(
                 "rounds must be at least 1".into(),
             ));
+        }
+        let s = config.selection;
+        if !(s.fraction > 0.0 && s.fraction <= 1.0) {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "the selected fraction must be in (0, 1], got {}",
+                s.fraction
+            )));
         }
         if config.first_round == 0 || config.first_round > config.rounds {
             return Err(ProtocolError::InvalidConfig(format!(
@@ -652,15 +693,15 @@ impl CoordinatorSession {
             self.finish();
             return;
         }
-        let cohort: Vec<ParticipantId> = self.peers.keys().copied().collect();
-        if cohort.len() < self.config.min_participants {
+        let connected = self.peers.len();
+        if connected < self.config.min_participants {
             self.abort(format!(
-                "only {} participants left, at least {} needed",
-                cohort.len(),
+                "only {connected} participants left, at least {} needed",
                 self.config.min_participants
             ));
             return;
         }
+        let cohort = self.select(round);
         let max_weight = cohort
             .iter()
             .map(|id| self.peers[id].train_samples)
@@ -695,6 +736,26 @@ impl CoordinatorSession {
         // The aggregator's first messages (e.g. the secure-aggregation setup)
         // go out after the TrainRequests, which open the round on each side.
         self.drain_aggregator(now, round);
+    }
+
+    /// The cohort of `round`: a uniformly random subset of the connected
+    /// participants of the size [`Selection::cohort_size`] gives, ascending.
+    /// Drawn from the session seed and the round, so a resumed session
+    /// selects as the interrupted one would have with the same participants.
+    fn select(&self, round: u32) -> Vec<ParticipantId> {
+        let mut ids: Vec<ParticipantId> = self.peers.keys().copied().collect();
+        let size = self
+            .config
+            .selection
+            .cohort_size(ids.len(), self.config.min_participants);
+        if size < ids.len() {
+            let mut rng =
+                StdRng::seed_from_u64(derive_seed(self.config.seed, round, ParticipantId::MAX));
+            ids.shuffle(&mut rng);
+            ids.truncate(size);
+            ids.sort_unstable();
+        }
+        ids
     }
 
     fn drain_aggregator(&mut self, now: Instant, round: u32) {

@@ -7,7 +7,7 @@ use crate::{
     PROTOCOL_VERSION, ProtocolError,
     aggregate::PlainAggregator,
     message::{AggregationPayload, EvalMetrics, MAX_EVAL_LOSS, Message, ParticipantId},
-    session::{CoordinatorSession, SessionEvent},
+    session::{CoordinatorSession, Selection, SessionEvent},
 };
 
 /// Weighted mean of the fake updates of `ids` in `round`.
@@ -94,6 +94,67 @@ fn full_session_completes_every_round_with_exact_weighted_means() {
     assert_eq!(h.coordinator.global().to_flat(), expect);
     for p in h.participants.values() {
         assert!(p.is_finished());
+    }
+}
+
+/// The cohorts of a 10-participant, 4-round session selecting 30%.
+fn selected_cohorts(seed: u64) -> (Harness, Vec<Vec<ParticipantId>>) {
+    let mut c = config(10, 4);
+    c.seed = seed;
+    c.selection = Selection {
+        fraction: 0.3,
+        minimum: 1,
+    };
+    let mut h = Harness::new(c, 10);
+    h.drive(10_000);
+    let cohorts = h.completed().iter().map(|s| s.cohort.clone()).collect();
+    (h, cohorts)
+}
+
+#[test]
+fn selection_trains_a_random_fraction_and_everyone_evaluates() {
+    let (h, cohorts) = selected_cohorts(1);
+    assert_eq!(cohorts.len(), 4);
+    for c in &cohorts {
+        assert_eq!(c.len(), 3, "ceil(0.3 * 10)");
+        assert!(c.windows(2).all(|w| w[0] < w[1]), "{c:?}");
+    }
+    assert!(cohorts.windows(2).any(|w| w[0] != w[1]), "{cohorts:?}");
+    for s in h.completed() {
+        assert_eq!(s.contributors, s.cohort);
+        assert_eq!(s.eval.expect("evaluated").evaluators, 10);
+    }
+    // Only the selected trained.
+    for &(round, id) in h.submitted.keys() {
+        assert!(cohorts[round as usize - 1].contains(&id), "{round} {id}");
+    }
+    assert_eq!(h.submitted.len(), 12);
+    // The same seed selects the same cohorts; another seed others.
+    assert_eq!(selected_cohorts(1).1, cohorts);
+    assert_ne!(selected_cohorts(2).1, cohorts);
+}
+
+#[test]
+fn cohort_size_respects_the_minimums_and_bad_fractions_are_refused() {
+    let s = |fraction, minimum| Selection { fraction, minimum };
+    assert_eq!(s(0.25, 1).cohort_size(10, 1), 3);
+    assert_eq!(s(0.1, 4).cohort_size(10, 1), 4);
+    assert_eq!(s(0.1, 1).cohort_size(10, 6), 6, "min_participants");
+    assert_eq!(s(0.1, 4).cohort_size(3, 1), 3, "no more than connected");
+    assert_eq!(s(1.0, 1).cohort_size(7, 1), 7);
+    for bad in [0.0, -0.5, 1.5, f64::NAN] {
+        let mut c = config(3, 1);
+        c.selection = s(bad, 1);
+        assert!(
+            CoordinatorSession::new(
+                c,
+                tiny_model(),
+                Box::new(PlainAggregator::new()),
+                std::time::Instant::now()
+            )
+            .is_err(),
+            "{bad}"
+        );
     }
 }
 

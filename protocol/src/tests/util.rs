@@ -11,7 +11,7 @@ use crate::{
     aggregate::PlainAggregator,
     message::{EvalMetrics, Hello, Message, ModelSpec, ParticipantId, TrainingConfig},
     participant::{ParticipantEvent, ParticipantSession},
-    session::{CoordinatorSession, SessionConfig, SessionEvent},
+    session::{CoordinatorSession, Selection, SessionConfig, SessionEvent},
     weights::{ModelWeights, NamedTensor},
 };
 
@@ -65,6 +65,7 @@ pub fn config(participants: usize, rounds: u32) -> SessionConfig {
         session_id: 7,
         participants,
         min_participants: 1,
+        selection: Selection::default(),
         rounds,
         model: ModelSpec::blocknet_28x28(4),
         training: TrainingConfig::default(),
