@@ -255,6 +255,21 @@ pub struct CoordinatorArgs {
     /// (and training settings) to continue in place.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Also evaluate every round's model centrally on the test split of this
+    /// IDX directory (`builtin` or `builtin:SEED` for the built-in digits).
+    /// Off by default: it needs the image key (--image-key), and a
+    /// coordinator holding the key can decrypt any participant image it
+    /// obtains (docs/threat-model.md).
+    #[arg(long, value_name = "DIR")]
+    pub test_data: Option<String>,
+    /// The image key, for --test-data only (the coordinator encrypts its
+    /// test set like the participants encrypt theirs).
+    #[arg(long, value_name = "FILE", requires = "test_data")]
+    pub image_key: Option<PathBuf>,
+    /// With --test-data: participants train on plain images (--plain), so no
+    /// key is needed.
+    #[arg(long, requires = "test_data", conflicts_with = "image_key")]
+    pub plain_test_data: bool,
     /// Training settings.
     #[command(flatten)]
     pub training: TrainingArgs,
@@ -345,6 +360,11 @@ pub struct SimulateArgs {
     /// Compute threads per participant process.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Give the coordinator the image key so that it also evaluates every
+    /// round's model on the whole test split (central evaluation; off by
+    /// default, see docs/threat-model.md).
+    #[arg(long)]
+    pub central_eval: bool,
     /// Data settings.
     #[command(flatten)]
     pub data: DataArgs,

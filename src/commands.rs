@@ -26,6 +26,7 @@ use greyfed_protocol::{
 };
 use tracing::{info, warn};
 
+use crate::central::TestSetEvaluator;
 use crate::cli::{
     AggregationArg, CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, StrategyKind,
     TrainingArgs,
@@ -86,6 +87,40 @@ pub fn strategy_config(args: &TrainingArgs) -> Result<StrategyConfig> {
     Ok(config)
 }
 
+/// The coordinator's central evaluator for `--test-data` (see
+/// [`CoordinatorArgs::test_data`]).
+fn central_evaluator(
+    args: &CoordinatorArgs,
+    test_data: &str,
+    model: &ModelSpec,
+) -> Result<TestSetEvaluator> {
+    let splits = match test_data.split_once(':') {
+        _ if test_data == "builtin" => builtin_splits(0),
+        Some(("builtin", seed)) => builtin_splits(
+            seed.parse()
+                .with_context(|| format!("--test-data {test_data}: bad seed"))?,
+        ),
+        _ => load_idx_dir(Path::new(test_data))
+            .with_context(|| format!("loading --test-data {test_data}"))?,
+    };
+    let key = match (&args.image_key, args.plain_test_data) {
+        (Some(path), false) => Some(ImageKey::read_file(path)?),
+        (None, true) => None,
+        _ => bail!(
+            "--test-data needs the image key (--image-key FILE), or --plain-test-data when \
+             participants train on plain images. Central evaluation is off by default because \
+             a coordinator holding the image key can decrypt any participant image it obtains \
+             (see docs/threat-model.md)"
+        ),
+    };
+    TestSetEvaluator::new(
+        model.clone(),
+        &splits.test,
+        key.as_ref(),
+        args.training.block_size as usize,
+    )
+}
+
 /// The protocol's aggregation kind for the command-line choice.
 pub fn aggregation_kind(arg: AggregationArg) -> AggregationKind {
     match arg {
@@ -137,6 +172,22 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     config.seed = args.seed;
     config.key_fingerprint = args.key_fingerprint.clone();
     config.dump_aggregates = args.dump_aggregates.clone();
+    if let Some(test_data) = &args.test_data {
+        let evaluator = central_evaluator(&args, test_data, &config.model)?;
+        match &config.key_fingerprint {
+            Some(fp) if fp != evaluator.key_fingerprint() => bail!(
+                "the central test set is encrypted with key {:?} but participants must use {fp:?} \
+                 (--key-fingerprint)",
+                evaluator.key_fingerprint()
+            ),
+            _ => config.key_fingerprint = Some(evaluator.key_fingerprint().to_string()),
+        }
+        info!(
+            samples = evaluator.len(),
+            "central evaluation on the coordinator's test set"
+        );
+        config.central_evaluator = Some(Arc::new(evaluator));
+    }
     if let Some(dir) = &args.resume {
         let cp_dir = Checkpoint::dir_in(dir);
         match Checkpoint::load(&cp_dir)

@@ -1,12 +1,14 @@
 //! The `greyfed` command-line tool as a library: argument definitions
 //! ([`cli`]), key generation ([`keygen`]), the coordinator and participant
-//! commands ([`commands`]) and the local multi-process simulation
-//! ([`simulate`]).
+//! commands ([`commands`]), the coordinator's optional central evaluation
+//! ([`central`]), the local multi-process simulation ([`simulate`]) and the
+//! in-process federation harness ([`sim`]).
 //!
 //! The protocol, coordinator and participant logic live in the
 //! `greyfed-protocol`, `greyfed-coordinator` and `greyfed-participant`
 //! crates; this crate only wires them to the command line.
 
+pub mod central;
 pub mod cli;
 pub mod commands;
 pub mod keygen;

@@ -40,17 +40,21 @@ impl SimulationReport {
         self.rounds.len() == self.rounds_planned as usize
     }
 
-    /// The summary table printed at the end of a simulation.
+    /// The summary table printed at the end of a simulation (with a
+    /// `central` accuracy column when the coordinator evaluated centrally).
     pub fn table(&self) -> String {
+        let central = self.rounds.iter().any(|r| r.central_accuracy.is_some());
+        let pct =
+            |v: Option<f64>| v.map_or_else(|| "-".to_string(), |a| format!("{:.2}%", 100.0 * a));
         let mut s = String::from(
-            "round  accuracy    loss  train_loss  participants  dropped   up(MB)  down(MB)    secs  aggregation\n",
+            "round  accuracy    loss  train_loss  participants  dropped   up(MB)  down(MB)    secs  aggregation",
         );
+        s.push_str(if central { "   central\n" } else { "\n" });
         for r in &self.rounds {
             s.push_str(&format!(
-                "{:>5}  {:>8}  {:>6}  {:>10}  {:>12}  {:>7}  {:>7.2}  {:>8.2}  {:>6.2}  {}\n",
+                "{:>5}  {:>8}  {:>6}  {:>10}  {:>12}  {:>7}  {:>7.2}  {:>8.2}  {:>6.2}  {:<11}",
                 r.round,
-                r.accuracy
-                    .map_or_else(|| "-".to_string(), |a| format!("{:.2}%", 100.0 * a)),
+                pct(r.accuracy),
                 r.loss
                     .map_or_else(|| "-".to_string(), |l| format!("{l:.4}")),
                 r.train_loss
@@ -62,6 +66,10 @@ impl SimulationReport {
                 r.secs,
                 r.aggregation
             ));
+            if central {
+                s.push_str(&format!("  {:>8}", pct(r.central_accuracy)));
+            }
+            s.push('\n');
         }
         s
     }
@@ -122,6 +130,19 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
             generated.image_key_fingerprint.clone()
         });
     coordinator.args(args.training.to_args());
+    if args.central_eval {
+        coordinator.arg("--test-data").arg(match &args.data.data {
+            Some(dir) => dir.display().to_string(),
+            None => format!("builtin:{}", args.data.data_seed),
+        });
+        if args.plain {
+            coordinator.arg("--plain-test-data");
+        } else {
+            coordinator
+                .arg("--image-key")
+                .arg(keys.join(files::IMAGE_KEY));
+        }
+    }
     coordinator
         .stdin(Stdio::null())
         .stdout(log_file(&logs, "coordinator.log")?)

@@ -18,6 +18,7 @@ fn simulate_runs_processes_and_writes_metrics() {
             "2",
             "--local-epochs",
             "1",
+            "--central-eval",
             "--out",
         ])
         .arg(out.path())
@@ -42,6 +43,15 @@ fn simulate_runs_processes_and_writes_metrics() {
             .all(|r| r.participants == 3 && r.bytes_up > 0 && r.secs > 0.0)
     );
     assert!(rounds[1].accuracy.unwrap() > 0.3, "{rounds:?}");
+    // The participants' test shards together are exactly the test split the
+    // coordinator evaluates centrally: the federated accuracy, which went
+    // through the secure evaluation sum, must agree with the central one.
+    for r in &rounds {
+        let (federated, central) = (r.accuracy.unwrap(), r.central_accuracy.unwrap());
+        assert!((federated - central).abs() < 1e-3, "{r:?}");
+        assert_eq!(r.test_samples, 1000);
+        assert_eq!(r.evaluators, 3);
+    }
     // The required fields are present under their names in the raw JSON.
     let line = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
@@ -129,6 +139,56 @@ fn keygen_writes_files_and_the_participant_refuses_bad_keys() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn central_evaluation_needs_the_image_key_explicitly() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    assert!(
+        greyfed()
+            .args(["keygen", "--out"])
+            .arg(&keys)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let coordinator = |extra: &[&str]| {
+        let out = greyfed()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--cert"])
+            .arg(keys.join("coordinator-cert.pem"))
+            .arg("--key")
+            .arg(keys.join("coordinator-key.pem"))
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .args(["--test-data", "builtin", "--join-timeout", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = coordinator(&[]);
+    assert!(
+        err.contains("--image-key") && err.contains("threat-model"),
+        "{err}"
+    );
+    // The key must be the one participants use.
+    let key = keys.join("image.key");
+    let err = coordinator(&[
+        "--image-key",
+        key.to_str().unwrap(),
+        "--key-fingerprint",
+        "0011223344556677",
+    ]);
+    assert!(err.contains("0011223344556677"), "{err}");
+    let secret = std::fs::read_to_string(&key).unwrap();
+    assert!(!err.contains(secret.trim()), "error leaks the key: {err}");
+    // With the right key the coordinator starts (and gives up waiting for
+    // participants after --join-timeout).
+    let err = coordinator(&["--image-key", key.to_str().unwrap()]);
+    assert!(err.contains("joined in time"), "{err}");
 }
 
 #[test]

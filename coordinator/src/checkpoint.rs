@@ -187,6 +187,8 @@ mod tests {
             accuracy: Some(0.5),
             loss: Some(1.25),
             evaluators: 3,
+            central_accuracy: None,
+            central_loss: None,
             train_loss: None,
             participants: 3,
             survivors: 3,

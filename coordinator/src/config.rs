@@ -9,7 +9,9 @@ use greyfed_protocol::{
     secagg::coordinator::SecAggConfig, session::Selection,
 };
 
-use crate::{checkpoint::Checkpoint, strategy::StrategyConfig};
+use std::sync::Arc;
+
+use crate::{central::CentralEvaluator, checkpoint::Checkpoint, strategy::StrategyConfig};
 
 /// Configuration of one coordinator run.
 #[derive(Clone, Debug)]
@@ -63,6 +65,9 @@ pub struct CoordinatorConfig {
     /// Continue from this checkpoint: the session starts at round
     /// `rounds_completed + 1` with its model, strategy state and metrics.
     pub resume: Option<Checkpoint>,
+    /// Also evaluate every round's global model centrally (off by default;
+    /// see [`crate::central`] for why it needs the image key).
+    pub central_evaluator: Option<Arc<dyn CentralEvaluator>>,
 }
 
 impl CoordinatorConfig {
@@ -97,6 +102,7 @@ impl CoordinatorConfig {
             dump_aggregates: None,
             seed: 0,
             resume: None,
+            central_evaluator: None,
         }
     }
 }

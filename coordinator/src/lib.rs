@@ -2,9 +2,11 @@
 //! TLS 1.3), drives the sans-IO session from `greyfed-protocol`, applies the
 //! server strategy, and records metrics and the final model.
 //!
-//! The coordinator never sees an image or the image key, and with secure
-//! aggregation (later issues) never an individual update either.
+//! The coordinator never sees an image or the image key (unless an operator
+//! hands it the key for [`central`] evaluation), and with secure aggregation
+//! never an individual update or evaluation either.
 //!
+//! - [`central`]: optional central evaluation (needs the image key, off by default).
 //! - [`checkpoint`]: per-round checkpoints and `--resume`.
 //! - [`config`]: the run configuration, [`CoordinatorConfig`].
 //! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]).
@@ -12,6 +14,7 @@
 //! - [`metrics`]: `metrics.jsonl` records.
 //! - [`tls`]: certificate generation and the QUIC server configuration.
 
+pub mod central;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

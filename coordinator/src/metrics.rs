@@ -22,6 +22,12 @@ pub struct RoundRecord {
     /// Participants whose metrics are in the evaluation sum.
     #[serde(default)]
     pub evaluators: usize,
+    /// Accuracy on the coordinator's own test set (central evaluation only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub central_accuracy: Option<f64>,
+    /// Mean loss on the coordinator's own test set (central evaluation only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub central_loss: Option<f64>,
     /// Sample-weighted mean training loss reported by the contributors;
     /// absent under secure aggregation (no individual loss is reported).
     pub train_loss: Option<f64>,

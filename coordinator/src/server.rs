@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use greyfed_protocol::{
-    AggregationKind, Message, ModelWeights, ParticipantId, ProtocolError,
+    AggregationKind, EvalMetrics, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
     frame::{FrameDecoder, encode_frame},
     secagg::coordinator::SecAggCoordinator,
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
+    central::CentralEvaluator,
     checkpoint::Checkpoint,
     config::CoordinatorConfig,
     error::{CoordinatorError, Result},
@@ -221,6 +223,7 @@ impl Coordinator {
             rounds_planned: config.rounds,
             round_start: BTreeMap::new(),
             dump_aggregates: config.dump_aggregates.clone(),
+            central_evaluator: config.central_evaluator.clone(),
             round_bytes: BTreeMap::new(),
             max_frame: config.max_frame,
         };
@@ -270,6 +273,7 @@ struct Driver {
     rounds_planned: u32,
     round_start: BTreeMap<u32, Instant>,
     dump_aggregates: Option<PathBuf>,
+    central_evaluator: Option<Arc<dyn CentralEvaluator>>,
     /// Frame bytes (up, down) by the round in progress when they crossed.
     round_bytes: BTreeMap<u32, (u64, u64)>,
     max_frame: usize,
@@ -309,7 +313,7 @@ impl Driver {
                     return Err(CoordinatorError::Interrupted { rounds_completed: self.session.rounds_completed() });
                 }
             };
-            if let Some(done) = self.process_outputs(now)? {
+            if let Some(done) = self.process_outputs(now).await? {
                 return done;
             }
         }
@@ -395,7 +399,7 @@ impl Driver {
 
     /// Drains the session: transmits, then events. Returns `Some` when the
     /// session is over.
-    fn process_outputs(&mut self, now: Instant) -> Result<Option<Result<()>>> {
+    async fn process_outputs(&mut self, now: Instant) -> Result<Option<Result<()>>> {
         loop {
             self.flush_transmits();
             let Some(ev) = self.session.poll_event() else {
@@ -444,7 +448,16 @@ impl Driver {
                 SessionEvent::EvaluationFailed { round, reason } => {
                     warn!(round, "evaluation failed, no metrics this round: {reason}");
                 }
-                SessionEvent::RoundCompleted(summary) => self.record_round(now, &summary)?,
+                SessionEvent::RoundCompleted(summary) => {
+                    let central = match self.central_evaluator.clone() {
+                        Some(evaluator) => {
+                            let global = self.session.global().clone();
+                            evaluate_centrally(evaluator, global, summary.round).await
+                        }
+                        None => None,
+                    };
+                    self.record_round(now, &summary, central)?;
+                }
                 SessionEvent::Finished { rounds_completed } => {
                     info!(rounds_completed, "session finished");
                     self.finish_all(close_code::DONE, "session finished");
@@ -484,7 +497,12 @@ impl Driver {
         }
     }
 
-    fn record_round(&mut self, now: Instant, s: &RoundSummary) -> Result<()> {
+    fn record_round(
+        &mut self,
+        now: Instant,
+        s: &RoundSummary,
+        central: Option<EvalMetrics>,
+    ) -> Result<()> {
         let (up, down) = self.round_bytes.remove(&s.round).unwrap_or_default();
         let start = self.round_start.remove(&s.round).unwrap_or(now);
         let record = RoundRecord {
@@ -492,6 +510,8 @@ impl Driver {
             accuracy: s.eval.map(|e| e.accuracy),
             loss: s.eval.map(|e| e.loss),
             evaluators: s.eval.map_or(0, |e| e.evaluators),
+            central_accuracy: central.map(|m| m.accuracy()),
+            central_loss: central.map(|m| m.mean_loss()),
             train_loss: s.train_loss.is_finite().then_some(s.train_loss),
             participants: s.contributors.len(),
             survivors: s.contributors.len(),
@@ -528,6 +548,27 @@ impl Driver {
         .save(&self.checkpoint_dir)?;
         debug!(round = s.round, "checkpoint written");
         Ok(())
+    }
+}
+
+/// Central evaluation of `global` (round `round`'s model) on a blocking
+/// thread: the next round's requests are already out, so participants train
+/// meanwhile. Failures are logged, not fatal.
+async fn evaluate_centrally(
+    evaluator: Arc<dyn CentralEvaluator>,
+    global: ModelWeights,
+    round: u32,
+) -> Option<EvalMetrics> {
+    match tokio::task::spawn_blocking(move || evaluator.evaluate(&global)).await {
+        Ok(Ok(m)) => Some(m),
+        Ok(Err(e)) => {
+            warn!(round, "central evaluation failed: {e}");
+            None
+        }
+        Err(e) => {
+            warn!(round, "central evaluation task failed: {e}");
+            None
+        }
     }
 }
 
