@@ -350,8 +350,8 @@ pub struct SimulateArgs {
     /// Seed for model initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Fraction of participants that crash once during the run (each picked
-    /// at random, at a random round).
+    /// Fraction of participants that crash once during the run: that many
+    /// (rounded), picked at random, each at a random round.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
     /// Where in the round the crashes happen.

@@ -264,14 +264,20 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     Ok(report)
 }
 
-/// Which participants crash, and where: each with probability `--dropout`,
-/// at a uniformly drawn round (and stage, for `--dropout-stage any`),
-/// deterministic in `--seed`.
+/// Which participants crash, and where: `round(--dropout * n)` of them,
+/// drawn at random, each at a uniformly drawn round (and stage, for
+/// `--dropout-stage any`), deterministic in `--seed`.
 pub fn plan_dropouts(args: &SimulateArgs) -> std::collections::BTreeMap<usize, DropoutPlan> {
     let uniform =
         |i: usize, k: u32| derive_seed(args.seed ^ 0xD0D0, k, i as u32) as f64 / 2f64.powi(64);
-    (0..args.participants)
-        .filter(|&i| uniform(i, 0) < args.dropout)
+    // Exactly round(rate * n) participants, the ones with the smallest draws.
+    let crashing =
+        ((args.dropout * args.participants as f64).round() as usize).min(args.participants);
+    let mut order: Vec<usize> = (0..args.participants).collect();
+    order.sort_by(|&a, &b| uniform(a, 0).total_cmp(&uniform(b, 0)));
+    order.truncate(crashing);
+    order
+        .into_iter()
         .map(|i| {
             let rounds = args.training.rounds.max(1);
             let round = 1 + ((uniform(i, 1) * rounds as f64) as u32).min(rounds - 1);
@@ -302,5 +308,50 @@ async fn wait_for_addr(path: &Path, coordinator: &mut Child) -> Result<String> {
             bail!("the coordinator did not start listening within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn args(extra: &[&str]) -> SimulateArgs {
+        let argv = ["greyfed", "simulate"].iter().chain(extra);
+        match Cli::parse_from(argv).command {
+            Command::Simulate(s) => s,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_dropout_rate_crashes_that_many_participants() {
+        assert!(plan_dropouts(&args(&[])).is_empty());
+        for (rate, n, expect) in [("0.2", "10", 2), ("0.25", "10", 3), ("1", "4", 4)] {
+            let plan = plan_dropouts(&args(&["--dropout", rate, "--participants", n]));
+            assert_eq!(plan.len(), expect, "{rate} of {n}");
+        }
+        let a = args(&[
+            "--dropout",
+            "0.5",
+            "--rounds",
+            "3",
+            "--dropout-stage",
+            "share",
+        ]);
+        let plan = plan_dropouts(&a);
+        assert_eq!(plan.len(), 5);
+        assert!(
+            plan.values()
+                .all(|p| (1..=3).contains(&p.round) && p.stage == DropoutStage::Share)
+        );
+        assert_eq!(plan_dropouts(&a), plan, "deterministic in the seed");
+        let other = args(&["--dropout", "0.5", "--rounds", "3", "--seed", "9"]);
+        assert_ne!(
+            plan_dropouts(&other).keys().collect::<Vec<_>>(),
+            plan.keys().collect::<Vec<_>>()
+        );
     }
 }

@@ -202,9 +202,9 @@ fn too_many_dropouts_abandon_the_round_without_touching_the_model() {
     // their mask keys need t = 3 shares but only 2 survivors hold any.
     let dir = tempfile::tempdir().unwrap();
     let drops = [(1, "1:masked"), (2, "1:masked"), (3, "1:masked")];
-    // Stages outlast QUIC's idle timeout (15 s), so the crashed processes are
+    // Stages outlast QUIC's idle timeout (5 s), so the crashed processes are
     // known to be gone before round 2 picks its cohort.
-    let (run, ok) = run_federation(dir.path(), 5, 2, 20, &drops);
+    let (run, ok) = run_federation(dir.path(), 5, 2, 10, &drops);
     assert!(
         !ok,
         "one of two rounds failed: the coordinator must not report success"
