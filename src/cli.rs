@@ -252,7 +252,8 @@ pub struct CoordinatorArgs {
     pub addr_file: Option<PathBuf>,
     /// Continue an interrupted run from its last completed round: DIR is
     /// that run's --out (its DIR/checkpoint is read). Give the same --out
-    /// (and training settings) to continue in place.
+    /// to continue in place; model, training, strategy, aggregation and seed
+    /// settings must match the interrupted run's (checked), --rounds may grow.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Also evaluate every round's model centrally on the test split of this

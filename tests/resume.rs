@@ -119,4 +119,31 @@ fn a_killed_coordinator_resumes_and_no_round_is_lost_or_repeated() {
     let mut third = coordinator(dir, &addr, "coordinator-3.log", true);
     assert!(wait_timeout(&mut third, Duration::from_secs(30)));
     assert_eq!(rounds_in(&metrics), vec![1, 2, 3, 4]);
+    // More rounds are fine, other settings are refused, naming what differs.
+    let keys = dir.join("keys");
+    let out = greyfed()
+        .args(["coordinator", "--listen", &addr, "--participants", "3"])
+        .args(["--rounds", "6", "--local-epochs", "1", "--batch-size", "64"])
+        .args(["--aggregation", "plain", "--strategy", "fedavgm"])
+        .args(["--join-timeout", "1", "--cert"])
+        .arg(keys.join("coordinator-cert.pem"))
+        .arg("--key")
+        .arg(keys.join("coordinator-key.pem"))
+        .arg("--out")
+        .arg(dir.join("out"))
+        .arg("--resume")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("strategy: FedAvg") && err.contains("FedAvgM"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("training:"),
+        "only the strategy differs: {err}"
+    );
+    assert_eq!(rounds_in(&metrics), vec![1, 2, 3, 4], "nothing was touched");
 }

@@ -5,8 +5,11 @@
 //! Layout of the directory:
 //! - `model-R.safetensors`: the global model after round `R`, with
 //!   `greyfed.rounds_completed = R` in its metadata;
-//! - `state.json`: rounds completed and planned, the strategy's buffers, the
-//!   metrics records and the name of the model file.
+//! - `state.json`: rounds completed and planned, the run's settings, the
+//!   strategy's buffers, the metrics records and the name of the model file.
+//!
+//! A run resumes only with the settings it was started with
+//! ([`RunSettings`]); the number of rounds may grow.
 //!
 //! Every file is written to a temporary name and renamed into place, and
 //! `state.json` is written last: a crash at any point leaves either the old
@@ -16,11 +19,62 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use greyfed_protocol::ModelWeights;
+use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, TrainingConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordinatorError, Result};
 use crate::metrics::RoundRecord;
+use crate::strategy::StrategyConfig;
+
+/// The settings that shape a run's models: a resumed run must use the same
+/// ones, or its rounds would not continue the interrupted run's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    /// Architecture.
+    pub model: ModelSpec,
+    /// Local training settings.
+    pub training: TrainingConfig,
+    /// Server strategy.
+    pub strategy: StrategyConfig,
+    /// Aggregation scheme.
+    pub aggregation: AggregationKind,
+    /// Seed of the participants' per-round seeds and of selection.
+    pub seed: u64,
+}
+
+impl RunSettings {
+    /// One line per setting that differs: `name: here → there`.
+    pub fn differences(&self, there: &RunSettings) -> Vec<String> {
+        let mut d = Vec::new();
+        let mut cmp = |name: &str, a: String, b: String| {
+            if a != b {
+                d.push(format!("{name}: {a} → {b}"));
+            }
+        };
+        cmp(
+            "model",
+            format!("{:?}", self.model),
+            format!("{:?}", there.model),
+        );
+        cmp(
+            "training",
+            format!("{:?}", self.training),
+            format!("{:?}", there.training),
+        );
+        cmp(
+            "strategy",
+            format!("{:?}", self.strategy),
+            format!("{:?}", there.strategy),
+        );
+        cmp(
+            "aggregation",
+            self.aggregation.name().to_string(),
+            there.aggregation.name().to_string(),
+        );
+        cmp("seed", self.seed.to_string(), there.seed.to_string());
+        d
+    }
+}
 
 /// Name of the checkpoint directory inside the coordinator's `--out`.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
@@ -36,6 +90,8 @@ pub struct Checkpoint {
     pub rounds_completed: u32,
     /// Rounds the interrupted run planned.
     pub rounds_planned: u32,
+    /// The settings of the run (absent in checkpoints of older versions).
+    pub settings: Option<RunSettings>,
     /// The global model after round `rounds_completed`.
     pub global: ModelWeights,
     /// The strategy's buffers ([`crate::strategy::Strategy::state`]).
@@ -49,6 +105,8 @@ pub struct Checkpoint {
 struct StateFile {
     rounds_completed: u32,
     rounds_planned: u32,
+    #[serde(default)]
+    settings: Option<RunSettings>,
     /// File name of the model, inside the checkpoint directory.
     model_file: String,
     strategy_state: Vec<Vec<f32>>,
@@ -97,6 +155,7 @@ impl Checkpoint {
         let state = StateFile {
             rounds_completed: self.rounds_completed,
             rounds_planned: self.rounds_planned,
+            settings: self.settings.clone(),
             model_file: model_file.clone(),
             strategy_state: self.strategy_state.clone(),
             records: self.records.clone(),
@@ -169,6 +228,7 @@ impl Checkpoint {
         Ok(Some(Checkpoint {
             rounds_completed: state.rounds_completed,
             rounds_planned: state.rounds_planned,
+            settings: state.settings,
             global,
             strategy_state: state.strategy_state,
             records: state.records,
@@ -203,10 +263,21 @@ mod tests {
         }
     }
 
+    fn settings() -> RunSettings {
+        RunSettings {
+            model: ModelSpec::blocknet_28x28(4),
+            training: TrainingConfig::default(),
+            strategy: StrategyConfig::default(),
+            aggregation: AggregationKind::SecAgg { full: false },
+            seed: 3,
+        }
+    }
+
     fn checkpoint(rounds: u32) -> Checkpoint {
         Checkpoint {
             rounds_completed: rounds,
             rounds_planned: 4,
+            settings: Some(settings()),
             global: ModelWeights::new(vec![
                 NamedTensor::new("w", vec![3], vec![0.1, -2.5e-7, 3.0]).unwrap(),
             ])
@@ -225,6 +296,41 @@ mod tests {
         two.save(dir.path()).unwrap();
         assert_eq!(Checkpoint::load(dir.path()).unwrap(), Some(two));
         assert!(!dir.path().join("model-1.safetensors").exists());
+    }
+
+    #[test]
+    fn settings_differences_name_each_changed_setting() {
+        let a = settings();
+        assert!(a.differences(&a.clone()).is_empty());
+        let mut b = a.clone();
+        b.strategy = StrategyConfig::FedAvgM {
+            server_lr: 1.0,
+            momentum: 0.9,
+        };
+        b.seed = 4;
+        b.aggregation = AggregationKind::Plain;
+        let d = a.differences(&b);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d[0].starts_with("strategy: FedAvg"), "{d:?}");
+        assert_eq!(d[1], "aggregation: secagg+ → plain");
+        assert_eq!(d[2], "seed: 3 → 4");
+    }
+
+    #[test]
+    fn a_checkpoint_without_settings_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = checkpoint(1);
+        old.settings = None;
+        old.save(dir.path()).unwrap();
+        let state = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert!(state.contains("\"settings\":null"));
+        // As written by the previous version: no settings key at all.
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            state.replace("\"settings\":null,", ""),
+        )
+        .unwrap();
+        assert_eq!(Checkpoint::load(dir.path()).unwrap(), Some(old));
     }
 
     #[test]

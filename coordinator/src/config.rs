@@ -11,7 +11,11 @@ use greyfed_protocol::{
 
 use std::sync::Arc;
 
-use crate::{central::CentralEvaluator, checkpoint::Checkpoint, strategy::StrategyConfig};
+use crate::{
+    central::CentralEvaluator,
+    checkpoint::{Checkpoint, RunSettings},
+    strategy::StrategyConfig,
+};
 
 /// Configuration of one coordinator run.
 #[derive(Clone, Debug)]
@@ -71,6 +75,17 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
+    /// The settings a checkpoint records and a resumed run must match.
+    pub fn settings(&self) -> RunSettings {
+        RunSettings {
+            model: self.model.clone(),
+            training: self.training.clone(),
+            strategy: self.strategy,
+            aggregation: self.aggregation,
+            seed: self.seed,
+        }
+    }
+
     /// A configuration with greyfed's defaults for everything but the
     /// certificate, the initial model and the output directory.
     pub fn new(

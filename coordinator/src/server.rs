@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     central::CentralEvaluator,
-    checkpoint::Checkpoint,
+    checkpoint::{Checkpoint, RunSettings},
     config::CoordinatorConfig,
     error::{CoordinatorError, Result},
     metrics::{MetricsWriter, RoundRecord},
@@ -121,6 +121,19 @@ impl Coordinator {
                     "all {} rounds are already completed",
                     cp.rounds_completed
                 )));
+            }
+            match &cp.settings {
+                Some(s) => {
+                    let diffs = s.differences(&config.settings());
+                    if !diffs.is_empty() {
+                        return Err(CoordinatorError::Checkpoint(format!(
+                            "the checkpoint was written with other settings; resume with the \
+                             interrupted run's settings ({})",
+                            diffs.join("; ")
+                        )));
+                    }
+                }
+                None => warn!("the checkpoint does not record its settings; they are not checked"),
             }
         }
         std::fs::create_dir_all(&config.out_dir).map_err(|source| CoordinatorError::Io {
@@ -224,6 +237,7 @@ impl Coordinator {
             round_start: BTreeMap::new(),
             dump_aggregates: config.dump_aggregates.clone(),
             central_evaluator: config.central_evaluator.clone(),
+            settings: config.settings(),
             round_bytes: BTreeMap::new(),
             max_frame: config.max_frame,
         };
@@ -274,6 +288,8 @@ struct Driver {
     round_start: BTreeMap<u32, Instant>,
     dump_aggregates: Option<PathBuf>,
     central_evaluator: Option<Arc<dyn CentralEvaluator>>,
+    /// What every checkpoint records as the run's settings.
+    settings: RunSettings,
     /// Frame bytes (up, down) by the round in progress when they crossed.
     round_bytes: BTreeMap<u32, (u64, u64)>,
     max_frame: usize,
@@ -541,6 +557,7 @@ impl Driver {
         Checkpoint {
             rounds_completed: self.session.rounds_completed(),
             rounds_planned: self.rounds_planned,
+            settings: Some(self.settings.clone()),
             global: self.session.global().clone(),
             strategy_state: self.strategy.state(),
             records: self.records.clone(),

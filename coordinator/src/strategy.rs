@@ -13,7 +13,7 @@
 use greyfed_protocol::{ModelWeights, ProtocolError};
 
 /// Which strategy to run, with its parameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum StrategyConfig {
     /// Federated averaging: `x += server_lr * Δ`.
