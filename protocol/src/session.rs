@@ -548,40 +548,19 @@ impl CoordinatorSession {
     /// Advances on the clock: a passed deadline turns whoever the phase still
     /// waits for into dropouts for that phase.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Phase::Training { round } = self.phase {
-            // Stage deadlines of the aggregator, then the round's hard limit.
-            if self.aggregator.poll_timeout().is_some_and(|d| now >= d) {
-                self.aggregator.handle_timeout(now);
-            }
-            if self.deadline.is_some_and(|d| now >= d) {
-                self.deadline = None;
-                for &id in &self.round.cohort {
-                    self.aggregator.handle_dropout(now, id);
-                }
-            }
-            self.drain_aggregator(now, round);
-            return;
-        }
-        if let Phase::Evaluating { .. } = self.phase {
-            if self.evaluator.poll_timeout().is_some_and(|d| now >= d) {
-                self.evaluator.handle_timeout(now);
-            }
-            if self.deadline.is_some_and(|d| now >= d) {
-                self.deadline = None;
-                for &id in &self.round.evaluators {
-                    self.evaluator.handle_dropout(now, id);
-                }
-            }
-            self.drain_evaluator(now);
-            return;
-        }
-        match self.deadline {
-            Some(d) if now >= d => {}
-            _ => return,
-        }
-        self.deadline = None;
         match self.phase {
-            Phase::Joining => {
+            Phase::Training { round } => {
+                let cohort = self.round.cohort.iter().copied();
+                expire(&mut *self.aggregator, &mut self.deadline, cohort, now);
+                self.drain_aggregator(now, round);
+            }
+            Phase::Evaluating { .. } => {
+                let evaluators = self.round.evaluators.iter().copied();
+                expire(&mut *self.evaluator, &mut self.deadline, evaluators, now);
+                self.drain_evaluator(now);
+            }
+            Phase::Joining if self.deadline.is_some_and(|d| now >= d) => {
+                self.deadline = None;
                 if self.peers.len() >= self.config.min_participants {
                     self.start_round(now, self.config.first_round);
                 } else {
@@ -592,10 +571,7 @@ impl CoordinatorSession {
                     ));
                 }
             }
-            Phase::Training { .. }
-            | Phase::Evaluating { .. }
-            | Phase::AwaitingModel { .. }
-            | Phase::Over => {}
+            Phase::Joining | Phase::AwaitingModel { .. } | Phase::Over => {}
         }
     }
 
@@ -867,6 +843,26 @@ impl CoordinatorSession {
             self.outbox.push_back((id, farewell.clone()));
         }
         self.events.push_back(event);
+    }
+}
+
+/// Advances the aggregator of a waiting phase on the clock: its own stage
+/// deadlines first, then the phase's hard `deadline`, past which every one of
+/// `members` is dropped.
+fn expire(
+    aggregator: &mut dyn Aggregator,
+    deadline: &mut Option<Instant>,
+    members: impl Iterator<Item = ParticipantId>,
+    now: Instant,
+) {
+    if aggregator.poll_timeout().is_some_and(|d| now >= d) {
+        aggregator.handle_timeout(now);
+    }
+    if deadline.is_some_and(|d| now >= d) {
+        *deadline = None;
+        for id in members {
+            aggregator.handle_dropout(now, id);
+        }
     }
 }
 
