@@ -6,11 +6,11 @@ use std::fmt;
 use anyhow::Result;
 use greyfed_coordinator::central::CentralEvaluator;
 use greyfed_participant::{
-    cipher::{BlockScrambler, CipherConfig, ImageKey},
+    cipher::{ImageCipher, ImageKey},
     data::Dataset,
     train::{TensorData, evaluate},
 };
-use greyfed_protocol::{EvalMetrics, ModelSpec, ModelWeights};
+use greyfed_protocol::{EvalMetrics, ModelSpec, ModelWeights, cipher::CipherSteps};
 
 /// Batch size of central evaluation (does not affect results).
 const EVAL_BATCH: usize = 256;
@@ -37,7 +37,7 @@ impl fmt::Debug for TestSetEvaluator {
 
 impl TestSetEvaluator {
     /// Prepares `test` for `spec`: encrypted with `key` and the block
-    /// scrambling of `block_size`, or plain when `key` is `None`.
+    /// cipher `steps` with `block_size`, or plain when `key` is `None`.
     ///
     /// # Errors
     /// An empty test set, images of another size than the model's, or a
@@ -46,6 +46,7 @@ impl TestSetEvaluator {
         spec: ModelSpec,
         test: &Dataset,
         key: Option<&ImageKey>,
+        steps: CipherSteps,
         block_size: usize,
     ) -> Result<Self> {
         anyhow::ensure!(!test.is_empty(), "the central test set is empty");
@@ -58,9 +59,8 @@ impl TestSetEvaluator {
         );
         let (test, key_fingerprint) = match key {
             Some(key) => {
-                let cipher = CipherConfig::block_scrambling(block_size);
-                let scrambler = BlockScrambler::new(key, &cipher, test.rows(), test.cols())?;
-                (scrambler.encrypt_dataset(test)?, key.fingerprint())
+                let cipher = ImageCipher::new(key, steps, block_size, test.rows(), test.cols())?;
+                (cipher.encrypt_dataset(test)?, key.fingerprint())
             }
             None => (test.clone(), String::new()),
         };

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use greyfed_participant::data::partition::Partition;
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
+use greyfed_protocol::cipher::CipherSteps;
 
 /// greyfed: federated training on encrypted grey-scale images.
 #[derive(Debug, Parser)]
@@ -121,9 +122,14 @@ pub struct TrainingArgs {
     /// Momentum for SGD.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
-    /// Block size of the blocknet model; in `simulate` also the cipher's.
+    /// Block size of the blocknet model and of the image cipher.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
+    /// Image cipher mode the participants use (a preset such as block,
+    /// extended, le, le-extended, pixel, or steps joined by `+`; see
+    /// `greyfed encrypt --help`). Sets the model's input planes.
+    #[arg(long, default_value = "block", value_parser = parse_cipher)]
+    pub cipher: CipherSteps,
     /// Server strategy.
     #[arg(long, value_enum, default_value_t = StrategyKind::Fedavg)]
     pub strategy: StrategyKind,
@@ -183,6 +189,7 @@ impl TrainingArgs {
         }
         push("momentum", self.momentum.to_string());
         push("block-size", self.block_size.to_string());
+        push("cipher", self.cipher.to_string());
         push("strategy", value_name(self.strategy));
         if let Some(lr) = self.server_lr {
             push("server-lr", lr.to_string());
@@ -199,6 +206,11 @@ impl TrainingArgs {
         push("min-cohort", self.min_cohort.to_string());
         a
     }
+}
+
+/// Parses a cipher mode for clap.
+pub fn parse_cipher(text: &str) -> Result<CipherSteps, String> {
+    text.parse()
 }
 
 /// The command-line spelling of an enum value.
@@ -319,6 +331,9 @@ pub struct ParticipantArgs {
     /// Block size of the image cipher (must equal the model's).
     #[arg(long, default_value_t = 4)]
     pub block_size: usize,
+    /// Image cipher mode (must match every other participant's).
+    #[arg(long, default_value = "block", value_parser = parse_cipher)]
+    pub cipher: CipherSteps,
     /// Crash (SIGKILL this process) at ROUND:STAGE, STAGE one of train,
     /// advertise, share, masked, unmask: for dropout simulations and tests.
     #[arg(long)]

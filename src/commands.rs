@@ -12,7 +12,7 @@ use greyfed_coordinator::{
 };
 use greyfed_participant::{
     LocalData, ParticipantConfig, ParticipantReport,
-    cipher::{BlockScrambler, CipherConfig, ImageKey},
+    cipher::{ImageCipher, ImageKey},
     data::{
         DatasetSplits,
         idx::load_idx_dir,
@@ -117,6 +117,7 @@ fn central_evaluator(
         model.clone(),
         &splits.test,
         key.as_ref(),
+        args.training.cipher,
         args.training.block_size as usize,
     )
 }
@@ -132,7 +133,8 @@ pub fn aggregation_kind(arg: AggregationArg) -> AggregationKind {
 
 /// Runs `greyfed coordinator` until the session ends or Ctrl-C.
 pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
-    let model = ModelSpec::blocknet_28x28(args.training.block_size);
+    let model = ModelSpec::blocknet_28x28(args.training.block_size)
+        .with_image_channels(args.training.cipher.output_channels());
     let initial = match &args.init {
         Some(path) => {
             let (w, _) = ModelWeights::from_safetensors(&read(path)?)
@@ -298,10 +300,10 @@ pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
     let scrambler = match (&args.key_file, args.plain) {
         (Some(path), false) => {
             let key = ImageKey::read_file(path)?;
-            let cipher = CipherConfig::block_scrambling(args.block_size);
-            Some(BlockScrambler::new(
+            Some(ImageCipher::new(
                 &key,
-                &cipher,
+                args.cipher,
+                args.block_size,
                 train.rows(),
                 train.cols(),
             )?)

@@ -23,13 +23,14 @@ use anyhow::{Context, Result};
 use greyfed_coordinator::{Coordinator, CoordinatorConfig, metrics::RoundRecord};
 use greyfed_participant::{
     LocalData, ParticipantConfig, ParticipantReport,
-    cipher::{BlockScrambler, CipherConfig, ImageKey},
+    cipher::{ImageCipher, ImageKey},
     data::{DatasetSplits, idx::load_idx_dir, partition::Partition, synthetic::builtin_splits},
     dropout::{CrashMode, DropoutPlan},
     model::init_weights,
 };
 use greyfed_protocol::{
-    AggregationKind, ModelSpec, ModelWeights, TrainingConfig, session::Selection,
+    AggregationKind, ModelSpec, ModelWeights, TrainingConfig, cipher::CipherSteps,
+    session::Selection,
 };
 
 use crate::commands::local_shards;
@@ -47,6 +48,8 @@ impl Federation {
             rounds: 2,
             training: TrainingConfig::default(),
             block_size: 4,
+            cipher: CipherSteps::block(),
+            model: None,
             data: None,
             partition: Partition::Iid,
             plain: false,
@@ -68,6 +71,8 @@ pub struct FederationBuilder {
     rounds: u32,
     training: TrainingConfig,
     block_size: u32,
+    cipher: CipherSteps,
+    model: Option<ModelSpec>,
     data: Option<PathBuf>,
     partition: Partition,
     plain: bool,
@@ -100,6 +105,17 @@ impl FederationBuilder {
     /// Block size of model and cipher.
     pub fn block_size(mut self, b: u32) -> Self {
         self.block_size = b;
+        self
+    }
+    /// Image cipher mode (default: `block`).
+    pub fn cipher(mut self, steps: CipherSteps) -> Self {
+        self.cipher = steps;
+        self
+    }
+    /// Model to train (default: blocknet with the block size, for the
+    /// cipher's image planes).
+    pub fn model(mut self, spec: ModelSpec) -> Self {
+        self.model = Some(spec);
         self
     }
     /// IDX directory to use instead of the built-in digits.
@@ -167,14 +183,14 @@ impl FederationBuilder {
     pub async fn run(self) -> Result<FederationReport> {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
         let certs = greyfed_coordinator::tls::generate_certificates(&["localhost".into()])?;
-        let model = ModelSpec::BlockNet {
-            image_rows: 28,
-            image_cols: 28,
-            block_size: self.block_size,
-            channels: 32,
-            hidden: 256,
-            num_classes: 10,
+        let planes = if self.plain {
+            1
+        } else {
+            self.cipher.output_channels()
         };
+        let model = self.model.clone().unwrap_or_else(|| {
+            ModelSpec::blocknet_28x28(self.block_size).with_image_channels(planes)
+        });
         let splits: DatasetSplits = match &self.data {
             Some(d) => load_idx_dir(d)?,
             None => builtin_splits(self.seed),
@@ -206,7 +222,6 @@ impl FederationBuilder {
         let addr = coordinator.local_addr()?;
         let coordinator = tokio::spawn(coordinator.run(std::future::pending()));
 
-        let cipher = CipherConfig::block_scrambling(self.block_size as usize);
         let mut tasks = Vec::new();
         for i in 0..self.participants {
             let (mut train, test) =
@@ -218,7 +233,13 @@ impl FederationBuilder {
                 None
             } else {
                 let k = self.key_overrides.get(&i).unwrap_or(&key);
-                Some(BlockScrambler::new(k, &cipher, train.rows(), train.cols())?)
+                Some(ImageCipher::new(
+                    k,
+                    self.cipher,
+                    self.block_size as usize,
+                    train.rows(),
+                    train.cols(),
+                )?)
             };
             let data = Arc::new(LocalData::prepare(&train, &test, scrambler.as_ref())?);
             let mut pc =

@@ -176,7 +176,9 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
             .arg("--data-seed")
             .arg(args.data.data_seed.to_string())
             .arg("--block-size")
-            .arg(args.training.block_size.to_string());
+            .arg(args.training.block_size.to_string())
+            .arg("--cipher")
+            .arg(args.training.cipher.to_string());
         if let Some(dir) = &args.data.data {
             cmd.arg("--data").arg(dir);
         }

@@ -94,9 +94,9 @@ use std::path::Path;
 
 use chacha20::ChaCha20;
 use chacha20::cipher::{KeyIvInit, StreamCipher};
+use greyfed_protocol::cipher::{CipherSpec, CipherSteps};
 use hkdf::Hkdf;
 use rand::TryRng;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -289,90 +289,12 @@ fn parse_hex_key(contents: &[u8]) -> std::result::Result<ImageKey, String> {
     Ok(key)
 }
 
-/// How intra-block transforms are keyed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BlockKeying {
-    /// One rotation/flip, pixel shuffle and negative-positive mask for every
-    /// block: exactly learnable with a shared convolution kernel (default).
-    #[default]
-    Shared,
-    /// A separate rotation/flip, mask and shuffle per block position (the
-    /// "extended" variant): stronger, not exactly learnable by a shared kernel.
-    PerPosition,
-}
-
-/// Which encryption steps to apply, and the block size.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CipherConfig {
-    /// Block side `B` in pixels; must divide the image height and width.
-    pub block_size: usize,
-    /// Shared or per-position intra-block transforms.
-    pub keying: BlockKeying,
-    /// Permute block positions.
-    pub block_shuffle: bool,
-    /// Apply one of the 8 rotations/reflections inside blocks (`B > 1`).
-    pub rotate_flip: bool,
-    /// Invert (`p -> 255 - p`) a keyed set of in-block positions.
-    pub negative_positive: bool,
-    /// Permute pixels inside blocks.
-    pub pixel_shuffle: bool,
-}
-
-impl CipherConfig {
-    /// Block scrambling with all four steps and [`BlockKeying::Shared`]: the
-    /// learnable default.
-    pub fn block_scrambling(block_size: usize) -> CipherConfig {
-        CipherConfig {
-            block_size,
-            keying: BlockKeying::Shared,
-            block_shuffle: true,
-            rotate_flip: true,
-            negative_positive: true,
-            pixel_shuffle: true,
-        }
-    }
-
-    /// All four steps with [`BlockKeying::PerPosition`] (the extended variant).
-    pub fn extended(block_size: usize) -> CipherConfig {
-        CipherConfig {
-            keying: BlockKeying::PerPosition,
-            ..CipherConfig::block_scrambling(block_size)
-        }
-    }
-
-    /// Checks that the configuration fits `rows x cols` images: non-empty,
-    /// at most `2^32 - 1` pixels, and a block size dividing both sides.
-    pub fn validate(&self, rows: usize, cols: usize) -> Result<()> {
-        if rows == 0 || cols == 0 {
-            return Err(ParticipantError::Cipher(format!(
-                "image size {rows}x{cols} is empty"
-            )));
-        }
-        if rows.checked_mul(cols).is_none_or(|n| n > u32::MAX as usize) {
-            return Err(ParticipantError::Cipher(format!(
-                "image size {rows}x{cols} is too large (at most 2^32 - 1 pixels)"
-            )));
-        }
-        let b = self.block_size;
-        if b == 0 || !rows.is_multiple_of(b) || !cols.is_multiple_of(b) {
-            let divisors: Vec<String> = (1..=rows.min(cols))
-                .filter(|&d| rows.is_multiple_of(d) && cols.is_multiple_of(d))
-                .map(|d| d.to_string())
-                .collect();
-            return Err(ParticipantError::Cipher(format!(
-                "block size {b} does not divide the {rows}x{cols} image size; use one of {}",
-                divisors.join(", ")
-            )));
-        }
-        Ok(())
-    }
-}
-
 /// The keyed transform applied inside one block: a map from destination
 /// in-block index to source in-block index, plus the negative-positive mask.
 ///
-/// In-block indices are row-major (`r * B + c`). `Debug` shows only the
-/// block size: the tables are as secret as the key for these images.
+/// In-block indices are `ch * B * B + r * B + c` (plane, then row-major);
+/// there is one plane, or two with `split`. `Debug` shows only the size: the
+/// tables are as secret as the key for these images.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BlockTransform {
     dihedral: u8,
@@ -386,14 +308,14 @@ impl BlockTransform {
         self.dihedral
     }
 
-    /// `source()[d]`: which in-block pixel of the (source) plain block lands
-    /// at in-block index `d` (rotation/flip and pixel shuffle combined).
+    /// `source()[d]`: which in-block value of the (source) plain block lands
+    /// at in-block index `d` (rotation/flip and shuffle combined).
     pub fn source(&self) -> &[usize] {
         &self.source
     }
 
-    /// `negated()[d]`: whether destination in-block pixel `d` is inverted
-    /// (`p -> 255 - p`).
+    /// `negated()[d]`: whether destination in-block value `d` is inverted
+    /// (`v -> 255 - v`).
     pub fn negated(&self) -> &[bool] {
         &self.negated
     }
@@ -402,7 +324,7 @@ impl BlockTransform {
 impl fmt::Debug for BlockTransform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockTransform")
-            .field("pixels", &self.source.len())
+            .field("values", &self.source.len())
             .finish_non_exhaustive()
     }
 }
@@ -415,10 +337,32 @@ impl Drop for BlockTransform {
     }
 }
 
-/// Encrypts and decrypts images of one size under one key and
-/// configuration; all keyed tables are derived once, in [`BlockScrambler::new`].
-pub struct BlockScrambler {
-    config: CipherConfig,
+/// Splits 8-bit pixels into their public two-plane representation: plane 0
+/// holds `(p >> 4) * 17` of every pixel, plane 1 `(p & 15) * 17` (a 4-bit
+/// half `h` becomes the byte with both nibbles `h`, so inverting it is
+/// `^ 0xFF`, exactly like an 8-bit pixel).
+pub fn split_pixels(pixels: &[u8], out: &mut [u8]) {
+    let (high, low) = out.split_at_mut(pixels.len());
+    for ((&p, h), l) in pixels.iter().zip(high).zip(low) {
+        *h = (p >> 4) * 17;
+        *l = (p & 15) * 17;
+    }
+}
+
+/// Inverse of [`split_pixels`]: reads the high half from plane 0 and the
+/// low half from plane 1 (the low nibble of each value).
+pub fn merge_pixels(values: &[u8], out: &mut [u8]) {
+    let (high, low) = values.split_at(out.len());
+    for ((o, &h), &l) in out.iter_mut().zip(high).zip(low) {
+        *o = ((h & 15) << 4) | (l & 15);
+    }
+}
+
+/// Encrypts and decrypts images of one size under one key and mode; all
+/// keyed tables are derived once, in [`ImageCipher::new`].
+pub struct ImageCipher {
+    steps: CipherSteps,
+    block_size: usize,
     rows: usize,
     cols: usize,
     key_fingerprint: String,
@@ -428,11 +372,12 @@ pub struct BlockScrambler {
     xor: Vec<u8>,
 }
 
-impl fmt::Debug for BlockScrambler {
-    /// Shows the configuration, size and key fingerprint, not the tables.
+impl fmt::Debug for ImageCipher {
+    /// Shows the mode, size and key fingerprint, not the tables.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BlockScrambler")
-            .field("config", &self.config)
+        f.debug_struct("ImageCipher")
+            .field("mode", &self.steps.to_string())
+            .field("block_size", &self.block_size)
             .field("rows", &self.rows)
             .field("cols", &self.cols)
             .field("key_fingerprint", &self.key_fingerprint)
@@ -440,7 +385,7 @@ impl fmt::Debug for BlockScrambler {
     }
 }
 
-impl Drop for BlockScrambler {
+impl Drop for ImageCipher {
     fn drop(&mut self) {
         self.block_permutation.zeroize();
         self.source.zeroize();
@@ -448,56 +393,86 @@ impl Drop for BlockScrambler {
     }
 }
 
-impl BlockScrambler {
-    /// Derives the transform for `rows x cols` images from `key` and
-    /// `config` (see the module documentation for the specification).
+impl ImageCipher {
+    /// Derives the transform of `steps` with block size `block_size` for
+    /// `rows x cols` images from `key` (see the module documentation for the
+    /// specification).
     pub fn new(
         key: &ImageKey,
-        config: &CipherConfig,
+        steps: CipherSteps,
+        block_size: usize,
         rows: usize,
         cols: usize,
-    ) -> Result<BlockScrambler> {
-        config.validate(rows, cols)?;
-        let b = config.block_size;
+    ) -> Result<ImageCipher> {
+        steps.validate().map_err(ParticipantError::Cipher)?;
+        validate_geometry(block_size, rows, cols)?;
+        let b = block_size;
+        let planes = steps.output_channels() as usize;
+        let plane_len = rows * cols;
         let blocks_per_row = cols / b;
         let num_blocks = (rows / b) * blocks_per_row;
-        let bb = b * b;
         let kdf = Kdf {
             key,
             block_size: b,
             rows,
             cols,
+            split: steps.split,
         };
 
-        let block_permutation = if config.block_shuffle {
+        let block_permutation = if steps.block_shuffle {
             kdf.stream("block-permutation", None)?
                 .permutation(num_blocks)
         } else {
             (0..num_blocks).collect()
         };
-        let transforms = match config.keying {
-            BlockKeying::Shared => vec![kdf.block_transform(config, None)?],
-            BlockKeying::PerPosition => (0..num_blocks)
-                .map(|q| kdf.block_transform(config, Some(q)))
-                .collect::<Result<Vec<_>>>()?,
+        let transforms = if steps.per_block {
+            (0..num_blocks)
+                .map(|q| kdf.block_transform(&steps, Some(q)))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![kdf.block_transform(&steps, None)?]
         };
 
-        let mut source = vec![0; rows * cols];
-        let mut xor = vec![0; rows * cols];
+        // Block-wise steps: a map between in-block values of blocks.
+        let bb = b * b;
+        let value = |block: usize, d: usize| {
+            let (ch, r, c) = (d / bb, d % bb / b, d % b);
+            let (row, col) = (
+                block / blocks_per_row * b + r,
+                block % blocks_per_row * b + c,
+            );
+            ch * plane_len + row * cols + col
+        };
+        let mut source = vec![0; planes * plane_len];
+        let mut xor = vec![0; planes * plane_len];
         for (q, &p) in block_permutation.iter().enumerate() {
             let transform = &transforms[if transforms.len() == 1 { 0 } else { q }];
-            let (q_row, q_col) = (q / blocks_per_row * b, q % blocks_per_row * b);
-            let (p_row, p_col) = (p / blocks_per_row * b, p % blocks_per_row * b);
-            for d in 0..bb {
-                let s = transform.source[d];
-                let dst = (q_row + d / b) * cols + q_col + d % b;
-                source[dst] = (p_row + s / b) * cols + p_col + s % b;
+            for d in 0..planes * bb {
+                let dst = value(q, d);
+                source[dst] = value(p, transform.source[d]);
                 xor[dst] = if transform.negated[d] { 0xFF } else { 0 };
             }
         }
+        // Pixel-based steps, on the whole image.
+        if steps.component_shuffle {
+            let swap = kdf.stream("component-shuffle", None)?.bits(plane_len);
+            for (pixel, _) in swap.iter().enumerate().filter(|(_, s)| **s) {
+                source.swap(pixel, plane_len + pixel);
+                xor.swap(pixel, plane_len + pixel);
+            }
+        }
+        if steps.pixel_negative_positive {
+            let flip = kdf
+                .stream("pixel-negative-positive", None)?
+                .bits(planes * plane_len);
+            for (x, _) in xor.iter_mut().zip(&flip).filter(|(_, f)| **f) {
+                *x ^= 0xFF;
+            }
+        }
 
-        Ok(BlockScrambler {
-            config: config.clone(),
+        Ok(ImageCipher {
+            steps,
+            block_size,
             rows,
             cols,
             key_fingerprint: key.fingerprint(),
@@ -508,24 +483,68 @@ impl BlockScrambler {
         })
     }
 
-    /// The configuration this scrambler was built with.
-    pub fn config(&self) -> &CipherConfig {
-        &self.config
+    /// Builds the cipher a [`CipherSpec`] describes, refusing a key whose
+    /// fingerprint is not the spec's `key_id`.
+    pub fn from_spec(
+        key: &ImageKey,
+        spec: &CipherSpec,
+        rows: usize,
+        cols: usize,
+    ) -> Result<ImageCipher> {
+        if key.fingerprint() != spec.key_id {
+            return Err(ParticipantError::Cipher(format!(
+                "the image key has fingerprint {}, but the model expects images encrypted \
+                 under key {}",
+                key.fingerprint(),
+                spec.key_id
+            )));
+        }
+        ImageCipher::new(key, spec.steps, spec.block_size as usize, rows, cols)
     }
 
-    /// Image height this scrambler works on.
+    /// The public description of this cipher: mode, block size and key
+    /// fingerprint.
+    pub fn spec(&self) -> CipherSpec {
+        CipherSpec {
+            steps: self.steps,
+            block_size: self.block_size as u32,
+            key_id: self.key_fingerprint.clone(),
+        }
+    }
+
+    /// The steps this cipher applies.
+    pub fn steps(&self) -> CipherSteps {
+        self.steps
+    }
+
+    /// Block side of the block-wise steps.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Image height this cipher works on.
     pub fn rows(&self) -> usize {
         self.rows
     }
 
-    /// Image width this scrambler works on.
+    /// Image width this cipher works on.
     pub fn cols(&self) -> usize {
         self.cols
     }
 
-    /// Pixels per image (`rows * cols`).
+    /// Planes of a cipher image: 2 with `split`, else 1.
+    pub fn channels(&self) -> usize {
+        self.steps.output_channels() as usize
+    }
+
+    /// Pixels per plain image (`rows * cols`).
     pub fn image_len(&self) -> usize {
         self.rows * self.cols
+    }
+
+    /// Values per cipher image (`channels * rows * cols`).
+    pub fn cipher_len(&self) -> usize {
+        self.source.len()
     }
 
     /// Number of blocks per image.
@@ -538,14 +557,14 @@ impl BlockScrambler {
         &self.key_fingerprint
     }
 
-    /// `block_permutation()[q]`: the plain block whose pixels fill cipher
+    /// `block_permutation()[q]`: the plain block whose values fill cipher
     /// block `q` (blocks numbered row-major).
     pub fn block_permutation(&self) -> &[usize] {
         &self.block_permutation
     }
 
-    /// The intra-block transform of cipher block `position`; with
-    /// [`BlockKeying::Shared`] the same for every position. `None` when
+    /// The intra-block transform of cipher block `position`; without
+    /// `per-block` the same for every position. `None` when
     /// `position >= num_blocks()`.
     pub fn intra_block_transform(&self, position: usize) -> Option<&BlockTransform> {
         if position >= self.num_blocks() {
@@ -557,120 +576,188 @@ impl BlockScrambler {
         }
     }
 
-    /// `pixel_source()[d]`: the plain pixel (row-major index) that lands at
-    /// cipher pixel `d`.
-    pub fn pixel_source(&self) -> &[usize] {
+    /// `value_source()[d]`: the plain value (index into the plain image, or
+    /// into its [split](split_pixels) planes) that lands at cipher value `d`.
+    pub fn value_source(&self) -> &[usize] {
         &self.source
     }
 
-    /// `pixel_xor()[d]`: `0xFF` where cipher pixel `d` is inverted, else `0`.
-    pub fn pixel_xor(&self) -> &[u8] {
+    /// `value_xor()[d]`: `0xFF` where cipher value `d` is inverted, else `0`.
+    pub fn value_xor(&self) -> &[u8] {
         &self.xor
     }
 
-    /// Encrypts one image: `out[d] = plain[source[d]] ^ xor[d]`. Both slices
-    /// must hold `rows * cols` pixels.
+    /// Encrypts one image of `rows * cols` pixels into `out`
+    /// (`channels * rows * cols` values): `out[d] = values[source[d]] ^ xor[d]`
+    /// where `values` is the image, or its split planes.
     pub fn encrypt_image(&self, plain: &[u8], out: &mut [u8]) -> Result<()> {
-        self.check_len("plain image", plain.len())?;
-        self.check_len("output image", out.len())?;
+        self.check_len("plain image", plain.len(), self.image_len())?;
+        self.check_len("output image", out.len(), self.cipher_len())?;
         self.encrypt_unchecked(plain, out);
         Ok(())
     }
 
-    /// Decrypts one image: `out[source[d]] = cipher[d] ^ xor[d]`. Both slices
-    /// must hold `rows * cols` pixels.
+    /// Decrypts one cipher image (`channels * rows * cols` values) into
+    /// `out` (`rows * cols` pixels).
     pub fn decrypt_image(&self, cipher: &[u8], out: &mut [u8]) -> Result<()> {
-        self.check_len("cipher image", cipher.len())?;
-        self.check_len("output image", out.len())?;
+        self.check_len("cipher image", cipher.len(), self.cipher_len())?;
+        self.check_len("output image", out.len(), self.image_len())?;
         self.decrypt_unchecked(cipher, out);
         Ok(())
     }
 
-    /// Encrypts every image of `data` (labels are kept).
+    /// Encrypts every image of `data` (labels are kept); the result has
+    /// [`channels`](ImageCipher::channels) planes.
     pub fn encrypt_dataset(&self, data: &Dataset) -> Result<Dataset> {
-        self.map_dataset(data, Self::encrypt_unchecked)
+        self.check_dataset(data, 1)?;
+        let mut pixels = vec![0; data.len() * self.cipher_len()];
+        for (input, out) in data
+            .pixels()
+            .chunks_exact(self.image_len())
+            .zip(pixels.chunks_exact_mut(self.cipher_len()))
+        {
+            self.encrypt_unchecked(input, out);
+        }
+        data.with_planes(self.channels(), pixels)
     }
 
     /// Decrypts every image of `data` (labels are kept).
     pub fn decrypt_dataset(&self, data: &Dataset) -> Result<Dataset> {
-        self.map_dataset(data, Self::decrypt_unchecked)
+        self.check_dataset(data, self.channels())?;
+        let mut pixels = vec![0; data.len() * self.image_len()];
+        for (input, out) in data
+            .pixels()
+            .chunks_exact(self.cipher_len())
+            .zip(pixels.chunks_exact_mut(self.image_len()))
+        {
+            self.decrypt_unchecked(input, out);
+        }
+        data.with_planes(1, pixels)
     }
 
-    /// log2 of the number of transforms the configuration can express:
-    /// `log2(nb!)` for the block shuffle plus, per intra-block transform
-    /// (one, or `nb` with [`BlockKeying::PerPosition`]), 3 bits for
-    /// rotate/flip (`B > 1`), `log2((B*B)!)` for the pixel shuffle and
-    /// `B*B` bits for negative-positive.
+    /// log2 of the number of transforms the mode can express: `log2(nb!)`
+    /// for the block shuffle; per intra-block transform (one, or `nb` with
+    /// `per-block`) 3 bits for rotate/flip (`B > 1`), `log2(n!)` for the
+    /// shuffle of its `n = channels * B * B` values and `n` bits for
+    /// negative-positive; `rows * cols` bits for component shuffle and
+    /// `channels * rows * cols` bits for pixel negative-positive.
     ///
     /// This is an upper estimate of the size of the transform family (some
     /// combinations coincide), not of the brute-force cost: the image key
     /// itself has 256 bits.
     pub fn key_space_bits(&self) -> f64 {
-        let b = self.config.block_size;
-        let bb = b * b;
+        let b = self.block_size;
+        let n = self.channels() * b * b;
         let mut per_transform = 0.0;
-        if self.config.rotate_flip && b > 1 {
+        if self.steps.rotate_flip && b > 1 {
             per_transform += 3.0;
         }
-        if self.config.pixel_shuffle {
-            per_transform += log2_factorial(bb);
+        if self.steps.pixel_shuffle {
+            per_transform += log2_factorial(n);
         }
-        if self.config.negative_positive {
-            per_transform += bb as f64;
+        if self.steps.negative_positive {
+            per_transform += n as f64;
         }
         let mut bits = per_transform * self.transforms.len() as f64;
-        if self.config.block_shuffle {
+        if self.steps.block_shuffle {
             bits += log2_factorial(self.num_blocks());
+        }
+        if self.steps.component_shuffle {
+            bits += self.image_len() as f64;
+        }
+        if self.steps.pixel_negative_positive {
+            bits += self.cipher_len() as f64;
         }
         bits
     }
 
-    fn check_len(&self, what: &str, len: usize) -> Result<()> {
-        if len == self.image_len() {
+    fn check_len(&self, what: &str, len: usize, expected: usize) -> Result<()> {
+        if len == expected {
             Ok(())
         } else {
             Err(ParticipantError::Cipher(format!(
-                "{what} has {len} pixels, expected {} ({}x{})",
-                self.image_len(),
+                "{what} has {len} values, expected {expected} ({} x {}x{})",
+                expected / self.image_len(),
                 self.rows,
                 self.cols
             )))
         }
     }
 
-    fn encrypt_unchecked(&self, plain: &[u8], out: &mut [u8]) {
-        for ((o, &s), &x) in out.iter_mut().zip(&self.source).zip(&self.xor) {
-            *o = plain[s] ^ x;
-        }
-    }
-
-    fn decrypt_unchecked(&self, cipher: &[u8], out: &mut [u8]) {
-        for ((&c, &s), &x) in cipher.iter().zip(&self.source).zip(&self.xor) {
-            out[s] = c ^ x;
-        }
-    }
-
-    fn map_dataset(&self, data: &Dataset, f: fn(&Self, &[u8], &mut [u8])) -> Result<Dataset> {
-        if data.rows() != self.rows || data.cols() != self.cols {
+    fn check_dataset(&self, data: &Dataset, channels: usize) -> Result<()> {
+        if data.rows() != self.rows || data.cols() != self.cols || data.channels() != channels {
             return Err(ParticipantError::Cipher(format!(
-                "dataset images are {}x{}, the cipher was built for {}x{}",
+                "dataset images are {} x {}x{}, the cipher expects {channels} x {}x{}",
+                data.channels(),
                 data.rows(),
                 data.cols(),
                 self.rows,
                 self.cols
             )));
         }
-        let n = self.image_len();
-        let mut pixels = vec![0; data.pixels().len()];
-        for (input, out) in data
-            .pixels()
-            .chunks_exact(n)
-            .zip(pixels.chunks_exact_mut(n))
-        {
-            f(self, input, out);
-        }
-        data.with_pixels(pixels)
+        Ok(())
     }
+
+    fn encrypt_unchecked(&self, plain: &[u8], out: &mut [u8]) {
+        let split;
+        let values = if self.steps.split {
+            split = {
+                let mut v = vec![0; self.cipher_len()];
+                split_pixels(plain, &mut v);
+                v
+            };
+            &split[..]
+        } else {
+            plain
+        };
+        for ((o, &s), &x) in out.iter_mut().zip(&self.source).zip(&self.xor) {
+            *o = values[s] ^ x;
+        }
+    }
+
+    fn decrypt_unchecked(&self, cipher: &[u8], out: &mut [u8]) {
+        if self.steps.split {
+            let mut values = Zeroizing::new(vec![0; self.cipher_len()]);
+            for ((&c, &s), &x) in cipher.iter().zip(&self.source).zip(&self.xor) {
+                values[s] = c ^ x;
+            }
+            merge_pixels(&values, out);
+        } else {
+            for ((&c, &s), &x) in cipher.iter().zip(&self.source).zip(&self.xor) {
+                out[s] = c ^ x;
+            }
+        }
+    }
+}
+
+/// Checks that images are non-empty, at most `2^31 - 1` pixels, and that
+/// `block_size` divides both sides.
+fn validate_geometry(block_size: usize, rows: usize, cols: usize) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Err(ParticipantError::Cipher(format!(
+            "image size {rows}x{cols} is empty"
+        )));
+    }
+    if rows
+        .checked_mul(cols)
+        .is_none_or(|n| n > (u32::MAX / 2) as usize)
+    {
+        return Err(ParticipantError::Cipher(format!(
+            "image size {rows}x{cols} is too large (at most 2^31 - 1 pixels)"
+        )));
+    }
+    let b = block_size;
+    if b == 0 || !rows.is_multiple_of(b) || !cols.is_multiple_of(b) {
+        let divisors: Vec<String> = (1..=rows.min(cols))
+            .filter(|&d| rows.is_multiple_of(d) && cols.is_multiple_of(d))
+            .map(|d| d.to_string())
+            .collect();
+        return Err(ParticipantError::Cipher(format!(
+            "block size {b} does not divide the {rows}x{cols} image size; use one of {}",
+            divisors.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// `log2(n!)` as a sum of `log2(k)`.
@@ -698,14 +785,16 @@ struct Kdf<'a> {
     block_size: usize,
     rows: usize,
     cols: usize,
+    split: bool,
 }
 
 impl Kdf<'_> {
     /// The HKDF `info` string for `purpose` at `position` (`None`: `all`).
     fn info(&self, purpose: &str, position: Option<usize>) -> String {
         let pos = position.map_or_else(|| "all".to_string(), |q| q.to_string());
+        let planes = if self.split { "|C=2" } else { "" };
         format!(
-            "{purpose}|B={}|{}x{}|pos={pos}",
+            "{purpose}|B={}|{}x{}{planes}|pos={pos}",
             self.block_size, self.rows, self.cols
         )
     }
@@ -729,30 +818,32 @@ impl Kdf<'_> {
     /// The intra-block transform for `position` (`None`: shared).
     fn block_transform(
         &self,
-        config: &CipherConfig,
+        steps: &CipherSteps,
         position: Option<usize>,
     ) -> Result<BlockTransform> {
         let b = self.block_size;
         let bb = b * b;
-        let dihedral = if config.rotate_flip && b > 1 {
+        let n = if self.split { 2 * bb } else { bb };
+        let dihedral = if steps.rotate_flip && b > 1 {
             // uniform(8) < 8, so the cast is lossless.
             self.stream("rotate-flip", position)?.uniform(8) as u8
         } else {
             0
         };
-        let shuffle = if config.pixel_shuffle && bb > 1 {
-            self.stream("pixel-shuffle", position)?.permutation(bb)
+        let shuffle = if steps.pixel_shuffle && n > 1 {
+            self.stream("pixel-shuffle", position)?.permutation(n)
         } else {
-            (0..bb).collect()
+            (0..n).collect()
         };
-        let negated = if config.negative_positive {
-            self.stream("negative-positive", position)?.bits(bb)
+        let negated = if steps.negative_positive {
+            self.stream("negative-positive", position)?.bits(n)
         } else {
-            vec![false; bb]
+            vec![false; n]
         };
+        // Rotate/flip acts on positions within each plane, the same way in both.
         let source = shuffle
             .iter()
-            .map(|&s| dihedral_source(dihedral, b, s))
+            .map(|&s| s / bb * bb + dihedral_source(dihedral, b, s % bb))
             .collect();
         Ok(BlockTransform {
             dihedral,
@@ -808,7 +899,7 @@ impl KeyStream {
     fn permutation(&mut self, n: usize) -> Vec<usize> {
         let mut p: Vec<usize> = (0..n).collect();
         for i in (1..n).rev() {
-            // `CipherConfig::validate` bounds n (so i + 1) by u32::MAX.
+            // `validate_geometry` bounds n (so i + 1) by u32::MAX.
             let j = self.uniform(u32::try_from(i + 1).unwrap_or(u32::MAX)) as usize;
             p.swap(i, j);
         }
@@ -869,25 +960,34 @@ mod tests {
         img
     }
 
-    fn config(b: usize, keying: BlockKeying, flags: u8) -> CipherConfig {
-        CipherConfig {
-            block_size: b,
-            keying,
+    /// The block-wise steps in bits 0-3 of `flags`, with `per_block` keying
+    /// when at least one intra-block step is on.
+    fn config(per_block: bool, flags: u8) -> CipherSteps {
+        CipherSteps {
             block_shuffle: flags & 1 != 0,
             rotate_flip: flags & 2 != 0,
             negative_positive: flags & 4 != 0,
             pixel_shuffle: flags & 8 != 0,
+            per_block: per_block && flags & 14 != 0,
+            ..CipherSteps::default()
         }
     }
 
-    fn encrypt(s: &BlockScrambler, plain: &[u8]) -> Vec<u8> {
-        let mut out = vec![0; plain.len()];
+    const SHARED: bool = false;
+    const PER_BLOCK: bool = true;
+
+    fn extended() -> CipherSteps {
+        "extended".parse().unwrap()
+    }
+
+    fn encrypt(s: &ImageCipher, plain: &[u8]) -> Vec<u8> {
+        let mut out = vec![0; s.cipher_len()];
         s.encrypt_image(plain, &mut out).unwrap();
         out
     }
 
-    fn decrypt(s: &BlockScrambler, cipher: &[u8]) -> Vec<u8> {
-        let mut out = vec![0; cipher.len()];
+    fn decrypt(s: &ImageCipher, cipher: &[u8]) -> Vec<u8> {
+        let mut out = vec![0; s.image_len()];
         s.decrypt_image(cipher, &mut out).unwrap();
         out
     }
@@ -929,11 +1029,10 @@ mod tests {
         let key = kat_key();
         for &(rows, cols, b) in SIZES {
             let plain = noise_image(rows * cols, (rows * 100 + cols * 10 + b) as u64);
-            for keying in [BlockKeying::Shared, BlockKeying::PerPosition] {
+            for keying in [SHARED, PER_BLOCK] {
                 for flags in 0..16 {
-                    let s =
-                        BlockScrambler::new(&key, &config(b, keying, flags), rows, cols).unwrap();
-                    assert!(is_permutation(s.pixel_source()));
+                    let s = ImageCipher::new(&key, config(keying, flags), b, rows, cols).unwrap();
+                    assert!(is_permutation(s.value_source()));
                     assert!(is_permutation(s.block_permutation()));
                     let c = encrypt(&s, &plain);
                     assert_eq!(
@@ -957,15 +1056,15 @@ mod tests {
             per_position in any::<bool>(),
             flags in 0u8..16,
         ) {
-            let keying = if per_position { BlockKeying::PerPosition } else { BlockKeying::Shared };
-            let s = BlockScrambler::new(&ImageKey::from_bytes(key), &config(b, keying, flags), rows, cols)
+            let keying = if per_position { PER_BLOCK } else { SHARED };
+            let s = ImageCipher::new(&ImageKey::from_bytes(key), config(keying, flags), b, rows, cols)
                 .unwrap();
             let c = encrypt(&s, &plain);
             prop_assert_eq!(decrypt(&s, &c), plain.clone());
             // Encryption is exactly "permute, then XOR with 0x00/0xFF".
             for d in 0..plain.len() {
-                prop_assert_eq!(c[d], plain[s.pixel_source()[d]] ^ s.pixel_xor()[d]);
-                prop_assert!(s.pixel_xor()[d] == 0 || s.pixel_xor()[d] == 0xFF);
+                prop_assert_eq!(c[d], plain[s.value_source()[d]] ^ s.value_xor()[d]);
+                prop_assert!(s.value_xor()[d] == 0 || s.value_xor()[d] == 0xFF);
             }
         }
     }
@@ -973,7 +1072,7 @@ mod tests {
     #[test]
     fn block_size_must_divide_image_size() {
         let key = kat_key();
-        let err = BlockScrambler::new(&key, &CipherConfig::block_scrambling(5), 28, 28)
+        let err = ImageCipher::new(&key, CipherSteps::block(), 5, 28, 28)
             .unwrap_err()
             .to_string();
         assert!(
@@ -982,30 +1081,19 @@ mod tests {
         );
         assert!(err.contains("use one of 1, 2, 4, 7, 14, 28"), "{err}");
 
-        let err = CipherConfig::block_scrambling(3)
-            .validate(8, 12)
-            .unwrap_err()
-            .to_string();
+        let err = validate_geometry(3, 8, 12).unwrap_err().to_string();
         assert!(err.contains("use one of 1, 2, 4"), "{err}");
 
-        let err = CipherConfig::block_scrambling(0)
-            .validate(28, 28)
-            .unwrap_err()
-            .to_string();
+        let err = validate_geometry(0, 28, 28).unwrap_err().to_string();
         assert!(err.contains("block size 0"), "{err}");
 
-        assert!(CipherConfig::block_scrambling(1).validate(0, 28).is_err());
-        assert!(
-            CipherConfig::block_scrambling(1)
-                .validate(usize::MAX, 2)
-                .is_err()
-        );
+        assert!(validate_geometry(1, 0, 28).is_err());
+        assert!(validate_geometry(1, usize::MAX, 2).is_err());
     }
 
     #[test]
     fn wrong_lengths_are_errors_not_panics() {
-        let s =
-            BlockScrambler::new(&kat_key(), &CipherConfig::block_scrambling(4), 28, 28).unwrap();
+        let s = ImageCipher::new(&kat_key(), CipherSteps::block(), 4, 28, 28).unwrap();
         let mut out = vec![0; 784];
         let err = s
             .encrypt_image(&[0; 783], &mut out)
@@ -1022,7 +1110,7 @@ mod tests {
 
     #[test]
     fn dataset_round_trip_keeps_labels() {
-        let s = BlockScrambler::new(&kat_key(), &CipherConfig::extended(7), 28, 28).unwrap();
+        let s = ImageCipher::new(&kat_key(), extended(), 7, 28, 28).unwrap();
         let data = Dataset::new(28, 28, 10, noise_image(3 * 784, 7), vec![3, 1, 4]).unwrap();
         let enc = s.encrypt_dataset(&data).unwrap();
         assert_eq!(enc.labels(), data.labels());
@@ -1035,17 +1123,17 @@ mod tests {
 
     #[test]
     fn deterministic_and_key_sensitive() {
-        let config = CipherConfig::block_scrambling(4);
+        let config = CipherSteps::block();
         let key = kat_key();
         let mut flipped = kat_key().0;
         flipped[17] ^= 0x08;
         let flipped = ImageKey::from_bytes(flipped);
 
-        let a = BlockScrambler::new(&key, &config, 28, 28).unwrap();
-        let a2 = BlockScrambler::new(&key, &config, 28, 28).unwrap();
-        let b = BlockScrambler::new(&flipped, &config, 28, 28).unwrap();
-        assert_eq!(a.pixel_source(), a2.pixel_source());
-        assert_eq!(a.pixel_xor(), a2.pixel_xor());
+        let a = ImageCipher::new(&key, config, 4, 28, 28).unwrap();
+        let a2 = ImageCipher::new(&key, config, 4, 28, 28).unwrap();
+        let b = ImageCipher::new(&flipped, config, 4, 28, 28).unwrap();
+        assert_eq!(a.value_source(), a2.value_source());
+        assert_eq!(a.value_xor(), a2.value_xor());
         assert_eq!(a.key_fingerprint(), key.fingerprint());
         assert_ne!(a.key_fingerprint(), b.key_fingerprint());
         assert_ne!(a.block_permutation(), b.block_permutation());
@@ -1066,13 +1154,8 @@ mod tests {
     fn shared_keying_is_block_permutation_plus_one_in_block_map() {
         let (rows, cols, b) = (28, 28, 4);
         for seed in 0..5 {
-            let s = BlockScrambler::new(
-                &key_from_seed(seed),
-                &CipherConfig::block_scrambling(b),
-                rows,
-                cols,
-            )
-            .unwrap();
+            let s = ImageCipher::new(&key_from_seed(seed), CipherSteps::block(), b, rows, cols)
+                .unwrap();
             let per_row = cols / b;
             let mut first_map: Option<(Vec<usize>, Vec<u8>)> = None;
             let mut src_blocks = Vec::new();
@@ -1083,11 +1166,11 @@ mod tests {
                 let mut xors = Vec::new();
                 for d in 0..b * b {
                     let dst = (q_row + d / b) * cols + q_col + d % b;
-                    let src = s.pixel_source()[dst];
+                    let src = s.value_source()[dst];
                     let (r, c) = (src / cols, src % cols);
                     blocks.push(r / b * per_row + c / b);
                     offsets.push(r % b * b + c % b);
-                    xors.push(s.pixel_xor()[dst]);
+                    xors.push(s.value_xor()[dst]);
                 }
                 // Every cipher block comes from exactly one plain block ...
                 assert!(blocks.iter().all(|&p| p == blocks[0]));
@@ -1114,26 +1197,22 @@ mod tests {
 
     #[test]
     fn per_position_keying_varies_between_blocks() {
-        let s = BlockScrambler::new(&kat_key(), &CipherConfig::extended(4), 28, 28).unwrap();
+        let s = ImageCipher::new(&kat_key(), extended(), 4, 28, 28).unwrap();
         let distinct: std::collections::HashSet<Vec<usize>> = (0..s.num_blocks())
             .map(|q| s.intra_block_transform(q).unwrap().source().to_vec())
             .collect();
         assert!(distinct.len() > 40, "{} distinct maps", distinct.len());
         // Block permutation does not depend on the keying.
-        let shared =
-            BlockScrambler::new(&kat_key(), &CipherConfig::block_scrambling(4), 28, 28).unwrap();
+        let shared = ImageCipher::new(&kat_key(), CipherSteps::block(), 4, 28, 28).unwrap();
         assert_eq!(s.block_permutation(), shared.block_permutation());
     }
 
     #[test]
     fn negative_positive_flips_about_half() {
-        let config = CipherConfig {
-            negative_positive: true,
-            ..config(4, BlockKeying::Shared, 0)
-        };
+        let config = config(SHARED, 4);
         let mut flipped = 0;
         for seed in 0..100 {
-            let s = BlockScrambler::new(&key_from_seed(seed), &config, 28, 28).unwrap();
+            let s = ImageCipher::new(&key_from_seed(seed), config, 4, 28, 28).unwrap();
             let count = s
                 .intra_block_transform(0)
                 .unwrap()
@@ -1151,16 +1230,15 @@ mod tests {
     #[test]
     fn disabled_steps_are_identity_and_steps_are_independent() {
         let key = kat_key();
-        for keying in [BlockKeying::Shared, BlockKeying::PerPosition] {
-            let s = BlockScrambler::new(&key, &config(4, keying, 0), 28, 28).unwrap();
+        for keying in [SHARED, PER_BLOCK] {
+            let s = ImageCipher::new(&key, config(keying, 0), 4, 28, 28).unwrap();
             let plain = noise_image(784, 3);
             assert_eq!(encrypt(&s, &plain), plain);
             assert_eq!(s.key_space_bits(), 0.0);
         }
-        let all = BlockScrambler::new(&key, &config(4, BlockKeying::Shared, 15), 28, 28).unwrap();
+        let all = ImageCipher::new(&key, config(SHARED, 15), 4, 28, 28).unwrap();
         for flags in 0..16u8 {
-            let s =
-                BlockScrambler::new(&key, &config(4, BlockKeying::Shared, flags), 28, 28).unwrap();
+            let s = ImageCipher::new(&key, config(SHARED, flags), 4, 28, 28).unwrap();
             if flags & 1 != 0 {
                 assert_eq!(s.block_permutation(), all.block_permutation());
             }
@@ -1201,8 +1279,8 @@ mod tests {
     fn encrypted_image_is_unlike_the_plain_image() {
         let plain = digit_like_image();
         for seed in 0..10 {
-            for config in [CipherConfig::block_scrambling(4), CipherConfig::extended(4)] {
-                let s = BlockScrambler::new(&key_from_seed(seed), &config, 28, 28).unwrap();
+            for config in [CipherSteps::block(), extended()] {
+                let s = ImageCipher::new(&key_from_seed(seed), config, 4, 28, 28).unwrap();
                 let c = encrypt(&s, &plain);
                 assert_ne!(c, plain);
                 let same = c.iter().zip(&plain).filter(|(x, y)| x == y).count();
@@ -1215,16 +1293,14 @@ mod tests {
 
     #[test]
     fn key_space_estimate() {
-        let s =
-            BlockScrambler::new(&kat_key(), &CipherConfig::block_scrambling(4), 28, 28).unwrap();
+        let s = ImageCipher::new(&kat_key(), CipherSteps::block(), 4, 28, 28).unwrap();
         // log2(49!) + 3 + log2(16!) + 16, values from an independent computation.
         let expected = 208.564_281_873_815_45 + 3.0 + 44.250_140_469_882_616 + 16.0;
         assert!((s.key_space_bits() - expected).abs() < 1e-6);
-        let e = BlockScrambler::new(&kat_key(), &CipherConfig::extended(4), 28, 28).unwrap();
+        let e = ImageCipher::new(&kat_key(), extended(), 4, 28, 28).unwrap();
         let expected = 208.564_281_873_815_45 + 49.0 * (3.0 + 44.250_140_469_882_616 + 16.0);
         assert!((e.key_space_bits() - expected).abs() < 1e-6);
-        let one =
-            BlockScrambler::new(&kat_key(), &CipherConfig::block_scrambling(1), 3, 5).unwrap();
+        let one = ImageCipher::new(&kat_key(), CipherSteps::block(), 1, 3, 5).unwrap();
         // B = 1: no rotation, no shuffle inside a pixel, one NP bit.
         assert!((one.key_space_bits() - (log2_factorial(15) + 1.0)).abs() < 1e-9);
     }
@@ -1237,7 +1313,7 @@ mod tests {
         let key = kat_key();
         assert_eq!(key.fingerprint(), "dadac72c6b3138e7");
 
-        let s = BlockScrambler::new(&key, &CipherConfig::block_scrambling(4), 28, 28).unwrap();
+        let s = ImageCipher::new(&key, CipherSteps::block(), 4, 28, 28).unwrap();
         assert_eq!(s.block_permutation()[..8], [36, 10, 21, 20, 14, 45, 38, 27]);
         let t = s.intra_block_transform(0).unwrap();
         assert_eq!(t.dihedral(), 4);
@@ -1248,20 +1324,20 @@ mod tests {
         let mask: Vec<u8> = t.negated().iter().map(|&n| u8::from(n)).collect();
         assert_eq!(mask, [1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1]);
         assert_eq!(
-            s.pixel_source()[..16],
+            s.value_source()[..16],
             [
                 567, 595, 565, 648, 127, 155, 125, 208, 339, 367, 337, 420, 251, 279, 249, 332
             ]
         );
         assert_eq!(
-            s.pixel_xor()[..16],
+            s.value_xor()[..16],
             [255, 0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0]
         );
         let mut hasher = Sha256::new();
-        for &src in s.pixel_source() {
+        for &src in s.value_source() {
             hasher.update((src as u32).to_le_bytes());
         }
-        hasher.update(s.pixel_xor());
+        hasher.update(s.value_xor());
         assert_eq!(
             hex::encode(hasher.finalize()),
             "277857d38861438926ce40554d34e2ac331f1ec5a5cc63c61a70cca3f6afd1b3"
@@ -1274,24 +1350,24 @@ mod tests {
             ]
         );
 
-        let pp = BlockScrambler::new(&key, &CipherConfig::extended(4), 28, 28).unwrap();
+        let pp = ImageCipher::new(&key, extended(), 4, 28, 28).unwrap();
         assert_eq!(
-            pp.pixel_source()[..16],
+            pp.value_source()[..16],
             [
                 621, 593, 651, 623, 182, 209, 155, 152, 337, 392, 422, 367, 279, 251, 305, 307
             ]
         );
         assert_eq!(
-            pp.pixel_xor()[..16],
+            pp.value_xor()[..16],
             [
                 0, 0, 255, 255, 255, 255, 0, 255, 255, 0, 255, 255, 255, 255, 255, 255
             ]
         );
 
-        let small = BlockScrambler::new(&key, &CipherConfig::block_scrambling(4), 8, 12).unwrap();
+        let small = ImageCipher::new(&key, CipherSteps::block(), 4, 8, 12).unwrap();
         assert_eq!(small.block_permutation(), [4, 0, 3, 5, 1, 2]);
         assert_eq!(
-            small.pixel_source()[..12],
+            small.value_source()[..12],
             [66, 54, 90, 53, 14, 2, 38, 1, 62, 50, 86, 49]
         );
     }
@@ -1321,8 +1397,149 @@ mod tests {
             };
             p.swap(i, j);
         }
-        let s = BlockScrambler::new(&key, &CipherConfig::block_scrambling(4), 28, 28).unwrap();
+        let s = ImageCipher::new(&key, CipherSteps::block(), 4, 28, 28).unwrap();
         assert_eq!(s.block_permutation(), p);
+    }
+
+    /// Every combination of steps (block-wise, split, pixel-based, keying)
+    /// decrypts exactly and is "permute, then XOR 0x00/0xFF" on values.
+    #[test]
+    fn round_trip_every_combination_of_all_steps() {
+        let key = kat_key();
+        for &(rows, cols, b) in &[(28, 28, 4), (8, 12, 2), (3, 5, 1)] {
+            let plain = noise_image(rows * cols, (rows + cols + b) as u64);
+            for bits in 0u16..256 {
+                let steps = CipherSteps {
+                    block_shuffle: bits & 1 != 0,
+                    rotate_flip: bits & 2 != 0,
+                    negative_positive: bits & 4 != 0,
+                    pixel_shuffle: bits & 8 != 0,
+                    split: bits & 16 != 0,
+                    pixel_negative_positive: bits & 32 != 0,
+                    component_shuffle: bits & 64 != 0,
+                    per_block: bits & 128 != 0,
+                };
+                let Ok(s) = ImageCipher::new(&key, steps, b, rows, cols) else {
+                    assert!(steps.validate().is_err(), "{steps}");
+                    continue;
+                };
+                assert_eq!(s.channels(), if steps.split { 2 } else { 1 });
+                assert!(is_permutation(s.value_source()), "{steps}");
+                let c = encrypt(&s, &plain);
+                assert_eq!(c.len(), s.channels() * rows * cols);
+                assert_eq!(decrypt(&s, &c), plain, "{steps} {rows}x{cols} B={b}");
+                let mut values = vec![0; c.len()];
+                if steps.split {
+                    split_pixels(&plain, &mut values);
+                } else {
+                    values.copy_from_slice(&plain);
+                }
+                for d in 0..c.len() {
+                    assert_eq!(c[d], values[s.value_source()[d]] ^ s.value_xor()[d]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_halves_round_trip_and_invert_with_xor() {
+        let plain: Vec<u8> = (0..=255).collect();
+        let mut values = vec![0; 512];
+        split_pixels(&plain, &mut values);
+        assert_eq!(values[0x3a], 3 * 17);
+        assert_eq!(values[256 + 0x3a], 10 * 17);
+        let mut back = vec![0; 256];
+        merge_pixels(&values, &mut back);
+        assert_eq!(back, plain);
+        // Inverting a half (h -> 15 - h) is XOR 0xFF of its value.
+        for h in 0..16u8 {
+            assert_eq!((h * 17) ^ 0xFF, (15 - h) * 17);
+        }
+    }
+
+    /// Tanaka's learnable encryption: one shuffle and mask of the 2*B*B
+    /// half-values, the same in every block, blocks in place.
+    #[test]
+    fn learnable_encryption_mixes_both_halves_inside_blocks() {
+        let le: CipherSteps = "le".parse().unwrap();
+        let s = ImageCipher::new(&kat_key(), le, 4, 28, 28).unwrap();
+        let t = s.intra_block_transform(0).unwrap();
+        assert_eq!(t.source().len(), 32);
+        assert!(is_permutation(t.source()));
+        // Some high-half values move to the low plane and back.
+        assert!(t.source()[..16].iter().any(|&v| v >= 16));
+        assert!(t.source()[16..].iter().any(|&v| v < 16));
+        assert_eq!(s.block_permutation(), (0..49).collect::<Vec<_>>());
+        assert!(std::ptr::eq(t, s.intra_block_transform(48).unwrap()));
+        // log2((2*16)!) + 32 bits per key.
+        assert!((s.key_space_bits() - (log2_factorial(32) + 32.0)).abs() < 1e-9);
+        // Different for a different purpose: no shared stream with `block`.
+        let block = ImageCipher::new(&kat_key(), CipherSteps::block(), 4, 28, 28).unwrap();
+        let block_mask = block.intra_block_transform(0).unwrap().negated();
+        assert_ne!(&t.negated()[..16], block_mask);
+    }
+
+    /// Pixel-based encryption keeps every pixel in place: the two halves of
+    /// a pixel are swapped or not, and each value is inverted with its own
+    /// key bit, straight from the specification's streams.
+    #[test]
+    fn pixel_based_encryption_matches_the_specification() {
+        let key = kat_key();
+        let stream_bits = |info: &str, n: usize| -> Vec<bool> {
+            let hk = Hkdf::<Sha256>::new(Some(b"greyfed/image-cipher/v1"), &key.0);
+            let mut seed = [0u8; 32];
+            hk.expand(info.as_bytes(), &mut seed).unwrap();
+            let mut stream = vec![0u8; n];
+            ChaCha20::new(&seed.into(), &[0u8; 12].into()).apply_keystream(&mut stream);
+            stream.iter().map(|b| b & 1 == 1).collect()
+        };
+        let swap = stream_bits("component-shuffle|B=4|28x28|C=2|pos=all", 784);
+        let flip = stream_bits("pixel-negative-positive|B=4|28x28|C=2|pos=all", 1568);
+        let pixel: CipherSteps = "pixel".parse().unwrap();
+        let s = ImageCipher::new(&key, pixel, 4, 28, 28).unwrap();
+        let plain = digit_like_image();
+        let c = encrypt(&s, &plain);
+        for i in 0..784 {
+            let (hi, lo) = ((plain[i] >> 4) * 17, (plain[i] & 15) * 17);
+            let (a, b) = if swap[i] { (lo, hi) } else { (hi, lo) };
+            let x = |f: bool| if f { 0xFF } else { 0 };
+            assert_eq!((c[i], c[784 + i]), (a ^ x(flip[i]), b ^ x(flip[784 + i])));
+        }
+        let swapped = swap.iter().filter(|&&b| b).count();
+        assert!((300..500).contains(&swapped), "{swapped}");
+
+        // Without split: one bit per pixel.
+        let np: CipherSteps = "pixel-negpos".parse().unwrap();
+        let s = ImageCipher::new(&key, np, 4, 28, 28).unwrap();
+        let flip = stream_bits("pixel-negative-positive|B=4|28x28|pos=all", 784);
+        let c = encrypt(&s, &plain);
+        for i in 0..784 {
+            assert_eq!(c[i], if flip[i] { 255 - plain[i] } else { plain[i] });
+        }
+        assert_eq!(s.key_space_bits(), 784.0);
+    }
+
+    #[test]
+    fn spec_names_the_mode_and_checks_the_key() {
+        let key = kat_key();
+        let s = ImageCipher::new(&key, "le".parse().unwrap(), 4, 28, 28).unwrap();
+        let spec = s.spec();
+        assert_eq!(
+            spec.to_string(),
+            format!("le B=4 key={}", key.fingerprint())
+        );
+        let again = ImageCipher::from_spec(&key, &spec, 28, 28).unwrap();
+        assert_eq!(again.value_source(), s.value_source());
+        let err = ImageCipher::from_spec(&key_from_seed(9), &spec, 28, 28).unwrap_err();
+        assert!(err.to_string().contains(&key.fingerprint()), "{err}");
+        assert!(!err.to_string().contains(&key.expose_secret_hex()));
+        // A split dataset has two planes and decrypts back to one.
+        let data = Dataset::new(28, 28, 10, noise_image(2 * 784, 5), vec![1, 2]).unwrap();
+        let enc = s.encrypt_dataset(&data).unwrap();
+        assert_eq!((enc.channels(), enc.image_len()), (2, 1568));
+        assert_eq!(s.decrypt_dataset(&enc).unwrap(), data);
+        assert!(s.encrypt_dataset(&enc).is_err());
+        assert!(s.decrypt_dataset(&data).is_err());
     }
 
     #[test]
@@ -1338,7 +1555,7 @@ mod tests {
             assert!(!shown.contains("000102030405"), "{shown}");
             assert!(shown.contains(&fp), "{shown}");
         }
-        let s = BlockScrambler::new(&key, &CipherConfig::block_scrambling(4), 28, 28).unwrap();
+        let s = ImageCipher::new(&key, CipherSteps::block(), 4, 28, 28).unwrap();
         assert!(!format!("{s:?}").contains(&secret));
     }
 

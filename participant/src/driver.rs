@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use greyfed_protocol::{
     Hello, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION, ParticipantId,
+    cipher::CipherSpec,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
     participant::{ParticipantEvent, ParticipantSession},
 };
@@ -24,7 +25,7 @@ use rand::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    cipher::BlockScrambler,
+    cipher::ImageCipher,
     client,
     data::Dataset,
     dropout::{CrashMode, DropoutPlan, DropoutStage, kill_this_process},
@@ -89,18 +90,13 @@ pub struct LocalData {
     train: TensorData,
     test: TensorData,
     image_size: (u32, u32),
-    key_fingerprint: String,
-    block_size: Option<usize>,
+    cipher: Option<CipherSpec>,
 }
 
 impl LocalData {
     /// Encrypts `train` and `test` with `cipher` (or keeps them plain when
     /// `None`) and converts them to tensors.
-    pub fn prepare(
-        train: &Dataset,
-        test: &Dataset,
-        cipher: Option<&BlockScrambler>,
-    ) -> Result<Self> {
+    pub fn prepare(train: &Dataset, test: &Dataset, cipher: Option<&ImageCipher>) -> Result<Self> {
         if (train.rows(), train.cols()) != (test.rows(), test.cols()) {
             return Err(ParticipantError::Dataset(format!(
                 "train images are {}x{} but test images are {}x{}",
@@ -119,10 +115,7 @@ impl LocalData {
             image_size: (train.rows() as u32, train.cols() as u32),
             train: TensorData::from_dataset(&train, &device)?,
             test: TensorData::from_dataset(&test, &device)?,
-            key_fingerprint: cipher
-                .map(|c| c.key_fingerprint().to_string())
-                .unwrap_or_default(),
-            block_size: cipher.map(|c| c.config().block_size),
+            cipher: cipher.map(ImageCipher::spec),
         })
     }
 
@@ -237,7 +230,7 @@ async fn session_loop(
         train_samples: data.train.len() as u64,
         test_samples: data.test.len() as u64,
         image_size: data.image_size,
-        key_fingerprint: data.key_fingerprint.clone(),
+        cipher: data.cipher.clone(),
     });
     let mut spec: Option<ModelSpec> = None;
     let mut training: Option<Training> = None;
@@ -434,12 +427,28 @@ fn check_model_fits(model: &ModelSpec, data: &LocalData) -> Result<()> {
             data.image_size
         )));
     }
-    #[allow(unreachable_patterns)]
-    match (model, data.block_size) {
-        (ModelSpec::BlockNet { block_size, .. }, Some(b)) if *block_size as usize != b => {
+    let channels = data
+        .cipher
+        .as_ref()
+        .map_or(1, |c| c.steps.output_channels());
+    if model.image_channels() != channels {
+        return Err(ParticipantError::Model(format!(
+            "the coordinator's model expects images with {} plane(s), ours have {channels}",
+            model.image_channels()
+        )));
+    }
+    let model_block = match model {
+        ModelSpec::BlockNet { block_size, .. } => Some(*block_size),
+        ModelSpec::Vit { patch_size, .. } => Some(*patch_size),
+        _ => None,
+    };
+    match (model_block, &data.cipher) {
+        (Some(m), Some(c)) if m != c.block_size && !c.steps.is_pixel_based() => {
             Err(ParticipantError::Model(format!(
-                "the coordinator's blocknet uses block size {block_size} but our images are \
-                 encrypted with block size {b}; both must be equal"
+                "the coordinator's {} uses blocks of {m} pixels but our images are \
+                 encrypted with block size {}; both must be equal",
+                model.name(),
+                c.block_size
             )))
         }
         _ => Ok(()),

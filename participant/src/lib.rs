@@ -10,6 +10,7 @@
 //! Images and the image key never leave this crate; only model updates and
 //! evaluation sums do.
 
+pub mod attack;
 pub mod cipher;
 pub mod client;
 pub mod data;
@@ -17,6 +18,7 @@ pub mod driver;
 pub mod dropout;
 pub mod error;
 pub mod model;
+pub mod quality;
 pub mod train;
 
 pub use driver::{LocalData, ParticipantConfig, ParticipantReport, run};

@@ -54,14 +54,16 @@ pub struct TensorData {
     labels: Tensor,
     rows: usize,
     cols: usize,
+    channels: usize,
     max_label: Option<u8>,
 }
 
 impl TensorData {
-    /// Converts `dataset`: images to `f32 [N, 1, R, W]` divided by 255,
-    /// labels to `u32 [N]`.
+    /// Converts `dataset`: images to `f32 [N, I, R, W]` divided by 255 (`I`
+    /// image planes), labels to `u32 [N]`.
     pub fn from_dataset(dataset: &Dataset, device: &Device) -> Result<Self> {
         let (n, rows, cols) = (dataset.len(), dataset.rows(), dataset.cols());
+        let channels = dataset.channels();
         let pixels: Vec<f32> = dataset
             .pixels()
             .iter()
@@ -69,10 +71,11 @@ impl TensorData {
             .collect();
         let labels: Vec<u32> = dataset.labels().iter().map(|&l| u32::from(l)).collect();
         Ok(Self {
-            images: Tensor::from_vec(pixels, (n, 1, rows, cols), device)?,
+            images: Tensor::from_vec(pixels, (n, channels, rows, cols), device)?,
             labels: Tensor::from_vec(labels, n, device)?,
             rows,
             cols,
+            channels,
             max_label: dataset.labels().iter().copied().max(),
         })
     }
@@ -92,7 +95,12 @@ impl TensorData {
         (self.rows, self.cols)
     }
 
-    /// All images, `f32 [N, 1, R, W]` in `[0, 1]`.
+    /// Image planes `I`.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// All images, `f32 [N, I, R, W]` in `[0, 1]`.
     pub fn images(&self) -> &Tensor {
         &self.images
     }
@@ -539,6 +547,7 @@ mod tests {
         ModelSpec::BlockNet {
             image_rows: 12,
             image_cols: 12,
+            image_channels: 1,
             block_size: 4,
             channels: 4,
             hidden: 16,
@@ -794,6 +803,7 @@ mod tests {
         let few_classes = ModelSpec::BlockNet {
             image_rows: 12,
             image_cols: 12,
+            image_channels: 1,
             block_size: 4,
             channels: 4,
             hidden: 16,

@@ -200,7 +200,11 @@ mod tests {
             train_samples: 700,
             test_samples: 150,
             image_size: (28, 28),
-            key_fingerprint: "00112233aabbccdd".into(),
+            cipher: Some(crate::cipher::CipherSpec {
+                steps: "le".parse().unwrap(),
+                block_size: 4,
+                key_id: "00112233aabbccdd".into(),
+            }),
         })
     }
 

@@ -5,6 +5,7 @@
 //! coordinator and participant crates drive these state machines over QUIC,
 //! and the tests drive them in memory with a virtual clock.
 //!
+//! - [`cipher`]: the public image-cipher configuration ([`CipherSpec`](cipher::CipherSpec)).
 //! - [`message`]: every message and the configuration types they carry.
 //! - [`frame`]: length-prefixed, versioned bincode framing with a size limit.
 //! - [`weights`]: [`ModelWeights`], with a safetensors round trip.
@@ -15,6 +16,7 @@
 //! - [`transport`]: ALPN and timing constants both QUIC endpoints share.
 
 pub mod aggregate;
+pub mod cipher;
 pub mod error;
 pub mod frame;
 pub mod message;
@@ -32,4 +34,4 @@ pub use message::*;
 pub use weights::{ModelWeights, NamedTensor};
 
 /// Version of the wire protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;

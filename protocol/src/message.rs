@@ -24,6 +24,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    cipher::CipherSpec,
     secagg::message::{SecAggDownload, SecAggUpload},
     weights::ModelWeights,
 };
@@ -45,6 +46,9 @@ pub enum ModelSpec {
         image_rows: u32,
         /// Image width in pixels.
         image_cols: u32,
+        /// Image planes: 1 for grey-scale pixels, 2 for split 4-bit halves.
+        #[serde(default = "one")]
+        image_channels: u32,
         /// Block edge in pixels; must divide both image dimensions.
         block_size: u32,
         /// Output channels of the block convolution.
@@ -54,15 +58,60 @@ pub enum ModelSpec {
         /// Number of classes.
         num_classes: u32,
     },
+    /// A small vision transformer: non-overlapping `patch_size` patches
+    /// (patch size = cipher block size), a linear patch embedding, learned
+    /// position embeddings, pre-norm encoder blocks and a mean-pooled head.
+    /// Block shuffling only permutes the position embeddings.
+    Vit {
+        /// Image height in pixels.
+        image_rows: u32,
+        /// Image width in pixels.
+        image_cols: u32,
+        /// Image planes: 1 for grey-scale pixels, 2 for split 4-bit halves.
+        image_channels: u32,
+        /// Patch edge in pixels; must divide both image dimensions.
+        patch_size: u32,
+        /// Embedding width.
+        dim: u32,
+        /// Encoder blocks.
+        depth: u32,
+        /// Attention heads; divides `dim`.
+        heads: u32,
+        /// Hidden width of each block's MLP.
+        mlp_dim: u32,
+        /// Number of classes.
+        num_classes: u32,
+    },
+    /// A conventional CNN (the control): two 3x3 convolutions with ReLU and
+    /// 2x2 max-pooling, then an MLP with one hidden layer.
+    Cnn {
+        /// Image height in pixels.
+        image_rows: u32,
+        /// Image width in pixels.
+        image_cols: u32,
+        /// Image planes: 1 for grey-scale pixels, 2 for split 4-bit halves.
+        image_channels: u32,
+        /// Output channels of the first and second convolution.
+        channels: (u32, u32),
+        /// Width of the hidden layer.
+        hidden: u32,
+        /// Number of classes.
+        num_classes: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl ModelSpec {
-    /// The default `blocknet` for 28x28 images, 10 classes and block size
-    /// `block_size`.
+    /// The default `blocknet` for 28x28 grey-scale images, 10 classes and
+    /// block size `block_size`.
     pub fn blocknet_28x28(block_size: u32) -> Self {
         ModelSpec::BlockNet {
             image_rows: 28,
             image_cols: 28,
+            image_channels: 1,
             block_size,
             channels: 32,
             hidden: 256,
@@ -70,17 +119,21 @@ impl ModelSpec {
         }
     }
 
-    /// Short name for logs and metadata, e.g. `"blocknet"`.
+    /// Short name for logs and metadata: `"blocknet"`, `"vit"` or `"cnn"`.
     pub fn name(&self) -> &'static str {
         match self {
             ModelSpec::BlockNet { .. } => "blocknet",
+            ModelSpec::Vit { .. } => "vit",
+            ModelSpec::Cnn { .. } => "cnn",
         }
     }
 
     /// Number of output classes.
     pub fn num_classes(&self) -> u32 {
         match self {
-            ModelSpec::BlockNet { num_classes, .. } => *num_classes,
+            ModelSpec::BlockNet { num_classes, .. }
+            | ModelSpec::Vit { num_classes, .. }
+            | ModelSpec::Cnn { num_classes, .. } => *num_classes,
         }
     }
 
@@ -91,8 +144,37 @@ impl ModelSpec {
                 image_rows,
                 image_cols,
                 ..
+            }
+            | ModelSpec::Vit {
+                image_rows,
+                image_cols,
+                ..
+            }
+            | ModelSpec::Cnn {
+                image_rows,
+                image_cols,
+                ..
             } => (*image_rows, *image_cols),
         }
+    }
+
+    /// Input image planes (1 grey-scale, 2 split halves).
+    pub fn image_channels(&self) -> u32 {
+        match self {
+            ModelSpec::BlockNet { image_channels, .. }
+            | ModelSpec::Vit { image_channels, .. }
+            | ModelSpec::Cnn { image_channels, .. } => *image_channels,
+        }
+    }
+
+    /// The same architecture for images with `channels` planes.
+    pub fn with_image_channels(mut self, channels: u32) -> Self {
+        match &mut self {
+            ModelSpec::BlockNet { image_channels, .. }
+            | ModelSpec::Vit { image_channels, .. }
+            | ModelSpec::Cnn { image_channels, .. } => *image_channels = channels,
+        }
+        self
     }
 }
 
@@ -154,10 +236,31 @@ pub struct Hello {
     pub test_samples: u64,
     /// Model input the participant's data has, `(rows, cols)`.
     pub image_size: (u32, u32),
-    /// Fingerprint of the image key (never the key), so that a participant
-    /// with a different key is refused instead of poisoning the model.
-    /// Empty when the participant trains on plain images.
-    pub key_fingerprint: String,
+    /// The participant's image cipher (mode, block size, key fingerprint;
+    /// never the key), so that a participant with a different key or mode is
+    /// refused instead of poisoning the model. `None`: plain images.
+    pub cipher: Option<CipherSpec>,
+}
+
+impl Hello {
+    /// Fingerprint of the image key, empty for plain images.
+    pub fn key_fingerprint(&self) -> &str {
+        self.cipher.as_ref().map_or("", |c| c.key_id.as_str())
+    }
+
+    /// Image planes the participant's data has (2 for split cipher modes).
+    pub fn image_channels(&self) -> u32 {
+        self.cipher
+            .as_ref()
+            .map_or(1, |c| c.steps.output_channels())
+    }
+
+    /// The cipher as text for messages: `plain` or e.g. `le B=4 key=..`.
+    pub fn cipher_name(&self) -> String {
+        self.cipher
+            .as_ref()
+            .map_or_else(|| "plain".to_string(), ToString::to_string)
+    }
 }
 
 /// How participants' updates are aggregated.

@@ -35,6 +35,7 @@ use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use crate::{
     PROTOCOL_VERSION,
     aggregate::{AggregateResult, Aggregator},
+    cipher::CipherSpec,
     error::ProtocolError,
     message::{EvalSummary, Hello, Message, ModelSpec, ParticipantId, SessionInfo, TrainingConfig},
     weights::ModelWeights,
@@ -230,6 +231,8 @@ pub struct CoordinatorSession {
     round: RoundState,
     rounds_completed: u32,
     key_fingerprint: Option<String>,
+    /// The cipher of the first admitted participant; all others must match.
+    cipher: Option<Option<CipherSpec>>,
     outbox: VecDeque<(ParticipantId, Message)>,
     events: VecDeque<SessionEvent>,
 }
@@ -290,6 +293,7 @@ impl CoordinatorSession {
             round: RoundState::default(),
             rounds_completed,
             key_fingerprint,
+            cipher: None,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -469,14 +473,31 @@ impl CoordinatorSession {
                 self.config.model.image_size().0,
                 self.config.model.image_size().1
             ))
+        } else if hello.image_channels() != self.config.model.image_channels() {
+            Some(format!(
+                "images encrypted with {} have {} plane(s) but the model expects {}",
+                hello.cipher_name(),
+                hello.image_channels(),
+                self.config.model.image_channels()
+            ))
         } else if hello.train_samples == 0 {
             Some("no training samples".to_string())
         } else {
             match &self.key_fingerprint {
-                Some(fp) if *fp != hello.key_fingerprint => Some(format!(
+                Some(fp) if fp != hello.key_fingerprint() => Some(format!(
                     "image key fingerprint {:?} differs from the session's {:?}; \
                      all participants must encrypt with the same key (or all use --plain)",
-                    hello.key_fingerprint, fp
+                    hello.key_fingerprint(),
+                    fp
+                )),
+                _ if self.cipher.as_ref().is_some_and(|c| *c != hello.cipher) => Some(format!(
+                    "image cipher {} differs from the session's {}; all participants must \
+                     encrypt the same way",
+                    hello.cipher_name(),
+                    self.cipher
+                        .as_ref()
+                        .and_then(|c| c.as_ref())
+                        .map_or_else(|| "plain".to_string(), ToString::to_string)
                 )),
                 _ => None,
             }
@@ -493,7 +514,8 @@ impl CoordinatorSession {
             return Ok(());
         }
         self.key_fingerprint
-            .get_or_insert_with(|| hello.key_fingerprint.clone());
+            .get_or_insert_with(|| hello.key_fingerprint().to_string());
+        self.cipher.get_or_insert_with(|| hello.cipher.clone());
         self.peers.insert(
             from,
             Peer {

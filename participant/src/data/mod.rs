@@ -8,20 +8,24 @@ pub mod idx;
 pub mod partition;
 pub mod synthetic;
 
-/// Labelled 8-bit grey-scale images of one size, stored contiguously
-/// (image `i` is `pixels[i * rows * cols..(i + 1) * rows * cols]`, row-major).
+/// Labelled 8-bit images of one size, stored contiguously: image `i` is
+/// `pixels[i * n..(i + 1) * n]` with `n = channels * rows * cols`, plane
+/// after plane, each row-major. Plain grey-scale images have one plane;
+/// split-mode cipher images have two (see `cipher::split_pixels`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dataset {
     rows: usize,
     cols: usize,
+    channels: usize,
     num_classes: usize,
     pixels: Vec<u8>,
     labels: Vec<u8>,
 }
 
 impl Dataset {
-    /// Builds a dataset, checking that `pixels` holds exactly one image per
-    /// label and that every label is below `num_classes`.
+    /// Builds a grey-scale dataset (one plane), checking that `pixels` holds
+    /// exactly one image per label and that every label is below
+    /// `num_classes`.
     pub fn new(
         rows: usize,
         cols: usize,
@@ -29,6 +33,21 @@ impl Dataset {
         pixels: Vec<u8>,
         labels: Vec<u8>,
     ) -> Result<Self> {
+        Dataset::with_layout(rows, cols, 1, num_classes, pixels, labels)
+    }
+
+    /// Builds a dataset of `channels`-plane images (checked like [`Dataset::new`]).
+    pub fn with_layout(
+        rows: usize,
+        cols: usize,
+        channels: usize,
+        num_classes: usize,
+        pixels: Vec<u8>,
+        labels: Vec<u8>,
+    ) -> Result<Self> {
+        if channels == 0 {
+            return Err(ParticipantError::Dataset("images have no planes".into()));
+        }
         if rows == 0 || cols == 0 {
             return Err(ParticipantError::Dataset(format!(
                 "image size {rows}x{cols} is empty"
@@ -39,11 +58,12 @@ impl Dataset {
                 "number of classes {num_classes} must be in 1..=256"
             )));
         }
-        if pixels.len() != labels.len() * rows * cols {
+        let image_len = channels * rows * cols;
+        if labels.len().checked_mul(image_len) != Some(pixels.len()) {
             return Err(ParticipantError::Dataset(format!(
-                "{} labels need {} pixels of {rows}x{cols} images, got {}",
+                "{} labels need {} values of {channels} x {rows}x{cols} images, got {}",
                 labels.len(),
-                labels.len() * rows * cols,
+                labels.len().saturating_mul(image_len),
                 pixels.len()
             )));
         }
@@ -59,6 +79,7 @@ impl Dataset {
         Ok(Self {
             rows,
             cols,
+            channels,
             num_classes,
             pixels,
             labels,
@@ -75,9 +96,14 @@ impl Dataset {
         self.cols
     }
 
-    /// Pixels per image (`rows * cols`).
+    /// Image planes (1 for grey-scale pixels, 2 for split cipher images).
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Values per image (`channels * rows * cols`).
     pub fn image_len(&self) -> usize {
-        self.rows * self.cols
+        self.channels * self.rows * self.cols
     }
 
     /// Number of classes labels are drawn from.
@@ -128,6 +154,7 @@ impl Dataset {
         Dataset {
             rows: self.rows,
             cols: self.cols,
+            channels: self.channels,
             num_classes: self.num_classes,
             pixels,
             labels,
@@ -137,9 +164,16 @@ impl Dataset {
     /// A dataset with the same labels and image size and new pixels (for
     /// example, the encrypted images).
     pub fn with_pixels(&self, pixels: Vec<u8>) -> Result<Dataset> {
-        Dataset::new(
+        self.with_planes(self.channels, pixels)
+    }
+
+    /// A dataset with the same labels and image size and new images of
+    /// `channels` planes (for example, split cipher images).
+    pub fn with_planes(&self, channels: usize, pixels: Vec<u8>) -> Result<Dataset> {
+        Dataset::with_layout(
             self.rows,
             self.cols,
+            channels,
             self.num_classes,
             pixels,
             self.labels.clone(),

@@ -462,6 +462,7 @@ pub fn synthetic_digits(count: usize, seed: u64) -> Dataset {
     Dataset {
         rows: SIDE,
         cols: SIDE,
+        channels: 1,
         num_classes: NUM_CLASSES,
         pixels,
         labels,

@@ -349,7 +349,7 @@ fn hellos_with_other_key_version_or_image_size_are_refused() {
     s.handle_message(now, 0, Message::Hello(hello(0, 10)))
         .unwrap();
     let mut other_key = hello(1, 10);
-    other_key.key_fingerprint = "different".into();
+    other_key.cipher.as_mut().unwrap().key_id = "different".into();
     s.handle_message(now, 1, Message::Hello(other_key)).unwrap();
     let mut old = hello(2, 10);
     old.protocol_version = PROTOCOL_VERSION + 1;
@@ -357,14 +357,31 @@ fn hellos_with_other_key_version_or_image_size_are_refused() {
     let mut small = hello(3, 10);
     small.image_size = (32, 32);
     s.handle_message(now, 3, Message::Hello(small)).unwrap();
+    // Same key, another mode with the same number of image planes.
+    let mut other_mode = hello(4, 10);
+    other_mode.cipher.as_mut().unwrap().steps = "extended".parse().unwrap();
+    s.handle_message(now, 4, Message::Hello(other_mode))
+        .unwrap();
+    // A split mode gives two planes; the model takes one.
+    let mut split = hello(5, 10);
+    split.cipher.as_mut().unwrap().steps = "le".parse().unwrap();
+    s.handle_message(now, 5, Message::Hello(split)).unwrap();
     let sent: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
     assert!(matches!(sent[0], (0, Message::Welcome { .. })));
+    let expected = [
+        "image key fingerprint",
+        "protocol",
+        "32x32",
+        "image cipher extended B=4 key=fp differs from the session's block B=4 key=fp",
+        "have 2 plane(s) but the model expects 1",
+    ];
+    assert_eq!(sent.len(), 1 + expected.len());
     for (i, (id, m)) in sent[1..].iter().enumerate() {
         assert_eq!(*id, i as u32 + 1);
         let Message::Reject { reason } = m else {
             panic!("expected Reject, got {m:?}")
         };
-        assert!(!reason.is_empty());
+        assert!(reason.contains(expected[i]), "{reason}");
     }
     assert_eq!(s.num_participants(), 1);
     assert_eq!(

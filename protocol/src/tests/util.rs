@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::{
     PROTOCOL_VERSION,
     aggregate::PlainAggregator,
+    cipher::{CipherSpec, CipherSteps},
     message::{EvalMetrics, Hello, Message, ModelSpec, ParticipantId, TrainingConfig},
     participant::{ParticipantEvent, ParticipantSession},
     session::{CoordinatorSession, Selection, SessionConfig, SessionEvent},
@@ -85,7 +86,11 @@ pub fn hello(id: ParticipantId, samples: u64) -> Hello {
         train_samples: samples,
         test_samples: 10,
         image_size: (28, 28),
-        key_fingerprint: "fp".into(),
+        cipher: Some(CipherSpec {
+            steps: CipherSteps::block(),
+            block_size: 4,
+            key_id: "fp".into(),
+        }),
     }
 }
 
