@@ -29,6 +29,168 @@ pub enum Command {
     /// Run a whole federation on this machine: one coordinator and N
     /// participant processes on loopback.
     Simulate(SimulateArgs),
+    /// Show what encryption does to images: `--preview out.png` draws plain
+    /// images beside their encryption in each mode and the attacks' results.
+    Encrypt(EncryptArgs),
+    /// Experiments that measure greyfed (accuracy and security tables).
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
+}
+
+/// `greyfed experiment ...`.
+#[derive(Debug, Subcommand)]
+pub enum ExperimentCommand {
+    /// Accuracy on encrypted vs plain images per model, cipher mode and
+    /// setting, and the attacks on every mode: writes OUT/table.md,
+    /// OUT/table.csv, OUT/attacks.md, OUT/attacks.csv and OUT/cells.jsonl.
+    Encryption(ExperimentArgs),
+    /// Runs one cell of an experiment grid (used by --jobs).
+    #[command(hide = true)]
+    Cell {
+        /// The cell, as JSON.
+        #[arg(long)]
+        cell: String,
+        /// The experiment's settings.
+        #[command(flatten)]
+        args: ExperimentArgs,
+    },
+}
+
+/// `greyfed encrypt`.
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// PNG file to write the preview grid to (its legend goes to FILE.md).
+    #[arg(long)]
+    pub preview: PathBuf,
+    /// Cipher modes, comma-separated: presets (block, extended, le,
+    /// le-extended, pixel) or steps joined by `+` (split, block-shuffle,
+    /// rotate-flip, pixel-shuffle, negpos, component-shuffle, pixel-negpos,
+    /// per-block).
+    #[arg(long, value_delimiter = ',', value_parser = parse_cipher,
+          default_value = "block-shuffle,negpos,block,extended,le,le-extended,pixel-negpos,pixel")]
+    pub modes: Vec<CipherSteps>,
+    /// Image key file (default: a fresh random key, used only for the picture).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Block size of the ciphers.
+    #[arg(long, default_value_t = 4)]
+    pub block_size: usize,
+    /// Test images shown per mode.
+    #[arg(long, default_value_t = 6)]
+    pub count: usize,
+    /// Known plain/cipher pairs (training images) given to the attack.
+    #[arg(long, default_value_t = 20)]
+    pub known_pairs: usize,
+    /// Magnification of every pixel.
+    #[arg(long, default_value_t = 2)]
+    pub scale: usize,
+    /// Data settings (--data DIR: IDX files; default: built-in digits).
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// Where a model is trained in an experiment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Setting {
+    /// One process trains on the whole training split.
+    Central,
+    /// In-process federation (QUIC on loopback, SecAgg+) of --participants.
+    Federated,
+}
+
+impl Setting {
+    /// `central` or `federated`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::Central => "central",
+            Setting::Federated => "federated",
+        }
+    }
+}
+
+/// `greyfed experiment encryption`.
+#[derive(Clone, Debug, Args)]
+pub struct ExperimentArgs {
+    /// Output directory.
+    #[arg(long, default_value = "experiment-encryption")]
+    pub out: PathBuf,
+    /// Models, comma-separated: blocknet, vit, cnn.
+    #[arg(long, value_delimiter = ',', default_value = "blocknet,vit,cnn")]
+    pub models: Vec<String>,
+    /// Cipher modes, comma-separated (presets or `+`-joined steps).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "block-shuffle,rotate-flip,negpos,pixel-shuffle,block,extended,le,le-extended,pixel-negpos,pixel"
+    )]
+    pub modes: Vec<String>,
+    /// Settings, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "central,federated"
+    )]
+    pub settings: Vec<Setting>,
+    /// Seeds per cell (0..N): model initialisation, data order and key.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    /// Training epochs (central); local epochs are 1 per round when federated.
+    #[arg(long, default_value_t = 5)]
+    pub epochs: u32,
+    /// Rounds (federated).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    /// Participants (federated).
+    #[arg(long, default_value_t = 10)]
+    pub participants: usize,
+    /// Minibatch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: u32,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 0.001)]
+    pub lr: f32,
+    /// Block size of the ciphers and patch size of blocknet and the ViT.
+    #[arg(long, default_value_t = 4)]
+    pub block_size: u32,
+    /// Cells run at once, each in its own process with one compute thread.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Known plain/cipher pairs given to the known-plaintext attack.
+    #[arg(long, default_value_t = 20)]
+    pub known_pairs: usize,
+    /// Held-out test images the attacks are scored on.
+    #[arg(long, default_value_t = 200)]
+    pub attack_samples: usize,
+    /// Keep only the first N training images (central setting; quick runs).
+    #[arg(long)]
+    pub max_train: Option<usize>,
+    /// Data settings (--data DIR: IDX files; default: built-in digits).
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+impl ExperimentArgs {
+    /// The arguments a `greyfed experiment cell` child needs to run a cell
+    /// exactly as this process would.
+    pub fn to_cell_args(&self) -> Vec<String> {
+        let mut a = vec![
+            format!("--epochs={}", self.epochs),
+            format!("--rounds={}", self.rounds),
+            format!("--participants={}", self.participants),
+            format!("--batch-size={}", self.batch_size),
+            format!("--lr={}", self.lr),
+            format!("--block-size={}", self.block_size),
+            format!("--data-seed={}", self.data.data_seed),
+        ];
+        if let Some(dir) = &self.data.data {
+            a.push(format!("--data={}", dir.display()));
+        }
+        if let Some(n) = self.max_train {
+            a.push(format!("--max-train={n}"));
+        }
+        a
+    }
 }
 
 /// `greyfed keygen`.

@@ -1,8 +1,9 @@
 //! The `greyfed` command-line tool as a library: argument definitions
 //! ([`cli`]), key generation ([`keygen`]), the coordinator and participant
 //! commands ([`commands`]), the coordinator's optional central evaluation
-//! ([`central`]), the local multi-process simulation ([`simulate`]) and the
-//! in-process federation harness ([`sim`]).
+//! ([`central`]), the local multi-process simulation ([`simulate`]), the
+//! in-process federation harness ([`sim`]) and the measurements of
+//! [`experiment`].
 //!
 //! The protocol, coordinator and participant logic live in the
 //! `greyfed-protocol`, `greyfed-coordinator` and `greyfed-participant`
@@ -11,6 +12,8 @@
 pub mod central;
 pub mod cli;
 pub mod commands;
+pub mod experiment;
 pub mod keygen;
+pub mod preview;
 pub mod sim;
 pub mod simulate;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use greyfed::cli::{Cli, Command};
-use greyfed::{commands, keygen, simulate};
+use greyfed::cli::{Cli, Command, ExperimentCommand};
+use greyfed::{commands, experiment, keygen, preview, simulate};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -62,6 +62,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Participant(args) => {
             commands::participant(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Encrypt(args) => {
+            let splits = commands::load_splits(&args.data)?;
+            let key = match &args.key_file {
+                Some(path) => greyfed_participant::cipher::ImageKey::read_file(path)?,
+                None => greyfed_participant::cipher::ImageKey::generate(),
+            };
+            let legend = preview::write_preview(
+                &args.preview,
+                &splits.test,
+                &splits.train,
+                &args.modes,
+                &key,
+                args.block_size,
+                args.count,
+                args.known_pairs,
+                args.scale.max(1),
+            )?;
+            println!("{legend}");
+            println!("preview written to {}", args.preview.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Experiment(ExperimentCommand::Encryption(args)) => {
+            let report = experiment::encryption(&args).await?;
+            println!("{}", experiment::attacks_markdown(&report.attacks));
+            println!("{}", experiment::table_markdown(&report.rows));
+            println!("tables in {}", args.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Experiment(ExperimentCommand::Cell { cell, args }) => {
+            println!("{}", experiment::cell(&args, &cell).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {

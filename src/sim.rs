@@ -50,6 +50,7 @@ impl Federation {
             block_size: 4,
             cipher: CipherSteps::block(),
             model: None,
+            image_key: None,
             data: None,
             partition: Partition::Iid,
             plain: false,
@@ -73,6 +74,7 @@ pub struct FederationBuilder {
     block_size: u32,
     cipher: CipherSteps,
     model: Option<ModelSpec>,
+    image_key: Option<ImageKey>,
     data: Option<PathBuf>,
     partition: Partition,
     plain: bool,
@@ -116,6 +118,11 @@ impl FederationBuilder {
     /// cipher's image planes).
     pub fn model(mut self, spec: ModelSpec) -> Self {
         self.model = Some(spec);
+        self
+    }
+    /// The shared image key (default: a fresh random key).
+    pub fn image_key(mut self, key: ImageKey) -> Self {
+        self.image_key = Some(key);
         self
     }
     /// IDX directory to use instead of the built-in digits.
@@ -212,7 +219,7 @@ impl FederationBuilder {
         config.secagg.stage_timeout = self.round_timeout / 5;
         config.join_timeout = Some(self.join_timeout);
         config.seed = self.seed;
-        let key = ImageKey::generate();
+        let key = self.image_key.clone().unwrap_or_else(ImageKey::generate);
         config.key_fingerprint = Some(if self.plain {
             String::new()
         } else {

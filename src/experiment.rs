@@ -1,0 +1,633 @@
+//! `greyfed experiment encryption`: accuracy on encrypted images against
+//! plain images, per model, cipher mode and setting (central or federated),
+//! plus the security figures of every mode (key space, SSIM of the cipher
+//! images, known-plaintext and fold attacks). Writes `table.md`,
+//! `table.csv`, `attacks.md` and `attacks.csv`.
+//!
+//! Every cell (model, mode, setting, seed) is an independent training run;
+//! with `--jobs N` the cells run in N child processes (`greyfed experiment
+//! cell`, one compute thread each), so a many-core machine finishes the grid
+//! N times faster. A cell's plain baseline uses the same seed, model
+//! initialisation, data order and training budget as its encrypted run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use greyfed_participant::{
+    attack::{KnownPlaintextAttack, fold_image, merge_split, split_values},
+    cipher::{ImageCipher, ImageKey},
+    data::{Dataset, DatasetSplits},
+    model::init_weights,
+    quality::{mean_ssim, psnr},
+    train::{TensorData, evaluate, train_local},
+};
+use greyfed_protocol::{ModelSpec, OptimizerSpec, TrainingConfig, cipher::CipherSteps};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::ExperimentArgs;
+use crate::commands::load_splits;
+use crate::sim::Federation;
+
+/// The modes compared by default: each block-wise step alone, then the presets.
+pub const DEFAULT_MODES: [&str; 10] = [
+    "block-shuffle",
+    "rotate-flip",
+    "negpos",
+    "pixel-shuffle",
+    "block",
+    "extended",
+    "le",
+    "le-extended",
+    "pixel-negpos",
+    "pixel",
+];
+
+/// One training run of the grid.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Cell {
+    /// `blocknet`, `vit` or `cnn`.
+    pub model: String,
+    /// Cipher mode, or `plain`.
+    pub mode: String,
+    /// `central` or `federated`.
+    pub setting: String,
+    /// Seed of initialisation, data order and key.
+    pub seed: u64,
+}
+
+/// What a cell measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CellResult {
+    /// The cell.
+    pub cell: Cell,
+    /// Test accuracy on images encrypted like the training images.
+    pub accuracy: f64,
+    /// Wall-clock seconds of training.
+    pub train_secs: f64,
+}
+
+/// The model `name` for images of `planes` planes and block size `block`.
+pub fn model_spec(name: &str, block: u32, planes: u32) -> Result<ModelSpec> {
+    Ok(match name {
+        "blocknet" => ModelSpec::blocknet_28x28(block).with_image_channels(planes),
+        "vit" => ModelSpec::Vit {
+            image_rows: 28,
+            image_cols: 28,
+            image_channels: planes,
+            patch_size: block,
+            dim: 64,
+            depth: 2,
+            heads: 4,
+            mlp_dim: 128,
+            num_classes: 10,
+        },
+        "cnn" => ModelSpec::Cnn {
+            image_rows: 28,
+            image_cols: 28,
+            image_channels: planes,
+            channels: (16, 32),
+            hidden: 128,
+            num_classes: 10,
+        },
+        other => bail!("unknown model {other:?}; choose blocknet, vit or cnn"),
+    })
+}
+
+/// The experiment's key: derived from the seed so that every process of a
+/// run (and every re-run) encrypts the same way. Never use such a key for
+/// real data.
+fn experiment_key(seed: u64) -> ImageKey {
+    let mut bytes = [0x6b; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    ImageKey::from_bytes(bytes)
+}
+
+fn parse_mode(mode: &str) -> Result<Option<CipherSteps>> {
+    if mode == "plain" {
+        return Ok(None);
+    }
+    Ok(Some(mode.parse().map_err(anyhow::Error::msg)?))
+}
+
+/// Encrypts `data` with `mode` (plain: unchanged).
+fn encrypt(
+    data: &Dataset,
+    mode: Option<CipherSteps>,
+    key: &ImageKey,
+    block: usize,
+) -> Result<Dataset> {
+    Ok(match mode {
+        None => data.clone(),
+        Some(steps) => {
+            ImageCipher::new(key, steps, block, data.rows(), data.cols())?.encrypt_dataset(data)?
+        }
+    })
+}
+
+/// Runs one cell in this process.
+pub async fn run_cell(
+    args: &ExperimentArgs,
+    splits: &DatasetSplits,
+    cell: &Cell,
+) -> Result<CellResult> {
+    let mode = parse_mode(&cell.mode)?;
+    let planes = mode.map_or(1, |m| m.output_channels());
+    let spec = model_spec(&cell.model, args.block_size, planes)?;
+    let key = experiment_key(cell.seed);
+    let block = args.block_size as usize;
+    let training = TrainingConfig {
+        local_epochs: args.epochs,
+        batch_size: args.batch_size,
+        optimizer: OptimizerSpec::Adam { lr: args.lr },
+        ..TrainingConfig::default()
+    };
+    let test = TensorData::from_dataset(
+        &encrypt(&splits.test, mode, &key, block)?,
+        &candle_core::Device::Cpu,
+    )?;
+    let start = Instant::now();
+    let weights = match cell.setting.as_str() {
+        "central" => {
+            let train = TensorData::from_dataset(
+                &encrypt(&splits.train, mode, &key, block)?,
+                &candle_core::Device::Cpu,
+            )?;
+            let init = init_weights(&spec, cell.seed)?;
+            train_local(&spec, &init, &train, &training, cell.seed)?.weights
+        }
+        "federated" => {
+            let Some(dir) = &args.data.data else {
+                bail!("the federated setting needs --data DIR (IDX files)");
+            };
+            let mut fed = Federation::builder()
+                .participants(args.participants)
+                .rounds(args.rounds)
+                .training(TrainingConfig {
+                    local_epochs: 1,
+                    ..training
+                })
+                .model(spec.clone())
+                .block_size(args.block_size)
+                .data_dir(dir)
+                .seed(cell.seed)
+                .image_key(key.clone());
+            fed = match mode {
+                Some(steps) => fed.cipher(steps),
+                None => fed.plain(true),
+            };
+            let report = fed.run().await?;
+            if report.rounds.len() as u32 != args.rounds {
+                bail!(
+                    "only {} of {} rounds completed",
+                    report.rounds.len(),
+                    args.rounds
+                );
+            }
+            report.final_model
+        }
+        other => bail!("unknown setting {other:?}"),
+    };
+    let train_secs = start.elapsed().as_secs_f64();
+    let metrics = evaluate(&spec, &weights, &test, 256)?;
+    Ok(CellResult {
+        cell: cell.clone(),
+        accuracy: metrics.correct as f64 / metrics.count.max(1) as f64,
+        train_secs,
+    })
+}
+
+/// The grid of cells the arguments ask for (plain baselines included).
+pub fn cells(args: &ExperimentArgs) -> Result<Vec<Cell>> {
+    let mut cells = Vec::new();
+    for model in &args.models {
+        model_spec(model, args.block_size, 1)?;
+        for setting in &args.settings {
+            for seed in 0..args.seeds {
+                for mode in std::iter::once("plain").chain(args.modes.iter().map(String::as_str)) {
+                    parse_mode(mode)?;
+                    cells.push(Cell {
+                        model: model.clone(),
+                        mode: mode.to_string(),
+                        setting: setting.name().to_string(),
+                        seed,
+                    });
+                }
+            }
+        }
+    }
+    Ok(cells)
+}
+
+/// Security figures of one mode.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeSecurity {
+    /// The mode.
+    pub mode: String,
+    /// log2 of the transform family (see `ImageCipher::key_space_bits`).
+    pub key_bits: f64,
+    /// Mean SSIM between plain test images and their encryption (split
+    /// modes: the cipher bytes read as 8-bit pixels `hi << 4 | lo`).
+    pub ssim: f64,
+    /// Known plain/cipher pairs the known-plaintext attack used.
+    pub known_pairs: usize,
+    /// Fraction of the cipher's value map the attack pinned down uniquely.
+    pub kpa_unique: f64,
+    /// Mean SSIM of held-out images decrypted with the recovered map.
+    pub kpa_ssim: f64,
+    /// Mean PSNR (dB, capped at 99) of those images.
+    pub kpa_psnr: f64,
+    /// Mean SSIM between the plain images and the fold attack's picture
+    /// (ciphertext only).
+    pub fold_ssim: f64,
+}
+
+/// Reads a cipher image as an 8-bit picture (split planes merged).
+fn cipher_view(cipher: &[u8], planes: usize, rows: usize, cols: usize) -> Result<Vec<u8>> {
+    Ok(if planes == 2 {
+        merge_split(cipher, rows, cols)?
+    } else {
+        cipher.to_vec()
+    })
+}
+
+/// Measures the security figures of `mode` on `splits` with `known_pairs`
+/// pairs from the training split and `samples` held-out test images.
+pub fn mode_security(
+    splits: &DatasetSplits,
+    mode: &str,
+    block: usize,
+    known_pairs: usize,
+    samples: usize,
+) -> Result<ModeSecurity> {
+    let steps = parse_mode(mode)?.context("plain has no security figures")?;
+    let key = experiment_key(0);
+    let (rows, cols) = (splits.test.rows(), splits.test.cols());
+    let cipher = ImageCipher::new(&key, steps, block, rows, cols)?;
+    let planes = cipher.channels();
+    let values = |plain: &[u8]| {
+        if planes == 2 {
+            split_values(plain)
+        } else {
+            plain.to_vec()
+        }
+    };
+    let encrypt_one = |plain: &[u8]| -> Result<Vec<u8>> {
+        let mut out = vec![0; cipher.cipher_len()];
+        cipher.encrypt_image(plain, &mut out)?;
+        Ok(out)
+    };
+    let known = known_pairs.min(splits.train.len());
+    let pairs = (0..known)
+        .map(|i| {
+            let p = splits.train.image(i);
+            Ok((values(p), encrypt_one(p)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let attack = KnownPlaintextAttack::new(&pairs)?;
+    let n = samples.min(splits.test.len());
+    let (mut plain_imgs, mut views, mut kpa, mut folds) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut psnr_sum = 0.0;
+    for i in 0..n {
+        let plain = splits.test.image(i);
+        let c = encrypt_one(plain)?;
+        views.push(cipher_view(&c, planes, rows, cols)?);
+        let recovered = cipher_view(&attack.decrypt(&c)?, planes, rows, cols)?;
+        psnr_sum += psnr(plain, &recovered)?.min(99.0);
+        kpa.push(recovered);
+        folds.push(fold_image(&c, rows, cols)?);
+        plain_imgs.push(plain.to_vec());
+    }
+    let plain_refs = slices(&plain_imgs);
+    Ok(ModeSecurity {
+        mode: mode.to_string(),
+        key_bits: cipher.key_space_bits(),
+        ssim: mean_ssim(&plain_refs, &slices(&views), rows, cols)?,
+        known_pairs: known,
+        kpa_unique: attack.fraction_unique(),
+        kpa_ssim: mean_ssim(&plain_refs, &slices(&kpa), rows, cols)?,
+        kpa_psnr: psnr_sum / n.max(1) as f64,
+        fold_ssim: mean_ssim(&plain_refs, &slices(&folds), rows, cols)?,
+    })
+}
+
+/// Runs the cells, in this process or in `--jobs` child processes.
+async fn run_cells(
+    args: &ExperimentArgs,
+    splits: &DatasetSplits,
+    cells: &[Cell],
+) -> Result<Vec<CellResult>> {
+    let total = cells.len();
+    let mut results = Vec::with_capacity(total);
+    if args.jobs <= 1 {
+        for (i, cell) in cells.iter().enumerate() {
+            let r = run_cell(args, splits, cell).await?;
+            eprintln!(
+                "[{}/{total}] {} {} {} seed {}: {:.2}% in {:.1} s",
+                i + 1,
+                cell.model,
+                cell.mode,
+                cell.setting,
+                cell.seed,
+                100.0 * r.accuracy,
+                r.train_secs
+            );
+            results.push(r);
+        }
+        return Ok(results);
+    }
+    let exe = std::env::current_exe().context("locating the greyfed executable")?;
+    let mut pending = cells.iter();
+    let mut running = tokio::task::JoinSet::new();
+    let spawn = |set: &mut tokio::task::JoinSet<Result<CellResult>>, cell: &Cell| -> Result<()> {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("experiment")
+            .arg("cell")
+            .arg("--cell")
+            .arg(serde_json::to_string(cell)?);
+        cmd.args(args.to_cell_args());
+        cmd.env("RAYON_NUM_THREADS", "1")
+            .env("CANDLE_NUM_THREADS", "1");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd.spawn().context("starting an experiment cell")?;
+        let cell = cell.clone();
+        set.spawn(async move {
+            let out = child.wait_with_output().await?;
+            if !out.status.success() {
+                bail!(
+                    "cell {cell:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("reading the result of {cell:?}"))
+        });
+        Ok(())
+    };
+    for cell in pending.by_ref().take(args.jobs) {
+        spawn(&mut running, cell)?;
+    }
+    while let Some(done) = running.join_next().await {
+        let r = done??;
+        eprintln!(
+            "[{}/{total}] {} {} {} seed {}: {:.2}% in {:.1} s",
+            results.len() + 1,
+            r.cell.model,
+            r.cell.mode,
+            r.cell.setting,
+            r.cell.seed,
+            100.0 * r.accuracy,
+            r.train_secs
+        );
+        results.push(r);
+        if let Some(cell) = pending.next() {
+            spawn(&mut running, cell)?;
+        }
+    }
+    results.sort_by(|a, b| a.cell.cmp(&b.cell));
+    Ok(results)
+}
+
+/// One row of the accuracy table.
+#[derive(Clone, Debug, Serialize)]
+pub struct TableRow {
+    /// Model name.
+    pub model: String,
+    /// Cipher mode.
+    pub mode: String,
+    /// `central` or `federated`.
+    pub setting: String,
+    /// Mean test accuracy of the plain baselines (same seeds and budget).
+    pub accuracy_plain: f64,
+    /// Mean test accuracy on encrypted images.
+    pub accuracy_encrypted: f64,
+    /// `accuracy_encrypted - accuracy_plain` in percentage points.
+    pub delta_pp: f64,
+    /// Seeds averaged.
+    pub seeds: usize,
+    /// Key space of the mode in bits.
+    pub key_bits: f64,
+    /// Mean SSIM between plain and encrypted test images.
+    pub ssim: f64,
+    /// Mean training seconds of the encrypted runs.
+    pub train_secs: f64,
+}
+
+/// Builds the table rows from cell results and the modes' security figures.
+pub fn table_rows(
+    results: &[CellResult],
+    security: &BTreeMap<String, ModeSecurity>,
+) -> Vec<TableRow> {
+    let mut groups: BTreeMap<(String, String, String), Vec<&CellResult>> = BTreeMap::new();
+    for r in results {
+        groups
+            .entry((
+                r.cell.model.clone(),
+                r.cell.setting.clone(),
+                r.cell.mode.clone(),
+            ))
+            .or_default()
+            .push(r);
+    }
+    let mean = |v: &[&CellResult], f: fn(&CellResult) -> f64| {
+        v.iter().map(|r| f(r)).sum::<f64>() / v.len().max(1) as f64
+    };
+    let mut rows = Vec::new();
+    for ((model, setting, mode), enc) in &groups {
+        let Some(sec) = security.get(mode) else {
+            continue;
+        };
+        let Some(plain) = groups.get(&(model.clone(), setting.clone(), "plain".to_string())) else {
+            continue;
+        };
+        let seeds: Vec<u64> = enc.iter().map(|r| r.cell.seed).collect();
+        let plain: Vec<&CellResult> = plain
+            .iter()
+            .copied()
+            .filter(|r| seeds.contains(&r.cell.seed))
+            .collect();
+        let (ap, ae) = (mean(&plain, |r| r.accuracy), mean(enc, |r| r.accuracy));
+        rows.push(TableRow {
+            model: model.clone(),
+            mode: mode.clone(),
+            setting: setting.clone(),
+            accuracy_plain: ap,
+            accuracy_encrypted: ae,
+            delta_pp: 100.0 * (ae - ap),
+            seeds: enc.len(),
+            key_bits: sec.key_bits,
+            ssim: sec.ssim,
+            train_secs: mean(enc, |r| r.train_secs),
+        });
+    }
+    rows
+}
+
+/// The accuracy table as Markdown.
+pub fn table_markdown(rows: &[TableRow]) -> String {
+    let mut s = String::from(
+        "| model | mode | setting | accuracy plain | accuracy encrypted | delta (pp) | seeds | key bits | SSIM | train s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.2}% | {:.2}% | {:+.2} | {} | {:.0} | {:.3} | {:.1} |",
+            r.model,
+            r.mode,
+            r.setting,
+            100.0 * r.accuracy_plain,
+            100.0 * r.accuracy_encrypted,
+            r.delta_pp,
+            r.seeds,
+            r.key_bits,
+            r.ssim,
+            r.train_secs
+        );
+    }
+    s
+}
+
+/// The accuracy table as CSV.
+pub fn table_csv(rows: &[TableRow]) -> String {
+    let mut s = String::from(
+        "model,mode,setting,accuracy_plain,accuracy_encrypted,delta_pp,seeds,key_bits,ssim,train_secs\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{},{},{},{:.4},{:.4},{:.2},{},{:.1},{:.4},{:.2}",
+            r.model,
+            r.mode,
+            r.setting,
+            r.accuracy_plain,
+            r.accuracy_encrypted,
+            r.delta_pp,
+            r.seeds,
+            r.key_bits,
+            r.ssim,
+            r.train_secs
+        );
+    }
+    s
+}
+
+/// The attack table as Markdown.
+pub fn attacks_markdown(rows: &[ModeSecurity]) -> String {
+    let mut s = String::from(
+        "| mode | key bits | SSIM(plain, cipher) | known pairs | KPA unique | KPA SSIM | KPA PSNR (dB) | fold SSIM |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.3} | {} | {:.1}% | {:.3} | {:.1} | {:.3} |",
+            r.mode,
+            r.key_bits,
+            r.ssim,
+            r.known_pairs,
+            100.0 * r.kpa_unique,
+            r.kpa_ssim,
+            r.kpa_psnr,
+            r.fold_ssim
+        );
+    }
+    s
+}
+
+/// The attack table as CSV.
+pub fn attacks_csv(rows: &[ModeSecurity]) -> String {
+    let mut s =
+        String::from("mode,key_bits,ssim,known_pairs,kpa_unique,kpa_ssim,kpa_psnr,fold_ssim\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{},{:.1},{:.4},{},{:.4},{:.4},{:.2},{:.4}",
+            r.mode,
+            r.key_bits,
+            r.ssim,
+            r.known_pairs,
+            r.kpa_unique,
+            r.kpa_ssim,
+            r.kpa_psnr,
+            r.fold_ssim
+        );
+    }
+    s
+}
+
+/// What `greyfed experiment encryption` produced.
+pub struct ExperimentReport {
+    /// Accuracy rows.
+    pub rows: Vec<TableRow>,
+    /// Security figures per mode.
+    pub attacks: Vec<ModeSecurity>,
+}
+
+/// Runs `greyfed experiment encryption`.
+pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
+    let splits = limit(load_splits(&args.data)?, args.max_train);
+    let mut security = BTreeMap::new();
+    for mode in &args.modes {
+        let s = mode_security(
+            &splits,
+            mode,
+            args.block_size as usize,
+            args.known_pairs,
+            args.attack_samples,
+        )?;
+        security.insert(mode.clone(), s);
+    }
+    let attacks: Vec<ModeSecurity> = args
+        .modes
+        .iter()
+        .filter_map(|m| security.get(m).cloned())
+        .collect();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    write(&args.out.join("attacks.md"), &attacks_markdown(&attacks))?;
+    write(&args.out.join("attacks.csv"), &attacks_csv(&attacks))?;
+    let cells = cells(args)?;
+    let results = run_cells(args, &splits, &cells).await?;
+    let json: Vec<String> = results
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?;
+    write(&args.out.join("cells.jsonl"), &(json.join("\n") + "\n"))?;
+    let rows = table_rows(&results, &security);
+    write(&args.out.join("table.md"), &table_markdown(&rows))?;
+    write(&args.out.join("table.csv"), &table_csv(&rows))?;
+    Ok(ExperimentReport { rows, attacks })
+}
+
+/// Runs `greyfed experiment cell` (one cell; JSON result on stdout).
+pub async fn cell(args: &ExperimentArgs, cell: &str) -> Result<String> {
+    let cell: Cell = serde_json::from_str(cell).context("parsing --cell")?;
+    let splits = limit(load_splits(&args.data)?, args.max_train);
+    Ok(serde_json::to_string(
+        &run_cell(args, &splits, &cell).await?,
+    )?)
+}
+
+/// Keeps the first `max` training images (all when `None`).
+fn limit(mut splits: DatasetSplits, max: Option<usize>) -> DatasetSplits {
+    if let Some(max) = max {
+        let n = splits.train.len().min(max);
+        splits.train = splits.train.subset(&(0..n).collect::<Vec<_>>());
+    }
+    splits
+}
+
+/// Borrows every image of `images`.
+pub(crate) fn slices(images: &[Vec<u8>]) -> Vec<&[u8]> {
+    images.iter().map(Vec::as_slice).collect()
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
