@@ -3,7 +3,7 @@
 //! # Design
 //!
 //! - [`TensorData`] converts a [`Dataset`] into candle tensors once (images
-//!   `f32 [N, 1, R, W]` scaled to `[0, 1]`, labels `u32 [N]`); every
+//!   `f32 [N, I, R, W]` centred to `[-1, 1]`, labels `u32 [N]`); every
 //!   minibatch is then one `index_select` per tensor, nothing is decoded per
 //!   epoch.
 //! - [`train_local`] runs `local_epochs` passes over a per-epoch shuffled
@@ -59,15 +59,21 @@ pub struct TensorData {
 }
 
 impl TensorData {
-    /// Converts `dataset`: images to `f32 [N, I, R, W]` divided by 255 (`I`
-    /// image planes), labels to `u32 [N]`.
+    /// Converts `dataset`: images to `f32 [N, I, R, W]` mapped from `0..=255`
+    /// to `[-1, 1]` (`I` image planes), labels to `u32 [N]`.
+    ///
+    /// Centring makes the cipher's negative-positive transform
+    /// (`p -> 255 - p`) an exact sign flip (`x -> -x`) of the model input, so
+    /// a model absorbs it by negating weights, with no bias shift: training
+    /// on encrypted images then starts from an equally distributed
+    /// initialisation and follows an equivalent trajectory.
     pub fn from_dataset(dataset: &Dataset, device: &Device) -> Result<Self> {
         let (n, rows, cols) = (dataset.len(), dataset.rows(), dataset.cols());
         let channels = dataset.channels();
         let pixels: Vec<f32> = dataset
             .pixels()
             .iter()
-            .map(|&p| f32::from(p) / 255.0)
+            .map(|&p| f32::from(p) / 127.5 - 1.0)
             .collect();
         let labels: Vec<u32> = dataset.labels().iter().map(|&l| u32::from(l)).collect();
         Ok(Self {
@@ -100,7 +106,7 @@ impl TensorData {
         self.channels
     }
 
-    /// All images, `f32 [N, I, R, W]` in `[0, 1]`.
+    /// All images, `f32 [N, I, R, W]` in `[-1, 1]`.
     pub fn images(&self) -> &Tensor {
         &self.images
     }
@@ -579,7 +585,11 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let want: Vec<f32> = ds.image(0).iter().map(|&p| p as f32 / 255.0).collect();
+        let want: Vec<f32> = ds
+            .image(0)
+            .iter()
+            .map(|&p| p as f32 / 127.5 - 1.0)
+            .collect();
         assert_eq!(first, want);
         let labels = td.labels().to_vec1::<u32>().unwrap();
         assert_eq!(
