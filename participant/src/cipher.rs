@@ -1,23 +1,27 @@
-//! Learnable block-scrambling image encryption (Kiya et al., "EtC" /
-//! block scrambling), keyed by the participants' shared 256-bit image key.
+//! Learnable image encryption keyed by the participants' shared 256-bit
+//! image key: block scrambling (Kiya et al., "EtC"), Tanaka's learnable
+//! encryption on 4-bit halves (2018) and pixel-based encryption
+//! (Sirichotedumrong, Kinoshita and Kiya, 2019), composable step by step.
+//! The modes and step names are defined by
+//! [`greyfed_protocol::cipher::CipherSteps`].
 //!
 //! The coordinator never sees the [`ImageKey`]; participants encrypt their
-//! images with a [`BlockScrambler`] before training. With
-//! [`BlockKeying::Shared`] the encryption is exactly absorbed by a
+//! images with an [`ImageCipher`] before training. Without `per-block`
+//! and pixel-based steps the encryption is exactly absorbed by a
 //! re-parametrisation of a model whose first layer is a convolution with
 //! kernel = stride = block size: the block permutation permutes the MLP's
 //! input weights, the intra-block map permutes the kernel, and the
 //! negative-positive step (`p -> 255 - p`, which equals `p ^ 0xFF` on `u8`)
-//! is affine and folds into kernel sign and bias. So encryption costs no
-//! accuracy. [`BlockKeying::PerPosition`] (the "extended" variant) draws a
-//! different intra-block transform for every block position: stronger, but
-//! no longer exactly learnable by a shared kernel.
+//! is a sign flip of the centred input and folds into the kernel's sign.
+//! `per-block` (the "extended" variant) and the pixel-based steps draw a
+//! different transform for every block or pixel position: stronger, but no
+//! longer exactly learnable by a shared kernel.
 //!
 //! # Specification (version 1)
 //!
 //! This section is normative: the transform is reproducible from the key,
-//! the [`CipherConfig`] and the image size alone, and the known-answer test
-//! in this module pins it.
+//! the steps, the block size and the image size alone, and the known-answer
+//! tests in this module pin it.
 //!
 //! ## Geometry
 //!
@@ -56,12 +60,20 @@
 //! |---------------------|----------------------|-----------------------------------------|
 //! | `block-permutation` | `all`                | `pi = permutation(nb)`                  |
 //! | `rotate-flip`       | `all` or `q`         | dihedral index `t = uniform(8)`         |
-//! | `pixel-shuffle`     | `all` or `q`         | `sigma = permutation(B * B)`            |
-//! | `negative-positive` | `all` or `q`         | mask `m = bits(B * B)`                  |
+//! | `pixel-shuffle`     | `all` or `q`         | `sigma = permutation(V)`                |
+//! | `negative-positive` | `all` or `q`         | mask `m = bits(V)`                      |
+//! | `component-shuffle` | `all`                | swap bits `s = bits(rows * cols)`       |
+//! | `pixel-negative-positive` | `all`          | flip bits `f = bits(I * rows * cols)`   |
 //!
-//! With [`BlockKeying::Shared`] the three intra-block values use `pos=all`
-//! and are the same for every block; with [`BlockKeying::PerPosition`] they
-//! are derived separately for every destination block `q` with `pos=q`.
+//! Here `I` is the number of value planes (1, or 2 with `split`) and
+//! `V = I * B * B` the number of values in a block. With `split` the HKDF
+//! info carries `|C=2` before `|pos=`
+//! (`pixel-shuffle|B=4|28x28|C=2|pos=all`), so split and 8-bit modes
+//! never share a stream.
+//!
+//! Without `per-block` the three intra-block values use `pos=all` and are
+//! the same for every block; with `per-block` they are derived separately
+//! for every destination block `q` with `pos=q`.
 //! A disabled step is the identity (`pi`, `sigma` identity, `t = 0`, `m` all
 //! zero) and nothing is derived for it; enabling or disabling one step never
 //! changes the values of the others. For `B = 1` rotate/flip and pixel
@@ -69,23 +81,42 @@
 //!
 //! ## Encryption
 //!
+//! 0. Values: without `split` the values are the pixels (`I = 1`). With
+//!    `split` ([`split_pixels`]) pixel `p` becomes two values, `(p >> 4) * 17`
+//!    in plane 0 and `(p & 15) * 17` in plane 1 (`I = 2`); a 4-bit half `h`
+//!    is stored as the byte with both nibbles `h`, so inverting it
+//!    (`h -> 15 - h`) is again `^ 0xFF`. Value index `ch * rows * cols +
+//!    row * cols + col`; in-block index `d = ch * B * B + r * B + c`.
+//!
 //! Destination block `q` of the cipher image is built from plain block
 //! `P = pi[q]` in three steps (with `t`, `sigma`, `m` of `q` or shared):
 //!
-//! 1. Rotate/flip (dihedral transform `t = 4 * f + k`): first, if `f = 1`,
-//!    mirror left-right, `F[r][c] = X[r][B-1-c]` (else `F = X`); then rotate
-//!    `k` times by 90 degrees clockwise, one rotation being
-//!    `R[r][c] = F[B-1-c][r]`.
-//! 2. Pixel shuffle: `S[d] = R[sigma[d]]` for in-block indices `d`.
+//! 1. Rotate/flip (dihedral transform `t = 4 * f + k`), the same in every
+//!    plane: first, if `f = 1`, mirror left-right, `F[r][c] = X[r][B-1-c]`
+//!    (else `F = X`); then rotate `k` times by 90 degrees clockwise, one
+//!    rotation being `R[r][c] = F[B-1-c][r]`.
+//! 2. Value shuffle: `S[d] = R[sigma[d]]` for in-block indices `d` (with
+//!    `split` across both planes: Tanaka's shuffle of the `2 * B * B`
+//!    half-values).
 //! 3. Negative-positive: `C[d] = S[d] ^ 0xFF` if `m[d] = 1`, else `S[d]`.
 //!
-//! The whole composition is a pixel permutation plus an XOR mask:
-//! `cipher[d] = plain[source[d]] ^ xor[d]` with `xor[d]` in `{0x00, 0xFF}`;
-//! decryption is `plain[source[d]] = cipher[d] ^ xor[d]`.
+//! Then the pixel-based steps, on the whole image:
 //!
-//! The image key has 256 bits; [`BlockScrambler::key_space_bits`] reports
-//! the size of the transform family, which is far larger for realistic
-//! images but only reachable through the 256-bit key.
+//! 4. Component shuffle (needs `split`): where `s[i] = 1`, the values of
+//!    pixel `i` in plane 0 and plane 1 trade places.
+//! 5. Pixel negative-positive: value `v` is inverted (`^ 0xFF`) where
+//!    `f[v] = 1`.
+//!
+//! The whole composition is a value permutation plus an XOR mask:
+//! `cipher[d] = values[source[d]] ^ xor[d]` with `xor[d]` in `{0x00, 0xFF}`;
+//! decryption is `values[source[d]] = cipher[d] ^ xor[d]`, then (with
+//! `split`) [`merge_pixels`].
+//!
+//! The image key has 256 bits; [`ImageCipher::key_space_bits`] reports the
+//! size of the transform family, which is far larger for realistic images
+//! but only reachable through the 256-bit key. None of this is a cipher in
+//! the cryptographic sense: see `docs/threat-model.md` for the attacks and
+//! what they recover.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
