@@ -8,13 +8,15 @@
 //! [`Network::new`] and [`Network::to_weights`] all follow it. Names and
 //! shapes are PyTorch's (`conv.weight` is `[C, 1, B, B]`, linear weights are
 //! `[out, in]`), so weights can be compared with a PyTorch model of the same
-//! architecture. [`Network`] is an enum over architectures so that other
-//! models (a ViT, a CNN) can be added as variants with their own struct.
+//! architecture. [`Network`] is an enum over architectures, each with its
+//! own struct: [`BlockNet`], [`Vit`] (module [`vit`]) and [`Cnn`] (module
+//! [`cnn`]).
 //!
 //! Initialisation does not use candle's random generators (the CPU device
 //! cannot be seeded): every tensor is drawn from a seeded `rand` generator,
 //! PyTorch-default-like, `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` for weights and
-//! biases alike.
+//! biases alike ([`ParamInit::FanIn`]); layer-norm weights start at 1 and
+//! biases at 0, position embeddings in `U(-0.02, 0.02)` (see [`ParamInit`]).
 //!
 //! # BlockNet and block-wise image encryption
 //!
@@ -41,6 +43,31 @@
 //! on encrypted images with exactly the same outputs, and training finds it
 //! just as well.
 //!
+//! # Which architectures absorb block scrambling
+//!
+//! The same argument holds for the [`Vit`] when its patch size is the cipher
+//! block size. Its tokens are the image blocks; the only thing that tells
+//! the encoder where a token came from is the learned position embedding
+//! added to it, and self-attention, the per-token MLPs, layer norms and the
+//! final mean over tokens are all equivariant or invariant under a
+//! permutation of the tokens (there is no class token). Shuffling the blocks
+//! therefore equals permuting the rows of `pos_embed`. The in-block transform
+//! (pixel shuffling, negative-positive flips `x -> 1 - x`) is one fixed
+//! affine map of every patch vector, absorbed by permuting and negating
+//! columns of `patch_embed.weight` and adjusting `patch_embed.bias`. A ViT
+//! trained on encrypted images can thus compute exactly the function of one
+//! trained on plain images (the tests check both re-parametrisations).
+//!
+//! The [`Cnn`] control cannot do this. Its 3x3 kernels slide over every
+//! pixel position, so most receptive fields straddle block boundaries and
+//! mix pixels of neighbouring blocks; after block shuffling those
+//! neighbours are unrelated blocks, so the local structure (edges, strokes)
+//! the kernels detect is destroyed rather than relabelled, and no choice of
+//! weights undoes a permutation that depends on position. Max-pooling and
+//! the second convolution depend on the spatial neighbourhood in the same
+//! way. Its accuracy on encrypted images is the baseline that shows what
+//! the block-aligned architectures gain.
+//!
 //! # Gradients
 //!
 //! [`Network::loss_and_grads`] is what training calls. For blocknet it is a
@@ -50,7 +77,7 @@
 //! the tests; it makes a training step several times faster than autograd
 //! on CPU. The differentiable [`Network::forward`] stays available, and
 //! models without a hand-written backward pass can get their gradients from
-//! [`autograd_loss_and_grads`].
+//! [`autograd_loss_and_grads`]: the ViT and the CNN do.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor, Var};
 use greyfed_protocol::message::ModelSpec;
@@ -60,29 +87,64 @@ use rand::{RngExt, SeedableRng};
 
 use crate::error::{ParticipantError, Result};
 
+pub mod cnn;
+pub mod vit;
+
+pub use cnn::{Cnn, CnnDims, cnn_28x28};
+pub use vit::{Vit, VitDims, vit_28x28};
+
 /// Upper bound on the number of parameters of a model built from a spec, so
 /// that a hostile or mistyped spec cannot make a participant allocate without
 /// limit (2^28 parameters = 1 GiB of `f32`).
 pub const MAX_PARAMETERS: usize = 1 << 28;
 
-/// Name, shape and fan-in of one parameter tensor of a model.
+/// Bound of [`ParamInit::Embedding`] (position embeddings).
+pub const EMBEDDING_INIT_BOUND: f32 = 0.02;
+
+/// How [`init_weights`] fills one parameter tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamInit {
+    /// Uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in))`: PyTorch's default for
+    /// `Linear` and `Conv2d` weights and biases.
+    FanIn,
+    /// Uniform in `[-EMBEDDING_INIT_BOUND, EMBEDDING_INIT_BOUND)` (learned
+    /// position embeddings).
+    Embedding,
+    /// All zeros (layer-norm biases); draws nothing from the generator.
+    Zeros,
+    /// All ones (layer-norm weights); draws nothing from the generator.
+    Ones,
+}
+
+/// Name, shape, fan-in and initialisation of one parameter tensor of a model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamInfo {
     /// Tensor name, e.g. `"conv.weight"`.
     pub name: String,
     /// Tensor shape (PyTorch layout).
     pub shape: Vec<usize>,
-    /// Fan-in of the layer the tensor belongs to (bounds its initialisation).
+    /// Fan-in of the layer the tensor belongs to (bounds a
+    /// [`ParamInit::FanIn`] initialisation).
     pub fan_in: usize,
+    /// How the tensor is initialised.
+    pub init: ParamInit,
 }
 
 impl ParamInfo {
+    /// A tensor initialised with [`ParamInit::FanIn`].
     fn new(name: &str, shape: Vec<usize>, fan_in: usize) -> Self {
         Self {
             name: name.to_string(),
             shape,
             fan_in,
+            init: ParamInit::FanIn,
         }
+    }
+
+    /// The same tensor with another initialisation.
+    fn with_init(mut self, init: ParamInit) -> Self {
+        self.init = init;
+        self
     }
 
     /// Number of scalars in the tensor.
@@ -226,6 +288,8 @@ impl BlockNetDims {
 pub fn param_layout(spec: &ModelSpec) -> Result<Vec<ParamInfo>> {
     match spec {
         ModelSpec::BlockNet { .. } => Ok(BlockNetDims::from_spec(spec)?.layout()),
+        ModelSpec::Vit { .. } => Ok(VitDims::from_spec(spec)?.layout()),
+        ModelSpec::Cnn { .. } => Ok(CnnDims::from_spec(spec)?.layout()),
         _ => Err(unsupported(spec)),
     }
 }
@@ -234,20 +298,27 @@ fn unsupported(spec: &ModelSpec) -> ParticipantError {
     ParticipantError::Model(format!("model {:?} is not supported", spec.name()))
 }
 
-/// Fresh weights for `spec`, deterministic in `seed`: every tensor is drawn
-/// in layout order from one seeded generator, uniformly in
-/// `[-1/sqrt(fan_in), 1/sqrt(fan_in))` (PyTorch's default for `Conv2d` and
-/// `Linear`, weights and biases alike).
+/// Fresh weights for `spec`, deterministic in `seed`: every tensor is filled
+/// in layout order as its [`ParamInit`] says, random ones from one seeded
+/// generator; mostly uniformly in `[-1/sqrt(fan_in), 1/sqrt(fan_in))`
+/// (PyTorch's default for `Conv2d` and `Linear`, weights and biases alike).
 pub fn init_weights(spec: &ModelSpec, seed: u64) -> Result<ModelWeights> {
     let layout = param_layout(spec)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let tensors = layout
         .into_iter()
         .map(|p| {
-            let bound = 1.0 / (p.fan_in as f32).sqrt();
-            let data = (0..p.len())
-                .map(|_| rng.random_range(-bound..bound))
-                .collect();
+            let mut uniform = |bound: f32| -> Vec<f32> {
+                (0..p.len())
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
+            };
+            let data = match p.init {
+                ParamInit::FanIn => uniform(1.0 / (p.fan_in as f32).sqrt()),
+                ParamInit::Embedding => uniform(EMBEDDING_INIT_BOUND),
+                ParamInit::Zeros => vec![0.0; p.len()],
+                ParamInit::Ones => vec![1.0; p.len()],
+            };
             NamedTensor {
                 name: p.name,
                 shape: p.shape,
@@ -307,6 +378,10 @@ fn check_layout(layout: &[ParamInfo], weights: &ModelWeights, model: &str) -> Re
 pub enum Network {
     /// See [`BlockNet`].
     BlockNet(BlockNet),
+    /// See [`Vit`].
+    Vit(Vit),
+    /// See [`Cnn`].
+    Cnn(Cnn),
 }
 
 impl Network {
@@ -317,15 +392,19 @@ impl Network {
             ModelSpec::BlockNet { .. } => {
                 Ok(Network::BlockNet(BlockNet::new(spec, weights, device)?))
             }
+            ModelSpec::Vit { .. } => Ok(Network::Vit(Vit::new(spec, weights, device)?)),
+            ModelSpec::Cnn { .. } => Ok(Network::Cnn(Cnn::new(spec, weights, device)?)),
             _ => Err(unsupported(spec)),
         }
     }
 
     /// Differentiable forward pass: logits `[N, K]` for images
-    /// `[N, 1, R, W]` (`f32`, in `[0, 1]`), recorded for candle's autograd.
+    /// `[N, I, R, W]` (`f32`, in `[0, 1]`), recorded for candle's autograd.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         match self {
             Network::BlockNet(n) => n.forward(images),
+            Network::Vit(n) => n.forward(images),
+            Network::Cnn(n) => n.forward(images),
         }
     }
 
@@ -334,6 +413,8 @@ impl Network {
     pub fn predict(&self, images: &Tensor) -> Result<Tensor> {
         match self {
             Network::BlockNet(n) => n.predict(images),
+            Network::Vit(n) => n.predict(images),
+            Network::Cnn(n) => n.predict(images),
         }
     }
 
@@ -344,6 +425,8 @@ impl Network {
     pub fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
         match self {
             Network::BlockNet(n) => n.loss_and_grads(images, labels),
+            Network::Vit(n) => n.loss_and_grads(images, labels),
+            Network::Cnn(n) => n.loss_and_grads(images, labels),
         }
     }
 
@@ -353,6 +436,8 @@ impl Network {
     pub fn vars(&self) -> Vec<Var> {
         match self {
             Network::BlockNet(n) => n.vars(),
+            Network::Vit(n) => n.vars(),
+            Network::Cnn(n) => n.vars(),
         }
     }
 
@@ -360,6 +445,8 @@ impl Network {
     pub fn layout(&self) -> Vec<ParamInfo> {
         match self {
             Network::BlockNet(n) => n.dims.layout(),
+            Network::Vit(n) => n.dims().layout(),
+            Network::Cnn(n) => n.dims().layout(),
         }
     }
 
@@ -368,6 +455,8 @@ impl Network {
     pub fn to_weights(&self) -> Result<ModelWeights> {
         match self {
             Network::BlockNet(n) => n.to_weights(),
+            Network::Vit(n) => n.to_weights(),
+            Network::Cnn(n) => n.to_weights(),
         }
     }
 }
@@ -876,7 +965,9 @@ mod tests {
         let w = init_weights(&spec, 3).unwrap();
         let net = Network::new(&spec, &w, &Device::Cpu).unwrap();
         assert_eq!(net.to_weights().unwrap(), w);
-        let Network::BlockNet(bn) = &net;
+        let Network::BlockNet(bn) = &net else {
+            panic!("not a blocknet: {net:?}");
+        };
         assert_eq!(bn.to_weights().unwrap(), w);
     }
 
