@@ -135,12 +135,15 @@ pub struct ExperimentArgs {
     /// Seeds per cell (0..N): model initialisation, data order and key.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
-    /// Training epochs (central); local epochs are 1 per round when federated.
+    /// Training epochs (central).
     #[arg(long, default_value_t = 5)]
     pub epochs: u32,
     /// Rounds (federated).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     pub rounds: u32,
+    /// Local epochs per round (federated).
+    #[arg(long, default_value_t = 1)]
+    pub local_epochs: u32,
     /// Participants (federated).
     #[arg(long, default_value_t = 10)]
     pub participants: usize,
@@ -162,7 +165,8 @@ pub struct ExperimentArgs {
     /// Held-out test images the attacks are scored on.
     #[arg(long, default_value_t = 200)]
     pub attack_samples: usize,
-    /// Keep only the first N training images (central setting; quick runs).
+    /// Keep only the first N training images (federated: N / participants
+    /// each); for quick runs.
     #[arg(long)]
     pub max_train: Option<usize>,
     /// Data settings (--data DIR: IDX files; default: built-in digits).
@@ -177,6 +181,7 @@ impl ExperimentArgs {
         let mut a = vec![
             format!("--epochs={}", self.epochs),
             format!("--rounds={}", self.rounds),
+            format!("--local-epochs={}", self.local_epochs),
             format!("--participants={}", self.participants),
             format!("--batch-size={}", self.batch_size),
             format!("--lr={}", self.lr),

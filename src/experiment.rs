@@ -21,7 +21,7 @@ use greyfed_participant::{
     attack::{KnownPlaintextAttack, fold_image, merge_split, split_values},
     cipher::{ImageCipher, ImageKey},
     data::{Dataset, DatasetSplits},
-    model::init_weights,
+    model::{cnn_28x28, init_weights, vit_28x28},
     quality::{mean_ssim, psnr},
     train::{TensorData, evaluate, train_local},
 };
@@ -74,25 +74,8 @@ pub struct CellResult {
 pub fn model_spec(name: &str, block: u32, planes: u32) -> Result<ModelSpec> {
     Ok(match name {
         "blocknet" => ModelSpec::blocknet_28x28(block).with_image_channels(planes),
-        "vit" => ModelSpec::Vit {
-            image_rows: 28,
-            image_cols: 28,
-            image_channels: planes,
-            patch_size: block,
-            dim: 64,
-            depth: 2,
-            heads: 4,
-            mlp_dim: 128,
-            num_classes: 10,
-        },
-        "cnn" => ModelSpec::Cnn {
-            image_rows: 28,
-            image_cols: 28,
-            image_channels: planes,
-            channels: (16, 32),
-            hidden: 128,
-            num_classes: 10,
-        },
+        "vit" => vit_28x28(block, planes),
+        "cnn" => cnn_28x28(planes),
         other => bail!("unknown model {other:?}; choose blocknet, vit or cnn"),
     })
 }
@@ -160,21 +143,23 @@ pub async fn run_cell(
             train_local(&spec, &init, &train, &training, cell.seed)?.weights
         }
         "federated" => {
-            let Some(dir) = &args.data.data else {
-                bail!("the federated setting needs --data DIR (IDX files)");
-            };
             let mut fed = Federation::builder()
                 .participants(args.participants)
                 .rounds(args.rounds)
                 .training(TrainingConfig {
-                    local_epochs: 1,
+                    local_epochs: args.local_epochs,
                     ..training
                 })
                 .model(spec.clone())
                 .block_size(args.block_size)
-                .data_dir(dir)
                 .seed(cell.seed)
                 .image_key(key.clone());
+            if let Some(dir) = &args.data.data {
+                fed = fed.data_dir(dir);
+            }
+            if let Some(max) = args.max_train {
+                fed = fed.max_train_samples(max.div_ceil(args.participants.max(1)));
+            }
             fed = match mode {
                 Some(steps) => fed.cipher(steps),
                 None => fed.plain(true),
