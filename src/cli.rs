@@ -108,6 +108,17 @@ impl Setting {
     }
 }
 
+/// The first-layer choice of `greyfed experiment encryption`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FirstLayerArg {
+    /// Per block for modes that need it, shared otherwise.
+    Auto,
+    /// Always one kernel for all blocks.
+    Shared,
+    /// Always one kernel per block position.
+    PerBlock,
+}
+
 /// `greyfed experiment encryption`.
 #[derive(Clone, Debug, Args)]
 pub struct ExperimentArgs {
@@ -159,6 +170,11 @@ pub struct ExperimentArgs {
     /// Cells run at once, each in its own process with one compute thread.
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
+    /// First layer of blocknet and the ViT: `auto` takes one kernel per
+    /// block position exactly for modes with per-block or per-pixel keys
+    /// (which a shared kernel cannot absorb), else one shared kernel.
+    #[arg(long, value_enum, default_value_t = FirstLayerArg::Auto)]
+    pub first_layer: FirstLayerArg,
     /// Known plain/cipher pairs given to the known-plaintext attack.
     #[arg(long, default_value_t = 20)]
     pub known_pairs: usize,
@@ -186,6 +202,7 @@ impl ExperimentArgs {
             format!("--batch-size={}", self.batch_size),
             format!("--lr={}", self.lr),
             format!("--block-size={}", self.block_size),
+            format!("--first-layer={}", value_name(self.first_layer)),
             format!("--data-seed={}", self.data.data_seed),
         ];
         if let Some(dir) = &self.data.data {

@@ -25,10 +25,10 @@ use greyfed_participant::{
     quality::{mean_ssim, psnr},
     train::{TensorData, evaluate, train_local},
 };
-use greyfed_protocol::{ModelSpec, OptimizerSpec, TrainingConfig, cipher::CipherSteps};
+use greyfed_protocol::{FirstLayer, ModelSpec, OptimizerSpec, TrainingConfig, cipher::CipherSteps};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::ExperimentArgs;
+use crate::cli::{ExperimentArgs, FirstLayerArg};
 use crate::commands::load_splits;
 use crate::sim::Federation;
 
@@ -55,6 +55,8 @@ pub struct Cell {
     pub mode: String,
     /// `central` or `federated`.
     pub setting: String,
+    /// Shared or per-block first layer (blocknet and ViT).
+    pub first_layer: FirstLayer,
     /// Seed of initialisation, data order and key.
     pub seed: u64,
 }
@@ -119,7 +121,7 @@ pub async fn run_cell(
 ) -> Result<CellResult> {
     let mode = parse_mode(&cell.mode)?;
     let planes = mode.map_or(1, |m| m.output_channels());
-    let spec = model_spec(&cell.model, args.block_size, planes)?;
+    let spec = model_spec(&cell.model, args.block_size, planes)?.with_first_layer(cell.first_layer);
     let key = experiment_key(cell.seed);
     let block = args.block_size as usize;
     let training = TrainingConfig {
@@ -188,16 +190,41 @@ pub async fn run_cell(
 /// The grid of cells the arguments ask for (plain baselines included).
 pub fn cells(args: &ExperimentArgs) -> Result<Vec<Cell>> {
     let mut cells = Vec::new();
+    let mut modes = Vec::new();
+    for mode in &args.modes {
+        let steps = parse_mode(mode)?.context("plain is always the baseline; list cipher modes")?;
+        let layer = match args.first_layer {
+            FirstLayerArg::Auto => FirstLayer::for_cipher(&steps),
+            FirstLayerArg::Shared => FirstLayer::Shared,
+            FirstLayerArg::PerBlock => FirstLayer::PerBlock,
+        };
+        modes.push((mode.as_str(), layer));
+    }
     for model in &args.models {
         model_spec(model, args.block_size, 1)?;
+        // The CNN has no block-wise first layer.
+        let layer_of = |layer| {
+            if model == "cnn" {
+                FirstLayer::Shared
+            } else {
+                layer
+            }
+        };
+        let mut baselines: Vec<FirstLayer> = modes.iter().map(|&(_, l)| layer_of(l)).collect();
+        baselines.sort_by_key(|l| *l == FirstLayer::PerBlock);
+        baselines.dedup();
+        let runs = baselines
+            .into_iter()
+            .map(|l| ("plain", l))
+            .chain(modes.iter().map(|&(m, l)| (m, layer_of(l))));
         for setting in &args.settings {
             for seed in 0..args.seeds {
-                for mode in std::iter::once("plain").chain(args.modes.iter().map(String::as_str)) {
-                    parse_mode(mode)?;
+                for (mode, first_layer) in runs.clone() {
                     cells.push(Cell {
                         model: model.clone(),
                         mode: mode.to_string(),
                         setting: setting.name().to_string(),
+                        first_layer,
                         seed,
                     });
                 }
@@ -380,11 +407,21 @@ async fn run_cells(
     Ok(results)
 }
 
+/// `shared` or `per-block`.
+pub fn layer_name(layer: FirstLayer) -> &'static str {
+    match layer {
+        FirstLayer::Shared => "shared",
+        FirstLayer::PerBlock => "per-block",
+    }
+}
+
 /// One row of the accuracy table.
 #[derive(Clone, Debug, Serialize)]
 pub struct TableRow {
     /// Model name.
     pub model: String,
+    /// `shared` or `per-block` first layer (`shared` for the CNN).
+    pub first_layer: String,
     /// Cipher mode.
     pub mode: String,
     /// `central` or `federated`.
@@ -410,12 +447,14 @@ pub fn table_rows(
     results: &[CellResult],
     security: &BTreeMap<String, ModeSecurity>,
 ) -> Vec<TableRow> {
-    let mut groups: BTreeMap<(String, String, String), Vec<&CellResult>> = BTreeMap::new();
+    type Key = (String, String, FirstLayer, String);
+    let mut groups: BTreeMap<Key, Vec<&CellResult>> = BTreeMap::new();
     for r in results {
         groups
             .entry((
                 r.cell.model.clone(),
                 r.cell.setting.clone(),
+                r.cell.first_layer,
                 r.cell.mode.clone(),
             ))
             .or_default()
@@ -425,11 +464,13 @@ pub fn table_rows(
         v.iter().map(|r| f(r)).sum::<f64>() / v.len().max(1) as f64
     };
     let mut rows = Vec::new();
-    for ((model, setting, mode), enc) in &groups {
+    for ((model, setting, layer, mode), enc) in &groups {
         let Some(sec) = security.get(mode) else {
             continue;
         };
-        let Some(plain) = groups.get(&(model.clone(), setting.clone(), "plain".to_string())) else {
+        let Some(plain) =
+            groups.get(&(model.clone(), setting.clone(), *layer, "plain".to_string()))
+        else {
             continue;
         };
         let seeds: Vec<u64> = enc.iter().map(|r| r.cell.seed).collect();
@@ -441,6 +482,7 @@ pub fn table_rows(
         let (ap, ae) = (mean(&plain, |r| r.accuracy), mean(enc, |r| r.accuracy));
         rows.push(TableRow {
             model: model.clone(),
+            first_layer: layer_name(*layer).to_string(),
             mode: mode.clone(),
             setting: setting.clone(),
             accuracy_plain: ap,
@@ -458,13 +500,14 @@ pub fn table_rows(
 /// The accuracy table as Markdown.
 pub fn table_markdown(rows: &[TableRow]) -> String {
     let mut s = String::from(
-        "| model | mode | setting | accuracy plain | accuracy encrypted | delta (pp) | seeds | key bits | SSIM | train s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | first layer | mode | setting | accuracy plain | accuracy encrypted | delta (pp) | seeds | key bits | SSIM | train s |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.2}% | {:.2}% | {:+.2} | {} | {:.0} | {:.3} | {:.1} |",
+            "| {} | {} | {} | {} | {:.2}% | {:.2}% | {:+.2} | {} | {:.0} | {:.3} | {:.1} |",
             r.model,
+            r.first_layer,
             r.mode,
             r.setting,
             100.0 * r.accuracy_plain,
@@ -482,12 +525,12 @@ pub fn table_markdown(rows: &[TableRow]) -> String {
 /// The accuracy table as CSV.
 pub fn table_csv(rows: &[TableRow]) -> String {
     let mut s = String::from(
-        "model,mode,setting,accuracy_plain,accuracy_encrypted,delta_pp,seeds,key_bits,ssim,train_secs\n",
+        "model,mode,setting,accuracy_plain,accuracy_encrypted,delta_pp,seeds,key_bits,ssim,train_secs,first_layer\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{:.4},{:.4},{:.2},{},{:.1},{:.4},{:.2}",
+            "{},{},{},{:.4},{:.4},{:.2},{},{:.1},{:.4},{:.2},{}",
             r.model,
             r.mode,
             r.setting,
@@ -497,7 +540,8 @@ pub fn table_csv(rows: &[TableRow]) -> String {
             r.seeds,
             r.key_bits,
             r.ssim,
-            r.train_secs
+            r.train_secs,
+            r.first_layer
         );
     }
     s

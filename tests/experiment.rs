@@ -63,6 +63,13 @@ async fn encryption_experiment_writes_both_tables() {
         );
         assert!((r.delta_pp - 100.0 * (r.accuracy_encrypted - r.accuracy_plain)).abs() < 1e-9);
         assert_eq!(r.seeds, 1);
+        // `auto`: per-pixel keys need a kernel per block position.
+        let layer = if r.mode == "pixel" {
+            "per-block"
+        } else {
+            "shared"
+        };
+        assert_eq!(r.first_layer, layer, "{r:?}");
     }
     // Security figures: cipher images look nothing like the plain ones, the
     // known-plaintext attack brings them back; pixel mode keeps pixels in
@@ -102,7 +109,7 @@ async fn encryption_experiment_writes_both_tables() {
     assert!(
         std::fs::read_to_string(out.join("table.md"))
             .unwrap()
-            .contains("| blocknet | pixel | federated |")
+            .contains("| blocknet | per-block | pixel | federated |")
     );
     assert_eq!(
         std::fs::read_to_string(out.join("attacks.csv"))
@@ -116,7 +123,8 @@ async fn encryption_experiment_writes_both_tables() {
             .unwrap()
             .lines()
             .count(),
-        6
+        8,
+        "a plain baseline for each first layer, then block and pixel, in both settings"
     );
 }
 

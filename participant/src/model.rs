@@ -80,7 +80,7 @@
 //! [`autograd_loss_and_grads`]: the ViT and the CNN do.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor, Var};
-use greyfed_protocol::message::ModelSpec;
+use greyfed_protocol::message::{FirstLayer, ModelSpec};
 use greyfed_protocol::weights::{ModelWeights, NamedTensor};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -167,6 +167,8 @@ pub struct BlockNetDims {
     pub cols: usize,
     /// Image planes `I` (1 grey-scale, 2 split halves).
     pub planes: usize,
+    /// A separate conv kernel for every block position.
+    pub per_block: bool,
     /// Block edge `B`.
     pub block: usize,
     /// Conv output channels `C`.
@@ -186,6 +188,7 @@ impl BlockNetDims {
             image_cols,
             image_channels,
             block_size,
+            first_layer,
             channels,
             hidden,
             num_classes,
@@ -201,6 +204,7 @@ impl BlockNetDims {
             cols: *image_cols as usize,
             planes: *image_channels as usize,
             block: *block_size as usize,
+            per_block: *first_layer == FirstLayer::PerBlock,
             channels: *channels as usize,
             hidden: *hidden as usize,
             classes: *num_classes as usize,
@@ -227,7 +231,9 @@ impl BlockNetDims {
             )));
         }
         let count = [
-            dims.channels.checked_mul(dims.patch_len() + 1),
+            dims.channels
+                .checked_mul(dims.patch_len() + 1)
+                .and_then(|v| v.checked_mul(if dims.per_block { dims.blocks() } else { 1 })),
             dims.fc1_in()
                 .checked_add(1)
                 .and_then(|v| v.checked_mul(dims.hidden)),
@@ -272,9 +278,15 @@ impl BlockNetDims {
     pub fn layout(&self) -> Vec<ParamInfo> {
         let (b, c, h, k) = (self.block, self.channels, self.hidden, self.classes);
         let (f, pl) = (self.fc1_in(), self.patch_len());
+        let (conv_w, conv_b) = if self.per_block {
+            let p = self.blocks();
+            (vec![p, c, self.planes, b, b], vec![p, c])
+        } else {
+            (vec![c, self.planes, b, b], vec![c])
+        };
         vec![
-            ParamInfo::new("conv.weight", vec![c, self.planes, b, b], pl),
-            ParamInfo::new("conv.bias", vec![c], pl),
+            ParamInfo::new("conv.weight", conv_w, pl),
+            ParamInfo::new("conv.bias", conv_b, pl),
             ParamInfo::new("fc1.weight", vec![h, f], f),
             ParamInfo::new("fc1.bias", vec![h], f),
             ParamInfo::new("fc2.weight", vec![k, h], h),
@@ -556,7 +568,15 @@ impl BlockNet {
         let t = weights.tensors();
         Ok(Self {
             dims,
-            conv_w: var_from(&t[0], &[dims.channels, dims.patch_len()], device)?,
+            conv_w: if dims.per_block {
+                var_from(
+                    &t[0],
+                    &[dims.blocks(), dims.channels, dims.patch_len()],
+                    device,
+                )?
+            } else {
+                var_from(&t[0], &[dims.channels, dims.patch_len()], device)?
+            },
             conv_b: var_from(&t[1], &t[1].shape, device)?,
             fc1_w: Var::from_vec(
                 fc1_to_internal(&t[2].data, dims.hidden, dims.channels, dims.blocks()),
@@ -622,14 +642,50 @@ impl BlockNet {
         Ok(conv.reshape((n, self.dims.fc1_in()))?)
     }
 
-    /// Differentiable logits `[N, K]` for images `[N, 1, R, W]`.
+    /// The convolution before its bias: `[N * P, C]` for a shared kernel
+    /// (one matmul for all blocks of all images), `[N, P * C]` per block (one
+    /// batched matmul over block positions). `patches` is `[N * P, I*B*B]`
+    /// (shared) or `[P, N, I*B*B]` (per block, see [`BlockNet::patch_batches`]).
+    fn conv_pre_bias(&self, patches: &Tensor, weight: &Tensor, n: usize) -> Result<Tensor> {
+        let d = &self.dims;
+        if d.per_block {
+            Ok(patches
+                .matmul(&weight.transpose(1, 2)?)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((n, d.fc1_in()))?)
+        } else {
+            Ok(patches.matmul(&weight.t()?)?)
+        }
+    }
+
+    /// Patches as the conv stage takes them: `[N * P, I*B*B]`, or per block
+    /// position `[P, N, I*B*B]`.
+    fn patch_batches(&self, images: &Tensor, n: usize) -> Result<Tensor> {
+        let patches = self.patches(images, n)?;
+        let d = &self.dims;
+        if d.per_block {
+            Ok(patches
+                .reshape((n, d.blocks(), d.patch_len()))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        } else {
+            Ok(patches)
+        }
+    }
+
+    /// The conv bias as a row added to the conv stage's output.
+    fn conv_bias_row(&self, bias: &Tensor) -> Result<Tensor> {
+        Ok(bias.flatten_all()?)
+    }
+
+    /// Differentiable logits `[N, K]` for images `[N, I, R, W]`.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let n = self.batch_size(images)?;
-        // One matmul for all blocks of all images: [N * P, C].
-        let conv = self
-            .patches(images, n)?
-            .matmul(&self.conv_w.t()?)?
-            .broadcast_add(&self.conv_b)?
+        let pre =
+            self.conv_pre_bias(&self.patch_batches(images, n)?, self.conv_w.as_tensor(), n)?;
+        let conv = pre
+            .broadcast_add(&self.conv_bias_row(self.conv_b.as_tensor())?)?
             .relu()?;
         let hidden = self
             .flatten(&conv, n)?
@@ -645,11 +701,15 @@ impl BlockNet {
     fn forward_acts(&self, images: &Tensor) -> Result<BlockActs> {
         let n = self.batch_size(images)?;
         let det = |v: &Var| v.as_detached_tensor();
-        let patches = self.patches(&images.detach(), n)?;
-        let conv = patches
-            .matmul(&det(&self.conv_w).t()?)?
-            .apply_op2_no_bwd(&det(&self.conv_b), &BiasAct { relu: true })?;
-        let flat = self.flatten(&conv, n)?;
+        let patches = self.patch_batches(&images.detach(), n)?;
+        let flat = self
+            .conv_pre_bias(&patches, &det(&self.conv_w), n)?
+            .apply_op2_no_bwd(
+                &self.conv_bias_row(&det(&self.conv_b))?,
+                &BiasAct { relu: true },
+            )?;
+        let flat = self.flatten(&flat, n)?;
+        let conv = flat.reshape((n * self.dims.blocks(), self.dims.channels))?;
         let hidden = flat
             .matmul(&det(&self.fc1_w))?
             .apply_op2_no_bwd(&det(&self.fc1_b), &BiasAct { relu: true })?;
@@ -693,9 +753,26 @@ impl BlockNet {
             .matmul(&w1.t()?)?
             .reshape((n * d.blocks(), d.channels))?
             .apply_op2_no_bwd(&a.conv, &ReluBackward)?;
-        // conv: conv = relu(patches @ Wc^T + bc).
-        let d_wc = d_conv.t()?.matmul(&a.patches)?;
-        let d_bc = d_conv.apply_op1_no_bwd(&ColumnSums)?;
+        // conv: conv = relu(patches @ Wc^T + bc), per block position when
+        // the kernels are per block.
+        let (d_wc, d_bc) = if d.per_block {
+            let d_pre = d_conv.reshape((n, d.fc1_in()))?;
+            let by_block = d_pre
+                .reshape((n, d.blocks(), d.channels))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            (
+                by_block.transpose(1, 2)?.matmul(&a.patches)?,
+                d_pre
+                    .apply_op1_no_bwd(&ColumnSums)?
+                    .reshape((d.blocks(), d.channels))?,
+            )
+        } else {
+            (
+                d_conv.t()?.matmul(&a.patches)?,
+                d_conv.apply_op1_no_bwd(&ColumnSums)?,
+            )
+        };
         Ok(LossAndGrads {
             loss,
             grads: vec![d_wc, d_bc, d_w1, d_b1, d_w2, d_b2],
@@ -890,6 +967,7 @@ mod tests {
             image_cols: 12,
             image_channels: 1,
             block_size: 4,
+            first_layer: FirstLayer::Shared,
             channels: 3,
             hidden: 5,
             num_classes: 4,
@@ -1027,10 +1105,16 @@ mod tests {
         for c in 0..d.channels {
             for by in 0..gr {
                 for bx in 0..gc {
-                    let mut s = cb[c];
+                    // Per-block kernels: weight [P, C, 1, B, B], bias [P, C].
+                    let k = if d.per_block {
+                        (by * gc + bx) * d.channels + c
+                    } else {
+                        c
+                    };
+                    let mut s = cb[k];
                     for i in 0..b {
                         for j in 0..b {
-                            s += cw[(c * b + i) * b + j] * img[(by * b + i) * d.cols + bx * b + j];
+                            s += cw[(k * b + i) * b + j] * img[(by * b + i) * d.cols + bx * b + j];
                         }
                     }
                     conv[(c * gr + by) * gc + bx] = s.max(0.0);
@@ -1054,17 +1138,28 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn forward_matches_naive_reference() {
-        let spec = ModelSpec::BlockNet {
+    /// A small blocknet for the forward and backward tests.
+    fn test_spec(first_layer: FirstLayer) -> ModelSpec {
+        ModelSpec::BlockNet {
             image_rows: 8,
             image_cols: 12,
             image_channels: 1,
             block_size: 4,
+            first_layer,
             channels: 6,
             hidden: 7,
             num_classes: 5,
-        };
+        }
+    }
+
+    #[test]
+    fn forward_matches_naive_reference() {
+        for layer in [FirstLayer::Shared, FirstLayer::PerBlock] {
+            forward_matches_naive_reference_for(test_spec(layer));
+        }
+    }
+
+    fn forward_matches_naive_reference_for(spec: ModelSpec) {
         let d = BlockNetDims::from_spec(&spec).unwrap();
         let w = init_weights(&spec, 11).unwrap();
         let mut rng = StdRng::seed_from_u64(5);
@@ -1101,15 +1196,12 @@ mod tests {
 
     #[test]
     fn manual_backward_matches_autograd() {
-        let spec = ModelSpec::BlockNet {
-            image_rows: 8,
-            image_cols: 12,
-            image_channels: 1,
-            block_size: 4,
-            channels: 6,
-            hidden: 7,
-            num_classes: 5,
-        };
+        for layer in [FirstLayer::Shared, FirstLayer::PerBlock] {
+            manual_backward_matches_autograd_for(test_spec(layer));
+        }
+    }
+
+    fn manual_backward_matches_autograd_for(spec: ModelSpec) {
         // Larger weights than the default init so that ReLUs are mixed and
         // the loss is far from uniform.
         let w = init_weights(&spec, 21).unwrap();

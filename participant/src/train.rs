@@ -525,6 +525,7 @@ fn adam_one(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, step_size: f32, bc2_s
 mod tests {
     use super::*;
     use crate::model::init_weights;
+    use greyfed_protocol::message::FirstLayer;
     use greyfed_protocol::weights::NamedTensor;
     use rand::RngExt;
 
@@ -555,6 +556,7 @@ mod tests {
             image_cols: 12,
             image_channels: 1,
             block_size: 4,
+            first_layer: FirstLayer::Shared,
             channels: 4,
             hidden: 16,
             num_classes: 10,
@@ -815,6 +817,7 @@ mod tests {
             image_cols: 12,
             image_channels: 1,
             block_size: 4,
+            first_layer: FirstLayer::Shared,
             channels: 4,
             hidden: 16,
             num_classes: 2,

@@ -11,7 +11,7 @@ use greyfed_participant::{
     model::{Network, init_weights},
     train::TensorData,
 };
-use greyfed_protocol::{ModelSpec, ModelWeights, NamedTensor, cipher::CipherSteps};
+use greyfed_protocol::{FirstLayer, ModelSpec, ModelWeights, NamedTensor, cipher::CipherSteps};
 
 const B: usize = 4;
 
@@ -134,4 +134,96 @@ fn per_block_keys_are_not_absorbed_by_a_shared_kernel() {
     let enc_model = encrypted_domain_weights(&plain_model, &cipher);
     let on_cipher = logits(&spec, &enc_model, &cipher.encrypt_dataset(&images).unwrap());
     assert!(max_abs_diff(&plain, &on_cipher) > 1e-2);
+}
+
+/// `(block, in-block index)` of value `v` of a 28x28 image with `planes`.
+fn block_of(v: usize) -> (usize, usize) {
+    let (ch, pixel) = (v / 784, v % 784);
+    let (row, col) = (pixel / 28, pixel % 28);
+    (
+        (row / B) * (28 / B) + col / B,
+        ch * B * B + (row % B) * B + col % B,
+    )
+}
+
+/// The weights of the encrypted-domain blocknet with per-block kernels, for
+/// any mode: the kernel of cipher block `q` at in-block value `d` is the
+/// plain kernel of the block `d`'s value comes from, at the value's plain
+/// in-block index, negated where the value is inverted.
+fn per_block_encrypted_weights(plain: &ModelWeights, cipher: &ImageCipher) -> ModelWeights {
+    let t = plain.tensors();
+    let (conv, fc1) = (&t[0], &t[2]);
+    let (blocks, c_out) = (conv.shape[0], conv.shape[1]);
+    let patch: usize = conv.shape[2..].iter().product();
+    let mut conv_w = vec![0f32; conv.data.len()];
+    for (v, (&u, &x)) in cipher
+        .value_source()
+        .iter()
+        .zip(cipher.value_xor())
+        .enumerate()
+    {
+        let ((q, d), (p, e)) = (block_of(v), block_of(u));
+        assert_eq!(p, cipher.block_permutation()[q]);
+        let sign = if x == 0xFF { -1.0 } else { 1.0 };
+        for c in 0..c_out {
+            conv_w[(q * c_out + c) * patch + d] = sign * conv.data[(p * c_out + c) * patch + e];
+        }
+    }
+    let mut conv_b = vec![0f32; blocks * c_out];
+    for (q, &p) in cipher.block_permutation().iter().enumerate() {
+        conv_b[q * c_out..(q + 1) * c_out].copy_from_slice(&t[1].data[p * c_out..(p + 1) * c_out]);
+    }
+    let inputs = fc1.shape[1];
+    let mut fc1_w = vec![0f32; fc1.data.len()];
+    for h in 0..fc1.shape[0] {
+        for c in 0..c_out {
+            for (q, &p) in cipher.block_permutation().iter().enumerate() {
+                fc1_w[h * inputs + c * blocks + q] = fc1.data[h * inputs + c * blocks + p];
+            }
+        }
+    }
+    let mut tensors = t.to_vec();
+    tensors[0] = NamedTensor::new(&conv.name, conv.shape.clone(), conv_w).unwrap();
+    tensors[1] = NamedTensor::new(&t[1].name, t[1].shape.clone(), conv_b).unwrap();
+    tensors[2] = NamedTensor::new(&fc1.name, fc1.shape.clone(), fc1_w).unwrap();
+    ModelWeights::new(tensors).unwrap()
+}
+
+/// With a kernel per block position (a locally connected first layer)
+/// blocknet absorbs every mode exactly, per-block keys and pixel-based
+/// steps included.
+#[test]
+fn per_block_kernels_absorb_every_mode() {
+    let splits = builtin_splits(4);
+    let images = splits.test.subset(&(0..16).collect::<Vec<_>>());
+    let key = ImageKey::from_bytes([0x24; 32]);
+    for mode in [
+        "extended",
+        "le-extended",
+        "pixel",
+        "pixel-negpos",
+        "block+pixel-negpos",
+        "block",
+    ] {
+        let steps: CipherSteps = mode.parse().unwrap();
+        assert_eq!(
+            FirstLayer::for_cipher(&steps) == FirstLayer::PerBlock,
+            mode != "block"
+        );
+        let spec = ModelSpec::blocknet_28x28(B as u32)
+            .with_image_channels(steps.output_channels())
+            .with_first_layer(FirstLayer::PerBlock);
+        let plain_model = init_weights(&spec, 9).unwrap();
+        let cipher = ImageCipher::new(&key, steps, B, 28, 28).unwrap();
+        let plain = logits(&spec, &plain_model, &plain_values(&images, steps, &key));
+        let encrypted = cipher.encrypt_dataset(&images).unwrap();
+        let enc_model = per_block_encrypted_weights(&plain_model, &cipher);
+        let diff = max_abs_diff(&plain, &logits(&spec, &enc_model, &encrypted));
+        assert!(diff < 1e-4, "{mode}: logits differ by {diff}");
+        let naive_diff = max_abs_diff(&plain, &logits(&spec, &plain_model, &encrypted));
+        assert!(
+            naive_diff > 1e-2,
+            "{mode}: plain model unchanged ({naive_diff})"
+        );
+    }
 }

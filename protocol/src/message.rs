@@ -51,6 +51,9 @@ pub enum ModelSpec {
         image_channels: u32,
         /// Block edge in pixels; must divide both image dimensions.
         block_size: u32,
+        /// One kernel for all blocks, or one per block position.
+        #[serde(default)]
+        first_layer: FirstLayer,
         /// Output channels of the block convolution.
         channels: u32,
         /// Width of the hidden layer.
@@ -71,6 +74,9 @@ pub enum ModelSpec {
         image_channels: u32,
         /// Patch edge in pixels; must divide both image dimensions.
         patch_size: u32,
+        /// One patch embedding for all patches, or one per patch position.
+        #[serde(default)]
+        first_layer: FirstLayer,
         /// Embedding width.
         dim: u32,
         /// Encoder blocks.
@@ -104,6 +110,34 @@ fn one() -> u32 {
     1
 }
 
+/// Whether the first layer of a block-wise model shares its weights across
+/// block positions.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum FirstLayer {
+    /// One kernel (patch embedding) for every block: absorbs cipher steps
+    /// that are the same in every block.
+    #[default]
+    Shared,
+    /// A separate kernel for every block position (a locally connected
+    /// layer): absorbs per-block keys and pixel-based steps too, at the cost
+    /// of `blocks` times the first layer's parameters.
+    PerBlock,
+}
+
+impl FirstLayer {
+    /// The first layer a block-wise model needs to absorb `steps` exactly:
+    /// per block when the cipher's keys differ between blocks or pixels.
+    pub fn for_cipher(steps: &crate::cipher::CipherSteps) -> FirstLayer {
+        if steps.per_block || steps.pixel_negative_positive || steps.component_shuffle {
+            FirstLayer::PerBlock
+        } else {
+            FirstLayer::Shared
+        }
+    }
+}
+
 impl ModelSpec {
     /// The default `blocknet` for 28x28 grey-scale images, 10 classes and
     /// block size `block_size`.
@@ -113,6 +147,7 @@ impl ModelSpec {
             image_cols: 28,
             image_channels: 1,
             block_size,
+            first_layer: FirstLayer::Shared,
             channels: 32,
             hidden: 256,
             num_classes: 10,
@@ -165,6 +200,17 @@ impl ModelSpec {
             | ModelSpec::Vit { image_channels, .. }
             | ModelSpec::Cnn { image_channels, .. } => *image_channels,
         }
+    }
+
+    /// The same architecture with first layer `layer` (no change for the CNN).
+    pub fn with_first_layer(mut self, layer: FirstLayer) -> Self {
+        match &mut self {
+            ModelSpec::BlockNet { first_layer, .. } | ModelSpec::Vit { first_layer, .. } => {
+                *first_layer = layer
+            }
+            ModelSpec::Cnn { .. } => {}
+        }
+        self
     }
 
     /// The same architecture for images with `channels` planes.

@@ -8,6 +8,14 @@
 //! final layer norm, a mean over the tokens and a linear head. Why this
 //! absorbs block scrambling is explained in the [`super`] module docs.
 //!
+//! With [`FirstLayer::PerBlock`] the patch embedding is locally connected:
+//! every patch position `t` has its own weight `W_t [D, I*P*P]` and bias
+//! `b_t [D]` (`patch_embed.weight [T, D, I*P*P]`, `patch_embed.bias [T, D]`),
+//! so it can absorb a different in-patch transform at every position (the
+//! position embeddings stay, redundant with the per-position biases). It is
+//! one batched matmul of the patches grouped by position, `[T, N, I*P*P]`,
+//! with the weights stored as `[T, I*P*P, D]`.
+//!
 //! Gradients come from candle's autograd ([`super::autograd_loss_and_grads`]).
 //! candle-nn's fused `layer_norm` and `softmax_last_dim` have no backward
 //! pass, so training uses this module's own fused layer-norm and softmax ops
@@ -22,7 +30,7 @@
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor, Var,
 };
-use greyfed_protocol::message::ModelSpec;
+use greyfed_protocol::message::{FirstLayer, ModelSpec};
 use greyfed_protocol::weights::ModelWeights;
 
 use super::{
@@ -48,6 +56,7 @@ pub fn vit_28x28(patch_size: u32, image_channels: u32) -> ModelSpec {
         image_cols: 28,
         image_channels,
         patch_size,
+        first_layer: FirstLayer::Shared,
         dim: 64,
         depth: 2,
         heads: 4,
@@ -67,6 +76,8 @@ pub struct VitDims {
     pub planes: usize,
     /// Patch edge `P`.
     pub patch: usize,
+    /// A separate patch embedding for every patch position.
+    pub per_patch: bool,
     /// Embedding width `D`.
     pub dim: usize,
     /// Number of encoder blocks.
@@ -89,6 +100,7 @@ impl VitDims {
             image_cols,
             image_channels,
             patch_size,
+            first_layer,
             dim,
             depth,
             heads,
@@ -106,6 +118,7 @@ impl VitDims {
             cols: *image_cols as usize,
             planes: *image_channels as usize,
             patch: *patch_size as usize,
+            per_patch: *first_layer == FirstLayer::PerBlock,
             dim: *dim as usize,
             depth: *depth as usize,
             heads: *heads as usize,
@@ -179,8 +192,12 @@ impl VitDims {
         let patch_len = self
             .planes
             .checked_mul(self.patch.checked_mul(self.patch)?)?;
+        let mut embed = d.checked_mul(patch_len.checked_add(1)?)?;
+        if self.per_patch {
+            embed = embed.checked_mul(self.tokens())?;
+        }
         sum(&[
-            d.checked_mul(patch_len.checked_add(1)?),
+            Some(embed),
             self.tokens().checked_mul(d),
             block.checked_mul(self.depth),
             d.checked_mul(2),
@@ -213,7 +230,8 @@ impl VitDims {
         self.dim / self.heads
     }
 
-    /// The parameter tensors, in order: `patch_embed.{weight,bias}`,
+    /// The parameter tensors, in order: `patch_embed.{weight,bias}` (`[D,
+    /// I*P*P]` and `[D]`, or `[T, D, I*P*P]` and `[T, D]` per patch position),
     /// `pos_embed`, per block `blocks.{i}.norm1`, `.attn.qkv`, `.attn.proj`,
     /// `.norm2`, `.mlp.fc1`, `.mlp.fc2` (each `.weight` and `.bias`), then
     /// `norm` and `head`.
@@ -221,9 +239,14 @@ impl VitDims {
         let (d, m, k, pl) = (self.dim, self.mlp_dim, self.classes, self.patch_len());
         let ones = |name: &str| ParamInfo::new(name, vec![d], d).with_init(ParamInit::Ones);
         let zeros = |name: &str| ParamInfo::new(name, vec![d], d).with_init(ParamInit::Zeros);
+        let (weight, bias) = if self.per_patch {
+            (vec![self.tokens(), d, pl], vec![self.tokens(), d])
+        } else {
+            (vec![d, pl], vec![d])
+        };
         let mut out = vec![
-            ParamInfo::new("patch_embed.weight", vec![d, pl], pl),
-            ParamInfo::new("patch_embed.bias", vec![d], pl),
+            ParamInfo::new("patch_embed.weight", weight, pl),
+            ParamInfo::new("patch_embed.bias", bias, pl),
             ParamInfo::new("pos_embed", vec![self.tokens(), d], d).with_init(ParamInit::Embedding),
         ];
         for i in 0..self.depth {
@@ -267,7 +290,9 @@ enum Mode {
 }
 
 /// The vision transformer (see the module docs). The variables are kept in
-/// [`VitDims::layout`] order and layout, so [`Vit::to_weights`] is a copy.
+/// [`VitDims::layout`] order and layout, except that a per-position patch
+/// embedding weight is stored as `[T, I*P*P, D]` (the right-hand side of its
+/// batched matmul); [`Vit::new`] and [`Vit::to_weights`] convert.
 #[derive(Debug)]
 pub struct Vit {
     dims: VitDims,
@@ -281,11 +306,14 @@ impl Vit {
         let dims = VitDims::from_spec(spec)?;
         let layout = dims.layout();
         check_layout(&layout, weights, "vit")?;
-        let vars = weights
+        let mut vars = weights
             .tensors()
             .iter()
             .map(|t| var_from(t, &t.shape, device))
             .collect::<Result<Vec<_>>>()?;
+        if dims.per_patch {
+            vars[0] = Var::from_tensor(&vars[0].as_tensor().transpose(1, 2)?.contiguous()?)?;
+        }
         debug_assert_eq!(vars.len(), OUTER_TENSORS + BLOCK_TENSORS * dims.depth);
         Ok(Self { dims, vars })
     }
@@ -295,14 +323,25 @@ impl Vit {
         &self.dims
     }
 
-    /// The variables in [`ModelWeights`] order and layout.
+    /// The variables in [`ModelWeights`] order and internal layout (see
+    /// [`Vit`]).
     pub fn vars(&self) -> Vec<Var> {
         self.vars.clone()
     }
 
     /// The current values as [`ModelWeights`].
     pub fn to_weights(&self) -> Result<ModelWeights> {
-        vars_to_weights(&self.dims.layout(), &self.vars)
+        let weights = vars_to_weights(&self.dims.layout(), &self.vars)?;
+        if !self.dims.per_patch {
+            return Ok(weights);
+        }
+        let mut tensors = weights.into_tensors();
+        tensors[0].data = self.vars[0]
+            .as_tensor()
+            .transpose(1, 2)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(ModelWeights::new(tensors)?)
     }
 
     /// Differentiable logits `[N, K]` for images `[N, I, R, W]`.
@@ -336,20 +375,52 @@ impl Vit {
     }
 
     /// `[N, I, R, W] -> [N, R/P, W/P, I, P, P] -> [N * T, I * P * P]`, the
-    /// same patch vectors as [`super::BlockNet`]'s.
-    fn patches(&self, images: &Tensor, n: usize) -> Result<Tensor> {
+    /// same patch vectors as [`super::BlockNet`]'s; `by_position` groups
+    /// them by patch position instead: `[T, N, I * P * P]` (contiguous).
+    fn patches(&self, images: &Tensor, n: usize, by_position: bool) -> Result<Tensor> {
         let d = &self.dims;
         let (gr, gc, p) = (d.grid_rows(), d.grid_cols(), d.patch);
-        let grouped = if d.planes == 1 {
-            images
+        let grouped = match (d.planes == 1, by_position) {
+            (true, false) => images
                 .reshape((n, gr, p, gc, p))?
-                .permute((0, 1, 3, 2, 4))?
-        } else {
-            images
+                .permute((0, 1, 3, 2, 4))?,
+            (true, true) => images
+                .reshape((n, gr, p, gc, p))?
+                .permute((1, 3, 0, 2, 4))?,
+            (false, false) => images
                 .reshape((n, d.planes, gr, p, gc, p))?
-                .permute((0, 2, 4, 1, 3, 5))?
+                .permute((0, 2, 4, 1, 3, 5))?,
+            (false, true) => images
+                .reshape((n, d.planes, gr, p, gc, p))?
+                .permute((2, 4, 0, 1, 3, 5))?,
         };
-        Ok(grouped.reshape((n * d.tokens(), d.patch_len()))?)
+        Ok(if by_position {
+            grouped.reshape((d.tokens(), n, d.patch_len()))?
+        } else {
+            grouped.reshape((n * d.tokens(), d.patch_len()))?
+        })
+    }
+
+    /// Patch embeddings plus position embeddings, `[N, T * D]`: one shared
+    /// linear map of every patch, or per position `t` the batched
+    /// `W_t · patch_{n,t} + b_t` (`[T, N, K] @ [T, K, D]`).
+    fn embed(&self, images: &Tensor, n: usize, mode: Mode) -> Result<Tensor> {
+        let d = &self.dims;
+        let t = d.tokens();
+        let pos = self.w(2, mode);
+        if !d.per_patch {
+            let x = self
+                .linear(&self.patches(images, n, false)?, 0, mode)?
+                .reshape((n, t * d.dim))?;
+            return Ok(add_bias(&x, &pos.flatten_all()?)?);
+        }
+        let x = self
+            .patches(images, n, true)?
+            .matmul(&self.w(0, mode))?
+            .transpose(0, 1)?
+            .reshape((n, t * d.dim))?;
+        let bias = (self.w(1, mode) + pos)?.flatten_all()?;
+        Ok(add_bias(&x, &bias)?)
     }
 
     /// Variable `i` as a tensor: tracked for training, detached for inference.
@@ -410,10 +481,7 @@ impl Vit {
         let d = &self.dims;
         let n = self.batch_size(images)?;
         let t = d.tokens();
-        let x = self
-            .linear(&self.patches(images, n)?, 0, mode)?
-            .reshape((n, t * d.dim))?;
-        let mut x = add_bias(&x, &self.w(2, mode).flatten_all()?)?.reshape((n * t, d.dim))?;
+        let mut x = self.embed(images, n, mode)?.reshape((n * t, d.dim))?;
         for blk in 0..d.depth {
             let base = 3 + blk * BLOCK_TENSORS;
             let a = self.layer_norm(&x, base, mode)?;
@@ -826,6 +894,7 @@ mod tests {
             image_cols: cols,
             image_channels: planes,
             patch_size: patch,
+            first_layer: FirstLayer::Shared,
             dim: 16,
             depth: 2,
             heads: 4,
@@ -985,6 +1054,7 @@ mod tests {
             image_cols: 256,
             image_channels: 1,
             patch_size: 1,
+            first_layer: FirstLayer::Shared,
             dim: 8,
             depth: 1,
             heads: 1,
@@ -1119,6 +1189,223 @@ mod tests {
         assert_close(&plain, &enc, 1e-5);
     }
 
+    fn per_patch(spec: ModelSpec) -> ModelSpec {
+        spec.with_first_layer(FirstLayer::PerBlock)
+    }
+
+    /// Values uniform in `[-1, 1)`, like centred images.
+    fn centred(len: usize, seed: u64) -> Vec<f32> {
+        random(len, seed).iter().map(|v| 2.0 * v - 1.0).collect()
+    }
+
+    #[test]
+    fn per_patch_layout_shapes_and_round_trip() {
+        let s = per_patch(spec(8, 12, 2, 4));
+        let d = VitDims::from_spec(&s).unwrap();
+        assert!(d.per_patch);
+        let (t, dim, pl) = (d.tokens(), d.dim, d.patch_len());
+        assert_eq!((t, pl), (6, 32));
+        let w = init_weights(&s, 3).unwrap();
+        let ts = w.tensors();
+        assert_eq!(ts.len(), 7 + 2 * 12);
+        assert_eq!(ts[0].name, "patch_embed.weight");
+        assert_eq!(ts[0].shape, vec![t, dim, pl]);
+        assert_eq!(ts[1].shape, vec![t, dim]);
+        assert_eq!(ts[2].shape, vec![t, dim]);
+        // Fan-in stays I * P * P.
+        let bound = 1.0 / (pl as f32).sqrt();
+        for t in &ts[..2] {
+            let max = t.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(max <= bound && max > 0.9 * bound, "{}: {max}", t.name);
+        }
+        // The parameter count includes the T-fold first layer.
+        let shared = VitDims::from_spec(&spec(8, 12, 2, 4)).unwrap();
+        let count = d.parameter_count().unwrap();
+        assert_eq!(count, w.to_flat().len());
+        assert_eq!(
+            count - shared.parameter_count().unwrap(),
+            (t - 1) * dim * (pl + 1)
+        );
+        // 1024 patches of 2 * 32 * 32 values: 2^28 parameters are plenty
+        // for one shared embedding, too few for one per patch.
+        let big = per_patch(ModelSpec::Vit {
+            image_rows: 1024,
+            image_cols: 1024,
+            image_channels: 2,
+            patch_size: 32,
+            first_layer: FirstLayer::Shared,
+            dim: 256,
+            depth: 1,
+            heads: 1,
+            mlp_dim: 8,
+            num_classes: 10,
+        });
+        let err = VitDims::from_spec(&big).unwrap_err().to_string();
+        assert!(err.contains("parameters"), "{err}");
+        assert!(VitDims::from_spec(&big.with_first_layer(FirstLayer::Shared)).is_ok());
+
+        let w = random_weights(&s, 5);
+        let net = Network::new(&s, &w, &Device::Cpu).unwrap();
+        assert_eq!(net.to_weights().unwrap(), w);
+        assert_eq!(net.layout(), super::super::param_layout(&s).unwrap());
+        assert_eq!(net.vars()[0].dims(), &[t, pl, dim]);
+        let x = Tensor::from_vec(centred(4 * 2 * 96, 6), (4, 2, 8, 12), &Device::Cpu).unwrap();
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = flat(net.forward(&x).unwrap());
+        let b = flat(net.predict(&x).unwrap());
+        assert_eq!(a.len(), 4 * 5);
+        assert_close(&a, &b, 1e-5);
+        // Every parameter gets a gradient, in the internal layout.
+        let y = Tensor::new(&[0u32, 1, 2, 4], &Device::Cpu).unwrap();
+        let out = net.loss_and_grads(&x, &y).unwrap();
+        for (g, v) in out.grads.iter().zip(net.vars()) {
+            assert_eq!(g.dims(), v.dims());
+            assert!(flat(g.clone()).iter().any(|v| v.abs() > 1e-7));
+        }
+        // Shared-embedding weights do not fit, nor do per-patch ones a
+        // shared spec.
+        let shared_w = init_weights(&spec(8, 12, 2, 4), 0).unwrap();
+        assert!(Network::new(&s, &shared_w, &Device::Cpu).is_err());
+        assert!(Network::new(&spec(8, 12, 2, 4), &w, &Device::Cpu).is_err());
+    }
+
+    /// A per-patch ViT whose per-position embeddings are all the shared one
+    /// computes the shared ViT's logits, and its weight gradients summed over
+    /// positions are the shared ViT's.
+    #[test]
+    fn per_patch_with_equal_positions_matches_shared() {
+        let shared = spec(8, 12, 1, 4);
+        let d = VitDims::from_spec(&shared).unwrap();
+        let w = random_weights(&shared, 21);
+        let mut tensors = w.clone().into_tensors();
+        for t in &mut tensors[..2] {
+            t.shape.insert(0, d.tokens());
+            t.data = t.data.repeat(d.tokens());
+        }
+        let wp = ModelWeights::new(tensors).unwrap();
+        let (a, b) = (
+            Network::new(&shared, &w, &Device::Cpu).unwrap(),
+            Network::new(&per_patch(shared.clone()), &wp, &Device::Cpu).unwrap(),
+        );
+        let x = Tensor::from_vec(centred(3 * 96, 22), (3, 1, 8, 12), &Device::Cpu).unwrap();
+        let y = Tensor::new(&[0u32, 3, 4], &Device::Cpu).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_close(
+            &flat(&a.forward(&x).unwrap()),
+            &flat(&b.forward(&x).unwrap()),
+            1e-5,
+        );
+        let (ga, gb) = (
+            a.loss_and_grads(&x, &y).unwrap().grads,
+            b.loss_and_grads(&x, &y).unwrap().grads,
+        );
+        // [T, K, D] -> sum over T -> [K, D]^T = [D, K].
+        let dw = gb[0].sum(0).unwrap().t().unwrap();
+        assert_close(&flat(&ga[0]), &flat(&dw), 1e-5);
+        assert_close(&flat(&ga[1]), &flat(&gb[1].sum(0).unwrap()), 1e-5);
+        for (x, y) in ga.iter().zip(&gb).skip(2) {
+            assert_close(&flat(x), &flat(y), 1e-5);
+        }
+    }
+
+    /// A patch permutation `pi` and a different in-patch permutation and
+    /// sign-flip set for every patch position (destination patch `q` is
+    /// source patch `pi[q]` transformed with `q`'s own transform) are
+    /// absorbed by a per-patch embedding: permute the per-position weights,
+    /// biases and position embeddings by `pi` and permute and negate each
+    /// position's columns. A shared embedding cannot do the same.
+    #[test]
+    fn per_position_transforms_are_absorbed_by_per_patch_embedding() {
+        for planes in [1usize, 2] {
+            let (n, rows, cols, p) = (3, 8, 12, 4);
+            let s = per_patch(spec(rows as u32, cols as u32, planes as u32, p as u32));
+            let d = VitDims::from_spec(&s).unwrap();
+            let (gc, t, pl, dim) = (d.grid_cols(), d.tokens(), d.patch_len(), d.dim);
+            let w = random_weights(&s, 31 + planes as u64);
+            let images = centred(n * planes * rows * cols, 32);
+            let mut rng = StdRng::seed_from_u64(33);
+            let mut pi: Vec<usize> = (0..t).collect();
+            pi.shuffle(&mut rng);
+            assert_ne!(pi, (0..t).collect::<Vec<_>>());
+            // Position q: new entry e is old entry sigma[q][e], negated where flip[q][e].
+            let sigma: Vec<Vec<usize>> = (0..t)
+                .map(|_| {
+                    let mut s: Vec<usize> = (0..pl).collect();
+                    s.shuffle(&mut rng);
+                    s
+                })
+                .collect();
+            let flip: Vec<Vec<bool>> = (0..t)
+                .map(|_| (0..pl).map(|_| rng.random_range(0..2) == 1).collect())
+                .collect();
+            assert!(sigma[0] != sigma[1] && flip[0] != flip[1]);
+            // Index of patch-vector entry `e` (plane, row, col) of patch `k`.
+            let index = |img: usize, k: usize, e: usize| {
+                let (pln, i, j) = (e / (p * p), e / p % p, e % p);
+                ((img * planes + pln) * rows + (k / gc) * p + i) * cols + (k % gc) * p + j
+            };
+            let mut transformed = vec![0f32; images.len()];
+            for img in 0..n {
+                for q in 0..t {
+                    for e in 0..pl {
+                        let v = images[index(img, pi[q], sigma[q][e])];
+                        transformed[index(img, q, e)] = if flip[q][e] { -v } else { v };
+                    }
+                }
+            }
+            // W'_q[:, e] = s_q[e] W_{pi[q]}[:, sigma_q[e]]; b'_q = b_{pi[q]};
+            // pos'_q = pos_{pi[q]}.
+            let transform_weights = |w: &ModelWeights, per_position: bool| {
+                let mut tensors = w.clone().into_tensors();
+                let e_old = &tensors[0].data;
+                let mut e_new = vec![0f32; e_old.len()];
+                // A shared embedding can take one position's transform only.
+                let positions = if per_position { t } else { 1 };
+                for q in 0..positions {
+                    let src = if per_position { pi[q] } else { 0 };
+                    for o in 0..dim {
+                        for e in 0..pl {
+                            let v = e_old[(src * dim + o) * pl + sigma[q][e]];
+                            e_new[(q * dim + o) * pl + e] = if flip[q][e] { -v } else { v };
+                        }
+                    }
+                }
+                tensors[0].data = e_new;
+                let permute_rows = |data: &[f32]| -> Vec<f32> {
+                    pi.iter()
+                        .flat_map(|&src| data[src * dim..(src + 1) * dim].to_vec())
+                        .collect()
+                };
+                if per_position {
+                    tensors[1].data = permute_rows(&tensors[1].data);
+                }
+                tensors[2].data = permute_rows(&tensors[2].data);
+                ModelWeights::new(tensors).unwrap()
+            };
+            let shape = (n, planes, rows, cols);
+            let run = |s: &ModelSpec, w: &ModelWeights, x: &[f32]| {
+                logits(&Network::new(s, w, &Device::Cpu).unwrap(), x, shape)
+            };
+            let max_diff =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let plain = run(&s, &w, &images);
+            let w2 = transform_weights(&w, true);
+            assert_close(&plain, &run(&s, &w2, &transformed), 1e-5);
+            // Sanity: without re-parametrisation the logits do change.
+            assert!(max_diff(&plain, &run(&s, &w, &transformed)) > 1e-2);
+            // The analogous construction with one shared embedding fails.
+            let shared = s.clone().with_first_layer(FirstLayer::Shared);
+            let ws = random_weights(&shared, 34);
+            let plain = run(&shared, &ws, &images);
+            let enc = run(&shared, &transform_weights(&ws, false), &transformed);
+            let diff = max_diff(&plain, &enc);
+            assert!(
+                diff > 1e-2,
+                "planes {planes}: shared differs by only {diff}"
+            );
+        }
+    }
+
     /// The fused layer-norm, softmax, bias and bias-GELU ops and their
     /// backward kernels agree with candle's composed differentiable formulas.
     #[test]
@@ -1194,10 +1481,11 @@ mod tests {
         );
     }
 
-    /// Training throughput at batch 64 of the default blocknet, ViT and CNN
-    /// (plain grey-scale 28x28). Run with `RAYON_NUM_THREADS` set and
+    /// Training throughput at batch 64 of the default blocknet, ViT (shared
+    /// and per-position patch embedding) and CNN (plain grey-scale 28x28).
+    /// Run with `RAYON_NUM_THREADS` set and
     /// `cargo test --release -p greyfed-participant --lib bench_training -- --ignored --nocapture`
-    /// (`GREYFED_BENCH_MODELS=vit,cnn` picks models).
+    /// (`GREYFED_BENCH_MODELS=vit,vit-perblock,cnn` picks models).
     #[test]
     #[ignore]
     fn bench_training_throughput() {
@@ -1207,6 +1495,16 @@ mod tests {
             ("blocknet", ModelSpec::blocknet_28x28(4), 5_000),
             ("vit", vit_28x28(4, 1), 1_000),
             ("vit-p7", vit_28x28(7, 1), 2_000),
+            (
+                "vit-perblock",
+                vit_28x28(4, 1).with_first_layer(FirstLayer::PerBlock),
+                1_000,
+            ),
+            (
+                "vit-p7-perblock",
+                vit_28x28(7, 1).with_first_layer(FirstLayer::PerBlock),
+                2_000,
+            ),
             ("cnn", crate::model::cnn_28x28(1), 640),
         ] {
             if !pick.split(',').any(|p| p == name) {
@@ -1247,6 +1545,16 @@ mod tests {
     /// held-out accuracy far above chance (0.1).
     #[test]
     fn training_learns_synthetic_digits() {
+        learns_synthetic_digits(FirstLayer::Shared);
+    }
+
+    /// The same with a per-position patch embedding.
+    #[test]
+    fn per_patch_training_learns_synthetic_digits() {
+        learns_synthetic_digits(FirstLayer::PerBlock);
+    }
+
+    fn learns_synthetic_digits(first_layer: FirstLayer) {
         use crate::data::synthetic::synthetic_digits;
         use crate::train::{TensorData, evaluate, train_local};
         use greyfed_protocol::message::{OptimizerSpec, TrainingConfig};
@@ -1256,6 +1564,7 @@ mod tests {
             image_cols: 28,
             image_channels: 1,
             patch_size: 7,
+            first_layer,
             dim: 32,
             depth: 1,
             heads: 2,
@@ -1277,7 +1586,7 @@ mod tests {
         let secs = start.elapsed().as_secs_f64();
         let after = evaluate(&spec, &out.weights, &test, 100).unwrap();
         println!(
-            "vit: accuracy {:.3} -> {:.3}, loss {:.3} -> {:.3} in {secs:.1} s",
+            "vit {first_layer:?}: accuracy {:.3} -> {:.3}, loss {:.3} -> {:.3} in {secs:.1} s",
             before.accuracy(),
             after.accuracy(),
             before.mean_loss(),
