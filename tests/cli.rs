@@ -6,6 +6,8 @@ mod common;
 use common::greyfed;
 use greyfed_coordinator::metrics::read_metrics;
 
+/// With Tanaka's split mode (`le`): two image planes end to end, over QUIC
+/// between processes, and the model file says which input it expects.
 #[test]
 fn simulate_runs_processes_and_writes_metrics() {
     let out = tempfile::tempdir().unwrap();
@@ -18,6 +20,8 @@ fn simulate_runs_processes_and_writes_metrics() {
             "2",
             "--local-epochs",
             "1",
+            "--cipher",
+            "le",
             "--central-eval",
             "--out",
         ])
@@ -69,7 +73,18 @@ fn simulate_runs_processes_and_writes_metrics() {
             "metrics.jsonl lacks {key}: {first}"
         );
     }
-    assert!(out.path().join("model.safetensors").exists());
+    let bytes = std::fs::read(out.path().join("model.safetensors")).unwrap();
+    let (weights, meta) = greyfed_protocol::ModelWeights::from_safetensors(&bytes).unwrap();
+    assert_eq!(
+        weights.tensors()[0].shape,
+        [32, 2, 4, 4],
+        "conv over two planes"
+    );
+    let cipher: greyfed_protocol::cipher::CipherSpec =
+        serde_json::from_str(&meta["greyfed.cipher"]).unwrap();
+    assert_eq!(cipher.steps.to_string(), "le");
+    assert_eq!(cipher.block_size, 4);
+    assert_eq!(cipher.key_id.len(), 16);
 }
 
 #[test]

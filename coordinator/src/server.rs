@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use greyfed_protocol::{
     AggregationKind, EvalMetrics, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
+    cipher::CipherSpec,
     frame::{FrameDecoder, encode_frame},
     secagg::coordinator::SecAggCoordinator,
     session::{CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, derive_seed},
@@ -259,6 +260,7 @@ impl Coordinator {
             &model_path,
             &final_model,
             &config,
+            driver.session.cipher(),
             driver.session.rounds_completed(),
         )?;
         info!(path = %model_path.display(), "wrote final model");
@@ -745,15 +747,23 @@ async fn read_frames(
 }
 
 /// Writes the model atomically (temporary file, then rename) with metadata
-/// naming the architecture and the rounds completed.
+/// naming the architecture, the input it expects (`greyfed.cipher`: the
+/// participants' cipher spec as JSON, `null` for plain images; absent when
+/// nobody joined) and the rounds completed.
 fn write_model(
     path: &Path,
     model: &ModelWeights,
     config: &CoordinatorConfig,
+    cipher: Option<&Option<CipherSpec>>,
     rounds_completed: u32,
 ) -> Result<()> {
     let mut meta = std::collections::HashMap::new();
     meta.insert("greyfed.model".to_string(), format!("{:?}", config.model));
+    if let Some(cipher) = cipher {
+        let json = serde_json::to_string(cipher)
+            .map_err(|e| CoordinatorError::Config(format!("encoding the cipher spec: {e}")))?;
+        meta.insert("greyfed.cipher".to_string(), json);
+    }
     meta.insert(
         "greyfed.rounds_completed".to_string(),
         rounds_completed.to_string(),

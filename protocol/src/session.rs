@@ -304,6 +304,12 @@ impl CoordinatorSession {
         &self.global
     }
 
+    /// The image cipher of the admitted participants: `None` before anyone
+    /// was admitted, `Some(None)` for plain images.
+    pub fn cipher(&self) -> Option<&Option<CipherSpec>> {
+        self.cipher.as_ref()
+    }
+
     /// Name of the aggregation scheme in use.
     pub fn aggregation_kind(&self) -> &'static str {
         self.aggregator.kind()
