@@ -227,3 +227,38 @@ fn missing_data_directory_is_a_clear_error() {
     assert!(err.contains("nope"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn encrypt_preview_writes_a_png_and_its_legend() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("preview.png");
+    let out = greyfed()
+        .args([
+            "encrypt",
+            "--count",
+            "2",
+            "--modes",
+            "block,le,pixel",
+            "--preview",
+        ])
+        .arg(&png)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| 4 | pixel |"), "{stdout}");
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    assert!(dir.path().join("preview.png.md").exists());
+
+    let bad = greyfed()
+        .args(["encrypt", "--modes", "block+sparkle", "--preview"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sparkle"));
+}
