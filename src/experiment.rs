@@ -9,9 +9,15 @@
 //! cell`, one compute thread each), so a many-core machine finishes the grid
 //! N times faster. A cell's plain baseline uses the same seed, model
 //! initialisation, data order and training budget as its encrypted run.
+//!
+//! Results are appended to `OUT/cells.jsonl` as cells finish, and
+//! `OUT/settings.txt` records the settings: a re-run into the same `--out`
+//! (more `--seeds`, more modes, or after an interruption) runs only the
+//! missing cells; other settings are refused.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
@@ -332,23 +338,28 @@ async fn run_cells(
     args: &ExperimentArgs,
     splits: &DatasetSplits,
     cells: &[Cell],
+    mut record: impl FnMut(&CellResult) -> Result<()>,
 ) -> Result<Vec<CellResult>> {
     let total = cells.len();
     let mut results = Vec::with_capacity(total);
+    let mut finish = |r: CellResult, results: &mut Vec<CellResult>| -> Result<()> {
+        eprintln!(
+            "[{}/{total}] {} {} {} seed {}: {:.2}% in {:.1} s",
+            results.len() + 1,
+            r.cell.model,
+            r.cell.mode,
+            r.cell.setting,
+            r.cell.seed,
+            100.0 * r.accuracy,
+            r.train_secs
+        );
+        record(&r)?;
+        results.push(r);
+        Ok(())
+    };
     if args.jobs <= 1 {
-        for (i, cell) in cells.iter().enumerate() {
-            let r = run_cell(args, splits, cell).await?;
-            eprintln!(
-                "[{}/{total}] {} {} {} seed {}: {:.2}% in {:.1} s",
-                i + 1,
-                cell.model,
-                cell.mode,
-                cell.setting,
-                cell.seed,
-                100.0 * r.accuracy,
-                r.train_secs
-            );
-            results.push(r);
+        for cell in cells {
+            finish(run_cell(args, splits, cell).await?, &mut results)?;
         }
         return Ok(results);
     }
@@ -387,24 +398,51 @@ async fn run_cells(
         spawn(&mut running, cell)?;
     }
     while let Some(done) = running.join_next().await {
-        let r = done??;
-        eprintln!(
-            "[{}/{total}] {} {} {} seed {}: {:.2}% in {:.1} s",
-            results.len() + 1,
-            r.cell.model,
-            r.cell.mode,
-            r.cell.setting,
-            r.cell.seed,
-            100.0 * r.accuracy,
-            r.train_secs
-        );
-        results.push(r);
+        finish(done??, &mut results)?;
         if let Some(cell) = pending.next() {
             spawn(&mut running, cell)?;
         }
     }
-    results.sort_by(|a, b| a.cell.cmp(&b.cell));
     Ok(results)
+}
+
+/// Name of the file in `--out` recording the settings its cells ran with.
+const SETTINGS_FILE: &str = "settings.txt";
+/// Name of the file in `--out` with one JSON result per finished cell.
+const CELLS_FILE: &str = "cells.jsonl";
+
+/// The results already in `out` for these settings: a re-run with the same
+/// settings (more seeds, more modes, or after an interruption) only runs the
+/// missing cells. Results of other settings are refused rather than mixed.
+fn previous_results(out: &Path, settings: &str) -> Result<Vec<CellResult>> {
+    let settings_path = out.join(SETTINGS_FILE);
+    match std::fs::read_to_string(&settings_path) {
+        Ok(old) if old.trim() != settings => bail!(
+            "{} holds results of other settings ({}); use another --out",
+            out.display(),
+            old.trim()
+        ),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write(&settings_path, &format!("{settings}\n"))?;
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", settings_path.display())),
+    }
+    let path = out.join(CELLS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not a cell result", path.display(), i + 1))
+        })
+        .collect()
 }
 
 /// `shared` or `per-block`.
@@ -591,6 +629,7 @@ pub fn attacks_csv(rows: &[ModeSecurity]) -> String {
 }
 
 /// What `greyfed experiment encryption` produced.
+#[derive(Debug)]
 pub struct ExperimentReport {
     /// Accuracy rows.
     pub rows: Vec<TableRow>,
@@ -622,12 +661,38 @@ pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
     write(&args.out.join("attacks.md"), &attacks_markdown(&attacks))?;
     write(&args.out.join("attacks.csv"), &attacks_csv(&attacks))?;
     let cells = cells(args)?;
-    let results = run_cells(args, &splits, &cells).await?;
-    let json: Vec<String> = results
+    let mut results: Vec<CellResult> = previous_results(&args.out, &args.to_cell_args().join(" "))?
+        .into_iter()
+        .filter(|r| cells.contains(&r.cell))
+        .collect();
+    let todo: Vec<Cell> = cells
         .iter()
-        .map(serde_json::to_string)
-        .collect::<Result<_, _>>()?;
-    write(&args.out.join("cells.jsonl"), &(json.join("\n") + "\n"))?;
+        .filter(|c| !results.iter().any(|r| r.cell == **c))
+        .cloned()
+        .collect();
+    if !results.is_empty() {
+        eprintln!(
+            "{} of {} cells already in {}; running the other {}",
+            results.len(),
+            cells.len(),
+            args.out.join(CELLS_FILE).display(),
+            todo.len()
+        );
+    }
+    let cells_path = args.out.join(CELLS_FILE);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cells_path)
+        .with_context(|| format!("opening {}", cells_path.display()))?;
+    results.extend(
+        run_cells(args, &splits, &todo, |r| {
+            writeln!(log, "{}", serde_json::to_string(r)?)
+                .with_context(|| format!("writing {}", cells_path.display()))
+        })
+        .await?,
+    );
+    results.sort_by(|a, b| a.cell.cmp(&b.cell));
     let rows = table_rows(&results, &security);
     write(&args.out.join("table.md"), &table_markdown(&rows))?;
     write(&args.out.join("table.csv"), &table_csv(&rows))?;

@@ -128,6 +128,58 @@ async fn encryption_experiment_writes_both_tables() {
     );
 }
 
+/// A second run into the same directory only runs the cells it lacks; other
+/// settings are refused instead of mixed into the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiments_resume_and_refuse_other_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let base = [
+        "--out",
+        out.to_str().unwrap(),
+        "--models",
+        "blocknet",
+        "--modes",
+        "negpos",
+        "--settings",
+        "central",
+        "--max-train",
+        "300",
+        "--attack-samples",
+        "12",
+    ];
+    let run = |extra: &[&str]| {
+        let mut argv = base.to_vec();
+        argv.extend_from_slice(extra);
+        args(&argv)
+    };
+    let lines = || {
+        std::fs::read_to_string(out.join("cells.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let first = experiment::encryption(&run(&[])).await.unwrap();
+    assert_eq!((lines(), first.rows[0].seeds), (2, 1));
+    let second = experiment::encryption(&run(&["--seeds", "3"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (lines(), second.rows[0].seeds),
+        (6, 3),
+        "only seeds 1 and 2 ran"
+    );
+    // Seed 0 was not trained again: its result is the same line.
+    let text = std::fs::read_to_string(out.join("cells.jsonl")).unwrap();
+    assert_eq!(text.lines().filter(|l| l.contains("\"seed\":0")).count(), 2);
+    let err = experiment::encryption(&run(&["--epochs", "2"]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("other settings"), "{err}");
+    assert_eq!(lines(), 6);
+}
+
 #[test]
 fn unknown_models_and_modes_are_refused() {
     let a = args(&["--models", "resnet"]);
