@@ -209,21 +209,18 @@ impl BlockNetDims {
             hidden: *hidden as usize,
             classes: *num_classes as usize,
         };
-        for (what, v) in [
-            ("image rows", dims.rows),
-            ("image cols", dims.cols),
-            ("image channels", dims.planes),
-            ("block size", dims.block),
-            ("channels", dims.channels),
-            ("hidden", dims.hidden),
-            ("num classes", dims.classes),
-        ] {
-            if v == 0 {
-                return Err(ParticipantError::Model(format!(
-                    "blocknet: {what} must be positive"
-                )));
-            }
-        }
+        check_positive(
+            "blocknet",
+            &[
+                ("image rows", dims.rows),
+                ("image cols", dims.cols),
+                ("image channels", dims.planes),
+                ("block size", dims.block),
+                ("channels", dims.channels),
+                ("hidden", dims.hidden),
+                ("num classes", dims.classes),
+            ],
+        )?;
         if !dims.rows.is_multiple_of(dims.block) || !dims.cols.is_multiple_of(dims.block) {
             return Err(ParticipantError::Model(format!(
                 "blocknet: block size {} does not divide the image size {}x{}",
@@ -292,6 +289,16 @@ impl BlockNetDims {
             ParamInfo::new("fc2.weight", vec![k, h], h),
             ParamInfo::new("fc2.bias", vec![k], h),
         ]
+    }
+}
+
+/// Refuses a spec with a zero dimension, naming the model and the dimension.
+pub(crate) fn check_positive(model: &str, dims: &[(&str, usize)]) -> Result<()> {
+    match dims.iter().find(|(_, v)| *v == 0) {
+        Some((what, _)) => Err(ParticipantError::Model(format!(
+            "{model}: {what} must be positive"
+        ))),
+        None => Ok(()),
     }
 }
 

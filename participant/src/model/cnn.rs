@@ -15,7 +15,7 @@ use greyfed_protocol::weights::ModelWeights;
 use super::vit::add_bias;
 use super::{
     LossAndGrads, MAX_PARAMETERS, ParamInfo, ReluBackward, autograd_loss_and_grads, check_layout,
-    f32_operand, var_from, vars_to_weights,
+    check_positive, f32_operand, var_from, vars_to_weights,
 };
 use crate::error::{ParticipantError, Result};
 
@@ -78,19 +78,16 @@ impl CnnDims {
             hidden: *hidden as usize,
             classes: *num_classes as usize,
         };
-        for (what, v) in [
-            ("image channels", dims.planes),
-            ("first conv channels", dims.c1),
-            ("second conv channels", dims.c2),
-            ("hidden", dims.hidden),
-            ("num classes", dims.classes),
-        ] {
-            if v == 0 {
-                return Err(ParticipantError::Model(format!(
-                    "cnn: {what} must be positive"
-                )));
-            }
-        }
+        check_positive(
+            "cnn",
+            &[
+                ("image channels", dims.planes),
+                ("first conv channels", dims.c1),
+                ("second conv channels", dims.c2),
+                ("hidden", dims.hidden),
+                ("num classes", dims.classes),
+            ],
+        )?;
         if dims.rows < 4 || dims.cols < 4 {
             return Err(ParticipantError::Model(format!(
                 "cnn: image size {}x{} is below the minimum 4x4",

@@ -35,7 +35,7 @@ use greyfed_protocol::weights::ModelWeights;
 
 use super::{
     ColumnSums, LossAndGrads, MAX_PARAMETERS, ParamInfo, ParamInit, autograd_loss_and_grads,
-    check_layout, f32_operand, var_from, vars_to_weights,
+    check_layout, check_positive, f32_operand, var_from, vars_to_weights,
 };
 use crate::error::{ParticipantError, Result};
 
@@ -125,23 +125,20 @@ impl VitDims {
             mlp_dim: *mlp_dim as usize,
             classes: *num_classes as usize,
         };
-        for (what, v) in [
-            ("image rows", dims.rows),
-            ("image cols", dims.cols),
-            ("image channels", dims.planes),
-            ("patch size", dims.patch),
-            ("dim", dims.dim),
-            ("depth", dims.depth),
-            ("heads", dims.heads),
-            ("mlp dim", dims.mlp_dim),
-            ("num classes", dims.classes),
-        ] {
-            if v == 0 {
-                return Err(ParticipantError::Model(format!(
-                    "vit: {what} must be positive"
-                )));
-            }
-        }
+        check_positive(
+            "vit",
+            &[
+                ("image rows", dims.rows),
+                ("image cols", dims.cols),
+                ("image channels", dims.planes),
+                ("patch size", dims.patch),
+                ("dim", dims.dim),
+                ("depth", dims.depth),
+                ("heads", dims.heads),
+                ("mlp dim", dims.mlp_dim),
+                ("num classes", dims.classes),
+            ],
+        )?;
         if !dims.rows.is_multiple_of(dims.patch) || !dims.cols.is_multiple_of(dims.patch) {
             return Err(ParticipantError::Model(format!(
                 "vit: patch size {} does not divide the image size {}x{}",
