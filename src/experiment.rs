@@ -424,6 +424,12 @@ fn previous_results(out: &Path, settings: &str) -> Result<Vec<CellResult>> {
         ),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if out.join(CELLS_FILE).exists() {
+                bail!(
+                    "{} has cell results but no {SETTINGS_FILE}; use another --out",
+                    out.display()
+                );
+            }
             write(&settings_path, &format!("{settings}\n"))?;
             return Ok(Vec::new());
         }
