@@ -3,7 +3,7 @@
 //! session emits, applies the strategy, records metrics and writes the model.
 //!
 //! Tasks: one accept loop; per connection, one reader (bytes → frames →
-//! [`Inbound`] events on a channel) and one writer (encoded frames from a
+//! `Inbound` events on a channel) and one writer (encoded frames from a
 //! channel → stream). The driver is the only owner of the session, so no
 //! locks guard protocol state.
 
