@@ -161,6 +161,7 @@ pub async fn run_cell(
                 .model(spec.clone())
                 .block_size(args.block_size)
                 .seed(cell.seed)
+                .data_seed(args.data.data_seed)
                 .image_key(key.clone());
             if let Some(dir) = &args.data.data {
                 fed = fed.data_dir(dir);

@@ -55,6 +55,7 @@ impl Federation {
             partition: Partition::Iid,
             plain: false,
             seed: 0,
+            data_seed: None,
             round_timeout: Duration::from_secs(120),
             join_timeout: Duration::from_secs(60),
             key_overrides: BTreeMap::new(),
@@ -79,6 +80,7 @@ pub struct FederationBuilder {
     partition: Partition,
     plain: bool,
     seed: u64,
+    data_seed: Option<u64>,
     round_timeout: Duration,
     join_timeout: Duration,
     key_overrides: BTreeMap<usize, ImageKey>,
@@ -138,6 +140,12 @@ impl FederationBuilder {
     /// Train on plain images.
     pub fn plain(mut self, plain: bool) -> Self {
         self.plain = plain;
+        self
+    }
+    /// Seed of the built-in dataset (default: the seed), so that a
+    /// federation trains on the same built-in digits as another run.
+    pub fn data_seed(mut self, seed: u64) -> Self {
+        self.data_seed = Some(seed);
         self
     }
     /// Seed for model initialisation, data and shuffling.
@@ -200,7 +208,7 @@ impl FederationBuilder {
         });
         let splits: DatasetSplits = match &self.data {
             Some(d) => load_idx_dir(d)?,
-            None => builtin_splits(self.seed),
+            None => builtin_splits(self.data_seed.unwrap_or(self.seed)),
         };
         let mut config = CoordinatorConfig::new(
             certs.server_cert_pem.into_bytes(),
