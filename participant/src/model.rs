@@ -88,6 +88,7 @@ use rand::{RngExt, SeedableRng};
 use crate::error::{ParticipantError, Result};
 
 pub mod cnn;
+mod ops;
 pub mod vit;
 
 pub use cnn::{Cnn, CnnDims, cnn_28x28};

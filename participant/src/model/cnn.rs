@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tenso
 use greyfed_protocol::message::ModelSpec;
 use greyfed_protocol::weights::ModelWeights;
 
-use super::vit::add_bias;
+use super::ops::add_bias;
 use super::{
     LossAndGrads, MAX_PARAMETERS, ParamInfo, ReluBackward, autograd_loss_and_grads, check_layout,
     check_positive, f32_operand, var_from, vars_to_weights,
