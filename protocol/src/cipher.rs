@@ -118,16 +118,6 @@ impl CipherSteps {
         if self.split { 2 } else { 1 }
     }
 
-    /// True when no step is enabled (the images stay as they are).
-    pub fn is_identity(&self) -> bool {
-        *self == CipherSteps::default()
-            || *self
-                == CipherSteps {
-                    per_block: true,
-                    ..CipherSteps::default()
-                }
-    }
-
     /// True when no block-wise step is enabled (only `split` and the
     /// pixel-based steps), so the block size does not matter.
     pub fn is_pixel_based(&self) -> bool {
@@ -255,7 +245,7 @@ mod tests {
         assert_eq!(steps.output_channels(), 1);
         assert_eq!("le".parse::<CipherSteps>().unwrap().output_channels(), 2);
         let plain: CipherSteps = "plain".parse().unwrap();
-        assert!(plain.is_identity());
+        assert_eq!(plain, CipherSteps::default());
         assert_eq!(plain.to_string(), "plain");
     }
 
