@@ -86,6 +86,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::error::{ParticipantError, Result};
+use ops::map_rows_with_bias;
 
 pub mod cnn;
 mod ops;
@@ -891,25 +892,11 @@ impl CustomOp2 for BiasAct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_operand(s1, l1, self.name())?;
-        let b = f32_operand(s2, l2, self.name())?;
-        let c = b.len();
-        if c == 0 || l1.dims().last() != Some(&c) {
-            candle_core::bail!(
-                "bias-act: bias {:?} does not fit {:?}",
-                l2.dims(),
-                l1.dims()
-            );
+        if self.relu {
+            map_rows_with_bias(s1, l1, s2, l2, self.name(), |v, b| (v + b).max(0.0))
+        } else {
+            map_rows_with_bias(s1, l1, s2, l2, self.name(), |v, b| v + b)
         }
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(c) {
-            if self.relu {
-                out.extend(row.iter().zip(b).map(|(v, b)| (v + b).max(0.0)));
-            } else {
-                out.extend(row.iter().zip(b).map(|(v, b)| v + b));
-            }
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 

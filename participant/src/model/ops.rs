@@ -50,7 +50,7 @@ fn row_sums(t: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Applies `f(value, bias)` to every element of `x` (rows of `b.len()`).
-fn map_rows_with_bias(
+pub(crate) fn map_rows_with_bias(
     s1: &CpuStorage,
     l1: &Layout,
     s2: &CpuStorage,
