@@ -264,13 +264,68 @@ pub struct ModeSecurity {
     pub fold_ssim: f64,
 }
 
-/// Reads a cipher image as an 8-bit picture (split planes merged).
-fn cipher_view(cipher: &[u8], planes: usize, rows: usize, cols: usize) -> Result<Vec<u8>> {
-    Ok(if planes == 2 {
-        merge_split(cipher, rows, cols)?
-    } else {
-        cipher.to_vec()
-    })
+/// What an observer sees of some plain images under one cipher, and what
+/// the attacks recover from it: 8-bit pictures, one per image.
+pub struct AttackViews {
+    /// The cipher images (split modes: the cipher bytes read as 8-bit
+    /// pixels, `hi << 4 | lo`).
+    pub cipher: Vec<Vec<u8>>,
+    /// The known-plaintext attack's decryptions.
+    pub kpa: Vec<Vec<u8>>,
+    /// The fold attack's pictures (ciphertext only).
+    pub fold: Vec<Vec<u8>>,
+    /// Known plain/cipher pairs the known-plaintext attack used.
+    pub known_pairs: usize,
+    /// Fraction of the cipher's value map the attack pinned down uniquely.
+    pub kpa_unique: f64,
+}
+
+/// Encrypts `images` with `cipher` and runs the attacks on them; the
+/// known-plaintext attack gets the first `known_pairs` images of `known`
+/// with their encryption.
+pub fn attack_views(
+    cipher: &ImageCipher,
+    known: &Dataset,
+    known_pairs: usize,
+    images: &[&[u8]],
+) -> Result<AttackViews> {
+    let (rows, cols) = (cipher.rows(), cipher.cols());
+    let split = cipher.channels() == 2;
+    let encrypt = |plain: &[u8]| -> Result<Vec<u8>> {
+        let mut out = vec![0; cipher.cipher_len()];
+        cipher.encrypt_image(plain, &mut out)?;
+        Ok(out)
+    };
+    let view = |values: &[u8]| -> Result<Vec<u8>> {
+        Ok(if split {
+            merge_split(values, rows, cols)?
+        } else {
+            values.to_vec()
+        })
+    };
+    let known_pairs = known_pairs.min(known.len());
+    let pairs = (0..known_pairs)
+        .map(|i| {
+            let p = known.image(i);
+            let values = if split { split_values(p) } else { p.to_vec() };
+            Ok((values, encrypt(p)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let attack = KnownPlaintextAttack::new(&pairs)?;
+    let mut views = AttackViews {
+        cipher: Vec::with_capacity(images.len()),
+        kpa: Vec::with_capacity(images.len()),
+        fold: Vec::with_capacity(images.len()),
+        known_pairs,
+        kpa_unique: attack.fraction_unique(),
+    };
+    for plain in images {
+        let c = encrypt(plain)?;
+        views.cipher.push(view(&c)?);
+        views.kpa.push(view(&attack.decrypt(&c)?)?);
+        views.fold.push(fold_image(&c, rows, cols)?);
+    }
+    Ok(views)
 }
 
 /// Measures the security figures of `mode` on `splits` with `known_pairs`
@@ -283,54 +338,26 @@ pub fn mode_security(
     samples: usize,
 ) -> Result<ModeSecurity> {
     let steps = parse_mode(mode)?.context("plain has no security figures")?;
-    let key = experiment_key(0);
     let (rows, cols) = (splits.test.rows(), splits.test.cols());
-    let cipher = ImageCipher::new(&key, steps, block, rows, cols)?;
-    let planes = cipher.channels();
-    let values = |plain: &[u8]| {
-        if planes == 2 {
-            split_values(plain)
-        } else {
-            plain.to_vec()
-        }
-    };
-    let encrypt_one = |plain: &[u8]| -> Result<Vec<u8>> {
-        let mut out = vec![0; cipher.cipher_len()];
-        cipher.encrypt_image(plain, &mut out)?;
-        Ok(out)
-    };
-    let known = known_pairs.min(splits.train.len());
-    let pairs = (0..known)
-        .map(|i| {
-            let p = splits.train.image(i);
-            Ok((values(p), encrypt_one(p)?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let attack = KnownPlaintextAttack::new(&pairs)?;
-    let n = samples.min(splits.test.len());
-    let (mut plain_imgs, mut views, mut kpa, mut folds) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut psnr_sum = 0.0;
-    for i in 0..n {
-        let plain = splits.test.image(i);
-        let c = encrypt_one(plain)?;
-        views.push(cipher_view(&c, planes, rows, cols)?);
-        let recovered = cipher_view(&attack.decrypt(&c)?, planes, rows, cols)?;
-        psnr_sum += psnr(plain, &recovered)?.min(99.0);
-        kpa.push(recovered);
-        folds.push(fold_image(&c, rows, cols)?);
-        plain_imgs.push(plain.to_vec());
-    }
-    let plain_refs = slices(&plain_imgs);
+    let cipher = ImageCipher::new(&experiment_key(0), steps, block, rows, cols)?;
+    let plain: Vec<&[u8]> = (0..samples.min(splits.test.len()))
+        .map(|i| splits.test.image(i))
+        .collect();
+    let views = attack_views(&cipher, &splits.train, known_pairs, &plain)?;
+    let psnr_sum = plain
+        .iter()
+        .zip(&views.kpa)
+        .map(|(p, r)| Ok(psnr(p, r)?.min(99.0)))
+        .sum::<Result<f64>>()?;
     Ok(ModeSecurity {
         mode: mode.to_string(),
         key_bits: cipher.key_space_bits(),
-        ssim: mean_ssim(&plain_refs, &slices(&views), rows, cols)?,
-        known_pairs: known,
-        kpa_unique: attack.fraction_unique(),
-        kpa_ssim: mean_ssim(&plain_refs, &slices(&kpa), rows, cols)?,
-        kpa_psnr: psnr_sum / n.max(1) as f64,
-        fold_ssim: mean_ssim(&plain_refs, &slices(&folds), rows, cols)?,
+        ssim: mean_ssim(&plain, &slices(&views.cipher), rows, cols)?,
+        known_pairs: views.known_pairs,
+        kpa_unique: views.kpa_unique,
+        kpa_ssim: mean_ssim(&plain, &slices(&views.kpa), rows, cols)?,
+        kpa_psnr: psnr_sum / plain.len().max(1) as f64,
+        fold_ssim: mean_ssim(&plain, &slices(&views.fold), rows, cols)?,
     })
 }
 

@@ -16,14 +16,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use greyfed_participant::{
-    attack::{KnownPlaintextAttack, fold_image, merge_split, split_values},
     cipher::{ImageCipher, ImageKey},
     data::Dataset,
     quality::mean_ssim,
 };
 use greyfed_protocol::cipher::CipherSteps;
 
-use crate::experiment::slices;
+use crate::experiment::{attack_views, slices};
 
 /// Pixels between tiles and between groups.
 const GAP: usize = 2;
@@ -82,14 +81,6 @@ impl Canvas {
     }
 }
 
-/// The images of one mode's row.
-struct ModeRow {
-    name: String,
-    cipher: Vec<Vec<u8>>,
-    kpa: Vec<Vec<u8>>,
-    fold: Vec<Vec<u8>>,
-}
-
 /// Writes the preview of `count` test images of `test` under `modes` to
 /// `path` (PNG) and its legend to `path.md`; returns the legend.
 ///
@@ -115,60 +106,23 @@ pub fn write_preview(
         bail!("the preview takes plain grey-scale images");
     }
     let (rows, cols) = (test.rows(), test.cols());
-    let plain: Vec<Vec<u8>> = (0..count).map(|i| test.image(i).to_vec()).collect();
+    let plain: Vec<&[u8]> = (0..count).map(|i| test.image(i)).collect();
     let mut mode_rows = Vec::new();
     let mut legend = String::from(
         "| row | mode | SSIM(plain, cipher) | KPA SSIM | fold SSIM |\n|---:|---|---:|---:|---:|\n| 1 | plain | 1.000 | | |\n",
     );
     for (i, &steps) in modes.iter().enumerate() {
         let cipher = ImageCipher::new(key, steps, block_size, rows, cols)?;
-        let encrypt = |image: &[u8]| -> Result<Vec<u8>> {
-            let mut out = vec![0; cipher.cipher_len()];
-            cipher.encrypt_image(image, &mut out)?;
-            Ok(out)
-        };
-        let view = |values: &[u8]| -> Result<Vec<u8>> {
-            Ok(if cipher.channels() == 2 {
-                merge_split(values, rows, cols)?
-            } else {
-                values.to_vec()
-            })
-        };
-        let pairs = (0..known_pairs.min(known.len()))
-            .map(|k| {
-                let p = known.image(k);
-                let values = if cipher.channels() == 2 {
-                    split_values(p)
-                } else {
-                    p.to_vec()
-                };
-                Ok((values, encrypt(p)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let attack = KnownPlaintextAttack::new(&pairs)?;
-        let mut row = ModeRow {
-            name: steps.to_string(),
-            cipher: Vec::new(),
-            kpa: Vec::new(),
-            fold: Vec::new(),
-        };
-        for image in &plain {
-            let c = encrypt(image)?;
-            row.cipher.push(view(&c)?);
-            row.kpa.push(view(&attack.decrypt(&c)?)?);
-            row.fold.push(fold_image(&c, rows, cols)?);
-        }
-        let p = slices(&plain);
+        let views = attack_views(&cipher, known, known_pairs, &plain)?;
         let _ = writeln!(
             legend,
-            "| {} | {} | {:.3} | {:.3} | {:.3} |",
+            "| {} | {steps} | {:.3} | {:.3} | {:.3} |",
             i + 2,
-            row.name,
-            mean_ssim(&p, &slices(&row.cipher), rows, cols)?,
-            mean_ssim(&p, &slices(&row.kpa), rows, cols)?,
-            mean_ssim(&p, &slices(&row.fold), rows, cols)?
+            mean_ssim(&plain, &slices(&views.cipher), rows, cols)?,
+            mean_ssim(&plain, &slices(&views.kpa), rows, cols)?,
+            mean_ssim(&plain, &slices(&views.fold), rows, cols)?
         );
-        mode_rows.push(row);
+        mode_rows.push(views);
     }
     let (tile_h, tile_w) = (rows * scale + GAP, cols * scale + GAP);
     let group_w = count * tile_w;
