@@ -373,10 +373,18 @@ impl Drop for BlockTransform {
 /// half `h` becomes the byte with both nibbles `h`, so inverting it is
 /// `^ 0xFF`, exactly like an 8-bit pixel).
 pub fn split_pixels(pixels: &[u8], out: &mut [u8]) {
-    let (high, low) = out.split_at_mut(pixels.len());
-    for ((&p, h), l) in pixels.iter().zip(high).zip(low) {
-        *h = (p >> 4) * 17;
-        *l = (p & 15) * 17;
+    for (v, o) in out.iter_mut().enumerate().take(2 * pixels.len()) {
+        *o = split_value(pixels, v);
+    }
+}
+
+/// Value `v` of the split planes of `pixels` (see [`split_pixels`]).
+fn split_value(pixels: &[u8], v: usize) -> u8 {
+    let n = pixels.len();
+    if v < n {
+        (pixels[v] >> 4) * 17
+    } else {
+        (pixels[v - n] & 15) * 17
     }
 }
 
@@ -730,19 +738,15 @@ impl ImageCipher {
     }
 
     fn encrypt_unchecked(&self, plain: &[u8], out: &mut [u8]) {
-        let split;
-        let values = if self.steps.split {
-            split = {
-                let mut v = vec![0; self.cipher_len()];
-                split_pixels(plain, &mut v);
-                v
-            };
-            &split[..]
+        let map = out.iter_mut().zip(&self.source).zip(&self.xor);
+        if self.steps.split {
+            for ((o, &s), &x) in map {
+                *o = split_value(plain, s) ^ x;
+            }
         } else {
-            plain
-        };
-        for ((o, &s), &x) in out.iter_mut().zip(&self.source).zip(&self.xor) {
-            *o = values[s] ^ x;
+            for ((o, &s), &x) in map {
+                *o = plain[s] ^ x;
+            }
         }
     }
 
