@@ -31,21 +31,25 @@ fn encrypted_domain_weights(plain: &ModelWeights, cipher: &ImageCipher) -> Model
             conv_w[c * patch + d] = sign * conv.data[c * patch + transform.source()[d]];
         }
     }
-    let pi = cipher.block_permutation();
-    let blocks = pi.len();
-    let inputs = fc1.shape[1];
-    let mut fc1_w = vec![0f32; fc1.data.len()];
+    let mut tensors = t.to_vec();
+    tensors[0] = NamedTensor::new(&conv.name, conv.shape.clone(), conv_w).unwrap();
+    tensors[2] = permute_fc1_blocks(fc1, cipher.block_permutation());
+    ModelWeights::new(tensors).unwrap()
+}
+
+/// fc1 (PyTorch layout, column `c * P + p`) with the columns of cipher block
+/// `q` taken from plain block `pi[q]`.
+fn permute_fc1_blocks(fc1: &NamedTensor, pi: &[usize]) -> NamedTensor {
+    let (blocks, inputs) = (pi.len(), fc1.shape[1]);
+    let mut w = vec![0f32; fc1.data.len()];
     for h in 0..fc1.shape[0] {
         for c in 0..inputs / blocks {
             for (q, &p) in pi.iter().enumerate() {
-                fc1_w[h * inputs + c * blocks + q] = fc1.data[h * inputs + c * blocks + p];
+                w[h * inputs + c * blocks + q] = fc1.data[h * inputs + c * blocks + p];
             }
         }
     }
-    let mut tensors = t.to_vec();
-    tensors[0] = NamedTensor::new(&conv.name, conv.shape.clone(), conv_w).unwrap();
-    tensors[2] = NamedTensor::new(&fc1.name, fc1.shape.clone(), fc1_w).unwrap();
-    ModelWeights::new(tensors).unwrap()
+    NamedTensor::new(&fc1.name, fc1.shape.clone(), w).unwrap()
 }
 
 fn logits(spec: &ModelSpec, weights: &ModelWeights, data: &Dataset) -> Vec<Vec<f32>> {
@@ -173,19 +177,10 @@ fn per_block_encrypted_weights(plain: &ModelWeights, cipher: &ImageCipher) -> Mo
     for (q, &p) in cipher.block_permutation().iter().enumerate() {
         conv_b[q * c_out..(q + 1) * c_out].copy_from_slice(&t[1].data[p * c_out..(p + 1) * c_out]);
     }
-    let inputs = fc1.shape[1];
-    let mut fc1_w = vec![0f32; fc1.data.len()];
-    for h in 0..fc1.shape[0] {
-        for c in 0..c_out {
-            for (q, &p) in cipher.block_permutation().iter().enumerate() {
-                fc1_w[h * inputs + c * blocks + q] = fc1.data[h * inputs + c * blocks + p];
-            }
-        }
-    }
     let mut tensors = t.to_vec();
     tensors[0] = NamedTensor::new(&conv.name, conv.shape.clone(), conv_w).unwrap();
     tensors[1] = NamedTensor::new(&t[1].name, t[1].shape.clone(), conv_b).unwrap();
-    tensors[2] = NamedTensor::new(&fc1.name, fc1.shape.clone(), fc1_w).unwrap();
+    tensors[2] = permute_fc1_blocks(fc1, cipher.block_permutation());
     ModelWeights::new(tensors).unwrap()
 }
 
