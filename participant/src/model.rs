@@ -952,6 +952,40 @@ impl CustomOp2 for ReluBackward {
     }
 }
 
+/// Test support: a few epochs of local training of `spec` (28x28, 10
+/// classes) on `train` built-in synthetic digits lift held-out accuracy far
+/// above chance (0.1) and cut the loss by 30%.
+#[cfg(test)]
+pub(crate) fn assert_learns_synthetic_digits(spec: &ModelSpec, train: usize, epochs: u32, lr: f32) {
+    use crate::data::synthetic::synthetic_digits;
+    use crate::train::{TensorData, evaluate, train_local};
+    use greyfed_protocol::message::{OptimizerSpec, TrainingConfig};
+
+    let train = TensorData::from_dataset(&synthetic_digits(train, 1), &Device::Cpu).unwrap();
+    let test = TensorData::from_dataset(&synthetic_digits(200, 2), &Device::Cpu).unwrap();
+    let global = init_weights(spec, 3).unwrap();
+    let before = evaluate(spec, &global, &test, 100).unwrap();
+    let cfg = TrainingConfig {
+        local_epochs: epochs,
+        batch_size: 32,
+        optimizer: OptimizerSpec::Adam { lr },
+        proximal_mu: 0.0,
+    };
+    let start = std::time::Instant::now();
+    let out = train_local(spec, &global, &train, &cfg, 4).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    let after = evaluate(spec, &out.weights, &test, 100).unwrap();
+    println!(
+        "{spec:?}: accuracy {:.3} -> {:.3}, loss {:.3} -> {:.3} in {secs:.1} s",
+        before.accuracy(),
+        after.accuracy(),
+        before.mean_loss(),
+        after.mean_loss()
+    );
+    assert!(after.accuracy() > 0.5, "accuracy {}", after.accuracy());
+    assert!(after.mean_loss() < 0.7 * before.mean_loss());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

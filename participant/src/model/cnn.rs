@@ -586,10 +586,6 @@ mod tests {
     /// held-out accuracy far above chance (0.1).
     #[test]
     fn training_learns_synthetic_digits() {
-        use crate::data::synthetic::synthetic_digits;
-        use crate::train::{TensorData, evaluate, train_local};
-        use greyfed_protocol::message::{OptimizerSpec, TrainingConfig};
-
         let spec = ModelSpec::Cnn {
             image_rows: 28,
             image_cols: 28,
@@ -598,28 +594,6 @@ mod tests {
             hidden: 32,
             num_classes: 10,
         };
-        let train = TensorData::from_dataset(&synthetic_digits(600, 1), &Device::Cpu).unwrap();
-        let test = TensorData::from_dataset(&synthetic_digits(200, 2), &Device::Cpu).unwrap();
-        let global = init_weights(&spec, 3).unwrap();
-        let before = evaluate(&spec, &global, &test, 100).unwrap();
-        let cfg = TrainingConfig {
-            local_epochs: 6,
-            batch_size: 32,
-            optimizer: OptimizerSpec::Adam { lr: 5e-3 },
-            proximal_mu: 0.0,
-        };
-        let start = std::time::Instant::now();
-        let out = train_local(&spec, &global, &train, &cfg, 4).unwrap();
-        let secs = start.elapsed().as_secs_f64();
-        let after = evaluate(&spec, &out.weights, &test, 100).unwrap();
-        println!(
-            "cnn: accuracy {:.3} -> {:.3}, loss {:.3} -> {:.3} in {secs:.1} s",
-            before.accuracy(),
-            after.accuracy(),
-            before.mean_loss(),
-            after.mean_loss()
-        );
-        assert!(after.accuracy() > 0.5, "accuracy {}", after.accuracy());
-        assert!(after.mean_loss() < 0.7 * before.mean_loss());
+        super::super::assert_learns_synthetic_digits(&spec, 600, 6, 5e-3);
     }
 }

@@ -1168,10 +1168,6 @@ mod tests {
     }
 
     fn learns_synthetic_digits(first_layer: FirstLayer) {
-        use crate::data::synthetic::synthetic_digits;
-        use crate::train::{TensorData, evaluate, train_local};
-        use greyfed_protocol::message::{OptimizerSpec, TrainingConfig};
-
         let spec = ModelSpec::Vit {
             image_rows: 28,
             image_cols: 28,
@@ -1184,29 +1180,7 @@ mod tests {
             mlp_dim: 64,
             num_classes: 10,
         };
-        let train = TensorData::from_dataset(&synthetic_digits(1000, 1), &Device::Cpu).unwrap();
-        let test = TensorData::from_dataset(&synthetic_digits(200, 2), &Device::Cpu).unwrap();
-        let global = init_weights(&spec, 3).unwrap();
-        let before = evaluate(&spec, &global, &test, 100).unwrap();
-        let cfg = TrainingConfig {
-            local_epochs: 15,
-            batch_size: 32,
-            optimizer: OptimizerSpec::Adam { lr: 3e-3 },
-            proximal_mu: 0.0,
-        };
-        let start = std::time::Instant::now();
-        let out = train_local(&spec, &global, &train, &cfg, 4).unwrap();
-        let secs = start.elapsed().as_secs_f64();
-        let after = evaluate(&spec, &out.weights, &test, 100).unwrap();
-        println!(
-            "vit {first_layer:?}: accuracy {:.3} -> {:.3}, loss {:.3} -> {:.3} in {secs:.1} s",
-            before.accuracy(),
-            after.accuracy(),
-            before.mean_loss(),
-            after.mean_loss()
-        );
-        assert!(after.accuracy() > 0.5, "accuracy {}", after.accuracy());
-        assert!(after.mean_loss() < 0.7 * before.mean_loss());
+        super::super::assert_learns_synthetic_digits(&spec, 1000, 15, 3e-3);
     }
 
     /// Training throughput of `spec` on random 28x28 images (the images' planes
