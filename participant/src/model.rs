@@ -654,7 +654,8 @@ impl BlockNet {
     /// The convolution before its bias: `[N * P, C]` for a shared kernel
     /// (one matmul for all blocks of all images), `[N, P * C]` per block (one
     /// batched matmul over block positions). `patches` is `[N * P, I*B*B]`
-    /// (shared) or `[P, N, I*B*B]` (per block, see [`BlockNet::patch_batches`]).
+    /// (shared) or `[P, N, I*B*B]` (per block, see [`BlockNet::patch_batches`]);
+    /// either way the flattened conv bias (`[C]` or `[P * C]`) fits its rows.
     fn conv_pre_bias(&self, patches: &Tensor, weight: &Tensor, n: usize) -> Result<Tensor> {
         let d = &self.dims;
         if d.per_block {
@@ -683,19 +684,12 @@ impl BlockNet {
         }
     }
 
-    /// The conv bias as a row added to the conv stage's output.
-    fn conv_bias_row(&self, bias: &Tensor) -> Result<Tensor> {
-        Ok(bias.flatten_all()?)
-    }
-
     /// Differentiable logits `[N, K]` for images `[N, I, R, W]`.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let n = self.batch_size(images)?;
         let pre =
             self.conv_pre_bias(&self.patch_batches(images, n)?, self.conv_w.as_tensor(), n)?;
-        let conv = pre
-            .broadcast_add(&self.conv_bias_row(self.conv_b.as_tensor())?)?
-            .relu()?;
+        let conv = pre.broadcast_add(&self.conv_b.flatten_all()?)?.relu()?;
         let hidden = self
             .flatten(&conv, n)?
             .matmul(&self.fc1_w)?
@@ -713,10 +707,7 @@ impl BlockNet {
         let patches = self.patch_batches(&images.detach(), n)?;
         let flat = self
             .conv_pre_bias(&patches, &det(&self.conv_w), n)?
-            .apply_op2_no_bwd(
-                &self.conv_bias_row(&det(&self.conv_b))?,
-                &BiasAct { relu: true },
-            )?;
+            .apply_op2_no_bwd(&det(&self.conv_b).flatten_all()?, &BiasAct { relu: true })?;
         let flat = self.flatten(&flat, n)?;
         let conv = flat.reshape((n * self.dims.blocks(), self.dims.channels))?;
         let hidden = flat
