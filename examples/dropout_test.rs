@@ -27,6 +27,7 @@ async fn main() -> Result<()> {
                 momentum: 0.9,
             },
             proximal_mu: 0.0,
+            lr_schedule: Default::default(),
         })
         // Participant 2 vanishes after advertising its keys in round 1 ...
         .dropout(

@@ -23,6 +23,7 @@ async fn main() -> Result<()> {
                 momentum: 0.9,
             },
             proximal_mu: 0.0,
+            lr_schedule: Default::default(),
         });
     if let Some(dir) = std::env::args().nth(1) {
         builder = builder.data_dir(dir);

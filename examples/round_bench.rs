@@ -71,6 +71,7 @@ async fn main() -> Result<()> {
                     momentum: 0.9,
                 },
                 proximal_mu: 0.0,
+                lr_schedule: Default::default(),
             });
         if let Some(dir) = &args.data {
             builder = builder.data_dir(dir);

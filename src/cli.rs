@@ -164,6 +164,13 @@ pub struct ExperimentArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = 0.001)]
     pub lr: f32,
+    /// Decoupled weight decay (AdamW); 0 is plain Adam.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Learning-rate schedule over each training (central: all epochs;
+    /// federated: each round's local epochs).
+    #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant)]
+    pub lr_schedule: LrScheduleArg,
     /// Block size of the ciphers and patch size of blocknet and the ViT.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
@@ -201,6 +208,8 @@ impl ExperimentArgs {
             format!("--participants={}", self.participants),
             format!("--batch-size={}", self.batch_size),
             format!("--lr={}", self.lr),
+            format!("--weight-decay={}", self.weight_decay),
+            format!("--lr-schedule={}", value_name(self.lr_schedule)),
             format!("--block-size={}", self.block_size),
             format!("--first-layer={}", value_name(self.first_layer)),
             format!("--data-seed={}", self.data.data_seed),
@@ -234,6 +243,26 @@ pub enum OptimizerKind {
     Adam,
     /// SGD with momentum.
     Sgd,
+    /// Adam with decoupled weight decay (`--weight-decay`).
+    Adamw,
+}
+
+/// Learning-rate schedule choice (see [`greyfed_protocol::LrSchedule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LrScheduleArg {
+    /// The same learning rate at every step.
+    Constant,
+    /// Cosine decay towards 0 over each local training.
+    Cosine,
+}
+
+impl From<LrScheduleArg> for greyfed_protocol::LrSchedule {
+    fn from(arg: LrScheduleArg) -> Self {
+        match arg {
+            LrScheduleArg::Constant => Self::Constant,
+            LrScheduleArg::Cosine => Self::Cosine,
+        }
+    }
 }
 
 /// Server strategy choice.
@@ -300,12 +329,18 @@ pub struct TrainingArgs {
     /// Local optimiser.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
     pub optimizer: OptimizerKind,
-    /// Learning rate (default: 0.001 for Adam, 0.1 for SGD).
+    /// Learning rate (default: 0.001 for Adam and AdamW, 0.1 for SGD).
     #[arg(long)]
     pub lr: Option<f32>,
     /// Momentum for SGD.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
+    /// Decoupled weight decay for AdamW.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// Learning-rate schedule over each round's local steps.
+    #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant)]
+    pub lr_schedule: LrScheduleArg,
     /// Block size of the blocknet model and of the image cipher.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
@@ -372,6 +407,8 @@ impl TrainingArgs {
             push("lr", lr.to_string());
         }
         push("momentum", self.momentum.to_string());
+        push("weight-decay", self.weight_decay.to_string());
+        push("lr-schedule", value_name(self.lr_schedule));
         push("block-size", self.block_size.to_string());
         push("cipher", self.cipher.to_string());
         push("strategy", value_name(self.strategy));
@@ -602,6 +639,10 @@ mod tests {
             "0.002",
             "--momentum",
             "0.5",
+            "--weight-decay",
+            "0.2",
+            "--lr-schedule",
+            "cosine",
             "--block-size",
             "7",
             "--strategy",

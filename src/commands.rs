@@ -42,6 +42,10 @@ pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
             lr: args.lr.unwrap_or(0.1),
             momentum: args.momentum,
         },
+        OptimizerKind::Adamw => OptimizerSpec::AdamW {
+            lr: args.lr.unwrap_or(1e-3),
+            weight_decay: args.weight_decay,
+        },
     };
     TrainingConfig {
         local_epochs: args.local_epochs,
@@ -51,6 +55,7 @@ pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
             StrategyKind::Fedprox => args.proximal_mu,
             _ => 0.0,
         },
+        lr_schedule: args.lr_schedule.into(),
     }
 }
 

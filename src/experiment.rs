@@ -119,6 +119,18 @@ fn encrypt(
     })
 }
 
+/// Adam, or AdamW when `--weight-decay` is positive.
+fn optimizer(args: &ExperimentArgs) -> OptimizerSpec {
+    if args.weight_decay > 0.0 {
+        OptimizerSpec::AdamW {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+        }
+    } else {
+        OptimizerSpec::Adam { lr: args.lr }
+    }
+}
+
 /// Runs one cell in this process.
 pub async fn run_cell(
     args: &ExperimentArgs,
@@ -133,7 +145,8 @@ pub async fn run_cell(
     let training = TrainingConfig {
         local_epochs: args.epochs,
         batch_size: args.batch_size,
-        optimizer: OptimizerSpec::Adam { lr: args.lr },
+        optimizer: optimizer(args),
+        lr_schedule: args.lr_schedule.into(),
         ..TrainingConfig::default()
     };
     let test = TensorData::from_dataset(

@@ -30,6 +30,7 @@ fn training(c: &mut Criterion) {
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },
         proximal_mu: 0.0,
+        lr_schedule: Default::default(),
     };
     let mut group = c.benchmark_group("train_epoch_512");
     group

@@ -961,6 +961,7 @@ pub(crate) fn assert_learns_synthetic_digits(spec: &ModelSpec, train: usize, epo
         batch_size: 32,
         optimizer: OptimizerSpec::Adam { lr },
         proximal_mu: 0.0,
+        lr_schedule: Default::default(),
     };
     let start = std::time::Instant::now();
     let out = train_local(spec, &global, &train, &cfg, 4).unwrap();

@@ -16,9 +16,13 @@
 //!   variable's storage, together with the optimiser state kept in Rust
 //!   vectors (candle's own `AdamW` costs about a dozen allocating tensor ops
 //!   per parameter tensor, a large share of a small model's step). Semantics
-//!   are PyTorch's: Adam with betas (0.9, 0.999), eps 1e-8, no weight decay,
-//!   bias-corrected; SGD with `buf = momentum * buf + grad; p -= lr * buf`.
-//!   State starts fresh on every call, as the protocol requires.
+//!   are PyTorch's: Adam with betas (0.9, 0.999), eps 1e-8, bias-corrected;
+//!   AdamW the same after `p *= 1 - lr * weight_decay` on every tensor of
+//!   rank 2 or more (weights and position embeddings; biases and layer-norm
+//!   gains are not decayed); SGD with `buf = momentum * buf + grad; p -= lr *
+//!   buf`. The [`LrSchedule`] scales `lr` at every step (cosine: over the
+//!   `local_epochs * ceil(N / batch_size)` steps of the call). State starts
+//!   fresh on every call, as the protocol requires.
 //! - A FedProx proximal term `mu/2 * ||w - w_global||^2` is available through
 //!   [`TrainOptions::proximal_mu`] (0 by default). It is added to the
 //!   gradient inside the fused update (`grad += mu * (w - w_global)`), which
@@ -37,7 +41,9 @@
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor, Var};
-use greyfed_protocol::message::{EvalMetrics, ModelSpec, OptimizerSpec, TrainingConfig};
+use greyfed_protocol::message::{
+    EvalMetrics, LrSchedule, ModelSpec, OptimizerSpec, TrainingConfig,
+};
 use greyfed_protocol::weights::ModelWeights;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -223,7 +229,9 @@ pub fn train_local_with(
             steps: 0,
         });
     }
-    let mut optimizer = FusedOptimizer::new(kind, net.vars(), options.proximal_mu)?;
+    let total_steps = u64::from(config.local_epochs) * n.div_ceil(batch_size) as u64;
+    let mut optimizer = FusedOptimizer::new(kind, net.vars(), options.proximal_mu)?
+        .with_schedule(config.lr_schedule, total_steps);
     let mut loss_sum = 0f64;
     let mut seen = 0usize;
     let mut order: Vec<u32> = Vec::with_capacity(n);
@@ -310,6 +318,8 @@ struct ParamState {
     v: Vec<f32>,
     /// The starting (global) values, kept only for the proximal term.
     anchor: Vec<f32>,
+    /// Whether AdamW's weight decay applies (tensors of rank 2 or more).
+    decays: bool,
 }
 
 /// Adam or SGD with momentum, fused into one in-place pass per tensor.
@@ -317,6 +327,8 @@ struct FusedOptimizer {
     kind: Kind,
     mu: f32,
     steps: u32,
+    schedule: LrSchedule,
+    total_steps: u64,
     params: Vec<ParamState>,
 }
 
@@ -333,6 +345,7 @@ impl FusedOptimizer {
                     Vec::new()
                 };
                 Ok(ParamState {
+                    decays: var.rank() >= 2,
                     var,
                     m: vec![0.0; len],
                     v: if adam { vec![0.0; len] } else { Vec::new() },
@@ -344,8 +357,17 @@ impl FusedOptimizer {
             kind,
             mu,
             steps: 0,
+            schedule: LrSchedule::Constant,
+            total_steps: 0,
             params,
         })
+    }
+
+    /// The same optimiser with learning-rate `schedule` over `total_steps`.
+    fn with_schedule(mut self, schedule: LrSchedule, total_steps: u64) -> Self {
+        self.schedule = schedule;
+        self.total_steps = total_steps;
+        self
     }
 
     /// Applies one update from `grads` (one per variable, in order).
@@ -357,21 +379,33 @@ impl FusedOptimizer {
                 self.params.len()
             )));
         }
+        let factor = self
+            .schedule
+            .factor(u64::from(self.steps), self.total_steps);
         self.steps += 1;
-        let rule = match self.kind {
-            Kind::Adam { lr } => {
+        let (rule, decay) = match self.kind {
+            Kind::Adam { lr, weight_decay } => {
                 let t = self.steps as i32;
-                Rule::Adam {
+                let lr = lr * factor;
+                let rule = Rule::Adam {
                     step_size: lr / (1.0 - ADAM_BETA1.powi(t)),
                     bias_correction2_sqrt: (1.0 - ADAM_BETA2.powi(t)).sqrt(),
-                }
+                };
+                (rule, lr * weight_decay)
             }
-            Kind::Sgd { lr, momentum } => Rule::Sgd { lr, momentum },
+            Kind::Sgd { lr, momentum } => (
+                Rule::Sgd {
+                    lr: lr * factor,
+                    momentum,
+                },
+                0.0,
+            ),
         };
         for (p, grad) in self.params.iter_mut().zip(grads) {
             let grad = grad.contiguous()?;
             let update = FusedUpdate {
                 rule,
+                decay: if p.decays { decay } else { 0.0 },
                 mu: self.mu,
                 state: RefCell::new((&mut p.m, &mut p.v)),
                 anchor: &p.anchor,
@@ -389,15 +423,35 @@ const ADAM_EPS: f32 = 1e-8;
 /// A validated [`OptimizerSpec`].
 #[derive(Clone, Copy, Debug)]
 enum Kind {
-    Adam { lr: f32 },
-    Sgd { lr: f32, momentum: f32 },
+    /// Adam, or AdamW when `weight_decay > 0`.
+    Adam {
+        lr: f32,
+        weight_decay: f32,
+    },
+    Sgd {
+        lr: f32,
+        momentum: f32,
+    },
 }
 
 impl Kind {
-    /// Checks the settings: finite `lr >= 0`, `momentum` in `[0, 1)`.
+    /// Checks the settings: finite `lr >= 0`, `momentum` in `[0, 1)`,
+    /// finite `weight_decay >= 0` with `lr * weight_decay < 1`.
     fn from_spec(spec: OptimizerSpec) -> Result<Self> {
         match spec {
-            OptimizerSpec::Adam { lr } if lr.is_finite() && lr >= 0.0 => Ok(Kind::Adam { lr }),
+            OptimizerSpec::Adam { lr } if lr.is_finite() && lr >= 0.0 => Ok(Kind::Adam {
+                lr,
+                weight_decay: 0.0,
+            }),
+            OptimizerSpec::AdamW { lr, weight_decay }
+                if lr.is_finite()
+                    && lr >= 0.0
+                    && weight_decay.is_finite()
+                    && weight_decay >= 0.0
+                    && lr * weight_decay < 1.0 =>
+            {
+                Ok(Kind::Adam { lr, weight_decay })
+            }
             OptimizerSpec::Sgd { lr, momentum }
                 if lr.is_finite() && lr >= 0.0 && (0.0..1.0).contains(&momentum) =>
             {
@@ -429,6 +483,8 @@ enum Rule {
 /// (source) and the Rust-side optimiser state.
 struct FusedUpdate<'a> {
     rule: Rule,
+    /// AdamW's `lr * weight_decay` for this tensor (0: no decay).
+    decay: f32,
     mu: f32,
     state: RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
     anchor: &'a [f32],
@@ -460,6 +516,10 @@ impl InplaceOp2 for FusedUpdate<'_> {
                 grads.len(),
                 m.len()
             );
+        }
+        if self.decay > 0.0 {
+            let keep = 1.0 - self.decay;
+            params.iter_mut().for_each(|p| *p *= keep);
         }
         let mu = self.mu;
         let anchor = self.anchor;
@@ -569,6 +629,7 @@ mod tests {
             batch_size: 32,
             optimizer,
             proximal_mu: 0.0,
+            lr_schedule: Default::default(),
         }
     }
 
@@ -665,6 +726,7 @@ mod tests {
                 batch_size: 8,
                 optimizer,
                 proximal_mu: 0.0,
+                lr_schedule: Default::default(),
             };
             train_local(&spec, &global, &data, &cfg, 0).unwrap()
         };
@@ -684,6 +746,10 @@ mod tests {
             momentum: 0.9,
         });
         let adam = one_step(OptimizerSpec::Adam { lr: 1e-3 });
+        let adamw = one_step(OptimizerSpec::AdamW {
+            lr: 1e-3,
+            weight_decay: 50.0,
+        });
         // Compare in the network's internal layout, where the gradients are.
         let internal = |w: &ModelWeights| -> Vec<Vec<f32>> {
             Network::new(&spec, w, &Device::Cpu)
@@ -693,11 +759,14 @@ mod tests {
                 .map(|v| v.flatten_all().unwrap().to_vec1().unwrap())
                 .collect()
         };
-        let (w0, sgd, adam) = (
+        let (w0, sgd, adam, adamw) = (
             internal(&global),
             internal(&sgd.weights),
             internal(&adam.weights),
+            internal(&adamw.weights),
         );
+        let ranks: Vec<usize> = net.vars().iter().map(|v| v.rank()).collect();
+        assert!(ranks.contains(&1) && ranks.iter().any(|&r| r >= 2));
         for i in 0..w0.len() {
             for j in 0..w0[i].len() {
                 let want = w0[i][j] - 0.5 * g[i][j];
@@ -709,8 +778,56 @@ mod tests {
                         (got - want).abs() < 1e-5,
                         "adam tensor {i}[{j}]: {got} vs {want}"
                     );
+                    // AdamW: decay by 1 - lr * wd = 0.95 first, weights only.
+                    let keep = if ranks[i] >= 2 { 0.95 } else { 1.0 };
+                    let want = keep * w0[i][j] - 1e-3 * g[i][j].signum();
+                    let got = adamw[i][j];
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "adamw tensor {i}[{j}] (rank {}): {got} vs {want}",
+                        ranks[i]
+                    );
                 }
             }
+        }
+    }
+
+    /// Two full-batch SGD steps: the cosine schedule takes the first at
+    /// `lr` and the second at `lr * (1 + cos(pi / 2)) / 2 = lr / 2`.
+    #[test]
+    fn cosine_schedule_scales_each_step() {
+        let spec = small_spec();
+        let data = TensorData::from_dataset(&synthetic(8, 8), &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 9).unwrap();
+        let train = |epochs, lr_schedule, from: &ModelWeights| {
+            let cfg = TrainingConfig {
+                local_epochs: epochs,
+                batch_size: 8,
+                optimizer: OptimizerSpec::Sgd {
+                    lr: 0.5,
+                    momentum: 0.0,
+                },
+                proximal_mu: 0.0,
+                lr_schedule,
+            };
+            train_local(&spec, from, &data, &cfg, 0).unwrap().weights
+        };
+        let flat = |w: &ModelWeights| -> Vec<f32> {
+            w.tensors().iter().flat_map(|t| t.data.clone()).collect()
+        };
+        let first = train(1, LrSchedule::Constant, &global);
+        assert_eq!(first, train(1, LrSchedule::Cosine, &global));
+        let (w1, full) = (flat(&first), flat(&train(1, LrSchedule::Constant, &first)));
+        let want: Vec<f32> = w1
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| a + 0.5 * (b - a))
+            .collect();
+        let got = flat(&train(2, LrSchedule::Cosine, &global));
+        let moved = w1.iter().zip(&full).filter(|(a, b)| a != b).count();
+        assert!(moved > 0);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() < 1e-5, "parameter {i}: {g} vs {w}");
         }
     }
 
@@ -857,6 +974,7 @@ mod tests {
             batch_size: 64,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },
             proximal_mu: 0.0,
+            lr_schedule: Default::default(),
         };
         // Warm-up (thread pools, allocator).
         let warm = TrainingConfig {

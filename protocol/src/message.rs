@@ -240,6 +240,51 @@ pub enum OptimizerSpec {
         /// Momentum factor in [0, 1).
         momentum: f32,
     },
+    /// Adam with decoupled weight decay (AdamW, Loshchilov and Hutter 2019):
+    /// every step also multiplies each weight tensor of rank 2 or more by
+    /// `1 - lr_t * weight_decay`; biases and layer-norm gains are not
+    /// decayed.
+    AdamW {
+        /// Learning rate.
+        lr: f32,
+        /// Decoupled weight-decay coefficient, at least 0.
+        weight_decay: f32,
+    },
+}
+
+/// How the learning rate changes over the optimiser steps of one local
+/// training (one round's local epochs; all epochs when training centrally).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LrSchedule {
+    /// The base learning rate at every step.
+    #[default]
+    Constant,
+    /// Cosine decay from the base rate towards 0: step `t` of `T` uses
+    /// `lr * (1 + cos(pi * t / T)) / 2`.
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The factor applied to the base learning rate at step `t` (from 0) of
+    /// `total` steps.
+    pub fn factor(self, t: u64, total: u64) -> f32 {
+        match self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine if total == 0 => 1.0,
+            LrSchedule::Cosine => {
+                let progress = t.min(total) as f64 / total as f64;
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+            }
+        }
+    }
+
+    /// The name used on the command line: `constant` or `cosine`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Cosine => "cosine",
+        }
+    }
 }
 
 /// What every participant does locally in a round.
@@ -256,6 +301,9 @@ pub struct TrainingConfig {
     /// drift on non-IID data. 0 disables it (plain FedAvg local training).
     #[serde(default)]
     pub proximal_mu: f32,
+    /// Learning-rate schedule over the local steps.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
 }
 
 impl Default for TrainingConfig {
@@ -265,6 +313,7 @@ impl Default for TrainingConfig {
             batch_size: 32,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },
             proximal_mu: 0.0,
+            lr_schedule: LrSchedule::Constant,
         }
     }
 }
@@ -583,5 +632,23 @@ impl Message {
             Message::SecAgg { msg, .. } => msg.kind(),
             Message::Error { .. } => "Error",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_decays_from_lr_towards_zero() {
+        let f = |t, total| LrSchedule::Cosine.factor(t, total);
+        assert_eq!(f(0, 10), 1.0);
+        assert!((f(5, 10) - 0.5).abs() < 1e-6);
+        assert!((f(1, 2) - 0.5).abs() < 1e-6);
+        assert!(f(9, 10) > 0.0 && f(9, 10) < 0.03);
+        assert!((1..10).all(|t| f(t, 10) < f(t - 1, 10)));
+        assert_eq!(f(3, 0), 1.0, "no steps: no schedule");
+        assert_eq!(f(20, 10), 0.0, "past the end stays at 0");
+        assert!((0..10).all(|t| LrSchedule::Constant.factor(t, 10) == 1.0));
     }
 }

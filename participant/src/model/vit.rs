@@ -1205,6 +1205,7 @@ mod tests {
             batch_size: 64,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },
             proximal_mu: 0.0,
+            lr_schedule: Default::default(),
         };
         let small =
             TensorData::from_dataset(&ds.subset(&(0..128).collect::<Vec<_>>()), &Device::Cpu)
