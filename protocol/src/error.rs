@@ -59,6 +59,18 @@ pub enum ProtocolError {
         /// What arrived.
         got: &'static str,
     },
+    /// A `TrainRequest` names a kept model (see
+    /// [`crate::message::GlobalModel::Evaluated`]) that this participant does
+    /// not hold.
+    #[error(
+        "the coordinator referred to round {wanted}'s model, but this participant holds {held}"
+    )]
+    MissingModel {
+        /// The round whose evaluated model was named.
+        wanted: u32,
+        /// What the participant holds (`"round N's model"` or `"none"`).
+        held: String,
+    },
     /// A message refers to a round other than the current one.
     #[error("message for round {got} while round {current} is running")]
     WrongRound {

@@ -215,7 +215,7 @@ mod tests {
         .unwrap();
         Message::TrainRequest {
             round: 3,
-            global: w,
+            global: crate::GlobalModel::Weights(w),
             seed: 42,
         }
     }

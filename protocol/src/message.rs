@@ -358,6 +358,24 @@ impl Hello {
     }
 }
 
+/// The global model a [`Message::TrainRequest`] starts from.
+///
+/// The model evaluated at the end of round `r` is the one round `r + 1`
+/// trains from, so the coordinator sends a participant that evaluated it
+/// only a reference instead of the same weights again (half the downlink
+/// bytes of a round).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum GlobalModel {
+    /// The weights themselves.
+    Weights(ModelWeights),
+    /// The model of the participant's `EvaluateRequest` for `round`, which
+    /// it keeps until its next training.
+    Evaluated {
+        /// Round of that `EvaluateRequest`.
+        round: u32,
+    },
+}
+
 /// How participants' updates are aggregated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AggregationKind {
@@ -564,8 +582,9 @@ pub enum Message {
     TrainRequest {
         /// Round number, from 1.
         round: u32,
-        /// Current global model.
-        global: ModelWeights,
+        /// Current global model, or a reference to the copy the participant
+        /// already holds.
+        global: GlobalModel,
         /// Seed for this participant's shuffling in this round.
         seed: u64,
     },

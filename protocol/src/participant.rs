@@ -29,8 +29,8 @@ use rand::CryptoRng;
 use crate::{
     error::ProtocolError,
     message::{
-        AggregationKind, AggregationPayload, EvalMetrics, Hello, Message, ParticipantId,
-        SessionInfo, SumKind,
+        AggregationKind, AggregationPayload, EvalMetrics, GlobalModel, Hello, Message,
+        ParticipantId, SessionInfo, SumKind,
     },
     secagg::{keys::RoundContext, participant::SecAggParticipant},
     weights::ModelWeights,
@@ -86,6 +86,9 @@ pub struct ParticipantSession {
     id: Option<ParticipantId>,
     session: Option<SessionInfo>,
     last_round: u32,
+    /// The model of the last `EvaluateRequest` and its round, kept for a
+    /// `TrainRequest` that refers to it ([`GlobalModel::Evaluated`]).
+    evaluated: Option<(u32, ModelWeights)>,
     /// Our side of the current round's secure update sum, if any.
     update_sum: Option<SecAggParticipant>,
     /// Our side of the current round's secure evaluation sum, if any.
@@ -103,6 +106,7 @@ impl ParticipantSession {
             id: None,
             session: None,
             last_round: 0,
+            evaluated: None,
             update_sum: None,
             eval_sum: None,
             outbox: VecDeque::from([Message::Hello(hello)]),
@@ -193,7 +197,23 @@ impl ParticipantSession {
                         got: round,
                     });
                 }
-                global.validate()?;
+                let global = match global {
+                    GlobalModel::Weights(w) => {
+                        w.validate()?;
+                        w
+                    }
+                    GlobalModel::Evaluated { round: wanted } => match self.evaluated.take() {
+                        Some((held, w)) if held == wanted => w,
+                        other => {
+                            return Err(ProtocolError::MissingModel {
+                                wanted,
+                                held: other
+                                    .map_or("none".into(), |(r, _)| format!("round {r}'s model")),
+                            });
+                        }
+                    },
+                };
+                self.evaluated = None;
                 self.last_round = round;
                 self.state = State::Training { round };
                 self.update_sum = self.secure_sum(round, SumKind::Update, global.num_parameters());
@@ -216,6 +236,7 @@ impl ParticipantSession {
                     });
                 }
                 self.last_round = round;
+                self.evaluated = Some((round, global.clone()));
                 self.state = State::Evaluating { round };
                 self.eval_sum = self.secure_sum(round, SumKind::Evaluation, 2);
                 self.events

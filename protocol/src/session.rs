@@ -37,7 +37,10 @@ use crate::{
     aggregate::{AggregateResult, Aggregator},
     cipher::CipherSpec,
     error::ProtocolError,
-    message::{EvalSummary, Hello, Message, ModelSpec, ParticipantId, SessionInfo, TrainingConfig},
+    message::{
+        EvalSummary, GlobalModel, Hello, Message, ModelSpec, ParticipantId, SessionInfo,
+        TrainingConfig,
+    },
     weights::ModelWeights,
 };
 
@@ -199,6 +202,9 @@ struct Peer {
     name: String,
     train_samples: u64,
     test_samples: u64,
+    /// Round of the last `EvaluateRequest` sent to this participant (which
+    /// it keeps, see [`GlobalModel::Evaluated`]).
+    evaluated: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -223,6 +229,9 @@ pub struct CoordinatorSession {
     /// The evaluation sum's aggregator (same scheme as `aggregator`).
     evaluator: Box<dyn Aggregator>,
     global: ModelWeights,
+    /// The round whose `apply_global` installed `global` (None: the initial
+    /// model).
+    global_round: Option<u32>,
     phase: Phase,
     peers: BTreeMap<ParticipantId, Peer>,
     /// The last round whose evaluation finished (its stragglers are late).
@@ -286,6 +295,7 @@ impl CoordinatorSession {
             aggregator,
             evaluator,
             global,
+            global_round: None,
             phase: Phase::Joining,
             peers: BTreeMap::new(),
             last_evaluated: 0,
@@ -528,6 +538,7 @@ impl CoordinatorSession {
                 name: hello.name.clone(),
                 train_samples: hello.train_samples,
                 test_samples: hello.test_samples,
+                evaluated: None,
             },
         );
         self.outbox.push_back((
@@ -625,6 +636,7 @@ impl CoordinatorSession {
             ));
         }
         self.global = global;
+        self.global_round = Some(round);
         self.phase = Phase::Evaluating { round };
         self.round.evaluation_started = Some(now);
         // Everyone connected with a test split evaluates, in the cohort or
@@ -655,6 +667,9 @@ impl CoordinatorSession {
         }
         self.round.evaluators = evaluators.iter().copied().collect();
         for &id in &evaluators {
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.evaluated = Some(round);
+            }
             self.outbox.push_back((
                 id,
                 Message::EvaluateRequest {
@@ -725,11 +740,17 @@ impl CoordinatorSession {
             ..RoundState::default()
         };
         for &id in &cohort {
+            let global = match (self.global_round, self.peers.get(&id)) {
+                (Some(r), Some(peer)) if peer.evaluated == Some(r) => {
+                    GlobalModel::Evaluated { round: r }
+                }
+                _ => GlobalModel::Weights(self.global.clone()),
+            };
             self.outbox.push_back((
                 id,
                 Message::TrainRequest {
                     round,
-                    global: self.global.clone(),
+                    global,
                     seed: derive_seed(self.config.seed, round, id),
                 },
             ));

@@ -399,7 +399,7 @@ fn participant_session_rejects_out_of_order_messages() {
     assert!(matches!(p.poll_transmit(), Some(Message::Hello(_))));
     let train = Message::TrainRequest {
         round: 1,
-        global: tiny_model(),
+        global: crate::GlobalModel::Weights(tiny_model()),
         seed: 0,
     };
     let err = p.handle_message(train, &mut rng).unwrap_err();
@@ -637,8 +637,133 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
     }
     assert_eq!(cohort, Some(vec![0, 1, 5]));
     let trained: Vec<ParticipantId> = std::iter::from_fn(|| s.poll_transmit())
-        .filter(|(_, m)| matches!(m, Message::TrainRequest { round: 2, .. }))
+        .filter(|(_, m)| {
+            matches!(
+                m,
+                Message::TrainRequest {
+                    round: 2,
+                    global: crate::GlobalModel::Evaluated { round: 1 },
+                    ..
+                }
+            )
+        })
         .map(|(to, _)| to)
         .collect();
-    assert_eq!(trained, vec![0, 1, 5]);
+    assert_eq!(
+        trained,
+        vec![0, 1, 5],
+        "everyone evaluated round 1's model, so round 2 refers to it instead of resending it"
+    );
+}
+
+/// Round 1 sends the weights; from round 2 on, a participant that evaluated
+/// the previous round's model gets a reference, one without a test split
+/// (which was not asked to evaluate) gets the weights again.
+#[test]
+fn train_requests_refer_to_the_evaluated_model_only_for_evaluators() {
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(2, 3),
+        tiny_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    let mut no_test = hello(1, 10);
+    no_test.test_samples = 0;
+    s.handle_message(now, 0, Message::Hello(hello(0, 10)))
+        .unwrap();
+    s.handle_message(now, 1, Message::Hello(no_test)).unwrap();
+    let mut by_round: Vec<Vec<(ParticipantId, bool)>> = Vec::new();
+    for round in 1..=2u32 {
+        let requests: Vec<(ParticipantId, bool)> = std::iter::from_fn(|| s.poll_transmit())
+            .filter_map(|(to, m)| match m {
+                Message::TrainRequest { global, .. } => {
+                    Some((to, matches!(global, crate::GlobalModel::Weights(_))))
+                }
+                _ => None,
+            })
+            .collect();
+        by_round.push(requests);
+        for id in [0, 1] {
+            s.handle_message(now, id, contribution(round, vec![1.0; 4]))
+                .unwrap();
+        }
+        while s.poll_event().is_some() {}
+        let next = s.global().clone();
+        s.apply_global(now, next).unwrap();
+        s.handle_message(now, 0, plain_evaluation(round)).unwrap();
+    }
+    assert_eq!(by_round[0], vec![(0, true), (1, true)]);
+    assert_eq!(
+        by_round[1],
+        vec![(0, false), (1, true)],
+        "(participant, sent the weights) in round 2"
+    );
+}
+
+/// A participant keeps the model it evaluated for the next `TrainRequest`
+/// that refers to it, and refuses a reference to a model it does not hold.
+#[test]
+fn participant_session_trains_from_the_model_it_evaluated() {
+    use crate::participant::{ParticipantEvent, ParticipantSession};
+    let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(1);
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(1, 3),
+        tiny_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    s.handle_message(now, 0, Message::Hello(hello(0, 10)))
+        .unwrap();
+    let welcome = s.poll_transmit().unwrap().1;
+    let admitted = || {
+        let mut p = ParticipantSession::new(hello(0, 10));
+        let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(2);
+        p.handle_message(welcome.clone(), &mut rng).unwrap();
+        while p.poll_event().is_some() {}
+        p
+    };
+    let evaluated = tiny_model()
+        .with_flat_values(&[42.0, 1.0, 2.0, 3.0])
+        .unwrap();
+    let reference = |round| Message::TrainRequest {
+        round,
+        global: crate::GlobalModel::Evaluated { round: 1 },
+        seed: 0,
+    };
+
+    let mut p = admitted();
+    let err = p.handle_message(reference(2), &mut rng).unwrap_err();
+    assert!(
+        matches!(err, ProtocolError::MissingModel { wanted: 1, .. }),
+        "{err}"
+    );
+
+    let mut p = admitted();
+    let eval = Message::EvaluateRequest {
+        round: 1,
+        global: evaluated.clone(),
+    };
+    p.handle_message(eval, &mut rng).unwrap();
+    assert!(matches!(
+        p.poll_event(),
+        Some(ParticipantEvent::Evaluate { round: 1, .. })
+    ));
+    let metrics = crate::EvalMetrics {
+        loss_sum: 2.0,
+        correct: 3,
+        count: 4,
+    };
+    p.submit_evaluation(1, metrics, &mut rng).unwrap();
+    while p.poll_transmit().is_some() {}
+    p.handle_message(reference(2), &mut rng).unwrap();
+    match p.poll_event() {
+        Some(ParticipantEvent::Train {
+            round: 2, global, ..
+        }) => assert_eq!(global, evaluated),
+        other => panic!("expected a Train event, got {other:?}"),
+    }
 }
