@@ -15,6 +15,10 @@ pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
+    /// Write this process's peak resident set size in bytes to FILE at exit
+    /// (how `simulate` measures its coordinator and participant processes).
+    #[arg(long, global = true, hide = true, value_name = "FILE")]
+    pub peak_rss_file: Option<PathBuf>,
 }
 
 /// The subcommands.

@@ -2,8 +2,8 @@
 //! ([`cli`]), key generation ([`keygen`]), the coordinator and participant
 //! commands ([`commands`]), the coordinator's optional central evaluation
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
-//! in-process federation harness ([`sim`]) and the measurements of
-//! [`experiment`].
+//! in-process federation harness ([`sim`]), the peak-memory reports of
+//! simulations ([`memory`]) and the measurements of [`experiment`].
 //!
 //! The protocol, coordinator and participant logic live in the
 //! `greyfed-protocol`, `greyfed-coordinator` and `greyfed-participant`
@@ -14,6 +14,7 @@ pub mod cli;
 pub mod commands;
 pub mod experiment;
 pub mod keygen;
+pub mod memory;
 pub mod preview;
 pub mod sim;
 pub mod simulate;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 use greyfed::cli::{Cli, Command, ExperimentCommand};
-use greyfed::{commands, experiment, keygen, preview, simulate};
+use greyfed::{commands, experiment, keygen, memory, preview, simulate};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -26,13 +26,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let peak_rss_file = cli.peak_rss_file.clone();
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(path) = peak_rss_file
+        && let Err(e) = memory::write_peak_rss(&path)
+    {
+        eprintln!("warning: cannot write {}: {e}", path.display());
     }
+    code
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -105,12 +112,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             println!("{}", report.table());
+            println!("{}", report.memory.line());
             println!(
-                "{} of {} rounds completed in {:.1} s; metrics in {}",
+                "{} of {} rounds completed in {:.1} s; metrics in {}, summary in {}",
                 report.rounds.len(),
                 report.rounds_planned,
                 report.wall.as_secs_f64(),
-                report.out.join("metrics.jsonl").display()
+                report.out.join("metrics.jsonl").display(),
+                report.out.join(simulate::SUMMARY_FILE).display()
             );
             Ok(if report.all_rounds_completed() {
                 ExitCode::SUCCESS

@@ -3,7 +3,9 @@
 //!
 //! The processes are this same executable run as `greyfed coordinator` and
 //! `greyfed participant`, so a simulation exercises exactly what a
-//! multi-machine deployment runs. Each writes its log to `OUT/logs/`.
+//! multi-machine deployment runs. Each writes its log to `OUT/logs/` and
+//! its peak memory to `OUT/logs/NAME.peak-rss` ([`crate::memory`]); the
+//! run's summary, memory included, goes to `OUT/summary.json`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,10 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use greyfed_coordinator::metrics::{RoundRecord, read_metrics};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use crate::cli::{DropoutStageArg, SimulateArgs};
 use crate::keygen::{self, files};
+use crate::memory::{MemoryReport, read_peak_rss};
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
 use greyfed_protocol::session::derive_seed;
 
@@ -32,12 +36,49 @@ pub struct SimulationReport {
     pub wall: Duration,
     /// Output directory.
     pub out: PathBuf,
+    /// Peak memory of the coordinator and participant processes.
+    pub memory: MemoryReport,
+}
+
+/// The file in the output directory that [`SimulationReport::write_summary`] writes.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// `OUT/summary.json`: the run as a whole (the rounds are in `metrics.jsonl`).
+#[derive(Debug, Serialize)]
+struct Summary<'a> {
+    participants: usize,
+    rounds_planned: u32,
+    rounds_completed: usize,
+    wall_secs: f64,
+    /// Accuracy after the last completed round.
+    final_accuracy: Option<f64>,
+    crashes: usize,
+    peak_rss: &'a MemoryReport,
 }
 
 impl SimulationReport {
     /// True when every requested round completed.
     pub fn all_rounds_completed(&self) -> bool {
         self.rounds.len() == self.rounds_planned as usize
+    }
+
+    /// Writes `OUT/summary.json` (see [`SUMMARY_FILE`]).
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_summary(&self) -> Result<()> {
+        let summary = Summary {
+            participants: self.memory.participant_bytes.len(),
+            rounds_planned: self.rounds_planned,
+            rounds_completed: self.rounds.len(),
+            wall_secs: self.wall.as_secs_f64(),
+            final_accuracy: self.rounds.last().and_then(|r| r.accuracy),
+            crashes: self.crashes.len(),
+            peak_rss: &self.memory,
+        };
+        let path = self.out.join(SUMMARY_FILE);
+        let json = serde_json::to_string_pretty(&summary).expect("serialisable");
+        std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))
     }
 
     /// The summary table printed at the end of a simulation (with a
@@ -75,8 +116,32 @@ impl SimulationReport {
     }
 }
 
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
-    std::fs::File::create(dir.join(name)).with_context(|| format!("creating log {name}"))
+/// A child's stdout and stderr, both on the log file `dir/name` (one open
+/// file, so the two streams share its offset and never overwrite each other).
+fn log_files(dir: &Path, name: &str) -> Result<(Stdio, Stdio)> {
+    let file =
+        std::fs::File::create(dir.join(name)).with_context(|| format!("creating log {name}"))?;
+    let copy = file
+        .try_clone()
+        .with_context(|| format!("duplicating log {name}"))?;
+    Ok((file.into(), copy.into()))
+}
+
+/// Where the process writing log `name` reports its peak memory.
+fn peak_rss_path(logs: &Path, name: &str) -> PathBuf {
+    logs.join(format!("{name}.peak-rss"))
+}
+
+/// A fresh `--peak-rss-file` for `name` (a stale one from an earlier run
+/// in the same directory is removed, so a killed process reports nothing).
+fn peak_rss_arg(logs: &Path, name: &str) -> Result<PathBuf> {
+    let path = peak_rss_path(logs, name);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing old {}", path.display()))
+        }
+        _ => Ok(path),
+    }
 }
 
 /// Runs the simulation and returns its report; `progress` shows a bar.
@@ -143,10 +208,13 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
                 .arg(keys.join(files::IMAGE_KEY));
         }
     }
+    let (stdout, stderr) = log_files(&logs, "coordinator.log")?;
     coordinator
+        .arg("--peak-rss-file")
+        .arg(peak_rss_arg(&logs, "coordinator")?)
         .stdin(Stdio::null())
-        .stdout(log_file(&logs, "coordinator.log")?)
-        .stderr(log_file(&logs, "coordinator.log")?)
+        .stdout(stdout)
+        .stderr(stderr)
         .kill_on_drop(true);
     let mut coordinator = coordinator.spawn().context("starting the coordinator")?;
 
@@ -190,12 +258,15 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         } else {
             cmd.arg("--key-file").arg(keys.join(files::IMAGE_KEY));
         }
-        let log = format!("participant-{i}.log");
-        cmd.env("RAYON_NUM_THREADS", args.threads.to_string())
+        let name = format!("participant-{i}");
+        let (stdout, stderr) = log_files(&logs, &format!("{name}.log"))?;
+        cmd.arg("--peak-rss-file")
+            .arg(peak_rss_arg(&logs, &name)?)
+            .env("RAYON_NUM_THREADS", args.threads.to_string())
             .env("CANDLE_NUM_THREADS", args.threads.to_string())
             .stdin(Stdio::null())
-            .stdout(log_file(&logs, &log)?)
-            .stderr(log_file(&logs, &log)?)
+            .stdout(stdout)
+            .stderr(stderr)
             .kill_on_drop(true);
         participants.push(
             cmd.spawn()
@@ -250,13 +321,21 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         }
     }
     let rounds = read_metrics(&metrics_path).unwrap_or_default();
+    let memory = MemoryReport::new(
+        read_peak_rss(&peak_rss_path(&logs, "coordinator")),
+        (0..args.participants)
+            .map(|i| read_peak_rss(&peak_rss_path(&logs, &format!("participant-{i}"))))
+            .collect(),
+    );
     let report = SimulationReport {
         crashes: crashes.into_iter().collect(),
         rounds,
         rounds_planned: args.training.rounds,
         wall: started.elapsed(),
         out,
+        memory,
     };
+    report.write_summary()?;
     if !status.success() {
         tracing::error!(
             "the coordinator exited with {status}; see {}",

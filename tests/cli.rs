@@ -87,6 +87,67 @@ fn simulate_runs_processes_and_writes_metrics() {
     assert_eq!(cipher.key_id.len(), 16);
 }
 
+/// `simulate` measures the peak memory of every process it starts, prints
+/// it in its summary and writes it to `OUT/summary.json`.
+#[test]
+fn simulate_reports_peak_memory_per_process() {
+    let out = tempfile::tempdir().unwrap();
+    let status = greyfed()
+        .args([
+            "simulate",
+            "--participants",
+            "3",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "simulate failed: {stdout}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        stdout.contains("peak memory (RSS): coordinator ") && stdout.contains("(3 of 3 reported)"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(out.path().join("summary.json")).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(summary["rounds_completed"], 1, "{summary}");
+    let rss = &summary["peak_rss"];
+    let bytes = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{v} in {summary}"));
+    // Each process holds at least its code and the model (about 1.6 MB of
+    // f32), and a 1-round run on the built-in digits stays far below 1 GB.
+    let plausible = |b: u64| (4_000_000..1_000_000_000).contains(&b);
+    let coordinator = bytes(&rss["coordinator_bytes"]);
+    let participants: Vec<u64> = rss["participant_bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(bytes)
+        .collect();
+    assert_eq!(participants.len(), 3);
+    assert!(plausible(coordinator), "{summary}");
+    assert!(participants.iter().all(|&b| plausible(b)), "{summary}");
+    assert_eq!(
+        bytes(&rss["participant_max_bytes"]),
+        *participants.iter().max().unwrap()
+    );
+    assert_eq!(
+        bytes(&rss["participant_mean_bytes"]),
+        participants.iter().sum::<u64>() / 3
+    );
+    assert_eq!(
+        bytes(&rss["total_bytes"]),
+        coordinator + participants.iter().sum::<u64>()
+    );
+}
+
 #[test]
 fn keygen_writes_files_and_the_participant_refuses_bad_keys() {
     let dir = tempfile::tempdir().unwrap();

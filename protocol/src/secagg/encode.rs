@@ -377,6 +377,35 @@ fn pack_bits<const B: usize>(values: &[u32], out: &mut [u8]) {
 /// `ceil(len * bits / 8)` long, when padding bits in the last byte are set,
 /// or when `bits` is not in 1..=32.
 pub fn unpack(bytes: &[u8], bits: u32, len: usize) -> Result<Vec<u32>, ProtocolError> {
+    check_packed(bytes, bits, len)?;
+    let mut out = Vec::with_capacity(len);
+    for_each_unpacked(bytes, bits, len, |values| out.extend_from_slice(values));
+    Ok(out)
+}
+
+/// Adds the `acc.len()` values of `bits` bits packed in `bytes` to `acc`
+/// element by element (wrapping): [`unpack`] and a sum in one pass, without
+/// a vector per input (how the coordinator sums masked inputs). The values
+/// are below `2^bits` by construction.
+///
+/// # Errors
+/// As [`unpack`]; `acc` is untouched then (every check comes first).
+pub fn unpack_add(bytes: &[u8], bits: u32, acc: &mut [u32]) -> Result<(), ProtocolError> {
+    check_packed(bytes, bits, acc.len())?;
+    let mut rest = &mut acc[..];
+    for_each_unpacked(bytes, bits, rest.len(), |values| {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(values.len());
+        for (a, v) in head.iter_mut().zip(values) {
+            *a = a.wrapping_add(*v);
+        }
+        rest = tail;
+    });
+    Ok(())
+}
+
+/// Checks that `bytes` can hold exactly `len` values of `bits` bits: the
+/// errors of [`unpack`].
+fn check_packed(bytes: &[u8], bits: u32, len: usize) -> Result<(), ProtocolError> {
     if !(1..=32).contains(&bits) {
         return Err(ProtocolError::Malformed(format!(
             "cannot unpack {bits}-bit values"
@@ -399,30 +428,43 @@ pub fn unpack(bytes: &[u8], bits: u32, len: usize) -> Result<Vec<u32>, ProtocolE
             "packed vector has non-zero padding bits".into(),
         ));
     }
+    Ok(())
+}
+
+/// Values handed to the sink of [`for_each_unpacked`] at a time (a multiple
+/// of 8; 1 KiB, so a batch stays in L1).
+const UNPACK_BATCH: usize = 256;
+
+/// Unpacks the `len` values in `bytes` (checked by [`check_packed`]) and
+/// hands them to `sink` in order, in batches of up to [`UNPACK_BATCH`].
+fn for_each_unpacked(bytes: &[u8], bits: u32, len: usize, mut sink: impl FnMut(&[u32])) {
     macro_rules! dispatch {
         ($($b:literal)*) => {
             match bits {
-                8 => unpack_bytes::<1>(bytes, len),
-                16 => unpack_bytes::<2>(bytes, len),
-                24 => unpack_bytes::<3>(bytes, len),
-                32 => unpack_bytes::<4>(bytes, len),
-                $($b => unpack_bits::<$b>(bytes, len),)*
+                8 => unpack_bytes::<1>(bytes, &mut sink),
+                16 => unpack_bytes::<2>(bytes, &mut sink),
+                24 => unpack_bytes::<3>(bytes, &mut sink),
+                32 => unpack_bytes::<4>(bytes, &mut sink),
+                $($b => unpack_bits::<$b>(bytes, len, &mut sink),)*
                 _ => unreachable!("bits is in 1..=32"),
             }
         };
     }
-    Ok(dispatch!(1 2 3 4 5 6 7 9 10 11 12 13 14 15 17 18 19 20 21 22 23 25 26 27 28 29 30 31))
+    dispatch!(1 2 3 4 5 6 7 9 10 11 12 13 14 15 17 18 19 20 21 22 23 25 26 27 28 29 30 31)
 }
 
-/// Unpacks `len` values whose width is a whole number `W` of bytes.
-fn unpack_bytes<const W: usize>(bytes: &[u8], len: usize) -> Vec<u32> {
-    let mut out = Vec::with_capacity(len);
-    out.extend(bytes.as_chunks::<W>().0.iter().map(|chunk| {
-        let mut word = [0u8; 4];
-        word[..W].copy_from_slice(chunk);
-        u32::from_le_bytes(word)
-    }));
-    out
+/// Unpacks the values of `bytes` whose width is a whole number `W` of bytes.
+fn unpack_bytes<const W: usize>(bytes: &[u8], sink: &mut impl FnMut(&[u32])) {
+    let mut batch = [0u32; UNPACK_BATCH];
+    for block in bytes.chunks(W * UNPACK_BATCH) {
+        let chunks = block.as_chunks::<W>().0;
+        for (v, chunk) in batch.iter_mut().zip(chunks) {
+            let mut word = [0u8; 4];
+            word[..W].copy_from_slice(chunk);
+            *v = u32::from_le_bytes(word);
+        }
+        sink(&batch[..chunks.len()]);
+    }
 }
 
 /// Unpacks 8 values of `B` bits from a group of `B` bytes (zero-padded to
@@ -445,22 +487,27 @@ fn unpack_group<const B: usize>(buf: &[u8; 32]) -> [u32; 8] {
 }
 
 /// Unpacks `len` values of `B` (< 32, not a multiple of 8) bits, 8 at a time.
-fn unpack_bits<const B: usize>(bytes: &[u8], len: usize) -> Vec<u32> {
-    let mut out = Vec::with_capacity(len);
+fn unpack_bits<const B: usize>(bytes: &[u8], len: usize, sink: &mut impl FnMut(&[u32])) {
     let groups = len / 8;
     let (in_groups, in_rest) = bytes.split_at(groups * B);
+    let mut batch = [0u32; UNPACK_BATCH];
     let mut buf = [0u8; 32];
-    for src in in_groups.chunks_exact(B) {
-        buf[..B].copy_from_slice(src);
-        out.extend_from_slice(&unpack_group::<B>(&buf));
+    for block in in_groups.chunks(B * UNPACK_BATCH / 8) {
+        let (out, _) = batch.as_chunks_mut::<8>();
+        let mut n = 0;
+        for (src, dst) in block.chunks_exact(B).zip(out) {
+            buf[..B].copy_from_slice(src);
+            *dst = unpack_group::<B>(&buf);
+            n += 8;
+        }
+        sink(&batch[..n]);
     }
     let rest = len - groups * 8;
     if rest > 0 {
         let mut buf = [0u8; 32];
         buf[..in_rest.len()].copy_from_slice(in_rest);
-        out.extend_from_slice(&unpack_group::<B>(&buf)[..rest]);
+        sink(&unpack_group::<B>(&buf)[..rest]);
     }
-    out
 }
 
 #[cfg(test)]
@@ -692,6 +739,17 @@ mod tests {
                 ));
             }
             prop_assert!(unpack(&bytes, bits, len + 8).is_err());
+            // unpack_add sums the same values, and leaves the sum alone when
+            // it rejects the input.
+            let before: Vec<u32> = (0..len).map(|_| rng.next_u32()).collect();
+            let mut acc = before.clone();
+            unpack_add(&bytes, bits, &mut acc).unwrap();
+            for ((a, b), v) in acc.iter().zip(&before).zip(&values) {
+                prop_assert_eq!(*a, b.wrapping_add(*v));
+            }
+            let mut acc = before.clone();
+            prop_assert!(unpack_add(&longer, bits, &mut acc).is_err());
+            prop_assert_eq!(&acc, &before);
         }
     }
 
@@ -725,6 +783,8 @@ mod tests {
 
     #[test]
     fn unpack_rejects_bad_input() {
+        assert!(unpack_add(&[0b0000_0111], 2, &mut [5]).is_err());
+        assert!(unpack_add(&[1, 0], 8, &mut [5]).is_err());
         assert!(unpack(&[], 0, 0).is_err());
         assert!(unpack(&[], 33, 0).is_err());
         assert!(unpack(&[0; 4], 32, 2).is_err());
@@ -741,9 +801,14 @@ mod tests {
         for bits in [7, 8, 16, 20, 24, 31, 32] {
             let mask = levels(bits) as u32;
             let values: Vec<u32> = (0..100_001).map(|_| rng.next_u32() & mask).collect();
-            assert_eq!(
-                unpack(&pack(&values, bits), bits, values.len()).unwrap(),
-                values
+            let bytes = pack(&values, bits);
+            assert_eq!(unpack(&bytes, bits, values.len()).unwrap(), values);
+            let mut acc = vec![u32::MAX; values.len()];
+            unpack_add(&bytes, bits, &mut acc).unwrap();
+            assert!(
+                acc.iter()
+                    .zip(&values)
+                    .all(|(a, v)| *a == v.wrapping_sub(1))
             );
         }
     }

@@ -13,7 +13,7 @@ use crate::{
     error::ProtocolError,
     message::ParticipantId,
     secagg::{
-        encode::{decode, unpack},
+        encode::{decode, unpack_add},
         keys::{KeyPair, RoundContext, pairwise_mask_seed},
         message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload},
         prg::{add_mask, sub_mask},
@@ -502,22 +502,17 @@ impl SecAggCoordinator {
                 if !s.waiting.contains(&from) {
                     return Err(not_waiting(s.u3.contains(&from)));
                 }
+                // Unpacked and summed in one pass; values of `m` bits are in
+                // the ring by construction, and a malformed input is refused
+                // before the sum is touched.
                 let bits = r.setup.encoding.ring_bits;
-                let values = unpack(&packed, bits, r.num_elements).map_err(|e| {
+                debug_assert_eq!(s.sum.len(), r.num_elements);
+                unpack_add(&packed, bits, &mut s.sum).map_err(|e| {
                     ProtocolError::InvalidContribution(format!(
                         "masked input of {from}: {e} ({} bytes)",
                         packed.len()
                     ))
                 })?;
-                let ring_mask = r.setup.encoding.ring_mask();
-                if values.iter().any(|v| v & !ring_mask != 0) {
-                    return Err(ProtocolError::InvalidContribution(format!(
-                        "masked input of {from} has elements outside the ring"
-                    )));
-                }
-                for (acc, v) in s.sum.iter_mut().zip(&values) {
-                    *acc = acc.wrapping_add(*v);
-                }
                 s.u3.insert(from);
                 s.waiting.remove(&from);
                 Ok(s.waiting.is_empty())

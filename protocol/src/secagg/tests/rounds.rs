@@ -99,6 +99,46 @@ fn secagg_plus_uses_a_sparse_graph_and_survives_dropouts_at_every_stage() {
     assert_eq!(r.contributors.len(), 56);
 }
 
+/// The scale of a large deployment (n = 1000, the graph of the docs' table:
+/// k = 64, t = 33) with a tiny vector: the round completes with 10% of the
+/// participants gone at every stage, and the sum is exact.
+#[test]
+fn a_thousand_participants_complete_a_round_with_dropouts() {
+    let cfg = SecAggConfig {
+        dropout_fraction: 0.1,
+        corrupt_fraction: 0.1,
+        max_weight: 16,
+        ..config(false)
+    };
+    let mut h = Harness::new(cfg, 1000, 16, 11);
+    h.begin_round(1).unwrap();
+    assert_eq!((h.setup().degree, h.threshold()), (64, 33));
+    // Every tenth participant leaves, at each stage in turn, half of them
+    // silently (only the deadline notices).
+    for (i, id) in (0..1000).step_by(10).enumerate() {
+        let how = if i % 2 == 0 {
+            Departure::Silent
+        } else {
+            Departure::Disconnect
+        };
+        h.departures.insert(id, (Stage::ALL[(i / 2) % 4], how));
+    }
+    h.drive();
+    let r = h.result.clone().unwrap().unwrap();
+    assert_eq!(Ok(r.contributors.clone()), oracle(&h));
+    // Gone before the masked input: out; gone only before unmasking: in.
+    let expect: Vec<u32> = (0..1000)
+        .filter(|id| {
+            h.departures
+                .get(id)
+                .is_none_or(|(at, _)| *at == Stage::Unmask)
+        })
+        .collect();
+    assert_eq!(r.contributors, expect);
+    assert_eq!(expect.len(), 1000 - 76);
+    h.check_result(&r);
+}
+
 #[test]
 fn aggregator_is_reused_across_rounds() {
     let mut h = Harness::new(config(false), 6, 5, 4);
