@@ -1,0 +1,193 @@
+//! Local training throughput of one model, exactly as a participant trains
+//! it, for side-by-side comparison with PyTorch (`bench/pytorch_train.py`,
+//! `bench/compare_train.sh`).
+//!
+//! ```sh
+//! cargo run --release --example train_bench -- --model blocknet --data ../shared/data/mnist-10k --threads 1
+//! cargo run --release --example train_bench -- --model cnn --data ../shared/data/mnist-10k --threads 2
+//! cargo run --release --example train_bench -- --model vit --data ../shared/data/mnist-10k --threads 1 --cipher block
+//! # Without --data: the built-in synthetic digits (as `greyfed simulate`).
+//! cargo run --release --example train_bench -- --model blocknet --threads 1
+//! # Side by side with PyTorch:
+//! THREADS=1 PYTHON=/work/pyenv/bin/python bench/compare_train.sh ../shared/data/mnist-10k
+//! ```
+//!
+//! The data is loaded, decoded, optionally encrypted (`--cipher MODE`,
+//! default `plain`: no encryption) and converted to tensors
+//! ([`TensorData`]) once, before timing, just as `LocalData::prepare` does
+//! for a participant. Then `--epochs` epochs over the whole training split,
+//! batch 64, Adam (`--lr`), go through
+//! [`greyfed_participant::train::train_local`] (the participants' training
+//! path), and only that call is timed. An untimed warm-up of
+//! `--warmup-batches` batches on a throwaway copy of the model comes first
+//! (thread pools, allocator, first-touch of buffers); the PyTorch script
+//! does the same. The trained model is evaluated on the whole test split
+//! (encrypted like the training images).
+//!
+//! Threads: `RAYON_NUM_THREADS` (candle's matmul and convolutions) and
+//! `CANDLE_NUM_THREADS` (its element-wise ops) are both set to `--threads`
+//! before any candle work.
+//!
+//! Progress goes to stderr; stdout gets exactly one line,
+//! `images_per_sec=X accuracy=Y peak_rss_mb=Z` (peak resident set size from
+//! `VmHWM` in `/proc/self/status`).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::Parser;
+use greyfed_participant::cipher::{ImageCipher, ImageKey};
+use greyfed_participant::data::{idx::load_idx_dir, synthetic::builtin_splits};
+use greyfed_participant::model::{cnn_28x28, init_weights, vit_28x28};
+use greyfed_participant::train::{TensorData, evaluate, train_local};
+use greyfed_protocol::cipher::CipherSteps;
+use greyfed_protocol::{ModelSpec, OptimizerSpec, TrainingConfig};
+
+/// Minibatch size (fixed, as in the PyTorch script).
+const BATCH_SIZE: u32 = 64;
+
+#[derive(Parser)]
+#[command(about = "Time greyfed's local training of one model (see the source for details)")]
+struct Args {
+    /// Model.
+    #[arg(long, default_value = "blocknet", value_parser = ["blocknet", "vit", "cnn"])]
+    model: String,
+    /// IDX dataset directory (MNIST layout); the built-in synthetic digits
+    /// when omitted.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Compute threads (RAYON_NUM_THREADS and CANDLE_NUM_THREADS).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Epochs over the training split.
+    #[arg(long, default_value_t = 2)]
+    epochs: u32,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Image cipher mode (`plain`, a preset such as `block`, or steps joined
+    /// by `+`).
+    #[arg(long, default_value = "plain")]
+    cipher: String,
+    /// Cipher block size, blocknet block size and ViT patch size.
+    #[arg(long, default_value_t = 4)]
+    block_size: u32,
+    /// Seed of the weight initialisation, the shuffling, the synthetic data
+    /// and the (benchmark-only) image key.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Untimed warm-up minibatches before the timed run (0: none).
+    #[arg(long, default_value_t = 10)]
+    warmup_batches: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let threads = args.threads.to_string();
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        // SAFETY: before any candle work, while this is the only thread.
+        unsafe { std::env::set_var(var, &threads) };
+    }
+
+    let splits = match &args.data {
+        Some(dir) => load_idx_dir(dir).with_context(|| format!("loading {}", dir.display()))?,
+        None => builtin_splits(args.seed),
+    };
+    let mode: Option<CipherSteps> = match args.cipher.as_str() {
+        "plain" => None,
+        text => Some(text.parse().map_err(anyhow::Error::msg)?),
+    };
+    let planes = mode.map_or(1, |m| m.output_channels());
+    let spec = match args.model.as_str() {
+        "blocknet" => ModelSpec::blocknet_28x28(args.block_size).with_image_channels(planes),
+        "vit" => vit_28x28(args.block_size, planes),
+        "cnn" => cnn_28x28(planes),
+        other => bail!("unknown model {other:?}; choose blocknet, vit or cnn"),
+    };
+    let (train, test) = match mode {
+        None => (splits.train, splits.test),
+        Some(steps) => {
+            let cipher = ImageCipher::new(
+                &bench_key(args.seed),
+                steps,
+                args.block_size as usize,
+                splits.train.rows(),
+                splits.train.cols(),
+            )?;
+            (
+                cipher.encrypt_dataset(&splits.train)?,
+                cipher.encrypt_dataset(&splits.test)?,
+            )
+        }
+    };
+    let device = Device::Cpu;
+    let train_data = TensorData::from_dataset(&train, &device)?;
+    let test_data = TensorData::from_dataset(&test, &device)?;
+    let global = init_weights(&spec, args.seed)?;
+    let config = TrainingConfig {
+        local_epochs: args.epochs,
+        batch_size: BATCH_SIZE,
+        optimizer: OptimizerSpec::Adam { lr: args.lr },
+        ..TrainingConfig::default()
+    };
+
+    if args.warmup_batches > 0 {
+        let n = (args.warmup_batches * BATCH_SIZE as usize).min(train.len());
+        let head = TensorData::from_dataset(&train.subset(&(0..n).collect::<Vec<_>>()), &device)?;
+        let warm = TrainingConfig {
+            local_epochs: 1,
+            ..config.clone()
+        };
+        train_local(&spec, &global, &head, &warm, args.seed)?;
+    }
+
+    let start = Instant::now();
+    let out = train_local(&spec, &global, &train_data, &config, args.seed)?;
+    let secs = start.elapsed().as_secs_f64();
+    let images = train_data.len() as f64 * f64::from(args.epochs);
+
+    let metrics = evaluate(&spec, &out.weights, &test_data, 500)?;
+    eprintln!(
+        "greyfed {} ({}): {} train / {} test images, {} epochs, {} steps in {secs:.3} s, \
+         mean train loss {:.4}, test loss {:.4}, {} threads",
+        args.model,
+        args.cipher,
+        train_data.len(),
+        test_data.len(),
+        args.epochs,
+        out.steps,
+        out.mean_loss,
+        metrics.mean_loss(),
+        args.threads
+    );
+    println!(
+        "images_per_sec={:.1} accuracy={:.4} peak_rss_mb={:.1}",
+        images / secs,
+        metrics.accuracy(),
+        peak_rss_mb()?
+    );
+    Ok(())
+}
+
+/// A fixed key derived from the seed: for benchmarks only, never for data.
+fn bench_key(seed: u64) -> ImageKey {
+    let mut bytes = [0x62; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    ImageKey::from_bytes(bytes)
+}
+
+/// Peak resident set size (`VmHWM`) in MiB.
+fn peak_rss_mb() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/self/status")?;
+    Ok(kb / 1024.0)
+}
