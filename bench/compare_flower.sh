@@ -4,8 +4,11 @@
 # Runs, one after the other in this order:
 #   1. greyfed simulate --aggregation secagg+   (default: SecAgg+)
 #   2. greyfed simulate --aggregation plain
-#   3. Flower FedAvg + SecAgg+ (bench/flower_fedavg.py --secagg)
-#   4. Flower FedAvg, plain
+#   3. Flower FedAvg + SecAgg+, deployment engine (bench/flower_fedavg.py --secagg:
+#      SuperLink + 10 SuperNodes + flwr run, separate processes)
+#   4. Flower FedAvg, plain, deployment engine
+#   5. Flower FedAvg + SecAgg+, simulation engine (warm worker processes)
+#   6. Flower FedAvg, plain, simulation engine
 # on the same data (10 participants, 10 rounds, IID shards of 700 images,
 # blocknet, SGD lr 0.1 momentum 0.9, batch 32, 5 local epochs), and prints a
 # markdown table: wall time of the whole run, per-round times, CPU time summed
@@ -20,6 +23,8 @@
 #   OUT=out/compare-flower         PYTHON=python3 (needs flwr + torch for Flower)
 #   SKIP_BUILD=1   use the existing target/release/greyfed
 #   FLOWER_TIMEOUT=7200  seconds allowed for each Flower run
+#   FLOWER_ENGINES="deployment simulation"  which Flower engines to run
+#   FLOWER_WORKERS=0     simulation engine: worker processes (0: min(N, CPUs))
 #   SKIP_FLOWER=1  greyfed only
 #   NO_WAIT=1      do not wait for running `greyfed experiment` processes
 #                  (EXPERIMENT_PATTERN, a pgrep -f regex, says which)
@@ -110,18 +115,23 @@ elif ! "$PYTHON" -c "import flwr, torch" >/dev/null 2>&1; then
     FLOWER_STATUS="skipped: flwr/torch not importable with $PYTHON (set PYTHON=/path/to/venv/bin/python)"
     echo "compare_flower: $FLOWER_STATUS"
 else
-    for mode in secagg plain; do
-        echo "compare_flower: Flower $("$PYTHON" -c 'import flwr; print(flwr.__version__)'), $mode ..."
-        flag=""
-        wait_quiet "flower-$mode"
-        [ "$mode" = secagg ] && flag=--secagg
-        "$PYTHON" bench/flower_fedavg.py --data "$DATA" --participants "$PARTICIPANTS" \
-            --rounds "$ROUNDS" --seed "$SEED" $flag --out "$OUT/flower-$mode" \
-            --timeout "${FLOWER_TIMEOUT:-7200}" \
-            --json "$OUT/flower-$mode.json" >"$OUT/flower-$mode.log" 2>&1 || {
-            echo "compare_flower: Flower ($mode) failed; see $OUT/flower-$mode.log" >&2
-            FLOWER_STATUS="failed ($mode); see $OUT/flower-$mode.log"
-        }
+    for engine in ${FLOWER_ENGINES:-deployment simulation}; do
+        for mode in secagg plain; do
+            name="flower-$engine-$mode"
+            echo "compare_flower: Flower $("$PYTHON" -c 'import flwr; print(flwr.__version__)'), $engine, $mode ..."
+            flag=""
+            wait_quiet "$name"
+            [ "$mode" = secagg ] && flag=--secagg
+            rm -rf "$OUT/$name"
+            "$PYTHON" bench/flower_fedavg.py --engine "$engine" --data "$DATA" \
+                --participants "$PARTICIPANTS" --rounds "$ROUNDS" --seed "$SEED" $flag \
+                --workers "${FLOWER_WORKERS:-0}" --out "$OUT/$name" \
+                --timeout "${FLOWER_TIMEOUT:-7200}" \
+                --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1 || {
+                echo "compare_flower: Flower ($engine, $mode) failed; see $OUT/$name.log" >&2
+                FLOWER_STATUS="failed ($engine, $mode); see $OUT/$name.log"
+            }
+        done
     done
 fi
 
@@ -191,8 +201,9 @@ for agg, name in (("SecAgg+", "greyfed-secaggplus"), ("plain", "greyfed-plain"))
         row["masked"] = "n/a (f32 update: 4)"
     rows.append(row)
 
-for agg, mode in (("SecAgg+", "secagg"), ("plain", "plain")):
-    r = load(f"{out}/flower-{mode}.json")
+for engine, agg, mode in [(e, a, m) for e in ("deployment", "simulation")
+                          for a, m in (("SecAgg+", "secagg"), ("plain", "plain"))]:
+    r = load(f"{out}/flower-{engine}-{mode}.json")
     if r is None:
         continue
     secs = r["round_secs"]
@@ -200,7 +211,8 @@ for agg, mode in (("SecAgg+", "secagg"), ("plain", "plain")):
     elems = w.get("masked_elements_per_upload") or 404779
     per_client_round = w.get("reply_bytes_total", 0) / max(r["config"]["participants"], 1) / max(len(secs), 1)
     row = dict(
-        system=f"Flower {r['flwr']}", agg=agg, wall=r["wall_s"], acc=r["accuracy"],
+        system=f"Flower {r['flwr']} {engine}" + (f" ({r['workers']} workers)" if r.get("workers") else ""),
+        agg=agg, wall=r["wall_s"], acc=r["accuracy"],
         rss=r["peak_rss_sum_mb"], pss=r["peak_pss_sum_mb"], procs=r["memory"]["processes_at_peak"],
         cpu=r["memory"].get("cpu_s", float("nan")),
         first=secs[0], warm=sum(secs[1:]) / (len(secs) - 1) if len(secs) > 1 else float("nan"), rounds=len(secs),
@@ -226,6 +238,11 @@ for r in rows:
     print(f"| {r['system']} | {r['agg']} | {r['wall']:.1f} | {r['first']:.2f} | {r['warm']:.2f} | "
           f"{r['cpu']:.0f} | {100 * r['acc']:.2f}% | {r['rss']:.0f} ({r['procs']} proc.) | {r['pss']:.0f} | "
           f"{r['masked']} | {r['up_per_elem']:.3f} | {ratio:.2f}x | {cpu_ratio:.2f}x |")
+for engine in ("deployment", "simulation"):
+    for mode in ("secagg", "plain"):
+        r = load(f"{out}/flower-{engine}-{mode}.json")
+        if r and any(r.get("fit_failures") or []):
+            print(f"\nWARNING: Flower {engine} {mode}: failed fits per round {r['fit_failures']}")
 if os.path.exists(f"{out}/loads.txt"):
     print("\nLoad average (1, 5, 15 min) when each run started:")
     for line in open(f"{out}/loads.txt"):

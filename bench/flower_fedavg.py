@@ -24,25 +24,43 @@ defaults (see README "Measured" and `greyfed simulate --help`):
   greyfed's evaluation is a second secure sum; Flower's evaluation metrics
   are not securely aggregated (Flower has no workflow for that).
 
-Deployment (default): one `flower-superlink`, N `flower-supernode`s (all
-`--insecure`, on 127.0.0.1) and `flwr run` as separate processes; the
-SuperLink starts the ServerApp and every SuperNode its ClientApp in
-subprocesses (isolation "subprocess", Flower's default). The app (this file
-plus a generated pyproject.toml) is written to a temporary directory and
-shipped as a FAB by `flwr run`.
+Two engines (`--engine`):
 
-Measured: wall time from launching the SuperLink until the ServerApp has
-finished round R's evaluation (and, separately, until all processes are
-gone), per-round times (from the ServerApp: configure_fit -> aggregated
-evaluation), final federated accuracy, the peak of the RSS summed over every
-process started (bench/procmem.py, sampled every 100 ms; the launcher itself
-is excluded), and the wire size of the masked vectors (measured in the
-ClientApp by a mod around `secaggplus_mod`: serialized size of the record
-that carries them, divided by the number of masked elements).
+- `deployment` (default): one `flower-superlink`, N `flower-supernode`s (all
+  `--insecure`, on 127.0.0.1) and `flwr run` as separate processes; the
+  SuperLink starts the ServerApp and every SuperNode its ClientApps through
+  `flower-superexec` (isolation "subprocess", Flower's default). The app
+  (this file plus a generated pyproject.toml) is written to a temporary
+  directory and shipped as a FAB by `flwr run`. In Flower 1.41 a SuperNode
+  starts a fresh `flwr-clientapp` process for every message (it installs the
+  FAB, imports the app, handles one message and exits): with SecAgg+ that
+  is 5 processes per participant and round (4 SecAgg+ stages + evaluation),
+  2 without.
+- `simulation`: Flower's simulation engine (`flwr.simulation.run_simulation`:
+  the ServerApp in a thread, in-memory SuperLink state, virtual SuperNodes)
+  with warm worker processes that load the ClientApp once, as Ray actors do.
+  Flower's only backend is Ray, which is not installed here, so a small
+  process-pool backend (Flower's `Backend` interface) stands in for it;
+  `--workers` (default: min(N, CPUs)) of them.
+
+Measured: wall time until the ServerApp has finished round R's evaluation,
+from launching the SuperLink (deployment) or from the start of this Python
+process (simulation, where this process is the engine and the ServerApp);
+per-round times (from the ServerApp: configure_fit -> aggregated
+evaluation); final federated accuracy; the peak of the RSS (and PSS) summed
+over every process of the run, sampled every 100 ms from /proc by
+bench/procmem.py (deployment: the launcher itself is excluded; simulation:
+included); CPU time summed over those processes; and the wire size of the
+masked vectors (measured in the ClientApp by a mod around `secaggplus_mod`:
+serialized size of the record that carries them, divided by the number of
+masked elements) and of every reply.
 
 Usage:
     python bench/flower_fedavg.py --data ../shared/data/mnist-10k [--secagg] \
-        [--rounds 10] [--participants 10] [--json out.json]
+        [--engine deployment|simulation] [--rounds 10] [--participants 10] \
+        [--out DIR] [--json out.json]
+Exit status 3 (with a SKIP message) when flwr is not importable, 4 when the
+data directory is missing.
 """
 
 from __future__ import annotations
@@ -225,7 +243,7 @@ if HAVE_FLWR:
                     loss = F.cross_entropy(self.model(self.xtr[b]), self.ytr[b])
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(b)
+                    total += float(loss.detach()) * len(b)
                     count += len(b)
             return get_weights(self.model), n, {"train_loss": total / max(count, 1)}
 
@@ -485,6 +503,41 @@ def _summarise_wire(out: Path) -> dict:
     return res
 
 
+def make_config(args, out: Path) -> dict:
+    return {
+        "data": str(Path(args.data).resolve()),
+        "rounds": args.rounds,
+        "participants": args.participants,
+        "local-epochs": args.local_epochs,
+        "batch-size": args.batch_size,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "seed": args.seed,
+        "data-seed": args.data_seed,
+        "secagg": bool(args.secagg),
+        "num-shares": args.num_shares,
+        "reconstruction-threshold": args.reconstruction_threshold,
+        "max-weight": args.max_weight,
+        "out-dir": str(out),
+    }
+
+
+def _round_results(log: dict, t0_wall: float) -> dict:
+    rounds = log["rounds"]
+    return dict(
+        wall_s=round(
+            (rounds[-1]["t1"] if rounds and "t1" in rounds[-1] else log["t_end"]) - t0_wall, 3
+        ),
+        first_round_start_s=round(rounds[0]["t0"] - t0_wall, 3) if rounds else None,
+        round_secs=[round(r.get("secs", float("nan")), 3) for r in rounds],
+        accuracy=rounds[-1].get("accuracy") if rounds else None,
+        accuracies=[r.get("accuracy") for r in rounds],
+        fit_results=[r.get("fit_results") for r in rounds],
+        fit_failures=[r.get("fit_failures") for r in rounds],
+        evaluators=[r.get("evaluators") for r in rounds],
+    )
+
+
 def run_deployment(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import procmem
@@ -537,7 +590,12 @@ def run_deployment(args) -> dict:
     sampler.start()
     t0 = time.monotonic()
     t0_wall = time.time()
-    result: dict = {"system": "flower", "flwr": flwr.__version__, "secagg": bool(args.secagg)}
+    result: dict = {
+        "system": "flower",
+        "engine": "deployment",
+        "flwr": flwr.__version__,
+        "secagg": bool(args.secagg),
+    }
     try:
         link = spawn(
             "superlink",
@@ -604,20 +662,11 @@ def run_deployment(args) -> dict:
         if not done:
             raise RuntimeError(f"run did not finish (flwr run status {run.poll()}); see {logs}")
         log = json.loads(server_json.read_text())
-        rounds = log["rounds"]
+        result.update(_round_results(log, t0_wall))
         result.update(
-            wall_s=round(
-                (rounds[-1]["t1"] if rounds and "t1" in rounds[-1] else log["t_end"]) - t0_wall, 3
-            ),
             wall_until_flwr_run_exits_s=round(t_run_exit, 3),
             wall_until_done_seen_s=round(t_done, 3),
             superlink_ready_s=round(t_link, 3),
-            first_round_start_s=round(rounds[0]["t0"] - t0_wall, 3) if rounds else None,
-            round_secs=[round(r.get("secs", float("nan")), 3) for r in rounds],
-            accuracy=rounds[-1].get("accuracy") if rounds else None,
-            accuracies=[r.get("accuracy") for r in rounds],
-            fit_results=[r.get("fit_results") for r in rounds],
-            evaluators=[r.get("evaluators") for r in rounds],
         )
     finally:
         # Stop everything: the processes started here, then every descendant
@@ -647,6 +696,172 @@ def run_deployment(args) -> dict:
     return result
 
 
+# -- Simulation engine with warm worker processes --------------------------
+#
+# Flower's simulation engine (`flwr.simulation.run_simulation`: in-memory
+# SuperLink state, the ServerApp in a thread, virtual SuperNodes) hands each
+# message to a `Backend`; the only backend Flower ships is Ray's (warm
+# actors). Ray is not installed here, so `ProcessPoolBackend` stands in for
+# it: the same Backend interface, `workers` long-lived processes that each
+# load the ClientApp once and then run message after message (as Ray actors
+# do), messages and contexts pickled over pipes.
+
+
+def _reduce_memoryview(view):
+    return memoryview, (view.tobytes(),)
+
+
+def _register_pickling() -> None:
+    """Flower's Arrays may hold memoryviews, which pickle cannot send."""
+    from multiprocessing.reduction import ForkingPickler
+
+    ForkingPickler.register(memoryview, _reduce_memoryview)
+
+
+def _sim_worker(conn) -> None:
+    """Body of a warm worker process: run the ClientApp on each message."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _register_pickling()
+    app = clientapp
+    while True:
+        item = conn.recv()
+        if item is None:
+            break
+        message, context = item
+        try:
+            reply = app(message=message, context=context)
+            conn.send((reply, context))
+        except Exception as ex:  # reported to the engine like Ray's errors
+            conn.send(ex)
+    conn.close()
+
+
+def _make_process_backend_class():
+    import multiprocessing as mp
+    import queue
+
+    from flwr.server.superlink.fleet.vce.backend.backend import Backend
+
+    class ProcessPoolBackend(Backend):
+        def __init__(self, backend_config) -> None:
+            super().__init__(backend_config)
+            self.n = int(backend_config.get("init_args", {}).get("num_workers", 2))
+            self.procs: list = []
+            self.idle: "queue.Queue" = queue.Queue()
+
+        def build(self, app_fn) -> None:
+            _register_pickling()
+            ctx = mp.get_context("spawn")
+            for _ in range(self.n):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_sim_worker, args=(child,), daemon=True)
+                proc.start()
+                child.close()
+                self.procs.append((proc, parent))
+                self.idle.put(parent)
+
+        @property
+        def num_workers(self) -> int:
+            return self.n
+
+        def is_worker_idle(self) -> bool:
+            return not self.idle.empty()
+
+        def terminate(self) -> None:
+            for proc, conn in self.procs:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+            for proc, _ in self.procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+
+        def process_message(self, message, context):
+            conn = self.idle.get()
+            try:
+                conn.send((message, context))
+                res = conn.recv()
+            finally:
+                self.idle.put(conn)
+            if isinstance(res, Exception):
+                raise res
+            return res
+
+    return ProcessPoolBackend
+
+
+def _process_start_wall() -> float:
+    """Wall-clock time at which this process started (from /proc)."""
+    stat = Path("/proc/self/stat").read_text()
+    start_ticks = int(stat[stat.rfind(")") + 2 :].split()[19])
+    btime = next(
+        int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime")
+    )
+    return btime + start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run_simulation_engine(args) -> dict:
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import procmem
+
+    out = Path(args.out).resolve() if args.out else Path(tempfile.mkdtemp(prefix="flower-sim-"))
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    config = make_config(args, out)
+    os.environ[CONFIG_ENV] = json.dumps(config)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    workers = args.workers = args.workers or min(args.participants, os.cpu_count() or 1)
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+
+    # Flower's engine imports its Ray backend by this module name; give it
+    # the process-pool backend instead (ray is not installed).
+    fake = types.ModuleType("flwr.server.superlink.fleet.vce.backend.raybackend")
+    fake.RayBackend = _make_process_backend_class()
+    sys.modules[fake.__name__] = fake
+    from flwr.simulation import run_simulation
+
+    # This process is part of the Flower run (engine + ServerApp): count it.
+    sampler = procmem.TreeSampler([os.getpid()], interval=0.1, include_roots=True)
+    sampler.start()
+    t0_wall = _process_start_wall()
+    result: dict = {
+        "system": "flower",
+        "engine": f"simulation ({workers} warm worker processes, Ray replaced)",
+        "workers": workers,
+        "flwr": flwr.__version__,
+        "secagg": bool(args.secagg),
+    }
+    try:
+        run_simulation(
+            server_app=serverapp,
+            client_app=clientapp,
+            num_supernodes=args.participants,
+            backend_name="process-pool",
+            backend_config={"init_args": {"num_workers": workers}},
+        )
+        log = json.loads((out / "server.json").read_text())
+        if not log.get("done"):
+            raise RuntimeError("the ServerApp did not finish")
+        result.update(_round_results(log, t0_wall))
+        result["python_start_to_run_s"] = round(log["t_start"] - t0_wall, 3)
+    finally:
+        sampler.terminate_all(grace=5.0)
+        mem = sampler.stop()
+        result["memory"] = mem
+        result["peak_rss_sum_mb"] = mem["peak_rss_sum_mb"]
+        result["peak_pss_sum_mb"] = mem["peak_pss_sum_mb"]
+        result["cpu_s"] = mem["cpu_s"]
+        result["out_dir"] = str(out)
+    result["wire"] = _summarise_wire(out)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist-10k"))
@@ -663,7 +878,13 @@ def main() -> int:
     p.add_argument("--reconstruction-threshold", type=int, default=None,
                    help="default: participants // 2 (greyfed's t for the complete graph)")
     p.add_argument("--max-weight", type=float, default=1000.0)
-    p.add_argument("--timeout", type=float, default=7200, help="seconds for the whole run")
+    p.add_argument("--timeout", type=float, default=7200,
+                   help="seconds for the whole run (deployment)")
+    p.add_argument("--engine", choices=("deployment", "simulation"), default="deployment",
+                   help="deployment: SuperLink + SuperNodes + flwr run as separate processes; "
+                   "simulation: Flower's simulation engine with warm worker processes")
+    p.add_argument("--workers", type=int, default=0,
+                   help="simulation: worker processes (default: min(participants, CPUs))")
     p.add_argument("--out", help="output directory (logs, server.json, wire-*.jsonl)")
     p.add_argument("--json", help="write the result here as JSON")
     p.add_argument("--keep", action="store_true", help="keep the generated app directory")
@@ -685,10 +906,13 @@ def main() -> int:
     # in the background (where SIGINT is inherited as ignored).
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    result = run_deployment(args)
+    if args.engine == "deployment":
+        result = run_deployment(args)
+    else:
+        result = run_simulation_engine(args)
     result["config"] = {
         k: getattr(args, k)
-        for k in ("participants", "rounds", "local_epochs", "batch_size", "lr", "momentum",
+        for k in ("engine", "workers", "participants", "rounds", "local_epochs", "batch_size", "lr", "momentum",
                   "seed", "data_seed", "secagg", "num_shares", "reconstruction_threshold",
                   "max_weight")
     }
