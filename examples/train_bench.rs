@@ -26,7 +26,8 @@
 //!
 //! Threads: `RAYON_NUM_THREADS` (candle's matmul and convolutions) and
 //! `CANDLE_NUM_THREADS` (its element-wise ops) are both set to `--threads`
-//! before any candle work.
+//! before any candle work (`--candle-threads N` sets the latter alone, for
+//! diagnosis).
 //!
 //! Progress goes to stderr; stdout gets exactly one line,
 //! `images_per_sec=X accuracy=Y peak_rss_mb=Z` (peak resident set size from
@@ -61,6 +62,10 @@ struct Args {
     /// Compute threads (RAYON_NUM_THREADS and CANDLE_NUM_THREADS).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Threads of candle's element-wise pool (CANDLE_NUM_THREADS) only, for
+    /// diagnosis; default `--threads`.
+    #[arg(long)]
+    candle_threads: Option<usize>,
     /// Epochs over the training split.
     #[arg(long, default_value_t = 2)]
     epochs: u32,
@@ -85,13 +90,16 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.threads == 0 {
-        bail!("--threads must be at least 1");
+    let candle_threads = args.candle_threads.unwrap_or(args.threads);
+    if args.threads == 0 || candle_threads == 0 {
+        bail!("--threads and --candle-threads must be at least 1");
     }
-    let threads = args.threads.to_string();
-    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+    for (var, n) in [
+        ("RAYON_NUM_THREADS", args.threads),
+        ("CANDLE_NUM_THREADS", candle_threads),
+    ] {
         // SAFETY: before any candle work, while this is the only thread.
-        unsafe { std::env::set_var(var, &threads) };
+        unsafe { std::env::set_var(var, n.to_string()) };
     }
 
     let splits = match &args.data {
@@ -154,7 +162,7 @@ fn main() -> Result<()> {
     let metrics = evaluate(&spec, &out.weights, &test_data, 500)?;
     eprintln!(
         "greyfed {} ({}): {} train / {} test images, {} epochs, {} steps in {secs:.3} s, \
-         mean train loss {:.4}, test loss {:.4}, {} threads",
+         mean train loss {:.4}, test loss {:.4}, {} threads ({} element-wise)",
         args.model,
         args.cipher,
         train_data.len(),
@@ -163,7 +171,8 @@ fn main() -> Result<()> {
         out.steps,
         out.mean_loss,
         metrics.mean_loss(),
-        args.threads
+        args.threads,
+        candle_threads
     );
     println!(
         "images_per_sec={:.1} accuracy={:.4} peak_rss_mb={:.1}",
