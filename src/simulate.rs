@@ -304,9 +304,11 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         }
     };
     bar.finish_and_clear();
-    // Participants exit on their own after Finished; give them a moment.
+    // Participants exit on their own after Finished; give them a moment
+    // (one moment for all of them, however many there are).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for (i, p) in participants.iter_mut().enumerate() {
-        match tokio::time::timeout(Duration::from_secs(10), p.wait()).await {
+        match tokio::time::timeout_at(deadline, p.wait()).await {
             Ok(Ok(_)) if crashes.contains_key(&i) => {}
             Ok(Ok(s)) if !s.success() => {
                 tracing::warn!(
