@@ -175,6 +175,9 @@ pub struct ExperimentArgs {
     /// federated: each round's local epochs).
     #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant)]
     pub lr_schedule: LrScheduleArg,
+    /// Share of the steps spent warming up with `--lr-schedule warmup-cosine`.
+    #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
+    pub warmup: f32,
     /// Block size of the ciphers and patch size of blocknet and the ViT.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
@@ -214,6 +217,7 @@ impl ExperimentArgs {
             format!("--lr={}", self.lr),
             format!("--weight-decay={}", self.weight_decay),
             format!("--lr-schedule={}", value_name(self.lr_schedule)),
+            format!("--warmup={}", self.warmup),
             format!("--block-size={}", self.block_size),
             format!("--first-layer={}", value_name(self.first_layer)),
             format!("--data-seed={}", self.data.data_seed),
@@ -258,14 +262,33 @@ pub enum LrScheduleArg {
     Constant,
     /// Cosine decay towards 0 over each local training.
     Cosine,
+    /// Linear warm-up over the first `--warmup` share of the steps, then
+    /// cosine decay.
+    WarmupCosine,
 }
 
-impl From<LrScheduleArg> for greyfed_protocol::LrSchedule {
-    fn from(arg: LrScheduleArg) -> Self {
-        match arg {
-            LrScheduleArg::Constant => Self::Constant,
-            LrScheduleArg::Cosine => Self::Cosine,
+impl LrScheduleArg {
+    /// The schedule, with `warmup` (a share of the steps, 0 to 1) used by
+    /// `warmup-cosine`.
+    pub fn schedule(self, warmup: f32) -> greyfed_protocol::LrSchedule {
+        use greyfed_protocol::LrSchedule;
+        match self {
+            LrScheduleArg::Constant => LrSchedule::Constant,
+            LrScheduleArg::Cosine => LrSchedule::Cosine,
+            LrScheduleArg::WarmupCosine => LrSchedule::WarmupCosine {
+                warmup_permille: (warmup.clamp(0.0, 1.0) * 1000.0).round() as u16,
+            },
         }
+    }
+}
+
+/// Parses a share between 0 and 1 (`--warmup`).
+fn parse_share(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
     }
 }
 
@@ -345,6 +368,9 @@ pub struct TrainingArgs {
     /// Learning-rate schedule over each round's local steps.
     #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant)]
     pub lr_schedule: LrScheduleArg,
+    /// Share of the steps spent warming up with `--lr-schedule warmup-cosine`.
+    #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
+    pub warmup: f32,
     /// Block size of the blocknet model and of the image cipher.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
@@ -413,6 +439,7 @@ impl TrainingArgs {
         push("momentum", self.momentum.to_string());
         push("weight-decay", self.weight_decay.to_string());
         push("lr-schedule", value_name(self.lr_schedule));
+        push("warmup", self.warmup.to_string());
         push("block-size", self.block_size.to_string());
         push("cipher", self.cipher.to_string());
         push("strategy", value_name(self.strategy));

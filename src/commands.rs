@@ -55,7 +55,7 @@ pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
             StrategyKind::Fedprox => args.proximal_mu,
             _ => 0.0,
         },
-        lr_schedule: args.lr_schedule.into(),
+        lr_schedule: args.lr_schedule.schedule(args.warmup),
     }
 }
 

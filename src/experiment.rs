@@ -146,7 +146,7 @@ pub async fn run_cell(
         local_epochs: args.epochs,
         batch_size: args.batch_size,
         optimizer: optimizer(args),
-        lr_schedule: args.lr_schedule.into(),
+        lr_schedule: args.lr_schedule.schedule(args.warmup),
         ..TrainingConfig::default()
     };
     let test = TensorData::from_dataset(

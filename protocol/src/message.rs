@@ -262,6 +262,14 @@ pub enum LrSchedule {
     /// Cosine decay from the base rate towards 0: step `t` of `T` uses
     /// `lr * (1 + cos(pi * t / T)) / 2`.
     Cosine,
+    /// Linear warm-up over the first `W = ceil(T * warmup_permille / 1000)`
+    /// steps (step `t < W` uses `lr * (t + 1) / W`), then cosine decay over
+    /// the remaining `T - W` steps. Warm-up steadies transformers (the ViT)
+    /// whose first steps at the full rate can throw a run off course.
+    WarmupCosine {
+        /// Share of the steps spent warming up, in thousandths (at most 1000).
+        warmup_permille: u16,
+    },
 }
 
 impl LrSchedule {
@@ -270,21 +278,39 @@ impl LrSchedule {
     pub fn factor(self, t: u64, total: u64) -> f32 {
         match self {
             LrSchedule::Constant => 1.0,
-            LrSchedule::Cosine if total == 0 => 1.0,
-            LrSchedule::Cosine => {
-                let progress = t.min(total) as f64 / total as f64;
-                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+            LrSchedule::Cosine => cosine(t, total),
+            LrSchedule::WarmupCosine { warmup_permille } => {
+                let permille = u64::from(warmup_permille.min(1000));
+                let warmup = (total * permille).div_ceil(1000);
+                if t < warmup {
+                    (t + 1) as f32 / warmup as f32
+                } else if total == warmup {
+                    1.0
+                } else {
+                    cosine(t - warmup, total - warmup)
+                }
             }
         }
     }
 
-    /// The name used on the command line: `constant` or `cosine`.
+    /// The name used on the command line: `constant`, `cosine` or
+    /// `warmup-cosine`.
     pub fn name(self) -> &'static str {
         match self {
             LrSchedule::Constant => "constant",
             LrSchedule::Cosine => "cosine",
+            LrSchedule::WarmupCosine { .. } => "warmup-cosine",
         }
     }
+}
+
+/// `(1 + cos(pi * t / total)) / 2`, clamped at `t = total`; 1 when `total` is 0.
+fn cosine(t: u64, total: u64) -> f32 {
+    if total == 0 {
+        return 1.0;
+    }
+    let progress = t.min(total) as f64 / total as f64;
+    (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
 }
 
 /// What every participant does locally in a round.
@@ -669,5 +695,37 @@ mod tests {
         assert_eq!(f(3, 0), 1.0, "no steps: no schedule");
         assert_eq!(f(20, 10), 0.0, "past the end stays at 0");
         assert!((0..10).all(|t| LrSchedule::Constant.factor(t, 10) == 1.0));
+    }
+
+    #[test]
+    fn warmup_cosine_ramps_up_linearly_then_decays() {
+        // 100 steps, 10% warm-up: steps 0..10 ramp 0.1, 0.2, ..., 1.0, then
+        // cosine over the remaining 90 steps.
+        let s = LrSchedule::WarmupCosine {
+            warmup_permille: 100,
+        };
+        let f = |t| s.factor(t, 100);
+        assert!((f(0) - 0.1).abs() < 1e-6);
+        assert!((f(4) - 0.5).abs() < 1e-6);
+        assert!((f(9) - 1.0).abs() < 1e-6);
+        assert_eq!(f(10), 1.0, "first step after warm-up at the full rate");
+        assert!((f(55) - 0.5).abs() < 1e-6, "half-way through the decay");
+        assert!((11..100).all(|t| f(t) < f(t - 1)));
+        assert_eq!(f(100), 0.0);
+        // Warm-up rounds up to whole steps; no warm-up is plain cosine.
+        let tiny = LrSchedule::WarmupCosine { warmup_permille: 1 };
+        assert_eq!(tiny.factor(0, 10), 1.0);
+        assert!((tiny.factor(6, 10) - LrSchedule::Cosine.factor(5, 9)).abs() < 1e-6);
+        let none = LrSchedule::WarmupCosine { warmup_permille: 0 };
+        assert!((0..=10).all(|t| none.factor(t, 10) == LrSchedule::Cosine.factor(t, 10)));
+        let all = LrSchedule::WarmupCosine {
+            warmup_permille: 1000,
+        };
+        assert_eq!(all.factor(9, 10), 1.0);
+        assert_eq!(
+            all.factor(20, 10),
+            1.0,
+            "only warm-up: stays at the full rate"
+        );
     }
 }
