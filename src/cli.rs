@@ -39,6 +39,21 @@ pub enum Command {
     /// Experiments that measure greyfed (accuracy and security tables).
     #[command(subcommand)]
     Experiment(ExperimentCommand),
+    /// Configuration files (`--config FILE` of coordinator and participant).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `greyfed config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check a configuration file: every table and key, each value as its
+    /// flag would parse it, and what the command line must still give.
+    /// Errors name the line.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
 }
 
 /// `greyfed experiment ...`.
@@ -476,6 +491,10 @@ fn value_name(v: impl ValueEnum) -> String {
 /// `greyfed coordinator`.
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
+    /// TOML file with this command's settings in its `[coordinator]` table
+    /// (keys are these flags' names); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// UDP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7447")]
     pub listen: SocketAddr,
@@ -559,6 +578,10 @@ pub struct DataArgs {
 /// `greyfed participant`.
 #[derive(Debug, Args)]
 pub struct ParticipantArgs {
+    /// TOML file with this command's settings in its `[participant]` table
+    /// (keys are these flags' names); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Coordinator address, HOST:PORT.
     #[arg(long)]
     pub coordinator: String,

@@ -1,5 +1,5 @@
 //! The `greyfed` command-line tool as a library: argument definitions
-//! ([`cli`]), key generation ([`keygen`]), the coordinator and participant
+//! ([`cli`]) and configuration files ([`config_file`]), key generation ([`keygen`]), the coordinator and participant
 //! commands ([`commands`]), the coordinator's optional central evaluation
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
 //! in-process federation harness ([`sim`]), the peak-memory reports of
@@ -12,6 +12,7 @@
 pub mod central;
 pub mod cli;
 pub mod commands;
+pub mod config_file;
 pub mod experiment;
 pub mod keygen;
 pub mod memory;

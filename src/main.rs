@@ -4,14 +4,21 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::Parser;
-use greyfed::cli::{Cli, Command, ExperimentCommand};
-use greyfed::{commands, experiment, keygen, memory, preview, simulate};
+use clap::{CommandFactory, Parser};
+use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand};
+use greyfed::{commands, config_file, experiment, keygen, memory, preview, simulate};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     pin_compute_threads();
-    let cli = Cli::parse();
+    let argv = match config_file::apply(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -97,6 +104,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", experiment::attacks_markdown(&report.attacks));
             println!("{}", experiment::table_markdown(&report.rows));
             println!("tables in {}", args.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let cli = Cli::command();
+            let config = config_file::ConfigFile::load(&file, &cli)?;
+            for (section, entries) in &config.sections {
+                match config.dry_run(&cli, section) {
+                    Ok(()) => println!("[{section}]: {} keys, complete", entries.len()),
+                    Err(e) if e.position.is_none() => println!(
+                        "[{section}]: {} keys; {} (give them on the command line)",
+                        entries.len(),
+                        e.message
+                    ),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            println!("{}: ok", file.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Experiment(ExperimentCommand::Cell { cell, args }) => {
