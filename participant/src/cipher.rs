@@ -241,6 +241,13 @@ impl ImageKey {
         parse_hex_key(&contents).map_err(key_error)
     }
 
+    /// Parses a key file's contents (what [`ImageKey::read_file`] checks
+    /// after reading): 64 hex characters, surrounding whitespace ignored.
+    /// The error (the reason only) never quotes the contents.
+    pub fn parse_key_file_contents(contents: &[u8]) -> std::result::Result<ImageKey, String> {
+        parse_hex_key(contents)
+    }
+
     /// Writes the key as one line of hex to a new file, readable only by its
     /// owner (created with mode `0600` on unix). Refuses to overwrite an
     /// existing file.

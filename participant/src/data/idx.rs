@@ -214,7 +214,10 @@ fn read_capped(reader: impl Read, limit: u64) -> std::io::Result<Vec<u8>> {
 
 /// Decompresses a (possibly multi-member) gzip stream, refusing output
 /// larger than `limit` bytes.
-fn gunzip(compressed: &[u8], path: &Path, limit: u64) -> Result<Vec<u8>> {
+/// Decompresses gzip data (one or more members) of at most `limit` bytes
+/// once decompressed; more is refused without allocating beyond the limit.
+/// `path` names the data in error messages.
+pub fn gunzip(compressed: &[u8], path: &Path, limit: u64) -> Result<Vec<u8>> {
     let out = read_capped(MultiGzDecoder::new(compressed), limit)
         .map_err(|e| idx_err(path, format!("corrupt gzip data: {e}")))?;
     if out.len() as u64 > limit {
