@@ -3,9 +3,16 @@
 //! session emits, applies the strategy, records metrics and writes the model.
 //!
 //! Tasks: one accept loop; per connection, one reader (bytes → frames →
-//! `Inbound` events on a channel) and one writer (encoded frames from a
-//! channel → stream). The driver is the only owner of the session, so no
-//! locks guard protocol state.
+//! `Inbound` events on a channel), one writer (encoded frames from a
+//! channel → stream) and one watcher that closes the connection when its
+//! certificate leaves the allow list. The driver is the only owner of the
+//! session, so no locks guard protocol state.
+//!
+//! Authentication happens before any of that: the TLS handshake refuses a
+//! peer without an admitted client certificate ([`crate::auth`]), and the
+//! identity the session records for a connection is the one in its verified
+//! certificate ([`CoordinatorSession::handle_connect`]), never a name the
+//! peer sends.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -22,15 +29,18 @@ use greyfed_protocol::{
     secagg::coordinator::SecAggCoordinator,
     session::{CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, derive_seed},
 };
-use tokio::sync::mpsc;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
+    auth::{AllowList, SharedAllowList},
     central::CentralEvaluator,
     checkpoint::{Checkpoint, RunSettings},
     config::CoordinatorConfig,
     error::{CoordinatorError, Result},
     metrics::{MetricsWriter, RoundRecord},
+    pki,
     strategy::Strategy,
     tls,
 };
@@ -71,6 +81,8 @@ enum Inbound {
     Connected {
         id: ParticipantId,
         remote: SocketAddr,
+        /// From the verified client certificate.
+        identity: String,
         tx: mpsc::UnboundedSender<Outbound>,
     },
     Message {
@@ -141,7 +153,7 @@ impl Coordinator {
             path: config.out_dir.clone(),
             source,
         })?;
-        let server_config = tls::server_config(&config.cert_pem, &config.key_pem)?;
+        let server_config = tls::server_config(&config.tls)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             CoordinatorError::Bind {
                 addr: config.listen,
@@ -219,7 +231,12 @@ impl Coordinator {
             );
         }
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), inbound_tx, config.max_frame));
+        let accept = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            inbound_tx,
+            config.max_frame,
+            config.tls.allow_list.clone(),
+        ));
         info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             participants = config.participants,
@@ -339,8 +356,14 @@ impl Driver {
 
     fn handle_inbound(&mut self, now: Instant, ev: Inbound) {
         match ev {
-            Inbound::Connected { id, remote, tx } => {
-                debug!(id, %remote, "connection opened");
+            Inbound::Connected {
+                id,
+                remote,
+                identity,
+                tx,
+            } => {
+                debug!(id, %remote, identity, "connection opened");
+                self.session.handle_connect(id, identity);
                 self.connections.insert(id, tx);
             }
             Inbound::Message {
@@ -374,8 +397,8 @@ impl Driver {
             }
             Inbound::Closed { id, reason } => {
                 if self.connections.remove(&id).is_some() {
-                    if let Some(name) = self.session.participant_name(id) {
-                        warn!(id, name, "participant disconnected: {reason}");
+                    if let Some(identity) = self.session.participant_identity(id) {
+                        warn!(id, identity, "participant disconnected: {reason}");
                     } else {
                         debug!(id, "connection closed: {reason}");
                     }
@@ -424,10 +447,10 @@ impl Driver {
                 return Ok(None);
             };
             match ev {
-                SessionEvent::Joined { id, name } => {
+                SessionEvent::Joined { id, identity } => {
                     info!(
                         id,
-                        name,
+                        identity,
                         joined = self.session.num_participants(),
                         "participant joined"
                     );
@@ -451,7 +474,12 @@ impl Driver {
                         let names: Vec<String> = result
                             .contributors
                             .iter()
-                            .map(|&id| self.session.participant_name(id).unwrap_or("?").to_string())
+                            .map(|&id| {
+                                self.session
+                                    .participant_identity(id)
+                                    .unwrap_or("?")
+                                    .to_string()
+                            })
                             .collect();
                         dump_aggregate(dir, self.session.global(), &result, &names)?;
                     }
@@ -600,12 +628,61 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     inbound: mpsc::UnboundedSender<Inbound>,
     max_frame: usize,
+    allow: SharedAllowList,
 ) {
     let mut next_id: ParticipantId = 0;
     while let Some(incoming) = endpoint.accept().await {
         let id = next_id;
         next_id = next_id.wrapping_add(1);
-        tokio::spawn(connection_task(incoming, id, inbound.clone(), max_frame));
+        tokio::spawn(connection_task(
+            incoming,
+            id,
+            inbound.clone(),
+            max_frame,
+            allow.clone(),
+        ));
+    }
+}
+
+/// The identity and certificate fingerprint of an established connection's
+/// verified client certificate, checked again against the allow list in
+/// force (it may have been reloaded since the handshake).
+fn authenticated_peer(conn: &quinn::Connection, allow: &AllowList) -> Result<(String, String)> {
+    let not_admitted = |what: &str| CoordinatorError::NotAdmitted(what.to_string());
+    let certs = conn
+        .peer_identity()
+        .ok_or_else(|| not_admitted("no client certificate"))?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| not_admitted("unexpected peer identity type"))?;
+    let end_entity = certs
+        .first()
+        .ok_or_else(|| not_admitted("empty client certificate chain"))?;
+    let identity = allow.admit(end_entity)?;
+    Ok((identity, pki::fingerprint(end_entity)))
+}
+
+/// Closes `conn` as soon as the allow list no longer holds `fingerprint`
+/// (checked at once, then after every reload); returns when the connection
+/// closes for any reason.
+async fn close_when_revoked(
+    conn: quinn::Connection,
+    mut allow: watch::Receiver<Arc<AllowList>>,
+    identity: String,
+    fingerprint: String,
+) {
+    loop {
+        if !allow.borrow_and_update().contains_fingerprint(&fingerprint) {
+            warn!(
+                identity,
+                "certificate no longer in the allow list: closing its connection"
+            );
+            conn.close(close_code::REJECTED.into(), b"certificate revoked");
+            return;
+        }
+        tokio::select! {
+            changed = allow.changed() => if changed.is_err() { return },
+            _ = conn.closed() => return,
+        }
     }
 }
 
@@ -614,15 +691,32 @@ async fn connection_task(
     id: ParticipantId,
     inbound: mpsc::UnboundedSender<Inbound>,
     max_frame: usize,
+    allow: SharedAllowList,
 ) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
-            debug!(%remote, "handshake failed: {e}");
+            // The one log line of a refused peer: unknown CA, expired, not
+            // in the allow list, no certificate (or a failed handshake).
+            warn!(%remote, "connection refused at the TLS handshake: {e}");
             return;
         }
     };
+    let (identity, fingerprint) = match authenticated_peer(&conn, &allow.current()) {
+        Ok(peer) => peer,
+        Err(e) => {
+            warn!(%remote, "connection refused: {e}");
+            conn.close(close_code::REJECTED.into(), b"not admitted");
+            return;
+        }
+    };
+    let revocation = tokio::spawn(close_when_revoked(
+        conn.clone(),
+        allow.subscribe(),
+        identity.clone(),
+        fingerprint,
+    ));
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -642,10 +736,12 @@ async fn connection_task(
         .send(Inbound::Connected {
             id,
             remote,
+            identity,
             tx: tx.clone(),
         })
         .is_err()
     {
+        revocation.abort();
         return;
     }
     let writer_conn = conn.clone();
@@ -690,6 +786,7 @@ async fn connection_task(
     drop(tx);
     let _ = inbound.send(Inbound::Closed { id, reason });
     let _ = writer.await;
+    revocation.abort();
 }
 
 /// Why a connection's reader stopped.
