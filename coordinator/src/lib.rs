@@ -11,7 +11,9 @@
 //! - [`central`]: optional central evaluation (needs the image key, off by default).
 //! - [`checkpoint`]: per-round checkpoints and `--resume`.
 //! - [`config`]: the run configuration, [`CoordinatorConfig`].
-//! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]).
+//! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]);
+//!   its connections (authenticated peers, reader and writer tasks) are in
+//!   the private `connection` module.
 //! - [`strategy`]: FedAvg and friends.
 //! - [`metrics`]: `metrics.jsonl` records.
 //! - [`pki`]: the deployment CA, certificate issuance, fingerprints and the
@@ -22,6 +24,7 @@ pub mod auth;
 pub mod central;
 pub mod checkpoint;
 pub mod config;
+mod connection;
 pub mod error;
 pub mod metrics;
 pub mod pki;

@@ -2,10 +2,9 @@
 //! sans-IO [`CoordinatorSession`], and a driver loop that sends what the
 //! session emits, applies the strategy, records metrics and writes the model.
 //!
-//! Tasks: one accept loop; per connection, one reader (bytes → frames →
-//! `Inbound` events on a channel), one writer (encoded frames from a
-//! channel → stream) and one watcher that closes the connection when its
-//! certificate leaves the allow list. The driver is the only owner of the
+//! Tasks: one accept loop and a few tasks per connection
+//! ([`crate::connection`]) that send `Inbound` events to the driver and
+//! take `Outbound` frames from it. The driver is the only owner of the
 //! session, so no locks guard protocol state.
 //!
 //! Authentication happens before any of that: the TLS handshake refuses a
@@ -19,47 +18,29 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use greyfed_protocol::{
     AggregationKind, EvalMetrics, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
     cipher::CipherSpec,
-    frame::{FrameDecoder, encode_frame},
+    frame::encode_frame,
     secagg::coordinator::SecAggCoordinator,
     session::{CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, derive_seed},
 };
-use rustls_pki_types::CertificateDer;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
-    auth::{AllowList, SharedAllowList},
     central::CentralEvaluator,
     checkpoint::{Checkpoint, RunSettings},
     config::CoordinatorConfig,
+    connection::{Inbound, LINGER, Outbound, accept_loop, close_code},
     error::{CoordinatorError, Result},
     metrics::{MetricsWriter, RoundRecord},
-    pki,
     strategy::Strategy,
     tls,
 };
-
-/// QUIC application close codes.
-mod close_code {
-    pub const DONE: u32 = 0;
-    pub const PROTOCOL_ERROR: u32 = 1;
-    pub const REJECTED: u32 = 2;
-    pub const SHUTDOWN: u32 = 3;
-}
-
-/// A connection must open its stream and say Hello within this time.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest first frame (the Hello) accepted from a connection: an
-/// unauthenticated peer cannot make the coordinator buffer a huge frame.
-const HELLO_MAX_FRAME: usize = 64 * 1024;
-/// How long a finishing connection waits for the peer to close.
-const LINGER: Duration = Duration::from_secs(5);
 
 /// The outcome of a finished session.
 #[derive(Debug)]
@@ -74,37 +55,6 @@ pub struct RunReport {
     pub final_model: ModelWeights,
     /// Where the final model was written.
     pub model_path: PathBuf,
-}
-
-/// What connection tasks tell the driver.
-enum Inbound {
-    Connected {
-        id: ParticipantId,
-        remote: SocketAddr,
-        /// From the verified client certificate.
-        identity: String,
-        tx: mpsc::UnboundedSender<Outbound>,
-    },
-    Message {
-        id: ParticipantId,
-        msg: Message,
-        /// Size of the frame on the wire (header included).
-        wire_bytes: usize,
-    },
-    Closed {
-        id: ParticipantId,
-        reason: String,
-    },
-}
-
-/// What the driver tells a connection's writer.
-enum Outbound {
-    Frame(Vec<u8>),
-    /// Finish the stream, wait briefly for the peer to close, then close.
-    Finish {
-        code: u32,
-        reason: String,
-    },
 }
 
 /// A bound coordinator, ready to [`run`](Coordinator::run).
@@ -622,225 +572,6 @@ async fn evaluate_centrally(
 /// A metric for the log: four decimals, or `-` when absent.
 fn fmt_metric(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
-}
-
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    inbound: mpsc::UnboundedSender<Inbound>,
-    max_frame: usize,
-    allow: SharedAllowList,
-) {
-    let mut next_id: ParticipantId = 0;
-    while let Some(incoming) = endpoint.accept().await {
-        let id = next_id;
-        next_id = next_id.wrapping_add(1);
-        tokio::spawn(connection_task(
-            incoming,
-            id,
-            inbound.clone(),
-            max_frame,
-            allow.clone(),
-        ));
-    }
-}
-
-/// The identity and certificate fingerprint of an established connection's
-/// verified client certificate, checked again against the allow list in
-/// force (it may have been reloaded since the handshake).
-fn authenticated_peer(conn: &quinn::Connection, allow: &AllowList) -> Result<(String, String)> {
-    let not_admitted = |what: &str| CoordinatorError::NotAdmitted(what.to_string());
-    let certs = conn
-        .peer_identity()
-        .ok_or_else(|| not_admitted("no client certificate"))?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| not_admitted("unexpected peer identity type"))?;
-    let end_entity = certs
-        .first()
-        .ok_or_else(|| not_admitted("empty client certificate chain"))?;
-    let identity = allow.admit(end_entity)?;
-    Ok((identity, pki::fingerprint(end_entity)))
-}
-
-/// Closes `conn` as soon as the allow list no longer holds `fingerprint`
-/// (checked at once, then after every reload); returns when the connection
-/// closes for any reason.
-async fn close_when_revoked(
-    conn: quinn::Connection,
-    mut allow: watch::Receiver<Arc<AllowList>>,
-    identity: String,
-    fingerprint: String,
-) {
-    loop {
-        if !allow.borrow_and_update().contains_fingerprint(&fingerprint) {
-            warn!(
-                identity,
-                "certificate no longer in the allow list: closing its connection"
-            );
-            conn.close(close_code::REJECTED.into(), b"certificate revoked");
-            return;
-        }
-        tokio::select! {
-            changed = allow.changed() => if changed.is_err() { return },
-            _ = conn.closed() => return,
-        }
-    }
-}
-
-async fn connection_task(
-    incoming: quinn::Incoming,
-    id: ParticipantId,
-    inbound: mpsc::UnboundedSender<Inbound>,
-    max_frame: usize,
-    allow: SharedAllowList,
-) {
-    let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            // The one log line of a refused peer: unknown CA, expired, not
-            // in the allow list, no certificate (or a failed handshake).
-            warn!(%remote, "connection refused at the TLS handshake: {e}");
-            return;
-        }
-    };
-    let (identity, fingerprint) = match authenticated_peer(&conn, &allow.current()) {
-        Ok(peer) => peer,
-        Err(e) => {
-            warn!(%remote, "connection refused: {e}");
-            conn.close(close_code::REJECTED.into(), b"not admitted");
-            return;
-        }
-    };
-    let revocation = tokio::spawn(close_when_revoked(
-        conn.clone(),
-        allow.subscribe(),
-        identity.clone(),
-        fingerprint,
-    ));
-    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(%remote, "connection closed before opening a stream: {e}");
-            return;
-        }
-        Err(_) => {
-            conn.close(
-                close_code::PROTOCOL_ERROR.into(),
-                b"no stream opened in time",
-            );
-            return;
-        }
-    };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if inbound
-        .send(Inbound::Connected {
-            id,
-            remote,
-            identity,
-            tx: tx.clone(),
-        })
-        .is_err()
-    {
-        revocation.abort();
-        return;
-    }
-    let writer_conn = conn.clone();
-    let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            match out {
-                Outbound::Frame(bytes) => {
-                    if send.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                Outbound::Finish { code, reason } => {
-                    let _ = send.finish();
-                    let _ = tokio::time::timeout(LINGER, writer_conn.closed()).await;
-                    writer_conn.close(code.into(), reason.as_bytes());
-                    break;
-                }
-            }
-        }
-    });
-    let reason = match read_frames(&mut recv, id, &inbound, max_frame).await {
-        ReadEnd::Closed(reason) => reason,
-        ReadEnd::ProtocolError(e) => {
-            // Tell the peer why before closing; nothing it sent is used.
-            debug!(id, %remote, "protocol error: {e}");
-            let message = e.to_string();
-            if let Ok(frame) = encode_frame(
-                &Message::Error {
-                    message: message.clone(),
-                },
-                max_frame,
-            ) {
-                let _ = tx.send(Outbound::Frame(frame));
-            }
-            let _ = tx.send(Outbound::Finish {
-                code: close_code::PROTOCOL_ERROR,
-                reason: message.clone(),
-            });
-            format!("protocol error: {message}")
-        }
-    };
-    drop(tx);
-    let _ = inbound.send(Inbound::Closed { id, reason });
-    let _ = writer.await;
-    revocation.abort();
-}
-
-/// Why a connection's reader stopped.
-enum ReadEnd {
-    /// The stream ended or the connection went away.
-    Closed(String),
-    /// The peer sent bytes that are not valid greyfed frames.
-    ProtocolError(ProtocolError),
-}
-
-/// Reads frames until the stream ends or fails.
-async fn read_frames(
-    recv: &mut quinn::RecvStream,
-    id: ParticipantId,
-    inbound: &mpsc::UnboundedSender<Inbound>,
-    max_frame: usize,
-) -> ReadEnd {
-    let mut decoder = FrameDecoder::new(HELLO_MAX_FRAME.min(max_frame));
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
-                decoder.push(&buf[..n]);
-                loop {
-                    let before = decoder.buffered();
-                    match decoder.next_message() {
-                        Ok(Some(msg)) => {
-                            decoder.set_max_frame(max_frame);
-                            let wire_bytes = before - decoder.buffered();
-                            if inbound
-                                .send(Inbound::Message {
-                                    id,
-                                    msg,
-                                    wire_bytes,
-                                })
-                                .is_err()
-                            {
-                                return ReadEnd::Closed("coordinator stopped".into());
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => return ReadEnd::ProtocolError(e),
-                    }
-                }
-            }
-            Ok(None) => {
-                return ReadEnd::Closed(match decoder.finish() {
-                    Ok(()) => "stream finished".into(),
-                    Err(e) => e.to_string(),
-                });
-            }
-            Err(e) => return ReadEnd::Closed(format!("connection lost: {e}")),
-        }
-    }
 }
 
 /// Writes the model atomically (temporary file, then rename) with metadata
