@@ -10,7 +10,8 @@
 //!   none of its bytes, while an admitted peer sending the same bytes gets
 //!   the protocol's error frame;
 //! - revoking a participant (allow-list reload) closes its open connection
-//!   and refuses its reconnection, which the participant does not retry.
+//!   and refuses its reconnection, which the participant does not retry;
+//! - one certificate holds one seat.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +31,11 @@ use greyfed_participant::{
     },
     model::init_weights,
 };
-use greyfed_protocol::{Message, ModelSpec, ModelWeights, frame::FrameDecoder, transport};
+use greyfed_protocol::{
+    Hello, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION,
+    frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
+    transport,
+};
 
 fn identity(cert: &IssuedCert) -> ClientIdentity {
     ClientIdentity {
@@ -294,6 +299,36 @@ async fn a_revoked_participant_is_disconnected_and_cannot_reconnect() {
     let (addr, run) = start(config(server_tls(&pki, allow.clone()), 3, dir.path()));
     let ca = pki.ca.cert_pem().as_bytes().to_vec();
 
+    // participant-0 joins on a connection of our own: Hello, then Welcome.
+    let cfg = client::client_config(&ca, &identity(&pki.participants[0].1)).unwrap();
+    let (endpoint, conn) = client::connect(cfg, addr, "localhost").await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        train_samples: 10,
+        test_samples: 10,
+        image_size: (28, 28),
+        cipher: None,
+    });
+    send.write_all(&encode_frame(&hello, DEFAULT_MAX_FRAME).unwrap())
+        .await
+        .unwrap();
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let mut buf = vec![0u8; 64 * 1024];
+    let welcome = loop {
+        if let Some(m) = decoder.next_message().unwrap() {
+            break m;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        decoder.push(&buf[..n]);
+    };
+    assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
+
+    // The real participant with the same certificate, which will be refused.
     let mut pc = ParticipantConfig::new(
         addr,
         "localhost",
@@ -301,11 +336,8 @@ async fn a_revoked_participant_is_disconnected_and_cannot_reconnect() {
         identity(&pki.participants[0].1),
     );
     pc.reconnect_for = Duration::from_secs(30);
-    let revoked =
-        tokio::spawn(async move { greyfed_participant::run(&pc, local_data(0, 2)).await });
-    // Let it join, then revoke it in the file and reload.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!revoked.is_finished());
+
+    // Revoke participant-0 in the file and reload.
     let kept: String = pki
         .allow_list()
         .to_text()
@@ -317,11 +349,24 @@ async fn a_revoked_participant_is_disconnected_and_cannot_reconnect() {
     let summary = allow.reload().unwrap();
     assert_eq!(summary.removed, vec!["participant-0".to_string()]);
 
-    // Disconnected, refused on reconnecting, and not retried for 30 s.
-    let outcome = tokio::time::timeout(Duration::from_secs(15), revoked)
+    // Its open connection is closed, with the reason.
+    let closed = tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
         .await
-        .expect("the revoked participant gives up at once")
-        .unwrap();
+        .expect("closed at once");
+    match closed {
+        Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(c))) => {
+            assert_eq!(&c.reason[..], b"certificate revoked")
+        }
+        other => panic!("expected the coordinator to close the connection, got {other:?}"),
+    }
+    endpoint.close(0u32.into(), b"");
+    // Reconnecting is refused at the handshake, and not retried for 30 s.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(15),
+        greyfed_participant::run(&pc, local_data(0, 2)),
+    )
+    .await
+    .expect("the revoked participant gives up at once");
     match outcome {
         Err(ParticipantError::Tls(m)) => assert!(m.contains("allow list"), "{m}"),
         other => panic!("expected a TLS refusal, got {other:?}"),
@@ -336,4 +381,72 @@ async fn a_revoked_participant_is_disconnected_and_cannot_reconnect() {
     assert!(allow.reload().is_err());
     assert_eq!(allow.current().len(), 1);
     run.abort();
+}
+
+/// One certificate is one seat: a second connection with participant-0's
+/// certificate replaces the first, which is told so and stops, so the two
+/// cannot fill both seats; the session starts only when participant-1 joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_cannot_take_two_seats() {
+    let ids = ["participant-0", "participant-1"].map(String::from);
+    let pki =
+        DeploymentPki::generate(&["localhost".into()], &ids, Validity::days_from_now(1)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let aggregates = dir.path().join("aggregates");
+    std::fs::create_dir_all(&aggregates).unwrap();
+    let mut c = config(
+        server_tls(&pki, SharedAllowList::new(pki.allow_list())),
+        2,
+        dir.path(),
+    );
+    c.dump_aggregates = Some(aggregates.clone());
+    let (addr, run) = start(c);
+    let spawn = |i: usize, shard: usize| {
+        let pc = ParticipantConfig::new(
+            addr,
+            "localhost",
+            pki.ca.cert_pem().as_bytes().to_vec(),
+            identity(&pki.participants[i].1),
+        );
+        let data = local_data(shard, 3);
+        tokio::spawn(async move { greyfed_participant::run(&pc, data).await })
+    };
+    let first = spawn(0, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = spawn(0, 1);
+    // Whichever said Hello first is replaced and gives up; the session
+    // still waits for its second participant.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !first.is_finished() && !second.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nobody was replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (replaced, kept) = if first.is_finished() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    match replaced.await.unwrap() {
+        Err(ParticipantError::Rejected(m)) => assert!(m.contains("replaced"), "{m}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert!(!run.is_finished() && !kept.is_finished());
+    let other = spawn(1, 2);
+    kept.await.unwrap().unwrap();
+    other.await.unwrap().unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.rounds_completed, 1);
+    assert_eq!(report.rounds[0].participants, 2);
+    let bytes = std::fs::read(aggregates.join("round-1.safetensors")).unwrap();
+    let (_, meta) = ModelWeights::from_safetensors(&bytes).unwrap();
+    let mut contributors: Vec<&str> = meta["greyfed.contributors"].split(',').collect();
+    contributors.sort();
+    assert_eq!(contributors, ["participant-0", "participant-1"]);
 }
