@@ -239,6 +239,25 @@ pub enum KeygenCommand {
     /// certificate and key per participant, the shared image key, and each
     /// machine's settings and run.sh (docs/deploy.md).
     Deployment(DeploymentArgs),
+    /// One more participant for an existing bundle, from its CA: a new
+    /// member, or a new certificate for a revoked one. Writes BUNDLE/NAME/
+    /// and prints the allow-list line to add on the coordinator.
+    Participant(AddParticipantArgs),
+}
+
+/// `greyfed keygen participant`.
+#[derive(Debug, Args)]
+pub struct AddParticipantArgs {
+    /// The bundle `greyfed keygen deployment` wrote (its ca/ directory is used).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// The new certificate's identity (letters, digits, `.`, `_`, `-`);
+    /// BUNDLE/NAME must not exist yet.
+    #[arg(long)]
+    pub name: String,
+    /// Days the certificate stays valid.
+    #[arg(long, default_value_t = 365)]
+    pub valid_days: u32,
 }
 
 /// `greyfed keygen deployment`.

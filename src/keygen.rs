@@ -8,6 +8,7 @@
 //!     ca.pem                        the deployment CA certificate
 //!     ca-key.pem              0600  the CA key: signs every credential
 //!     image.key               0600  master copy of the image key
+//!     deployment.json               coordinator names and port (for `keygen participant`)
 //!   coordinator/              0700  -> the coordinator machine
 //!     ca.pem                        checks participants' certificates
 //!     coordinator-cert.pem          for the --host names, TLS server only
@@ -24,6 +25,10 @@
 //!     run.sh                  0700
 //! ```
 //!
+//! `greyfed keygen participant --bundle OUT --name NAME` adds `OUT/NAME/`
+//! later from the same CA ([`participant`]): a new member, or a new
+//! certificate for a revoked one.
+//!
 //! Secrets are created owner-only (0600, in 0700 directories) from the
 //! start, and nothing is ever overwritten: `OUT` must not exist or be empty.
 //! The coordinator never gets the image key, only its fingerprint.
@@ -33,7 +38,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use greyfed_coordinator::pki::{DeploymentPki, Validity};
+use greyfed_coordinator::pki::{self, CertificateAuthority, DeploymentPki, IssuedCert, Validity};
 use greyfed_participant::cipher::ImageKey;
 
 /// Port the generated configurations use when none is given (the
@@ -73,6 +78,8 @@ pub mod files {
     pub const RUN_SH: &str = "run.sh";
     /// Which directory goes where.
     pub const README: &str = "README.txt";
+    /// The coordinator's names and port, for `keygen participant` (in `ca/`).
+    pub const DEPLOYMENT_JSON: &str = "deployment.json";
 
     /// The identity and directory of participant `i`.
     pub fn participant(i: usize) -> String {
@@ -250,55 +257,29 @@ pub fn deployment(opts: &DeploymentOptions) -> Result<DeploymentOutput> {
     let target = host_port(&opts.hosts[0], opts.port);
     let server_name = &opts.hosts[0];
     for (i, (identity, cert)) in pki.participants.iter().enumerate() {
-        let dir = out.join(identity);
-        w.dir(&dir)?;
-        w.public(&dir.join(files::CA_CERT), pki.ca.cert_pem())?;
-        w.public(&dir.join(files::PARTICIPANT_CERT), &cert.cert_pem)?;
-        w.secret(&dir.join(files::PARTICIPANT_KEY), &cert.key_pem)?;
-        w.image_key(&dir.join(files::IMAGE_KEY), &image_key)?;
-        let shard = format!("{i}/{}", opts.participants);
-        w.public(
-            &dir.join(files::PARTICIPANT_TOML),
-            &format!(
-                "# greyfed participant {identity}: this machine's settings, written by\n\
-                 # `greyfed keygen deployment`. Keys are the flags of `greyfed participant`;\n\
-                 # run.sh passes them as flags. Paths are relative to this directory.\n\
-                 # Add data = \"/path/to/idx\" for this machine's own images.\n\
-                 coordinator = \"{target}\"\n\
-                 server-name = \"{server_name}\"\n\
-                 ca = \"{}\"\n\
-                 cert = \"{}\"\n\
-                 key = \"{}\"\n\
-                 image-key = \"{}\"\n\
-                 shard = \"{shard}\"\n",
-                files::CA_CERT,
-                files::PARTICIPANT_CERT,
-                files::PARTICIPANT_KEY,
-                files::IMAGE_KEY,
-            ),
-        )?;
-        w.script(
-            &dir.join(files::RUN_SH),
-            &format!(
-                "#!/bin/sh\n\
-                 # greyfed participant {identity}, written by `greyfed keygen deployment`\n\
-                 # (the flags are participant.toml's keys). Extra flags are appended, and a\n\
-                 # flag given again overrides the one here: ./run.sh --data /srv/greyfed/data\n\
-                 # --shard {shard} picks this machine's part of one data set shared by all\n\
-                 # (demos); with data of its own use --shard 0/1.\n\
-                 set -eu\n\
-                 cd \"$(dirname \"$0\")\"\n\
-                 exec \"${{GREYFED:-greyfed}}\" participant \\\n  \
-                 --coordinator '{target}' --server-name '{server_name}' \\\n  \
-                 --ca {} --cert {} --key {} \\\n  \
-                 --image-key {} --shard {shard} \"$@\"\n",
-                files::CA_CERT,
-                files::PARTICIPANT_CERT,
-                files::PARTICIPANT_KEY,
-                files::IMAGE_KEY,
-            ),
+        let machine = Machine {
+            target: &target,
+            server_name,
+            shard: &format!("{i}/{}", opts.participants),
+        };
+        write_participant(
+            &mut w,
+            out,
+            identity,
+            cert,
+            pki.ca.cert_pem(),
+            &image_key,
+            &machine,
         )?;
     }
+    // What `keygen participant` needs later (nothing secret).
+    w.public(
+        &ca_dir.join(files::DEPLOYMENT_JSON),
+        &(serde_json::to_string_pretty(&DeploymentInfo {
+            hosts: opts.hosts.clone(),
+            port: opts.port,
+        })? + "\n"),
+    )?;
     w.public(
         &out.join(files::README),
         &format!(
@@ -321,6 +302,163 @@ pub fn deployment(opts: &DeploymentOptions) -> Result<DeploymentOutput> {
             .iter()
             .map(|(id, c)| (id.clone(), c.fingerprint.clone()))
             .collect(),
+    })
+}
+
+/// Where a participant's settings point.
+struct Machine<'a> {
+    /// `HOST:PORT` of the coordinator.
+    target: &'a str,
+    /// The name its certificate must carry.
+    server_name: &'a str,
+    /// `--shard I/N`.
+    shard: &'a str,
+}
+
+/// `OUT/IDENTITY/`: a participant machine's directory.
+fn write_participant(
+    w: &mut Writer,
+    out: &Path,
+    identity: &str,
+    cert: &IssuedCert,
+    ca_pem: &str,
+    image_key: &ImageKey,
+    m: &Machine<'_>,
+) -> Result<()> {
+    let (target, server_name, shard) = (m.target, m.server_name, m.shard);
+    let dir = out.join(identity);
+    w.dir(&dir)?;
+    w.public(&dir.join(files::CA_CERT), ca_pem)?;
+    w.public(&dir.join(files::PARTICIPANT_CERT), &cert.cert_pem)?;
+    w.secret(&dir.join(files::PARTICIPANT_KEY), &cert.key_pem)?;
+    w.image_key(&dir.join(files::IMAGE_KEY), image_key)?;
+    w.public(
+        &dir.join(files::PARTICIPANT_TOML),
+        &format!(
+            "# greyfed participant {identity}: this machine's settings, written by\n\
+             # `greyfed keygen`. Keys are the flags of `greyfed participant`;\n\
+             # run.sh passes them as flags. Paths are relative to this directory.\n\
+             # Add data = \"/path/to/idx\" for this machine's own images.\n\
+             coordinator = \"{target}\"\n\
+             server-name = \"{server_name}\"\n\
+             ca = \"{}\"\n\
+             cert = \"{}\"\n\
+             key = \"{}\"\n\
+             image-key = \"{}\"\n\
+             shard = \"{shard}\"\n",
+            files::CA_CERT,
+            files::PARTICIPANT_CERT,
+            files::PARTICIPANT_KEY,
+            files::IMAGE_KEY,
+        ),
+    )?;
+    w.script(
+        &dir.join(files::RUN_SH),
+        &format!(
+            "#!/bin/sh\n\
+             # greyfed participant {identity}, written by `greyfed keygen` (the flags\n\
+             # are participant.toml's keys). Extra flags are appended, and a flag given\n\
+             # again overrides the one here: ./run.sh --data /srv/greyfed/data\n\
+             # --shard {shard} picks this machine's part of one data set shared by all\n\
+             # (demos); with data of its own use --shard 0/1.\n\
+             set -eu\n\
+             cd \"$(dirname \"$0\")\"\n\
+             exec \"${{GREYFED:-greyfed}}\" participant \\\n  \
+             --coordinator '{target}' --server-name '{server_name}' \\\n  \
+             --ca {} --cert {} --key {} \\\n  \
+             --image-key {} --shard {shard} \"$@\"\n",
+            files::CA_CERT,
+            files::PARTICIPANT_CERT,
+            files::PARTICIPANT_KEY,
+            files::IMAGE_KEY,
+        ),
+    )
+}
+
+/// `OUT/ca/deployment.json`: the coordinator's names and port, so that
+/// `keygen participant` can write settings that reach it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct DeploymentInfo {
+    hosts: Vec<String>,
+    port: u16,
+}
+
+/// What `greyfed keygen participant` writes: one more participant for an
+/// existing bundle (a new member, or a new certificate for a revoked one).
+#[derive(Clone, Debug)]
+pub struct ParticipantOptions {
+    /// The bundle `keygen deployment` wrote (its `ca/` is read).
+    pub bundle: PathBuf,
+    /// The new certificate's identity; `BUNDLE/IDENTITY` must not exist.
+    pub identity: String,
+    /// Days the certificate stays valid.
+    pub valid_days: u32,
+}
+
+/// What [`participant`] wrote.
+#[derive(Debug)]
+pub struct ParticipantOutput {
+    /// Every file written, in order.
+    pub written: Vec<PathBuf>,
+    /// The allow-list line that admits the new certificate.
+    pub allow_line: String,
+}
+
+/// Issues a certificate from the bundle's CA and writes the participant's
+/// directory `BUNDLE/IDENTITY/` (settings for `--shard 0/1`). The
+/// coordinator admits it once [`ParticipantOutput::allow_line`] is in its
+/// allow list and the list is reloaded.
+///
+/// # Errors
+/// A bundle without its `ca/` files, a bad identity, an existing directory,
+/// I/O failures.
+pub fn participant(opts: &ParticipantOptions) -> Result<ParticipantOutput> {
+    pki::validate_identity(&opts.identity)?;
+    if opts.valid_days == 0 {
+        bail!("--valid-days must be at least 1");
+    }
+    let ca_dir = opts.bundle.join(files::CA_DIR);
+    let dir = opts.bundle.join(&opts.identity);
+    if dir.exists() {
+        bail!(
+            "{} exists; refusing to overwrite (move it away to re-issue)",
+            dir.display()
+        );
+    }
+    let read = |name: &str| {
+        let path = ca_dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let info: DeploymentInfo = serde_json::from_str(&read(files::DEPLOYMENT_JSON)?)
+        .with_context(|| format!("{}", ca_dir.join(files::DEPLOYMENT_JSON).display()))?;
+    let first = info
+        .hosts
+        .first()
+        .context("deployment.json names no coordinator host")?;
+    check_host(first)?;
+    let ca_cert = read(files::CA_CERT)?;
+    let ca_key = crate::commands::read_secret(&ca_dir.join(files::CA_KEY))?;
+    let ca_key = String::from_utf8(ca_key).context("the CA key file is not PEM text")?;
+    let ca = CertificateAuthority::from_pem(&ca_cert, &ca_key)?;
+    let image_key = ImageKey::read_file(ca_dir.join(files::IMAGE_KEY))?;
+    let cert = ca.issue_client(&opts.identity, Validity::days_from_now(opts.valid_days))?;
+    let mut w = Writer::default();
+    write_participant(
+        &mut w,
+        &opts.bundle,
+        &opts.identity,
+        &cert,
+        &ca_cert,
+        &image_key,
+        &Machine {
+            target: &host_port(first, info.port),
+            server_name: first,
+            shard: "0/1",
+        },
+    )?;
+    Ok(ParticipantOutput {
+        written: w.written,
+        allow_line: format!("{} {}", opts.identity, cert.fingerprint),
     })
 }
 

@@ -66,6 +66,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keygen(KeygenCommand::Participant(args)) => {
+            let out = keygen::participant(&keygen::ParticipantOptions {
+                bundle: args.bundle.clone(),
+                identity: args.name.clone(),
+                valid_days: args.valid_days,
+            })?;
+            for path in &out.written {
+                println!("wrote {}", path.display());
+            }
+            println!("{}", out.allow_line);
+            println!(
+                "add the line above to the coordinator's allow-list.txt and reload it \
+                 (systemctl reload greyfed-coordinator, or kill -HUP); copy {} to the machine",
+                args.bundle.join(&args.name).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Coordinator(args) => {
             let report = commands::coordinator(*args).await?;
             Ok(if report.rounds_completed == report.rounds_planned {

@@ -404,3 +404,63 @@ fn run_sh_files_start_a_federation_and_sighup_reloads_the_allow_list() {
         "the coordinator wrote its output next to run.sh"
     );
 }
+
+/// `keygen participant` issues one more certificate from the bundle's CA:
+/// owner-only files, a certificate that chains and names its identity, the
+/// allow-list line that admits it, and no overwriting (re-issuing after a
+/// revocation gives a new fingerprint).
+#[test]
+fn keygen_participant_adds_a_member_from_the_same_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bundle");
+    keygen(&out, 1);
+    let add = |name: &str| {
+        greyfed()
+            .args(["keygen", "participant", "--name", name, "--bundle"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let run = add("lab-7");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    let dir = out.join("lab-7");
+    let c = cert(&dir.join("participant-cert.pem"));
+    let line = format!("lab-7 {}", pki::fingerprint(&c));
+    assert!(stdout.contains(&line), "{stdout}");
+    let list = AllowList::parse(&line, "printed").unwrap();
+    assert_eq!(list.admit(&c).unwrap(), "lab-7");
+    #[cfg(unix)]
+    {
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("participant-key.pem")), 0o600);
+        assert_eq!(mode(&dir.join("image.key")), 0o600);
+    }
+    assert_eq!(
+        std::fs::read(dir.join("image.key")).unwrap(),
+        std::fs::read(out.join("ca/image.key")).unwrap()
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert(&out.join("ca/ca.pem"))).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .unwrap()
+        .verify_client_cert(&c, &[], UnixTime::now())
+        .unwrap();
+    let toml = std::fs::read_to_string(dir.join("participant.toml")).unwrap();
+    assert!(
+        toml.contains("coordinator = \"localhost:7447\"") && toml.contains("shard = \"0/1\""),
+        "{toml}"
+    );
+    // No overwriting; moved away, a re-issued certificate differs.
+    assert!(!add("lab-7").status.success());
+    std::fs::rename(&dir, tmp.path().join("lab-7.revoked")).unwrap();
+    assert!(add("lab-7").status.success());
+    assert_ne!(cert(&dir.join("participant-cert.pem")), c);
+    assert!(!add("bad name").status.success());
+}
