@@ -2,10 +2,10 @@
 //! sans-IO [`CoordinatorSession`], and a driver loop that sends what the
 //! session emits, applies the strategy, records metrics and writes the model.
 //!
-//! Tasks: one accept loop and a few tasks per connection
-//! ([`crate::connection`]) that send `Inbound` events to the driver and
-//! take `Outbound` frames from it. The driver is the only owner of the
-//! session, so no locks guard protocol state.
+//! Tasks: one accept loop and a few tasks per connection (the private
+//! `connection` module) that send `Inbound` events to the driver and take
+//! `Outbound` frames from it. The driver is the only owner of the session,
+//! so no locks guard protocol state.
 //!
 //! Authentication happens before any of that: the TLS handshake refuses a
 //! peer without an admitted client certificate ([`crate::auth`]), and the
