@@ -10,7 +10,9 @@ use greyfed_protocol::cipher::CipherSteps;
 
 /// greyfed: federated training on encrypted grey-scale images.
 #[derive(Debug, Parser)]
-#[command(name = "greyfed", version, about, long_about = None)]
+// A flag given twice takes its last value, so that flags appended to a
+// generated run.sh override the file's (`./run.sh --listen 127.0.0.1:7447`).
+#[command(name = "greyfed", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
@@ -24,10 +26,11 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write a private CA, a coordinator certificate and a fresh image key.
-    Keygen(KeygenArgs),
+    /// Generate keys and certificates.
+    #[command(subcommand)]
+    Keygen(KeygenCommand),
     /// Run the coordinator of a federation.
-    Coordinator(CoordinatorArgs),
+    Coordinator(Box<CoordinatorArgs>),
     /// Run one participant.
     Participant(ParticipantArgs),
     /// Run a whole federation on this machine: one coordinator and N
@@ -247,16 +250,56 @@ impl ExperimentArgs {
     }
 }
 
-/// `greyfed keygen`.
+/// `greyfed keygen ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeygenCommand {
+    /// Everything a deployment on several machines needs, one directory per
+    /// machine: a CA, the coordinator's certificate and allow list, a client
+    /// certificate and key per participant, the shared image key, and each
+    /// machine's settings and run.sh (docs/deploy.md).
+    Deployment(DeploymentArgs),
+    /// One more participant for an existing bundle, from its CA: a new
+    /// member, or a new certificate for a revoked one. Writes BUNDLE/NAME/
+    /// and prints the allow-list line to add on the coordinator.
+    Participant(AddParticipantArgs),
+}
+
+/// `greyfed keygen participant`.
 #[derive(Debug, Args)]
-pub struct KeygenArgs {
-    /// Directory to write into (created; existing key files are never overwritten).
+pub struct AddParticipantArgs {
+    /// The bundle `greyfed keygen deployment` wrote (its ca/ directory is used).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// The new certificate's identity (letters, digits, `.`, `_`, `-`);
+    /// BUNDLE/NAME must not exist yet.
+    #[arg(long)]
+    pub name: String,
+    /// Days the certificate stays valid.
+    #[arg(long, default_value_t = 365)]
+    pub valid_days: u32,
+}
+
+/// `greyfed keygen deployment`.
+#[derive(Debug, Args)]
+pub struct DeploymentArgs {
+    /// Directory to create (must not exist or be empty; nothing is ever
+    /// overwritten).
     #[arg(long)]
     pub out: PathBuf,
-    /// Host names or IP addresses participants use to reach the coordinator
-    /// (subject names of its certificate). Repeatable.
-    #[arg(long = "host", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
+    /// Number of participants: identities participant-0 ... participant-(N-1).
+    #[arg(long)]
+    pub participants: usize,
+    /// Host names or IP addresses of the coordinator (subject names of its
+    /// certificate); participants connect to the first. Repeatable.
+    #[arg(long = "host", required = true)]
     pub hosts: Vec<String>,
+    /// UDP port the coordinator listens on.
+    #[arg(long, default_value_t = crate::keygen::DEFAULT_PORT)]
+    pub port: u16,
+    /// Days the coordinator and participant certificates stay valid (the CA
+    /// at least ten years); an expired certificate is refused.
+    #[arg(long, default_value_t = 365)]
+    pub valid_days: u32,
 }
 
 /// Local optimiser choice.
@@ -498,12 +541,20 @@ pub struct CoordinatorArgs {
     /// UDP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7447")]
     pub listen: SocketAddr,
-    /// Coordinator certificate (PEM), from `greyfed keygen`.
+    /// Coordinator certificate (PEM), from `greyfed keygen deployment`.
     #[arg(long)]
     pub cert: PathBuf,
-    /// Coordinator private key (PEM), from `greyfed keygen`.
+    /// Coordinator private key (PEM, owner-only), from `greyfed keygen deployment`.
     #[arg(long)]
     pub key: PathBuf,
+    /// The deployment CA certificate: participants' client certificates must
+    /// be issued by it.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// The participants admitted: one `IDENTITY sha256:FINGERPRINT` line
+    /// each. Reloaded on SIGHUP; remove a line and reload to revoke.
+    #[arg(long, value_name = "FILE")]
+    pub allow_list: PathBuf,
     /// Participants to wait for before the first round.
     #[arg(long, default_value_t = 10)]
     pub participants: usize,
@@ -523,8 +574,9 @@ pub struct CoordinatorArgs {
     /// Seed for model initialisation and participants' shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Fingerprint of the image key participants must use (`greyfed keygen`
-    /// prints it). Default: the first participant's, which the others must match.
+    /// Fingerprint of the image key participants must use (`greyfed keygen
+    /// deployment` prints it). Default: the first participant's, which the
+    /// others must match.
     #[arg(long)]
     pub key_fingerprint: Option<String>,
     /// Test mode only: write each round's aggregated update to DIR.
@@ -591,18 +643,22 @@ pub struct ParticipantArgs {
     /// CA certificate that signed the coordinator's certificate.
     #[arg(long)]
     pub ca: PathBuf,
+    /// This participant's client certificate (PEM), from `greyfed keygen
+    /// deployment`: the coordinator knows the participant by its identity.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// The client certificate's private key (PEM, owner-only).
+    #[arg(long)]
+    pub key: PathBuf,
     /// Shared image key file (64 hex characters, owner-only permissions).
-    #[arg(long, required_unless_present = "plain")]
-    pub key_file: Option<PathBuf>,
+    #[arg(long, alias = "key-file", required_unless_present = "plain")]
+    pub image_key: Option<PathBuf>,
     /// Train on plain images (no encryption), for comparison only.
-    #[arg(long, conflicts_with = "key_file")]
+    #[arg(long, conflicts_with = "image_key")]
     pub plain: bool,
     /// Which part of the data this participant holds, I/N (0-based).
     #[arg(long, default_value = "0/1")]
     pub shard: String,
-    /// Display name (default: participant-I).
-    #[arg(long)]
-    pub name: Option<String>,
     /// Block size of the image cipher (must equal the model's).
     #[arg(long, default_value_t = 4)]
     pub block_size: usize,

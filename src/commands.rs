@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use greyfed_coordinator::{
-    Checkpoint, Coordinator, CoordinatorConfig, RunReport, strategy::StrategyConfig,
+    Checkpoint, Coordinator, CoordinatorConfig, RunReport, auth::SharedAllowList, pki,
+    strategy::StrategyConfig, tls::ServerTls,
 };
 use greyfed_participant::{
-    LocalData, ParticipantConfig, ParticipantReport,
+    ClientIdentity, LocalData, ParticipantConfig, ParticipantReport,
     cipher::{ImageCipher, ImageKey},
     data::{
         DatasetSplits,
@@ -63,6 +64,48 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// Reads a private key file, refusing one that group or others may read
+/// (`greyfed keygen deployment` writes them 0600). Errors name the file,
+/// never its contents.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "{}: permissions {mode:04o} let group or others read this private key; \
+                 restrict them with `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    read(path)
+}
+
+/// The coordinator's TLS material from the command line: its certificate
+/// and key, the deployment CA, and the allow list (read now; reloaded on
+/// SIGHUP while the coordinator runs).
+pub fn server_tls(args: &CoordinatorArgs) -> Result<ServerTls> {
+    let allow_list = SharedAllowList::from_file(&args.allow_list)
+        .with_context(|| format!("loading the allow list {}", args.allow_list.display()))?;
+    info!(
+        path = %args.allow_list.display(),
+        participants = allow_list.current().len(),
+        "allow list loaded"
+    );
+    Ok(ServerTls {
+        cert_pem: read(&args.cert)?,
+        key_pem: read_secret(&args.key)?,
+        client_ca_pem: read(&args.ca)?,
+        allow_list,
+    })
+}
 /// The server strategy the arguments describe.
 pub fn strategy_config(args: &TrainingArgs) -> Result<StrategyConfig> {
     let config = match args.strategy {
@@ -150,13 +193,12 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
         }
         None => init_weights(&model, args.seed)?,
     };
-    let mut config = CoordinatorConfig::new(
-        read(&args.cert)?,
-        read(&args.key)?,
-        model,
-        initial,
-        args.out.clone(),
-    );
+    let tls = server_tls(&args)?;
+    // Installed before the address is announced: a SIGHUP from then on
+    // reloads the allow list and never kills the process.
+    #[cfg(unix)]
+    let _reload = greyfed_coordinator::auth::reload_on_sighup(tls.allow_list.clone())?;
+    let mut config = CoordinatorConfig::new(tls, model, initial, args.out.clone());
     config.listen = args.listen;
     config.participants = args.participants;
     config.min_participants = args
@@ -302,7 +344,15 @@ pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
         args.data.partition,
         args.data.data_seed,
     )?;
-    let scrambler = match (&args.key_file, args.plain) {
+    let identity = ClientIdentity {
+        cert_pem: read(&args.cert)?,
+        key_pem: read_secret(&args.key)?,
+    };
+    // Our name in logs and dump files: the identity the coordinator reads
+    // from the certificate.
+    let name = pki::certificate_identity_pem(&identity.cert_pem)
+        .with_context(|| format!("client certificate {}", args.cert.display()))?;
+    let scrambler = match (&args.image_key, args.plain) {
         (Some(path), false) => {
             let key = ImageKey::read_file(path)?;
             Some(ImageCipher::new(
@@ -314,9 +364,10 @@ pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
             )?)
         }
         (None, true) => None,
-        _ => bail!("give either --key-file or --plain"),
+        _ => bail!("give either --image-key or --plain"),
     };
     info!(
+        identity = name,
         shard = args.shard,
         train = train.len(),
         test = test.len(),
@@ -337,12 +388,13 @@ pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
             .trim_end_matches(']')
             .to_string()
     });
-    let mut config =
-        ParticipantConfig::new(resolve(&args.coordinator)?, server_name, read(&args.ca)?);
-    config.name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("participant-{index}"));
+    let mut config = ParticipantConfig::new(
+        resolve(&args.coordinator)?,
+        server_name,
+        read(&args.ca)?,
+        identity,
+    );
+    config.name = name;
     config.dropout = args.drop_at;
     config.dump_updates = args.dump_updates.clone();
     config.reconnect_for = Duration::from_secs(args.reconnect_for);

@@ -3,7 +3,7 @@
 //!
 //! A file has one table per command, and every command-line flag of that
 //! command is a key of its table, spelled like the flag without the dashes
-//! (`key-file`; `key_file` is accepted too):
+//! (`image-key`; `image_key` and the flag's aliases are accepted too):
 //!
 //! ```toml
 //! [coordinator]
@@ -15,7 +15,9 @@
 //! [participant]
 //! coordinator = "coord.example.org:7447"
 //! ca = "ca.pem"
-//! key-file = "image.key"
+//! cert = "participant-cert.pem"
+//! key = "participant-key.pem"
+//! image-key = "image.key"
 //! plain = false                 # switches take true or false
 //! ```
 //!
@@ -68,9 +70,9 @@ impl std::error::Error for ConfigError {}
 /// One key of a command's table, turned into command-line arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigEntry {
-    /// The flag's long name (`key-file`).
+    /// The flag's long name (`image-key`).
     pub flag: String,
-    /// The arguments the key stands for (`--key-file=/etc/greyfed/image.key`;
+    /// The arguments the key stands for (`--image-key=/etc/greyfed/image.key`;
     /// none for a switch set to false).
     pub args: Vec<OsString>,
     /// 1-based line of the key.
@@ -273,8 +275,14 @@ fn entry(
     let flag = key.replace('_', "-");
     let arg = cmd
         .get_arguments()
-        .find(|a| a.get_long() == Some(flag.as_str()) && a.get_long() != Some("config"))
+        .find(|a| {
+            a.get_long() != Some("config")
+                && (a.get_long() == Some(flag.as_str())
+                    || a.get_all_aliases()
+                        .is_some_and(|v| v.contains(&flag.as_str())))
+        })
         .ok_or_else(|| unknown_key(cmd, section, key))?;
+    let flag = arg.get_long().unwrap_or(&flag).to_string();
     let value = item
         .as_value()
         .ok_or_else(|| format!("`{key}` must be a value, not a table"))?;
@@ -432,7 +440,7 @@ mod tests {
     #[test]
     fn keys_become_flags_and_relative_paths_follow_the_file() {
         let file = parse(
-            "[participant]\ncoordinator = \"10.0.0.1:7447\"\nca = \"ca.pem\"\nkey_file = \"/keys/image.key\"\nblock-size = 4\nplain = false\nreconnect-for = 5\n",
+            "[participant]\ncoordinator = \"10.0.0.1:7447\"\nca = \"ca.pem\"\nimage_key = \"/keys/image.key\"\nblock-size = 4\nplain = false\nreconnect-for = 5\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
         )
         .unwrap();
         let args: Vec<_> = file
@@ -445,9 +453,11 @@ mod tests {
             [
                 "--coordinator=10.0.0.1:7447",
                 "--ca=/etc/greyfed/ca.pem",
-                "--key-file=/keys/image.key",
+                "--image-key=/keys/image.key",
                 "--block-size=4",
                 "--reconnect-for=5",
+                "--cert=/etc/greyfed/c.pem",
+                "--key=/etc/greyfed/k.pem",
             ]
         );
         assert_eq!(file.entries("participant")[2].line, 4);

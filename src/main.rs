@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser};
-use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand};
+use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand};
 use greyfed::{commands, config_file, experiment, keygen, memory, preview, simulate};
 use tracing_subscriber::EnvFilter;
 
@@ -51,19 +51,47 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Keygen(args) => {
-            let out = keygen::keygen(&args.out, &args.hosts)?;
+        Command::Keygen(KeygenCommand::Deployment(args)) => {
+            let out = keygen::deployment(&keygen::DeploymentOptions {
+                out: args.out.clone(),
+                participants: args.participants,
+                hosts: args.hosts.clone(),
+                port: args.port,
+                valid_days: args.valid_days,
+            })?;
             for path in &out.written {
                 println!("wrote {}", path.display());
             }
+            for (identity, fingerprint) in &out.participants {
+                println!("{identity} {fingerprint}");
+            }
             println!("image key fingerprint: {}", out.image_key_fingerprint);
             println!(
-                "give ca.pem and image.key to participants; never give image.key to the coordinator"
+                "copy {0}/coordinator to the coordinator machine and {0}/participant-I to \
+                 participant machine I; keep {0}/ca offline (see {0}/README.txt)",
+                args.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen(KeygenCommand::Participant(args)) => {
+            let out = keygen::participant(&keygen::ParticipantOptions {
+                bundle: args.bundle.clone(),
+                identity: args.name.clone(),
+                valid_days: args.valid_days,
+            })?;
+            for path in &out.written {
+                println!("wrote {}", path.display());
+            }
+            println!("{}", out.allow_line);
+            println!(
+                "add the line above to the coordinator's allow-list.txt and reload it \
+                 (systemctl reload greyfed-coordinator, or kill -HUP); copy {} to the machine",
+                args.bundle.join(&args.name).display()
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::Coordinator(args) => {
-            let report = commands::coordinator(args).await?;
+            let report = commands::coordinator(*args).await?;
             Ok(if report.rounds_completed == report.rounds_planned {
                 ExitCode::SUCCESS
             } else {

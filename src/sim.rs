@@ -1,6 +1,8 @@
 //! An in-process federation on loopback for tests and experiments: one
 //! coordinator and N participants as tasks of the calling process, talking
-//! real QUIC with freshly generated certificates and image key.
+//! real QUIC with mutual TLS as in a deployment (a throwaway CA, a client
+//! certificate `participant-I` per participant, an allow list of them) and
+//! a freshly generated image key.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -20,9 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use greyfed_coordinator::{Coordinator, CoordinatorConfig, metrics::RoundRecord};
+use greyfed_coordinator::{
+    Coordinator, CoordinatorConfig,
+    auth::SharedAllowList,
+    metrics::RoundRecord,
+    pki::{DeploymentPki, Validity},
+    tls::ServerTls,
+};
 use greyfed_participant::{
-    LocalData, ParticipantConfig, ParticipantReport,
+    ClientIdentity, LocalData, ParticipantConfig, ParticipantReport,
     cipher::{ImageCipher, ImageKey},
     data::{DatasetSplits, idx::load_idx_dir, partition::Partition, synthetic::builtin_splits},
     dropout::{CrashMode, DropoutPlan},
@@ -197,7 +205,15 @@ impl FederationBuilder {
     /// Runs the federation to its end.
     pub async fn run(self) -> Result<FederationReport> {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
-        let certs = greyfed_coordinator::tls::generate_certificates(&["localhost".into()])?;
+        // A throwaway deployment: mutual TLS as on several machines.
+        let identities: Vec<String> = (0..self.participants)
+            .map(|i| format!("participant-{i}"))
+            .collect();
+        let pki = DeploymentPki::generate(
+            &["localhost".into()],
+            &identities,
+            Validity::days_from_now(2),
+        )?;
         let planes = if self.plain {
             1
         } else {
@@ -210,9 +226,14 @@ impl FederationBuilder {
             Some(d) => load_idx_dir(d)?,
             None => builtin_splits(self.data_seed.unwrap_or(self.seed)),
         };
+        let tls = ServerTls {
+            cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
+            key_pem: pki.coordinator.key_pem.clone().into_bytes(),
+            client_ca_pem: pki.ca.cert_pem().as_bytes().to_vec(),
+            allow_list: SharedAllowList::new(pki.allow_list()),
+        };
         let mut config = CoordinatorConfig::new(
-            certs.server_cert_pem.into_bytes(),
-            certs.server_key_pem.into_bytes(),
+            tls,
             model.clone(),
             init_weights(&model, self.seed)?,
             dir.path().to_path_buf(),
@@ -257,9 +278,17 @@ impl FederationBuilder {
                 )?)
             };
             let data = Arc::new(LocalData::prepare(&train, &test, scrambler.as_ref())?);
-            let mut pc =
-                ParticipantConfig::new(addr, "localhost", certs.ca_cert_pem.clone().into_bytes());
-            pc.name = format!("participant-{i}");
+            let (name, cert) = &pki.participants[i];
+            let mut pc = ParticipantConfig::new(
+                addr,
+                "localhost",
+                pki.ca.cert_pem().as_bytes().to_vec(),
+                ClientIdentity {
+                    cert_pem: cert.cert_pem.clone().into_bytes(),
+                    key_pem: cert.key_pem.clone().into_bytes(),
+                },
+            );
+            pc.name = name.clone();
             pc.dropout = self.dropouts.get(&i).copied();
             pc.crash = CrashMode::Vanish;
             tasks.push(tokio::spawn(async move {

@@ -1,5 +1,7 @@
 //! `greyfed simulate`: one coordinator process and N participant processes
-//! on loopback, with fresh keys, a progress bar and a summary table.
+//! on loopback, with a fresh deployment bundle (`OUT/keys`, as `greyfed
+//! keygen deployment` writes it: mutual TLS, allow list, image key), a
+//! progress bar and a summary table.
 //!
 //! The processes are this same executable run as `greyfed coordinator` and
 //! `greyfed participant`, so a simulation exercises exactly what a
@@ -164,7 +166,14 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     }
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let _ = std::fs::remove_file(out.join("metrics.jsonl"));
-    let generated = keygen::keygen(&keys, &["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let generated = keygen::deployment(&keygen::DeploymentOptions {
+        out: keys.clone(),
+        participants: args.participants,
+        hosts: vec!["localhost".to_string(), "127.0.0.1".to_string()],
+        port: keygen::DEFAULT_PORT,
+        valid_days: 2,
+    })?;
+    let coordinator_keys = keys.join(files::COORDINATOR_DIR);
     let exe = std::env::current_exe().context("locating the greyfed executable")?;
     let addr_file = out.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
@@ -175,9 +184,13 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--cert")
-        .arg(keys.join(files::COORDINATOR_CERT))
+        .arg(coordinator_keys.join(files::COORDINATOR_CERT))
         .arg("--key")
-        .arg(keys.join(files::COORDINATOR_KEY))
+        .arg(coordinator_keys.join(files::COORDINATOR_KEY))
+        .arg("--ca")
+        .arg(coordinator_keys.join(files::CA_CERT))
+        .arg("--allow-list")
+        .arg(coordinator_keys.join(files::ALLOW_LIST))
         .arg("--participants")
         .arg(args.participants.to_string())
         .arg("--join-timeout")
@@ -205,7 +218,7 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         } else {
             coordinator
                 .arg("--image-key")
-                .arg(keys.join(files::IMAGE_KEY));
+                .arg(keys.join(files::CA_DIR).join(files::IMAGE_KEY));
         }
     }
     let (stdout, stderr) = log_files(&logs, "coordinator.log")?;
@@ -229,6 +242,7 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
     }
     let mut participants: Vec<Child> = Vec::with_capacity(args.participants);
     for i in 0..args.participants {
+        let own = keys.join(files::participant(i));
         let mut cmd = Command::new(&exe);
         cmd.arg("participant")
             .arg("--coordinator")
@@ -236,7 +250,11 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
             .arg("--server-name")
             .arg("localhost")
             .arg("--ca")
-            .arg(keys.join(files::CA_CERT))
+            .arg(own.join(files::CA_CERT))
+            .arg("--cert")
+            .arg(own.join(files::PARTICIPANT_CERT))
+            .arg("--key")
+            .arg(own.join(files::PARTICIPANT_KEY))
             .arg("--shard")
             .arg(format!("{i}/{}", args.participants))
             .arg("--partition")
@@ -256,7 +274,7 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
         if args.plain {
             cmd.arg("--plain");
         } else {
-            cmd.arg("--key-file").arg(keys.join(files::IMAGE_KEY));
+            cmd.arg("--image-key").arg(own.join(files::IMAGE_KEY));
         }
         let name = format!("participant-{i}");
         let (stdout, stderr) = log_files(&logs, &format!("{name}.log"))?;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::greyfed;
+use common::{coordinator_tls, deployment, greyfed, image_key, participant_tls};
 use greyfed_coordinator::metrics::read_metrics;
 
 /// With Tanaka's split mode (`le`): two image planes end to end, over QUIC
@@ -153,13 +153,14 @@ fn keygen_writes_files_and_the_participant_refuses_bad_keys() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     let out = greyfed()
-        .args(["keygen", "--out"])
+        .args(["keygen", "deployment", "--participants", "1"])
+        .args(["--host", "localhost", "--out"])
         .arg(&keys)
         .output()
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    let secret = std::fs::read_to_string(keys.join("image.key")).unwrap();
+    let secret = std::fs::read_to_string(image_key(&keys, 0)).unwrap();
     assert!(text.contains("fingerprint"));
     assert!(
         !text.contains(secret.trim()),
@@ -175,8 +176,8 @@ fn keygen_writes_files_and_the_participant_refuses_bad_keys() {
         std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     let out = greyfed()
-        .args(["participant", "--coordinator", "127.0.0.1:9", "--ca"])
-        .arg(keys.join("ca.pem"))
+        .args(["participant", "--coordinator", "127.0.0.1:9"])
+        .args(participant_tls(&keys, 0))
         .arg("--key-file")
         .arg(&bad)
         .output()
@@ -197,11 +198,10 @@ fn keygen_writes_files_and_the_participant_refuses_bad_keys() {
             "127.0.0.1:9",
             "--block-size",
             "5",
-            "--ca",
         ])
-        .arg(keys.join("ca.pem"))
-        .arg("--key-file")
-        .arg(keys.join("image.key"))
+        .args(participant_tls(&keys, 0))
+        .arg("--image-key")
+        .arg(image_key(&keys, 0))
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -210,7 +210,8 @@ fn keygen_writes_files_and_the_participant_refuses_bad_keys() {
 
     // Refuses to overwrite existing keys.
     let out = greyfed()
-        .args(["keygen", "--out"])
+        .args(["keygen", "deployment", "--participants", "1"])
+        .args(["--host", "localhost", "--out"])
         .arg(&keys)
         .output()
         .unwrap();
@@ -220,22 +221,11 @@ fn keygen_writes_files_and_the_participant_refuses_bad_keys() {
 #[test]
 fn central_evaluation_needs_the_image_key_explicitly() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    assert!(
-        greyfed()
-            .args(["keygen", "--out"])
-            .arg(&keys)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let keys = deployment(&dir.path().join("keys"), 1);
     let coordinator = |extra: &[&str]| {
         let out = greyfed()
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--cert"])
-            .arg(keys.join("coordinator-cert.pem"))
-            .arg("--key")
-            .arg(keys.join("coordinator-key.pem"))
+            .args(["coordinator", "--listen", "127.0.0.1:0"])
+            .args(coordinator_tls(&keys))
             .arg("--out")
             .arg(dir.path().join("out"))
             .args(["--test-data", "builtin", "--join-timeout", "1"])
@@ -251,7 +241,7 @@ fn central_evaluation_needs_the_image_key_explicitly() {
         "{err}"
     );
     // The key must be the one participants use.
-    let key = keys.join("image.key");
+    let key = image_key(&keys, 0);
     let err = coordinator(&[
         "--image-key",
         key.to_str().unwrap(),
@@ -278,6 +268,10 @@ fn missing_data_directory_is_a_clear_error() {
             "--plain",
             "--ca",
             "/nonexistent/ca.pem",
+            "--cert",
+            "/nonexistent/cert.pem",
+            "--key",
+            "/nonexistent/key.pem",
             "--data",
         ])
         .arg(dir.path().join("nope"))

@@ -29,7 +29,7 @@ fn config_check_accepts_good_files_and_names_the_line_of_errors() {
     let good = dir.path().join("good.toml");
     std::fs::write(
         &good,
-        "# a deployment\n[coordinator]\nlisten = \"0.0.0.0:7447\"\nrounds = 5\n\n[participant]\ncoordinator = \"coord:7447\"\nca = \"ca.pem\"\nkey-file = \"image.key\"\n",
+        "# a deployment\n[coordinator]\nlisten = \"0.0.0.0:7447\"\nrounds = 5\n\n[participant]\ncoordinator = \"coord:7447\"\nca = \"ca.pem\"\ncert = \"p.pem\"\nkey = \"p-key.pem\"\nkey-file = \"image.key\"\n",
     )
     .unwrap();
     let (ok, stdout, stderr) = check(&good);
@@ -57,8 +57,8 @@ fn config_check_accepts_good_files_and_names_the_line_of_errors() {
         ),
         ("[participant]\nca = \"a\" \"b\"\n", 2, ""),
         (
-            "[participant]\ncoordinator = \"h:1\"\nca = \"ca.pem\"\nkey-file = \"k\"\nplain = true\n",
-            4, // `key-file`, which clap names as conflicting with `plain`
+            "[participant]\ncoordinator = \"h:1\"\nca = \"ca.pem\"\nimage-key = \"k\"\nplain = true\n",
+            4, // `image-key`, which clap names as conflicting with `plain`
             "cannot be used with",
         ),
     ] {
@@ -77,24 +77,39 @@ fn config_check_accepts_good_files_and_names_the_line_of_errors() {
 }
 
 /// Keys from the file apply, flags override them, relative paths are
-/// relative to the file, and a federation runs.
+/// relative to the file, and a federation runs: the coordinator from a file
+/// of the test's own, the participants from their bundle's settings files.
 #[test]
-fn coordinator_and_participants_run_from_one_config_file() {
+fn coordinator_and_participants_run_from_config_files() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let keygen = greyfed()
-        .args(["keygen", "--out"])
-        .arg(dir.join("keys"))
+        .args([
+            "keygen",
+            "deployment",
+            "--participants",
+            "2",
+            "--host",
+            "localhost",
+        ])
+        .arg("--out")
+        .arg(dir.join("bundle"))
         .output()
         .unwrap();
-    assert!(keygen.status.success());
+    assert!(
+        keygen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keygen.stderr)
+    );
     let config = dir.join("federation.toml");
     std::fs::write(
         &config,
         r#"[coordinator]
 listen = "127.0.0.1:0"
-cert = "keys/coordinator-cert.pem"
-key = "keys/coordinator-key.pem"
+cert = "bundle/coordinator/coordinator-cert.pem"
+key = "bundle/coordinator/coordinator-key.pem"
+ca = "bundle/coordinator/ca.pem"
+allow-list = "bundle/coordinator/allow-list.txt"
 participants = 2
 rounds = 2          # overridden on the command line below
 local-epochs = 1
@@ -102,13 +117,6 @@ join-timeout = 60
 stage-timeout = 20
 out = "run"
 addr-file = "addr"
-
-[participant]
-coordinator = "127.0.0.1:9"   # overridden: the real address is known at run time
-server-name = "localhost"
-ca = "keys/ca.pem"
-key-file = "keys/image.key"
-reconnect-for = 0
 "#,
     )
     .unwrap();
@@ -141,10 +149,11 @@ reconnect-for = 0
     };
     let mut participants: Vec<_> = (0..2)
         .map(|i| {
+            let settings = dir.join(format!("bundle/participant-{i}/participant.toml"));
             greyfed()
                 .arg("participant")
-                .arg(format!("--config={}", config.display()))
-                .args(["--coordinator", &addr, "--shard", &format!("{i}/2")])
+                .arg(format!("--config={}", settings.display()))
+                .args(["--coordinator", &addr, "--reconnect-for", "0"])
                 .stderr(std::fs::File::create(dir.join(format!("p{i}.log"))).unwrap())
                 .spawn()
                 .unwrap()

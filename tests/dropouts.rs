@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{greyfed, wait_timeout};
+use common::{coordinator_tls, deployment, greyfed, image_key, participant_tls, wait_timeout};
 use greyfed_coordinator::metrics::read_metrics;
 use greyfed_protocol::ModelWeights;
 
@@ -31,13 +31,7 @@ fn run_federation(
     stage_timeout: u32,
     drops: &[(usize, &str)],
 ) -> (Run, bool) {
-    let keys = dir.join("keys");
-    let status = greyfed()
-        .args(["keygen", "--out"])
-        .arg(&keys)
-        .output()
-        .unwrap();
-    assert!(status.status.success());
+    let keys = deployment(&dir.join("keys"), n);
     let run = Run {
         out: dir.join("out"),
         updates: dir.join("updates"),
@@ -70,10 +64,7 @@ fn run_federation(
             &stage_timeout.to_string(),
         ])
         .args(["--round-timeout", "120", "--join-timeout", "60"])
-        .arg("--cert")
-        .arg(keys.join("coordinator-cert.pem"))
-        .arg("--key")
-        .arg(keys.join("coordinator-key.pem"))
+        .args(coordinator_tls(&keys))
         .arg("--out")
         .arg(&run.out)
         .arg("--dump-aggregates")
@@ -103,11 +94,10 @@ fn run_federation(
                 "--server-name",
                 "localhost",
             ])
-            .args(["--shard", &format!("{i}/{n}"), "--name", &format!("p{i}")])
-            .arg("--ca")
-            .arg(keys.join("ca.pem"))
-            .arg("--key-file")
-            .arg(keys.join("image.key"))
+            .args(["--shard", &format!("{i}/{n}")])
+            .args(participant_tls(&keys, i))
+            .arg("--image-key")
+            .arg(image_key(&keys, i))
             .arg("--dump-updates")
             .arg(&run.updates)
             .stderr(log(&format!("p{i}.log")));
@@ -173,12 +163,32 @@ fn check_aggregate(run: &Run, round: u32, expected_contributors: &[&str]) {
 fn a_crash_at_any_stage_leaves_exactly_the_survivors_in_the_sum() {
     // One scenario after another: they share the machine's two cores.
     for (stage, survivors) in [
-        ("train", &["p0", "p2", "p3"][..]),
-        ("advertise", &["p0", "p2", "p3"][..]),
-        ("share", &["p0", "p2", "p3"][..]),
-        ("masked", &["p0", "p2", "p3"][..]),
+        (
+            "train",
+            &["participant-0", "participant-2", "participant-3"][..],
+        ),
+        (
+            "advertise",
+            &["participant-0", "participant-2", "participant-3"][..],
+        ),
+        (
+            "share",
+            &["participant-0", "participant-2", "participant-3"][..],
+        ),
+        (
+            "masked",
+            &["participant-0", "participant-2", "participant-3"][..],
+        ),
         // Its masked input is in; its unmasking shares are not needed.
-        ("unmask", &["p0", "p1", "p2", "p3"][..]),
+        (
+            "unmask",
+            &[
+                "participant-0",
+                "participant-1",
+                "participant-2",
+                "participant-3",
+            ][..],
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (run, ok) = run_federation(dir.path(), 4, 2, 5, &[(1, &format!("1:{stage}"))]);
@@ -192,7 +202,11 @@ fn a_crash_at_any_stage_leaves_exactly_the_survivors_in_the_sum() {
         assert_eq!(metrics[0].participants, survivors.len(), "{stage}");
         assert_eq!(metrics[0].aggregation, "secagg+");
         check_aggregate(&run, 1, survivors);
-        check_aggregate(&run, 2, &["p0", "p2", "p3"]);
+        check_aggregate(
+            &run,
+            2,
+            &["participant-0", "participant-2", "participant-3"],
+        );
     }
 }
 
@@ -219,7 +233,7 @@ fn too_many_dropouts_abandon_the_round_without_touching_the_model() {
     assert_eq!(metrics[0].round, 2);
     assert_eq!(metrics[0].participants, 2);
     assert!(!run.aggregates.join("round-1.safetensors").exists());
-    check_aggregate(&run, 2, &["p0", "p4"]);
+    check_aggregate(&run, 2, &["participant-0", "participant-4"]);
     // No partial model was applied: final = initial + round 2's mean update.
     let spec = greyfed_protocol::ModelSpec::blocknet_28x28(4);
     let initial = greyfed_participant::model::init_weights(&spec, 0)

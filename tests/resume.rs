@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{greyfed, wait_timeout};
+use common::{coordinator_tls, deployment, greyfed, participant_tls, wait_timeout};
 use greyfed_coordinator::metrics::read_metrics;
 use greyfed_protocol::ModelWeights;
 
@@ -27,10 +27,7 @@ fn coordinator(dir: &Path, addr: &str, log: &str, resume: bool) -> Child {
         .args(["--rounds", "4", "--local-epochs", "1", "--batch-size", "64"])
         .args(["--aggregation", "plain", "--round-timeout", "60"])
         .args(["--stage-timeout", "10", "--join-timeout", "60"])
-        .arg("--cert")
-        .arg(keys.join("coordinator-cert.pem"))
-        .arg("--key")
-        .arg(keys.join("coordinator-key.pem"))
+        .args(coordinator_tls(&keys))
         .arg("--out")
         .arg(dir.join("out"))
         .stderr(std::fs::File::create(dir.join(log)).unwrap())
@@ -51,12 +48,7 @@ fn rounds_in(metrics: &Path) -> Vec<u32> {
 fn a_killed_coordinator_resumes_and_no_round_is_lost_or_repeated() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let status = greyfed()
-        .args(["keygen", "--out"])
-        .arg(dir.join("keys"))
-        .output()
-        .unwrap();
-    assert!(status.status.success());
+    let keys = deployment(&dir.join("keys"), 3);
     let addr = format!("127.0.0.1:{}", free_port());
     let mut first = coordinator(dir, &addr, "coordinator-1.log", false);
     let mut participants: Vec<Child> = (0..3)
@@ -64,10 +56,9 @@ fn a_killed_coordinator_resumes_and_no_round_is_lost_or_repeated() {
             greyfed()
                 .args(["participant", "--coordinator", &addr])
                 .args(["--server-name", "localhost", "--plain"])
-                .args(["--shard", &format!("{i}/3"), "--name", &format!("p{i}")])
+                .args(["--shard", &format!("{i}/3")])
                 .args(["--reconnect-for", "60"])
-                .arg("--ca")
-                .arg(dir.join("keys/ca.pem"))
+                .args(participant_tls(&keys, i))
                 .stderr(std::fs::File::create(dir.join(format!("p{i}.log"))).unwrap())
                 .spawn()
                 .unwrap()
@@ -120,15 +111,12 @@ fn a_killed_coordinator_resumes_and_no_round_is_lost_or_repeated() {
     assert!(wait_timeout(&mut third, Duration::from_secs(30)));
     assert_eq!(rounds_in(&metrics), vec![1, 2, 3, 4]);
     // More rounds are fine, other settings are refused, naming what differs.
-    let keys = dir.join("keys");
     let out = greyfed()
         .args(["coordinator", "--listen", &addr, "--participants", "3"])
         .args(["--rounds", "6", "--local-epochs", "1", "--batch-size", "64"])
         .args(["--aggregation", "plain", "--strategy", "fedavgm"])
-        .args(["--join-timeout", "1", "--cert"])
-        .arg(keys.join("coordinator-cert.pem"))
-        .arg("--key")
-        .arg(keys.join("coordinator-key.pem"))
+        .args(["--join-timeout", "1"])
+        .args(coordinator_tls(&keys))
         .arg("--out")
         .arg(dir.join("out"))
         .arg("--resume")

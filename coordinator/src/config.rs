@@ -15,6 +15,7 @@ use crate::{
     central::CentralEvaluator,
     checkpoint::{Checkpoint, RunSettings},
     strategy::StrategyConfig,
+    tls::ServerTls,
 };
 
 /// Configuration of one coordinator run.
@@ -22,10 +23,9 @@ use crate::{
 pub struct CoordinatorConfig {
     /// UDP address to listen on (port 0 picks a free port).
     pub listen: SocketAddr,
-    /// PEM certificate chain of the coordinator.
-    pub cert_pem: Vec<u8>,
-    /// PEM private key of the coordinator (secret; never logged).
-    pub key_pem: Vec<u8>,
+    /// Our certificate and key, the deployment CA and the allow list of
+    /// participant certificates (mutual TLS; see [`crate::auth`]).
+    pub tls: ServerTls,
     /// Participants to wait for before round 1.
     pub participants: usize,
     /// Fewest participants a round may run with.
@@ -86,19 +86,17 @@ impl CoordinatorConfig {
         }
     }
 
-    /// A configuration with greyfed's defaults for everything but the
-    /// certificate, the initial model and the output directory.
+    /// A configuration with greyfed's defaults for everything but the TLS
+    /// material, the initial model and the output directory.
     pub fn new(
-        cert_pem: Vec<u8>,
-        key_pem: Vec<u8>,
+        tls: ServerTls,
         model: ModelSpec,
         initial_weights: ModelWeights,
         out_dir: PathBuf,
     ) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            cert_pem,
-            key_pem,
+            tls,
             participants: 10,
             min_participants: 1,
             selection: Selection::default(),

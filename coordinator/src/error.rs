@@ -29,6 +29,19 @@ pub enum CoordinatorError {
     /// Certificates or keys are unusable.
     #[error("tls: {0}")]
     Tls(String),
+    /// An allow-list file or entry is malformed (see [`crate::auth`]).
+    #[error("allow list {source_name}: {}", at_line(*line, reason))]
+    AllowList {
+        /// The file (or what the text came from).
+        source_name: String,
+        /// The offending line, from 1; 0 when no single line is at fault.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A participant certificate is valid but not admitted by the allow list.
+    #[error("not admitted: {0}")]
+    NotAdmitted(String),
     /// A configuration value is invalid.
     #[error("configuration: {0}")]
     Config(String),
@@ -47,6 +60,14 @@ pub enum CoordinatorError {
         /// Rounds completed before the shutdown.
         rounds_completed: u32,
     },
+}
+
+fn at_line(line: usize, reason: &str) -> String {
+    if line == 0 {
+        reason.to_string()
+    } else {
+        format!("line {line}: {reason}")
+    }
 }
 
 /// Result alias for this crate.

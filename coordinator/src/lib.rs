@@ -6,19 +6,28 @@
 //! hands it the key for [`central`] evaluation), and with secure aggregation
 //! never an individual update or evaluation either.
 //!
+//! - [`auth`]: participant authentication: the allow list of client
+//!   certificates, its verifier and SIGHUP reloads.
 //! - [`central`]: optional central evaluation (needs the image key, off by default).
 //! - [`checkpoint`]: per-round checkpoints and `--resume`.
 //! - [`config`]: the run configuration, [`CoordinatorConfig`].
-//! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]).
+//! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]);
+//!   its connections (authenticated peers, reader and writer tasks) are in
+//!   the private `connection` module.
 //! - [`strategy`]: FedAvg and friends.
 //! - [`metrics`]: `metrics.jsonl` records.
-//! - [`tls`]: certificate generation and the QUIC server configuration.
+//! - [`pki`]: the deployment CA, certificate issuance, fingerprints and the
+//!   identity a participant certificate carries.
+//! - [`tls`]: the QUIC server configuration (mutual TLS).
 
+pub mod auth;
 pub mod central;
 pub mod checkpoint;
 pub mod config;
+mod connection;
 pub mod error;
 pub mod metrics;
+pub mod pki;
 pub mod server;
 pub mod strategy;
 pub mod tls;

@@ -2,23 +2,29 @@
 //! sans-IO [`CoordinatorSession`], and a driver loop that sends what the
 //! session emits, applies the strategy, records metrics and writes the model.
 //!
-//! Tasks: one accept loop; per connection, one reader (bytes → frames →
-//! `Inbound` events on a channel) and one writer (encoded frames from a
-//! channel → stream). The driver is the only owner of the session, so no
-//! locks guard protocol state.
+//! Tasks: one accept loop and a few tasks per connection (the private
+//! `connection` module) that send `Inbound` events to the driver and take
+//! `Outbound` frames from it. The driver is the only owner of the session,
+//! so no locks guard protocol state.
+//!
+//! Authentication happens before any of that: the TLS handshake refuses a
+//! peer without an admitted client certificate ([`crate::auth`]), and the
+//! identity the session records for a connection is the one in its verified
+//! certificate ([`CoordinatorSession::handle_connect`]), never a name the
+//! peer sends.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use greyfed_protocol::{
     AggregationKind, EvalMetrics, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
     cipher::CipherSpec,
-    frame::{FrameDecoder, encode_frame},
+    frame::encode_frame,
     secagg::coordinator::SecAggCoordinator,
     session::{CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, derive_seed},
 };
@@ -29,27 +35,12 @@ use crate::{
     central::CentralEvaluator,
     checkpoint::{Checkpoint, RunSettings},
     config::CoordinatorConfig,
+    connection::{Inbound, LINGER, Outbound, accept_loop, close_code},
     error::{CoordinatorError, Result},
     metrics::{MetricsWriter, RoundRecord},
     strategy::Strategy,
     tls,
 };
-
-/// QUIC application close codes.
-mod close_code {
-    pub const DONE: u32 = 0;
-    pub const PROTOCOL_ERROR: u32 = 1;
-    pub const REJECTED: u32 = 2;
-    pub const SHUTDOWN: u32 = 3;
-}
-
-/// A connection must open its stream and say Hello within this time.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest first frame (the Hello) accepted from a connection: an
-/// unauthenticated peer cannot make the coordinator buffer a huge frame.
-const HELLO_MAX_FRAME: usize = 64 * 1024;
-/// How long a finishing connection waits for the peer to close.
-const LINGER: Duration = Duration::from_secs(5);
 
 /// The outcome of a finished session.
 #[derive(Debug)]
@@ -64,35 +55,6 @@ pub struct RunReport {
     pub final_model: ModelWeights,
     /// Where the final model was written.
     pub model_path: PathBuf,
-}
-
-/// What connection tasks tell the driver.
-enum Inbound {
-    Connected {
-        id: ParticipantId,
-        remote: SocketAddr,
-        tx: mpsc::UnboundedSender<Outbound>,
-    },
-    Message {
-        id: ParticipantId,
-        msg: Message,
-        /// Size of the frame on the wire (header included).
-        wire_bytes: usize,
-    },
-    Closed {
-        id: ParticipantId,
-        reason: String,
-    },
-}
-
-/// What the driver tells a connection's writer.
-enum Outbound {
-    Frame(Vec<u8>),
-    /// Finish the stream, wait briefly for the peer to close, then close.
-    Finish {
-        code: u32,
-        reason: String,
-    },
 }
 
 /// A bound coordinator, ready to [`run`](Coordinator::run).
@@ -141,7 +103,7 @@ impl Coordinator {
             path: config.out_dir.clone(),
             source,
         })?;
-        let server_config = tls::server_config(&config.cert_pem, &config.key_pem)?;
+        let server_config = tls::server_config(&config.tls)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             CoordinatorError::Bind {
                 addr: config.listen,
@@ -219,7 +181,12 @@ impl Coordinator {
             );
         }
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), inbound_tx, config.max_frame));
+        let accept = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            inbound_tx,
+            config.max_frame,
+            config.tls.allow_list.clone(),
+        ));
         info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             participants = config.participants,
@@ -339,8 +306,14 @@ impl Driver {
 
     fn handle_inbound(&mut self, now: Instant, ev: Inbound) {
         match ev {
-            Inbound::Connected { id, remote, tx } => {
-                debug!(id, %remote, "connection opened");
+            Inbound::Connected {
+                id,
+                remote,
+                identity,
+                tx,
+            } => {
+                debug!(id, %remote, identity, "connection opened");
+                self.session.handle_connect(id, identity);
                 self.connections.insert(id, tx);
             }
             Inbound::Message {
@@ -374,8 +347,8 @@ impl Driver {
             }
             Inbound::Closed { id, reason } => {
                 if self.connections.remove(&id).is_some() {
-                    if let Some(name) = self.session.participant_name(id) {
-                        warn!(id, name, "participant disconnected: {reason}");
+                    if let Some(identity) = self.session.participant_identity(id) {
+                        warn!(id, identity, "participant disconnected: {reason}");
                     } else {
                         debug!(id, "connection closed: {reason}");
                     }
@@ -424,10 +397,10 @@ impl Driver {
                 return Ok(None);
             };
             match ev {
-                SessionEvent::Joined { id, name } => {
+                SessionEvent::Joined { id, identity } => {
                     info!(
                         id,
-                        name,
+                        identity,
                         joined = self.session.num_participants(),
                         "participant joined"
                     );
@@ -451,7 +424,12 @@ impl Driver {
                         let names: Vec<String> = result
                             .contributors
                             .iter()
-                            .map(|&id| self.session.participant_name(id).unwrap_or("?").to_string())
+                            .map(|&id| {
+                                self.session
+                                    .participant_identity(id)
+                                    .unwrap_or("?")
+                                    .to_string()
+                            })
                             .collect();
                         dump_aggregate(dir, self.session.global(), &result, &names)?;
                     }
@@ -594,156 +572,6 @@ async fn evaluate_centrally(
 /// A metric for the log: four decimals, or `-` when absent.
 fn fmt_metric(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
-}
-
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    inbound: mpsc::UnboundedSender<Inbound>,
-    max_frame: usize,
-) {
-    let mut next_id: ParticipantId = 0;
-    while let Some(incoming) = endpoint.accept().await {
-        let id = next_id;
-        next_id = next_id.wrapping_add(1);
-        tokio::spawn(connection_task(incoming, id, inbound.clone(), max_frame));
-    }
-}
-
-async fn connection_task(
-    incoming: quinn::Incoming,
-    id: ParticipantId,
-    inbound: mpsc::UnboundedSender<Inbound>,
-    max_frame: usize,
-) {
-    let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            debug!(%remote, "handshake failed: {e}");
-            return;
-        }
-    };
-    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(%remote, "connection closed before opening a stream: {e}");
-            return;
-        }
-        Err(_) => {
-            conn.close(
-                close_code::PROTOCOL_ERROR.into(),
-                b"no stream opened in time",
-            );
-            return;
-        }
-    };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if inbound
-        .send(Inbound::Connected {
-            id,
-            remote,
-            tx: tx.clone(),
-        })
-        .is_err()
-    {
-        return;
-    }
-    let writer_conn = conn.clone();
-    let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            match out {
-                Outbound::Frame(bytes) => {
-                    if send.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                Outbound::Finish { code, reason } => {
-                    let _ = send.finish();
-                    let _ = tokio::time::timeout(LINGER, writer_conn.closed()).await;
-                    writer_conn.close(code.into(), reason.as_bytes());
-                    break;
-                }
-            }
-        }
-    });
-    let reason = match read_frames(&mut recv, id, &inbound, max_frame).await {
-        ReadEnd::Closed(reason) => reason,
-        ReadEnd::ProtocolError(e) => {
-            // Tell the peer why before closing; nothing it sent is used.
-            debug!(id, %remote, "protocol error: {e}");
-            let message = e.to_string();
-            if let Ok(frame) = encode_frame(
-                &Message::Error {
-                    message: message.clone(),
-                },
-                max_frame,
-            ) {
-                let _ = tx.send(Outbound::Frame(frame));
-            }
-            let _ = tx.send(Outbound::Finish {
-                code: close_code::PROTOCOL_ERROR,
-                reason: message.clone(),
-            });
-            format!("protocol error: {message}")
-        }
-    };
-    drop(tx);
-    let _ = inbound.send(Inbound::Closed { id, reason });
-    let _ = writer.await;
-}
-
-/// Why a connection's reader stopped.
-enum ReadEnd {
-    /// The stream ended or the connection went away.
-    Closed(String),
-    /// The peer sent bytes that are not valid greyfed frames.
-    ProtocolError(ProtocolError),
-}
-
-/// Reads frames until the stream ends or fails.
-async fn read_frames(
-    recv: &mut quinn::RecvStream,
-    id: ParticipantId,
-    inbound: &mpsc::UnboundedSender<Inbound>,
-    max_frame: usize,
-) -> ReadEnd {
-    let mut decoder = FrameDecoder::new(HELLO_MAX_FRAME.min(max_frame));
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
-                decoder.push(&buf[..n]);
-                loop {
-                    let before = decoder.buffered();
-                    match decoder.next_message() {
-                        Ok(Some(msg)) => {
-                            decoder.set_max_frame(max_frame);
-                            let wire_bytes = before - decoder.buffered();
-                            if inbound
-                                .send(Inbound::Message {
-                                    id,
-                                    msg,
-                                    wire_bytes,
-                                })
-                                .is_err()
-                            {
-                                return ReadEnd::Closed("coordinator stopped".into());
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => return ReadEnd::ProtocolError(e),
-                    }
-                }
-            }
-            Ok(None) => {
-                return ReadEnd::Closed(match decoder.finish() {
-                    Ok(()) => "stream finished".into(),
-                    Err(e) => e.to_string(),
-                });
-            }
-            Err(e) => return ReadEnd::Closed(format!("connection lost: {e}")),
-        }
-    }
 }
 
 /// Writes the model atomically (temporary file, then rename) with metadata

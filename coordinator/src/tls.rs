@@ -1,77 +1,49 @@
-//! TLS material for the coordinator: generating a private CA and a server
-//! certificate (`greyfed keygen`), and the QUIC server configuration.
+//! The coordinator's QUIC server configuration: TLS 1.3 with mutual
+//! authentication. Certificates come from [`crate::pki`]; which participant
+//! certificates are admitted is decided by [`crate::auth`].
 //!
 //! Only TLS 1.3 is offered (QUIC requires it). The crypto provider is *ring*,
 //! which builds from crates.io alone; aws-lc-rs is kept out of the graph.
+//! Session resumption is off: every connection presents and verifies its
+//! certificate against the allow list in force, so a revoked participant
+//! cannot come back on a ticket from before its revocation.
 
 use std::sync::Arc;
 
 use greyfed_protocol::transport;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
-use crate::error::{CoordinatorError, Result};
+use crate::{
+    auth::{self, SharedAllowList},
+    error::{CoordinatorError, Result},
+};
 
-/// A fresh private CA and a coordinator certificate signed by it, in PEM.
-/// The `*_key_pem` fields are secrets: write them owner-only, never log them.
-pub struct GeneratedCerts {
-    /// CA certificate: participants trust this file.
-    pub ca_cert_pem: String,
-    /// CA private key (needed later to issue more certificates).
-    pub ca_key_pem: String,
-    /// Coordinator certificate, with the requested host names as subject names.
-    pub server_cert_pem: String,
-    /// Coordinator private key.
-    pub server_key_pem: String,
+/// What the coordinator's TLS needs: its certificate and key, the CA that
+/// issues participant certificates, and the allow list.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// PEM certificate chain of the coordinator.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key of the coordinator (secret; `Debug` leaves it out).
+    pub key_pem: Vec<u8>,
+    /// PEM of the deployment CA: participants' certificates must chain to it.
+    pub client_ca_pem: Vec<u8>,
+    /// The participants admitted (shared with whoever reloads it).
+    pub allow_list: SharedAllowList,
 }
 
-impl std::fmt::Debug for GeneratedCerts {
+impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GeneratedCerts").finish_non_exhaustive()
+        f.debug_struct("ServerTls")
+            .field("allow_list", &self.allow_list.current().len())
+            .finish_non_exhaustive()
     }
 }
 
-fn tls_err(e: impl std::fmt::Display) -> CoordinatorError {
-    CoordinatorError::Tls(e.to_string())
-}
-
-/// Generates a CA and a coordinator certificate valid for `hosts` (DNS names
-/// or IP addresses; IPs become IP subject names).
-pub fn generate_certificates(hosts: &[String]) -> Result<GeneratedCerts> {
-    if hosts.is_empty() {
-        return Err(CoordinatorError::Config(
-            "at least one host name is needed for the coordinator certificate".into(),
-        ));
-    }
-    let ca_key = KeyPair::generate().map_err(tls_err)?;
-    let mut ca_params = CertificateParams::default();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "greyfed private CA");
-    ca_params.distinguished_name = dn;
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(tls_err)?;
-    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
-
-    let server_key = KeyPair::generate().map_err(tls_err)?;
-    let mut params = CertificateParams::new(hosts.to_vec()).map_err(tls_err)?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "greyfed coordinator");
-    params.distinguished_name = dn;
-    let server_cert = params.signed_by(&server_key, &issuer).map_err(tls_err)?;
-    Ok(GeneratedCerts {
-        ca_cert_pem: ca_cert.pem(),
-        ca_key_pem: ca_key.serialize_pem(),
-        server_cert_pem: server_cert.pem(),
-        server_key_pem: server_key.serialize_pem(),
-    })
-}
-
-/// The QUIC server configuration for a certificate chain and key in PEM.
-pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<quinn::ServerConfig> {
-    let certs = CertificateDer::pem_slice_iter(cert_pem)
+/// The QUIC server configuration: our certificate chain and key, and
+/// mandatory client certificates checked by [`auth::client_verifier`].
+pub fn server_config(tls: &ServerTls) -> Result<quinn::ServerConfig> {
+    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| CoordinatorError::Tls(format!("certificate file: {e}")))?;
     if certs.is_empty() {
@@ -80,21 +52,29 @@ pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<quinn::ServerCon
         ));
     }
     // The key error never includes the key bytes.
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem)
         .map_err(|_| CoordinatorError::Tls("key file holds no usable private key".into()))?;
+    let verifier = auth::client_verifier(&tls.client_ca_pem, tls.allow_list.clone())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| CoordinatorError::Tls(format!("certificate and key do not fit: {e}")))?;
-    tls.alpn_protocols = vec![transport::ALPN.to_vec()];
+    config.alpn_protocols = vec![transport::ALPN.to_vec()];
+    // No resumption: a resumed session would skip the allow-list check.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(tls_err)?;
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(config)).map_err(tls_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
     Ok(config)
+}
+
+fn tls_err(e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Tls(e.to_string())
 }
 
 /// Transport settings shared by both sides: keep-alives so that a vanished
@@ -113,31 +93,54 @@ pub fn transport_config() -> quinn::TransportConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::{DeploymentPki, Validity};
+
+    fn tls(pki: &DeploymentPki) -> ServerTls {
+        ServerTls {
+            cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
+            key_pem: pki.coordinator.key_pem.clone().into_bytes(),
+            client_ca_pem: pki.ca.cert_pem().as_bytes().to_vec(),
+            allow_list: SharedAllowList::new(pki.allow_list()),
+        }
+    }
 
     #[test]
-    fn generated_certificates_build_a_server_config() {
-        let c = generate_certificates(&["localhost".into(), "127.0.0.1".into()]).unwrap();
-        assert!(c.ca_cert_pem.contains("BEGIN CERTIFICATE"));
-        assert!(c.server_key_pem.contains("PRIVATE KEY"));
-        server_config(c.server_cert_pem.as_bytes(), c.server_key_pem.as_bytes()).unwrap();
-        assert!(!format!("{c:?}").contains("PRIVATE"));
+    fn a_generated_deployment_builds_a_server_config() {
+        let pki = DeploymentPki::generate(
+            &["localhost".into(), "127.0.0.1".into()],
+            &["p0".into()],
+            Validity::days_from_now(1),
+        )
+        .unwrap();
+        let t = tls(&pki);
+        server_config(&t).unwrap();
+        assert!(!format!("{t:?}").contains("PRIVATE"));
     }
 
     #[test]
     fn bad_pem_is_a_clear_error_without_key_material() {
-        let c = generate_certificates(&["localhost".into()]).unwrap();
-        let err = server_config(b"garbage", c.server_key_pem.as_bytes()).unwrap_err();
+        let one = |hosts: &[String]| {
+            DeploymentPki::generate(hosts, &[], Validity::days_from_now(1)).unwrap()
+        };
+        let pki = one(&["localhost".into()]);
+        let mut t = tls(&pki);
+        t.cert_pem = b"garbage".to_vec();
+        let err = server_config(&t).unwrap_err();
         assert!(err.to_string().contains("no certificate"), "{err}");
-        let err = server_config(c.server_cert_pem.as_bytes(), b"not a key").unwrap_err();
+        let mut t = tls(&pki);
+        t.key_pem = b"not a key".to_vec();
+        let err = server_config(&t).unwrap_err();
         assert!(err.to_string().contains("no usable private key"), "{err}");
+        let mut t = tls(&pki);
+        t.client_ca_pem = b"no CA here".to_vec();
+        let err = server_config(&t).unwrap_err();
+        assert!(err.to_string().contains("CA file"), "{err}");
         // Key of another certificate.
-        let other = generate_certificates(&["localhost".into()]).unwrap();
-        let err = server_config(
-            c.server_cert_pem.as_bytes(),
-            other.server_key_pem.as_bytes(),
-        )
-        .unwrap_err();
+        let other = one(&["localhost".into()]);
+        let mut t = tls(&pki);
+        t.key_pem = other.coordinator.key_pem.clone().into_bytes();
+        let err = server_config(&t).unwrap_err();
         assert!(!err.to_string().contains("PRIVATE KEY"));
-        assert!(generate_certificates(&[]).is_err());
+        assert!(DeploymentPki::generate(&[], &[], Validity::days_from_now(1)).is_err());
     }
 }

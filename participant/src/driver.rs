@@ -49,7 +49,11 @@ pub struct ParticipantConfig {
     pub server_name: String,
     /// PEM of the CA that signed the coordinator's certificate.
     pub ca_pem: Vec<u8>,
-    /// Display name sent in Hello (logs only).
+    /// Our client certificate and key: the coordinator admits and knows us
+    /// by this certificate's identity.
+    pub identity: client::ClientIdentity,
+    /// Name for our own logs and dump files; set it to the certificate's
+    /// identity (it is never sent: the coordinator reads the certificate).
     pub name: String,
     /// Largest frame accepted from the coordinator, in bytes.
     pub max_frame: usize,
@@ -69,11 +73,17 @@ pub struct ParticipantConfig {
 
 impl ParticipantConfig {
     /// A configuration with default limits.
-    pub fn new(coordinator: SocketAddr, server_name: impl Into<String>, ca_pem: Vec<u8>) -> Self {
+    pub fn new(
+        coordinator: SocketAddr,
+        server_name: impl Into<String>,
+        ca_pem: Vec<u8>,
+        identity: client::ClientIdentity,
+    ) -> Self {
         Self {
             coordinator,
             server_name: server_name.into(),
             ca_pem,
+            identity,
             name: String::from("participant"),
             max_frame: DEFAULT_MAX_FRAME,
             dropout: None,
@@ -150,11 +160,12 @@ pub struct ParticipantReport {
 /// from the next round.
 ///
 /// # Errors
-/// Connection and TLS failures (once reconnecting gave up), a rejection by
-/// the coordinator, protocol violations, or a model the local data does not
+/// Connection failures (once reconnecting gave up), TLS failures (a
+/// certificate the coordinator refuses is not retried), a rejection by the
+/// coordinator, protocol violations, or a model the local data does not
 /// fit.
 pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<ParticipantReport> {
-    let tls = client::client_config(&config.ca_pem)?;
+    let tls = client::client_config(&config.ca_pem, &config.identity)?;
     let mut report = ParticipantReport::default();
     let mut lost_since: Option<Instant> = None;
     let mut backoff = FIRST_BACKOFF;
@@ -220,13 +231,14 @@ async fn session_loop(
     data: Arc<LocalData>,
     report: &mut ParticipantReport,
 ) -> Result<()> {
-    let conn_err = |e: &dyn std::fmt::Display| ParticipantError::Connection(e.to_string());
     let mut rng = StdRng::try_from_rng(&mut SysRng)
         .map_err(|e| ParticipantError::Connection(format!("no OS randomness: {e}")))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_err(&e))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| client::connection_error(&e))?;
     let mut session = ParticipantSession::new(Hello {
         protocol_version: PROTOCOL_VERSION,
-        name: config.name.clone(),
         train_samples: data.train.len() as u64,
         test_samples: data.test.len() as u64,
         image_size: data.image_size,
@@ -246,7 +258,9 @@ async fn session_loop(
                 return Err(crash(config, plan));
             }
             let frame = encode_frame(&msg, config.max_frame)?;
-            send.write_all(&frame).await.map_err(|e| conn_err(&e))?;
+            send.write_all(&frame)
+                .await
+                .map_err(|e| client::write_error(&e))?;
         }
         let mut acted = false;
         while let Some(event) = session.poll_event() {
@@ -363,7 +377,7 @@ async fn session_loop(
                             "the coordinator closed the stream before the session finished".into(),
                         ));
                     }
-                    Err(e) => return Err(conn_err(&e)),
+                    Err(e) => return Err(client::read_error(&e)),
                 },
             }
         };

@@ -21,5 +21,6 @@ pub mod model;
 pub mod quality;
 pub mod train;
 
+pub use client::ClientIdentity;
 pub use driver::{LocalData, ParticipantConfig, ParticipantReport, run};
 pub use error::{ParticipantError, Result};

@@ -196,7 +196,6 @@ mod tests {
     fn hello() -> Message {
         Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
-            name: "p0".into(),
             train_samples: 700,
             test_samples: 150,
             image_size: (28, 28),

@@ -348,9 +348,9 @@ impl Default for TrainingConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     /// Protocol version the participant speaks (also checked per frame).
+    /// There is no name: the coordinator knows a participant by the identity
+    /// of its TLS client certificate, never by what it claims.
     pub protocol_version: u16,
-    /// Free-form display name (host name, shard), for logs only.
-    pub name: String,
     /// Number of local training samples.
     pub train_samples: u64,
     /// Number of local test samples used for federated evaluation.

@@ -6,7 +6,9 @@
 //! current time, and drains its outputs.
 //!
 //! Method families, in the style of quinn-proto:
-//! - input: [`handle_message`](CoordinatorSession::handle_message),
+//! - input: [`handle_connect`](CoordinatorSession::handle_connect) (the
+//!   authenticated identity of a new connection),
+//!   [`handle_message`](CoordinatorSession::handle_message),
 //!   [`handle_disconnect`](CoordinatorSession::handle_disconnect),
 //!   [`handle_timeout`](CoordinatorSession::handle_timeout);
 //! - command: [`apply_global`](CoordinatorSession::apply_global), after an
@@ -26,6 +28,14 @@
 //! deadline; participants that miss it are treated as dropped for that
 //! phase. A failed evaluation sum (too few evaluators left) is reported and
 //! the round still completes: its model is already applied.
+//!
+//! Identity: a participant is known by the identity the driver authenticated
+//! (the coordinator takes it from the participant's TLS client certificate)
+//! and reports with `handle_connect` before the connection's Hello; the
+//! Hello carries no name. A Hello on a connection without an identity is
+//! refused. One identity holds one seat: a newer connection with the same
+//! identity replaces the older one (a restarted participant), so one
+//! certificate cannot join as several participants.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -140,8 +150,8 @@ pub enum SessionEvent {
     Joined {
         /// Its id.
         id: ParticipantId,
-        /// Its self-reported name.
-        name: String,
+        /// Its authenticated identity (from [`CoordinatorSession::handle_connect`]).
+        identity: String,
     },
     /// A participant was refused.
     Rejected {
@@ -199,7 +209,8 @@ enum Phase {
 
 #[derive(Debug)]
 struct Peer {
-    name: String,
+    /// The authenticated identity (see the module docs).
+    identity: String,
     train_samples: u64,
     test_samples: u64,
     /// Round of the last `EvaluateRequest` sent to this participant (which
@@ -233,6 +244,9 @@ pub struct CoordinatorSession {
     /// model).
     global_round: Option<u32>,
     phase: Phase,
+    /// Identities of open connections, from `handle_connect`, until they
+    /// disconnect.
+    identities: BTreeMap<ParticipantId, String>,
     peers: BTreeMap<ParticipantId, Peer>,
     /// The last round whose evaluation finished (its stragglers are late).
     last_evaluated: u32,
@@ -297,6 +311,7 @@ impl CoordinatorSession {
             global,
             global_round: None,
             phase: Phase::Joining,
+            identities: BTreeMap::new(),
             peers: BTreeMap::new(),
             last_evaluated: 0,
             deadline,
@@ -341,9 +356,22 @@ impl CoordinatorSession {
         self.peers.len()
     }
 
-    /// The self-reported name of participant `id`, if admitted and connected.
-    pub fn participant_name(&self, id: ParticipantId) -> Option<&str> {
-        self.peers.get(&id).map(|p| p.name.as_str())
+    /// The authenticated identity of participant `id`, if admitted and
+    /// connected.
+    pub fn participant_identity(&self, id: ParticipantId) -> Option<&str> {
+        self.peers.get(&id).map(|p| p.identity.as_str())
+    }
+
+    /// Records that connection `id` was authenticated as `identity` (by the
+    /// driver: the coordinator uses the participant's verified certificate).
+    /// Call it before passing the connection's first message; its Hello is
+    /// then admitted under this identity, and one without it is refused.
+    /// A later call for the same `id` replaces the identity of a connection
+    /// that has not said Hello yet and is ignored afterwards.
+    pub fn handle_connect(&mut self, id: ParticipantId, identity: impl Into<String>) {
+        if !self.peers.contains_key(&id) {
+            self.identities.insert(id, identity.into());
+        }
     }
 
     /// True once the session has finished or aborted.
@@ -471,7 +499,10 @@ impl CoordinatorSession {
                 got: "Hello",
             });
         }
-        let refusal = if hello.protocol_version != PROTOCOL_VERSION {
+        let identity = self.identities.get(&from).cloned();
+        let refusal = if identity.is_none() {
+            Some("the connection has no authenticated identity".to_string())
+        } else if hello.protocol_version != PROTOCOL_VERSION {
             Some(
                 ProtocolError::VersionMismatch {
                     ours: PROTOCOL_VERSION,
@@ -529,13 +560,34 @@ impl CoordinatorSession {
                 .push_back(SessionEvent::Rejected { id: from, reason });
             return Ok(());
         }
+        let identity = identity.expect("refused above when missing");
+        // One seat per identity: a newer connection replaces the older one
+        // (a participant restarted before its old connection timed out).
+        let older: Vec<ParticipantId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.identity == identity)
+            .map(|(&id, _)| id)
+            .collect();
+        for old in older {
+            let reason = format!("replaced by a newer connection of {identity}");
+            self.outbox.push_back((
+                old,
+                Message::Reject {
+                    reason: reason.clone(),
+                },
+            ));
+            self.events
+                .push_back(SessionEvent::Rejected { id: old, reason });
+            self.handle_disconnect(now, old);
+        }
         self.key_fingerprint
             .get_or_insert_with(|| hello.key_fingerprint().to_string());
         self.cipher.get_or_insert_with(|| hello.cipher.clone());
         self.peers.insert(
             from,
             Peer {
-                name: hello.name.clone(),
+                identity: identity.clone(),
                 train_samples: hello.train_samples,
                 test_samples: hello.test_samples,
                 evaluated: None,
@@ -554,10 +606,8 @@ impl CoordinatorSession {
                 },
             },
         ));
-        self.events.push_back(SessionEvent::Joined {
-            id: from,
-            name: hello.name,
-        });
+        self.events
+            .push_back(SessionEvent::Joined { id: from, identity });
         // A participant admitted while a session runs (e.g. one that
         // reconnected) joins the cohort when the next round starts.
         if self.phase == Phase::Joining && self.peers.len() >= self.config.participants {
@@ -568,6 +618,7 @@ impl CoordinatorSession {
 
     /// The connection of `id` is gone. Unknown ids are ignored.
     pub fn handle_disconnect(&mut self, now: Instant, id: ParticipantId) {
+        self.identities.remove(&id);
         if self.peers.remove(&id).is_none() {
             return;
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// TLS ALPN protocol id; carries the protocol version so that mismatched
 /// releases fail at the handshake with a clear error.
-pub const ALPN: &[u8] = b"greyfed/4";
+pub const ALPN: &[u8] = b"greyfed/5";
 
 /// QUIC keep-alive interval: keeps idle connections open during long local
 /// training and lets each side notice a vanished peer.

@@ -2,7 +2,8 @@
 //! module on its own, so helpers one file does not use are not dead code.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,4 +47,58 @@ pub fn mnist_10k() -> Option<PathBuf> {
         );
         None
     }
+}
+
+/// Writes a deployment bundle for `n` participants on localhost into `dir`
+/// with `greyfed keygen deployment` and returns `dir`.
+pub fn deployment(dir: &Path, n: usize) -> PathBuf {
+    let out = greyfed()
+        .args(["keygen", "deployment", "--participants", &n.to_string()])
+        .args(["--host", "localhost", "--host", "127.0.0.1", "--out"])
+        .arg(dir)
+        .output()
+        .expect("running greyfed keygen deployment");
+    assert!(
+        out.status.success(),
+        "keygen deployment failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.to_path_buf()
+}
+
+/// The coordinator's TLS flags for a bundle: --cert, --key, --ca, --allow-list.
+pub fn coordinator_tls(bundle: &Path) -> Vec<OsString> {
+    let dir = bundle.join("coordinator");
+    let mut a = Vec::new();
+    for (flag, file) in [
+        ("--cert", "coordinator-cert.pem"),
+        ("--key", "coordinator-key.pem"),
+        ("--ca", "ca.pem"),
+        ("--allow-list", "allow-list.txt"),
+    ] {
+        a.push(flag.into());
+        a.push(dir.join(file).into());
+    }
+    a
+}
+
+/// Participant `i`'s TLS flags for a bundle: --ca, --cert, --key (add
+/// --image-key or --plain).
+pub fn participant_tls(bundle: &Path, i: usize) -> Vec<OsString> {
+    let dir = bundle.join(format!("participant-{i}"));
+    let mut a = Vec::new();
+    for (flag, file) in [
+        ("--ca", "ca.pem"),
+        ("--cert", "participant-cert.pem"),
+        ("--key", "participant-key.pem"),
+    ] {
+        a.push(flag.into());
+        a.push(dir.join(file).into());
+    }
+    a
+}
+
+/// Participant `i`'s copy of the image key in a bundle.
+pub fn image_key(bundle: &Path, i: usize) -> PathBuf {
+    bundle.join(format!("participant-{i}/image.key"))
 }

@@ -270,8 +270,7 @@ fn started_session(n: u32) -> (CoordinatorSession, std::time::Instant) {
     )
     .unwrap();
     for id in 0..n {
-        s.handle_message(now, id, Message::Hello(hello(id, 10)))
-            .unwrap();
+        join(&mut s, now, id, hello(id, 10)).unwrap();
     }
     while s.poll_transmit().is_some() {}
     while s.poll_event().is_some() {}
@@ -346,26 +345,24 @@ fn hellos_with_other_key_version_or_image_size_are_refused() {
         now,
     )
     .unwrap();
-    s.handle_message(now, 0, Message::Hello(hello(0, 10)))
-        .unwrap();
+    join(&mut s, now, 0, hello(0, 10)).unwrap();
     let mut other_key = hello(1, 10);
     other_key.cipher.as_mut().unwrap().key_id = "different".into();
-    s.handle_message(now, 1, Message::Hello(other_key)).unwrap();
+    join(&mut s, now, 1, other_key).unwrap();
     let mut old = hello(2, 10);
     old.protocol_version = PROTOCOL_VERSION + 1;
-    s.handle_message(now, 2, Message::Hello(old)).unwrap();
+    join(&mut s, now, 2, old).unwrap();
     let mut small = hello(3, 10);
     small.image_size = (32, 32);
-    s.handle_message(now, 3, Message::Hello(small)).unwrap();
+    join(&mut s, now, 3, small).unwrap();
     // Same key, another mode with the same number of image planes.
     let mut other_mode = hello(4, 10);
     other_mode.cipher.as_mut().unwrap().steps = "extended".parse().unwrap();
-    s.handle_message(now, 4, Message::Hello(other_mode))
-        .unwrap();
+    join(&mut s, now, 4, other_mode).unwrap();
     // A split mode gives two planes; the model takes one.
     let mut split = hello(5, 10);
     split.cipher.as_mut().unwrap().steps = "le".parse().unwrap();
-    s.handle_message(now, 5, Message::Hello(split)).unwrap();
+    join(&mut s, now, 5, split).unwrap();
     let sent: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
     assert!(matches!(sent[0], (0, Message::Welcome { .. })));
     let expected = [
@@ -586,8 +583,7 @@ fn a_resumed_session_starts_at_first_round_and_counts_earlier_rounds() {
 fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
     let (mut s, now) = started_session(2);
     // Participant 5 arrives while round 1 is training.
-    s.handle_message(now, 5, Message::Hello(hello(5, 10)))
-        .unwrap();
+    join(&mut s, now, 5, hello(5, 10)).unwrap();
     assert!(matches!(
         s.poll_transmit(),
         Some((5, Message::Welcome { .. }))
@@ -671,9 +667,8 @@ fn train_requests_refer_to_the_evaluated_model_only_for_evaluators() {
     .unwrap();
     let mut no_test = hello(1, 10);
     no_test.test_samples = 0;
-    s.handle_message(now, 0, Message::Hello(hello(0, 10)))
-        .unwrap();
-    s.handle_message(now, 1, Message::Hello(no_test)).unwrap();
+    join(&mut s, now, 0, hello(0, 10)).unwrap();
+    join(&mut s, now, 1, no_test).unwrap();
     let mut by_round: Vec<Vec<(ParticipantId, bool)>> = Vec::new();
     for round in 1..=2u32 {
         let requests: Vec<(ParticipantId, bool)> = std::iter::from_fn(|| s.poll_transmit())
@@ -716,8 +711,7 @@ fn participant_session_trains_from_the_model_it_evaluated() {
         now,
     )
     .unwrap();
-    s.handle_message(now, 0, Message::Hello(hello(0, 10)))
-        .unwrap();
+    join(&mut s, now, 0, hello(0, 10)).unwrap();
     let welcome = s.poll_transmit().unwrap().1;
     let admitted = || {
         let mut p = ParticipantSession::new(hello(0, 10));
@@ -766,4 +760,85 @@ fn participant_session_trains_from_the_model_it_evaluated() {
         }) => assert_eq!(global, evaluated),
         other => panic!("expected a Train event, got {other:?}"),
     }
+}
+
+/// A Hello on a connection the driver did not authenticate is refused: the
+/// session never admits a participant by what it claims.
+#[test]
+fn a_hello_without_an_authenticated_identity_is_refused() {
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(2, 1),
+        tiny_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    s.handle_message(now, 0, Message::Hello(hello(0, 10)))
+        .unwrap();
+    assert!(matches!(
+        s.poll_transmit(),
+        Some((0, Message::Reject { reason })) if reason.contains("authenticated identity")
+    ));
+    assert!(matches!(
+        s.poll_event(),
+        Some(SessionEvent::Rejected { id: 0, .. })
+    ));
+    assert_eq!(s.num_participants(), 0);
+    // Authenticated, the same connection's Hello is admitted under the
+    // identity the driver gave.
+    s.handle_connect(0, "participant-7");
+    s.handle_message(now, 0, Message::Hello(hello(0, 10)))
+        .unwrap();
+    assert!(matches!(
+        s.poll_transmit(),
+        Some((0, Message::Welcome { .. }))
+    ));
+    assert_eq!(
+        s.poll_event(),
+        Some(SessionEvent::Joined {
+            id: 0,
+            identity: "participant-7".into()
+        })
+    );
+    assert_eq!(s.participant_identity(0), Some("participant-7"));
+}
+
+/// One identity holds one seat: a second connection with the same identity
+/// replaces the first (which is told why), and the seat count is unchanged,
+/// so one certificate cannot start the session as two participants.
+#[test]
+fn a_second_connection_with_the_same_identity_replaces_the_first() {
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(2, 1),
+        tiny_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    for id in [0, 1] {
+        s.handle_connect(id, "participant-0");
+        s.handle_message(now, id, Message::Hello(hello(id, 10)))
+            .unwrap();
+    }
+    let sent: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert!(matches!(sent[0], (0, Message::Welcome { .. })));
+    assert!(
+        matches!(&sent[1], (0, Message::Reject { reason }) if reason.contains("replaced")),
+        "{sent:?}"
+    );
+    assert!(matches!(sent[2], (1, Message::Welcome { .. })));
+    assert_eq!(sent.len(), 3, "no round started with one seat filled");
+    assert_eq!(s.num_participants(), 1);
+    assert_eq!(s.participant_identity(0), None);
+    assert_eq!(s.participant_identity(1), Some("participant-0"));
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SessionEvent::Rejected { id: 0, .. })),
+        "{events:?}"
+    );
+    assert_eq!(s.current_round(), 0);
 }

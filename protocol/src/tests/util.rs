@@ -79,10 +79,10 @@ pub fn config(participants: usize, rounds: u32) -> SessionConfig {
     }
 }
 
-pub fn hello(id: ParticipantId, samples: u64) -> Hello {
+/// A Hello (carries no name: `join` gives connection `_id` its identity).
+pub fn hello(_id: ParticipantId, samples: u64) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,
-        name: format!("p{id}"),
         train_samples: samples,
         test_samples: 10,
         image_size: (28, 28),
@@ -92,6 +92,18 @@ pub fn hello(id: ParticipantId, samples: u64) -> Hello {
             key_id: "fp".into(),
         }),
     }
+}
+
+/// Authenticates connection `id` as `p{id}` (what the coordinator's driver
+/// does from the client certificate) and hands the session its Hello.
+pub fn join(
+    s: &mut CoordinatorSession,
+    now: Instant,
+    id: ParticipantId,
+    hello: Hello,
+) -> Result<(), crate::ProtocolError> {
+    s.handle_connect(id, format!("p{id}"));
+    s.handle_message(now, id, Message::Hello(hello))
 }
 
 /// The fake local update of participant `id` in `round`.
@@ -134,6 +146,7 @@ impl Harness {
     }
 
     pub fn add_participant(&mut self, id: ParticipantId, samples: u64) {
+        self.coordinator.handle_connect(id, format!("p{id}"));
         self.samples.insert(id, samples);
         self.participants
             .insert(id, ParticipantSession::new(hello(id, samples)));
