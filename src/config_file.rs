@@ -528,7 +528,7 @@ mod tests {
         let path = dir.path().join("p.toml");
         std::fs::write(
             &path,
-            "[participant]\ncoordinator = \"file:1\"\nca = \"/ca.pem\"\nplain = true\nshard = \"1/4\"\n",
+            "[participant]\ncoordinator = \"file:1\"\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nplain = true\nshard = \"1/4\"\n",
         )
         .unwrap();
         let argv: Vec<OsString> = [

@@ -568,8 +568,9 @@ mod tests {
         o.hosts = vec!["::1".into()];
         o.participants = 1;
         deployment(&o).unwrap();
-        let run = std::fs::read_to_string(dir.path().join("b/participant-0/run.sh")).unwrap();
-        assert!(run.contains("--coordinator '[::1]:7447'"), "{run}");
+        let settings =
+            std::fs::read_to_string(dir.path().join("b/participant-0/participant.toml")).unwrap();
+        assert!(settings.contains("coordinator = \"[::1]:7447\""), "{settings}");
         let toml =
             std::fs::read_to_string(dir.path().join("b/coordinator/coordinator.toml")).unwrap();
         assert!(toml.contains("listen = \"[::]:7447\""), "{toml}");
