@@ -39,7 +39,7 @@ fn config_check_accepts_good_files_and_names_the_line_of_errors() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("[participant]: 3 keys, complete"),
+        stdout.contains("[participant]: 5 keys, complete"),
         "{stdout}"
     );
 
