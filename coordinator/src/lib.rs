@@ -9,6 +9,7 @@
 //! - [`central`]: optional central evaluation (needs the image key, off by default).
 //! - [`checkpoint`]: per-round checkpoints and `--resume`.
 //! - [`config`]: the run configuration, [`CoordinatorConfig`].
+//! - [`events`]: progress events for displays ([`CoordinatorEvent`]).
 //! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]).
 //! - [`strategy`]: FedAvg and friends.
 //! - [`metrics`]: `metrics.jsonl` records.
@@ -18,6 +19,7 @@ pub mod central;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod server;
 pub mod strategy;
@@ -26,4 +28,5 @@ pub mod tls;
 pub use checkpoint::Checkpoint;
 pub use config::CoordinatorConfig;
 pub use error::{CoordinatorError, Result};
+pub use events::CoordinatorEvent;
 pub use server::{Coordinator, RunReport};

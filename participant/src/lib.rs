@@ -21,5 +21,5 @@ pub mod model;
 pub mod quality;
 pub mod train;
 
-pub use driver::{LocalData, ParticipantConfig, ParticipantReport, run};
+pub use driver::{LocalData, ParticipantConfig, ParticipantProgress, ParticipantReport, run};
 pub use error::{ParticipantError, Result};
