@@ -21,6 +21,14 @@ pub struct Cli {
     /// (how `simulate` measures its coordinator and participant processes).
     #[arg(long, global = true, hide = true, value_name = "FILE")]
     pub peak_rss_file: Option<PathBuf>,
+    /// No progress bars: one plain line per round on stderr, and only
+    /// warnings and errors in the log (unless RUST_LOG says otherwise).
+    #[arg(long, short, global = true, conflicts_with = "json")]
+    pub quiet: bool,
+    /// No progress bars: progress events as JSON lines on stdout (one
+    /// object a line with an `event` field), for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 /// The subcommands.
@@ -42,6 +50,10 @@ pub enum Command {
     /// Experiments that measure greyfed (accuracy and security tables).
     #[command(subcommand)]
     Experiment(ExperimentCommand),
+    /// Render a run's report: PNG plots per round (accuracy, loss, bytes,
+    /// stage times, survivors), sample encrypted images, and one
+    /// self-contained RUN_DIR/report/report.html.
+    Report(ReportArgs),
     /// Configuration files (`--config FILE` of coordinator and participant).
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -57,6 +69,30 @@ pub enum ConfigCommand {
         /// The TOML file.
         file: PathBuf,
     },
+}
+
+/// `greyfed report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run's output directory (the --out of `greyfed simulate` or
+    /// `greyfed coordinator`): holds metrics.jsonl and run.json.
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// Directory to write the report into (default: RUN_DIR/report).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Image key to encrypt the sample images with (default:
+    /// RUN_DIR/keys/ca/image.key, where `simulate` keeps it). Only its
+    /// fingerprint appears in the report.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// IDX directory of the sample images (default: the run's data as
+    /// recorded in RUN_DIR/summary.json, else the built-in digits).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Seed of the built-in digits for the sample images (default: the run's).
+    #[arg(long)]
+    pub data_seed: Option<u64>,
 }
 
 /// `greyfed experiment ...`.

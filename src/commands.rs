@@ -32,6 +32,8 @@ use crate::cli::{
     AggregationArg, CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, StrategyKind,
     TrainingArgs,
 };
+use crate::progress::{Display, Event, FederationView, ParticipantView};
+use crate::report::RunFile;
 
 /// The training configuration the arguments describe.
 pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
@@ -179,8 +181,10 @@ pub fn aggregation_kind(arg: AggregationArg) -> AggregationKind {
     }
 }
 
-/// Runs `greyfed coordinator` until the session ends or Ctrl-C.
-pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
+/// Runs `greyfed coordinator` until the session ends or Ctrl-C, showing
+/// its progress as `display` says, and records its parameters in
+/// `OUT/run.json` ([`RunFile`]).
+pub async fn coordinator(args: CoordinatorArgs, display: Display) -> Result<RunReport> {
     let model = ModelSpec::blocknet_28x28(args.training.block_size)
         .with_image_channels(args.training.cipher.output_channels());
     let initial = match &args.init {
@@ -272,7 +276,27 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
             ),
         }
     }
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    config.events = Some(events);
+    let run_file = RunFile {
+        greyfed_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: config.model.name().to_string(),
+        participants: config.participants,
+        min_participants: config.min_participants,
+        seed: config.seed,
+        key_fingerprint: config.key_fingerprint.clone(),
+        central_evaluation: config.central_evaluator.is_some(),
+        resumed: config.resume.is_some(),
+        training: args
+            .training
+            .to_args()
+            .chunks(2)
+            .map(|kv| (kv[0].trim_start_matches('-').to_string(), kv[1].clone()))
+            .collect(),
+    };
+    let rounds = config.rounds;
     let coordinator = Coordinator::bind(config)?;
+    run_file.write(&args.out)?;
     let addr = coordinator.local_addr()?;
     if let Some(path) = &args.addr_file {
         // Written atomically so a watcher never reads half an address.
@@ -284,7 +308,19 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<RunReport> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    Ok(coordinator.run(shutdown).await?)
+    // The log already reports each round; the view adds the live stage.
+    let view = tokio::spawn(async move {
+        let mut view = FederationView::new(display, rounds, false);
+        while let Some(event) = rx.recv().await {
+            if let Some(event) = Event::from_coordinator(event) {
+                view.show(&event);
+            }
+        }
+        view.finish();
+    });
+    let result = coordinator.run(shutdown).await;
+    let _ = view.await;
+    Ok(result?)
 }
 
 /// Parses `I/N` (0-based shard index of N).
@@ -333,8 +369,9 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
         .with_context(|| format!("{addr} resolves to no address"))
 }
 
-/// Runs `greyfed participant` until the session ends.
-pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
+/// Runs `greyfed participant` until the session ends, showing its local
+/// training as `display` says.
+pub async fn participant(args: ParticipantArgs, display: Display) -> Result<ParticipantReport> {
     let (index, parts) = parse_shard(&args.shard)?;
     let splits = load_splits(&args.data)?;
     let (train, test) = local_shards(
@@ -398,7 +435,21 @@ pub async fn participant(args: ParticipantArgs) -> Result<ParticipantReport> {
     config.dropout = args.drop_at;
     config.dump_updates = args.dump_updates.clone();
     config.reconnect_for = Duration::from_secs(args.reconnect_for);
-    Ok(greyfed_participant::run(&config, data).await?)
+    let (progress, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    config.progress = Some(progress);
+    let view = tokio::spawn(async move {
+        let mut view = ParticipantView::new(display);
+        while let Some(event) = rx.recv().await {
+            if let Some(event) = Event::from_participant(event) {
+                view.show(&event);
+            }
+        }
+        view.finish();
+    });
+    let result = greyfed_participant::run(&config, data).await;
+    drop(config);
+    let _ = view.await;
+    Ok(result?)
 }
 
 #[cfg(test)]

@@ -570,7 +570,10 @@ mod tests {
         deployment(&o).unwrap();
         let settings =
             std::fs::read_to_string(dir.path().join("b/participant-0/participant.toml")).unwrap();
-        assert!(settings.contains("coordinator = \"[::1]:7447\""), "{settings}");
+        assert!(
+            settings.contains("coordinator = \"[::1]:7447\""),
+            "{settings}"
+        );
         let toml =
             std::fs::read_to_string(dir.path().join("b/coordinator/coordinator.toml")).unwrap();
         assert!(toml.contains("listen = \"[::]:7447\""), "{toml}");

@@ -3,7 +3,8 @@
 //! commands ([`commands`]), the coordinator's optional central evaluation
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
 //! in-process federation harness ([`sim`]), the peak-memory reports of
-//! simulations ([`memory`]) and the measurements of [`experiment`].
+//! simulations ([`memory`]), live progress displays ([`progress`]), run
+//! reports with plots ([`report`]) and the measurements of [`experiment`].
 //!
 //! The protocol, coordinator and participant logic live in the
 //! `greyfed-protocol`, `greyfed-coordinator` and `greyfed-participant`
@@ -17,5 +18,7 @@ pub mod experiment;
 pub mod keygen;
 pub mod memory;
 pub mod preview;
+pub mod progress;
+pub mod report;
 pub mod sim;
 pub mod simulate;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{CommandFactory, Parser};
 use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand};
-use greyfed::{commands, config_file, experiment, keygen, memory, preview, simulate};
+use greyfed::progress::{Display, LogWriter};
+use greyfed::{commands, config_file, experiment, keygen, memory, preview, report, simulate};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -19,12 +20,13 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(argv);
+    let default_level = if cli.quiet { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(LogWriter)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    let display = Display::choose(cli.quiet, cli.json);
     match cli.command {
         Command::Keygen(KeygenCommand::Deployment(args)) => {
             let out = keygen::deployment(&keygen::DeploymentOptions {
@@ -91,7 +94,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Coordinator(args) => {
-            let report = commands::coordinator(*args).await?;
+            let report = commands::coordinator(*args, display).await?;
             Ok(if report.rounds_completed == report.rounds_planned {
                 ExitCode::SUCCESS
             } else {
@@ -103,7 +106,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Participant(args) => {
-            commands::participant(args).await?;
+            commands::participant(args, display).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Encrypt(args) => {
@@ -156,28 +159,61 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {
-            let report = simulate::simulate(&args, true).await?;
-            for (i, plan) in &report.crashes {
+            let report = simulate::simulate(&args, display).await?;
+            if display != Display::Json {
+                for (i, plan) in &report.crashes {
+                    println!(
+                        "participant {i} crashed (scheduled) at round {}, stage {}",
+                        plan.round, plan.stage
+                    );
+                }
+                println!("{}", report.table());
+                println!("{}", report.memory.line());
                 println!(
-                    "participant {i} crashed (scheduled) at round {}, stage {}",
-                    plan.round, plan.stage
+                    "{} of {} rounds completed in {:.1} s; metrics in {}, summary in {}",
+                    report.rounds.len(),
+                    report.rounds_planned,
+                    report.wall.as_secs_f64(),
+                    report.out.join("metrics.jsonl").display(),
+                    report.out.join(simulate::SUMMARY_FILE).display()
                 );
             }
-            println!("{}", report.table());
-            println!("{}", report.memory.line());
-            println!(
-                "{} of {} rounds completed in {:.1} s; metrics in {}, summary in {}",
-                report.rounds.len(),
-                report.rounds_planned,
-                report.wall.as_secs_f64(),
-                report.out.join("metrics.jsonl").display(),
-                report.out.join(simulate::SUMMARY_FILE).display()
-            );
-            Ok(if report.all_rounds_completed() {
+            // The report comes last, and its path is the last line printed.
+            match &report.report {
+                Ok(html) if display == Display::Json => {
+                    greyfed::progress::Event::Report { path: html.clone() }.print_json();
+                }
+                Ok(html) => println!("report: {}", html.display()),
+                Err(e) => eprintln!("warning: no report: {e:#}"),
+            }
+            Ok(if report.all_rounds_completed() && report.report.is_ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Report(args) => {
+            let files = report::write_report(
+                &args.run_dir,
+                &report::ReportOptions {
+                    out: args.out,
+                    key_file: args.key_file,
+                    data: args.data,
+                    data_seed: args.data_seed,
+                },
+            )?;
+            if let Some(note) = &files.samples_note {
+                eprintln!("note: no sample images: {note}");
+            }
+            if display == Display::Json {
+                greyfed::progress::Event::Report { path: files.html }.print_json();
+            } else {
+                for png in &files.pngs {
+                    println!("wrote {}", png.display());
+                }
+                println!("report: {}", files.html.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -8,6 +8,9 @@
 //! decryption (from `--known-pairs` pairs of other images) and the
 //! ciphertext-only fold attack's picture. The row order is written to
 //! `out.png.md` with each mode's SSIM figures.
+//!
+//! [`render_preview`] draws the same picture in memory: `greyfed report`
+//! shows it for the run's cipher ([`crate::report`]).
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -30,11 +33,14 @@ const GROUP_GAP: usize = 8;
 /// Grey of the background between tiles.
 const BACKGROUND: u8 = 96;
 
-/// A grey-scale canvas.
-struct Canvas {
-    width: usize,
-    height: usize,
-    pixels: Vec<u8>,
+/// A grey-scale picture, 8 bits a pixel, row by row.
+pub struct Canvas {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width * height` grey values.
+    pub pixels: Vec<u8>,
 }
 
 impl Canvas {
@@ -66,19 +72,67 @@ impl Canvas {
         }
     }
 
+    /// The picture as a PNG file's bytes.
+    pub fn png_bytes(&self) -> Result<Vec<u8>> {
+        encode_png(
+            self.width,
+            self.height,
+            png::ColorType::Grayscale,
+            &self.pixels,
+        )
+    }
+
     fn write_png(&self, path: &Path) -> Result<()> {
         let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        let mut encoder =
-            png::Encoder::new(BufWriter::new(file), self.width as u32, self.height as u32);
-        encoder.set_color(png::ColorType::Grayscale);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().context("writing the PNG header")?;
-        writer
-            .write_image_data(&self.pixels)
-            .context("writing the PNG image")?;
-        writer.finish().context("finishing the PNG")?;
-        Ok(())
+        write_png_to(
+            BufWriter::new(file),
+            self.width,
+            self.height,
+            png::ColorType::Grayscale,
+            &self.pixels,
+        )
     }
+}
+
+/// Encodes 8-bit `pixels` (`color` says how many values a pixel has) as PNG.
+pub fn encode_png(
+    width: usize,
+    height: usize,
+    color: png::ColorType,
+    pixels: &[u8],
+) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    write_png_to(&mut bytes, width, height, color, pixels)?;
+    Ok(bytes)
+}
+
+fn write_png_to(
+    out: impl std::io::Write,
+    width: usize,
+    height: usize,
+    color: png::ColorType,
+    pixels: &[u8],
+) -> Result<()> {
+    let mut encoder = png::Encoder::new(out, width as u32, height as u32);
+    encoder.set_color(color);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().context("writing the PNG header")?;
+    writer
+        .write_image_data(pixels)
+        .context("writing the PNG image")?;
+    writer.finish().context("finishing the PNG")?;
+    Ok(())
+}
+
+/// One row of `images` (each `rows x cols`), every pixel `scale` times:
+/// the plain-image picture of runs without encryption.
+pub fn image_row(images: &[&[u8]], rows: usize, cols: usize, scale: usize) -> Canvas {
+    let (tile_h, tile_w) = (rows * scale + GAP, cols * scale + GAP);
+    let mut canvas = Canvas::new(images.len() * tile_w + GAP, tile_h + GAP);
+    for (j, image) in images.iter().enumerate() {
+        canvas.draw(image, rows, cols, GAP, GAP + j * tile_w, scale);
+    }
+    canvas
 }
 
 /// Writes the preview of `count` test images of `test` under `modes` to
@@ -98,6 +152,36 @@ pub fn write_preview(
     known_pairs: usize,
     scale: usize,
 ) -> Result<String> {
+    let (canvas, legend) = render_preview(
+        test,
+        known,
+        modes,
+        key,
+        block_size,
+        count,
+        known_pairs,
+        scale,
+    )?;
+    canvas.write_png(path)?;
+    let legend_path = path.with_extension("png.md");
+    std::fs::write(&legend_path, &legend)
+        .with_context(|| format!("writing {}", legend_path.display()))?;
+    Ok(legend)
+}
+
+/// The picture [`write_preview`] writes, and its legend (a Markdown table
+/// of each mode's SSIM figures, then a line on the columns).
+#[allow(clippy::too_many_arguments)]
+pub fn render_preview(
+    test: &Dataset,
+    known: &Dataset,
+    modes: &[CipherSteps],
+    key: &ImageKey,
+    block_size: usize,
+    count: usize,
+    known_pairs: usize,
+    scale: usize,
+) -> Result<(Canvas, String)> {
     let count = count.min(test.len());
     if count == 0 || modes.is_empty() {
         bail!("nothing to preview: give at least one image and one mode");
@@ -141,16 +225,12 @@ pub fn write_preview(
             }
         }
     }
-    canvas.write_png(path)?;
     let _ = write!(
         legend,
         "\nColumns: {count} cipher images | their known-plaintext-attack decryption \
          ({known_pairs} known pairs of other images) | the fold attack's picture (ciphertext only).\n"
     );
-    let legend_path = path.with_extension("png.md");
-    std::fs::write(&legend_path, &legend)
-        .with_context(|| format!("writing {}", legend_path.display()))?;
-    Ok(legend)
+    Ok((canvas, legend))
 }
 
 #[cfg(test)]

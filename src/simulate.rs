@@ -1,13 +1,17 @@
 //! `greyfed simulate`: one coordinator process and N participant processes
 //! on loopback, with a fresh deployment bundle (`OUT/keys`, as `greyfed
-//! keygen deployment` writes it: mutual TLS, allow list, image key), a
-//! progress bar and a summary table.
+//! keygen deployment` writes it: mutual TLS, allow list, image key), live
+//! progress, a summary table and a report.
 //!
 //! The processes are this same executable run as `greyfed coordinator` and
 //! `greyfed participant`, so a simulation exercises exactly what a
 //! multi-machine deployment runs. Each writes its log to `OUT/logs/` and
-//! its peak memory to `OUT/logs/NAME.peak-rss` ([`crate::memory`]); the
-//! run's summary, memory included, goes to `OUT/summary.json`.
+//! its peak memory to `OUT/logs/NAME.peak-rss` ([`crate::memory`]), and
+//! prints its progress as JSON lines (`--json`), which the simulation
+//! renders ([`crate::progress`]): the round, the coordinator's stage with
+//! how many participants answered it, and the participants' local training.
+//! The run's summary, memory included, goes to `OUT/summary.json`, and at the
+//! end the report ([`crate::report`]) to `OUT/report/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,13 +19,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use greyfed_coordinator::metrics::{RoundRecord, read_metrics};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tokio::process::{Child, Command};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::mpsc;
 
 use crate::cli::{DropoutStageArg, SimulateArgs};
 use crate::keygen::{self, files};
 use crate::memory::{MemoryReport, read_peak_rss};
+use crate::progress::{Display, Event, FederationView};
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
 use greyfed_protocol::session::derive_seed;
 
@@ -40,6 +46,8 @@ pub struct SimulationReport {
     pub out: PathBuf,
     /// Peak memory of the coordinator and participant processes.
     pub memory: MemoryReport,
+    /// The report's `report.html`, or why it could not be written.
+    pub report: Result<PathBuf>,
 }
 
 /// The file in the output directory that [`SimulationReport::write_summary`] writes.
@@ -55,6 +63,14 @@ struct Summary<'a> {
     /// Accuracy after the last completed round.
     final_accuracy: Option<f64>,
     crashes: usize,
+    /// The participants' data: `builtin:SEED` or an IDX directory.
+    data: String,
+    /// How the training split was partitioned.
+    partition: String,
+    /// Whether participants trained on plain images.
+    plain: bool,
+    /// Compute threads per participant process.
+    threads: usize,
     peak_rss: &'a MemoryReport,
 }
 
@@ -68,7 +84,7 @@ impl SimulationReport {
     ///
     /// # Errors
     /// When the file cannot be written.
-    pub fn write_summary(&self) -> Result<()> {
+    pub fn write_summary(&self, args: &SimulateArgs) -> Result<()> {
         let summary = Summary {
             participants: self.memory.participant_bytes.len(),
             rounds_planned: self.rounds_planned,
@@ -76,6 +92,16 @@ impl SimulationReport {
             wall_secs: self.wall.as_secs_f64(),
             final_accuracy: self.rounds.last().and_then(|r| r.accuracy),
             crashes: self.crashes.len(),
+            data: match &args.data.data {
+                Some(dir) => std::fs::canonicalize(dir)
+                    .unwrap_or_else(|_| dir.clone())
+                    .display()
+                    .to_string(),
+                None => format!("builtin:{}", args.data.data_seed),
+            },
+            partition: args.data.partition.to_string(),
+            plain: args.plain,
+            threads: args.threads,
             peak_rss: &self.memory,
         };
         let path = self.out.join(SUMMARY_FILE);
@@ -118,15 +144,80 @@ impl SimulationReport {
     }
 }
 
-/// A child's stdout and stderr, both on the log file `dir/name` (one open
-/// file, so the two streams share its offset and never overwrite each other).
-fn log_files(dir: &Path, name: &str) -> Result<(Stdio, Stdio)> {
+/// A child's log file `dir/name`: its stderr, and a handle for the lines of
+/// its stdout that are not progress events (one open file, so the two share
+/// its offset and never overwrite each other).
+fn log_files(dir: &Path, name: &str) -> Result<(Stdio, std::fs::File)> {
     let file =
         std::fs::File::create(dir.join(name)).with_context(|| format!("creating log {name}"))?;
     let copy = file
         .try_clone()
         .with_context(|| format!("duplicating log {name}"))?;
-    Ok((file.into(), copy.into()))
+    Ok((file.into(), copy))
+}
+
+/// Who printed an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Coordinator,
+    Participant(usize),
+}
+
+/// Reads a child's stdout: progress events go to `events`, other lines to
+/// its log.
+fn forward_events(
+    stdout: ChildStdout,
+    mut log: std::fs::File,
+    source: Source,
+    events: mpsc::UnboundedSender<(Source, Event)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match Event::parse(&line) {
+                Some(event) => {
+                    let _ = events.send((source, event));
+                }
+                None => {
+                    use std::io::Write;
+                    let _ = writeln!(log, "{line}");
+                }
+            }
+        }
+    })
+}
+
+/// The participants' local training in the round under way, for display.
+#[derive(Default)]
+struct LocalTraining {
+    round: u32,
+    /// Fraction of its steps each training participant has done.
+    done: std::collections::BTreeMap<usize, f64>,
+}
+
+impl LocalTraining {
+    /// Notes participant `i`'s event; returns the text to show, if it changed.
+    fn note(&mut self, i: usize, event: &Event) -> Option<Option<String>> {
+        let (round, fraction) = match *event {
+            Event::Training {
+                round, step, steps, ..
+            } => (round, step as f64 / steps.max(1) as f64),
+            Event::Trained { round, .. } => (round, 1.0),
+            _ => return None,
+        };
+        if round != self.round {
+            self.round = round;
+            self.done.clear();
+        }
+        self.done.insert(i, fraction);
+        let mean = self.done.values().sum::<f64>() / self.done.len() as f64;
+        let finished = self.done.values().filter(|&&f| f >= 1.0).count();
+        Some(Some(format!(
+            "local training {:.0}% ({finished} of {} done)",
+            100.0 * mean,
+            self.done.len()
+        )))
+    }
 }
 
 /// Where the process writing log `name` reports its peak memory.
@@ -146,8 +237,9 @@ fn peak_rss_arg(logs: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
-/// Runs the simulation and returns its report; `progress` shows a bar.
-pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationReport> {
+/// Runs the simulation, shows its progress as `display` says, writes
+/// `OUT/summary.json` and the report, and returns what happened.
+pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<SimulationReport> {
     if args.participants == 0 {
         bail!("--participants must be at least 1");
     }
@@ -221,15 +313,21 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
                 .arg(keys.join(files::CA_DIR).join(files::IMAGE_KEY));
         }
     }
-    let (stdout, stderr) = log_files(&logs, "coordinator.log")?;
+    let (stderr, log) = log_files(&logs, "coordinator.log")?;
     coordinator
+        .arg("--json")
         .arg("--peak-rss-file")
         .arg(peak_rss_arg(&logs, "coordinator")?)
         .stdin(Stdio::null())
-        .stdout(stdout)
+        .stdout(Stdio::piped())
         .stderr(stderr)
         .kill_on_drop(true);
     let mut coordinator = coordinator.spawn().context("starting the coordinator")?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let coordinator_events = coordinator
+        .stdout
+        .take()
+        .map(|stdout| forward_events(stdout, log, Source::Coordinator, events_tx.clone()));
 
     let addr = wait_for_addr(&addr_file, &mut coordinator).await?;
     let crashes = plan_dropouts(args);
@@ -277,51 +375,57 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
             cmd.arg("--image-key").arg(own.join(files::IMAGE_KEY));
         }
         let name = format!("participant-{i}");
-        let (stdout, stderr) = log_files(&logs, &format!("{name}.log"))?;
-        cmd.arg("--peak-rss-file")
+        let (stderr, log) = log_files(&logs, &format!("{name}.log"))?;
+        cmd.arg("--json")
+            .arg("--peak-rss-file")
             .arg(peak_rss_arg(&logs, &name)?)
             .env("RAYON_NUM_THREADS", args.threads.to_string())
             .env("CANDLE_NUM_THREADS", args.threads.to_string())
             .stdin(Stdio::null())
-            .stdout(stdout)
+            .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true);
-        participants.push(
-            cmd.spawn()
-                .with_context(|| format!("starting participant {i}"))?,
-        );
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting participant {i}"))?;
+        if let Some(stdout) = child.stdout.take() {
+            // Ends by itself when the participant exits.
+            drop(forward_events(
+                stdout,
+                log,
+                Source::Participant(i),
+                events_tx.clone(),
+            ));
+        }
+        participants.push(child);
     }
+    drop(events_tx);
 
-    let bar = if progress {
-        let bar = ProgressBar::new(args.training.rounds as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_message("waiting for participants");
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
-    let metrics_path = out.join("metrics.jsonl");
-    let status = loop {
-        tokio::select! {
-            status = coordinator.wait() => break status.context("waiting for the coordinator")?,
-            () = tokio::time::sleep(Duration::from_millis(250)) => {
-                if let Ok(rounds) = read_metrics(&metrics_path)
-                    && let Some(last) = rounds.last()
-                {
-                    bar.set_position(rounds.len() as u64);
-                    if let Some(accuracy) = last.accuracy {
-                        bar.set_message(format!("accuracy {:.2}%", 100.0 * accuracy));
-                    }
-                }
+    // The children's logs are in files: the view says every round.
+    let mut view = FederationView::new(display, args.training.rounds, true);
+    let mut training = LocalTraining::default();
+    let mut show = |view: &mut FederationView, (source, event): (Source, Event)| match source {
+        Source::Coordinator => view.show(&event),
+        Source::Participant(i) => {
+            if let Some(text) = training.note(i, &event) {
+                view.set_local_training(text);
             }
         }
     };
-    bar.finish_and_clear();
+    let status = loop {
+        tokio::select! {
+            status = coordinator.wait() => break status.context("waiting for the coordinator")?,
+            Some(event) = events.recv() => show(&mut view, event),
+        }
+    };
+    // Show the coordinator's last events (the final round) before the table.
+    if let Some(task) = coordinator_events {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    while let Ok(event) = events.try_recv() {
+        show(&mut view, event);
+    }
+    view.finish();
     // Participants exit on their own after Finished; give them a moment
     // (one moment for all of them, however many there are).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -340,28 +444,35 @@ pub async fn simulate(args: &SimulateArgs, progress: bool) -> Result<SimulationR
             }
         }
     }
-    let rounds = read_metrics(&metrics_path).unwrap_or_default();
+    let rounds = read_metrics(&out.join("metrics.jsonl")).unwrap_or_default();
     let memory = MemoryReport::new(
         read_peak_rss(&peak_rss_path(&logs, "coordinator")),
         (0..args.participants)
             .map(|i| read_peak_rss(&peak_rss_path(&logs, &format!("participant-{i}"))))
             .collect(),
     );
-    let report = SimulationReport {
+    let mut report = SimulationReport {
         crashes: crashes.into_iter().collect(),
         rounds,
         rounds_planned: args.training.rounds,
         wall: started.elapsed(),
         out,
         memory,
+        report: Err(anyhow::anyhow!("not written yet")),
     };
-    report.write_summary()?;
+    report.write_summary(args)?;
     if !status.success() {
         tracing::error!(
             "the coordinator exited with {status}; see {}",
             logs.join("coordinator.log").display()
         );
     }
+    report.report = crate::report::write_report(&report.out, &Default::default()).map(|files| {
+        if let Some(note) = files.samples_note {
+            tracing::warn!("the report has no sample images: {note}");
+        }
+        files.html
+    });
     Ok(report)
 }
 

@@ -85,6 +85,31 @@ fn simulate_runs_processes_and_writes_metrics() {
     assert_eq!(cipher.steps.to_string(), "le");
     assert_eq!(cipher.block_size, 4);
     assert_eq!(cipher.key_id.len(), 16);
+    // Not on a terminal: plain progress lines on stderr, from the stage the
+    // coordinator is in to every completed round.
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    for line in [
+        "round 1/2 training: masked, waiting for 3",
+        "round 2/2 evaluating: unmask",
+        "round 2/2 completed: accuracy",
+    ] {
+        assert!(stderr.contains(line), "{line}: {stderr}");
+    }
+    // The report comes last: its path is the last line printed, and it
+    // shows the split-mode samples and the central accuracy.
+    let html_path = out.path().join("report/report.html");
+    assert_eq!(
+        stdout.lines().last().unwrap(),
+        format!("report: {}", html_path.display())
+    );
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    assert!(
+        html.contains("data-file=\"samples.png\""),
+        "samples embedded"
+    );
+    assert!(html.contains("encrypted with the run&#39;s cipher (le,"));
+    assert!(html.contains("<th>central accuracy</th>"));
+    assert!(out.path().join("run.json").exists());
 }
 
 /// `simulate` measures the peak memory of every process it starts, prints
@@ -101,21 +126,29 @@ fn simulate_reports_peak_memory_per_process() {
             "1",
             "--local-epochs",
             "1",
+            "--quiet",
             "--out",
         ])
         .arg(out.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&status.stdout);
+    let stderr = String::from_utf8_lossy(&status.stderr);
     assert!(
         status.status.success(),
-        "simulate failed: {stdout}\n{}",
-        String::from_utf8_lossy(&status.stderr)
+        "simulate failed: {stdout}\n{stderr}"
     );
     assert!(
         stdout.contains("peak memory (RSS): coordinator ") && stdout.contains("(3 of 3 reported)"),
         "{stdout}"
     );
+    // --quiet: one progress line per round, no stage lines.
+    assert_eq!(
+        stderr.matches("round 1/1 completed: ").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("training: "), "{stderr}");
     let text = std::fs::read_to_string(out.path().join("summary.json")).unwrap();
     let summary: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(summary["rounds_completed"], 1, "{summary}");

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::{
     central::CentralEvaluator,
     checkpoint::{Checkpoint, RunSettings},
+    events::EventSender,
     strategy::StrategyConfig,
     tls::ServerTls,
 };
@@ -72,6 +73,8 @@ pub struct CoordinatorConfig {
     /// Also evaluate every round's global model centrally (off by default;
     /// see [`crate::central`] for why it needs the image key).
     pub central_evaluator: Option<Arc<dyn CentralEvaluator>>,
+    /// Where to send progress events for a display (none by default).
+    pub events: Option<EventSender>,
 }
 
 impl CoordinatorConfig {
@@ -116,6 +119,7 @@ impl CoordinatorConfig {
             seed: 0,
             resume: None,
             central_evaluator: None,
+            events: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`central`]: optional central evaluation (needs the image key, off by default).
 //! - [`checkpoint`]: per-round checkpoints and `--resume`.
 //! - [`config`]: the run configuration, [`CoordinatorConfig`].
+//! - [`events`]: progress events for displays ([`CoordinatorEvent`]).
 //! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]);
 //!   its connections (authenticated peers, reader and writer tasks) are in
 //!   the private `connection` module.
@@ -26,6 +27,7 @@ pub mod checkpoint;
 pub mod config;
 mod connection;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod pki;
 pub mod server;
@@ -35,4 +37,5 @@ pub mod tls;
 pub use checkpoint::Checkpoint;
 pub use config::CoordinatorConfig;
 pub use error::{CoordinatorError, Result};
+pub use events::CoordinatorEvent;
 pub use server::{Coordinator, RunReport};

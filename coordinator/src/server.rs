@@ -26,7 +26,9 @@ use greyfed_protocol::{
     cipher::CipherSpec,
     frame::encode_frame,
     secagg::coordinator::SecAggCoordinator,
-    session::{CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, derive_seed},
+    session::{
+        CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, SessionProgress, derive_seed,
+    },
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -37,6 +39,7 @@ use crate::{
     config::CoordinatorConfig,
     connection::{Inbound, LINGER, Outbound, accept_loop, close_code},
     error::{CoordinatorError, Result},
+    events::{CoordinatorEvent, EventSender},
     metrics::{MetricsWriter, RoundRecord},
     strategy::Strategy,
     tls,
@@ -208,7 +211,10 @@ impl Coordinator {
             settings: config.settings(),
             round_bytes: BTreeMap::new(),
             max_frame: config.max_frame,
+            events: config.events.clone(),
+            last_progress: None,
         };
+        driver.report_progress();
         let outcome = driver.run(inbound_rx, shutdown).await;
         // Let writers flush their last frames and peers close, then stop.
         for (_, conn) in driver.connections.drain() {
@@ -262,9 +268,33 @@ struct Driver {
     /// Frame bytes (up, down) by the round in progress when they crossed.
     round_bytes: BTreeMap<u32, (u64, u64)>,
     max_frame: usize,
+    /// Where progress events go, if anywhere.
+    events: Option<EventSender>,
+    /// The progress last sent (only changes are sent).
+    last_progress: Option<SessionProgress>,
 }
 
 impl Driver {
+    /// Sends `event` to the display, if there is one (a display that went
+    /// away is not an error).
+    fn emit(&self, event: CoordinatorEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Sends the session's progress when it changed since the last call.
+    fn report_progress(&mut self) {
+        if self.events.is_none() {
+            return;
+        }
+        let now = self.session.progress();
+        if self.last_progress != Some(now) {
+            self.last_progress = Some(now);
+            self.emit(CoordinatorEvent::Progress(now));
+        }
+    }
+
     async fn run(
         &mut self,
         mut inbound: mpsc::UnboundedReceiver<Inbound>,
@@ -298,7 +328,9 @@ impl Driver {
                     return Err(CoordinatorError::Interrupted { rounds_completed: self.session.rounds_completed() });
                 }
             };
-            if let Some(done) = self.process_outputs(now).await? {
+            let done = self.process_outputs(now).await?;
+            self.report_progress();
+            if let Some(done) = done {
                 return done;
             }
         }
@@ -440,6 +472,7 @@ impl Driver {
                 }
                 SessionEvent::RoundAbandoned { round, reason } => {
                     warn!(round, "round abandoned, model unchanged: {reason}");
+                    self.emit(CoordinatorEvent::RoundAbandoned { round, reason });
                 }
                 SessionEvent::EvaluationFailed { round, reason } => {
                     warn!(round, "evaluation failed, no metrics this round: {reason}");
@@ -533,6 +566,7 @@ impl Driver {
             "round completed"
         );
         self.metrics.append(&record)?;
+        self.emit(CoordinatorEvent::RoundCompleted(record.clone()));
         self.records.push(record);
         Checkpoint {
             rounds_completed: self.session.rounds_completed(),

@@ -30,7 +30,7 @@ use crate::{
     data::Dataset,
     dropout::{CrashMode, DropoutPlan, DropoutStage, kill_this_process},
     error::{ParticipantError, Result},
-    train::{TensorData, TrainOptions, TrainOutcome, evaluate, train_local_with},
+    train::{StepProgress, TensorData, TrainOptions, TrainOutcome, evaluate, train_local_observed},
 };
 
 /// Batch size used for evaluation (does not affect results).
@@ -39,6 +39,52 @@ const EVAL_BATCH: usize = 256;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Shortest time between two [`ParticipantProgress::Training`] events.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What a participant tells a progress display (see
+/// [`ParticipantConfig::progress`]); the participant draws nothing itself.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ParticipantProgress {
+    /// Admitted to the coordinator's session.
+    Joined {
+        /// Our id in the session.
+        id: ParticipantId,
+        /// Rounds the session plans.
+        rounds: u32,
+    },
+    /// Local training of `round` under way: sent after the first step, then
+    /// at most every 100 ms, and after the last step of every epoch.
+    Training {
+        /// Round number.
+        round: u32,
+        /// Steps and epochs done.
+        progress: StepProgress,
+    },
+    /// Local training of `round` finished.
+    Trained {
+        /// Round number.
+        round: u32,
+        /// Mean training loss.
+        loss: f32,
+        /// Seconds the training took.
+        secs: f64,
+    },
+    /// The global model of `round` was evaluated on the local test split.
+    Evaluated {
+        /// Round number.
+        round: u32,
+    },
+    /// The session finished.
+    Finished {
+        /// Rounds the coordinator completed.
+        rounds_completed: u32,
+    },
+}
+
+/// The sending half of a participant's progress channel.
+pub type ProgressSender = tokio::sync::mpsc::UnboundedSender<ParticipantProgress>;
 
 /// Where and how to reach the coordinator.
 #[derive(Clone, Debug)]
@@ -69,6 +115,8 @@ pub struct ParticipantConfig {
     /// the connection fails or is lost before the session finished. Zero
     /// gives up at once. A rejection or a protocol error is never retried.
     pub reconnect_for: Duration,
+    /// Where to send progress events for a display (none by default).
+    pub progress: Option<ProgressSender>,
 }
 
 impl ParticipantConfig {
@@ -90,6 +138,7 @@ impl ParticipantConfig {
             crash: CrashMode::KillProcess,
             dump_updates: None,
             reconnect_for: Duration::from_secs(60),
+            progress: None,
         }
     }
 }
@@ -222,7 +271,15 @@ async fn connect_once(
 /// answering the coordinator (secure-aggregation key exchange overlaps it).
 struct Training {
     round: u32,
+    started: Instant,
     task: tokio::task::JoinHandle<Result<(TrainOutcome, ModelWeights)>>,
+}
+
+/// Sends `event` to the display, if there is one.
+fn emit(config: &ParticipantConfig, event: ParticipantProgress) {
+    if let Some(tx) = &config.progress {
+        let _ = tx.send(event);
+    }
 }
 
 async fn session_loop(
@@ -276,6 +333,13 @@ async fn session_loop(
                         "joined session"
                     );
                     report.id = Some(id);
+                    emit(
+                        config,
+                        ParticipantProgress::Joined {
+                            id,
+                            rounds: info.rounds,
+                        },
+                    );
                     spec = Some(info.model);
                 }
                 ParticipantEvent::Train {
@@ -301,19 +365,35 @@ async fn session_loop(
                     if let Some(old) = training.take() {
                         old.task.abort();
                     }
+                    let progress = config.progress.clone();
                     training = Some(Training {
                         round,
+                        started: Instant::now(),
                         task: tokio::task::spawn_blocking(move || {
                             let options = TrainOptions {
                                 proximal_mu: training_config.proximal_mu,
                             };
-                            train_local_with(
+                            let mut last_sent: Option<Instant> = None;
+                            let mut observe = |p: StepProgress| {
+                                let Some(tx) = &progress else { return };
+                                let epoch_done =
+                                    (p.step * u64::from(p.epochs)).is_multiple_of(p.steps.max(1));
+                                if epoch_done
+                                    || last_sent.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
+                                {
+                                    last_sent = Some(Instant::now());
+                                    let _ = tx
+                                        .send(ParticipantProgress::Training { round, progress: p });
+                                }
+                            };
+                            train_local_observed(
                                 &spec,
                                 &global,
                                 &data.train,
                                 &training_config,
                                 seed,
                                 &options,
+                                &mut observe,
                             )
                             .map(|o| (o, global))
                         }),
@@ -330,10 +410,12 @@ async fn session_loop(
                         ParticipantError::Model(format!("evaluation task failed: {e}"))
                     })??;
                     session.submit_evaluation(round, metrics, &mut rng)?;
+                    emit(config, ParticipantProgress::Evaluated { round });
                 }
                 ParticipantEvent::Finished { rounds_completed } => {
                     info!(rounds_completed, "session finished");
                     report.rounds_completed = rounds_completed;
+                    emit(config, ParticipantProgress::Finished { rounds_completed });
                     let _ = send.finish();
                     return Ok(());
                 }
@@ -349,9 +431,14 @@ async fn session_loop(
         } else {
             tokio::select! {
                 done = async { (&mut training.as_mut().expect("guarded").task).await }, if training.is_some() => {
-                    let Training { round, .. } = training.take().expect("guarded");
+                    let Training { round, started, .. } = training.take().expect("guarded");
                     let (outcome, global) = done
                         .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
+                    emit(config, ParticipantProgress::Trained {
+                        round,
+                        loss: outcome.mean_loss,
+                        secs: started.elapsed().as_secs_f64(),
+                    });
                     let update = outcome.weights.sub(&global)?;
                     if let Some(dir) = &config.dump_updates {
                         dump_update(dir, &config.name, round, &update, outcome.samples)?;

@@ -22,5 +22,5 @@ pub mod quality;
 pub mod train;
 
 pub use client::ClientIdentity;
-pub use driver::{LocalData, ParticipantConfig, ParticipantReport, run};
+pub use driver::{LocalData, ParticipantConfig, ParticipantProgress, ParticipantReport, run};
 pub use error::{ParticipantError, Result};

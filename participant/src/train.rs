@@ -205,6 +205,34 @@ pub fn train_local_with(
     seed: u64,
     options: &TrainOptions,
 ) -> Result<TrainOutcome> {
+    train_local_observed(spec, global, data, config, seed, options, &mut |_| {})
+}
+
+/// How far a local training has come, passed to the observer of
+/// [`train_local_observed`] after every optimiser step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepProgress {
+    /// Optimiser steps taken so far (from 1).
+    pub step: u64,
+    /// Steps the whole training takes (all epochs).
+    pub steps: u64,
+    /// The epoch under way, from 1.
+    pub epoch: u32,
+    /// Epochs in all.
+    pub epochs: u32,
+}
+
+/// [`train_local_with`] that calls `observe` after every optimiser step
+/// (for progress displays; it should return quickly).
+pub fn train_local_observed(
+    spec: &ModelSpec,
+    global: &ModelWeights,
+    data: &TensorData,
+    config: &TrainingConfig,
+    seed: u64,
+    options: &TrainOptions,
+    observe: &mut dyn FnMut(StepProgress),
+) -> Result<TrainOutcome> {
     let batch_size = config.batch_size as usize;
     if batch_size == 0 {
         return Err(ParticipantError::Model(
@@ -245,6 +273,12 @@ pub fn train_local_with(
             optimizer.step(&step.grads)?;
             loss_sum += f64::from(step.loss) * chunk.len() as f64;
             seen += chunk.len();
+            observe(StepProgress {
+                step: u64::from(optimizer.steps),
+                steps: total_steps,
+                epoch: epoch + 1,
+                epochs: config.local_epochs,
+            });
         }
     }
     Ok(TrainOutcome {
@@ -829,6 +863,39 @@ mod tests {
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() < 1e-5, "parameter {i}: {g} vs {w}");
         }
+    }
+
+    #[test]
+    fn the_observer_sees_every_step_of_every_epoch() {
+        let spec = small_spec();
+        let data = TensorData::from_dataset(&synthetic(20, 10), &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 3).unwrap();
+        let mut cfg = config(
+            OptimizerSpec::Sgd {
+                lr: 0.05,
+                momentum: 0.0,
+            },
+            2,
+        );
+        cfg.batch_size = 8;
+        let mut seen = Vec::new();
+        let out = train_local_observed(
+            &spec,
+            &global,
+            &data,
+            &cfg,
+            1,
+            &TrainOptions::default(),
+            &mut |p| seen.push(p),
+        )
+        .unwrap();
+        // 20 samples in batches of 8: 3 steps per epoch, 2 epochs.
+        assert_eq!(out.steps, 6);
+        let steps: Vec<u64> = seen.iter().map(|p| p.step).collect();
+        assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+        let epochs: Vec<u32> = seen.iter().map(|p| p.epoch).collect();
+        assert_eq!(epochs, [1, 1, 1, 2, 2, 2]);
+        assert!(seen.iter().all(|p| p.steps == 6 && p.epochs == 2));
     }
 
     #[test]

@@ -31,6 +31,21 @@ pub struct AggregateResult {
     pub stage_secs: Vec<(&'static str, f64)>,
 }
 
+/// How far the current stage of an aggregation has come: for progress
+/// displays (see [`Aggregator::progress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageProgress {
+    /// The stage's name as in [`AggregateResult::stage_secs`]
+    /// (`advertise`, `share`, `masked`, `unmask`), or `upload` for
+    /// single-stage schemes.
+    pub stage: &'static str,
+    /// Uploads of this stage received so far.
+    pub answered: usize,
+    /// Uploads this stage can still get: those received plus those it still
+    /// waits for (participants that dropped out no longer count).
+    pub expected: usize,
+}
+
 /// The coordinator side of one aggregation scheme, driven by the session.
 ///
 /// Call order per round: [`begin_round`](Aggregator::begin_round), then any
@@ -95,6 +110,12 @@ pub trait Aggregator: Send {
     /// waits for is treated as dropped for that stage.
     fn handle_timeout(&mut self, now: Instant) {
         let _ = now;
+    }
+
+    /// The stage in progress and how many have answered it; `None` between
+    /// rounds or once the round's result is ready.
+    fn progress(&self) -> Option<StageProgress> {
+        None
     }
 
     /// The round's result once every cohort member has contributed or dropped
@@ -229,6 +250,14 @@ impl Aggregator for PlainAggregator {
         if self.deadline.is_some_and(|d| now >= d) {
             self.waiting.clear();
         }
+    }
+
+    fn progress(&self) -> Option<StageProgress> {
+        (!self.done && !self.waiting.is_empty()).then(|| StageProgress {
+            stage: "upload",
+            answered: self.contributors.len(),
+            expected: self.contributors.len() + self.waiting.len(),
+        })
     }
 
     fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>> {

@@ -41,10 +41,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     PROTOCOL_VERSION,
-    aggregate::{AggregateResult, Aggregator},
+    aggregate::{AggregateResult, Aggregator, StageProgress},
     cipher::CipherSpec,
     error::ProtocolError,
     message::{
@@ -140,6 +141,57 @@ pub struct RoundSummary {
     /// Seconds per aggregation stage (see [`AggregateResult::stage_secs`]),
     /// then `"evaluate"`: the whole evaluation phase.
     pub stage_secs: Vec<(&'static str, f64)>,
+}
+
+/// Which part of the session is under way (see [`SessionProgress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionPhase {
+    /// Waiting for participants to join.
+    Joining,
+    /// The cohort trains and the aggregator collects the round's updates.
+    Training,
+    /// The aggregate is in; the driver computes the next global model.
+    Updating,
+    /// Participants evaluate the new global model.
+    Evaluating,
+    /// Finished or aborted.
+    Over,
+}
+
+impl SessionPhase {
+    /// Lower-case name: `joining`, `training`, `updating`, `evaluating`, `over`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionPhase::Joining => "joining",
+            SessionPhase::Training => "training",
+            SessionPhase::Updating => "updating",
+            SessionPhase::Evaluating => "evaluating",
+            SessionPhase::Over => "over",
+        }
+    }
+}
+
+/// A snapshot of where the session stands, for progress displays: see
+/// [`CoordinatorSession::progress`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionProgress {
+    /// The round under way (0 while joining).
+    pub round: u32,
+    /// Rounds planned.
+    pub rounds: u32,
+    /// Rounds completed.
+    pub rounds_completed: u32,
+    /// What the session does now.
+    pub phase: SessionPhase,
+    /// The aggregation stage within `Training` or `Evaluating` (see
+    /// [`StageProgress::stage`]).
+    pub stage: Option<&'static str>,
+    /// Participants that answered the current stage (joined, while joining).
+    pub answered: usize,
+    /// Participants the current stage can still hear from (the
+    /// participants waited for, while joining).
+    pub expected: usize,
 }
 
 /// Something the driver should know about.
@@ -382,6 +434,33 @@ impl CoordinatorSession {
     /// Rounds completed so far.
     pub fn rounds_completed(&self) -> u32 {
         self.rounds_completed
+    }
+
+    /// Where the session stands: the phase, the aggregation stage and how
+    /// many participants have answered it. Cheap; meant to be polled after
+    /// every input for progress displays.
+    pub fn progress(&self) -> SessionProgress {
+        let (phase, stage) = match self.phase {
+            Phase::Joining => (SessionPhase::Joining, None),
+            Phase::Training { .. } => (SessionPhase::Training, self.aggregator.progress()),
+            Phase::AwaitingModel { .. } => (SessionPhase::Updating, None),
+            Phase::Evaluating { .. } => (SessionPhase::Evaluating, self.evaluator.progress()),
+            Phase::Over => (SessionPhase::Over, None),
+        };
+        let (answered, expected) = match (self.phase, stage) {
+            (Phase::Joining, _) => (self.peers.len(), self.config.participants),
+            (_, Some(s)) => (s.answered, s.expected),
+            _ => (0, 0),
+        };
+        SessionProgress {
+            round: self.current_round(),
+            rounds: self.config.rounds,
+            rounds_completed: self.rounds_completed,
+            phase,
+            stage: stage.map(|s: StageProgress| s.stage),
+            answered,
+            expected,
+        }
     }
 
     /// Handles a message from connection `from`. An error means the message

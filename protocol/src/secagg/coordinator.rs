@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 use rand::{SeedableRng, rngs::StdRng};
 
 use crate::{
-    aggregate::{AggregateResult, Aggregator},
+    aggregate::{AggregateResult, Aggregator, StageProgress},
     error::ProtocolError,
     message::{AggregationPayload, Message, ParticipantId},
     secagg::{
@@ -486,6 +486,15 @@ impl Aggregator for SecAggCoordinator {
             }
         }
         self.close_stage(now);
+    }
+
+    fn progress(&self) -> Option<StageProgress> {
+        let (answered, waiting) = self.stage.counts()?;
+        Some(StageProgress {
+            stage: self.stage.metric_name()?,
+            answered,
+            expected: answered + waiting,
+        })
     }
 
     fn poll_result(&mut self) -> Option<Result<AggregateResult, ProtocolError>> {

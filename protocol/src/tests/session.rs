@@ -7,8 +7,19 @@ use crate::{
     PROTOCOL_VERSION, ProtocolError,
     aggregate::PlainAggregator,
     message::{AggregationPayload, EvalMetrics, MAX_EVAL_LOSS, Message, ParticipantId},
-    session::{CoordinatorSession, Selection, SessionEvent},
+    session::{CoordinatorSession, Selection, SessionEvent, SessionPhase, SessionProgress},
 };
+
+/// The distinct (phase, stage) pairs of `progress`, in order of first appearance.
+fn phases_seen(progress: &[SessionProgress]) -> Vec<(SessionPhase, Option<&'static str>)> {
+    let mut seen = Vec::new();
+    for p in progress {
+        if !seen.contains(&(p.phase, p.stage)) {
+            seen.push((p.phase, p.stage));
+        }
+    }
+    seen
+}
 
 /// Weighted mean of the fake updates of `ids` in `round`.
 fn expected_mean(h: &Harness, round: u32, ids: &[u32]) -> Vec<f32> {
@@ -95,6 +106,41 @@ fn full_session_completes_every_round_with_exact_weighted_means() {
     for p in h.participants.values() {
         assert!(p.is_finished());
     }
+}
+
+#[test]
+fn progress_counts_joins_and_each_stages_answers() {
+    let mut h = Harness::new(config(3, 2), 3);
+    let first = h.coordinator.progress();
+    assert_eq!(
+        (first.phase, first.round, first.answered, first.expected),
+        (SessionPhase::Joining, 0, 0, 3)
+    );
+    h.drive(1000);
+    assert_eq!(
+        phases_seen(&h.progress),
+        [
+            (SessionPhase::Joining, None),
+            (SessionPhase::Training, Some("upload")),
+            (SessionPhase::Updating, None),
+            (SessionPhase::Evaluating, Some("upload")),
+            (SessionPhase::Over, None),
+        ]
+    );
+    for p in &h.progress {
+        assert!(p.answered <= p.expected, "{p:?}");
+        assert_eq!(p.rounds, 2);
+    }
+    // Every count from 0 to 3 is seen in round 2's training uploads.
+    let answered: Vec<usize> = h
+        .progress
+        .iter()
+        .filter(|p| p.round == 2 && p.phase == SessionPhase::Training)
+        .map(|p| p.answered)
+        .collect();
+    assert_eq!(answered, [0, 1, 2], "the third upload closes the stage");
+    let last = h.progress.last().unwrap();
+    assert_eq!(last.rounds_completed, 2);
 }
 
 /// The cohorts of a 10-participant, 4-round session selecting 30%.
@@ -465,6 +511,28 @@ mod secure {
             names,
             ["advertise", "share", "masked", "unmask", "evaluate"]
         );
+    }
+
+    #[test]
+    fn progress_follows_the_secure_aggregation_stages() {
+        let mut h = secagg_harness(4, 1);
+        h.drive(10_000);
+        let stages = |phase| {
+            phases_seen(&h.progress)
+                .into_iter()
+                .filter(|p| p.0 == phase)
+                .map(|p| p.1.unwrap())
+                .collect::<Vec<_>>()
+        };
+        let all = ["advertise", "share", "masked", "unmask"];
+        assert_eq!(stages(SessionPhase::Training), all);
+        assert_eq!(stages(SessionPhase::Evaluating), all);
+        for p in &h.progress {
+            assert!(p.answered <= p.expected, "{p:?}");
+            if p.stage.is_some() {
+                assert_eq!(p.expected, 4, "nobody dropped: {p:?}");
+            }
+        }
     }
 
     /// Largest error of a decoded evaluation value: one quantisation step of

@@ -12,7 +12,7 @@ use crate::{
     cipher::{CipherSpec, CipherSteps},
     message::{EvalMetrics, Hello, Message, ModelSpec, ParticipantId, TrainingConfig},
     participant::{ParticipantEvent, ParticipantSession},
-    session::{CoordinatorSession, Selection, SessionConfig, SessionEvent},
+    session::{CoordinatorSession, Selection, SessionConfig, SessionEvent, SessionProgress},
     weights::{ModelWeights, NamedTensor},
 };
 
@@ -51,6 +51,8 @@ pub struct Harness {
     pub evaluation_uploads: Vec<&'static str>,
     /// Randomness handed to the participants.
     pub rng: rand::rngs::StdRng,
+    /// Every distinct [`CoordinatorSession::progress`] seen after an input, in order.
+    pub progress: Vec<SessionProgress>,
 }
 
 pub fn tiny_model() -> ModelWeights {
@@ -138,6 +140,7 @@ impl Harness {
             submitted: BTreeMap::new(),
             evaluation_uploads: Vec::new(),
             rng: rand::SeedableRng::seed_from_u64(3),
+            progress: Vec::new(),
         };
         for id in 0..n as ParticipantId {
             h.add_participant(id, 10 * (id as u64 + 1));
@@ -187,6 +190,7 @@ impl Harness {
                 self.evaluation_uploads.push(payload.kind());
             }
             let _ = self.coordinator.handle_message(self.now, from, m);
+            self.record_progress();
         }
         self.collect_coordinator_output();
         while let Some((to, m)) = self.to_participant.pop_front() {
@@ -239,7 +243,15 @@ impl Harness {
         progressed
     }
 
+    fn record_progress(&mut self) {
+        let p = self.coordinator.progress();
+        if self.progress.last() != Some(&p) {
+            self.progress.push(p);
+        }
+    }
+
     fn collect_coordinator_output(&mut self) {
+        self.record_progress();
         loop {
             while let Some(t) = self.coordinator.poll_transmit() {
                 self.to_participant.push_back(t);
@@ -253,6 +265,7 @@ impl Harness {
                     g.add_scaled(&delta, 1.0).unwrap();
                     self.events.push(ev);
                     self.coordinator.apply_global(self.now, g).unwrap();
+                    self.record_progress();
                     applied = true;
                     break;
                 }

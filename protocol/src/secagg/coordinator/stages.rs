@@ -121,6 +121,17 @@ impl Stage {
         }
     }
 
+    /// Uploads of this stage received so far and those still awaited.
+    pub(super) fn counts(&self) -> Option<(usize, usize)> {
+        match self {
+            Stage::CollectKeys(s) => Some((s.keys.len(), s.waiting.len())),
+            Stage::CollectShares(s) => Some((s.inbox.len(), s.waiting.len())),
+            Stage::CollectMasked(s) => Some((s.u3.len(), s.waiting.len())),
+            Stage::CollectUnmask(s) => Some((s.answered.len(), s.waiting.len())),
+            Stage::Idle | Stage::Finished { .. } => None,
+        }
+    }
+
     pub(super) fn waiting(&mut self) -> Option<&mut BTreeSet<ParticipantId>> {
         match self {
             Stage::CollectKeys(s) => Some(&mut s.waiting),
