@@ -51,9 +51,9 @@ fn config_check_accepts_good_files_and_names_the_line_of_errors() {
         ),
         ("[coordinator]\n\nstrategy = \"fedsgd\"\n", 3, "fedsgd"),
         (
-            "[participant]\nshard = \"0/4\"\nkey-fle = \"k\"\n",
+            "[participant]\nshard = \"0/4\"\nimage-kye = \"k\"\n",
             3,
-            "did you mean `key-file`",
+            "did you mean `image-key`",
         ),
         ("[participant]\nca = \"a\" \"b\"\n", 2, ""),
         (
