@@ -13,7 +13,7 @@ use greyfed::report::{RunFile, base64};
 use greyfed_participant::cipher::ImageKey;
 
 /// The recorded run copied into a fresh directory, with a fresh image key in
-/// `keys/image.key` whose fingerprint `run.json` is made to name (the
+/// `keys/ca/image.key` whose fingerprint `run.json` is made to name (the
 /// recording's own key is not kept).
 fn recorded_run() -> (tempfile::TempDir, ImageKey) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/recorded-run");
@@ -22,8 +22,9 @@ fn recorded_run() -> (tempfile::TempDir, ImageKey) {
         std::fs::copy(src.join(name), dir.path().join(name)).unwrap();
     }
     let key = ImageKey::from_bytes([42; 32]);
-    std::fs::create_dir(dir.path().join("keys")).unwrap();
-    key.write_file(dir.path().join("keys/image.key")).unwrap();
+    std::fs::create_dir_all(dir.path().join("keys/ca")).unwrap();
+    key.write_file(dir.path().join("keys/ca/image.key"))
+        .unwrap();
     let mut run = RunFile::read(dir.path()).unwrap().unwrap();
     run.key_fingerprint = Some(key.fingerprint());
     run.write(dir.path()).unwrap();
@@ -137,7 +138,7 @@ fn a_recorded_run_renders_to_pngs_and_one_self_contained_html_page() {
 #[test]
 fn without_the_key_the_report_says_why_it_has_no_samples() {
     let (dir, _) = recorded_run();
-    std::fs::remove_file(dir.path().join("keys/image.key")).unwrap();
+    std::fs::remove_file(dir.path().join("keys/ca/image.key")).unwrap();
     let out_dir = dir.path().join("elsewhere");
     let out = run_report(&[
         dir.path().as_os_str(),
