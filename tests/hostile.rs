@@ -160,3 +160,213 @@ async fn hostile_peers_are_cut_off_and_the_session_completes() {
     assert_eq!(report.rounds_completed, 1);
     assert_eq!(report.rounds[0].participants, 2);
 }
+
+/// A QUIC client configuration without a client certificate (the handshake
+/// is refused), for the connection flood.
+fn no_certificate_config(ca_pem: &[u8]) -> quinn::ClientConfig {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![greyfed_protocol::transport::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    quinn::ClientConfig::new(Arc::new(crypto))
+}
+
+/// While three honest participants run a round, the coordinator is flooded
+/// with handshakes that carry no certificate and with garbage datagrams, a
+/// slow peer trickles one byte of a frame every 200 ms, and an admitted peer
+/// says hello and then nothing at all. The round still completes, with the
+/// silent peer dropped at the stage deadline (in training and in the secure
+/// evaluation), well before the round deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_slow_and_silent_peers_do_not_hold_a_round() {
+    let ids = [
+        "participant-0",
+        "participant-1",
+        "participant-2",
+        "silent",
+        "slow",
+    ]
+    .map(String::from);
+    let pki =
+        DeploymentPki::generate(&["localhost".into()], &ids, Validity::days_from_now(1)).unwrap();
+    let ca = pki.ca.cert_pem().as_bytes().to_vec();
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelSpec::blocknet_28x28(4);
+    let tls = ServerTls {
+        cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
+        key_pem: pki.coordinator.key_pem.clone().into_bytes(),
+        client_ca_pem: ca.clone(),
+        allow_list: SharedAllowList::new(pki.allow_list()),
+    };
+    let mut config = CoordinatorConfig::new(
+        tls,
+        model.clone(),
+        init_weights(&model, 0).unwrap(),
+        dir.path().into(),
+    );
+    // Three honest participants and the silent one make the round.
+    config.participants = 4;
+    config.min_participants = 3;
+    config.rounds = 1;
+    config.secagg.stage_timeout = Duration::from_secs(5);
+    config.round_timeout = Duration::from_secs(120);
+    let coordinator = Coordinator::bind(config).unwrap();
+    let addr = coordinator.local_addr().unwrap();
+    let started = std::time::Instant::now();
+    let run = tokio::spawn(coordinator.run(std::future::pending()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = {
+        let stop = stop.clone();
+        move || stop.load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // The flood: 16 clients without a certificate, each handshaking again
+    // and again, and garbage datagrams from one socket.
+    let mut flood = Vec::new();
+    for _ in 0..16 {
+        let (config, stopped) = (no_certificate_config(&ca), stopped.clone());
+        flood.push(tokio::spawn(async move {
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            endpoint.set_default_client_config(config);
+            let mut attempts = 0u32;
+            while !stopped() {
+                if let Ok(connecting) = endpoint.connect(addr, "localhost") {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connecting).await;
+                }
+                attempts += 1;
+            }
+            attempts
+        }));
+    }
+    let garbage = {
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut sent = 0u32;
+            while !stopped() {
+                let len = 1 + (sent as usize * 97) % 1400;
+                let junk: Vec<u8> = (0..len).map(|i| (i as u32 ^ sent) as u8).collect();
+                let _ = socket.send_to(&junk, addr).await;
+                sent += 1;
+                if sent.is_multiple_of(64) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            sent
+        })
+    };
+
+    // The slow peer: an admitted certificate, a frame header one byte at a
+    // time, never a whole frame.
+    let slow = {
+        let (ca, id, stopped) = (
+            ca.clone(),
+            identity(&pki.participants[4].1),
+            stopped.clone(),
+        );
+        tokio::spawn(async move {
+            let config = client::client_config(&ca, &id).unwrap();
+            let (_endpoint, conn) = client::connect(config, addr, "localhost").await.unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            for byte in header(PROTOCOL_VERSION, 1000) {
+                if stopped() || send.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            while !stopped() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // The silent peer: a valid hello, then nothing (its connection stays
+    // open until the test ends).
+    let silent = {
+        let (ca, id, stopped) = (
+            ca.clone(),
+            identity(&pki.participants[3].1),
+            stopped.clone(),
+        );
+        tokio::spawn(async move {
+            let config = client::client_config(&ca, &id).unwrap();
+            let (_endpoint, conn) = client::connect(config, addr, "localhost").await.unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            let hello = Message::Hello(greyfed_protocol::message::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                train_samples: 200,
+                test_samples: 200,
+                image_size: (28, 28),
+                cipher: None,
+            });
+            let frame = greyfed_protocol::frame::encode_frame(&hello, 1 << 20).unwrap();
+            send.write_all(&frame).await.unwrap();
+            while !stopped() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    let data = synthetic_digits(400, 3);
+    let mut honest = Vec::new();
+    for i in 0..3 {
+        let train =
+            greyfed_participant::data::partition::shard(&data, i, 3, Partition::Iid, 0).unwrap();
+        let local = Arc::new(LocalData::prepare(&train, &train, None).unwrap());
+        let pc = ParticipantConfig::new(
+            addr,
+            "localhost",
+            ca.clone(),
+            identity(&pki.participants[i].1),
+        );
+        honest.push(tokio::spawn(async move {
+            greyfed_participant::run(&pc, local).await
+        }));
+    }
+    let report = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("the round finished despite the flood")
+        .unwrap()
+        .unwrap();
+    let elapsed = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in honest {
+        h.await.unwrap().unwrap();
+    }
+    let mut handshakes = 0;
+    for f in flood {
+        handshakes += f.await.unwrap();
+    }
+    let datagrams = garbage.await.unwrap();
+    slow.await.unwrap();
+    silent.await.unwrap();
+
+    assert_eq!(report.rounds_completed, 1, "{report:?}");
+    let round = &report.rounds[0];
+    assert_eq!(round.cohort, 4, "{round:?}");
+    assert_eq!(round.dropped, 1, "the silent peer is dropped: {round:?}");
+    assert_eq!(round.survivors, 3, "{round:?}");
+    // The secure evaluation also waits out the silent peer and completes.
+    assert_eq!(round.evaluators, 3, "{round:?}");
+    assert!(round.accuracy.is_some(), "{round:?}");
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "the round took {elapsed:?}, past what its stage deadlines allow"
+    );
+    // The flood really ran alongside the round.
+    assert!(handshakes >= 16, "{handshakes} refused handshakes");
+    assert!(datagrams >= 1000, "{datagrams} garbage datagrams");
+    eprintln!(
+        "round done in {:.1} s under {handshakes} refused handshakes and {datagrams} garbage datagrams",
+        elapsed.as_secs_f64()
+    );
+}

@@ -50,7 +50,7 @@ pub struct CoordinatorConfig {
     /// are set per session (the last from the cohort's sample counts).
     pub secagg: SecAggConfig,
     /// Hard limit on a round's training phase (local training plus
-    /// aggregation); evaluations get `secagg.stage_timeout`.
+    /// aggregation); evaluations get [`SecAggConfig::sum_deadline`].
     pub round_timeout: Duration,
     /// How long to wait for participants to join (`None`: forever).
     pub join_timeout: Option<Duration>,

@@ -153,7 +153,9 @@ impl Coordinator {
                 model: config.model.clone(),
                 training: config.training.clone(),
                 round_timeout: config.round_timeout,
-                evaluation_timeout: config.secagg.stage_timeout,
+                // Not one stage: a single silent evaluator holds the first stage
+                // to its deadline, and the others still need theirs.
+                evaluation_timeout: config.secagg.sum_deadline(),
                 join_timeout: config.join_timeout,
                 key_fingerprint: config.key_fingerprint.clone(),
                 seed: config.seed,

@@ -27,12 +27,49 @@ pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 /// Upper bound for any configured maximum (the header's u32 length field).
 pub const MAX_FRAME_CEILING: usize = u32::MAX as usize;
 
-/// Upper bound bincode may claim while decoding one payload; the real bound is
-/// the frame length, already checked.
+/// Upper bound bincode may claim while decoding one payload of the largest
+/// frame.
 const BINCODE_LIMIT: usize = 1 << 32;
 
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<BINCODE_LIMIT>()
+}
+
+/// Decodes `payload` with a bincode claim limit of `LIMIT` bytes.
+fn decode_with_limit<const LIMIT: usize>(
+    payload: &[u8],
+) -> Result<(Message, usize), bincode::error::DecodeError> {
+    let config = bincode::config::standard().with_limit::<LIMIT>();
+    bincode::serde::decode_from_slice(payload, config)
+}
+
+/// Decodes `payload` with a claim limit proportionate to its length.
+///
+/// bincode allocates a string or byte buffer at the length its prefix
+/// claims before reading the bytes (a 20-byte payload could claim 4 GiB),
+/// checking the claim only against its limit, which is a type parameter.
+/// Every claimed byte of an honest payload is a byte of the payload, so the
+/// smallest of a few limits at least as long as the payload admits it, and
+/// a lying length prefix allocates nothing: its claim exceeds the limit,
+/// which is below 16 times the payload (64 KiB for small ones). Found by the
+/// `frame` fuzz target.
+fn decode_limited(payload: &[u8]) -> Result<(Message, usize), bincode::error::DecodeError> {
+    const KIB_64: usize = 1 << 16;
+    const MIB: usize = 1 << 20;
+    const MIB_16: usize = 1 << 24;
+    const MIB_256: usize = 1 << 28;
+    let len = payload.len();
+    if len <= KIB_64 {
+        decode_with_limit::<KIB_64>(payload)
+    } else if len <= MIB {
+        decode_with_limit::<MIB>(payload)
+    } else if len <= MIB_16 {
+        decode_with_limit::<MIB_16>(payload)
+    } else if len <= MIB_256 {
+        decode_with_limit::<MIB_256>(payload)
+    } else {
+        decode_with_limit::<BINCODE_LIMIT>(payload)
+    }
 }
 
 /// Encodes `msg` as one frame. Fails with [`ProtocolError::FrameTooLarge`] if
@@ -54,9 +91,13 @@ pub fn encode_frame(msg: &Message, max_frame: usize) -> Result<Vec<u8>, Protocol
 
 /// Decodes one complete payload (without header).
 pub fn decode_payload(payload: &[u8]) -> Result<Message, ProtocolError> {
-    let (msg, used): (Message, usize) =
-        bincode::serde::decode_from_slice(payload, bincode_config())
-            .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let (msg, used) = decode_limited(payload).map_err(|e| match e {
+        bincode::error::DecodeError::LimitExceeded => ProtocolError::Malformed(format!(
+            "a length inside the {}-byte message claims more bytes than it holds",
+            payload.len()
+        )),
+        e => ProtocolError::Malformed(e.to_string()),
+    })?;
     if used != payload.len() {
         return Err(ProtocolError::Malformed(format!(
             "{} trailing bytes after the message",

@@ -107,6 +107,17 @@ pub struct SecAggConfig {
 }
 
 impl SecAggConfig {
+    /// Stages of one secure sum (advertise keys, share keys, masked input,
+    /// unmask), each closed at the latest `stage_timeout` after the previous.
+    pub const STAGES: u32 = 4;
+
+    /// A hard limit for a whole secure sum that never cuts off a sum whose
+    /// stages each close by their own deadline: every stage's timeout, plus
+    /// one more as slack for the drivers' timer delays.
+    pub fn sum_deadline(&self) -> Duration {
+        self.stage_timeout * (Self::STAGES + 1)
+    }
+
     /// SecAgg+ with `c = 1`, `b = 16`, `max_weight = 256`, `δ = 0.1`,
     /// `γ = 0.1`, 30 s per stage and at least 2 contributors. These fit the
     /// 32-bit ring for up to 256 participants; lower `bits` or `max_weight`
