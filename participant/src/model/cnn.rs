@@ -231,7 +231,7 @@ impl Cnn {
         };
         let conv_block = |x: &Tensor, i: usize| -> Result<Tensor> {
             let y = x.conv2d(&w(i), 1, 1, 1, 1)?;
-            max_pool_2x2(&channel_bias_relu(&y, &w(i + 1))?)
+            max_pool_2x2(&channel_bias_relu(&y, &w(i + 1))?, detached)
         };
         let x = conv_block(images, 0)?;
         let x = conv_block(&x, 2)?.flatten_from(1)?;
@@ -319,20 +319,28 @@ impl CustomOp1 for ChannelSums {
 }
 
 /// 2x2 max-pooling with stride 2, dropping an odd last row or column first
-/// (PyTorch's floor; candle's max-pool backward needs even sizes).
-fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
+/// (PyTorch's floor). `detached` uses candle's `max_pool2d` (inference
+/// only); otherwise a maximum over the reshaped windows, whose backward
+/// sends each window's gradient to its maximum as PyTorch does (candle
+/// 0.11's `max_pool2d` backward scales it by a quarter, see the tests).
+fn max_pool_2x2(x: &Tensor, detached: bool) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (ph, pw) = (h / 2, w / 2);
     let x = if h % 2 == 1 {
-        x.narrow(2, 0, h - 1)?
+        x.narrow(2, 0, 2 * ph)?
     } else {
         x.clone()
     };
     let x = if w % 2 == 1 {
-        x.narrow(3, 0, w - 1)?
+        x.narrow(3, 0, 2 * pw)?
     } else {
         x
     };
-    Ok(x.max_pool2d(2)?)
+    if detached {
+        Ok(x.max_pool2d(2)?)
+    } else {
+        Ok(x.reshape((n, c, ph, 2, pw, 2))?.max(5)?.max(3)?)
+    }
 }
 
 #[cfg(test)]
@@ -505,6 +513,37 @@ mod tests {
             let e = net.forward(&bad).unwrap_err().to_string();
             assert!(e.contains(&format!("[N, {planes}, {rows}, {cols}]")), "{e}");
         }
+    }
+
+    /// The differentiable pooling sends each window's gradient to its
+    /// maximum (PyTorch's `MaxPool2d`), also with an odd size; candle 0.11's
+    /// own `max_pool2d` backward scales it by a quarter, which is why the
+    /// reference does not use it (should this start failing after a candle
+    /// upgrade, candle's is fixed).
+    #[test]
+    fn reference_pooling_gradient_reaches_the_maximum() {
+        let dev = &Device::Cpu;
+        let x = Var::from_vec(random(2 * 5 * 4, 9), (1, 2, 5, 4), dev).unwrap();
+        let y = max_pool_2x2(x.as_tensor(), false).unwrap();
+        assert_eq!(y.dims(), &[1, 2, 2, 2]);
+        let fast = max_pool_2x2(x.as_tensor(), true).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&y), flat(&fast));
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = flat(g.get(x.as_tensor()).unwrap());
+        assert_eq!(g.iter().filter(|&&v| v == 1.0).count(), 8);
+        assert_eq!(g.iter().filter(|&&v| v == 0.0).count(), 32);
+        let candle = x
+            .narrow(2, 0, 4)
+            .unwrap()
+            .max_pool2d(2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let candle = flat(candle.get(x.as_tensor()).unwrap());
+        assert_eq!(candle.iter().filter(|&&v| v == 0.25).count(), 8);
     }
 
     /// The fused channel-bias + ReLU op and its backward pass agree with
