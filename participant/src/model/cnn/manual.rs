@@ -40,8 +40,9 @@ use crate::error::{ParticipantError, Result};
 use crate::model::gemm::{MatRef, matmul};
 use crate::model::softmax_cross_entropy_rows;
 
-/// Marks a pooled value whose ReLU was cut: no input gets its gradient.
-const DEAD: u8 = 4;
+/// Flag of a pooled value's winner code (see [`pool_bias_relu`]) whose ReLU
+/// was cut: no input gets its gradient.
+const DEAD: u32 = 1 << 31;
 
 /// The CNN's parameters as slices, PyTorch layout, [`CnnDims::layout`] order.
 pub(super) struct Params<'a> {
@@ -92,17 +93,16 @@ struct Shard {
     pre1: Vec<f32>,
     /// Pool 1 output (after bias and ReLU) `[n, R/2, W/2, C1]`.
     pool1: Vec<f32>,
-    /// Winning input (0..4) or [`DEAD`] per pool 1 value.
-    win1: Vec<u8>,
+    /// Winner code per pool 1 value (see [`pool_bias_relu`]).
+    win1: Vec<u32>,
     /// im2col of pool 1 `[n * R/2 * W/2, 9 * C1]`; in the backward pass
     /// its gradient.
     cols2: Vec<f32>,
     /// conv2 before bias `[n * R/2 * W/2, C2]`; in the backward pass its
     /// gradient.
     pre2: Vec<f32>,
-    /// Winning input or [`DEAD`] per pool 2 value, channels-last
-    /// `[n, R/4, W/4, C2]`.
-    win2: Vec<u8>,
+    /// Winner code per pool 2 value, channel-major like `flat`.
+    win2: Vec<u32>,
     /// Pool 2 output channel-major `[n, F]`: `fc1`'s input.
     flat: Vec<f32>,
     /// `[n, H]` after ReLU.
@@ -152,8 +152,8 @@ fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
-/// `v` holding exactly `len` bytes (old contents unspecified).
-fn sized_u8(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
+/// `v` holding exactly `len` codes (old contents unspecified).
+fn sized_u32(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
     v.resize(len, 0);
     &mut v[..len]
 }
@@ -190,6 +190,8 @@ pub(super) fn loss_and_grads(
             )));
         }
     }
+    check_pool_size(d.rows, d.cols, d.c1)?;
+    check_pool_size(d.rows / 2, d.cols / 2, d.c2)?;
     to_internal(
         p.conv1_w,
         d.c1,
@@ -335,7 +337,7 @@ impl Shard {
             seq,
         )?;
         let pool1 = sized(&mut self.pool1, px1 * c1);
-        let win1 = sized_u8(&mut self.win1, px1 * c1);
+        let win1 = sized_u32(&mut self.win1, px1 * c1);
         let nhwc_out = PooledLayout::channels_last(r1 * w1, c1);
         pool_bias_relu(pre1, n, r, w, c1, p.conv1_b, pool1, win1, nhwc_out);
 
@@ -352,7 +354,7 @@ impl Shard {
             seq,
         )?;
         let flat = sized(&mut self.flat, n * f);
-        let win2 = sized_u8(&mut self.win2, px2 * c2);
+        let win2 = sized_u32(&mut self.win2, px2 * c2);
         let flat_out = PooledLayout::channel_major(r2 * w2, c2);
         pool_bias_relu(pre2, n, r1, w1, c2, p.conv2_b, flat, win2, flat_out);
 
@@ -410,7 +412,7 @@ impl Shard {
 
         // pool2 / conv2 backward: pre2 becomes its gradient.
         let d_b2 = sized(&mut g.conv2_b, c2);
-        unpool(d_flat, win2, n, r1, w1, c2, flat_out, pre2, d_b2);
+        unpool(d_flat, win2, n, c2, pre2, d_b2);
         let d_pre2 = MatRef::new(pre2, px1, c2)?;
         let cols2_m = MatRef::new(cols2, px1, 9 * c1)?;
         matmul(
@@ -427,7 +429,7 @@ impl Shard {
 
         // pool1 / conv1 backward: pre1 becomes its gradient.
         let d_b1 = sized(&mut g.conv1_b, c1);
-        unpool(d_pool1, win1, n, r, w, c1, nhwc_out, pre1, d_b1);
+        unpool(d_pool1, win1, n, c1, pre1, d_b1);
         let d_pre1 = MatRef::new(pre1, px0, c1)?;
         matmul(
             sized(&mut g.conv1_w, c1 * 9 * i),
@@ -576,8 +578,9 @@ fn col2im_c<const C: usize>(cols: &[f32], n: usize, h: usize, w: usize, c: usize
 
 /// 2x2 max-pooling (stride 2, odd last row and column dropped) of the
 /// channels-last `x [n, h, w, c]`, then `relu(max + bias[c])`, written to
-/// `out` in layout `lay`; `win [n, h/2, w/2, c]` records the winning input
-/// (`dy * 2 + dx`, first maximum) or [`DEAD`].
+/// `out` in layout `lay`. `win` (same layout) gets each pooled value's
+/// winner code: the offset of its first maximum inside its image's `x`
+/// (below [`DEAD`]: [`check_pool_size`]), plus [`DEAD`] when the ReLU cut it.
 #[allow(clippy::too_many_arguments)]
 fn pool_bias_relu(
     x: &[f32],
@@ -587,7 +590,7 @@ fn pool_bias_relu(
     c: usize,
     bias: &[f32],
     out: &mut [f32],
-    win: &mut [u8],
+    win: &mut [u32],
     lay: PooledLayout,
 ) {
     by_channels!(c, pool_bias_relu_c(x, n, h, w, c, bias, out, win, lay));
@@ -604,45 +607,51 @@ fn pool_bias_relu_c<const C: usize>(
     c: usize,
     bias: &[f32],
     out: &mut [f32],
-    win: &mut [u8],
+    win: &mut [u32],
     lay: PooledLayout,
 ) {
     let c = if C == 0 { c } else { C };
     let (ph, pw) = (h / 2, w / 2);
     let bias = &bias[..c];
     let mut pooled = vec![0f32; c];
-    let mut wins = win.chunks_exact_mut(c);
+    let mut codes = vec![0u32; c];
     for img in 0..n {
+        let x = &x[img * h * w * c..][..h * w * c];
         for py in 0..ph {
-            let row0 = &x[(img * h + 2 * py) * w * c..][..w * c];
-            let row1 = &x[(img * h + 2 * py + 1) * w * c..][..w * c];
+            let row0 = &x[2 * py * w * c..][..w * c];
+            let row1 = &x[(2 * py + 1) * w * c..][..w * c];
             for px in 0..pw {
                 let (a, b) = (&row0[2 * px * c..][..c], &row0[(2 * px + 1) * c..][..c]);
                 let (d, e) = (&row1[2 * px * c..][..c], &row1[(2 * px + 1) * c..][..c]);
-                let Some(wins) = wins.next() else { return };
-                let lanes = pooled.iter_mut().zip(wins.iter_mut()).zip(bias);
-                for (ch, ((out, win), &bias)) in lanes.enumerate() {
-                    let (mut m, mut k) = (a[ch], 0u8);
+                // Offsets of the four inputs of channel 0 (fit u32, see above).
+                let o = ((2 * py * w + 2 * px) * c) as u32;
+                let (ob, od) = (o + c as u32, o + (w * c) as u32);
+                let oe = od + c as u32;
+                let lanes = pooled.iter_mut().zip(codes.iter_mut()).zip(bias);
+                for (ch, ((out, code), &bias)) in lanes.enumerate() {
+                    let (mut m, mut k) = (a[ch], o);
                     if b[ch] > m {
-                        (m, k) = (b[ch], 1);
+                        (m, k) = (b[ch], ob);
                     }
                     if d[ch] > m {
-                        (m, k) = (d[ch], 2);
+                        (m, k) = (d[ch], od);
                     }
                     if e[ch] > m {
-                        (m, k) = (e[ch], 3);
+                        (m, k) = (e[ch], oe);
                     }
                     let v = m + bias;
                     let alive = v > 0.0;
                     *out = if alive { v } else { 0.0 };
-                    *win = if alive { k } else { DEAD };
+                    *code = (k + ch as u32) | if alive { 0 } else { DEAD };
                 }
                 let base = img * lay.image + (py * pw + px) * lay.pixel;
                 if lay.channel == 1 {
                     out[base..base + c].copy_from_slice(&pooled);
+                    win[base..base + c].copy_from_slice(&codes);
                 } else {
-                    for (ch, &v) in pooled.iter().enumerate() {
+                    for (ch, (&v, &k)) in pooled.iter().zip(&codes).enumerate() {
                         out[base + ch * lay.channel] = v;
+                        win[base + ch * lay.channel] = k;
                     }
                 }
             }
@@ -650,75 +659,39 @@ fn pool_bias_relu_c<const C: usize>(
     }
 }
 
-/// Backward of [`pool_bias_relu`]: the gradient `g` of the pooled values
-/// (layout `lay`) goes to the winning inputs of `dx [n, h, w, c]`, zeros
-/// elsewhere; `db [c]` gets the per-channel sums (the bias gradient).
-#[allow(clippy::too_many_arguments)]
-fn unpool(
-    g: &[f32],
-    win: &[u8],
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    lay: PooledLayout,
-    dx: &mut [f32],
-    db: &mut [f32],
-) {
-    by_channels!(c, unpool_c(g, win, n, h, w, c, lay, dx, db));
+/// Refuses activations `[h, w, c]` whose offsets do not fit below
+/// [`DEAD`] (winner codes of [`pool_bias_relu`]).
+fn check_pool_size(h: usize, w: usize, c: usize) -> Result<()> {
+    match h.checked_mul(w).and_then(|v| v.checked_mul(c)) {
+        Some(len) if len <= DEAD as usize => Ok(()),
+        _ => Err(ParticipantError::Model(format!(
+            "cnn: activations {h}x{w}x{c} too large"
+        ))),
+    }
 }
 
-/// [`unpool`] for `C` channels (`C = 0`: `c`).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn unpool_c<const C: usize>(
-    g: &[f32],
-    win: &[u8],
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    lay: PooledLayout,
-    dx: &mut [f32],
-    db: &mut [f32],
-) {
-    let c = if C == 0 { c } else { C };
-    let (ph, pw) = (h / 2, w / 2);
-    let db = &mut db[..c];
-    db.fill(0.0);
-    if h % 2 == 1 || w % 2 == 1 {
-        // The dropped last row or column gets no gradient.
-        dx.fill(0.0);
-    }
-    let mut grad = vec![0f32; c];
-    let mut wins = win.chunks_exact(c);
-    for img in 0..n {
-        for py in 0..ph {
-            let (rows0, rows1) = dx[(img * h + 2 * py) * w * c..][..2 * w * c].split_at_mut(w * c);
-            for px in 0..pw {
-                let Some(wins) = wins.next() else { return };
-                let base = img * lay.image + (py * pw + px) * lay.pixel;
-                if lay.channel == 1 {
-                    grad.copy_from_slice(&g[base..base + c]);
-                } else {
-                    for (ch, v) in grad.iter_mut().enumerate() {
-                        *v = g[base + ch * lay.channel];
-                    }
-                }
-                let (a, b) = rows0[2 * px * c..][..2 * c].split_at_mut(c);
-                let (d, e) = rows1[2 * px * c..][..2 * c].split_at_mut(c);
-                for (k, dst) in [a, b, d, e].into_iter().enumerate() {
-                    let k = k as u8;
-                    for ((dst, &win), &g) in dst.iter_mut().zip(wins).zip(&grad) {
-                        *dst = if win == k { g } else { 0.0 };
-                    }
-                }
-                for ((db, &win), &g) in db.iter_mut().zip(wins).zip(&grad) {
-                    *db += if win == DEAD { 0.0 } else { g };
+/// Backward of [`pool_bias_relu`] for `n` images: the gradient `g` of the
+/// pooled values goes to their winning inputs in `dx [n, h, w, c]` (zeros
+/// elsewhere, nothing where the ReLU was cut); `db [c]` gets the
+/// per-channel sums (the bias gradient). `g` and `win` share a layout.
+fn unpool(g: &[f32], win: &[u32], n: usize, c: usize, dx: &mut [f32], db: &mut [f32]) {
+    dx.fill(0.0);
+    let (pooled, image) = (g.len() / n.max(1), dx.len() / n.max(1));
+    if pooled > 0 && image > 0 {
+        let images = dx
+            .chunks_exact_mut(image)
+            .zip(g.chunks_exact(pooled))
+            .zip(win.chunks_exact(pooled));
+        for ((dx, g), win) in images {
+            for (&g, &code) in g.iter().zip(win) {
+                // Codes are in range (see pool_bias_relu); `get_mut` only keeps this safe.
+                if let Some(d) = dx.get_mut((code & !DEAD) as usize) {
+                    *d = if code & DEAD == 0 { g } else { 0.0 };
                 }
             }
         }
     }
+    column_sums(dx, c, db);
 }
 
 /// Sums over the rows of `x [M, c]` into `out [c]`.
@@ -728,5 +701,33 @@ fn column_sums(x: &[f32], c: usize, out: &mut [f32]) {
         for (o, v) in out.iter_mut().zip(row) {
             *o += v;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn winner_codes_must_fit_below_the_dead_flag() {
+        assert!(check_pool_size(1 << 16, 1 << 15, 1).is_ok());
+        let e = check_pool_size(1 << 16, 1 << 15, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too large"), "{e}");
+        assert!(check_pool_size(usize::MAX, 2, 1).is_err());
+    }
+
+    #[test]
+    fn kernel_relayout_round_trips() {
+        let w: Vec<f32> = (0..4 * 3 * 9).map(|v| v as f32).collect();
+        let mut internal = vec![0f32; w.len()];
+        to_internal(&w, 4, 3, &mut internal);
+        // Output 1, input channel 2, (ky, kx) = (0, 1): PyTorch index
+        // (1 * 3 + 2) * 9 + 1, internal (1 * 9 + 1) * 3 + 2.
+        assert_eq!(internal[(9 + 1) * 3 + 2], w[(3 + 2) * 9 + 1]);
+        let mut back = vec![0f32; w.len()];
+        from_internal(&internal, 4, 3, &mut back);
+        assert_eq!(back, w);
     }
 }
