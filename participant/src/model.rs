@@ -75,9 +75,11 @@
 //! no gradient for the input images, no autograd bookkeeping, every gradient
 //! computed once in its final layout), checked against candle's autograd in
 //! the tests; it makes a training step several times faster than autograd
-//! on CPU. The differentiable [`Network::forward`] stays available, and
-//! models without a hand-written backward pass can get their gradients from
-//! [`autograd_loss_and_grads`]: the ViT and the CNN do.
+//! on CPU. The CNN has one too, on plain slices with reused buffers (im2col
+//! and one `gemm` product per convolution; see [`cnn`]). The differentiable
+//! [`Network::forward`] stays available, and models without a hand-written
+//! backward pass can get their gradients from [`autograd_loss_and_grads`]:
+//! the ViT does.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor, Var};
 use greyfed_protocol::message::{FirstLayer, ModelSpec};
@@ -89,6 +91,7 @@ use crate::error::{ParticipantError, Result};
 use ops::map_rows_with_bias;
 
 pub mod cnn;
+mod gemm;
 mod ops;
 pub mod vit;
 
@@ -828,9 +831,30 @@ fn softmax_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(f32, Tenso
         )));
     }
     let mut grad = vec![0f32; n * k];
+    let loss = softmax_cross_entropy_rows(&z, k, &y, 1.0 / n as f32, &mut grad)?;
+    let grad = Tensor::from_vec(grad, (n, k), logits.device())?;
+    Ok(((loss / n as f64) as f32, grad))
+}
+
+/// Softmax cross-entropy of the rows of `z [M, k]` against `labels [M]`:
+/// returns the sum of the rows' losses and writes `grad [M, k] = (softmax -
+/// onehot) * scale`. A label not below `k` or mismatched lengths are errors.
+pub(crate) fn softmax_cross_entropy_rows(
+    z: &[f32],
+    k: usize,
+    labels: &[u32],
+    scale: f32,
+    grad: &mut [f32],
+) -> Result<f64> {
+    let rows = labels.len();
+    if k == 0 || Some(z.len()) != rows.checked_mul(k) || grad.len() != z.len() {
+        return Err(ParticipantError::Model(format!(
+            "{rows} labels for {} logits of {k} classes",
+            z.len()
+        )));
+    }
     let mut loss = 0f64;
-    let inv_n = 1.0 / n as f32;
-    for ((row, g), &label) in z.chunks_exact(k).zip(grad.chunks_exact_mut(k)).zip(&y) {
+    for ((row, g), &label) in z.chunks_exact(k).zip(grad.chunks_exact_mut(k)).zip(labels) {
         let label = label as usize;
         if label >= k {
             return Err(ParticipantError::Model(format!(
@@ -844,14 +868,13 @@ fn softmax_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(f32, Tenso
             sum += *g;
         }
         loss += f64::from(sum.ln() + max - row[label]);
-        let scale = inv_n / sum;
+        let s = scale / sum;
         for g in g.iter_mut() {
-            *g *= scale;
+            *g *= s;
         }
-        g[label] -= inv_n;
+        g[label] -= scale;
     }
-    let grad = Tensor::from_vec(grad, (n, k), logits.device())?;
-    Ok(((loss / n as f64) as f32, grad))
+    Ok(loss)
 }
 
 /// Contiguous `f32` view of a CPU tensor operand.

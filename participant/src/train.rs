@@ -10,7 +10,7 @@
 //!   order (seeded by the round seed and the epoch), minibatches of
 //!   `batch_size` (the last one may be smaller), mean cross-entropy loss via
 //!   log-softmax; gradients from [`Network::loss_and_grads`] (a hand-written
-//!   backward pass for blocknet, candle autograd available for other models).
+//!   backward pass for blocknet and the CNN, candle autograd for the ViT).
 //! - The optimisers are fused and written in plain Rust: one pass over each
 //!   parameter tensor updates the parameters, in place in the candle
 //!   variable's storage, together with the optimiser state kept in Rust
