@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use greyfed_protocol::{
     Message, ParticipantId, ProtocolError,
     frame::{FrameDecoder, encode_frame},
@@ -66,12 +67,11 @@ pub(crate) enum Inbound {
 
 /// What the driver tells a connection's writer.
 pub(crate) enum Outbound {
-    Frame(Vec<u8>),
+    /// One encoded frame; several connections may share its bytes (every
+    /// evaluator gets the same `EvaluateRequest`).
+    Frame(Bytes),
     /// Finish the stream, wait briefly for the peer to close, then close.
-    Finish {
-        code: u32,
-        reason: String,
-    },
+    Finish { code: u32, reason: String },
 }
 
 /// Accepts connections until the endpoint closes, each in its own task
@@ -201,7 +201,8 @@ async fn connection_task(
         while let Some(out) = rx.recv().await {
             match out {
                 Outbound::Frame(bytes) => {
-                    if send.write_all(&bytes).await.is_err() {
+                    // write_chunk keeps the shared buffer instead of copying it.
+                    if send.write_chunk(bytes).await.is_err() {
                         break;
                     }
                 }
@@ -226,7 +227,7 @@ async fn connection_task(
                 },
                 max_frame,
             ) {
-                let _ = tx.send(Outbound::Frame(frame));
+                let _ = tx.send(Outbound::Frame(frame.into()));
             }
             let _ = tx.send(Outbound::Finish {
                 code: close_code::PROTOCOL_ERROR,

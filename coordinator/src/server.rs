@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use greyfed_protocol::{
     AggregationKind, EvalMetrics, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
@@ -213,6 +214,7 @@ impl Coordinator {
             settings: config.settings(),
             round_bytes: BTreeMap::new(),
             max_frame: config.max_frame,
+            shared_frame: None,
             events: config.events.clone(),
             last_progress: None,
         };
@@ -274,6 +276,9 @@ struct Driver {
     events: Option<EventSender>,
     /// The progress last sent (only changes are sent).
     last_progress: Option<SessionProgress>,
+    /// The last `EvaluateRequest` encoded: its round, its model and its
+    /// frame, which every other evaluator's identical request reuses.
+    shared_frame: Option<(u32, Arc<ModelWeights>, Bytes)>,
 }
 
 impl Driver {
@@ -394,7 +399,7 @@ impl Driver {
 
     /// Queues an encoded frame for `to`, counting it towards the `bytes_down`
     /// of the round in progress.
-    fn send_frame(&mut self, to: ParticipantId, frame: Vec<u8>) {
+    fn send_frame(&mut self, to: ParticipantId, frame: Bytes) {
         if let Some(tx) = self.connections.get(&to) {
             self.round_bytes
                 .entry(self.session.current_round())
@@ -412,7 +417,7 @@ impl Driver {
             },
             self.max_frame,
         ) {
-            self.send_frame(id, frame);
+            self.send_frame(id, frame.into());
         }
         if let Some(tx) = self.connections.remove(&id) {
             let _ = tx.send(Outbound::Finish {
@@ -510,11 +515,29 @@ impl Driver {
             if !self.connections.contains_key(&to) {
                 continue;
             }
-            match encode_frame(&msg, self.max_frame) {
+            match self.encode(&msg) {
                 Ok(frame) => self.send_frame(to, frame),
                 Err(e) => warn!(to, kind = msg.kind(), "cannot encode message: {e}"),
             }
         }
+    }
+
+    /// Encodes `msg`; an `EvaluateRequest` for the same round and model as
+    /// the previous one gets the previous frame's bytes (shared, not copied),
+    /// so a round's evaluation holds one encoded model, not one per evaluator.
+    fn encode(&mut self, msg: &Message) -> std::result::Result<Bytes, ProtocolError> {
+        if let Message::EvaluateRequest { round, global } = msg {
+            if let Some((r, model, frame)) = &self.shared_frame
+                && r == round
+                && Arc::ptr_eq(model, global)
+            {
+                return Ok(frame.clone());
+            }
+            let frame = Bytes::from(encode_frame(msg, self.max_frame)?);
+            self.shared_frame = Some((*round, global.clone(), frame.clone()));
+            return Ok(frame);
+        }
+        Ok(encode_frame(msg, self.max_frame)?.into())
     }
 
     fn finish_all(&mut self, code: u32, reason: &str) {

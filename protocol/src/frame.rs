@@ -255,7 +255,7 @@ mod tests {
         .unwrap();
         Message::TrainRequest {
             round: 3,
-            global: crate::GlobalModel::Weights(w),
+            global: crate::GlobalModel::Weights(w.into()),
             seed: 42,
         }
     }

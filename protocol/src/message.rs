@@ -21,6 +21,8 @@
 //!                      ◀───────   Finished
 //! ```
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -392,8 +394,10 @@ impl Hello {
 /// bytes of a round).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GlobalModel {
-    /// The weights themselves.
-    Weights(ModelWeights),
+    /// The weights themselves, shared by every recipient's message (the
+    /// wire form is the weights; `Arc` only saves the coordinator a copy per
+    /// participant).
+    Weights(Arc<ModelWeights>),
     /// The model of the participant's `EvaluateRequest` for `round`, which
     /// it keeps until its next training.
     Evaluated {
@@ -627,8 +631,8 @@ pub enum Message {
     EvaluateRequest {
         /// Round whose aggregated model is evaluated.
         round: u32,
-        /// The new global model.
-        global: ModelWeights,
+        /// The new global model, shared by every evaluator's message.
+        global: Arc<ModelWeights>,
     },
     /// Participant → coordinator: this participant's input to the round's
     /// evaluation sum (see [`EvalMetrics::sum_input`]).

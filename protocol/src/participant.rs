@@ -23,6 +23,7 @@
 //! participant out of that round and the next round starts afresh.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rand::CryptoRng;
 
@@ -200,7 +201,7 @@ impl ParticipantSession {
                 let global = match global {
                     GlobalModel::Weights(w) => {
                         w.validate()?;
-                        w
+                        Arc::unwrap_or_clone(w)
                     }
                     GlobalModel::Evaluated { round: wanted } => match self.evaluated.take() {
                         Some((held, w)) if held == wanted => w,
@@ -228,6 +229,7 @@ impl ParticipantSession {
             // (we were late or excluded); our update is then discarded.
             (State::Idle | State::Training { .. }, Message::EvaluateRequest { round, global }) => {
                 global.validate()?;
+                let global = Arc::unwrap_or_clone(global);
                 // A participant admitted during the round evaluates it too.
                 if round < self.last_round {
                     return Err(ProtocolError::WrongRound {

@@ -38,6 +38,7 @@
 //! certificate cannot join as several participants.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
@@ -796,6 +797,8 @@ impl CoordinatorSession {
             return Ok(());
         }
         self.round.evaluators = evaluators.iter().copied().collect();
+        // One copy of the model for every EvaluateRequest.
+        let shared = Arc::new(self.global.clone());
         for &id in &evaluators {
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.evaluated = Some(round);
@@ -804,7 +807,7 @@ impl CoordinatorSession {
                 id,
                 Message::EvaluateRequest {
                     round,
-                    global: self.global.clone(),
+                    global: shared.clone(),
                 },
             ));
         }
@@ -869,12 +872,18 @@ impl CoordinatorSession {
             cohort: cohort.clone(),
             ..RoundState::default()
         };
+        // One copy of the model for every TrainRequest that carries it.
+        let mut shared: Option<Arc<ModelWeights>> = None;
         for &id in &cohort {
             let global = match (self.global_round, self.peers.get(&id)) {
                 (Some(r), Some(peer)) if peer.evaluated == Some(r) => {
                     GlobalModel::Evaluated { round: r }
                 }
-                _ => GlobalModel::Weights(self.global.clone()),
+                _ => GlobalModel::Weights(
+                    shared
+                        .get_or_insert_with(|| Arc::new(self.global.clone()))
+                        .clone(),
+                ),
             };
             self.outbox.push_back((
                 id,

@@ -442,7 +442,7 @@ fn participant_session_rejects_out_of_order_messages() {
     assert!(matches!(p.poll_transmit(), Some(Message::Hello(_))));
     let train = Message::TrainRequest {
         round: 1,
-        global: crate::GlobalModel::Weights(tiny_model()),
+        global: crate::GlobalModel::Weights(tiny_model().into()),
         seed: 0,
     };
     let err = p.handle_message(train, &mut rng).unwrap_err();
@@ -807,7 +807,7 @@ fn participant_session_trains_from_the_model_it_evaluated() {
     let mut p = admitted();
     let eval = Message::EvaluateRequest {
         round: 1,
-        global: evaluated.clone(),
+        global: evaluated.clone().into(),
     };
     p.handle_message(eval, &mut rng).unwrap();
     assert!(matches!(
