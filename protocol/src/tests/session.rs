@@ -672,10 +672,17 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
     let next = s.global().clone();
     s.apply_global(now, next).unwrap();
     let mut evaluated = Vec::new();
+    let mut models: Vec<std::sync::Arc<crate::ModelWeights>> = Vec::new();
     while let Some((to, m)) = s.poll_transmit() {
-        assert!(matches!(m, Message::EvaluateRequest { .. }));
+        let Message::EvaluateRequest { global, .. } = m else {
+            panic!("expected an EvaluateRequest, got {}", m.kind());
+        };
+        assert_eq!(*global, *s.global());
+        models.push(global);
         evaluated.push(to);
     }
+    // One copy of the model serves every evaluator's request.
+    assert!(models.iter().all(|m| std::sync::Arc::ptr_eq(m, &models[0])));
     assert_eq!(
         evaluated,
         vec![0, 1, 5],
