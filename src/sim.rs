@@ -24,7 +24,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use greyfed_coordinator::{
     Coordinator, CoordinatorConfig,
-    auth::SharedAllowList,
     metrics::RoundRecord,
     pki::{DeploymentPki, Validity},
     tls::ServerTls,
@@ -226,14 +225,8 @@ impl FederationBuilder {
             Some(d) => load_idx_dir(d)?,
             None => builtin_splits(self.data_seed.unwrap_or(self.seed)),
         };
-        let tls = ServerTls {
-            cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
-            key_pem: pki.coordinator.key_pem.clone().into_bytes(),
-            client_ca_pem: pki.ca.cert_pem().as_bytes().to_vec(),
-            allow_list: SharedAllowList::new(pki.allow_list()),
-        };
         let mut config = CoordinatorConfig::new(
-            tls,
+            ServerTls::from_pki(&pki),
             model.clone(),
             init_weights(&model, self.seed)?,
             dir.path().to_path_buf(),

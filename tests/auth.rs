@@ -13,18 +13,21 @@
 //!   and refuses its reconnection, which the participant does not retry;
 //! - one certificate holds one seat.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use common::{identity, no_certificate_config};
 use greyfed_coordinator::{
     Coordinator, CoordinatorConfig,
     auth::SharedAllowList,
-    pki::{CertificateAuthority, DeploymentPki, IssuedCert, Validity},
+    pki::{CertificateAuthority, DeploymentPki, Validity},
     tls::ServerTls,
 };
 use greyfed_participant::{
-    ClientIdentity, LocalData, ParticipantConfig, ParticipantError, client,
+    LocalData, ParticipantConfig, ParticipantError, client,
     data::{
         partition::{Partition, shard},
         synthetic::synthetic_digits,
@@ -34,22 +37,12 @@ use greyfed_participant::{
 use greyfed_protocol::{
     Hello, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
-    transport,
 };
-
-fn identity(cert: &IssuedCert) -> ClientIdentity {
-    ClientIdentity {
-        cert_pem: cert.cert_pem.clone().into_bytes(),
-        key_pem: cert.key_pem.clone().into_bytes(),
-    }
-}
 
 fn server_tls(pki: &DeploymentPki, allow_list: SharedAllowList) -> ServerTls {
     ServerTls {
-        cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
-        key_pem: pki.coordinator.key_pem.clone().into_bytes(),
-        client_ca_pem: pki.ca.cert_pem().as_bytes().to_vec(),
         allow_list,
+        ..ServerTls::from_pki(pki)
     }
 }
 
@@ -83,25 +76,6 @@ fn local_data(i: usize, n: usize) -> Arc<LocalData> {
     let data = synthetic_digits(300, 3);
     let train = shard(&data, i, n, Partition::Iid, 0).unwrap();
     Arc::new(LocalData::prepare(&train, &train, None).unwrap())
-}
-
-/// A client configuration without any client certificate (rustls directly:
-/// the participant crate always presents one).
-fn no_certificate_config(ca_pem: &[u8]) -> quinn::ClientConfig {
-    use rustls_pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![transport::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
-    quinn::ClientConfig::new(Arc::new(crypto))
 }
 
 /// Connects with `config`, sends bytes that are no greyfed frame and reads

@@ -5,18 +5,24 @@
 //! with a clear error; the honest participants' session completes
 //! regardless.
 
+mod common;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{identity, no_certificate_config};
 use greyfed_coordinator::{
-    Coordinator, CoordinatorConfig,
-    auth::SharedAllowList,
-    pki::{DeploymentPki, IssuedCert, Validity},
+    Coordinator, CoordinatorConfig, RunReport,
+    pki::{DeploymentPki, Validity},
     tls::ServerTls,
 };
 use greyfed_participant::{
-    ClientIdentity, LocalData, ParticipantConfig, client,
-    data::{partition::Partition, synthetic::synthetic_digits},
+    ClientIdentity, LocalData, ParticipantConfig, ParticipantReport, client,
+    data::{
+        partition::{Partition, shard},
+        synthetic::synthetic_digits,
+    },
     model::init_weights,
 };
 use greyfed_protocol::{
@@ -56,18 +62,59 @@ async fn send_raw(
     (msgs, reason)
 }
 
-fn identity(cert: &IssuedCert) -> ClientIdentity {
-    ClientIdentity {
-        cert_pem: cert.cert_pem.clone().into_bytes(),
-        key_pem: cert.key_pem.clone().into_bytes(),
-    }
-}
-
 fn header(version: u16, len: u32) -> Vec<u8> {
     let mut h = MAGIC.to_vec();
     h.extend(version.to_be_bytes());
     h.extend(len.to_be_bytes());
     h
+}
+
+type Run = tokio::task::JoinHandle<greyfed_coordinator::Result<RunReport>>;
+
+/// Runs a one-round coordinator for `pki`'s participants in the background,
+/// waiting for `participants`, with `adjust` applied to its configuration.
+fn start(
+    pki: &DeploymentPki,
+    out: &std::path::Path,
+    participants: usize,
+    adjust: impl FnOnce(&mut CoordinatorConfig),
+) -> (SocketAddr, Run) {
+    let model = ModelSpec::blocknet_28x28(4);
+    let mut config = CoordinatorConfig::new(
+        ServerTls::from_pki(pki),
+        model.clone(),
+        init_weights(&model, 0).unwrap(),
+        out.into(),
+    );
+    config.participants = participants;
+    config.rounds = 1;
+    adjust(&mut config);
+    let coordinator = Coordinator::bind(config).unwrap();
+    let addr = coordinator.local_addr().unwrap();
+    (addr, tokio::spawn(coordinator.run(std::future::pending())))
+}
+
+/// Starts `pki`'s first `n` participants, honest, each on its IID share of
+/// the same synthetic digits.
+fn honest_participants(
+    addr: SocketAddr,
+    pki: &DeploymentPki,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<greyfed_participant::Result<ParticipantReport>>> {
+    let data = synthetic_digits(400, 3);
+    (0..n)
+        .map(|i| {
+            let train = shard(&data, i, n, Partition::Iid, 0).unwrap();
+            let local = Arc::new(LocalData::prepare(&train, &train, None).unwrap());
+            let pc = ParticipantConfig::new(
+                addr,
+                "localhost",
+                pki.ca.cert_pem().as_bytes().to_vec(),
+                identity(&pki.participants[i].1),
+            );
+            tokio::spawn(async move { greyfed_participant::run(&pc, local).await })
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,24 +125,7 @@ async fn hostile_peers_are_cut_off_and_the_session_completes() {
     let ca = pki.ca.cert_pem().as_bytes().to_vec();
     let hostile = identity(&pki.participants[2].1);
     let dir = tempfile::tempdir().unwrap();
-    let model = ModelSpec::blocknet_28x28(4);
-    let tls = ServerTls {
-        cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
-        key_pem: pki.coordinator.key_pem.clone().into_bytes(),
-        client_ca_pem: ca.clone(),
-        allow_list: SharedAllowList::new(pki.allow_list()),
-    };
-    let mut config = CoordinatorConfig::new(
-        tls,
-        model.clone(),
-        init_weights(&model, 0).unwrap(),
-        dir.path().into(),
-    );
-    config.participants = 2;
-    config.rounds = 1;
-    let coordinator = Coordinator::bind(config).unwrap();
-    let addr = coordinator.local_addr().unwrap();
-    let run = tokio::spawn(coordinator.run(std::future::pending()));
+    let (addr, run) = start(&pki, dir.path(), 2, |_| {});
 
     // A newer protocol version: the frame header alone is refused.
     let mut future = header(PROTOCOL_VERSION + 1, 10);
@@ -133,23 +163,7 @@ async fn hostile_peers_are_cut_off_and_the_session_completes() {
     assert!(!reason.is_empty());
 
     // Two honest participants still get their round.
-    let data = synthetic_digits(400, 3);
-    let mut tasks = Vec::new();
-    for i in 0..2 {
-        let train =
-            greyfed_participant::data::partition::shard(&data, i, 2, Partition::Iid, 0).unwrap();
-        let local = Arc::new(LocalData::prepare(&train, &train, None).unwrap());
-        let pc = ParticipantConfig::new(
-            addr,
-            "localhost",
-            ca.clone(),
-            identity(&pki.participants[i].1),
-        );
-        tasks.push(tokio::spawn(async move {
-            greyfed_participant::run(&pc, local).await
-        }));
-    }
-    for t in tasks {
+    for t in honest_participants(addr, &pki, 2) {
         t.await.unwrap().unwrap();
     }
     let report = tokio::time::timeout(Duration::from_secs(60), run)
@@ -159,25 +173,6 @@ async fn hostile_peers_are_cut_off_and_the_session_completes() {
         .unwrap();
     assert_eq!(report.rounds_completed, 1);
     assert_eq!(report.rounds[0].participants, 2);
-}
-
-/// A QUIC client configuration without a client certificate (the handshake
-/// is refused), for the connection flood.
-fn no_certificate_config(ca_pem: &[u8]) -> quinn::ClientConfig {
-    use rustls_pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![greyfed_protocol::transport::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
-    quinn::ClientConfig::new(Arc::new(crypto))
 }
 
 /// While three honest participants run a round, the coordinator is flooded
@@ -200,29 +195,13 @@ async fn floods_slow_and_silent_peers_do_not_hold_a_round() {
         DeploymentPki::generate(&["localhost".into()], &ids, Validity::days_from_now(1)).unwrap();
     let ca = pki.ca.cert_pem().as_bytes().to_vec();
     let dir = tempfile::tempdir().unwrap();
-    let model = ModelSpec::blocknet_28x28(4);
-    let tls = ServerTls {
-        cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
-        key_pem: pki.coordinator.key_pem.clone().into_bytes(),
-        client_ca_pem: ca.clone(),
-        allow_list: SharedAllowList::new(pki.allow_list()),
-    };
-    let mut config = CoordinatorConfig::new(
-        tls,
-        model.clone(),
-        init_weights(&model, 0).unwrap(),
-        dir.path().into(),
-    );
-    // Three honest participants and the silent one make the round.
-    config.participants = 4;
-    config.min_participants = 3;
-    config.rounds = 1;
-    config.secagg.stage_timeout = Duration::from_secs(5);
-    config.round_timeout = Duration::from_secs(120);
-    let coordinator = Coordinator::bind(config).unwrap();
-    let addr = coordinator.local_addr().unwrap();
     let started = std::time::Instant::now();
-    let run = tokio::spawn(coordinator.run(std::future::pending()));
+    // Three honest participants and the silent one make the round.
+    let (addr, run) = start(&pki, dir.path(), 4, |config| {
+        config.min_participants = 3;
+        config.secagg.stage_timeout = Duration::from_secs(5);
+        config.round_timeout = Duration::from_secs(120);
+    });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = {
         let stop = stop.clone();
@@ -316,22 +295,7 @@ async fn floods_slow_and_silent_peers_do_not_hold_a_round() {
         })
     };
 
-    let data = synthetic_digits(400, 3);
-    let mut honest = Vec::new();
-    for i in 0..3 {
-        let train =
-            greyfed_participant::data::partition::shard(&data, i, 3, Partition::Iid, 0).unwrap();
-        let local = Arc::new(LocalData::prepare(&train, &train, None).unwrap());
-        let pc = ParticipantConfig::new(
-            addr,
-            "localhost",
-            ca.clone(),
-            identity(&pki.participants[i].1),
-        );
-        honest.push(tokio::spawn(async move {
-            greyfed_participant::run(&pc, local).await
-        }));
-    }
+    let honest = honest_participants(addr, &pki, 3);
     let report = tokio::time::timeout(Duration::from_secs(90), run)
         .await
         .expect("the round finished despite the flood")

@@ -214,7 +214,6 @@ impl Coordinator {
             settings: config.settings(),
             round_bytes: BTreeMap::new(),
             max_frame: config.max_frame,
-            shared_frame: None,
             events: config.events.clone(),
             last_progress: None,
         };
@@ -276,9 +275,6 @@ struct Driver {
     events: Option<EventSender>,
     /// The progress last sent (only changes are sent).
     last_progress: Option<SessionProgress>,
-    /// The last `EvaluateRequest` encoded: its round, its model and its
-    /// frame, which every other evaluator's identical request reuses.
-    shared_frame: Option<(u32, Arc<ModelWeights>, Bytes)>,
 }
 
 impl Driver {
@@ -509,35 +505,34 @@ impl Driver {
         }
     }
 
-    /// Encodes and queues everything the session wants to send.
+    /// Encodes and queues everything the session wants to send. The session
+    /// gives every evaluator's `EvaluateRequest` the same model `Arc`: that
+    /// request is encoded once and its bytes shared (not copied), so a
+    /// round's evaluation holds one encoded model, not one per evaluator.
     fn flush_transmits(&mut self) {
+        let mut evaluate_frame: Option<(u32, Arc<ModelWeights>, Bytes)> = None;
         while let Some((to, msg)) = self.session.poll_transmit() {
             if !self.connections.contains_key(&to) {
                 continue;
             }
-            match self.encode(&msg) {
+            let frame = match &msg {
+                Message::EvaluateRequest { round, global } => match &evaluate_frame {
+                    Some((r, model, frame)) if r == round && Arc::ptr_eq(model, global) => {
+                        Ok(frame.clone())
+                    }
+                    _ => encode_frame(&msg, self.max_frame).map(|f| {
+                        let f = Bytes::from(f);
+                        evaluate_frame = Some((*round, global.clone(), f.clone()));
+                        f
+                    }),
+                },
+                _ => encode_frame(&msg, self.max_frame).map(Bytes::from),
+            };
+            match frame {
                 Ok(frame) => self.send_frame(to, frame),
                 Err(e) => warn!(to, kind = msg.kind(), "cannot encode message: {e}"),
             }
         }
-    }
-
-    /// Encodes `msg`; an `EvaluateRequest` for the same round and model as
-    /// the previous one gets the previous frame's bytes (shared, not copied),
-    /// so a round's evaluation holds one encoded model, not one per evaluator.
-    fn encode(&mut self, msg: &Message) -> std::result::Result<Bytes, ProtocolError> {
-        if let Message::EvaluateRequest { round, global } = msg {
-            if let Some((r, model, frame)) = &self.shared_frame
-                && r == round
-                && Arc::ptr_eq(model, global)
-            {
-                return Ok(frame.clone());
-            }
-            let frame = Bytes::from(encode_frame(msg, self.max_frame)?);
-            self.shared_frame = Some((*round, global.clone(), frame.clone()));
-            return Ok(frame);
-        }
-        Ok(encode_frame(msg, self.max_frame)?.into())
     }
 
     fn finish_all(&mut self, code: u32, reason: &str) {

@@ -16,6 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use crate::{
     auth::{self, SharedAllowList},
     error::{CoordinatorError, Result},
+    pki::DeploymentPki,
 };
 
 /// What the coordinator's TLS needs: its certificate and key, the CA that
@@ -30,6 +31,20 @@ pub struct ServerTls {
     pub client_ca_pem: Vec<u8>,
     /// The participants admitted (shared with whoever reloads it).
     pub allow_list: SharedAllowList,
+}
+
+impl ServerTls {
+    /// The TLS material of a deployment generated in memory (simulations and
+    /// tests): its coordinator certificate and key, its CA, and an allow list
+    /// of all its participants.
+    pub fn from_pki(pki: &DeploymentPki) -> ServerTls {
+        ServerTls {
+            cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
+            key_pem: pki.coordinator.key_pem.clone().into_bytes(),
+            client_ca_pem: pki.ca.cert_pem().as_bytes().to_vec(),
+            allow_list: SharedAllowList::new(pki.allow_list()),
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -93,16 +108,7 @@ pub fn transport_config() -> quinn::TransportConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{DeploymentPki, Validity};
-
-    fn tls(pki: &DeploymentPki) -> ServerTls {
-        ServerTls {
-            cert_pem: pki.coordinator.cert_pem.clone().into_bytes(),
-            key_pem: pki.coordinator.key_pem.clone().into_bytes(),
-            client_ca_pem: pki.ca.cert_pem().as_bytes().to_vec(),
-            allow_list: SharedAllowList::new(pki.allow_list()),
-        }
-    }
+    use crate::pki::Validity;
 
     #[test]
     fn a_generated_deployment_builds_a_server_config() {
@@ -112,7 +118,7 @@ mod tests {
             Validity::days_from_now(1),
         )
         .unwrap();
-        let t = tls(&pki);
+        let t = ServerTls::from_pki(&pki);
         server_config(&t).unwrap();
         assert!(!format!("{t:?}").contains("PRIVATE"));
     }
@@ -123,21 +129,21 @@ mod tests {
             DeploymentPki::generate(hosts, &[], Validity::days_from_now(1)).unwrap()
         };
         let pki = one(&["localhost".into()]);
-        let mut t = tls(&pki);
+        let mut t = ServerTls::from_pki(&pki);
         t.cert_pem = b"garbage".to_vec();
         let err = server_config(&t).unwrap_err();
         assert!(err.to_string().contains("no certificate"), "{err}");
-        let mut t = tls(&pki);
+        let mut t = ServerTls::from_pki(&pki);
         t.key_pem = b"not a key".to_vec();
         let err = server_config(&t).unwrap_err();
         assert!(err.to_string().contains("no usable private key"), "{err}");
-        let mut t = tls(&pki);
+        let mut t = ServerTls::from_pki(&pki);
         t.client_ca_pem = b"no CA here".to_vec();
         let err = server_config(&t).unwrap_err();
         assert!(err.to_string().contains("CA file"), "{err}");
         // Key of another certificate.
         let other = one(&["localhost".into()]);
-        let mut t = tls(&pki);
+        let mut t = ServerTls::from_pki(&pki);
         t.key_pem = other.coordinator.key_pem.clone().into_bytes();
         let err = server_config(&t).unwrap_err();
         assert!(!err.to_string().contains("PRIVATE KEY"));

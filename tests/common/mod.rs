@@ -102,3 +102,35 @@ pub fn participant_tls(bundle: &Path, i: usize) -> Vec<OsString> {
 pub fn image_key(bundle: &Path, i: usize) -> PathBuf {
     bundle.join(format!("participant-{i}/image.key"))
 }
+
+/// The client identity (certificate and key) of a certificate issued in
+/// memory.
+pub fn identity(
+    cert: &greyfed_coordinator::pki::IssuedCert,
+) -> greyfed_participant::ClientIdentity {
+    greyfed_participant::ClientIdentity {
+        cert_pem: cert.cert_pem.clone().into_bytes(),
+        key_pem: cert.key_pem.clone().into_bytes(),
+    }
+}
+
+/// A QUIC client configuration that trusts `ca_pem` but presents no client
+/// certificate (rustls directly: the participant crate always presents one),
+/// so the coordinator refuses its handshake.
+pub fn no_certificate_config(ca_pem: &[u8]) -> quinn::ClientConfig {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![greyfed_protocol::transport::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    quinn::ClientConfig::new(Arc::new(crypto))
+}
