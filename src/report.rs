@@ -493,6 +493,45 @@ fn round_range(rounds: &[RoundRecord]) -> std::ops::Range<f64> {
     first - 0.5..last + 0.5
 }
 
+/// A chart over the rounds (x) and `y`, with the title, axes and mesh that
+/// every plot of the report shares.
+fn round_chart<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    rounds: &[RoundRecord],
+    y: std::ops::Range<f64>,
+    y_desc: &str,
+    y_format: &dyn Fn(&f64) -> String,
+) -> Result<RoundChart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, 26))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80)
+        .build_cartesian_2d(round_range(rounds), y)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc(y_desc)
+        .x_labels(rounds.len().clamp(2, 20))
+        .x_label_formatter(&round_label)
+        .y_label_formatter(y_format)
+        .label_style((FONT, 16))
+        .axis_desc_style((FONT, 18))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(chart)
+}
+
+/// What [`round_chart`] returns.
+type RoundChart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
 /// Integer labels only (the axis is continuous).
 fn round_label(x: &f64) -> String {
     if (x - x.round()).abs() < 1e-9 {
@@ -531,29 +570,10 @@ fn line_chart(
     y_format: &dyn Fn(&f64) -> String,
     legend: SeriesLabelPosition,
 ) -> Result<Vec<u8>> {
-    let x = round_range(rounds);
     let y = y_range(&series, y_floor);
     let many = rounds.len() > 40;
     render_png(|root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 26))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(80)
-            .build_cartesian_2d(x, y)
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("round")
-            .y_desc(y_desc)
-            .x_labels(rounds.len().clamp(2, 20))
-            .x_label_formatter(&round_label)
-            .y_label_formatter(y_format)
-            .label_style((FONT, 16))
-            .axis_desc_style((FONT, 18))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(plot_err)?;
+        let mut chart = round_chart(&root, title, rounds, y, y_desc, y_format)?;
         let mut any = false;
         for s in &series {
             if s.points.is_empty() {
@@ -728,7 +748,6 @@ fn bar_chart(
     series: Vec<Series>,
     y_format: &dyn Fn(&f64) -> String,
 ) -> Result<Vec<u8>> {
-    let x = round_range(rounds);
     let top = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -737,25 +756,7 @@ fn bar_chart(
     let group = 0.8;
     let width = group / series.len().max(1) as f64;
     render_png(|root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 26))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(80)
-            .build_cartesian_2d(x, 0.0..top)
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("round")
-            .y_desc(y_desc)
-            .x_labels(rounds.len().clamp(2, 20))
-            .x_label_formatter(&round_label)
-            .y_label_formatter(y_format)
-            .label_style((FONT, 16))
-            .axis_desc_style((FONT, 18))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(plot_err)?;
+        let mut chart = round_chart(&root, title, rounds, 0.0..top, y_desc, y_format)?;
         for (k, s) in series.iter().enumerate() {
             let color = s.color;
             let left = -group / 2.0 + k as f64 * width;
@@ -806,32 +807,15 @@ fn stage_bars(r: &RoundRecord) -> Vec<(&'static str, RGBColor, f64)> {
 }
 
 fn plot_stages(rounds: &[RoundRecord]) -> Result<Vec<u8>> {
-    let x = round_range(rounds);
     let top = rounds
         .iter()
         .map(|r| stage_bars(r).iter().map(|b| b.2).sum::<f64>())
         .fold(0.0f64, f64::max);
     let top = if top > 0.0 { top * 1.35 } else { 1.0 };
     render_png(|root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Time per stage", (FONT, 26))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(80)
-            .build_cartesian_2d(x, 0.0..top)
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("round")
-            .y_desc("seconds")
-            .x_labels(rounds.len().clamp(2, 20))
-            .x_label_formatter(&round_label)
-            .y_label_formatter(&|y| format!("{y:.1}"))
-            .label_style((FONT, 16))
-            .axis_desc_style((FONT, 18))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(plot_err)?;
+        let mut chart = round_chart(&root, "Time per stage", rounds, 0.0..top, "seconds", &|y| {
+            format!("{y:.1}")
+        })?;
         let half = 0.35;
         let mut shown: Vec<&str> = Vec::new();
         for (i, &(name, color)) in STAGES
@@ -900,24 +884,8 @@ fn esc(text: &str) -> String {
 
 /// Standard base64 with padding (RFC 4648), for data URIs.
 pub fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 fn pct(v: Option<f64>) -> String {
