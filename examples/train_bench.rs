@@ -89,6 +89,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    greyfed::allocator::keep_freed_memory();
     let args = Args::parse();
     let candle_threads = args.candle_threads.unwrap_or(args.threads);
     if args.threads == 0 || candle_threads == 0 {

@@ -1,4 +1,5 @@
-//! The `greyfed` command-line tool as a library: argument definitions
+//! The `greyfed` command-line tool as a library: heap settings
+//! ([`allocator`]), argument definitions
 //! ([`cli`]) and configuration files ([`config_file`]), key generation ([`keygen`]), the coordinator and participant
 //! commands ([`commands`]), the coordinator's optional central evaluation
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
@@ -10,6 +11,7 @@
 //! `greyfed-protocol`, `greyfed-coordinator` and `greyfed-participant`
 //! crates; this crate only wires them to the command line.
 
+pub mod allocator;
 pub mod central;
 pub mod cli;
 pub mod commands;

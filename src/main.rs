@@ -11,6 +11,7 @@ use greyfed::{commands, config_file, experiment, keygen, memory, preview, report
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    greyfed::allocator::keep_freed_memory();
     pin_compute_threads();
     let argv = match config_file::apply(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,
