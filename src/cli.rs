@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use greyfed_participant::data::ShiftedCopies;
 use greyfed_participant::data::partition::Partition;
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
 use greyfed_protocol::cipher::CipherSteps;
@@ -281,6 +282,12 @@ impl ExperimentArgs {
         }
         if let Some(n) = self.max_train {
             a.push(format!("--max-train={n}"));
+        }
+        // Only when set, so that results written before the option existed
+        // still match their settings.
+        if self.data.shifted_copies > 0 {
+            a.push(format!("--shifted-copies={}", self.data.shifted_copies));
+            a.push(format!("--max-shift={}", self.data.max_shift));
         }
         a
     }
@@ -661,6 +668,24 @@ pub struct DataArgs {
     /// all participants so that shards are disjoint).
     #[arg(long, default_value_t = 0)]
     pub data_seed: u64,
+    /// Translated copies of every training image to add before encryption
+    /// (data augmentation; 0: none). The ViT overfits small datasets, most
+    /// of all on split (`le`) images, without them.
+    #[arg(long, default_value_t = 0)]
+    pub shifted_copies: usize,
+    /// Largest translation of the shifted copies, in pixels, each way.
+    #[arg(long, default_value_t = 2)]
+    pub max_shift: usize,
+}
+
+impl DataArgs {
+    /// The augmentation `--shifted-copies` and `--max-shift` ask for.
+    pub fn augmentation(&self) -> ShiftedCopies {
+        ShiftedCopies {
+            copies: self.shifted_copies,
+            max_shift: self.max_shift,
+        }
+    }
 }
 
 /// `greyfed participant`.
@@ -822,5 +847,30 @@ mod tests {
         let custom = parse(&custom);
         assert_ne!(custom, defaults);
         assert_eq!(parse(&custom.to_args()), custom);
+    }
+
+    #[test]
+    fn a_cell_child_gets_the_augmentation() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["greyfed", "experiment", "encryption"];
+            argv.extend_from_slice(extra);
+            match Cli::parse_from(argv).command {
+                Command::Experiment(ExperimentCommand::Encryption(a)) => a,
+                other => panic!("parsed {other:?}"),
+            }
+        };
+        let plain = parse(&[]);
+        assert!(!plain.to_cell_args().iter().any(|a| a.contains("shift")));
+        let augmented = parse(&["--shifted-copies", "3", "--max-shift", "1"]);
+        let args = augmented.to_cell_args();
+        assert!(args.contains(&"--shifted-copies=3".to_string()), "{args:?}");
+        let child: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(
+            parse(&child).data.augmentation(),
+            ShiftedCopies {
+                copies: 3,
+                max_shift: 1
+            }
+        );
     }
 }

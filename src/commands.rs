@@ -381,6 +381,10 @@ pub async fn participant(args: ParticipantArgs, display: Display) -> Result<Part
         args.data.partition,
         args.data.data_seed,
     )?;
+    let train = args
+        .data
+        .augmentation()
+        .apply(train, args.data.data_seed, index);
     let identity = ClientIdentity {
         cert_pem: read(&args.cert)?,
         key_pem: read_secret(&args.key)?,

@@ -156,8 +156,12 @@ pub async fn run_cell(
     let start = Instant::now();
     let weights = match cell.setting.as_str() {
         "central" => {
+            let train =
+                args.data
+                    .augmentation()
+                    .apply(splits.train.clone(), args.data.data_seed, 0);
             let train = TensorData::from_dataset(
-                &encrypt(&splits.train, mode, &key, block)?,
+                &encrypt(&train, mode, &key, block)?,
                 &candle_core::Device::Cpu,
             )?;
             let init = init_weights(&spec, cell.seed)?;
@@ -175,6 +179,7 @@ pub async fn run_cell(
                 .block_size(args.block_size)
                 .seed(cell.seed)
                 .data_seed(args.data.data_seed)
+                .augmentation(args.data.augmentation())
                 .image_key(key.clone());
             if let Some(dir) = &args.data.data {
                 fed = fed.data_dir(dir);

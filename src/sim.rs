@@ -31,7 +31,10 @@ use greyfed_coordinator::{
 use greyfed_participant::{
     ClientIdentity, LocalData, ParticipantConfig, ParticipantReport,
     cipher::{ImageCipher, ImageKey},
-    data::{DatasetSplits, idx::load_idx_dir, partition::Partition, synthetic::builtin_splits},
+    data::{
+        DatasetSplits, ShiftedCopies, idx::load_idx_dir, partition::Partition,
+        synthetic::builtin_splits,
+    },
     dropout::{CrashMode, DropoutPlan},
     model::init_weights,
 };
@@ -67,6 +70,7 @@ impl Federation {
             join_timeout: Duration::from_secs(60),
             key_overrides: BTreeMap::new(),
             max_train_samples: None,
+            augmentation: ShiftedCopies::default(),
             aggregation: AggregationKind::SecAgg { full: false },
             selection: Selection::default(),
             dropouts: BTreeMap::new(),
@@ -92,6 +96,7 @@ pub struct FederationBuilder {
     join_timeout: Duration,
     key_overrides: BTreeMap<usize, ImageKey>,
     max_train_samples: Option<usize>,
+    augmentation: ShiftedCopies,
     aggregation: AggregationKind,
     selection: Selection,
     dropouts: BTreeMap<usize, DropoutPlan>,
@@ -201,6 +206,13 @@ impl FederationBuilder {
         self
     }
 
+    /// Add shifted copies of every participant's training images before
+    /// encryption (data augmentation).
+    pub fn augmentation(mut self, augmentation: ShiftedCopies) -> Self {
+        self.augmentation = augmentation;
+        self
+    }
+
     /// Runs the federation to its end.
     pub async fn run(self) -> Result<FederationReport> {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
@@ -258,6 +270,8 @@ impl FederationBuilder {
             if let Some(max) = self.max_train_samples {
                 train = train.subset(&(0..train.len().min(max)).collect::<Vec<_>>());
             }
+            let data_seed = self.data_seed.unwrap_or(self.seed);
+            let train = self.augmentation.apply(train, data_seed, i);
             let scrambler = if self.plain {
                 None
             } else {

@@ -2,6 +2,9 @@
 //! reader ([`idx`]), the built-in synthetic digits ([`synthetic`]) and
 //! partitioning among participants ([`partition`]).
 
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
 use crate::error::{ParticipantError, Result};
 
 pub mod idx;
@@ -180,6 +183,58 @@ impl Dataset {
         )
     }
 
+    /// The samples followed by `copies` translated copies of each (data
+    /// augmentation, applied to plain images before encryption).
+    ///
+    /// Copy `k` of image `i` is image `i` moved by `(dy, dx)`, each drawn
+    /// uniformly from `-max_shift..=max_shift`, the same in every plane;
+    /// pixels moved in from outside the image are 0. Copies are ordered
+    /// copy after copy (all first copies, then all second copies) and are
+    /// reproducible from `seed`.
+    pub fn with_shifted_copies(&self, copies: usize, max_shift: usize, seed: u64) -> Dataset {
+        let n = self.image_len();
+        let plane = self.rows * self.cols;
+        let mut pixels = Vec::with_capacity(n * self.len() * (copies + 1));
+        pixels.extend_from_slice(&self.pixels);
+        let mut labels = Vec::with_capacity(self.len() * (copies + 1));
+        labels.extend_from_slice(&self.labels);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let max = max_shift.min(self.rows.max(self.cols)) as i64;
+        for _ in 0..copies {
+            for i in 0..self.len() {
+                let dy = rng.random_range(-max..=max) as isize;
+                let dx = rng.random_range(-max..=max) as isize;
+                let start = pixels.len();
+                pixels.resize(start + n, 0);
+                let (src, out) = (self.image(i), &mut pixels[start..]);
+                for ch in 0..self.channels {
+                    for r in 0..self.rows {
+                        let sr = r as isize - dy;
+                        if sr < 0 || sr >= self.rows as isize {
+                            continue;
+                        }
+                        for c in 0..self.cols {
+                            let sc = c as isize - dx;
+                            if sc >= 0 && sc < self.cols as isize {
+                                out[ch * plane + r * self.cols + c] =
+                                    src[ch * plane + sr as usize * self.cols + sc as usize];
+                            }
+                        }
+                    }
+                }
+                labels.push(self.labels[i]);
+            }
+        }
+        Dataset {
+            rows: self.rows,
+            cols: self.cols,
+            channels: self.channels,
+            num_classes: self.num_classes,
+            pixels,
+            labels,
+        }
+    }
+
     /// Number of samples of each class.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.num_classes];
@@ -190,6 +245,30 @@ impl Dataset {
     }
 }
 
+/// Data augmentation: translated copies of every training image, added to a
+/// participant's plain images before they are encrypted (see
+/// [`Dataset::with_shifted_copies`]). Encryption does not get in the way:
+/// the cipher is applied to each copy like to any other image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShiftedCopies {
+    /// Copies of each image (0: no augmentation).
+    pub copies: usize,
+    /// Largest translation, in pixels, each way.
+    pub max_shift: usize,
+}
+
+impl ShiftedCopies {
+    /// Participant `index`'s training images with their copies, drawn
+    /// reproducibly from `data_seed` and `index`.
+    pub fn apply(&self, train: Dataset, data_seed: u64, index: usize) -> Dataset {
+        if self.copies == 0 {
+            return train;
+        }
+        let seed = data_seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        train.with_shifted_copies(self.copies, self.max_shift, seed)
+    }
+}
+
 /// A training split and a test split of the same kind of images.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatasetSplits {
@@ -197,4 +276,92 @@ pub struct DatasetSplits {
     pub train: Dataset,
     /// Held-out test samples.
     pub test: Dataset,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two-plane 5x6 images with distinct, non-zero pixels.
+    fn images() -> Dataset {
+        let (rows, cols, planes, n) = (5, 6, 2, 7);
+        let pixels = (0..n * planes * rows * cols)
+            .map(|v| (v % 251 + 1) as u8)
+            .collect();
+        let labels = (0..n).map(|i| (i % 3) as u8).collect();
+        Dataset::with_layout(rows, cols, planes, 3, pixels, labels).unwrap()
+    }
+
+    /// `image` moved by `(dy, dx)`, zero-filled (an independent reference).
+    fn shifted(d: &Dataset, image: &[u8], dy: i64, dx: i64) -> Vec<u8> {
+        let (rows, cols) = (d.rows() as i64, d.cols() as i64);
+        let mut out = vec![0; image.len()];
+        for ch in 0..d.channels() as i64 {
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (sr, sc) = (r - dy, c - dx);
+                    if (0..rows).contains(&sr) && (0..cols).contains(&sc) {
+                        out[(ch * rows * cols + r * cols + c) as usize] =
+                            image[(ch * rows * cols + sr * cols + sc) as usize];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn shifted_copies_are_translations_within_the_bound() {
+        let d = images();
+        let max = 2;
+        let aug = d.with_shifted_copies(3, max, 11);
+        assert_eq!(aug.len(), 4 * d.len());
+        assert_eq!(&aug.pixels()[..d.pixels().len()], d.pixels());
+        let mut moved = 0;
+        for k in 1..4 {
+            for i in 0..d.len() {
+                let j = k * d.len() + i;
+                assert_eq!(aug.label(j), d.label(i));
+                let copy = aug.image(j);
+                let shifts: Vec<(i64, i64)> = (-(max as i64)..=max as i64)
+                    .flat_map(|dy| (-(max as i64)..=max as i64).map(move |dx| (dy, dx)))
+                    .filter(|&(dy, dx)| shifted(&d, d.image(i), dy, dx) == copy)
+                    .collect();
+                assert_eq!(shifts.len(), 1, "copy {k} of image {i} is no single shift");
+                moved += usize::from(shifts[0] != (0, 0));
+            }
+        }
+        assert!(moved > 3 * d.len() / 2, "only {moved} copies moved");
+    }
+
+    #[test]
+    fn shifted_copies_are_reproducible_and_seeded() {
+        let d = images();
+        assert_eq!(
+            d.with_shifted_copies(2, 2, 5),
+            d.with_shifted_copies(2, 2, 5)
+        );
+        assert_ne!(
+            d.with_shifted_copies(2, 2, 5),
+            d.with_shifted_copies(2, 2, 6)
+        );
+        assert_eq!(d.with_shifted_copies(0, 2, 5), d);
+        let still = d.with_shifted_copies(2, 0, 5);
+        assert_eq!(
+            still.pixels(),
+            [d.pixels(), d.pixels(), d.pixels()].concat()
+        );
+    }
+
+    #[test]
+    fn participants_draw_different_copies() {
+        let d = images();
+        let aug = ShiftedCopies {
+            copies: 2,
+            max_shift: 2,
+        };
+        assert_eq!(aug.apply(d.clone(), 0, 1), aug.apply(d.clone(), 0, 1));
+        assert_ne!(aug.apply(d.clone(), 0, 1), aug.apply(d.clone(), 0, 2));
+        assert_eq!(ShiftedCopies::default().apply(d.clone(), 0, 1), d);
+    }
 }
