@@ -12,6 +12,7 @@ use greyfed_coordinator::metrics::read_metrics;
 fn simulate_runs_processes_and_writes_metrics() {
     let out = tempfile::tempdir().unwrap();
     let status = greyfed()
+        .env("RUST_LOG", "info")
         .args([
             "simulate",
             "--participants",
@@ -23,6 +24,8 @@ fn simulate_runs_processes_and_writes_metrics() {
             "--cipher",
             "le",
             "--central-eval",
+            "--shifted-copies",
+            "1",
             "--out",
         ])
         .arg(out.path())
@@ -35,6 +38,25 @@ fn simulate_runs_processes_and_writes_metrics() {
         String::from_utf8_lossy(&status.stderr)
     );
     assert!(stdout.contains("2 of 2 rounds completed"), "{stdout}");
+    // Every participant process trained on its shard plus one shifted copy
+    // of each image: together twice the training split.
+    let trained: usize = (0..3)
+        .map(|i| {
+            let log = std::fs::read_to_string(out.path().join(format!("logs/participant-{i}.log")))
+                .unwrap();
+            let field = log.split(" train=").nth(1).expect("data ready line");
+            field
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        trained,
+        2 * greyfed_participant::data::synthetic::BUILTIN_TRAIN_SIZE
+    );
     assert!(
         stdout.contains("accuracy"),
         "summary table printed: {stdout}"
