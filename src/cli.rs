@@ -217,6 +217,11 @@ pub struct ExperimentArgs {
     /// Participants (federated).
     #[arg(long, default_value_t = 10)]
     pub participants: usize,
+    /// Seconds a federated round may take (each secure-aggregation stage a
+    /// fifth of it). A cell's participants share one compute thread, so a
+    /// stage lasts as long as all of their local training together.
+    #[arg(long, default_value_t = DEFAULT_EXPERIMENT_ROUND_TIMEOUT_SECS)]
+    pub round_timeout: u64,
     /// Minibatch size.
     #[arg(long, default_value_t = 64)]
     pub batch_size: u32,
@@ -285,6 +290,9 @@ impl ExperimentArgs {
         }
         // Only when set, so that results written before the option existed
         // still match their settings.
+        if self.round_timeout != DEFAULT_EXPERIMENT_ROUND_TIMEOUT_SECS {
+            a.push(format!("--round-timeout={}", self.round_timeout));
+        }
         if self.data.shifted_copies > 0 {
             a.push(format!("--shifted-copies={}", self.data.shifted_copies));
             a.push(format!("--max-shift={}", self.data.max_shift));
@@ -292,6 +300,9 @@ impl ExperimentArgs {
         a
     }
 }
+
+/// Default `--round-timeout` of `greyfed experiment encryption`, in seconds.
+pub const DEFAULT_EXPERIMENT_ROUND_TIMEOUT_SECS: u64 = 1200;
 
 /// `greyfed keygen ...`.
 #[derive(Debug, Subcommand)]
@@ -850,7 +861,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cell_child_gets_the_augmentation() {
+    fn a_cell_child_gets_the_augmentation_and_round_timeout() {
         let parse = |extra: &[&str]| {
             let mut argv = vec!["greyfed", "experiment", "encryption"];
             argv.extend_from_slice(extra);
@@ -861,10 +872,18 @@ mod tests {
         };
         let plain = parse(&[]);
         assert!(!plain.to_cell_args().iter().any(|a| a.contains("shift")));
-        let augmented = parse(&["--shifted-copies", "3", "--max-shift", "1"]);
+        let augmented = parse(&[
+            "--shifted-copies",
+            "3",
+            "--max-shift",
+            "1",
+            "--round-timeout",
+            "30",
+        ]);
         let args = augmented.to_cell_args();
         assert!(args.contains(&"--shifted-copies=3".to_string()), "{args:?}");
         let child: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(parse(&child).round_timeout, 30, "{child:?}");
         assert_eq!(
             parse(&child).data.augmentation(),
             ShiftedCopies {

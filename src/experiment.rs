@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use greyfed_participant::{
@@ -171,6 +171,7 @@ pub async fn run_cell(
             let mut fed = Federation::builder()
                 .participants(args.participants)
                 .rounds(args.rounds)
+                .round_timeout(Duration::from_secs(args.round_timeout))
                 .training(TrainingConfig {
                     local_epochs: args.local_epochs,
                     ..training
