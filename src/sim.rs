@@ -233,9 +233,10 @@ impl FederationBuilder {
         let model = self.model.clone().unwrap_or_else(|| {
             ModelSpec::blocknet_28x28(self.block_size).with_image_channels(planes)
         });
+        let data_seed = self.data_seed.unwrap_or(self.seed);
         let splits: DatasetSplits = match &self.data {
             Some(d) => load_idx_dir(d)?,
-            None => builtin_splits(self.data_seed.unwrap_or(self.seed)),
+            None => builtin_splits(data_seed),
         };
         let mut config = CoordinatorConfig::new(
             ServerTls::from_pki(&pki),
@@ -270,7 +271,6 @@ impl FederationBuilder {
             if let Some(max) = self.max_train_samples {
                 train = train.subset(&(0..train.len().min(max)).collect::<Vec<_>>());
             }
-            let data_seed = self.data_seed.unwrap_or(self.seed);
             let train = self.augmentation.apply(train, data_seed, i);
             let scrambler = if self.plain {
                 None

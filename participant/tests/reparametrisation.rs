@@ -182,15 +182,9 @@ fn training_on_encrypted_images_follows_the_plain_run() {
         assert!(largest < 1e-3, "{mode}: weights differ by {largest}");
 
         // Training moved the model, and the two runs classify alike.
-        let plain_logits = logits(
-            &spec,
-            &plain_run.weights,
-            &plain_values(&images, steps, &key),
-        );
-        let moved = max_abs_diff(
-            &plain_logits,
-            &logits(&spec, &init, &plain_values(&images, steps, &key)),
-        );
+        let plain_images = plain_values(&images, steps, &key);
+        let plain_logits = logits(&spec, &plain_run.weights, &plain_images);
+        let moved = max_abs_diff(&plain_logits, &logits(&spec, &init, &plain_images));
         assert!(
             moved > 0.1,
             "{mode}: training barely moved the model ({moved})"

@@ -154,6 +154,12 @@ impl Dataset {
             pixels.extend_from_slice(self.image(i));
             labels.push(self.labels[i]);
         }
+        self.with_samples(pixels, labels)
+    }
+
+    /// Other samples of this dataset's layout (image size, planes, classes);
+    /// the caller keeps `pixels` and `labels` consistent with it.
+    fn with_samples(&self, pixels: Vec<u8>, labels: Vec<u8>) -> Dataset {
         Dataset {
             rows: self.rows,
             cols: self.cols,
@@ -192,8 +198,8 @@ impl Dataset {
     /// copy after copy (all first copies, then all second copies) and are
     /// reproducible from `seed`.
     pub fn with_shifted_copies(&self, copies: usize, max_shift: usize, seed: u64) -> Dataset {
+        let (rows, cols) = (self.rows as i64, self.cols as i64);
         let n = self.image_len();
-        let plane = self.rows * self.cols;
         let mut pixels = Vec::with_capacity(n * self.len() * (copies + 1));
         pixels.extend_from_slice(&self.pixels);
         let mut labels = Vec::with_capacity(self.len() * (copies + 1));
@@ -202,37 +208,29 @@ impl Dataset {
         let max = max_shift.min(self.rows.max(self.cols)) as i64;
         for _ in 0..copies {
             for i in 0..self.len() {
-                let dy = rng.random_range(-max..=max) as isize;
-                let dx = rng.random_range(-max..=max) as isize;
+                let dy = rng.random_range(-max..=max);
+                let dx = rng.random_range(-max..=max);
+                // Destination rows and columns whose source is in the image.
+                let (r0, r1) = (dy.max(0), rows.min(rows + dy));
+                let (c0, c1) = (dx.max(0), cols.min(cols + dx));
                 let start = pixels.len();
                 pixels.resize(start + n, 0);
-                let (src, out) = (self.image(i), &mut pixels[start..]);
-                for ch in 0..self.channels {
-                    for r in 0..self.rows {
-                        let sr = r as isize - dy;
-                        if sr < 0 || sr >= self.rows as isize {
-                            continue;
-                        }
-                        for c in 0..self.cols {
-                            let sc = c as isize - dx;
-                            if sc >= 0 && sc < self.cols as isize {
-                                out[ch * plane + r * self.cols + c] =
-                                    src[ch * plane + sr as usize * self.cols + sc as usize];
-                            }
-                        }
+                let out = &mut pixels[start..];
+                let plane = self.rows * self.cols;
+                for (src, dst) in self.image(i).chunks(plane).zip(out.chunks_mut(plane)) {
+                    // An image moved entirely out of view stays all zero.
+                    for r in (r0..r1).filter(|_| c0 < c1) {
+                        let to = (r * cols) as usize;
+                        let from = ((r - dy) * cols) as usize;
+                        dst[to + c0 as usize..to + c1 as usize].copy_from_slice(
+                            &src[from + (c0 - dx) as usize..from + (c1 - dx) as usize],
+                        );
                     }
                 }
                 labels.push(self.labels[i]);
             }
         }
-        Dataset {
-            rows: self.rows,
-            cols: self.cols,
-            channels: self.channels,
-            num_classes: self.num_classes,
-            pixels,
-            labels,
-        }
+        self.with_samples(pixels, labels)
     }
 
     /// Number of samples of each class.
