@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use greyfed_coordinator::strategy::StrategyConfig;
 use greyfed_participant::data::ShiftedCopies;
 use greyfed_participant::data::partition::Partition;
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
@@ -222,6 +223,9 @@ pub struct ExperimentArgs {
     /// stage lasts as long as all of their local training together.
     #[arg(long, default_value_t = DEFAULT_EXPERIMENT_ROUND_TIMEOUT_SECS)]
     pub round_timeout: u64,
+    /// Server strategy of federated cells (central cells ignore it).
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
     /// Minibatch size.
     #[arg(long, default_value_t = 64)]
     pub batch_size: u32,
@@ -292,6 +296,9 @@ impl ExperimentArgs {
         // still match their settings.
         if self.round_timeout != DEFAULT_EXPERIMENT_ROUND_TIMEOUT_SECS {
             a.push(format!("--round-timeout={}", self.round_timeout));
+        }
+        if !self.strategy.is_default() {
+            a.extend(self.strategy.to_args());
         }
         if self.data.shifted_copies > 0 {
             a.push(format!("--shifted-copies={}", self.data.shifted_copies));
@@ -417,6 +424,80 @@ pub enum StrategyKind {
     Fedadam,
 }
 
+/// The server strategy and its parameters (`--strategy` and friends), shared
+/// by the coordinator, `simulate` and `experiment`.
+#[derive(Clone, Debug, PartialEq, Args)]
+pub struct StrategyArgs {
+    /// Server strategy.
+    #[arg(long, value_enum, default_value_t = StrategyKind::Fedavg)]
+    pub strategy: StrategyKind,
+    /// Server learning rate (default: 1 for FedAvg/FedAvgM, 0.01 for FedAdam).
+    #[arg(long)]
+    pub server_lr: Option<f32>,
+    /// Server momentum for FedAvgM.
+    #[arg(long, default_value_t = 0.9)]
+    pub server_momentum: f32,
+    /// FedProx proximal coefficient mu (used with `--strategy fedprox`).
+    #[arg(long, default_value_t = 0.01)]
+    pub proximal_mu: f32,
+}
+
+impl StrategyArgs {
+    /// The coordinator's strategy; an error names the parameter out of range.
+    pub fn config(&self) -> anyhow::Result<StrategyConfig> {
+        let config = match self.strategy {
+            StrategyKind::Fedavg | StrategyKind::Fedprox => StrategyConfig::FedAvg {
+                server_lr: self.server_lr.unwrap_or(1.0),
+            },
+            StrategyKind::Fedavgm => StrategyConfig::FedAvgM {
+                server_lr: self.server_lr.unwrap_or(1.0),
+                momentum: self.server_momentum,
+            },
+            StrategyKind::Fedadam => match StrategyConfig::fedadam() {
+                StrategyConfig::FedAdam {
+                    beta1, beta2, tau, ..
+                } => StrategyConfig::FedAdam {
+                    server_lr: self.server_lr.unwrap_or(0.01),
+                    beta1,
+                    beta2,
+                    tau,
+                },
+                other => other,
+            },
+        };
+        config.validate()?;
+        if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
+            anyhow::bail!("--proximal-mu must be finite and non-negative");
+        }
+        Ok(config)
+    }
+
+    /// The proximal coefficient local training uses: `--proximal-mu` with
+    /// FedProx, else 0.
+    pub fn proximal_mu(&self) -> f32 {
+        match self.strategy {
+            StrategyKind::Fedprox => self.proximal_mu,
+            _ => 0.0,
+        }
+    }
+
+    /// Whether these are the defaults (plain FedAvg).
+    pub fn is_default(&self) -> bool {
+        self.strategy == StrategyKind::Fedavg && self.server_lr.is_none()
+    }
+
+    /// These settings as command-line arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![format!("--strategy={}", value_name(self.strategy))];
+        if let Some(lr) = self.server_lr {
+            a.push(format!("--server-lr={lr}"));
+        }
+        a.push(format!("--server-momentum={}", self.server_momentum));
+        a.push(format!("--proximal-mu={}", self.proximal_mu));
+        a
+    }
+}
+
 /// `--dropout-stage`: a stage, or `any` (a random stage per crash).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropoutStageArg {
@@ -491,18 +572,9 @@ pub struct TrainingArgs {
     /// `greyfed encrypt --help`). Sets the model's input planes.
     #[arg(long, default_value = "block", value_parser = parse_cipher)]
     pub cipher: CipherSteps,
-    /// Server strategy.
-    #[arg(long, value_enum, default_value_t = StrategyKind::Fedavg)]
-    pub strategy: StrategyKind,
-    /// Server learning rate (default: 1 for FedAvg/FedAvgM, 0.01 for FedAdam).
-    #[arg(long)]
-    pub server_lr: Option<f32>,
-    /// Server momentum for FedAvgM.
-    #[arg(long, default_value_t = 0.9)]
-    pub server_momentum: f32,
-    /// FedProx proximal coefficient mu (used with `--strategy fedprox`).
-    #[arg(long, default_value_t = 0.01)]
-    pub proximal_mu: f32,
+    /// Server strategy and its parameters.
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
     /// How updates are aggregated.
     #[arg(long, value_enum, default_value_t = AggregationArg::SecAggPlus)]
     pub aggregation: AggregationArg,
@@ -554,12 +626,11 @@ impl TrainingArgs {
         push("warmup", self.warmup.to_string());
         push("block-size", self.block_size.to_string());
         push("cipher", self.cipher.to_string());
-        push("strategy", value_name(self.strategy));
-        if let Some(lr) = self.server_lr {
-            push("server-lr", lr.to_string());
-        }
-        push("server-momentum", self.server_momentum.to_string());
-        push("proximal-mu", self.proximal_mu.to_string());
+        a.extend(self.strategy.to_args());
+        let mut push = |flag: &str, value: String| {
+            a.push(format!("--{flag}"));
+            a.push(value);
+        };
         push("aggregation", value_name(self.aggregation));
         push("secagg-clip", self.secagg_clip.to_string());
         push("secagg-bits", self.secagg_bits.to_string());
@@ -861,7 +932,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cell_child_gets_the_augmentation_and_round_timeout() {
+    fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
         let parse = |extra: &[&str]| {
             let mut argv = vec!["greyfed", "experiment", "encryption"];
             argv.extend_from_slice(extra);
@@ -871,7 +942,15 @@ mod tests {
             }
         };
         let plain = parse(&[]);
-        assert!(!plain.to_cell_args().iter().any(|a| a.contains("shift")));
+        // Defaults are left out, so that earlier results still match.
+        assert!(
+            !plain
+                .to_cell_args()
+                .iter()
+                .any(|a| a.contains("shift") || a.contains("strategy")),
+            "{:?}",
+            plain.to_cell_args()
+        );
         let augmented = parse(&[
             "--shifted-copies",
             "3",
@@ -879,11 +958,24 @@ mod tests {
             "1",
             "--round-timeout",
             "30",
+            "--strategy",
+            "fedavgm",
+            "--server-lr",
+            "1.5",
+            "--server-momentum",
+            "0.8",
         ]);
         let args = augmented.to_cell_args();
         assert!(args.contains(&"--shifted-copies=3".to_string()), "{args:?}");
         let child: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_eq!(parse(&child).round_timeout, 30, "{child:?}");
+        assert_eq!(
+            parse(&child).strategy.config().unwrap(),
+            StrategyConfig::FedAvgM {
+                server_lr: 1.5,
+                momentum: 0.8
+            }
+        );
         assert_eq!(
             parse(&child).data.augmentation(),
             ShiftedCopies {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use greyfed_coordinator::{
     Checkpoint, Coordinator, CoordinatorConfig, RunReport, auth::SharedAllowList, pki,
-    strategy::StrategyConfig, tls::ServerTls,
+    tls::ServerTls,
 };
 use greyfed_participant::{
     ClientIdentity, LocalData, ParticipantConfig, ParticipantReport,
@@ -29,8 +29,7 @@ use tracing::{info, warn};
 
 use crate::central::TestSetEvaluator;
 use crate::cli::{
-    AggregationArg, CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, StrategyKind,
-    TrainingArgs,
+    AggregationArg, CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, TrainingArgs,
 };
 use crate::progress::{Display, Event, FederationView, ParticipantView};
 use crate::report::RunFile;
@@ -54,10 +53,7 @@ pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
         local_epochs: args.local_epochs,
         batch_size: args.batch_size,
         optimizer,
-        proximal_mu: match args.strategy {
-            StrategyKind::Fedprox => args.proximal_mu,
-            _ => 0.0,
-        },
+        proximal_mu: args.strategy.proximal_mu(),
         lr_schedule: args.lr_schedule.schedule(args.warmup),
     }
 }
@@ -108,35 +104,6 @@ pub fn server_tls(args: &CoordinatorArgs) -> Result<ServerTls> {
         allow_list,
     })
 }
-/// The server strategy the arguments describe.
-pub fn strategy_config(args: &TrainingArgs) -> Result<StrategyConfig> {
-    let config = match args.strategy {
-        StrategyKind::Fedavg | StrategyKind::Fedprox => StrategyConfig::FedAvg {
-            server_lr: args.server_lr.unwrap_or(1.0),
-        },
-        StrategyKind::Fedavgm => StrategyConfig::FedAvgM {
-            server_lr: args.server_lr.unwrap_or(1.0),
-            momentum: args.server_momentum,
-        },
-        StrategyKind::Fedadam => match StrategyConfig::fedadam() {
-            StrategyConfig::FedAdam {
-                beta1, beta2, tau, ..
-            } => StrategyConfig::FedAdam {
-                server_lr: args.server_lr.unwrap_or(0.01),
-                beta1,
-                beta2,
-                tau,
-            },
-            other => other,
-        },
-    };
-    config.validate()?;
-    if !(args.proximal_mu.is_finite() && args.proximal_mu >= 0.0) {
-        bail!("--proximal-mu must be finite and non-negative");
-    }
-    Ok(config)
-}
-
 /// The coordinator's central evaluator for `--test-data` (see
 /// [`CoordinatorArgs::test_data`]).
 fn central_evaluator(
@@ -210,7 +177,7 @@ pub async fn coordinator(args: CoordinatorArgs, display: Display) -> Result<RunR
         .unwrap_or((args.participants / 2).max(1));
     config.rounds = args.training.rounds;
     config.training = training_config(&args.training);
-    config.strategy = strategy_config(&args.training)?;
+    config.strategy = args.training.strategy.config()?;
     config.aggregation = aggregation_kind(args.training.aggregation);
     config.secagg.clip = args.training.secagg_clip;
     config.secagg.bits = args.training.secagg_bits;
@@ -461,6 +428,7 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
     use clap::Parser;
+    use greyfed_coordinator::strategy::StrategyConfig;
 
     fn training(args: &[&str]) -> TrainingArgs {
         let mut argv = vec!["greyfed", "simulate"];
@@ -475,7 +443,7 @@ mod tests {
     fn strategies_map_to_server_configs_and_proximal_terms() {
         let t = training(&[]);
         assert_eq!(
-            strategy_config(&t).unwrap(),
+            t.strategy.config().unwrap(),
             StrategyConfig::FedAvg { server_lr: 1.0 }
         );
         assert_eq!(training_config(&t).proximal_mu, 0.0);
@@ -489,14 +457,14 @@ mod tests {
 
         let t = training(&["--strategy", "fedprox", "--proximal-mu", "0.5"]);
         assert_eq!(
-            strategy_config(&t).unwrap(),
+            t.strategy.config().unwrap(),
             StrategyConfig::FedAvg { server_lr: 1.0 }
         );
         assert_eq!(training_config(&t).proximal_mu, 0.5);
 
         let t = training(&["--strategy", "fedavgm", "--server-momentum", "0.7"]);
         assert_eq!(
-            strategy_config(&t).unwrap(),
+            t.strategy.config().unwrap(),
             StrategyConfig::FedAvgM {
                 server_lr: 1.0,
                 momentum: 0.7
@@ -504,21 +472,21 @@ mod tests {
         );
         let t = training(&["--strategy", "fedadam", "--server-lr", "0.05"]);
         assert!(matches!(
-            strategy_config(&t).unwrap(),
+            t.strategy.config().unwrap(),
             StrategyConfig::FedAdam { server_lr, .. } if server_lr == 0.05
         ));
 
         assert!(
-            strategy_config(&training(&["--strategy", "fedprox", "--proximal-mu=-1"])).is_err()
+            training(&["--strategy", "fedprox", "--proximal-mu=-1"])
+                .strategy
+                .config()
+                .is_err()
         );
         assert!(
-            strategy_config(&training(&[
-                "--strategy",
-                "fedavgm",
-                "--server-momentum",
-                "1"
-            ]))
-            .is_err()
+            training(&["--strategy", "fedavgm", "--server-momentum", "1"])
+                .strategy
+                .config()
+                .is_err()
         );
     }
 

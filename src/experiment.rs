@@ -174,8 +174,10 @@ pub async fn run_cell(
                 .round_timeout(Duration::from_secs(args.round_timeout))
                 .training(TrainingConfig {
                     local_epochs: args.local_epochs,
+                    proximal_mu: args.strategy.proximal_mu(),
                     ..training
                 })
+                .strategy(args.strategy.config()?)
                 .model(spec.clone())
                 .block_size(args.block_size)
                 .seed(cell.seed)
@@ -692,6 +694,7 @@ pub struct ExperimentReport {
 
 /// Runs `greyfed experiment encryption`.
 pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
+    args.strategy.config()?;
     let splits = limit(load_splits(&args.data)?, args.max_train);
     let mut security = BTreeMap::new();
     for mode in &args.modes {

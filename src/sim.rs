@@ -26,6 +26,7 @@ use greyfed_coordinator::{
     Coordinator, CoordinatorConfig,
     metrics::RoundRecord,
     pki::{DeploymentPki, Validity},
+    strategy::StrategyConfig,
     tls::ServerTls,
 };
 use greyfed_participant::{
@@ -57,6 +58,7 @@ impl Federation {
             participants: 3,
             rounds: 2,
             training: TrainingConfig::default(),
+            strategy: StrategyConfig::default(),
             block_size: 4,
             cipher: CipherSteps::block(),
             model: None,
@@ -83,6 +85,7 @@ pub struct FederationBuilder {
     participants: usize,
     rounds: u32,
     training: TrainingConfig,
+    strategy: StrategyConfig,
     block_size: u32,
     cipher: CipherSteps,
     model: Option<ModelSpec>,
@@ -116,6 +119,11 @@ impl FederationBuilder {
     /// Local training settings.
     pub fn training(mut self, t: TrainingConfig) -> Self {
         self.training = t;
+        self
+    }
+    /// Server strategy (default: FedAvg).
+    pub fn strategy(mut self, s: StrategyConfig) -> Self {
+        self.strategy = s;
         self
     }
     /// Block size of model and cipher.
@@ -249,6 +257,7 @@ impl FederationBuilder {
         config.selection = self.selection;
         config.rounds = self.rounds;
         config.training = self.training.clone();
+        config.strategy = self.strategy;
         config.round_timeout = self.round_timeout;
         config.aggregation = self.aggregation;
         config.secagg.stage_timeout = self.round_timeout / 5;

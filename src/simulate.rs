@@ -244,7 +244,7 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
         bail!("--participants must be at least 1");
     }
     // Refuse bad settings here, with their message, not in a child's log.
-    crate::commands::strategy_config(&args.training)?;
+    args.training.strategy.config()?;
     if !(0.0..=1.0).contains(&args.dropout) {
         bail!("--dropout must be a fraction in [0, 1]");
     }

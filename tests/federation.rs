@@ -3,6 +3,7 @@
 mod common;
 
 use greyfed::sim::Federation;
+use greyfed_coordinator::strategy::StrategyConfig;
 use greyfed_participant::cipher::ImageKey;
 use greyfed_protocol::{AggregationKind, ModelSpec, TrainingConfig};
 
@@ -188,4 +189,39 @@ async fn selection_trains_half_the_participants_and_all_evaluate() {
         assert_eq!(r.test_samples, 1000, "the whole test split");
         assert!(r.accuracy.is_some());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_strategy_sets_the_global_step() {
+    // Same seed, key and data: the participants send the same updates, so
+    // a server learning rate of 0.5 moves the global model half as far.
+    let key = ImageKey::generate();
+    let run = |server_lr: f32| {
+        Federation::builder()
+            .participants(2)
+            .rounds(1)
+            .max_train_samples(200)
+            .image_key(key.clone())
+            .aggregation(AggregationKind::Plain)
+            .strategy(StrategyConfig::FedAvg { server_lr })
+            .run()
+    };
+    let full = run(1.0).await.unwrap().final_model;
+    let half = run(0.5).await.unwrap().final_model;
+    let init = greyfed_participant::model::init_weights(&ModelSpec::blocknet_28x28(4), 0).unwrap();
+    let full_step = full.sub(&init).unwrap().to_flat();
+    let half_step = half.sub(&init).unwrap().to_flat();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(norm(&full_step) > 1e-3, "the round moved the model");
+    let off: Vec<f32> = full_step
+        .iter()
+        .zip(&half_step)
+        .map(|(f, h)| 0.5 * f - h)
+        .collect();
+    assert!(
+        norm(&off) < 1e-4 * norm(&full_step),
+        "half step off by {} of {}",
+        norm(&off),
+        norm(&full_step)
+    );
 }
