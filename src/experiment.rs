@@ -525,6 +525,10 @@ pub struct TableRow {
     pub accuracy_encrypted: f64,
     /// `accuracy_encrypted - accuracy_plain` in percentage points.
     pub delta_pp: f64,
+    /// Standard error of `delta_pp` over the seeds, from the per-seed gaps
+    /// (encrypted minus the plain run of the same seed); `None` with fewer
+    /// than two paired seeds.
+    pub delta_se_pp: Option<f64>,
     /// Seeds averaged.
     pub seeds: usize,
     /// Key space of the mode in bits.
@@ -581,6 +585,7 @@ pub fn table_rows(
             accuracy_plain: ap,
             accuracy_encrypted: ae,
             delta_pp: 100.0 * (ae - ap),
+            delta_se_pp: paired_gap_se_pp(&plain, enc),
             seeds: enc.len(),
             key_bits: sec.key_bits,
             ssim: sec.ssim,
@@ -590,15 +595,39 @@ pub fn table_rows(
     rows
 }
 
+/// Standard error (in points) of the mean per-seed gap between `enc` and
+/// the plain run of the same seed; `None` with fewer than two pairs.
+fn paired_gap_se_pp(plain: &[&CellResult], enc: &[&CellResult]) -> Option<f64> {
+    let gaps: Vec<f64> = enc
+        .iter()
+        .filter_map(|e| {
+            let p = plain.iter().find(|p| p.cell.seed == e.cell.seed)?;
+            Some(100.0 * (e.accuracy - p.accuracy))
+        })
+        .collect();
+    let n = gaps.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = gaps.iter().sum::<f64>() / n as f64;
+    let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    Some((var / n as f64).sqrt())
+}
+
+/// `0.27`, or `-` when there is no standard error.
+fn se_text(se: Option<f64>, precision: usize) -> String {
+    se.map_or_else(|| "-".to_string(), |v| format!("{v:.precision$}"))
+}
+
 /// The accuracy table as Markdown.
 pub fn table_markdown(rows: &[TableRow]) -> String {
     let mut s = String::from(
-        "| model | first layer | mode | setting | accuracy plain | accuracy encrypted | delta (pp) | seeds | key bits | SSIM | train s |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | first layer | mode | setting | accuracy plain | accuracy encrypted | delta (pp) | SE (pp) | seeds | key bits | SSIM | train s |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.2}% | {:.2}% | {:+.2} | {} | {:.0} | {:.3} | {:.1} |",
+            "| {} | {} | {} | {} | {:.2}% | {:.2}% | {:+.2} | {} | {} | {:.0} | {:.3} | {:.1} |",
             r.model,
             r.first_layer,
             r.mode,
@@ -606,6 +635,7 @@ pub fn table_markdown(rows: &[TableRow]) -> String {
             100.0 * r.accuracy_plain,
             100.0 * r.accuracy_encrypted,
             r.delta_pp,
+            se_text(r.delta_se_pp, 2),
             r.seeds,
             r.key_bits,
             r.ssim,
@@ -618,12 +648,12 @@ pub fn table_markdown(rows: &[TableRow]) -> String {
 /// The accuracy table as CSV.
 pub fn table_csv(rows: &[TableRow]) -> String {
     let mut s = String::from(
-        "model,mode,setting,accuracy_plain,accuracy_encrypted,delta_pp,seeds,key_bits,ssim,train_secs,first_layer\n",
+        "model,mode,setting,accuracy_plain,accuracy_encrypted,delta_pp,seeds,key_bits,ssim,train_secs,first_layer,delta_se_pp\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{:.4},{:.4},{:.2},{},{:.1},{:.4},{:.2},{}",
+            "{},{},{},{:.4},{:.4},{:.2},{},{:.1},{:.4},{:.2},{},{}",
             r.model,
             r.mode,
             r.setting,
@@ -634,7 +664,8 @@ pub fn table_csv(rows: &[TableRow]) -> String {
             r.key_bits,
             r.ssim,
             r.train_secs,
-            r.first_layer
+            r.first_layer,
+            r.delta_se_pp.map_or(String::new(), |v| format!("{v:.3}"))
         );
     }
     s
@@ -780,4 +811,71 @@ pub(crate) fn slices(images: &[Vec<u8>]) -> Vec<&[u8]> {
 
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(mode: &str, seed: u64, accuracy: f64) -> CellResult {
+        CellResult {
+            cell: Cell {
+                model: "vit".into(),
+                mode: mode.into(),
+                setting: "federated".into(),
+                first_layer: FirstLayer::PerBlock,
+                seed,
+            },
+            accuracy,
+            train_secs: 1.0,
+        }
+    }
+
+    fn security(mode: &str) -> ModeSecurity {
+        ModeSecurity {
+            mode: mode.into(),
+            key_bits: 1.0,
+            ssim: 0.0,
+            known_pairs: 0,
+            kpa_unique: 0.0,
+            kpa_ssim: 0.0,
+            kpa_psnr: 0.0,
+            fold_ssim: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_gap_standard_error_pairs_runs_by_seed() {
+        // Per-seed gaps +0.5, -1.0, +1.0 points: mean 1/6, sample standard
+        // deviation sqrt(13/12), standard error that over sqrt(3). Seed 3 has
+        // no encrypted run and stays out of the plain mean too.
+        let results = [
+            result("plain", 0, 0.90),
+            result("plain", 1, 0.91),
+            result("plain", 2, 0.92),
+            result("plain", 3, 0.50),
+            result("le", 2, 0.93),
+            result("le", 0, 0.905),
+            result("le", 1, 0.90),
+            result("block", 0, 0.95),
+        ];
+        let security: BTreeMap<String, ModeSecurity> = ["le", "block"]
+            .into_iter()
+            .map(|m| (m.to_string(), security(m)))
+            .collect();
+        let rows = table_rows(&results, &security);
+        let le = rows.iter().find(|r| r.mode == "le").unwrap();
+        assert!((le.delta_pp - 1.0 / 6.0).abs() < 1e-9, "{le:?}");
+        let se = le.delta_se_pp.unwrap();
+        assert!((se - (13.0f64 / 12.0 / 3.0).sqrt()).abs() < 1e-9, "{se}");
+        let block = rows.iter().find(|r| r.mode == "block").unwrap();
+        assert_eq!(block.delta_se_pp, None, "one seed has no standard error");
+        assert!((block.delta_pp - 5.0).abs() < 1e-9);
+        let md = table_markdown(&rows);
+        assert!(md.contains("| +0.17 | 0.60 | 3 |"), "{md}");
+        assert!(md.contains("| +5.00 | - | 1 |"), "{md}");
+        let csv = table_csv(&rows);
+        assert!(csv.lines().next().unwrap().ends_with(",delta_se_pp"));
+        assert!(csv.contains(",per-block,0.601\n"), "{csv}");
+    }
 }
