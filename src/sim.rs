@@ -62,6 +62,7 @@ impl Federation {
             block_size: 4,
             cipher: CipherSteps::block(),
             model: None,
+            initial_weights: None,
             image_key: None,
             data: None,
             partition: Partition::Iid,
@@ -89,6 +90,7 @@ pub struct FederationBuilder {
     block_size: u32,
     cipher: CipherSteps,
     model: Option<ModelSpec>,
+    initial_weights: Option<ModelWeights>,
     image_key: Option<ImageKey>,
     data: Option<PathBuf>,
     partition: Partition,
@@ -140,6 +142,12 @@ impl FederationBuilder {
     /// cipher's image planes).
     pub fn model(mut self, spec: ModelSpec) -> Self {
         self.model = Some(spec);
+        self
+    }
+    /// The global model of round 1 (default: the model's initialisation
+    /// from the seed).
+    pub fn initial_weights(mut self, weights: ModelWeights) -> Self {
+        self.initial_weights = Some(weights);
         self
     }
     /// The shared image key (default: a fresh random key).
@@ -249,7 +257,10 @@ impl FederationBuilder {
         let mut config = CoordinatorConfig::new(
             ServerTls::from_pki(&pki),
             model.clone(),
-            init_weights(&model, self.seed)?,
+            match self.initial_weights.clone() {
+                Some(w) => w,
+                None => init_weights(&model, self.seed)?,
+            },
             dir.path().to_path_buf(),
         );
         config.participants = self.participants;

@@ -890,7 +890,10 @@ impl CoordinatorSession {
                 Message::TrainRequest {
                     round,
                     global,
-                    seed: derive_seed(self.config.seed, round, id),
+                    seed: match self.peers.get(&id) {
+                        Some(peer) => training_seed(self.config.seed, round, &peer.identity),
+                        None => derive_seed(self.config.seed, round, id),
+                    },
                 },
             ));
         }
@@ -1052,6 +1055,18 @@ fn expire(
             aggregator.handle_dropout(now, id);
         }
     }
+}
+
+/// A participant's training seed for a round, from the session seed, the
+/// round and the participant's authenticated identity: a run with a given
+/// seed does not depend on the order in which participants connected, nor
+/// on a participant reconnecting under a new id. (FNV-1a folds the identity
+/// into 64 bits; a seed is not a secret.)
+pub fn training_seed(seed: u64, round: u32, identity: &str) -> u64 {
+    let folded = identity.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    });
+    derive_seed(seed ^ folded, round, 0)
 }
 
 /// Per-round, per-participant seed: SplitMix64 over the session seed, the

@@ -917,3 +917,37 @@ fn a_second_connection_with_the_same_identity_replaces_the_first() {
     );
     assert_eq!(s.current_round(), 0);
 }
+
+/// The training seeds a session hands out when `identities` connect in
+/// this order (connection ids 0, 1, 2, ...): identity -> seed of round 1.
+fn round_one_seeds(identities: &[&str]) -> std::collections::BTreeMap<String, u64> {
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(identities.len(), 1),
+        tiny_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    for (id, identity) in identities.iter().enumerate() {
+        s.handle_connect(id as ParticipantId, *identity);
+        s.handle_message(now, id as ParticipantId, Message::Hello(hello(0, 10)))
+            .unwrap();
+    }
+    std::iter::from_fn(|| s.poll_transmit())
+        .filter_map(|(to, m)| match m {
+            Message::TrainRequest { seed, .. } => Some((identities[to as usize].to_string(), seed)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn training_seeds_follow_identities_not_connection_order() {
+    let forward = round_one_seeds(&["alice", "bob", "carol"]);
+    let backward = round_one_seeds(&["carol", "bob", "alice"]);
+    assert_eq!(forward.len(), 3, "{forward:?}");
+    assert_eq!(forward, backward);
+    let distinct: std::collections::BTreeSet<u64> = forward.values().copied().collect();
+    assert_eq!(distinct.len(), 3, "every participant gets its own seed");
+}
