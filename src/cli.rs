@@ -486,14 +486,17 @@ impl StrategyArgs {
         self.strategy == StrategyKind::Fedavg && self.server_lr.is_none()
     }
 
-    /// These settings as command-line arguments.
+    /// These settings as command-line arguments, in flag-value pairs.
     pub fn to_args(&self) -> Vec<String> {
-        let mut a = vec![format!("--strategy={}", value_name(self.strategy))];
+        let mut a = vec!["--strategy".to_string(), value_name(self.strategy)];
         if let Some(lr) = self.server_lr {
-            a.push(format!("--server-lr={lr}"));
+            a.extend(["--server-lr".to_string(), lr.to_string()]);
         }
-        a.push(format!("--server-momentum={}", self.server_momentum));
-        a.push(format!("--proximal-mu={}", self.proximal_mu));
+        a.extend([
+            "--server-momentum".to_string(),
+            self.server_momentum.to_string(),
+        ]);
+        a.extend(["--proximal-mu".to_string(), self.proximal_mu.to_string()]);
         a
     }
 }
