@@ -298,7 +298,12 @@ impl ExperimentArgs {
             a.push(format!("--round-timeout={}", self.round_timeout));
         }
         if !self.strategy.is_default() {
-            a.extend(self.strategy.to_args());
+            a.extend(
+                self.strategy
+                    .to_flags()
+                    .into_iter()
+                    .map(|(flag, value)| format!("--{flag}={value}")),
+            );
         }
         if self.data.shifted_copies > 0 {
             a.push(format!("--shifted-copies={}", self.data.shifted_copies));
@@ -486,18 +491,16 @@ impl StrategyArgs {
         self.strategy == StrategyKind::Fedavg && self.server_lr.is_none()
     }
 
-    /// These settings as command-line arguments, in flag-value pairs.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut a = vec!["--strategy".to_string(), value_name(self.strategy)];
+    /// These settings as (flag without `--`, value) pairs, for the
+    /// command lines of child processes.
+    pub fn to_flags(&self) -> Vec<(&'static str, String)> {
+        let mut flags = vec![("strategy", value_name(self.strategy))];
         if let Some(lr) = self.server_lr {
-            a.extend(["--server-lr".to_string(), lr.to_string()]);
+            flags.push(("server-lr", lr.to_string()));
         }
-        a.extend([
-            "--server-momentum".to_string(),
-            self.server_momentum.to_string(),
-        ]);
-        a.extend(["--proximal-mu".to_string(), self.proximal_mu.to_string()]);
-        a
+        flags.push(("server-momentum", self.server_momentum.to_string()));
+        flags.push(("proximal-mu", self.proximal_mu.to_string()));
+        flags
     }
 }
 
@@ -629,11 +632,9 @@ impl TrainingArgs {
         push("warmup", self.warmup.to_string());
         push("block-size", self.block_size.to_string());
         push("cipher", self.cipher.to_string());
-        a.extend(self.strategy.to_args());
-        let mut push = |flag: &str, value: String| {
-            a.push(format!("--{flag}"));
-            a.push(value);
-        };
+        for (flag, value) in self.strategy.to_flags() {
+            push(flag, value);
+        }
         push("aggregation", value_name(self.aggregation));
         push("secagg-clip", self.secagg_clip.to_string());
         push("secagg-bits", self.secagg_bits.to_string());

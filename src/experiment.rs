@@ -615,8 +615,8 @@ fn paired_gap_se_pp(plain: &[&CellResult], enc: &[&CellResult]) -> Option<f64> {
 }
 
 /// `0.27`, or `-` when there is no standard error.
-fn se_text(se: Option<f64>, precision: usize) -> String {
-    se.map_or_else(|| "-".to_string(), |v| format!("{v:.precision$}"))
+fn se_text(se: Option<f64>) -> String {
+    se.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
 }
 
 /// The accuracy table as Markdown.
@@ -635,7 +635,7 @@ pub fn table_markdown(rows: &[TableRow]) -> String {
             100.0 * r.accuracy_plain,
             100.0 * r.accuracy_encrypted,
             r.delta_pp,
-            se_text(r.delta_se_pp, 2),
+            se_text(r.delta_se_pp),
             r.seeds,
             r.key_bits,
             r.ssim,

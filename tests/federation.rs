@@ -195,6 +195,11 @@ async fn selection_trains_half_the_participants_and_all_evaluate() {
     }
 }
 
+/// Euclidean norm.
+fn l2(values: impl Iterator<Item = f32>) -> f32 {
+    values.map(|x| x * x).sum::<f32>().sqrt()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_strategy_sets_the_global_step() {
     // Same seed, key and data: the participants send the same updates, so
@@ -215,18 +220,12 @@ async fn the_server_strategy_sets_the_global_step() {
     let init = greyfed_participant::model::init_weights(&ModelSpec::blocknet_28x28(4), 0).unwrap();
     let full_step = full.sub(&init).unwrap().to_flat();
     let half_step = half.sub(&init).unwrap().to_flat();
-    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    assert!(norm(&full_step) > 1e-3, "the round moved the model");
-    let off: Vec<f32> = full_step
-        .iter()
-        .zip(&half_step)
-        .map(|(f, h)| 0.5 * f - h)
-        .collect();
+    let full_norm = l2(full_step.iter().copied());
+    assert!(full_norm > 1e-3, "the round moved the model");
+    let off = l2(full_step.iter().zip(&half_step).map(|(f, h)| 0.5 * f - h));
     assert!(
-        norm(&off) < 1e-4 * norm(&full_step),
-        "half step off by {} of {}",
-        norm(&off),
-        norm(&full_step)
+        off < 1e-4 * full_norm,
+        "half step off by {off} of {full_norm}"
     );
 }
 
@@ -349,9 +348,8 @@ async fn a_federation_on_encrypted_images_follows_the_plain_federation() {
         let expected = encrypted_domain_vit(&plain.final_model, &cipher).to_flat();
         let got = encrypted.final_model.to_flat();
         let start = encrypted_domain_vit(&init, &cipher).to_flat();
-        let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
-        let moved = norm(&mut expected.iter().zip(&start).map(|(e, s)| e - s));
-        let off = norm(&mut got.iter().zip(&expected).map(|(g, e)| g - e));
+        let moved = l2(expected.iter().zip(&start).map(|(e, s)| e - s));
+        let off = l2(got.iter().zip(&expected).map(|(g, e)| g - e));
         assert!(
             moved > 0.5,
             "{mode}: training barely moved the model ({moved})"
