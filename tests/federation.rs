@@ -5,6 +5,7 @@ mod common;
 use greyfed::sim::Federation;
 use greyfed_coordinator::strategy::StrategyConfig;
 use greyfed_participant::cipher::{ImageCipher, ImageKey};
+use greyfed_participant::model::encrypted_domain_weights;
 use greyfed_protocol::message::LrSchedule;
 use greyfed_protocol::{
     AggregationKind, FirstLayer, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig,
@@ -229,54 +230,13 @@ async fn the_server_strategy_sets_the_global_step() {
     );
 }
 
-/// The encrypted-domain weights of a ViT with a per-block patch embedding:
-/// the embedding of cipher block `q` at in-block value `d` is the plain
-/// embedding of the block the value comes from, at the value's plain
-/// in-block index, negated where the value is inverted; biases and position
-/// embeddings follow the block permutation.
-fn encrypted_domain_vit(plain: &ModelWeights, cipher: &ImageCipher) -> ModelWeights {
-    let t = plain.tensors();
-    assert_eq!(
-        [t[0].name.as_str(), &t[1].name, &t[2].name],
-        ["patch_embed.weight", "patch_embed.bias", "pos_embed"]
-    );
-    let (dim, patch) = (t[0].shape[1], t[0].shape[2]);
-    let b = cipher.block_size();
-    let (rows, cols) = (cipher.rows(), cipher.cols());
-    // (block, in-block index) of value `v` (plane, row, column).
-    let block_of = |v: usize| {
-        let (plane, pixel) = (v / (rows * cols), v % (rows * cols));
-        let (r, c) = (pixel / cols, pixel % cols);
-        (
-            (r / b) * (cols / b) + c / b,
-            (plane * b + r % b) * b + c % b,
-        )
-    };
-    let mut weight = vec![0f32; t[0].data.len()];
-    for (v, (&u, &x)) in cipher
-        .value_source()
-        .iter()
-        .zip(cipher.value_xor())
-        .enumerate()
-    {
-        let ((q, d), (p, e)) = (block_of(v), block_of(u));
-        let sign = if x == 0xFF { -1.0 } else { 1.0 };
-        for o in 0..dim {
-            weight[(q * dim + o) * patch + d] = sign * t[0].data[(p * dim + o) * patch + e];
-        }
-    }
-    let permute_rows = |data: &[f32]| -> Vec<f32> {
-        cipher
-            .block_permutation()
-            .iter()
-            .flat_map(|&p| data[p * dim..(p + 1) * dim].to_vec())
-            .collect()
-    };
-    let mut tensors = t.to_vec();
-    tensors[0].data = weight;
-    tensors[1].data = permute_rows(&t[1].data);
-    tensors[2].data = permute_rows(&t[2].data);
-    ModelWeights::new(tensors).unwrap()
+/// The key transform of the ViT (the spec keeps its planes).
+fn encrypted_domain_vit(
+    spec: &ModelSpec,
+    plain: &ModelWeights,
+    cipher: &ImageCipher,
+) -> ModelWeights {
+    encrypted_domain_weights(spec, plain, cipher).unwrap().1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,7 +297,7 @@ async fn a_federation_on_encrypted_images_follows_the_plain_federation() {
             ..CipherSteps::default()
         });
         let plain = federation(base, init.clone()).run().await.unwrap();
-        let encrypted = federation(Some(steps), encrypted_domain_vit(&init, &cipher))
+        let encrypted = federation(Some(steps), encrypted_domain_vit(&spec, &init, &cipher))
             .run()
             .await
             .unwrap();
@@ -345,9 +305,9 @@ async fn a_federation_on_encrypted_images_follows_the_plain_federation() {
         // differs between the two domains (sums run in another order), and
         // Adam amplifies it in coordinates whose gradients are near zero, so
         // single coordinates may drift while the model as a whole agrees.
-        let expected = encrypted_domain_vit(&plain.final_model, &cipher).to_flat();
+        let expected = encrypted_domain_vit(&spec, &plain.final_model, &cipher).to_flat();
         let got = encrypted.final_model.to_flat();
-        let start = encrypted_domain_vit(&init, &cipher).to_flat();
+        let start = encrypted_domain_vit(&spec, &init, &cipher).to_flat();
         let moved = l2(expected.iter().zip(&start).map(|(e, s)| e - s));
         let off = l2(got.iter().zip(&expected).map(|(g, e)| g - e));
         assert!(

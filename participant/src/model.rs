@@ -93,9 +93,11 @@ use ops::map_rows_with_bias;
 pub mod cnn;
 mod gemm;
 mod ops;
+pub mod transform;
 pub mod vit;
 
 pub use cnn::{Cnn, CnnDims, cnn_28x28};
+pub use transform::encrypted_domain_weights;
 pub use vit::{Vit, VitDims, vit_28x28};
 
 /// Upper bound on the number of parameters of a model built from a spec, so

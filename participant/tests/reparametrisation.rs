@@ -8,52 +8,20 @@ use candle_core::Device;
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
     data::{Dataset, synthetic::builtin_splits},
-    model::{Network, init_weights},
+    model::{Network, cnn_28x28, encrypted_domain_weights, init_weights, vit_28x28},
     train::{TensorData, train_local},
 };
 use greyfed_protocol::message::LrSchedule;
 use greyfed_protocol::{
-    FirstLayer, ModelSpec, ModelWeights, NamedTensor, OptimizerSpec, TrainingConfig,
-    cipher::CipherSteps,
+    FirstLayer, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig, cipher::CipherSteps,
 };
 
 const B: usize = 4;
 
-/// The weights of the encrypted-domain blocknet for `cipher` (shared
-/// intra-block keying): conv column `d` takes the plain column `source[d]`,
-/// negated where the value is inverted (inputs are centred, so inversion is
-/// a sign flip); fc1's column of cipher block `q` is plain block `pi[q]`'s.
-fn encrypted_domain_weights(plain: &ModelWeights, cipher: &ImageCipher) -> ModelWeights {
-    let t = plain.tensors();
-    let (conv, fc1) = (&t[0], &t[2]);
-    let (c_out, patch) = (conv.shape[0], conv.shape[1..].iter().product::<usize>());
-    let transform = cipher.intra_block_transform(0).unwrap();
-    let mut conv_w = vec![0f32; conv.data.len()];
-    for c in 0..c_out {
-        for d in 0..patch {
-            let sign = if transform.negated()[d] { -1.0 } else { 1.0 };
-            conv_w[c * patch + d] = sign * conv.data[c * patch + transform.source()[d]];
-        }
-    }
-    let mut tensors = t.to_vec();
-    tensors[0] = NamedTensor::new(&conv.name, conv.shape.clone(), conv_w).unwrap();
-    tensors[2] = permute_fc1_blocks(fc1, cipher.block_permutation());
-    ModelWeights::new(tensors).unwrap()
-}
-
-/// fc1 (PyTorch layout, column `c * P + p`) with the columns of cipher block
-/// `q` taken from plain block `pi[q]`.
-fn permute_fc1_blocks(fc1: &NamedTensor, pi: &[usize]) -> NamedTensor {
-    let (blocks, inputs) = (pi.len(), fc1.shape[1]);
-    let mut w = vec![0f32; fc1.data.len()];
-    for h in 0..fc1.shape[0] {
-        for c in 0..inputs / blocks {
-            for (q, &p) in pi.iter().enumerate() {
-                w[h * inputs + c * blocks + q] = fc1.data[h * inputs + c * blocks + p];
-            }
-        }
-    }
-    NamedTensor::new(&fc1.name, fc1.shape.clone(), w).unwrap()
+/// The library's key transform of blocknet weights (the spec keeps its
+/// planes: these tests start from the split representation in split modes).
+fn transformed(spec: &ModelSpec, plain: &ModelWeights, cipher: &ImageCipher) -> ModelWeights {
+    encrypted_domain_weights(spec, plain, cipher).unwrap().1
 }
 
 fn logits(spec: &ModelSpec, weights: &ModelWeights, data: &Dataset) -> Vec<Vec<f32>> {
@@ -111,7 +79,7 @@ fn transformed_weights_give_identical_logits_on_encrypted_images() {
         let encrypted = cipher.encrypt_dataset(&images).unwrap();
         let plain = logits(&spec, &plain_model, &plain_values(&images, steps, &key));
 
-        let enc_model = encrypted_domain_weights(&plain_model, &cipher);
+        let enc_model = transformed(&spec, &plain_model, &cipher);
         let on_cipher = logits(&spec, &enc_model, &encrypted);
         let diff = max_abs_diff(&plain, &on_cipher);
         assert!(diff < 1e-4, "{mode}: logits differ by {diff}");
@@ -166,13 +134,13 @@ fn training_on_encrypted_images_follows_the_plain_run() {
         let plain_run = train_local(&spec, &init, &plain_data, &config, 5).unwrap();
         let cipher_run = train_local(
             &spec,
-            &encrypted_domain_weights(&init, &cipher),
+            &transformed(&spec, &init, &cipher),
             &cipher_data,
             &config,
             5,
         )
         .unwrap();
-        let expected = encrypted_domain_weights(&plain_run.weights, &cipher);
+        let expected = transformed(&spec, &plain_run.weights, &cipher);
         let mut largest = 0f32;
         for (got, want) in cipher_run.weights.tensors().iter().zip(expected.tensors()) {
             for (g, w) in got.data.iter().zip(&want.data) {
@@ -200,65 +168,34 @@ fn training_on_encrypted_images_follows_the_plain_run() {
 }
 
 /// With a different intra-block key per block (`extended`) no shared kernel
-/// can absorb the encryption; the construction above then fails, which is
-/// why `extended` costs blocknet accuracy.
+/// can absorb the encryption (which is why `extended` costs a shared
+/// blocknet accuracy); the transform says so instead of returning a wrong
+/// model. Nor can anything absorb block scrambling for the CNN.
 #[test]
-fn per_block_keys_are_not_absorbed_by_a_shared_kernel() {
-    let splits = builtin_splits(3);
-    let images = splits.test.subset(&(0..32).collect::<Vec<_>>());
+fn the_transform_refuses_what_it_cannot_absorb() {
     let key = ImageKey::from_bytes([0x42; 32]);
-    let steps: CipherSteps = "extended".parse().unwrap();
-    let spec = ModelSpec::blocknet_28x28(B as u32);
-    let plain_model = init_weights(&spec, 7).unwrap();
-    let cipher = ImageCipher::new(&key, steps, B, 28, 28).unwrap();
-    let plain = logits(&spec, &plain_model, &images);
-    let enc_model = encrypted_domain_weights(&plain_model, &cipher);
-    let on_cipher = logits(&spec, &enc_model, &cipher.encrypt_dataset(&images).unwrap());
-    assert!(max_abs_diff(&plain, &on_cipher) > 1e-2);
-}
-
-/// `(block, in-block index)` of value `v` of a 28x28 image with `planes`.
-fn block_of(v: usize) -> (usize, usize) {
-    let (ch, pixel) = (v / 784, v % 784);
-    let (row, col) = (pixel / 28, pixel % 28);
-    (
-        (row / B) * (28 / B) + col / B,
-        ch * B * B + (row % B) * B + col % B,
-    )
-}
-
-/// The weights of the encrypted-domain blocknet with per-block kernels, for
-/// any mode: the kernel of cipher block `q` at in-block value `d` is the
-/// plain kernel of the block `d`'s value comes from, at the value's plain
-/// in-block index, negated where the value is inverted.
-fn per_block_encrypted_weights(plain: &ModelWeights, cipher: &ImageCipher) -> ModelWeights {
-    let t = plain.tensors();
-    let (conv, fc1) = (&t[0], &t[2]);
-    let (blocks, c_out) = (conv.shape[0], conv.shape[1]);
-    let patch: usize = conv.shape[2..].iter().product();
-    let mut conv_w = vec![0f32; conv.data.len()];
-    for (v, (&u, &x)) in cipher
-        .value_source()
-        .iter()
-        .zip(cipher.value_xor())
-        .enumerate()
-    {
-        let ((q, d), (p, e)) = (block_of(v), block_of(u));
-        assert_eq!(p, cipher.block_permutation()[q]);
-        let sign = if x == 0xFF { -1.0 } else { 1.0 };
-        for c in 0..c_out {
-            conv_w[(q * c_out + c) * patch + d] = sign * conv.data[(p * c_out + c) * patch + e];
-        }
+    let cipher =
+        |mode: &str, block| ImageCipher::new(&key, mode.parse().unwrap(), block, 28, 28).unwrap();
+    let refusal = |spec: &ModelSpec, cipher: &ImageCipher| {
+        let weights = init_weights(spec, 7).unwrap();
+        encrypted_domain_weights(spec, &weights, cipher)
+            .unwrap_err()
+            .to_string()
+    };
+    let blocknet = ModelSpec::blocknet_28x28(B as u32);
+    for mode in ["extended", "pixel-negpos", "le-extended"] {
+        let e = refusal(&blocknet, &cipher(mode, B));
+        assert!(e.contains("per-block first layer"), "{mode}: {e}");
     }
-    let mut conv_b = vec![0f32; blocks * c_out];
-    for (q, &p) in cipher.block_permutation().iter().enumerate() {
-        conv_b[q * c_out..(q + 1) * c_out].copy_from_slice(&t[1].data[p * c_out..(p + 1) * c_out]);
-    }
-    let mut tensors = t.to_vec();
-    tensors[0] = NamedTensor::new(&conv.name, conv.shape.clone(), conv_w).unwrap();
-    tensors[1] = NamedTensor::new(&t[1].name, t[1].shape.clone(), conv_b).unwrap();
-    tensors[2] = permute_fc1_blocks(fc1, cipher.block_permutation());
-    ModelWeights::new(tensors).unwrap()
+    let e = refusal(&blocknet, &cipher("block", 7));
+    assert!(
+        e.contains("blocks of 4") && e.contains("blocks of 7"),
+        "{e}"
+    );
+    let e = refusal(&vit_28x28(B as u32, 2), &cipher("block", B));
+    assert!(e.contains("2 image planes") && e.contains("gives 1"), "{e}");
+    let e = refusal(&cnn_28x28(1), &cipher("block", B));
+    assert!(e.contains("cnn cannot be transformed"), "{e}");
 }
 
 /// With a kernel per block position (a locally connected first layer)
@@ -289,13 +226,76 @@ fn per_block_kernels_absorb_every_mode() {
         let cipher = ImageCipher::new(&key, steps, B, 28, 28).unwrap();
         let plain = logits(&spec, &plain_model, &plain_values(&images, steps, &key));
         let encrypted = cipher.encrypt_dataset(&images).unwrap();
-        let enc_model = per_block_encrypted_weights(&plain_model, &cipher);
+        let enc_model = transformed(&spec, &plain_model, &cipher);
         let diff = max_abs_diff(&plain, &logits(&spec, &enc_model, &encrypted));
         assert!(diff < 1e-4, "{mode}: logits differ by {diff}");
         let naive_diff = max_abs_diff(&plain, &logits(&spec, &plain_model, &encrypted));
         assert!(
             naive_diff > 1e-2,
             "{mode}: plain model unchanged ({naive_diff})"
+        );
+    }
+}
+
+/// A one-plane model for plain pixels becomes a two-plane model for split
+/// modes exactly (a centred pixel is 16/17 of its centred high half plus
+/// 1/17 of its low half), for blocknet and the ViT, with shared and
+/// per-block first layers: the transformed model's logits on encrypted
+/// images are the plain model's logits on plain images.
+#[test]
+fn plain_models_transform_into_every_mode() {
+    let splits = builtin_splits(5);
+    let images = splits.test.subset(&(0..16).collect::<Vec<_>>());
+    let key = ImageKey::from_bytes([0x77; 32]);
+    let blocknet = ModelSpec::blocknet_28x28(B as u32);
+    let vit = vit_28x28(B as u32, 1);
+    for (spec, mode) in [
+        (&blocknet, "le"),
+        (&blocknet, "split"),
+        (&blocknet, "block"),
+        (&vit, "le"),
+        (&vit, "split+block-shuffle"),
+        (&vit, "negpos"),
+    ] {
+        for layer in [FirstLayer::Shared, FirstLayer::PerBlock] {
+            check_transform(&spec.clone().with_first_layer(layer), mode, &key, &images);
+        }
+    }
+    for (spec, mode) in [
+        (&blocknet, "le-extended"),
+        (&blocknet, "pixel"),
+        (&vit, "le-extended"),
+        (&vit, "pixel"),
+        (&vit, "pixel-negpos"),
+        (&vit, "extended"),
+    ] {
+        let spec = spec.clone().with_first_layer(FirstLayer::PerBlock);
+        check_transform(&spec, mode, &key, &images);
+    }
+}
+
+fn check_transform(spec: &ModelSpec, mode: &str, key: &ImageKey, images: &Dataset) {
+    let steps: CipherSteps = mode.parse().unwrap();
+    let cipher = ImageCipher::new(key, steps, B, 28, 28).unwrap();
+    let plain_model = init_weights(spec, 11).unwrap();
+    let (enc_spec, enc_model) = encrypted_domain_weights(spec, &plain_model, &cipher).unwrap();
+    assert_eq!(enc_spec.image_channels() as usize, cipher.channels());
+    let plain = logits(spec, &plain_model, images);
+    let encrypted = cipher.encrypt_dataset(images).unwrap();
+    let diff = max_abs_diff(&plain, &logits(&enc_spec, &enc_model, &encrypted));
+    assert!(
+        diff < 1e-4,
+        "{} {mode}: logits differ by {diff}",
+        spec.name()
+    );
+    // Applied to encrypted images, the plain model is not the same function
+    // (with split the plain model cannot even read them).
+    if !steps.split {
+        let naive = max_abs_diff(&plain, &logits(spec, &plain_model, &encrypted));
+        assert!(
+            naive > 1e-2,
+            "{} {mode}: encryption had no effect",
+            spec.name()
         );
     }
 }
