@@ -59,6 +59,53 @@ pub enum Command {
     /// Configuration files (`--config FILE` of coordinator and participant).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+/// `greyfed model ...`.
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// The key transform of a blocknet for plain images: writes the model
+    /// that computes the same function on images encrypted with the key
+    /// and cipher. Use it to start a federation from a model whose first
+    /// layer already fits the cipher (`greyfed coordinator --init OUT`,
+    /// with `--fresh`), or to hand out a model trained on plain images that
+    /// only works on images encrypted with the key.
+    Transform(TransformArgs),
+}
+
+/// `greyfed model transform`.
+#[derive(Debug, Args)]
+pub struct TransformArgs {
+    /// Model for plain images (a `model.safetensors` of a federation run
+    /// with `--plain`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "fresh",
+        conflicts_with = "fresh"
+    )]
+    pub model: Option<PathBuf>,
+    /// Transform a fresh initialisation drawn from OS randomness (never
+    /// written anywhere): with a known plain model the transformed one
+    /// would reveal the key (docs/threat-model.md).
+    #[arg(long)]
+    pub fresh: bool,
+    /// The image key file.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// The cipher the participants use (`greyfed participant --cipher`);
+    /// a shared first layer absorbs modes without per-block or per-pixel keys.
+    #[arg(long, value_parser = parse_cipher)]
+    pub cipher: CipherSteps,
+    /// Block size of the cipher and of blocknet.
+    #[arg(long, default_value_t = 4)]
+    pub block_size: u32,
+    /// Where to write the transformed model (safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// `greyfed config ...`.
@@ -179,6 +226,20 @@ pub enum FirstLayerArg {
     PerBlock,
 }
 
+/// How `greyfed experiment encryption` initialises the model of an
+/// encrypted cell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum InitArg {
+    /// Drawn from the seed, like the plain cell's model (for split modes a
+    /// fresh two-plane model).
+    #[default]
+    Seeded,
+    /// The key transform of the plain cell's initial model
+    /// (`greyfed_participant::model::encrypted_domain_weights`): the same
+    /// function on encrypted images as the plain model on plain images.
+    KeyTransformed,
+}
+
 /// `greyfed experiment encryption`.
 #[derive(Clone, Debug, Args)]
 pub struct ExperimentArgs {
@@ -253,6 +314,9 @@ pub struct ExperimentArgs {
     /// (which a shared kernel cannot absorb), else one shared kernel.
     #[arg(long, value_enum, default_value_t = FirstLayerArg::Auto)]
     pub first_layer: FirstLayerArg,
+    /// Initial model of encrypted cells.
+    #[arg(long, value_enum, default_value_t = InitArg::Seeded)]
+    pub init: InitArg,
     /// Known plain/cipher pairs given to the known-plaintext attack.
     #[arg(long, default_value_t = 20)]
     pub known_pairs: usize,
@@ -304,6 +368,9 @@ impl ExperimentArgs {
                     .into_iter()
                     .map(|(flag, value)| format!("--{flag}={value}")),
             );
+        }
+        if self.init != InitArg::Seeded {
+            a.push(format!("--init={}", value_name(self.init)));
         }
         if self.data.shifted_copies > 0 {
             a.push(format!("--shifted-copies={}", self.data.shifted_copies));
@@ -951,7 +1018,7 @@ mod tests {
             !plain
                 .to_cell_args()
                 .iter()
-                .any(|a| a.contains("shift") || a.contains("strategy")),
+                .any(|a| a.contains("shift") || a.contains("strategy") || a.contains("init")),
             "{:?}",
             plain.to_cell_args()
         );
@@ -968,11 +1035,14 @@ mod tests {
             "1.5",
             "--server-momentum",
             "0.8",
+            "--init",
+            "key-transformed",
         ]);
         let args = augmented.to_cell_args();
         assert!(args.contains(&"--shifted-copies=3".to_string()), "{args:?}");
         let child: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_eq!(parse(&child).round_timeout, 30, "{child:?}");
+        assert_eq!(parse(&child).init, InitArg::KeyTransformed, "{child:?}");
         assert_eq!(
             parse(&child).strategy.config().unwrap(),
             StrategyConfig::FedAvgM {

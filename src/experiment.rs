@@ -27,14 +27,14 @@ use greyfed_participant::{
     attack::{KnownPlaintextAttack, fold_image, merge_split, split_values},
     cipher::{ImageCipher, ImageKey},
     data::{Dataset, DatasetSplits},
-    model::{cnn_28x28, init_weights, vit_28x28},
+    model::{cnn_28x28, encrypted_domain_weights, init_weights, vit_28x28},
     quality::{mean_ssim, psnr},
     train::{TensorData, evaluate, train_local},
 };
 use greyfed_protocol::{FirstLayer, ModelSpec, OptimizerSpec, TrainingConfig, cipher::CipherSteps};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{ExperimentArgs, FirstLayerArg};
+use crate::cli::{ExperimentArgs, FirstLayerArg, InitArg};
 use crate::commands::load_splits;
 use crate::sim::Federation;
 
@@ -153,6 +153,17 @@ pub async fn run_cell(
         &encrypt(&splits.test, mode, &key, block)?,
         &candle_core::Device::Cpu,
     )?;
+    let init = match (mode, args.init) {
+        (Some(steps), InitArg::KeyTransformed) => {
+            let plain_spec =
+                model_spec(&cell.model, args.block_size, 1)?.with_first_layer(cell.first_layer);
+            let cipher =
+                ImageCipher::new(&key, steps, block, splits.test.rows(), splits.test.cols())?;
+            let plain = init_weights(&plain_spec, cell.seed)?;
+            encrypted_domain_weights(&plain_spec, &plain, &cipher)?.1
+        }
+        _ => init_weights(&spec, cell.seed)?,
+    };
     let start = Instant::now();
     let weights = match cell.setting.as_str() {
         "central" => {
@@ -164,7 +175,6 @@ pub async fn run_cell(
                 &encrypt(&train, mode, &key, block)?,
                 &candle_core::Device::Cpu,
             )?;
-            let init = init_weights(&spec, cell.seed)?;
             train_local(&spec, &init, &train, &training, cell.seed)?.weights
         }
         "federated" => {
@@ -181,6 +191,7 @@ pub async fn run_cell(
                 .model(spec.clone())
                 .block_size(args.block_size)
                 .seed(cell.seed)
+                .initial_weights(init)
                 .data_seed(args.data.data_seed)
                 .augmentation(args.data.augmentation())
                 .image_key(key.clone());

@@ -24,3 +24,4 @@ pub mod progress;
 pub mod report;
 pub mod sim;
 pub mod simulate;
+pub mod transform;

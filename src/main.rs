@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser};
-use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand};
+use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand, ModelCommand};
 use greyfed::progress::{Display, LogWriter};
 use greyfed::{commands, config_file, experiment, keygen, memory, preview, report, simulate};
 use tracing_subscriber::EnvFilter;
@@ -129,6 +129,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             println!("{legend}");
             println!("preview written to {}", args.preview.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::Transform(args)) => {
+            println!("{}", greyfed::transform::transform_model(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Experiment(ExperimentCommand::Encryption(args)) => {

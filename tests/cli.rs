@@ -372,3 +372,99 @@ fn encrypt_preview_writes_a_png_and_its_legend() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("sparkle"));
 }
+
+#[test]
+fn model_transform_writes_the_key_transform_of_a_plain_model() {
+    use greyfed_participant::cipher::{ImageCipher, ImageKey};
+    use greyfed_participant::model::{encrypted_domain_weights, init_weights};
+    use greyfed_protocol::{ModelSpec, ModelWeights};
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = ImageKey::from_bytes([0x31; 32]);
+    let key_file = dir.path().join("image.key");
+    key.write_file(&key_file).unwrap();
+    let spec = ModelSpec::blocknet_28x28(4);
+    let plain = init_weights(&spec, 3).unwrap();
+    let plain_file = dir.path().join("plain.safetensors");
+    let meta = [("greyfed.cipher".to_string(), "null".to_string())].into();
+    std::fs::write(&plain_file, plain.to_safetensors(&meta).unwrap()).unwrap();
+    let transform = |model: &std::path::Path, cipher: &str, out: &std::path::Path| {
+        greyfed()
+            .args(["model", "transform", "--cipher", cipher, "--model"])
+            .arg(model)
+            .arg("--key-file")
+            .arg(&key_file)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+
+    let enc_file = dir.path().join("le.safetensors");
+    let out = transform(&plain_file, "le", &enc_file);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&key.fingerprint()), "{stdout}");
+    assert!(!stdout.contains(&key.expose_secret_hex()), "{stdout}");
+    let (written, meta) =
+        ModelWeights::from_safetensors(&std::fs::read(&enc_file).unwrap()).unwrap();
+    let cipher = ImageCipher::new(&key, "le".parse().unwrap(), 4, 28, 28).unwrap();
+    let (_, expected) = encrypted_domain_weights(&spec, &plain, &cipher).unwrap();
+    assert_eq!(written, expected);
+    assert!(
+        meta["greyfed.cipher"].contains(&key.fingerprint()),
+        "{meta:?}"
+    );
+
+    // A model for encrypted images is not transformed again.
+    let again = transform(&enc_file, "le", &dir.path().join("twice.safetensors"));
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("model for encrypted images"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // Per-block keys need a per-block first layer, which the coordinator's
+    // blocknet does not have: a clear error, no file.
+    let refused = dir.path().join("extended.safetensors");
+    let out = transform(&plain_file, "extended", &refused);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shared first layer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!refused.exists());
+
+    // --fresh draws a new plain model each time.
+    let fresh = |name: &str| {
+        let path = dir.path().join(name);
+        let out = greyfed()
+            .args([
+                "model",
+                "transform",
+                "--fresh",
+                "--cipher",
+                "block",
+                "--key-file",
+            ])
+            .arg(&key_file)
+            .arg("--out")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ModelWeights::from_safetensors(&std::fs::read(&path).unwrap())
+            .unwrap()
+            .0
+    };
+    assert_ne!(fresh("a.safetensors"), fresh("b.safetensors"));
+}
