@@ -8,16 +8,11 @@ use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
     model::{encrypted_domain_weights, init_weights},
 };
+use greyfed_protocol::weights::{CIPHER_METADATA, MODEL_METADATA};
 use greyfed_protocol::{ModelSpec, ModelWeights, cipher::CipherSpec};
 use rand::TryRng;
 
 use crate::cli::TransformArgs;
-
-/// Metadata key of the cipher a model file expects (JSON `CipherSpec`,
-/// `null` for plain images), as the coordinator writes it.
-pub const CIPHER_METADATA: &str = "greyfed.cipher";
-/// Metadata key naming the architecture.
-pub const MODEL_METADATA: &str = "greyfed.model";
 
 /// Writes the transformed model to `args.out`; returns a one-line summary
 /// (the key's fingerprint, never the key).

@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use greyfed_protocol::weights::ROUNDS_METADATA;
 use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, TrainingConfig};
 use serde::{Deserialize, Serialize};
 
@@ -80,8 +81,6 @@ impl RunSettings {
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 /// Name of the state file inside the checkpoint directory.
 const STATE_FILE: &str = "state.json";
-/// Model metadata key holding the rounds completed.
-const ROUNDS_KEY: &str = "greyfed.rounds_completed";
 
 /// Everything a coordinator needs to continue after its last completed round.
 #[derive(Clone, Debug, PartialEq)]
@@ -145,7 +144,10 @@ impl Checkpoint {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let model_file = format!("model-{}.safetensors", self.rounds_completed);
         let mut meta = HashMap::new();
-        meta.insert(ROUNDS_KEY.to_string(), self.rounds_completed.to_string());
+        meta.insert(
+            ROUNDS_METADATA.to_string(),
+            self.rounds_completed.to_string(),
+        );
         write_atomic(&dir.join(&model_file), &self.global.to_safetensors(&meta)?)?;
         if self.strategy_state.iter().flatten().any(|x| !x.is_finite()) {
             return Err(CoordinatorError::Checkpoint(
@@ -209,7 +211,9 @@ impl Checkpoint {
         let model_bytes = std::fs::read(&model_path).map_err(io_err(&model_path))?;
         let (global, meta) = ModelWeights::from_safetensors(&model_bytes)
             .map_err(|e| bad(format!("corrupt {}: {e}", state.model_file)))?;
-        let model_round = meta.get(ROUNDS_KEY).and_then(|r| r.parse::<u32>().ok());
+        let model_round = meta
+            .get(ROUNDS_METADATA)
+            .and_then(|r| r.parse::<u32>().ok());
         if model_round != Some(state.rounds_completed) {
             return Err(bad(format!(
                 "{} is from round {model_round:?} but {STATE_FILE} says {}",

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use greyfed_protocol::weights::{CIPHER_METADATA, MODEL_METADATA, ROUNDS_METADATA};
 use greyfed_protocol::{
     AggregationKind, EvalMetrics, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
@@ -640,16 +641,13 @@ fn write_model(
     rounds_completed: u32,
 ) -> Result<()> {
     let mut meta = std::collections::HashMap::new();
-    meta.insert("greyfed.model".to_string(), format!("{:?}", config.model));
+    meta.insert(MODEL_METADATA.to_string(), format!("{:?}", config.model));
     if let Some(cipher) = cipher {
         let json = serde_json::to_string(cipher)
             .map_err(|e| CoordinatorError::Config(format!("encoding the cipher spec: {e}")))?;
-        meta.insert("greyfed.cipher".to_string(), json);
+        meta.insert(CIPHER_METADATA.to_string(), json);
     }
-    meta.insert(
-        "greyfed.rounds_completed".to_string(),
-        rounds_completed.to_string(),
-    );
+    meta.insert(ROUNDS_METADATA.to_string(), rounds_completed.to_string());
     crate::checkpoint::write_atomic(path, &model.to_safetensors(&meta)?)
 }
 

@@ -16,6 +16,13 @@ use crate::error::ProtocolError;
 /// safetensors metadata key that records the tensor order (safetensors itself
 /// stores tensors sorted, not in insertion order).
 const ORDER_KEY: &str = "greyfed.tensor_order";
+/// Metadata key of a model file naming its architecture.
+pub const MODEL_METADATA: &str = "greyfed.model";
+/// Metadata key of a model file holding the input it expects: the cipher
+/// spec as JSON, `null` for plain images.
+pub const CIPHER_METADATA: &str = "greyfed.cipher";
+/// Metadata key of a model file holding the rounds completed.
+pub const ROUNDS_METADATA: &str = "greyfed.rounds_completed";
 
 /// One named, shaped `f32` tensor in row-major order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -126,7 +126,7 @@ pub fn encrypted_domain_weights(
                 block_maps
                     .iter()
                     .zip(shared)
-                    .all(|(m, s)| m.block == p && m.index == s.index && m.factor == s.factor)
+                    .all(|(m, s)| *m == ValueMap { block: p, ..*s })
             });
             if !same {
                 return Err(ParticipantError::Model(format!(
