@@ -376,6 +376,9 @@ impl ExperimentArgs {
             a.push(format!("--shifted-copies={}", self.data.shifted_copies));
             a.push(format!("--max-shift={}", self.data.max_shift));
         }
+        if self.data.pixel_noise > 0 {
+            a.push(format!("--pixel-noise={}", self.data.pixel_noise));
+        }
         a
     }
 }
@@ -829,6 +832,11 @@ pub struct DataArgs {
     /// Largest translation of the shifted copies, in pixels, each way.
     #[arg(long, default_value_t = 2)]
     pub max_shift: usize,
+    /// Uniform noise of up to this many grey levels added to every pixel of
+    /// the shifted copies (0: none). It randomises the low 4 bits, which a
+    /// model otherwise memorises on split images (le, le-extended, pixel).
+    #[arg(long, default_value_t = 0, requires = "shifted_copies")]
+    pub pixel_noise: u8,
 }
 
 impl DataArgs {
@@ -837,6 +845,7 @@ impl DataArgs {
         ShiftedCopies {
             copies: self.shifted_copies,
             max_shift: self.max_shift,
+            pixel_noise: self.pixel_noise,
         }
     }
 }
@@ -1003,6 +1012,19 @@ mod tests {
     }
 
     #[test]
+    fn pixel_noise_needs_shifted_copies() {
+        let argv = |extra: &[&str]| {
+            let mut a = vec!["greyfed", "experiment", "encryption"];
+            a.extend_from_slice(extra);
+            Cli::try_parse_from(a)
+        };
+        let err = argv(&["--pixel-noise", "8"]).unwrap_err();
+        assert!(err.to_string().contains("--shifted-copies"), "{err}");
+        assert!(argv(&["--pixel-noise", "8", "--shifted-copies", "1"]).is_ok());
+        assert!(argv(&["--pixel-noise", "300", "--shifted-copies", "1"]).is_err());
+    }
+
+    #[test]
     fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
         let parse = |extra: &[&str]| {
             let mut argv = vec!["greyfed", "experiment", "encryption"];
@@ -1015,10 +1037,10 @@ mod tests {
         let plain = parse(&[]);
         // Defaults are left out, so that earlier results still match.
         assert!(
-            !plain
-                .to_cell_args()
-                .iter()
-                .any(|a| a.contains("shift") || a.contains("strategy") || a.contains("init")),
+            !plain.to_cell_args().iter().any(|a| a.contains("shift")
+                || a.contains("noise")
+                || a.contains("strategy")
+                || a.contains("init")),
             "{:?}",
             plain.to_cell_args()
         );
@@ -1037,6 +1059,8 @@ mod tests {
             "0.8",
             "--init",
             "key-transformed",
+            "--pixel-noise",
+            "8",
         ]);
         let args = augmented.to_cell_args();
         assert!(args.contains(&"--shifted-copies=3".to_string()), "{args:?}");
@@ -1054,7 +1078,8 @@ mod tests {
             parse(&child).data.augmentation(),
             ShiftedCopies {
                 copies: 3,
-                max_shift: 1
+                max_shift: 1,
+                pixel_noise: 8
             }
         );
     }

@@ -222,8 +222,8 @@ impl FederationBuilder {
         self
     }
 
-    /// Add shifted copies of every participant's training images before
-    /// encryption (data augmentation).
+    /// Add shifted (and optionally noisy) copies of every participant's
+    /// training images before encryption (data augmentation).
     pub fn augmentation(mut self, augmentation: ShiftedCopies) -> Self {
         self.augmentation = augmentation;
         self

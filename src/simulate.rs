@@ -363,6 +363,8 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
             .arg(args.data.shifted_copies.to_string())
             .arg("--max-shift")
             .arg(args.data.max_shift.to_string())
+            .arg("--pixel-noise")
+            .arg(args.data.pixel_noise.to_string())
             .arg("--block-size")
             .arg(args.training.block_size.to_string())
             .arg("--cipher")

@@ -26,6 +26,8 @@ fn simulate_runs_processes_and_writes_metrics() {
             "--central-eval",
             "--shifted-copies",
             "1",
+            "--pixel-noise",
+            "8",
             "--out",
         ])
         .arg(out.path())

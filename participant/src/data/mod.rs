@@ -233,6 +233,23 @@ impl Dataset {
         self.with_samples(pixels, labels)
     }
 
+    /// The samples, with uniform integer noise in `-noise..=noise` added to
+    /// every pixel of samples `from..` and clamped to `0..=255` (data
+    /// augmentation for the shifted copies, see [`ShiftedCopies`]); earlier
+    /// samples are unchanged. Reproducible from `seed`.
+    pub fn with_pixel_noise(&self, from: usize, noise: u8, seed: u64) -> Dataset {
+        let mut pixels = self.pixels.clone();
+        if noise > 0 {
+            let noise = i16::from(noise);
+            let mut rng = StdRng::seed_from_u64(seed);
+            let start = (from * self.image_len()).min(pixels.len());
+            for p in &mut pixels[start..] {
+                *p = (i16::from(*p) + rng.random_range(-noise..=noise)).clamp(0, 255) as u8;
+            }
+        }
+        self.with_samples(pixels, self.labels.clone())
+    }
+
     /// Number of samples of each class.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.num_classes];
@@ -243,16 +260,22 @@ impl Dataset {
     }
 }
 
-/// Data augmentation: translated copies of every training image, added to a
-/// participant's plain images before they are encrypted (see
-/// [`Dataset::with_shifted_copies`]). Encryption does not get in the way:
-/// the cipher is applied to each copy like to any other image.
+/// Data augmentation: translated copies of every training image, optionally
+/// with pixel noise, added to a participant's plain images before they are
+/// encrypted (see [`Dataset::with_shifted_copies`] and
+/// [`Dataset::with_pixel_noise`]). Encryption does not get in the way: the
+/// cipher is applied to each copy like to any other image.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShiftedCopies {
     /// Copies of each image (0: no augmentation).
     pub copies: usize,
     /// Largest translation, in pixels, each way.
     pub max_shift: usize,
+    /// Largest noise, in grey levels, added to each pixel of the copies (0:
+    /// none; the original images never get any). Noise of 8 or more
+    /// randomises a pixel's low 4 bits, which split images (`le`, `pixel`)
+    /// otherwise let a model memorise.
+    pub pixel_noise: u8,
 }
 
 impl ShiftedCopies {
@@ -263,9 +286,16 @@ impl ShiftedCopies {
             return train;
         }
         let seed = data_seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        train.with_shifted_copies(self.copies, self.max_shift, seed)
+        let originals = train.len();
+        train
+            .with_shifted_copies(self.copies, self.max_shift, seed)
+            .with_pixel_noise(originals, self.pixel_noise, seed ^ PIXEL_NOISE_STREAM)
     }
 }
+
+/// Separates the pixel-noise draws from the translations drawn from the same
+/// seed (so adding noise leaves the translations as they were).
+const PIXEL_NOISE_STREAM: u64 = 0x6e6f_6973_65;
 
 /// A training split and a test split of the same kind of images.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,9 +387,77 @@ mod tests {
         let aug = ShiftedCopies {
             copies: 2,
             max_shift: 2,
+            pixel_noise: 0,
         };
         assert_eq!(aug.apply(d.clone(), 0, 1), aug.apply(d.clone(), 0, 1));
         assert_ne!(aug.apply(d.clone(), 0, 1), aug.apply(d.clone(), 0, 2));
         assert_eq!(ShiftedCopies::default().apply(d.clone(), 0, 1), d);
+    }
+
+    #[test]
+    fn pixel_noise_is_bounded_clamped_and_only_on_the_copies() {
+        let d = images();
+        let plain = ShiftedCopies {
+            copies: 3,
+            max_shift: 1,
+            pixel_noise: 0,
+        };
+        let noisy = ShiftedCopies {
+            pixel_noise: 8,
+            ..plain
+        };
+        let (a, b) = (plain.apply(d.clone(), 4, 2), noisy.apply(d.clone(), 4, 2));
+        assert_eq!(a.labels(), b.labels());
+        let originals = d.len() * d.image_len();
+        // The originals are untouched; the copies keep their translations.
+        assert_eq!(a.pixels()[..originals], b.pixels()[..originals]);
+        let mut changed = 0;
+        for (&x, &y) in a.pixels()[originals..].iter().zip(&b.pixels()[originals..]) {
+            let (x, y) = (i16::from(x), i16::from(y));
+            assert!((x - y).abs() <= 8, "{x} -> {y}");
+            changed += usize::from(x != y);
+        }
+        // 16 of 17 draws are non-zero; clamping at 0 keeps some zeros.
+        let copies = a.pixels().len() - originals;
+        assert!(changed * 10 > copies * 7, "{changed} of {copies} changed");
+        assert_eq!(noisy.apply(d.clone(), 4, 2), b, "reproducible");
+        assert_ne!(noisy.apply(d.clone(), 4, 3), b, "per participant");
+        // Clamped at both ends: no wrap-around, and the bounds are reached.
+        let pixels: Vec<u8> = (0..1000)
+            .map(|i| if i % 2 == 0 { 255 } else { 0 })
+            .collect();
+        let bright = Dataset::with_layout(1, 1000, 1, 1, pixels, vec![0]).unwrap();
+        let out = bright.with_pixel_noise(0, 200, 1);
+        for (&before, &after) in bright.pixels().iter().zip(out.pixels()) {
+            let ok = if before == 255 {
+                after >= 55
+            } else {
+                after <= 200
+            };
+            assert!(ok, "{before} -> {after}");
+        }
+        assert!(
+            out.pixels()
+                .iter()
+                .step_by(2)
+                .filter(|&&p| p == 255)
+                .count()
+                > 100
+        );
+        assert!(
+            out.pixels()
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .filter(|&&p| p == 0)
+                .count()
+                > 100
+        );
+        assert_eq!(
+            bright.with_pixel_noise(1, 200, 1),
+            bright,
+            "from past the end"
+        );
+        assert_eq!(bright.with_pixel_noise(0, 0, 1), bright, "no noise");
     }
 }
