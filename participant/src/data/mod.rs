@@ -295,7 +295,7 @@ impl ShiftedCopies {
 
 /// Separates the pixel-noise draws from the translations drawn from the same
 /// seed (so adding noise leaves the translations as they were).
-const PIXEL_NOISE_STREAM: u64 = 0x6e6f_6973_65;
+const PIXEL_NOISE_STREAM: u64 = 0x006e_6f69_7365;
 
 /// A training split and a test split of the same kind of images.
 #[derive(Clone, Debug, PartialEq, Eq)]
