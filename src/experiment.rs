@@ -360,8 +360,14 @@ pub fn attack_views(
     Ok(views)
 }
 
+/// The security figures are averaged over the keys of seeds
+/// `0..SECURITY_KEYS`: one key can be degenerate (a small family like
+/// `rotate-flip`'s 8 transforms contains the identity).
+pub const SECURITY_KEYS: u64 = 4;
+
 /// Measures the security figures of `mode` on `splits` with `known_pairs`
-/// pairs from the training split and `samples` held-out test images.
+/// pairs from the training split and `samples` held-out test images, as
+/// means over the keys of seeds `0..SECURITY_KEYS`.
 pub fn mode_security(
     splits: &DatasetSplits,
     mode: &str,
@@ -371,25 +377,43 @@ pub fn mode_security(
 ) -> Result<ModeSecurity> {
     let steps = parse_mode(mode)?.context("plain has no security figures")?;
     let (rows, cols) = (splits.test.rows(), splits.test.cols());
-    let cipher = ImageCipher::new(&experiment_key(0), steps, block, rows, cols)?;
     let plain: Vec<&[u8]> = (0..samples.min(splits.test.len()))
         .map(|i| splits.test.image(i))
         .collect();
-    let views = attack_views(&cipher, &splits.train, known_pairs, &plain)?;
-    let psnr_sum = plain
-        .iter()
-        .zip(&views.kpa)
-        .map(|(p, r)| Ok(psnr(p, r)?.min(99.0)))
-        .sum::<Result<f64>>()?;
-    Ok(ModeSecurity {
+    let mut sum = ModeSecurity {
         mode: mode.to_string(),
-        key_bits: cipher.key_space_bits(),
-        ssim: mean_ssim(&plain, &slices(&views.cipher), rows, cols)?,
-        known_pairs: views.known_pairs,
-        kpa_unique: views.kpa_unique,
-        kpa_ssim: mean_ssim(&plain, &slices(&views.kpa), rows, cols)?,
-        kpa_psnr: psnr_sum / plain.len().max(1) as f64,
-        fold_ssim: mean_ssim(&plain, &slices(&views.fold), rows, cols)?,
+        key_bits: 0.0,
+        ssim: 0.0,
+        known_pairs: 0,
+        kpa_unique: 0.0,
+        kpa_ssim: 0.0,
+        kpa_psnr: 0.0,
+        fold_ssim: 0.0,
+    };
+    for seed in 0..SECURITY_KEYS {
+        let cipher = ImageCipher::new(&experiment_key(seed), steps, block, rows, cols)?;
+        let views = attack_views(&cipher, &splits.train, known_pairs, &plain)?;
+        let psnr_sum = plain
+            .iter()
+            .zip(&views.kpa)
+            .map(|(p, r)| Ok(psnr(p, r)?.min(99.0)))
+            .sum::<Result<f64>>()?;
+        sum.key_bits = cipher.key_space_bits();
+        sum.known_pairs = views.known_pairs;
+        sum.ssim += mean_ssim(&plain, &slices(&views.cipher), rows, cols)?;
+        sum.kpa_unique += views.kpa_unique;
+        sum.kpa_ssim += mean_ssim(&plain, &slices(&views.kpa), rows, cols)?;
+        sum.kpa_psnr += psnr_sum / plain.len().max(1) as f64;
+        sum.fold_ssim += mean_ssim(&plain, &slices(&views.fold), rows, cols)?;
+    }
+    let keys = SECURITY_KEYS as f64;
+    Ok(ModeSecurity {
+        ssim: sum.ssim / keys,
+        kpa_unique: sum.kpa_unique / keys,
+        kpa_ssim: sum.kpa_ssim / keys,
+        kpa_psnr: sum.kpa_psnr / keys,
+        fold_ssim: sum.fold_ssim / keys,
+        ..sum
     })
 }
 
@@ -853,6 +877,29 @@ mod tests {
             kpa_psnr: 0.0,
             fold_ssim: 0.0,
         }
+    }
+
+    #[test]
+    fn security_figures_average_over_keys() {
+        let splits = greyfed_participant::data::synthetic::builtin_splits(0);
+        // The key of seed 0 draws the identity rotate-flip: alone it would
+        // give SSIM 1 and a perfect known-plaintext attack.
+        let one = ImageCipher::new(
+            &experiment_key(0),
+            parse_mode("rotate-flip").unwrap().unwrap(),
+            4,
+            splits.test.rows(),
+            splits.test.cols(),
+        )
+        .unwrap();
+        let image = splits.test.image(0);
+        let mut cipher = vec![0; image.len()];
+        one.encrypt_image(image, &mut cipher).unwrap();
+        assert_eq!(cipher, image);
+        let s = mode_security(&splits, "rotate-flip", 4, 20, 50).unwrap();
+        assert!(s.ssim < 0.9, "{s:?}");
+        assert_eq!(s.key_bits, 3.0);
+        assert_eq!(s.known_pairs, 20);
     }
 
     #[test]
