@@ -15,7 +15,7 @@
 //! (more `--seeds`, more modes, or after an interruption) runs only the
 //! missing cells; other settings are refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
@@ -783,9 +783,21 @@ pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
     write(&args.out.join("attacks.md"), &attacks_markdown(&attacks))?;
     write(&args.out.join("attacks.csv"), &attacks_csv(&attacks))?;
     let cells = cells(args)?;
+    // Every earlier cell of a requested row (model, setting, first layer,
+    // mode) goes into the table, whatever its seed: a row can have more
+    // seeds than `--seeds` from an earlier run into `--out`.
+    let row = |c: &Cell| {
+        (
+            c.model.clone(),
+            c.setting.clone(),
+            c.first_layer,
+            c.mode.clone(),
+        )
+    };
+    let rows: BTreeSet<_> = cells.iter().map(row).collect();
     let mut results: Vec<CellResult> = previous_results(&args.out, &args.to_cell_args().join(" "))?
         .into_iter()
-        .filter(|r| cells.contains(&r.cell))
+        .filter(|r| rows.contains(&row(&r.cell)))
         .collect();
     let todo: Vec<Cell> = cells
         .iter()

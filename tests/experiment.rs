@@ -172,6 +172,15 @@ async fn experiments_resume_and_refuse_other_settings() {
     // Seed 0 was not trained again: its result is the same line.
     let text = std::fs::read_to_string(out.join("cells.jsonl")).unwrap();
     assert_eq!(text.lines().filter(|l| l.contains("\"seed\":0")).count(), 2);
+    // Fewer seeds than OUT has: nothing runs, and the table keeps them all.
+    let third = experiment::encryption(&run(&[])).await.unwrap();
+    assert_eq!((lines(), third.rows[0].seeds), (6, 3));
+    assert!(
+        std::fs::read_to_string(out.join("table.md"))
+            .unwrap()
+            .contains("| 3 |"),
+        "the table has the three seeds"
+    );
     let err = experiment::encryption(&run(&["--epochs", "2"]))
         .await
         .unwrap_err()
