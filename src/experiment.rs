@@ -13,7 +13,9 @@
 //! Results are appended to `OUT/cells.jsonl` as cells finish, and
 //! `OUT/settings.txt` records the settings: a re-run into the same `--out`
 //! (more `--seeds`, more modes, or after an interruption) runs only the
-//! missing cells; other settings are refused.
+//! missing cells; other settings are refused. The tables cover every cell in
+//! `OUT` of the requested rows (model, setting, first layer, mode), also
+//! seeds beyond `--seeds` from earlier runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -807,7 +809,7 @@ pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
     if !results.is_empty() {
         eprintln!(
             "{} of {} cells already in {}; running the other {}",
-            results.len(),
+            cells.len() - todo.len(),
             cells.len(),
             args.out.join(CELLS_FILE).display(),
             todo.len()
