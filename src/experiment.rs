@@ -276,7 +276,7 @@ pub fn cells(args: &ExperimentArgs) -> Result<Vec<Cell>> {
 }
 
 /// Security figures of one mode.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ModeSecurity {
     /// The mode.
     pub mode: String,
@@ -384,13 +384,7 @@ pub fn mode_security(
         .collect();
     let mut sum = ModeSecurity {
         mode: mode.to_string(),
-        key_bits: 0.0,
-        ssim: 0.0,
-        known_pairs: 0,
-        kpa_unique: 0.0,
-        kpa_ssim: 0.0,
-        kpa_psnr: 0.0,
-        fold_ssim: 0.0,
+        ..ModeSecurity::default()
     };
     for seed in 0..SECURITY_KEYS {
         let cipher = ImageCipher::new(&experiment_key(seed), steps, block, rows, cols)?;
@@ -884,12 +878,7 @@ mod tests {
         ModeSecurity {
             mode: mode.into(),
             key_bits: 1.0,
-            ssim: 0.0,
-            known_pairs: 0,
-            kpa_unique: 0.0,
-            kpa_ssim: 0.0,
-            kpa_psnr: 0.0,
-            fold_ssim: 0.0,
+            ..ModeSecurity::default()
         }
     }
 
