@@ -5,6 +5,7 @@ mod common;
 
 use common::{coordinator_tls, deployment, greyfed, image_key, participant_tls};
 use greyfed_coordinator::metrics::read_metrics;
+use greyfed_protocol::weights::CIPHER_METADATA;
 
 /// With Tanaka's split mode (`le`): two image planes end to end, over QUIC
 /// between processes, and the model file says which input it expects.
@@ -105,7 +106,7 @@ fn simulate_runs_processes_and_writes_metrics() {
         "conv over two planes"
     );
     let cipher: greyfed_protocol::cipher::CipherSpec =
-        serde_json::from_str(&meta["greyfed.cipher"]).unwrap();
+        serde_json::from_str(&meta[CIPHER_METADATA]).unwrap();
     assert_eq!(cipher.steps.to_string(), "le");
     assert_eq!(cipher.block_size, 4);
     assert_eq!(cipher.key_id.len(), 16);
@@ -388,7 +389,7 @@ fn model_transform_writes_the_key_transform_of_a_plain_model() {
     let spec = ModelSpec::blocknet_28x28(4);
     let plain = init_weights(&spec, 3).unwrap();
     let plain_file = dir.path().join("plain.safetensors");
-    let meta = [("greyfed.cipher".to_string(), "null".to_string())].into();
+    let meta = [(CIPHER_METADATA.to_string(), "null".to_string())].into();
     std::fs::write(&plain_file, plain.to_safetensors(&meta).unwrap()).unwrap();
     let transform = |model: &std::path::Path, cipher: &str, out: &std::path::Path| {
         greyfed()
@@ -418,7 +419,7 @@ fn model_transform_writes_the_key_transform_of_a_plain_model() {
     let (_, expected) = encrypted_domain_weights(&spec, &plain, &cipher).unwrap();
     assert_eq!(written, expected);
     assert!(
-        meta["greyfed.cipher"].contains(&key.fingerprint()),
+        meta[CIPHER_METADATA].contains(&key.fingerprint()),
         "{meta:?}"
     );
 

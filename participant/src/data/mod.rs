@@ -237,17 +237,16 @@ impl Dataset {
     /// every pixel of samples `from..` and clamped to `0..=255` (data
     /// augmentation for the shifted copies, see [`ShiftedCopies`]); earlier
     /// samples are unchanged. Reproducible from `seed`.
-    pub fn with_pixel_noise(&self, from: usize, noise: u8, seed: u64) -> Dataset {
-        let mut pixels = self.pixels.clone();
+    pub fn with_pixel_noise(mut self, from: usize, noise: u8, seed: u64) -> Dataset {
         if noise > 0 {
             let noise = i16::from(noise);
             let mut rng = StdRng::seed_from_u64(seed);
-            let start = (from * self.image_len()).min(pixels.len());
-            for p in &mut pixels[start..] {
+            let start = (from * self.image_len()).min(self.pixels.len());
+            for p in &mut self.pixels[start..] {
                 *p = (i16::from(*p) + rng.random_range(-noise..=noise)).clamp(0, 255) as u8;
             }
         }
-        self.with_samples(pixels, self.labels.clone())
+        self
     }
 
     /// Number of samples of each class.
@@ -427,7 +426,7 @@ mod tests {
             .map(|i| if i % 2 == 0 { 255 } else { 0 })
             .collect();
         let bright = Dataset::with_layout(1, 1000, 1, 1, pixels, vec![0]).unwrap();
-        let out = bright.with_pixel_noise(0, 200, 1);
+        let out = bright.clone().with_pixel_noise(0, 200, 1);
         for (&before, &after) in bright.pixels().iter().zip(out.pixels()) {
             let ok = if before == 255 {
                 after >= 55
@@ -454,10 +453,10 @@ mod tests {
                 > 100
         );
         assert_eq!(
-            bright.with_pixel_noise(1, 200, 1),
+            bright.clone().with_pixel_noise(1, 200, 1),
             bright,
             "from past the end"
         );
-        assert_eq!(bright.with_pixel_noise(0, 0, 1), bright, "no noise");
+        assert_eq!(bright.clone().with_pixel_noise(0, 0, 1), bright, "no noise");
     }
 }
