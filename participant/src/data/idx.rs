@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
 
-use super::{Dataset, DatasetSplits};
+use super::{Dataset, DatasetSplits, numbered_classes};
 use crate::error::{ParticipantError, Result};
 
 /// Largest file, compressed or decompressed, that [`read_idx_file`] accepts (2 GiB).
@@ -300,6 +300,13 @@ fn find_file(dir: &Path, name: &str) -> Result<PathBuf> {
     )))
 }
 
+/// True when `dir` holds an IDX training-images file
+/// (`train-images-idx3-ubyte`, raw or gzipped): how [`super::DataFormat`]
+/// tells an IDX directory from an image folder.
+pub fn is_idx_dir(dir: &Path) -> bool {
+    dir.join(TRAIN_IMAGES).is_file() || dir.join(format!("{TRAIN_IMAGES}.gz")).is_file()
+}
+
 /// Loads one split: images and labels, checking that their counts agree.
 fn load_split(
     dir: &Path,
@@ -335,7 +342,8 @@ fn load_split(
 ///
 /// Both splits must have the same image size and one label per image. The
 /// number of classes is 10 when every label is at most 9 (MNIST,
-/// Fashion-MNIST), otherwise the largest label plus one.
+/// Fashion-MNIST), otherwise the largest label plus one; the classes are
+/// named by their numbers (`"0"`, `"1"`, ...).
 pub fn load_idx_dir(dir: &Path) -> Result<DatasetSplits> {
     if !dir.is_dir() {
         return Err(ParticipantError::Dataset(format!(
@@ -360,10 +368,11 @@ pub fn load_idx_dir(dir: &Path) -> Result<DatasetSplits> {
         .max()
         .unwrap_or(0) as usize;
     let num_classes = if max_label < 10 { 10 } else { max_label + 1 };
-    Ok(DatasetSplits {
-        train: Dataset::new(rows, cols, num_classes, train_pixels, train_labels)?,
-        test: Dataset::new(rows, cols, num_classes, test_pixels, test_labels)?,
-    })
+    DatasetSplits::new(
+        Dataset::new(rows, cols, num_classes, train_pixels, train_labels)?,
+        Dataset::new(rows, cols, num_classes, test_pixels, test_labels)?,
+        numbered_classes(num_classes),
+    )
 }
 
 #[cfg(test)]
@@ -595,6 +604,9 @@ mod tests {
             assert_eq!(splits.test.len(), 7);
             assert_eq!(splits.train.num_classes(), 10);
             assert_eq!(splits.test.num_classes(), 10);
+            assert_eq!(splits.classes, numbered_classes(10));
+            assert_eq!(splits.classes[3], "3");
+            assert!(is_idx_dir(dir.path()));
             assert_eq!(splits.train.label(13), 3);
             let expected: Vec<u8> = (12..24).map(|i| (i * 7 % 256) as u8).collect();
             assert_eq!(splits.train.image(1), expected.as_slice());
@@ -618,6 +630,8 @@ mod tests {
         let splits = load_idx_dir(dir.path()).unwrap();
         assert_eq!(splits.train.num_classes(), 15);
         assert_eq!(splits.test.num_classes(), 15);
+        assert_eq!(splits.classes.len(), 15);
+        assert_eq!(splits.classes[14], "14");
     }
 
     #[test]
@@ -666,6 +680,7 @@ mod tests {
     #[test]
     fn missing_directory_and_files_are_explained() {
         let dir = tempfile::tempdir().unwrap();
+        assert!(!is_idx_dir(dir.path()));
         match load_idx_dir(&dir.path().join("absent")) {
             Err(ParticipantError::Dataset(msg)) => assert!(msg.contains("does not exist"), "{msg}"),
             other => panic!("expected a Dataset error, got {other:?}"),

@@ -1,15 +1,40 @@
-//! Datasets of labelled grey-scale images: the [`Dataset`] type, the IDX
-//! reader ([`idx`]), the built-in synthetic digits ([`synthetic`]) and
+//! Datasets of labelled grey-scale images: the [`Dataset`] type, the readers
+//! of users' own images, the built-in synthetic digits ([`synthetic`]) and
 //! partitioning among participants ([`partition`]).
+//!
+//! [`load_data`] reads a path in any supported format, picked by
+//! [`DataFormat::detect`]:
+//!
+//! - **IDX** ([`idx`]): a directory of MNIST-style files
+//!   (`train-images-idx3-ubyte[.gz]` and friends).
+//! - **Image folders** ([`folder`]): `DIR/train/<class>/*` and
+//!   `DIR/test/<class>/*` (torchvision's `ImageFolder` layout), or
+//!   `DIR/<class>/*` split by a test fraction. PNG, JPEG, BMP, TIFF and PNM
+//!   files are decoded under memory limits and turned grey (ITU-R BT.601),
+//!   see [`decode`].
+//! - **CSV manifests** ([`manifest`]): a `.csv` file with `path` and `label`
+//!   columns (and optionally `split`).
+//! - **MedMNIST-style `.npz` files** ([`npz`]): `train_images`,
+//!   `train_labels`, `test_images` and `test_labels` arrays.
+//!
+//! Every loader returns [`DatasetSplits`] with the class names in label
+//! order; [`LoadOptions`] sets the image size, the test fraction and the seed.
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::error::{ParticipantError, Result};
 
+pub mod decode;
+pub mod folder;
 pub mod idx;
+pub mod manifest;
+pub mod npz;
 pub mod partition;
+pub mod source;
 pub mod synthetic;
+
+pub use source::{DataFormat, LoadOptions, load_data, parse_image_size};
 
 /// Labelled 8-bit images of one size, stored contiguously: image `i` is
 /// `pixels[i * n..(i + 1) * n]` with `n = channels * rows * cols`, plane
@@ -303,6 +328,48 @@ pub struct DatasetSplits {
     pub train: Dataset,
     /// Held-out test samples.
     pub test: Dataset,
+    /// Class names in label order: label `i` is `classes[i]`. There are as
+    /// many names as classes in both splits (`"0"`, `"1"`, ... for data
+    /// labelled by numbers, such as IDX files and the built-in digits).
+    pub classes: Vec<String>,
+}
+
+impl DatasetSplits {
+    /// Pairs two splits, checking that both have `classes.len()` classes and
+    /// the same image layout (size and planes).
+    pub fn new(train: Dataset, test: Dataset, classes: Vec<String>) -> Result<Self> {
+        let layout = |d: &Dataset| (d.rows(), d.cols(), d.channels());
+        if layout(&train) != layout(&test) {
+            return Err(ParticipantError::Dataset(format!(
+                "train images are {}x{} ({} planes) but test images are {}x{} ({} planes)",
+                train.rows(),
+                train.cols(),
+                train.channels(),
+                test.rows(),
+                test.cols(),
+                test.channels()
+            )));
+        }
+        if train.num_classes() != classes.len() || test.num_classes() != classes.len() {
+            return Err(ParticipantError::Dataset(format!(
+                "{} class names for {} train and {} test classes",
+                classes.len(),
+                train.num_classes(),
+                test.num_classes()
+            )));
+        }
+        Ok(Self {
+            train,
+            test,
+            classes,
+        })
+    }
+}
+
+/// Class names for classes labelled by number: `"0"`, `"1"`, ...,
+/// `num_classes - 1` as decimal strings.
+pub fn numbered_classes(num_classes: usize) -> Vec<String> {
+    (0..num_classes).map(|c| c.to_string()).collect()
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_distr::StandardNormal;
 
-use super::{Dataset, DatasetSplits};
+use super::{Dataset, DatasetSplits, numbered_classes};
 
 /// Height and width of the synthetic images.
 pub const SIDE: usize = 28;
@@ -471,11 +471,12 @@ pub fn synthetic_digits(count: usize, seed: u64) -> Dataset {
 
 /// The built-in dataset: [`BUILTIN_TRAIN_SIZE`] training and
 /// [`BUILTIN_TEST_SIZE`] test samples of [`synthetic_digits`], generated
-/// from different seeds derived from `seed`.
+/// from different seeds derived from `seed`, with classes `"0"` to `"9"`.
 pub fn builtin_splits(seed: u64) -> DatasetSplits {
     DatasetSplits {
         train: synthetic_digits(BUILTIN_TRAIN_SIZE, derive(seed, 0x0074_7261_696e)),
         test: synthetic_digits(BUILTIN_TEST_SIZE, derive(seed, 0x7465_7374)),
+        classes: numbered_classes(NUM_CLASSES),
     }
 }
 
@@ -522,6 +523,10 @@ mod tests {
         assert_eq!(splits.train.len(), BUILTIN_TRAIN_SIZE);
         assert_eq!(splits.test.len(), BUILTIN_TEST_SIZE);
         assert_eq!(splits.train.num_classes(), splits.test.num_classes());
+        assert_eq!(
+            splits.classes,
+            ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+        );
         // Train and test come from different streams.
         assert_ne!(splits.train.image(0), splits.test.image(0));
         assert_ne!(
