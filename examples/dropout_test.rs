@@ -1,4 +1,4 @@
-//! How to write your own dropout test with `greyfed::sim`: a federation on
+//! How to write your own dropout test with `greyfed::federation`: a federation on
 //! loopback (real QUIC, real secure aggregation) where chosen participants
 //! crash at chosen stages of chosen rounds, then assertions on what the
 //! coordinator recorded.
@@ -10,7 +10,7 @@
 //! In a test crate, put the same body in a `#[tokio::test(flavor = "multi_thread")]`.
 
 use anyhow::{Result, ensure};
-use greyfed::sim::Federation;
+use greyfed::federation::Federation;
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
 use greyfed_protocol::{OptimizerSpec, TrainingConfig};
 

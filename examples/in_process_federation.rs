@@ -1,5 +1,5 @@
 //! A federation inside one process, over real QUIC on loopback: the shape of
-//! an integration test a user would write with `greyfed::sim`.
+//! an integration test a user would write with `greyfed::federation`.
 //!
 //! ```sh
 //! cargo run --release --example in_process_federation
@@ -7,7 +7,7 @@
 //! ```
 
 use anyhow::Result;
-use greyfed::sim::Federation;
+use greyfed::federation::Federation;
 use greyfed_protocol::{OptimizerSpec, TrainingConfig};
 
 #[tokio::main]

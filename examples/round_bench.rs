@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use greyfed::sim::Federation;
+use greyfed::federation::Federation;
 use greyfed_coordinator::metrics::RoundRecord;
 use greyfed_protocol::{AggregationKind, OptimizerSpec, TrainingConfig};
 

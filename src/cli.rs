@@ -62,6 +62,19 @@ pub enum Command {
     /// Model files.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Classify images with a trained model file.
+    ///
+    /// Reads a model.safetensors (kept by every participant), encrypts the
+    /// images as training did (--image-key for a model trained on encrypted
+    /// images) and writes one CSV row per image with the predicted class and
+    /// every class's probability.
+    Predict(PredictArgs),
+    /// Measure a trained model file's accuracy on labelled test images.
+    ///
+    /// Evaluates the test split of the data (which must have the model's
+    /// classes) and prints per-class accuracy, the confusion matrix and, as
+    /// the last line, `accuracy=X samples=N`.
+    Evaluate(EvaluateArgs),
 }
 
 /// `greyfed model ...`.
@@ -640,6 +653,11 @@ pub struct TrainingArgs {
     /// Share of the steps spent warming up with `--lr-schedule warmup-cosine`.
     #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
     pub warmup: f32,
+    /// Architecture to train, by its registered name: blocknet, vit or cnn
+    /// (or a model a Rust program registered), built for the participants'
+    /// image size and classes.
+    #[arg(long, default_value = "blocknet")]
+    pub model: String,
     /// Block size of the blocknet model and of the image cipher.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
@@ -700,6 +718,7 @@ impl TrainingArgs {
         push("weight-decay", self.weight_decay.to_string());
         push("lr-schedule", value_name(self.lr_schedule));
         push("warmup", self.warmup.to_string());
+        push("model", self.model.clone());
         push("block-size", self.block_size.to_string());
         push("cipher", self.cipher.to_string());
         for (flag, value) in self.strategy.to_flags() {
@@ -720,6 +739,11 @@ impl TrainingArgs {
 /// Parses a cipher mode for clap.
 pub fn parse_cipher(text: &str) -> Result<CipherSteps, String> {
     text.parse()
+}
+
+/// Parses an image size `HxW` (rows x columns), e.g. `64x64`.
+pub fn parse_image_size(text: &str) -> Result<(usize, usize), String> {
+    greyfed_participant::data::parse_image_size(text).map_err(|e| e.to_string())
 }
 
 /// The command-line spelling of an enum value.
@@ -813,10 +837,21 @@ pub struct CoordinatorArgs {
 /// Where a participant's images come from.
 #[derive(Clone, Debug, Args)]
 pub struct DataArgs {
-    /// IDX directory (train-/t10k- images and labels, raw or .gz); default:
-    /// the built-in synthetic digits.
-    #[arg(long)]
+    /// The images: an image folder (DIR/train/CLASS/* and DIR/test/CLASS/*,
+    /// PNG, JPEG, BMP, TIFF or PGM), a CSV manifest (path,label), a
+    /// MedMNIST-style .npz file, or an IDX directory; default: the built-in
+    /// synthetic digits.
+    #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
+    /// Resize every image to HxW pixels (bilinear); needed when the images
+    /// differ in size.
+    #[arg(long, value_name = "HxW", value_parser = parse_image_size)]
+    pub image_size: Option<(usize, usize)>,
+    /// Hold out this fraction of each class as the test split when the data
+    /// has none (an image folder without test/, a manifest without a split
+    /// column); drawn with --data-seed.
+    #[arg(long, value_name = "F")]
+    pub test_fraction: Option<f64>,
     /// How the training set is split among participants.
     #[arg(long, default_value = "iid")]
     pub partition: Partition,
@@ -900,9 +935,35 @@ pub struct ParticipantArgs {
     /// goes away before the session finished; 0 gives up at once.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub reconnect_for: u64,
+    /// Output directory: the final global model is kept there as
+    /// model.safetensors (unless --save-model says otherwise).
+    #[arg(long, value_name = "DIR", default_value = "out/participant")]
+    pub out: PathBuf,
+    /// Where to keep the final global model (default: OUT/model.safetensors);
+    /// `greyfed predict --model FILE --image-key KEY` uses it.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_save_model")]
+    pub save_model: Option<PathBuf>,
+    /// Do not keep the final model.
+    #[arg(long)]
+    pub no_save_model: bool,
     /// Data settings.
     #[command(flatten)]
     pub data: DataArgs,
+}
+
+impl ParticipantArgs {
+    /// Where the final model is kept, if anywhere.
+    pub fn model_path(&self) -> Option<PathBuf> {
+        if self.no_save_model {
+            None
+        } else {
+            Some(
+                self.save_model
+                    .clone()
+                    .unwrap_or_else(|| self.out.join("model.safetensors")),
+            )
+        }
+    }
 }
 
 /// `greyfed simulate`.
@@ -941,6 +1002,69 @@ pub struct SimulateArgs {
     /// Training settings.
     #[command(flatten)]
     pub training: TrainingArgs,
+}
+
+/// `greyfed predict`.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// The model file (model.safetensors written by a participant or the
+    /// coordinator).
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// The image key the model's training images were encrypted with
+    /// (needed unless the model was trained on plain images; its
+    /// fingerprint must be the model's).
+    #[arg(long, alias = "key-file", value_name = "FILE")]
+    pub image_key: Option<PathBuf>,
+    /// Classify every image of this dataset: an image folder (every image
+    /// file below it, sorted by path), a CSV manifest (its path column, in
+    /// order), an IDX directory or a .npz file (train then test images, rows
+    /// named train:I and test:I), or builtin[:SEED] (the built-in digits).
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "files",
+        required_unless_present = "files"
+    )]
+    pub data: Option<PathBuf>,
+    /// Image files to classify (PNG, JPEG, BMP, TIFF, PNM); images of
+    /// another size than the model's are resized to it (bilinear).
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Write the CSV (columns path, predicted, probability, then one per
+    /// class) to FILE instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// `greyfed evaluate`.
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// The model file (model.safetensors written by a participant or the
+    /// coordinator).
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// The image key the model's training images were encrypted with
+    /// (needed unless the model was trained on plain images).
+    #[arg(long, alias = "key-file", value_name = "FILE")]
+    pub image_key: Option<PathBuf>,
+    /// Labelled data in any format training reads (image folder, CSV
+    /// manifest, .npz, IDX directory), or `builtin` for the built-in digits
+    /// (drawn from --data-seed); its test split is evaluated.
+    #[arg(long, value_name = "PATH")]
+    pub data: PathBuf,
+    /// Image size to load the data at (default and only accepted value: the
+    /// model's; images of another size are resized to it, bilinear).
+    #[arg(long, value_name = "HxW", value_parser = parse_image_size)]
+    pub image_size: Option<(usize, usize)>,
+    /// Hold out this fraction of each class as the test split when the data
+    /// has none: the training run's --test-fraction.
+    #[arg(long, value_name = "F")]
+    pub test_fraction: Option<f64>,
+    /// Seed of that split (and of the built-in digits): the training run's
+    /// --data-seed.
+    #[arg(long, value_name = "SEED", default_value_t = 0)]
+    pub data_seed: u64,
 }
 
 #[cfg(test)]

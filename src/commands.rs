@@ -12,18 +12,17 @@ use greyfed_coordinator::{
     tls::ServerTls,
 };
 use greyfed_participant::{
-    ClientIdentity, LocalData, ParticipantConfig, ParticipantReport,
-    cipher::{ImageCipher, ImageKey},
-    data::{
-        DatasetSplits,
-        idx::load_idx_dir,
-        partition::{Partition, shard},
-        synthetic::builtin_splits,
-    },
-    model::init_weights,
+    ClientIdentity, ParticipantConfig, ParticipantReport,
+    cipher::ImageKey,
+    data::{DatasetSplits, LoadOptions, load_data, synthetic::builtin_splits},
+    model::{architecture_names, builtin_spec, init_weights},
+    pipeline::{DataPipeline, DataSource, Encryption},
 };
 use greyfed_protocol::{
-    AggregationKind, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig, session::Selection,
+    AggregationKind, InputSpec, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig,
+    model_file::CLASSES_METADATA,
+    session::{InitialModel, Selection},
+    weights::MODEL_METADATA,
 };
 use tracing::{info, warn};
 
@@ -104,22 +103,28 @@ pub fn server_tls(args: &CoordinatorArgs) -> Result<ServerTls> {
         allow_list,
     })
 }
-/// The coordinator's central evaluator for `--test-data` (see
-/// [`CoordinatorArgs::test_data`]).
-fn central_evaluator(
-    args: &CoordinatorArgs,
-    test_data: &str,
-    model: &ModelSpec,
-) -> Result<TestSetEvaluator> {
-    let splits = match test_data.split_once(':') {
+/// The coordinator's test set for `--test-data`: `builtin[:SEED]` or a
+/// dataset path in any format the participants' loader reads, with its
+/// class names.
+fn central_test_set(test_data: &str) -> Result<DatasetSplits> {
+    Ok(match test_data.split_once(':') {
         _ if test_data == "builtin" => builtin_splits(0),
         Some(("builtin", seed)) => builtin_splits(
             seed.parse()
                 .with_context(|| format!("--test-data {test_data}: bad seed"))?,
         ),
-        _ => load_idx_dir(Path::new(test_data))
+        _ => load_data(Path::new(test_data), &LoadOptions::default())
             .with_context(|| format!("loading --test-data {test_data}"))?,
-    };
+    })
+}
+
+/// The coordinator's central evaluator for `--test-data` (see
+/// [`CoordinatorArgs::test_data`]) on `test`, for `model`.
+fn central_evaluator(
+    args: &CoordinatorArgs,
+    test: &greyfed_participant::data::Dataset,
+    model: &ModelSpec,
+) -> Result<TestSetEvaluator> {
     let key = match (&args.image_key, args.plain_test_data) {
         (Some(path), false) => Some(ImageKey::read_file(path)?),
         (None, true) => None,
@@ -132,11 +137,96 @@ fn central_evaluator(
     };
     TestSetEvaluator::new(
         model.clone(),
-        &splits.test,
+        test,
         key.as_ref(),
         args.training.cipher,
         args.training.block_size as usize,
     )
+}
+
+/// The `--model` architecture for `input`, with the `--block-size`.
+fn model_for(args: &CoordinatorArgs, input: &InputSpec) -> Result<ModelSpec> {
+    Ok(builtin_spec(
+        &args.training.model,
+        input,
+        args.training.block_size,
+    )?)
+}
+
+/// The model the coordinator starts from: the `--init` file's, one for
+/// the `--test-data` set's input, or (by default) one built for the first
+/// admitted participant's input (image size and classes come from the
+/// participants' data). The architecture is `--model`'s (a 28x28 blocknet
+/// for `--init` files that do not name theirs); the central test set, if
+/// any, is returned with it.
+fn initial_model(args: &CoordinatorArgs) -> Result<(InitialModel, Option<DatasetSplits>)> {
+    let planes = args.training.cipher.output_channels();
+    let test_set = args
+        .test_data
+        .as_deref()
+        .map(central_test_set)
+        .transpose()?;
+    if let Some(path) = &args.init {
+        let (weights, meta) = ModelWeights::from_safetensors(&read(path)?)
+            .with_context(|| format!("loading initial model {}", path.display()))?;
+        // A model file names its architecture; older files are the template's.
+        let spec = meta
+            .get(MODEL_METADATA)
+            .and_then(|json| serde_json::from_str::<ModelSpec>(json).ok())
+            .unwrap_or_else(|| ModelSpec::blocknet_28x28(4).with_image_channels(planes));
+        greyfed_participant::model::check_weights(&spec, &weights)
+            .with_context(|| format!("initial model {}", path.display()))?;
+        let classes = meta
+            .get(CLASSES_METADATA)
+            .and_then(|json| serde_json::from_str::<Vec<String>>(json).ok())
+            .or_else(|| test_set.as_ref().map(|s| s.classes.clone()));
+        let initial = InitialModel::Fixed {
+            spec,
+            weights,
+            classes,
+        };
+        return Ok((initial, test_set));
+    }
+    if let Some(splits) = &test_set {
+        let input = InputSpec {
+            rows: splits.test.rows() as u32,
+            cols: splits.test.cols() as u32,
+            channels: planes,
+            classes: splits.classes.clone(),
+        };
+        let spec = model_for(args, &input)?;
+        let weights = init_weights(&spec, args.seed).with_context(|| {
+            format!(
+                "a model for the --test-data set's {}x{} images",
+                input.rows, input.cols
+            )
+        })?;
+        let initial = InitialModel::Fixed {
+            spec,
+            weights,
+            classes: Some(input.classes),
+        };
+        return Ok((initial, test_set));
+    }
+    // Fail now, not at the first participant, on an unknown architecture.
+    let (name, block, seed) = (
+        args.training.model.clone(),
+        args.training.block_size,
+        args.seed,
+    );
+    let known = architecture_names();
+    if !known.contains(&name) {
+        bail!(
+            "--model {name:?} is not a known architecture; known: {}",
+            known.join(", ")
+        );
+    }
+    let factory = move |input: &InputSpec| {
+        let spec = builtin_spec(&name, input, block).map_err(|e| e.to_string())?;
+        let weights = init_weights(&spec, seed).map_err(|e| e.to_string())?;
+        Ok((spec, weights))
+    };
+    Ok((InitialModel::ForInput(Arc::new(factory)), None))
 }
 
 /// The protocol's aggregation kind for the command-line choice.
@@ -152,24 +242,13 @@ pub fn aggregation_kind(arg: AggregationArg) -> AggregationKind {
 /// its progress as `display` says, and records its parameters in
 /// `OUT/run.json` ([`RunFile`]).
 pub async fn coordinator(args: CoordinatorArgs, display: Display) -> Result<RunReport> {
-    let model = ModelSpec::blocknet_28x28(args.training.block_size)
-        .with_image_channels(args.training.cipher.output_channels());
-    let initial = match &args.init {
-        Some(path) => {
-            let (w, _) = ModelWeights::from_safetensors(&read(path)?)
-                .with_context(|| format!("loading initial model {}", path.display()))?;
-            greyfed_participant::model::check_weights(&model, &w)
-                .with_context(|| format!("initial model {}", path.display()))?;
-            w
-        }
-        None => init_weights(&model, args.seed)?,
-    };
+    let (initial, test_set) = initial_model(&args)?;
     let tls = server_tls(&args)?;
     // Installed before the address is announced: a SIGHUP from then on
     // reloads the allow list and never kills the process.
     #[cfg(unix)]
     let _reload = greyfed_coordinator::auth::reload_on_sighup(tls.allow_list.clone())?;
-    let mut config = CoordinatorConfig::new(tls, model, initial, args.out.clone());
+    let mut config = CoordinatorConfig::with_initial(tls, initial, args.out.clone());
     config.listen = args.listen;
     config.participants = args.participants;
     config.min_participants = args
@@ -192,8 +271,8 @@ pub async fn coordinator(args: CoordinatorArgs, display: Display) -> Result<RunR
     config.seed = args.seed;
     config.key_fingerprint = args.key_fingerprint.clone();
     config.dump_aggregates = args.dump_aggregates.clone();
-    if let Some(test_data) = &args.test_data {
-        let evaluator = central_evaluator(&args, test_data, &config.model)?;
+    if let (Some(splits), InitialModel::Fixed { spec, .. }) = (&test_set, &config.initial) {
+        let evaluator = central_evaluator(&args, &splits.test, spec)?;
         match &config.key_fingerprint {
             Some(fp) if fp != evaluator.key_fingerprint() => bail!(
                 "the central test set is encrypted with key {:?} but participants must use {fp:?} \
@@ -222,14 +301,16 @@ pub async fn coordinator(args: CoordinatorArgs, display: Display) -> Result<RunR
                 return Ok(RunReport {
                     rounds_completed: cp.rounds_completed,
                     rounds_planned: cp.rounds_completed,
-                    final_model: cp.global,
+                    final_model: Some(cp.global),
                     model_path: args.out.join("model.safetensors"),
                     rounds: cp.records,
                 });
             }
             Some(cp) => {
-                greyfed_participant::model::check_weights(&config.model, &cp.global)
-                    .with_context(|| format!("checkpoint model in {}", cp_dir.display()))?;
+                if let Some(spec) = cp.settings.as_ref().and_then(|s| s.model.as_ref()) {
+                    greyfed_participant::model::check_weights(spec, &cp.global)
+                        .with_context(|| format!("checkpoint model in {}", cp_dir.display()))?;
+                }
                 info!(
                     rounds_completed = cp.rounds_completed,
                     "resuming from {}",
@@ -247,7 +328,10 @@ pub async fn coordinator(args: CoordinatorArgs, display: Display) -> Result<RunR
     config.events = Some(events);
     let run_file = RunFile {
         greyfed_version: env!("CARGO_PKG_VERSION").to_string(),
-        model: config.model.name().to_string(),
+        model: match &config.initial {
+            InitialModel::Fixed { spec, .. } => spec.name().to_string(),
+            InitialModel::ForInput(_) => args.training.model.clone(),
+        },
         participants: config.participants,
         min_participants: config.min_participants,
         seed: config.seed,
@@ -303,30 +387,28 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
-/// Loads the dataset the arguments name (an IDX directory or the built-in digits).
-pub fn load_splits(args: &DataArgs) -> Result<DatasetSplits> {
-    Ok(match &args.data {
-        Some(dir) => load_idx_dir(dir)?,
-        None => builtin_splits(args.data_seed),
-    })
-}
-
-/// This participant's train and test shards: the training split partitioned
-/// by `partition`, the test split always IID so that the participants'
-/// evaluations together cover the whole test split exactly once.
-pub fn local_shards(
-    splits: &DatasetSplits,
-    index: usize,
-    parts: usize,
-    partition: Partition,
-    seed: u64,
-) -> Result<(
-    greyfed_participant::data::Dataset,
-    greyfed_participant::data::Dataset,
-)> {
-    let train = shard(&splits.train, index, parts, partition, seed)?;
-    let test = shard(&splits.test, index, parts, Partition::Iid, seed ^ 0x7e57)?;
-    Ok((train, test))
+/// The data pipeline the arguments describe: the dataset (a path in any
+/// format, or the built-in digits), the partition and augmentation, all
+/// seeded by `--data-seed`.
+pub fn data_pipeline(args: &DataArgs) -> DataPipeline {
+    let source = match &args.data {
+        Some(path) => DataSource::Path {
+            path: path.clone(),
+            options: LoadOptions {
+                image_size: args.image_size,
+                test_fraction: args.test_fraction,
+                seed: args.data_seed,
+            },
+        },
+        None => DataSource::Builtin {
+            seed: args.data_seed,
+        },
+    };
+    DataPipeline {
+        partition: args.partition,
+        augmentation: args.augmentation(),
+        ..DataPipeline::new(source, args.data_seed)
+    }
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr> {
@@ -340,18 +422,11 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
 /// training as `display` says.
 pub async fn participant(args: ParticipantArgs, display: Display) -> Result<ParticipantReport> {
     let (index, parts) = parse_shard(&args.shard)?;
-    let splits = load_splits(&args.data)?;
-    let (train, test) = local_shards(
-        &splits,
-        index,
-        parts,
-        args.data.partition,
-        args.data.data_seed,
-    )?;
-    let train = args
-        .data
-        .augmentation()
-        .apply(train, args.data.data_seed, index);
+    let pipeline = data_pipeline(&args.data);
+    let splits = pipeline
+        .source
+        .load()
+        .with_context(|| format!("loading --data {}", pipeline.source.describe()))?;
     let identity = ClientIdentity {
         cert_pem: read(&args.cert)?,
         key_pem: read_secret(&args.key)?,
@@ -360,32 +435,29 @@ pub async fn participant(args: ParticipantArgs, display: Display) -> Result<Part
     // from the certificate.
     let name = pki::certificate_identity_pem(&identity.cert_pem)
         .with_context(|| format!("client certificate {}", args.cert.display()))?;
-    let scrambler = match (&args.image_key, args.plain) {
-        (Some(path), false) => {
-            let key = ImageKey::read_file(path)?;
-            Some(ImageCipher::new(
-                &key,
-                args.cipher,
-                args.block_size,
-                train.rows(),
-                train.cols(),
-            )?)
-        }
+    let encryption = match (&args.image_key, args.plain) {
+        (Some(path), false) => Some(Encryption {
+            key: ImageKey::read_file(path)?,
+            steps: args.cipher,
+            block_size: args.block_size,
+        }),
         (None, true) => None,
         _ => bail!("give either --image-key or --plain"),
     };
+    let data = pipeline.local_data(&splits, index, parts, encryption.as_ref())?;
     info!(
         identity = name,
         shard = args.shard,
-        train = train.len(),
-        test = test.len(),
-        encryption = scrambler
+        train = data.train_len(),
+        test = data.test_len(),
+        classes = data.classes().len(),
+        encryption = encryption
             .as_ref()
-            .map(|s| s.key_fingerprint().to_string())
+            .map(|e| e.key.fingerprint())
             .unwrap_or_else(|| "plain".into()),
         "data ready"
     );
-    let data = Arc::new(LocalData::prepare(&train, &test, scrambler.as_ref())?);
+    let data = Arc::new(data);
     let host = args
         .coordinator
         .rsplit_once(':')
@@ -406,6 +478,7 @@ pub async fn participant(args: ParticipantArgs, display: Display) -> Result<Part
     config.dropout = args.drop_at;
     config.dump_updates = args.dump_updates.clone();
     config.reconnect_for = Duration::from_secs(args.reconnect_for);
+    config.save_model = args.model_path();
     let (progress, mut rx) = tokio::sync::mpsc::unbounded_channel();
     config.progress = Some(progress);
     let view = tokio::spawn(async move {
@@ -488,6 +561,58 @@ mod tests {
                 .config()
                 .is_err()
         );
+    }
+
+    fn coordinator(extra: &[&str]) -> CoordinatorArgs {
+        let mut argv = vec![
+            "greyfed",
+            "coordinator",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--ca",
+            "ca.pem",
+            "--allow-list",
+            "allow.txt",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Command::Coordinator(c) => *c,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_coordinator_builds_the_named_model_for_the_participants_input() {
+        let err = initial_model(&coordinator(&["--model", "nosuch"]))
+            .expect_err("unknown architecture")
+            .to_string();
+        assert!(
+            err.contains("nosuch") && err.contains("blocknet, vit, cnn"),
+            "{err}"
+        );
+        let (initial, test_set) = initial_model(&coordinator(&["--model", "cnn"])).unwrap();
+        assert!(test_set.is_none());
+        let InitialModel::ForInput(factory) = initial else {
+            panic!("expected a model built for the participants' input")
+        };
+        let input = InputSpec {
+            rows: 32,
+            cols: 36,
+            channels: 1,
+            classes: vec!["a".into(), "b".into(), "c".into()],
+        };
+        let (spec, weights) = factory.build(&input).unwrap();
+        assert_eq!(spec.name(), "cnn");
+        assert_eq!((spec.image_size(), spec.num_classes()), ((32, 36), 3));
+        greyfed_participant::model::check_weights(&spec, &weights).unwrap();
+        // The default blocknet refuses an input its block size does not divide.
+        let (initial, _) = initial_model(&coordinator(&["--block-size", "5"])).unwrap();
+        let InitialModel::ForInput(factory) = initial else {
+            panic!("expected a model built for the participants' input")
+        };
+        assert!(factory.build(&input).unwrap_err().contains('5'));
     }
 
     #[test]

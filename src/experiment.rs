@@ -37,8 +37,8 @@ use greyfed_protocol::{FirstLayer, ModelSpec, OptimizerSpec, TrainingConfig, cip
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{ExperimentArgs, FirstLayerArg, InitArg};
-use crate::commands::load_splits;
-use crate::sim::Federation;
+use crate::commands::data_pipeline;
+use crate::federation::Federation;
 
 /// The modes compared by default: each block-wise step alone, then the presets.
 pub const DEFAULT_MODES: [&str; 10] = [
@@ -757,7 +757,7 @@ pub struct ExperimentReport {
 /// Runs `greyfed experiment encryption`.
 pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
     args.strategy.config()?;
-    let splits = limit(load_splits(&args.data)?, args.max_train);
+    let splits = limit(data_pipeline(&args.data).source.load()?, args.max_train);
     let mut security = BTreeMap::new();
     for mode in &args.modes {
         let s = mode_security(
@@ -832,7 +832,7 @@ pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
 /// Runs `greyfed experiment cell` (one cell; JSON result on stdout).
 pub async fn cell(args: &ExperimentArgs, cell: &str) -> Result<String> {
     let cell: Cell = serde_json::from_str(cell).context("parsing --cell")?;
-    let splits = limit(load_splits(&args.data)?, args.max_train);
+    let splits = limit(data_pipeline(&args.data).source.load()?, args.max_train);
     Ok(serde_json::to_string(
         &run_cell(args, &splits, &cell).await?,
     )?)

@@ -330,8 +330,12 @@ fn write_participant(
             "# greyfed participant {identity}: this machine's settings, written by\n\
              # `greyfed keygen`. Keys are the flags of `greyfed participant` (run.sh\n\
              # reads this file with --config). Paths are relative to this directory.\n\
-             # Add data = \"/path/to/idx\" for this machine's own images.\n\
+             # For this machine's own images add data = \"/path/to/images\" (an image\n\
+             # folder, CSV manifest, .npz file or IDX directory) and set shard = \"0/1\"\n\
+             # (the shard below splits one shared demo dataset among the machines).\n\
+             # The final model is kept in out/model.safetensors.\n\
              [participant]\n\
+             out = \"out\"\n\
              coordinator = \"{target}\"\n\
              server-name = \"{server_name}\"\n\
              ca = \"{}\"\n\

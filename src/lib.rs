@@ -3,9 +3,10 @@
 //! ([`cli`]) and configuration files ([`config_file`]), key generation ([`keygen`]), the coordinator and participant
 //! commands ([`commands`]), the coordinator's optional central evaluation
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
-//! in-process federation harness ([`sim`]), the peak-memory reports of
+//! in-process federation harness ([`federation`]: every participant a task of one process, for tests and examples), the peak-memory reports of
 //! simulations ([`memory`]), live progress displays ([`progress`]), run
-//! reports with plots ([`report`]) and the measurements of [`experiment`].
+//! reports with plots ([`report`]), the measurements of [`experiment`], and
+//! classification and evaluation with a saved model file ([`predict`]).
 //!
 //! The protocol, coordinator and participant logic live in the
 //! `greyfed-protocol`, `greyfed-coordinator` and `greyfed-participant`
@@ -17,11 +18,12 @@ pub mod cli;
 pub mod commands;
 pub mod config_file;
 pub mod experiment;
+pub mod federation;
 pub mod keygen;
 pub mod memory;
+pub mod predict;
 pub mod preview;
 pub mod progress;
 pub mod report;
-pub mod sim;
 pub mod simulate;
 pub mod transform;

@@ -111,7 +111,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Encrypt(args) => {
-            let splits = commands::load_splits(&args.data)?;
+            let splits = commands::data_pipeline(&args.data).source.load()?;
             let key = match &args.key_file {
                 Some(path) => greyfed_participant::cipher::ImageKey::read_file(path)?,
                 None => greyfed_participant::cipher::ImageKey::generate(),
@@ -218,6 +218,44 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 println!("report: {}", files.html.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Predict(args) => {
+            use greyfed::predict::{PredictInputs, PredictSettings, predict};
+            let inputs = match args.data {
+                Some(path) => PredictInputs::Data(path),
+                None => PredictInputs::Files(args.files),
+            };
+            let predictions = predict(&PredictSettings {
+                model: args.model,
+                image_key: args.image_key,
+                inputs,
+            })?;
+            let written = match &args.out {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+                    predictions.write_csv(std::io::BufWriter::new(file))?;
+                    format!(" -> {}", path.display())
+                }
+                None => {
+                    predictions.write_csv(std::io::stdout().lock())?;
+                    String::new()
+                }
+            };
+            eprintln!("{}{written}", predictions.summary());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Evaluate(args) => {
+            let evaluation = greyfed::predict::evaluate(&greyfed::predict::EvaluateSettings {
+                model: args.model,
+                image_key: args.image_key,
+                data: args.data,
+                image_size: args.image_size,
+                test_fraction: args.test_fraction,
+                data_seed: args.data_seed,
+            })?;
+            println!("{evaluation}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -26,8 +26,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use greyfed_coordinator::metrics::RoundRecord;
 use greyfed_participant::cipher::ImageKey;
-use greyfed_participant::data::{DatasetSplits, idx::load_idx_dir, synthetic::builtin_splits};
+use greyfed_participant::data::{DatasetSplits, LoadOptions, load_data, synthetic::builtin_splits};
 use greyfed_protocol::cipher::CipherSteps;
+use greyfed_protocol::model_file::ModelFile;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -418,7 +419,8 @@ fn sample_grid(
 /// in `summary.json` (`builtin:SEED` or a directory), else the built-in digits.
 fn sample_data(options: &ReportOptions, recorded: Option<String>) -> Result<DatasetSplits> {
     if let Some(dir) = &options.data {
-        return load_idx_dir(dir).with_context(|| format!("loading {}", dir.display()));
+        return load_data(dir, &LoadOptions::default())
+            .with_context(|| format!("loading {}", dir.display()));
     }
     let recorded = recorded.unwrap_or_else(|| "builtin:0".into());
     match recorded.strip_prefix("builtin:") {
@@ -431,7 +433,7 @@ fn sample_data(options: &ReportOptions, recorded: Option<String>) -> Result<Data
             };
             Ok(builtin_splits(seed))
         }
-        None => load_idx_dir(Path::new(&recorded))
+        None => load_data(Path::new(&recorded), &LoadOptions::default())
             .with_context(|| format!("loading the run's data {recorded} (or give --data)")),
     }
 }
@@ -1217,6 +1219,13 @@ fn render_html(
         );
     }
     s.push_str("</table>\n</section>\n");
+    if let Some((round, confusion)) = rounds
+        .iter()
+        .rev()
+        .find_map(|r| Some((r.round, r.confusion.as_ref()?)))
+    {
+        confusion_html(&mut s, round, confusion, &class_names(run_dir));
+    }
     let _ = write!(
         s,
         "<footer><p class=\"path\">written by greyfed {} from {}</p></footer>\n</body>\n</html>\n",
@@ -1224,6 +1233,46 @@ fn render_html(
         esc(&run_dir.join(METRICS_FILE).display().to_string())
     );
     s
+}
+
+/// The class names from the run's model file, if it has one.
+fn class_names(run_dir: &Path) -> Option<Vec<String>> {
+    let bytes = std::fs::read(run_dir.join("model.safetensors")).ok()?;
+    Some(ModelFile::from_safetensors(&bytes).ok()?.classes)
+}
+
+/// The confusion matrix of `round`'s federated evaluation (the evaluators'
+/// secure sum of their counts), rows the true classes, with per-class
+/// accuracy; classes are named by `names` when they match, by index
+/// otherwise.
+fn confusion_html(s: &mut String, round: u32, confusion: &[Vec<u64>], names: &Option<Vec<String>>) {
+    let k = confusion.len();
+    let name = |i: usize| match names {
+        Some(n) if n.len() == k => esc(&n[i]),
+        _ => i.to_string(),
+    };
+    let _ = write!(
+        s,
+        "<section id=\"confusion\">\n<h2>Confusion matrix after round {round}</h2>\n\
+         <p>Rows: true class; columns: predicted class. Summed over the evaluators' test \
+         splits by the secure evaluation sum (no participant's own counts).</p>\n\
+         <table class=\"grid\">\n<tr><th>true \\ predicted</th>"
+    );
+    for j in 0..k {
+        let _ = write!(s, "<th>{}</th>", name(j));
+    }
+    s.push_str("<th>accuracy</th></tr>\n");
+    for (i, row) in confusion.iter().enumerate() {
+        let _ = write!(s, "<tr><th>{}</th>", name(i));
+        for v in row {
+            let _ = write!(s, "<td>{v}</td>");
+        }
+        let total: u64 = row.iter().sum();
+        let right = row.get(i).copied().unwrap_or(0);
+        let acc = (total > 0).then(|| right as f64 / total as f64);
+        let _ = writeln!(s, "<td>{}</td></tr>", pct(acc));
+    }
+    s.push_str("</table>\n</section>\n");
 }
 
 #[cfg(test)]
@@ -1251,6 +1300,7 @@ mod tests {
             stage_secs: [("advertise".to_string(), 0.1), ("masked".to_string(), 1.2)]
                 .into_iter()
                 .collect(),
+            confusion: None,
         }
     }
 
@@ -1321,6 +1371,22 @@ mod tests {
         ] {
             assert_eq!(base64(plain.as_bytes()), coded);
         }
+    }
+
+    #[test]
+    fn the_confusion_matrix_names_classes_and_gives_per_class_accuracy() {
+        let mut s = String::new();
+        let names = Some(vec!["cat".to_string(), "d<g".to_string()]);
+        confusion_html(&mut s, 7, &[vec![3, 1], vec![0, 4]], &names);
+        assert!(s.contains("after round 7"), "{s}");
+        assert!(s.contains("<th>cat</th><th>d&lt;g</th>"), "{s}");
+        assert!(
+            s.contains("<tr><th>cat</th><td>3</td><td>1</td><td>75.00%</td></tr>"),
+            "{s}"
+        );
+        let mut unnamed = String::new();
+        confusion_html(&mut unnamed, 1, &[vec![1, 0], vec![0, 1]], &None);
+        assert!(unnamed.contains("<th>0</th><th>1</th>"), "{unnamed}");
     }
 
     #[test]

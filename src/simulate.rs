@@ -12,9 +12,16 @@
 //! how many participants answered it, and the participants' local training.
 //! The run's summary, memory included, goes to `OUT/summary.json`, and at the
 //! end the report ([`crate::report`]) to `OUT/report/`.
+//!
+//! The simulation watches every process it starts: one that fails before
+//! the federation starts (bad data, say) ends it at once, with the process's
+//! name, exit status and last error line; after the start a participant's
+//! failure is a warning (a scheduled dropout's crash not even that), and
+//! once every participant has exited the coordinator is stopped.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -22,7 +29,7 @@ use greyfed_coordinator::metrics::{RoundRecord, read_metrics};
 use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdout, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::cli::{DropoutStageArg, SimulateArgs};
 use crate::keygen::{self, files};
@@ -49,6 +56,10 @@ pub struct SimulationReport {
     /// The report's `report.html`, or why it could not be written.
     pub report: Result<PathBuf>,
 }
+
+/// The directory in the output directory where participant `I` keeps its
+/// final model, as `participant-I/model.safetensors`.
+pub const PARTICIPANTS_DIR: &str = "participants";
 
 /// The file in the output directory that [`SimulationReport::write_summary`] writes.
 pub const SUMMARY_FILE: &str = "summary.json";
@@ -161,6 +172,196 @@ fn log_files(dir: &Path, name: &str) -> Result<(Stdio, std::fs::File)> {
 enum Source {
     Coordinator,
     Participant(usize),
+}
+
+impl Source {
+    /// The process's name: `coordinator` or `participant-I`, as in its log's name.
+    fn name(self) -> String {
+        match self {
+            Source::Coordinator => "coordinator".to_string(),
+            Source::Participant(i) => format!("participant-{i}"),
+        }
+    }
+
+    /// Its log file in `logs`.
+    fn log(self, logs: &Path) -> PathBuf {
+        logs.join(format!("{}.log", self.name()))
+    }
+}
+
+/// A child process that exited.
+struct Exit {
+    source: Source,
+    status: std::io::Result<ExitStatus>,
+    /// Killed by [`Children::stop_all`] (or because the simulation ended).
+    killed: bool,
+}
+
+/// The simulation's child processes. Each is watched by a task that reports
+/// its exit on one channel, so the simulation learns of every exit at once
+/// (in a `tokio::select!` beside the progress events), and that kills it when
+/// the simulation stops them all, or ends in any way (dropping this stops
+/// them too: an early return leaves no process behind).
+struct Children {
+    stop: watch::Sender<bool>,
+    exits_tx: mpsc::UnboundedSender<Exit>,
+    exits: mpsc::UnboundedReceiver<Exit>,
+    watchers: tokio::task::JoinSet<()>,
+}
+
+impl Children {
+    fn new() -> Children {
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        Children {
+            stop: watch::Sender::new(false),
+            exits_tx,
+            exits,
+            watchers: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// Watches `child`, which is `source`.
+    fn watch(&mut self, source: Source, mut child: Child) {
+        let mut stop = self.stop.subscribe();
+        let exits = self.exits_tx.clone();
+        self.watchers.spawn(async move {
+            let (status, killed) = tokio::select! {
+                status = child.wait() => (status, false),
+                // Also when the sender is gone: the simulation is over.
+                // (The block drops the borrow `wait_for` returns.)
+                () = async {
+                    let _ = stop.wait_for(|&stop| stop).await;
+                } => {
+                    let _ = child.start_kill();
+                    (child.wait().await, true)
+                }
+            };
+            let _ = exits.send(Exit {
+                source,
+                status,
+                killed,
+            });
+        });
+    }
+
+    /// The next child to exit (never resolves while none does; cancel-safe).
+    async fn next_exit(&mut self) -> Exit {
+        match self.exits.recv().await {
+            Some(exit) => exit,
+            // Unreachable: `self` holds a sender.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Kills every child still running; their exits follow on [`Self::next_exit`].
+    fn kill_all(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Kills every child still running and returns the exits not yet taken.
+    async fn stop_all(&mut self) -> Vec<Exit> {
+        self.kill_all();
+        while self.watchers.join_next().await.is_some() {}
+        let mut exits = Vec::new();
+        while let Ok(exit) = self.exits.try_recv() {
+            exits.push(exit);
+        }
+        exits
+    }
+}
+
+/// True when a participant with a scheduled dropout died the way the dropout
+/// kills it (SIGKILL, see [`greyfed_participant::dropout`]).
+fn crashed_as_planned(status: &ExitStatus) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        status.signal() == Some(libc::SIGKILL)
+    }
+    #[cfg(not(unix))]
+    {
+        !status.success()
+    }
+}
+
+/// How much of the end of a log [`last_error_line`] reads.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// The line of a child's log that says why it failed: the last error
+/// `main` printed (`error: ...`, the whole error chain), else the last line
+/// logged as an error (`ERROR`, `Error:`), else the last non-empty line that
+/// is not a `note:` (a panic's message comes before its backtrace note).
+fn last_error_line(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    let from = len.saturating_sub(LOG_TAIL_BYTES);
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    // A partial first line, when the tail starts mid-line, is skipped.
+    let lines: Vec<&str> = text
+        .lines()
+        .skip(usize::from(from > 0))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .map(|l| l.trim_start_matches("error:").trim_start())
+        .or_else(|| {
+            lines
+                .iter()
+                .rev()
+                .find(|l| l.contains("ERROR") || l.contains("Error:"))
+                .copied()
+        })
+        .or_else(|| {
+            lines
+                .iter()
+                .rev()
+                .find(|l| !l.starts_with("note:"))
+                .copied()
+        })?;
+    const MAX: usize = 2000;
+    Some(match line.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}...", &line[..end]),
+        None => line.to_string(),
+    })
+}
+
+/// What to say of `source` exiting with `status` `when`: its name, exit
+/// status, last error line and log.
+fn exit_message(source: Source, status: &ExitStatus, when: &str, logs: &Path) -> String {
+    let log = source.log(logs);
+    let when = if when.is_empty() {
+        String::new()
+    } else {
+        format!(" {when}")
+    };
+    let why = last_error_line(&log).map_or_else(String::new, |line| format!(": {line}"));
+    format!(
+        "{} exited with {status}{when}{why} (log: {})",
+        source.name(),
+        log.display()
+    )
+}
+
+/// True when `event` shows that the federation has started: the
+/// coordinator is past joining, or a participant trains or evaluates.
+fn shows_start(source: Source, event: &Event) -> bool {
+    match (source, event) {
+        (Source::Coordinator, Event::Progress { round, .. }) => *round > 0,
+        (Source::Coordinator, Event::RoundCompleted { .. } | Event::RoundAbandoned { .. }) => true,
+        (
+            Source::Participant(_),
+            Event::Training { .. } | Event::Trained { .. } | Event::Evaluated { .. },
+        ) => true,
+        _ => false,
+    }
 }
 
 /// Reads a child's stdout: progress events go to `events`, other lines to
@@ -328,8 +529,16 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
         .stdout
         .take()
         .map(|stdout| forward_events(stdout, log, Source::Coordinator, events_tx.clone()));
+    let mut children = Children::new();
+    children.watch(Source::Coordinator, coordinator);
 
-    let addr = wait_for_addr(&addr_file, &mut coordinator).await?;
+    let addr = match wait_for_addr(&addr_file, &mut children, &logs).await {
+        Ok(addr) => addr,
+        Err(e) => {
+            children.stop_all().await;
+            return Err(e);
+        }
+    };
     let crashes = plan_dropouts(args);
     for (i, plan) in &crashes {
         tracing::info!(
@@ -338,7 +547,6 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
             plan.stage
         );
     }
-    let mut participants: Vec<Child> = Vec::with_capacity(args.participants);
     for i in 0..args.participants {
         let own = keys.join(files::participant(i));
         let mut cmd = Command::new(&exe);
@@ -372,6 +580,15 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
         if let Some(dir) = &args.data.data {
             cmd.arg("--data").arg(dir);
         }
+        if let Some((rows, cols)) = args.data.image_size {
+            cmd.arg("--image-size").arg(format!("{rows}x{cols}"));
+        }
+        if let Some(fraction) = args.data.test_fraction {
+            cmd.arg("--test-fraction").arg(fraction.to_string());
+        }
+        // Each participant keeps its copy of the final model here.
+        cmd.arg("--out")
+            .arg(out.join(PARTICIPANTS_DIR).join(format!("participant-{i}")));
         if let Some(plan) = crashes.get(&i) {
             cmd.arg("--drop-at").arg(plan.to_string());
         }
@@ -403,25 +620,26 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
                 events_tx.clone(),
             ));
         }
-        participants.push(child);
+        children.watch(Source::Participant(i), child);
     }
     drop(events_tx);
 
     // The children's logs are in files: the view says every round.
     let mut view = FederationView::new(display, args.training.rounds, true);
-    let mut training = LocalTraining::default();
-    let mut show = |view: &mut FederationView, (source, event): (Source, Event)| match source {
-        Source::Coordinator => view.show(&event),
-        Source::Participant(i) => {
-            if let Some(text) = training.note(i, &event) {
-                view.set_local_training(text);
-            }
-        }
+    let mut federation = RunWatch {
+        view: &mut view,
+        training: LocalTraining::default(),
+        started: false,
+        participants: args.participants,
+        exited: BTreeMap::new(),
+        crashes: &crashes,
+        logs: &logs,
     };
-    let status = loop {
-        tokio::select! {
-            status = coordinator.wait() => break status.context("waiting for the coordinator")?,
-            Some(event) = events.recv() => show(&mut view, event),
+    let end = match federation.run(&mut children, &mut events).await {
+        Ok(end) => end,
+        Err(e) => {
+            children.stop_all().await;
+            return Err(e);
         }
     };
     // Show the coordinator's last events (the final round) before the table.
@@ -429,27 +647,27 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
     while let Ok(event) = events.try_recv() {
-        show(&mut view, event);
+        federation.show(event);
     }
-    view.finish();
+    // From here on a participant's failure is reported, never fatal.
+    federation.started = true;
     // Participants exit on their own after Finished; give them a moment
-    // (one moment for all of them, however many there are).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    for (i, p) in participants.iter_mut().enumerate() {
-        match tokio::time::timeout_at(deadline, p.wait()).await {
-            Ok(Ok(_)) if crashes.contains_key(&i) => {}
-            Ok(Ok(s)) if !s.success() => {
-                tracing::warn!(
-                    "participant {i} exited with {s}; see {}",
-                    logs.join(format!("participant-{i}.log")).display()
-                );
-            }
-            Ok(_) => {}
-            Err(_) => {
-                let _ = p.kill().await;
+    // (one moment for all of them, however many there are), unless the
+    // coordinator failed or was stopped: then they are stopped at once.
+    if end.coordinator.success() && end.stopped.is_none() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while federation.exited.len() < args.participants {
+            match tokio::time::timeout_at(deadline, children.next_exit()).await {
+                Ok(exit) => federation.participant_exited(exit)?,
+                Err(_) => break,
             }
         }
     }
+    for exit in children.stop_all().await {
+        federation.participant_exited(exit)?;
+    }
+    drop(federation);
+    view.finish();
     let rounds = read_metrics(&out.join("metrics.jsonl")).unwrap_or_default();
     let memory = MemoryReport::new(
         read_peak_rss(&peak_rss_path(&logs, "coordinator")),
@@ -467,18 +685,39 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
         report: Err(anyhow::anyhow!("not written yet")),
     };
     report.write_summary(args)?;
-    if !status.success() {
-        tracing::error!(
-            "the coordinator exited with {status}; see {}",
-            logs.join("coordinator.log").display()
-        );
-    }
+    let coordinator_failed = match &end.stopped {
+        Some(why) => {
+            tracing::warn!("stopped the coordinator: {why}");
+            false
+        }
+        None if !end.coordinator.success() => {
+            tracing::error!(
+                "{}",
+                exit_message(Source::Coordinator, &end.coordinator, "", &logs)
+            );
+            true
+        }
+        None => false,
+    };
     report.report = crate::report::write_report(&report.out, &Default::default()).map(|files| {
         if let Some(note) = files.samples_note {
             tracing::warn!("the report has no sample images: {note}");
         }
         files.html
     });
+    // An incomplete run is reported (and fails by its table); a coordinator
+    // that failed after completing every round fails the simulation here.
+    if coordinator_failed && report.all_rounds_completed() {
+        bail!(
+            "{}",
+            exit_message(
+                Source::Coordinator,
+                &end.coordinator,
+                "after the last round",
+                &logs
+            )
+        );
+    }
     Ok(report)
 }
 
@@ -511,21 +750,160 @@ pub fn plan_dropouts(args: &SimulateArgs) -> std::collections::BTreeMap<usize, D
         .collect()
 }
 
-async fn wait_for_addr(path: &Path, coordinator: &mut Child) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Waits for the coordinator to write its address to `path`; an error,
+/// naming its last error line, when it exits first.
+async fn wait_for_addr(path: &Path, children: &mut Children, logs: &Path) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
     loop {
-        if let Ok(addr) = std::fs::read_to_string(path)
-            && !addr.trim().is_empty()
-        {
-            return Ok(addr.trim().to_string());
+        tokio::select! {
+            exit = children.next_exit() => {
+                let status = exit.status.context("waiting for the coordinator")?;
+                bail!("{}", exit_message(exit.source, &status, "before listening", logs));
+            }
+            _ = poll.tick() => {
+                if let Ok(addr) = std::fs::read_to_string(path)
+                    && !addr.trim().is_empty()
+                {
+                    return Ok(addr.trim().to_string());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("the coordinator did not start listening within 60 s");
+                }
+            }
         }
-        if let Some(status) = coordinator.try_wait()? {
-            bail!("the coordinator exited with {status} before listening; see its log");
+    }
+}
+
+/// How long the coordinator has to exit by itself once every participant
+/// has finished.
+const COORDINATOR_GRACE: Duration = Duration::from_secs(10);
+
+/// How the federation ended, as far as the processes go.
+struct RunEnd {
+    /// The coordinator's exit status.
+    coordinator: ExitStatus,
+    /// Why the simulation stopped the coordinator itself, if it did.
+    stopped: Option<String>,
+}
+
+/// Follows a running federation: shows its progress events and watches its
+/// processes' exits.
+struct RunWatch<'a> {
+    view: &'a mut FederationView,
+    training: LocalTraining,
+    /// Whether the federation has started (the first round is under way).
+    started: bool,
+    participants: usize,
+    /// The participants that exited, with how.
+    exited: BTreeMap<usize, ExitStatus>,
+    crashes: &'a BTreeMap<usize, DropoutPlan>,
+    logs: &'a Path,
+}
+
+impl RunWatch<'_> {
+    /// Shows an event (and notes whether it says the federation started).
+    fn show(&mut self, (source, event): (Source, Event)) {
+        self.started |= shows_start(source, &event);
+        match source {
+            Source::Coordinator => self.view.show(&event),
+            Source::Participant(i) => {
+                if let Some(text) = self.training.note(i, &event) {
+                    self.view.set_local_training(text);
+                }
+            }
         }
-        if Instant::now() > deadline {
-            bail!("the coordinator did not start listening within 60 s");
+    }
+
+    /// Shows the progress until the coordinator exits. Stops early, killing
+    /// every process, with an error naming the process, when one fails before
+    /// the federation started. Stops the coordinator when every participant
+    /// has exited: at once when none of them finished, else when it has not
+    /// exited by itself within [`COORDINATOR_GRACE`].
+    async fn run(
+        &mut self,
+        children: &mut Children,
+        events: &mut mpsc::UnboundedReceiver<(Source, Event)>,
+    ) -> Result<RunEnd> {
+        let mut stopped = None;
+        let mut grace = None;
+        loop {
+            tokio::select! {
+                exit = children.next_exit() => {
+                    // What the processes printed before this exit counts first.
+                    while let Ok(event) = events.try_recv() {
+                        self.show(event);
+                    }
+                    if exit.source == Source::Coordinator {
+                        let status = exit.status.context("waiting for the coordinator")?;
+                        if !self.started && !status.success() && stopped.is_none() {
+                            bail!(
+                                "{}",
+                                exit_message(
+                                    exit.source,
+                                    &status,
+                                    "before the federation started",
+                                    self.logs
+                                )
+                            );
+                        }
+                        return Ok(RunEnd { coordinator: status, stopped });
+                    }
+                    self.participant_exited(exit)?;
+                    if self.exited.len() == self.participants && stopped.is_none() && grace.is_none() {
+                        if self.exited.values().any(ExitStatus::success) {
+                            grace = Some(tokio::time::Instant::now() + COORDINATOR_GRACE);
+                        } else {
+                            stopped = Some("every participant has exited".to_string());
+                            children.kill_all();
+                        }
+                    }
+                }
+                Some(event) = events.recv() => self.show(event),
+                () = tokio::time::sleep_until(grace.unwrap_or_else(tokio::time::Instant::now)),
+                    if grace.is_some() && stopped.is_none() =>
+                {
+                    stopped = Some(format!(
+                        "it had not exited {} s after the participants finished",
+                        COORDINATOR_GRACE.as_secs()
+                    ));
+                    children.kill_all();
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Notes a participant's exit. A failure is an error before the
+    /// federation started, and a warning after it, except a scheduled
+    /// dropout's crash or a kill by the simulation itself.
+    fn participant_exited(&mut self, exit: Exit) -> Result<()> {
+        let Source::Participant(i) = exit.source else {
+            return Ok(());
+        };
+        let status = exit
+            .status
+            .with_context(|| format!("waiting for participant {i}"))?;
+        self.exited.insert(i, status);
+        let planned = self.crashes.contains_key(&i) && crashed_as_planned(&status);
+        if status.success() || planned || exit.killed {
+            return Ok(());
+        }
+        if !self.started {
+            bail!(
+                "{}",
+                exit_message(
+                    exit.source,
+                    &status,
+                    "before the federation started",
+                    self.logs
+                )
+            );
+        }
+        tracing::warn!(
+            "{}",
+            exit_message(exit.source, &status, "during the federation", self.logs)
+        );
+        Ok(())
     }
 }
 
@@ -542,6 +920,48 @@ mod tests {
             Command::Simulate(s) => s,
             other => panic!("parsed {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_last_error_line_of_a_log_says_why_the_process_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |text: &str| {
+            let path = dir.path().join("p.log");
+            std::fs::write(&path, text).unwrap();
+            last_error_line(&path)
+        };
+        // What main printed wins over earlier error logs and later warnings.
+        assert_eq!(
+            line(
+                "2026-12-03T10:00:00Z  INFO greyfed: starting\n\
+                 2026-12-03T10:00:01Z ERROR greyfed: first\n\
+                 error: loading /data: no train images in /data\n\
+                 warning: cannot write /out/p.peak-rss: denied\n\n"
+            )
+            .as_deref(),
+            Some("loading /data: no train images in /data")
+        );
+        assert_eq!(
+            line("INFO a\nERROR round 2 abandoned\nINFO b\n").as_deref(),
+            Some("ERROR round 2 abandoned")
+        );
+        // A panic: its message, not the backtrace note.
+        assert_eq!(
+            line(
+                "thread 'main' panicked at src/x.rs:1:1:\nboom\n\
+                 note: run with `RUST_BACKTRACE=1` to display a backtrace\n"
+            )
+            .as_deref(),
+            Some("boom")
+        );
+        assert_eq!(line("\n\n"), None);
+        assert_eq!(last_error_line(&dir.path().join("absent.log")), None);
+        // A long log: only its tail is read, from a whole line.
+        let long = format!(
+            "{}\nerror: the end\n",
+            "x".repeat(3 * LOG_TAIL_BYTES as usize)
+        );
+        assert_eq!(line(&long).as_deref(), Some("the end"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use greyfed_coordinator::{
     pki::{CertificateAuthority, DeploymentPki, Validity},
     tls::ServerTls,
 };
+use greyfed_participant::data::numbered_classes;
 use greyfed_participant::{
     LocalData, ParticipantConfig, ParticipantError, client,
     data::{
@@ -75,7 +76,7 @@ fn start(config: CoordinatorConfig) -> (SocketAddr, Run) {
 fn local_data(i: usize, n: usize) -> Arc<LocalData> {
     let data = synthetic_digits(300, 3);
     let train = shard(&data, i, n, Partition::Iid, 0).unwrap();
-    Arc::new(LocalData::prepare(&train, &train, None).unwrap())
+    Arc::new(LocalData::prepare(&train, &train, &numbered_classes(10), None).unwrap())
 }
 
 /// Connects with `config`, sends bytes that are no greyfed frame and reads
@@ -282,6 +283,7 @@ async fn a_revoked_participant_is_disconnected_and_cannot_reconnect() {
         train_samples: 10,
         test_samples: 10,
         image_size: (28, 28),
+        classes: numbered_classes(10),
         cipher: None,
     });
     send.write_all(&encode_frame(&hello, DEFAULT_MAX_FRAME).unwrap())

@@ -471,3 +471,45 @@ fn model_transform_writes_the_key_transform_of_a_plain_model() {
     };
     assert_ne!(fresh("a.safetensors"), fresh("b.safetensors"));
 }
+
+/// `simulate` on a directory that holds no data set stops as soon as a
+/// participant fails to load it, with an error that names the process, its
+/// error and its log, instead of waiting for the coordinator's join deadline
+/// (120 s).
+#[test]
+fn simulate_fails_fast_when_a_participant_cannot_load_its_data() {
+    let out = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("notes.txt"), "not a data set\n").unwrap();
+    let started = std::time::Instant::now();
+    let run = greyfed()
+        .args(["simulate", "--participants", "3", "--rounds", "1", "--data"])
+        .arg(data.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        elapsed < std::time::Duration::from_secs(30),
+        "took {elapsed:?}: {stderr}"
+    );
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(error.contains("participant-"), "{error}");
+    assert!(error.contains("before the federation started"), "{error}");
+    assert!(
+        error.contains(&data.path().display().to_string()),
+        "the loader's error: {error}"
+    );
+    assert!(
+        error.contains(&out.path().join("logs/participant-").display().to_string()),
+        "the log: {error}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    eprintln!("simulate failed after {elapsed:?}: {error}");
+}

@@ -100,6 +100,8 @@ fn run_federation(
             .arg(image_key(&keys, i))
             .arg("--dump-updates")
             .arg(&run.updates)
+            .arg("--out")
+            .arg(dir.join(format!("p{i}")))
             .stderr(log(&format!("p{i}.log")));
             if let Some((_, at)) = drops.iter().find(|(j, _)| *j == i) {
                 c.args(["--drop-at", at]);

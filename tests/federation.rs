@@ -2,7 +2,7 @@
 
 mod common;
 
-use greyfed::sim::Federation;
+use greyfed::federation::Federation;
 use greyfed_coordinator::strategy::StrategyConfig;
 use greyfed_participant::cipher::{ImageCipher, ImageKey};
 use greyfed_participant::model::encrypted_domain_weights;

@@ -17,6 +17,7 @@ use greyfed_coordinator::{
     pki::{DeploymentPki, Validity},
     tls::ServerTls,
 };
+use greyfed_participant::data::numbered_classes;
 use greyfed_participant::{
     ClientIdentity, LocalData, ParticipantConfig, ParticipantReport, client,
     data::{
@@ -105,7 +106,8 @@ fn honest_participants(
     (0..n)
         .map(|i| {
             let train = shard(&data, i, n, Partition::Iid, 0).unwrap();
-            let local = Arc::new(LocalData::prepare(&train, &train, None).unwrap());
+            let local =
+                Arc::new(LocalData::prepare(&train, &train, &numbered_classes(10), None).unwrap());
             let pc = ParticipantConfig::new(
                 addr,
                 "localhost",
@@ -285,6 +287,7 @@ async fn floods_slow_and_silent_peers_do_not_hold_a_round() {
                 train_samples: 200,
                 test_samples: 200,
                 image_size: (28, 28),
+                classes: numbered_classes(10),
                 cipher: None,
             });
             let frame = greyfed_protocol::frame::encode_frame(&hello, 1 << 20).unwrap();

@@ -58,6 +58,8 @@ fn a_killed_coordinator_resumes_and_no_round_is_lost_or_repeated() {
                 .args(["--server-name", "localhost", "--plain"])
                 .args(["--shard", &format!("{i}/3")])
                 .args(["--reconnect-for", "60"])
+                .arg("--out")
+                .arg(dir.join(format!("p{i}")))
                 .args(participant_tls(&keys, i))
                 .stderr(std::fs::File::create(dir.join(format!("p{i}.log"))).unwrap())
                 .spawn()

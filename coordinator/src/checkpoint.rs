@@ -31,8 +31,13 @@ use crate::strategy::StrategyConfig;
 /// ones, or its rounds would not continue the interrupted run's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunSettings {
-    /// Architecture.
-    pub model: ModelSpec,
+    /// Architecture (`None`: not fixed yet, built for the participants'
+    /// input).
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
+    /// Class names in label order (empty: not known yet).
+    #[serde(default)]
+    pub classes: Vec<String>,
     /// Local training settings.
     pub training: TrainingConfig,
     /// Server strategy.
@@ -52,11 +57,18 @@ impl RunSettings {
                 d.push(format!("{name}: {a} → {b}"));
             }
         };
-        cmp(
-            "model",
-            format!("{:?}", self.model),
-            format!("{:?}", there.model),
-        );
+        // What is not fixed on one side is not compared: a run whose
+        // model is built for the participants' input learns it later.
+        if let (Some(a), Some(b)) = (&self.model, &there.model) {
+            cmp("model", format!("{a:?}"), format!("{b:?}"));
+        }
+        if !self.classes.is_empty() && !there.classes.is_empty() {
+            cmp(
+                "classes",
+                format!("{:?}", self.classes),
+                format!("{:?}", there.classes),
+            );
+        }
         cmp(
             "training",
             format!("{:?}", self.training),
@@ -264,12 +276,14 @@ mod tests {
             bytes_up: 10,
             bytes_down: 20,
             secs: 0.5,
+            confusion: Some(vec![vec![10, 5], vec![0, 15]]),
         }
     }
 
     fn settings() -> RunSettings {
         RunSettings {
-            model: ModelSpec::blocknet_28x28(4),
+            model: Some(ModelSpec::blocknet_28x28(4)),
+            classes: (0..10).map(|c| c.to_string()).collect(),
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
             aggregation: AggregationKind::SecAgg { full: false },

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use greyfed_protocol::{
-    AggregationKind, ModelSpec, ModelWeights, TrainingConfig, frame::DEFAULT_MAX_FRAME,
-    secagg::coordinator::SecAggConfig, session::Selection,
+    AggregationKind, ModelSpec, ModelWeights, TrainingConfig,
+    frame::DEFAULT_MAX_FRAME,
+    secagg::coordinator::SecAggConfig,
+    session::{InitialModel, ModelFactory, Selection},
 };
 
 use std::sync::Arc;
@@ -35,10 +37,9 @@ pub struct CoordinatorConfig {
     pub selection: Selection,
     /// Rounds to run.
     pub rounds: u32,
-    /// Architecture to train.
-    pub model: ModelSpec,
-    /// The model round 1 starts from.
-    pub initial_weights: ModelWeights,
+    /// The model round 1 starts from: fixed, or built for the first
+    /// admitted participant's input (image size, planes, classes).
+    pub initial: InitialModel,
     /// Local training settings sent to participants.
     pub training: TrainingConfig,
     /// How the mean update becomes the next global model.
@@ -78,10 +79,18 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    /// The settings a checkpoint records and a resumed run must match.
+    /// The settings a checkpoint records and a resumed run must match
+    /// (the model and classes only when fixed in advance).
     pub fn settings(&self) -> RunSettings {
+        let (model, classes) = match &self.initial {
+            InitialModel::Fixed { spec, classes, .. } => {
+                (Some(spec.clone()), classes.clone().unwrap_or_default())
+            }
+            InitialModel::ForInput(_) => (None, Vec::new()),
+        };
         RunSettings {
-            model: self.model.clone(),
+            model,
+            classes,
             training: self.training.clone(),
             strategy: self.strategy,
             aggregation: self.aggregation,
@@ -90,13 +99,34 @@ impl CoordinatorConfig {
     }
 
     /// A configuration with greyfed's defaults for everything but the TLS
-    /// material, the initial model and the output directory.
+    /// material, the initial model (fixed: participants' input must fit
+    /// `model`) and the output directory.
     pub fn new(
         tls: ServerTls,
         model: ModelSpec,
         initial_weights: ModelWeights,
         out_dir: PathBuf,
     ) -> Self {
+        Self::with_initial(
+            tls,
+            InitialModel::Fixed {
+                spec: model,
+                weights: initial_weights,
+                classes: None,
+            },
+            out_dir,
+        )
+    }
+
+    /// A configuration whose model `factory` builds for the first admitted
+    /// participant's input, with greyfed's defaults otherwise.
+    pub fn for_input(tls: ServerTls, factory: Arc<dyn ModelFactory>, out_dir: PathBuf) -> Self {
+        Self::with_initial(tls, InitialModel::ForInput(factory), out_dir)
+    }
+
+    /// A configuration starting from `initial`, with greyfed's defaults
+    /// otherwise.
+    pub fn with_initial(tls: ServerTls, initial: InitialModel, out_dir: PathBuf) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls,
@@ -104,8 +134,7 @@ impl CoordinatorConfig {
             min_participants: 1,
             selection: Selection::default(),
             rounds: 10,
-            model,
-            initial_weights,
+            initial,
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
             aggregation: AggregationKind::SecAgg { full: false },

@@ -58,6 +58,10 @@ pub struct RoundRecord {
     /// Only `evaluate` with plain aggregation.
     #[serde(default)]
     pub stage_secs: std::collections::BTreeMap<String, f64>,
+    /// The evaluators' summed confusion counts, `[true class][predicted
+    /// class]` (from the secure evaluation sum: never one participant's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confusion: Option<Vec<Vec<u64>>>,
 }
 
 /// Appends [`RoundRecord`]s to a file, flushing each line.

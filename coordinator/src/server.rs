@@ -21,15 +21,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use greyfed_protocol::weights::{CIPHER_METADATA, MODEL_METADATA, ROUNDS_METADATA};
 use greyfed_protocol::{
     AggregationKind, EvalMetrics, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
-    cipher::CipherSpec,
     frame::encode_frame,
+    model_file::ModelFile,
     secagg::coordinator::SecAggCoordinator,
     session::{
-        CoordinatorSession, RoundSummary, SessionConfig, SessionEvent, SessionProgress, derive_seed,
+        CoordinatorSession, InitialModel, RoundSummary, SessionConfig, SessionEvent,
+        SessionProgress, derive_seed,
     },
 };
 use tokio::sync::mpsc;
@@ -56,9 +56,11 @@ pub struct RunReport {
     pub rounds_completed: u32,
     /// Rounds planned.
     pub rounds_planned: u32,
-    /// The final global model.
-    pub final_model: ModelWeights,
-    /// Where the final model was written.
+    /// The final global model (`None` when the model was to be built for
+    /// the participants' input and nobody was admitted).
+    pub final_model: Option<ModelWeights>,
+    /// Where the final model was written (a [`ModelFile`]; not written
+    /// when nobody was admitted).
     pub model_path: PathBuf,
 }
 
@@ -77,11 +79,22 @@ impl Coordinator {
                 "rounds and participants must be at least 1".into(),
             ));
         }
-        config.initial_weights.validate()?;
+        if let InitialModel::Fixed { weights, .. } = &config.initial {
+            weights.validate()?;
+        }
         if let Some(cp) = &config.resume {
-            if !cp.global.same_layout(&config.initial_weights) {
+            if let InitialModel::Fixed { weights, .. } = &config.initial
+                && !cp.global.same_layout(weights)
+            {
                 return Err(CoordinatorError::Checkpoint(
                     "the checkpoint's model does not fit the configured architecture".into(),
+                ));
+            }
+            if session_start(&config)?.is_none() {
+                return Err(CoordinatorError::Checkpoint(
+                    "the checkpoint does not record its model architecture; resume it with a \
+                     fixed model"
+                        .into(),
                 ));
             }
             if cp.rounds_completed >= config.rounds {
@@ -152,7 +165,6 @@ impl Coordinator {
                 min_participants: config.min_participants.max(1),
                 selection: config.selection,
                 rounds: config.rounds,
-                model: config.model.clone(),
                 training: config.training.clone(),
                 round_timeout: config.round_timeout,
                 // Not one stage: a single silent evaluator holds the first stage
@@ -163,11 +175,7 @@ impl Coordinator {
                 seed: config.seed,
                 first_round: config.resume.as_ref().map_or(1, |c| c.rounds_completed + 1),
             },
-            config
-                .resume
-                .as_ref()
-                .map_or(&config.initial_weights, |c| &c.global)
-                .clone(),
+            session_start(&config)?.unwrap_or_else(|| config.initial.clone()),
             build_aggregator(&config, session_id)?,
             started,
         )?;
@@ -198,7 +206,7 @@ impl Coordinator {
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             participants = config.participants,
             rounds = config.rounds,
-            model = config.model.name(),
+            model = ?config.initial,
             "coordinator listening"
         );
         let mut driver = Driver {
@@ -231,16 +239,15 @@ impl Coordinator {
         let _ = tokio::time::timeout(LINGER, endpoint.wait_idle()).await;
         endpoint.close(close_code::SHUTDOWN.into(), b"coordinator stopped");
 
-        let final_model = driver.session.global().clone();
+        let final_model = driver.session.global().cloned();
         let model_path = config.out_dir.join("model.safetensors");
-        write_model(
-            &model_path,
-            &final_model,
-            &config,
-            driver.session.cipher(),
-            driver.session.rounds_completed(),
-        )?;
-        info!(path = %model_path.display(), "wrote final model");
+        match model_file(&driver.session) {
+            Some(file) => {
+                crate::checkpoint::write_atomic(&model_path, &file.to_safetensors()?)?;
+                info!(path = %model_path.display(), "wrote final model");
+            }
+            None => warn!("nobody was admitted: no model to write"),
+        }
         let rounds_completed = driver.session.rounds_completed();
         match outcome {
             Ok(()) => Ok(RunReport {
@@ -467,11 +474,11 @@ impl Driver {
                                     .to_string()
                             })
                             .collect();
-                        dump_aggregate(dir, self.session.global(), &result, &names)?;
+                        dump_aggregate(dir, round_global(&self.session)?, &result, &names)?;
                     }
                     let next = self
                         .strategy
-                        .apply(self.session.global(), &result.mean_update)?;
+                        .apply(round_global(&self.session)?, &result.mean_update)?;
                     self.session.apply_global(now, next)?;
                 }
                 SessionEvent::RoundAbandoned { round, reason } => {
@@ -484,7 +491,7 @@ impl Driver {
                 SessionEvent::RoundCompleted(summary) => {
                     let central = match self.central_evaluator.clone() {
                         Some(evaluator) => {
-                            let global = self.session.global().clone();
+                            let global = round_global(&self.session)?.clone();
                             evaluate_centrally(evaluator, global, summary.round).await
                         }
                         None => None,
@@ -557,11 +564,11 @@ impl Driver {
         let start = self.round_start.remove(&s.round).unwrap_or(now);
         let record = RoundRecord {
             round: s.round,
-            accuracy: s.eval.map(|e| e.accuracy),
-            loss: s.eval.map(|e| e.loss),
-            evaluators: s.eval.map_or(0, |e| e.evaluators),
-            central_accuracy: central.map(|m| m.accuracy()),
-            central_loss: central.map(|m| m.mean_loss()),
+            accuracy: s.eval.as_ref().map(|e| e.accuracy),
+            loss: s.eval.as_ref().map(|e| e.loss),
+            evaluators: s.eval.as_ref().map_or(0, |e| e.evaluators),
+            central_accuracy: central.as_ref().map(|m| m.accuracy()),
+            central_loss: central.as_ref().map(|m| m.mean_loss()),
             train_loss: s.train_loss.is_finite().then_some(s.train_loss),
             participants: s.contributors.len(),
             survivors: s.contributors.len(),
@@ -572,7 +579,8 @@ impl Driver {
                 .collect(),
             cohort: s.cohort.len(),
             dropped: s.dropped.len(),
-            test_samples: s.eval.map_or(0, |e| e.samples),
+            test_samples: s.eval.as_ref().map_or(0, |e| e.samples),
+            confusion: s.eval.as_ref().and_then(|e| e.confusion.clone()),
             aggregation: self.session.aggregation_kind().to_string(),
             bytes_up: up,
             bytes_down: down,
@@ -592,8 +600,16 @@ impl Driver {
         Checkpoint {
             rounds_completed: self.session.rounds_completed(),
             rounds_planned: self.rounds_planned,
-            settings: Some(self.settings.clone()),
-            global: self.session.global().clone(),
+            settings: Some(RunSettings {
+                model: self.session.model().cloned(),
+                classes: self
+                    .session
+                    .classes()
+                    .map(<[String]>::to_vec)
+                    .unwrap_or_default(),
+                ..self.settings.clone()
+            }),
+            global: round_global(&self.session)?.clone(),
             strategy_state: self.strategy.state(),
             records: self.records.clone(),
         }
@@ -629,26 +645,53 @@ fn fmt_metric(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
 }
 
-/// Writes the model atomically (temporary file, then rename) with metadata
-/// naming the architecture, the input it expects (`greyfed.cipher`: the
-/// participants' cipher spec as JSON, `null` for plain images; absent when
-/// nobody joined) and the rounds completed.
-fn write_model(
-    path: &Path,
-    model: &ModelWeights,
-    config: &CoordinatorConfig,
-    cipher: Option<&Option<CipherSpec>>,
-    rounds_completed: u32,
-) -> Result<()> {
-    let mut meta = std::collections::HashMap::new();
-    meta.insert(MODEL_METADATA.to_string(), format!("{:?}", config.model));
-    if let Some(cipher) = cipher {
-        let json = serde_json::to_string(cipher)
-            .map_err(|e| CoordinatorError::Config(format!("encoding the cipher spec: {e}")))?;
-        meta.insert(CIPHER_METADATA.to_string(), json);
-    }
-    meta.insert(ROUNDS_METADATA.to_string(), rounds_completed.to_string());
-    crate::checkpoint::write_atomic(path, &model.to_safetensors(&meta)?)
+/// The global model during a round (the session builds it when the first
+/// participant is admitted, before any round).
+fn round_global(session: &CoordinatorSession) -> Result<&ModelWeights> {
+    session.global().ok_or_else(|| {
+        CoordinatorError::Aborted("a round started before the model was built".into())
+    })
+}
+
+/// The session's final model as a [`ModelFile`]: `None` when nobody was
+/// admitted (the input, classes or cipher are then unknown).
+fn model_file(session: &CoordinatorSession) -> Option<ModelFile> {
+    Some(ModelFile {
+        spec: session.model()?.clone(),
+        classes: session.classes()?.to_vec(),
+        cipher: session.cipher()?.clone(),
+        rounds_completed: session.rounds_completed(),
+        weights: session.global()?.clone(),
+    })
+}
+
+/// Where a session starts when resuming: the checkpoint's model, with the
+/// architecture and classes it records (or the configured fixed ones).
+/// `Ok(None)` without a checkpoint.
+fn session_start(config: &CoordinatorConfig) -> Result<Option<InitialModel>> {
+    let Some(cp) = &config.resume else {
+        return Ok(None);
+    };
+    let recorded = cp.settings.as_ref();
+    let fixed = match &config.initial {
+        InitialModel::Fixed { spec, classes, .. } => Some((spec, classes)),
+        InitialModel::ForInput(_) => None,
+    };
+    let Some(spec) = recorded
+        .and_then(|s| s.model.as_ref())
+        .or(fixed.map(|(spec, _)| spec))
+    else {
+        return Ok(None);
+    };
+    let classes = recorded
+        .map(|s| s.classes.clone())
+        .filter(|c| !c.is_empty())
+        .or_else(|| fixed.and_then(|(_, c)| c.clone()));
+    Ok(Some(InitialModel::Fixed {
+        spec: spec.clone(),
+        weights: cp.global.clone(),
+        classes,
+    }))
 }
 
 /// The aggregator the configuration asks for. Secure aggregation gets a

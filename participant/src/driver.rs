@@ -16,6 +16,7 @@ use greyfed_protocol::{
     Hello, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION, ParticipantId,
     cipher::CipherSpec,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
+    model_file::ModelFile,
     participant::{ParticipantEvent, ParticipantSession},
 };
 use rand::{
@@ -117,6 +118,10 @@ pub struct ParticipantConfig {
     pub reconnect_for: Duration,
     /// Where to send progress events for a display (none by default).
     pub progress: Option<ProgressSender>,
+    /// Where to keep the final global model when the session finishes, as
+    /// a [`ModelFile`] (architecture, classes, cipher spec; `greyfed
+    /// predict` reads it with the image key). `None`: not kept.
+    pub save_model: Option<PathBuf>,
 }
 
 impl ParticipantConfig {
@@ -139,6 +144,7 @@ impl ParticipantConfig {
             dump_updates: None,
             reconnect_for: Duration::from_secs(60),
             progress: None,
+            save_model: None,
         }
     }
 }
@@ -149,13 +155,28 @@ pub struct LocalData {
     train: TensorData,
     test: TensorData,
     image_size: (u32, u32),
+    classes: Vec<String>,
     cipher: Option<CipherSpec>,
 }
 
 impl LocalData {
     /// Encrypts `train` and `test` with `cipher` (or keeps them plain when
-    /// `None`) and converts them to tensors.
-    pub fn prepare(train: &Dataset, test: &Dataset, cipher: Option<&ImageCipher>) -> Result<Self> {
+    /// `None`) and converts them to tensors. `classes` names the labels in
+    /// order; there must be one name per class of the datasets.
+    pub fn prepare(
+        train: &Dataset,
+        test: &Dataset,
+        classes: &[String],
+        cipher: Option<&ImageCipher>,
+    ) -> Result<Self> {
+        if classes.len() != train.num_classes() || classes.len() != test.num_classes() {
+            return Err(ParticipantError::Dataset(format!(
+                "{} class names for {} training and {} test classes",
+                classes.len(),
+                train.num_classes(),
+                test.num_classes()
+            )));
+        }
         if (train.rows(), train.cols()) != (test.rows(), test.cols()) {
             return Err(ParticipantError::Dataset(format!(
                 "train images are {}x{} but test images are {}x{}",
@@ -174,6 +195,7 @@ impl LocalData {
             image_size: (train.rows() as u32, train.cols() as u32),
             train: TensorData::from_dataset(&train, &device)?,
             test: TensorData::from_dataset(&test, &device)?,
+            classes: classes.to_vec(),
             cipher: cipher.map(ImageCipher::spec),
         })
     }
@@ -186,6 +208,11 @@ impl LocalData {
     /// Number of test samples.
     pub fn test_len(&self) -> usize {
         self.test.len()
+    }
+
+    /// Class names in label order.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
     }
 }
 
@@ -299,8 +326,11 @@ async fn session_loop(
         train_samples: data.train.len() as u64,
         test_samples: data.test.len() as u64,
         image_size: data.image_size,
+        classes: data.classes.clone(),
         cipher: data.cipher.clone(),
     });
+    // The latest global model we received, with its round (kept at the end).
+    let mut latest: Option<(u32, ModelWeights)> = None;
     let mut spec: Option<ModelSpec> = None;
     let mut training: Option<Training> = None;
     let mut decoder = FrameDecoder::new(config.max_frame);
@@ -401,6 +431,9 @@ async fn session_loop(
                 }
                 ParticipantEvent::Evaluate { round, global } => {
                     let spec = spec.clone().ok_or_else(|| no_session("Evaluate"))?;
+                    if config.save_model.is_some() {
+                        latest = Some((round, global.clone()));
+                    }
                     let data = data.clone();
                     let metrics = tokio::task::spawn_blocking(move || {
                         evaluate(&spec, &global, &data.test, EVAL_BATCH)
@@ -415,6 +448,9 @@ async fn session_loop(
                 ParticipantEvent::Finished { rounds_completed } => {
                     info!(rounds_completed, "session finished");
                     report.rounds_completed = rounds_completed;
+                    if let (Some(path), Some(spec)) = (&config.save_model, &spec) {
+                        save_model(path, spec, &data, latest.take(), rounds_completed)?;
+                    }
                     emit(config, ParticipantProgress::Finished { rounds_completed });
                     let _ = send.finish();
                     return Ok(());
@@ -482,6 +518,58 @@ async fn session_loop(
     }
 }
 
+/// Keeps the last global model we evaluated in `path` as a [`ModelFile`]
+/// (atomically: a temporary file, then a rename). Nothing to keep (we never
+/// evaluated) is logged, not an error.
+fn save_model(
+    path: &Path,
+    spec: &ModelSpec,
+    data: &LocalData,
+    latest: Option<(u32, ModelWeights)>,
+    rounds_completed: u32,
+) -> Result<()> {
+    let Some((round, weights)) = latest else {
+        warn!("no global model was evaluated here; nothing to save");
+        return Ok(());
+    };
+    if round < rounds_completed {
+        warn!(
+            round,
+            rounds_completed, "the last model we received is from an earlier round"
+        );
+    }
+    let file = ModelFile {
+        spec: spec.clone(),
+        classes: data.classes.clone(),
+        cipher: data.cipher.clone(),
+        rounds_completed: round.min(rounds_completed),
+        weights,
+    };
+    let bytes = file.to_safetensors()?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ParticipantError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    // A temporary name of our own: participants on one machine may be told
+    // to keep their models at the same path.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}-{n}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+        .map_err(|source| ParticipantError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    info!(path = %path.display(), round, "kept the final model");
+    Ok(())
+}
+
 /// Ends the participant as `plan` says: the process dies, or the task stops.
 fn crash(config: &ParticipantConfig, plan: DropoutPlan) -> ParticipantError {
     warn!(%plan, "scheduled dropout");
@@ -528,6 +616,13 @@ fn check_model_fits(model: &ModelSpec, data: &LocalData) -> Result<()> {
             data.image_size
         )));
     }
+    if model.num_classes() as usize != data.classes.len() {
+        return Err(ParticipantError::Model(format!(
+            "the coordinator's model predicts {} classes, our data has {}",
+            model.num_classes(),
+            data.classes.len()
+        )));
+    }
     let channels = data
         .cipher
         .as_ref()
@@ -541,7 +636,10 @@ fn check_model_fits(model: &ModelSpec, data: &LocalData) -> Result<()> {
     let model_block = match model {
         ModelSpec::BlockNet { block_size, .. } => Some(*block_size),
         ModelSpec::Vit { patch_size, .. } => Some(*patch_size),
-        _ => None,
+        // A custom architecture is block-wise when it says so.
+        _ => model
+            .param("block_size")
+            .and_then(|b| u32::try_from(b).ok()),
     };
     match (model_block, &data.cipher) {
         (Some(m), Some(c)) if m != c.block_size && !c.steps.is_pixel_based() => {

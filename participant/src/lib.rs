@@ -1,6 +1,8 @@
 //! greyfed participant: everything that touches a party's private images.
 //!
-//! - [`data`]: IDX reader, the built-in synthetic digit set, partitioning.
+//! - [`data`]: dataset readers (image folders, CSV manifests, `.npz`, IDX),
+//!   the built-in synthetic digit set, partitioning.
+//! - [`pipeline`]: the one data pipeline (load, shard, augment, encrypt, tensors).
 //! - [`cipher`]: block-scrambling image encryption keyed by the shared image key.
 //! - [`model`] and [`train`]: candle models, local training and evaluation.
 //! - [`client`] and [`driver`]: the QUIC client and the loop that drives the
@@ -18,9 +20,11 @@ pub mod driver;
 pub mod dropout;
 pub mod error;
 pub mod model;
+pub mod pipeline;
 pub mod quality;
 pub mod train;
 
 pub use client::ClientIdentity;
 pub use driver::{LocalData, ParticipantConfig, ParticipantProgress, ParticipantReport, run};
 pub use error::{ParticipantError, Result};
+pub use pipeline::{DataPipeline, DataSource, Encryption};

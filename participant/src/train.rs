@@ -298,9 +298,9 @@ fn epoch_seed(seed: u64, epoch: u32) -> u64 {
     seed ^ (u64::from(epoch) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Sum of cross-entropy losses, number of correct argmax predictions and
-/// sample count of `weights` on `data`, in batches of `batch_size`. An empty
-/// dataset gives zero counts.
+/// Sum of cross-entropy losses, number of correct argmax predictions,
+/// sample count and confusion counts (`[true][predicted]`) of `weights` on
+/// `data`, in batches of `batch_size`. An empty dataset gives zero counts.
 pub fn evaluate(
     spec: &ModelSpec,
     weights: &ModelWeights,
@@ -314,7 +314,11 @@ pub fn evaluate(
     }
     let net = Network::new(spec, weights, data.device())?;
     data.check_fits(spec)?;
-    let mut metrics = EvalMetrics::default();
+    let classes = spec.num_classes() as usize;
+    let mut metrics = EvalMetrics {
+        confusion: vec![0; classes * classes],
+        ..EvalMetrics::default()
+    };
     let n = data.len();
     let mut start = 0;
     while start < n {
@@ -329,14 +333,17 @@ pub fn evaluate(
             .iter()
             .map(|&v| f64::from(v))
             .sum::<f64>();
-        let predicted = logits.argmax(1)?;
-        metrics.correct += u64::from(
-            predicted
-                .eq(&y)?
-                .to_dtype(candle_core::DType::U32)?
-                .sum_all()?
-                .to_scalar::<u32>()?,
-        );
+        let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
+        for (&p, &t) in predicted.iter().zip(&y.to_vec1::<u32>()?) {
+            let (p, t) = (p as usize, t as usize);
+            if p >= classes || t >= classes {
+                return Err(ParticipantError::Model(format!(
+                    "label {t} or prediction {p} outside the model's {classes} classes"
+                )));
+            }
+            metrics.confusion[t * classes + p] += 1;
+            metrics.correct += u64::from(p == t);
+        }
         metrics.count += len as u64;
         start += len;
     }
@@ -981,10 +988,29 @@ mod tests {
         assert_eq!(out.weights, global);
         assert_eq!(
             evaluate(&spec, &global, &empty, 8).unwrap(),
-            EvalMetrics::default()
+            EvalMetrics {
+                confusion: vec![0; 100],
+                ..EvalMetrics::default()
+            }
         );
 
         let data = TensorData::from_dataset(&synthetic(4, 0), &Device::Cpu).unwrap();
+        // The confusion counts add up to the samples, their diagonal to the
+        // correct ones, and each row to the samples of its class.
+        let m = evaluate(&spec, &global, &data, 3).unwrap();
+        assert_eq!(m.confusion.len(), 100);
+        assert_eq!(m.confusion.iter().sum::<u64>(), m.count);
+        assert_eq!((0..10).map(|i| m.confusion[i * 11]).sum::<u64>(), m.correct);
+        let labels = synthetic(4, 0);
+        for class in 0..10 {
+            let row: u64 = m.confusion[class * 10..class * 10 + 10].iter().sum();
+            let expected = labels
+                .labels()
+                .iter()
+                .filter(|&&l| l as usize == class)
+                .count();
+            assert_eq!(row as usize, expected, "class {class}");
+        }
         let zero_batch = TrainingConfig {
             batch_size: 0,
             ..cfg.clone()

@@ -240,6 +240,7 @@ mod tests {
             train_samples: 700,
             test_samples: 150,
             image_size: (28, 28),
+            classes: vec!["cat".into(), "dog".into()],
             cipher: Some(crate::cipher::CipherSpec {
                 steps: "le".parse().unwrap(),
                 block_size: 4,

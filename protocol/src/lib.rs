@@ -9,6 +9,7 @@
 //! - [`message`]: every message and the configuration types they carry.
 //! - [`frame`]: length-prefixed, versioned bincode framing with a size limit.
 //! - [`weights`]: [`ModelWeights`], with a safetensors round trip.
+//! - [`model_file`]: [`ModelFile`](model_file::ModelFile), a trained model that says what it expects.
 //! - [`aggregate`]: the pluggable [`Aggregator`](aggregate::Aggregator) and plain summing.
 //! - [`session`]: the coordinator's session state machine.
 //! - [`participant`]: the participant's session state machine.
@@ -20,6 +21,7 @@ pub mod cipher;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod model_file;
 pub mod participant;
 pub mod secagg;
 pub mod session;
@@ -34,4 +36,4 @@ pub use message::*;
 pub use weights::{ModelWeights, NamedTensor};
 
 /// Version of the wire protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;

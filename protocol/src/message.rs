@@ -106,6 +106,26 @@ pub enum ModelSpec {
         /// Number of classes.
         num_classes: u32,
     },
+    /// A model of an architecture registered by name with the participant's
+    /// model registry (`greyfed_participant::model::register_architecture`):
+    /// the extension point for models outside greyfed. The spec is
+    /// self-describing in model files and on the wire: the architecture's
+    /// name, the input it was built for, and its integer hyper-parameters.
+    Custom {
+        /// Name the architecture is registered under, e.g. `"block-mlp"`.
+        arch: String,
+        /// Image height in pixels.
+        image_rows: u32,
+        /// Image width in pixels.
+        image_cols: u32,
+        /// Image planes: 1 for grey-scale pixels, 2 for split 4-bit halves.
+        image_channels: u32,
+        /// Number of classes.
+        num_classes: u32,
+        /// Integer hyper-parameters in the architecture's fixed order, e.g.
+        /// `("hidden", 128)`; read them with [`ModelSpec::param`].
+        params: Vec<(String, i64)>,
+    },
 }
 
 fn one() -> u32 {
@@ -156,12 +176,44 @@ impl ModelSpec {
         }
     }
 
-    /// Short name for logs and metadata: `"blocknet"`, `"vit"` or `"cnn"`.
-    pub fn name(&self) -> &'static str {
+    /// A [`ModelSpec::Custom`] of architecture `arch` for `input` (its image
+    /// size, planes and number of classes) with hyper-parameters `params`.
+    pub fn custom<N: Into<String>>(
+        arch: impl Into<String>,
+        input: &InputSpec,
+        params: impl IntoIterator<Item = (N, i64)>,
+    ) -> Self {
+        ModelSpec::Custom {
+            arch: arch.into(),
+            image_rows: input.rows,
+            image_cols: input.cols,
+            image_channels: input.channels,
+            num_classes: input.classes.len() as u32,
+            params: params.into_iter().map(|(n, v)| (n.into(), v)).collect(),
+        }
+    }
+
+    /// Short name for logs and metadata: `"blocknet"`, `"vit"`, `"cnn"`, or
+    /// the registered name of a [`ModelSpec::Custom`] architecture.
+    pub fn name(&self) -> &str {
         match self {
             ModelSpec::BlockNet { .. } => "blocknet",
             ModelSpec::Vit { .. } => "vit",
             ModelSpec::Cnn { .. } => "cnn",
+            ModelSpec::Custom { arch, .. } => arch,
+        }
+    }
+
+    /// The value of the hyper-parameter `name` of a [`ModelSpec::Custom`]
+    /// (the first one of that name); `None` when it has none of that name
+    /// and for the built-in architectures (whose hyper-parameters are
+    /// fields).
+    pub fn param(&self, name: &str) -> Option<i64> {
+        match self {
+            ModelSpec::Custom { params, .. } => {
+                params.iter().find(|(n, _)| n == name).map(|&(_, v)| v)
+            }
+            _ => None,
         }
     }
 
@@ -170,7 +222,8 @@ impl ModelSpec {
         match self {
             ModelSpec::BlockNet { num_classes, .. }
             | ModelSpec::Vit { num_classes, .. }
-            | ModelSpec::Cnn { num_classes, .. } => *num_classes,
+            | ModelSpec::Cnn { num_classes, .. }
+            | ModelSpec::Custom { num_classes, .. } => *num_classes,
         }
     }
 
@@ -191,6 +244,11 @@ impl ModelSpec {
                 image_rows,
                 image_cols,
                 ..
+            }
+            | ModelSpec::Custom {
+                image_rows,
+                image_cols,
+                ..
             } => (*image_rows, *image_cols),
         }
     }
@@ -200,19 +258,88 @@ impl ModelSpec {
         match self {
             ModelSpec::BlockNet { image_channels, .. }
             | ModelSpec::Vit { image_channels, .. }
-            | ModelSpec::Cnn { image_channels, .. } => *image_channels,
+            | ModelSpec::Cnn { image_channels, .. }
+            | ModelSpec::Custom { image_channels, .. } => *image_channels,
         }
     }
 
-    /// The same architecture with first layer `layer` (no change for the CNN).
+    /// The same architecture with first layer `layer` (no change for the CNN
+    /// and custom architectures).
     pub fn with_first_layer(mut self, layer: FirstLayer) -> Self {
         match &mut self {
             ModelSpec::BlockNet { first_layer, .. } | ModelSpec::Vit { first_layer, .. } => {
                 *first_layer = layer
             }
-            ModelSpec::Cnn { .. } => {}
+            ModelSpec::Cnn { .. } | ModelSpec::Custom { .. } => {}
         }
         self
+    }
+
+    /// The same architecture for `input`: its image size, planes and number
+    /// of classes (the hyper-parameters stay).
+    pub fn with_input(mut self, input: &InputSpec) -> Self {
+        match &mut self {
+            ModelSpec::BlockNet {
+                image_rows,
+                image_cols,
+                image_channels,
+                num_classes,
+                ..
+            }
+            | ModelSpec::Vit {
+                image_rows,
+                image_cols,
+                image_channels,
+                num_classes,
+                ..
+            }
+            | ModelSpec::Cnn {
+                image_rows,
+                image_cols,
+                image_channels,
+                num_classes,
+                ..
+            }
+            | ModelSpec::Custom {
+                image_rows,
+                image_cols,
+                image_channels,
+                num_classes,
+                ..
+            } => {
+                *image_rows = input.rows;
+                *image_cols = input.cols;
+                *image_channels = input.channels;
+                *num_classes = input.classes.len() as u32;
+            }
+        }
+        self
+    }
+
+    /// Why `input` does not fit this model (image size, planes or number of
+    /// classes differ), naming both sides; `None` when it fits.
+    pub fn input_mismatch(&self, input: &InputSpec) -> Option<String> {
+        let (rows, cols) = self.image_size();
+        if (input.rows, input.cols) != (rows, cols) {
+            Some(format!(
+                "images are {}x{} but the model expects {rows}x{cols}",
+                input.rows, input.cols
+            ))
+        } else if input.channels != self.image_channels() {
+            Some(format!(
+                "images have {} plane(s) but the model expects {}",
+                input.channels,
+                self.image_channels()
+            ))
+        } else if input.classes.len() != self.num_classes() as usize {
+            Some(format!(
+                "the data has {} classes but the model predicts {}",
+                input.classes.len(),
+                self.num_classes()
+            ))
+        } else {
+            None
+        }
     }
 
     /// The same architecture for images with `channels` planes.
@@ -220,7 +347,8 @@ impl ModelSpec {
         match &mut self {
             ModelSpec::BlockNet { image_channels, .. }
             | ModelSpec::Vit { image_channels, .. }
-            | ModelSpec::Cnn { image_channels, .. } => *image_channels = channels,
+            | ModelSpec::Cnn { image_channels, .. }
+            | ModelSpec::Custom { image_channels, .. } => *image_channels = channels,
         }
         self
     }
@@ -346,6 +474,89 @@ impl Default for TrainingConfig {
     }
 }
 
+/// Most classes a model may predict (labels are stored in one byte).
+pub const MAX_CLASSES: usize = 256;
+/// Longest class name, in bytes.
+pub const MAX_CLASS_NAME: usize = 128;
+
+/// What a model sees and predicts, fixed by the participants' data: the
+/// image size, the image planes the cipher produces, and the class names in
+/// label order (label `i` is `classes[i]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// Image height in pixels.
+    pub rows: u32,
+    /// Image width in pixels.
+    pub cols: u32,
+    /// Image planes: 1 for grey-scale pixels, 2 for split 4-bit halves.
+    pub channels: u32,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+}
+
+impl InputSpec {
+    /// Checks that the input can be trained on: a positive image size and
+    /// plane count, 2 to [`MAX_CLASSES`] classes with distinct, non-empty
+    /// names of at most [`MAX_CLASS_NAME`] bytes without control characters.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Malformed`](crate::ProtocolError::Malformed) naming the problem.
+    pub fn validate(&self) -> Result<(), crate::ProtocolError> {
+        let bad = |why: String| Err(crate::ProtocolError::Malformed(why));
+        if self.rows == 0 || self.cols == 0 || self.channels == 0 {
+            return bad(format!(
+                "input {}x{} with {} plane(s) is empty",
+                self.rows, self.cols, self.channels
+            ));
+        }
+        if !(2..=MAX_CLASSES).contains(&self.classes.len()) {
+            return bad(format!(
+                "{} classes; a model needs 2 to {MAX_CLASSES}",
+                self.classes.len()
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for name in &self.classes {
+            if name.is_empty() || name.len() > MAX_CLASS_NAME || name.chars().any(char::is_control)
+            {
+                return bad(format!(
+                    "class name {:?} must have 1 to {MAX_CLASS_NAME} bytes and no control characters",
+                    truncated(name)
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                return bad(format!("class name {name:?} appears twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The class names for messages: `[a, b, c]`, eliding the middle of
+    /// long lists.
+    pub fn class_list(&self) -> String {
+        class_list(&self.classes)
+    }
+}
+
+/// `[a, b, c]`, with at most 12 names shown.
+pub fn class_list(classes: &[String]) -> String {
+    if classes.len() <= 12 {
+        format!("[{}]", classes.join(", "))
+    } else {
+        format!(
+            "[{}, ... ({} more) ..., {}]",
+            classes[..8].join(", "),
+            classes.len() - 11,
+            classes[classes.len() - 3..].join(", ")
+        )
+    }
+}
+
+/// At most 40 characters of `s`, for error messages about hostile input.
+fn truncated(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
 /// First message of a participant.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -359,6 +570,9 @@ pub struct Hello {
     pub test_samples: u64,
     /// Model input the participant's data has, `(rows, cols)`.
     pub image_size: (u32, u32),
+    /// The participant's class names in label order; every participant of
+    /// a session must have the same list.
+    pub classes: Vec<String>,
     /// The participant's image cipher (mode, block size, key fingerprint;
     /// never the key), so that a participant with a different key or mode is
     /// refused instead of poisoning the model. `None`: plain images.
@@ -376,6 +590,17 @@ impl Hello {
         self.cipher
             .as_ref()
             .map_or(1, |c| c.steps.output_channels())
+    }
+
+    /// What the participant's data gives a model: image size, planes and
+    /// classes.
+    pub fn input(&self) -> InputSpec {
+        InputSpec {
+            rows: self.image_size.0,
+            cols: self.image_size.1,
+            channels: self.image_channels(),
+            classes: self.classes.clone(),
+        }
     }
 
     /// The cipher as text for messages: `plain` or e.g. `le B=4 key=..`.
@@ -494,7 +719,7 @@ pub const MAX_EVAL_LOSS: f64 = 64.0;
 /// Evaluation result on one participant's test split, kept on the
 /// participant: only [`sum_input`](EvalMetrics::sum_input) leaves it, into
 /// the round's evaluation sum.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalMetrics {
     /// Sum of per-sample cross-entropy losses.
     pub loss_sum: f64,
@@ -502,6 +727,11 @@ pub struct EvalMetrics {
     pub correct: u64,
     /// Number of samples evaluated.
     pub count: u64,
+    /// Confusion counts, row-major `[true class][predicted class]` over the
+    /// model's classes (`K * K` values summing to `count`); empty when not
+    /// counted.
+    #[serde(default)]
+    pub confusion: Vec<u64>,
 }
 
 impl EvalMetrics {
@@ -510,6 +740,18 @@ impl EvalMetrics {
         self.loss_sum += other.loss_sum;
         self.correct += other.correct;
         self.count += other.count;
+        if self.confusion.is_empty() {
+            self.confusion = other.confusion.clone();
+        } else if self.confusion.len() == other.confusion.len() {
+            for (a, b) in self.confusion.iter_mut().zip(&other.confusion) {
+                *a += b;
+            }
+        }
+    }
+
+    /// Number of classes of the confusion counts (0 when not counted).
+    pub fn confusion_classes(&self) -> usize {
+        confusion_side(self.confusion.len()).unwrap_or(0)
     }
 
     /// Mean loss, or NaN when nothing was evaluated.
@@ -523,35 +765,65 @@ impl EvalMetrics {
     }
 
     /// This participant's input to the evaluation sum: `[accuracy, mean
-    /// loss]` mapped affinely onto `[-1, 1]` (the loss clipped to
+    /// loss]`, then the confusion counts as fractions of the samples, all
+    /// mapped affinely onto `[-1, 1]` (the loss clipped to
     /// [`MAX_EVAL_LOSS`]) with the sample count as weight, so that the
     /// weighted mean of the inputs is the sample-weighted mean over all
-    /// evaluators. [`EvalSummary::from_mean`] maps it back.
+    /// evaluators (and the mean fractions times the total samples are the
+    /// summed counts). [`EvalSummary::from_mean`] maps it back.
     ///
     /// # Errors
-    /// No samples, a NaN or negative loss, or more correct than samples.
+    /// No samples, a NaN or negative loss, more correct than samples, or
+    /// confusion counts that are not square, do not add up to the samples
+    /// or disagree with the correct count.
     pub fn sum_input(&self) -> Result<(Vec<f32>, u64), crate::ProtocolError> {
+        let inconsistent = || {
+            crate::ProtocolError::InvalidContribution(format!(
+                "inconsistent evaluation: {} correct of {} samples, loss sum {}, {} confusion \
+                 counts",
+                self.correct,
+                self.count,
+                self.loss_sum,
+                self.confusion.len()
+            ))
+        };
         if self.count == 0
             || self.correct > self.count
             || !(self.loss_sum.is_finite() && self.loss_sum >= 0.0)
         {
-            return Err(crate::ProtocolError::InvalidContribution(format!(
-                "inconsistent evaluation: {} correct of {} samples, loss sum {}",
-                self.correct, self.count, self.loss_sum
-            )));
+            return Err(inconsistent());
+        }
+        if !self.confusion.is_empty() {
+            let k = confusion_side(self.confusion.len()).ok_or_else(inconsistent)?;
+            let diagonal: u64 = (0..k).map(|i| self.confusion[i * k + i]).sum();
+            if self.confusion.iter().sum::<u64>() != self.count || diagonal != self.correct {
+                return Err(inconsistent());
+            }
         }
         let loss = self.mean_loss().min(MAX_EVAL_LOSS);
-        let values = vec![
+        let mut values = vec![
             (2.0 * self.accuracy() - 1.0) as f32,
             (2.0 * loss / MAX_EVAL_LOSS - 1.0) as f32,
         ];
+        let n = self.count as f64;
+        values.extend(
+            self.confusion
+                .iter()
+                .map(|&c| (2.0 * c as f64 / n - 1.0) as f32),
+        );
         Ok((values, self.count))
+    }
+
+    /// Length of the evaluation sum's vector for a model of `classes`
+    /// classes: accuracy, loss and the `classes * classes` confusion counts.
+    pub fn sum_len(classes: usize) -> usize {
+        2 + classes * classes
     }
 }
 
 /// The sample-weighted mean of the evaluators' metrics: all the coordinator
 /// learns of a round's federated evaluation.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct EvalSummary {
     /// Sample-weighted mean accuracy in [0, 1].
     pub accuracy: f64,
@@ -561,6 +833,15 @@ pub struct EvalSummary {
     pub samples: u64,
     /// Participants whose metrics are in the sum.
     pub evaluators: usize,
+    /// The summed confusion counts, `[true class][predicted class]`, when
+    /// the evaluators counted them (each rounded to a whole image).
+    pub confusion: Option<Vec<Vec<u64>>>,
+}
+
+/// `k` when `len` is `k * k` for some `k >= 1`.
+fn confusion_side(len: usize) -> Option<usize> {
+    let k = (len as f64).sqrt().round() as usize;
+    (k >= 1 && k * k == len).then_some(k)
 }
 
 impl EvalSummary {
@@ -575,18 +856,41 @@ impl EvalSummary {
         samples: u64,
         evaluators: usize,
     ) -> Result<Self, crate::ProtocolError> {
-        match *mean {
-            [acc, loss] if acc.is_finite() && loss.is_finite() => Ok(Self {
-                accuracy: ((f64::from(acc) + 1.0) / 2.0).clamp(0.0, 1.0),
-                loss: ((f64::from(loss) + 1.0) / 2.0 * MAX_EVAL_LOSS).max(0.0),
-                samples,
-                evaluators,
-            }),
-            _ => Err(crate::ProtocolError::Malformed(format!(
-                "evaluation sum has {} values, expected 2 finite ones",
+        let malformed = || {
+            crate::ProtocolError::Malformed(format!(
+                "evaluation sum has {} values, expected 2 finite ones and a square number of \
+                 confusion counts",
                 mean.len()
-            ))),
+            ))
+        };
+        let [acc, loss, ref counts @ ..] = *mean else {
+            return Err(malformed());
+        };
+        if !mean.iter().all(|v| v.is_finite()) {
+            return Err(malformed());
         }
+        let confusion = match counts.len() {
+            0 => None,
+            len => {
+                let k = confusion_side(len).ok_or_else(malformed)?;
+                let count = |v: f32| {
+                    (((f64::from(v) + 1.0) / 2.0).clamp(0.0, 1.0) * samples as f64).round() as u64
+                };
+                Some(
+                    counts
+                        .chunks(k)
+                        .map(|row| row.iter().map(|&v| count(v)).collect())
+                        .collect(),
+                )
+            }
+        };
+        Ok(Self {
+            accuracy: ((f64::from(acc) + 1.0) / 2.0).clamp(0.0, 1.0),
+            loss: ((f64::from(loss) + 1.0) / 2.0 * MAX_EVAL_LOSS).max(0.0),
+            samples,
+            evaluators,
+            confusion,
+        })
     }
 }
 
@@ -687,6 +991,49 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custom_spec_round_trips_and_answers_like_the_built_ins() {
+        let input = InputSpec {
+            rows: 32,
+            cols: 24,
+            channels: 2,
+            classes: vec!["a".into(), "b".into(), "c".into()],
+        };
+        let spec = ModelSpec::custom("block-mlp", &input, [("block_size", 4), ("hidden", -7)]);
+        assert_eq!(spec.name(), "block-mlp");
+        assert_eq!(spec.image_size(), (32, 24));
+        assert_eq!(spec.image_channels(), 2);
+        assert_eq!(spec.num_classes(), 3);
+        assert_eq!(spec.param("block_size"), Some(4));
+        assert_eq!(spec.param("hidden"), Some(-7));
+        assert_eq!(spec.param("depth"), None);
+        assert_eq!(ModelSpec::blocknet_28x28(4).param("block_size"), None);
+        assert_eq!(spec.input_mismatch(&input), None);
+        assert_eq!(spec.clone().with_first_layer(FirstLayer::PerBlock), spec);
+        let wider = InputSpec {
+            rows: 28,
+            cols: 28,
+            channels: 1,
+            classes: (0..10).map(|i| i.to_string()).collect(),
+        };
+        let moved = spec.clone().with_input(&wider).with_image_channels(2);
+        assert_eq!(moved.image_size(), (28, 28));
+        assert_eq!((moved.image_channels(), moved.num_classes()), (2, 10));
+        assert_eq!(moved.param("hidden"), Some(-7));
+        // Self-describing in model files (JSON) and on the wire (bincode).
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), spec);
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&spec, config).unwrap();
+        let (back, _): (ModelSpec, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, spec);
+        // The built-ins keep their encoding.
+        let blocknet = ModelSpec::blocknet_28x28(4);
+        let bytes = bincode::serde::encode_to_vec(&blocknet, config).unwrap();
+        assert_eq!(bytes[0], 0, "variant index of BlockNet");
+    }
 
     #[test]
     fn cosine_schedule_decays_from_lr_towards_zero() {

@@ -240,7 +240,13 @@ impl ParticipantSession {
                 self.last_round = round;
                 self.evaluated = Some((round, global.clone()));
                 self.state = State::Evaluating { round };
-                self.eval_sum = self.secure_sum(round, SumKind::Evaluation, 2);
+                // Accuracy, loss and the confusion counts of the model's classes.
+                let classes = self
+                    .session
+                    .as_ref()
+                    .map_or(0, |info| info.model.num_classes() as usize);
+                self.eval_sum =
+                    self.secure_sum(round, SumKind::Evaluation, EvalMetrics::sum_len(classes));
                 self.events
                     .push_back(ParticipantEvent::Evaluate { round, global });
                 Ok(())

@@ -50,8 +50,8 @@ use crate::{
     cipher::CipherSpec,
     error::ProtocolError,
     message::{
-        EvalSummary, GlobalModel, Hello, Message, ModelSpec, ParticipantId, SessionInfo,
-        TrainingConfig,
+        EvalMetrics, EvalSummary, GlobalModel, Hello, InputSpec, Message, ModelSpec, ParticipantId,
+        SessionInfo, TrainingConfig,
     },
     weights::ModelWeights,
 };
@@ -69,8 +69,6 @@ pub struct SessionConfig {
     pub selection: Selection,
     /// Number of rounds to run.
     pub rounds: u32,
-    /// Architecture to train.
-    pub model: ModelSpec,
     /// Local training settings.
     pub training: TrainingConfig,
     /// Hard limit on a round's training phase (local training plus
@@ -91,6 +89,66 @@ pub struct SessionConfig {
     /// Number of the first round to run, from 1; a resumed session starts
     /// after the last completed round (rounds before it count as completed).
     pub first_round: u32,
+}
+
+/// Builds the model a session starts from once the participants' input is
+/// known (see [`InitialModel::ForInput`]). Pure: no I/O, deterministic.
+pub trait ModelFactory: Send + Sync {
+    /// The architecture for `input` and its round-1 weights.
+    ///
+    /// # Errors
+    /// Why no model can be built for `input` (for example a block size that
+    /// does not divide the image size); the participant is refused with it.
+    fn build(&self, input: &InputSpec) -> Result<(ModelSpec, ModelWeights), String>;
+}
+
+impl<F> ModelFactory for F
+where
+    F: Fn(&InputSpec) -> Result<(ModelSpec, ModelWeights), String> + Send + Sync,
+{
+    fn build(&self, input: &InputSpec) -> Result<(ModelSpec, ModelWeights), String> {
+        self(input)
+    }
+}
+
+/// The model a session starts from.
+#[derive(Clone)]
+pub enum InitialModel {
+    /// A fixed architecture and weights (a model file, a checkpoint, a
+    /// coordinator with its own test data): participants' input must fit
+    /// it. `classes`: the class names when known, otherwise the first
+    /// admitted participant's, which the others must then match.
+    Fixed {
+        /// Architecture, input included.
+        spec: ModelSpec,
+        /// Round-1 weights, in `spec`'s layout.
+        weights: ModelWeights,
+        /// Class names in label order, if known.
+        classes: Option<Vec<String>>,
+    },
+    /// Built for the input of the first admitted participant (image size,
+    /// planes and classes come from its data); the others must match it.
+    ForInput(Arc<dyn ModelFactory>),
+}
+
+impl std::fmt::Debug for InitialModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InitialModel::Fixed { spec, classes, .. } => f
+                .debug_struct("Fixed")
+                .field("spec", spec)
+                .field("classes", classes)
+                .finish_non_exhaustive(),
+            InitialModel::ForInput(_) => f.write_str("ForInput(..)"),
+        }
+    }
+}
+
+/// The session's model once its input is known.
+#[derive(Clone, Debug)]
+struct SessionModel {
+    spec: ModelSpec,
+    classes: Vec<String>,
 }
 
 /// Participant selection: each round trains a fresh uniformly random
@@ -292,7 +350,12 @@ pub struct CoordinatorSession {
     aggregator: Box<dyn Aggregator>,
     /// The evaluation sum's aggregator (same scheme as `aggregator`).
     evaluator: Box<dyn Aggregator>,
-    global: ModelWeights,
+    /// How the model is built before anyone is admitted.
+    initial: InitialModel,
+    /// Architecture and classes, fixed when the first participant is admitted.
+    model: Option<SessionModel>,
+    /// The current global model; `None` only until the model is built.
+    global: Option<ModelWeights>,
     /// The round whose `apply_global` installed `global` (None: the initial
     /// model).
     global_round: Option<u32>,
@@ -314,12 +377,12 @@ pub struct CoordinatorSession {
 }
 
 impl CoordinatorSession {
-    /// A session that starts with `global` and aggregates with `aggregator`
+    /// A session that starts from `initial` and aggregates with `aggregator`
     /// (and the evaluation metrics with its
     /// [`for_evaluation`](Aggregator::for_evaluation) counterpart).
     pub fn new(
         config: SessionConfig,
-        global: ModelWeights,
+        initial: InitialModel,
         aggregator: Box<dyn Aggregator>,
         now: Instant,
     ) -> Result<Self, ProtocolError> {
@@ -352,7 +415,13 @@ impl CoordinatorSession {
                 config.first_round, config.rounds
             )));
         }
-        global.validate()?;
+        let global = match &initial {
+            InitialModel::Fixed { weights, .. } => {
+                weights.validate()?;
+                Some(weights.clone())
+            }
+            InitialModel::ForInput(_) => None,
+        };
         let deadline = config.join_timeout.map(|t| now + t);
         let key_fingerprint = config.key_fingerprint.clone();
         let rounds_completed = config.first_round - 1;
@@ -361,6 +430,8 @@ impl CoordinatorSession {
             config,
             aggregator,
             evaluator,
+            initial,
+            model: None,
             global,
             global_round: None,
             phase: Phase::Joining,
@@ -377,9 +448,37 @@ impl CoordinatorSession {
         })
     }
 
-    /// The current global model.
-    pub fn global(&self) -> &ModelWeights {
-        &self.global
+    /// The current global model; `None` until the model is built for the
+    /// first admitted participant's input ([`InitialModel::ForInput`]).
+    pub fn global(&self) -> Option<&ModelWeights> {
+        self.global.as_ref()
+    }
+
+    /// The architecture trained, once known (at the first admission for
+    /// [`InitialModel::ForInput`]).
+    pub fn model(&self) -> Option<&ModelSpec> {
+        match (&self.model, &self.initial) {
+            (Some(m), _) => Some(&m.spec),
+            (None, InitialModel::Fixed { spec, .. }) => Some(spec),
+            (None, InitialModel::ForInput(_)) => None,
+        }
+    }
+
+    /// The class names in label order, once known.
+    pub fn classes(&self) -> Option<&[String]> {
+        match (&self.model, &self.initial) {
+            (Some(m), _) => Some(&m.classes),
+            (None, InitialModel::Fixed { classes, .. }) => classes.as_deref(),
+            (None, InitialModel::ForInput(_)) => None,
+        }
+    }
+
+    /// The global model during a round (built at the first admission,
+    /// before any round can start).
+    fn round_global(&self) -> &ModelWeights {
+        self.global
+            .as_ref()
+            .expect("rounds start only after a participant was admitted, which builds the model")
     }
 
     /// The image cipher of the admitted participants: `None` before anyone
@@ -557,6 +656,59 @@ impl CoordinatorSession {
         Ok(())
     }
 
+    /// Why `hello`'s input does not fit the session's model or classes
+    /// (naming both sides), or `None`.
+    fn input_refusal(&self, hello: &Hello) -> Option<String> {
+        let input = hello.input();
+        if let Some(why) = self.model().and_then(|spec| spec.input_mismatch(&input)) {
+            return Some(format!("{why} (cipher {})", hello.cipher_name()));
+        }
+        match self.classes() {
+            Some(classes) if classes != input.classes.as_slice() => Some(format!(
+                "the participant's classes {} differ from the session's {}; every \
+                 participant needs the same class list (same class folders or labels)",
+                input.class_list(),
+                crate::message::class_list(classes)
+            )),
+            _ => None,
+        }
+    }
+
+    /// The session's model for the first admitted participant's input:
+    /// the fixed one (taking its classes when the model names none), or
+    /// the factory's.
+    fn build_model(&mut self, hello: &Hello) -> Result<SessionModel, String> {
+        let input = hello.input();
+        match &self.initial {
+            InitialModel::Fixed { spec, classes, .. } => Ok(SessionModel {
+                spec: spec.clone(),
+                classes: classes.clone().unwrap_or(input.classes),
+            }),
+            InitialModel::ForInput(factory) => {
+                let (spec, weights) = factory.build(&input).map_err(|e| {
+                    format!(
+                        "no model can be built for the participant's input ({}x{}, {} \
+                         classes): {e}",
+                        input.rows,
+                        input.cols,
+                        input.classes.len()
+                    )
+                })?;
+                if let Some(why) = spec.input_mismatch(&input) {
+                    return Err(format!(
+                        "the model factory built a model that does not fit: {why}"
+                    ));
+                }
+                weights.validate().map_err(|e| e.to_string())?;
+                self.global = Some(weights);
+                Ok(SessionModel {
+                    spec,
+                    classes: input.classes,
+                })
+            }
+        }
+    }
+
     fn phase_expects(&self) -> &'static str {
         match self.phase {
             Phase::Joining => "Hello",
@@ -592,21 +744,10 @@ impl CoordinatorSession {
             )
         } else if self.phase == Phase::Over {
             Some("the session is over".to_string())
-        } else if hello.image_size != self.config.model.image_size() {
-            Some(format!(
-                "images are {}x{} but the model expects {}x{}",
-                hello.image_size.0,
-                hello.image_size.1,
-                self.config.model.image_size().0,
-                self.config.model.image_size().1
-            ))
-        } else if hello.image_channels() != self.config.model.image_channels() {
-            Some(format!(
-                "images encrypted with {} have {} plane(s) but the model expects {}",
-                hello.cipher_name(),
-                hello.image_channels(),
-                self.config.model.image_channels()
-            ))
+        } else if let Err(e) = hello.input().validate() {
+            Some(format!("the participant's data cannot be trained on: {e}"))
+        } else if let Some(reason) = self.input_refusal(&hello) {
+            Some(reason)
         } else if hello.train_samples == 0 {
             Some("no training samples".to_string())
         } else {
@@ -641,6 +782,23 @@ impl CoordinatorSession {
             return Ok(());
         }
         let identity = identity.expect("refused above when missing");
+        if self.model.is_none() {
+            match self.build_model(&hello) {
+                Ok(model) => self.model = Some(model),
+                Err(reason) => {
+                    self.outbox.push_back((
+                        from,
+                        Message::Reject {
+                            reason: reason.clone(),
+                        },
+                    ));
+                    self.events
+                        .push_back(SessionEvent::Rejected { id: from, reason });
+                    return Ok(());
+                }
+            }
+        }
+        let model = self.model.as_ref().expect("built above").spec.clone();
         // One seat per identity: a newer connection replaces the older one
         // (a participant restarted before its old connection timed out).
         let older: Vec<ParticipantId> = self
@@ -679,7 +837,7 @@ impl CoordinatorSession {
                 participant_id: from,
                 session: SessionInfo {
                     session_id: self.config.session_id,
-                    model: self.config.model.clone(),
+                    model,
                     training: self.config.training.clone(),
                     rounds: self.config.rounds,
                     aggregation: self.aggregator.aggregation(),
@@ -758,7 +916,7 @@ impl CoordinatorSession {
                 got: "apply_global",
             });
         };
-        if !global.same_layout(&self.global) {
+        if !global.same_layout(self.round_global()) {
             return Err(ProtocolError::LayoutMismatch);
         }
         if !global.is_finite() {
@@ -766,7 +924,7 @@ impl CoordinatorSession {
                 "the new global model contains NaN or infinity".into(),
             ));
         }
-        self.global = global;
+        self.global = Some(global);
         self.global_round = Some(round);
         self.phase = Phase::Evaluating { round };
         self.round.evaluation_started = Some(now);
@@ -788,7 +946,9 @@ impl CoordinatorSession {
             .max()
             .unwrap_or(1);
         self.evaluator.set_max_weight(max_weight);
-        if let Err(e) = self.evaluator.begin_round(now, round, &evaluators, 2) {
+        let classes = self.model().map_or(0, |m| m.num_classes() as usize);
+        let sum_len = EvalMetrics::sum_len(classes);
+        if let Err(e) = self.evaluator.begin_round(now, round, &evaluators, sum_len) {
             self.events.push_back(SessionEvent::EvaluationFailed {
                 round,
                 reason: e.to_string(),
@@ -798,7 +958,7 @@ impl CoordinatorSession {
         }
         self.round.evaluators = evaluators.iter().copied().collect();
         // One copy of the model for every EvaluateRequest.
-        let shared = Arc::new(self.global.clone());
+        let shared = Arc::new(self.round_global().clone());
         for &id in &evaluators {
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.evaluated = Some(round);
@@ -862,7 +1022,7 @@ impl CoordinatorSession {
         self.aggregator.set_max_weight(max_weight);
         if let Err(e) =
             self.aggregator
-                .begin_round(now, round, &cohort, self.global.num_parameters())
+                .begin_round(now, round, &cohort, self.round_global().num_parameters())
         {
             self.abort(format!("aggregator refused round {round}: {e}"));
             return;
@@ -881,7 +1041,7 @@ impl CoordinatorSession {
                 }
                 _ => GlobalModel::Weights(
                     shared
-                        .get_or_insert_with(|| Arc::new(self.global.clone()))
+                        .get_or_insert_with(|| Arc::new(self.round_global().clone()))
                         .clone(),
                 ),
             };

@@ -21,8 +21,8 @@ use greyfed_protocol::weights::ModelWeights;
 
 use super::ops::add_bias;
 use super::{
-    LossAndGrads, MAX_PARAMETERS, ParamInfo, ReluBackward, autograd_loss_and_grads, check_layout,
-    check_positive, f32_operand, var_from, vars_to_weights,
+    LossAndGrads, MAX_PARAMETERS, Model, ParamInfo, ReluBackward, autograd_loss_and_grads,
+    check_layout, check_positive, f32_operand, var_from, vars_to_weights,
 };
 use crate::error::{ParticipantError, Result};
 
@@ -303,6 +303,32 @@ impl Cnn {
         let x = conv_block(&x, 2)?.flatten_from(1)?;
         let x = add_bias(&x.matmul(&w(4).t()?)?, &w(5))?.relu()?;
         Ok(add_bias(&x.matmul(&w(6).t()?)?, &w(7))?)
+    }
+}
+
+impl Model for Cnn {
+    fn vars(&self) -> Vec<Var> {
+        Cnn::vars(self)
+    }
+
+    fn layout(&self) -> Vec<ParamInfo> {
+        self.dims().layout()
+    }
+
+    fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        Cnn::forward(self, images)
+    }
+
+    fn predict(&self, images: &Tensor) -> Result<Tensor> {
+        Cnn::predict(self, images)
+    }
+
+    fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
+        Cnn::loss_and_grads(self, images, labels)
+    }
+
+    fn to_weights(&self) -> Result<ModelWeights> {
+        Cnn::to_weights(self)
     }
 }
 

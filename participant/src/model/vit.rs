@@ -27,8 +27,8 @@ use greyfed_protocol::weights::ModelWeights;
 
 use super::ops::{add_bias, bias_gelu, layer_norm, softmax_last_dim};
 use super::{
-    LossAndGrads, MAX_PARAMETERS, ParamInfo, ParamInit, autograd_loss_and_grads, check_layout,
-    check_positive, var_from, vars_to_weights,
+    LossAndGrads, MAX_PARAMETERS, Model, ParamInfo, ParamInit, autograd_loss_and_grads,
+    check_layout, check_positive, var_from, vars_to_weights,
 };
 use crate::error::{ParticipantError, Result};
 
@@ -489,6 +489,32 @@ impl Vit {
             .reshape((n, t, d.dim))?
             .mean(1)?;
         self.linear(&pooled, last + 2, mode)
+    }
+}
+
+impl Model for Vit {
+    fn vars(&self) -> Vec<Var> {
+        Vit::vars(self)
+    }
+
+    fn layout(&self) -> Vec<ParamInfo> {
+        self.dims().layout()
+    }
+
+    fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        Vit::forward(self, images)
+    }
+
+    fn predict(&self, images: &Tensor) -> Result<Tensor> {
+        Vit::predict(self, images)
+    }
+
+    fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
+        Vit::loss_and_grads(self, images, labels)
+    }
+
+    fn to_weights(&self) -> Result<ModelWeights> {
+        Vit::to_weights(self)
     }
 }
 

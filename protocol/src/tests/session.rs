@@ -46,11 +46,7 @@ fn expected_eval(ids: &[u32]) -> (f64, f64) {
 
 /// A plain evaluation upload.
 fn plain_evaluation(round: u32) -> Message {
-    let metrics = EvalMetrics {
-        loss_sum: 1.0,
-        correct: 1,
-        count: 2,
-    };
+    let metrics = eval_metrics(1.0, 1, 2);
     let (update, weight) = metrics.sum_input().unwrap();
     Message::Evaluation {
         round,
@@ -71,6 +67,16 @@ fn aggregated(h: &Harness) -> Vec<&crate::aggregate::AggregateResult> {
         .collect()
 }
 
+/// From a summed confusion matrix of the harness's metrics (see
+/// `eval_metrics`): class 0 right, class 0 as class 1, and everything else.
+fn confusion_head(eval: &crate::message::EvalSummary) -> (u64, u64, u64) {
+    let m = eval.confusion.as_ref().expect("confusion counted");
+    assert_eq!(m.len(), 10);
+    assert!(m.iter().all(|row| row.len() == 10));
+    let rest = m.iter().flatten().sum::<u64>() - m[0][0] - m[0][1];
+    (m[0][0], m[0][1], rest)
+}
+
 #[test]
 fn full_session_completes_every_round_with_exact_weighted_means() {
     let mut h = Harness::new(config(3, 4), 3);
@@ -89,12 +95,13 @@ fn full_session_completes_every_round_with_exact_weighted_means() {
         assert_eq!(r.total_weight, 60.0);
         assert_eq!(r.mean_update, expected_mean(&h, r.round, &[0, 1, 2]));
     }
-    let eval = h.completed()[0].eval.expect("evaluated");
+    let eval = h.completed()[0].eval.clone().expect("evaluated");
     assert_eq!(eval.samples, 9);
     assert_eq!(eval.evaluators, 3);
     let (acc, loss) = expected_eval(&[0, 1, 2]);
     assert!((eval.accuracy - acc).abs() < 1e-6, "{eval:?}");
     assert!((eval.loss - loss).abs() < 1e-5, "{eval:?}");
+    assert_eq!(confusion_head(&eval), (3, 6, 0), "{eval:?}");
     // The global model is the sum of the applied mean updates.
     let mut expect = vec![0.0f32; 4];
     for r in aggregated(&h) {
@@ -102,7 +109,7 @@ fn full_session_completes_every_round_with_exact_weighted_means() {
             *e += u;
         }
     }
-    assert_eq!(h.coordinator.global().to_flat(), expect);
+    assert_eq!(h.coordinator.global().unwrap().to_flat(), expect);
     for p in h.participants.values() {
         assert!(p.is_finished());
     }
@@ -168,7 +175,7 @@ fn selection_trains_a_random_fraction_and_everyone_evaluates() {
     assert!(cohorts.windows(2).any(|w| w[0] != w[1]), "{cohorts:?}");
     for s in h.completed() {
         assert_eq!(s.contributors, s.cohort);
-        assert_eq!(s.eval.expect("evaluated").evaluators, 10);
+        assert_eq!(s.eval.clone().expect("evaluated").evaluators, 10);
     }
     // Only the selected trained.
     for &(round, id) in h.submitted.keys() {
@@ -194,7 +201,7 @@ fn cohort_size_respects_the_minimums_and_bad_fractions_are_refused() {
         assert!(
             CoordinatorSession::new(
                 c,
-                tiny_model(),
+                fixed_model(),
                 Box::new(PlainAggregator::new()),
                 std::time::Instant::now()
             )
@@ -244,7 +251,7 @@ fn dropout_during_evaluation_counts_only_the_evaluators() {
     h.drive(1000);
     let s = h.completed()[0];
     assert_eq!(s.contributors, vec![0, 1, 2]);
-    let eval = s.eval.expect("evaluated");
+    let eval = s.eval.clone().expect("evaluated");
     assert_eq!((eval.evaluators, eval.samples), (2, 6));
     assert!((eval.accuracy - expected_eval(&[1, 2]).0).abs() < 1e-6);
 }
@@ -263,7 +270,7 @@ fn everyone_dropping_abandons_the_round_without_touching_the_model() {
             .any(|e| matches!(e, SessionEvent::RoundAbandoned { round: 1, .. }))
     );
     assert!(aggregated(&h).is_empty());
-    assert_eq!(h.coordinator.global(), &tiny_model());
+    assert_eq!(h.coordinator.global(), Some(&tiny_model()));
     // Round 2 also fails (both stay silent); the session still ends.
     assert!(matches!(
         h.events.last(),
@@ -310,7 +317,7 @@ fn started_session(n: u32) -> (CoordinatorSession, std::time::Instant) {
     let now = std::time::Instant::now();
     let mut s = CoordinatorSession::new(
         config(n as usize, 2),
-        tiny_model(),
+        fixed_model(),
         Box::new(PlainAggregator::new()),
         now,
     )
@@ -386,7 +393,7 @@ fn hellos_with_other_key_version_or_image_size_are_refused() {
     let now = std::time::Instant::now();
     let mut s = CoordinatorSession::new(
         config(3, 1),
-        tiny_model(),
+        fixed_model(),
         Box::new(PlainAggregator::new()),
         now,
     )
@@ -545,7 +552,7 @@ mod secure {
         h.drive(10_000);
         assert_eq!(h.completed().len(), 2);
         for s in h.completed() {
-            let eval = s.eval.expect("evaluated");
+            let eval = s.eval.clone().expect("evaluated");
             assert_eq!((eval.evaluators, eval.samples), (4, 12));
             let (acc, loss) = expected_eval(&[0, 1, 2, 3]);
             assert!((eval.accuracy - acc).abs() <= EVAL_STEP / 2.0, "{eval:?}");
@@ -553,6 +560,8 @@ mod secure {
                 (eval.loss - loss).abs() <= EVAL_STEP / 2.0 * MAX_EVAL_LOSS,
                 "{eval:?}"
             );
+            // Correct: 0 + 1 + 2 + 0 of 12, all of class 0.
+            assert_eq!(confusion_head(&eval), (3, 9, 0), "{eval:?}");
         }
         // The coordinator never received an unmasked evaluation.
         let kinds = &h.evaluation_uploads;
@@ -568,7 +577,7 @@ mod secure {
         h.drive(10_000);
         let s = h.completed()[0];
         assert_eq!(s.contributors, vec![0, 1, 2, 3, 4]);
-        let eval = s.eval.expect("evaluated");
+        let eval = s.eval.clone().expect("evaluated");
         assert_eq!((eval.evaluators, eval.samples), (4, 12));
         let (acc, _) = expected_eval(&[0, 1, 3, 4]);
         assert!((eval.accuracy - acc).abs() <= EVAL_STEP / 2.0, "{eval:?}");
@@ -642,7 +651,7 @@ fn a_resumed_session_starts_at_first_round_and_counts_earlier_rounds() {
     let mut bad = config(2, 4);
     bad.first_round = 5;
     assert!(
-        CoordinatorSession::new(bad, tiny_model(), Box::new(PlainAggregator::new()), h.now)
+        CoordinatorSession::new(bad, fixed_model(), Box::new(PlainAggregator::new()), h.now)
             .is_err()
     );
 }
@@ -669,7 +678,7 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
     s.handle_message(now, 1, contribution(1, vec![1.0; 4]))
         .unwrap();
     while s.poll_event().is_some() {}
-    let next = s.global().clone();
+    let next = s.global().unwrap().clone();
     s.apply_global(now, next).unwrap();
     let mut evaluated = Vec::new();
     let mut models: Vec<std::sync::Arc<crate::ModelWeights>> = Vec::new();
@@ -677,7 +686,7 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
         let Message::EvaluateRequest { global, .. } = m else {
             panic!("expected an EvaluateRequest, got {}", m.kind());
         };
-        assert_eq!(*global, *s.global());
+        assert_eq!(*global, *s.global().unwrap());
         models.push(global);
         evaluated.push(to);
     }
@@ -735,7 +744,7 @@ fn train_requests_refer_to_the_evaluated_model_only_for_evaluators() {
     let now = std::time::Instant::now();
     let mut s = CoordinatorSession::new(
         config(2, 3),
-        tiny_model(),
+        fixed_model(),
         Box::new(PlainAggregator::new()),
         now,
     )
@@ -760,7 +769,7 @@ fn train_requests_refer_to_the_evaluated_model_only_for_evaluators() {
                 .unwrap();
         }
         while s.poll_event().is_some() {}
-        let next = s.global().clone();
+        let next = s.global().unwrap().clone();
         s.apply_global(now, next).unwrap();
         s.handle_message(now, 0, plain_evaluation(round)).unwrap();
     }
@@ -781,7 +790,7 @@ fn participant_session_trains_from_the_model_it_evaluated() {
     let now = std::time::Instant::now();
     let mut s = CoordinatorSession::new(
         config(1, 3),
-        tiny_model(),
+        fixed_model(),
         Box::new(PlainAggregator::new()),
         now,
     )
@@ -821,11 +830,7 @@ fn participant_session_trains_from_the_model_it_evaluated() {
         p.poll_event(),
         Some(ParticipantEvent::Evaluate { round: 1, .. })
     ));
-    let metrics = crate::EvalMetrics {
-        loss_sum: 2.0,
-        correct: 3,
-        count: 4,
-    };
+    let metrics = eval_metrics(2.0, 3, 4);
     p.submit_evaluation(1, metrics, &mut rng).unwrap();
     while p.poll_transmit().is_some() {}
     p.handle_message(reference(2), &mut rng).unwrap();
@@ -844,7 +849,7 @@ fn a_hello_without_an_authenticated_identity_is_refused() {
     let now = std::time::Instant::now();
     let mut s = CoordinatorSession::new(
         config(2, 1),
-        tiny_model(),
+        fixed_model(),
         Box::new(PlainAggregator::new()),
         now,
     )
@@ -887,7 +892,7 @@ fn a_second_connection_with_the_same_identity_replaces_the_first() {
     let now = std::time::Instant::now();
     let mut s = CoordinatorSession::new(
         config(2, 1),
-        tiny_model(),
+        fixed_model(),
         Box::new(PlainAggregator::new()),
         now,
     )
@@ -924,7 +929,7 @@ fn round_one_seeds(identities: &[&str]) -> std::collections::BTreeMap<String, u6
     let now = std::time::Instant::now();
     let mut s = CoordinatorSession::new(
         config(identities.len(), 1),
-        tiny_model(),
+        fixed_model(),
         Box::new(PlainAggregator::new()),
         now,
     )
@@ -950,4 +955,143 @@ fn training_seeds_follow_identities_not_connection_order() {
     assert_eq!(forward, backward);
     let distinct: std::collections::BTreeSet<u64> = forward.values().copied().collect();
     assert_eq!(distinct.len(), 3, "every participant gets its own seed");
+}
+
+/// A session whose model is built for the first admitted participant's
+/// input: what the factory saw, and the Welcome's model.
+#[test]
+fn a_model_for_input_is_built_for_the_first_participant_and_others_must_match() {
+    use crate::message::InputSpec;
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<InputSpec>>> = Arc::default();
+    let log = seen.clone();
+    let factory = move |input: &InputSpec| {
+        log.lock().unwrap().push(input.clone());
+        if !input.rows.is_multiple_of(4) {
+            return Err(format!("block size 4 does not divide {}", input.rows));
+        }
+        Ok((
+            crate::ModelSpec::blocknet_28x28(4).with_input(input),
+            tiny_model(),
+        ))
+    };
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(9, 1),
+        crate::session::InitialModel::ForInput(Arc::new(factory)),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    assert!(s.global().is_none() && s.model().is_none() && s.classes().is_none());
+    let words = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    // A size the factory cannot build for: refused with the factory's reason,
+    // and the next participant may still decide the input.
+    let mut odd = hello(0, 10);
+    odd.image_size = (30, 30);
+    odd.classes = words(&["cat", "dog"]);
+    join(&mut s, now, 0, odd).unwrap();
+    let mut first = hello(1, 10);
+    first.image_size = (32, 36);
+    first.classes = words(&["cat", "dog", "emu"]);
+    join(&mut s, now, 1, first.clone()).unwrap();
+    // The same input joins; another size, other classes, other class
+    // order and a single class are refused.
+    join(&mut s, now, 2, first.clone()).unwrap();
+    let mut size = first.clone();
+    size.image_size = (28, 28);
+    join(&mut s, now, 3, size).unwrap();
+    let mut names = first.clone();
+    names.classes = words(&["cat", "dog", "fox"]);
+    join(&mut s, now, 4, names).unwrap();
+    let mut order = first.clone();
+    order.classes = words(&["dog", "cat", "emu"]);
+    join(&mut s, now, 5, order).unwrap();
+    let mut one = first.clone();
+    one.classes = words(&["cat"]);
+    join(&mut s, now, 6, one).unwrap();
+    let mut twice = first.clone();
+    twice.classes = words(&["cat", "cat", "emu"]);
+    join(&mut s, now, 7, twice).unwrap();
+
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "built once, after one failure"
+    );
+    let spec = s.model().unwrap().clone();
+    assert_eq!(spec.image_size(), (32, 36));
+    assert_eq!(spec.num_classes(), 3);
+    assert_eq!(s.classes().unwrap(), words(&["cat", "dog", "emu"]));
+    assert_eq!(s.global(), Some(&tiny_model()));
+    let sent: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    let reason = |id: ParticipantId| {
+        sent.iter()
+            .find_map(|(to, m)| match m {
+                Message::Reject { reason } if *to == id => Some(reason.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("participant {id} was not refused: {sent:?}"))
+    };
+    assert!(
+        reason(0).contains("block size 4 does not divide 30"),
+        "{}",
+        reason(0)
+    );
+    for id in [1, 2] {
+        assert!(
+            sent.iter().any(|(to, m)| *to == id
+                && matches!(m, Message::Welcome { session, .. } if session.model == spec)),
+            "participant {id} was not welcomed with the built model"
+        );
+    }
+    assert!(
+        reason(3).contains("images are 28x28 but the model expects 32x36"),
+        "{}",
+        reason(3)
+    );
+    for id in [4, 5] {
+        let r = reason(id);
+        assert!(r.contains("[cat, dog, emu]"), "{r}");
+        assert!(r.contains("differ from the session's"), "{r}");
+    }
+    assert!(reason(4).contains("[cat, dog, fox]"));
+    assert!(reason(6).contains("1 classes"), "{}", reason(6));
+    assert!(reason(7).contains("appears twice"), "{}", reason(7));
+}
+
+/// A fixed model takes the first participant's class names when it names
+/// none, and refuses a participant with another number of classes.
+#[test]
+fn a_fixed_model_adopts_the_first_class_list_and_checks_the_class_count() {
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(3, 1),
+        fixed_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    let mut letters = hello(0, 10);
+    letters.classes = ('a'..='j').map(String::from).collect();
+    join(&mut s, now, 0, letters.clone()).unwrap();
+    let mut five = hello(1, 10);
+    five.classes = ('a'..='e').map(String::from).collect();
+    join(&mut s, now, 1, five).unwrap();
+    join(&mut s, now, 2, hello(2, 10)).unwrap();
+    assert_eq!(s.classes().unwrap(), letters.classes.as_slice());
+    let sent: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert!(matches!(sent[0], (0, Message::Welcome { .. })));
+    assert!(
+        matches!(&sent[1], (1, Message::Reject { reason })
+            if reason.contains("the data has 5 classes but the model predicts 10")),
+        "{:?}",
+        sent[1]
+    );
+    assert!(
+        matches!(&sent[2], (2, Message::Reject { reason })
+            if reason.contains("[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]") && reason.contains("[a, b, c")),
+        "{:?}",
+        sent[2]
+    );
 }

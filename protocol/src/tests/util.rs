@@ -12,7 +12,9 @@ use crate::{
     cipher::{CipherSpec, CipherSteps},
     message::{EvalMetrics, Hello, Message, ModelSpec, ParticipantId, TrainingConfig},
     participant::{ParticipantEvent, ParticipantSession},
-    session::{CoordinatorSession, Selection, SessionConfig, SessionEvent, SessionProgress},
+    session::{
+        CoordinatorSession, InitialModel, Selection, SessionConfig, SessionEvent, SessionProgress,
+    },
     weights::{ModelWeights, NamedTensor},
 };
 
@@ -63,6 +65,35 @@ pub fn tiny_model() -> ModelWeights {
     .unwrap()
 }
 
+/// The session's starting point: blocknet's spec for 28x28 digits with the
+/// tiny weights (the protocol never checks weights against the spec).
+pub fn fixed_model() -> InitialModel {
+    InitialModel::Fixed {
+        spec: ModelSpec::blocknet_28x28(4),
+        weights: tiny_model(),
+        classes: None,
+    }
+}
+
+/// Evaluation metrics for the digits' 10 classes: `correct` samples of
+/// class 0 predicted right, the others of class 0 predicted as class 1.
+pub fn eval_metrics(loss_sum: f64, correct: u64, count: u64) -> EvalMetrics {
+    let mut confusion = vec![0; 100];
+    confusion[0] = correct;
+    confusion[1] = count - correct;
+    EvalMetrics {
+        loss_sum,
+        correct,
+        count,
+        confusion,
+    }
+}
+
+/// The class names of the digits: `"0"` to `"9"`.
+pub fn digits() -> Vec<String> {
+    (0..10).map(|c| c.to_string()).collect()
+}
+
 pub fn config(participants: usize, rounds: u32) -> SessionConfig {
     SessionConfig {
         session_id: 7,
@@ -70,7 +101,6 @@ pub fn config(participants: usize, rounds: u32) -> SessionConfig {
         min_participants: 1,
         selection: Selection::default(),
         rounds,
-        model: ModelSpec::blocknet_28x28(4),
         training: TrainingConfig::default(),
         round_timeout: Duration::from_secs(30),
         evaluation_timeout: Duration::from_secs(30),
@@ -88,6 +118,7 @@ pub fn hello(_id: ParticipantId, samples: u64) -> Hello {
         train_samples: samples,
         test_samples: 10,
         image_size: (28, 28),
+        classes: digits(),
         cipher: Some(CipherSpec {
             steps: CipherSteps::block(),
             block_size: 4,
@@ -126,7 +157,7 @@ impl Harness {
         aggregator: Box<dyn crate::aggregate::Aggregator>,
     ) -> Self {
         let now = Instant::now();
-        let coordinator = CoordinatorSession::new(config, tiny_model(), aggregator, now).unwrap();
+        let coordinator = CoordinatorSession::new(config, fixed_model(), aggregator, now).unwrap();
         let mut h = Harness {
             now,
             coordinator,
@@ -228,11 +259,7 @@ impl Harness {
                             break;
                         }
                         let p = self.participants.get_mut(&to).unwrap();
-                        let m = EvalMetrics {
-                            loss_sum: 1.0,
-                            correct: to as u64 % 3,
-                            count: 3,
-                        };
+                        let m = eval_metrics(1.0, to as u64 % 3, 3);
                         p.submit_evaluation(round, m, &mut self.rng).unwrap();
                     }
                     _ => {}
@@ -260,7 +287,7 @@ impl Harness {
             while let Some(ev) = self.coordinator.poll_event() {
                 if let SessionEvent::Aggregated(r) = &ev {
                     // FedAvg with server learning rate 1.
-                    let mut g = self.coordinator.global().clone();
+                    let mut g = self.coordinator.global().unwrap().clone();
                     let delta = g.with_flat_values(&r.mean_update).unwrap();
                     g.add_scaled(&delta, 1.0).unwrap();
                     self.events.push(ev);

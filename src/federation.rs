@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! let report = greyfed::sim::Federation::builder()
+//! let report = greyfed::federation::Federation::builder()
 //!     .participants(3)
 //!     .rounds(2)
 //!     .run()
@@ -30,21 +30,16 @@ use greyfed_coordinator::{
     tls::ServerTls,
 };
 use greyfed_participant::{
-    ClientIdentity, LocalData, ParticipantConfig, ParticipantReport,
-    cipher::{ImageCipher, ImageKey},
-    data::{
-        DatasetSplits, ShiftedCopies, idx::load_idx_dir, partition::Partition,
-        synthetic::builtin_splits,
-    },
+    ClientIdentity, DataPipeline, DataSource, Encryption, ParticipantConfig, ParticipantReport,
+    cipher::ImageKey,
+    data::{LoadOptions, ShiftedCopies, partition::Partition},
     dropout::{CrashMode, DropoutPlan},
     model::init_weights,
 };
 use greyfed_protocol::{
-    AggregationKind, ModelSpec, ModelWeights, TrainingConfig, cipher::CipherSteps,
+    AggregationKind, InputSpec, ModelSpec, ModelWeights, TrainingConfig, cipher::CipherSteps,
     session::Selection,
 };
-
-use crate::commands::local_shards;
 
 /// Entry point; see [`FederationBuilder`].
 pub struct Federation;
@@ -65,6 +60,8 @@ impl Federation {
             initial_weights: None,
             image_key: None,
             data: None,
+            load_options: LoadOptions::default(),
+            keep_models: None,
             partition: Partition::Iid,
             plain: false,
             seed: 0,
@@ -93,6 +90,8 @@ pub struct FederationBuilder {
     initial_weights: Option<ModelWeights>,
     image_key: Option<ImageKey>,
     data: Option<PathBuf>,
+    load_options: LoadOptions,
+    keep_models: Option<PathBuf>,
     partition: Partition,
     plain: bool,
     seed: u64,
@@ -155,9 +154,22 @@ impl FederationBuilder {
         self.image_key = Some(key);
         self
     }
-    /// IDX directory to use instead of the built-in digits.
+    /// A dataset on disk (image folder, CSV manifest, `.npz` or IDX
+    /// directory) instead of the built-in digits.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data = Some(dir.into());
+        self
+    }
+    /// How the dataset is loaded: resizing and the held-out test fraction
+    /// (the seed is the data seed).
+    pub fn load_options(mut self, options: LoadOptions) -> Self {
+        self.load_options = options;
+        self
+    }
+    /// Every participant keeps the final global model in
+    /// `DIR/participant-I.safetensors` (a model file `greyfed predict` reads).
+    pub fn keep_models(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.keep_models = Some(dir.into());
         self
     }
     /// Partitioning of the training split.
@@ -246,21 +258,45 @@ impl FederationBuilder {
         } else {
             self.cipher.output_channels()
         };
-        let model = self.model.clone().unwrap_or_else(|| {
-            ModelSpec::blocknet_28x28(self.block_size).with_image_channels(planes)
-        });
         let data_seed = self.data_seed.unwrap_or(self.seed);
-        let splits: DatasetSplits = match &self.data {
-            Some(d) => load_idx_dir(d)?,
-            None => builtin_splits(data_seed),
+        let source = match &self.data {
+            Some(path) => DataSource::Path {
+                path: path.clone(),
+                options: LoadOptions {
+                    seed: data_seed,
+                    ..self.load_options
+                },
+            },
+            None => DataSource::Builtin { seed: data_seed },
+        };
+        let pipeline = DataPipeline {
+            source,
+            partition: self.partition,
+            shard_seed: self.seed,
+            max_train_samples: self.max_train_samples,
+            augmentation: self.augmentation,
+            augmentation_seed: data_seed,
+        };
+        let splits = pipeline.source.load()?;
+        // The model for the data's input: image size and classes.
+        let input = InputSpec {
+            rows: splits.train.rows() as u32,
+            cols: splits.train.cols() as u32,
+            channels: planes,
+            classes: splits.classes.clone(),
+        };
+        let model = match self.model.clone() {
+            Some(spec) => spec,
+            None => ModelSpec::blocknet_28x28(self.block_size).with_input(&input),
+        };
+        let initial_weights = match self.initial_weights.clone() {
+            Some(w) => w,
+            None => init_weights(&model, self.seed)?,
         };
         let mut config = CoordinatorConfig::new(
             ServerTls::from_pki(&pki),
-            model.clone(),
-            match self.initial_weights.clone() {
-                Some(w) => w,
-                None => init_weights(&model, self.seed)?,
-            },
+            model,
+            initial_weights,
             dir.path().to_path_buf(),
         );
         config.participants = self.participants;
@@ -286,25 +322,17 @@ impl FederationBuilder {
 
         let mut tasks = Vec::new();
         for i in 0..self.participants {
-            let (mut train, test) =
-                local_shards(&splits, i, self.participants, self.partition, self.seed)?;
-            if let Some(max) = self.max_train_samples {
-                train = train.subset(&(0..train.len().min(max)).collect::<Vec<_>>());
-            }
-            let train = self.augmentation.apply(train, data_seed, i);
-            let scrambler = if self.plain {
-                None
-            } else {
-                let k = self.key_overrides.get(&i).unwrap_or(&key);
-                Some(ImageCipher::new(
-                    k,
-                    self.cipher,
-                    self.block_size as usize,
-                    train.rows(),
-                    train.cols(),
-                )?)
-            };
-            let data = Arc::new(LocalData::prepare(&train, &test, scrambler.as_ref())?);
+            let encryption = (!self.plain).then(|| Encryption {
+                key: self.key_overrides.get(&i).unwrap_or(&key).clone(),
+                steps: self.cipher,
+                block_size: self.block_size as usize,
+            });
+            let data = Arc::new(pipeline.local_data(
+                &splits,
+                i,
+                self.participants,
+                encryption.as_ref(),
+            )?);
             let (name, cert) = &pki.participants[i];
             let mut pc = ParticipantConfig::new(
                 addr,
@@ -318,6 +346,10 @@ impl FederationBuilder {
             pc.name = name.clone();
             pc.dropout = self.dropouts.get(&i).copied();
             pc.crash = CrashMode::Vanish;
+            pc.save_model = self
+                .keep_models
+                .as_ref()
+                .map(|dir| dir.join(format!("{name}.safetensors")));
             tasks.push(tokio::spawn(async move {
                 greyfed_participant::run(&pc, data).await
             }));
@@ -333,7 +365,9 @@ impl FederationBuilder {
         Ok(FederationReport {
             rounds: run.rounds,
             rounds_planned: run.rounds_planned,
-            final_model: run.final_model,
+            final_model: run
+                .final_model
+                .context("the coordinator ended without a model")?,
             participants,
         })
     }

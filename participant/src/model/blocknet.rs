@@ -1,0 +1,727 @@
+//! [`BlockNet`], the block-wise network, and its hand-written backward pass.
+//!
+//! [`BlockNet`] is a convolution with kernel = stride = block size `B`
+//! (one `C`-vector per image block), ReLU, a hidden linear layer of `H` units
+//! with ReLU, and a linear classifier. The convolution is computed without a
+//! convolution op: the image `[N, 1, R, W]` is reshaped into its
+//! non-overlapping `B x B` patches `[N * P, B * B]` (`P = (R/B) * (W/B)`),
+//! multiplied once by the kernel matrix `[C, B * B]^T`, biased and rectified.
+//! PyTorch feeds `fc1` the conv output `[N, C, R/B, W/B]` flattened
+//! channel-major (`x.flatten(1)`); instead of transposing activations every
+//! step (forward and backward), `fc1`'s weight is re-laid out once when a
+//! network is built (inputs in block-major order; see [`BlockNet`]) and back
+//! in `to_weights`, so the patch-matmul output `[N * P, C]` *is* `fc1`'s
+//! input `[N, P * C]`. The network computes exactly PyTorch's function.
+//!
+//! Why block-wise image encryption costs this architecture nothing is in the
+//! [parent module's docs](super).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor, Var};
+use greyfed_protocol::message::{FirstLayer, ModelSpec};
+use greyfed_protocol::weights::ModelWeights;
+
+use super::ops::map_rows_with_bias;
+use super::{
+    LossAndGrads, MAX_PARAMETERS, Model, ParamInfo, check_layout, check_positive, f32_operand,
+    softmax_cross_entropy_rows, var_from, vars_to_weights,
+};
+use crate::error::{ParticipantError, Result};
+
+/// The validated dimensions of a [`ModelSpec::BlockNet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockNetDims {
+    /// Image height `R`.
+    pub rows: usize,
+    /// Image width `W`.
+    pub cols: usize,
+    /// Image planes `I` (1 grey-scale, 2 split halves).
+    pub planes: usize,
+    /// A separate conv kernel for every block position.
+    pub per_block: bool,
+    /// Block edge `B`.
+    pub block: usize,
+    /// Conv output channels `C`.
+    pub channels: usize,
+    /// Hidden width `H`.
+    pub hidden: usize,
+    /// Number of classes `K`.
+    pub classes: usize,
+}
+
+impl BlockNetDims {
+    /// Extracts and validates the dimensions: all positive, `B` divides `R`
+    /// and `W`, at most [`MAX_PARAMETERS`] parameters.
+    pub fn from_spec(spec: &ModelSpec) -> Result<Self> {
+        let ModelSpec::BlockNet {
+            image_rows,
+            image_cols,
+            image_channels,
+            block_size,
+            first_layer,
+            channels,
+            hidden,
+            num_classes,
+        } = spec
+        else {
+            return Err(ParticipantError::Model(format!(
+                "model {:?} is not a blocknet",
+                spec.name()
+            )));
+        };
+        let dims = Self {
+            rows: *image_rows as usize,
+            cols: *image_cols as usize,
+            planes: *image_channels as usize,
+            block: *block_size as usize,
+            per_block: *first_layer == FirstLayer::PerBlock,
+            channels: *channels as usize,
+            hidden: *hidden as usize,
+            classes: *num_classes as usize,
+        };
+        check_positive(
+            "blocknet",
+            &[
+                ("image rows", dims.rows),
+                ("image cols", dims.cols),
+                ("image channels", dims.planes),
+                ("block size", dims.block),
+                ("channels", dims.channels),
+                ("hidden", dims.hidden),
+                ("num classes", dims.classes),
+            ],
+        )?;
+        if !dims.rows.is_multiple_of(dims.block) || !dims.cols.is_multiple_of(dims.block) {
+            return Err(ParticipantError::Model(format!(
+                "blocknet: block size {} does not divide the image size {}x{}",
+                dims.block, dims.rows, dims.cols
+            )));
+        }
+        let count = [
+            dims.channels
+                .checked_mul(dims.patch_len() + 1)
+                .and_then(|v| v.checked_mul(if dims.per_block { dims.blocks() } else { 1 })),
+            dims.fc1_in()
+                .checked_add(1)
+                .and_then(|v| v.checked_mul(dims.hidden)),
+            (dims.hidden + 1).checked_mul(dims.classes),
+        ]
+        .into_iter()
+        .try_fold(0usize, |acc, v| v.and_then(|v| acc.checked_add(v)));
+        match count {
+            Some(n) if n <= MAX_PARAMETERS => Ok(dims),
+            _ => Err(ParticipantError::Model(format!(
+                "blocknet: more than {MAX_PARAMETERS} parameters"
+            ))),
+        }
+    }
+
+    /// Blocks per image column (`R / B`).
+    pub fn grid_rows(&self) -> usize {
+        self.rows / self.block
+    }
+
+    /// Blocks per image row (`W / B`).
+    pub fn grid_cols(&self) -> usize {
+        self.cols / self.block
+    }
+
+    /// Blocks per image `P`.
+    pub fn blocks(&self) -> usize {
+        self.grid_rows() * self.grid_cols()
+    }
+
+    /// Inputs of `fc1`: `C * P` (saturating, checked in `from_spec`).
+    pub fn fc1_in(&self) -> usize {
+        self.channels.saturating_mul(self.blocks())
+    }
+
+    /// Values per patch `I * B * B` (the conv kernel's fan-in).
+    pub fn patch_len(&self) -> usize {
+        self.planes.saturating_mul(self.block * self.block)
+    }
+
+    /// The parameter tensors, in order.
+    pub fn layout(&self) -> Vec<ParamInfo> {
+        let (b, c, h, k) = (self.block, self.channels, self.hidden, self.classes);
+        let (f, pl) = (self.fc1_in(), self.patch_len());
+        let (conv_w, conv_b) = if self.per_block {
+            let p = self.blocks();
+            (vec![p, c, self.planes, b, b], vec![p, c])
+        } else {
+            (vec![c, self.planes, b, b], vec![c])
+        };
+        vec![
+            ParamInfo::new("conv.weight", conv_w, pl),
+            ParamInfo::new("conv.bias", conv_b, pl),
+            ParamInfo::new("fc1.weight", vec![h, f], f),
+            ParamInfo::new("fc1.bias", vec![h], f),
+            ParamInfo::new("fc2.weight", vec![k, h], h),
+            ParamInfo::new("fc2.bias", vec![k], h),
+        ]
+    }
+}
+
+/// The block-wise network (see the module docs).
+///
+/// Internal layout: the conv kernel is the matrix `[C, B * B]` it is used as
+/// (same values as `conv.weight`), and `fc1`'s weight is stored transposed,
+/// `[P * C, H]`, with its inputs in block-major order (row `p * C + c` holds
+/// PyTorch's column `c * P + p`). The conv output `[N * P, C]` is then fc1's
+/// input `[N, P * C]` by a mere reshape, in the forward and in the backward
+/// pass, and all three fc1 matmuls run on contiguous operands (a transposed
+/// right-hand side made candle's multi-threaded matmul much slower). The
+/// re-layout is applied once when building the network and undone in
+/// [`BlockNet::to_weights`]; [`ModelWeights`] always has PyTorch's layout.
+///
+/// Training uses a hand-written backward pass ([`BlockNet::loss_and_grads`]):
+/// a handful of matmuls and fused element-wise kernels, each gradient
+/// computed once directly in its final layout, and none for the images.
+#[derive(Debug)]
+pub struct BlockNet {
+    dims: BlockNetDims,
+    conv_w: Var,
+    conv_b: Var,
+    fc1_w: Var,
+    fc1_b: Var,
+    fc2_w: Var,
+    fc2_b: Var,
+}
+
+/// Intermediate values of a blocknet forward pass kept for the backward pass.
+struct BlockActs {
+    patches: Tensor,
+    conv: Tensor,
+    flat: Tensor,
+    hidden: Tensor,
+    logits: Tensor,
+}
+
+impl BlockNet {
+    /// Builds a blocknet for `spec` from `weights` (checked against the
+    /// spec's layout) on `device`.
+    pub fn new(spec: &ModelSpec, weights: &ModelWeights, device: &Device) -> Result<Self> {
+        let dims = BlockNetDims::from_spec(spec)?;
+        check_layout(&dims.layout(), weights, "blocknet")?;
+        let t = weights.tensors();
+        Ok(Self {
+            dims,
+            conv_w: if dims.per_block {
+                var_from(
+                    &t[0],
+                    &[dims.blocks(), dims.channels, dims.patch_len()],
+                    device,
+                )?
+            } else {
+                var_from(&t[0], &[dims.channels, dims.patch_len()], device)?
+            },
+            conv_b: var_from(&t[1], &t[1].shape, device)?,
+            fc1_w: Var::from_vec(
+                fc1_to_internal(&t[2].data, dims.hidden, dims.channels, dims.blocks()),
+                (dims.fc1_in(), dims.hidden),
+                device,
+            )?,
+            fc1_b: var_from(&t[3], &t[3].shape, device)?,
+            fc2_w: var_from(&t[4], &t[4].shape, device)?,
+            fc2_b: var_from(&t[5], &t[5].shape, device)?,
+        })
+    }
+
+    /// The validated dimensions.
+    pub fn dims(&self) -> &BlockNetDims {
+        &self.dims
+    }
+
+    /// The variables in [`ModelWeights`] order, in the internal layout
+    /// (see [`BlockNet`]).
+    pub fn vars(&self) -> Vec<Var> {
+        vec![
+            self.conv_w.clone(),
+            self.conv_b.clone(),
+            self.fc1_w.clone(),
+            self.fc1_b.clone(),
+            self.fc2_w.clone(),
+            self.fc2_b.clone(),
+        ]
+    }
+
+    /// Checks the input shape, returning the batch size.
+    fn batch_size(&self, images: &Tensor) -> Result<usize> {
+        let d = &self.dims;
+        match images.dims() {
+            &[n, i, r, w] if i == d.planes && r == d.rows && w == d.cols => Ok(n),
+            other => Err(ParticipantError::Model(format!(
+                "blocknet expects images [N, {}, {}, {}], got {other:?}",
+                d.planes, d.rows, d.cols
+            ))),
+        }
+    }
+
+    /// `[N, I, R, W] -> [N, I, R/B, B, W/B, B] -> [N, R/B, W/B, I, B, B] ->
+    /// [N * P, I * B * B]` (for `I = 1` a 5-d permute, which candle copies faster).
+    fn patches(&self, images: &Tensor, n: usize) -> Result<Tensor> {
+        let d = &self.dims;
+        let (gr, gc, b) = (d.grid_rows(), d.grid_cols(), d.block);
+        let grouped = if d.planes == 1 {
+            images
+                .reshape((n, gr, b, gc, b))?
+                .permute((0, 1, 3, 2, 4))?
+        } else {
+            images
+                .reshape((n, d.planes, gr, b, gc, b))?
+                .permute((0, 2, 4, 1, 3, 5))?
+        };
+        Ok(grouped.reshape((n * d.blocks(), d.patch_len()))?)
+    }
+
+    /// Conv output `[N * P, C]` to fc1 input `[N, P * C]` (block-major, to
+    /// match the internal column order of fc1's weight).
+    fn flatten(&self, conv: &Tensor, n: usize) -> Result<Tensor> {
+        Ok(conv.reshape((n, self.dims.fc1_in()))?)
+    }
+
+    /// The convolution before its bias: `[N * P, C]` for a shared kernel
+    /// (one matmul for all blocks of all images), `[N, P * C]` per block (one
+    /// batched matmul over block positions). `patches` is `[N * P, I*B*B]`
+    /// (shared) or `[P, N, I*B*B]` (per block, see [`BlockNet::patch_batches`]);
+    /// either way the flattened conv bias (`[C]` or `[P * C]`) fits its rows.
+    fn conv_pre_bias(&self, patches: &Tensor, weight: &Tensor, n: usize) -> Result<Tensor> {
+        let d = &self.dims;
+        if d.per_block {
+            Ok(patches
+                .matmul(&weight.transpose(1, 2)?)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((n, d.fc1_in()))?)
+        } else {
+            Ok(patches.matmul(&weight.t()?)?)
+        }
+    }
+
+    /// Patches as the conv stage takes them: `[N * P, I*B*B]`, or per block
+    /// position `[P, N, I*B*B]`.
+    fn patch_batches(&self, images: &Tensor, n: usize) -> Result<Tensor> {
+        let patches = self.patches(images, n)?;
+        let d = &self.dims;
+        if d.per_block {
+            Ok(patches
+                .reshape((n, d.blocks(), d.patch_len()))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        } else {
+            Ok(patches)
+        }
+    }
+
+    /// Differentiable logits `[N, K]` for images `[N, I, R, W]`.
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let n = self.batch_size(images)?;
+        let pre =
+            self.conv_pre_bias(&self.patch_batches(images, n)?, self.conv_w.as_tensor(), n)?;
+        let conv = pre.broadcast_add(&self.conv_b.flatten_all()?)?.relu()?;
+        let hidden = self
+            .flatten(&conv, n)?
+            .matmul(&self.fc1_w)?
+            .broadcast_add(&self.fc1_b)?
+            .relu()?;
+        Ok(hidden
+            .matmul(&self.fc2_w.t()?)?
+            .broadcast_add(&self.fc2_b)?)
+    }
+
+    /// Forward pass on detached tensors with fused bias + ReLU kernels.
+    fn forward_acts(&self, images: &Tensor) -> Result<BlockActs> {
+        let n = self.batch_size(images)?;
+        let det = |v: &Var| v.as_detached_tensor();
+        let patches = self.patch_batches(&images.detach(), n)?;
+        let flat = self
+            .conv_pre_bias(&patches, &det(&self.conv_w), n)?
+            .apply_op2_no_bwd(&det(&self.conv_b).flatten_all()?, &BiasAct { relu: true })?;
+        let flat = self.flatten(&flat, n)?;
+        let conv = flat.reshape((n * self.dims.blocks(), self.dims.channels))?;
+        let hidden = flat
+            .matmul(&det(&self.fc1_w))?
+            .apply_op2_no_bwd(&det(&self.fc1_b), &BiasAct { relu: true })?;
+        let logits = hidden
+            .matmul(&det(&self.fc2_w).t()?)?
+            .apply_op2_no_bwd(&det(&self.fc2_b), &BiasAct { relu: false })?;
+        Ok(BlockActs {
+            patches,
+            conv,
+            flat,
+            hidden,
+            logits,
+        })
+    }
+
+    /// Inference-only logits `[N, K]` (no autograd graph).
+    pub fn predict(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_acts(images)?.logits)
+    }
+
+    /// Mean cross-entropy of a minibatch and the gradients of all variables,
+    /// by a hand-written backward pass (no gradient for the images).
+    pub fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
+        let d = &self.dims;
+        let a = self.forward_acts(images)?;
+        let n = a.logits.dim(0)?;
+        let (loss, d_logits) = softmax_cross_entropy(&a.logits, labels)?;
+        let w1 = self.fc1_w.as_detached_tensor();
+        let w2 = self.fc2_w.as_detached_tensor();
+        // fc2: logits = hidden @ W2^T + b2.
+        let d_w2 = d_logits.t()?.matmul(&a.hidden)?;
+        let d_b2 = d_logits.apply_op1_no_bwd(&ColumnSums)?;
+        let d_hidden = d_logits
+            .matmul(&w2)?
+            .apply_op2_no_bwd(&a.hidden, &ReluBackward)?;
+        // fc1: hidden = relu(flat @ W1t + b1), W1t the internal [P * C, H].
+        let d_w1 = a.flat.t()?.matmul(&d_hidden)?;
+        let d_b1 = d_hidden.apply_op1_no_bwd(&ColumnSums)?;
+        // d flat [N, P * C] is d conv [N * P, C].
+        let d_conv = d_hidden
+            .matmul(&w1.t()?)?
+            .reshape((n * d.blocks(), d.channels))?
+            .apply_op2_no_bwd(&a.conv, &ReluBackward)?;
+        // conv: conv = relu(patches @ Wc^T + bc), per block position when
+        // the kernels are per block.
+        let (d_wc, d_bc) = if d.per_block {
+            let d_pre = d_conv.reshape((n, d.fc1_in()))?;
+            let by_block = d_pre
+                .reshape((n, d.blocks(), d.channels))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            (
+                by_block.transpose(1, 2)?.matmul(&a.patches)?,
+                d_pre
+                    .apply_op1_no_bwd(&ColumnSums)?
+                    .reshape((d.blocks(), d.channels))?,
+            )
+        } else {
+            (
+                d_conv.t()?.matmul(&a.patches)?,
+                d_conv.apply_op1_no_bwd(&ColumnSums)?,
+            )
+        };
+        Ok(LossAndGrads {
+            loss,
+            grads: vec![d_wc, d_bc, d_w1, d_b1, d_w2, d_b2],
+        })
+    }
+
+    /// The current values as [`ModelWeights`] (PyTorch layout).
+    pub fn to_weights(&self) -> Result<ModelWeights> {
+        let d = &self.dims;
+        let mut tensors = vars_to_weights(&d.layout(), &self.vars())?.into_tensors();
+        tensors[2].data = fc1_from_internal(&tensors[2].data, d.hidden, d.channels, d.blocks());
+        Ok(ModelWeights::new(tensors)?)
+    }
+}
+
+impl Model for BlockNet {
+    fn vars(&self) -> Vec<Var> {
+        BlockNet::vars(self)
+    }
+
+    fn layout(&self) -> Vec<ParamInfo> {
+        self.dims().layout()
+    }
+
+    fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        BlockNet::forward(self, images)
+    }
+
+    fn predict(&self, images: &Tensor) -> Result<Tensor> {
+        BlockNet::predict(self, images)
+    }
+
+    fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
+        BlockNet::loss_and_grads(self, images, labels)
+    }
+
+    fn to_weights(&self) -> Result<ModelWeights> {
+        BlockNet::to_weights(self)
+    }
+}
+
+/// fc1 weight from PyTorch's `[H, C * P]` (column `c * P + p`) to the
+/// internal `[P * C, H]` (row `p * C + c`).
+fn fc1_to_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (hi, row) in w.chunks_exact(c * p).enumerate().take(h) {
+        for ci in 0..c {
+            for pi in 0..p {
+                out[(pi * c + ci) * h + hi] = row[ci * p + pi];
+            }
+        }
+    }
+    out
+}
+
+/// Inverse of [`fc1_to_internal`].
+fn fc1_from_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (hi, row) in out.chunks_exact_mut(c * p).enumerate().take(h) {
+        for ci in 0..c {
+            for pi in 0..p {
+                row[ci * p + pi] = w[(pi * c + ci) * h + hi];
+            }
+        }
+    }
+    out
+}
+
+/// Mean softmax cross-entropy of `logits [N, K]` against `labels u32 [N]` and
+/// its gradient with respect to the logits, `(softmax - onehot) / N`.
+fn softmax_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(f32, Tensor)> {
+    let (n, k) = logits.dims2()?;
+    let z = logits.flatten_all()?.to_vec1::<f32>()?;
+    let y = labels.to_vec1::<u32>()?;
+    if y.len() != n || n == 0 {
+        return Err(ParticipantError::Model(format!(
+            "{} labels for {n} logits",
+            y.len()
+        )));
+    }
+    let mut grad = vec![0f32; n * k];
+    let loss = softmax_cross_entropy_rows(&z, k, &y, 1.0 / n as f32, &mut grad)?;
+    let grad = Tensor::from_vec(grad, (n, k), logits.device())?;
+    Ok(((loss / n as f64) as f32, grad))
+}
+
+/// `x [M, C] + b [C]`, optionally followed by ReLU, in one pass (no autograd).
+struct BiasAct {
+    relu: bool,
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if self.relu {
+            map_rows_with_bias(s1, l1, s2, l2, self.name(), |v, b| (v + b).max(0.0))
+        } else {
+            map_rows_with_bias(s1, l1, s2, l2, self.name(), |v, b| v + b)
+        }
+    }
+}
+
+/// Sums over the rows of a matrix `[M, C]`, giving `[C]` (bias gradients).
+pub(crate) struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_operand(s, l, self.name())?;
+        let (_, c) = l.shape().dims2()?;
+        let mut out = vec![0f32; c];
+        if c > 0 {
+            for row in x.chunks_exact(c) {
+                for (o, v) in out.iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(c)))
+    }
+}
+
+/// Gradient through a ReLU: `grad` where the ReLU's output is positive, else 0.
+pub(crate) struct ReluBackward;
+
+impl CustomOp2 for ReluBackward {
+    fn name(&self) -> &'static str {
+        "relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_operand(s1, l1, self.name())?;
+        let a = f32_operand(s2, l2, self.name())?;
+        if g.len() != a.len() {
+            candle_core::bail!("relu-backward: {:?} vs {:?}", l1.dims(), l2.dims());
+        }
+        let out = g
+            .iter()
+            .zip(a)
+            .map(|(&g, &a)| if a > 0.0 { g } else { 0.0 })
+            .collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::super::{Network, autograd_loss_and_grads, init_weights};
+    use super::*;
+
+    /// Plain-loop reference of the blocknet forward pass for one image.
+    fn reference_logits(d: &BlockNetDims, w: &ModelWeights, img: &[f32]) -> Vec<f32> {
+        let get = |n: &str| &w.get(n).unwrap().data;
+        let (cw, cb, w1, b1, w2, b2) = (
+            get("conv.weight"),
+            get("conv.bias"),
+            get("fc1.weight"),
+            get("fc1.bias"),
+            get("fc2.weight"),
+            get("fc2.bias"),
+        );
+        let (b, gr, gc) = (d.block, d.grid_rows(), d.grid_cols());
+        // conv output [C, R/B, W/B], flattened in that order.
+        let mut conv = vec![0f32; d.channels * gr * gc];
+        for c in 0..d.channels {
+            for by in 0..gr {
+                for bx in 0..gc {
+                    // Per-block kernels: weight [P, C, 1, B, B], bias [P, C].
+                    let k = if d.per_block {
+                        (by * gc + bx) * d.channels + c
+                    } else {
+                        c
+                    };
+                    let mut s = cb[k];
+                    for i in 0..b {
+                        for j in 0..b {
+                            s += cw[(k * b + i) * b + j] * img[(by * b + i) * d.cols + bx * b + j];
+                        }
+                    }
+                    conv[(c * gr + by) * gc + bx] = s.max(0.0);
+                }
+            }
+        }
+        let f = conv.len();
+        let hidden: Vec<f32> = (0..d.hidden)
+            .map(|h| {
+                let s: f32 = (0..f).map(|i| w1[h * f + i] * conv[i]).sum();
+                (s + b1[h]).max(0.0)
+            })
+            .collect();
+        (0..d.classes)
+            .map(|k| {
+                let s: f32 = (0..d.hidden)
+                    .map(|h| w2[k * d.hidden + h] * hidden[h])
+                    .sum();
+                s + b2[k]
+            })
+            .collect()
+    }
+
+    /// A small blocknet for the forward and backward tests.
+    fn test_spec(first_layer: FirstLayer) -> ModelSpec {
+        ModelSpec::BlockNet {
+            image_rows: 8,
+            image_cols: 12,
+            image_channels: 1,
+            block_size: 4,
+            first_layer,
+            channels: 6,
+            hidden: 7,
+            num_classes: 5,
+        }
+    }
+
+    #[test]
+    fn forward_matches_naive_reference() {
+        for layer in [FirstLayer::Shared, FirstLayer::PerBlock] {
+            forward_matches_naive_reference_for(test_spec(layer));
+        }
+    }
+
+    fn forward_matches_naive_reference_for(spec: ModelSpec) {
+        let d = BlockNetDims::from_spec(&spec).unwrap();
+        let w = init_weights(&spec, 11).unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        let n = 3;
+        let images: Vec<f32> = (0..n * d.rows * d.cols)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect();
+        let net = Network::new(&spec, &w, &Device::Cpu).unwrap();
+        let x = Tensor::from_slice(&images, (n, 1, d.rows, d.cols), &Device::Cpu).unwrap();
+        let logits = net.forward(&x).unwrap();
+        assert_eq!(logits.dims(), &[n, d.classes]);
+        let got = logits.to_vec2::<f32>().unwrap();
+        let len = d.rows * d.cols;
+        for (i, row) in got.iter().enumerate() {
+            let want = reference_logits(&d, &w, &images[i * len..(i + 1) * len]);
+            for (g, e) in row.iter().zip(&want) {
+                assert!((g - e).abs() < 1e-4, "image {i}: {row:?} vs {want:?}");
+            }
+        }
+        // Wrong input size is a clear error.
+        let bad = Tensor::zeros((1, 1, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            net.forward(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("[N, 1, 8, 12]")
+        );
+        // The fused inference path gives the same logits.
+        let fused = net.predict(&x).unwrap().to_vec2::<f32>().unwrap();
+        for (a, b) in fused.iter().flatten().zip(got.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn manual_backward_matches_autograd() {
+        for layer in [FirstLayer::Shared, FirstLayer::PerBlock] {
+            manual_backward_matches_autograd_for(test_spec(layer));
+        }
+    }
+
+    fn manual_backward_matches_autograd_for(spec: ModelSpec) {
+        // Larger weights than the default init so that ReLUs are mixed and
+        // the loss is far from uniform.
+        let w = init_weights(&spec, 21).unwrap();
+        let w = w
+            .with_flat_values(&w.to_flat().iter().map(|v| 3.0 * v).collect::<Vec<_>>())
+            .unwrap();
+        let mut rng = StdRng::seed_from_u64(22);
+        let n = 9;
+        let images: Vec<f32> = (0..n * 8 * 12)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect();
+        let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..5)).collect();
+        let x = Tensor::from_slice(&images, (n, 1, 8, 12), &Device::Cpu).unwrap();
+        let y = Tensor::from_slice(&labels, n, &Device::Cpu).unwrap();
+        let net = Network::new(&spec, &w, &Device::Cpu).unwrap();
+        let manual = net.loss_and_grads(&x, &y).unwrap();
+        let auto = autograd_loss_and_grads(&net.forward(&x).unwrap(), &y, &net.vars()).unwrap();
+        assert!(
+            (manual.loss - auto.loss).abs() < 1e-5,
+            "{} vs {}",
+            manual.loss,
+            auto.loss
+        );
+        let mut nonzero = 0;
+        for (i, (m, a)) in manual.grads.iter().zip(&auto.grads).enumerate() {
+            assert_eq!(m.dims(), a.dims(), "grad {i}");
+            let m = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (u, v) in m.iter().zip(&a) {
+                assert!(
+                    (u - v).abs() < 1e-5 * (1.0 + v.abs()),
+                    "grad {i}: {u} vs {v}"
+                );
+            }
+            nonzero += a.iter().filter(|v| v.abs() > 1e-6).count();
+        }
+        assert!(nonzero > 100);
+    }
+}
