@@ -29,14 +29,15 @@
 //! a labelled dataset whose classes must be the model's.
 
 use std::fmt;
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use greyfed_participant::cipher::{ImageCipher, ImageKey};
-use greyfed_participant::data::decode::{GreyImage, decode_grey, is_image_file};
+use greyfed_participant::data::decode::{GreyImage, decode_grey};
+use greyfed_participant::data::folder::image_files_below;
+use greyfed_participant::data::manifest::manifest_image_paths;
 use greyfed_participant::data::synthetic::builtin_splits;
 use greyfed_participant::data::{DataFormat, Dataset, DatasetSplits, LoadOptions, load_data};
 use greyfed_participant::model::Network;
@@ -51,10 +52,6 @@ pub const BATCH_SIZE: usize = 256;
 
 /// The data path that names the built-in synthetic digits.
 pub const BUILTIN: &str = "builtin";
-
-/// Deepest folder nesting searched for image files by [`predict`] (a guard
-/// against symbolic-link loops; the loader's limit below a class folder).
-const MAX_FOLDER_DEPTH: usize = 16;
 
 /// The images [`predict`] classifies.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -534,14 +531,13 @@ impl Model {
         }
         match DataFormat::detect(path)? {
             DataFormat::ImageFolder => {
-                let mut files = Vec::new();
-                collect_image_files(path, 0, &mut files)?;
+                let files = image_files_below(path)?;
                 if files.is_empty() {
                     bail!("{} holds no image files", path.display());
                 }
                 self.decode_files(&files)
             }
-            DataFormat::Manifest => self.decode_files(&manifest_paths(path)?),
+            DataFormat::Manifest => self.decode_files(&manifest_image_paths(path)?),
             DataFormat::Idx | DataFormat::Npz => {
                 let options = LoadOptions {
                     image_size: Some(self.image_size()),
@@ -632,79 +628,6 @@ fn softmax(logits: &[f32]) -> Vec<f64> {
     let exp: Vec<f64> = logits.iter().map(|&v| (f64::from(v) - max).exp()).collect();
     let sum: f64 = exp.iter().sum();
     exp.into_iter().map(|e| e / sum).collect()
-}
-
-/// Appends the image files in `dir` and below to `out`, sorted by path
-/// (hidden entries skipped), like the loader walks a class folder.
-fn collect_image_files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
-    if depth > MAX_FOLDER_DEPTH {
-        bail!(
-            "{} is nested more than {MAX_FOLDER_DEPTH} folders deep (a symbolic-link loop?)",
-            dir.display()
-        );
-    }
-    let mut entries = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        let name = entry.file_name();
-        if !name.as_encoded_bytes().starts_with(b".") {
-            entries.push((name, entry.path()));
-        }
-    }
-    entries.sort_by(|a, b| a.0.as_encoded_bytes().cmp(b.0.as_encoded_bytes()));
-    for (_, path) in entries {
-        if path.is_dir() {
-            collect_image_files(&path, depth + 1, out)?;
-        } else if is_image_file(&path) {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
-/// The image files listed in the `path` column of the CSV manifest
-/// `csv_path` (matched ignoring case and spaces), resolved against its
-/// folder, in row order.
-fn manifest_paths(csv_path: &Path) -> Result<Vec<PathBuf>> {
-    let name = csv_path.display();
-    let file = File::open(csv_path).with_context(|| format!("cannot read {name}"))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_reader(file);
-    let headers = reader
-        .headers()
-        .with_context(|| format!("{name}: cannot read the header"))?
-        .clone();
-    let Some(col) = headers.iter().position(|h| {
-        h.trim()
-            .trim_start_matches('\u{feff}')
-            .eq_ignore_ascii_case("path")
-    }) else {
-        bail!(
-            "{name} line 1: the header must name a path column (found: {})",
-            headers.iter().collect::<Vec<_>>().join(", ")
-        );
-    };
-    let base = csv_path.parent().unwrap_or(Path::new(""));
-    let mut paths = Vec::new();
-    for record in reader.records() {
-        let record = record.with_context(|| format!("reading {name}"))?;
-        let line = record.position().map_or(0, |p| p.line());
-        let rel = match record.get(col).map(str::trim) {
-            Some(v) if !v.is_empty() => Path::new(v),
-            _ => bail!("{name} line {line}: no path"),
-        };
-        paths.push(if rel.is_absolute() {
-            rel.to_path_buf()
-        } else {
-            base.join(rel)
-        });
-    }
-    if paths.is_empty() {
-        bail!("{name} lists no images");
-    }
-    Ok(paths)
 }
 
 #[cfg(test)]

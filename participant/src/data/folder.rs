@@ -79,6 +79,18 @@ fn class_folders(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(classes)
 }
 
+/// Every image file in `dir` and below, sorted by path, skipping hidden
+/// entries, as the loader walks a class folder (for classifying a folder of
+/// any layout).
+///
+/// # Errors
+/// An unreadable folder, or nesting deeper than [`MAX_FOLDER_DEPTH`].
+pub fn image_files_below(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    collect_images(dir, 0, &mut files)?;
+    Ok(files)
+}
+
 /// Appends the image files in `dir` and below (sorted by path) to `out`.
 fn collect_images(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
     if depth > MAX_FOLDER_DEPTH {

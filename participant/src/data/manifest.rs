@@ -29,6 +29,7 @@ use crate::error::{ParticipantError, Result};
 struct Row {
     line: u64,
     path: PathBuf,
+    /// Empty when the manifest has no label column (see [`read_rows`]).
     label: String,
     test: bool,
 }
@@ -37,6 +38,42 @@ struct Row {
 /// documentation). Samples are put in a seeded random order within each
 /// split.
 pub fn load_manifest(csv_path: &Path, options: &LoadOptions) -> Result<DatasetSplits> {
+    let name = csv_path.display();
+    let at =
+        |line: u64, what: String| ParticipantError::Dataset(format!("{name} line {line}: {what}"));
+    let rows = read_rows(csv_path, true)?;
+    let (labels, classes) = resolve_labels(&rows).map_err(|(line, what)| at(line, what))?;
+    let files = rows.iter().zip(labels).map(|(r, label)| LabelledFile {
+        path: r.path.clone(),
+        label,
+        origin: Some(format!("{name} line {}", r.line)),
+    });
+    let any_test = rows.iter().any(|r| r.test);
+    let files = if any_test {
+        let (test, train): (Vec<_>, Vec<_>) = rows.iter().zip(files).partition(|(r, _)| r.test);
+        Files::Split {
+            train: train.into_iter().map(|(_, f)| f).collect(),
+            test: test.into_iter().map(|(_, f)| f).collect(),
+        }
+    } else {
+        Files::Unsplit(files.collect())
+    };
+    assemble(files, classes, csv_path, options)
+}
+
+/// The image files the CSV manifest `csv_path` lists, in row order (for
+/// classifying them: a `label` column is not needed). Errors as for
+/// [`load_manifest`], naming the file and line.
+pub fn manifest_image_paths(csv_path: &Path) -> Result<Vec<PathBuf>> {
+    Ok(read_rows(csv_path, false)?
+        .into_iter()
+        .map(|r| r.path)
+        .collect())
+}
+
+/// The rows of the manifest, each image file checked to exist; the label
+/// column is required when `labelled`.
+fn read_rows(csv_path: &Path, labelled: bool) -> Result<Vec<Row>> {
     let name = csv_path.display();
     let at =
         |line: u64, what: String| ParticipantError::Dataset(format!("{name} line {line}: {what}"));
@@ -62,9 +99,11 @@ pub fn load_manifest(csv_path: &Path, options: &LoadOptions) -> Result<DatasetSp
                 .eq_ignore_ascii_case(wanted)
         })
     };
-    let (Some(path_col), Some(label_col)) = (column("path"), column("label")) else {
+    let (path_col, label_col) = (column("path"), column("label"));
+    let (Some(path_col), true) = (path_col, label_col.is_some() || !labelled) else {
         return Err(ParticipantError::Dataset(format!(
-            "{name} line 1: the header must name the columns path and label (found: {})",
+            "{name} line 1: the header must name the columns path{} (found: {})",
+            if labelled { " and label" } else { "" },
             headers.iter().collect::<Vec<_>>().join(", ")
         )));
     };
@@ -90,7 +129,10 @@ pub fn load_manifest(csv_path: &Path, options: &LoadOptions) -> Result<DatasetSp
                 format!("image file {} does not exist", path.display()),
             ));
         }
-        let label = field(label_col, "label")?.to_owned();
+        let label = match label_col {
+            Some(col) => field(col, "label")?.to_owned(),
+            None => String::new(),
+        };
         let test = match split_col {
             None => false,
             Some(col) => {
@@ -117,23 +159,7 @@ pub fn load_manifest(csv_path: &Path, options: &LoadOptions) -> Result<DatasetSp
     if rows.is_empty() {
         return Err(ParticipantError::Dataset(format!("{name} lists no images")));
     }
-    let (labels, classes) = resolve_labels(&rows).map_err(|(line, what)| at(line, what))?;
-    let files = rows.iter().zip(labels).map(|(r, label)| LabelledFile {
-        path: r.path.clone(),
-        label,
-        origin: Some(format!("{name} line {}", r.line)),
-    });
-    let any_test = rows.iter().any(|r| r.test);
-    let files = if any_test {
-        let (test, train): (Vec<_>, Vec<_>) = rows.iter().zip(files).partition(|(r, _)| r.test);
-        Files::Split {
-            train: train.into_iter().map(|(_, f)| f).collect(),
-            test: test.into_iter().map(|(_, f)| f).collect(),
-        }
-    } else {
-        Files::Unsplit(files.collect())
-    };
-    assemble(files, classes, csv_path, options)
+    Ok(rows)
 }
 
 /// The label of every row and the class names, or the line and the
@@ -212,6 +238,25 @@ mod tests {
             write_grey_png(&dir.path().join(format!("img/{i}.png")), 3, 2, 10 * i as u8);
         }
         dir
+    }
+
+    #[test]
+    fn image_paths_need_no_label_column_but_loading_does() {
+        let dir = images(3);
+        let csv = dir.path().join("unlabelled.csv");
+        fs::write(&csv, "Path,notes\nimg/2.png,x\n\"img/0.png\",y\n").unwrap();
+        let paths = manifest_image_paths(&csv).unwrap();
+        assert_eq!(
+            paths,
+            [dir.path().join("img/2.png"), dir.path().join("img/0.png")]
+        );
+        let err = load_manifest(&csv, &opts(Some(0.5)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("path and label"), "{err}");
+        fs::write(&csv, "path\nimg/9.png\n").unwrap();
+        let err = manifest_image_paths(&csv).unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("9.png"), "{err}");
     }
 
     #[test]
