@@ -6,11 +6,11 @@ use std::fmt;
 use anyhow::Result;
 use greyfed_coordinator::central::CentralEvaluator;
 use greyfed_participant::{
-    cipher::{ImageCipher, ImageKey},
     data::Dataset,
+    pipeline::Encryption,
     train::{TensorData, evaluate},
 };
-use greyfed_protocol::{EvalMetrics, ModelSpec, ModelWeights, cipher::CipherSteps};
+use greyfed_protocol::{EvalMetrics, ModelSpec, ModelWeights};
 
 /// Batch size of central evaluation (does not affect results).
 const EVAL_BATCH: usize = 256;
@@ -36,19 +36,13 @@ impl fmt::Debug for TestSetEvaluator {
 }
 
 impl TestSetEvaluator {
-    /// Prepares `test` for `spec`: encrypted with `key` and the block
-    /// cipher `steps` with `block_size`, or plain when `key` is `None`.
+    /// Prepares `test` for `spec`: encrypted as the participants encrypt
+    /// theirs ([`Encryption`]), or plain when `encryption` is `None`.
     ///
     /// # Errors
     /// An empty test set, images of another size than the model's, or a
     /// block size the images do not divide into.
-    pub fn new(
-        spec: ModelSpec,
-        test: &Dataset,
-        key: Option<&ImageKey>,
-        steps: CipherSteps,
-        block_size: usize,
-    ) -> Result<Self> {
+    pub fn new(spec: ModelSpec, test: &Dataset, encryption: Option<&Encryption>) -> Result<Self> {
         anyhow::ensure!(!test.is_empty(), "the central test set is empty");
         let (rows, cols) = spec.image_size();
         anyhow::ensure!(
@@ -57,10 +51,10 @@ impl TestSetEvaluator {
             test.rows(),
             test.cols()
         );
-        let (test, key_fingerprint) = match key {
-            Some(key) => {
-                let cipher = ImageCipher::new(key, steps, block_size, test.rows(), test.cols())?;
-                (cipher.encrypt_dataset(test)?, key.fingerprint())
+        let (test, key_fingerprint) = match encryption {
+            Some(e) => {
+                let cipher = e.cipher_for(test.rows(), test.cols())?;
+                (cipher.encrypt_dataset(test)?, e.key.fingerprint())
             }
             None => (test.clone(), String::new()),
         };

@@ -125,8 +125,12 @@ fn central_evaluator(
     test: &greyfed_participant::data::Dataset,
     model: &ModelSpec,
 ) -> Result<TestSetEvaluator> {
-    let key = match (&args.image_key, args.plain_test_data) {
-        (Some(path), false) => Some(ImageKey::read_file(path)?),
+    let encryption = match (&args.image_key, args.plain_test_data) {
+        (Some(path), false) => Some(Encryption {
+            key: ImageKey::read_file(path)?,
+            steps: args.training.cipher,
+            block_size: args.training.block_size as usize,
+        }),
         (None, true) => None,
         _ => bail!(
             "--test-data needs the image key (--image-key FILE), or --plain-test-data when \
@@ -135,13 +139,7 @@ fn central_evaluator(
              (see docs/threat-model.md)"
         ),
     };
-    TestSetEvaluator::new(
-        model.clone(),
-        test,
-        key.as_ref(),
-        args.training.cipher,
-        args.training.block_size as usize,
-    )
+    TestSetEvaluator::new(model.clone(), test, encryption.as_ref())
 }
 
 /// The `--model` architecture for `input`, with the `--block-size`.
