@@ -473,8 +473,8 @@ pub async fn participant(args: ParticipantArgs, display: Display) -> Result<Part
         identity,
     );
     config.name = name;
-    config.dropout = args.drop_at;
-    config.dump_updates = args.dump_updates.clone();
+    config.hooks.dropout = args.drop_at;
+    config.hooks.dump_updates = args.dump_updates.clone();
     config.reconnect_for = Duration::from_secs(args.reconnect_for);
     config.save_model = args.model_path();
     let (progress, mut rx) = tokio::sync::mpsc::unbounded_channel();

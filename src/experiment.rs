@@ -28,12 +28,14 @@ use anyhow::{Context, Result, bail};
 use greyfed_participant::{
     attack::{KnownPlaintextAttack, fold_image, merge_split, split_values},
     cipher::{ImageCipher, ImageKey},
-    data::{Dataset, DatasetSplits},
-    model::{cnn_28x28, encrypted_domain_weights, init_weights, vit_28x28},
+    data::{Dataset, DatasetSplits, LoadOptions},
+    model::{builtin_spec, encrypted_domain_weights, init_weights},
     quality::{mean_ssim, psnr},
     train::{TensorData, evaluate, train_local},
 };
-use greyfed_protocol::{FirstLayer, ModelSpec, OptimizerSpec, TrainingConfig, cipher::CipherSteps};
+use greyfed_protocol::{
+    FirstLayer, InputSpec, ModelSpec, OptimizerSpec, TrainingConfig, cipher::CipherSteps,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{ExperimentArgs, FirstLayerArg, InitArg};
@@ -80,14 +82,24 @@ pub struct CellResult {
     pub train_secs: f64,
 }
 
-/// The model `name` for images of `planes` planes and block size `block`.
-pub fn model_spec(name: &str, block: u32, planes: u32) -> Result<ModelSpec> {
-    Ok(match name {
-        "blocknet" => ModelSpec::blocknet_28x28(block).with_image_channels(planes),
-        "vit" => vit_28x28(block, planes),
-        "cnn" => cnn_28x28(planes),
-        other => bail!("unknown model {other:?}; choose blocknet, vit or cnn"),
-    })
+/// The model `name` (blocknet, vit or cnn) with block size `block` for
+/// the images of `splits` with `planes` planes.
+pub fn model_spec(
+    name: &str,
+    block: u32,
+    splits: &DatasetSplits,
+    planes: u32,
+) -> Result<ModelSpec> {
+    if !["blocknet", "vit", "cnn"].contains(&name) {
+        bail!("unknown model {name:?}; choose blocknet, vit or cnn");
+    }
+    let input = InputSpec {
+        rows: splits.train.rows() as u32,
+        cols: splits.train.cols() as u32,
+        channels: planes,
+        classes: splits.classes.clone(),
+    };
+    Ok(builtin_spec(name, &input, block)?)
 }
 
 /// The experiment's key: derived from the seed so that every process of a
@@ -141,7 +153,8 @@ pub async fn run_cell(
 ) -> Result<CellResult> {
     let mode = parse_mode(&cell.mode)?;
     let planes = mode.map_or(1, |m| m.output_channels());
-    let spec = model_spec(&cell.model, args.block_size, planes)?.with_first_layer(cell.first_layer);
+    let spec = model_spec(&cell.model, args.block_size, splits, planes)?
+        .with_first_layer(cell.first_layer);
     let key = experiment_key(cell.seed);
     let block = args.block_size as usize;
     let training = TrainingConfig {
@@ -158,7 +171,8 @@ pub async fn run_cell(
     let init = match (mode, args.init) {
         (Some(steps), InitArg::KeyTransformed) => {
             let plain_spec =
-                model_spec(&cell.model, args.block_size, 1)?.with_first_layer(cell.first_layer);
+                model_spec(&cell.model, args.block_size, splits, 1)?
+                    .with_first_layer(cell.first_layer);
             let cipher =
                 ImageCipher::new(&key, steps, block, splits.test.rows(), splits.test.cols())?;
             let plain = init_weights(&plain_spec, cell.seed)?;
@@ -198,7 +212,11 @@ pub async fn run_cell(
                 .augmentation(args.data.augmentation())
                 .image_key(key.clone());
             if let Some(dir) = &args.data.data {
-                fed = fed.data_dir(dir);
+                fed = fed.data_dir(dir).load_options(LoadOptions {
+                    image_size: args.data.image_size,
+                    test_fraction: args.data.test_fraction,
+                    seed: args.data.data_seed,
+                });
             }
             if let Some(max) = args.max_train {
                 fed = fed.max_train_samples(max.div_ceil(args.participants.max(1)));
@@ -242,7 +260,9 @@ pub fn cells(args: &ExperimentArgs) -> Result<Vec<Cell>> {
         modes.push((mode.as_str(), layer));
     }
     for model in &args.models {
-        model_spec(model, args.block_size, 1)?;
+        if !["blocknet", "vit", "cnn"].contains(&model.as_str()) {
+            bail!("unknown model {model:?}; choose blocknet, vit or cnn");
+        }
         // The CNN has no block-wise first layer.
         let layer_of = |layer| {
             if model == "cnn" {

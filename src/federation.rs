@@ -31,6 +31,7 @@ use greyfed_coordinator::{
 };
 use greyfed_participant::{
     ClientIdentity, DataPipeline, DataSource, Encryption, ParticipantConfig, ParticipantReport,
+    TestHooks,
     cipher::ImageKey,
     data::{LoadOptions, ShiftedCopies, partition::Partition},
     dropout::{CrashMode, DropoutPlan},
@@ -212,7 +213,8 @@ impl FederationBuilder {
     }
     /// Participant `index` vanishes at `plan` (a round and a stage): its task
     /// stops and drops its connection without a goodbye, as a crashed
-    /// machine would. Its entry in the report is then an error.
+    /// machine would. Its entry in the report is then a [`ParticipantReport`]
+    /// whose [`vanished`](ParticipantReport::vanished) is `Some(plan)`.
     pub fn dropout(mut self, index: usize, plan: DropoutPlan) -> Self {
         self.dropouts.insert(index, plan);
         self
@@ -344,8 +346,11 @@ impl FederationBuilder {
                 },
             );
             pc.name = name.clone();
-            pc.dropout = self.dropouts.get(&i).copied();
-            pc.crash = CrashMode::Vanish;
+            pc.hooks = TestHooks {
+                dropout: self.dropouts.get(&i).copied(),
+                crash: CrashMode::Vanish,
+                dump_updates: None,
+            };
             pc.save_model = self
                 .keep_models
                 .as_ref()
@@ -382,7 +387,10 @@ pub struct FederationReport {
     pub rounds_planned: u32,
     /// The final global model.
     pub final_model: ModelWeights,
-    /// Each participant's outcome (an error message when it failed or was refused).
+    /// Each participant's outcome: its report (with
+    /// [`vanished`](ParticipantReport::vanished) set when it vanished at a
+    /// scheduled [`dropout`](FederationBuilder::dropout)), or an error
+    /// message when it failed or was refused.
     pub participants: Vec<Result<ParticipantReport, String>>,
 }
 

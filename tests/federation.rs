@@ -172,7 +172,24 @@ async fn scheduled_dropouts_leave_their_rounds_to_the_survivors() {
     assert_eq!(report.rounds[1].participants, 3);
     assert_eq!(report.rounds[1].dropped, 1);
     for (i, p) in report.participants.iter().enumerate() {
-        assert_eq!(p.is_err(), i == 1 || i == 3, "participant {i}: {p:?}");
+        let p = p
+            .as_ref()
+            .unwrap_or_else(|e| panic!("participant {i}: {e}"));
+        let expected = match i {
+            1 => Some(DropoutPlan {
+                round: 1,
+                stage: DropoutStage::Share,
+            }),
+            3 => Some(DropoutPlan {
+                round: 2,
+                stage: DropoutStage::Masked,
+            }),
+            _ => None,
+        };
+        assert_eq!(p.vanished, expected, "participant {i}: {p:?}");
+        if expected.is_none() {
+            assert_eq!(p.rounds_completed, 2, "participant {i}: {p:?}");
+        }
     }
 }
 

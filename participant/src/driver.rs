@@ -29,7 +29,7 @@ use crate::{
     cipher::ImageCipher,
     client,
     data::Dataset,
-    dropout::{CrashMode, DropoutPlan, DropoutStage, kill_this_process},
+    dropout::{CrashMode, DropoutPlan, DropoutStage, TestHooks, kill_this_process},
     error::{ParticipantError, Result},
     train::{StepProgress, TensorData, TrainOptions, TrainOutcome, evaluate, train_local_observed},
 };
@@ -104,14 +104,9 @@ pub struct ParticipantConfig {
     pub name: String,
     /// Largest frame accepted from the coordinator, in bytes.
     pub max_frame: usize,
-    /// Crash at this point of a round (simulations and tests only).
-    pub dropout: Option<DropoutPlan>,
-    /// How a scheduled dropout ends the participant.
-    pub crash: CrashMode,
-    /// Test mode only: write each round's unmasked update (and weight) to
-    /// `DIR/round-R-NAME.safetensors`, so tests can check the aggregate.
-    /// Never enable in a deployment: it defeats secure aggregation locally.
-    pub dump_updates: Option<PathBuf>,
+    /// Simulations and tests only: scheduled crashes and update dumps
+    /// ([`TestHooks`]). A deployment keeps the default, no hook.
+    pub hooks: TestHooks,
     /// How long to keep trying to reconnect, with exponential backoff, after
     /// the connection fails or is lost before the session finished. Zero
     /// gives up at once. A rejection or a protocol error is never retried.
@@ -139,9 +134,7 @@ impl ParticipantConfig {
             identity,
             name: String::from("participant"),
             max_frame: DEFAULT_MAX_FRAME,
-            dropout: None,
-            crash: CrashMode::KillProcess,
-            dump_updates: None,
+            hooks: TestHooks::default(),
             reconnect_for: Duration::from_secs(60),
             progress: None,
             save_model: None,
@@ -223,8 +216,14 @@ pub struct ParticipantReport {
     pub id: Option<ParticipantId>,
     /// Rounds we trained in.
     pub rounds_trained: u32,
-    /// Rounds the coordinator completed.
+    /// Rounds the coordinator completed, as its closing message said (0 when
+    /// we [`vanished`](Self::vanished) before it).
     pub rounds_completed: u32,
+    /// The scheduled dropout that ended us, when it did so by
+    /// [`CrashMode::Vanish`] (a simulation's planned outcome, not an error);
+    /// `None` when we stayed to the end. A [`CrashMode::KillProcess`] crash
+    /// never returns.
+    pub vanished: Option<DropoutPlan>,
 }
 
 /// Joins the coordinator's session and takes part until it finishes.
@@ -234,6 +233,11 @@ pub struct ParticipantReport {
 /// [`ParticipantConfig::reconnect_for`] and joins afresh (a new Hello); a
 /// restarted coordinator admits it again, and a running one lets it train
 /// from the next round.
+///
+/// # Returns
+/// What we did: once the session finished, or, with a scheduled dropout of
+/// [`CrashMode::Vanish`] ([`ParticipantConfig::hooks`]), as soon as we
+/// vanished, with [`ParticipantReport::vanished`] set.
 ///
 /// # Errors
 /// Connection failures (once reconnecting gave up), TLS failures (a
@@ -248,7 +252,11 @@ pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<Par
     loop {
         report.id = None;
         let err = match connect_once(config, tls.clone(), data.clone(), &mut report).await {
-            Ok(()) => return Ok(report),
+            Ok(Ended::Finished) => return Ok(report),
+            Ok(Ended::Vanished(plan)) => {
+                report.vanished = Some(plan);
+                return Ok(report);
+            }
             Err(e @ ParticipantError::Connection(_)) => e,
             Err(e) => return Err(e),
         };
@@ -273,20 +281,30 @@ pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<Par
     }
 }
 
+/// How a session ended without an error (private: a vanish is a test
+/// hook's outcome, reported through [`ParticipantReport::vanished`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The coordinator finished the session.
+    Finished,
+    /// A scheduled dropout with [`CrashMode::Vanish`] stopped us.
+    Vanished(DropoutPlan),
+}
+
 /// One connection: connects, takes part in the session, closes.
 async fn connect_once(
     config: &ParticipantConfig,
     tls: quinn::ClientConfig,
     data: Arc<LocalData>,
     report: &mut ParticipantReport,
-) -> Result<()> {
+) -> Result<Ended> {
     let (endpoint, conn) = client::connect(tls, config.coordinator, &config.server_name).await?;
     info!(coordinator = %config.coordinator, name = config.name, "connected");
     let result = session_loop(config, &conn, data, report).await;
     match &result {
-        Ok(_) => conn.close(0u32.into(), b"done"),
+        Ok(Ended::Finished) => conn.close(0u32.into(), b"done"),
         // A simulated crash says nothing; the handles are simply dropped.
-        Err(ParticipantError::ScheduledDropout(_)) => return result,
+        Ok(Ended::Vanished(_)) => return result,
         Err(e) => conn.close(1u32.into(), e.to_string().as_bytes()),
     }
     // A vanished coordinator never answers the close: do not wait for it.
@@ -314,7 +332,7 @@ async fn session_loop(
     conn: &quinn::Connection,
     data: Arc<LocalData>,
     report: &mut ParticipantReport,
-) -> Result<()> {
+) -> Result<Ended> {
     let mut rng = StdRng::try_from_rng(&mut SysRng)
         .map_err(|e| ParticipantError::Connection(format!("no OS randomness: {e}")))?;
     let (mut send, mut recv) = conn
@@ -338,11 +356,11 @@ async fn session_loop(
     loop {
         // Send what the session queued, then act on its events.
         while let Some(msg) = session.poll_transmit() {
-            if let (Some(plan), Message::Contribution { round, .. }) = (config.dropout, &msg)
+            if let (Some(plan), Message::Contribution { round, .. }) = (config.hooks.dropout, &msg)
                 && plan.round == *round
                 && DropoutStage::of_message(&msg) == Some(plan.stage)
             {
-                return Err(crash(config, plan));
+                return Ok(crash(&config.hooks, plan));
             }
             let frame = encode_frame(&msg, config.max_frame)?;
             send.write_all(&frame)
@@ -377,14 +395,14 @@ async fn session_loop(
                     global,
                     seed,
                 } => {
-                    if let Some(plan) = config.dropout
+                    if let Some(plan) = config.hooks.dropout
                         && plan
                             == (DropoutPlan {
                                 round,
                                 stage: DropoutStage::Train,
                             })
                     {
-                        return Err(crash(config, plan));
+                        return Ok(crash(&config.hooks, plan));
                     }
                     let spec = spec.clone().ok_or_else(|| no_session("Train"))?;
                     let training_config = session
@@ -453,7 +471,7 @@ async fn session_loop(
                     }
                     emit(config, ParticipantProgress::Finished { rounds_completed });
                     let _ = send.finish();
-                    return Ok(());
+                    return Ok(Ended::Finished);
                 }
                 _ => {}
             }
@@ -476,7 +494,7 @@ async fn session_loop(
                         secs: started.elapsed().as_secs_f64(),
                     });
                     let update = outcome.weights.sub(&global)?;
-                    if let Some(dir) = &config.dump_updates {
+                    if let Some(dir) = &config.hooks.dump_updates {
                         dump_update(dir, &config.name, round, &update, outcome.samples)?;
                     }
                     let update = update.to_flat();
@@ -570,12 +588,13 @@ fn save_model(
     Ok(())
 }
 
-/// Ends the participant as `plan` says: the process dies, or the task stops.
-fn crash(config: &ParticipantConfig, plan: DropoutPlan) -> ParticipantError {
+/// Ends the participant as `plan` says: the process dies, or the session
+/// loop is told to stop without a word.
+fn crash(hooks: &TestHooks, plan: DropoutPlan) -> Ended {
     warn!(%plan, "scheduled dropout");
-    match config.crash {
+    match hooks.crash {
         CrashMode::KillProcess => kill_this_process(),
-        CrashMode::Vanish => ParticipantError::ScheduledDropout(plan),
+        CrashMode::Vanish => Ended::Vanished(plan),
     }
 }
 

@@ -1,12 +1,22 @@
-//! Dropout injection for simulations and tests: a participant that crashes
-//! at a chosen point of a chosen round, the way a machine losing power or a
-//! killed process would: no goodbye message, no connection close.
+//! Test hooks for simulations and tests, gathered in [`TestHooks`] (the one
+//! field [`ParticipantConfig::hooks`](crate::ParticipantConfig::hooks)):
 //!
-//! The crash happens just *before* the participant sends the message of the
-//! named stage (or as local training starts, for [`DropoutStage::Train`]), so
-//! the coordinator has everything up to that stage and nothing after.
+//! - scheduled dropouts: a participant that crashes at a chosen point of a
+//!   chosen round, the way a machine losing power or a killed process would:
+//!   no goodbye message, no connection close. The crash happens just
+//!   *before* the participant sends the message of the named stage (or as
+//!   local training starts, for [`DropoutStage::Train`]), so the coordinator
+//!   has everything up to that stage and nothing after;
+//! - update dumps: each round's unmasked update written to disk, so tests can
+//!   check the aggregate.
+//!
+//! Dropout simulations are a user feature (`greyfed simulate --dropout`,
+//! `greyfed participant --drop-at`), so the hooks exist in release builds
+//! too; a deployment leaves them at their default, [`TestHooks::default`]:
+//! no hook.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use greyfed_protocol::{AggregationPayload, Message, secagg::message::SecAggUpload};
@@ -123,18 +133,37 @@ impl fmt::Display for DropoutPlan {
 }
 
 /// How a scheduled dropout ends the participant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CrashMode {
-    /// The whole process dies by SIGKILL (where available; abort elsewhere).
+    /// The whole process dies by SIGKILL (where available; abort elsewhere):
+    /// one participant per process, as `greyfed participant --drop-at` runs.
+    #[default]
     KillProcess,
     /// The participant's task stops and drops its connection without closing
-    /// it (in-process simulations: the coordinator sees silence).
+    /// it (in-process simulations: the coordinator sees silence), and
+    /// [`run`](crate::run) returns a report whose
+    /// [`vanished`](crate::ParticipantReport::vanished) names the plan.
     Vanish,
+}
+
+/// The participant's hooks for simulations and tests. The default has none
+/// set, which is what a deployment uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TestHooks {
+    /// Crash at this point of a round (`None`: never).
+    pub dropout: Option<DropoutPlan>,
+    /// How the scheduled [`dropout`](Self::dropout) ends the participant
+    /// (default: the process is killed).
+    pub crash: CrashMode,
+    /// Write each round's unmasked update (and weight) to
+    /// `DIR/round-R-NAME.safetensors`, so tests can check the aggregate.
+    /// Never enable in a deployment: it defeats secure aggregation locally.
+    pub dump_updates: Option<PathBuf>,
 }
 
 /// Kills the current process with SIGKILL: no destructors, no flushing, no
 /// QUIC close, exactly like `kill -9`.
-pub fn kill_this_process() -> ! {
+pub(crate) fn kill_this_process() -> ! {
     #[cfg(unix)]
     {
         // SAFETY: getpid and kill have no memory-safety preconditions.

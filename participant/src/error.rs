@@ -63,9 +63,6 @@ pub enum ParticipantError {
     /// The QUIC connection failed or was closed.
     #[error("connection: {0}")]
     Connection(String),
-    /// A scheduled dropout ([`crate::dropout`]) ended this participant.
-    #[error("scheduled dropout at {0}")]
-    ScheduledDropout(crate::dropout::DropoutPlan),
     /// The coordinator refused this participant.
     #[error("rejected by the coordinator: {0}")]
     Rejected(String),

@@ -6,8 +6,9 @@
 //! - [`cipher`]: block-scrambling image encryption keyed by the shared image key.
 //! - [`model`] and [`train`]: candle models, local training and evaluation.
 //! - [`client`] and [`driver`]: the QUIC client and the loop that drives the
-//!   protocol's participant state machine; [`dropout`]: scheduled crashes
-//!   for simulations and tests.
+//!   protocol's participant state machine; [`dropout`]: the test hooks
+//!   ([`TestHooks`]: scheduled crashes, update dumps) for simulations and
+//!   tests, kept out of the other types.
 //!
 //! Images and the image key never leave this crate; only model updates and
 //! evaluation sums do.
@@ -26,5 +27,6 @@ pub mod train;
 
 pub use client::ClientIdentity;
 pub use driver::{LocalData, ParticipantConfig, ParticipantProgress, ParticipantReport, run};
+pub use dropout::TestHooks;
 pub use error::{ParticipantError, Result};
 pub use pipeline::{DataPipeline, DataSource, Encryption};
