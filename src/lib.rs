@@ -5,7 +5,7 @@
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
 //! in-process federation harness ([`federation`]: every participant a task of one process, for tests and examples), the peak-memory reports of
 //! simulations ([`memory`]), live progress displays ([`progress`]), run
-//! reports with plots ([`report`]), the measurements of [`experiment`], and
+//! reports with plots ([`report`]), the measurements of [`lab`] (experiments, attacks, image quality), and
 //! classification and evaluation with a saved model file ([`predict`]).
 //!
 //! The protocol, coordinator and participant logic live in the
@@ -17,9 +17,9 @@ pub mod central;
 pub mod cli;
 pub mod commands;
 pub mod config_file;
-pub mod experiment;
 pub mod federation;
 pub mod keygen;
+pub mod lab;
 pub mod memory;
 pub mod predict;
 pub mod preview;

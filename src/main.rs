@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{CommandFactory, Parser};
 use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand, ModelCommand};
+use greyfed::lab::{experiment, security};
 use greyfed::progress::{Display, LogWriter};
-use greyfed::{commands, config_file, experiment, keygen, memory, preview, report, simulate};
+use greyfed::{commands, config_file, keygen, memory, preview, report, simulate};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -137,7 +138,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Experiment(ExperimentCommand::Encryption(args)) => {
             let report = experiment::encryption(&args).await?;
-            println!("{}", experiment::attacks_markdown(&report.attacks));
+            println!("{}", security::attacks_markdown(&report.attacks));
             println!("{}", experiment::table_markdown(&report.rows));
             println!("tables in {}", args.out.display());
             Ok(ExitCode::SUCCESS)

@@ -21,11 +21,11 @@ use anyhow::{Context, Result, bail};
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
     data::Dataset,
-    quality::mean_ssim,
 };
 use greyfed_protocol::cipher::CipherSteps;
 
-use crate::experiment::{attack_views, slices};
+use crate::lab::quality::mean_ssim;
+use crate::lab::security::{attack_views, slices};
 
 /// Pixels between tiles and between groups.
 const GAP: usize = 2;

@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use greyfed::cli::{Cli, Command, ExperimentArgs, ExperimentCommand};
-use greyfed::experiment;
+use greyfed::lab::experiment;
 
 fn args(extra: &[&str]) -> ExperimentArgs {
     let mut argv = vec!["greyfed", "experiment", "encryption"];

@@ -45,9 +45,6 @@ pub enum ParticipantError {
     /// A cipher configuration does not fit the images (e.g. block size does not divide the size).
     #[error("cipher: {0}")]
     Cipher(String),
-    /// An attack or image-quality measurement got unusable inputs (lengths, sizes).
-    #[error("attack: {0}")]
-    Attack(String),
     /// The model specification or weights do not fit together.
     #[error("model: {0}")]
     Model(String),

@@ -13,7 +13,6 @@
 //! Images and the image key never leave this crate; only model updates and
 //! evaluation sums do.
 
-pub mod attack;
 pub mod cipher;
 pub mod client;
 pub mod data;
@@ -22,7 +21,6 @@ pub mod dropout;
 pub mod error;
 pub mod model;
 pub mod pipeline;
-pub mod quality;
 pub mod train;
 
 pub use client::ClientIdentity;

@@ -28,7 +28,7 @@
 //! the `image` crate, and `dssim` computes a multi-scale variant under the
 //! AGPL.
 
-use crate::error::{ParticipantError, Result};
+use anyhow::{Result, anyhow};
 
 /// Side of the SSIM window, in pixels.
 pub const SSIM_WINDOW: usize = 11;
@@ -45,8 +45,8 @@ pub const SSIM_K2: f64 = 0.03;
 /// Peak value of an 8-bit image, the dynamic range for PSNR and SSIM.
 const PEAK: f64 = 255.0;
 
-fn error(message: String) -> ParticipantError {
-    ParticipantError::Attack(message)
+fn error(message: String) -> anyhow::Error {
+    anyhow!(message)
 }
 
 /// Checks that two images have the same, non-zero number of pixels.

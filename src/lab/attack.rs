@@ -33,7 +33,7 @@
 //!
 //! Known-plaintext attack, by number `K` of known pairs. "Unique" is
 //! [`fraction_unique`](KnownPlaintextAttack::fraction_unique); "SSIM" and
-//! "exact" are the mean [SSIM](crate::quality::ssim) of the decrypted
+//! "exact" are the mean [SSIM](super::quality::ssim) of the decrypted
 //! held-out images and the fraction decrypted without a single wrong pixel:
 //!
 //! | K                 | 1     | 2     | 5     | 10    | 20    | 50    | 100   | 300   |
@@ -83,10 +83,10 @@
 
 use std::collections::HashMap;
 
-use crate::error::{ParticipantError, Result};
+use anyhow::{Result, anyhow};
 
-fn error(message: String) -> ParticipantError {
-    ParticipantError::Attack(message)
+fn error(message: String) -> anyhow::Error {
+    anyhow!(message)
 }
 
 /// Largest folded value of a split value, `7 * 17` (half `7` or `8`).
@@ -429,7 +429,7 @@ mod tests {
     use rand::{RngExt, SeedableRng};
 
     use super::*;
-    use crate::quality::psnr;
+    use crate::lab::quality::psnr;
 
     /// A random keyed table: a permutation of `0..n` and an inversion mask.
     fn random_table(n: usize, rng: &mut StdRng) -> (Vec<usize>, Vec<u8>) {
