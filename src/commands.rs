@@ -16,7 +16,7 @@ use greyfed_participant::{
     cipher::ImageKey,
     data::{DatasetSplits, LoadOptions, load_data, synthetic::builtin_splits},
     model::{architecture_names, builtin_spec, init_weights},
-    pipeline::{DataPipeline, DataSource, Encryption},
+    pipeline::{BuiltinDigits, DataPath, DataPipeline, DataSource, Encryption},
 };
 use greyfed_protocol::{
     AggregationKind, InputSpec, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig,
@@ -389,18 +389,18 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
 /// format, or the built-in digits), the partition and augmentation, all
 /// seeded by `--data-seed`.
 pub fn data_pipeline(args: &DataArgs) -> DataPipeline {
-    let source = match &args.data {
-        Some(path) => DataSource::Path {
+    let source: Arc<dyn DataSource> = match &args.data {
+        Some(path) => Arc::new(DataPath {
             path: path.clone(),
             options: LoadOptions {
                 image_size: args.image_size,
                 test_fraction: args.test_fraction,
                 seed: args.data_seed,
             },
-        },
-        None => DataSource::Builtin {
+        }),
+        None => Arc::new(BuiltinDigits {
             seed: args.data_seed,
-        },
+        }),
     };
     DataPipeline {
         partition: args.partition,

@@ -30,8 +30,8 @@ use greyfed_coordinator::{
     tls::ServerTls,
 };
 use greyfed_participant::{
-    ClientIdentity, DataPipeline, DataSource, Encryption, ParticipantConfig, ParticipantReport,
-    TestHooks,
+    BuiltinDigits, ClientIdentity, DataPath, DataPipeline, DataSource, Encryption,
+    ParticipantConfig, ParticipantReport, TestHooks,
     cipher::ImageKey,
     data::{LoadOptions, ShiftedCopies, partition::Partition},
     dropout::{CrashMode, DropoutPlan},
@@ -61,6 +61,7 @@ impl Federation {
             initial_weights: None,
             image_key: None,
             data: None,
+            source: None,
             load_options: LoadOptions::default(),
             keep_models: None,
             partition: Partition::Iid,
@@ -91,6 +92,7 @@ pub struct FederationBuilder {
     initial_weights: Option<ModelWeights>,
     image_key: Option<ImageKey>,
     data: Option<PathBuf>,
+    source: Option<Arc<dyn DataSource>>,
     load_options: LoadOptions,
     keep_models: Option<PathBuf>,
     partition: Partition,
@@ -159,6 +161,13 @@ impl FederationBuilder {
     /// directory) instead of the built-in digits.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data = Some(dir.into());
+        self
+    }
+    /// Participants' images from `source` (any [`DataSource`]: yours, a
+    /// [`DataPath`] or the built-in digits) instead of `data_dir` or the
+    /// built-in digits.
+    pub fn data_source(mut self, source: Arc<dyn DataSource>) -> Self {
+        self.source = Some(source);
         self
     }
     /// How the dataset is loaded: resizing and the held-out test fraction
@@ -261,15 +270,16 @@ impl FederationBuilder {
             self.cipher.output_channels()
         };
         let data_seed = self.data_seed.unwrap_or(self.seed);
-        let source = match &self.data {
-            Some(path) => DataSource::Path {
+        let source: Arc<dyn DataSource> = match (&self.source, &self.data) {
+            (Some(source), _) => source.clone(),
+            (None, Some(path)) => Arc::new(DataPath {
                 path: path.clone(),
                 options: LoadOptions {
                     seed: data_seed,
                     ..self.load_options
                 },
-            },
-            None => DataSource::Builtin { seed: data_seed },
+            }),
+            (None, None) => Arc::new(BuiltinDigits { seed: data_seed }),
         };
         let pipeline = DataPipeline {
             source,

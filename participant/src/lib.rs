@@ -27,4 +27,4 @@ pub use client::ClientIdentity;
 pub use driver::{LocalData, ParticipantConfig, ParticipantProgress, ParticipantReport, run};
 pub use dropout::TestHooks;
 pub use error::{ParticipantError, Result};
-pub use pipeline::{DataPipeline, DataSource, Encryption};
+pub use pipeline::{BuiltinDigits, DataPath, DataPipeline, DataSource, Encryption};

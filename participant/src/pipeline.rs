@@ -6,6 +6,7 @@
 //! participant's images are the same whichever way it is started.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use greyfed_protocol::cipher::CipherSteps;
 
@@ -16,42 +17,57 @@ use crate::data::{Dataset, DatasetSplits, LoadOptions, ShiftedCopies, load_data}
 use crate::driver::LocalData;
 use crate::error::Result;
 
-/// Where the images come from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum DataSource {
-    /// The built-in synthetic digits (28x28, 10 classes), drawn from `seed`.
-    Builtin {
-        /// Seed of the digits.
-        seed: u64,
-    },
-    /// A dataset on disk in any format [`load_data`] reads (image folder,
-    /// CSV manifest, `.npz`, IDX directory), with its loading options.
-    Path {
-        /// File or directory.
-        path: PathBuf,
-        /// Resizing and the held-out test fraction.
-        options: LoadOptions,
-    },
-}
-
-impl DataSource {
-    /// Loads both splits with their class names.
+/// Where a participant's labelled images come from. greyfed reads image
+/// folders, CSV manifests, `.npz` files and IDX directories ([`DataPath`])
+/// and has built-in digits ([`BuiltinDigits`]); implement this trait to
+/// feed it from anywhere else (a database, a DICOM archive, images made on
+/// the fly). The pipeline shards, augments and encrypts what it returns.
+pub trait DataSource: Send + Sync + std::fmt::Debug {
+    /// Both splits (grey-scale 8-bit images of one size) with the class
+    /// names in label order.
     ///
     /// # Errors
-    /// What [`load_data`] reports, naming the file at fault.
-    pub fn load(&self) -> Result<DatasetSplits> {
-        match self {
-            DataSource::Builtin { seed } => Ok(builtin_splits(*seed)),
-            DataSource::Path { path, options } => load_data(path, options),
-        }
+    /// Why the data cannot be read, naming the file or record at fault.
+    fn load(&self) -> Result<DatasetSplits>;
+
+    /// A short description for logs and run records (a path, `builtin:SEED`).
+    fn describe(&self) -> String;
+}
+
+/// The built-in synthetic digits (28x28, 10 classes), drawn from `seed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuiltinDigits {
+    /// Seed of the digits.
+    pub seed: u64,
+}
+
+impl DataSource for BuiltinDigits {
+    fn load(&self) -> Result<DatasetSplits> {
+        Ok(builtin_splits(self.seed))
     }
 
-    /// `builtin:SEED` or the path, for logs and run records.
-    pub fn describe(&self) -> String {
-        match self {
-            DataSource::Builtin { seed } => format!("builtin:{seed}"),
-            DataSource::Path { path, .. } => path.display().to_string(),
-        }
+    fn describe(&self) -> String {
+        format!("builtin:{}", self.seed)
+    }
+}
+
+/// A dataset on disk in any format [`load_data`] reads (image folder, CSV
+/// manifest, `.npz`, IDX directory), with its loading options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataPath {
+    /// File or directory.
+    pub path: PathBuf,
+    /// Resizing, the held-out test fraction and its seed.
+    pub options: LoadOptions,
+}
+
+impl DataSource for DataPath {
+    fn load(&self) -> Result<DatasetSplits> {
+        load_data(&self.path, &self.options)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
@@ -81,7 +97,7 @@ impl Encryption {
 #[derive(Clone, Debug)]
 pub struct DataPipeline {
     /// Where the images come from.
-    pub source: DataSource,
+    pub source: Arc<dyn DataSource>,
     /// How the training split is divided among participants (the test split
     /// is always divided IID, so that the participants' evaluations cover it
     /// exactly once).
@@ -102,7 +118,7 @@ pub struct DataPipeline {
 impl DataPipeline {
     /// A pipeline over `source` with an IID partition seeded by `seed`, no
     /// limit and no augmentation.
-    pub fn new(source: DataSource, seed: u64) -> Self {
+    pub fn new(source: Arc<dyn DataSource>, seed: u64) -> Self {
         Self {
             source,
             partition: Partition::Iid,
@@ -168,7 +184,7 @@ mod tests {
 
     #[test]
     fn shards_are_disjoint_limited_augmented_and_encrypted_with_the_data_size() {
-        let mut pipeline = DataPipeline::new(DataSource::Builtin { seed: 3 }, 5);
+        let mut pipeline = DataPipeline::new(Arc::new(BuiltinDigits { seed: 3 }), 5);
         let splits = pipeline.source.load().unwrap();
         assert_eq!(splits.classes.len(), 10);
         let (a, test_a) = pipeline.shard(&splits, 0, 2).unwrap();
