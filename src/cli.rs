@@ -1019,7 +1019,7 @@ pub struct PredictArgs {
     /// Classify every image of this dataset: an image folder (every image
     /// file below it, sorted by path), a CSV manifest (its path column, in
     /// order), an IDX directory or a .npz file (train then test images, rows
-    /// named train:I and test:I), or builtin[:SEED] (the built-in digits).
+    /// named train:I and test:I), or `builtin[:SEED]` (the built-in digits).
     #[arg(
         long,
         value_name = "PATH",

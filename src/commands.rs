@@ -31,7 +31,6 @@ use crate::cli::{
     AggregationArg, CoordinatorArgs, DataArgs, OptimizerKind, ParticipantArgs, TrainingArgs,
 };
 use crate::progress::{Display, Event, FederationView, ParticipantView};
-use crate::report::RunFile;
 
 /// The training configuration the arguments describe.
 pub fn training_config(args: &TrainingArgs) -> TrainingConfig {
@@ -237,8 +236,9 @@ pub fn aggregation_kind(arg: AggregationArg) -> AggregationKind {
 }
 
 /// Runs `greyfed coordinator` until the session ends or Ctrl-C, showing
-/// its progress as `display` says, and records its parameters in
-/// `OUT/run.json` ([`RunFile`]).
+/// its progress as `display` says. The coordinator records the run's
+/// settings in `OUT/run.json` itself
+/// ([`greyfed_coordinator::RunRecord`]).
 pub async fn coordinator(args: CoordinatorArgs, display: Display) -> Result<RunReport> {
     let (initial, test_set) = initial_model(&args)?;
     let tls = server_tls(&args)?;
@@ -324,28 +324,8 @@ pub async fn coordinator(args: CoordinatorArgs, display: Display) -> Result<RunR
     }
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
     config.events = Some(events);
-    let run_file = RunFile {
-        greyfed_version: env!("CARGO_PKG_VERSION").to_string(),
-        model: match &config.initial {
-            InitialModel::Fixed { spec, .. } => spec.name().to_string(),
-            InitialModel::ForInput(_) => args.training.model.clone(),
-        },
-        participants: config.participants,
-        min_participants: config.min_participants,
-        seed: config.seed,
-        key_fingerprint: config.key_fingerprint.clone(),
-        central_evaluation: config.central_evaluator.is_some(),
-        resumed: config.resume.is_some(),
-        training: args
-            .training
-            .to_args()
-            .chunks(2)
-            .map(|kv| (kv[0].trim_start_matches('-').to_string(), kv[1].clone()))
-            .collect(),
-    };
     let rounds = config.rounds;
     let coordinator = Coordinator::bind(config)?;
-    run_file.write(&args.out)?;
     let addr = coordinator.local_addr()?;
     if let Some(path) = &args.addr_file {
         // Written atomically so a watcher never reads half an address.

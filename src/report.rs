@@ -1,10 +1,11 @@
 //! `greyfed report RUN_DIR`: a run's plots and one self-contained HTML page.
 //!
 //! Reads what a `greyfed simulate` or `greyfed coordinator` run left in its
-//! output directory: `metrics.jsonl` (required), `run.json` (the parameters,
-//! see [`RunFile`]), `summary.json` (simulations only) and, for the sample
-//! images, the image key (`keys/ca/image.key` of a simulation, or
-//! `--key-file`). Writes into `RUN_DIR/report/` (or `--out`):
+//! output directory: `metrics.jsonl` (required), `run.json` (the run's
+//! settings, a [`RunRecord`] the coordinator writes), `summary.json`
+//! (simulations only) and, for the sample images, the image key
+//! (`keys/ca/image.key` of a simulation, or `--key-file`). Writes into
+//! `RUN_DIR/report/` (or `--out`):
 //!
 //! - `accuracy.png`, `loss.png`, `bytes.png`, `stages.png`, `survivors.png`:
 //!   per-round plots (plotters, bitmap backend, text in an embedded subset of
@@ -19,24 +20,29 @@
 //!
 //! The image key is used only to encrypt the sample images; neither it nor
 //! the TLS keys appear in the report (the key's fingerprint may).
+//!
+//! A `run.json` of an earlier greyfed (training settings as command-line
+//! flag and value strings) is not read: the report then leaves out the
+//! parameters and the sample images and says why, as for a missing one.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use greyfed_coordinator::metrics::RoundRecord;
+use greyfed_coordinator::run_record::{ImageCipher, RunRecord};
+use greyfed_coordinator::strategy::StrategyConfig;
 use greyfed_participant::cipher::ImageKey;
 use greyfed_participant::data::{DatasetSplits, LoadOptions, load_data, synthetic::builtin_splits};
-use greyfed_protocol::cipher::CipherSteps;
 use greyfed_protocol::model_file::ModelFile;
+use greyfed_protocol::{LrSchedule, OptimizerSpec};
 use plotters::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use crate::keygen::files;
 use crate::preview;
 
-/// Name of the parameters file in a run directory ([`RunFile`]).
-pub const RUN_FILE: &str = "run.json";
+/// Name of the run's record in a run directory ([`RunRecord`]).
+pub use greyfed_coordinator::run_record::RUN_FILE;
 /// Name of the metrics file in a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Default report directory inside the run directory.
@@ -59,64 +65,52 @@ const FONT: &str = "sans-serif";
 /// `assets/fonts/LICENSE-DejaVu.txt`).
 static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans-subset.ttf");
 
-/// `RUN_DIR/run.json`: the parameters a coordinator run was started with,
-/// written by `greyfed coordinator` (and so by `greyfed simulate`). Holds no
-/// secret: the image key appears only as its fingerprint.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunFile {
-    /// Version of greyfed that ran.
-    pub greyfed_version: String,
-    /// Architecture, e.g. `blocknet`.
-    pub model: String,
-    /// Participants the coordinator waited for.
-    pub participants: usize,
-    /// Fewest participants a round could start with.
-    pub min_participants: usize,
-    /// Seed of model initialisation and the participants' shuffling.
-    pub seed: u64,
-    /// Fingerprint of the image key participants had to use; empty for
-    /// plain images, absent when the first participant's was taken.
-    pub key_fingerprint: Option<String>,
-    /// Whether the coordinator also evaluated centrally.
-    pub central_evaluation: bool,
-    /// Whether the run continued an interrupted one.
-    pub resumed: bool,
-    /// The training settings as command-line flags and values, in order
-    /// (`rounds`, `local-epochs`, ... `cipher`, `block-size`, ...).
-    pub training: Vec<(String, String)>,
+/// `RUN_DIR/run.json` as the report sees it.
+#[derive(Debug)]
+enum RunJson {
+    /// The run's record.
+    Record(Box<RunRecord>),
+    /// No record to show, and why (e.g. `run.json is missing`).
+    Absent(String),
 }
 
-impl RunFile {
-    /// The value of training flag `name` (without `--`).
-    pub fn training_value(&self, name: &str) -> Option<&str> {
-        self.training
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Writes `dir/run.json`.
+impl RunJson {
+    /// Reads `dir/run.json`.
     ///
     /// # Errors
-    /// When the file cannot be written.
-    pub fn write(&self, dir: &Path) -> Result<()> {
+    /// When the file exists but cannot be read, is not JSON, or is neither
+    /// a run record nor an earlier greyfed's run file.
+    fn read(dir: &Path) -> Result<RunJson> {
         let path = dir.join(RUN_FILE);
-        let json = serde_json::to_string_pretty(self).context("encoding run.json")?;
-        std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(RunJson::Absent(format!("{RUN_FILE} is missing")));
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let not_a_run_file = || format!("{} is not a greyfed run file", path.display());
+        match serde_json::from_str::<RunRecord>(&text) {
+            Ok(record) => Ok(RunJson::Record(Box::new(record))),
+            // Earlier versions wrote the training settings as a list of
+            // (flag, value) pairs.
+            Err(e) => match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(v) if v.get("training").is_some_and(serde_json::Value::is_array) => {
+                    Ok(RunJson::Absent(format!(
+                        "{RUN_FILE} is in an earlier greyfed's format (training settings as \
+                         command-line flags), which is no longer read"
+                    )))
+                }
+                _ => Err(e).with_context(not_a_run_file),
+            },
+        }
     }
 
-    /// Reads `dir/run.json`; `None` when there is none.
-    ///
-    /// # Errors
-    /// When the file exists but cannot be read or parsed.
-    pub fn read(dir: &Path) -> Result<Option<RunFile>> {
-        let path = dir.join(RUN_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a greyfed run file", path.display()))
-                .map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    /// The record, if there is one.
+    fn record(&self) -> Option<&RunRecord> {
+        match self {
+            RunJson::Record(r) => Some(r),
+            RunJson::Absent(_) => None,
         }
     }
 }
@@ -201,7 +195,7 @@ pub fn write_report(run_dir: &Path, options: &ReportOptions) -> Result<ReportFil
         bail!("{} is not a directory", run_dir.display());
     }
     let rounds = read_run_metrics(run_dir)?;
-    let run = RunFile::read(run_dir)?;
+    let run = RunJson::read(run_dir)?;
     let summary = read_summary(run_dir)?;
     let out = options
         .out
@@ -220,11 +214,10 @@ pub fn write_report(run_dir: &Path, options: &ReportOptions) -> Result<ReportFil
             png,
         });
     }
-    let (samples, samples_note) =
-        match sample_grid(run_dir, run.as_ref(), summary.as_ref(), options) {
-            Ok(grid) => (Some(grid), None),
-            Err(e) => (None, Some(format!("{e:#}"))),
-        };
+    let (samples, samples_note) = match sample_grid(run_dir, &run, summary.as_ref(), options) {
+        Ok(grid) => (Some(grid), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     let mut pngs = Vec::new();
     for f in figures.iter().chain(samples.as_ref().map(|s| &s.figure)) {
         let path = out.join(&f.file);
@@ -234,7 +227,7 @@ pub fn write_report(run_dir: &Path, options: &ReportOptions) -> Result<ReportFil
     let html = render_html(
         run_dir,
         &rounds,
-        run.as_ref(),
+        &run,
         summary.as_ref(),
         &figures,
         samples.as_ref(),
@@ -323,11 +316,14 @@ fn read_summary(run_dir: &Path) -> Result<Option<serde_json::Value>> {
 /// The sample grid of the run's cipher, or why there is none.
 fn sample_grid(
     run_dir: &Path,
-    run: Option<&RunFile>,
+    run: &RunJson,
     summary: Option<&serde_json::Value>,
     options: &ReportOptions,
 ) -> Result<Samples> {
-    let run = run.with_context(|| format!("{} is missing: the cipher is unknown", RUN_FILE))?;
+    let run = match run {
+        RunJson::Record(r) => r,
+        RunJson::Absent(why) => bail!("{why}: the cipher is unknown"),
+    };
     let summary_str = |key: &str| summary.and_then(|s| s.get(key)?.as_str().map(String::from));
     let splits = sample_data(options, summary_str("data"))?;
     let test = &splits.test;
@@ -335,8 +331,12 @@ fn sample_grid(
     if count == 0 {
         bail!("the test split is empty");
     }
-    let plain_run = run.key_fingerprint.as_deref() == Some("");
-    if plain_run {
+    let cipher = match (&run.cipher, run.key_fingerprint.as_deref()) {
+        (Some(ImageCipher::Encrypted(spec)), _) => Some(spec),
+        (Some(ImageCipher::Plain), _) | (None, Some("")) => None,
+        (None, _) => bail!("{RUN_FILE} names no cipher: no participant was admitted"),
+    };
+    let Some(cipher) = cipher else {
         let images: Vec<&[u8]> = (0..count).map(|i| test.image(i)).collect();
         let canvas = preview::image_row(&images, test.rows(), test.cols(), SAMPLE_SCALE);
         return Ok(Samples {
@@ -352,17 +352,7 @@ fn sample_grid(
             },
             legend: None,
         });
-    }
-    let cipher: CipherSteps = run
-        .training_value("cipher")
-        .context("run.json does not name the cipher")?
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("run.json: bad cipher: {e}"))?;
-    let block_size: usize = run
-        .training_value("block-size")
-        .context("run.json does not give the block size")?
-        .parse()
-        .context("run.json: bad block size")?;
+    };
     let key_path = options.key_file.clone().unwrap_or_else(|| {
         run_dir
             .join("keys")
@@ -377,21 +367,20 @@ fn sample_grid(
     }
     let key = ImageKey::read_file(&key_path)
         .with_context(|| format!("reading the image key {}", key_path.display()))?;
-    if let Some(expected) = run.key_fingerprint.as_deref()
-        && expected != key.fingerprint()
-    {
+    if cipher.key_id != key.fingerprint() {
         bail!(
-            "the image key {} has fingerprint {} but the run used {expected}",
+            "the image key {} has fingerprint {} but the run used {}",
             key_path.display(),
-            key.fingerprint()
+            key.fingerprint(),
+            cipher.key_id
         );
     }
     let (canvas, legend) = preview::render_preview(
         test,
         &splits.train,
-        &[cipher],
+        &[cipher.steps],
         &key,
-        block_size,
+        cipher.block_size as usize,
         count,
         SAMPLE_KNOWN_PAIRS,
         SAMPLE_SCALE,
@@ -402,10 +391,12 @@ fn sample_grid(
             title: "Sample encrypted images",
             caption: format!(
                 "Top row: {count} plain test images. Bottom row, left to right: the same images \
-                 encrypted with the run's cipher ({cipher}, blocks of {block_size} pixels) as \
+                 encrypted with the run's cipher ({}, blocks of {} pixels) as \
                  participants train on them; what a known-plaintext attack with \
                  {SAMPLE_KNOWN_PAIRS} known pairs of other images decrypts; the ciphertext-only \
                  fold attack's picture. Key fingerprint {}.",
+                cipher.steps,
+                cipher.block_size,
                 key.fingerprint()
             ),
             file: "samples.png".into(),
@@ -1010,11 +1001,116 @@ table.grid th { background: #f0f4f8; }
 .columns { display: flex; gap: 32px; flex-wrap: wrap; align-items: flex-start; }
 ";
 
+/// The "Coordinator" rows of the parameter table.
+fn coordinator_rows(run: &RunRecord) -> Vec<(String, String)> {
+    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
+    let fingerprint = match (run.key_fingerprint.as_deref(), &run.cipher) {
+        (Some(""), _) | (None, Some(ImageCipher::Plain)) => "none (plain images)".into(),
+        (Some(fp), _) => fp.to_string(),
+        (None, Some(ImageCipher::Encrypted(spec))) => {
+            format!("{} (the first participant's)", spec.key_id)
+        }
+        (None, None) => "the first participant's".into(),
+    };
+    vec![
+        ("greyfed version".into(), run.greyfed_version.clone()),
+        (
+            "model".into(),
+            run.model.as_ref().map_or_else(
+                || "built for the participants' input (nobody admitted)".into(),
+                |m| m.name().to_string(),
+            ),
+        ),
+        ("participants".into(), run.participants.to_string()),
+        ("min participants".into(), run.min_participants.to_string()),
+        ("seed".into(), run.seed.to_string()),
+        ("image key fingerprint".into(), fingerprint),
+        ("central evaluation".into(), yes_no(run.central_evaluation)),
+        ("resumed".into(), yes_no(run.resumed)),
+    ]
+}
+
+/// The "Training" rows of the parameter table, labelled with the
+/// command-line flags that set them (only those that apply: `--momentum`
+/// for SGD, `--warmup` for warmup-cosine, ...).
+fn training_rows(run: &RunRecord) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut row = |flag: &str, value: String| rows.push((format!("--{flag}"), value));
+    let t = &run.training;
+    row("rounds", run.rounds.to_string());
+    row("local-epochs", t.local_epochs.to_string());
+    row("batch-size", t.batch_size.to_string());
+    match t.optimizer {
+        OptimizerSpec::Sgd { lr, momentum } => {
+            row("optimizer", "sgd".into());
+            row("lr", lr.to_string());
+            row("momentum", momentum.to_string());
+        }
+        OptimizerSpec::Adam { lr } => {
+            row("optimizer", "adam".into());
+            row("lr", lr.to_string());
+        }
+        OptimizerSpec::AdamW { lr, weight_decay } => {
+            row("optimizer", "adamw".into());
+            row("lr", lr.to_string());
+            row("weight-decay", weight_decay.to_string());
+        }
+        other => row("optimizer", format!("{other:?}")),
+    }
+    row("lr-schedule", t.lr_schedule.name().into());
+    if let LrSchedule::WarmupCosine { warmup_permille } = t.lr_schedule {
+        row("warmup", (f32::from(warmup_permille) / 1000.0).to_string());
+    }
+    match &run.cipher {
+        Some(ImageCipher::Encrypted(spec)) => {
+            row("block-size", spec.block_size.to_string());
+            row("cipher", spec.steps.to_string());
+        }
+        Some(ImageCipher::Plain) => row("cipher", "plain".into()),
+        None => {}
+    }
+    let fedprox = t.proximal_mu > 0.0;
+    match run.strategy {
+        StrategyConfig::FedAvg { server_lr } => {
+            row(
+                "strategy",
+                if fedprox { "fedprox" } else { "fedavg" }.into(),
+            );
+            row("server-lr", server_lr.to_string());
+        }
+        StrategyConfig::FedAvgM {
+            server_lr,
+            momentum,
+        } => {
+            row("strategy", "fedavgm".into());
+            row("server-lr", server_lr.to_string());
+            row("server-momentum", momentum.to_string());
+        }
+        StrategyConfig::FedAdam { server_lr, .. } => {
+            row("strategy", "fedadam".into());
+            row("server-lr", server_lr.to_string());
+        }
+        other => row("strategy", format!("{other:?}")),
+    }
+    if fedprox {
+        row("proximal-mu", t.proximal_mu.to_string());
+    }
+    row("aggregation", run.aggregation.name().into());
+    row("secagg-clip", run.secagg.clip.to_string());
+    row("secagg-bits", run.secagg.bits.to_string());
+    row("dropout-bound", run.secagg.dropout_fraction.to_string());
+    row("stage-timeout", run.timeouts.stage_secs.to_string());
+    row("round-timeout", run.timeouts.round_secs.to_string());
+    row("cohort-fraction", run.selection.fraction.to_string());
+    row("min-cohort", run.selection.minimum.to_string());
+    rows
+}
+
 #[allow(clippy::too_many_arguments)]
 fn render_html(
     run_dir: &Path,
     rounds: &[RoundRecord],
-    run: Option<&RunFile>,
+    run: &RunJson,
     summary: Option<&serde_json::Value>,
     figures: &[Figure],
     samples: Option<&Samples>,
@@ -1042,8 +1138,9 @@ fn render_html(
     // Summary cards.
     let last = rounds.last();
     let planned = run
-        .and_then(|r| r.training_value("rounds"))
-        .and_then(|v| v.parse::<u32>().ok())
+        .record()
+        .map(|r| r.rounds)
+        .filter(|&r| r > 0)
         .or_else(|| {
             summary
                 .and_then(|v| v.get("rounds_planned")?.as_u64())
@@ -1091,46 +1188,18 @@ fn render_html(
     // Parameters.
     s.push_str("<section id=\"parameters\">\n<h2>Run parameters</h2>\n<div class=\"columns\">\n");
     match run {
-        Some(run) => {
-            let mut rows = vec![
-                ("greyfed version".to_string(), run.greyfed_version.clone()),
-                ("model".into(), run.model.clone()),
-                ("participants".into(), run.participants.to_string()),
-                ("min participants".into(), run.min_participants.to_string()),
-                ("seed".into(), run.seed.to_string()),
-                (
-                    "image key fingerprint".into(),
-                    match run.key_fingerprint.as_deref() {
-                        Some("") => "none (plain images)".into(),
-                        Some(fp) => fp.to_string(),
-                        None => "the first participant's".into(),
-                    },
-                ),
-                (
-                    "central evaluation".into(),
-                    if run.central_evaluation { "yes" } else { "no" }.into(),
-                ),
-                (
-                    "resumed".into(),
-                    if run.resumed { "yes" } else { "no" }.into(),
-                ),
-            ];
+        RunJson::Record(run) => {
             s.push_str("<div>\n<h3>Coordinator</h3>\n");
-            s.push_str(&kv_table(&rows));
+            s.push_str(&kv_table(&coordinator_rows(run)));
             s.push_str("</div>\n<div>\n<h3>Training</h3>\n");
-            rows = run
-                .training
-                .iter()
-                .map(|(k, v)| (format!("--{k}"), v.clone()))
-                .collect();
-            s.push_str(&kv_table(&rows));
+            s.push_str(&kv_table(&training_rows(run)));
             s.push_str("</div>\n");
         }
-        None => {
+        RunJson::Absent(why) => {
             let _ = writeln!(
                 s,
-                "<p class=\"note\">{} is missing: the run's parameters were not recorded.</p>",
-                RUN_FILE
+                "<p class=\"note\">{}: the run&#39;s parameters are not shown.</p>",
+                esc(why)
             );
         }
     }
@@ -1356,6 +1425,72 @@ mod tests {
             write_report(dir.path(), &ReportOptions::default()).unwrap_err()
         );
         assert!(err.contains("is not a greyfed run file"), "{err}");
+    }
+
+    #[test]
+    fn a_run_json_of_an_earlier_greyfed_is_left_out_with_a_note() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(METRICS_FILE), line(1)).unwrap();
+        std::fs::write(
+            dir.path().join(RUN_FILE),
+            r#"{"greyfed_version": "0.1.0", "model": "blocknet", "participants": 4,
+                "min_participants": 2, "seed": 0, "key_fingerprint": "fa0449459ef07b84",
+                "central_evaluation": false, "resumed": false,
+                "training": [["rounds", "4"], ["block-size", "4"], ["cipher", "block"]]}"#,
+        )
+        .unwrap();
+        let files = write_report(dir.path(), &ReportOptions::default()).unwrap();
+        let note = files.samples_note.unwrap();
+        assert!(
+            note.contains("earlier greyfed's format") && note.contains("the cipher is unknown"),
+            "{note}"
+        );
+        let html = std::fs::read_to_string(files.html).unwrap();
+        assert!(
+            html.contains("the run&#39;s parameters are not shown"),
+            "parameters"
+        );
+        assert!(!html.contains("<h3>Training</h3>"));
+    }
+
+    #[test]
+    fn the_parameter_rows_show_the_settings_that_apply() {
+        let text = include_str!("../tests/data/recorded-run/run.json");
+        let mut run: RunRecord = serde_json::from_str(text).unwrap();
+        let rows = training_rows(&run);
+        let value = |rows: &[(String, String)], k: &str| {
+            rows.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        for (flag, v) in [
+            ("--rounds", "4"),
+            ("--optimizer", "sgd"),
+            ("--lr", "0.1"),
+            ("--momentum", "0.9"),
+            ("--cipher", "block"),
+            ("--block-size", "4"),
+            ("--strategy", "fedavg"),
+            ("--aggregation", "secagg+"),
+            ("--stage-timeout", "60"),
+            ("--min-cohort", "2"),
+        ] {
+            assert_eq!(value(&rows, flag).as_deref(), Some(v), "{flag}");
+        }
+        assert_eq!(value(&rows, "--weight-decay"), None, "only for adamw");
+        run.training.proximal_mu = 0.01;
+        run.cipher = Some(ImageCipher::Plain);
+        run.key_fingerprint = None;
+        let rows = training_rows(&run);
+        assert_eq!(value(&rows, "--strategy").as_deref(), Some("fedprox"));
+        assert_eq!(value(&rows, "--proximal-mu").as_deref(), Some("0.01"));
+        assert_eq!(value(&rows, "--cipher").as_deref(), Some("plain"));
+        assert_eq!(value(&rows, "--block-size"), None);
+        let rows = coordinator_rows(&run);
+        assert_eq!(
+            value(&rows, "image key fingerprint").as_deref(),
+            Some("none (plain images)")
+        );
     }
 
     #[test]

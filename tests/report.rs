@@ -9,12 +9,13 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::greyfed;
-use greyfed::report::{RunFile, base64};
+use greyfed::report::base64;
+use greyfed_coordinator::run_record::{ImageCipher, RunRecord};
 use greyfed_participant::cipher::ImageKey;
 
 /// The recorded run copied into a fresh directory, with a fresh image key in
-/// `keys/ca/image.key` whose fingerprint `run.json` is made to name (the
-/// recording's own key is not kept).
+/// `keys/ca/image.key` whose fingerprint `run.json`'s cipher is made to
+/// name (the recording's own key is not kept).
 fn recorded_run() -> (tempfile::TempDir, ImageKey) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/recorded-run");
     let dir = tempfile::tempdir().unwrap();
@@ -25,8 +26,12 @@ fn recorded_run() -> (tempfile::TempDir, ImageKey) {
     std::fs::create_dir_all(dir.path().join("keys/ca")).unwrap();
     key.write_file(dir.path().join("keys/ca/image.key"))
         .unwrap();
-    let mut run = RunFile::read(dir.path()).unwrap().unwrap();
+    let mut run = RunRecord::read(dir.path()).unwrap().unwrap();
     run.key_fingerprint = Some(key.fingerprint());
+    let Some(ImageCipher::Encrypted(cipher)) = &mut run.cipher else {
+        panic!("the recorded run is encrypted: {:?}", run.cipher)
+    };
+    cipher.key_id = key.fingerprint();
     run.write(dir.path()).unwrap();
     (dir, key)
 }

@@ -1,7 +1,8 @@
 //! Crash recovery with real processes on loopback: the coordinator is
 //! SIGKILLed after two completed rounds and restarted with `--resume` on the
 //! same address. The participants reconnect on their own; training finishes
-//! all rounds, and no completed round is lost or recorded twice.
+//! all rounds, and no completed round is lost or recorded twice. The run's
+//! record (`OUT/run.json`) is the one its checkpoint keeps.
 
 use std::path::Path;
 use std::process::Child;
@@ -10,7 +11,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{coordinator_tls, deployment, greyfed, participant_tls, wait_timeout};
+use greyfed_coordinator::Checkpoint;
 use greyfed_coordinator::metrics::read_metrics;
+use greyfed_coordinator::run_record::{ImageCipher, RunRecord};
 use greyfed_protocol::ModelWeights;
 
 /// A loopback UDP port that was free a moment ago.
@@ -82,6 +85,18 @@ fn a_killed_coordinator_resumes_and_no_round_is_lost_or_repeated() {
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
     let before = rounds_in(&metrics);
+    // The coordinator wrote its record, completed at the first admission,
+    // and its checkpoint keeps the same one.
+    let out = dir.join("out");
+    let record = RunRecord::read(&out).unwrap().expect("run.json");
+    assert_eq!((record.participants, record.rounds), (3, 4));
+    assert!(record.model.is_some() && !record.resumed, "{record:?}");
+    assert_eq!(record.cipher, Some(ImageCipher::Plain));
+    assert_eq!(record.training.local_epochs, 1);
+    let checkpoint = Checkpoint::load(&Checkpoint::dir_in(&out))
+        .unwrap()
+        .unwrap();
+    assert_eq!(checkpoint.settings.as_ref(), Some(&record));
 
     let mut second = coordinator(dir, &addr, "coordinator-2.log", true);
     let ok = wait_timeout(&mut second, Duration::from_secs(120));
@@ -91,6 +106,9 @@ fn a_killed_coordinator_resumes_and_no_round_is_lost_or_repeated() {
         "resumed coordinator failed (killed after {before:?}):\n{logs}"
     );
     assert!(logs.contains("resuming from"), "{logs}");
+    let resumed = RunRecord::read(&out).unwrap().unwrap();
+    assert!(resumed.resumed);
+    assert!(resumed.differences(&record).is_empty());
     assert_eq!(
         rounds_in(&metrics),
         vec![1, 2, 3, 4],

@@ -5,11 +5,12 @@
 //! Layout of the directory:
 //! - `model-R.safetensors`: the global model after round `R`, with
 //!   `greyfed.rounds_completed = R` in its metadata;
-//! - `state.json`: rounds completed and planned, the run's settings, the
-//!   strategy's buffers, the metrics records and the name of the model file.
+//! - `state.json`: rounds completed and planned, the run's record
+//!   ([`RunRecord`], the same as `OUT/run.json`), the strategy's buffers,
+//!   the metrics records and the name of the model file.
 //!
 //! A run resumes only with the settings it was started with
-//! ([`RunSettings`]); the number of rounds may grow.
+//! ([`RunRecord::differences`]); the number of rounds may grow.
 //!
 //! Every file is written to a temporary name and renamed into place, and
 //! `state.json` is written last: a crash at any point leaves either the old
@@ -19,75 +20,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use greyfed_protocol::ModelWeights;
 use greyfed_protocol::weights::ROUNDS_METADATA;
-use greyfed_protocol::{AggregationKind, ModelSpec, ModelWeights, TrainingConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordinatorError, Result};
 use crate::metrics::RoundRecord;
-use crate::strategy::StrategyConfig;
-
-/// The settings that shape a run's models: a resumed run must use the same
-/// ones, or its rounds would not continue the interrupted run's.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunSettings {
-    /// Architecture (`None`: not fixed yet, built for the participants'
-    /// input).
-    #[serde(default)]
-    pub model: Option<ModelSpec>,
-    /// Class names in label order (empty: not known yet).
-    #[serde(default)]
-    pub classes: Vec<String>,
-    /// Local training settings.
-    pub training: TrainingConfig,
-    /// Server strategy.
-    pub strategy: StrategyConfig,
-    /// Aggregation scheme.
-    pub aggregation: AggregationKind,
-    /// Seed of the participants' per-round seeds and of selection.
-    pub seed: u64,
-}
-
-impl RunSettings {
-    /// One line per setting that differs: `name: here → there`.
-    pub fn differences(&self, there: &RunSettings) -> Vec<String> {
-        let mut d = Vec::new();
-        let mut cmp = |name: &str, a: String, b: String| {
-            if a != b {
-                d.push(format!("{name}: {a} → {b}"));
-            }
-        };
-        // What is not fixed on one side is not compared: a run whose
-        // model is built for the participants' input learns it later.
-        if let (Some(a), Some(b)) = (&self.model, &there.model) {
-            cmp("model", format!("{a:?}"), format!("{b:?}"));
-        }
-        if !self.classes.is_empty() && !there.classes.is_empty() {
-            cmp(
-                "classes",
-                format!("{:?}", self.classes),
-                format!("{:?}", there.classes),
-            );
-        }
-        cmp(
-            "training",
-            format!("{:?}", self.training),
-            format!("{:?}", there.training),
-        );
-        cmp(
-            "strategy",
-            format!("{:?}", self.strategy),
-            format!("{:?}", there.strategy),
-        );
-        cmp(
-            "aggregation",
-            self.aggregation.name().to_string(),
-            there.aggregation.name().to_string(),
-        );
-        cmp("seed", self.seed.to_string(), there.seed.to_string());
-        d
-    }
-}
+use crate::run_record::RunRecord;
 
 /// Name of the checkpoint directory inside the coordinator's `--out`.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
@@ -101,8 +40,10 @@ pub struct Checkpoint {
     pub rounds_completed: u32,
     /// Rounds the interrupted run planned.
     pub rounds_planned: u32,
-    /// The settings of the run (absent in checkpoints of older versions).
-    pub settings: Option<RunSettings>,
+    /// The record of the run, with the model and classes once known
+    /// (absent in checkpoints of older versions; partial in some, see
+    /// [`RunRecord`]).
+    pub settings: Option<RunRecord>,
     /// The global model after round `rounds_completed`.
     pub global: ModelWeights,
     /// The strategy's buffers ([`crate::strategy::Strategy::state`]).
@@ -117,7 +58,7 @@ struct StateFile {
     rounds_completed: u32,
     rounds_planned: u32,
     #[serde(default)]
-    settings: Option<RunSettings>,
+    settings: Option<RunRecord>,
     /// File name of the model, inside the checkpoint directory.
     model_file: String,
     strategy_state: Vec<Vec<f32>>,
@@ -280,22 +221,11 @@ mod tests {
         }
     }
 
-    fn settings() -> RunSettings {
-        RunSettings {
-            model: Some(ModelSpec::blocknet_28x28(4)),
-            classes: (0..10).map(|c| c.to_string()).collect(),
-            training: TrainingConfig::default(),
-            strategy: StrategyConfig::default(),
-            aggregation: AggregationKind::SecAgg { full: false },
-            seed: 3,
-        }
-    }
-
     fn checkpoint(rounds: u32) -> Checkpoint {
         Checkpoint {
             rounds_completed: rounds,
             rounds_planned: 4,
-            settings: Some(settings()),
+            settings: Some(crate::run_record::tests::record()),
             global: ModelWeights::new(vec![
                 NamedTensor::new("w", vec![3], vec![0.1, -2.5e-7, 3.0]).unwrap(),
             ])
@@ -317,21 +247,52 @@ mod tests {
     }
 
     #[test]
-    fn settings_differences_name_each_changed_setting() {
-        let a = settings();
-        assert!(a.differences(&a.clone()).is_empty());
-        let mut b = a.clone();
-        b.strategy = StrategyConfig::FedAvgM {
-            server_lr: 1.0,
-            momentum: 0.9,
-        };
-        b.seed = 4;
-        b.aggregation = AggregationKind::Plain;
-        let d = a.differences(&b);
-        assert_eq!(d.len(), 3, "{d:?}");
-        assert!(d[0].starts_with("strategy: FedAvg"), "{d:?}");
-        assert_eq!(d[1], "aggregation: secagg+ → plain");
-        assert_eq!(d[2], "seed: 3 → 4");
+    fn the_checkpoint_keeps_the_record_that_run_json_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = checkpoint(2);
+        let record = cp.settings.clone().unwrap();
+        record.write(dir.path()).unwrap();
+        cp.save(&Checkpoint::dir_in(dir.path())).unwrap();
+        let loaded = Checkpoint::load(&Checkpoint::dir_in(dir.path()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(loaded.settings.as_ref(), Some(&record));
+        assert_eq!(RunRecord::read(dir.path()).unwrap(), loaded.settings);
+    }
+
+    #[test]
+    fn a_checkpoint_with_the_previous_settings_loads_and_compares() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = checkpoint(1);
+        cp.save(dir.path()).unwrap();
+        // As the previous version wrote it: only the six settings that
+        // shape the models.
+        let path = dir.path().join(STATE_FILE);
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let settings = state["settings"].as_object_mut().unwrap();
+        settings.retain(|k, _| {
+            [
+                "model",
+                "classes",
+                "training",
+                "strategy",
+                "aggregation",
+                "seed",
+            ]
+            .contains(&k.as_str())
+        });
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+        let old = Checkpoint::load(dir.path())
+            .unwrap()
+            .unwrap()
+            .settings
+            .unwrap();
+        let now = cp.settings.unwrap();
+        assert_eq!((old.participants, old.cipher.as_ref()), (0, None));
+        assert!(old.differences(&now).is_empty());
+        let changed = RunRecord { seed: 9, ..now };
+        assert_eq!(old.differences(&changed), ["seed: 3 → 9"]);
     }
 
     #[test]

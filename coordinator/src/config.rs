@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use crate::{
     central::CentralEvaluator,
-    checkpoint::{Checkpoint, RunSettings},
+    checkpoint::Checkpoint,
     events::EventSender,
+    run_record::{RunRecord, SecAggRecord, SelectionRecord, TimeoutRecord},
     strategy::StrategyConfig,
     tls::ServerTls,
 };
@@ -79,22 +80,40 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    /// The settings a checkpoint records and a resumed run must match
-    /// (the model and classes only when fixed in advance).
-    pub fn settings(&self) -> RunSettings {
+    /// The run's record (`OUT/run.json` and every checkpoint's settings;
+    /// see [`crate::run_record`]) as far as the configuration knows it: the
+    /// model and classes only when fixed in advance, no cipher (the first
+    /// admitted participant fixes it). [`crate::Coordinator::run`] fills
+    /// in the rest from the session.
+    pub fn record(&self) -> RunRecord {
         let (model, classes) = match &self.initial {
             InitialModel::Fixed { spec, classes, .. } => {
                 (Some(spec.clone()), classes.clone().unwrap_or_default())
             }
             InitialModel::ForInput(_) => (None, Vec::new()),
         };
-        RunSettings {
+        RunRecord {
+            greyfed_version: env!("CARGO_PKG_VERSION").to_string(),
             model,
             classes,
             training: self.training.clone(),
             strategy: self.strategy,
             aggregation: self.aggregation,
             seed: self.seed,
+            rounds: self.rounds,
+            participants: self.participants,
+            min_participants: self.min_participants.max(1),
+            selection: SelectionRecord::from(self.selection),
+            secagg: SecAggRecord::from(&self.secagg),
+            timeouts: TimeoutRecord::new(
+                self.secagg.stage_timeout,
+                self.round_timeout,
+                self.join_timeout,
+            ),
+            key_fingerprint: self.key_fingerprint.clone(),
+            cipher: None,
+            central_evaluation: self.central_evaluator.is_some(),
+            resumed: self.resume.is_some(),
         }
     }
 

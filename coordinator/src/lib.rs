@@ -15,6 +15,8 @@
 //! - [`server`]: the QUIC endpoint and the driver loop ([`Coordinator`]);
 //!   its connections (authenticated peers, reader and writer tasks) are in
 //!   the private `connection` module.
+//! - [`run_record`]: the run's settings as one typed record,
+//!   [`RunRecord`], written to `OUT/run.json` and kept in checkpoints.
 //! - [`strategy`]: FedAvg and friends.
 //! - [`metrics`]: `metrics.jsonl` records.
 //! - [`pki`]: the deployment CA, certificate issuance, fingerprints and the
@@ -30,6 +32,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod pki;
+pub mod run_record;
 pub mod server;
 pub mod strategy;
 pub mod tls;
@@ -38,4 +41,5 @@ pub use checkpoint::Checkpoint;
 pub use config::CoordinatorConfig;
 pub use error::{CoordinatorError, Result};
 pub use events::CoordinatorEvent;
+pub use run_record::RunRecord;
 pub use server::{Coordinator, RunReport};

@@ -37,12 +37,13 @@ use tracing::{debug, info, warn};
 
 use crate::{
     central::CentralEvaluator,
-    checkpoint::{Checkpoint, RunSettings},
+    checkpoint::Checkpoint,
     config::CoordinatorConfig,
     connection::{Inbound, LINGER, Outbound, accept_loop, close_code},
     error::{CoordinatorError, Result},
     events::{CoordinatorEvent, EventSender},
     metrics::{MetricsWriter, RoundRecord},
+    run_record::{ImageCipher, RunRecord},
     strategy::Strategy,
     tls,
 };
@@ -105,7 +106,7 @@ impl Coordinator {
             }
             match &cp.settings {
                 Some(s) => {
-                    let diffs = s.differences(&config.settings());
+                    let diffs = s.differences(&config.record());
                     if !diffs.is_empty() {
                         return Err(CoordinatorError::Checkpoint(format!(
                             "the checkpoint was written with other settings; resume with the \
@@ -143,10 +144,14 @@ impl Coordinator {
 
     /// Runs the session to its end or until `shutdown` completes.
     ///
+    /// Writes the run's record to `OUT/run.json` when it starts, and again
+    /// when the first admitted participant fixes the model, classes or
+    /// cipher (see [`crate::run_record`]).
+    ///
     /// # Errors
     /// [`CoordinatorError::Aborted`] when too few participants remain,
     /// [`CoordinatorError::Interrupted`] on shutdown, I/O errors writing
-    /// metrics or the model.
+    /// `run.json`, metrics, checkpoints or the model.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
         let Coordinator { endpoint, config } = self;
         let started = Instant::now();
@@ -179,6 +184,9 @@ impl Coordinator {
             build_aggregator(&config, session_id)?,
             started,
         )?;
+        let mut record = config.record();
+        learn_from_session(&mut record, &session);
+        record.write(&config.out_dir)?;
         let mut strategy = config.strategy.build();
         let mut metrics = MetricsWriter::create(&config.out_dir.join("metrics.jsonl"))?;
         let mut records = Vec::new();
@@ -220,7 +228,8 @@ impl Coordinator {
             round_start: BTreeMap::new(),
             dump_aggregates: config.dump_aggregates.clone(),
             central_evaluator: config.central_evaluator.clone(),
-            settings: config.settings(),
+            record,
+            out_dir: config.out_dir.clone(),
             round_bytes: BTreeMap::new(),
             max_frame: config.max_frame,
             events: config.events.clone(),
@@ -274,8 +283,10 @@ struct Driver {
     round_start: BTreeMap<u32, Instant>,
     dump_aggregates: Option<PathBuf>,
     central_evaluator: Option<Arc<dyn CentralEvaluator>>,
-    /// What every checkpoint records as the run's settings.
-    settings: RunSettings,
+    /// The run's record: `OUT/run.json` and every checkpoint's settings.
+    record: RunRecord,
+    /// Where `run.json` is rewritten when the record learns more.
+    out_dir: PathBuf,
     /// Frame bytes (up, down) by the round in progress when they crossed.
     round_bytes: BTreeMap<u32, (u64, u64)>,
     max_frame: usize,
@@ -292,6 +303,16 @@ impl Driver {
         if let Some(tx) = &self.events {
             let _ = tx.send(event);
         }
+    }
+
+    /// Completes the record with what the session learnt (see
+    /// [`learn_from_session`]) and rewrites `run.json` when that changed it.
+    fn update_record(&mut self) -> Result<()> {
+        if learn_from_session(&mut self.record, &self.session) {
+            self.record.write(&self.out_dir)?;
+            debug!("run.json updated");
+        }
+        Ok(())
     }
 
     /// Sends the session's progress when it changed since the last call.
@@ -441,6 +462,7 @@ impl Driver {
             };
             match ev {
                 SessionEvent::Joined { id, identity } => {
+                    self.update_record()?;
                     info!(
                         id,
                         identity,
@@ -597,18 +619,11 @@ impl Driver {
         self.metrics.append(&record)?;
         self.emit(CoordinatorEvent::RoundCompleted(record.clone()));
         self.records.push(record);
+        self.update_record()?;
         Checkpoint {
             rounds_completed: self.session.rounds_completed(),
             rounds_planned: self.rounds_planned,
-            settings: Some(RunSettings {
-                model: self.session.model().cloned(),
-                classes: self
-                    .session
-                    .classes()
-                    .map(<[String]>::to_vec)
-                    .unwrap_or_default(),
-                ..self.settings.clone()
-            }),
+            settings: Some(self.record.clone()),
             global: round_global(&self.session)?.clone(),
             strategy_state: self.strategy.state(),
             records: self.records.clone(),
@@ -663,6 +678,33 @@ fn model_file(session: &CoordinatorSession) -> Option<ModelFile> {
         rounds_completed: session.rounds_completed(),
         weights: session.global()?.clone(),
     })
+}
+
+/// Fills in what `session` knows and `record` does not yet: the model and
+/// classes (fixed at the first admission when built for the participants'
+/// input) and the participants' cipher. Returns whether `record` changed.
+fn learn_from_session(record: &mut RunRecord, session: &CoordinatorSession) -> bool {
+    let mut changed = false;
+    if let Some(spec) = session.model()
+        && record.model.as_ref() != Some(spec)
+    {
+        record.model = Some(spec.clone());
+        changed = true;
+    }
+    if let Some(classes) = session.classes()
+        && record.classes != classes
+    {
+        record.classes = classes.to_vec();
+        changed = true;
+    }
+    if let Some(cipher) = session.cipher() {
+        let cipher = ImageCipher::from(cipher.clone());
+        if record.cipher.as_ref() != Some(&cipher) {
+            record.cipher = Some(cipher);
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// Where a session starts when resuming: the checkpoint's model, with the

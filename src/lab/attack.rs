@@ -1,4 +1,4 @@
-//! Attacks on the image cipher ([`crate::cipher`]), for measuring what it
+//! Attacks on the image cipher ([`greyfed_participant::cipher`]), for measuring what it
 //! hides.
 //!
 //! # The model attacked
@@ -28,7 +28,7 @@
 //!
 //! On real MNIST digits (the project's `mnist-10k` set: known pairs from the
 //! training split, 500 held-out test images), block size `B = 4`, with
-//! random tables built the way [`crate::cipher`] builds them (one table per
+//! random tables built the way [`greyfed_participant::cipher`] builds them (one table per
 //! mode; rotate/flip left out, as the in-block shuffle already covers it).
 //!
 //! Known-plaintext attack, by number `K` of known pairs. "Unique" is

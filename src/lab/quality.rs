@@ -1,6 +1,6 @@
 //! Image-quality metrics on 8-bit grey images: MSE, PSNR and SSIM.
 //!
-//! They measure how much of a plain image an attack ([`crate::attack`])
+//! They measure how much of a plain image an attack ([`super::attack`])
 //! recovers: PSNR is infinite for an exact recovery, SSIM is 1 for identical
 //! images, near 0 for unrelated ones and negative for inverted structure.
 //!
