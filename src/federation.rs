@@ -26,7 +26,7 @@ use greyfed_coordinator::{
     Coordinator, CoordinatorConfig,
     metrics::RoundRecord,
     pki::{DeploymentPki, Validity},
-    strategy::StrategyConfig,
+    strategy::{StrategyConfig, StrategyFactory},
     tls::ServerTls,
 };
 use greyfed_participant::{
@@ -55,6 +55,7 @@ impl Federation {
             rounds: 2,
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
+            custom_strategy: None,
             block_size: 4,
             cipher: CipherSteps::block(),
             model: None,
@@ -86,6 +87,7 @@ pub struct FederationBuilder {
     rounds: u32,
     training: TrainingConfig,
     strategy: StrategyConfig,
+    custom_strategy: Option<Arc<dyn StrategyFactory>>,
     block_size: u32,
     cipher: CipherSteps,
     model: Option<ModelSpec>,
@@ -128,6 +130,11 @@ impl FederationBuilder {
     /// Server strategy (default: FedAvg).
     pub fn strategy(mut self, s: StrategyConfig) -> Self {
         self.strategy = s;
+        self
+    }
+    /// A server strategy of your own, used instead of [`strategy`](Self::strategy).
+    pub fn custom_strategy(mut self, factory: Arc<dyn StrategyFactory>) -> Self {
+        self.custom_strategy = Some(factory);
         self
     }
     /// Block size of model and cipher.
@@ -317,6 +324,7 @@ impl FederationBuilder {
         config.rounds = self.rounds;
         config.training = self.training.clone();
         config.strategy = self.strategy;
+        config.custom_strategy = self.custom_strategy.clone();
         config.round_timeout = self.round_timeout;
         config.aggregation = self.aggregation;
         config.secagg.stage_timeout = self.round_timeout / 5;

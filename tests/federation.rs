@@ -342,3 +342,69 @@ async fn a_federation_on_encrypted_images_follows_the_plain_federation() {
         );
     }
 }
+
+/// A server strategy of the caller's own replaces the built-in ones: one
+/// that keeps the global model as it is leaves the initial model untouched
+/// however much the participants train, and it is built once per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_strategy_decides_the_next_global_model() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use greyfed_coordinator::strategy::{Strategy, StrategyFactory};
+    use greyfed_protocol::ProtocolError;
+
+    #[derive(Debug, Default)]
+    struct Frozen {
+        built: AtomicUsize,
+        applied: Arc<AtomicUsize>,
+    }
+    struct Keep(Arc<AtomicUsize>);
+    impl Strategy for Keep {
+        fn apply(
+            &mut self,
+            global: &ModelWeights,
+            mean_update: &[f32],
+        ) -> Result<ModelWeights, ProtocolError> {
+            assert_eq!(mean_update.len(), global.num_parameters());
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(global.clone())
+        }
+        fn state(&self) -> Vec<Vec<f32>> {
+            Vec::new()
+        }
+        fn restore(&mut self, _: Vec<Vec<f32>>) -> Result<(), ProtocolError> {
+            Ok(())
+        }
+    }
+    impl StrategyFactory for Frozen {
+        fn name(&self) -> &str {
+            "frozen"
+        }
+        fn build(&self) -> Box<dyn Strategy> {
+            self.built.fetch_add(1, Ordering::SeqCst);
+            Box::new(Keep(self.applied.clone()))
+        }
+    }
+
+    let spec = ModelSpec::blocknet_28x28(4);
+    let init = greyfed_participant::model::init_weights(&spec, 5).unwrap();
+    let frozen = Arc::new(Frozen::default());
+    let report = Federation::builder()
+        .participants(3)
+        .rounds(2)
+        .max_train_samples(300)
+        .model(spec)
+        .initial_weights(init.clone())
+        .custom_strategy(frozen.clone())
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.rounds.len(), 2);
+    assert_eq!(frozen.built.load(Ordering::SeqCst), 1);
+    assert_eq!(frozen.applied.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        report.final_model, init,
+        "the strategy kept the initial model"
+    );
+}

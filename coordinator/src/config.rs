@@ -18,7 +18,7 @@ use crate::{
     checkpoint::Checkpoint,
     events::EventSender,
     run_record::{RunRecord, SecAggRecord, SelectionRecord, TimeoutRecord},
-    strategy::StrategyConfig,
+    strategy::{StrategyConfig, StrategyFactory},
     tls::ServerTls,
 };
 
@@ -45,6 +45,9 @@ pub struct CoordinatorConfig {
     pub training: TrainingConfig,
     /// How the mean update becomes the next global model.
     pub strategy: StrategyConfig,
+    /// A strategy of the user's own, used instead of `strategy` when set
+    /// (the run record names it).
+    pub custom_strategy: Option<Arc<dyn StrategyFactory>>,
     /// How updates are summed: secure aggregation (default, SecAgg+) or plain.
     pub aggregation: AggregationKind,
     /// Secure-aggregation parameters (clipping, bits, dropout and corrupt
@@ -98,6 +101,7 @@ impl CoordinatorConfig {
             classes,
             training: self.training.clone(),
             strategy: self.strategy,
+            custom_strategy: self.custom_strategy.as_ref().map(|f| f.name().to_string()),
             aggregation: self.aggregation,
             seed: self.seed,
             rounds: self.rounds,
@@ -156,6 +160,7 @@ impl CoordinatorConfig {
             initial,
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
+            custom_strategy: None,
             aggregation: AggregationKind::SecAgg { full: false },
             secagg: SecAggConfig::new(0, [0; 32]),
             round_timeout: Duration::from_secs(600),

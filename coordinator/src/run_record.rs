@@ -55,6 +55,10 @@ pub struct RunRecord {
     pub training: TrainingConfig,
     /// How the mean update becomes the next global model.
     pub strategy: StrategyConfig,
+    /// The name of a strategy of the user's own that replaced `strategy`
+    /// ([`crate::strategy::StrategyFactory`]); `None`: `strategy` ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_strategy: Option<String>,
     /// How updates are summed.
     pub aggregation: AggregationKind,
     /// Seed of the participants' per-round seeds, of selection and of model
@@ -217,6 +221,11 @@ impl RunRecord {
             format!("{:?}", there.strategy),
         );
         cmp(
+            "custom strategy",
+            format!("{:?}", self.custom_strategy),
+            format!("{:?}", there.custom_strategy),
+        );
+        cmp(
             "aggregation",
             self.aggregation.name().to_string(),
             there.aggregation.name().to_string(),
@@ -276,6 +285,7 @@ pub(crate) mod tests {
             classes: (0..10).map(|c| c.to_string()).collect(),
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
+            custom_strategy: None,
             aggregation: AggregationKind::SecAgg { full: false },
             seed: 3,
             rounds: 4,
@@ -367,6 +377,14 @@ pub(crate) mod tests {
         assert!(d[0].starts_with("strategy: FedAvg"), "{d:?}");
         assert_eq!(d[1], "aggregation: secagg+ → plain");
         assert_eq!(d[2], "seed: 3 → 4");
+        let custom = RunRecord {
+            custom_strategy: Some("frozen".into()),
+            ..a.clone()
+        };
+        assert_eq!(
+            a.differences(&custom),
+            ["custom strategy: None → Some(\"frozen\")"]
+        );
         let mut c = a.clone();
         c.model = None;
         c.classes = Vec::new();

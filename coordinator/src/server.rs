@@ -187,7 +187,10 @@ impl Coordinator {
         let mut record = config.record();
         learn_from_session(&mut record, &session);
         record.write(&config.out_dir)?;
-        let mut strategy = config.strategy.build();
+        let mut strategy = match &config.custom_strategy {
+            Some(factory) => factory.build(),
+            None => config.strategy.build(),
+        };
         let mut metrics = MetricsWriter::create(&config.out_dir.join("metrics.jsonl"))?;
         let mut records = Vec::new();
         if let Some(cp) = &config.resume {

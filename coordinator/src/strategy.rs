@@ -119,6 +119,20 @@ impl StrategyConfig {
     }
 }
 
+/// Builds a strategy of the user's own for a run (see
+/// [`CoordinatorConfig::custom_strategy`](crate::CoordinatorConfig::custom_strategy)):
+/// the extension point for server optimisers greyfed does not have. The
+/// built-in ones are [`StrategyConfig`]'s.
+pub trait StrategyFactory: Send + Sync + std::fmt::Debug {
+    /// A name for the run record and logs (e.g. `"fedyogi"`); a resumed run
+    /// must use a factory of the same name.
+    fn name(&self) -> &str;
+
+    /// A fresh strategy with empty state; a resumed run then restores the
+    /// checkpoint's [`Strategy::state`] into it.
+    fn build(&self) -> Box<dyn Strategy>;
+}
+
 /// A strategy instance; may keep state across rounds.
 pub trait Strategy: Send {
     /// The next global model from the current one and the weighted mean update.
