@@ -1067,6 +1067,280 @@ pub struct EvaluateArgs {
     pub data_seed: u64,
 }
 
+// The mapping from the command line to the typed settings of
+// [`crate::node`]: the dependency goes from here to the library, never back.
+
+/// Parses `--shard I/N` (0-based shard index of N) into (I, N).
+///
+/// # Errors
+/// Not of the form `I/N` with numbers `0 <= I < N`.
+pub fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
+    use anyhow::Context as _;
+    let (i, n) = s
+        .split_once('/')
+        .context("--shard must look like I/N, e.g. 0/10")?;
+    let i: usize = i.trim().parse().context("--shard: I is not a number")?;
+    let n: usize = n.trim().parse().context("--shard: N is not a number")?;
+    if n == 0 || i >= n {
+        anyhow::bail!("--shard {s}: need 0 <= I < N");
+    }
+    Ok((i, n))
+}
+
+/// Parses `--test-data`: `builtin`, `builtin:SEED` or a dataset path.
+fn parse_test_data(test_data: &str) -> anyhow::Result<crate::node::DataSourceSettings> {
+    use crate::node::DataSourceSettings;
+    use anyhow::Context as _;
+    use greyfed_participant::pipeline::{BuiltinDigits, DataPath};
+    Ok(match test_data.split_once(':') {
+        _ if test_data == "builtin" => DataSourceSettings::Builtin(BuiltinDigits { seed: 0 }),
+        Some(("builtin", seed)) => DataSourceSettings::Builtin(BuiltinDigits {
+            seed: seed
+                .parse()
+                .with_context(|| format!("--test-data {test_data}: bad seed"))?,
+        }),
+        _ => DataSourceSettings::Path(DataPath {
+            path: test_data.into(),
+            options: Default::default(),
+        }),
+    })
+}
+
+impl TrainingArgs {
+    /// The typed training settings these flags describe (the learning rate
+    /// defaults by optimiser, the proximal term only with FedProx).
+    ///
+    /// # Errors
+    /// The server strategy's parameters are out of range.
+    pub fn settings(&self) -> anyhow::Result<crate::node::TrainingSettings> {
+        use greyfed_protocol::{AggregationKind, OptimizerSpec, TrainingConfig};
+        use std::time::Duration;
+        let optimizer = match self.optimizer {
+            OptimizerKind::Adam => OptimizerSpec::Adam {
+                lr: self.lr.unwrap_or(1e-3),
+            },
+            OptimizerKind::Sgd => OptimizerSpec::Sgd {
+                lr: self.lr.unwrap_or(0.1),
+                momentum: self.momentum,
+            },
+            OptimizerKind::Adamw => OptimizerSpec::AdamW {
+                lr: self.lr.unwrap_or(1e-3),
+                weight_decay: self.weight_decay,
+            },
+        };
+        Ok(crate::node::TrainingSettings {
+            rounds: self.rounds,
+            model: self.model.clone(),
+            block_size: self.block_size,
+            cipher: self.cipher,
+            training: TrainingConfig {
+                local_epochs: self.local_epochs,
+                batch_size: self.batch_size,
+                optimizer,
+                proximal_mu: self.strategy.proximal_mu(),
+                lr_schedule: self.lr_schedule.schedule(self.warmup),
+            },
+            strategy: self.strategy.config()?,
+            aggregation: match self.aggregation {
+                AggregationArg::SecAggPlus => AggregationKind::SecAgg { full: false },
+                AggregationArg::SecAgg => AggregationKind::SecAgg { full: true },
+                AggregationArg::Plain => AggregationKind::Plain,
+            },
+            secagg_clip: self.secagg_clip,
+            secagg_bits: self.secagg_bits,
+            dropout_bound: self.dropout_bound,
+            stage_timeout: Duration::from_secs(self.stage_timeout),
+            round_timeout: Duration::from_secs(self.round_timeout),
+            selection: greyfed_protocol::session::Selection {
+                fraction: self.cohort_fraction,
+                minimum: self.min_cohort,
+            },
+        })
+    }
+}
+
+impl DataArgs {
+    /// The typed data settings these flags describe: `--data` (or the
+    /// built-in digits), all seeded by `--data-seed`.
+    pub fn settings(&self) -> crate::node::DataSettings {
+        use crate::node::{DataSettings, DataSourceSettings};
+        use greyfed_participant::data::LoadOptions;
+        use greyfed_participant::pipeline::{BuiltinDigits, DataPath};
+        let source = match &self.data {
+            Some(path) => DataSourceSettings::Path(DataPath {
+                path: path.clone(),
+                options: LoadOptions {
+                    image_size: self.image_size,
+                    test_fraction: self.test_fraction,
+                    seed: self.data_seed,
+                },
+            }),
+            None => DataSourceSettings::Builtin(BuiltinDigits {
+                seed: self.data_seed,
+            }),
+        };
+        DataSettings {
+            source,
+            partition: self.partition,
+            augmentation: self.augmentation(),
+            seed: self.data_seed,
+        }
+    }
+}
+
+impl CoordinatorArgs {
+    /// The typed settings `greyfed coordinator` runs with
+    /// ([`crate::node::run_coordinator`]).
+    ///
+    /// # Errors
+    /// A bad `--test-data` seed, `--test-data` without `--image-key` or
+    /// `--plain-test-data`, or strategy parameters out of range.
+    pub fn settings(&self) -> anyhow::Result<crate::node::CoordinatorSettings> {
+        use crate::node::{CentralEvaluation, ImageEncryption};
+        let central = match &self.test_data {
+            Some(test_data) => Some(CentralEvaluation {
+                test_data: parse_test_data(test_data)?,
+                images: match (&self.image_key, self.plain_test_data) {
+                    (Some(path), false) => ImageEncryption::Key(path.clone()),
+                    (None, true) => ImageEncryption::Plain,
+                    _ => anyhow::bail!(
+                        "--test-data needs the image key (--image-key FILE), or --plain-test-data \
+                         when participants train on plain images. Central evaluation is off by \
+                         default because a coordinator holding the image key can decrypt any \
+                         participant image it obtains (see docs/threat-model.md)"
+                    ),
+                },
+            }),
+            None => None,
+        };
+        Ok(crate::node::CoordinatorSettings {
+            listen: self.listen,
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+            allow_list: self.allow_list.clone(),
+            participants: self.participants,
+            min_participants: self
+                .min_participants
+                .unwrap_or((self.participants / 2).max(1)),
+            join_timeout: self.join_timeout.map(std::time::Duration::from_secs),
+            out: self.out.clone(),
+            init: self.init.clone(),
+            seed: self.seed,
+            key_fingerprint: self.key_fingerprint.clone(),
+            dump_aggregates: self.dump_aggregates.clone(),
+            addr_file: self.addr_file.clone(),
+            resume: self.resume.clone(),
+            central,
+            training: self.training.settings()?,
+        })
+    }
+}
+
+impl ParticipantArgs {
+    /// The typed settings `greyfed participant` runs with
+    /// ([`crate::node::run_participant`]).
+    ///
+    /// # Errors
+    /// A malformed `--shard`, or neither (or both) of `--image-key` and
+    /// `--plain`.
+    pub fn settings(&self) -> anyhow::Result<crate::node::ParticipantSettings> {
+        use crate::node::ImageEncryption;
+        let images = match (&self.image_key, self.plain) {
+            (Some(path), false) => ImageEncryption::Key(path.clone()),
+            (None, true) => ImageEncryption::Plain,
+            _ => anyhow::bail!("give either --image-key or --plain"),
+        };
+        Ok(crate::node::ParticipantSettings {
+            coordinator: self.coordinator.clone(),
+            server_name: self.server_name.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            images,
+            shard: parse_shard(&self.shard)?,
+            block_size: self.block_size,
+            cipher: self.cipher,
+            hooks: greyfed_participant::dropout::TestHooks {
+                dropout: self.drop_at,
+                dump_updates: self.dump_updates.clone(),
+                ..Default::default()
+            },
+            reconnect_for: std::time::Duration::from_secs(self.reconnect_for),
+            save_model: self.model_path(),
+            data: self.data.settings(),
+        })
+    }
+}
+
+impl SimulateArgs {
+    /// The typed settings `greyfed simulate` runs with: the flags the
+    /// simulation reads itself, and those it forwards to its coordinator
+    /// (the training flags) and participant processes (the data flags).
+    ///
+    /// # Errors
+    /// When the server strategy's parameters are out of range (refused here,
+    /// with their message, rather than in the coordinator's log).
+    pub fn settings(&self) -> anyhow::Result<crate::simulate::SimulationSettings> {
+        self.training.strategy.config()?;
+        let data = &self.data;
+        let mut participant_args = vec![
+            "--partition".to_string(),
+            data.partition.to_string(),
+            "--data-seed".to_string(),
+            data.data_seed.to_string(),
+            "--shifted-copies".to_string(),
+            data.shifted_copies.to_string(),
+            "--max-shift".to_string(),
+            data.max_shift.to_string(),
+            "--pixel-noise".to_string(),
+            data.pixel_noise.to_string(),
+            "--block-size".to_string(),
+            self.training.block_size.to_string(),
+            "--cipher".to_string(),
+            self.training.cipher.to_string(),
+        ];
+        if let Some(path) = &data.data {
+            participant_args.push("--data".to_string());
+            participant_args.push(path.display().to_string());
+        }
+        if let Some((rows, cols)) = data.image_size {
+            participant_args.push("--image-size".to_string());
+            participant_args.push(format!("{rows}x{cols}"));
+        }
+        if let Some(fraction) = data.test_fraction {
+            participant_args.push("--test-fraction".to_string());
+            participant_args.push(fraction.to_string());
+        }
+        Ok(crate::simulate::SimulationSettings {
+            participants: self.participants,
+            out: self.out.clone(),
+            plain: self.plain,
+            seed: self.seed,
+            rounds: self.training.rounds,
+            dropout: self.dropout,
+            dropout_stage: match self.dropout_stage {
+                DropoutStageArg::Any => None,
+                DropoutStageArg::Stage(stage) => Some(stage),
+            },
+            threads: self.threads,
+            central_eval: self.central_eval,
+            data: crate::simulate::SimulationData {
+                path: data.data.clone(),
+                seed: data.data_seed,
+                partition: data.partition,
+                block_size: self.training.block_size,
+                cipher: self.training.cipher,
+                image_size: data.image_size,
+                test_fraction: data.test_fraction,
+                augmentation: data.augmentation(),
+            },
+            coordinator_args: self.training.to_args(),
+            participant_args,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1206,5 +1480,179 @@ mod tests {
                 pixel_noise: 8
             }
         );
+    }
+
+    fn training(args: &[&str]) -> TrainingArgs {
+        let mut argv = vec!["greyfed", "simulate"];
+        argv.extend_from_slice(args);
+        match Cli::parse_from(argv).command {
+            Command::Simulate(s) => s.training,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn strategies_map_to_server_configs_and_proximal_terms() {
+        use greyfed_protocol::OptimizerSpec;
+        let t = training(&[]).settings().unwrap();
+        assert_eq!(t.strategy, StrategyConfig::FedAvg { server_lr: 1.0 });
+        assert_eq!(t.training.proximal_mu, 0.0);
+        assert_eq!(
+            t.training.optimizer,
+            OptimizerSpec::Sgd {
+                lr: 0.1,
+                momentum: 0.9
+            }
+        );
+
+        let t = training(&["--strategy", "fedprox", "--proximal-mu", "0.5"])
+            .settings()
+            .unwrap();
+        assert_eq!(t.strategy, StrategyConfig::FedAvg { server_lr: 1.0 });
+        assert_eq!(t.training.proximal_mu, 0.5);
+
+        let t = training(&["--strategy", "fedavgm", "--server-momentum", "0.7"]);
+        assert_eq!(
+            t.settings().unwrap().strategy,
+            StrategyConfig::FedAvgM {
+                server_lr: 1.0,
+                momentum: 0.7
+            }
+        );
+        let t = training(&["--strategy", "fedadam", "--server-lr", "0.05"]);
+        assert!(matches!(
+            t.settings().unwrap().strategy,
+            StrategyConfig::FedAdam { server_lr, .. } if server_lr == 0.05
+        ));
+
+        assert!(
+            training(&["--strategy", "fedprox", "--proximal-mu=-1"])
+                .settings()
+                .is_err()
+        );
+        assert!(
+            training(&["--strategy", "fedavgm", "--server-momentum", "1"])
+                .settings()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn shard_syntax_is_checked() {
+        assert_eq!(parse_shard("2/10").unwrap(), (2, 10));
+        for bad in ["10/10", "1", "a/3", "1/0", "-1/3"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn coordinator_args(extra: &[&str]) -> CoordinatorArgs {
+        let mut argv = vec![
+            "greyfed",
+            "coordinator",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--ca",
+            "ca.pem",
+            "--allow-list",
+            "allow.txt",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Command::Coordinator(c) => *c,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn coordinator_flags_map_to_typed_settings() {
+        use crate::node::{DataSourceSettings, ImageEncryption};
+        use greyfed_participant::pipeline::BuiltinDigits;
+        let s = coordinator_args(&["--participants", "7", "--join-timeout", "30"])
+            .settings()
+            .unwrap();
+        assert_eq!(s.min_participants, 3);
+        assert_eq!(s.join_timeout, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(s.central, None);
+        assert_eq!(
+            s.training.aggregation,
+            greyfed_protocol::AggregationKind::SecAgg { full: false }
+        );
+
+        let s = coordinator_args(&["--test-data", "builtin:3", "--plain-test-data"])
+            .settings()
+            .unwrap();
+        let central = s.central.unwrap();
+        assert_eq!(
+            central.test_data,
+            DataSourceSettings::Builtin(BuiltinDigits { seed: 3 })
+        );
+        assert_eq!(central.images, ImageEncryption::Plain);
+
+        let err = coordinator_args(&["--test-data", "builtin"])
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--image-key"), "{err}");
+        assert!(
+            coordinator_args(&["--test-data", "builtin:x", "--plain-test-data"])
+                .settings()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn participant_flags_map_to_typed_settings() {
+        use crate::node::{DataSourceSettings, ImageEncryption};
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "greyfed",
+                "participant",
+                "--coordinator",
+                "127.0.0.1:7447",
+                "--ca",
+                "ca.pem",
+                "--cert",
+                "c.pem",
+                "--key",
+                "k.pem",
+            ];
+            argv.extend_from_slice(extra);
+            match Cli::parse_from(argv).command {
+                Command::Participant(p) => p.settings(),
+                other => panic!("parsed {other:?}"),
+            }
+        };
+        let s = parse(&["--plain", "--shard", "2/5", "--data-seed", "9"]).unwrap();
+        assert_eq!(s.images, ImageEncryption::Plain);
+        assert_eq!(s.shard, (2, 5));
+        assert_eq!(
+            s.save_model,
+            Some(PathBuf::from("out/participant/model.safetensors"))
+        );
+        assert_eq!(s.data.seed, 9);
+        assert!(matches!(s.data.source, DataSourceSettings::Builtin(d) if d.seed == 9));
+
+        let s = parse(&[
+            "--image-key",
+            "image.key",
+            "--no-save-model",
+            "--data",
+            "imgs",
+            "--drop-at",
+            "2:share",
+        ])
+        .unwrap();
+        assert_eq!(s.images, ImageEncryption::Key("image.key".into()));
+        assert_eq!(s.save_model, None);
+        assert!(s.hooks.dropout.is_some());
+        let DataSourceSettings::Path(path) = &s.data.source else {
+            panic!("expected a data path")
+        };
+        assert_eq!(path.path, PathBuf::from("imgs"));
+        assert_eq!(path.options.seed, 0);
+
+        assert!(parse(&["--plain", "--shard", "5/5"]).is_err());
     }
 }

@@ -427,7 +427,7 @@ pub fn participant(opts: &ParticipantOptions) -> Result<ParticipantOutput> {
         .context("deployment.json names no coordinator host")?;
     check_host(first)?;
     let ca_cert = read(files::CA_CERT)?;
-    let ca_key = crate::commands::read_secret(&ca_dir.join(files::CA_KEY))?;
+    let ca_key = crate::node::read_secret(&ca_dir.join(files::CA_KEY))?;
     let ca_key = String::from_utf8(ca_key).context("the CA key file is not PEM text")?;
     let ca = CertificateAuthority::from_pem(&ca_cert, &ca_key)?;
     let image_key = ImageKey::read_file(ca_dir.join(files::IMAGE_KEY))?;

@@ -1,7 +1,8 @@
 //! The `greyfed` command-line tool as a library: heap settings
 //! ([`allocator`]), argument definitions
 //! ([`cli`]) and configuration files ([`config_file`]), key generation ([`keygen`]), the coordinator and participant
-//! commands ([`commands`]), the coordinator's optional central evaluation
+//! nodes over typed settings ([`node`]: the binary maps its arguments to
+//! them, the library never sees clap types), the coordinator's optional central evaluation
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
 //! in-process federation harness ([`federation`]: every participant a task of one process, for tests and examples), the peak-memory reports of
 //! simulations ([`memory`]), live progress displays ([`progress`]), run
@@ -15,12 +16,12 @@
 pub mod allocator;
 pub mod central;
 pub mod cli;
-pub mod commands;
 pub mod config_file;
 pub mod federation;
 pub mod keygen;
 pub mod lab;
 pub mod memory;
+pub mod node;
 pub mod predict;
 pub mod preview;
 pub mod progress;

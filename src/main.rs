@@ -8,7 +8,7 @@ use clap::{CommandFactory, Parser};
 use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand, ModelCommand};
 use greyfed::lab::{experiment, security};
 use greyfed::progress::{Display, LogWriter};
-use greyfed::{commands, config_file, keygen, memory, preview, report, simulate};
+use greyfed::{config_file, keygen, memory, node, preview, report, simulate};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -96,7 +96,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Coordinator(args) => {
-            let report = commands::coordinator(*args, display).await?;
+            let report = node::run_coordinator(&args.settings()?, display).await?;
             Ok(if report.rounds_completed == report.rounds_planned {
                 ExitCode::SUCCESS
             } else {
@@ -108,11 +108,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Participant(args) => {
-            commands::participant(args, display).await?;
+            node::run_participant(&args.settings()?, display).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Encrypt(args) => {
-            let splits = commands::data_pipeline(&args.data).source.load()?;
+            let splits = node::data_pipeline(&args.data.settings()).source.load()?;
             let key = match &args.key_file {
                 Some(path) => greyfed_participant::cipher::ImageKey::read_file(path)?,
                 None => greyfed_participant::cipher::ImageKey::generate(),
@@ -133,7 +133,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Transform(args)) => {
-            println!("{}", greyfed::transform::transform_model(&args)?);
+            use greyfed::transform::{TransformSettings, TransformSource, transform_model};
+            let settings = TransformSettings {
+                source: match &args.model {
+                    Some(path) => TransformSource::Model(path.clone()),
+                    None => TransformSource::Fresh,
+                },
+                key_file: args.key_file.clone(),
+                cipher: args.cipher,
+                block_size: args.block_size,
+                out: args.out.clone(),
+            };
+            println!("{}", transform_model(&settings)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Experiment(ExperimentCommand::Encryption(args)) => {
@@ -165,7 +176,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {
-            let report = simulate::simulate(&args, display).await?;
+            let report = simulate::simulate(&args.settings()?, display).await?;
             if display != Display::Json {
                 for (i, plan) in &report.crashes {
                     println!(

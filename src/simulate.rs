@@ -18,6 +18,14 @@
 //! name, exit status and last error line; after the start a participant's
 //! failure is a warning (a scheduled dropout's crash not even that), and
 //! once every participant has exited the coordinator is stopped.
+//!
+//! What to run is a [`SimulationSettings`], typed: the binary builds it from
+//! `greyfed simulate`'s flags (`SimulateArgs::settings`), and this module
+//! never sees argument parsing. The children still take
+//! command lines, so the settings carry the flags forwarded to them
+//! ([`SimulationSettings::coordinator_args`],
+//! [`SimulationSettings::participant_args`]) beside the values the
+//! simulation reads itself.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,12 +39,104 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, watch};
 
-use crate::cli::{DropoutStageArg, SimulateArgs};
 use crate::keygen::{self, files};
 use crate::memory::{MemoryReport, read_peak_rss};
 use crate::progress::{Display, Event, FederationView};
+use greyfed_participant::data::ShiftedCopies;
+use greyfed_participant::data::partition::Partition;
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
+use greyfed_protocol::cipher::CipherSteps;
 use greyfed_protocol::session::derive_seed;
+
+/// What a simulation runs: how many participant processes, where its output
+/// goes, its dropouts, and the flags it forwards to the coordinator and
+/// participant processes it starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimulationSettings {
+    /// Number of participant processes (at least 1).
+    pub participants: usize,
+    /// Output directory: keys, logs, metrics, models, summary and report.
+    pub out: PathBuf,
+    /// Whether participants train on plain images (no encryption, no image
+    /// key given to them).
+    pub plain: bool,
+    /// Seed of model initialisation and shuffling (the coordinator's
+    /// `--seed`), and of the dropout plan.
+    pub seed: u64,
+    /// Rounds requested: what the progress display and the dropout plan
+    /// count with. The coordinator learns it from [`Self::coordinator_args`]
+    /// (`--rounds`), which must agree.
+    pub rounds: u32,
+    /// Fraction of participants that crash once during the run, in [0, 1]:
+    /// that many (rounded), drawn at random (see [`plan_dropouts`]).
+    pub dropout: f64,
+    /// Where in the round the crashes happen; `None`: a random stage for
+    /// each crashing participant.
+    pub dropout_stage: Option<DropoutStage>,
+    /// Compute threads per participant process.
+    pub threads: usize,
+    /// Whether the coordinator gets the image key and the test data, to
+    /// evaluate every round's model centrally.
+    pub central_eval: bool,
+    /// The participants' data, as the simulation describes it (summary,
+    /// central evaluation). The participants get it from
+    /// [`Self::participant_args`], which must agree.
+    pub data: SimulationData,
+    /// Flags appended to every `greyfed coordinator` command line: the
+    /// training settings (`--rounds`, `--model`, `--strategy`, ...). The
+    /// simulation adds the deployment's own (keys, `--participants`,
+    /// `--out`, `--seed`, central evaluation, `--json`).
+    pub coordinator_args: Vec<String>,
+    /// Flags appended to every `greyfed participant` command line: the data
+    /// settings (`--data`, `--partition`, `--data-seed`, augmentation,
+    /// `--block-size`, `--cipher`, ...). The simulation adds the
+    /// deployment's own (keys, `--shard`, `--out`, `--drop-at`, `--plain`,
+    /// `--json`).
+    pub participant_args: Vec<String>,
+}
+
+/// The participants' data in a simulation, typed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimulationData {
+    /// The data set's path; `None`: the built-in synthetic digits.
+    pub path: Option<PathBuf>,
+    /// Seed of the built-in data set and of partitioning.
+    pub seed: u64,
+    /// How the training split is partitioned among participants.
+    pub partition: Partition,
+    /// Block size of the image cipher.
+    pub block_size: u32,
+    /// The image cipher.
+    pub cipher: CipherSteps,
+    /// Size every image is resized to, rows x columns, if any.
+    pub image_size: Option<(usize, usize)>,
+    /// Fraction of each class held out as the test split when the data has none.
+    pub test_fraction: Option<f64>,
+    /// Augmentation of the training images.
+    pub augmentation: ShiftedCopies,
+}
+
+impl SimulationData {
+    /// The data as a data flag takes it: its path, or `builtin:SEED`.
+    pub fn source(&self) -> String {
+        match &self.path {
+            Some(path) => path.display().to_string(),
+            None => format!("builtin:{}", self.seed),
+        }
+    }
+
+    /// The data as `summary.json` names it: its canonical path, or
+    /// `builtin:SEED`.
+    fn description(&self) -> String {
+        match &self.path {
+            Some(path) => std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string(),
+            None => self.source(),
+        }
+    }
+}
 
 /// What a finished simulation produced.
 #[derive(Debug)]
@@ -95,7 +195,7 @@ impl SimulationReport {
     ///
     /// # Errors
     /// When the file cannot be written.
-    pub fn write_summary(&self, args: &SimulateArgs) -> Result<()> {
+    pub fn write_summary(&self, settings: &SimulationSettings) -> Result<()> {
         let summary = Summary {
             participants: self.memory.participant_bytes.len(),
             rounds_planned: self.rounds_planned,
@@ -103,16 +203,10 @@ impl SimulationReport {
             wall_secs: self.wall.as_secs_f64(),
             final_accuracy: self.rounds.last().and_then(|r| r.accuracy),
             crashes: self.crashes.len(),
-            data: match &args.data.data {
-                Some(dir) => std::fs::canonicalize(dir)
-                    .unwrap_or_else(|_| dir.clone())
-                    .display()
-                    .to_string(),
-                None => format!("builtin:{}", args.data.data_seed),
-            },
-            partition: args.data.partition.to_string(),
-            plain: args.plain,
-            threads: args.threads,
+            data: settings.data.description(),
+            partition: settings.data.partition.to_string(),
+            plain: settings.plain,
+            threads: settings.threads,
             peak_rss: &self.memory,
         };
         let path = self.out.join(SUMMARY_FILE);
@@ -440,17 +534,20 @@ fn peak_rss_arg(logs: &Path, name: &str) -> Result<PathBuf> {
 
 /// Runs the simulation, shows its progress as `display` says, writes
 /// `OUT/summary.json` and the report, and returns what happened.
-pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<SimulationReport> {
-    if args.participants == 0 {
+///
+/// # Errors
+/// On settings out of range, when the keys, logs or summary cannot be
+/// written, when a process cannot be started, when one fails before the
+/// federation started, and when the coordinator fails after the last round.
+pub async fn simulate(settings: &SimulationSettings, display: Display) -> Result<SimulationReport> {
+    if settings.participants == 0 {
         bail!("--participants must be at least 1");
     }
-    // Refuse bad settings here, with their message, not in a child's log.
-    args.training.strategy.config()?;
-    if !(0.0..=1.0).contains(&args.dropout) {
+    if !(0.0..=1.0).contains(&settings.dropout) {
         bail!("--dropout must be a fraction in [0, 1]");
     }
     let started = Instant::now();
-    let out = args.out.clone();
+    let out = settings.out.clone();
     let keys = out.join("keys");
     let logs = out.join("logs");
     if keys.exists() {
@@ -461,7 +558,7 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
     let _ = std::fs::remove_file(out.join("metrics.jsonl"));
     let generated = keygen::deployment(&keygen::DeploymentOptions {
         out: keys.clone(),
-        participants: args.participants,
+        participants: settings.participants,
         hosts: vec!["localhost".to_string(), "127.0.0.1".to_string()],
         port: keygen::DEFAULT_PORT,
         valid_days: 2,
@@ -485,28 +582,25 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
         .arg("--allow-list")
         .arg(coordinator_keys.join(files::ALLOW_LIST))
         .arg("--participants")
-        .arg(args.participants.to_string())
+        .arg(settings.participants.to_string())
         .arg("--join-timeout")
         .arg("120")
         .arg("--out")
         .arg(&out)
         .arg("--seed")
-        .arg(args.seed.to_string())
+        .arg(settings.seed.to_string())
         .arg("--addr-file")
         .arg(&addr_file)
         .arg("--key-fingerprint")
-        .arg(if args.plain {
+        .arg(if settings.plain {
             String::new()
         } else {
             generated.image_key_fingerprint.clone()
         });
-    coordinator.args(args.training.to_args());
-    if args.central_eval {
-        coordinator.arg("--test-data").arg(match &args.data.data {
-            Some(dir) => dir.display().to_string(),
-            None => format!("builtin:{}", args.data.data_seed),
-        });
-        if args.plain {
+    coordinator.args(&settings.coordinator_args);
+    if settings.central_eval {
+        coordinator.arg("--test-data").arg(settings.data.source());
+        if settings.plain {
             coordinator.arg("--plain-test-data");
         } else {
             coordinator
@@ -539,7 +633,7 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
             return Err(e);
         }
     };
-    let crashes = plan_dropouts(args);
+    let crashes = plan_dropouts(settings);
     for (i, plan) in &crashes {
         tracing::info!(
             "participant {i} will crash at round {}, stage {}",
@@ -547,7 +641,7 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
             plan.stage
         );
     }
-    for i in 0..args.participants {
+    for i in 0..settings.participants {
         let own = keys.join(files::participant(i));
         let mut cmd = Command::new(&exe);
         cmd.arg("participant")
@@ -562,37 +656,15 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
             .arg("--key")
             .arg(own.join(files::PARTICIPANT_KEY))
             .arg("--shard")
-            .arg(format!("{i}/{}", args.participants))
-            .arg("--partition")
-            .arg(args.data.partition.to_string())
-            .arg("--data-seed")
-            .arg(args.data.data_seed.to_string())
-            .arg("--shifted-copies")
-            .arg(args.data.shifted_copies.to_string())
-            .arg("--max-shift")
-            .arg(args.data.max_shift.to_string())
-            .arg("--pixel-noise")
-            .arg(args.data.pixel_noise.to_string())
-            .arg("--block-size")
-            .arg(args.training.block_size.to_string())
-            .arg("--cipher")
-            .arg(args.training.cipher.to_string());
-        if let Some(dir) = &args.data.data {
-            cmd.arg("--data").arg(dir);
-        }
-        if let Some((rows, cols)) = args.data.image_size {
-            cmd.arg("--image-size").arg(format!("{rows}x{cols}"));
-        }
-        if let Some(fraction) = args.data.test_fraction {
-            cmd.arg("--test-fraction").arg(fraction.to_string());
-        }
+            .arg(format!("{i}/{}", settings.participants))
+            .args(&settings.participant_args);
         // Each participant keeps its copy of the final model here.
         cmd.arg("--out")
             .arg(out.join(PARTICIPANTS_DIR).join(format!("participant-{i}")));
         if let Some(plan) = crashes.get(&i) {
             cmd.arg("--drop-at").arg(plan.to_string());
         }
-        if args.plain {
+        if settings.plain {
             cmd.arg("--plain");
         } else {
             cmd.arg("--image-key").arg(own.join(files::IMAGE_KEY));
@@ -602,8 +674,8 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
         cmd.arg("--json")
             .arg("--peak-rss-file")
             .arg(peak_rss_arg(&logs, &name)?)
-            .env("RAYON_NUM_THREADS", args.threads.to_string())
-            .env("CANDLE_NUM_THREADS", args.threads.to_string())
+            .env("RAYON_NUM_THREADS", settings.threads.to_string())
+            .env("CANDLE_NUM_THREADS", settings.threads.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -625,12 +697,12 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
     drop(events_tx);
 
     // The children's logs are in files: the view says every round.
-    let mut view = FederationView::new(display, args.training.rounds, true);
+    let mut view = FederationView::new(display, settings.rounds, true);
     let mut federation = RunWatch {
         view: &mut view,
         training: LocalTraining::default(),
         started: false,
-        participants: args.participants,
+        participants: settings.participants,
         exited: BTreeMap::new(),
         crashes: &crashes,
         logs: &logs,
@@ -656,7 +728,7 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
     // coordinator failed or was stopped: then they are stopped at once.
     if end.coordinator.success() && end.stopped.is_none() {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while federation.exited.len() < args.participants {
+        while federation.exited.len() < settings.participants {
             match tokio::time::timeout_at(deadline, children.next_exit()).await {
                 Ok(exit) => federation.participant_exited(exit)?,
                 Err(_) => break,
@@ -671,20 +743,20 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
     let rounds = read_metrics(&out.join("metrics.jsonl")).unwrap_or_default();
     let memory = MemoryReport::new(
         read_peak_rss(&peak_rss_path(&logs, "coordinator")),
-        (0..args.participants)
+        (0..settings.participants)
             .map(|i| read_peak_rss(&peak_rss_path(&logs, &format!("participant-{i}"))))
             .collect(),
     );
     let mut report = SimulationReport {
         crashes: crashes.into_iter().collect(),
         rounds,
-        rounds_planned: args.training.rounds,
+        rounds_planned: settings.rounds,
         wall: started.elapsed(),
         out,
         memory,
         report: Err(anyhow::anyhow!("not written yet")),
     };
-    report.write_summary(args)?;
+    report.write_summary(settings)?;
     let coordinator_failed = match &end.stopped {
         Some(why) => {
             tracing::warn!("stopped the coordinator: {why}");
@@ -721,26 +793,28 @@ pub async fn simulate(args: &SimulateArgs, display: Display) -> Result<Simulatio
     Ok(report)
 }
 
-/// Which participants crash, and where: `round(--dropout * n)` of them,
-/// drawn at random, each at a uniformly drawn round (and stage, for
-/// `--dropout-stage any`), deterministic in `--seed`.
-pub fn plan_dropouts(args: &SimulateArgs) -> std::collections::BTreeMap<usize, DropoutPlan> {
+/// Which participants crash, and where: `round(dropout * participants)` of
+/// them, drawn at random, each at a uniformly drawn round (and stage, when
+/// [`SimulationSettings::dropout_stage`] is `None`), deterministic in the seed.
+pub fn plan_dropouts(
+    settings: &SimulationSettings,
+) -> std::collections::BTreeMap<usize, DropoutPlan> {
     let uniform =
-        |i: usize, k: u32| derive_seed(args.seed ^ 0xD0D0, k, i as u32) as f64 / 2f64.powi(64);
+        |i: usize, k: u32| derive_seed(settings.seed ^ 0xD0D0, k, i as u32) as f64 / 2f64.powi(64);
     // Exactly round(rate * n) participants, the ones with the smallest draws.
-    let crashing =
-        ((args.dropout * args.participants as f64).round() as usize).min(args.participants);
-    let mut order: Vec<usize> = (0..args.participants).collect();
+    let crashing = ((settings.dropout * settings.participants as f64).round() as usize)
+        .min(settings.participants);
+    let mut order: Vec<usize> = (0..settings.participants).collect();
     order.sort_by(|&a, &b| uniform(a, 0).total_cmp(&uniform(b, 0)));
     order.truncate(crashing);
     order
         .into_iter()
         .map(|i| {
-            let rounds = args.training.rounds.max(1);
+            let rounds = settings.rounds.max(1);
             let round = 1 + ((uniform(i, 1) * rounds as f64) as u32).min(rounds - 1);
-            let stage = match args.dropout_stage {
-                DropoutStageArg::Stage(s) => s,
-                DropoutStageArg::Any => {
+            let stage = match settings.dropout_stage {
+                Some(s) => s,
+                None => {
                     let all = DropoutStage::ALL;
                     all[((uniform(i, 2) * all.len() as f64) as usize).min(all.len() - 1)]
                 }
@@ -914,12 +988,100 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
 
-    fn args(extra: &[&str]) -> SimulateArgs {
+    /// The settings `greyfed simulate EXTRA...` runs with.
+    fn settings(extra: &[&str]) -> SimulationSettings {
         let argv = ["greyfed", "simulate"].iter().chain(extra);
         match Cli::parse_from(argv).command {
-            Command::Simulate(s) => s,
+            Command::Simulate(s) => s.settings().expect("valid settings"),
             other => panic!("parsed {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_forwarded_flags_say_what_the_settings_say() {
+        let s = settings(&[
+            "--participants",
+            "4",
+            "--dropout-stage",
+            "masked",
+            "--data",
+            "some/dir",
+            "--image-size",
+            "32x40",
+            "--test-fraction",
+            "0.25",
+            "--partition",
+            "dirichlet:0.5",
+            "--data-seed",
+            "7",
+            "--shifted-copies",
+            "2",
+            "--pixel-noise",
+            "8",
+            "--block-size",
+            "8",
+            "--cipher",
+            "extended",
+            "--rounds",
+            "4",
+        ]);
+        assert_eq!(s.dropout_stage, Some(DropoutStage::Masked));
+        assert_eq!(settings(&[]).dropout_stage, None);
+        assert_eq!(s.data.source(), "some/dir");
+        assert_eq!(settings(&["--data-seed", "3"]).data.source(), "builtin:3");
+        // A participant parses the data flags back into the same data.
+        let mut argv: Vec<String> = [
+            "greyfed",
+            "participant",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--ca",
+            "ca",
+            "--cert",
+            "cert",
+            "--key",
+            "key",
+            "--plain",
+        ]
+        .map(String::from)
+        .into();
+        argv.extend(s.participant_args.iter().cloned());
+        let Command::Participant(p) = Cli::parse_from(argv).command else {
+            panic!("not a participant");
+        };
+        let data = SimulationData {
+            path: p.data.data.clone(),
+            seed: p.data.data_seed,
+            partition: p.data.partition,
+            block_size: p.block_size as u32,
+            cipher: p.cipher,
+            image_size: p.data.image_size,
+            test_fraction: p.data.test_fraction,
+            augmentation: p.data.augmentation(),
+        };
+        assert_eq!(data, s.data);
+        // The coordinator parses the training flags back into the same rounds.
+        let mut argv: Vec<String> = [
+            "greyfed",
+            "coordinator",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "ca",
+            "--allow-list",
+            "a",
+        ]
+        .map(String::from)
+        .into();
+        argv.extend(s.coordinator_args.iter().cloned());
+        let Command::Coordinator(c) = Cli::parse_from(argv).command else {
+            panic!("not a coordinator");
+        };
+        assert_eq!(c.training.rounds, s.rounds);
+        assert_eq!(c.training.block_size, s.data.block_size);
+        assert_eq!(c.training.cipher, s.data.cipher);
     }
 
     #[test]
@@ -966,12 +1128,12 @@ mod tests {
 
     #[test]
     fn the_dropout_rate_crashes_that_many_participants() {
-        assert!(plan_dropouts(&args(&[])).is_empty());
+        assert!(plan_dropouts(&settings(&[])).is_empty());
         for (rate, n, expect) in [("0.2", "10", 2), ("0.25", "10", 3), ("1", "4", 4)] {
-            let plan = plan_dropouts(&args(&["--dropout", rate, "--participants", n]));
+            let plan = plan_dropouts(&settings(&["--dropout", rate, "--participants", n]));
             assert_eq!(plan.len(), expect, "{rate} of {n}");
         }
-        let a = args(&[
+        let a = settings(&[
             "--dropout",
             "0.5",
             "--rounds",
@@ -986,7 +1148,7 @@ mod tests {
                 .all(|p| (1..=3).contains(&p.round) && p.stage == DropoutStage::Share)
         );
         assert_eq!(plan_dropouts(&a), plan, "deterministic in the seed");
-        let other = args(&["--dropout", "0.5", "--rounds", "3", "--seed", "9"]);
+        let other = settings(&["--dropout", "0.5", "--rounds", "3", "--seed", "9"]);
         assert_ne!(
             plan_dropouts(&other).keys().collect::<Vec<_>>(),
             plan.keys().collect::<Vec<_>>()

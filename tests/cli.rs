@@ -513,3 +513,59 @@ fn simulate_fails_fast_when_a_participant_cannot_load_its_data() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     eprintln!("simulate failed after {elapsed:?}: {error}");
 }
+
+/// A model file of a plain run (any input, named classes) transforms into
+/// a model file for the encrypted images of the same input and classes.
+#[test]
+fn model_transform_keeps_a_model_files_input_and_classes() {
+    use greyfed_participant::cipher::{ImageCipher, ImageKey};
+    use greyfed_participant::model::{encrypted_domain_weights, init_weights};
+    use greyfed_protocol::model_file::ModelFile;
+    use greyfed_protocol::{InputSpec, ModelSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = ImageKey::from_bytes([0x32; 32]);
+    let key_file = dir.path().join("image.key");
+    key.write_file(&key_file).unwrap();
+    let classes: Vec<String> = ["ant", "bee", "cow"].map(String::from).to_vec();
+    let input = InputSpec {
+        rows: 32,
+        cols: 24,
+        channels: 1,
+        classes: classes.clone(),
+    };
+    let spec = ModelSpec::blocknet_28x28(4).with_input(&input);
+    let plain = ModelFile {
+        spec: spec.clone(),
+        classes: classes.clone(),
+        cipher: None,
+        rounds_completed: 3,
+        weights: init_weights(&spec, 8).unwrap(),
+    };
+    let plain_file = dir.path().join("plain.safetensors");
+    std::fs::write(&plain_file, plain.to_safetensors().unwrap()).unwrap();
+    let out_file = dir.path().join("le.safetensors");
+    let out = greyfed()
+        .args(["model", "transform", "--cipher", "le", "--model"])
+        .arg(&plain_file)
+        .arg("--key-file")
+        .arg(&key_file)
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = ModelFile::from_safetensors(&std::fs::read(&out_file).unwrap()).unwrap();
+    let cipher = ImageCipher::new(&key, "le".parse().unwrap(), 4, 32, 24).unwrap();
+    let (enc_spec, expected) = encrypted_domain_weights(&spec, &plain.weights, &cipher).unwrap();
+    assert_eq!(file.spec, enc_spec);
+    assert_eq!(file.spec.image_channels(), 2, "le splits every pixel");
+    assert_eq!(file.weights, expected);
+    assert_eq!(file.classes, classes);
+    assert_eq!(file.rounds_completed, 3);
+    assert_eq!(file.cipher, Some(cipher.spec()));
+}

@@ -37,8 +37,8 @@ use greyfed_protocol::{
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{ExperimentArgs, FirstLayerArg, InitArg};
-use crate::commands::data_pipeline;
 use crate::federation::Federation;
+use crate::node::data_pipeline;
 
 use super::security::{ModeSecurity, attacks_csv, attacks_markdown, mode_security};
 
@@ -595,7 +595,10 @@ pub struct ExperimentReport {
 /// Runs `greyfed experiment encryption`.
 pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
     args.strategy.config()?;
-    let splits = limit(data_pipeline(&args.data).source.load()?, args.max_train);
+    let splits = limit(
+        data_pipeline(&args.data.settings()).source.load()?,
+        args.max_train,
+    );
     let mut security = BTreeMap::new();
     for mode in &args.modes {
         let s = mode_security(
@@ -670,7 +673,10 @@ pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
 /// Runs `greyfed experiment cell` (one cell; JSON result on stdout).
 pub async fn cell(args: &ExperimentArgs, cell: &str) -> Result<String> {
     let cell: Cell = serde_json::from_str(cell).context("parsing --cell")?;
-    let splits = limit(data_pipeline(&args.data).source.load()?, args.max_train);
+    let splits = limit(
+        data_pipeline(&args.data.settings()).source.load()?,
+        args.max_train,
+    );
     Ok(serde_json::to_string(
         &run_cell(args, &splits, &cell).await?,
     )?)
