@@ -365,6 +365,13 @@ impl ExperimentArgs {
         ];
         if let Some(dir) = &self.data.data {
             a.push(format!("--data={}", dir.display()));
+            // Only when given, so that older result directories still match.
+            if let Some((rows, cols)) = self.data.image_size {
+                a.push(format!("--image-size={rows}x{cols}"));
+            }
+            if let Some(fraction) = self.data.test_fraction {
+                a.push(format!("--test-fraction={fraction}"));
+            }
         }
         if let Some(n) = self.max_train {
             a.push(format!("--max-train={n}"));
@@ -1337,6 +1344,61 @@ impl SimulateArgs {
             },
             coordinator_args: self.training.to_args(),
             participant_args,
+        })
+    }
+}
+
+impl ExperimentArgs {
+    /// The typed settings `greyfed experiment encryption` and `greyfed
+    /// experiment cell` run with ([`crate::lab::experiment::encryption`]),
+    /// with [`ExperimentArgs::to_cell_args`] as the flags of cell children
+    /// (and the text recorded in `OUT/settings.txt`).
+    ///
+    /// # Errors
+    /// When the server strategy's parameters are out of range.
+    pub fn settings(&self) -> anyhow::Result<crate::lab::experiment::ExperimentSettings> {
+        use crate::lab::experiment::{ExperimentSettings, InitKind, TrainingSetting};
+        use greyfed_protocol::FirstLayer;
+        Ok(ExperimentSettings {
+            out: self.out.clone(),
+            models: self.models.clone(),
+            modes: self.modes.clone(),
+            settings: self
+                .settings
+                .iter()
+                .map(|s| match s {
+                    Setting::Central => TrainingSetting::Central,
+                    Setting::Federated => TrainingSetting::Federated,
+                })
+                .collect(),
+            seeds: self.seeds,
+            epochs: self.epochs,
+            rounds: self.rounds,
+            local_epochs: self.local_epochs,
+            participants: self.participants,
+            round_timeout: std::time::Duration::from_secs(self.round_timeout),
+            strategy: self.strategy.config()?,
+            proximal_mu: self.strategy.proximal_mu(),
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            lr_schedule: self.lr_schedule.schedule(self.warmup),
+            block_size: self.block_size,
+            jobs: self.jobs,
+            first_layer: match self.first_layer {
+                FirstLayerArg::Auto => None,
+                FirstLayerArg::Shared => Some(FirstLayer::Shared),
+                FirstLayerArg::PerBlock => Some(FirstLayer::PerBlock),
+            },
+            init: match self.init {
+                InitArg::Seeded => InitKind::Seeded,
+                InitArg::KeyTransformed => InitKind::KeyTransformed,
+            },
+            known_pairs: self.known_pairs,
+            attack_samples: self.attack_samples,
+            max_train: self.max_train,
+            data: self.data.settings(),
+            cell_args: self.to_cell_args(),
         })
     }
 }

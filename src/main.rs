@@ -148,10 +148,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Experiment(ExperimentCommand::Encryption(args)) => {
-            let report = experiment::encryption(&args).await?;
+            let settings = args.settings()?;
+            let report = experiment::encryption(&settings).await?;
             println!("{}", security::attacks_markdown(&report.attacks));
             println!("{}", experiment::table_markdown(&report.rows));
-            println!("tables in {}", args.out.display());
+            println!("tables in {}", settings.out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check { file }) => {
@@ -172,7 +173,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Experiment(ExperimentCommand::Cell { cell, args }) => {
-            println!("{}", experiment::cell(&args, &cell).await?);
+            println!("{}", experiment::cell(&args.settings()?, &cell).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {

@@ -4,14 +4,15 @@
 //! chance, the known-plaintext attack recovers the images).
 
 use clap::Parser;
-use greyfed::cli::{Cli, Command, ExperimentArgs, ExperimentCommand};
-use greyfed::lab::experiment;
+use greyfed::cli::{Cli, Command, ExperimentCommand};
+use greyfed::lab::experiment::{self, ExperimentSettings};
 
-fn args(extra: &[&str]) -> ExperimentArgs {
+/// The settings `greyfed experiment encryption EXTRA...` runs with.
+fn args(extra: &[&str]) -> ExperimentSettings {
     let mut argv = vec!["greyfed", "experiment", "encryption"];
     argv.extend_from_slice(extra);
     match Cli::parse_from(argv).command {
-        Command::Experiment(ExperimentCommand::Encryption(a)) => a,
+        Command::Experiment(ExperimentCommand::Encryption(a)) => a.settings().unwrap(),
         other => panic!("parsed {other:?}"),
     }
 }
@@ -197,4 +198,55 @@ fn unknown_models_and_modes_are_refused() {
     let a = args(&["--modes", "block+glitter"]);
     let err = experiment::cells(&a).unwrap_err().to_string();
     assert!(err.contains("glitter"), "{err}");
+}
+
+/// The flags of cell children are also the text `OUT/settings.txt` holds:
+/// they must not change, or earlier result directories stop resuming.
+#[test]
+fn the_recorded_settings_text_is_unchanged() {
+    let defaults = args(&[]);
+    assert_eq!(
+        defaults.cell_args.join(" "),
+        "--epochs=5 --rounds=10 --local-epochs=1 --participants=10 --batch-size=64 \
+         --lr=0.001 --weight-decay=0 --lr-schedule=constant --warmup=0.05 --block-size=4 \
+         --first-layer=auto --data-seed=0"
+    );
+    assert_eq!(defaults.first_layer, None);
+    assert_eq!(defaults.init, experiment::InitKind::Seeded);
+    assert_eq!(
+        defaults.settings,
+        [
+            experiment::TrainingSetting::Central,
+            experiment::TrainingSetting::Federated
+        ]
+    );
+    let custom = args(&[
+        "--first-layer",
+        "per-block",
+        "--init",
+        "key-transformed",
+        "--strategy",
+        "fedprox",
+        "--proximal-mu",
+        "0.1",
+        "--round-timeout",
+        "60",
+    ]);
+    assert_eq!(
+        custom.first_layer,
+        Some(greyfed_protocol::FirstLayer::PerBlock)
+    );
+    assert_eq!(custom.init, experiment::InitKind::KeyTransformed);
+    assert_eq!(custom.proximal_mu, 0.1);
+    assert_eq!(custom.round_timeout, std::time::Duration::from_secs(60));
+    let text = custom.cell_args.join(" ");
+    for flag in [
+        "--first-layer=per-block",
+        "--init=key-transformed",
+        "--strategy=fedprox",
+        "--proximal-mu=0.1",
+        "--round-timeout=60",
+    ] {
+        assert!(text.contains(flag), "{text}");
+    }
 }

@@ -20,25 +20,26 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use greyfed_coordinator::strategy::StrategyConfig;
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
-    data::{Dataset, DatasetSplits, LoadOptions},
+    data::{Dataset, DatasetSplits},
     model::{builtin_spec, encrypted_domain_weights, init_weights},
     train::{TensorData, evaluate, train_local},
 };
 use greyfed_protocol::{
-    FirstLayer, InputSpec, ModelSpec, OptimizerSpec, TrainingConfig, cipher::CipherSteps,
+    FirstLayer, InputSpec, LrSchedule, ModelSpec, OptimizerSpec, TrainingConfig,
+    cipher::CipherSteps,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{ExperimentArgs, FirstLayerArg, InitArg};
 use crate::federation::Federation;
-use crate::node::data_pipeline;
+use crate::node::{DataSettings, DataSourceSettings, data_pipeline};
 
 use super::security::{ModeSecurity, attacks_csv, attacks_markdown, mode_security};
 
@@ -55,6 +56,104 @@ pub const DEFAULT_MODES: [&str; 10] = [
     "pixel-negpos",
     "pixel",
 ];
+
+/// Where a model of the grid is trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainingSetting {
+    /// One process trains on the whole training split.
+    Central,
+    /// An in-process federation (QUIC on loopback, SecAgg+) of
+    /// [`ExperimentSettings::participants`].
+    Federated,
+}
+
+impl TrainingSetting {
+    /// `central` or `federated`: the name in [`Cell::setting`] and the tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainingSetting::Central => "central",
+            TrainingSetting::Federated => "federated",
+        }
+    }
+}
+
+/// How the model of an encrypted cell is initialised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InitKind {
+    /// Drawn from the seed, like the plain cell's model (for split modes a
+    /// fresh two-plane model).
+    #[default]
+    Seeded,
+    /// The key transform of the plain cell's initial model
+    /// ([`encrypted_domain_weights`]): the same function on encrypted images
+    /// as the plain model on plain images.
+    KeyTransformed,
+}
+
+/// Everything `greyfed experiment encryption` (and each `greyfed experiment
+/// cell` child) runs with. The binary builds it from its command line
+/// (`ExperimentArgs::settings` in `crate::cli`); a program or test may build
+/// it directly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExperimentSettings {
+    /// Output directory of the tables, `cells.jsonl` and `settings.txt`.
+    pub out: PathBuf,
+    /// Models: `blocknet`, `vit` and/or `cnn`.
+    pub models: Vec<String>,
+    /// Cipher modes (presets or `+`-joined steps); the plain baseline is
+    /// always added.
+    pub modes: Vec<String>,
+    /// Where the models are trained (`--settings`).
+    pub settings: Vec<TrainingSetting>,
+    /// Seeds per cell (0..N): model initialisation, data order and key.
+    pub seeds: u64,
+    /// Training epochs of central cells.
+    pub epochs: u32,
+    /// Rounds of federated cells.
+    pub rounds: u32,
+    /// Local epochs per round of federated cells.
+    pub local_epochs: u32,
+    /// Participants of federated cells.
+    pub participants: usize,
+    /// Time a federated round may take (each secure-aggregation stage a
+    /// fifth of it).
+    pub round_timeout: Duration,
+    /// Server strategy of federated cells (validated).
+    pub strategy: StrategyConfig,
+    /// Proximal coefficient of federated local training (0 unless FedProx).
+    pub proximal_mu: f32,
+    /// Minibatch size.
+    pub batch_size: u32,
+    /// Adam learning rate.
+    pub lr: f32,
+    /// Decoupled weight decay: AdamW when positive, else plain Adam.
+    pub weight_decay: f32,
+    /// Learning-rate schedule of each training (central: all epochs;
+    /// federated: each round's local epochs).
+    pub lr_schedule: LrSchedule,
+    /// Block size of the ciphers and patch size of blocknet and the ViT.
+    pub block_size: u32,
+    /// Cells run at once, each in its own child process (1: in this process).
+    pub jobs: usize,
+    /// First layer of blocknet and the ViT; `None` picks it per mode
+    /// ([`FirstLayer::for_cipher`]).
+    pub first_layer: Option<FirstLayer>,
+    /// Initial model of encrypted cells.
+    pub init: InitKind,
+    /// Known plain/cipher pairs given to the known-plaintext attack.
+    pub known_pairs: usize,
+    /// Held-out test images the attacks are scored on.
+    pub attack_samples: usize,
+    /// Keep only the first N training images (federated: N / participants
+    /// each).
+    pub max_train: Option<usize>,
+    /// The dataset, its seed and the augmentation of training images.
+    pub data: DataSettings,
+    /// The flags a `greyfed experiment cell` child needs to run a cell
+    /// exactly as this process would. Joined by spaces they are also the
+    /// settings recorded in `OUT/settings.txt`, which a re-run must match.
+    pub cell_args: Vec<String>,
+}
 
 /// One training run of the grid.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -133,44 +232,44 @@ fn encrypt(
     })
 }
 
-/// Adam, or AdamW when `--weight-decay` is positive.
-fn optimizer(args: &ExperimentArgs) -> OptimizerSpec {
-    if args.weight_decay > 0.0 {
+/// Adam, or AdamW when the weight decay is positive.
+fn optimizer(settings: &ExperimentSettings) -> OptimizerSpec {
+    if settings.weight_decay > 0.0 {
         OptimizerSpec::AdamW {
-            lr: args.lr,
-            weight_decay: args.weight_decay,
+            lr: settings.lr,
+            weight_decay: settings.weight_decay,
         }
     } else {
-        OptimizerSpec::Adam { lr: args.lr }
+        OptimizerSpec::Adam { lr: settings.lr }
     }
 }
 
 /// Runs one cell in this process.
 pub async fn run_cell(
-    args: &ExperimentArgs,
+    settings: &ExperimentSettings,
     splits: &DatasetSplits,
     cell: &Cell,
 ) -> Result<CellResult> {
     let mode = parse_mode(&cell.mode)?;
     let planes = mode.map_or(1, |m| m.output_channels());
-    let spec = model_spec(&cell.model, args.block_size, splits, planes)?
+    let spec = model_spec(&cell.model, settings.block_size, splits, planes)?
         .with_first_layer(cell.first_layer);
     let key = experiment_key(cell.seed);
-    let block = args.block_size as usize;
+    let block = settings.block_size as usize;
     let training = TrainingConfig {
-        local_epochs: args.epochs,
-        batch_size: args.batch_size,
-        optimizer: optimizer(args),
-        lr_schedule: args.lr_schedule.schedule(args.warmup),
+        local_epochs: settings.epochs,
+        batch_size: settings.batch_size,
+        optimizer: optimizer(settings),
+        lr_schedule: settings.lr_schedule,
         ..TrainingConfig::default()
     };
     let test = TensorData::from_dataset(
         &encrypt(&splits.test, mode, &key, block)?,
         &candle_core::Device::Cpu,
     )?;
-    let init = match (mode, args.init) {
-        (Some(steps), InitArg::KeyTransformed) => {
-            let plain_spec = model_spec(&cell.model, args.block_size, splits, 1)?
+    let init = match (mode, settings.init) {
+        (Some(steps), InitKind::KeyTransformed) => {
+            let plain_spec = model_spec(&cell.model, settings.block_size, splits, 1)?
                 .with_first_layer(cell.first_layer);
             let cipher =
                 ImageCipher::new(&key, steps, block, splits.test.rows(), splits.test.cols())?;
@@ -183,9 +282,10 @@ pub async fn run_cell(
     let weights = match cell.setting.as_str() {
         "central" => {
             let train =
-                args.data
-                    .augmentation()
-                    .apply(splits.train.clone(), args.data.data_seed, 0);
+                settings
+                    .data
+                    .augmentation
+                    .apply(splits.train.clone(), settings.data.seed, 0);
             let train = TensorData::from_dataset(
                 &encrypt(&train, mode, &key, block)?,
                 &candle_core::Device::Cpu,
@@ -194,42 +294,38 @@ pub async fn run_cell(
         }
         "federated" => {
             let mut fed = Federation::builder()
-                .participants(args.participants)
-                .rounds(args.rounds)
-                .round_timeout(Duration::from_secs(args.round_timeout))
+                .participants(settings.participants)
+                .rounds(settings.rounds)
+                .round_timeout(settings.round_timeout)
                 .training(TrainingConfig {
-                    local_epochs: args.local_epochs,
-                    proximal_mu: args.strategy.proximal_mu(),
+                    local_epochs: settings.local_epochs,
+                    proximal_mu: settings.proximal_mu,
                     ..training
                 })
-                .strategy(args.strategy.config()?)
+                .strategy(settings.strategy)
                 .model(spec.clone())
-                .block_size(args.block_size)
+                .block_size(settings.block_size)
                 .seed(cell.seed)
                 .initial_weights(init)
-                .data_seed(args.data.data_seed)
-                .augmentation(args.data.augmentation())
+                .data_seed(settings.data.seed)
+                .augmentation(settings.data.augmentation)
                 .image_key(key.clone());
-            if let Some(dir) = &args.data.data {
-                fed = fed.data_dir(dir).load_options(LoadOptions {
-                    image_size: args.data.image_size,
-                    test_fraction: args.data.test_fraction,
-                    seed: args.data.data_seed,
-                });
+            if let DataSourceSettings::Path(source) = &settings.data.source {
+                fed = fed.data_dir(&source.path).load_options(source.options);
             }
-            if let Some(max) = args.max_train {
-                fed = fed.max_train_samples(max.div_ceil(args.participants.max(1)));
+            if let Some(max) = settings.max_train {
+                fed = fed.max_train_samples(max.div_ceil(settings.participants.max(1)));
             }
             fed = match mode {
                 Some(steps) => fed.cipher(steps),
                 None => fed.plain(true),
             };
             let report = fed.run().await?;
-            if report.rounds.len() as u32 != args.rounds {
+            if report.rounds.len() as u32 != settings.rounds {
                 bail!(
                     "only {} of {} rounds completed",
                     report.rounds.len(),
-                    args.rounds
+                    settings.rounds
                 );
             }
             report.final_model
@@ -246,19 +342,17 @@ pub async fn run_cell(
 }
 
 /// The grid of cells the arguments ask for (plain baselines included).
-pub fn cells(args: &ExperimentArgs) -> Result<Vec<Cell>> {
+pub fn cells(settings: &ExperimentSettings) -> Result<Vec<Cell>> {
     let mut cells = Vec::new();
     let mut modes = Vec::new();
-    for mode in &args.modes {
+    for mode in &settings.modes {
         let steps = parse_mode(mode)?.context("plain is always the baseline; list cipher modes")?;
-        let layer = match args.first_layer {
-            FirstLayerArg::Auto => FirstLayer::for_cipher(&steps),
-            FirstLayerArg::Shared => FirstLayer::Shared,
-            FirstLayerArg::PerBlock => FirstLayer::PerBlock,
-        };
+        let layer = settings
+            .first_layer
+            .unwrap_or_else(|| FirstLayer::for_cipher(&steps));
         modes.push((mode.as_str(), layer));
     }
-    for model in &args.models {
+    for model in &settings.models {
         if !["blocknet", "vit", "cnn"].contains(&model.as_str()) {
             bail!("unknown model {model:?}; choose blocknet, vit or cnn");
         }
@@ -277,8 +371,8 @@ pub fn cells(args: &ExperimentArgs) -> Result<Vec<Cell>> {
             .into_iter()
             .map(|l| ("plain", l))
             .chain(modes.iter().map(|&(m, l)| (m, layer_of(l))));
-        for setting in &args.settings {
-            for seed in 0..args.seeds {
+        for setting in &settings.settings {
+            for seed in 0..settings.seeds {
                 for (mode, first_layer) in runs.clone() {
                     cells.push(Cell {
                         model: model.clone(),
@@ -296,7 +390,7 @@ pub fn cells(args: &ExperimentArgs) -> Result<Vec<Cell>> {
 
 /// Runs the cells, in this process or in `--jobs` child processes.
 async fn run_cells(
-    args: &ExperimentArgs,
+    settings: &ExperimentSettings,
     splits: &DatasetSplits,
     cells: &[Cell],
     mut record: impl FnMut(&CellResult) -> Result<()>,
@@ -318,9 +412,9 @@ async fn run_cells(
         results.push(r);
         Ok(())
     };
-    if args.jobs <= 1 {
+    if settings.jobs <= 1 {
         for cell in cells {
-            finish(run_cell(args, splits, cell).await?, &mut results)?;
+            finish(run_cell(settings, splits, cell).await?, &mut results)?;
         }
         return Ok(results);
     }
@@ -333,7 +427,7 @@ async fn run_cells(
             .arg("cell")
             .arg("--cell")
             .arg(serde_json::to_string(cell)?);
-        cmd.args(args.to_cell_args());
+        cmd.args(&settings.cell_args);
         cmd.env("RAYON_NUM_THREADS", "1")
             .env("CANDLE_NUM_THREADS", "1");
         cmd.stdin(Stdio::null())
@@ -355,7 +449,7 @@ async fn run_cells(
         });
         Ok(())
     };
-    for cell in pending.by_ref().take(args.jobs) {
+    for cell in pending.by_ref().take(settings.jobs) {
         spawn(&mut running, cell)?;
     }
     while let Some(done) = running.join_next().await {
@@ -593,33 +687,35 @@ pub struct ExperimentReport {
 }
 
 /// Runs `greyfed experiment encryption`.
-pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
-    args.strategy.config()?;
+pub async fn encryption(settings: &ExperimentSettings) -> Result<ExperimentReport> {
     let splits = limit(
-        data_pipeline(&args.data.settings()).source.load()?,
-        args.max_train,
+        data_pipeline(&settings.data).source.load()?,
+        settings.max_train,
     );
     let mut security = BTreeMap::new();
-    for mode in &args.modes {
+    for mode in &settings.modes {
         let s = mode_security(
             &splits,
             mode,
-            args.block_size as usize,
-            args.known_pairs,
-            args.attack_samples,
+            settings.block_size as usize,
+            settings.known_pairs,
+            settings.attack_samples,
         )?;
         security.insert(mode.clone(), s);
     }
-    let attacks: Vec<ModeSecurity> = args
+    let attacks: Vec<ModeSecurity> = settings
         .modes
         .iter()
         .filter_map(|m| security.get(m).cloned())
         .collect();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    write(&args.out.join("attacks.md"), &attacks_markdown(&attacks))?;
-    write(&args.out.join("attacks.csv"), &attacks_csv(&attacks))?;
-    let cells = cells(args)?;
+    std::fs::create_dir_all(&settings.out)
+        .with_context(|| format!("creating {}", settings.out.display()))?;
+    write(
+        &settings.out.join("attacks.md"),
+        &attacks_markdown(&attacks),
+    )?;
+    write(&settings.out.join("attacks.csv"), &attacks_csv(&attacks))?;
+    let cells = cells(settings)?;
     // Every earlier cell of a requested row (model, setting, first layer,
     // mode) goes into the table, whatever its seed: a row can have more
     // seeds than `--seeds` from an earlier run into `--out`.
@@ -632,10 +728,11 @@ pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
         )
     };
     let rows: BTreeSet<_> = cells.iter().map(row).collect();
-    let mut results: Vec<CellResult> = previous_results(&args.out, &args.to_cell_args().join(" "))?
-        .into_iter()
-        .filter(|r| rows.contains(&row(&r.cell)))
-        .collect();
+    let mut results: Vec<CellResult> =
+        previous_results(&settings.out, &settings.cell_args.join(" "))?
+            .into_iter()
+            .filter(|r| rows.contains(&row(&r.cell)))
+            .collect();
     let todo: Vec<Cell> = cells
         .iter()
         .filter(|c| !results.iter().any(|r| r.cell == **c))
@@ -646,18 +743,18 @@ pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
             "{} of {} cells already in {}; running the other {}",
             cells.len() - todo.len(),
             cells.len(),
-            args.out.join(CELLS_FILE).display(),
+            settings.out.join(CELLS_FILE).display(),
             todo.len()
         );
     }
-    let cells_path = args.out.join(CELLS_FILE);
+    let cells_path = settings.out.join(CELLS_FILE);
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&cells_path)
         .with_context(|| format!("opening {}", cells_path.display()))?;
     results.extend(
-        run_cells(args, &splits, &todo, |r| {
+        run_cells(settings, &splits, &todo, |r| {
             writeln!(log, "{}", serde_json::to_string(r)?)
                 .with_context(|| format!("writing {}", cells_path.display()))
         })
@@ -665,20 +762,20 @@ pub async fn encryption(args: &ExperimentArgs) -> Result<ExperimentReport> {
     );
     results.sort_by(|a, b| a.cell.cmp(&b.cell));
     let rows = table_rows(&results, &security);
-    write(&args.out.join("table.md"), &table_markdown(&rows))?;
-    write(&args.out.join("table.csv"), &table_csv(&rows))?;
+    write(&settings.out.join("table.md"), &table_markdown(&rows))?;
+    write(&settings.out.join("table.csv"), &table_csv(&rows))?;
     Ok(ExperimentReport { rows, attacks })
 }
 
 /// Runs `greyfed experiment cell` (one cell; JSON result on stdout).
-pub async fn cell(args: &ExperimentArgs, cell: &str) -> Result<String> {
+pub async fn cell(settings: &ExperimentSettings, cell: &str) -> Result<String> {
     let cell: Cell = serde_json::from_str(cell).context("parsing --cell")?;
     let splits = limit(
-        data_pipeline(&args.data.settings()).source.load()?,
-        args.max_train,
+        data_pipeline(&settings.data).source.load()?,
+        settings.max_train,
     );
     Ok(serde_json::to_string(
-        &run_cell(args, &splits, &cell).await?,
+        &run_cell(settings, &splits, &cell).await?,
     )?)
 }
 
