@@ -427,7 +427,7 @@ pub fn participant(opts: &ParticipantOptions) -> Result<ParticipantOutput> {
         .context("deployment.json names no coordinator host")?;
     check_host(first)?;
     let ca_cert = read(files::CA_CERT)?;
-    let ca_key = crate::node::read_secret(&ca_dir.join(files::CA_KEY))?;
+    let ca_key = read_secret(&ca_dir.join(files::CA_KEY))?;
     let ca_key = String::from_utf8(ca_key).context("the CA key file is not PEM text")?;
     let ca = CertificateAuthority::from_pem(&ca_cert, &ca_key)?;
     let image_key = ImageKey::read_file(ca_dir.join(files::IMAGE_KEY))?;
@@ -504,6 +504,33 @@ impl Writer {
         self.written.push(path.to_path_buf());
         Ok(())
     }
+}
+
+/// Reads a private key file, refusing one that group or others may read
+/// (`greyfed keygen deployment` writes them 0600). Errors name the file,
+/// never its contents.
+///
+/// # Errors
+/// The file cannot be read, or its permissions let group or others read it.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "{}: permissions {mode:04o} let group or others read this private key; \
+                 restrict them with `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Creates `path` (failing if it exists) with permissions `mode` (on unix;
@@ -584,5 +611,22 @@ mod tests {
         // Refuses to write into a non-empty directory.
         let err = deployment(&o).unwrap_err();
         assert!(err.to_string().contains("not empty"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_key_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        write_new_file(&path, b"PEM-CONTENTS", 0o600).unwrap();
+        assert_eq!(read_secret(&path).unwrap(), b"PEM-CONTENTS");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_secret(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600") && err.contains("0644"), "{err}");
+        assert!(!err.contains("PEM-CONTENTS"), "{err}");
+        let missing = dir.path().join("missing.pem");
+        let err = read_secret(&missing).unwrap_err().to_string();
+        assert!(err.contains("missing.pem"), "{err}");
     }
 }

@@ -36,6 +36,7 @@ use greyfed_protocol::{
 use tracing::{info, warn};
 
 use crate::central::TestSetEvaluator;
+use crate::keygen::read_secret;
 use crate::progress::{Display, Event, FederationView, ParticipantView};
 
 /// Where images come from: a dataset on disk or the built-in digits.
@@ -241,33 +242,6 @@ pub struct ParticipantSettings {
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
-}
-
-/// Reads a private key file, refusing one that group or others may read
-/// (`greyfed keygen deployment` writes them 0600). Errors name the file,
-/// never its contents.
-///
-/// # Errors
-/// The file cannot be read, or its permissions let group or others read it.
-pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode & 0o077 != 0 {
-            bail!(
-                "{}: permissions {mode:04o} let group or others read this private key; \
-                 restrict them with `chmod 600 {}`",
-                path.display(),
-                path.display()
-            );
-        }
-    }
-    read(path)
 }
 
 /// The coordinator's TLS material: its certificate and key, the deployment

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use greyfed_coordinator::strategy::StrategyConfig;
 use greyfed_participant::{
-    cipher::{ImageCipher, ImageKey},
+    Encryption,
+    cipher::ImageKey,
     data::{Dataset, DatasetSplits},
     model::{builtin_spec, encrypted_domain_weights, init_weights},
     train::{TensorData, evaluate, train_local},
@@ -218,17 +219,10 @@ pub(crate) fn parse_mode(mode: &str) -> Result<Option<CipherSteps>> {
 }
 
 /// Encrypts `data` with `mode` (plain: unchanged).
-fn encrypt(
-    data: &Dataset,
-    mode: Option<CipherSteps>,
-    key: &ImageKey,
-    block: usize,
-) -> Result<Dataset> {
-    Ok(match mode {
+fn encrypt(data: &Dataset, encryption: Option<&Encryption>) -> Result<Dataset> {
+    Ok(match encryption {
         None => data.clone(),
-        Some(steps) => {
-            ImageCipher::new(key, steps, block, data.rows(), data.cols())?.encrypt_dataset(data)?
-        }
+        Some(e) => e.cipher_for(data.rows(), data.cols())?.encrypt_dataset(data)?,
     })
 }
 
@@ -256,6 +250,12 @@ pub async fn run_cell(
         .with_first_layer(cell.first_layer);
     let key = experiment_key(cell.seed);
     let block = settings.block_size as usize;
+    // The participants' encryption, applied to the central cells' images too.
+    let encryption = mode.map(|steps| Encryption {
+        key: key.clone(),
+        steps,
+        block_size: block,
+    });
     let training = TrainingConfig {
         local_epochs: settings.epochs,
         batch_size: settings.batch_size,
@@ -264,15 +264,17 @@ pub async fn run_cell(
         ..TrainingConfig::default()
     };
     let test = TensorData::from_dataset(
-        &encrypt(&splits.test, mode, &key, block)?,
+        &encrypt(&splits.test, encryption.as_ref())?,
         &candle_core::Device::Cpu,
     )?;
     let init = match (mode, settings.init) {
-        (Some(steps), InitKind::KeyTransformed) => {
+        (Some(_), InitKind::KeyTransformed) => {
             let plain_spec = model_spec(&cell.model, settings.block_size, splits, 1)?
                 .with_first_layer(cell.first_layer);
-            let cipher =
-                ImageCipher::new(&key, steps, block, splits.test.rows(), splits.test.cols())?;
+            let cipher = encryption
+                .as_ref()
+                .expect("a mode gives an encryption")
+                .cipher_for(splits.test.rows(), splits.test.cols())?;
             let plain = init_weights(&plain_spec, cell.seed)?;
             encrypted_domain_weights(&plain_spec, &plain, &cipher)?.1
         }
@@ -287,7 +289,7 @@ pub async fn run_cell(
                     .augmentation
                     .apply(splits.train.clone(), settings.data.seed, 0);
             let train = TensorData::from_dataset(
-                &encrypt(&train, mode, &key, block)?,
+                &encrypt(&train, encryption.as_ref())?,
                 &candle_core::Device::Cpu,
             )?;
             train_local(&spec, &init, &train, &training, cell.seed)?.weights
@@ -823,7 +825,7 @@ mod tests {
         let splits = greyfed_participant::data::synthetic::builtin_splits(0);
         // The key of seed 0 draws the identity rotate-flip: alone it would
         // give SSIM 1 and a perfect known-plaintext attack.
-        let one = ImageCipher::new(
+        let one = greyfed_participant::cipher::ImageCipher::new(
             &experiment_key(0),
             parse_mode("rotate-flip").unwrap().unwrap(),
             4,

@@ -1,0 +1,106 @@
+//! `OUT/summary.json` and the summary table of a finished simulation.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::{SUMMARY_FILE, SimulationData, SimulationReport, SimulationSettings};
+use crate::memory::MemoryReport;
+
+impl SimulationData {
+    /// The data as `summary.json` names it: its canonical path, or
+    /// `builtin:SEED`.
+    fn description(&self) -> String {
+        match &self.path {
+            Some(path) => std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string(),
+            None => self.source(),
+        }
+    }
+}
+
+/// `OUT/summary.json`: the run as a whole (the rounds are in `metrics.jsonl`).
+#[derive(Debug, Serialize)]
+struct Summary<'a> {
+    participants: usize,
+    rounds_planned: u32,
+    rounds_completed: usize,
+    wall_secs: f64,
+    /// Accuracy after the last completed round.
+    final_accuracy: Option<f64>,
+    crashes: usize,
+    /// The participants' data: `builtin:SEED` or an IDX directory.
+    data: String,
+    /// How the training split was partitioned.
+    partition: String,
+    /// Whether participants trained on plain images.
+    plain: bool,
+    /// Compute threads per participant process.
+    threads: usize,
+    peak_rss: &'a MemoryReport,
+}
+
+impl SimulationReport {
+    /// True when every requested round completed.
+    pub fn all_rounds_completed(&self) -> bool {
+        self.rounds.len() == self.rounds_planned as usize
+    }
+
+    /// Writes `OUT/summary.json` (see [`SUMMARY_FILE`]).
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_summary(&self, settings: &SimulationSettings) -> Result<()> {
+        let summary = Summary {
+            participants: self.memory.participant_bytes.len(),
+            rounds_planned: self.rounds_planned,
+            rounds_completed: self.rounds.len(),
+            wall_secs: self.wall.as_secs_f64(),
+            final_accuracy: self.rounds.last().and_then(|r| r.accuracy),
+            crashes: self.crashes.len(),
+            data: settings.data.description(),
+            partition: settings.data.partition.to_string(),
+            plain: settings.plain,
+            threads: settings.threads,
+            peak_rss: &self.memory,
+        };
+        let path = self.out.join(SUMMARY_FILE);
+        let json = serde_json::to_string_pretty(&summary).expect("serialisable");
+        std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The summary table printed at the end of a simulation (with a
+    /// `central` accuracy column when the coordinator evaluated centrally).
+    pub fn table(&self) -> String {
+        let central = self.rounds.iter().any(|r| r.central_accuracy.is_some());
+        let pct =
+            |v: Option<f64>| v.map_or_else(|| "-".to_string(), |a| format!("{:.2}%", 100.0 * a));
+        let mut s = String::from(
+            "round  accuracy    loss  train_loss  participants  dropped   up(MB)  down(MB)    secs  aggregation",
+        );
+        s.push_str(if central { "   central\n" } else { "\n" });
+        for r in &self.rounds {
+            s.push_str(&format!(
+                "{:>5}  {:>8}  {:>6}  {:>10}  {:>12}  {:>7}  {:>7.2}  {:>8.2}  {:>6.2}  {:<11}",
+                r.round,
+                pct(r.accuracy),
+                r.loss
+                    .map_or_else(|| "-".to_string(), |l| format!("{l:.4}")),
+                r.train_loss
+                    .map_or_else(|| "-".to_string(), |l| format!("{l:.4}")),
+                r.participants,
+                r.dropped,
+                r.bytes_up as f64 / 1e6,
+                r.bytes_down as f64 / 1e6,
+                r.secs,
+                r.aggregation
+            ));
+            if central {
+                s.push_str(&format!("  {:>8}", pct(r.central_accuracy)));
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
