@@ -192,8 +192,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     report.rounds.len(),
                     report.rounds_planned,
                     report.wall.as_secs_f64(),
-                    report.out.join("metrics.jsonl").display(),
-                    report.out.join(simulate::SUMMARY_FILE).display()
+                    report.out.join(greyfed::report::METRICS_FILE).display(),
+                    report.out.join(greyfed::report::SUMMARY_FILE).display()
                 );
             }
             // The report comes last, and its path is the last line printed.

@@ -222,7 +222,9 @@ pub(crate) fn parse_mode(mode: &str) -> Result<Option<CipherSteps>> {
 fn encrypt(data: &Dataset, encryption: Option<&Encryption>) -> Result<Dataset> {
     Ok(match encryption {
         None => data.clone(),
-        Some(e) => e.cipher_for(data.rows(), data.cols())?.encrypt_dataset(data)?,
+        Some(e) => e
+            .cipher_for(data.rows(), data.cols())?
+            .encrypt_dataset(data)?,
     })
 }
 

@@ -151,9 +151,6 @@ pub struct SimulationReport {
 /// final model, as `participant-I/model.safetensors`.
 pub const PARTICIPANTS_DIR: &str = "participants";
 
-/// The file in the output directory that [`SimulationReport::write_summary`] writes.
-pub const SUMMARY_FILE: &str = "summary.json";
-
 /// A child's log file `dir/name`: its stderr, and a handle for the lines of
 /// its stdout that are not progress events (one open file, so the two share
 /// its offset and never overwrite each other).

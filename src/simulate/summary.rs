@@ -3,8 +3,9 @@
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::{SUMMARY_FILE, SimulationData, SimulationReport, SimulationSettings};
+use super::{SimulationData, SimulationReport, SimulationSettings};
 use crate::memory::MemoryReport;
+use crate::report::SUMMARY_FILE;
 
 impl SimulationData {
     /// The data as `summary.json` names it: its canonical path, or

@@ -1,0 +1,312 @@
+use super::*;
+
+#[test]
+fn training_args_survive_a_round_trip_through_the_command_line() {
+    let parse = |extra: &[String]| {
+        let mut argv = vec!["greyfed".to_string(), "simulate".to_string()];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Command::Simulate(s) => s.training,
+            other => panic!("parsed {other:?}"),
+        }
+    };
+    let defaults = parse(&[]);
+    assert_eq!(parse(&defaults.to_args()), defaults);
+    let custom: Vec<String> = [
+        "--rounds",
+        "3",
+        "--local-epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.002",
+        "--momentum",
+        "0.5",
+        "--weight-decay",
+        "0.2",
+        "--lr-schedule",
+        "cosine",
+        "--block-size",
+        "7",
+        "--strategy",
+        "fedprox",
+        "--server-lr",
+        "0.5",
+        "--server-momentum",
+        "0.3",
+        "--proximal-mu",
+        "0.2",
+        "--aggregation",
+        "plain",
+        "--secagg-clip",
+        "2",
+        "--secagg-bits",
+        "12",
+        "--dropout-bound",
+        "0.2",
+        "--stage-timeout",
+        "9",
+        "--round-timeout",
+        "99",
+        "--cohort-fraction",
+        "0.4",
+        "--min-cohort",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let custom = parse(&custom);
+    assert_ne!(custom, defaults);
+    assert_eq!(parse(&custom.to_args()), custom);
+}
+
+#[test]
+fn pixel_noise_needs_shifted_copies() {
+    let argv = |extra: &[&str]| {
+        let mut a = vec!["greyfed", "experiment", "encryption"];
+        a.extend_from_slice(extra);
+        Cli::try_parse_from(a)
+    };
+    let err = argv(&["--pixel-noise", "8"]).unwrap_err();
+    assert!(err.to_string().contains("--shifted-copies"), "{err}");
+    assert!(argv(&["--pixel-noise", "8", "--shifted-copies", "1"]).is_ok());
+    assert!(argv(&["--pixel-noise", "300", "--shifted-copies", "1"]).is_err());
+}
+
+#[test]
+fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
+    let parse = |extra: &[&str]| {
+        let mut argv = vec!["greyfed", "experiment", "encryption"];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Command::Experiment(ExperimentCommand::Encryption(a)) => a,
+            other => panic!("parsed {other:?}"),
+        }
+    };
+    let plain = parse(&[]);
+    // Defaults are left out, so that earlier results still match.
+    assert!(
+        !plain.to_cell_args().iter().any(|a| a.contains("shift")
+            || a.contains("noise")
+            || a.contains("strategy")
+            || a.contains("init")),
+        "{:?}",
+        plain.to_cell_args()
+    );
+    let augmented = parse(&[
+        "--shifted-copies",
+        "3",
+        "--max-shift",
+        "1",
+        "--round-timeout",
+        "30",
+        "--strategy",
+        "fedavgm",
+        "--server-lr",
+        "1.5",
+        "--server-momentum",
+        "0.8",
+        "--init",
+        "key-transformed",
+        "--pixel-noise",
+        "8",
+    ]);
+    let args = augmented.to_cell_args();
+    assert!(args.contains(&"--shifted-copies=3".to_string()), "{args:?}");
+    let child: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(parse(&child).round_timeout, 30, "{child:?}");
+    assert_eq!(parse(&child).init, InitArg::KeyTransformed, "{child:?}");
+    assert_eq!(
+        parse(&child).strategy.config().unwrap(),
+        StrategyConfig::FedAvgM {
+            server_lr: 1.5,
+            momentum: 0.8
+        }
+    );
+    assert_eq!(
+        parse(&child).data.augmentation(),
+        ShiftedCopies {
+            copies: 3,
+            max_shift: 1,
+            pixel_noise: 8
+        }
+    );
+}
+
+fn training(args: &[&str]) -> TrainingArgs {
+    let mut argv = vec!["greyfed", "simulate"];
+    argv.extend_from_slice(args);
+    match Cli::parse_from(argv).command {
+        Command::Simulate(s) => s.training,
+        other => panic!("parsed {other:?}"),
+    }
+}
+
+#[test]
+fn strategies_map_to_server_configs_and_proximal_terms() {
+    use greyfed_protocol::OptimizerSpec;
+    let t = training(&[]).settings().unwrap();
+    assert_eq!(t.strategy, StrategyConfig::FedAvg { server_lr: 1.0 });
+    assert_eq!(t.training.proximal_mu, 0.0);
+    assert_eq!(
+        t.training.optimizer,
+        OptimizerSpec::Sgd {
+            lr: 0.1,
+            momentum: 0.9
+        }
+    );
+
+    let t = training(&["--strategy", "fedprox", "--proximal-mu", "0.5"])
+        .settings()
+        .unwrap();
+    assert_eq!(t.strategy, StrategyConfig::FedAvg { server_lr: 1.0 });
+    assert_eq!(t.training.proximal_mu, 0.5);
+
+    let t = training(&["--strategy", "fedavgm", "--server-momentum", "0.7"]);
+    assert_eq!(
+        t.settings().unwrap().strategy,
+        StrategyConfig::FedAvgM {
+            server_lr: 1.0,
+            momentum: 0.7
+        }
+    );
+    let t = training(&["--strategy", "fedadam", "--server-lr", "0.05"]);
+    assert!(matches!(
+        t.settings().unwrap().strategy,
+        StrategyConfig::FedAdam { server_lr, .. } if server_lr == 0.05
+    ));
+
+    assert!(
+        training(&["--strategy", "fedprox", "--proximal-mu=-1"])
+            .settings()
+            .is_err()
+    );
+    assert!(
+        training(&["--strategy", "fedavgm", "--server-momentum", "1"])
+            .settings()
+            .is_err()
+    );
+}
+
+#[test]
+fn shard_syntax_is_checked() {
+    assert_eq!(parse_shard("2/10").unwrap(), (2, 10));
+    for bad in ["10/10", "1", "a/3", "1/0", "-1/3"] {
+        assert!(parse_shard(bad).is_err(), "{bad}");
+    }
+}
+
+fn coordinator_args(extra: &[&str]) -> CoordinatorArgs {
+    let mut argv = vec![
+        "greyfed",
+        "coordinator",
+        "--cert",
+        "c.pem",
+        "--key",
+        "k.pem",
+        "--ca",
+        "ca.pem",
+        "--allow-list",
+        "allow.txt",
+    ];
+    argv.extend_from_slice(extra);
+    match Cli::parse_from(argv).command {
+        Command::Coordinator(c) => *c,
+        other => panic!("parsed {other:?}"),
+    }
+}
+
+#[test]
+fn coordinator_flags_map_to_typed_settings() {
+    use crate::node::{DataSourceSettings, ImageEncryption};
+    use greyfed_participant::pipeline::BuiltinDigits;
+    let s = coordinator_args(&["--participants", "7", "--join-timeout", "30"])
+        .settings()
+        .unwrap();
+    assert_eq!(s.min_participants, 3);
+    assert_eq!(s.join_timeout, Some(std::time::Duration::from_secs(30)));
+    assert_eq!(s.central, None);
+    assert_eq!(
+        s.training.aggregation,
+        greyfed_protocol::AggregationKind::SecAgg { full: false }
+    );
+
+    let s = coordinator_args(&["--test-data", "builtin:3", "--plain-test-data"])
+        .settings()
+        .unwrap();
+    let central = s.central.unwrap();
+    assert_eq!(
+        central.test_data,
+        DataSourceSettings::Builtin(BuiltinDigits { seed: 3 })
+    );
+    assert_eq!(central.images, ImageEncryption::Plain);
+
+    let err = coordinator_args(&["--test-data", "builtin"])
+        .settings()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--image-key"), "{err}");
+    assert!(
+        coordinator_args(&["--test-data", "builtin:x", "--plain-test-data"])
+            .settings()
+            .is_err()
+    );
+}
+
+#[test]
+fn participant_flags_map_to_typed_settings() {
+    use crate::node::{DataSourceSettings, ImageEncryption};
+    let parse = |extra: &[&str]| {
+        let mut argv = vec![
+            "greyfed",
+            "participant",
+            "--coordinator",
+            "127.0.0.1:7447",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Command::Participant(p) => p.settings(),
+            other => panic!("parsed {other:?}"),
+        }
+    };
+    let s = parse(&["--plain", "--shard", "2/5", "--data-seed", "9"]).unwrap();
+    assert_eq!(s.images, ImageEncryption::Plain);
+    assert_eq!(s.shard, (2, 5));
+    assert_eq!(
+        s.save_model,
+        Some(PathBuf::from("out/participant/model.safetensors"))
+    );
+    assert_eq!(s.data.seed, 9);
+    assert!(matches!(s.data.source, DataSourceSettings::Builtin(d) if d.seed == 9));
+
+    let s = parse(&[
+        "--image-key",
+        "image.key",
+        "--no-save-model",
+        "--data",
+        "imgs",
+        "--drop-at",
+        "2:share",
+    ])
+    .unwrap();
+    assert_eq!(s.images, ImageEncryption::Key("image.key".into()));
+    assert_eq!(s.save_model, None);
+    assert!(s.hooks.dropout.is_some());
+    let DataSourceSettings::Path(path) = &s.data.source else {
+        panic!("expected a data path")
+    };
+    assert_eq!(path.path, PathBuf::from("imgs"));
+    assert_eq!(path.options.seed, 0);
+
+    assert!(parse(&["--plain", "--shard", "5/5"]).is_err());
+}
