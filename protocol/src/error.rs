@@ -79,6 +79,18 @@ pub enum ProtocolError {
         /// The round named by the message.
         got: u32,
     },
+    /// A second `EvaluateRequest` for a round this participant already
+    /// evaluated: a coordinator could difference two evaluation sums over
+    /// different evaluator sets to isolate one participant's metrics, so the
+    /// participant refuses (and leaves the session).
+    #[error(
+        "a second evaluation of round {round} was requested; each round is evaluated once \
+         (two sums over different evaluators would reveal one participant's metrics)"
+    )]
+    RepeatedEvaluation {
+        /// The round asked for again.
+        round: u32,
+    },
     /// A message for the current round that arrived after its phase ended
     /// (e.g. unmasking shares no longer needed). Harmless: ignore it.
     #[error("late {0} ignored: its phase of the round is over")]

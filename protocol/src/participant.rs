@@ -87,6 +87,9 @@ pub struct ParticipantSession {
     id: Option<ParticipantId>,
     session: Option<SessionInfo>,
     last_round: u32,
+    /// The last round we were asked to evaluate (0: none). Each round is
+    /// evaluated at most once ([`ProtocolError::RepeatedEvaluation`]).
+    last_evaluated: u32,
     /// The model of the last `EvaluateRequest` and its round, kept for a
     /// `TrainRequest` that refers to it ([`GlobalModel::Evaluated`]).
     evaluated: Option<(u32, ModelWeights)>,
@@ -107,6 +110,7 @@ impl ParticipantSession {
             id: None,
             session: None,
             last_round: 0,
+            last_evaluated: 0,
             evaluated: None,
             update_sum: None,
             eval_sum: None,
@@ -237,7 +241,11 @@ impl ParticipantSession {
                         got: round,
                     });
                 }
+                if round <= self.last_evaluated {
+                    return Err(ProtocolError::RepeatedEvaluation { round });
+                }
                 self.last_round = round;
+                self.last_evaluated = round;
                 self.evaluated = Some((round, global.clone()));
                 self.state = State::Evaluating { round };
                 // Accuracy, loss and the confusion counts of the model's classes.

@@ -1095,3 +1095,67 @@ fn a_fixed_model_adopts_the_first_class_list_and_checks_the_class_count() {
         sent[2]
     );
 }
+
+/// A coordinator that asks for a second evaluation of a round (to difference
+/// two sums over different evaluator sets) is refused, and the participant
+/// leaves the session; the next round's evaluation is fine.
+#[test]
+fn a_participant_evaluates_each_round_once() {
+    use crate::participant::{ParticipantEvent, ParticipantSession};
+    let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(3);
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(1, 3),
+        fixed_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    join(&mut s, now, 0, hello(0, 10)).unwrap();
+    let welcome = s.poll_transmit().unwrap().1;
+    let evaluate = |round| Message::EvaluateRequest {
+        round,
+        global: tiny_model().into(),
+    };
+    let admitted = |rng: &mut rand::rngs::StdRng| {
+        let mut p = ParticipantSession::new(hello(0, 10));
+        p.handle_message(welcome.clone(), rng).unwrap();
+        while p.poll_event().is_some() {}
+        p
+    };
+
+    let mut p = admitted(&mut rng);
+    p.handle_message(evaluate(1), &mut rng).unwrap();
+    assert!(matches!(
+        p.poll_event(),
+        Some(ParticipantEvent::Evaluate { round: 1, .. })
+    ));
+    p.submit_evaluation(1, eval_metrics(1.0, 1, 2), &mut rng)
+        .unwrap();
+    while p.poll_transmit().is_some() {}
+    let err = p.handle_message(evaluate(1), &mut rng).unwrap_err();
+    assert_eq!(err, ProtocolError::RepeatedEvaluation { round: 1 });
+    assert!(
+        p.is_finished(),
+        "the participant leaves a coordinator that asks twice"
+    );
+    assert!(p.poll_event().is_none(), "no second evaluation started");
+
+    // An earlier round is refused too; a later one is evaluated.
+    let mut p = admitted(&mut rng);
+    p.handle_message(evaluate(2), &mut rng).unwrap();
+    while p.poll_event().is_some() {}
+    p.submit_evaluation(2, eval_metrics(1.0, 1, 2), &mut rng)
+        .unwrap();
+    assert!(p.handle_message(evaluate(1), &mut rng).is_err());
+    let mut p = admitted(&mut rng);
+    p.handle_message(evaluate(1), &mut rng).unwrap();
+    while p.poll_event().is_some() {}
+    p.submit_evaluation(1, eval_metrics(1.0, 1, 2), &mut rng)
+        .unwrap();
+    p.handle_message(evaluate(2), &mut rng).unwrap();
+    assert!(matches!(
+        p.poll_event(),
+        Some(ParticipantEvent::Evaluate { round: 2, .. })
+    ));
+}
