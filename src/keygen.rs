@@ -33,7 +33,7 @@
 //! start, and nothing is ever overwritten: `OUT` must not exist or be empty.
 //! The coordinator never gets the image key, only its fingerprint.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -513,14 +513,20 @@ impl Writer {
 /// # Errors
 /// The file cannot be read, or its permissions let group or others read it.
 pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    // One open file for the check and the read: the permissions checked are
+    // those of the file read, whatever happens to the path in between.
+    let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             bail!(
                 "{}: permissions {mode:04o} let group or others read this private key; \
@@ -530,8 +536,25 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
             );
         }
     }
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    if meta.len() > MAX_SECRET_FILE_BYTES {
+        bail!(
+            "{}: {} bytes is too large for a private key file (at most {MAX_SECRET_FILE_BYTES})",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut contents = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut contents)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if contents.len() as u64 > MAX_SECRET_FILE_BYTES {
+        bail!("{}: the file grew while it was read", path.display());
+    }
+    Ok(contents)
 }
+
+/// Largest private key file [`read_secret`] reads (a PEM key is a few KiB).
+pub const MAX_SECRET_FILE_BYTES: u64 = 1 << 20;
 
 /// Creates `path` (failing if it exists) with permissions `mode` (on unix;
 /// set at creation, so a secret is never readable by others, and again
@@ -628,5 +651,15 @@ mod tests {
         let missing = dir.path().join("missing.pem");
         let err = read_secret(&missing).unwrap_err().to_string();
         assert!(err.contains("missing.pem"), "{err}");
+        // Not a regular file, and too large: refused by name.
+        let err = format!("{:#}", read_secret(dir.path()).unwrap_err());
+        assert!(
+            err.contains("not a regular file") || err.contains("Is a directory"),
+            "{err}"
+        );
+        let big = dir.path().join("big.pem");
+        write_new_file(&big, &vec![b'A'; MAX_SECRET_FILE_BYTES as usize + 1], 0o600).unwrap();
+        let err = read_secret(&big).unwrap_err().to_string();
+        assert!(err.contains("too large"), "{err}");
     }
 }
