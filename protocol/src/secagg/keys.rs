@@ -163,8 +163,9 @@ pub fn share_channel_key(
 }
 
 /// What `from` sends `to` in stage 2: its shares of its `s` secret key and of
-/// its self-mask seed `b`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// its self-mask seed `b` (secret: not `Copy`; the shares zeroise
+/// themselves when dropped and show only their `x` in `Debug`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharePair {
     /// Sender.
     pub from: ParticipantId,

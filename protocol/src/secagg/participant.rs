@@ -579,7 +579,7 @@ impl Common {
             shares
                 .iter()
                 .find(|sh| sh.x == x)
-                .copied()
+                .cloned()
                 .ok_or_else(|| ProtocolError::Crypto(format!("no share at x = {x}")))
         };
         let mut sealed = Vec::with_capacity(holders.len() - 1);
@@ -737,14 +737,16 @@ impl Common {
         }
         let mut self_mask_shares: Vec<(ParticipantId, Share)> = survivors
             .iter()
-            .map(|j| (*j, st.held[j].self_mask_share))
+            .map(|j| (*j, st.held[j].self_mask_share.clone()))
             .collect();
         if st.own_counts {
             self_mask_shares.push((i, st.own.self_mask_share));
         }
         self_mask_shares.sort_unstable_by_key(|(j, _)| *j);
-        let mut key_shares: Vec<(ParticipantId, Share)> =
-            dropped.iter().map(|j| (*j, st.held[j].key_share)).collect();
+        let mut key_shares: Vec<(ParticipantId, Share)> = dropped
+            .iter()
+            .map(|j| (*j, st.held[j].key_share.clone()))
+            .collect();
         key_shares.sort_unstable_by_key(|(j, _)| *j);
         self.upload(SecAggUpload::UnmaskShares {
             self_mask_shares,

@@ -37,13 +37,24 @@ const CHUNK_BYTES: usize = 7;
 const CACHE_ENTRIES: usize = 4096;
 
 /// One share of a 32-byte secret: the evaluations at `x` of the 5 chunk
-/// polynomials. 48 bytes on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// polynomials. 48 bytes on the wire. Secret material: not `Copy`, its
+/// `Debug` shows only `x`, and its values are zeroised when dropped.
+#[derive(
+    Clone, PartialEq, Eq, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop,
+)]
 pub struct Share {
     /// Evaluation point (holder id + 1, never 0).
     pub x: u64,
     /// One value in [0, p) per chunk.
     pub y: [u64; CHUNKS],
+}
+
+impl std::fmt::Debug for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Share")
+            .field("x", &self.x)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Arithmetic in GF(2^61 - 1); operands are always reduced (`< p`).
@@ -332,6 +343,20 @@ mod tests {
         let mut s = [0u8; 32];
         rng.fill_bytes(&mut s);
         s
+    }
+
+    #[test]
+    fn a_share_shows_only_its_point_and_zeroises() {
+        use zeroize::Zeroize;
+        let mut share = Share {
+            x: 3,
+            y: [123_456_789, 2, 3, 4, 5],
+        };
+        let shown = format!("{share:?}");
+        assert!(shown.contains("x: 3"), "{shown}");
+        assert!(!shown.contains("123456789"), "{shown}");
+        share.zeroize();
+        assert_eq!((share.x, share.y), (0, [0; CHUNKS]));
     }
 
     fn xs(n: usize) -> Vec<u64> {

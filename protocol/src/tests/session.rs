@@ -6,7 +6,7 @@ use super::util::*;
 use crate::{
     PROTOCOL_VERSION, ProtocolError,
     aggregate::PlainAggregator,
-    message::{AggregationPayload, EvalMetrics, MAX_EVAL_LOSS, Message, ParticipantId},
+    message::{AggregationPayload, MAX_EVAL_LOSS, Message, ParticipantId},
     session::{CoordinatorSession, Selection, SessionEvent, SessionPhase, SessionProgress},
 };
 

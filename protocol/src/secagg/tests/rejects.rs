@@ -207,11 +207,11 @@ fn bad_uploads_at_every_stage_do_not_disturb_the_round() {
     let mut wrong_x = b.clone();
     wrong_x[1].1.x = 5;
     for (bb, ss) in [
-        (b[1..].to_vec(), vec![]),                  // an owner missing
-        (b[1..].to_vec(), vec![b[0]]),              // an owner moved to "dropped"
-        (b.clone(), vec![b[1]]),                    // both kinds for one owner
-        (wrong_x, vec![]),                          // a share at another x
-        ([b.clone(), vec![b[0]]].concat(), vec![]), // duplicate
+        (b[1..].to_vec(), vec![]),                          // an owner missing
+        (b[1..].to_vec(), vec![b[0].clone()]),              // an owner moved to "dropped"
+        (b.clone(), vec![b[1].clone()]),                    // both kinds for one owner
+        (wrong_x, vec![]),                                  // a share at another x
+        ([b.clone(), vec![b[0].clone()]].concat(), vec![]), // duplicate
     ] {
         assert!(is_invalid(h.inject(0, unmask(bb, ss))));
     }
