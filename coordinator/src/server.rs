@@ -29,7 +29,7 @@ use greyfed_protocol::{
     secagg::coordinator::SecAggCoordinator,
     session::{
         CoordinatorSession, InitialModel, RoundSummary, SessionConfig, SessionEvent,
-        SessionProgress, derive_seed,
+        SessionProgress,
     },
 };
 use tokio::sync::mpsc;
@@ -155,14 +155,15 @@ impl Coordinator {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
         let Coordinator { endpoint, config } = self;
         let started = Instant::now();
-        let session_id = derive_seed(
-            config.seed,
-            0,
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0),
-        );
+        // From the OS: the session id separates this session's secure
+        // aggregation keys from any other's, so nobody may predict it (the
+        // run seed is a setting others can read).
+        let session_id = {
+            let mut bytes = [0u8; 8];
+            rand::TryRng::try_fill_bytes(&mut rand::rngs::SysRng, &mut bytes)
+                .map_err(|e| CoordinatorError::Config(format!("no OS randomness: {e}")))?;
+            u64::from_le_bytes(bytes)
+        };
         let session = CoordinatorSession::new(
             SessionConfig {
                 session_id,
