@@ -41,6 +41,7 @@ use greyfed_participant::data::manifest::manifest_image_paths;
 use greyfed_participant::data::synthetic::builtin_splits;
 use greyfed_participant::data::{DataFormat, Dataset, DatasetSplits, LoadOptions, load_data};
 use greyfed_participant::model::Network;
+use greyfed_participant::pipeline::BuiltinDigits;
 use greyfed_participant::train::TensorData;
 use greyfed_protocol::cipher::CipherSpec;
 use greyfed_protocol::message::{InputSpec, class_list};
@@ -49,9 +50,6 @@ use rayon::prelude::*;
 
 /// Images per forward pass.
 pub const BATCH_SIZE: usize = 256;
-
-/// The data path that names the built-in synthetic digits.
-pub const BUILTIN: &str = "builtin";
 
 /// The images [`predict`] classifies.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -406,16 +404,10 @@ pub fn evaluate(settings: &EvaluateSettings) -> Result<Evaluation> {
 /// The seed of `builtin` (`default`) or `builtin:SEED`; `None` for any
 /// other data path.
 fn builtin_seed(data: &Path, default: u64) -> Result<Option<u64>> {
-    match data.to_str() {
-        Some(BUILTIN) => Ok(Some(default)),
-        Some(s) => match s.strip_prefix(BUILTIN).and_then(|r| r.strip_prefix(':')) {
-            Some(seed) => Ok(Some(seed.parse().with_context(|| {
-                format!("{s}: the seed of the built-in digits must be a whole number")
-            })?)),
-            None => Ok(None),
-        },
-        None => Ok(None),
-    }
+    Ok(match data.to_str() {
+        Some(text) => BuiltinDigits::parse(text, default)?.map(|d| d.seed),
+        None => None,
+    })
 }
 
 /// `cipher block B=4 key=...` or `plain images`, for messages.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use greyfed_protocol::{
-    Hello, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION, ParticipantId,
+    Hello, InputSpec, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION, ParticipantId,
     cipher::CipherSpec,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
     model_file::ModelFile,
@@ -449,17 +449,18 @@ async fn session_loop(
                 }
                 ParticipantEvent::Evaluate { round, global } => {
                     let spec = spec.clone().ok_or_else(|| no_session("Evaluate"))?;
-                    if config.save_model.is_some() {
-                        latest = Some((round, global.clone()));
-                    }
                     let data = data.clone();
-                    let metrics = tokio::task::spawn_blocking(move || {
-                        evaluate(&spec, &global, &data.test, EVAL_BATCH)
+                    // The model comes back from the task: kept without a copy.
+                    let (metrics, global) = tokio::task::spawn_blocking(move || {
+                        evaluate(&spec, &global, &data.test, EVAL_BATCH).map(|m| (m, global))
                     })
                     .await
                     .map_err(|e| {
                         ParticipantError::Model(format!("evaluation task failed: {e}"))
                     })??;
+                    if config.save_model.is_some() {
+                        latest = Some((round, global));
+                    }
                     session.submit_evaluation(round, metrics, &mut rng)?;
                     emit(config, ParticipantProgress::Evaluated { round });
                 }
@@ -628,28 +629,18 @@ fn no_session(what: &str) -> ParticipantError {
 /// and the cipher: a block-wise model only absorbs block-wise encryption when
 /// its block size equals the cipher's.
 fn check_model_fits(model: &ModelSpec, data: &LocalData) -> Result<()> {
-    if model.image_size() != data.image_size {
+    let input = InputSpec {
+        rows: data.image_size.0,
+        cols: data.image_size.1,
+        channels: data
+            .cipher
+            .as_ref()
+            .map_or(1, |c| c.steps.output_channels()),
+        classes: data.classes.clone(),
+    };
+    if let Some(why) = model.input_mismatch(&input) {
         return Err(ParticipantError::Model(format!(
-            "the coordinator's model expects {:?} images, ours are {:?}",
-            model.image_size(),
-            data.image_size
-        )));
-    }
-    if model.num_classes() as usize != data.classes.len() {
-        return Err(ParticipantError::Model(format!(
-            "the coordinator's model predicts {} classes, our data has {}",
-            model.num_classes(),
-            data.classes.len()
-        )));
-    }
-    let channels = data
-        .cipher
-        .as_ref()
-        .map_or(1, |c| c.steps.output_channels());
-    if model.image_channels() != channels {
-        return Err(ParticipantError::Model(format!(
-            "the coordinator's model expects images with {} plane(s), ours have {channels}",
-            model.image_channels()
+            "the coordinator's model does not fit our data: {why}"
         )));
     }
     let model_block = match model {

@@ -15,7 +15,7 @@ use crate::data::partition::{Partition, shard};
 use crate::data::synthetic::builtin_splits;
 use crate::data::{Dataset, DatasetSplits, LoadOptions, ShiftedCopies, load_data};
 use crate::driver::LocalData;
-use crate::error::Result;
+use crate::error::{ParticipantError, Result};
 
 /// Where a participant's labelled images come from. greyfed reads image
 /// folders, CSV manifests, `.npz` files and IDX directories ([`DataPath`])
@@ -39,6 +39,30 @@ pub trait DataSource: Send + Sync + std::fmt::Debug {
 pub struct BuiltinDigits {
     /// Seed of the digits.
     pub seed: u64,
+}
+
+impl BuiltinDigits {
+    /// How data paths and run records name the built-in digits: `builtin`
+    /// (then `default_seed`) or `builtin:SEED`, as [`DataSource::describe`]
+    /// writes them. `Ok(None)` for any other text (a dataset path).
+    ///
+    /// # Errors
+    /// `builtin:` followed by something other than a whole number.
+    pub fn parse(text: &str, default_seed: u64) -> Result<Option<BuiltinDigits>> {
+        let seed = match text.strip_prefix("builtin") {
+            Some("") => default_seed,
+            Some(rest) => match rest.strip_prefix(':') {
+                Some(seed) => seed.parse().map_err(|_| {
+                    ParticipantError::Dataset(format!(
+                        "{text}: the seed of the built-in digits must be a whole number"
+                    ))
+                })?,
+                None => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        Ok(Some(BuiltinDigits { seed }))
+    }
 }
 
 impl DataSource for BuiltinDigits {
@@ -181,6 +205,23 @@ impl DataPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_builtin_digits_are_named_as_they_describe_themselves() {
+        let parse = |t| BuiltinDigits::parse(t, 7).map(|b| b.map(|b| b.seed));
+        assert_eq!(parse("builtin").unwrap(), Some(7));
+        assert_eq!(parse("builtin:3").unwrap(), Some(3));
+        let described = BuiltinDigits { seed: 9 }.describe();
+        assert_eq!(parse(&described).unwrap(), Some(9));
+        assert_eq!(parse("builtins/data").unwrap(), None);
+        assert_eq!(parse("/data/mnist").unwrap(), None);
+        assert!(
+            parse("builtin:x")
+                .unwrap_err()
+                .to_string()
+                .contains("whole number")
+        );
+    }
 
     #[test]
     fn shards_are_disjoint_limited_augmented_and_encrypted_with_the_data_size() {

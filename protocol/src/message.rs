@@ -749,11 +749,6 @@ impl EvalMetrics {
         }
     }
 
-    /// Number of classes of the confusion counts (0 when not counted).
-    pub fn confusion_classes(&self) -> usize {
-        confusion_side(self.confusion.len()).unwrap_or(0)
-    }
-
     /// Mean loss, or NaN when nothing was evaluated.
     pub fn mean_loss(&self) -> f64 {
         self.loss_sum / self.count as f64

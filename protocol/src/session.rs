@@ -770,6 +770,16 @@ impl CoordinatorSession {
                 _ => None,
             }
         };
+        // The first admitted participant's input builds the model; a model
+        // that cannot be built for it refuses the participant like any other
+        // misfit.
+        let refusal = refusal.or_else(|| match &self.model {
+            Some(_) => None,
+            None => self
+                .build_model(&hello)
+                .map(|model| self.model = Some(model))
+                .err(),
+        });
         if let Some(reason) = refusal {
             self.outbox.push_back((
                 from,
@@ -782,22 +792,6 @@ impl CoordinatorSession {
             return Ok(());
         }
         let identity = identity.expect("refused above when missing");
-        if self.model.is_none() {
-            match self.build_model(&hello) {
-                Ok(model) => self.model = Some(model),
-                Err(reason) => {
-                    self.outbox.push_back((
-                        from,
-                        Message::Reject {
-                            reason: reason.clone(),
-                        },
-                    ));
-                    self.events
-                        .push_back(SessionEvent::Rejected { id: from, reason });
-                    return Ok(());
-                }
-            }
-        }
         let model = self.model.as_ref().expect("built above").spec.clone();
         // One seat per identity: a newer connection replaces the older one
         // (a participant restarted before its old connection timed out).

@@ -24,16 +24,10 @@ pub fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
 /// Parses `--test-data`: `builtin`, `builtin:SEED` or a dataset path.
 fn parse_test_data(test_data: &str) -> anyhow::Result<crate::node::DataSourceSettings> {
     use crate::node::DataSourceSettings;
-    use anyhow::Context as _;
     use greyfed_participant::pipeline::{BuiltinDigits, DataPath};
-    Ok(match test_data.split_once(':') {
-        _ if test_data == "builtin" => DataSourceSettings::Builtin(BuiltinDigits { seed: 0 }),
-        Some(("builtin", seed)) => DataSourceSettings::Builtin(BuiltinDigits {
-            seed: seed
-                .parse()
-                .with_context(|| format!("--test-data {test_data}: bad seed"))?,
-        }),
-        _ => DataSourceSettings::Path(DataPath {
+    Ok(match BuiltinDigits::parse(test_data, 0)? {
+        Some(digits) => DataSourceSettings::Builtin(digits),
+        None => DataSourceSettings::Path(DataPath {
             path: test_data.into(),
             options: Default::default(),
         }),

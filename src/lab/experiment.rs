@@ -30,7 +30,7 @@ use greyfed_participant::{
     Encryption,
     cipher::ImageKey,
     data::{Dataset, DatasetSplits},
-    model::{builtin_spec, encrypted_domain_weights, init_weights},
+    model::{BUILTIN_ARCHITECTURES, builtin_spec, encrypted_domain_weights, init_weights},
     train::{TensorData, evaluate, train_local},
 };
 use greyfed_protocol::{
@@ -182,6 +182,17 @@ pub struct CellResult {
     pub train_secs: f64,
 }
 
+/// Refuses a model name other than the built-in architectures'.
+fn check_model_name(name: &str) -> Result<()> {
+    if !BUILTIN_ARCHITECTURES.contains(&name) {
+        bail!(
+            "unknown model {name:?}; choose {}",
+            BUILTIN_ARCHITECTURES.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The model `name` (blocknet, vit or cnn) with block size `block` for
 /// the images of `splits` with `planes` planes.
 pub fn model_spec(
@@ -190,9 +201,7 @@ pub fn model_spec(
     splits: &DatasetSplits,
     planes: u32,
 ) -> Result<ModelSpec> {
-    if !["blocknet", "vit", "cnn"].contains(&name) {
-        bail!("unknown model {name:?}; choose blocknet, vit or cnn");
-    }
+    check_model_name(name)?;
     let input = InputSpec {
         rows: splits.train.rows() as u32,
         cols: splits.train.cols() as u32,
@@ -357,9 +366,7 @@ pub fn cells(settings: &ExperimentSettings) -> Result<Vec<Cell>> {
         modes.push((mode.as_str(), layer));
     }
     for model in &settings.models {
-        if !["blocknet", "vit", "cnn"].contains(&model.as_str()) {
-            bail!("unknown model {model:?}; choose blocknet, vit or cnn");
-        }
+        check_model_name(model)?;
         // The CNN has no block-wise first layer.
         let layer_of = |layer| {
             if model == "cnn" {

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use greyfed_coordinator::run_record::ImageCipher;
 use greyfed_participant::cipher::ImageKey;
 use greyfed_participant::data::{DatasetSplits, LoadOptions, load_data, synthetic::builtin_splits};
+use greyfed_participant::pipeline::BuiltinDigits;
 
 use super::{Figure, RUN_FILE, ReportOptions, RunJson, Samples};
 use crate::keygen::files;
@@ -120,16 +121,10 @@ fn sample_data(options: &ReportOptions, recorded: Option<String>) -> Result<Data
             .with_context(|| format!("loading {}", dir.display()));
     }
     let recorded = recorded.unwrap_or_else(|| "builtin:0".into());
-    match recorded.strip_prefix("builtin:") {
-        Some(seed) => {
-            let seed = match options.data_seed {
-                Some(s) => s,
-                None => seed
-                    .parse()
-                    .with_context(|| format!("summary.json: bad data seed in {recorded:?}"))?,
-            };
-            Ok(builtin_splits(seed))
-        }
+    match BuiltinDigits::parse(&recorded, 0)
+        .with_context(|| format!("summary.json: bad data seed in {recorded:?}"))?
+    {
+        Some(digits) => Ok(builtin_splits(options.data_seed.unwrap_or(digits.seed))),
         None => load_data(Path::new(&recorded), &LoadOptions::default())
             .with_context(|| format!("loading the run's data {recorded} (or give --data)")),
     }

@@ -45,6 +45,7 @@ use crate::progress::{Display, FederationView};
 use greyfed_participant::data::ShiftedCopies;
 use greyfed_participant::data::partition::Partition;
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
+use greyfed_participant::pipeline::{BuiltinDigits, DataSource};
 use greyfed_protocol::cipher::CipherSteps;
 use greyfed_protocol::session::derive_seed;
 
@@ -123,7 +124,7 @@ impl SimulationData {
     pub fn source(&self) -> String {
         match &self.path {
             Some(path) => path.display().to_string(),
-            None => format!("builtin:{}", self.seed),
+            None => BuiltinDigits { seed: self.seed }.describe(),
         }
     }
 }
