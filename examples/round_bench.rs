@@ -54,9 +54,9 @@ async fn main() -> Result<()> {
         other => bail!("unknown aggregation {other:?}"),
     };
     println!(
-        "| participants | first round s | warm round s | advertise | share | masked (incl. training) | unmask | evaluate | up bytes/participant/round | down bytes/participant/round | wall s |"
+        "| participants | first round s | warm round s | advertise | share | masked (incl. training) | consistency | unmask | evaluate | up bytes/participant/round | down bytes/participant/round | wall s |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &args.participants {
         let mut builder = Federation::builder()
             .participants(n)
@@ -92,12 +92,13 @@ async fn main() -> Result<()> {
         let stage = |name: &str| mean(&|r| r.stage_secs.get(name).copied().unwrap_or(0.0));
         let per_participant = n as f64;
         println!(
-            "| {n} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.0} | {wall:.2} |",
+            "| {n} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.0} | {wall:.2} |",
             report.rounds[0].secs,
             mean(&|r| r.secs),
             stage("advertise"),
             stage("share"),
             stage("masked"),
+            stage("consistency"),
             stage("unmask"),
             stage("evaluate"),
             mean(&|r| r.bytes_up as f64) / per_participant,

@@ -9,7 +9,16 @@
 //! cargo run --release --example secagg_bench -- --participants 1000 --blocknet --rounds 3 --dropout 0.1
 //! ```
 //!
-//! All four stages run, `--rounds` times with the same coordinator (fresh
+//! `--no-auth` swaps the certificate signatures and checks for a stand-in
+//! that signs and checks nothing (benchmarks only; never a deployment),
+//! which times the cost of authentication side by side:
+//!
+//! ```sh
+//! cargo run --release --example secagg_bench -- --participants 10 --dim 100000 --rounds 5
+//! cargo run --release --example secagg_bench -- --participants 10 --dim 100000 --rounds 5 --no-auth
+//! ```
+//!
+//! All five stages run, `--rounds` times with the same coordinator (fresh
 //! participants each round, as in a session); in each round a fraction
 //! `--dropout` of the participants, drawn anew, drops right after stage 2
 //! (before sending its masked input: the expensive case for the coordinator,
@@ -29,6 +38,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use greyfed_protocol::{
@@ -36,11 +47,13 @@ use greyfed_protocol::{
     aggregate::Aggregator,
     frame::{DEFAULT_MAX_FRAME, encode_frame},
     secagg::{
+        auth::{PeerVerifier, SecAggAuth, SecAggPolicy, Signature, StatementSigner},
         coordinator::{SecAggConfig, SecAggCoordinator},
         graph::NeighbourGraph,
         keys::RoundContext,
         participant::SecAggParticipant,
         prg::{PrgKind, fill_mask},
+        testing::TestCa,
     },
 };
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -80,6 +93,10 @@ struct Args {
     /// Seed for everything random.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Sign and check nothing (a stand-in for the certificates), to time
+    /// what authentication costs.
+    #[arg(long)]
+    no_auth: bool,
 }
 
 const SESSION: u64 = 42;
@@ -89,11 +106,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The four stages, by their index in [`Times`].
-const STAGES: [&str; 4] = ["advertise", "share", "masked", "unmask"];
+const STAGES: [&str; 5] = ["advertise", "share", "masked", "consistency", "unmask"];
 
-/// Time spent per stage (`0..4` as in [`STAGES`]).
+/// Time spent per stage (`0..5` as in [`STAGES`]).
 #[derive(Clone, Copy, Default)]
-struct Times([Duration; 4]);
+struct Times([Duration; 5]);
 
 impl Times {
     fn total(&self) -> Duration {
@@ -147,12 +164,38 @@ fn main() -> Result<()> {
         full: args.full,
         ..SecAggConfig::new(SESSION, [args.seed as u8; 32])
     };
-    let mut coord = SecAggCoordinator::new(config).context("coordinator configuration")?;
+    // Every participant signs with its own certificate; everyone (the
+    // coordinator included) checks the signatures, as in a deployment.
+    let ca = TestCa::new();
+    let policy = SecAggPolicy {
+        min_cohort: 2,
+        max_dropout_fraction: config.dropout_fraction,
+        corrupt_fraction: config.corrupt_fraction,
+    };
+    let (auths, verifier): (Vec<SecAggAuth>, Arc<dyn PeerVerifier>) = if args.no_auth {
+        let none = Arc::new(NoAuth);
+        let auths = (0..n)
+            .map(|_| SecAggAuth {
+                signer: none.clone(),
+                verifier: none.clone(),
+                policy: policy.clone(),
+            })
+            .collect();
+        (auths, none)
+    } else {
+        let auths = (0..n)
+            .map(|i| ca.auth(&format!("participant-{i}"), policy.clone()))
+            .collect();
+        (auths, ca.verifier())
+    };
+    let mut coord = SecAggCoordinator::new(config)
+        .context("coordinator configuration")?
+        .with_verifier(verifier);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut stats = Vec::new();
     let mut stream = Duration::MAX;
     for round in 1..=args.rounds {
-        let s = run_round(&args, &mut coord, &mut rng, round, d)?;
+        let s = run_round(&args, &auths, &mut coord, &mut rng, round, d)?;
         let setup = coord.setup().expect("round begun");
         if round == 1 {
             println!(
@@ -167,20 +210,22 @@ fn main() -> Result<()> {
             );
             println!();
             println!(
-                "{:>5}  {:>10} {:>10} {:>10} {:>10} {:>11}  {:>12} {:>15}  {:>9}",
+                "{:>5}  {:>10} {:>10} {:>10} {:>10} {:>10} {:>11}  {:>12} {:>15}  {:>9}",
                 "round",
                 STAGES[0],
                 STAGES[1],
                 STAGES[2],
                 STAGES[3],
+                STAGES[4],
                 "coordinator",
                 "participants",
                 "per participant",
                 "max err"
             );
             println!(
-                "{:>5}  {:>10} {:>10} {:>10} {:>10} {:>11}  {:>12} {:>15}",
+                "{:>5}  {:>10} {:>10} {:>10} {:>10} {:>10} {:>11}  {:>12} {:>15}",
                 "",
+                "(coord ms)",
                 "(coord ms)",
                 "(coord ms)",
                 "(coord ms)",
@@ -192,12 +237,13 @@ fn main() -> Result<()> {
         }
         let c = &s.coordinator.0;
         println!(
-            "{:>5}  {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>11.1}  {:>12.1} {:>15.3}  {:>9.2e}",
+            "{:>5}  {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>11.1}  {:>12.1} {:>15.3}  {:>9.2e}",
             round,
             ms(c[0]),
             ms(c[1]),
             ms(c[2]),
             ms(c[3]),
+            ms(c[4]),
             ms(s.coordinator.total()),
             ms(s.participants.total()),
             ms(s.participants.total()) / n as f64,
@@ -218,7 +264,7 @@ fn main() -> Result<()> {
     let avg_mask = mean(&|s| s.masking.as_secs_f64() / s.contributors as f64);
     let mask_bound =
         stream.as_secs_f64() * mean(&|s| s.mask_streams as f64 / s.contributors as f64);
-    let unmask = mean(&|s| s.coordinator.0[3].as_secs_f64());
+    let unmask = mean(&|s| s.coordinator.0[4].as_secs_f64());
     let unmask_streams = mean(&|s| s.unmask_streams as f64);
     let unmask_bound = stream.as_secs_f64() * unmask_streams;
     let upload_bytes = stats[0].upload_bytes;
@@ -229,7 +275,7 @@ fn main() -> Result<()> {
     println!("mean over {} round(s):", stats.len());
     println!(
         "  coordinator per round        {coord_ms:>11.1} ms  ({})",
-        (0..4)
+        (0..STAGES.len())
             .map(|i| format!("{} {:.1}", STAGES[i], stage(i)))
             .collect::<Vec<_>>()
             .join(", ")
@@ -290,6 +336,7 @@ fn main() -> Result<()> {
 /// Runs round `round` and checks its result against the exact weighted mean.
 fn run_round(
     args: &Args,
+    auths: &[SecAggAuth],
     coord: &mut SecAggCoordinator,
     rng: &mut StdRng,
     round: u32,
@@ -300,7 +347,9 @@ fn run_round(
     let now = Instant::now();
     let cohort: Vec<u32> = (0..n as u32).collect();
     let mut inbox: Vec<Vec<Message>> = vec![Vec::new(); n];
+    let model = [round as u8; 32];
     ct.time(0, || -> Result<()> {
+        coord.set_model_digest(model);
         coord
             .begin_round(now, round, &cohort, d)
             .context("begin_round")?;
@@ -312,7 +361,7 @@ fn run_round(
     let ctx = RoundContext::update(SESSION, round);
     let mut parts: Vec<SecAggParticipant> = cohort
         .iter()
-        .map(|&id| SecAggParticipant::new(id, ctx, Some(d)))
+        .map(|&id| SecAggParticipant::new(id, ctx, Some(d), auths[id as usize].clone(), model))
         .collect();
 
     // Stages 1 and 2: keys and shares, everyone.
@@ -393,8 +442,7 @@ fn run_round(
     }
     ct.time(2, || drain(coord, &mut inbox));
 
-    // Stage 4: the survivors answer; the coordinator unmasks.
-    let mut result = None;
+    // Stage 4: the survivors sign the survivor set.
     for &id in &live {
         let p = &mut parts[id];
         let msgs = std::mem::take(&mut inbox[id]);
@@ -402,9 +450,24 @@ fn run_round(
             for m in msgs {
                 p.handle_message(m, rng)?;
             }
+            p.poll_transmit().context("no survivor signature")
+        })?;
+        ct.time(3, || coord.handle_payload(now, id as u32, up))?;
+    }
+    ct.time(3, || drain(coord, &mut inbox));
+
+    // Stage 5: the survivors answer; the coordinator unmasks.
+    let mut result = None;
+    for &id in &live {
+        let p = &mut parts[id];
+        let msgs = std::mem::take(&mut inbox[id]);
+        let up = pt.time(4, || -> Result<AggregationPayload> {
+            for m in msgs {
+                p.handle_message(m, rng)?;
+            }
             p.poll_transmit().context("no unmasking shares")
         })?;
-        ct.time(3, || -> Result<()> {
+        ct.time(4, || -> Result<()> {
             coord.handle_payload(now, id as u32, up)?;
             if result.is_none() {
                 result = coord.poll_result();
@@ -469,4 +532,40 @@ fn keystream_time(prg: PrgKind, len: usize) -> Duration {
         })
         .min()
         .expect("15 samples")
+}
+
+/// Signs and checks nothing: `--no-auth`, to time authentication's cost.
+struct NoAuth;
+
+impl StatementSigner for NoAuth {
+    fn credential(&self) -> &[u8] {
+        b"no credential"
+    }
+
+    fn sign(&self, _: &[u8]) -> Result<Signature, greyfed_protocol::ProtocolError> {
+        Ok(Signature {
+            scheme: 0,
+            bytes: vec![0],
+        })
+    }
+}
+
+impl PeerVerifier for NoAuth {
+    fn identity(&self, _: &[u8]) -> Result<String, greyfed_protocol::ProtocolError> {
+        // Distinct identities are checked: give each call its own.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Ok(format!(
+            "anyone-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ))
+    }
+
+    fn verify(
+        &self,
+        _: &[u8],
+        _: &[u8],
+        _: &Signature,
+    ) -> Result<(), greyfed_protocol::ProtocolError> {
+        Ok(())
+    }
 }

@@ -368,7 +368,11 @@ impl FederationBuilder {
                 dropout: self.dropouts.get(&i).copied(),
                 crash: CrashMode::Vanish,
                 dump_updates: None,
+                // A simulation repeats exactly with the same seed.
+                coordinator_seeds: true,
             };
+            // Simulations run cohorts as small as two.
+            pc.secagg_policy.min_cohort = 2;
             pc.save_model = self
                 .keep_models
                 .as_ref()

@@ -29,6 +29,11 @@
 //! later from the same CA ([`participant`]): a new member, or a new
 //! certificate for a revoked one.
 //!
+//! `greyfed keygen ca --out OUT` ([`ca`]) writes only `OUT/ca/` (without
+//! `image.key`) and `OUT/coordinator/` (an empty allow list): for
+//! deployments where each participant makes its own key and one of them
+//! the image key ([`crate::custody`]).
+//!
 //! Secrets are created owner-only (0600, in 0700 directories) from the
 //! start, and nothing is ever overwritten: `OUT` must not exist or be empty.
 //! The coordinator never gets the image key, only its fingerprint.
@@ -145,31 +150,7 @@ fn host_port(host: &str, port: u16) -> String {
 /// # Errors
 /// Bad options, an `out` directory that is not empty, I/O failures.
 pub fn deployment(opts: &DeploymentOptions) -> Result<DeploymentOutput> {
-    if opts.participants == 0 || opts.participants > MAX_PARTICIPANTS {
-        bail!("--participants must be between 1 and {MAX_PARTICIPANTS}");
-    }
-    if opts.hosts.is_empty() {
-        bail!(
-            "give at least one --host: the name or address participants reach the coordinator at"
-        );
-    }
-    for h in &opts.hosts {
-        check_host(h)?;
-    }
-    if opts.valid_days == 0 {
-        bail!("--valid-days must be at least 1");
-    }
-    if opts.out.exists()
-        && std::fs::read_dir(&opts.out)
-            .with_context(|| format!("reading {}", opts.out.display()))?
-            .next()
-            .is_some()
-    {
-        bail!(
-            "{} is not empty; refusing to overwrite keys (choose another --out)",
-            opts.out.display()
-        );
-    }
+    check_bundle_options(&opts.out, opts.participants, &opts.hosts, opts.valid_days)?;
     let identities: Vec<String> = (0..opts.participants).map(files::participant).collect();
     let pki = DeploymentPki::generate(
         &opts.hosts,
@@ -188,62 +169,19 @@ pub fn deployment(opts: &DeploymentOptions) -> Result<DeploymentOutput> {
     w.secret(&ca_dir.join(files::CA_KEY), &pki.ca.key_pem())?;
     w.image_key(&ca_dir.join(files::IMAGE_KEY), &image_key)?;
 
-    let coord = out.join(files::COORDINATOR_DIR);
-    w.dir(&coord)?;
-    w.public(&coord.join(files::CA_CERT), pki.ca.cert_pem())?;
-    w.public(
-        &coord.join(files::COORDINATOR_CERT),
-        &pki.coordinator.cert_pem,
-    )?;
-    w.secret(
-        &coord.join(files::COORDINATOR_KEY),
-        &pki.coordinator.key_pem,
-    )?;
-    w.public(&coord.join(files::ALLOW_LIST), &pki.allow_list().to_text())?;
-    let listen = host_port(
-        if opts.hosts[0].contains(':') {
-            "::"
-        } else {
-            "0.0.0.0"
+    write_coordinator(
+        &mut w,
+        out,
+        &CoordinatorFiles {
+            ca_pem: pki.ca.cert_pem(),
+            cert: &pki.coordinator,
+            allow_list: &pki.allow_list().to_text(),
+            hosts: &opts.hosts,
+            port: opts.port,
+            participants: opts.participants,
+            key_fingerprint: Some(&fingerprint),
+            command: "deployment",
         },
-        opts.port,
-    );
-    w.public(
-        &coord.join(files::COORDINATOR_TOML),
-        &format!(
-            "# greyfed coordinator: this machine's settings, written by `greyfed keygen deployment`.\n\
-             # Keys are the flags of `greyfed coordinator` (run.sh reads this file with\n\
-             # --config; check it with `greyfed config check coordinator.toml`).\n\
-             # Paths are relative to this directory. Never copy image.key here.\n\
-             [coordinator]\n\
-             listen = \"{listen}\"\n\
-             cert = \"{}\"\n\
-             key = \"{}\"\n\
-             ca = \"{}\"\n\
-             allow-list = \"{}\"\n\
-             participants = {}\n\
-             key-fingerprint = \"{fingerprint}\"\n\
-             out = \"out\"\n",
-            files::COORDINATOR_CERT,
-            files::COORDINATOR_KEY,
-            files::CA_CERT,
-            files::ALLOW_LIST,
-            opts.participants,
-        ),
-    )?;
-    w.script(
-        &coord.join(files::RUN_SH),
-        &format!(
-            "#!/bin/sh\n\
-             # greyfed coordinator, written by `greyfed keygen deployment`: the settings\n\
-             # are in {toml}. Extra flags override them: ./run.sh --rounds 20\n\
-             # Revoke a participant: delete its line in allow-list.txt, then\n\
-             # kill -HUP <pid of greyfed> (or systemctl reload greyfed-coordinator).\n\
-             set -eu\n\
-             cd \"$(dirname \"$0\")\"\n\
-             exec \"${{GREYFED:-greyfed}}\" coordinator --config {toml} \"$@\"\n",
-            toml = files::COORDINATOR_TOML,
-        ),
     )?;
 
     let target = host_port(&opts.hosts[0], opts.port);
@@ -297,6 +235,215 @@ pub fn deployment(opts: &DeploymentOptions) -> Result<DeploymentOutput> {
     })
 }
 
+/// What goes into `OUT/coordinator/`.
+struct CoordinatorFiles<'a> {
+    /// The CA certificate.
+    ca_pem: &'a str,
+    /// The coordinator's certificate and key.
+    cert: &'a IssuedCert,
+    /// The allow list's text.
+    allow_list: &'a str,
+    /// `--host` names; the first sets the listening address family.
+    hosts: &'a [String],
+    /// UDP port.
+    port: u16,
+    /// Participants to wait for.
+    participants: usize,
+    /// The image key's fingerprint, when known.
+    key_fingerprint: Option<&'a str>,
+    /// The keygen subcommand, for the files' comments.
+    command: &'a str,
+}
+
+/// `OUT/coordinator/`: the coordinator machine's directory.
+fn write_coordinator(w: &mut Writer, out: &Path, c: &CoordinatorFiles<'_>) -> Result<()> {
+    let coord = out.join(files::COORDINATOR_DIR);
+    w.dir(&coord)?;
+    w.public(&coord.join(files::CA_CERT), c.ca_pem)?;
+    w.public(&coord.join(files::COORDINATOR_CERT), &c.cert.cert_pem)?;
+    w.secret(&coord.join(files::COORDINATOR_KEY), &c.cert.key_pem)?;
+    w.public(&coord.join(files::ALLOW_LIST), c.allow_list)?;
+    let listen = host_port(
+        if c.hosts[0].contains(':') {
+            "::"
+        } else {
+            "0.0.0.0"
+        },
+        c.port,
+    );
+    let fingerprint_line = match c.key_fingerprint {
+        Some(fp) => format!("key-fingerprint = \"{fp}\"\n"),
+        None => "# key-fingerprint = \"...\"  (the image key's fingerprint, as\n\
+                 # `greyfed keygen seal-image-key` prints it; without it the first\n\
+                 # participant's key sets it)\n"
+            .to_string(),
+    };
+    w.public(
+        &coord.join(files::COORDINATOR_TOML),
+        &format!(
+            "# greyfed coordinator: this machine's settings, written by `greyfed keygen {command}`.\n\
+             # Keys are the flags of `greyfed coordinator` (run.sh reads this file with\n\
+             # --config; check it with `greyfed config check coordinator.toml`).\n\
+             # Paths are relative to this directory. Never copy image.key here.\n\
+             [coordinator]\n\
+             listen = \"{listen}\"\n\
+             cert = \"{}\"\n\
+             key = \"{}\"\n\
+             ca = \"{}\"\n\
+             allow-list = \"{}\"\n\
+             participants = {}\n\
+             {fingerprint_line}\
+             out = \"out\"\n",
+            files::COORDINATOR_CERT,
+            files::COORDINATOR_KEY,
+            files::CA_CERT,
+            files::ALLOW_LIST,
+            c.participants,
+            command = c.command,
+        ),
+    )?;
+    w.script(
+        &coord.join(files::RUN_SH),
+        &format!(
+            "#!/bin/sh\n\
+             # greyfed coordinator, written by `greyfed keygen {command}`: the settings\n\
+             # are in {toml}. Extra flags override them: ./run.sh --rounds 20\n\
+             # Revoke a participant: delete its line in allow-list.txt, then\n\
+             # kill -HUP <pid of greyfed> (or systemctl reload greyfed-coordinator).\n\
+             set -eu\n\
+             cd \"$(dirname \"$0\")\"\n\
+             exec \"${{GREYFED:-greyfed}}\" coordinator --config {toml} \"$@\"\n",
+            toml = files::COORDINATOR_TOML,
+            command = c.command,
+        ),
+    )
+}
+
+/// What `greyfed keygen ca` generates: the deployment CA and the
+/// coordinator's directory, without participant keys or an image key (for
+/// the certificate-request flow, [`crate::custody`]).
+#[derive(Clone, Debug)]
+pub struct CaOptions {
+    /// Directory to create (must not exist or be empty).
+    pub out: PathBuf,
+    /// Participants the coordinator waits for.
+    pub participants: usize,
+    /// Coordinator host names or IP addresses; the first is the one
+    /// participants connect to.
+    pub hosts: Vec<String>,
+    /// UDP port of the coordinator.
+    pub port: u16,
+    /// Days the coordinator certificate stays valid (the CA at least
+    /// [`pki::CA_VALIDITY_DAYS`]).
+    pub valid_days: u32,
+}
+
+/// What [`ca`] wrote.
+#[derive(Debug)]
+pub struct CaOutput {
+    /// Every file written, in order.
+    pub written: Vec<PathBuf>,
+}
+
+/// Checks the options `deployment` and `ca` share, and that `out` is
+/// missing or empty.
+fn check_bundle_options(
+    out: &Path,
+    participants: usize,
+    hosts: &[String],
+    valid_days: u32,
+) -> Result<()> {
+    if participants == 0 || participants > MAX_PARTICIPANTS {
+        bail!("--participants must be between 1 and {MAX_PARTICIPANTS}");
+    }
+    if hosts.is_empty() {
+        bail!(
+            "give at least one --host: the name or address participants reach the coordinator at"
+        );
+    }
+    for h in hosts {
+        check_host(h)?;
+    }
+    if valid_days == 0 {
+        bail!("--valid-days must be at least 1");
+    }
+    if out.exists()
+        && std::fs::read_dir(out)
+            .with_context(|| format!("reading {}", out.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty; refusing to overwrite keys (choose another --out)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `OUT/ca/` (CA certificate and key, `deployment.json`),
+/// `OUT/coordinator/` (as in a bundle, with an empty allow list and no
+/// image key fingerprint) and `OUT/README.txt`. Participants then make
+/// their own keys (`keygen request`), the CA signs their requests
+/// (`keygen sign`), and one of them seals the image key to the others.
+///
+/// # Errors
+/// Bad options, an `out` directory that is not empty, I/O failures.
+pub fn ca(opts: &CaOptions) -> Result<CaOutput> {
+    check_bundle_options(&opts.out, opts.participants, &opts.hosts, opts.valid_days)?;
+    let validity = Validity::days_from_now(opts.valid_days);
+    let ca = CertificateAuthority::generate(Validity {
+        not_before: validity.not_before,
+        not_after: validity
+            .not_after
+            .max(Validity::days_from_now(pki::CA_VALIDITY_DAYS).not_after),
+    })?;
+    let coordinator = ca.issue_server(&opts.hosts, validity)?;
+    let mut w = Writer::default();
+    let out = &opts.out;
+    w.dir(out)?;
+    let ca_dir = out.join(files::CA_DIR);
+    w.dir(&ca_dir)?;
+    w.public(&ca_dir.join(files::CA_CERT), ca.cert_pem())?;
+    w.secret(&ca_dir.join(files::CA_KEY), &ca.key_pem())?;
+    w.public(
+        &ca_dir.join(files::DEPLOYMENT_JSON),
+        &(serde_json::to_string_pretty(&DeploymentInfo {
+            hosts: opts.hosts.clone(),
+            port: opts.port,
+        })? + "\n"),
+    )?;
+    write_coordinator(
+        &mut w,
+        out,
+        &CoordinatorFiles {
+            ca_pem: ca.cert_pem(),
+            cert: &coordinator,
+            allow_list: &greyfed_coordinator::auth::AllowList::default().to_text(),
+            hosts: &opts.hosts,
+            port: opts.port,
+            participants: opts.participants,
+            key_fingerprint: None,
+            command: "ca",
+        },
+    )?;
+    w.public(
+        &out.join(files::README),
+        &format!(
+            "greyfed deployment CA (coordinator at {}), for certificate requests.\n\n\
+             ca/            keep on the operator's machine, offline: the CA key signs every\n               \
+             credential. Sign participants' requests with `greyfed keygen sign`.\n\
+             coordinator/   copy to the coordinator machine; add each participant's\n               \
+             allow-list line to its allow-list.txt.\n\n\
+             There are no participant keys and no image key here: each participant makes its\n\
+             own key (`greyfed keygen request`) and one participant seals the image key to\n\
+             the others (`greyfed keygen seal-image-key`). See docs/deploy.md, \"Key custody\".\n",
+            host_port(&opts.hosts[0], opts.port)
+        ),
+    )?;
+    Ok(CaOutput { written: w.written })
+}
+
 /// Where a participant's settings point.
 struct Machine<'a> {
     /// `HOST:PORT` of the coordinator.
@@ -317,13 +464,23 @@ fn write_participant(
     image_key: &ImageKey,
     m: &Machine<'_>,
 ) -> Result<()> {
-    let (target, server_name, shard) = (m.target, m.server_name, m.shard);
     let dir = out.join(identity);
     w.dir(&dir)?;
     w.public(&dir.join(files::CA_CERT), ca_pem)?;
     w.public(&dir.join(files::PARTICIPANT_CERT), &cert.cert_pem)?;
     w.secret(&dir.join(files::PARTICIPANT_KEY), &cert.key_pem)?;
     w.image_key(&dir.join(files::IMAGE_KEY), image_key)?;
+    write_participant_settings(w, &dir, identity, m)
+}
+
+/// `participant.toml` and `run.sh` of a participant's directory `dir`.
+fn write_participant_settings(
+    w: &mut Writer,
+    dir: &Path,
+    identity: &str,
+    m: &Machine<'_>,
+) -> Result<()> {
+    let (target, server_name, shard) = (m.target, m.server_name, m.shard);
     w.public(
         &dir.join(files::PARTICIPANT_TOML),
         &format!(
@@ -371,6 +528,46 @@ fn write_participant(
 struct DeploymentInfo {
     hosts: Vec<String>,
     port: u16,
+}
+
+/// Writes `participant.toml` and `run.sh` (with `--shard 0/1`) for
+/// `identity` into `dir` when `ca_dir` holds the `deployment.json` that
+/// `keygen deployment` and `keygen ca` write; returns the files written
+/// (none without `deployment.json`). For `keygen sign`, whose output goes
+/// back to a participant that made its own key.
+///
+/// # Errors
+/// An unreadable `deployment.json`, an existing file, I/O failures.
+pub(crate) fn participant_settings_from_ca_dir(
+    ca_dir: &Path,
+    dir: &Path,
+    identity: &str,
+) -> Result<Vec<PathBuf>> {
+    let path = ca_dir.join(files::DEPLOYMENT_JSON);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let info: DeploymentInfo =
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let first = info
+        .hosts
+        .first()
+        .context("deployment.json names no coordinator host")?;
+    check_host(first)?;
+    let mut w = Writer::default();
+    write_participant_settings(
+        &mut w,
+        dir,
+        identity,
+        &Machine {
+            target: &host_port(first, info.port),
+            server_name: first,
+            shard: "0/1",
+        },
+    )?;
+    Ok(w.written)
 }
 
 /// What `greyfed keygen participant` writes: one more participant for an

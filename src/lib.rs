@@ -1,6 +1,6 @@
 //! The `greyfed` command-line tool as a library: heap settings
 //! ([`allocator`]), argument definitions
-//! ([`cli`]) and configuration files ([`config_file`]), key generation ([`keygen`]), the coordinator and participant
+//! ([`cli`]) and configuration files ([`config_file`]), key generation ([`keygen`]) and key custody (certificate requests, a sealed image key: [`custody`]), the coordinator and participant
 //! nodes over typed settings ([`node`]: the binary maps its arguments to
 //! them, the library never sees clap types), the coordinator's optional central evaluation
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
@@ -17,6 +17,7 @@ pub mod allocator;
 pub mod central;
 pub mod cli;
 pub mod config_file;
+pub mod custody;
 pub mod federation;
 pub mod keygen;
 pub mod lab;

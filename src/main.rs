@@ -8,7 +8,7 @@ use clap::{CommandFactory, Parser};
 use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand, ModelCommand};
 use greyfed::lab::{experiment, security};
 use greyfed::progress::{Display, LogWriter};
-use greyfed::{config_file, keygen, memory, node, preview, report, simulate};
+use greyfed::{config_file, custody, keygen, memory, node, preview, report, simulate};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -92,6 +92,126 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 "add the line above to the coordinator's allow-list.txt and reload it \
                  (systemctl reload greyfed-coordinator, or kill -HUP); copy {} to the machine",
                 args.bundle.join(&args.name).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen(KeygenCommand::Ca(args)) => {
+            let out = keygen::ca(&keygen::CaOptions {
+                out: args.out.clone(),
+                participants: args.participants,
+                hosts: args.hosts.clone(),
+                port: args.port,
+                valid_days: args.valid_days,
+            })?;
+            for path in &out.written {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "copy {0}/coordinator to the coordinator machine; keep {0}/ca offline. Each \
+                 participant runs `greyfed keygen request`; sign each request with `greyfed \
+                 keygen sign --ca-cert {0}/ca/ca.pem --ca-key {0}/ca/ca-key.pem --csr FILE \
+                 --out DIR` (see {0}/README.txt)",
+                args.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen(KeygenCommand::Request(args)) => {
+            let out = custody::request(&custody::RequestOptions {
+                identity: args.identity.clone(),
+                out: args.out.clone(),
+            })?;
+            for path in &out.written {
+                println!("wrote {}", path.display());
+            }
+            println!("key fingerprint: {}", out.key_fingerprint);
+            println!(
+                "send {} to the CA operator (the key stays here) and confirm the key \
+                 fingerprint above with them when they sign it",
+                out.csr.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen(KeygenCommand::Sign(args)) => {
+            let out = custody::sign(&custody::SignOptions {
+                ca_cert: args.ca_cert.clone(),
+                ca_key: args.ca_key.clone(),
+                csr: args.csr.clone(),
+                out: args.out.clone(),
+                valid_days: args.valid_days,
+                allow_list: args.allow_list.clone(),
+            })?;
+            for what in &out.not_granted {
+                eprintln!("note: the request asked for {what}; not granted");
+            }
+            for path in &out.written {
+                println!("wrote {}", path.display());
+            }
+            println!("identity: {}", out.identity);
+            println!(
+                "key fingerprint: {} (must be what the participant's `keygen request` printed)",
+                out.key_fingerprint
+            );
+            println!("{}", out.allow_line);
+            println!("send {} back to {}", out.dir.display(), out.identity);
+            match &args.allow_list {
+                Some(path) => println!(
+                    "the line above was appended to {}: it must reach the coordinator's \
+                     allow-list.txt, then reload it (systemctl reload greyfed-coordinator, or \
+                     kill -HUP)",
+                    path.display()
+                ),
+                None => println!(
+                    "add the line above to the coordinator's allow-list.txt and reload it \
+                     (systemctl reload greyfed-coordinator, or kill -HUP)"
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen(KeygenCommand::SealImageKey(args)) => {
+            let out = custody::seal(&custody::SealOptions {
+                to: args.to.clone(),
+                out: args.out.clone(),
+                key: args.key.clone(),
+                ca_cert: args.ca_cert.clone(),
+            })?;
+            if !out.ca_checked {
+                eprintln!(
+                    "warning: no --ca-cert: the certificates were not checked against the \
+                     deployment CA; compare their fingerprints below with the allow list"
+                );
+            }
+            for path in &out.written {
+                println!("wrote {}", path.display());
+            }
+            for (identity, fingerprint, path) in &out.recipients {
+                println!("{identity} {fingerprint} -> {}", path.display());
+            }
+            println!("image key fingerprint: {}", out.image_key_fingerprint);
+            println!(
+                "send each sealed file to its participant (they hold no secret in clear); \
+                 give the coordinator the fingerprint above as key-fingerprint{}",
+                match &out.generated_key {
+                    Some(p) => format!(
+                        "; keep {} (0600): this participant's image key",
+                        p.display()
+                    ),
+                    None => String::new(),
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen(KeygenCommand::UnsealImageKey(args)) => {
+            let out = custody::unseal(&custody::UnsealOptions {
+                sealed: args.sealed.clone(),
+                cert: args.cert.clone(),
+                key: args.key.clone(),
+                out: args.out.clone(),
+            })?;
+            println!("wrote {}", out.written.display());
+            println!("unsealed for {}", out.identity);
+            println!(
+                "image key fingerprint: {} (must be what the sealer announced)",
+                out.image_key_fingerprint
             );
             Ok(ExitCode::SUCCESS)
         }

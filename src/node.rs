@@ -238,6 +238,11 @@ pub struct ParticipantSettings {
     pub save_model: Option<PathBuf>,
     /// The local data.
     pub data: DataSettings,
+    /// Smallest secure-aggregation cohort this participant joins.
+    pub min_cohort: usize,
+    /// The peer allow list (allow-list format): the only certificates
+    /// accepted as secure-aggregation neighbours. `None`: any of the CA's.
+    pub peers: Option<PathBuf>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -561,6 +566,16 @@ pub async fn run_participant(
     config.hooks = settings.hooks.clone();
     config.reconnect_for = settings.reconnect_for;
     config.save_model = settings.save_model.clone();
+    config.secagg_policy.min_cohort = settings.min_cohort;
+    if let Some(path) = &settings.peers {
+        let list = greyfed_coordinator::auth::AllowList::read_file(path)?;
+        config.peer_allow_list = Some(
+            list.entries()
+                .iter()
+                .map(|e| (e.identity.clone(), e.fingerprint.clone()))
+                .collect(),
+        );
+    }
     let (progress, mut rx) = tokio::sync::mpsc::unbounded_channel();
     config.progress = Some(progress);
     let view = tokio::spawn(async move {

@@ -236,6 +236,8 @@ async fn admitted_participants_complete_a_round_under_their_certificate_identity
             pki.ca.cert_pem().as_bytes().to_vec(),
             identity(&pki.participants[i].1),
         );
+        // Tests run cohorts of two.
+        pc.secagg_policy.min_cohort = 2;
         pc.name = "coordinator-admin".into(); // a claim: never sent
         let data = local_data(i, 2);
         tasks.push(tokio::spawn(async move {
@@ -311,6 +313,8 @@ async fn a_revoked_participant_is_disconnected_and_cannot_reconnect() {
         ca.clone(),
         identity(&pki.participants[0].1),
     );
+    // Tests run cohorts of two.
+    pc.secagg_policy.min_cohort = 2;
     pc.reconnect_for = Duration::from_secs(30);
 
     // Revoke participant-0 in the file and reload.
@@ -378,12 +382,14 @@ async fn one_certificate_cannot_take_two_seats() {
     c.dump_aggregates = Some(aggregates.clone());
     let (addr, run) = start(c);
     let spawn = |i: usize, shard: usize| {
-        let pc = ParticipantConfig::new(
+        let mut pc = ParticipantConfig::new(
             addr,
             "localhost",
             pki.ca.cert_pem().as_bytes().to_vec(),
             identity(&pki.participants[i].1),
         );
+        // Tests run cohorts of two.
+        pc.secagg_policy.min_cohort = 2;
         let data = local_data(shard, 3);
         tokio::spawn(async move { greyfed_participant::run(&pc, data).await })
     };
@@ -425,4 +431,64 @@ async fn one_certificate_cannot_take_two_seats() {
     let mut contributors: Vec<&str> = meta["greyfed.contributors"].split(',').collect();
     contributors.sort();
     assert_eq!(contributors, ["participant-0", "participant-1"]);
+}
+
+/// Runs one round with three participants, each accepting as neighbours
+/// only the certificates `accepts(i)` lists (`None`: any of the CA's);
+/// returns the rounds the coordinator completed.
+async fn round_with_peer_lists(accepts: impl Fn(usize) -> Option<Vec<usize>>) -> u32 {
+    let ids = ["participant-0", "participant-1", "participant-2"].map(String::from);
+    let pki =
+        DeploymentPki::generate(&["localhost".into()], &ids, Validity::days_from_now(1)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(
+        server_tls(&pki, SharedAllowList::new(pki.allow_list())),
+        3,
+        dir.path(),
+    );
+    c.secagg.stage_timeout = Duration::from_secs(5);
+    let (addr, run) = start(c);
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let mut pc = ParticipantConfig::new(
+            addr,
+            "localhost",
+            pki.ca.cert_pem().as_bytes().to_vec(),
+            identity(&pki.participants[i].1),
+        );
+        pc.peer_allow_list = accepts(i).map(|list| {
+            list.iter()
+                .map(|&j| {
+                    let (name, cert) = &pki.participants[j];
+                    (name.clone(), cert.fingerprint.clone())
+                })
+                .collect()
+        });
+        pc.reconnect_for = Duration::ZERO;
+        let data = local_data(i, 3);
+        tasks.push(tokio::spawn(async move {
+            greyfed_participant::run(&pc, data).await
+        }));
+    }
+    let report = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    for t in tasks {
+        let _ = t.await;
+    }
+    report.rounds_completed
+}
+
+/// Participants pin their neighbours with a peer allow list: a neighbour
+/// whose certificate is not listed (here: one the CA issued, as a CA-key
+/// holder posing as a participant would use) is refused before any share
+/// is sealed, so the round is abandoned instead of aggregating it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_refuse_neighbours_missing_from_their_peer_list() {
+    let all = || Some(vec![0, 1, 2]);
+    assert_eq!(round_with_peer_lists(|_| all()).await, 1, "all listed");
+    let rounds = round_with_peer_lists(|i| if i == 2 { all() } else { Some(vec![0, 1]) }).await;
+    assert_eq!(rounds, 0, "0 and 1 do not accept 2");
 }

@@ -152,6 +152,7 @@ addr-file = "addr"
             let settings = dir.join(format!("bundle/participant-{i}/participant.toml"));
             greyfed()
                 .arg("participant")
+                .args(["--min-cohort", "2"])
                 .arg(format!("--config={}", settings.display()))
                 .args(["--coordinator", &addr, "--reconnect-for", "0"])
                 .stderr(std::fs::File::create(dir.join(format!("p{i}.log"))).unwrap())

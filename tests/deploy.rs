@@ -392,7 +392,14 @@ fn run_sh_files_start_a_federation_and_sighup_reloads_the_allow_list() {
         .map(|i| {
             run_sh(
                 &bundle.join(format!("participant-{i}")),
-                &["--coordinator", &addr, "--reconnect-for", "0"],
+                &[
+                    "--coordinator",
+                    &addr,
+                    "--reconnect-for",
+                    "0",
+                    "--min-cohort",
+                    "2",
+                ],
                 &tmp.path().join(format!("p{i}.log")),
                 "warn",
             )

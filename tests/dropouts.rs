@@ -89,6 +89,8 @@ fn run_federation(
             let mut c = greyfed();
             c.args([
                 "participant",
+                "--min-cohort",
+                "2",
                 "--coordinator",
                 &addr,
                 "--server-name",

@@ -35,7 +35,14 @@ async fn three_participants_two_rounds_learn_the_builtin_digits() {
         let stages: Vec<&str> = r.stage_secs.keys().map(String::as_str).collect();
         assert_eq!(
             stages,
-            ["advertise", "evaluate", "masked", "share", "unmask"]
+            [
+                "advertise",
+                "consistency",
+                "evaluate",
+                "masked",
+                "share",
+                "unmask"
+            ]
         ); // sorted
         // The stages tile the round (one clock reading per event), up to
         // the rounding of the sum.

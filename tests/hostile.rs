@@ -108,12 +108,14 @@ fn honest_participants(
             let train = shard(&data, i, n, Partition::Iid, 0).unwrap();
             let local =
                 Arc::new(LocalData::prepare(&train, &train, &numbered_classes(10), None).unwrap());
-            let pc = ParticipantConfig::new(
+            let mut pc = ParticipantConfig::new(
                 addr,
                 "localhost",
                 pki.ca.cert_pem().as_bytes().to_vec(),
                 identity(&pki.participants[i].1),
             );
+            // Tests run cohorts of two.
+            pc.secagg_policy.min_cohort = 2;
             tokio::spawn(async move { greyfed_participant::run(&pc, local).await })
         })
         .collect()

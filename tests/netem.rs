@@ -309,6 +309,7 @@ fn secure_rounds_complete_across_lossy_delayed_links_between_namespaces() {
         .map(|i| {
             greyfed_in(network.host(i + 1))
                 .arg("participant")
+                .args(["--min-cohort", "2"])
                 .arg("--config")
                 .arg(bundle.join(format!("participant-{i}/participant.toml")))
                 .args(["--reconnect-for", "60"])

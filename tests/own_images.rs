@@ -235,6 +235,8 @@ async fn participants_with_another_image_size_or_class_list_are_refused() {
                 key_pem: cert.key_pem.clone().into_bytes(),
             },
         );
+        // Tests run cohorts of two.
+        pc.secagg_policy.min_cohort = 2;
         pc.name = name.clone();
         pc.reconnect_for = std::time::Duration::ZERO;
         pc

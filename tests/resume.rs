@@ -57,7 +57,7 @@ fn a_killed_coordinator_resumes_and_no_round_is_lost_or_repeated() {
     let mut participants: Vec<Child> = (0..3)
         .map(|i| {
             greyfed()
-                .args(["participant", "--coordinator", &addr])
+                .args(["participant", "--min-cohort", "2", "--coordinator", &addr])
                 .args(["--server-name", "localhost", "--plain"])
                 .args(["--shard", &format!("{i}/3")])
                 .args(["--reconnect-for", "60"])

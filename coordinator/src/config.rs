@@ -65,6 +65,35 @@ pub struct CoordinatorConfig {
     pub key_fingerprint: Option<String>,
     /// Largest frame accepted from a participant, in bytes.
     pub max_frame: usize,
+    /// Caps on the training and test sample counts a participant may claim
+    /// (default 1 000 000 each). A claim bounds the participant's weight in
+    /// the weighted means; larger claims are clamped to the cap (the session
+    /// reports each as `SessionEvent::ClaimClamped`), so that one
+    /// participant cannot dominate the mean or overflow the
+    /// secure-aggregation ring. Raise it for participants with more data.
+    pub max_claimed_samples: greyfed_protocol::session::SampleClaimCaps,
+    /// A connection must open its stream and send a complete Hello within
+    /// this time after its TLS handshake, or it is closed (default 10 s).
+    pub hello_timeout: Duration,
+    /// Most simultaneous connections of one participant identity (from its
+    /// certificate); more are refused at once (default 2: a live one and
+    /// the one replacing it after a restart).
+    pub max_connections_per_identity: usize,
+    /// Most connections not yet admitted to the session (in their TLS
+    /// handshake or before their Hello was accepted); more are refused
+    /// before their handshake (default 256).
+    pub max_pending_connections: usize,
+    /// A participant whose messages are ignored this many times in a row
+    /// (late, duplicate or for another round; an accepted message starts
+    /// the count again) is disconnected (default 16).
+    pub max_ignored_messages: u32,
+    /// Messages one connection may have waiting for the session; its reader
+    /// then waits, and QUIC flow control holds the peer back (default 4).
+    pub inbound_queue: usize,
+    /// Frames queued for one participant may hold at most this many copies
+    /// of the model (plus 1 MiB of small messages); a participant that
+    /// falls further behind is disconnected (default 4).
+    pub outbound_queue_models: usize,
     /// Directory for `metrics.jsonl` and `model.safetensors`.
     pub out_dir: PathBuf,
     /// Test mode only: write each round's aggregated mean update (with the
@@ -167,6 +196,13 @@ impl CoordinatorConfig {
             join_timeout: None,
             key_fingerprint: None,
             max_frame: DEFAULT_MAX_FRAME,
+            max_claimed_samples: greyfed_protocol::session::SampleClaimCaps::default(),
+            hello_timeout: Duration::from_secs(10),
+            max_connections_per_identity: 2,
+            max_pending_connections: 256,
+            max_ignored_messages: 16,
+            inbound_queue: 4,
+            outbound_queue_models: 4,
             out_dir,
             dump_aggregates: None,
             seed: 0,

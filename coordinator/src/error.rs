@@ -54,6 +54,13 @@ pub enum CoordinatorError {
     /// The session ended before all rounds ran.
     #[error("session aborted: {0}")]
     Aborted(String),
+    /// Every participant id of this session has been handed out (ids are
+    /// never reused or wrapped); no further connection can be admitted.
+    #[error(
+        "participant ids exhausted: {} connections were given an id; restart the coordinator",
+        u64::from(u32::MAX)
+    )]
+    ParticipantIdsExhausted,
     /// Shut down on request before the session finished.
     #[error("shut down after {rounds_completed} completed rounds")]
     Interrupted {

@@ -26,7 +26,7 @@ use greyfed_protocol::{
     aggregate::PlainAggregator,
     frame::encode_frame,
     model_file::ModelFile,
-    secagg::coordinator::SecAggCoordinator,
+    secagg::{coordinator::SecAggCoordinator, x509::CertificateVerifier},
     session::{
         CoordinatorSession, InitialModel, RoundSummary, SessionConfig, SessionEvent,
         SessionProgress,
@@ -39,7 +39,10 @@ use crate::{
     central::CentralEvaluator,
     checkpoint::Checkpoint,
     config::CoordinatorConfig,
-    connection::{Inbound, LINGER, Outbound, accept_loop, close_code},
+    connection::{
+        INBOUND_EVENTS, Inbound, LINGER, LinkPolicy, Listener, PeerLink, accept_loop, check_config,
+        close_code,
+    },
     error::{CoordinatorError, Result},
     events::{CoordinatorEvent, EventSender},
     metrics::{MetricsWriter, RoundRecord},
@@ -80,6 +83,7 @@ impl Coordinator {
                 "rounds and participants must be at least 1".into(),
             ));
         }
+        check_config(&config)?;
         if let InitialModel::Fixed { weights, .. } = &config.initial {
             weights.validate()?;
         }
@@ -180,6 +184,7 @@ impl Coordinator {
                 key_fingerprint: config.key_fingerprint.clone(),
                 seed: config.seed,
                 first_round: config.resume.as_ref().map_or(1, |c| c.rounds_completed + 1),
+                max_claimed_samples: config.max_claimed_samples,
             },
             session_start(&config)?.unwrap_or_else(|| config.initial.clone()),
             build_aggregator(&config, session_id)?,
@@ -207,12 +212,11 @@ impl Coordinator {
                 "resuming from checkpoint"
             );
         }
-        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_EVENTS);
+        let (links, upload_limits) = LinkPolicy::new(&config);
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
-            inbound_tx,
-            config.max_frame,
-            config.tls.allow_list.clone(),
+            Listener::new(&config, inbound_tx, upload_limits),
         ));
         info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -238,15 +242,13 @@ impl Coordinator {
             max_frame: config.max_frame,
             events: config.events.clone(),
             last_progress: None,
+            links,
         };
         driver.report_progress();
         let outcome = driver.run(inbound_rx, shutdown).await;
         // Let writers flush their last frames and peers close, then stop.
-        for (_, conn) in driver.connections.drain() {
-            let _ = conn.send(Outbound::Finish {
-                code: close_code::SHUTDOWN,
-                reason: "coordinator stopped".into(),
-            });
+        for (_, link) in driver.connections.drain() {
+            link.finish(close_code::SHUTDOWN, "coordinator stopped");
         }
         accept.abort();
         let _ = tokio::time::timeout(LINGER, endpoint.wait_idle()).await;
@@ -278,7 +280,7 @@ impl Coordinator {
 struct Driver {
     session: CoordinatorSession,
     strategy: Box<dyn Strategy>,
-    connections: HashMap<ParticipantId, mpsc::UnboundedSender<Outbound>>,
+    connections: HashMap<ParticipantId, PeerLink>,
     metrics: MetricsWriter,
     records: Vec<RoundRecord>,
     /// Where a checkpoint is written after every completed round.
@@ -298,6 +300,8 @@ struct Driver {
     events: Option<EventSender>,
     /// The progress last sent (only changes are sent).
     last_progress: Option<SessionProgress>,
+    /// Admission, upload limits and queue bounds of connections.
+    links: LinkPolicy,
 }
 
 impl Driver {
@@ -333,7 +337,7 @@ impl Driver {
 
     async fn run(
         &mut self,
-        mut inbound: mpsc::UnboundedReceiver<Inbound>,
+        mut inbound: mpsc::Receiver<Inbound>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
         tokio::pin!(shutdown);
@@ -374,20 +378,20 @@ impl Driver {
 
     fn handle_inbound(&mut self, now: Instant, ev: Inbound) {
         match ev {
-            Inbound::Connected {
-                id,
-                remote,
-                identity,
-                tx,
-            } => {
-                debug!(id, %remote, identity, "connection opened");
-                self.session.handle_connect(id, identity);
-                self.connections.insert(id, tx);
+            Inbound::Connected { id, link } => {
+                debug!(id, remote = %link.remote, identity = link.identity, "connection opened");
+                self.session.handle_connect(id, link.identity.clone());
+                self.connections.insert(id, link);
+            }
+            // A connection the driver closed: what it still sent is dropped.
+            Inbound::Message { id, .. } if !self.connections.contains_key(&id) => {
+                debug!(id, "dropping a message of a closed connection");
             }
             Inbound::Message {
                 id,
                 msg,
                 wire_bytes,
+                _permit,
             } => {
                 self.round_bytes
                     .entry(self.session.current_round())
@@ -395,16 +399,23 @@ impl Driver {
                     .0 += wire_bytes as u64;
                 let kind = msg.kind();
                 match self.session.handle_message(now, id, msg) {
-                    Ok(()) => {}
-                    // Late or repeated messages: ignore, the peer may still be useful.
+                    Ok(()) => {
+                        if let Some(link) = self.connections.get_mut(&id) {
+                            link.note_accepted();
+                        }
+                    }
+                    // Late or repeated messages: ignore, the peer may still be
+                    // useful, unless it sends too many of them in a row.
                     Err(
                         e @ (ProtocolError::WrongRound { .. }
                         | ProtocolError::DuplicateContribution(_)),
                     ) => {
                         warn!(id, kind, "ignoring message: {e}");
+                        self.note_ignored(now, id);
                     }
                     Err(e @ ProtocolError::Late(_)) => {
                         debug!(id, kind, "{e}");
+                        self.note_ignored(now, id);
                     }
                     Err(e) => {
                         warn!(id, kind, "closing connection: {e}");
@@ -426,15 +437,51 @@ impl Driver {
         }
     }
 
+    /// Counts a message of `id` the session ignored, and disconnects `id`
+    /// when that makes [`LinkPolicy::max_ignored`] in a row.
+    fn note_ignored(&mut self, now: Instant, id: ParticipantId) {
+        let max = self.links.max_ignored;
+        let Some(link) = self.connections.get_mut(&id) else {
+            return;
+        };
+        if link.note_ignored(max) {
+            let reason = format!(
+                "{} sent {} ignored messages in a row (limit {max})",
+                link.identity,
+                link.ignored()
+            );
+            warn!(id, identity = link.identity, "disconnecting: {reason}");
+            self.close(id, close_code::LIMIT, &reason);
+            self.session.handle_disconnect(now, id);
+        }
+    }
+
     /// Queues an encoded frame for `to`, counting it towards the `bytes_down`
-    /// of the round in progress.
+    /// of the round in progress. A participant too far behind to take it is
+    /// closed (its Closed event then tells the session).
     fn send_frame(&mut self, to: ParticipantId, frame: Bytes) {
-        if let Some(tx) = self.connections.get(&to) {
-            self.round_bytes
-                .entry(self.session.current_round())
-                .or_default()
-                .1 += frame.len() as u64;
-            let _ = tx.send(Outbound::Frame(frame));
+        let budget = self.links.outbound_budget(&self.session);
+        let Some(link) = self.connections.get(&to) else {
+            return;
+        };
+        let len = frame.len() as u64;
+        match link.send_frame(frame, budget) {
+            Ok(()) => {
+                self.round_bytes
+                    .entry(self.session.current_round())
+                    .or_default()
+                    .1 += len;
+            }
+            Err(backlog) => {
+                warn!(
+                    id = to,
+                    identity = link.identity,
+                    "closing a participant that is {backlog}"
+                );
+                if let Some(link) = self.connections.remove(&to) {
+                    link.close_now(close_code::LIMIT, "too far behind");
+                }
+            }
         }
     }
 
@@ -448,11 +495,8 @@ impl Driver {
         ) {
             self.send_frame(id, frame.into());
         }
-        if let Some(tx) = self.connections.remove(&id) {
-            let _ = tx.send(Outbound::Finish {
-                code,
-                reason: reason.to_string(),
-            });
+        if let Some(link) = self.connections.remove(&id) {
+            link.finish(code, reason);
         }
     }
 
@@ -476,12 +520,9 @@ impl Driver {
                 }
                 SessionEvent::Rejected { id, reason } => {
                     warn!(id, "refused participant: {reason}");
-                    if let Some(tx) = self.connections.remove(&id) {
+                    if let Some(link) = self.connections.remove(&id) {
                         // The Reject frame is already queued; finish after it.
-                        let _ = tx.send(Outbound::Finish {
-                            code: close_code::REJECTED,
-                            reason,
-                        });
+                        link.finish(close_code::REJECTED, &reason);
                     }
                 }
                 SessionEvent::RoundStarted { round, cohort } => {
@@ -489,6 +530,13 @@ impl Driver {
                     self.round_start.insert(round, now);
                 }
                 SessionEvent::Aggregated(result) => {
+                    for (id, what) in &result.misbehaved {
+                        let identity = self.session.participant_identity(*id).unwrap_or("?");
+                        warn!(
+                            round = result.round,
+                            id, identity, "participant broke the protocol: {what}"
+                        );
+                    }
                     if let Some(dir) = &self.dump_aggregates {
                         let names: Vec<String> = result
                             .contributors
@@ -534,6 +582,30 @@ impl Driver {
                     self.finish_all(close_code::SHUTDOWN, "session aborted");
                     return Ok(Some(Err(CoordinatorError::Aborted(reason))));
                 }
+                SessionEvent::ClaimClamped {
+                    id,
+                    identity,
+                    field,
+                    claimed,
+                    cap,
+                } => {
+                    warn!(
+                        id,
+                        identity, "{field} claim {claimed} is above the cap; counted as {cap}"
+                    );
+                }
+                SessionEvent::WeightBoundLowered {
+                    round,
+                    sum,
+                    claimed,
+                    bound,
+                } => {
+                    warn!(
+                        round,
+                        "{sum:?} sum: weight bound lowered from {claimed} to {bound} to fit \
+                         the secure-aggregation ring"
+                    );
+                }
                 _ => {}
             }
         }
@@ -546,8 +618,13 @@ impl Driver {
     fn flush_transmits(&mut self) {
         let mut evaluate_frame: Option<(u32, Arc<ModelWeights>, Bytes)> = None;
         while let Some((to, msg)) = self.session.poll_transmit() {
-            if !self.connections.contains_key(&to) {
+            let Some(link) = self.connections.get_mut(&to) else {
                 continue;
+            };
+            if let Message::Welcome { .. } = msg {
+                // Admitted: raise the connection's upload limits before the
+                // participant can see its Welcome.
+                self.links.admit(&self.session, link);
             }
             let frame = match &msg {
                 Message::EvaluateRequest { round, global } => match &evaluate_frame {
@@ -572,11 +649,8 @@ impl Driver {
     fn finish_all(&mut self, code: u32, reason: &str) {
         // Flush the session's last messages (Finished / Error) first.
         self.flush_transmits();
-        for (_, tx) in self.connections.drain() {
-            let _ = tx.send(Outbound::Finish {
-                code,
-                reason: reason.to_string(),
-            });
+        for (_, link) in self.connections.drain() {
+            link.finish(code, reason);
         }
     }
 
@@ -756,7 +830,14 @@ fn build_aggregator(
             secagg.session_id = session_id;
             secagg.seed = seed;
             secagg.full = full;
-            Box::new(SecAggCoordinator::new(secagg)?)
+            // Signatures are checked before they are relayed, so one
+            // participant's bad signature cannot make its neighbours abort.
+            // (The TLS handshake already enforces the allow list.)
+            let verifier = CertificateVerifier::new(
+                &config.tls.client_ca_pem,
+                rustls_pki_types::UnixTime::now(),
+            )?;
+            Box::new(SecAggCoordinator::new(secagg)?.with_verifier(Arc::new(verifier)))
         }
     })
 }

@@ -18,6 +18,10 @@ use greyfed_protocol::{
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
     model_file::ModelFile,
     participant::{ParticipantEvent, ParticipantSession},
+    secagg::{
+        auth::{SecAggAuth, SecAggPolicy},
+        x509::{CertificateSigner, CertificateVerifier},
+    },
 };
 use rand::{
     SeedableRng,
@@ -117,6 +121,13 @@ pub struct ParticipantConfig {
     /// a [`ModelFile`] (architecture, classes, cipher spec; `greyfed
     /// predict` reads it with the image key). `None`: not kept.
     pub save_model: Option<PathBuf>,
+    /// Floors on every secure-aggregation round (cohort size, graph degree,
+    /// threshold); a round below them is refused, not joined.
+    pub secagg_policy: SecAggPolicy,
+    /// The peers this participant accepts as neighbours in secure
+    /// aggregation, as `(identity, certificate fingerprint)` (the allow
+    /// list's entries). `None`: any participant certificate of the CA.
+    pub peer_allow_list: Option<Vec<(String, String)>>,
 }
 
 impl ParticipantConfig {
@@ -138,7 +149,34 @@ impl ParticipantConfig {
             reconnect_for: Duration::from_secs(60),
             progress: None,
             save_model: None,
+            secagg_policy: SecAggPolicy::default(),
+            peer_allow_list: None,
         }
+    }
+
+    /// The credentials this participant signs its secure-aggregation keys
+    /// with (its TLS client certificate and key) and checks its neighbours'
+    /// with (the CA, the peer allow list), with its floors.
+    ///
+    /// # Errors
+    /// Unreadable certificate or key, or a key that is not the certificate's.
+    pub fn secagg_auth(&self) -> Result<SecAggAuth> {
+        let tls = |e: greyfed_protocol::ProtocolError| {
+            ParticipantError::Tls(format!("secure-aggregation credentials: {e}"))
+        };
+        let signer = CertificateSigner::from_pem(&self.identity.cert_pem, &self.identity.key_pem)
+            .map_err(tls)?;
+        let mut verifier =
+            CertificateVerifier::new(&self.ca_pem, rustls_pki_types::UnixTime::now())
+                .map_err(tls)?;
+        if let Some(allow) = &self.peer_allow_list {
+            verifier = verifier.with_allow_list(allow.iter().cloned());
+        }
+        Ok(SecAggAuth {
+            signer: Arc::new(signer),
+            verifier: Arc::new(verifier),
+            policy: self.secagg_policy.clone(),
+        })
     }
 }
 
@@ -346,7 +384,8 @@ async fn session_loop(
         image_size: data.image_size,
         classes: data.classes.clone(),
         cipher: data.cipher.clone(),
-    });
+    })
+    .with_secagg_auth(config.secagg_auth()?);
     // The latest global model we received, with its round (kept at the end).
     let mut latest: Option<(u32, ModelWeights)> = None;
     let mut spec: Option<ModelSpec> = None;
@@ -409,6 +448,13 @@ async fn session_loop(
                         .session()
                         .map(|s| s.training.clone())
                         .ok_or_else(|| no_session("Train"))?;
+                    // The coordinator's seed alone would let it replay this
+                    // round to a subset and isolate our update.
+                    let seed = if config.hooks.coordinator_seeds {
+                        seed
+                    } else {
+                        seed ^ rand::Rng::next_u64(&mut rng)
+                    };
                     let data = data.clone();
                     if let Some(old) = training.take() {
                         old.task.abort();

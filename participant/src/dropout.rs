@@ -159,6 +159,11 @@ pub struct TestHooks {
     /// `DIR/round-R-NAME.safetensors`, so tests can check the aggregate.
     /// Never enable in a deployment: it defeats secure aggregation locally.
     pub dump_updates: Option<PathBuf>,
+    /// Train with the coordinator's seed alone, so that a run can be
+    /// repeated exactly. By default a participant mixes fresh local
+    /// randomness into every round's seed, so that a coordinator replaying
+    /// a round cannot reproduce (and so isolate) its update.
+    pub coordinator_seeds: bool,
 }
 
 /// Kills the current process with SIGKILL: no destructors, no flushing, no

@@ -29,6 +29,10 @@ pub struct AggregateResult {
     /// from the round's start or the previous stage's close (empty for
     /// single-stage schemes).
     pub stage_secs: Vec<(&'static str, f64)>,
+    /// Participants caught breaking the protocol in this round although it
+    /// completed (e.g. a Shamir share inconsistent with its owner's
+    /// commitment, outvoted by spare shares), with what they did.
+    pub misbehaved: Vec<(ParticipantId, String)>,
 }
 
 /// How far the current stage of an aggregation has come: for progress
@@ -71,6 +75,13 @@ pub trait Aggregator: Send {
     /// their encoding from it; the default ignores it.
     fn set_max_weight(&mut self, max_weight: u64) {
         let _ = max_weight;
+    }
+
+    /// The [`digest`](crate::weights::ModelWeights::digest) of the model the
+    /// next round trains or evaluates; secure aggregation binds the round to
+    /// it. Plain aggregation ignores it.
+    fn set_model_digest(&mut self, digest: [u8; 32]) {
+        let _ = digest;
     }
 
     /// Starts a round over `cohort` for updates of `num_params` values.
@@ -277,6 +288,7 @@ impl Aggregator for PlainAggregator {
             total_weight: self.total_weight,
             contributors: self.contributors.keys().copied().collect(),
             stage_secs: Vec::new(),
+            misbehaved: Vec::new(),
         }))
     }
 

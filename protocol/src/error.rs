@@ -84,8 +84,9 @@ pub enum ProtocolError {
     /// different evaluator sets to isolate one participant's metrics, so the
     /// participant refuses (and leaves the session).
     #[error(
-        "a second evaluation of round {round} was requested; each round is evaluated once \
-         (two sums over different evaluators would reveal one participant's metrics)"
+        "a second evaluation of round {round} (or of a model already evaluated) was requested; \
+         each round and each model is evaluated once (two sums over different evaluators would \
+         reveal one participant's metrics)"
     )]
     RepeatedEvaluation {
         /// The round asked for again.
@@ -143,4 +144,17 @@ pub enum ProtocolError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// No subset of a secret's shares reconstructs a secret that matches its
+    /// public commitment (see
+    /// [`reconstruct_verified`](crate::secagg::shamir::reconstruct_verified)).
+    /// Carries no share values.
+    #[error("secure aggregation: participant {owner}'s {what} cannot be reconstructed: {reason}")]
+    Unreconstructable {
+        /// Whose secret.
+        owner: u32,
+        /// Which secret (`"self-mask seed"` or `"mask key"`).
+        what: &'static str,
+        /// Why.
+        reason: crate::secagg::shamir::RobustReconstructError,
+    },
 }

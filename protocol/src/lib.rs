@@ -20,6 +20,7 @@ pub mod aggregate;
 pub mod cipher;
 pub mod error;
 pub mod frame;
+pub mod limits;
 pub mod message;
 pub mod model_file;
 pub mod participant;

@@ -33,7 +33,7 @@ use crate::{
         AggregationKind, AggregationPayload, EvalMetrics, GlobalModel, Hello, Message,
         ParticipantId, SessionInfo, SumKind,
     },
-    secagg::{keys::RoundContext, participant::SecAggParticipant},
+    secagg::{auth::SecAggAuth, keys::RoundContext, participant::SecAggParticipant},
     weights::ModelWeights,
 };
 
@@ -90,6 +90,9 @@ pub struct ParticipantSession {
     /// The last round we were asked to evaluate (0: none). Each round is
     /// evaluated at most once ([`ProtocolError::RepeatedEvaluation`]).
     last_evaluated: u32,
+    /// Digests of every model evaluated in this session: the same model is
+    /// evaluated once, whatever round number it comes under.
+    evaluated_models: std::collections::HashSet<[u8; 32]>,
     /// The model of the last `EvaluateRequest` and its round, kept for a
     /// `TrainRequest` that refers to it ([`GlobalModel::Evaluated`]).
     evaluated: Option<(u32, ModelWeights)>,
@@ -97,6 +100,8 @@ pub struct ParticipantSession {
     update_sum: Option<SecAggParticipant>,
     /// Our side of the current round's secure evaluation sum, if any.
     eval_sum: Option<SecAggParticipant>,
+    /// Credentials and floors for secure aggregation.
+    auth: Option<SecAggAuth>,
     outbox: VecDeque<Message>,
     events: VecDeque<ParticipantEvent>,
     poisoned: Option<ProtocolError>,
@@ -111,13 +116,23 @@ impl ParticipantSession {
             session: None,
             last_round: 0,
             last_evaluated: 0,
+            evaluated_models: std::collections::HashSet::new(),
             evaluated: None,
             update_sum: None,
             eval_sum: None,
+            auth: None,
             outbox: VecDeque::from([Message::Hello(hello)]),
             events: VecDeque::new(),
             poisoned: None,
         }
+    }
+
+    /// Signs and checks secure-aggregation keys with `auth` and enforces its
+    /// floors. Without it, a session that aggregates securely is refused at
+    /// `Welcome` ([`ProtocolError::InvalidConfig`]).
+    pub fn with_secagg_auth(mut self, auth: SecAggAuth) -> Self {
+        self.auth = Some(auth);
+        self
     }
 
     /// Our id, once admitted.
@@ -176,6 +191,13 @@ impl ParticipantSession {
                     session,
                 },
             ) => {
+                if session.aggregation != AggregationKind::Plain && self.auth.is_none() {
+                    return Err(ProtocolError::InvalidConfig(
+                        "the session aggregates securely, but this participant has no \
+                         credentials to sign its keys with"
+                            .into(),
+                    ));
+                }
                 self.id = Some(participant_id);
                 self.session = Some(session.clone());
                 self.state = State::Idle;
@@ -221,7 +243,8 @@ impl ParticipantSession {
                 self.evaluated = None;
                 self.last_round = round;
                 self.state = State::Training { round };
-                self.update_sum = self.secure_sum(round, SumKind::Update, global.num_parameters());
+                self.update_sum =
+                    self.secure_sum(round, SumKind::Update, global.num_parameters(), &global);
                 self.events.push_back(ParticipantEvent::Train {
                     round,
                     global,
@@ -244,6 +267,11 @@ impl ParticipantSession {
                 if round <= self.last_evaluated {
                     return Err(ProtocolError::RepeatedEvaluation { round });
                 }
+                // The same model under a new round number would let the
+                // coordinator difference two sums over different evaluators.
+                if !self.evaluated_models.insert(global.digest()) {
+                    return Err(ProtocolError::RepeatedEvaluation { round });
+                }
                 self.last_round = round;
                 self.last_evaluated = round;
                 self.evaluated = Some((round, global.clone()));
@@ -253,8 +281,12 @@ impl ParticipantSession {
                     .session
                     .as_ref()
                     .map_or(0, |info| info.model.num_classes() as usize);
-                self.eval_sum =
-                    self.secure_sum(round, SumKind::Evaluation, EvalMetrics::sum_len(classes));
+                self.eval_sum = self.secure_sum(
+                    round,
+                    SumKind::Evaluation,
+                    EvalMetrics::sum_len(classes),
+                    &global,
+                );
                 self.events
                     .push_back(ParticipantEvent::Evaluate { round, global });
                 Ok(())
@@ -281,11 +313,17 @@ impl ParticipantSession {
         }
     }
 
-    /// Our side of a secure sum of `num_values` values for `round`, when the
-    /// session aggregates securely.
-    fn secure_sum(&self, round: u32, sum: SumKind, num_values: usize) -> Option<SecAggParticipant> {
-        match (&self.session, self.id) {
-            (Some(info), Some(id)) if info.aggregation != AggregationKind::Plain => {
+    /// Our side of a secure sum of `num_values` values for `round` about
+    /// `model`, when the session aggregates securely.
+    fn secure_sum(
+        &self,
+        round: u32,
+        sum: SumKind,
+        num_values: usize,
+        model: &ModelWeights,
+    ) -> Option<SecAggParticipant> {
+        match (&self.session, self.id, &self.auth) {
+            (Some(info), Some(id), Some(auth)) if info.aggregation != AggregationKind::Plain => {
                 Some(SecAggParticipant::new(
                     id,
                     RoundContext {
@@ -294,6 +332,8 @@ impl ParticipantSession {
                         sum,
                     },
                     Some(num_values),
+                    auth.clone(),
+                    model.digest(),
                 ))
             }
             _ => None,

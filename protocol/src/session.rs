@@ -36,6 +36,15 @@
 //! refused. One identity holds one seat: a newer connection with the same
 //! identity replaces the older one (a restarted participant), so one
 //! certificate cannot join as several participants.
+//!
+//! Sample claims: a Hello's `train_samples` and `test_samples` bound the
+//! participant's weight in the update and evaluation sums. Claims above
+//! [`SessionConfig::max_claimed_samples`] are clamped to it
+//! ([`SessionEvent::ClaimClamped`]); a plain payload's weight is capped at
+//! the sender's clamped claim; and when the aggregator's encoding cannot
+//! hold the cohort at the largest claim, the round's weight bound is halved
+//! until it can ([`SessionEvent::WeightBoundLowered`]). No claim can abort
+//! the session or fail an evaluation.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -50,8 +59,8 @@ use crate::{
     cipher::CipherSpec,
     error::ProtocolError,
     message::{
-        EvalMetrics, EvalSummary, GlobalModel, Hello, InputSpec, Message, ModelSpec, ParticipantId,
-        SessionInfo, TrainingConfig,
+        AggregationPayload, EvalMetrics, EvalSummary, GlobalModel, Hello, InputSpec, Message,
+        ModelSpec, ParticipantId, SessionInfo, SumKind, TrainingConfig,
     },
     weights::ModelWeights,
 };
@@ -89,6 +98,42 @@ pub struct SessionConfig {
     /// Number of the first round to run, from 1; a resumed session starts
     /// after the last completed round (rounds before it count as completed).
     pub first_round: u32,
+    /// Caps on the sample counts a participant's Hello may claim. Claims
+    /// above a cap are clamped to it (and reported with
+    /// [`SessionEvent::ClaimClamped`]): a claim bounds the participant's
+    /// aggregation weight, so an inflated one must neither dominate the
+    /// weighted means nor overflow the secure-aggregation ring.
+    pub max_claimed_samples: SampleClaimCaps,
+}
+
+/// Largest training or test sample count a participant may claim by
+/// default (see [`SampleClaimCaps`]).
+pub const DEFAULT_MAX_CLAIMED_SAMPLES: u64 = 1_000_000;
+
+/// Operator-set caps on the sample counts participants claim in their Hello
+/// ([`SessionConfig::max_claimed_samples`]). A claim above its cap is
+/// clamped to the cap, never refused: the clamped count is the
+/// participant's aggregation weight bound (training) or evaluation weight
+/// bound (test). Each cap must be in `1..=u32::MAX` (secure aggregation
+/// encodes weights in 32 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleClaimCaps {
+    /// Largest claimed number of training samples (default
+    /// [`DEFAULT_MAX_CLAIMED_SAMPLES`]).
+    pub train: u64,
+    /// Largest claimed number of test samples (default
+    /// [`DEFAULT_MAX_CLAIMED_SAMPLES`]).
+    pub test: u64,
+}
+
+impl Default for SampleClaimCaps {
+    /// [`DEFAULT_MAX_CLAIMED_SAMPLES`] for both.
+    fn default() -> Self {
+        Self {
+            train: DEFAULT_MAX_CLAIMED_SAMPLES,
+            test: DEFAULT_MAX_CLAIMED_SAMPLES,
+        }
+    }
 }
 
 /// Builds the model a session starts from once the participants' input is
@@ -307,6 +352,37 @@ pub enum SessionEvent {
         /// Why.
         reason: String,
     },
+    /// A participant's Hello claimed more samples than the session's cap
+    /// ([`SessionConfig::max_claimed_samples`]); it was admitted with the
+    /// cap as its count. Worth a warning: the claim is implausible (or the
+    /// cap too low for this deployment).
+    ClaimClamped {
+        /// Its id.
+        id: ParticipantId,
+        /// Its authenticated identity.
+        identity: String,
+        /// Which claim: `"train_samples"` or `"test_samples"`.
+        field: &'static str,
+        /// The count it claimed.
+        claimed: u64,
+        /// The count it was given.
+        cap: u64,
+    },
+    /// A sum's weight bound was lowered below the cohort's largest claim
+    /// so that the aggregator's encoding fits the cohort (the secure
+    /// aggregation ring holds `cohort size × weight bound × quantisation
+    /// levels`): participants with more samples weigh as if they had
+    /// `bound`.
+    WeightBoundLowered {
+        /// Round number.
+        round: u32,
+        /// Which sum of the round.
+        sum: SumKind,
+        /// The largest (clamped) claim of the sum's participants.
+        claimed: u64,
+        /// The bound the aggregator accepted.
+        bound: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -340,6 +416,11 @@ struct RoundState {
     dropped: Vec<ParticipantId>,
     /// Who was asked to evaluate.
     evaluators: BTreeSet<ParticipantId>,
+    /// The (clamped) claimed training samples of the cohort, at the round's
+    /// start: the decoded total weight may not exceed the contributors' sum.
+    train_claims: BTreeMap<ParticipantId, u64>,
+    /// The (clamped) claimed test samples of the evaluators.
+    test_claims: BTreeMap<ParticipantId, u64>,
     evaluation_started: Option<Instant>,
     stage_secs: Vec<(&'static str, f64)>,
 }
@@ -396,6 +477,15 @@ impl CoordinatorSession {
                 "min_participants {} exceeds participants {}",
                 config.min_participants, config.participants
             )));
+        }
+        let caps = config.max_claimed_samples;
+        for (what, cap) in [("training", caps.train), ("test", caps.test)] {
+            if !(1..=u64::from(u32::MAX)).contains(&cap) {
+                return Err(ProtocolError::InvalidConfig(format!(
+                    "the cap on claimed {what} samples must be in 1..={}, got {cap}",
+                    u32::MAX
+                )));
+            }
         }
         if config.rounds == 0 {
             return Err(ProtocolError::InvalidConfig(
@@ -514,6 +604,15 @@ impl CoordinatorSession {
         self.peers.get(&id).map(|p| p.identity.as_str())
     }
 
+    /// The `(training, test)` sample counts participant `id` is credited
+    /// with, if admitted and connected: its Hello's claims, clamped to
+    /// [`SessionConfig::max_claimed_samples`].
+    pub fn participant_samples(&self, id: ParticipantId) -> Option<(u64, u64)> {
+        self.peers
+            .get(&id)
+            .map(|p| (p.train_samples, p.test_samples))
+    }
+
     /// Records that connection `id` was authenticated as `identity` (by the
     /// driver: the coordinator uses the participant's verified certificate).
     /// Call it before passing the connection's first message; its Hello is
@@ -606,8 +705,10 @@ impl CoordinatorSession {
                 }
                 // Multi-stage aggregators take several payloads per round;
                 // the aggregator itself rejects duplicates within a stage.
+                let claim = self.peers[&from].train_samples;
+                let payload = bound_plain_weight(payload, claim);
                 self.aggregator.handle_payload(now, from, payload)?;
-                let w = self.peers[&from].train_samples as f64;
+                let w = claim as f64;
                 if train_loss.is_finite() && self.round.reported_loss.insert(from) {
                     self.round.train_loss_sum += w * train_loss as f64;
                     self.round.train_loss_weight += w;
@@ -617,6 +718,7 @@ impl CoordinatorSession {
             }
             Message::Evaluation { round, payload } => {
                 self.expect_evaluation(from, round)?;
+                let payload = bound_plain_weight(payload, self.peers[&from].test_samples);
                 self.evaluator.handle_payload(now, from, payload)?;
                 self.drain_evaluator(now);
                 Ok(())
@@ -816,12 +918,31 @@ impl CoordinatorSession {
         self.key_fingerprint
             .get_or_insert_with(|| hello.key_fingerprint().to_string());
         self.cipher.get_or_insert_with(|| hello.cipher.clone());
+        // Claims bound aggregation weights: clamp them to the operator's
+        // caps (never refuse, never let them break the ring; see
+        // `begin_with_weight_bound`).
+        let caps = self.config.max_claimed_samples;
+        let mut clamped = Vec::new();
+        let mut clamp = |field: &'static str, claimed: u64, cap: u64| {
+            if claimed > cap {
+                clamped.push(SessionEvent::ClaimClamped {
+                    id: from,
+                    identity: identity.clone(),
+                    field,
+                    claimed,
+                    cap,
+                });
+            }
+            claimed.min(cap)
+        };
+        let train_samples = clamp("train_samples", hello.train_samples, caps.train);
+        let test_samples = clamp("test_samples", hello.test_samples, caps.test);
         self.peers.insert(
             from,
             Peer {
                 identity: identity.clone(),
-                train_samples: hello.train_samples,
-                test_samples: hello.test_samples,
+                train_samples,
+                test_samples,
                 evaluated: None,
             },
         );
@@ -840,6 +961,7 @@ impl CoordinatorSession {
         ));
         self.events
             .push_back(SessionEvent::Joined { id: from, identity });
+        self.events.extend(clamped);
         // A participant admitted while a session runs (e.g. one that
         // reconnected) joins the cohort when the next round starts.
         if self.phase == Phase::Joining && self.peers.len() >= self.config.participants {
@@ -939,18 +1061,33 @@ impl CoordinatorSession {
             .map(|id| self.peers[id].test_samples)
             .max()
             .unwrap_or(1);
-        self.evaluator.set_max_weight(max_weight);
+        self.evaluator
+            .set_model_digest(self.round_global().digest());
         let classes = self.model().map_or(0, |m| m.num_classes() as usize);
         let sum_len = EvalMetrics::sum_len(classes);
-        if let Err(e) = self.evaluator.begin_round(now, round, &evaluators, sum_len) {
-            self.events.push_back(SessionEvent::EvaluationFailed {
-                round,
-                reason: e.to_string(),
-            });
-            self.finish_evaluation(now, round, None);
-            return Ok(());
+        match begin_with_weight_bound(
+            &mut *self.evaluator,
+            now,
+            round,
+            &evaluators,
+            sum_len,
+            max_weight,
+        ) {
+            Ok(bound) => self.note_weight_bound(round, SumKind::Evaluation, max_weight, bound),
+            Err(e) => {
+                self.events.push_back(SessionEvent::EvaluationFailed {
+                    round,
+                    reason: e.to_string(),
+                });
+                self.finish_evaluation(now, round, None);
+                return Ok(());
+            }
         }
         self.round.evaluators = evaluators.iter().copied().collect();
+        self.round.test_claims = evaluators
+            .iter()
+            .filter_map(|id| self.peers.get(id).map(|p| (*id, p.test_samples)))
+            .collect();
         // One copy of the model for every EvaluateRequest.
         let shared = Arc::new(self.round_global().clone());
         for &id in &evaluators {
@@ -1013,17 +1150,30 @@ impl CoordinatorSession {
             .map(|id| self.peers[id].train_samples)
             .max()
             .unwrap_or(1);
-        self.aggregator.set_max_weight(max_weight);
-        if let Err(e) =
-            self.aggregator
-                .begin_round(now, round, &cohort, self.round_global().num_parameters())
-        {
-            self.abort(format!("aggregator refused round {round}: {e}"));
-            return;
-        }
+        let digest = self.round_global().digest();
+        self.aggregator.set_model_digest(digest);
+        let num_params = self.round_global().num_parameters();
+        let bound = match begin_with_weight_bound(
+            &mut *self.aggregator,
+            now,
+            round,
+            &cohort,
+            num_params,
+            max_weight,
+        ) {
+            Ok(bound) => bound,
+            Err(e) => {
+                self.abort(format!("aggregator refused round {round}: {e}"));
+                return;
+            }
+        };
         self.phase = Phase::Training { round };
         self.round = RoundState {
             cohort: cohort.clone(),
+            train_claims: cohort
+                .iter()
+                .filter_map(|id| self.peers.get(id).map(|p| (*id, p.train_samples)))
+                .collect(),
             ..RoundState::default()
         };
         // One copy of the model for every TrainRequest that carries it.
@@ -1054,9 +1204,23 @@ impl CoordinatorSession {
         self.deadline = Some(now + self.config.round_timeout);
         self.events
             .push_back(SessionEvent::RoundStarted { round, cohort });
+        self.note_weight_bound(round, SumKind::Update, max_weight, bound);
         // The aggregator's first messages (e.g. the secure-aggregation setup)
         // go out after the TrainRequests, which open the round on each side.
         self.drain_aggregator(now, round);
+    }
+
+    /// Reports a weight bound that [`begin_with_weight_bound`] had to lower
+    /// below the largest claim.
+    fn note_weight_bound(&mut self, round: u32, sum: SumKind, claimed: u64, bound: u64) {
+        if bound < claimed {
+            self.events.push_back(SessionEvent::WeightBoundLowered {
+                round,
+                sum,
+                claimed,
+                bound,
+            });
+        }
     }
 
     /// The cohort of `round`: a uniformly random subset of the connected
@@ -1085,6 +1249,15 @@ impl CoordinatorSession {
         }
         match self.aggregator.poll_result() {
             None => {}
+            Some(Ok(result))
+                if let Err(e) = weight_within_claims(&result, &self.round.train_claims) =>
+            {
+                self.events.push_back(SessionEvent::RoundAbandoned {
+                    round,
+                    reason: e.to_string(),
+                });
+                self.start_round(now, round + 1);
+            }
             Some(Ok(result)) => {
                 self.round.contributors = result.contributors.clone();
                 self.round.stage_secs = result.stage_secs.clone();
@@ -1118,11 +1291,15 @@ impl CoordinatorSession {
         }
         let eval = match self.evaluator.poll_result() {
             None => return,
-            Some(Ok(result)) => EvalSummary::from_mean(
-                &result.mean_update,
-                result.total_weight.round() as u64,
-                result.contributors.len(),
-            ),
+            Some(Ok(result)) => {
+                weight_within_claims(&result, &self.round.test_claims).and_then(|()| {
+                    EvalSummary::from_mean(
+                        &result.mean_update,
+                        result.total_weight.round() as u64,
+                        result.contributors.len(),
+                    )
+                })
+            }
             Some(Err(e)) => Err(e),
         };
         let eval = eval
@@ -1191,6 +1368,49 @@ impl CoordinatorSession {
     }
 }
 
+/// Caps the weight of a plain payload at `bound`, the sender's clamped
+/// sample claim: the plain aggregator trusts the weight it is given, so a
+/// participant must not weigh more than it claimed (and the session
+/// accepted). Other payloads, and weights that are not finite (which the
+/// aggregator refuses), pass unchanged.
+fn bound_plain_weight(mut payload: AggregationPayload, bound: u64) -> AggregationPayload {
+    if let AggregationPayload::Plain { weight, .. } = &mut payload
+        && weight.is_finite()
+        && *weight > bound as f64
+    {
+        *weight = bound as f64;
+    }
+    payload
+}
+
+/// Starts `aggregator`'s round over `members` with the largest weight bound
+/// it accepts, starting from `max_weight` (the members' largest clamped
+/// claim) and halving it while the aggregator refuses the round with
+/// [`ProtocolError::BitBudget`] (the ring cannot hold that many weights
+/// that large), down to 1. Returns the bound used. A refused round changes
+/// nothing in the aggregator, so retrying is safe.
+///
+/// # Errors
+/// The aggregator's refusal for any other reason, or at weight bound 1.
+fn begin_with_weight_bound(
+    aggregator: &mut dyn Aggregator,
+    now: Instant,
+    round: u32,
+    members: &[ParticipantId],
+    num_values: usize,
+    max_weight: u64,
+) -> Result<u64, ProtocolError> {
+    let mut bound = max_weight.max(1);
+    loop {
+        aggregator.set_max_weight(bound);
+        match aggregator.begin_round(now, round, members, num_values) {
+            Ok(()) => return Ok(bound),
+            Err(ProtocolError::BitBudget(_)) if bound > 1 => bound /= 2,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Advances the aggregator of a waiting phase on the clock: its own stage
 /// deadlines first, then the phase's hard `deadline`, past which every one of
 /// `members` is dropped.
@@ -1230,4 +1450,28 @@ pub fn derive_seed(seed: u64, round: u32, id: ParticipantId) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Checks a sum's decoded total weight against the contributors' claimed
+/// sample counts (clamped to the operator's caps): an honest participant's
+/// weight never exceeds its claim, so a larger total means one inflated its
+/// weight element (under secure aggregation nobody can tell who).
+fn weight_within_claims(
+    result: &AggregateResult,
+    claims: &BTreeMap<ParticipantId, u64>,
+) -> Result<(), ProtocolError> {
+    let claimed: u64 = result
+        .contributors
+        .iter()
+        .map(|id| claims.get(id).copied().unwrap_or(0))
+        .sum();
+    if result.total_weight > claimed as f64 {
+        return Err(ProtocolError::InvalidContribution(format!(
+            "the sum's total weight {} exceeds the {claimed} samples its {} contributors \
+             claimed: a participant inflated its weight; the round is discarded",
+            result.total_weight,
+            result.contributors.len()
+        )));
+    }
+    Ok(())
 }

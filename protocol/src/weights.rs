@@ -118,6 +118,32 @@ impl ModelWeights {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// SHA-256 over `"greyfed/model/v1"` and every tensor in order: its
+    /// name's length (u64 BE) and bytes, its rank (u64 BE), its dimensions
+    /// (u64 BE each) and its values (f32 little-endian bits). Secure
+    /// aggregation binds each round to this digest, so participants given
+    /// different models cannot complete a round together.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"greyfed/model/v1");
+        let mut buf = Vec::with_capacity(64 * 1024);
+        for t in &self.tensors {
+            h.update((t.name.len() as u64).to_be_bytes());
+            h.update(t.name.as_bytes());
+            h.update((t.shape.len() as u64).to_be_bytes());
+            for d in &t.shape {
+                h.update((*d as u64).to_be_bytes());
+            }
+            for chunk in t.data.chunks(16 * 1024) {
+                buf.clear();
+                buf.extend(chunk.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+                h.update(&buf);
+            }
+        }
+        h.finalize().into()
+    }
+
     /// Total number of scalar parameters.
     pub fn num_parameters(&self) -> usize {
         self.tensors.iter().map(|t| t.data.len()).sum()

@@ -418,6 +418,121 @@ pub enum KeygenCommand {
     /// member, or a new certificate for a revoked one. Writes BUNDLE/NAME/
     /// and prints the allow-list line to add on the coordinator.
     Participant(AddParticipantArgs),
+    /// A deployment CA and the coordinator's directory, without participant
+    /// keys or an image key: for certificate requests (`keygen request`,
+    /// `keygen sign`) and a sealed image key (docs/deploy.md, "Key custody").
+    Ca(CaArgs),
+    /// On a participant machine: make this participant's TLS key (it never
+    /// leaves the machine; 0600) and a certificate request for the CA.
+    Request(RequestArgs),
+    /// On the CA machine: check a participant's certificate request and
+    /// issue its client certificate; prints the allow-list line.
+    Sign(SignArgs),
+    /// On one participant machine: seal the image key (a new one, or --key)
+    /// to other participants' certificates, one file each (HPKE, RFC 9180).
+    SealImageKey(SealImageKeyArgs),
+    /// On a participant machine: open a sealed image key with this
+    /// participant's certificate and TLS key, and write the image key file.
+    UnsealImageKey(UnsealImageKeyArgs),
+}
+
+/// `greyfed keygen ca`.
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// Directory to create (must not exist or be empty): OUT/ca (stays with
+    /// the operator, offline) and OUT/coordinator (the coordinator machine).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Participants the coordinator waits for (its `participants` setting).
+    #[arg(long)]
+    pub participants: usize,
+    /// Host names or IP addresses of the coordinator (subject names of its
+    /// certificate); participants connect to the first. Repeatable.
+    #[arg(long = "host", required = true)]
+    pub hosts: Vec<String>,
+    /// UDP port the coordinator listens on.
+    #[arg(long, default_value_t = crate::keygen::DEFAULT_PORT)]
+    pub port: u16,
+    /// Days the coordinator certificate stays valid (the CA at least ten
+    /// years).
+    #[arg(long, default_value_t = 365)]
+    pub valid_days: u32,
+}
+
+/// `greyfed keygen request`.
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    /// This participant's identity: its certificate's common name and its
+    /// name in the coordinator's allow list (letters, digits, `.`, `_`, `-`).
+    #[arg(long)]
+    pub identity: String,
+    /// Directory for participant-key.pem (0600) and participant.csr
+    /// (created 0700 if missing; existing files are never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `greyfed keygen sign`.
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// The deployment CA certificate (ca/ca.pem).
+    #[arg(long)]
+    pub ca_cert: PathBuf,
+    /// The CA's private key (ca/ca-key.pem, owner-only).
+    #[arg(long)]
+    pub ca_key: PathBuf,
+    /// The participant's certificate request (its participant.csr).
+    #[arg(long)]
+    pub csr: PathBuf,
+    /// Directory for OUT/IDENTITY/ (participant-cert.pem, ca.pem and, when
+    /// deployment.json is next to --ca-cert, participant.toml and run.sh),
+    /// to send back to the participant.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Days the certificate stays valid.
+    #[arg(long, default_value_t = 365)]
+    pub valid_days: u32,
+    /// Also append the allow-list line to this file (created if missing),
+    /// e.g. the coordinator's allow-list.txt.
+    #[arg(long, value_name = "FILE")]
+    pub allow_list: Option<PathBuf>,
+}
+
+/// `greyfed keygen seal-image-key`.
+#[derive(Debug, Args)]
+pub struct SealImageKeyArgs {
+    /// A recipient's participant certificate (PEM). Repeatable, or several
+    /// after one --to.
+    #[arg(long, required = true, num_args = 1..)]
+    pub to: Vec<PathBuf>,
+    /// Directory for OUT/IDENTITY.image-key.sealed per recipient and, when
+    /// no --key is given, the new OUT/image.key (0600).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seal this existing image key file instead of generating one.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The deployment CA certificate: refuse any --to certificate it did
+    /// not issue as a valid participant (client) certificate.
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// `greyfed keygen unseal-image-key`.
+#[derive(Debug, Args)]
+pub struct UnsealImageKeyArgs {
+    /// The sealed file for this participant (IDENTITY.image-key.sealed).
+    #[arg(long)]
+    pub sealed: PathBuf,
+    /// This participant's certificate (participant-cert.pem).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// This participant's TLS private key (participant-key.pem, owner-only).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The image key file to write (0600; must not exist), e.g. image.key.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `greyfed keygen participant`.
@@ -938,6 +1053,17 @@ pub struct ParticipantArgs {
     /// secure aggregation locally; never use in a deployment).
     #[arg(long, hide = true)]
     pub dump_updates: Option<PathBuf>,
+    /// Refuse secure-aggregation rounds with fewer participants than this
+    /// (with two, each reads the other's update from the next model).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub min_cohort: usize,
+    /// Accept as secure-aggregation neighbours only the certificates listed
+    /// in FILE (the coordinator's allow-list format: `identity sha256:…`
+    /// per line), distributed out of band. Without it any participant
+    /// certificate of the CA is accepted, so whoever holds the CA key could
+    /// pose as other participants (docs/threat-model.md).
+    #[arg(long, value_name = "FILE")]
+    pub peers: Option<PathBuf>,
     /// Seconds to keep reconnecting (with backoff) when the coordinator
     /// goes away before the session finished; 0 gives up at once.
     #[arg(long, value_name = "SECS", default_value_t = 60)]

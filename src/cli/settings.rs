@@ -170,8 +170,8 @@ impl ParticipantArgs {
     /// ([`crate::node::run_participant`]).
     ///
     /// # Errors
-    /// A malformed `--shard`, or neither (or both) of `--image-key` and
-    /// `--plain`.
+    /// A malformed `--shard`, neither (or both) of `--image-key` and
+    /// `--plain`, or `--dump-updates` in a release build.
     pub fn settings(&self) -> anyhow::Result<crate::node::ParticipantSettings> {
         use crate::node::ImageEncryption;
         let images = match (&self.image_key, self.plain) {
@@ -179,6 +179,14 @@ impl ParticipantArgs {
             (None, true) => ImageEncryption::Plain,
             _ => anyhow::bail!("give either --image-key or --plain"),
         };
+        // An unmasked update on disk defeats secure aggregation locally:
+        // test builds only.
+        if self.dump_updates.is_some() && !cfg!(debug_assertions) {
+            anyhow::bail!(
+                "--dump-updates is a test-only flag (it writes unmasked updates) and is not \
+                 available in release builds"
+            );
+        }
         Ok(crate::node::ParticipantSettings {
             coordinator: self.coordinator.clone(),
             server_name: self.server_name.clone(),
@@ -196,6 +204,8 @@ impl ParticipantArgs {
             },
             reconnect_for: std::time::Duration::from_secs(self.reconnect_for),
             save_model: self.model_path(),
+            min_cohort: self.min_cohort,
+            peers: self.peers.clone(),
             data: self.data.settings(),
         })
     }

@@ -408,10 +408,11 @@ fn bar_chart(
 }
 
 /// Stages in the order a round runs them, with their colours.
-const STAGES: [(&str, RGBColor); 5] = [
+const STAGES: [(&str, RGBColor); 6] = [
     ("advertise", RGBColor(31, 119, 180)),
     ("share", RGBColor(255, 127, 14)),
     ("masked", RGBColor(44, 160, 44)),
+    ("consistency", RGBColor(140, 86, 75)),
     ("unmask", RGBColor(214, 39, 40)),
     ("evaluate", RGBColor(148, 103, 189)),
 ];

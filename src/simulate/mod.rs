@@ -307,6 +307,14 @@ pub async fn simulate(settings: &SimulationSettings, display: Display) -> Result
             .arg("--shard")
             .arg(format!("{i}/{}", settings.participants))
             .args(&settings.participant_args);
+        // A simulation may run (or drop to) cohorts of two.
+        if !settings
+            .participant_args
+            .iter()
+            .any(|a| a == "--min-cohort")
+        {
+            cmd.arg("--min-cohort").arg("2");
+        }
         // Each participant keeps its copy of the final model here.
         cmd.arg("--out")
             .arg(out.join(PARTICIPANTS_DIR).join(format!("participant-{i}")));

@@ -19,14 +19,27 @@
 //!    [`ProtocolError::NotEnoughShares`] when some secret can no longer reach
 //!    `t` shares (a survivor `u` has `|U3 ∩ N2(u)| + o < t` holders, a dropped
 //!    `v ∈ U2 \ U3` has `|U3 ∩ N2(v)| < t`; `o` is 1 when a survivor's own
-//!    share counts, see [`RoundSetup::own_share_counts`], else 0). Each live `u ∈ U3` gets
-//!    `UnmaskRequest { survivors: U3 ∩ N2(u), dropped: (U2 \ U3) ∩ N2(u) }`.
-//! 4. **unmasking**: `U4` ⊆ `U3` = who sent `UnmaskShares`. As soon as every
+//!    share counts, see [`RoundSetup::own_share_counts`], else 0). Each live
+//!    `u ∈ U3` gets `SurvivorSet { U3 }`.
+//! 4. **consistency check**: `U4` ⊆ `U3` = who signed `U3`. Each `u ∈ U4`
+//!    with at least `t - 1` signers among `N2(u)` gets their signatures
+//!    (`UnmaskRequest`) and derives from `U3` which neighbours survived and
+//!    which dropped; the others are told to stop. The share counts are
+//!    checked again against who was asked.
+//! 5. **unmasking**: `U5` ⊆ `U4` = who sent `UnmaskShares`. As soon as every
 //!    survivor's self-mask seed `b_u` and every dropped participant's mask key
 //!    `s_sk_v` has `t` shares (or at the deadline), the coordinator
-//!    reconstructs them, removes `PRG(b_u)` for `u ∈ U3` and the pairwise
-//!    masks between each dropped `v` and its surviving neighbours, and decodes
-//!    the weighted mean of `U3`'s inputs.
+//!    reconstructs them, checks each against its public commitment (the
+//!    signed commitment to `b_u`, the advertised public key of `s_sk_v`),
+//!    removes `PRG(b_u)` for `u ∈ U3` and the pairwise masks between each
+//!    dropped `v` and its surviving neighbours, and decodes the weighted mean
+//!    of `U3`'s inputs.
+//!
+//! With a [`PeerVerifier`] ([`with_verifier`](SecAggCoordinator::with_verifier))
+//! the coordinator checks every stage-1 signature and survivor signature
+//! before relaying it and drops a participant whose signature fails, so one
+//! participant cannot make its honest neighbours abort. Participants check
+//! the same signatures themselves (see [`auth`](crate::secagg::auth)).
 //!
 //! Participants pruned in stages 1–2 get [`SecAggDownload::Abort`]; so does
 //! every live participant when the round fails. A round fails with
@@ -54,6 +67,7 @@
 
 use crate::message::{AggregationKind, SumKind};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{SeedableRng, rngs::StdRng};
@@ -63,6 +77,7 @@ use crate::{
     error::ProtocolError,
     message::{AggregationPayload, Message, ParticipantId},
     secagg::{
+        auth::{PeerVerifier, setup_digest},
         encode::EncodingParams,
         graph::{NeighbourGraph, graph_params},
         keys::RoundContext,
@@ -73,7 +88,7 @@ use crate::{
 
 mod stages;
 
-use stages::{CollectKeys, RoundInfo, Stage};
+use stages::{CollectKeys, Rejected, RoundInfo, Stage};
 
 /// Upper bound on one sealed share pair; real ones are about 130 bytes.
 const MAX_SEALED_LEN: usize = 1024;
@@ -108,8 +123,9 @@ pub struct SecAggConfig {
 
 impl SecAggConfig {
     /// Stages of one secure sum (advertise keys, share keys, masked input,
-    /// unmask), each closed at the latest `stage_timeout` after the previous.
-    pub const STAGES: u32 = 4;
+    /// consistency check, unmask), each closed at the latest `stage_timeout`
+    /// after the previous.
+    pub const STAGES: u32 = 5;
 
     /// A hard limit for a whole secure sum that never cuts off a sum whose
     /// stages each close by their own deadline: every stage's timeout, plus
@@ -166,6 +182,10 @@ pub struct SecAggCoordinator {
     /// Largest weight of the next cohort, from [`Aggregator::set_max_weight`]
     /// (overrides `config.max_weight`).
     weight_bound: Option<u32>,
+    /// Digest of the next round's model, from [`Aggregator::set_model_digest`].
+    model_digest: [u8; 32],
+    /// Checks participants' signatures before they are relayed.
+    verifier: Option<Arc<dyn PeerVerifier>>,
     round: Option<RoundInfo>,
     stage: Stage,
     outbox: VecDeque<(ParticipantId, Message)>,
@@ -220,6 +240,8 @@ impl SecAggCoordinator {
             config,
             prg,
             weight_bound: None,
+            model_digest: [0; 32],
+            verifier: None,
             round: None,
             stage: Stage::Idle,
             outbox: VecDeque::new(),
@@ -227,6 +249,14 @@ impl SecAggCoordinator {
             #[cfg(test)]
             unmasked_sum: None,
         })
+    }
+
+    /// Checks every participant's certificate and signatures with
+    /// `verifier` before relaying them; a participant whose signature fails
+    /// is dropped from the round, named in the refusal.
+    pub fn with_verifier(mut self, verifier: Arc<dyn PeerVerifier>) -> Self {
+        self.verifier = Some(verifier);
+        self
     }
 
     /// The configuration.
@@ -306,17 +336,23 @@ impl SecAggCoordinator {
                 Stage::CollectKeys(s) => self.close_keys(now, s),
                 Stage::CollectShares(s) => self.close_shares(now, s),
                 Stage::CollectMasked(s) => self.close_masked(now, s),
-                Stage::CollectUnmask(mut s) => {
-                    let stragglers = std::mem::take(&mut s.waiting);
-                    self.stage = Stage::Finished { stragglers };
-                    match self.unmask(s) {
-                        Ok(r) => {
-                            self.finish(Ok(r));
-                            return;
-                        }
-                        Err(e) => Err(e),
+                Stage::CollectSignatures(s) => self.close_signatures(now, s),
+                Stage::CollectUnmask(mut s) => match self.reconstruct(&s) {
+                    // A wrong share among exactly t: wait for a spare one
+                    // from whoever has not answered yet.
+                    Err((_, true)) if !s.waiting.is_empty() => {
+                        self.stage = Stage::CollectUnmask(s);
+                        return;
                     }
-                }
+                    Err((e, _)) => Err(e),
+                    Ok(secrets) => {
+                        let stragglers = std::mem::take(&mut s.waiting);
+                        self.stage = Stage::Finished { stragglers };
+                        let result = self.unmask(s, secrets);
+                        self.finish(result);
+                        return;
+                    }
+                },
                 other => Ok(other),
             };
             match next {
@@ -345,6 +381,10 @@ impl Aggregator for SecAggCoordinator {
 
     fn set_max_weight(&mut self, max_weight: u64) {
         self.weight_bound = Some(max_weight.clamp(1, u32::MAX as u64) as u32);
+    }
+
+    fn set_model_digest(&mut self, digest: [u8; 32]) {
+        self.model_digest = digest;
     }
 
     fn begin_round(
@@ -395,6 +435,7 @@ impl Aggregator for SecAggCoordinator {
             degree: gp.degree as u32,
             threshold: gp.threshold as u32,
             num_elements: num_params as u64 + 1,
+            model_digest: self.model_digest,
         };
         self.round = Some(RoundInfo {
             ctx: RoundContext {
@@ -409,6 +450,7 @@ impl Aggregator for SecAggCoordinator {
             deadline: now + c.stage_timeout,
             stage_started: now,
             stage_secs: Vec::new(),
+            setup_digest: setup_digest(&setup),
             setup: setup.clone(),
         });
         for &u in &members {
@@ -451,8 +493,15 @@ impl Aggregator for SecAggCoordinator {
         if !r.neighbours.contains_key(&from) {
             return Err(ProtocolError::UnknownParticipant(from));
         }
-        if self.accept(from, msg)? {
-            self.close_stage(now);
+        match self.accept(from, msg) {
+            Ok(true) => self.close_stage(now),
+            Ok(false) => {}
+            Err(Rejected { error, exclude }) => {
+                if exclude {
+                    self.handle_dropout(now, from);
+                }
+                return Err(error);
+            }
         }
         Ok(())
     }
@@ -513,10 +562,9 @@ impl Aggregator for SecAggCoordinator {
     }
 
     fn for_evaluation(&self) -> Result<Box<dyn Aggregator>, ProtocolError> {
-        Ok(Box::new(Self::with_prg(
-            self.config.for_evaluation(),
-            self.prg,
-        )?))
+        let mut evaluator = Self::with_prg(self.config.for_evaluation(), self.prg)?;
+        evaluator.verifier = self.verifier.clone();
+        Ok(Box::new(evaluator))
     }
 }
 

@@ -140,6 +140,14 @@ pub fn graph_params(
     Ok(hi_p)
 }
 
+/// The threshold [`graph_params`] picks for degree `k` among `n`
+/// participants with dropout bound `δ` and corruption bound `γ`: the value
+/// in `(k/2, k]` minimising the union bound. Participants recompute it to
+/// check a coordinator's choice ([`SecAggPolicy`](crate::secagg::auth::SecAggPolicy)).
+pub fn threshold_for(n: usize, k: usize, delta: f64, gamma: f64) -> usize {
+    best_threshold(n, k.max(1), delta, gamma).threshold
+}
+
 /// The threshold in `(k/2, k]` minimising the union bound for degree `k`.
 fn best_threshold(n: usize, k: usize, delta: f64, gamma: f64) -> GraphParams {
     // P[Bin(k, 1-δ) < t] = P[Bin(k, δ) > k - t] = P[Bin(k, δ) >= k - t + 1].

@@ -4,9 +4,16 @@
 //!
 //! Derivations (all HKDF-SHA256, salt = `"greyfed/secagg/v1" || session_id
 //! (8 bytes BE) || round (4 bytes BE) || sum (1 byte: 0 for the update sum, 1
-//! for the evaluation sum)`, ikm = the X25519 shared secret):
-//! - pairwise mask seed of `a` and `b`: info = `"pairwise-mask" || min(a,b) || max(a,b)` (4 bytes BE each), 32 bytes;
-//! - share-channel key of `a` and `b`: info = `"share-key" || min || max`, 32 bytes.
+//! for the evaluation sum)`, ikm = the X25519 shared secret, info = label ||
+//! setup digest (32 bytes, [`setup_digest`](crate::secagg::auth::setup_digest))
+//! || lo || hi (4 bytes BE each, `lo < hi` the two ids) || pk(lo) || pk(hi)
+//! (the two public keys that made the shared secret)), 32 bytes each:
+//! - pairwise mask seed of `a` and `b`: label `"pairwise-mask"`, the `s` keys;
+//! - share-channel key of `a` and `b`: label `"share-key"`, the `c` keys.
+//!
+//! Binding the setup means two participants given different setups derive
+//! unrelated keys (their masks do not cancel and their shares do not open);
+//! binding the public keys ties each key to the exact agreement behind it.
 //!
 //! Shares are sealed with ChaCha20-Poly1305 under the share-channel key,
 //! nonce = `from (4 bytes BE) || to (4 bytes BE) || 0u32`, associated data =
@@ -123,18 +130,27 @@ impl KeyPair {
     }
 }
 
-/// HKDF-SHA256(salt = ctx, ikm = shared, info = label || min || max) → 32 bytes.
+/// One side of a key agreement: a participant and the public key it used.
+pub type PairEnd = (ParticipantId, [u8; 32]);
+
+/// HKDF-SHA256(salt = ctx, ikm = shared, info = label || setup || lo || hi
+/// || pk(lo) || pk(hi)) → 32 bytes.
 fn derive(
     shared: &[u8; 32],
     ctx: &RoundContext,
+    setup_digest: &[u8; 32],
     label: &[u8],
-    a: ParticipantId,
-    b: ParticipantId,
+    a: PairEnd,
+    b: PairEnd,
 ) -> [u8; 32] {
-    let mut info = Vec::with_capacity(label.len() + 8);
+    let (lo, hi) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+    let mut info = Vec::with_capacity(label.len() + 32 + 8 + 64);
     info.extend_from_slice(label);
-    info.extend_from_slice(&a.min(b).to_be_bytes());
-    info.extend_from_slice(&a.max(b).to_be_bytes());
+    info.extend_from_slice(setup_digest);
+    info.extend_from_slice(&lo.0.to_be_bytes());
+    info.extend_from_slice(&hi.0.to_be_bytes());
+    info.extend_from_slice(&lo.1);
+    info.extend_from_slice(&hi.1);
     let mut out = [0u8; 32];
     Hkdf::<Sha256>::new(Some(&ctx.salt()), shared)
         .expand(&info, &mut out)
@@ -142,24 +158,28 @@ fn derive(
     out
 }
 
-/// Seed of the pairwise mask between `a` and `b` (symmetric in `a`, `b`).
+/// Seed of the pairwise mask between `a` and `b` (symmetric in `a`, `b`),
+/// with their mask-agreement public keys.
 pub fn pairwise_mask_seed(
     shared: &[u8; 32],
     ctx: &RoundContext,
-    a: ParticipantId,
-    b: ParticipantId,
+    setup_digest: &[u8; 32],
+    a: PairEnd,
+    b: PairEnd,
 ) -> [u8; 32] {
-    derive(shared, ctx, b"pairwise-mask", a, b)
+    derive(shared, ctx, setup_digest, b"pairwise-mask", a, b)
 }
 
-/// Key of the share channel between `a` and `b` (symmetric).
+/// Key of the share channel between `a` and `b` (symmetric), with their
+/// share-channel public keys.
 pub fn share_channel_key(
     shared: &[u8; 32],
     ctx: &RoundContext,
-    a: ParticipantId,
-    b: ParticipantId,
+    setup_digest: &[u8; 32],
+    a: PairEnd,
+    b: PairEnd,
 ) -> [u8; 32] {
-    derive(shared, ctx, b"share-key", a, b)
+    derive(shared, ctx, setup_digest, b"share-key", a, b)
 }
 
 /// What `from` sends `to` in stage 2: its shares of its `s` secret key and of
@@ -397,28 +417,47 @@ mod tests {
         assert!(text.contains("redacted"));
     }
 
+    const SETUP: [u8; 32] = [0x5e; 32];
+
     #[test]
     fn derivations_are_symmetric_and_separated() {
         let shared = [9u8; 32];
-        let seed = pairwise_mask_seed(&shared, &CTX, 3, 8);
-        assert_eq!(seed, pairwise_mask_seed(&shared, &CTX, 8, 3));
-        let key = share_channel_key(&shared, &CTX, 3, 8);
-        assert_eq!(key, share_channel_key(&shared, &CTX, 8, 3));
+        let (a, b) = ((3, [0xaa; 32]), (8, [0xbb; 32]));
+        let seed = pairwise_mask_seed(&shared, &CTX, &SETUP, a, b);
+        assert_eq!(seed, pairwise_mask_seed(&shared, &CTX, &SETUP, b, a));
+        let key = share_channel_key(&shared, &CTX, &SETUP, a, b);
+        assert_eq!(key, share_channel_key(&shared, &CTX, &SETUP, b, a));
         assert_ne!(seed, key);
-        assert_ne!(seed, pairwise_mask_seed(&shared, &CTX, 3, 9));
-        assert_ne!(seed, pairwise_mask_seed(&[8u8; 32], &CTX, 3, 8));
+        assert_ne!(seed, pairwise_mask_seed(&shared, &CTX, &SETUP, a, (9, b.1)));
+        assert_ne!(seed, pairwise_mask_seed(&[8u8; 32], &CTX, &SETUP, a, b));
+        // The setup and both public keys are bound.
+        assert_ne!(seed, pairwise_mask_seed(&shared, &CTX, &[0; 32], a, b));
+        assert_ne!(
+            seed,
+            pairwise_mask_seed(&shared, &CTX, &SETUP, (3, [0; 32]), b)
+        );
+        assert_ne!(
+            seed,
+            pairwise_mask_seed(&shared, &CTX, &SETUP, a, (8, [0; 32]))
+        );
         let other_round = RoundContext { round: 8, ..CTX };
-        assert_ne!(seed, pairwise_mask_seed(&shared, &other_round, 3, 8));
+        assert_ne!(
+            seed,
+            pairwise_mask_seed(&shared, &other_round, &SETUP, a, b)
+        );
         let other_session = RoundContext {
             session_id: 1,
             ..CTX
         };
-        assert_ne!(seed, pairwise_mask_seed(&shared, &other_session, 3, 8));
+        assert_ne!(
+            seed,
+            pairwise_mask_seed(&shared, &other_session, &SETUP, a, b)
+        );
         let evaluation = RoundContext {
             sum: SumKind::Evaluation,
             ..CTX
         };
-        assert_ne!(seed, pairwise_mask_seed(&shared, &evaluation, 3, 8));
+        assert_ne!(seed, pairwise_mask_seed(&shared, &evaluation, &SETUP, a, b));
     }
 
     /// The documented derivation, computed with HMAC directly (RFC 5869).
@@ -435,11 +474,17 @@ mod tests {
         let prk = mac.finalize().into_bytes();
         let mut mac = <Hmac<Sha256> as hkdf::hmac::KeyInit>::new_from_slice(&prk).unwrap();
         mac.update(b"pairwise-mask");
+        mac.update(&SETUP);
         mac.update(&2u32.to_be_bytes());
         mac.update(&5u32.to_be_bytes());
+        mac.update(&[0x22; 32]);
+        mac.update(&[0x55; 32]);
         mac.update(&[1]);
         let okm: [u8; 32] = mac.finalize().into_bytes().into();
-        assert_eq!(pairwise_mask_seed(&shared, &CTX, 5, 2), okm);
+        assert_eq!(
+            pairwise_mask_seed(&shared, &CTX, &SETUP, (5, [0x55; 32]), (2, [0x22; 32])),
+            okm
+        );
     }
 
     #[test]

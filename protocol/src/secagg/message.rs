@@ -10,14 +10,18 @@
 //! ```text
 //! participant i                              coordinator
 //!                      ◀───────   Setup (parameters, graph order)
-//!  AdvertiseKeys       ───────▶                               stage 1
-//!                      ◀───────   NeighbourKeys (N1(i))
+//!  AdvertiseKeys       ───────▶   (signed, with certificate)  stage 1
+//!                      ◀───────   NeighbourKeys (N1(i), signed)
 //!  EncryptedShares     ───────▶                               stage 2
 //!                      ◀───────   SharesForYou (from N2(i))
 //!  MaskedInput         ───────▶                               stage 3
-//!                      ◀───────   UnmaskRequest (survivors, dropped)
-//!  UnmaskShares        ───────▶                               stage 4
+//!                      ◀───────   SurvivorSet (U3)
+//!  SurvivorSignature   ───────▶                               stage 4
+//!                      ◀───────   UnmaskRequest (neighbours' signatures)
+//!  UnmaskShares        ───────▶                               stage 5
 //! ```
+//!
+//! What is signed and checked: [`auth`](crate::secagg::auth).
 //!
 //! At any point the coordinator may send [`SecAggDownload::Abort`]: the
 //! round is over for that participant (excluded, or the round failed).
@@ -26,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     message::ParticipantId,
-    secagg::{encode::EncodingParams, prg::PrgKind, shamir::Share},
+    secagg::{auth::Signature, encode::EncodingParams, prg::PrgKind, shamir::Share},
 };
 
 /// The round parameters every cohort member receives first.
@@ -48,6 +52,11 @@ pub struct RoundSetup {
     pub threshold: u32,
     /// Ring elements per input: model parameters plus one weight element.
     pub num_elements: u64,
+    /// [`ModelWeights::digest`](crate::weights::ModelWeights::digest) of the
+    /// model this round trains (update sum) or evaluates (evaluation sum);
+    /// a participant refuses a setup that names another model than the one
+    /// it received.
+    pub model_digest: [u8; 32],
 }
 
 impl RoundSetup {
@@ -63,15 +72,30 @@ impl RoundSetup {
     }
 }
 
-/// A neighbour's advertised public keys, as forwarded in stage 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A participant's signed stage-1 keys, as it advertises them and as the
+/// coordinator forwards them to its neighbours.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedKeys {
+    /// Share-channel public key.
+    pub c_pk: [u8; 32],
+    /// Mask-agreement public key.
+    pub s_pk: [u8; 32],
+    /// [`self_mask_commitment`](crate::secagg::auth::self_mask_commitment)
+    /// of the self-mask seed `b`.
+    pub commitment: [u8; 32],
+    /// The signer's credential (its DER client certificate).
+    pub credential: Vec<u8>,
+    /// Signature over [`keys_statement`](crate::secagg::auth::keys_statement).
+    pub signature: Signature,
+}
+
+/// A neighbour's signed keys, as forwarded in stage 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NeighbourKey {
     /// The neighbour.
     pub id: ParticipantId,
-    /// Its share-channel public key.
-    pub c_pk: [u8; 32],
-    /// Its mask-agreement public key.
-    pub s_pk: [u8; 32],
+    /// Its keys.
+    pub keys: SignedKeys,
 }
 
 /// Coordinator → participant stage messages.
@@ -93,13 +117,18 @@ pub enum SecAggDownload {
         /// `(sender, ciphertext)`, ascending by sender.
         shares: Vec<(ParticipantId, Vec<u8>)>,
     },
-    /// End of stage 3: which of `N2(i)` sent a masked input (`survivors`)
-    /// and which did not (`dropped`); answer with `UnmaskShares`.
-    UnmaskRequest {
-        /// `U3 ∩ N2(i)`, ascending; the recipient itself is implicit.
+    /// End of stage 3: everyone who sent a masked input (`U3`, ascending);
+    /// answer with `SurvivorSignature`.
+    SurvivorSet {
+        /// `U3`, ascending.
         survivors: Vec<ParticipantId>,
-        /// `(U2 \ U3) ∩ N2(i)`, ascending.
-        dropped: Vec<ParticipantId>,
+    },
+    /// End of the consistency check: the signatures over `U3` of the
+    /// recipient's neighbours in `N2(i) ∩ U3` that signed; answer with
+    /// `UnmaskShares` once at least `t` (the recipient included) signed.
+    UnmaskRequest {
+        /// `(signer, signature)`, ascending by signer.
+        signatures: Vec<(ParticipantId, Signature)>,
     },
     /// The round is over for the recipient: it was excluded (too few live
     /// neighbours) or the round failed. Nothing more is expected from it.
@@ -116,6 +145,7 @@ impl SecAggDownload {
             SecAggDownload::Setup(_) => "SecAgg::Setup",
             SecAggDownload::NeighbourKeys { .. } => "SecAgg::NeighbourKeys",
             SecAggDownload::SharesForYou { .. } => "SecAgg::SharesForYou",
+            SecAggDownload::SurvivorSet { .. } => "SecAgg::SurvivorSet",
             SecAggDownload::UnmaskRequest { .. } => "SecAgg::UnmaskRequest",
             SecAggDownload::Abort { .. } => "SecAgg::Abort",
         }
@@ -126,13 +156,8 @@ impl SecAggDownload {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum SecAggUpload {
-    /// Stage 1: two fresh X25519 public keys.
-    AdvertiseKeys {
-        /// Share-channel public key.
-        c_pk: [u8; 32],
-        /// Mask-agreement public key.
-        s_pk: [u8; 32],
-    },
+    /// Stage 1: two fresh X25519 public keys, signed.
+    AdvertiseKeys(SignedKeys),
     /// Stage 2: one sealed [`SharePair`](crate::secagg::keys::SharePair) per
     /// neighbour in `N1(i)`.
     EncryptedShares {
@@ -145,7 +170,14 @@ pub enum SecAggUpload {
         /// Packed masked elements.
         packed: Vec<u8>,
     },
-    /// Stage 4: shares of the survivors' self-mask seeds (the sender's own
+    /// Stage 4 (consistency check): a signature over
+    /// [`survivors_statement`](crate::secagg::auth::survivors_statement) of
+    /// the announced `U3`.
+    SurvivorSignature {
+        /// The signature.
+        signature: Signature,
+    },
+    /// Stage 5: shares of the survivors' self-mask seeds (the sender's own
     /// included) and of the dropped neighbours' mask keys; never both kinds
     /// for one owner.
     UnmaskShares {
@@ -165,17 +197,19 @@ impl SecAggUpload {
             SecAggUpload::AdvertiseKeys { .. } => "SecAgg::AdvertiseKeys",
             SecAggUpload::EncryptedShares { .. } => "SecAgg::EncryptedShares",
             SecAggUpload::MaskedInput { .. } => "SecAgg::MaskedInput",
+            SecAggUpload::SurvivorSignature { .. } => "SecAgg::SurvivorSignature",
             SecAggUpload::UnmaskShares { .. } => "SecAgg::UnmaskShares",
         }
     }
 
-    /// The stage (1..=4) this upload completes.
+    /// The stage (1..=5) this upload completes.
     pub fn stage(&self) -> u8 {
         match self {
             SecAggUpload::AdvertiseKeys { .. } => 1,
             SecAggUpload::EncryptedShares { .. } => 2,
             SecAggUpload::MaskedInput { .. } => 3,
-            SecAggUpload::UnmaskShares { .. } => 4,
+            SecAggUpload::SurvivorSignature { .. } => 4,
+            SecAggUpload::UnmaskShares { .. } => 5,
         }
     }
 }

@@ -23,6 +23,7 @@
 //! [`keys`] (X25519, HKDF derivations, share encryption). State machines:
 //! [`participant`] and [`coordinator`].
 
+pub mod auth;
 pub mod coordinator;
 pub mod encode;
 pub mod graph;
@@ -31,6 +32,9 @@ pub mod message;
 pub mod participant;
 pub mod prg;
 pub mod shamir;
+#[cfg(any(test, feature = "test-credentials"))]
+pub mod testing;
+pub mod x509;
 
 #[cfg(test)]
 mod tests;

@@ -14,10 +14,19 @@
 //!
 //! ```text
 //! ExpectSetup ──Setup──▶ ExpectNeighbourKeys ──NeighbourKeys──▶ ExpectShares
-//!   ──SharesForYou──▶ ExpectInput ──set_input──▶ ExpectUnmaskRequest
+//!   ──SharesForYou──▶ ExpectInput ──set_input──▶ ExpectSurvivors
 //!   (SharesForYou with the input already set skips ExpectInput)
-//!   ──UnmaskRequest──▶ Done
+//!   ──SurvivorSet──▶ ExpectUnmaskRequest ──UnmaskRequest──▶ Done
 //! ```
+//!
+//! Authentication ([`auth`](crate::secagg::auth)): the participant signs its
+//! keys with its [`SecAggAuth`] signer and checks every neighbour's
+//! certificate, identity (distinct from every other and from its own) and
+//! signature; it refuses a setup below its
+//! [`SecAggPolicy`](crate::secagg::auth::SecAggPolicy) floors or for
+//! another model than the one it was given; and it reveals shares only
+//! after `t` members of its neighbourhood (itself included) signed the same
+//! survivor set.
 //!
 //! Sets, from this participant's point of view: `N1(i)` = the graph
 //! neighbours whose keys the coordinator forwarded (they advertised keys);
@@ -46,13 +55,17 @@ use crate::{
     error::ProtocolError,
     message::{AggregationPayload, Message, ParticipantId},
     secagg::{
+        auth::{
+            SecAggAuth, Signature, keys_statement, self_mask_commitment, setup_digest,
+            survivors_statement,
+        },
         encode::{EncodingParams, encode, pack},
         graph::NeighbourGraph,
         keys::{
             KeyPair, RoundContext, SharePair, open_share_pair, pairwise_mask_seed, seal_share_pair,
             share_channel_key,
         },
-        message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload},
+        message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload, SignedKeys},
         prg::{PrgKind, add_mask, sub_mask},
         shamir::{Share, split},
     },
@@ -70,7 +83,9 @@ pub enum ParticipantStage {
     AwaitingShares,
     /// Shares received; waiting for [`SecAggParticipant::set_input`].
     AwaitingInput,
-    /// Masked input sent; waiting for the unmasking request.
+    /// Masked input sent; waiting for the survivor set.
+    AwaitingSurvivors,
+    /// Survivor set signed; waiting for the unmasking request.
     AwaitingUnmaskRequest,
     /// Unmasking shares sent: nothing more to do this round.
     Done,
@@ -89,6 +104,8 @@ struct Params {
     /// [`RoundSetup::own_share_counts`].
     own_counts: bool,
     num_elements: usize,
+    /// [`setup_digest`] of the accepted setup.
+    setup_digest: [u8; 32],
 }
 
 /// Waiting for `Setup`.
@@ -109,6 +126,8 @@ struct ExpectShares {
     channel_keys: BTreeMap<ParticipantId, Zeroizing<[u8; 32]>>,
     /// Pairwise mask seed per `j ∈ N1(i)`.
     mask_seeds: BTreeMap<ParticipantId, Zeroizing<[u8; 32]>>,
+    /// Credential per `j ∈ N1(i)`.
+    credentials: BTreeMap<ParticipantId, Vec<u8>>,
     b: Zeroizing<[u8; 32]>,
     own: SharePair,
 }
@@ -122,14 +141,23 @@ struct ExpectInput {
     unmask: ExpectUnmaskRequest,
 }
 
-/// Masked input sent; waiting for `UnmaskRequest`.
+/// Masked input sent; waiting for `SurvivorSet`, then `UnmaskRequest`.
 struct ExpectUnmaskRequest {
     threshold: usize,
     own_counts: bool,
+    setup_digest: [u8; 32],
     /// The share pairs received, one per `j ∈ N2(i)`.
     held: BTreeMap<ParticipantId, SharePair>,
+    /// The credentials of `N2(i)`, to check their survivor signatures.
+    credentials: BTreeMap<ParticipantId, Vec<u8>>,
     /// Our own share pair (x = i + 1).
     own: SharePair,
+    /// The survivor set we signed (empty until then).
+    survivors: Vec<ParticipantId>,
+    /// The round's cohort (the graph's members).
+    members: BTreeSet<ParticipantId>,
+    /// Our graph neighbours (a superset of `N2(i)`).
+    neighbours: BTreeSet<ParticipantId>,
 }
 
 enum State {
@@ -137,6 +165,7 @@ enum State {
     ExpectNeighbourKeys(Box<ExpectNeighbourKeys>),
     ExpectShares(Box<ExpectShares>),
     ExpectInput(Box<ExpectInput>),
+    ExpectSurvivors(Box<ExpectUnmaskRequest>),
     ExpectUnmaskRequest(Box<ExpectUnmaskRequest>),
     Done,
     Aborted(String),
@@ -155,6 +184,9 @@ struct Common {
     id: ParticipantId,
     ctx: RoundContext,
     num_params: Option<usize>,
+    auth: SecAggAuth,
+    /// Digest of the model this round is about; the setup must name it.
+    model_digest: [u8; 32],
     input: Input,
     outbox: VecDeque<AggregationPayload>,
     /// The encoded input before masking, kept for tests.
@@ -170,15 +202,24 @@ pub struct SecAggParticipant {
 }
 
 impl SecAggParticipant {
-    /// A participant `id` for round `ctx.round` of session `ctx.session_id`.
-    /// `num_params`, when known, is checked against the round's setup (the
-    /// setup must announce `num_params + 1` elements).
-    pub fn new(id: ParticipantId, ctx: RoundContext, num_params: Option<usize>) -> Self {
+    /// A participant `id` for round `ctx.round` of session `ctx.session_id`,
+    /// about the model whose [`digest`](crate::weights::ModelWeights::digest)
+    /// is `model_digest`. `num_params`, when known, is checked against the
+    /// round's setup (the setup must announce `num_params + 1` elements).
+    pub fn new(
+        id: ParticipantId,
+        ctx: RoundContext,
+        num_params: Option<usize>,
+        auth: SecAggAuth,
+        model_digest: [u8; 32],
+    ) -> Self {
         Self {
             common: Common {
                 id,
                 ctx,
                 num_params,
+                auth,
+                model_digest,
                 input: Input::None,
                 outbox: VecDeque::new(),
                 #[cfg(test)]
@@ -206,6 +247,7 @@ impl SecAggParticipant {
             Ok(State::ExpectNeighbourKeys(_)) => ParticipantStage::AwaitingNeighbourKeys,
             Ok(State::ExpectShares(_)) => ParticipantStage::AwaitingShares,
             Ok(State::ExpectInput(_)) => ParticipantStage::AwaitingInput,
+            Ok(State::ExpectSurvivors(_)) => ParticipantStage::AwaitingSurvivors,
             Ok(State::ExpectUnmaskRequest(_)) => ParticipantStage::AwaitingUnmaskRequest,
             Ok(State::Done) => ParticipantStage::Done,
             Ok(State::Aborted(_)) => ParticipantStage::Aborted,
@@ -298,7 +340,10 @@ impl SecAggParticipant {
             State::ExpectNeighbourKeys(s) => Some(&s.params),
             State::ExpectShares(s) => Some(&s.params),
             State::ExpectInput(s) => Some(&s.params),
-            State::ExpectUnmaskRequest(_) | State::Done | State::Aborted(_) => {
+            State::ExpectSurvivors(_)
+            | State::ExpectUnmaskRequest(_)
+            | State::Done
+            | State::Aborted(_) => {
                 return Err(ProtocolError::UnexpectedMessage {
                     expected: "nothing (the round is over for this participant)",
                     got: "set_input",
@@ -329,6 +374,9 @@ impl SecAggParticipant {
                 Ok(())
             }
             Some(params) => {
+                // The round's weight bound (the operator's cap on claimed
+                // samples) bounds our weight too.
+                let weight = weight.min(params.encoding.max_weight);
                 let encoded = encode(&params.encoding, update, weight, rng)?;
                 self.common.set_encoded(encoded);
                 if matches!(self.state, Ok(State::ExpectInput(_))) {
@@ -406,16 +454,19 @@ impl Common {
             (State::ExpectShares(st), SecAggDownload::SharesForYou { shares }) => {
                 self.on_shares(*st, shares)
             }
-            (
-                State::ExpectUnmaskRequest(st),
-                SecAggDownload::UnmaskRequest { survivors, dropped },
-            ) => self.on_unmask_request(*st, survivors, dropped),
+            (State::ExpectSurvivors(st), SecAggDownload::SurvivorSet { survivors }) => {
+                self.on_survivors(*st, survivors)
+            }
+            (State::ExpectUnmaskRequest(st), SecAggDownload::UnmaskRequest { signatures }) => {
+                self.on_unmask_request(*st, signatures)
+            }
             (state, other) => Err(ProtocolError::UnexpectedMessage {
                 expected: match state {
                     State::ExpectSetup(_) => "SecAgg::Setup",
                     State::ExpectNeighbourKeys(_) => "SecAgg::NeighbourKeys",
                     State::ExpectShares(_) => "SecAgg::SharesForYou",
                     State::ExpectInput(_) => "nothing until the input is set",
+                    State::ExpectSurvivors(_) => "SecAgg::SurvivorSet",
                     State::ExpectUnmaskRequest(_) => "SecAgg::UnmaskRequest",
                     State::Done => "nothing (unmasking shares already sent)",
                     State::Aborted(_) => "nothing (round aborted)",
@@ -440,7 +491,8 @@ impl Common {
         self.input = Input::Encoded(encoded);
     }
 
-    /// Stage 1: checks the parameters, advertises two fresh public keys.
+    /// Stage 1: checks the parameters, advertises two fresh public keys,
+    /// signed.
     fn on_setup(
         &mut self,
         setup: RoundSetup,
@@ -455,6 +507,7 @@ impl Common {
                     params.num_elements - 1
                 )));
             }
+            let weight = weight.min(params.encoding.max_weight);
             let encoded = encode(&params.encoding, &update, weight, rng)?;
             self.set_encoded(encoded);
         }
@@ -462,10 +515,23 @@ impl Common {
         let s = KeyPair::generate(rng);
         let mut b = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(b.as_mut());
-        self.upload(SecAggUpload::AdvertiseKeys {
+        let commitment = self_mask_commitment(&b);
+        let statement = keys_statement(
+            &params.setup_digest,
+            self.ctx.sum,
+            self.id,
+            &c.public(),
+            &s.public(),
+            &commitment,
+        );
+        let signature = self.auth.signer.sign(&statement)?;
+        self.upload(SecAggUpload::AdvertiseKeys(SignedKeys {
             c_pk: c.public(),
             s_pk: s.public(),
-        });
+            commitment,
+            credential: self.auth.signer.credential().to_vec(),
+            signature,
+        }));
         Ok(State::ExpectNeighbourKeys(Box::new(ExpectNeighbourKeys {
             params,
             c,
@@ -480,6 +546,12 @@ impl Common {
                 "setup for session {:#x} round {}, expected session {:#x} round {}",
                 setup.session_id, setup.round, self.ctx.session_id, self.ctx.round
             )));
+        }
+        if setup.model_digest != self.model_digest {
+            return Err(ProtocolError::InvalidConfig(
+                "the round's setup names another model than the one this participant was sent"
+                    .into(),
+            ));
         }
         let n = setup.graph_order.len();
         if !setup.graph_order.contains(&self.id) {
@@ -498,7 +570,10 @@ impl Common {
                  (need 2 <= n, k/2 < t <= k)"
             )));
         }
+        // Our own floors, whatever the coordinator chose.
+        self.auth.policy.check(n, degree, threshold)?;
         let own_counts = setup.own_share_counts();
+        let digest = setup_digest(&setup);
         let graph = NeighbourGraph::from_order(setup.graph_order, degree)?;
         let e = setup.encoding;
         let expected = EncodingParams::new(e.clip, e.bits, e.max_weight, n)?;
@@ -527,11 +602,48 @@ impl Common {
             threshold,
             own_counts,
             num_elements,
+            setup_digest: digest,
         })
     }
 
-    /// Stage 2: checks `N1(i)`, shares `s_sk` and `b` among `N1(i) ∪ {i}`,
-    /// seals one share pair per neighbour.
+    /// Checks one neighbour's signed keys: its certificate, an identity no
+    /// one else in the round has, and its signature over this round's setup.
+    fn check_neighbour(
+        &self,
+        params: &Params,
+        k: &NeighbourKey,
+        identities: &mut BTreeMap<String, ParticipantId>,
+    ) -> Result<(), ProtocolError> {
+        let refuse = |why: String| {
+            ProtocolError::Crypto(format!(
+                "neighbour {}'s keys are not authentic: {why}; the coordinator relayed keys \
+                 that are not that participant's (or gave it another setup or model)",
+                k.id
+            ))
+        };
+        let v = &self.auth.verifier;
+        let identity = v
+            .identity(&k.keys.credential)
+            .map_err(|e| refuse(e.to_string()))?;
+        if let Some(other) = identities.insert(identity.clone(), k.id) {
+            return Err(refuse(format!(
+                "identity {identity} is also used by participant {other}"
+            )));
+        }
+        let statement = keys_statement(
+            &params.setup_digest,
+            self.ctx.sum,
+            k.id,
+            &k.keys.c_pk,
+            &k.keys.s_pk,
+            &k.keys.commitment,
+        );
+        v.verify(&k.keys.credential, &statement, &k.keys.signature)
+            .map_err(|e| refuse(e.to_string()))
+    }
+
+    /// Stage 2: checks `N1(i)` and its signatures, shares `s_sk` and `b`
+    /// among `N1(i) ∪ {i}`, seals one share pair per neighbour.
     fn on_neighbour_keys(
         &mut self,
         st: ExpectNeighbourKeys,
@@ -547,8 +659,12 @@ impl Common {
                 params.threshold
             )));
         }
+        let mut identities = BTreeMap::new();
+        let own_identity = self.auth.verifier.identity(self.auth.signer.credential())?;
+        identities.insert(own_identity, i);
         let mut channel_keys = BTreeMap::new();
         let mut mask_seeds = BTreeMap::new();
+        let mut credentials = BTreeMap::new();
         for k in &keys {
             if !params.graph.are_neighbours(i, k.id) || k.id == i {
                 return Err(ProtocolError::Malformed(format!(
@@ -556,17 +672,21 @@ impl Common {
                     k.id
                 )));
             }
-            let c_shared = Zeroizing::new(c.agree(&k.c_pk)?);
-            let s_shared = Zeroizing::new(s.agree(&k.s_pk)?);
-            let key = Zeroizing::new(share_channel_key(&c_shared, &ctx, i, k.id));
-            let seed = Zeroizing::new(pairwise_mask_seed(&s_shared, &ctx, i, k.id));
-            if channel_keys.insert(k.id, key).is_some() {
+            if channel_keys.contains_key(&k.id) {
                 return Err(ProtocolError::Malformed(format!(
                     "neighbour {} listed twice",
                     k.id
                 )));
             }
-            mask_seeds.insert(k.id, seed);
+            self.check_neighbour(&params, k, &mut identities)?;
+            let c_shared = Zeroizing::new(c.agree(&k.keys.c_pk)?);
+            let s_shared = Zeroizing::new(s.agree(&k.keys.s_pk)?);
+            let d = &params.setup_digest;
+            let key = share_channel_key(&c_shared, &ctx, d, (i, c.public()), (k.id, k.keys.c_pk));
+            let seed = pairwise_mask_seed(&s_shared, &ctx, d, (i, s.public()), (k.id, k.keys.s_pk));
+            channel_keys.insert(k.id, Zeroizing::new(key));
+            mask_seeds.insert(k.id, Zeroizing::new(seed));
+            credentials.insert(k.id, k.keys.credential.clone());
         }
         let mut holders: Vec<ParticipantId> = channel_keys.keys().copied().collect();
         holders.push(i);
@@ -603,6 +723,7 @@ impl Common {
             params,
             channel_keys,
             mask_seeds,
+            credentials,
             b,
             own: own.expect("i is a holder"),
         })))
@@ -619,6 +740,7 @@ impl Common {
             params,
             channel_keys,
             mut mask_seeds,
+            mut credentials,
             b,
             own,
         } = st;
@@ -653,12 +775,18 @@ impl Common {
             }
         }
         mask_seeds.retain(|j, _| held.contains_key(j));
+        credentials.retain(|j, _| held.contains_key(j));
         let st = ExpectInput {
             unmask: ExpectUnmaskRequest {
                 threshold: params.threshold,
                 own_counts: params.own_counts,
+                setup_digest: params.setup_digest,
                 held,
+                credentials,
                 own,
+                survivors: Vec::new(),
+                members: params.graph.order().iter().copied().collect(),
+                neighbours: params.graph.neighbours(i).into_iter().collect(),
             },
             params,
             mask_seeds,
@@ -695,37 +823,98 @@ impl Common {
         }
         let packed = pack(&y, params.encoding.ring_bits);
         self.upload(SecAggUpload::MaskedInput { packed });
-        State::ExpectUnmaskRequest(Box::new(unmask))
+        State::ExpectSurvivors(Box::new(unmask))
     }
 
-    /// Stage 4: one share per owner, the kind decided by the owner's fate.
+    /// Stage 4 (consistency check): signs the announced survivor set `U3`
+    /// after checking that it is well formed, names us and is at least as
+    /// large as our floor.
+    fn on_survivors(
+        &mut self,
+        mut st: ExpectUnmaskRequest,
+        survivors: Vec<ParticipantId>,
+    ) -> Result<State, ProtocolError> {
+        let i = self.id;
+        if !survivors.is_sorted_by(|a, b| a < b) {
+            return Err(ProtocolError::Malformed(
+                "the survivor set is not strictly ascending".into(),
+            ));
+        }
+        if survivors.binary_search(&i).is_err() {
+            return Err(ProtocolError::Malformed(format!(
+                "the survivor set does not name {i}, which sent its masked input"
+            )));
+        }
+        // Survivors are cohort members, and a neighbour named a survivor
+        // must have completed stage 2 with us: padding the set with made-up
+        // or long-gone participants would let a sum of fewer inputs than
+        // the floor pass it.
+        if let Some(j) = survivors.iter().find(|j| {
+            !st.members.contains(j) || (st.neighbours.contains(j) && !st.held.contains_key(j))
+        }) {
+            return Err(ProtocolError::Malformed(format!(
+                "the survivor set names {j}, which is not in the round or never shared keys \
+                 with {i}"
+            )));
+        }
+        let floor = self.auth.policy.min_cohort.max(2);
+        if survivors.len() < floor {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "the survivor set has {} participants, this participant requires at least \
+                 {floor} (a sum over fewer reveals too much)",
+                survivors.len()
+            )));
+        }
+        let statement = survivors_statement(&st.setup_digest, self.ctx.sum, i, &survivors);
+        let signature = self.auth.signer.sign(&statement)?;
+        self.upload(SecAggUpload::SurvivorSignature { signature });
+        st.survivors = survivors;
+        Ok(State::ExpectUnmaskRequest(Box::new(st)))
+    }
+
+    /// Stage 5: checks that at least `t` of our neighbourhood (us included)
+    /// signed the survivor set we signed, then sends one share per owner,
+    /// the kind decided by the owner's fate in that set.
     fn on_unmask_request(
         &mut self,
         st: ExpectUnmaskRequest,
-        survivors: Vec<ParticipantId>,
-        dropped: Vec<ParticipantId>,
+        signatures: Vec<(ParticipantId, Signature)>,
     ) -> Result<State, ProtocolError> {
         let i = self.id;
-        let mut seen = BTreeSet::new();
-        for &j in survivors.iter().chain(&dropped) {
-            if !st.held.contains_key(&j) {
+        let in_u3 = |j: &ParticipantId| st.survivors.binary_search(j).is_ok();
+        let mut signers = BTreeSet::new();
+        for (j, signature) in &signatures {
+            let credential = st.credentials.get(j).filter(|_| in_u3(j)).ok_or_else(|| {
+                ProtocolError::Malformed(format!(
+                    "a survivor signature from {j}, not a surviving neighbour of {i}"
+                ))
+            })?;
+            if !signers.insert(*j) {
                 return Err(ProtocolError::Malformed(format!(
-                    "unmasking request names {j}, not in N2({i})"
+                    "two survivor signatures from {j}"
                 )));
             }
-            if !seen.insert(j) {
-                return Err(ProtocolError::Malformed(format!(
-                    "unmasking request names {j} twice (as survivor and as dropped?)"
-                )));
-            }
+            let statement = survivors_statement(&st.setup_digest, self.ctx.sum, *j, &st.survivors);
+            self.auth
+                .verifier
+                .verify(credential, &statement, signature)
+                .map_err(|e| {
+                    ProtocolError::Crypto(format!(
+                        "neighbour {j}'s survivor signature does not verify ({e}): the \
+                         coordinator showed it another survivor set"
+                    ))
+                })?;
         }
-        if seen.len() != st.held.len() {
-            return Err(ProtocolError::Malformed(format!(
-                "unmasking request covers {} of the {} neighbours in N2({i})",
-                seen.len(),
-                st.held.len()
-            )));
+        if signers.len() + 1 < st.threshold {
+            return Err(ProtocolError::NotEnoughShares {
+                owner: i,
+                what: "signature on the survivor set",
+                have: signers.len() + 1,
+                need: st.threshold,
+            });
         }
+        let (survivors, dropped): (Vec<ParticipantId>, Vec<ParticipantId>) =
+            st.held.keys().partition(|j| in_u3(j));
         let have = survivors.len() + usize::from(st.own_counts);
         if have < st.threshold {
             return Err(ProtocolError::NotEnoughShares {
@@ -743,11 +932,10 @@ impl Common {
             self_mask_shares.push((i, st.own.self_mask_share));
         }
         self_mask_shares.sort_unstable_by_key(|(j, _)| *j);
-        let mut key_shares: Vec<(ParticipantId, Share)> = dropped
+        let key_shares: Vec<(ParticipantId, Share)> = dropped
             .iter()
             .map(|j| (*j, st.held[j].key_share.clone()))
             .collect();
-        key_shares.sort_unstable_by_key(|(j, _)| *j);
         self.upload(SecAggUpload::UnmaskShares {
             self_mask_shares,
             key_shares,

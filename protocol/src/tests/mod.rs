@@ -1,4 +1,5 @@
 //! In-memory tests of the session state machines, driven by [`util::Harness`].
 
+mod claims;
 mod session;
 pub(crate) mod util;

@@ -516,7 +516,14 @@ mod secure {
         let names: Vec<&str> = h.completed()[0].stage_secs.iter().map(|s| s.0).collect();
         assert_eq!(
             names,
-            ["advertise", "share", "masked", "unmask", "evaluate"]
+            [
+                "advertise",
+                "share",
+                "masked",
+                "consistency",
+                "unmask",
+                "evaluate"
+            ]
         );
     }
 
@@ -531,7 +538,7 @@ mod secure {
                 .map(|p| p.1.unwrap())
                 .collect::<Vec<_>>()
         };
-        let all = ["advertise", "share", "masked", "unmask"];
+        let all = ["advertise", "share", "masked", "consistency", "unmask"];
         assert_eq!(stages(SessionPhase::Training), all);
         assert_eq!(stages(SessionPhase::Evaluating), all);
         for p in &h.progress {
@@ -1113,9 +1120,13 @@ fn a_participant_evaluates_each_round_once() {
     .unwrap();
     join(&mut s, now, 0, hello(0, 10)).unwrap();
     let welcome = s.poll_transmit().unwrap().1;
-    let evaluate = |round| Message::EvaluateRequest {
+    // Each round's model differs, as a real session's do.
+    let evaluate = |round: u32| Message::EvaluateRequest {
         round,
-        global: tiny_model().into(),
+        global: tiny_model()
+            .with_flat_values(&[round as f32, 0.0, 0.0, 0.0])
+            .unwrap()
+            .into(),
     };
     let admitted = |rng: &mut rand::rngs::StdRng| {
         let mut p = ParticipantSession::new(hello(0, 10));
@@ -1158,4 +1169,19 @@ fn a_participant_evaluates_each_round_once() {
         p.poll_event(),
         Some(ParticipantEvent::Evaluate { round: 2, .. })
     ));
+    // Round 1's model again, under a new round number: refused (the two
+    // sums could be differenced just the same).
+    p.submit_evaluation(2, eval_metrics(1.0, 1, 2), &mut rng)
+        .unwrap();
+    let again = Message::EvaluateRequest {
+        round: 3,
+        global: tiny_model()
+            .with_flat_values(&[1.0, 0.0, 0.0, 0.0])
+            .unwrap()
+            .into(),
+    };
+    assert_eq!(
+        p.handle_message(again, &mut rng).unwrap_err(),
+        ProtocolError::RepeatedEvaluation { round: 3 }
+    );
 }

@@ -108,6 +108,7 @@ pub fn config(participants: usize, rounds: u32) -> SessionConfig {
         key_fingerprint: None,
         seed: 1,
         first_round: 1,
+        max_claimed_samples: crate::session::SampleClaimCaps::default(),
     }
 }
 
@@ -182,8 +183,10 @@ impl Harness {
     pub fn add_participant(&mut self, id: ParticipantId, samples: u64) {
         self.coordinator.handle_connect(id, format!("p{id}"));
         self.samples.insert(id, samples);
-        self.participants
-            .insert(id, ParticipantSession::new(hello(id, samples)));
+        self.participants.insert(
+            id,
+            ParticipantSession::new(hello(id, samples)).with_secagg_auth(auth(id)),
+        );
     }
 
     fn leaves(&self, id: ParticipantId, round: u32, stage: Stage) -> Option<Departure> {
@@ -334,4 +337,18 @@ impl Harness {
             })
             .collect()
     }
+}
+
+/// Secure-aggregation credentials for participant `id` (identity `p<id>`)
+/// from one CA shared by all tests, with floors low enough for the small
+/// cohorts these tests use.
+pub fn auth(id: ParticipantId) -> crate::secagg::auth::SecAggAuth {
+    static CA: std::sync::OnceLock<crate::secagg::testing::TestCa> = std::sync::OnceLock::new();
+    let policy = crate::secagg::auth::SecAggPolicy {
+        min_cohort: 2,
+        max_dropout_fraction: 0.9,
+        corrupt_fraction: 0.0,
+    };
+    CA.get_or_init(crate::secagg::testing::TestCa::new)
+        .auth(&format!("p{id}"), policy)
 }

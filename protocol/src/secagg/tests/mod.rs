@@ -3,6 +3,7 @@
 //! test against an oracle), the privacy checks, and rejected messages.
 
 mod rejects;
+mod robust;
 mod rounds;
 mod security;
 pub(crate) mod util;

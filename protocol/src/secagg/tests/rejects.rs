@@ -8,10 +8,12 @@ use crate::{
     error::ProtocolError,
     message::{AggregationPayload, Message, SumKind},
     secagg::{
+        auth::{SecAggPolicy, Signature},
         keys::RoundContext,
-        message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload},
+        message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload, SignedKeys},
         participant::{ParticipantStage, SecAggParticipant},
         shamir::Share,
+        testing::TestCa,
     },
 };
 
@@ -35,6 +37,20 @@ fn take(h: &mut Harness, id: u32) -> SecAggUpload {
     }
 }
 
+/// Stage-1 keys with a made-up credential and signature.
+fn unsigned_keys(c: u8, s: u8) -> SecAggUpload {
+    SecAggUpload::AdvertiseKeys(SignedKeys {
+        c_pk: [c; 32],
+        s_pk: [s; 32],
+        commitment: [0; 32],
+        credential: vec![1; 16],
+        signature: Signature {
+            scheme: 0x0403,
+            bytes: vec![1; 64],
+        },
+    })
+}
+
 fn is_invalid(r: Result<(), ProtocolError>) -> bool {
     matches!(r, Err(ProtocolError::InvalidContribution(_)))
 }
@@ -46,10 +62,7 @@ fn bad_uploads_at_every_stage_do_not_disturb_the_round() {
     h.departures
         .insert(6, (Stage::Advertise, Departure::Silent));
     h.begin_round(1).unwrap();
-    let keys = SecAggUpload::AdvertiseKeys {
-        c_pk: [9; 32],
-        s_pk: [8; 32],
-    };
+    let keys = unsigned_keys(9, 8);
 
     // Stage 1.
     assert_eq!(
@@ -77,10 +90,7 @@ fn bad_uploads_at_every_stage_do_not_disturb_the_round() {
             got: "SecAgg::MaskedInput"
         })
     ));
-    let same = SecAggUpload::AdvertiseKeys {
-        c_pk: [5; 32],
-        s_pk: [5; 32],
-    };
+    let same = unsigned_keys(5, 5);
     assert!(is_invalid(h.inject(0, up(1, same))));
     h.step(); // Setup delivered
     h.step(); // keys in; stage 1 still waits for 6
@@ -183,9 +193,28 @@ fn bad_uploads_at_every_stage_do_not_disturb_the_round() {
         h.inject(0, up(1, SecAggUpload::MaskedInput { packed })),
         Err(ProtocolError::DuplicateContribution(0))
     );
-    h.step(); // the others' inputs in; UnmaskRequests delivered
+    h.step(); // the others' inputs in; SurvivorSets delivered
 
-    // Stage 4.
+    // Stage 4: the consistency check.
+    let SecAggUpload::SurvivorSignature { signature } = take(&mut h, 0) else {
+        panic!()
+    };
+    let sig = |signature| up(1, SecAggUpload::SurvivorSignature { signature });
+    assert!(is_invalid(h.inject(
+        0,
+        sig(Signature {
+            scheme: 0x0403,
+            bytes: vec![]
+        })
+    )));
+    h.inject(0, sig(signature.clone())).unwrap();
+    assert_eq!(
+        h.inject(0, sig(signature)),
+        Err(ProtocolError::DuplicateContribution(0))
+    );
+    h.step(); // the others' signatures in; UnmaskRequests delivered
+
+    // Stage 5.
     let SecAggUpload::UnmaskShares {
         self_mask_shares,
         key_shares,
@@ -246,7 +275,7 @@ fn late_masked_input_after_the_deadline_is_rejected_and_the_sender_unmasked_as_d
     let stuck = take(&mut h, 2);
     h.step();
     assert!(h.fire_timeout());
-    assert_eq!(h.coordinator.expects(), "SecAgg::UnmaskShares");
+    assert_eq!(h.coordinator.expects(), "SecAgg::SurvivorSignature");
     assert!(matches!(
         h.inject(2, up(1, stuck)),
         Err(ProtocolError::UnexpectedMessage { .. })
@@ -287,12 +316,12 @@ fn participant_rejects_bad_neighbour_keys() {
     let (h, m) = held("SecAgg::NeighbourKeys");
     let keys = neighbour_keys(&m);
     let t = h.threshold();
-    let mut self_key = keys[0];
+    let mut self_key = keys[0].clone();
     self_key.id = 0;
-    let mut stranger = keys[0];
+    let mut stranger = keys[0].clone();
     stranger.id = 99;
-    let mut low_order = keys[1];
-    low_order.c_pk = [0; 32];
+    let mut low_order = keys[1].clone();
+    low_order.keys.c_pk = [0; 32];
     type Case = (Vec<NeighbourKey>, fn(&ProtocolError) -> bool);
     let cases: Vec<Case> = vec![
         ([keys.clone(), vec![self_key]].concat(), |e| {
@@ -301,15 +330,16 @@ fn participant_rejects_bad_neighbour_keys() {
         ([keys.clone(), vec![stranger]].concat(), |e| {
             matches!(e, ProtocolError::Malformed(_))
         }),
-        ([keys.clone(), vec![keys[0]]].concat(), |e| {
+        ([keys.clone(), vec![keys[0].clone()]].concat(), |e| {
             matches!(e, ProtocolError::Malformed(_))
         }),
         (keys[..t - 1].to_vec(), |e| {
             matches!(e, ProtocolError::Malformed(_))
         }),
-        (vec![keys[0], low_order, keys[2], keys[3]], |e| {
-            matches!(e, ProtocolError::Crypto(_))
-        }),
+        (
+            vec![keys[0].clone(), low_order, keys[2].clone(), keys[3].clone()],
+            |e| matches!(e, ProtocolError::Crypto(_)),
+        ),
     ];
     for (bad, ok) in cases {
         let (mut h, _) = held("SecAgg::NeighbourKeys");
@@ -423,9 +453,18 @@ fn participant_rejects_bad_setups() {
                 ..good.clone()
             },
         ),
+        (
+            "another model",
+            RoundSetup {
+                model_digest: [0x22; 32],
+                ..good.clone()
+            },
+        ),
     ];
+    let auth = h.auths[&0].clone();
+    let fresh = || SecAggParticipant::new(0, ctx, Some(4), auth.clone(), MODEL);
     for (what, setup) in variants {
-        let mut p = SecAggParticipant::new(0, ctx, Some(4));
+        let mut p = fresh();
         let err = p
             .handle_message(down(SecAggDownload::Setup(setup)), &mut rng)
             .unwrap_err();
@@ -442,7 +481,7 @@ fn participant_rejects_bad_setups() {
         );
     }
     // The genuine setup is fine; a message for another round is not.
-    let mut p = SecAggParticipant::new(0, ctx, Some(4));
+    let mut p = fresh();
     assert_eq!(
         p.handle_message(
             Message::SecAgg {
@@ -454,7 +493,7 @@ fn participant_rejects_bad_setups() {
         ),
         Err(ProtocolError::WrongRound { current: 1, got: 2 })
     );
-    let mut p = SecAggParticipant::new(0, ctx, Some(4));
+    let mut p = fresh();
     p.handle_message(down(SecAggDownload::Setup(good)), &mut rng)
         .unwrap();
     assert!(matches!(
@@ -470,7 +509,9 @@ fn participant_rejects_bad_setups() {
 fn participant_rejects_out_of_stage_messages_and_inputs() {
     let ctx = RoundContext::update(SESSION, 1);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(2);
-    let mut p = SecAggParticipant::new(0, ctx, Some(4));
+    let auth = TestCa::new().auth("p0", SecAggPolicy::default());
+    let new = |d| SecAggParticipant::new(0, ctx, d, auth.clone(), MODEL);
+    let mut p = new(Some(4));
     assert!(p.needs_input());
     assert!(matches!(
         p.set_input(&[0.0; 3], 1, &mut rng),
@@ -493,10 +534,7 @@ fn participant_rejects_out_of_stage_messages_and_inputs() {
     );
     let err = p
         .handle_message(
-            down(SecAggDownload::UnmaskRequest {
-                survivors: vec![1],
-                dropped: vec![],
-            }),
+            down(SecAggDownload::UnmaskRequest { signatures: vec![] }),
             &mut rng,
         )
         .unwrap_err();
@@ -509,7 +547,7 @@ fn participant_rejects_out_of_stage_messages_and_inputs() {
     );
     assert!(p.is_finished());
     assert!(matches!(
-        SecAggParticipant::new(0, ctx, None).handle_message(
+        new(None).handle_message(
             Message::Finished {
                 rounds_completed: 1
             },
@@ -521,7 +559,7 @@ fn participant_rejects_out_of_stage_messages_and_inputs() {
         })
     ));
     // Abort is not an error.
-    let mut p = SecAggParticipant::new(0, ctx, None);
+    let mut p = new(None);
     p.handle_message(
         down(SecAggDownload::Abort {
             reason: "test".into(),
@@ -535,20 +573,19 @@ fn participant_rejects_out_of_stage_messages_and_inputs() {
 }
 
 #[test]
-fn input_weight_above_the_maximum_is_refused_once_the_setup_is_known() {
+fn input_weight_above_the_maximum_is_clamped_once_the_setup_is_known() {
     let (mut h, _) = held("SecAgg::NeighbourKeys");
     let max = h.encoding().max_weight;
     let p = h.participants.get_mut(&0).unwrap();
     assert!(!p.needs_input(), "the harness gave it after Setup");
     let ctx = p.context();
-    let mut fresh = SecAggParticipant::new(0, ctx, None);
+    let mut fresh = SecAggParticipant::new(0, ctx, None, h.auths[&0].clone(), MODEL);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
     fresh
         .handle_message(down(SecAggDownload::Setup(h.setup().clone())), &mut rng)
         .unwrap();
-    assert!(matches!(
-        fresh.set_input(&[0.0; 4], max + 1, &mut rng),
-        Err(ProtocolError::InvalidContribution(_))
-    ));
-    fresh.set_input(&[0.0; 4], max, &mut rng).unwrap();
+    // Clamped to the round's bound (the operator's cap on claimed samples),
+    // not refused.
+    fresh.set_input(&[0.0; 4], max + 1, &mut rng).unwrap();
+    assert_eq!(fresh.encoded_input().unwrap()[4], max);
 }

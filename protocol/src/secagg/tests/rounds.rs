@@ -131,7 +131,7 @@ fn a_thousand_participants_complete_a_round_with_dropouts() {
         .filter(|id| {
             h.departures
                 .get(id)
-                .is_none_or(|(at, _)| *at == Stage::Unmask)
+                .is_none_or(|(at, _)| *at >= Stage::Consistency)
         })
         .collect();
     assert_eq!(r.contributors, expect);

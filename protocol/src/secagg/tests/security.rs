@@ -7,6 +7,7 @@ use crate::{
     error::ProtocolError,
     message::{AggregationPayload, Message, SumKind},
     secagg::{
+        auth::Signature,
         message::{SecAggDownload, SecAggUpload},
         participant::ParticipantStage,
     },
@@ -80,31 +81,38 @@ fn at_unmasking() -> Harness {
     h
 }
 
-fn request(h: &Harness, id: u32) -> (Vec<u32>, Vec<u32>) {
+/// The survivor signatures the coordinator relayed to `id`.
+fn request(h: &Harness, id: u32) -> Vec<(u32, Signature)> {
     let (_, m) = h.held.iter().find(|(to, _)| *to == id).unwrap();
     match download(m) {
-        Some(SecAggDownload::UnmaskRequest { survivors, dropped }) => {
-            (survivors.clone(), dropped.clone())
-        }
+        Some(SecAggDownload::UnmaskRequest { signatures }) => signatures.clone(),
         _ => unreachable!(),
     }
 }
 
-fn unmask_request(survivors: Vec<u32>, dropped: Vec<u32>) -> Message {
+fn unmask_request(signatures: Vec<(u32, Signature)>) -> Message {
     Message::SecAgg {
         round: 1,
         sum: SumKind::Update,
-        msg: SecAggDownload::UnmaskRequest { survivors, dropped },
+        msg: SecAggDownload::UnmaskRequest { signatures },
     }
+}
+
+fn nothing_sent(h: &mut Harness, id: u32) -> bool {
+    h.participants
+        .get_mut(&id)
+        .unwrap()
+        .poll_transmit()
+        .is_none()
 }
 
 #[test]
 fn honest_unmask_answer_reveals_one_kind_per_owner() {
     let mut h = at_unmasking();
-    let (survivors, dropped) = request(&h, 0);
-    assert_eq!(dropped, vec![6]);
-    assert_eq!(survivors, vec![1, 2, 3, 4, 5]);
-    h.deliver(0, unmask_request(survivors, dropped)).unwrap();
+    let signatures = request(&h, 0);
+    let signers: Vec<u32> = signatures.iter().map(|(j, _)| *j).collect();
+    assert_eq!(signers, vec![1, 2, 3, 4, 5], "6 never signed");
+    h.deliver(0, unmask_request(signatures)).unwrap();
     let Some(AggregationPayload::SecAgg {
         msg:
             SecAggUpload::UnmaskShares {
@@ -146,8 +154,26 @@ fn own_share_is_withheld_when_it_would_complete_a_threshold_of_both_kinds() {
     h.drive_until(|h| h.held.len() == 6);
     assert_eq!((h.setup().degree, h.threshold()), (5, 3));
     assert!(!h.setup().own_share_counts());
-    let (survivors, dropped) = request(&h, 0);
-    h.deliver(0, unmask_request(survivors, dropped)).unwrap();
+    let signatures = request(&h, 0);
+    // Fewer than t - 1 neighbours' signatures: refused, nothing revealed.
+    let mut few = Harness::new(config(true), 6, 3, 14);
+    few.hold = h.hold.take();
+    few.begin_round(1).unwrap();
+    few.drive_until(|h| h.held.len() == 6);
+    let err = few
+        .deliver(0, unmask_request(request(&few, 0)[..1].to_vec()))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ProtocolError::NotEnoughShares {
+            what: "signature on the survivor set",
+            have: 2,
+            need: 3,
+            ..
+        }
+    ));
+    assert!(nothing_sent(&mut few, 0));
+    h.deliver(0, unmask_request(signatures)).unwrap();
     let Some(AggregationPayload::SecAgg {
         msg: SecAggUpload::UnmaskShares {
             self_mask_shares, ..
@@ -160,7 +186,6 @@ fn own_share_is_withheld_when_it_would_complete_a_threshold_of_both_kinds() {
     let owners: Vec<u32> = self_mask_shares.iter().map(|(o, _)| *o).collect();
     assert_eq!(owners, vec![1, 2, 3, 4, 5]);
     // The round still completes from the neighbours' shares alone.
-    h.hold = None;
     let held: Vec<_> = h.held.drain(..).filter(|(to, _)| *to != 0).collect();
     for (to, m) in held {
         h.deliver(to, m).unwrap();
@@ -169,150 +194,164 @@ fn own_share_is_withheld_when_it_would_complete_a_threshold_of_both_kinds() {
     let r = h.result.clone().unwrap().unwrap();
     assert_eq!(r.contributors, vec![0, 1, 2, 3, 4, 5]);
     h.check_result(&r);
-    // And a request leaving it 2 surviving neighbours is refused (2 < t).
-    let mut h = Harness::new(config(true), 6, 3, 15);
-    h.hold = Some(Box::new(|_, m| {
-        matches!(download(m), Some(SecAggDownload::UnmaskRequest { .. }))
+}
+
+/// The attack the consistency check stops: the coordinator tells
+/// participant 0 that 5 dropped (so that 0 reveals 5's mask key share)
+/// while the others are told 5 survived (so they reveal 5's self-mask seed
+/// share). 0 signs the set it was shown, but its neighbours signed another:
+/// 0 refuses to reveal anything.
+#[test]
+fn a_survivor_set_shown_differently_to_one_participant_is_caught() {
+    let mut h = Harness::new(config(true), 7, 3, 16);
+    h.hold = Some(Box::new(|to, m| match download(m) {
+        Some(SecAggDownload::SurvivorSet { .. }) => to == 0,
+        Some(SecAggDownload::UnmaskRequest { .. }) => true,
+        _ => false,
     }));
     h.begin_round(1).unwrap();
+    h.drive_until(|h| h.held.iter().any(|(to, _)| *to == 0));
+    let (_, real) = h.held.pop().unwrap();
+    let Some(SecAggDownload::SurvivorSet { survivors }) = download(&real) else {
+        panic!()
+    };
+    let lie: Vec<u32> = survivors.iter().copied().filter(|&j| j != 5).collect();
+    h.deliver(
+        0,
+        Message::SecAgg {
+            round: 1,
+            sum: SumKind::Update,
+            msg: SecAggDownload::SurvivorSet { survivors: lie },
+        },
+    )
+    .unwrap();
+    // 0's signature over the lie goes to the coordinator, which (honest in
+    // this harness) refuses it; a malicious one would relay the others'
+    // signatures to 0 instead, which is what happens next.
+    h.participants.get_mut(&0).unwrap().poll_transmit().unwrap();
     h.drive_until(|h| h.held.len() == 6);
-    let err = h
-        .deliver(0, unmask_request(vec![1, 2], vec![3, 4, 5]))
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        ProtocolError::NotEnoughShares {
-            have: 2,
-            need: 3,
-            ..
+    let mut signatures: Vec<(u32, Signature)> = Vec::new();
+    for (_, m) in &h.held {
+        if let Some(SecAggDownload::UnmaskRequest { signatures: s }) = download(m) {
+            for (j, sig) in s {
+                if *j != 0 && !signatures.iter().any(|(k, _)| k == j) {
+                    signatures.push((*j, sig.clone()));
+                }
+            }
         }
-    ));
+    }
+    signatures.sort_by_key(|(j, _)| *j);
+    assert!(signatures.len() >= h.threshold());
+    let err = h.deliver(0, unmask_request(signatures)).unwrap_err();
+    assert!(matches!(err, ProtocolError::Crypto(_)), "{err}");
+    assert!(err.to_string().contains("another survivor set"), "{err}");
+    assert!(nothing_sent(&mut h, 0), "nothing revealed");
+    assert_eq!(h.participants[&0].stage(), ParticipantStage::Poisoned);
 }
 
 #[test]
-fn an_owner_named_as_survivor_and_dropped_is_refused_and_poisons() {
+fn a_second_survivor_set_or_request_is_refused() {
     let mut h = at_unmasking();
-    let (survivors, mut dropped) = request(&h, 0);
-    dropped.push(survivors[0]);
-    let err = h
-        .deliver(0, unmask_request(survivors.clone(), dropped))
-        .unwrap_err();
-    assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
-    let p = h.participants.get_mut(&0).unwrap();
-    assert!(p.poll_transmit().is_none(), "nothing revealed");
-    assert_eq!(p.stage(), ParticipantStage::Poisoned);
-    // The honest request now gets the same error: no second chance.
-    let (survivors, dropped) = request(&h, 0);
-    assert_eq!(h.deliver(0, unmask_request(survivors, dropped)), Err(err));
-    assert!(
-        h.participants
-            .get_mut(&0)
-            .unwrap()
-            .poll_transmit()
-            .is_none()
-    );
-}
-
-#[test]
-fn a_second_request_moving_an_owner_to_dropped_is_refused() {
-    let mut h = at_unmasking();
-    let (survivors, dropped) = request(&h, 1);
-    h.deliver(1, unmask_request(survivors.clone(), dropped.clone()))
-        .unwrap();
-    assert!(
-        h.participants
-            .get_mut(&1)
-            .unwrap()
-            .poll_transmit()
-            .is_some()
-    );
-    // Now claim survivor 2 dropped after all, to collect its key share too.
-    let moved: Vec<u32> = survivors.iter().copied().filter(|&j| j != 2).collect();
-    let mut more_dropped = dropped;
-    more_dropped.push(2);
-    more_dropped.sort_unstable();
-    let err = h
-        .deliver(1, unmask_request(moved, more_dropped))
-        .unwrap_err();
+    let signatures = request(&h, 1);
+    h.deliver(1, unmask_request(signatures.clone())).unwrap();
+    assert!(!nothing_sent(&mut h, 1));
+    // One answer per round, even to an identical repeat.
+    let err = h.deliver(1, unmask_request(signatures)).unwrap_err();
     assert!(
         matches!(err, ProtocolError::UnexpectedMessage { .. }),
         "{err}"
     );
+    assert!(nothing_sent(&mut h, 1));
+    // A participant that signed a survivor set signs no other.
+    let again = Message::SecAgg {
+        round: 1,
+        sum: SumKind::Update,
+        msg: SecAggDownload::SurvivorSet {
+            survivors: vec![0, 2, 3, 4, 5],
+        },
+    };
+    let err = h.deliver(2, again).unwrap_err();
     assert!(
-        h.participants
-            .get_mut(&1)
-            .unwrap()
-            .poll_transmit()
-            .is_none()
+        matches!(err, ProtocolError::UnexpectedMessage { .. }),
+        "{err}"
     );
-    // Even an identical repeat is refused: one answer per round.
-    let (survivors, dropped) = request(&h, 1);
-    assert!(h.deliver(1, unmask_request(survivors, dropped)).is_err());
+    assert!(nothing_sent(&mut h, 2));
 }
 
 #[test]
-fn requests_that_do_not_match_n2_or_claim_too_many_dropped_are_refused() {
-    let t = {
-        let h = at_unmasking();
-        h.threshold()
-    };
-    type Tamper = Box<dyn Fn(Vec<u32>, Vec<u32>) -> (Vec<u32>, Vec<u32>)>;
+fn requests_with_bad_signatures_are_refused() {
+    type Tamper = Box<dyn Fn(Vec<(u32, Signature)>) -> Vec<(u32, Signature)>>;
     let bad: Vec<(&str, Tamper)> = vec![
         (
-            "a neighbour left out",
-            Box::new(|s: Vec<u32>, d| (s[1..].to_vec(), d)),
-        ),
-        (
-            "itself named",
-            Box::new(|mut s: Vec<u32>, d| {
-                s.push(3);
-                (s, d)
+            "a stranger's signature",
+            Box::new(|mut s| {
+                let sig = s[0].1.clone();
+                s.push((99, sig));
+                s
             }),
         ),
         (
-            "a stranger named",
-            Box::new(|s, mut d: Vec<u32>| {
-                d.push(99);
-                (s, d)
+            "a signer listed twice",
+            Box::new(|mut s| {
+                s.push(s[0].clone());
+                s
             }),
         ),
         (
-            "a survivor listed twice",
-            Box::new(|mut s: Vec<u32>, d| {
-                s.push(s[0]);
-                (s, d)
+            "a forged signature",
+            Box::new(|mut s| {
+                s[0].1.bytes[8] ^= 1;
+                s
             }),
         ),
         (
-            "everyone dropped",
-            Box::new(|s: Vec<u32>, d: Vec<u32>| (vec![], [s, d].concat())),
+            "signatures swapped between signers",
+            Box::new(|mut s| {
+                let (a, b) = (s[0].1.clone(), s[1].1.clone());
+                s[0].1 = b;
+                s[1].1 = a;
+                s
+            }),
+        ),
+        (
+            "the dropped participant named as signer",
+            Box::new(|mut s| {
+                let sig = s[0].1.clone();
+                s.push((6, sig));
+                s
+            }),
         ),
     ];
     for (what, f) in bad {
         let mut h = at_unmasking();
-        let (s, d) = request(&h, 3);
-        let (s, d) = f(s, d);
-        let err = h.deliver(3, unmask_request(s, d)).unwrap_err();
+        let s = f(request(&h, 3));
+        let err = h.deliver(3, unmask_request(s)).unwrap_err();
+        assert!(nothing_sent(&mut h, 3), "{what}: something was revealed");
         assert!(
-            h.participants
-                .get_mut(&3)
-                .unwrap()
-                .poll_transmit()
-                .is_none(),
-            "{what}: something was revealed"
+            matches!(err, ProtocolError::Malformed(_) | ProtocolError::Crypto(_)),
+            "{what}: {err}"
         );
-        if what == "everyone dropped" {
-            assert_eq!(
-                err,
-                ProtocolError::NotEnoughShares {
-                    owner: 3,
-                    what: "self-mask seed",
-                    have: 1,
-                    need: t
-                }
-            );
-        } else {
-            assert!(matches!(err, ProtocolError::Malformed(_)), "{what}: {err}");
-        }
     }
+}
+
+#[test]
+fn a_survivor_set_below_the_participants_floor_is_not_signed() {
+    let mut h = Harness::new(config(true), 7, 3, 17);
+    h.departures.insert(6, (Stage::Masked, Departure::Silent));
+    let mut auth = h.auths[&0].clone();
+    auth.policy.min_cohort = 7;
+    h.auths.insert(0, auth);
+    h.begin_round(1).unwrap();
+    h.drive();
+    let err = h
+        .participant_errors
+        .iter()
+        .find(|(id, _)| *id == 0)
+        .map(|(_, e)| e.clone())
+        .expect("0 refused the survivor set");
+    assert!(err.to_string().contains("requires at least 7"), "{err}");
+    // Without 0's signature and shares the others still finish.
+    let r = h.result.clone().unwrap().unwrap();
+    assert_eq!(r.contributors, vec![0, 1, 2, 3, 4, 5]);
+    h.check_result(&r);
 }

@@ -18,6 +18,7 @@ use crate::{
     error::ProtocolError,
     message::{AggregationPayload, Message, ParticipantId},
     secagg::{
+        auth::{SecAggAuth, SecAggPolicy},
         coordinator::{SecAggConfig, SecAggCoordinator},
         encode::{EncodingParams, unpack},
         graph::NeighbourGraph,
@@ -25,10 +26,14 @@ use crate::{
         message::{RoundSetup, SecAggDownload, SecAggUpload},
         participant::{ParticipantStage, SecAggParticipant},
         prg::PrgKind,
+        testing::TestCa,
     },
 };
 
 pub const SESSION: u64 = 0x5ec_a66;
+
+/// The digest of the model every harness round is about.
+pub const MODEL: [u8; 32] = [0x11; 32];
 
 /// The stage before whose upload a scripted participant leaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -36,11 +41,18 @@ pub enum Stage {
     Advertise = 1,
     Share = 2,
     Masked = 3,
-    Unmask = 4,
+    Consistency = 4,
+    Unmask = 5,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Advertise, Stage::Share, Stage::Masked, Stage::Unmask];
+    pub const ALL: [Stage; 5] = [
+        Stage::Advertise,
+        Stage::Share,
+        Stage::Masked,
+        Stage::Consistency,
+        Stage::Unmask,
+    ];
 }
 
 /// How a participant leaves: its connection closes, or it goes silent.
@@ -75,6 +87,10 @@ pub type Hold = Box<dyn Fn(ParticipantId, &Message) -> bool>;
 pub struct Harness {
     pub now: Instant,
     pub coordinator: SecAggCoordinator,
+    /// Each participant's credentials (identity `p<id>`).
+    pub auths: BTreeMap<ParticipantId, SecAggAuth>,
+    /// The model digest participants are given (the coordinator's is [`MODEL`]).
+    pub participant_model: BTreeMap<ParticipantId, [u8; 32]>,
     pub n: usize,
     pub d: usize,
     pub seed: u64,
@@ -101,6 +117,16 @@ pub struct Harness {
     pub result: Option<Result<AggregateResult, ProtocolError>>,
 }
 
+/// The participant floors that match `config` (cohorts of 2 allowed, as the
+/// harness tests small ones).
+pub fn policy(config: &SecAggConfig) -> SecAggPolicy {
+    SecAggPolicy {
+        min_cohort: 2,
+        max_dropout_fraction: config.dropout_fraction,
+        corrupt_fraction: config.corrupt_fraction,
+    }
+}
+
 pub fn config(full: bool) -> SecAggConfig {
     SecAggConfig {
         dropout_fraction: 0.3,
@@ -114,10 +140,20 @@ pub fn config(full: bool) -> SecAggConfig {
 impl Harness {
     /// `n` participants (ids `0..n`) with `d`-value updates.
     pub fn new(config: SecAggConfig, n: usize, d: usize, seed: u64) -> Self {
-        let coordinator = SecAggCoordinator::with_prg(config, PrgKind::ChaCha12).unwrap();
+        static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+        let ca = CA.get_or_init(TestCa::new);
+        let policy = policy(&config);
+        let auths = (0..n as ParticipantId)
+            .map(|id| (id, ca.auth(&format!("p{id}"), policy.clone())))
+            .collect();
+        let coordinator = SecAggCoordinator::with_prg(config, PrgKind::ChaCha12)
+            .unwrap()
+            .with_verifier(ca.verifier());
         Harness {
             now: Instant::now(),
             coordinator,
+            auths,
+            participant_model: BTreeMap::new(),
             n,
             d,
             seed,
@@ -202,7 +238,9 @@ impl Harness {
             .collect();
         let ctx = RoundContext::update(SESSION, round);
         for id in self.cohort() {
-            let mut p = SecAggParticipant::new(id, ctx, Some(self.d));
+            let model = self.participant_model.get(&id).copied().unwrap_or(MODEL);
+            let mut p =
+                SecAggParticipant::new(id, ctx, Some(self.d), self.auths[&id].clone(), model);
             if self.input_timing == InputTiming::BeforeSetup {
                 let (u, w) = &self.inputs[&id];
                 p.set_input(u, *w, self.rngs.get_mut(&id).unwrap()).unwrap();
@@ -210,6 +248,7 @@ impl Harness {
             self.participants.insert(id, p);
         }
         let cohort = self.cohort();
+        self.coordinator.set_model_digest(MODEL);
         self.coordinator
             .begin_round(self.now, round, &cohort, self.d)?;
         self.collect_coordinator_output();
@@ -497,20 +536,47 @@ pub fn oracle(h: &Harness) -> Result<Vec<ParticipantId>, ProtocolError> {
             return Err(not_enough(v, "mask key", live(v, &u3)));
         }
     }
-    let u4: BTreeSet<_> = u3
+    // Consistency check: signers, and those of them with t - 1 signing
+    // neighbours, who are asked for shares.
+    let signers: BTreeSet<_> = u3
+        .iter()
+        .filter(|u| stays(u, Stage::Consistency))
+        .copied()
+        .collect();
+    let asked: BTreeSet<_> = signers
+        .iter()
+        .filter(|u| live(**u, &signers) + 1 >= t)
+        .copied()
+        .collect();
+    let check = |holders: &BTreeSet<ParticipantId>| {
+        for &u in u3.iter().chain(&dropped) {
+            let (have, what) = if u3.contains(&u) {
+                let own = own * usize::from(holders.contains(&u));
+                (live(u, holders) + own, "self-mask seed")
+            } else {
+                (live(u, holders), "mask key")
+            };
+            if have < t {
+                return Err(not_enough(u, what, have));
+            }
+        }
+        Ok(())
+    };
+    check(&asked)?;
+    let u5: BTreeSet<_> = asked
         .iter()
         .filter(|u| stays(u, Stage::Unmask))
         .copied()
         .collect();
     for &u in &u3 {
-        let have = live(u, &u4) + own * usize::from(u4.contains(&u));
+        let have = live(u, &u5) + own * usize::from(u5.contains(&u));
         if have < t {
             return Err(not_enough(u, "self-mask seed", have));
         }
     }
     for &v in &dropped {
-        if live(v, &u4) < t {
-            return Err(not_enough(v, "mask key", live(v, &u4)));
+        if live(v, &u5) < t {
+            return Err(not_enough(v, "mask key", live(v, &u5)));
         }
     }
     Ok(u3.into_iter().collect())
