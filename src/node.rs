@@ -135,6 +135,8 @@ pub struct TrainingSettings {
     pub aggregation: AggregationKind,
     /// Secure aggregation: updates are clipped to `[-clip, clip]`.
     pub secagg_clip: f32,
+    /// Secure aggregation: L2 norm bound of each update (`None`: none).
+    pub max_update_norm: Option<f32>,
     /// Secure aggregation: at most this many quantisation bits.
     pub secagg_bits: u32,
     /// Secure aggregation: the fraction of dropouts the neighbour graph is
@@ -183,6 +185,9 @@ pub struct CoordinatorSettings {
     pub min_participants: usize,
     /// How long to wait for participants to join (`None`: forever).
     pub join_timeout: Option<Duration>,
+    /// Caps on the sample counts a participant may claim (larger claims are
+    /// clamped).
+    pub max_claimed_samples: greyfed_protocol::session::SampleClaimCaps,
     /// Directory for `metrics.jsonl`, `run.json` and `model.safetensors`.
     pub out: PathBuf,
     /// Start from this model file instead of a fresh initialisation.
@@ -400,12 +405,14 @@ pub async fn run_coordinator(
     config.strategy = training.strategy;
     config.aggregation = training.aggregation;
     config.secagg.clip = training.secagg_clip;
+    config.secagg.max_norm = training.max_update_norm;
     config.secagg.bits = training.secagg_bits;
     config.secagg.dropout_fraction = training.dropout_bound;
     config.secagg.stage_timeout = training.stage_timeout;
     config.round_timeout = training.round_timeout;
     config.selection = training.selection;
     config.join_timeout = settings.join_timeout;
+    config.max_claimed_samples = settings.max_claimed_samples;
     config.seed = settings.seed;
     config.key_fingerprint = settings.key_fingerprint.clone();
     config.dump_aggregates = settings.dump_aggregates.clone();
@@ -617,6 +624,7 @@ mod tests {
             strategy: StrategyConfig::FedAvg { server_lr: 1.0 },
             aggregation: AggregationKind::SecAgg { full: false },
             secagg_clip: 1.0,
+            max_update_norm: None,
             secagg_bits: 16,
             dropout_bound: 0.1,
             stage_timeout: Duration::from_secs(60),
@@ -638,6 +646,7 @@ mod tests {
             participants: 10,
             min_participants: 5,
             join_timeout: None,
+            max_claimed_samples: Default::default(),
             out: "out".into(),
             init: None,
             seed: 0,

@@ -76,7 +76,7 @@ pub enum Event {
     /// Coordinator: a round completed.
     RoundCompleted {
         /// Its metrics, as in `metrics.jsonl`.
-        record: RoundRecord,
+        record: Box<RoundRecord>,
     },
     /// Coordinator: a round produced no aggregate.
     RoundAbandoned {

@@ -217,6 +217,7 @@ mod tests {
             bytes_up: 10,
             bytes_down: 20,
             secs: 0.5,
+            misbehaving: Default::default(),
             confusion: Some(vec![vec![10, 5], vec![0, 15]]),
         }
     }

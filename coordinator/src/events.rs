@@ -17,7 +17,7 @@ pub enum CoordinatorEvent {
     /// Where the session stands now; sent whenever it changed.
     Progress(SessionProgress),
     /// A round completed; its record, as appended to `metrics.jsonl`.
-    RoundCompleted(RoundRecord),
+    RoundCompleted(Box<RoundRecord>),
     /// A round produced no aggregate; the model is unchanged.
     RoundAbandoned {
         /// Round number.

@@ -1,5 +1,6 @@
 //! Per-round metrics, appended to `metrics.jsonl` (one JSON object a line).
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,11 +58,16 @@ pub struct RoundRecord {
     /// `evaluate`: the whole evaluation phase (evaluation sum included).
     /// Only `evaluate` with plain aggregation.
     #[serde(default)]
-    pub stage_secs: std::collections::BTreeMap<String, f64>,
+    pub stage_secs: BTreeMap<String, f64>,
     /// The evaluators' summed confusion counts, `[true class][predicted
     /// class]` (from the secure evaluation sum: never one participant's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confusion: Option<Vec<Vec<u64>>>,
+    /// Participants caught breaking the protocol this round, by certificate
+    /// identity, with what they did (for example a Shamir share inconsistent
+    /// with its owner's commitment; such shares are outvoted).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub misbehaving: BTreeMap<String, String>,
 }
 
 /// Appends [`RoundRecord`]s to a file, flushing each line.

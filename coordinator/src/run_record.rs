@@ -141,6 +141,9 @@ impl From<Selection> for SelectionRecord {
 pub struct SecAggRecord {
     /// Clipping bound of every update value.
     pub clip: f32,
+    /// L2 norm bound of each update, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_norm: Option<f32>,
     /// Most quantisation bits.
     pub bits: u32,
     /// Bound on the fraction of participants that drop out.
@@ -153,6 +156,7 @@ impl From<&SecAggConfig> for SecAggRecord {
     fn from(c: &SecAggConfig) -> Self {
         Self {
             clip: c.clip,
+            max_norm: c.max_norm,
             bits: c.bits,
             dropout_fraction: c.dropout_fraction,
             corrupt_fraction: c.corrupt_fraction,
@@ -297,6 +301,7 @@ pub(crate) mod tests {
             },
             secagg: SecAggRecord {
                 clip: 1.0,
+                max_norm: Some(3.0),
                 bits: 16,
                 dropout_fraction: 0.1,
                 corrupt_fraction: 0.1,

@@ -530,13 +530,6 @@ impl Driver {
                     self.round_start.insert(round, now);
                 }
                 SessionEvent::Aggregated(result) => {
-                    for (id, what) in &result.misbehaved {
-                        let identity = self.session.participant_identity(*id).unwrap_or("?");
-                        warn!(
-                            round = result.round,
-                            id, identity, "participant broke the protocol: {what}"
-                        );
-                    }
                     if let Some(dir) = &self.dump_aggregates {
                         let names: Vec<String> = result
                             .contributors
@@ -660,6 +653,18 @@ impl Driver {
         s: &RoundSummary,
         central: Option<EvalMetrics>,
     ) -> Result<()> {
+        let mut misbehaving = BTreeMap::new();
+        for (id, what) in &s.misbehaved {
+            let identity = self
+                .session
+                .participant_identity(*id)
+                .map_or_else(|| format!("participant {id}"), str::to_string);
+            warn!(
+                round = s.round,
+                id, identity, "participant broke the protocol: {what}"
+            );
+            misbehaving.insert(identity, what.clone());
+        }
         let (up, down) = self.round_bytes.remove(&s.round).unwrap_or_default();
         let start = self.round_start.remove(&s.round).unwrap_or(now);
         let record = RoundRecord {
@@ -681,6 +686,7 @@ impl Driver {
             dropped: s.dropped.len(),
             test_samples: s.eval.as_ref().map_or(0, |e| e.samples),
             confusion: s.eval.as_ref().and_then(|e| e.confusion.clone()),
+            misbehaving,
             aggregation: self.session.aggregation_kind().to_string(),
             bytes_up: up,
             bytes_down: down,
@@ -695,7 +701,7 @@ impl Driver {
             "round completed"
         );
         self.metrics.append(&record)?;
-        self.emit(CoordinatorEvent::RoundCompleted(record.clone()));
+        self.emit(CoordinatorEvent::RoundCompleted(Box::new(record.clone())));
         self.records.push(record);
         self.update_record()?;
         Checkpoint {

@@ -245,6 +245,10 @@ pub struct RoundSummary {
     /// Seconds per aggregation stage (see [`AggregateResult::stage_secs`]),
     /// then `"evaluate"`: the whole evaluation phase.
     pub stage_secs: Vec<(&'static str, f64)>,
+    /// Participants caught breaking the protocol in this round's sums (a
+    /// Shamir share inconsistent with its owner's commitment), with what
+    /// they did; their wrong shares were outvoted.
+    pub misbehaved: Vec<(ParticipantId, String)>,
 }
 
 /// Which part of the session is under way (see [`SessionProgress`]).
@@ -423,6 +427,8 @@ struct RoundState {
     test_claims: BTreeMap<ParticipantId, u64>,
     evaluation_started: Option<Instant>,
     stage_secs: Vec<(&'static str, f64)>,
+    /// Who was caught breaking the protocol in the round's sums.
+    misbehaved: Vec<(ParticipantId, String)>,
 }
 
 /// The coordinator's state machine for a whole session. See the module docs.
@@ -1261,6 +1267,9 @@ impl CoordinatorSession {
             Some(Ok(result)) => {
                 self.round.contributors = result.contributors.clone();
                 self.round.stage_secs = result.stage_secs.clone();
+                self.round
+                    .misbehaved
+                    .extend(result.misbehaved.iter().cloned());
                 self.round.dropped = self
                     .round
                     .cohort
@@ -1292,6 +1301,9 @@ impl CoordinatorSession {
         let eval = match self.evaluator.poll_result() {
             None => return,
             Some(Ok(result)) => {
+                self.round
+                    .misbehaved
+                    .extend(result.misbehaved.iter().cloned());
                 weight_within_claims(&result, &self.round.test_claims).and_then(|()| {
                     EvalSummary::from_mean(
                         &result.mean_update,
@@ -1338,6 +1350,7 @@ impl CoordinatorSession {
                 },
                 eval,
                 stage_secs: r.stage_secs,
+                misbehaved: r.misbehaved,
             }));
         self.start_round(now, round + 1);
     }

@@ -797,6 +797,11 @@ pub struct TrainingArgs {
     /// Secure aggregation: updates are clipped to [-C, C] before quantisation.
     #[arg(long, default_value_t = 1.0)]
     pub secagg_clip: f32,
+    /// Secure aggregation: each participant scales its update down to this
+    /// L2 norm before quantisation (named in every round's signed setup;
+    /// default: no norm bound, only --secagg-clip per element).
+    #[arg(long, value_name = "NORM")]
+    pub max_update_norm: Option<f32>,
     /// Secure aggregation: at most this many quantisation bits (fewer when the
     /// 32-bit ring needs it for many participants or large sample counts).
     #[arg(long, default_value_t = 16)]
@@ -848,6 +853,9 @@ impl TrainingArgs {
         }
         push("aggregation", value_name(self.aggregation));
         push("secagg-clip", self.secagg_clip.to_string());
+        if let Some(norm) = self.max_update_norm {
+            push("max-update-norm", norm.to_string());
+        }
         push("secagg-bits", self.secagg_bits.to_string());
         push("dropout-bound", self.dropout_bound.to_string());
         push("stage-timeout", self.stage_timeout.to_string());
@@ -910,6 +918,12 @@ pub struct CoordinatorArgs {
     /// Seconds to wait for participants to join (default: forever).
     #[arg(long)]
     pub join_timeout: Option<u64>,
+    /// Largest training or test sample count a participant's Hello may
+    /// claim; larger claims are clamped to it (a claim bounds the
+    /// participant's weight in the averages), never refused.
+    #[arg(long, value_name = "N", default_value_t = greyfed_protocol::session::DEFAULT_MAX_CLAIMED_SAMPLES,
+          value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
+    pub max_claimed_samples: u64,
     /// Directory for metrics.jsonl and model.safetensors.
     #[arg(long, default_value = "out/coordinator")]
     pub out: PathBuf,

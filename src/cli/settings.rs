@@ -75,6 +75,7 @@ impl TrainingArgs {
                 AggregationArg::Plain => AggregationKind::Plain,
             },
             secagg_clip: self.secagg_clip,
+            max_update_norm: self.max_update_norm,
             secagg_bits: self.secagg_bits,
             dropout_bound: self.dropout_bound,
             stage_timeout: Duration::from_secs(self.stage_timeout),
@@ -152,6 +153,10 @@ impl CoordinatorArgs {
                 .min_participants
                 .unwrap_or((self.participants / 2).max(1)),
             join_timeout: self.join_timeout.map(std::time::Duration::from_secs),
+            max_claimed_samples: greyfed_protocol::session::SampleClaimCaps {
+                train: self.max_claimed_samples,
+                test: self.max_claimed_samples,
+            },
             out: self.out.clone(),
             init: self.init.clone(),
             seed: self.seed,

@@ -43,6 +43,8 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
         "plain",
         "--secagg-clip",
         "2",
+        "--max-update-norm",
+        "5.5",
         "--secagg-bits",
         "12",
         "--dropout-bound",
@@ -230,6 +232,33 @@ fn coordinator_flags_map_to_typed_settings() {
     assert_eq!(s.min_participants, 3);
     assert_eq!(s.join_timeout, Some(std::time::Duration::from_secs(30)));
     assert_eq!(s.central, None);
+    assert_eq!(
+        s.max_claimed_samples,
+        greyfed_protocol::session::SampleClaimCaps::default()
+    );
+    let s = coordinator_args(&["--max-claimed-samples", "5000"])
+        .settings()
+        .unwrap();
+    assert_eq!(s.max_claimed_samples.train, 5000);
+    assert_eq!(s.max_claimed_samples.test, 5000);
+    assert!(
+        Cli::try_parse_from([
+            "greyfed",
+            "coordinator",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "ca",
+            "--allow-list",
+            "a",
+            "--max-claimed-samples",
+            "0"
+        ])
+        .is_err(),
+        "a zero cap is refused"
+    );
     assert_eq!(
         s.training.aggregation,
         greyfed_protocol::AggregationKind::SecAgg { full: false }

@@ -243,6 +243,9 @@ fn training_rows(run: &RunRecord) -> Vec<(String, String)> {
     }
     row("aggregation", run.aggregation.name().into());
     row("secagg-clip", run.secagg.clip.to_string());
+    if let Some(norm) = run.secagg.max_norm {
+        row("max-update-norm", norm.to_string());
+    }
     row("secagg-bits", run.secagg.bits.to_string());
     row("dropout-bound", run.secagg.dropout_fraction.to_string());
     row("stage-timeout", run.timeouts.stage_secs.to_string());

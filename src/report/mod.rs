@@ -286,6 +286,7 @@ mod tests {
             stage_secs: [("advertise".to_string(), 0.1), ("masked".to_string(), 1.2)]
                 .into_iter()
                 .collect(),
+            misbehaving: Default::default(),
             confusion: None,
         }
     }

@@ -100,6 +100,10 @@ pub struct SecAggConfig {
     pub session_id: u64,
     /// Clipping bound `c > 0` of every update value.
     pub clip: f32,
+    /// L2 norm bound of each update, named in every round's setup so that
+    /// honest participants scale longer updates down to it (`None`: only
+    /// the element bound `clip`).
+    pub max_norm: Option<f32>,
     /// Quantisation bits `b`.
     pub bits: u32,
     /// Largest aggregation weight a participant may use.
@@ -142,6 +146,7 @@ impl SecAggConfig {
         Self {
             session_id,
             clip: 1.0,
+            max_norm: None,
             bits: 16,
             max_weight: 256,
             dropout_fraction: 0.1,
@@ -165,6 +170,7 @@ impl SecAggConfig {
         seed[0] ^= 0x5a;
         Self {
             clip: 1.0,
+            max_norm: None,
             bits: 24,
             max_weight: 1,
             seed,
@@ -234,7 +240,8 @@ impl SecAggCoordinator {
                 "stage_timeout and min_contributors must be positive".into(),
             ));
         }
-        EncodingParams::new(config.clip, config.bits, config.max_weight, 2)?;
+        EncodingParams::new(config.clip, config.bits, config.max_weight, 2)?
+            .with_max_norm(config.max_norm)?;
         Ok(Self {
             rng: StdRng::from_seed(config.seed),
             config,
@@ -423,7 +430,8 @@ impl Aggregator for SecAggCoordinator {
             },
             None => (c.bits, c.max_weight),
         };
-        let encoding = EncodingParams::new(c.clip, bits, max_weight, n)?;
+        let encoding =
+            EncodingParams::new(c.clip, bits, max_weight, n)?.with_max_norm(c.max_norm)?;
         let graph = NeighbourGraph::random(cohort, gp.degree, &mut self.rng)?;
         let neighbours = members.iter().map(|&u| (u, graph.neighbours(u))).collect();
         let setup = RoundSetup {

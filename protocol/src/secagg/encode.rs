@@ -1,6 +1,7 @@
 //! Encoding of updates into the ring Z_{2^m}, and packing on the wire.
 //!
 //! A participant's update `x` (d floats) and integer weight `w`:
+//! 0. if the round sets an L2 norm bound `C`, scale `x` by `min(1, C / ‖x‖₂)`;
 //! 1. clip each value to `[-c, c]`;
 //! 2. map to `[0, 2^b - 1]` by `q = stochastic_round((x + c) / (2c) * (2^b - 1))`
 //!    (unbiased: `E[q]` is the exact scaled value);
@@ -30,8 +31,13 @@ const ENCODE_BLOCK: usize = 512;
 /// Encoding agreed for a round.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EncodingParams {
-    /// Clipping bound `c > 0`.
+    /// Clipping bound `c > 0` of every element.
     pub clip: f32,
+    /// L2 norm bound `C > 0` of the whole update, if the round sets one:
+    /// an honest participant scales a longer update down to it before
+    /// encoding (a malicious one is not prevented from exceeding it; see
+    /// docs/threat-model.md).
+    pub max_norm: Option<f32>,
     /// Quantisation bits `b` (1..=24).
     pub bits: u32,
     /// Largest weight a participant may use.
@@ -102,10 +108,22 @@ impl EncodingParams {
         }
         Ok(Self {
             clip,
+            max_norm: None,
             bits,
             max_weight,
             ring_bits,
         })
+    }
+
+    /// The same parameters with L2 norm bound `max_norm` (`None`: none).
+    ///
+    /// # Errors
+    /// [`ProtocolError::InvalidConfig`] for a bound that is not finite and
+    /// positive.
+    pub fn with_max_norm(mut self, max_norm: Option<f32>) -> Result<Self, ProtocolError> {
+        self.max_norm = max_norm;
+        self.validate()?;
+        Ok(self)
     }
 
     /// `2^m - 1`: AND with this to reduce mod `2^m`.
@@ -132,6 +150,11 @@ impl EncodingParams {
                 "clipping bound {} is not finite and > 0",
                 self.clip
             ));
+        }
+        if let Some(n) = self.max_norm
+            && !(n.is_finite() && n > 0.0)
+        {
+            return bad(format!("L2 norm bound {n} is not finite and > 0"));
         }
         if !(1..=24).contains(&self.bits) {
             return bad(format!("quantisation bits {} not in 1..=24", self.bits));
@@ -221,6 +244,7 @@ pub fn encode(
     let c = f64::from(params.clip);
     let top = levels(params.bits) as f64;
     let scale = top / (2.0 * c);
+    let shrink = norm_scale(params.max_norm, update);
     let mut out = vec![0u32; update.len() + 1];
     // Random bits are drawn in blocks with `fill_bytes` (32 bits per
     // element): much faster than a call per draw.
@@ -232,7 +256,7 @@ pub fn encode(
         let random = &mut random[..4 * block.len()];
         rng.fill_bytes(random);
         for ((o, &x), r) in dst.iter_mut().zip(block).zip(random.as_chunks::<4>().0) {
-            let clipped = f64::from(x).max(-c).min(c);
+            let clipped = (f64::from(x) * shrink).max(-c).min(c);
             let scaled = ((clipped + c) * scale).max(0.0).min(top);
             // 0 <= scaled < 2^24: truncation to i32 is floor (no libm call,
             // and i32 conversions vectorise).
@@ -247,6 +271,28 @@ pub fn encode(
     random.zeroize();
     out[update.len()] = weight;
     Ok(out)
+}
+
+/// The factor `min(1, C / ‖update‖₂)` that brings `update` within the L2
+/// norm bound `C` (1 without a bound; infinities count as the largest
+/// float, so an infinite update is scaled to finite values).
+fn norm_scale(max_norm: Option<f32>, update: &[f32]) -> f64 {
+    let Some(bound) = max_norm else {
+        return 1.0;
+    };
+    let norm = update
+        .iter()
+        .map(|&x| {
+            let x = f64::from(x.clamp(f32::MIN, f32::MAX));
+            x * x
+        })
+        .sum::<f64>()
+        .sqrt();
+    if norm > f64::from(bound) {
+        f64::from(bound) / norm
+    } else {
+        1.0
+    }
 }
 
 /// Decodes an unmasked ring sum (`d + 1` elements) into the weighted mean
@@ -518,6 +564,41 @@ mod tests {
 
     fn params(clip: f32, bits: u32, max_weight: u32, n: usize) -> EncodingParams {
         EncodingParams::new(clip, bits, max_weight, n).unwrap()
+    }
+
+    #[test]
+    fn updates_longer_than_the_norm_bound_are_scaled_down_to_it() {
+        let p = params(1.0, 16, 1, 1).with_max_norm(Some(2.0)).unwrap();
+        let mut rng = StdRng::seed_from_u64(3);
+        // Norm 5 (100 × 0.5): scaled by 2/5 to 0.2 each.
+        let (mean, w) = decode(&p, &encode(&p, &[0.5; 100], 1, &mut rng).unwrap()).unwrap();
+        assert_eq!(w, 1);
+        for x in &mean {
+            assert!((x - 0.2).abs() <= p.step(), "{x}");
+        }
+        // Norm 1: left alone.
+        let (mean, _) = decode(&p, &encode(&p, &[0.1; 100], 1, &mut rng).unwrap()).unwrap();
+        for x in &mean {
+            assert!((x - 0.1).abs() <= p.step(), "{x}");
+        }
+        // An infinite element is scaled to a finite, bounded update.
+        let mut update = vec![0.0f32; 10];
+        update[3] = f32::INFINITY;
+        let (mean, _) = decode(&p, &encode(&p, &update, 1, &mut rng).unwrap()).unwrap();
+        let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(norm <= 1.0 + 10.0 * p.step(), "{norm}");
+    }
+
+    #[test]
+    fn a_norm_bound_must_be_finite_and_positive() {
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let err = params(1.0, 16, 1, 1).with_max_norm(Some(bad)).unwrap_err();
+            assert!(err.to_string().contains("norm bound"), "{err}");
+        }
+        assert_eq!(
+            params(1.0, 16, 1, 1).with_max_norm(None).unwrap().max_norm,
+            None
+        );
     }
 
     #[test]

@@ -99,6 +99,45 @@ fn secagg_plus_uses_a_sparse_graph_and_survives_dropouts_at_every_stage() {
     assert_eq!(r.contributors.len(), 56);
 }
 
+/// A round with an L2 norm bound: the setup every participant signs names
+/// it, each participant scales its update down to it before encoding, and
+/// the decoded mean is the mean of the scaled updates.
+#[test]
+fn an_update_norm_bound_in_the_setup_scales_every_update() {
+    let cfg = SecAggConfig {
+        max_norm: Some(0.25),
+        ..config(false)
+    };
+    let mut h = Harness::new(cfg, 8, 32, 5);
+    h.begin_round(1).unwrap();
+    assert_eq!(h.setup().encoding.max_norm, Some(0.25));
+    let longest = (0..8u32)
+        .map(|i| {
+            h.inputs[&i]
+                .0
+                .iter()
+                .map(|&x| f64::from(x).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .fold(0.0, f64::max);
+    assert!(longest > 0.5, "some update exceeds the bound: {longest}");
+    h.drive();
+    let r = h.result.clone().unwrap().unwrap();
+    h.check_result(&r);
+    let norm = r
+        .mean_update
+        .iter()
+        .map(|&x| f64::from(x).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let slack = f64::from(h.encoding().step()) * (32f64).sqrt();
+    assert!(
+        norm <= 0.25 + slack,
+        "mean of bounded updates has norm {norm}"
+    );
+}
+
 /// The scale of a large deployment (n = 1000, the graph of the docs' table:
 /// k = 64, t = 33) with a tiny vector: the round completes with 10% of the
 /// participants gone at every stage, and the sum is exact.

@@ -424,6 +424,12 @@ impl Harness {
             "unmasked sum differs from the contributors' encoded inputs"
         );
         let c = self.coordinator.config().clip;
+        let max_norm = self.coordinator.config().max_norm;
+        // Honest participants scale an update longer than the norm bound.
+        let shrink = |u: &[f32]| {
+            let norm = u.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            max_norm.map_or(1.0, |b| (f64::from(b) / norm).min(1.0))
+        };
         let total: u64 = r.contributors.iter().map(|i| self.inputs[i].1 as u64).sum();
         assert_eq!(r.total_weight, total as f64);
         let step = self.encoding().step() as f64;
@@ -434,7 +440,7 @@ impl Harness {
                 .iter()
                 .map(|i| {
                     let (u, w) = &self.inputs[i];
-                    *w as f64 * u[k].clamp(-c, c) as f64
+                    *w as f64 * (u[k] as f64 * shrink(u)).clamp(-c as f64, c as f64)
                 })
                 .sum::<f64>()
                 / total as f64;
