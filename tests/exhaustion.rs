@@ -317,6 +317,8 @@ async fn an_admitted_peer_streaming_the_largest_frames_is_cut_off() {
         })
         .await;
     let largest = wrong_round_contribution(limit);
+    let largest_len = largest.len() as u64;
+    let (rss_before, _) = memory();
     let mut send = streamer.send;
     let writer = tokio::spawn(async move {
         let mut sent = 0u32;
@@ -339,6 +341,7 @@ async fn an_admitted_peer_streaming_the_largest_frames_is_cut_off() {
     })
     .await
     .expect("the streaming peer was cut off");
+    let (_, peak) = memory();
     assert!(
         message.contains("hostile sent 16 ignored messages in a row (limit 16)"),
         "{message}"
@@ -356,8 +359,12 @@ async fn an_admitted_peer_streaming_the_largest_frames_is_cut_off() {
         assert_eq!(round.participants, 3, "{round:?}");
     }
     eprintln!(
-        "largest Contribution {limit} bytes; the streaming peer wrote {sent} of them before \
-         it was cut off"
+        "largest Contribution {limit} bytes; the streaming peer wrote {sent} of them \
+         ({:.1} MiB) before it was cut off; RSS before the stream {:.1} MiB, peak until the \
+         cut-off {:.1} MiB (this process also runs the three honest participants' training)",
+        (u64::from(sent) * largest_len) as f64 / 1048576.0,
+        rss_before as f64 / 1048576.0,
+        peak as f64 / 1048576.0
     );
 }
 
