@@ -95,7 +95,7 @@ pub struct ParticipantSession {
     evaluated_models: std::collections::HashSet<[u8; 32]>,
     /// The model of the last `EvaluateRequest` and its round, kept for a
     /// `TrainRequest` that refers to it ([`GlobalModel::Evaluated`]).
-    evaluated: Option<(u32, ModelWeights)>,
+    evaluated: Option<(u32, ModelWeights, [u8; 32])>,
     /// Our side of the current round's secure update sum, if any.
     update_sum: Option<SecAggParticipant>,
     /// Our side of the current round's secure evaluation sum, if any.
@@ -224,18 +224,20 @@ impl ParticipantSession {
                         got: round,
                     });
                 }
-                let global = match global {
+                let (global, digest) = match global {
                     GlobalModel::Weights(w) => {
                         w.validate()?;
-                        Arc::unwrap_or_clone(w)
+                        let digest = w.digest();
+                        (Arc::unwrap_or_clone(w), digest)
                     }
                     GlobalModel::Evaluated { round: wanted } => match self.evaluated.take() {
-                        Some((held, w)) if held == wanted => w,
+                        Some((held, w, digest)) if held == wanted => (w, digest),
                         other => {
                             return Err(ProtocolError::MissingModel {
                                 wanted,
-                                held: other
-                                    .map_or("none".into(), |(r, _)| format!("round {r}'s model")),
+                                held: other.map_or("none".into(), |(r, _, _)| {
+                                    format!("round {r}'s model")
+                                }),
                             });
                         }
                     },
@@ -244,7 +246,7 @@ impl ParticipantSession {
                 self.last_round = round;
                 self.state = State::Training { round };
                 self.update_sum =
-                    self.secure_sum(round, SumKind::Update, global.num_parameters(), &global);
+                    self.secure_sum(round, SumKind::Update, global.num_parameters(), digest);
                 self.events.push_back(ParticipantEvent::Train {
                     round,
                     global,
@@ -269,12 +271,13 @@ impl ParticipantSession {
                 }
                 // The same model under a new round number would let the
                 // coordinator difference two sums over different evaluators.
-                if !self.evaluated_models.insert(global.digest()) {
+                let digest = global.digest();
+                if !self.evaluated_models.insert(digest) {
                     return Err(ProtocolError::RepeatedEvaluation { round });
                 }
                 self.last_round = round;
                 self.last_evaluated = round;
-                self.evaluated = Some((round, global.clone()));
+                self.evaluated = Some((round, global.clone(), digest));
                 self.state = State::Evaluating { round };
                 // Accuracy, loss and the confusion counts of the model's classes.
                 let classes = self
@@ -285,7 +288,7 @@ impl ParticipantSession {
                     round,
                     SumKind::Evaluation,
                     EvalMetrics::sum_len(classes),
-                    &global,
+                    digest,
                 );
                 self.events
                     .push_back(ParticipantEvent::Evaluate { round, global });
@@ -314,13 +317,13 @@ impl ParticipantSession {
     }
 
     /// Our side of a secure sum of `num_values` values for `round` about
-    /// `model`, when the session aggregates securely.
+    /// the model with digest `model`, when the session aggregates securely.
     fn secure_sum(
         &self,
         round: u32,
         sum: SumKind,
         num_values: usize,
-        model: &ModelWeights,
+        model: [u8; 32],
     ) -> Option<SecAggParticipant> {
         match (&self.session, self.id, &self.auth) {
             (Some(info), Some(id), Some(auth)) if info.aggregation != AggregationKind::Plain => {
@@ -333,7 +336,7 @@ impl ParticipantSession {
                     },
                     Some(num_values),
                     auth.clone(),
-                    model.digest(),
+                    model,
                 ))
             }
             _ => None,

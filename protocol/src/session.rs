@@ -446,6 +446,9 @@ pub struct CoordinatorSession {
     /// The round whose `apply_global` installed `global` (None: the initial
     /// model).
     global_round: Option<u32>,
+    /// [`ModelWeights::digest`] of `global`, once computed (both sums about
+    /// one model name it; hashing a large model is not free).
+    global_digest: Option<[u8; 32]>,
     phase: Phase,
     /// Identities of open connections, from `handle_connect`, until they
     /// disconnect.
@@ -530,6 +533,7 @@ impl CoordinatorSession {
             model: None,
             global,
             global_round: None,
+            global_digest: None,
             phase: Phase::Joining,
             identities: BTreeMap::new(),
             peers: BTreeMap::new(),
@@ -571,6 +575,18 @@ impl CoordinatorSession {
 
     /// The global model during a round (built at the first admission,
     /// before any round can start).
+    /// The digest of [`Self::round_global`], computed once per model.
+    fn round_global_digest(&mut self) -> [u8; 32] {
+        match self.global_digest {
+            Some(d) => d,
+            None => {
+                let d = self.round_global().digest();
+                self.global_digest = Some(d);
+                d
+            }
+        }
+    }
+
     fn round_global(&self) -> &ModelWeights {
         self.global
             .as_ref()
@@ -809,6 +825,7 @@ impl CoordinatorSession {
                 }
                 weights.validate().map_err(|e| e.to_string())?;
                 self.global = Some(weights);
+                self.global_digest = None;
                 Ok(SessionModel {
                     spec,
                     classes: input.classes,
@@ -1047,6 +1064,7 @@ impl CoordinatorSession {
             ));
         }
         self.global = Some(global);
+        self.global_digest = None;
         self.global_round = Some(round);
         self.phase = Phase::Evaluating { round };
         self.round.evaluation_started = Some(now);
@@ -1067,8 +1085,8 @@ impl CoordinatorSession {
             .map(|id| self.peers[id].test_samples)
             .max()
             .unwrap_or(1);
-        self.evaluator
-            .set_model_digest(self.round_global().digest());
+        let digest = self.round_global_digest();
+        self.evaluator.set_model_digest(digest);
         let classes = self.model().map_or(0, |m| m.num_classes() as usize);
         let sum_len = EvalMetrics::sum_len(classes);
         match begin_with_weight_bound(
@@ -1156,7 +1174,7 @@ impl CoordinatorSession {
             .map(|id| self.peers[id].train_samples)
             .max()
             .unwrap_or(1);
-        let digest = self.round_global().digest();
+        let digest = self.round_global_digest();
         self.aggregator.set_model_digest(digest);
         let num_params = self.round_global().num_parameters();
         let bound = match begin_with_weight_bound(

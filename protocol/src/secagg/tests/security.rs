@@ -334,6 +334,31 @@ fn requests_with_bad_signatures_are_refused() {
     }
 }
 
+/// A participant verifies survivor signatures only until `t - 1` of its
+/// neighbours' have checked (with its own, `t`): a forged signature among
+/// the first `t - 1` stops it, one after them is never examined (the
+/// check is already met, and each verification costs a signature check).
+#[test]
+fn only_the_survivor_signatures_the_threshold_needs_are_verified() {
+    let h = at_unmasking();
+    let t = h.threshold();
+    let all = request(&h, 3);
+    assert!(all.len() > t - 1, "{} signatures, t = {t}", all.len());
+    // Forged after the first t - 1: the participant answers.
+    let mut h = at_unmasking();
+    let mut s = request(&h, 3);
+    s[t - 1].1.bytes[8] ^= 1;
+    h.deliver(3, unmask_request(s)).unwrap();
+    assert!(!nothing_sent(&mut h, 3), "answered");
+    // Forged among the first t - 1: refused.
+    let mut h = at_unmasking();
+    let mut s = request(&h, 3);
+    s[t - 2].1.bytes[8] ^= 1;
+    let err = h.deliver(3, unmask_request(s)).unwrap_err();
+    assert!(matches!(err, ProtocolError::Crypto(_)), "{err}");
+    assert!(nothing_sent(&mut h, 3), "nothing revealed");
+}
+
 #[test]
 fn a_survivor_set_below_the_participants_floor_is_not_signed() {
     let mut h = Harness::new(config(true), 7, 3, 17);
