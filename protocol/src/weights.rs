@@ -137,9 +137,11 @@ impl ModelWeights {
                 h.update(&(*d as u64).to_be_bytes());
             }
             for chunk in t.data.chunks(16 * 1024) {
-                buf.clear();
-                for v in chunk {
-                    buf.extend_from_slice(&v.to_bits().to_le_bytes());
+                // Fixed-size copies into a sized buffer compile to a plain
+                // copy on little-endian machines.
+                buf.resize(4 * chunk.len(), 0);
+                for (dst, v) in buf.chunks_exact_mut(4).zip(chunk) {
+                    dst.copy_from_slice(&v.to_bits().to_le_bytes());
                 }
                 h.update(&buf);
             }
