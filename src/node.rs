@@ -121,7 +121,8 @@ pub struct TrainingSettings {
     /// Number of rounds.
     pub rounds: u32,
     /// Architecture to train, by its registered name (`blocknet`, `vit`,
-    /// `cnn` or a registered model), built for the participants' input.
+    /// `mixer`, `cnn` or a registered model), built for the participants'
+    /// input.
     pub model: String,
     /// Block size of the blocknet model and of the image cipher.
     pub block_size: u32,
@@ -665,7 +666,7 @@ mod tests {
             .expect_err("unknown architecture")
             .to_string();
         assert!(
-            err.contains("nosuch") && err.contains("blocknet, vit, cnn"),
+            err.contains("nosuch") && err.contains("blocknet, vit, mixer, cnn"),
             "{err}"
         );
         let (initial, test_set) = initial_model(&coordinator("cnn", 4)).unwrap();

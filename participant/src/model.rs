@@ -9,7 +9,8 @@
 //! shapes are PyTorch's (`conv.weight` is `[C, 1, B, B]`, linear weights are
 //! `[out, in]`), so weights can be compared with a PyTorch model of the same
 //! architecture. Every architecture is a struct implementing the [`Model`]
-//! trait: the built-in [`BlockNet`], [`Vit`] (module [`vit`]) and [`Cnn`]
+//! trait: the built-in [`BlockNet`], [`Vit`] (module [`vit`]), [`Mixer`]
+//! (module [`mixer`]) and [`Cnn`]
 //! (module [`cnn`]), and any number of user-defined ones. [`Network`] is an
 //! enum with one variant per built-in and [`Network::Custom`] for the rest.
 //!
@@ -71,6 +72,12 @@
 //! trained on encrypted images can thus compute exactly the function of one
 //! trained on plain images (the tests check both re-parametrisations).
 //!
+//! The [`Mixer`] (module [`mixer`]) has no position embedding: its
+//! token-mixing MLPs are the only weights indexed by token position, so
+//! shuffling the blocks equals permuting their columns (`fc1`) and rows
+//! (`fc2`), and the in-block transform is absorbed by the patch embedding
+//! as in the ViT.
+//!
 //! The [`Cnn`] control cannot do this. Its 3x3 kernels slide over every
 //! pixel position, so most receptive fields straddle block boundaries and
 //! mix pixels of neighbouring blocks; after block shuffling those
@@ -105,7 +112,9 @@ use crate::error::{ParticipantError, Result};
 mod blocknet;
 pub mod cnn;
 mod gemm;
+pub mod mixer;
 mod ops;
+mod patches;
 pub mod registry;
 pub mod transform;
 pub mod vit;
@@ -113,6 +122,7 @@ pub mod vit;
 pub use blocknet::{BlockNet, BlockNetDims};
 pub(crate) use blocknet::{ColumnSums, ReluBackward};
 pub use cnn::{Cnn, CnnDims, cnn_28x28};
+pub use mixer::{Mixer, MixerDims, mixer_28x28};
 pub use registry::{
     Architecture, BUILTIN_ARCHITECTURES, MAX_ARCH_NAME, Model, architecture, architecture_names,
     builtin_spec, param_usize, register_architecture, registered_architectures, vars_from_weights,
@@ -203,6 +213,7 @@ pub fn param_layout(spec: &ModelSpec) -> Result<Vec<ParamInfo>> {
     match spec {
         ModelSpec::BlockNet { .. } => Ok(BlockNetDims::from_spec(spec)?.layout()),
         ModelSpec::Vit { .. } => Ok(VitDims::from_spec(spec)?.layout()),
+        ModelSpec::Mixer { .. } => Ok(MixerDims::from_spec(spec)?.layout()),
         ModelSpec::Cnn { .. } => Ok(CnnDims::from_spec(spec)?.layout()),
         ModelSpec::Custom { .. } => registry::custom_layout(spec),
         _ => Err(unsupported(spec)),
@@ -298,6 +309,8 @@ pub enum Network {
     BlockNet(BlockNet),
     /// See [`Vit`].
     Vit(Vit),
+    /// See [`Mixer`].
+    Mixer(Mixer),
     /// See [`Cnn`].
     Cnn(Cnn),
     /// A model of a registered [`Architecture`] (a [`ModelSpec::Custom`]).
@@ -314,6 +327,7 @@ impl Network {
                 Ok(Network::BlockNet(BlockNet::new(spec, weights, device)?))
             }
             ModelSpec::Vit { .. } => Ok(Network::Vit(Vit::new(spec, weights, device)?)),
+            ModelSpec::Mixer { .. } => Ok(Network::Mixer(Mixer::new(spec, weights, device)?)),
             ModelSpec::Cnn { .. } => Ok(Network::Cnn(Cnn::new(spec, weights, device)?)),
             ModelSpec::Custom { .. } => Ok(Network::Custom(registry::build_custom(
                 spec, weights, device,
@@ -327,6 +341,7 @@ impl Network {
         match self {
             Network::BlockNet(n) => n,
             Network::Vit(n) => n,
+            Network::Mixer(n) => n,
             Network::Cnn(n) => n,
             Network::Custom(n) => n.as_ref(),
         }

@@ -8,7 +8,7 @@ use candle_core::Device;
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
     data::{Dataset, synthetic::builtin_splits},
-    model::{Network, cnn_28x28, encrypted_domain_weights, init_weights, vit_28x28},
+    model::{Network, cnn_28x28, encrypted_domain_weights, init_weights, mixer_28x28, vit_28x28},
     train::{TensorData, train_local},
 };
 use greyfed_protocol::message::LrSchedule;
@@ -249,6 +249,7 @@ fn plain_models_transform_into_every_mode() {
     let key = ImageKey::from_bytes([0x77; 32]);
     let blocknet = ModelSpec::blocknet_28x28(B as u32);
     let vit = vit_28x28(B as u32, 1);
+    let mixer = small_mixer();
     for (spec, mode) in [
         (&blocknet, "le"),
         (&blocknet, "split"),
@@ -256,6 +257,9 @@ fn plain_models_transform_into_every_mode() {
         (&vit, "le"),
         (&vit, "split+block-shuffle"),
         (&vit, "negpos"),
+        (&mixer, "le"),
+        (&mixer, "block"),
+        (&mixer, "split+block-shuffle"),
     ] {
         for layer in [FirstLayer::Shared, FirstLayer::PerBlock] {
             check_transform(&spec.clone().with_first_layer(layer), mode, &key, &images);
@@ -268,9 +272,40 @@ fn plain_models_transform_into_every_mode() {
         (&vit, "pixel"),
         (&vit, "pixel-negpos"),
         (&vit, "extended"),
+        (&mixer, "pixel"),
+        (&mixer, "le-extended"),
     ] {
         let spec = spec.clone().with_first_layer(FirstLayer::PerBlock);
         check_transform(&spec, mode, &key, &images);
+    }
+}
+
+/// The default Mixer's shape with fewer, narrower blocks (the transform
+/// does not depend on the widths; the test stays fast in debug builds).
+fn small_mixer() -> ModelSpec {
+    let ModelSpec::Mixer {
+        image_rows,
+        image_cols,
+        image_channels,
+        patch_size,
+        first_layer,
+        num_classes,
+        ..
+    } = mixer_28x28(B as u32, 1)
+    else {
+        unreachable!()
+    };
+    ModelSpec::Mixer {
+        image_rows,
+        image_cols,
+        image_channels,
+        patch_size,
+        first_layer,
+        dim: 32,
+        depth: 2,
+        token_mlp_dim: 48,
+        channel_mlp_dim: 64,
+        num_classes,
     }
 }
 

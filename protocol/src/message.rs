@@ -126,6 +126,35 @@ pub enum ModelSpec {
         /// `("hidden", 128)`; read them with [`ModelSpec::param`].
         params: Vec<(String, i64)>,
     },
+    /// An MLP-Mixer whose tokens are the cipher's image blocks:
+    /// non-overlapping `patch_size` patches embedded linearly, then `depth`
+    /// pre-norm mixer blocks (an MLP across the tokens, then an MLP across
+    /// the channels, each with a residual), a final layer norm, a mean over
+    /// the tokens and a linear head. The token-mixing weights are indexed by
+    /// block position, so block shuffling only permutes them.
+    Mixer {
+        /// Image height in pixels.
+        image_rows: u32,
+        /// Image width in pixels.
+        image_cols: u32,
+        /// Image planes: 1 for grey-scale pixels, 2 for split 4-bit halves.
+        image_channels: u32,
+        /// Patch edge in pixels; must divide both image dimensions.
+        patch_size: u32,
+        /// One patch embedding for all patches, or one per patch position.
+        #[serde(default)]
+        first_layer: FirstLayer,
+        /// Channels per token (embedding width).
+        dim: u32,
+        /// Mixer blocks.
+        depth: u32,
+        /// Hidden width of the token-mixing MLPs.
+        token_mlp_dim: u32,
+        /// Hidden width of the channel-mixing MLPs.
+        channel_mlp_dim: u32,
+        /// Number of classes.
+        num_classes: u32,
+    },
 }
 
 fn one() -> u32 {
@@ -193,12 +222,13 @@ impl ModelSpec {
         }
     }
 
-    /// Short name for logs and metadata: `"blocknet"`, `"vit"`, `"cnn"`, or
+    /// Short name for logs and metadata: `"blocknet"`, `"vit"`, `"mixer"`, `"cnn"`, or
     /// the registered name of a [`ModelSpec::Custom`] architecture.
     pub fn name(&self) -> &str {
         match self {
             ModelSpec::BlockNet { .. } => "blocknet",
             ModelSpec::Vit { .. } => "vit",
+            ModelSpec::Mixer { .. } => "mixer",
             ModelSpec::Cnn { .. } => "cnn",
             ModelSpec::Custom { arch, .. } => arch,
         }
@@ -222,6 +252,7 @@ impl ModelSpec {
         match self {
             ModelSpec::BlockNet { num_classes, .. }
             | ModelSpec::Vit { num_classes, .. }
+            | ModelSpec::Mixer { num_classes, .. }
             | ModelSpec::Cnn { num_classes, .. }
             | ModelSpec::Custom { num_classes, .. } => *num_classes,
         }
@@ -236,6 +267,11 @@ impl ModelSpec {
                 ..
             }
             | ModelSpec::Vit {
+                image_rows,
+                image_cols,
+                ..
+            }
+            | ModelSpec::Mixer {
                 image_rows,
                 image_cols,
                 ..
@@ -258,6 +294,7 @@ impl ModelSpec {
         match self {
             ModelSpec::BlockNet { image_channels, .. }
             | ModelSpec::Vit { image_channels, .. }
+            | ModelSpec::Mixer { image_channels, .. }
             | ModelSpec::Cnn { image_channels, .. }
             | ModelSpec::Custom { image_channels, .. } => *image_channels,
         }
@@ -267,9 +304,9 @@ impl ModelSpec {
     /// and custom architectures).
     pub fn with_first_layer(mut self, layer: FirstLayer) -> Self {
         match &mut self {
-            ModelSpec::BlockNet { first_layer, .. } | ModelSpec::Vit { first_layer, .. } => {
-                *first_layer = layer
-            }
+            ModelSpec::BlockNet { first_layer, .. }
+            | ModelSpec::Vit { first_layer, .. }
+            | ModelSpec::Mixer { first_layer, .. } => *first_layer = layer,
             ModelSpec::Cnn { .. } | ModelSpec::Custom { .. } => {}
         }
         self
@@ -287,6 +324,13 @@ impl ModelSpec {
                 ..
             }
             | ModelSpec::Vit {
+                image_rows,
+                image_cols,
+                image_channels,
+                num_classes,
+                ..
+            }
+            | ModelSpec::Mixer {
                 image_rows,
                 image_cols,
                 image_channels,
@@ -347,6 +391,7 @@ impl ModelSpec {
         match &mut self {
             ModelSpec::BlockNet { image_channels, .. }
             | ModelSpec::Vit { image_channels, .. }
+            | ModelSpec::Mixer { image_channels, .. }
             | ModelSpec::Cnn { image_channels, .. }
             | ModelSpec::Custom { image_channels, .. } => *image_channels = channels,
         }

@@ -99,7 +99,7 @@ pub enum InitKind {
 pub struct ExperimentSettings {
     /// Output directory of the tables, `cells.jsonl` and `settings.txt`.
     pub out: PathBuf,
-    /// Models: `blocknet`, `vit` and/or `cnn`.
+    /// Models: `blocknet`, `vit`, `mixer` and/or `cnn`.
     pub models: Vec<String>,
     /// Cipher modes (presets or `+`-joined steps); the plain baseline is
     /// always added.
@@ -159,7 +159,7 @@ pub struct ExperimentSettings {
 /// One training run of the grid.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Cell {
-    /// `blocknet`, `vit` or `cnn`.
+    /// `blocknet`, `vit`, `mixer` or `cnn`.
     pub model: String,
     /// Cipher mode, or `plain`.
     pub mode: String,
@@ -193,7 +193,7 @@ fn check_model_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The model `name` (blocknet, vit or cnn) with block size `block` for
+/// The model `name` (blocknet, vit, mixer or cnn) with block size `block` for
 /// the images of `splits` with `planes` planes.
 pub fn model_spec(
     name: &str,

@@ -100,12 +100,12 @@ use greyfed_protocol::weights::ModelWeights;
 
 use super::{
     LossAndGrads, MAX_PARAMETERS, ParamInfo, ParamInit, autograd_loss_and_grads, check_layout,
-    check_positive, cnn_28x28, param_layout, vars_to_weights, vit_28x28,
+    check_positive, cnn_28x28, mixer_28x28, param_layout, vars_to_weights, vit_28x28,
 };
 use crate::error::{ParticipantError, Result};
 
 /// The names of the built-in architectures, reserved in the registry.
-pub const BUILTIN_ARCHITECTURES: [&str; 3] = ["blocknet", "vit", "cnn"];
+pub const BUILTIN_ARCHITECTURES: [&str; 4] = ["blocknet", "vit", "mixer", "cnn"];
 
 /// Longest architecture name [`register_architecture`] accepts, in bytes.
 pub const MAX_ARCH_NAME: usize = 64;
@@ -297,6 +297,7 @@ pub fn builtin_spec(name: &str, input: &InputSpec, block_size: u32) -> Result<Mo
     let spec = match name {
         "blocknet" => ModelSpec::blocknet_28x28(block_size).with_input(input),
         "vit" => vit_28x28(block_size, input.channels).with_input(input),
+        "mixer" => mixer_28x28(block_size, input.channels).with_input(input),
         "cnn" => cnn_28x28(input.channels).with_input(input),
         _ => {
             let spec = architecture(name)?.default_spec(input);
@@ -521,7 +522,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(again.contains("already registered"), "{again}");
-        for name in ["blocknet", "vit", "cnn", "BlockNet"] {
+        for name in ["blocknet", "vit", "mixer", "cnn", "BlockNet"] {
             let e = register_architecture(Arc::new(MlpArch(name)))
                 .unwrap_err()
                 .to_string();
@@ -535,7 +536,10 @@ mod tests {
         }
         assert!(registered_architectures().contains(&"test-mlp-dup".to_string()));
         let all = architecture_names();
-        assert_eq!(&all[..3], &BUILTIN_ARCHITECTURES.map(String::from));
+        assert_eq!(
+            &all[..BUILTIN_ARCHITECTURES.len()],
+            &BUILTIN_ARCHITECTURES.map(String::from)
+        );
         assert!(all.contains(&"test-mlp-dup".to_string()));
     }
 
@@ -552,7 +556,7 @@ mod tests {
             assert!(
                 e.contains("unknown model architecture \"no-such-arch\"")
                     && e.contains("test-mlp-known")
-                    && e.contains("blocknet, vit, cnn")
+                    && e.contains("blocknet, vit, mixer, cnn")
                     && e.contains("register_architecture"),
                 "{e}"
             );

@@ -5,12 +5,12 @@
 //! Every cipher mode is a value permutation plus a mask of inversions
 //! (`cipher[d] = values[source[d]] ^ xor[d]`, see [`crate::cipher`]), and the
 //! inputs are centred (`x / 127.5 - 1`), so an inversion is a sign flip. A
-//! block-wise first layer (blocknet's block convolution, the ViT's patch
-//! embedding) absorbs that: the weight of cipher value `d` of block `q` is
-//! the plain weight of the value it came from, negated where it is
-//! inverted, and the block permutation moves what is indexed by block
-//! position (blocknet's `fc1` columns, the ViT's position embeddings and
-//! per-patch biases). The split representation is absorbed too: a centred
+//! block-wise first layer (blocknet's block convolution, the ViT's and the
+//! Mixer's patch embedding) absorbs that: the weight of cipher value `d` of
+//! block `q` is the plain weight of the value it came from, negated where
+//! it is inverted, and the block permutation moves what is indexed by
+//! block position (blocknet's `fc1` columns, the ViT's position embeddings,
+//! the Mixer's token-mixing weights, per-patch first layers). The split representation is absorbed too: a centred
 //! pixel is `16/17` of its centred high half plus `1/17` of its centred low
 //! half, exactly, so a one-plane plain model becomes a two-plane model.
 //!
@@ -44,8 +44,8 @@ struct ValueMap {
 /// equal the outputs of (`spec`, `weights`) on plain images.
 ///
 /// `spec` takes plain pixels (one plane) or, for a split cipher, may
-/// already take the split planes. Blocknet and the ViT are supported, with
-/// block (patch) size equal to the cipher's; a shared first layer only for
+/// already take the split planes. Blocknet, the ViT and the Mixer are
+/// supported, with block (patch) size equal to the cipher's; a shared first layer only for
 /// ciphers whose transform is the same in every block (else use
 /// [`FirstLayer::PerBlock`]). The CNN has no such transform: an error.
 pub fn encrypted_domain_weights(
@@ -64,11 +64,16 @@ pub fn encrypted_domain_weights(
             patch_size,
             first_layer,
             ..
+        }
+        | ModelSpec::Mixer {
+            patch_size,
+            first_layer,
+            ..
         } => (*patch_size as usize, *first_layer),
         other => {
             return Err(ParticipantError::Model(format!(
-                "the {} cannot be transformed into the encrypted domain; only blocknet and the \
-                 ViT have a block-wise first layer",
+                "the {} cannot be transformed into the encrypted domain; only blocknet, the \
+                 ViT and the Mixer have a block-wise first layer",
                 other.name()
             )));
         }
@@ -148,6 +153,16 @@ pub fn encrypted_domain_weights(
     // What is indexed by block position follows the blocks.
     match spec {
         ModelSpec::BlockNet { .. } => out[2] = permute_fc1_columns(&t[2], pi)?,
+        ModelSpec::Mixer { depth, .. } => {
+            // Per block: token_mlp.fc1.weight [S, T] (its columns),
+            // token_mlp.fc2.weight [T, S] and .bias [T] (their rows).
+            for blk in 0..*depth as usize {
+                let base = 2 + 12 * blk;
+                out[base + 2] = permute_columns(&t[base + 2], pi)?;
+                out[base + 4] = permute_rows(&t[base + 4], pi)?;
+                out[base + 5] = permute_rows(&t[base + 5], pi)?;
+            }
+        }
         _ => out[2] = permute_rows(&t[2], pi)?,
     }
     let enc_weights = ModelWeights::new(out).map_err(|e| ParticipantError::Model(e.to_string()))?;
@@ -214,6 +229,19 @@ fn permute_rows(t: &NamedTensor, pi: &[usize]) -> Result<NamedTensor> {
         .iter()
         .flat_map(|&p| t.data[p * row..(p + 1) * row].iter().copied())
         .collect();
+    tensor(&t.name, t.shape.clone(), data)
+}
+
+/// Columns of a `[rows, blocks]` tensor: column `q` of the result is column
+/// `pi[q]`.
+fn permute_columns(t: &NamedTensor, pi: &[usize]) -> Result<NamedTensor> {
+    let cols = pi.len();
+    let mut data = vec![0f32; t.data.len()];
+    for (dst, src) in data.chunks_mut(cols).zip(t.data.chunks(cols)) {
+        for (q, &p) in pi.iter().enumerate() {
+            dst[q] = src[p];
+        }
+    }
     tensor(&t.name, t.shape.clone(), data)
 }
 

@@ -8,6 +8,7 @@ use greyfed_protocol::weights::ModelWeights;
 use super::{LAYER_NORM_EPS, VitDims};
 use crate::error::{ParticipantError, Result};
 use crate::model::ops::{add_bias, bias_gelu, layer_norm, softmax_last_dim};
+use crate::model::patches::PatchGrid;
 use crate::model::{
     LossAndGrads, autograd_loss_and_grads, check_layout, var_from, vars_to_weights,
 };
@@ -110,31 +111,16 @@ impl Vit {
         }
     }
 
-    /// `[N, I, R, W] -> [N, R/P, W/P, I, P, P] -> [N * T, I * P * P]`, the
-    /// same patch vectors as [`crate::model::BlockNet`]'s; `by_position` groups
-    /// them by patch position instead: `[T, N, I * P * P]` (contiguous).
+    /// The patch vectors of `images` (see [`PatchGrid::patches`]).
     fn patches(&self, images: &Tensor, n: usize, by_position: bool) -> Result<Tensor> {
         let d = &self.dims;
-        let (gr, gc, p) = (d.grid_rows(), d.grid_cols(), d.patch);
-        let grouped = match (d.planes == 1, by_position) {
-            (true, false) => images
-                .reshape((n, gr, p, gc, p))?
-                .permute((0, 1, 3, 2, 4))?,
-            (true, true) => images
-                .reshape((n, gr, p, gc, p))?
-                .permute((1, 3, 0, 2, 4))?,
-            (false, false) => images
-                .reshape((n, d.planes, gr, p, gc, p))?
-                .permute((0, 2, 4, 1, 3, 5))?,
-            (false, true) => images
-                .reshape((n, d.planes, gr, p, gc, p))?
-                .permute((2, 4, 0, 1, 3, 5))?,
-        };
-        Ok(if by_position {
-            grouped.reshape((d.tokens(), n, d.patch_len()))?
-        } else {
-            grouped.reshape((n * d.tokens(), d.patch_len()))?
-        })
+        PatchGrid {
+            planes: d.planes,
+            grid_rows: d.grid_rows(),
+            grid_cols: d.grid_cols(),
+            patch: d.patch,
+        }
+        .patches(images, n, by_position)
     }
 
     /// Patch embeddings plus position embeddings, `[N, T * D]`: one shared
