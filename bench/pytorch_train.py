@@ -175,7 +175,47 @@ class Vit(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
-MODELS = {"blocknet": BlockNet, "cnn": Cnn, "vit": Vit}
+class MixerBlock(nn.Module):
+    def __init__(self, tokens, dim, token_mlp_dim, channel_mlp_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.token_mlp = Mlp(tokens, token_mlp_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.channel_mlp = Mlp(dim, channel_mlp_dim)
+
+    def forward(self, x):
+        x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mlp(self.norm2(x))
+
+
+class Mixer(nn.Module):
+    """Patches P x P (plane, row, col order), linear embedding, pre-norm
+    mixer blocks (token MLP across the patches, channel MLP per patch),
+    final norm, mean over tokens, linear head (greyfed's mixer_28x28
+    defaults)."""
+
+    def __init__(self, patch=4, dim=128, depth=6, token_mlp_dim=196, channel_mlp_dim=512,
+                 classes=10, side=28, planes=1):
+        super().__init__()
+        self.patch, self.grid = patch, side // patch
+        tokens = self.grid * self.grid
+        self.patch_embed = nn.Linear(planes * patch * patch, dim)
+        self.blocks = nn.ModuleList(
+            MixerBlock(tokens, dim, token_mlp_dim, channel_mlp_dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        n, i, _, _ = x.shape
+        g, p = self.grid, self.patch
+        x = x.reshape(n, i, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, i * p * p)
+        x = self.patch_embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x).mean(1))
+
+
+MODELS = {"blocknet": BlockNet, "cnn": Cnn, "vit": Vit, "mixer": Mixer}
 
 
 # ------------------------------------------------------------- training

@@ -41,7 +41,7 @@ use candle_core::Device;
 use clap::Parser;
 use greyfed_participant::cipher::{ImageCipher, ImageKey};
 use greyfed_participant::data::{idx::load_idx_dir, synthetic::builtin_splits};
-use greyfed_participant::model::{cnn_28x28, init_weights, vit_28x28};
+use greyfed_participant::model::{cnn_28x28, init_weights, mixer_28x28, vit_28x28};
 use greyfed_participant::train::{TensorData, evaluate, train_local};
 use greyfed_protocol::cipher::CipherSteps;
 use greyfed_protocol::{ModelSpec, OptimizerSpec, TrainingConfig};
@@ -115,8 +115,9 @@ fn main() -> Result<()> {
     let spec = match args.model.as_str() {
         "blocknet" => ModelSpec::blocknet_28x28(args.block_size).with_image_channels(planes),
         "vit" => vit_28x28(args.block_size, planes),
+        "mixer" => mixer_28x28(args.block_size, planes),
         "cnn" => cnn_28x28(planes),
-        other => bail!("unknown model {other:?}; choose blocknet, vit or cnn"),
+        other => bail!("unknown model {other:?}; choose blocknet, vit, mixer or cnn"),
     };
     let (train, test) = match mode {
         None => (splits.train, splits.test),
