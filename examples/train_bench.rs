@@ -53,7 +53,7 @@ const BATCH_SIZE: u32 = 64;
 #[command(about = "Time greyfed's local training of one model (see the source for details)")]
 struct Args {
     /// Model.
-    #[arg(long, default_value = "blocknet", value_parser = ["blocknet", "vit", "cnn"])]
+    #[arg(long, default_value = "blocknet", value_parser = ["blocknet", "vit", "mixer", "cnn"])]
     model: String,
     /// IDX dataset directory (MNIST layout); the built-in synthetic digits
     /// when omitted.
