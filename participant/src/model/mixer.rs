@@ -28,8 +28,11 @@
 //! mixing is position-specific by construction, which suits the few
 //! thousand images a participant holds.
 //!
-//! Gradients come from candle's autograd ([`super::autograd_loss_and_grads`])
-//! through the fused layer-norm, bias and bias + GELU ops of `model::ops`.
+//! Training with a shared patch embedding on the CPU uses a hand-written
+//! pass (`manual.rs`: `gemm` products on plain slices, checked against
+//! autograd in the tests); otherwise gradients come from candle's autograd
+//! ([`super::autograd_loss_and_grads`]) through the fused layer-norm, bias
+//! and bias + GELU ops of `model::ops`.
 
 use candle_core::{Tensor, Var};
 use greyfed_protocol::weights::ModelWeights;
@@ -38,6 +41,7 @@ use super::{LossAndGrads, Model, ParamInfo};
 use crate::error::Result;
 
 mod dims;
+mod manual;
 mod network;
 #[cfg(test)]
 mod tests;

@@ -1,16 +1,16 @@
 //! The [`Mixer`] network: construction from weights, the forward pass shared
 //! by training and inference, and the loss and gradients.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Storage, Tensor, Var};
 use greyfed_protocol::message::ModelSpec;
 use greyfed_protocol::weights::ModelWeights;
 
-use super::MixerDims;
+use super::{MixerDims, manual};
 use crate::error::{ParticipantError, Result};
 use crate::model::ops::{add_bias, bias_gelu, layer_norm};
 use crate::model::vit::LAYER_NORM_EPS;
 use crate::model::{
-    LossAndGrads, autograd_loss_and_grads, check_layout, var_from, vars_to_weights,
+    LossAndGrads, autograd_loss_and_grads, check_layout, f32_operand, var_from, vars_to_weights,
 };
 
 /// Tensors before and after the mixer blocks.
@@ -90,9 +90,50 @@ impl Mixer {
         self.run(&images.detach(), Mode::Infer)
     }
 
-    /// Mean cross-entropy of a minibatch and the gradients of all variables,
-    /// through candle's autograd.
+    /// Mean cross-entropy of a minibatch and the gradients of all variables:
+    /// by the hand-written pass for a shared patch embedding on the CPU,
+    /// through candle's autograd otherwise.
     pub fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
+        self.batch_size(images)?;
+        if self.dims.per_patch || !images.device().is_cpu() {
+            return self.autograd_loss_and_grads(images, labels);
+        }
+        let images = images.contiguous()?;
+        let labels = labels.to_vec1::<u32>()?;
+        let mut tensors = vec![&images];
+        tensors.extend(self.vars.iter().map(|v| v.as_tensor()));
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let slices = guards
+            .iter()
+            .map(|(s, l)| match &**s {
+                Storage::Cpu(s) => Ok(f32_operand(s, l, "mixer")?),
+                _ => Err(ParticipantError::Model(
+                    "mixer: tensors on different devices".into(),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (loss, grads) = manual::loss_and_grads(
+            &self.dims,
+            &slices[1..],
+            slices[0],
+            &labels,
+            candle_core::utils::get_num_threads(),
+        )?;
+        drop(guards);
+        let grads = grads
+            .into_iter()
+            .zip(self.dims.layout())
+            .map(|(g, info)| Ok(Tensor::from_vec(g, info.shape, &Device::Cpu)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LossAndGrads { loss, grads })
+    }
+
+    /// [`Mixer::loss_and_grads`] through candle's autograd.
+    pub fn autograd_loss_and_grads(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+    ) -> Result<LossAndGrads> {
         let logits = self.forward(&images.detach())?;
         autograd_loss_and_grads(&logits, labels, &self.vars)
     }

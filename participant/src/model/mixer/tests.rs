@@ -264,3 +264,61 @@ fn training_learns_synthetic_digits() {
     };
     super::super::assert_learns_synthetic_digits(&spec, 1000, 15, 3e-3);
 }
+
+/// The hand-written pass gives candle's autograd loss and gradients, on a
+/// non-square image with two planes and a batch of several images.
+#[test]
+fn the_hand_written_pass_matches_autograd() {
+    let s = spec(8, 12, 2, 4);
+    let w = random_weights(&s, 21);
+    let Network::Mixer(net) = Network::new(&s, &w, &Device::Cpu).unwrap() else {
+        panic!("not a mixer")
+    };
+    let x = Tensor::from_vec(random(5 * 2 * 96, 22), (5, 2, 8, 12), &Device::Cpu).unwrap();
+    let y = Tensor::new(&[0u32, 1, 2, 4, 3], &Device::Cpu).unwrap();
+    let manual = net.loss_and_grads(&x, &y).unwrap();
+    let auto = net.autograd_loss_and_grads(&x, &y).unwrap();
+    assert!(
+        (manual.loss - auto.loss).abs() < 1e-5,
+        "{} vs {}",
+        manual.loss,
+        auto.loss
+    );
+    for ((m, a), p) in manual.grads.iter().zip(&auto.grads).zip(net.layout()) {
+        let m = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = a.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
+        let diff = max_abs_diff(&m, &a);
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{}: differs by {diff} (scale {scale})",
+            p.name
+        );
+    }
+}
+
+/// Cut into shards (one per thread), the pass gives the same loss and
+/// gradients as in one piece.
+#[test]
+fn sharded_passes_combine_to_the_whole_batch() {
+    let s = spec(8, 12, 1, 4);
+    let w = random_weights(&s, 31);
+    let net = Network::new(&s, &w, &Device::Cpu).unwrap();
+    let images = random(7 * 96, 32);
+    let labels = [0u32, 1, 2, 3, 4, 0, 1];
+    let params: Vec<&[f32]> = w.tensors().iter().map(|t| t.data.as_slice()).collect();
+    let dims = MixerDims::from_spec(&s).unwrap();
+    let (one_loss, one) =
+        super::manual::loss_and_grads(&dims, &params, &images, &labels, 1).unwrap();
+    for threads in [2, 3, 16] {
+        let (loss, grads) =
+            super::manual::loss_and_grads(&dims, &params, &images, &labels, threads).unwrap();
+        assert!(
+            (loss - one_loss).abs() < 1e-5,
+            "{threads}: {loss} vs {one_loss}"
+        );
+        for ((a, b), p) in grads.iter().zip(&one).zip(net.layout()) {
+            assert!(max_abs_diff(a, b) < 1e-5, "{threads} threads: {}", p.name);
+        }
+    }
+}
