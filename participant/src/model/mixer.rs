@@ -28,7 +28,7 @@
 //! mixing is position-specific by construction, which suits the few
 //! thousand images a participant holds.
 //!
-//! Training with a shared patch embedding on the CPU uses a hand-written
+//! Training on the CPU uses a hand-written
 //! pass (`manual.rs`: `gemm` products on plain slices, checked against
 //! autograd in the tests); otherwise gradients come from candle's autograd
 //! ([`super::autograd_loss_and_grads`]) through the fused layer-norm, bias

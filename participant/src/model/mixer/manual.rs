@@ -48,8 +48,9 @@ struct BlockActs {
 
 /// Mean cross-entropy of the minibatch `images [N, I, R, W]` (contiguous)
 /// with `labels [N]`, and the gradients of all parameters (`params` and the
-/// result in [`MixerDims::layout`] order and layout). Shared patch
-/// embedding only. With `threads > 1` the batch is cut into that many
+/// result in [`MixerDims::layout`] order, in the layout of the
+/// [`Mixer`](super::Mixer)'s variables: a per-position patch embedding
+/// weight as `[T, I*P*P, D]`). With `threads > 1` the batch is cut into that many
 /// shards (at most one per image), each run on its own thread with
 /// single-threaded products, and the results are combined weighted by
 /// shard size: element-wise work parallelises too, and the products stay
@@ -118,8 +119,7 @@ fn shard_loss_and_grads(
     let layout = d.layout();
     let n = labels.len();
     let image_len = d.planes * d.rows * d.cols;
-    if d.per_patch
-        || n == 0
+    if n == 0
         || params.len() != layout.len()
         || Some(images.len()) != n.checked_mul(image_len)
         || params.iter().zip(&layout).any(|(p, l)| p.len() != l.len())
@@ -145,7 +145,29 @@ fn shard_loss_and_grads(
     // Patch embedding.
     let patches = patch_rows(d, images, n);
     let mut x = vec![0f32; rows * dm];
-    linear(&mut x, &patches, params[0], params[1], rows, pl, dm, par)?;
+    // Per patch position: the patches grouped by position, `[T, N, I*P*P]`.
+    let by_pos = if d.per_patch {
+        let by_pos = regroup(&patches, n, t, pl);
+        let mut xe = vec![0f32; rows * dm];
+        for (pos, out) in xe.chunks_exact_mut(n * dm).enumerate() {
+            let bias = &params[1][pos * dm..(pos + 1) * dm];
+            for row in out.chunks_exact_mut(dm) {
+                row.copy_from_slice(bias);
+            }
+            matmul(
+                out,
+                MatRef::new(&by_pos[pos * n * pl..], n, pl)?,
+                MatRef::new(&params[0][pos * pl * dm..], pl, dm)?,
+                true,
+                par,
+            )?;
+        }
+        x = regroup(&xe, t, n, dm);
+        by_pos
+    } else {
+        linear(&mut x, &patches, params[0], params[1], rows, pl, dm, par)?;
+        Vec::new()
+    };
 
     let mut acts: Vec<BlockActs> = Vec::with_capacity(d.depth);
     for blk in 0..d.depth {
@@ -271,14 +293,30 @@ fn shard_loss_and_grads(
         );
     }
     // Patch embedding (no gradient for the images).
-    matmul(
-        &mut grads[0],
-        MatRef::new(&dx, rows, dm)?.t(),
-        MatRef::new(&patches, rows, pl)?,
-        false,
-        par,
-    )?;
-    column_sums(&dx, dm, &mut grads[1]);
+    if d.per_patch {
+        // Weights kept as `[T, I*P*P, D]`, biases `[T, D]`.
+        let dxp = regroup(&dx, n, t, dm);
+        for pos in 0..t {
+            let g = &dxp[pos * n * dm..(pos + 1) * n * dm];
+            matmul(
+                &mut grads[0][pos * pl * dm..(pos + 1) * pl * dm],
+                MatRef::new(&by_pos[pos * n * pl..], n, pl)?.t(),
+                MatRef::new(g, n, dm)?,
+                false,
+                par,
+            )?;
+            column_sums(g, dm, &mut grads[1][pos * dm..(pos + 1) * dm]);
+        }
+    } else {
+        matmul(
+            &mut grads[0],
+            MatRef::new(&dx, rows, dm)?.t(),
+            MatRef::new(&patches, rows, pl)?,
+            false,
+            par,
+        )?;
+        column_sums(&dx, dm, &mut grads[1]);
+    }
     Ok(((loss / n as f64) as f32, grads))
 }
 
@@ -390,6 +428,18 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += s;
     }
+}
+
+/// `[A, B, W] -> [B, A, W]` (rows of width `w`).
+fn regroup(x: &[f32], a: usize, b: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for i in 0..a {
+        for j in 0..b {
+            out[(j * a + i) * w..(j * a + i + 1) * w]
+                .copy_from_slice(&x[(i * b + j) * w..(i * b + j + 1) * w]);
+        }
+    }
+    out
 }
 
 /// `[N, T, D] -> [N, D, T]`.

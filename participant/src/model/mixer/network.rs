@@ -91,11 +91,11 @@ impl Mixer {
     }
 
     /// Mean cross-entropy of a minibatch and the gradients of all variables:
-    /// by the hand-written pass for a shared patch embedding on the CPU,
-    /// through candle's autograd otherwise.
+    /// by the hand-written pass on the CPU, through candle's autograd on
+    /// other devices.
     pub fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
         self.batch_size(images)?;
-        if self.dims.per_patch || !images.device().is_cpu() {
+        if !images.device().is_cpu() {
             return self.autograd_loss_and_grads(images, labels);
         }
         let images = images.contiguous()?;
@@ -122,8 +122,8 @@ impl Mixer {
         drop(guards);
         let grads = grads
             .into_iter()
-            .zip(self.dims.layout())
-            .map(|(g, info)| Ok(Tensor::from_vec(g, info.shape, &Device::Cpu)?))
+            .zip(&self.vars)
+            .map(|(g, v)| Ok(Tensor::from_vec(g, v.dims(), &Device::Cpu)?))
             .collect::<Result<Vec<_>>>()?;
         Ok(LossAndGrads { loss, grads })
     }

@@ -269,7 +269,13 @@ fn training_learns_synthetic_digits() {
 /// non-square image with two planes and a batch of several images.
 #[test]
 fn the_hand_written_pass_matches_autograd() {
-    let s = spec(8, 12, 2, 4);
+    for layer in [FirstLayer::Shared, FirstLayer::PerBlock] {
+        hand_written_pass_matches_autograd(layer);
+    }
+}
+
+fn hand_written_pass_matches_autograd(layer: FirstLayer) {
+    let s = spec(8, 12, 2, 4).with_first_layer(layer);
     let w = random_weights(&s, 21);
     let Network::Mixer(net) = Network::new(&s, &w, &Device::Cpu).unwrap() else {
         panic!("not a mixer")
