@@ -79,6 +79,10 @@ struct Args {
     /// Cipher block size, blocknet block size and ViT patch size.
     #[arg(long, default_value_t = 4)]
     block_size: u32,
+    /// One first-layer kernel for all blocks, or one per block position
+    /// (blocknet, the ViT and the Mixer).
+    #[arg(long, default_value = "shared", value_parser = ["shared", "per-block"])]
+    first_layer: String,
     /// Seed of the weight initialisation, the shuffling, the synthetic data
     /// and the (benchmark-only) image key.
     #[arg(long, default_value_t = 0)]
@@ -118,6 +122,11 @@ fn main() -> Result<()> {
         "mixer" => mixer_28x28(args.block_size, planes),
         "cnn" => cnn_28x28(planes),
         other => bail!("unknown model {other:?}; choose blocknet, vit, mixer or cnn"),
+    };
+    let spec = if args.first_layer == "per-block" {
+        spec.with_first_layer(greyfed_protocol::FirstLayer::PerBlock)
+    } else {
+        spec
     };
     let (train, test) = match mode {
         None => (splits.train, splits.test),
