@@ -487,6 +487,27 @@ pub(crate) fn softmax_cross_entropy_rows(
     Ok(loss)
 }
 
+/// The contiguous `f32` data of locked tensors (from
+/// `Tensor::storage_and_layout`) for a hand-written pass of `model`; an
+/// error when one is not on the CPU.
+pub(crate) fn cpu_f32_slices<'a, G>(
+    guards: &'a [(G, &Layout)],
+    model: &str,
+) -> Result<Vec<&'a [f32]>>
+where
+    G: std::ops::Deref<Target = candle_core::Storage>,
+{
+    guards
+        .iter()
+        .map(|(s, l)| match &**s {
+            candle_core::Storage::Cpu(s) => Ok(f32_operand(s, l, model)?),
+            _ => Err(ParticipantError::Model(format!(
+                "{model}: tensors on different devices"
+            ))),
+        })
+        .collect()
+}
+
 /// Contiguous `f32` view of a CPU tensor operand.
 pub(crate) fn f32_operand<'s>(
     s: &'s CpuStorage,

@@ -15,14 +15,14 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Device, Storage, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use greyfed_protocol::message::ModelSpec;
 use greyfed_protocol::weights::ModelWeights;
 
 use super::ops::add_bias;
 use super::{
-    LossAndGrads, Model, ParamInfo, autograd_loss_and_grads, check_layout, f32_operand, var_from,
-    vars_to_weights,
+    LossAndGrads, Model, ParamInfo, autograd_loss_and_grads, check_layout, cpu_f32_slices,
+    var_from, vars_to_weights,
 };
 use crate::error::{ParticipantError, Result};
 use custom_ops::{channel_bias_relu, max_pool_2x2};
@@ -105,15 +105,7 @@ impl Cnn {
         let mut tensors = vec![&images];
         tensors.extend(self.vars.iter().map(|v| v.as_tensor()));
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let slices = guards
-            .iter()
-            .map(|(s, l)| match &**s {
-                Storage::Cpu(s) => Ok(f32_operand(s, l, "cnn")?),
-                _ => Err(ParticipantError::Model(
-                    "cnn: tensors on different devices".into(),
-                )),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let slices = cpu_f32_slices(&guards, "cnn")?;
         let &[images, c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b] = slices.as_slice() else {
             return Err(ParticipantError::Model(format!(
                 "cnn: {} variables, expected 8",

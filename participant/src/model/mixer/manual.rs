@@ -145,11 +145,12 @@ fn shard_loss_and_grads(
     // Patch embedding.
     let patches = patch_rows(d, images, n);
     let mut x = vec![0f32; rows * dm];
-    // Per patch position: the patches grouped by position, `[T, N, I*P*P]`.
+    // Per patch position: the patches grouped by position, `[T, N, I*P*P]`
+    // (empty for a shared embedding).
     let by_pos = if d.per_patch {
         let by_pos = regroup(&patches, n, t, pl);
-        let mut xe = vec![0f32; rows * dm];
-        for (pos, out) in xe.chunks_exact_mut(n * dm).enumerate() {
+        // Computed grouped by position in `x`, then regrouped by image.
+        for (pos, out) in x.chunks_exact_mut(n * dm).enumerate() {
             let bias = &params[1][pos * dm..(pos + 1) * dm];
             for row in out.chunks_exact_mut(dm) {
                 row.copy_from_slice(bias);
@@ -162,7 +163,7 @@ fn shard_loss_and_grads(
                 par,
             )?;
         }
-        x = regroup(&xe, t, n, dm);
+        x = regroup(&x, t, n, dm);
         by_pos
     } else {
         linear(&mut x, &patches, params[0], params[1], rows, pl, dm, par)?;

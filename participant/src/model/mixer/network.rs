@@ -1,7 +1,7 @@
 //! The [`Mixer`] network: construction from weights, the forward pass shared
 //! by training and inference, and the loss and gradients.
 
-use candle_core::{Device, Storage, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use greyfed_protocol::message::ModelSpec;
 use greyfed_protocol::weights::ModelWeights;
 
@@ -10,7 +10,7 @@ use crate::error::{ParticipantError, Result};
 use crate::model::ops::{add_bias, bias_gelu, layer_norm};
 use crate::model::vit::LAYER_NORM_EPS;
 use crate::model::{
-    LossAndGrads, autograd_loss_and_grads, check_layout, f32_operand, var_from, vars_to_weights,
+    LossAndGrads, autograd_loss_and_grads, check_layout, cpu_f32_slices, var_from, vars_to_weights,
 };
 
 /// Tensors before and after the mixer blocks.
@@ -103,15 +103,7 @@ impl Mixer {
         let mut tensors = vec![&images];
         tensors.extend(self.vars.iter().map(|v| v.as_tensor()));
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let slices = guards
-            .iter()
-            .map(|(s, l)| match &**s {
-                Storage::Cpu(s) => Ok(f32_operand(s, l, "mixer")?),
-                _ => Err(ParticipantError::Model(
-                    "mixer: tensors on different devices".into(),
-                )),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let slices = cpu_f32_slices(&guards, "mixer")?;
         let (loss, grads) = manual::loss_and_grads(
             &self.dims,
             &slices[1..],
