@@ -33,7 +33,7 @@ use greyfed_participant::{
     BuiltinDigits, ClientIdentity, DataPath, DataPipeline, DataSource, Encryption,
     ParticipantConfig, ParticipantReport, TestHooks,
     cipher::ImageKey,
-    data::{LoadOptions, ShiftedCopies, partition::Partition},
+    data::{Augmentation, LoadOptions, partition::Partition},
     dropout::{CrashMode, DropoutPlan},
     model::init_weights,
 };
@@ -73,7 +73,7 @@ impl Federation {
             join_timeout: Duration::from_secs(60),
             key_overrides: BTreeMap::new(),
             max_train_samples: None,
-            augmentation: ShiftedCopies::default(),
+            augmentation: Augmentation::default(),
             aggregation: AggregationKind::SecAgg { full: false },
             selection: Selection::default(),
             dropouts: BTreeMap::new(),
@@ -105,7 +105,7 @@ pub struct FederationBuilder {
     join_timeout: Duration,
     key_overrides: BTreeMap<usize, ImageKey>,
     max_train_samples: Option<usize>,
-    augmentation: ShiftedCopies,
+    augmentation: Augmentation,
     aggregation: AggregationKind,
     selection: Selection,
     dropouts: BTreeMap<usize, DropoutPlan>,
@@ -254,7 +254,7 @@ impl FederationBuilder {
 
     /// Add shifted (and optionally noisy) copies of every participant's
     /// training images before encryption (data augmentation).
-    pub fn augmentation(mut self, augmentation: ShiftedCopies) -> Self {
+    pub fn augmentation(mut self, augmentation: Augmentation) -> Self {
         self.augmentation = augmentation;
         self
     }

@@ -232,7 +232,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Encrypt(args) => {
-            let splits = node::data_pipeline(&args.data.settings()).source.load()?;
+            let splits = node::data_pipeline(&args.data.settings()?).source.load()?;
             let key = match &args.key_file {
                 Some(path) => greyfed_participant::cipher::ImageKey::read_file(path)?,
                 None => greyfed_participant::cipher::ImageKey::generate(),

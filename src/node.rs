@@ -21,7 +21,7 @@ use greyfed_coordinator::{
 use greyfed_participant::{
     ClientIdentity, ParticipantConfig, ParticipantReport,
     cipher::ImageKey,
-    data::{Dataset, DatasetSplits, ShiftedCopies, partition::Partition},
+    data::{Augmentation, Dataset, DatasetSplits, partition::Partition},
     dropout::TestHooks,
     model::{architecture_names, builtin_spec, init_weights},
     pipeline::{BuiltinDigits, DataPath, DataPipeline, DataSource, Encryption},
@@ -70,7 +70,7 @@ pub struct DataSettings {
     pub partition: Partition,
     /// Translated (and possibly noisy) copies added to every training image
     /// before encryption.
-    pub augmentation: ShiftedCopies,
+    pub augmentation: Augmentation,
     /// Seed of the partition and of the augmentation: equal for all
     /// participants, so that their shards are disjoint.
     pub seed: u64,

@@ -32,10 +32,13 @@ use tracing::{debug, info, warn};
 use crate::{
     cipher::ImageCipher,
     client,
-    data::Dataset,
+    data::{Dataset, RandomAffine},
     dropout::{CrashMode, DropoutPlan, DropoutStage, TestHooks, kill_this_process},
     error::{ParticipantError, Result},
-    train::{StepProgress, TensorData, TrainOptions, TrainOutcome, evaluate, train_local_observed},
+    train::{
+        EpochImages, StepProgress, TensorData, TrainOptions, TrainOutcome, epoch_images, evaluate,
+        train_local_observed,
+    },
 };
 
 /// Batch size used for evaluation (does not affect results).
@@ -181,9 +184,10 @@ impl ParticipantConfig {
 }
 
 /// A participant's local data, encrypted (unless plain) and converted to
-/// tensors once.
+/// tensors: once, or for the training images afresh in every epoch when
+/// they are augmented online ([`LocalData::prepare_augmented`]).
 pub struct LocalData {
-    train: TensorData,
+    train: Box<dyn EpochImages>,
     test: TensorData,
     image_size: (u32, u32),
     classes: Vec<String>,
@@ -200,23 +204,7 @@ impl LocalData {
         classes: &[String],
         cipher: Option<&ImageCipher>,
     ) -> Result<Self> {
-        if classes.len() != train.num_classes() || classes.len() != test.num_classes() {
-            return Err(ParticipantError::Dataset(format!(
-                "{} class names for {} training and {} test classes",
-                classes.len(),
-                train.num_classes(),
-                test.num_classes()
-            )));
-        }
-        if (train.rows(), train.cols()) != (test.rows(), test.cols()) {
-            return Err(ParticipantError::Dataset(format!(
-                "train images are {}x{} but test images are {}x{}",
-                train.rows(),
-                train.cols(),
-                test.rows(),
-                test.cols()
-            )));
-        }
+        check_splits(train, test, classes)?;
         let (train, test) = match cipher {
             Some(c) => (c.encrypt_dataset(train)?, c.encrypt_dataset(test)?),
             None => (train.clone(), test.clone()),
@@ -224,10 +212,38 @@ impl LocalData {
         let device = Device::Cpu;
         Ok(Self {
             image_size: (train.rows() as u32, train.cols() as u32),
-            train: TensorData::from_dataset(&train, &device)?,
+            train: Box::new(TensorData::from_dataset(&train, &device)?),
             test: TensorData::from_dataset(&test, &device)?,
             classes: classes.to_vec(),
             cipher: cipher.map(ImageCipher::spec),
+        })
+    }
+
+    /// Like [`LocalData::prepare`], but every training image is distorted
+    /// by `affine` afresh in every epoch (on the plain image, before
+    /// encryption; see [`AugmentedImages`](crate::train::AugmentedImages)). The test images are not
+    /// distorted. With the identity `affine` the training images are
+    /// prepared once, as by [`LocalData::prepare`].
+    pub fn prepare_augmented(
+        train: &Dataset,
+        test: &Dataset,
+        classes: &[String],
+        cipher: Option<ImageCipher>,
+        affine: RandomAffine,
+    ) -> Result<Self> {
+        check_splits(train, test, classes)?;
+        let device = Device::Cpu;
+        let test = match &cipher {
+            Some(c) => c.encrypt_dataset(test)?,
+            None => test.clone(),
+        };
+        let spec = cipher.as_ref().map(ImageCipher::spec);
+        Ok(Self {
+            image_size: (train.rows() as u32, train.cols() as u32),
+            train: epoch_images(train.clone(), affine, cipher, device.clone())?,
+            test: TensorData::from_dataset(&test, &device)?,
+            classes: classes.to_vec(),
+            cipher: spec,
         })
     }
 
@@ -245,6 +261,28 @@ impl LocalData {
     pub fn classes(&self) -> &[String] {
         &self.classes
     }
+}
+
+/// Checks that two splits name their classes and share an image size.
+fn check_splits(train: &Dataset, test: &Dataset, classes: &[String]) -> Result<()> {
+    if classes.len() != train.num_classes() || classes.len() != test.num_classes() {
+        return Err(ParticipantError::Dataset(format!(
+            "{} class names for {} training and {} test classes",
+            classes.len(),
+            train.num_classes(),
+            test.num_classes()
+        )));
+    }
+    if (train.rows(), train.cols()) != (test.rows(), test.cols()) {
+        return Err(ParticipantError::Dataset(format!(
+            "train images are {}x{} but test images are {}x{}",
+            train.rows(),
+            train.cols(),
+            test.rows(),
+            test.cols()
+        )));
+    }
+    Ok(())
 }
 
 /// What a participant did in a session.
@@ -483,7 +521,7 @@ async fn session_loop(
                             train_local_observed(
                                 &spec,
                                 &global,
-                                &data.train,
+                                data.train.as_ref(),
                                 &training_config,
                                 seed,
                                 &options,

@@ -13,7 +13,7 @@ use greyfed_protocol::cipher::CipherSteps;
 use crate::cipher::{ImageCipher, ImageKey};
 use crate::data::partition::{Partition, shard};
 use crate::data::synthetic::builtin_splits;
-use crate::data::{Dataset, DatasetSplits, LoadOptions, ShiftedCopies, load_data};
+use crate::data::{Augmentation, Dataset, DatasetSplits, LoadOptions, load_data};
 use crate::driver::LocalData;
 use crate::error::{ParticipantError, Result};
 
@@ -132,10 +132,12 @@ pub struct DataPipeline {
     /// Keep at most this many training samples per participant (before
     /// augmentation); `None`: all.
     pub max_train_samples: Option<usize>,
-    /// Data augmentation of the training shard, on plain images.
-    pub augmentation: ShiftedCopies,
-    /// Seed of the augmentation (each participant draws its own copies from
-    /// it and its index).
+    /// Data augmentation of the training shard, on plain images: shifted
+    /// copies added once, random affine distortions drawn in every epoch.
+    pub augmentation: Augmentation,
+    /// Seed of the shifted copies (each participant draws its own copies
+    /// from it and its index; the per-epoch distortions are drawn from the
+    /// training seed).
     pub augmentation_seed: u64,
 }
 
@@ -148,7 +150,7 @@ impl DataPipeline {
             partition: Partition::Iid,
             shard_seed: seed,
             max_train_samples: None,
-            augmentation: ShiftedCopies::default(),
+            augmentation: Augmentation::default(),
             augmentation_seed: seed,
         }
     }
@@ -177,6 +179,7 @@ impl DataPipeline {
         }
         let train = self
             .augmentation
+            .shifted_copies
             .apply(train, self.augmentation_seed, index);
         Ok((train, test))
     }
@@ -198,7 +201,13 @@ impl DataPipeline {
         let cipher = encryption
             .map(|e| e.cipher_for(train.rows(), train.cols()))
             .transpose()?;
-        LocalData::prepare(&train, &test, &splits.classes, cipher.as_ref())
+        LocalData::prepare_augmented(
+            &train,
+            &test,
+            &splits.classes,
+            cipher,
+            self.augmentation.random_affine,
+        )
     }
 }
 
@@ -233,7 +242,7 @@ mod tests {
         assert_eq!(a.len() + b.len(), splits.train.len());
         assert_eq!(test_a.len() + test_b.len(), splits.test.len());
         pipeline.max_train_samples = Some(7);
-        pipeline.augmentation = ShiftedCopies {
+        pipeline.augmentation.shifted_copies = crate::data::ShiftedCopies {
             copies: 2,
             max_shift: 1,
             pixel_noise: 0,

@@ -38,6 +38,7 @@
 //! blocknet training throughput on a 2-core machine from ~30,000 to
 //! 9,000-28,000 images/s.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor, Var};
@@ -52,6 +53,39 @@ use rand::seq::SliceRandom;
 use crate::data::Dataset;
 use crate::error::{ParticipantError, Result};
 use crate::model::{Network, f32_operand};
+
+mod augmented;
+
+pub use augmented::{AugmentedImages, epoch_images};
+
+/// The training samples of each epoch: the same tensors every epoch
+/// ([`TensorData`]), or images distorted afresh per epoch
+/// ([`AugmentedImages`]). The number of samples is the same in every epoch.
+pub trait EpochImages: Send + Sync {
+    /// Number of samples in every epoch.
+    fn len(&self) -> usize;
+
+    /// True when there are no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The samples of epoch `epoch` (from 0) of a training seeded by `seed`.
+    ///
+    /// # Errors
+    /// Failures preparing the epoch's tensors (e.g. encrypting them).
+    fn epoch(&self, seed: u64, epoch: u32) -> Result<Cow<'_, TensorData>>;
+}
+
+impl EpochImages for TensorData {
+    fn len(&self) -> usize {
+        TensorData::len(self)
+    }
+
+    fn epoch(&self, _seed: u64, _epoch: u32) -> Result<Cow<'_, TensorData>> {
+        Ok(Cow::Borrowed(self))
+    }
+}
 
 /// A [`Dataset`] converted once into candle tensors on a device.
 #[derive(Clone, Debug)]
@@ -189,7 +223,7 @@ pub struct TrainOutcome {
 pub fn train_local(
     spec: &ModelSpec,
     global: &ModelWeights,
-    data: &TensorData,
+    data: &dyn EpochImages,
     config: &TrainingConfig,
     seed: u64,
 ) -> Result<TrainOutcome> {
@@ -200,7 +234,7 @@ pub fn train_local(
 pub fn train_local_with(
     spec: &ModelSpec,
     global: &ModelWeights,
-    data: &TensorData,
+    data: &dyn EpochImages,
     config: &TrainingConfig,
     seed: u64,
     options: &TrainOptions,
@@ -227,7 +261,7 @@ pub struct StepProgress {
 pub fn train_local_observed(
     spec: &ModelSpec,
     global: &ModelWeights,
-    data: &TensorData,
+    data: &dyn EpochImages,
     config: &TrainingConfig,
     seed: u64,
     options: &TrainOptions,
@@ -246,9 +280,11 @@ pub fn train_local_observed(
         )));
     }
     let kind = Kind::from_spec(config.optimizer)?;
-    let net = Network::new(spec, global, data.device())?;
-    data.check_fits(spec)?;
-    let n = data.len();
+    let first = data.epoch(seed, 0)?;
+    let net = Network::new(spec, global, first.device())?;
+    first.check_fits(spec)?;
+    let n = first.len();
+    let mut epoch_data = Some(first);
     if n == 0 {
         return Ok(TrainOutcome {
             weights: global.clone(),
@@ -264,6 +300,16 @@ pub fn train_local_observed(
     let mut seen = 0usize;
     let mut order: Vec<u32> = Vec::with_capacity(n);
     for epoch in 0..config.local_epochs {
+        let data = match epoch_data.take() {
+            Some(first) => first,
+            None => data.epoch(seed, epoch)?,
+        };
+        if data.len() != n {
+            return Err(ParticipantError::Model(format!(
+                "epoch {epoch} has {} samples, the first had {n}",
+                data.len()
+            )));
+        }
         order.clear();
         order.extend(0..n as u32);
         order.shuffle(&mut StdRng::seed_from_u64(epoch_seed(seed, epoch)));

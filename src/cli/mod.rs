@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use greyfed_coordinator::strategy::StrategyConfig;
-use greyfed_participant::data::ShiftedCopies;
 use greyfed_participant::data::partition::Partition;
+use greyfed_participant::data::{Augmentation, RandomAffine, ShiftedCopies};
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
 use greyfed_protocol::cipher::CipherSteps;
 
@@ -399,6 +399,7 @@ impl ExperimentArgs {
         if self.data.pixel_noise > 0 {
             a.push(format!("--pixel-noise={}", self.data.pixel_noise));
         }
+        a.extend(self.data.affine_flags());
         a
     }
 }
@@ -1008,16 +1009,62 @@ pub struct DataArgs {
     /// model otherwise memorises on split images (le, le-extended, pixel).
     #[arg(long, default_value_t = 0, requires = "shifted_copies")]
     pub pixel_noise: u8,
+    /// Online augmentation: rotate every training image by a random angle
+    /// of up to this many degrees either way, drawn afresh in every epoch
+    /// (on the plain image, before encryption).
+    #[arg(long, value_name = "DEG", default_value_t = 0.0)]
+    pub affine_rotation: f32,
+    /// Online augmentation: scale by a random factor in 1 ± F.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub affine_scale: f32,
+    /// Online augmentation: shear by up to this many degrees either way.
+    #[arg(long, value_name = "DEG", default_value_t = 0.0)]
+    pub affine_shear: f32,
+    /// Online augmentation: translate by up to this many pixels along each
+    /// axis either way (fractions resample bilinearly).
+    #[arg(long, value_name = "PX", default_value_t = 0.0)]
+    pub affine_shift: f32,
 }
 
 impl DataArgs {
-    /// The augmentation `--shifted-copies` and `--max-shift` ask for.
-    pub fn augmentation(&self) -> ShiftedCopies {
-        ShiftedCopies {
-            copies: self.shifted_copies,
-            max_shift: self.max_shift,
-            pixel_noise: self.pixel_noise,
+    /// The augmentation the `--shifted-copies` and `--affine-*` flags ask
+    /// for; an error names an `--affine-*` value out of range.
+    pub fn augmentation(&self) -> anyhow::Result<Augmentation> {
+        let random_affine = RandomAffine {
+            max_rotation: self.affine_rotation,
+            max_scale: self.affine_scale,
+            max_shear: self.affine_shear,
+            max_shift: self.affine_shift,
+        };
+        random_affine.validate()?;
+        Ok(Augmentation {
+            shifted_copies: ShiftedCopies {
+                copies: self.shifted_copies,
+                max_shift: self.max_shift,
+                pixel_noise: self.pixel_noise,
+            },
+            random_affine,
+        })
+    }
+
+    /// The `--affine-*` flags with their values (for child command lines);
+    /// none when all are 0 (no distortion).
+    pub fn affine_flags(&self) -> Vec<String> {
+        let values = [
+            self.affine_rotation,
+            self.affine_scale,
+            self.affine_shear,
+            self.affine_shift,
+        ];
+        if values.iter().all(|&v| v == 0.0) {
+            return Vec::new();
         }
+        vec![
+            format!("--affine-rotation={}", self.affine_rotation),
+            format!("--affine-scale={}", self.affine_scale),
+            format!("--affine-shear={}", self.affine_shear),
+            format!("--affine-shift={}", self.affine_shift),
+        ]
     }
 }
 

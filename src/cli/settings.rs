@@ -90,8 +90,9 @@ impl TrainingArgs {
 
 impl DataArgs {
     /// The typed data settings these flags describe: `--data` (or the
-    /// built-in digits), all seeded by `--data-seed`.
-    pub fn settings(&self) -> crate::node::DataSettings {
+    /// built-in digits), all seeded by `--data-seed`; an error names an
+    /// augmentation flag out of range.
+    pub fn settings(&self) -> anyhow::Result<crate::node::DataSettings> {
         use crate::node::{DataSettings, DataSourceSettings};
         use greyfed_participant::data::LoadOptions;
         use greyfed_participant::pipeline::{BuiltinDigits, DataPath};
@@ -108,12 +109,12 @@ impl DataArgs {
                 seed: self.data_seed,
             }),
         };
-        DataSettings {
+        Ok(DataSettings {
             source,
             partition: self.partition,
-            augmentation: self.augmentation(),
+            augmentation: self.augmentation()?,
             seed: self.data_seed,
-        }
+        })
     }
 }
 
@@ -211,7 +212,7 @@ impl ParticipantArgs {
             save_model: self.model_path(),
             min_cohort: self.min_cohort,
             peers: self.peers.clone(),
-            data: self.data.settings(),
+            data: self.data.settings()?,
         })
     }
 }
@@ -238,11 +239,14 @@ impl SimulateArgs {
             data.max_shift.to_string(),
             "--pixel-noise".to_string(),
             data.pixel_noise.to_string(),
+        ];
+        participant_args.extend(data.affine_flags());
+        participant_args.extend([
             "--block-size".to_string(),
             self.training.block_size.to_string(),
             "--cipher".to_string(),
             self.training.cipher.to_string(),
-        ];
+        ]);
         if let Some(path) = &data.data {
             participant_args.push("--data".to_string());
             participant_args.push(path.display().to_string());
@@ -276,7 +280,7 @@ impl SimulateArgs {
                 cipher: self.training.cipher,
                 image_size: data.image_size,
                 test_fraction: data.test_fraction,
-                augmentation: data.augmentation(),
+                augmentation: data.augmentation()?,
             },
             coordinator_args: self.training.to_args(),
             participant_args,
@@ -333,7 +337,7 @@ impl ExperimentArgs {
             known_pairs: self.known_pairs,
             attack_samples: self.attack_samples,
             max_train: self.max_train,
-            data: self.data.settings(),
+            data: self.data.settings()?,
             cell_args: self.to_cell_args(),
         })
     }

@@ -116,6 +116,10 @@ fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
         "key-transformed",
         "--pixel-noise",
         "8",
+        "--affine-rotation",
+        "12",
+        "--affine-shift",
+        "1.5",
     ]);
     let args = augmented.to_cell_args();
     assert!(args.contains(&"--shifted-copies=3".to_string()), "{args:?}");
@@ -130,13 +134,22 @@ fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
         }
     );
     assert_eq!(
-        parse(&child).data.augmentation(),
-        ShiftedCopies {
-            copies: 3,
-            max_shift: 1,
-            pixel_noise: 8
+        parse(&child).data.augmentation().unwrap(),
+        Augmentation {
+            shifted_copies: ShiftedCopies {
+                copies: 3,
+                max_shift: 1,
+                pixel_noise: 8
+            },
+            random_affine: RandomAffine {
+                max_rotation: 12.0,
+                max_shift: 1.5,
+                ..RandomAffine::default()
+            },
         }
     );
+    let bad = parse(&["--affine-scale", "2"]).data.augmentation();
+    assert!(bad.unwrap_err().to_string().contains("scale"));
 }
 
 fn training(args: &[&str]) -> TrainingArgs {

@@ -31,7 +31,7 @@ use greyfed_participant::{
     cipher::ImageKey,
     data::{Dataset, DatasetSplits},
     model::{BUILTIN_ARCHITECTURES, builtin_spec, encrypted_domain_weights, init_weights},
-    train::{TensorData, evaluate, train_local},
+    train::{TensorData, epoch_images, evaluate, train_local},
 };
 use greyfed_protocol::{
     FirstLayer, InputSpec, LrSchedule, ModelSpec, OptimizerSpec, TrainingConfig,
@@ -294,16 +294,22 @@ pub async fn run_cell(
     let start = Instant::now();
     let weights = match cell.setting.as_str() {
         "central" => {
+            let augmentation = settings.data.augmentation;
             let train =
-                settings
-                    .data
-                    .augmentation
+                augmentation
+                    .shifted_copies
                     .apply(splits.train.clone(), settings.data.seed, 0);
-            let train = TensorData::from_dataset(
-                &encrypt(&train, encryption.as_ref())?,
-                &candle_core::Device::Cpu,
+            let cipher = encryption
+                .as_ref()
+                .map(|e| e.cipher_for(train.rows(), train.cols()))
+                .transpose()?;
+            let train = epoch_images(
+                train,
+                augmentation.random_affine,
+                cipher,
+                candle_core::Device::Cpu,
             )?;
-            train_local(&spec, &init, &train, &training, cell.seed)?.weights
+            train_local(&spec, &init, train.as_ref(), &training, cell.seed)?.weights
         }
         "federated" => {
             let mut fed = Federation::builder()

@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use crate::keygen::{self, files};
 use crate::memory::{MemoryReport, read_peak_rss};
 use crate::progress::{Display, FederationView};
-use greyfed_participant::data::ShiftedCopies;
+use greyfed_participant::data::Augmentation;
 use greyfed_participant::data::partition::Partition;
 use greyfed_participant::dropout::{DropoutPlan, DropoutStage};
 use greyfed_participant::pipeline::{BuiltinDigits, DataSource};
@@ -116,7 +116,7 @@ pub struct SimulationData {
     /// Fraction of each class held out as the test split when the data has none.
     pub test_fraction: Option<f64>,
     /// Augmentation of the training images.
-    pub augmentation: ShiftedCopies,
+    pub augmentation: Augmentation,
 }
 
 impl SimulationData {
@@ -510,6 +510,10 @@ mod tests {
             "2",
             "--pixel-noise",
             "8",
+            "--affine-rotation",
+            "10",
+            "--affine-scale",
+            "0.1",
             "--block-size",
             "8",
             "--cipher",
@@ -549,9 +553,10 @@ mod tests {
             cipher: p.cipher,
             image_size: p.data.image_size,
             test_fraction: p.data.test_fraction,
-            augmentation: p.data.augmentation(),
+            augmentation: p.data.augmentation().unwrap(),
         };
         assert_eq!(data, s.data);
+        assert_eq!(data.augmentation.random_affine.max_rotation, 10.0);
         // The coordinator parses the training flags back into the same rounds.
         let mut argv: Vec<String> = [
             "greyfed",

@@ -25,6 +25,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::error::{ParticipantError, Result};
 
+pub mod augment;
 pub mod decode;
 pub mod folder;
 pub mod idx;
@@ -34,6 +35,7 @@ pub mod partition;
 pub mod source;
 pub mod synthetic;
 
+pub use augment::{Augmentation, RandomAffine, ShiftedCopies};
 pub use source::{DataFormat, LoadOptions, load_data, parse_image_size};
 
 /// Labelled 8-bit images of one size, stored contiguously: image `i` is
@@ -283,43 +285,6 @@ impl Dataset {
         counts
     }
 }
-
-/// Data augmentation: translated copies of every training image, optionally
-/// with pixel noise, added to a participant's plain images before they are
-/// encrypted (see [`Dataset::with_shifted_copies`] and
-/// [`Dataset::with_pixel_noise`]). Encryption does not get in the way: the
-/// cipher is applied to each copy like to any other image.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ShiftedCopies {
-    /// Copies of each image (0: no augmentation).
-    pub copies: usize,
-    /// Largest translation, in pixels, each way.
-    pub max_shift: usize,
-    /// Largest noise, in grey levels, added to each pixel of the copies (0:
-    /// none; the original images never get any). Noise of 8 or more
-    /// randomises a pixel's low 4 bits, which split images (`le`, `pixel`)
-    /// otherwise let a model memorise.
-    pub pixel_noise: u8,
-}
-
-impl ShiftedCopies {
-    /// Participant `index`'s training images with their copies, drawn
-    /// reproducibly from `data_seed` and `index`.
-    pub fn apply(&self, train: Dataset, data_seed: u64, index: usize) -> Dataset {
-        if self.copies == 0 {
-            return train;
-        }
-        let seed = data_seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let originals = train.len();
-        train
-            .with_shifted_copies(self.copies, self.max_shift, seed)
-            .with_pixel_noise(originals, self.pixel_noise, seed ^ PIXEL_NOISE_STREAM)
-    }
-}
-
-/// Separates the pixel-noise draws from the translations drawn from the same
-/// seed (so adding noise leaves the translations as they were).
-const PIXEL_NOISE_STREAM: u64 = 0x006e_6f69_7365;
 
 /// A training split and a test split of the same kind of images.
 #[derive(Clone, Debug, PartialEq, Eq)]
