@@ -1,6 +1,6 @@
 //! The `greyfed` command-line tool as a library: heap settings
 //! ([`allocator`]), argument definitions
-//! ([`cli`]) and configuration files ([`config_file`]), key generation ([`keygen`]) and key custody (certificate requests, a sealed image key: [`custody`]), the coordinator and participant
+//! ([`cli`]), configuration files ([`config_file`]) and presets ([`preset`]), key generation ([`keygen`]) and key custody (certificate requests, a sealed image key: [`custody`]), the coordinator and participant
 //! nodes over typed settings ([`node`]: the binary maps its arguments to
 //! them, the library never sees clap types), the coordinator's optional central evaluation
 //! ([`central`]), the local multi-process simulation ([`simulate`]), the
@@ -24,6 +24,7 @@ pub mod lab;
 pub mod memory;
 pub mod node;
 pub mod predict;
+pub mod preset;
 pub mod preview;
 pub mod progress;
 pub mod report;

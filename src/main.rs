@@ -8,7 +8,7 @@ use clap::{CommandFactory, Parser};
 use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand, ModelCommand};
 use greyfed::lab::{experiment, security};
 use greyfed::progress::{Display, LogWriter};
-use greyfed::{config_file, custody, keygen, memory, node, preview, report, simulate};
+use greyfed::{config_file, custody, keygen, memory, node, preset, preview, report, simulate};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(argv);
+    let cli = Cli::parse_from(preset::apply(argv));
     let default_level = if cli.quiet { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -256,6 +256,11 @@ pub enum InitArg {
 /// `greyfed experiment encryption`.
 #[derive(Clone, Debug, Args)]
 pub struct ExperimentArgs {
+    /// A named recipe that sets this command's flags (explicit flags win):
+    /// `accurate` (the MLP-Mixer, AdamW with warm-up cosine, online affine
+    /// augmentation) or `demo` (the defaults).
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub preset: Option<crate::preset::Preset>,
     /// Output directory.
     #[arg(long, default_value = "experiment-encryption")]
     pub out: PathBuf,
@@ -888,6 +893,11 @@ fn value_name(v: impl ValueEnum) -> String {
 /// `greyfed coordinator`.
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
+    /// A named recipe that sets this command's flags (explicit flags win):
+    /// `accurate` (the MLP-Mixer, AdamW with warm-up cosine, online affine
+    /// augmentation) or `demo` (the defaults).
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub preset: Option<crate::preset::Preset>,
     /// TOML file with this command's settings in its `[coordinator]` table
     /// (keys are these flags' names); flags given here override it.
     #[arg(long, value_name = "FILE")]
@@ -1071,6 +1081,11 @@ impl DataArgs {
 /// `greyfed participant`.
 #[derive(Debug, Args)]
 pub struct ParticipantArgs {
+    /// A named recipe that sets this command's flags (explicit flags win):
+    /// `accurate` (the MLP-Mixer, AdamW with warm-up cosine, online affine
+    /// augmentation) or `demo` (the defaults).
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub preset: Option<crate::preset::Preset>,
     /// TOML file with this command's settings in its `[participant]` table
     /// (keys are these flags' names); flags given here override it.
     #[arg(long, value_name = "FILE")]
@@ -1163,6 +1178,11 @@ impl ParticipantArgs {
 /// `greyfed simulate`.
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
+    /// A named recipe that sets this command's flags (explicit flags win):
+    /// `accurate` (the MLP-Mixer, AdamW with warm-up cosine, online affine
+    /// augmentation) or `demo` (the defaults).
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub preset: Option<crate::preset::Preset>,
     /// Number of participant processes.
     #[arg(long, default_value_t = 10)]
     pub participants: usize,

@@ -110,8 +110,8 @@ impl std::fmt::Debug for AugmentedImages {
 mod tests {
     use super::*;
     use crate::cipher::ImageKey;
-    use greyfed_protocol::cipher::CipherSteps;
     use crate::data::synthetic::synthetic_digits;
+    use greyfed_protocol::cipher::CipherSteps;
 
     #[test]
     fn every_epoch_draws_new_distortions_of_the_same_encrypted_samples() {
