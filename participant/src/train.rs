@@ -800,6 +800,55 @@ mod tests {
         assert_ne!(a.weights, c.weights);
     }
 
+    /// Epoch data that records which epochs were asked for and can change
+    /// size after the first.
+    struct RecordingEpochs {
+        epochs: std::sync::Mutex<Vec<(u64, u32)>>,
+        data: [TensorData; 2],
+    }
+
+    impl EpochImages for RecordingEpochs {
+        fn len(&self) -> usize {
+            self.data[0].len()
+        }
+
+        fn epoch(&self, seed: u64, epoch: u32) -> Result<Cow<'_, TensorData>> {
+            self.epochs.lock().unwrap().push((seed, epoch));
+            Ok(Cow::Borrowed(&self.data[(epoch as usize).min(1)]))
+        }
+    }
+
+    #[test]
+    fn every_epoch_trains_on_the_data_its_epoch_gives() {
+        let spec = small_spec();
+        let global = init_weights(&spec, 7).unwrap();
+        let cfg = config(OptimizerSpec::Adam { lr: 0.01 }, 3);
+        let tensors =
+            |n, seed| TensorData::from_dataset(&synthetic(n, seed), &Device::Cpu).unwrap();
+        let changing = RecordingEpochs {
+            epochs: Default::default(),
+            data: [tensors(64, 1), tensors(64, 2)],
+        };
+        let out = train_local(&spec, &global, &changing, &cfg, 5).unwrap();
+        assert_eq!(
+            *changing.epochs.lock().unwrap(),
+            vec![(5, 0), (5, 1), (5, 2)]
+        );
+        assert_eq!((out.samples, out.steps), (64, 6));
+        // Other data from the second epoch on gives another model than the
+        // same data every epoch.
+        let fixed = train_local(&spec, &global, &changing.data[0], &cfg, 5).unwrap();
+        assert_ne!(out.weights, fixed.weights);
+        let shrinking = RecordingEpochs {
+            epochs: Default::default(),
+            data: [tensors(64, 1), tensors(32, 2)],
+        };
+        let err = train_local(&spec, &global, &shrinking, &cfg, 5)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("epoch 1 has 32 samples"), "{err}");
+    }
+
     /// One step by hand: Adam's first step moves every parameter with a
     /// non-zero gradient by almost exactly `lr`; SGD's by `lr * grad`.
     #[test]
