@@ -217,21 +217,25 @@ pub fn apply(argv: Vec<OsString>, cli: &Command) -> Result<Vec<OsString>, Config
         return Ok(argv);
     };
     let file = ConfigFile::load(&path, cli)?;
-    let given = |flag: &str| {
-        let long = format!("--{flag}");
-        rest.iter().any(|a| {
-            let a = a.to_string_lossy();
-            a == long || a.starts_with(&format!("{long}="))
-        })
-    };
     let mut out: Vec<OsString> = argv[..=sub_at].to_vec();
     for e in file.entries(&command) {
-        if !given(&e.flag) {
+        if !flag_given(rest, &e.flag) {
             out.extend(e.args.iter().cloned());
         }
     }
     out.extend(rest.iter().cloned());
     Ok(out)
+}
+
+/// Whether the arguments `args` give `--flag`, as `--flag VALUE` or
+/// `--flag=VALUE` (or as a switch).
+pub fn flag_given(args: &[OsString], flag: &str) -> bool {
+    let long = format!("--{flag}");
+    let with_value = format!("{long}=");
+    args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == long.as_str() || a.starts_with(&with_value)
+    })
 }
 
 /// Reads at most [`MAX_CONFIG_BYTES`] of UTF-8 text.

@@ -17,6 +17,8 @@ use std::ffi::{OsStr, OsString};
 
 use clap::ValueEnum;
 
+use crate::config_file::flag_given;
+
 /// A named recipe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
@@ -127,17 +129,9 @@ pub fn apply(argv: Vec<OsString>) -> Vec<OsString> {
     let Some(preset) = name.and_then(|n| Preset::from_str(&n, false).ok()) else {
         return argv;
     };
-    let given = |flag: &str| {
-        let long = format!("--{flag}");
-        let with_value = format!("{long}=");
-        rest.iter().any(|a| {
-            let a = a.to_string_lossy();
-            a == long.as_str() || a.starts_with(&with_value)
-        })
-    };
     let mut out: Vec<OsString> = argv[..flags_at].to_vec();
     for (flag, value) in preset.flags(&command) {
-        if !given(flag) {
+        if !flag_given(rest, flag) {
             out.push(format!("--{flag}={value}").into());
         }
     }

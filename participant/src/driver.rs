@@ -202,28 +202,16 @@ impl LocalData {
         train: &Dataset,
         test: &Dataset,
         classes: &[String],
-        cipher: Option<&ImageCipher>,
+        cipher: Option<ImageCipher>,
     ) -> Result<Self> {
-        check_splits(train, test, classes)?;
-        let (train, test) = match cipher {
-            Some(c) => (c.encrypt_dataset(train)?, c.encrypt_dataset(test)?),
-            None => (train.clone(), test.clone()),
-        };
-        let device = Device::Cpu;
-        Ok(Self {
-            image_size: (train.rows() as u32, train.cols() as u32),
-            train: Box::new(TensorData::from_dataset(&train, &device)?),
-            test: TensorData::from_dataset(&test, &device)?,
-            classes: classes.to_vec(),
-            cipher: cipher.map(ImageCipher::spec),
-        })
+        Self::prepare_augmented(train, test, classes, cipher, RandomAffine::default())
     }
 
     /// Like [`LocalData::prepare`], but every training image is distorted
     /// by `affine` afresh in every epoch (on the plain image, before
     /// encryption; see [`AugmentedImages`](crate::train::AugmentedImages)). The test images are not
-    /// distorted. With the identity `affine` the training images are
-    /// prepared once, as by [`LocalData::prepare`].
+    /// distorted. With the identity `affine` (what [`LocalData::prepare`]
+    /// passes) the training images are encrypted and converted once.
     pub fn prepare_augmented(
         train: &Dataset,
         test: &Dataset,

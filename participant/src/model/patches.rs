@@ -1,9 +1,51 @@
 //! Cutting images into the non-overlapping patches (cipher blocks) that the
 //! token models ([`super::Vit`], [`super::Mixer`]) embed.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor, Var};
+use greyfed_protocol::weights::ModelWeights;
 
 use crate::error::Result;
+use crate::model::{ParamInfo, var_from, vars_to_weights};
+
+/// One variable per tensor of `weights` (a token model's, patch embedding
+/// first), on `device`. With a per-patch embedding (`[T, D, I*P*P]` in
+/// [`ModelWeights`]) the first is kept as `[T, I*P*P, D]`, one input-major
+/// matrix per patch, as the forward passes read it.
+pub(crate) fn token_model_vars(
+    weights: &ModelWeights,
+    per_patch: bool,
+    device: &Device,
+) -> Result<Vec<Var>> {
+    let mut vars = weights
+        .tensors()
+        .iter()
+        .map(|t| var_from(t, &t.shape, device))
+        .collect::<Result<Vec<_>>>()?;
+    if per_patch {
+        vars[0] = Var::from_tensor(&vars[0].as_tensor().transpose(1, 2)?.contiguous()?)?;
+    }
+    Ok(vars)
+}
+
+/// The values of `vars` from [`token_model_vars`] as [`ModelWeights`] of
+/// `layout`, the per-patch embedding transposed back.
+pub(crate) fn token_model_weights(
+    layout: &[ParamInfo],
+    vars: &[Var],
+    per_patch: bool,
+) -> Result<ModelWeights> {
+    let weights = vars_to_weights(layout, vars)?;
+    if !per_patch {
+        return Ok(weights);
+    }
+    let mut tensors = weights.into_tensors();
+    tensors[0].data = vars[0]
+        .as_tensor()
+        .transpose(1, 2)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(ModelWeights::new(tensors)?)
+}
 
 /// The patch grid of an image: `planes` planes of `grid_rows * patch` by
 /// `grid_cols * patch` pixels.

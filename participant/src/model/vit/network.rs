@@ -8,10 +8,8 @@ use greyfed_protocol::weights::ModelWeights;
 use super::{LAYER_NORM_EPS, VitDims};
 use crate::error::{ParticipantError, Result};
 use crate::model::ops::{add_bias, bias_gelu, layer_norm, softmax_last_dim};
-use crate::model::patches::PatchGrid;
-use crate::model::{
-    LossAndGrads, autograd_loss_and_grads, check_layout, var_from, vars_to_weights,
-};
+use crate::model::patches::{PatchGrid, token_model_vars, token_model_weights};
+use crate::model::{LossAndGrads, autograd_loss_and_grads, check_layout};
 
 /// Tensors before and after the encoder blocks.
 const OUTER_TENSORS: usize = 7;
@@ -43,14 +41,7 @@ impl Vit {
         let dims = VitDims::from_spec(spec)?;
         let layout = dims.layout();
         check_layout(&layout, weights, "vit")?;
-        let mut vars = weights
-            .tensors()
-            .iter()
-            .map(|t| var_from(t, &t.shape, device))
-            .collect::<Result<Vec<_>>>()?;
-        if dims.per_patch {
-            vars[0] = Var::from_tensor(&vars[0].as_tensor().transpose(1, 2)?.contiguous()?)?;
-        }
+        let vars = token_model_vars(weights, dims.per_patch, device)?;
         debug_assert_eq!(vars.len(), OUTER_TENSORS + BLOCK_TENSORS * dims.depth);
         Ok(Self { dims, vars })
     }
@@ -68,17 +59,7 @@ impl Vit {
 
     /// The current values as [`ModelWeights`].
     pub fn to_weights(&self) -> Result<ModelWeights> {
-        let weights = vars_to_weights(&self.dims.layout(), &self.vars)?;
-        if !self.dims.per_patch {
-            return Ok(weights);
-        }
-        let mut tensors = weights.into_tensors();
-        tensors[0].data = self.vars[0]
-            .as_tensor()
-            .transpose(1, 2)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok(ModelWeights::new(tensors)?)
+        token_model_weights(&self.dims.layout(), &self.vars, self.dims.per_patch)
     }
 
     /// Differentiable logits `[N, K]` for images `[N, I, R, W]`.
