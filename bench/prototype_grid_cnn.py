@@ -9,6 +9,9 @@ identity, which on encrypted images means a key-transformed start (it shows the
 coordinator the block permutation).
 
     python bench/prototype_grid_cnn.py random|identity EPOCHS [DATA_DIR]
+
+Environment: LS (label smoothing, default 0.1), SCHED (onecycle, default, or
+warmcos: greyfed's 5% linear warm-up then cosine, peak 2e-3).
 """
 import os, sys, time, math, torch, torch.nn as nn, torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,14 +55,21 @@ def run(identity, epochs, data, seed=0):
     m = GridCnn(identity=identity)
     opt = torch.optim.AdamW(m.parameters(), 1e-3, weight_decay=0.05)
     steps = epochs * math.ceil(len(xtr) / 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    ls = float(os.environ.get("LS", "0.1"))
+    if os.environ.get("SCHED", "onecycle") == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    else:  # greyfed's warm-up cosine: 5% linear warm-up to 2e-3, cosine to 0
+        warm = max(1, int(0.05 * steps))
+        f = lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
+        for grp in opt.param_groups: grp["lr"] = 2e-3
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
     t0 = time.time()
     for e in range(epochs):
         perm = torch.randperm(len(xtr), generator=g)
         m.train()
         for i in range(0, len(xtr), 64):
             idx = perm[i:i + 64]
-            loss = F.cross_entropy(m(affine(xtr[idx], g)), ytr[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(m(affine(xtr[idx], g)), ytr[idx], label_smoothing=ls)
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         m.eval()
         with torch.no_grad():

@@ -666,7 +666,7 @@ mod tests {
             .expect_err("unknown architecture")
             .to_string();
         assert!(
-            err.contains("nosuch") && err.contains("blocknet, vit, mixer, cnn"),
+            err.contains("nosuch") && err.contains("blocknet, vit, mixer, gridcnn, cnn"),
             "{err}"
         );
         let (initial, test_set) = initial_model(&coordinator("cnn", 4)).unwrap();

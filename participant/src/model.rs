@@ -111,7 +111,9 @@ use crate::error::{ParticipantError, Result};
 
 mod blocknet;
 pub mod cnn;
+mod conv;
 mod gemm;
+pub mod gridcnn;
 pub mod mixer;
 mod ops;
 mod patches;
@@ -122,6 +124,7 @@ pub mod vit;
 pub use blocknet::{BlockNet, BlockNetDims};
 pub(crate) use blocknet::{ColumnSums, ReluBackward};
 pub use cnn::{Cnn, CnnDims, cnn_28x28};
+pub use gridcnn::{GridCnn, GridCnnDims, gridcnn_28x28};
 pub use mixer::{Mixer, MixerDims, mixer_28x28};
 pub use registry::{
     Architecture, BUILTIN_ARCHITECTURES, MAX_ARCH_NAME, Model, architecture, architecture_names,
@@ -214,6 +217,7 @@ pub fn param_layout(spec: &ModelSpec) -> Result<Vec<ParamInfo>> {
         ModelSpec::BlockNet { .. } => Ok(BlockNetDims::from_spec(spec)?.layout()),
         ModelSpec::Vit { .. } => Ok(VitDims::from_spec(spec)?.layout()),
         ModelSpec::Mixer { .. } => Ok(MixerDims::from_spec(spec)?.layout()),
+        ModelSpec::GridCnn { .. } => Ok(GridCnnDims::from_spec(spec)?.layout()),
         ModelSpec::Cnn { .. } => Ok(CnnDims::from_spec(spec)?.layout()),
         ModelSpec::Custom { .. } => registry::custom_layout(spec),
         _ => Err(unsupported(spec)),
@@ -311,6 +315,8 @@ pub enum Network {
     Vit(Vit),
     /// See [`Mixer`].
     Mixer(Mixer),
+    /// See [`GridCnn`].
+    GridCnn(GridCnn),
     /// See [`Cnn`].
     Cnn(Cnn),
     /// A model of a registered [`Architecture`] (a [`ModelSpec::Custom`]).
@@ -328,6 +334,7 @@ impl Network {
             }
             ModelSpec::Vit { .. } => Ok(Network::Vit(Vit::new(spec, weights, device)?)),
             ModelSpec::Mixer { .. } => Ok(Network::Mixer(Mixer::new(spec, weights, device)?)),
+            ModelSpec::GridCnn { .. } => Ok(Network::GridCnn(GridCnn::new(spec, weights, device)?)),
             ModelSpec::Cnn { .. } => Ok(Network::Cnn(Cnn::new(spec, weights, device)?)),
             ModelSpec::Custom { .. } => Ok(Network::Custom(registry::build_custom(
                 spec, weights, device,
@@ -342,6 +349,7 @@ impl Network {
             Network::BlockNet(n) => n,
             Network::Vit(n) => n,
             Network::Mixer(n) => n,
+            Network::GridCnn(n) => n,
             Network::Cnn(n) => n,
             Network::Custom(n) => n.as_ref(),
         }

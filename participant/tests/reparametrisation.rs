@@ -8,7 +8,10 @@ use candle_core::Device;
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
     data::{Dataset, synthetic::builtin_splits},
-    model::{Network, cnn_28x28, encrypted_domain_weights, init_weights, mixer_28x28, vit_28x28},
+    model::{
+        Network, cnn_28x28, encrypted_domain_weights, gridcnn_28x28, init_weights, mixer_28x28,
+        vit_28x28,
+    },
     train::{TensorData, train_local},
 };
 use greyfed_protocol::message::LrSchedule;
@@ -250,6 +253,7 @@ fn plain_models_transform_into_every_mode() {
     let blocknet = ModelSpec::blocknet_28x28(B as u32);
     let vit = vit_28x28(B as u32, 1);
     let mixer = small_mixer();
+    let gridcnn = gridcnn_28x28(B as u32, 1);
     for (spec, mode) in [
         (&blocknet, "le"),
         (&blocknet, "split"),
@@ -260,6 +264,9 @@ fn plain_models_transform_into_every_mode() {
         (&mixer, "le"),
         (&mixer, "block"),
         (&mixer, "split+block-shuffle"),
+        (&gridcnn, "le"),
+        (&gridcnn, "block"),
+        (&gridcnn, "split+block-shuffle"),
     ] {
         for layer in [FirstLayer::Shared, FirstLayer::PerBlock] {
             check_transform(&spec.clone().with_first_layer(layer), mode, &key, &images);
@@ -274,6 +281,8 @@ fn plain_models_transform_into_every_mode() {
         (&vit, "extended"),
         (&mixer, "pixel"),
         (&mixer, "le-extended"),
+        (&gridcnn, "pixel"),
+        (&gridcnn, "le-extended"),
     ] {
         let spec = spec.clone().with_first_layer(FirstLayer::PerBlock);
         check_transform(&spec, mode, &key, &images);
@@ -312,7 +321,11 @@ fn small_mixer() -> ModelSpec {
 fn check_transform(spec: &ModelSpec, mode: &str, key: &ImageKey, images: &Dataset) {
     let steps: CipherSteps = mode.parse().unwrap();
     let cipher = ImageCipher::new(key, steps, B, 28, 28).unwrap();
-    let plain_model = init_weights(spec, 11).unwrap();
+    // Twice a fresh initialisation, so that even a fresh grid CNN's logits
+    // depend clearly on the input (the transform holds for any weights).
+    let fresh = init_weights(spec, 11).unwrap();
+    let doubled: Vec<f32> = fresh.to_flat().iter().map(|v| 2.0 * v).collect();
+    let plain_model = fresh.with_flat_values(&doubled).unwrap();
     let (enc_spec, enc_model) = encrypted_domain_weights(spec, &plain_model, &cipher).unwrap();
     assert_eq!(enc_spec.image_channels() as usize, cipher.channels());
     let plain = logits(spec, &plain_model, images);

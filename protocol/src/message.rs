@@ -155,6 +155,32 @@ pub enum ModelSpec {
         /// Number of classes.
         num_classes: u32,
     },
+    /// A convolutional network on a learned grid of the cipher's blocks:
+    /// non-overlapping `patch_size` patches embedded linearly, one dense
+    /// token map from the `T` patches to the `T` cells of the block grid
+    /// (shared by all channels), GELU, two 3x3 convolutions with GELU, 2x2
+    /// max-pooling, a third 3x3 convolution with GELU, a mean over the grid
+    /// and a linear head. The token map's columns are indexed by block
+    /// position, so block shuffling only permutes them.
+    GridCnn {
+        /// Image height in pixels.
+        image_rows: u32,
+        /// Image width in pixels.
+        image_cols: u32,
+        /// Image planes: 1 for grey-scale pixels, 2 for split 4-bit halves.
+        image_channels: u32,
+        /// Patch edge in pixels; must divide both image dimensions.
+        patch_size: u32,
+        /// One patch embedding for all patches, or one per patch position.
+        #[serde(default)]
+        first_layer: FirstLayer,
+        /// Channels per patch embedding.
+        dim: u32,
+        /// Output channels of the three convolutions.
+        channels: (u32, u32, u32),
+        /// Number of classes.
+        num_classes: u32,
+    },
 }
 
 fn one() -> u32 {
@@ -222,13 +248,15 @@ impl ModelSpec {
         }
     }
 
-    /// Short name for logs and metadata: `"blocknet"`, `"vit"`, `"mixer"`, `"cnn"`, or
+    /// Short name for logs and metadata: `"blocknet"`, `"vit"`, `"mixer"`,
+    /// `"gridcnn"`, `"cnn"`, or
     /// the registered name of a [`ModelSpec::Custom`] architecture.
     pub fn name(&self) -> &str {
         match self {
             ModelSpec::BlockNet { .. } => "blocknet",
             ModelSpec::Vit { .. } => "vit",
             ModelSpec::Mixer { .. } => "mixer",
+            ModelSpec::GridCnn { .. } => "gridcnn",
             ModelSpec::Cnn { .. } => "cnn",
             ModelSpec::Custom { arch, .. } => arch,
         }
@@ -253,6 +281,7 @@ impl ModelSpec {
             ModelSpec::BlockNet { num_classes, .. }
             | ModelSpec::Vit { num_classes, .. }
             | ModelSpec::Mixer { num_classes, .. }
+            | ModelSpec::GridCnn { num_classes, .. }
             | ModelSpec::Cnn { num_classes, .. }
             | ModelSpec::Custom { num_classes, .. } => *num_classes,
         }
@@ -276,6 +305,11 @@ impl ModelSpec {
                 image_cols,
                 ..
             }
+            | ModelSpec::GridCnn {
+                image_rows,
+                image_cols,
+                ..
+            }
             | ModelSpec::Cnn {
                 image_rows,
                 image_cols,
@@ -295,6 +329,7 @@ impl ModelSpec {
             ModelSpec::BlockNet { image_channels, .. }
             | ModelSpec::Vit { image_channels, .. }
             | ModelSpec::Mixer { image_channels, .. }
+            | ModelSpec::GridCnn { image_channels, .. }
             | ModelSpec::Cnn { image_channels, .. }
             | ModelSpec::Custom { image_channels, .. } => *image_channels,
         }
@@ -306,7 +341,8 @@ impl ModelSpec {
         match &mut self {
             ModelSpec::BlockNet { first_layer, .. }
             | ModelSpec::Vit { first_layer, .. }
-            | ModelSpec::Mixer { first_layer, .. } => *first_layer = layer,
+            | ModelSpec::Mixer { first_layer, .. }
+            | ModelSpec::GridCnn { first_layer, .. } => *first_layer = layer,
             ModelSpec::Cnn { .. } | ModelSpec::Custom { .. } => {}
         }
         self
@@ -331,6 +367,13 @@ impl ModelSpec {
                 ..
             }
             | ModelSpec::Mixer {
+                image_rows,
+                image_cols,
+                image_channels,
+                num_classes,
+                ..
+            }
+            | ModelSpec::GridCnn {
                 image_rows,
                 image_cols,
                 image_channels,
@@ -392,6 +435,7 @@ impl ModelSpec {
             ModelSpec::BlockNet { image_channels, .. }
             | ModelSpec::Vit { image_channels, .. }
             | ModelSpec::Mixer { image_channels, .. }
+            | ModelSpec::GridCnn { image_channels, .. }
             | ModelSpec::Cnn { image_channels, .. }
             | ModelSpec::Custom { image_channels, .. } => *image_channels = channels,
         }

@@ -264,7 +264,7 @@ pub struct ExperimentArgs {
     /// Output directory.
     #[arg(long, default_value = "experiment-encryption")]
     pub out: PathBuf,
-    /// Models, comma-separated: blocknet, vit, mixer, cnn.
+    /// Models, comma-separated: blocknet, vit, mixer, gridcnn, cnn.
     #[arg(long, value_delimiter = ',', default_value = "blocknet,vit,cnn")]
     pub models: Vec<String>,
     /// Cipher modes, comma-separated (presets or `+`-joined steps).
@@ -781,7 +781,7 @@ pub struct TrainingArgs {
     /// Share of the steps spent warming up with `--lr-schedule warmup-cosine`.
     #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
     pub warmup: f32,
-    /// Architecture to train, by its registered name: blocknet, vit, mixer or cnn
+    /// Architecture to train, by its registered name: blocknet, vit, mixer, gridcnn or cnn
     /// (or a model a Rust program registered), built for the participants'
     /// image size and classes.
     #[arg(long, default_value = "blocknet")]

@@ -193,7 +193,7 @@ fn check_model_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The model `name` (blocknet, vit, mixer or cnn) with block size `block` for
+/// The model `name` (blocknet, vit, mixer, gridcnn or cnn) with block size `block` for
 /// the images of `splits` with `planes` planes.
 pub fn model_spec(
     name: &str,

@@ -27,7 +27,7 @@ use super::{
 use crate::error::{ParticipantError, Result};
 use custom_ops::{channel_bias_relu, max_pool_2x2};
 
-mod custom_ops;
+pub(crate) mod custom_ops;
 mod dims;
 mod manual;
 #[cfg(test)]

@@ -1,11 +1,40 @@
 //! Cutting images into the non-overlapping patches (cipher blocks) that the
-//! token models ([`super::Vit`], [`super::Mixer`]) embed.
+//! token models ([`super::Vit`], [`super::Mixer`], [`super::GridCnn`])
+//! embed, and the embedding itself.
 
 use candle_core::{Device, Tensor, Var};
 use greyfed_protocol::weights::ModelWeights;
 
 use crate::error::Result;
+use crate::model::ops::add_bias;
 use crate::model::{ParamInfo, var_from, vars_to_weights};
+
+/// Patch embeddings `[N * T, D]` of `images [N, I, R, W]`: one shared
+/// linear map of every patch (`weight [D, I*P*P]`, `bias [D]`), or per
+/// position `t` the batched `W_t · patch_{n,t} + b_t` (`weight [T, I*P*P,
+/// D]` as [`token_model_vars`] keeps it, `bias [T, D]`; `[T, N, K] @ [T, K,
+/// D]`).
+pub(crate) fn embed_patches(
+    grid: &PatchGrid,
+    images: &Tensor,
+    n: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    per_patch: bool,
+) -> Result<Tensor> {
+    if !per_patch {
+        let patches = grid.patches(images, n, false)?;
+        return Ok(add_bias(&patches.matmul(&weight.t()?)?, bias)?);
+    }
+    let (t, dim) = (grid.tokens(), weight.dim(2)?);
+    let x = grid
+        .patches(images, n, true)?
+        .matmul(weight)?
+        .transpose(0, 1)?
+        .reshape((n, t * dim))?;
+    let x = add_bias(&x, &bias.flatten_all()?)?;
+    Ok(x.reshape((n * t, dim))?)
+}
 
 /// One variable per tensor of `weights` (a token model's, patch embedding
 /// first), on `device`. With a per-patch embedding (`[T, D, I*P*P]` in

@@ -100,12 +100,13 @@ use greyfed_protocol::weights::ModelWeights;
 
 use super::{
     LossAndGrads, MAX_PARAMETERS, ParamInfo, ParamInit, autograd_loss_and_grads, check_layout,
-    check_positive, cnn_28x28, mixer_28x28, param_layout, vars_to_weights, vit_28x28,
+    check_positive, cnn_28x28, gridcnn_28x28, mixer_28x28, param_layout, vars_to_weights,
+    vit_28x28,
 };
 use crate::error::{ParticipantError, Result};
 
 /// The names of the built-in architectures, reserved in the registry.
-pub const BUILTIN_ARCHITECTURES: [&str; 4] = ["blocknet", "vit", "mixer", "cnn"];
+pub const BUILTIN_ARCHITECTURES: [&str; 5] = ["blocknet", "vit", "mixer", "gridcnn", "cnn"];
 
 /// Longest architecture name [`register_architecture`] accepts, in bytes.
 pub const MAX_ARCH_NAME: usize = 64;
@@ -298,6 +299,7 @@ pub fn builtin_spec(name: &str, input: &InputSpec, block_size: u32) -> Result<Mo
         "blocknet" => ModelSpec::blocknet_28x28(block_size).with_input(input),
         "vit" => vit_28x28(block_size, input.channels).with_input(input),
         "mixer" => mixer_28x28(block_size, input.channels).with_input(input),
+        "gridcnn" => gridcnn_28x28(block_size, input.channels).with_input(input),
         "cnn" => cnn_28x28(input.channels).with_input(input),
         _ => {
             let spec = architecture(name)?.default_spec(input);
@@ -522,7 +524,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(again.contains("already registered"), "{again}");
-        for name in ["blocknet", "vit", "mixer", "cnn", "BlockNet"] {
+        for name in ["blocknet", "vit", "mixer", "gridcnn", "cnn", "BlockNet"] {
             let e = register_architecture(Arc::new(MlpArch(name)))
                 .unwrap_err()
                 .to_string();
@@ -556,7 +558,7 @@ mod tests {
             assert!(
                 e.contains("unknown model architecture \"no-such-arch\"")
                     && e.contains("test-mlp-known")
-                    && e.contains("blocknet, vit, mixer, cnn")
+                    && e.contains("blocknet, vit, mixer, gridcnn, cnn")
                     && e.contains("register_architecture"),
                 "{e}"
             );

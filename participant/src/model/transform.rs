@@ -44,7 +44,7 @@ struct ValueMap {
 /// equal the outputs of (`spec`, `weights`) on plain images.
 ///
 /// `spec` takes plain pixels (one plane) or, for a split cipher, may
-/// already take the split planes. Blocknet, the ViT and the Mixer are
+/// already take the split planes. Blocknet, the ViT, the Mixer and the grid CNN are
 /// supported, with block (patch) size equal to the cipher's; a shared first layer only for
 /// ciphers whose transform is the same in every block (else use
 /// [`FirstLayer::PerBlock`]). The CNN has no such transform: an error.
@@ -69,11 +69,16 @@ pub fn encrypted_domain_weights(
             patch_size,
             first_layer,
             ..
+        }
+        | ModelSpec::GridCnn {
+            patch_size,
+            first_layer,
+            ..
         } => (*patch_size as usize, *first_layer),
         other => {
             return Err(ParticipantError::Model(format!(
                 "the {} cannot be transformed into the encrypted domain; only blocknet, the \
-                 ViT and the Mixer have a block-wise first layer",
+                 ViT, the Mixer and the grid CNN have a block-wise first layer",
                 other.name()
             )));
         }
@@ -163,6 +168,8 @@ pub fn encrypted_domain_weights(
                 out[base + 5] = permute_rows(&t[base + 5], pi)?;
             }
         }
+        // token_map.weight [T, T]: its columns are indexed by block.
+        ModelSpec::GridCnn { .. } => out[2] = permute_columns(&t[2], pi)?,
         _ => out[2] = permute_rows(&t[2], pi)?,
     }
     let enc_weights = ModelWeights::new(out).map_err(|e| ParticipantError::Model(e.to_string()))?;

@@ -90,7 +90,7 @@ impl CustomOp1 for ChannelSums {
 /// only); otherwise a maximum over the reshaped windows, whose backward
 /// sends each window's gradient to its maximum as PyTorch does (candle
 /// 0.11's `max_pool2d` backward scales it by a quarter, see the tests).
-pub(super) fn max_pool_2x2(x: &Tensor, detached: bool) -> Result<Tensor> {
+pub(crate) fn max_pool_2x2(x: &Tensor, detached: bool) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (ph, pw) = (h / 2, w / 2);
     let x = if h % 2 == 1 {

@@ -37,6 +37,9 @@ use rayon::prelude::*;
 
 use super::CnnDims;
 use crate::error::{ParticipantError, Result};
+use crate::model::conv::{
+    by_channels, col2im, column_sums, from_internal, im2col, sized, sized_u32, to_internal,
+};
 use crate::model::gemm::{MatRef, matmul};
 use crate::model::softmax_cross_entropy_rows;
 
@@ -146,18 +149,6 @@ impl Grads {
     }
 }
 
-/// `v` holding exactly `len` values (old contents unspecified).
-fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    v.resize(len, 0.0);
-    &mut v[..len]
-}
-
-/// `v` holding exactly `len` codes (old contents unspecified).
-fn sized_u32(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
-    v.resize(len, 0);
-    &mut v[..len]
-}
-
 /// Mean cross-entropy of the minibatch `images [N, I, R, W]` (contiguous)
 /// with `labels [N]`, and the gradients of all parameters in PyTorch
 /// layout and [`CnnDims::layout`] order. `threads` is the number of shards
@@ -260,28 +251,6 @@ impl Params<'_> {
             self.fc2_w,
             self.fc2_b,
         ]
-    }
-}
-
-/// Kernel `[O, C, 3, 3]` (PyTorch) to `[O, 3, 3, C]` (im2col column order).
-fn to_internal(w: &[f32], o: usize, c: usize, out: &mut [f32]) {
-    for oi in 0..o {
-        for ci in 0..c {
-            for k in 0..9 {
-                out[(oi * 9 + k) * c + ci] = w[(oi * c + ci) * 9 + k];
-            }
-        }
-    }
-}
-
-/// Inverse of [`to_internal`].
-fn from_internal(w: &[f32], o: usize, c: usize, out: &mut [f32]) {
-    for oi in 0..o {
-        for ci in 0..c {
-            for k in 0..9 {
-                out[(oi * c + ci) * 9 + k] = w[(oi * 9 + k) * c + ci];
-            }
-        }
     }
 }
 
@@ -471,111 +440,6 @@ impl PooledLayout {
     }
 }
 
-/// Calls `$f::<C>(args)` with `C` the channel count `$c` as a constant for
-/// the common counts (so that the per-pixel runs of `C` values compile to
-/// fixed-size vector code), `C = 0` (the count read at run time) otherwise.
-macro_rules! by_channels {
-    ($c:expr, $f:ident($($arg:expr),* $(,)?)) => {
-        match $c {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            16 => $f::<16>($($arg),*),
-            32 => $f::<32>($($arg),*),
-            _ => $f::<0>($($arg),*),
-        }
-    };
-}
-
-/// im2col of channels-last `x [n, h, w, c]` for a 3x3 convolution with
-/// padding 1: `cols [n * h * w, 9 * c]`, columns `(ky, kx, c)`.
-fn im2col(x: &[f32], n: usize, h: usize, w: usize, c: usize, cols: &mut [f32]) {
-    by_channels!(c, im2col_c(x, n, h, w, c, cols));
-}
-
-/// [`im2col`] for `C` channels (`C = 0`: `c`).
-#[inline(always)]
-fn im2col_c<const C: usize>(x: &[f32], n: usize, h: usize, w: usize, c: usize, cols: &mut [f32]) {
-    let c = if C == 0 { c } else { C };
-    // One kernel row (ky) of a patch: three pixels.
-    let run = 3 * c;
-    let images = x
-        .chunks_exact(h * w * c)
-        .zip(cols.chunks_exact_mut(h * w * 9 * c));
-    for (img, out) in images.take(n) {
-        for (y, out) in out.chunks_exact_mut(w * 9 * c).enumerate() {
-            for ky in 0..3 {
-                let sy = (y + ky).wrapping_sub(1);
-                let src = (sy < h).then(|| &img[sy * w * c..(sy + 1) * w * c]);
-                for (xx, row) in out.chunks_exact_mut(9 * c).enumerate() {
-                    let dst = &mut row[ky * run..(ky + 1) * run];
-                    match src {
-                        None => dst.fill(0.0),
-                        Some(src) if xx >= 1 && xx + 1 < w => {
-                            dst.copy_from_slice(&src[(xx - 1) * c..(xx + 2) * c]);
-                        }
-                        Some(src) => {
-                            for (kx, dst) in dst.chunks_exact_mut(c).enumerate() {
-                                let sx = (xx + kx).wrapping_sub(1);
-                                if sx < w {
-                                    dst.copy_from_slice(&src[sx * c..(sx + 1) * c]);
-                                } else {
-                                    dst.fill(0.0);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Adjoint of [`im2col`]: sums the gradient `cols [n * h * w, 9 * c]` back
-/// onto the pixels, `dx [n, h, w, c]`.
-fn col2im(cols: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
-    by_channels!(c, col2im_c(cols, n, h, w, c, dx));
-}
-
-/// [`col2im`] for `C` channels (`C = 0`: `c`).
-#[inline(always)]
-fn col2im_c<const C: usize>(cols: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
-    let c = if C == 0 { c } else { C };
-    let run = 3 * c;
-    dx.fill(0.0);
-    let add = |dst: &mut [f32], src: &[f32]| {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d += s;
-        }
-    };
-    let images = dx
-        .chunks_exact_mut(h * w * c)
-        .zip(cols.chunks_exact(h * w * 9 * c));
-    for (img, cols) in images.take(n) {
-        for (y, cols) in cols.chunks_exact(w * 9 * c).enumerate() {
-            for ky in 0..3 {
-                let sy = (y + ky).wrapping_sub(1);
-                if sy >= h {
-                    continue;
-                }
-                let dst = &mut img[sy * w * c..(sy + 1) * w * c];
-                for (xx, row) in cols.chunks_exact(9 * c).enumerate() {
-                    let src = &row[ky * run..(ky + 1) * run];
-                    if xx >= 1 && xx + 1 < w {
-                        add(&mut dst[(xx - 1) * c..(xx + 2) * c], src);
-                    } else {
-                        for (kx, src) in src.chunks_exact(c).enumerate() {
-                            let sx = (xx + kx).wrapping_sub(1);
-                            if sx < w {
-                                add(&mut dst[sx * c..(sx + 1) * c], src);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// 2x2 max-pooling (stride 2, odd last row and column dropped) of the
 /// channels-last `x [n, h, w, c]`, then `relu(max + bias[c])`, written to
 /// `out` in layout `lay`. `win` (same layout) gets each pooled value's
@@ -694,16 +558,6 @@ fn unpool(g: &[f32], win: &[u32], n: usize, c: usize, dx: &mut [f32], db: &mut [
     column_sums(dx, c, db);
 }
 
-/// Sums over the rows of `x [M, c]` into `out [c]`.
-fn column_sums(x: &[f32], c: usize, out: &mut [f32]) {
-    out.fill(0.0);
-    for row in x.chunks_exact(c) {
-        for (o, v) in out.iter_mut().zip(row) {
-            *o += v;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -716,18 +570,5 @@ mod tests {
             .to_string();
         assert!(e.contains("too large"), "{e}");
         assert!(check_pool_size(usize::MAX, 2, 1).is_err());
-    }
-
-    #[test]
-    fn kernel_relayout_round_trips() {
-        let w: Vec<f32> = (0..4 * 3 * 9).map(|v| v as f32).collect();
-        let mut internal = vec![0f32; w.len()];
-        to_internal(&w, 4, 3, &mut internal);
-        // Output 1, input channel 2, (ky, kx) = (0, 1): PyTorch index
-        // (1 * 3 + 2) * 9 + 1, internal (1 * 9 + 1) * 3 + 2.
-        assert_eq!(internal[(9 + 1) * 3 + 2], w[(3 + 2) * 9 + 1]);
-        let mut back = vec![0f32; w.len()];
-        from_internal(&internal, 4, 3, &mut back);
-        assert_eq!(back, w);
     }
 }

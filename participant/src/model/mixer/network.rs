@@ -8,7 +8,7 @@ use greyfed_protocol::weights::ModelWeights;
 use super::{MixerDims, manual};
 use crate::error::{ParticipantError, Result};
 use crate::model::ops::{add_bias, bias_gelu, layer_norm};
-use crate::model::patches::{token_model_vars, token_model_weights};
+use crate::model::patches::{embed_patches, token_model_vars, token_model_weights};
 use crate::model::vit::LAYER_NORM_EPS;
 use crate::model::{LossAndGrads, autograd_loss_and_grads, check_layout, cpu_f32_slices};
 
@@ -124,25 +124,6 @@ impl Mixer {
         }
     }
 
-    /// Patch embeddings, `[N * T, D]`: one shared linear map of every patch,
-    /// or per position `t` the batched `W_t · patch_{n,t} + b_t` (`[T, N,
-    /// K] @ [T, K, D]`).
-    fn embed(&self, images: &Tensor, n: usize, mode: Mode) -> Result<Tensor> {
-        let d = &self.dims;
-        let grid = d.grid();
-        if !d.per_patch {
-            return self.linear(&grid.patches(images, n, false)?, 0, mode);
-        }
-        let t = d.tokens();
-        let x = grid
-            .patches(images, n, true)?
-            .matmul(&self.w(0, mode))?
-            .transpose(0, 1)?
-            .reshape((n, t * d.dim))?;
-        let x = add_bias(&x, &self.w(1, mode).flatten_all()?)?;
-        Ok(x.reshape((n * t, d.dim))?)
-    }
-
     /// Variable `i` as a tensor: tracked for training, detached for inference.
     fn w(&self, i: usize, mode: Mode) -> Tensor {
         match mode {
@@ -202,7 +183,14 @@ impl Mixer {
         let d = &self.dims;
         let n = self.batch_size(images)?;
         let t = d.tokens();
-        let mut x = self.embed(images, n, mode)?;
+        let mut x = embed_patches(
+            &d.grid(),
+            images,
+            n,
+            &self.w(0, mode),
+            &self.w(1, mode),
+            d.per_patch,
+        )?;
         for blk in 0..d.depth {
             let base = 2 + blk * BLOCK_TENSORS;
             let a = self.layer_norm(&x, base, mode)?;

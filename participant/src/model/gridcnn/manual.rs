@@ -1,0 +1,512 @@
+//! The grid CNN's hand-written training pass (CPU): forward and backward on
+//! plain slices, every product one `gemm` call, no autograd graph, no
+//! gradient for the images, buffers kept between minibatches. Checked
+//! against candle's autograd and finite differences in the tests.
+//!
+//! Activations are channels-last (`[n, cells, C]`), so a 3x3 convolution is
+//! one product of its im2col matrix with the kernel (module `model::conv`,
+//! shared with the CNN), and per image the token map is one product
+//! `M [T, T] @ embed [T, D]`. With `T > 1` threads the minibatch is cut into
+//! shards that run the whole pass at once on rayon's pool, each with its
+//! own buffers and single-threaded products; their gradients are summed.
+//!
+//! ```text
+//! e  = patches We^T + be         [n*T, D]     (per position with a per-patch embedding)
+//! z  = M e_n + bm                [n*T, D]     a0 = GELU(z)
+//! u1 = im2col(a0) W1^T + b1      [n*T, C1]    a1 = GELU(u1)
+//! u2 = im2col(a1) W2^T + b2      [n*T, C2]    a2 = GELU(u2)
+//! p  = maxpool2x2(a2)            [n*T', C2]
+//! u3 = im2col(p) W3^T + b3       [n*T', C3]   a3 = GELU(u3)
+//! f  = mean over cells of a3     [n, C3]      logits = f Wh^T + bh
+//! ```
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::GridCnnDims;
+use crate::error::{ParticipantError, Result};
+use crate::model::conv::{
+    col2im, column_sums, from_internal, im2col, sized, sized_u32, to_internal,
+};
+use crate::model::gemm::{MatRef, matmul};
+use crate::model::ops::gelu_with_derivative;
+use crate::model::softmax_cross_entropy_rows;
+
+/// Number of parameter tensors (see [`GridCnnDims::layout`]).
+const TENSORS: usize = 12;
+
+/// Buffers kept between minibatches (resized as needed, never shrunk).
+#[derive(Default)]
+pub(super) struct Workspace {
+    /// The three convolution kernels as `[C, 9 * C_in]`, columns
+    /// `(ky, kx, c)`.
+    kernels: [Vec<f32>; 3],
+    shards: Vec<Shard>,
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace")
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One shard's activations and gradients.
+#[derive(Default)]
+struct Shard {
+    /// Patches `[n * T, I*P*P]`, or `[T, n, I*P*P]` per position.
+    patches: Vec<f32>,
+    /// Patch embeddings `[n, T, D]`; in the backward pass their gradient.
+    embed: Vec<f32>,
+    /// Per-position embeddings or their gradient `[T, n, D]` (per-patch
+    /// embedding only).
+    by_position: Vec<f32>,
+    /// GELU of the token map `[n * T, D]`, then its gradient.
+    a0: Vec<f32>,
+    dgelu0: Vec<f32>,
+    /// im2col of `a0`, then its gradient.
+    cols1: Vec<f32>,
+    a1: Vec<f32>,
+    dgelu1: Vec<f32>,
+    cols2: Vec<f32>,
+    a2: Vec<f32>,
+    dgelu2: Vec<f32>,
+    /// Pooled `a2` `[n * T', C2]`, then its gradient.
+    pooled: Vec<f32>,
+    /// Offset (inside its image's `a2`) of each pooled value's maximum.
+    winners: Vec<u32>,
+    cols3: Vec<f32>,
+    a3: Vec<f32>,
+    dgelu3: Vec<f32>,
+    /// Mean over the cells `[n, C3]`, then its gradient.
+    features: Vec<f32>,
+    d_features: Vec<f32>,
+    /// `[n, K]`; then the loss gradient with respect to them.
+    logits: Vec<f32>,
+    /// Sum of this shard's per-image losses.
+    loss: f64,
+    /// Gradients in the variables' layout (conv kernels in the internal
+    /// column order until the end).
+    grads: [Vec<f32>; TENSORS],
+}
+
+/// Mean cross-entropy of the minibatch `images [N, I, R, W]` (contiguous)
+/// with `labels [N]`, and the gradients of all parameters; `params` and the
+/// result in [`GridCnnDims::layout`] order, in the layout of the
+/// [`GridCnn`](super::GridCnn)'s variables (a per-position patch embedding
+/// weight as `[T, I*P*P, D]`). `threads` is the number of shards the batch
+/// may be cut into (at most one per image).
+pub(super) fn loss_and_grads(
+    d: &GridCnnDims,
+    params: &[&[f32]],
+    images: &[f32],
+    labels: &[u32],
+    ws: &mut Workspace,
+    threads: usize,
+) -> Result<(f32, Vec<Vec<f32>>)> {
+    let n = labels.len();
+    let image_len = d.planes * d.rows * d.cols;
+    if n == 0 || Some(images.len()) != n.checked_mul(image_len) {
+        return Err(ParticipantError::Model(format!(
+            "gridcnn: {n} labels for {} image values of {image_len} each",
+            images.len()
+        )));
+    }
+    let layout = d.layout();
+    if params.len() != TENSORS {
+        return Err(ParticipantError::Model(format!(
+            "gridcnn: {} parameter tensors, expected {TENSORS}",
+            params.len()
+        )));
+    }
+    for (p, info) in params.iter().zip(&layout) {
+        if p.len() != info.len() {
+            return Err(ParticipantError::Model(format!(
+                "gridcnn: {} holds {} values, expected {}",
+                info.name,
+                p.len(),
+                info.len()
+            )));
+        }
+    }
+    if d.tokens()
+        .checked_mul(d.c1.max(d.c2).max(d.dim))
+        .is_none_or(|v| v > u32::MAX as usize)
+    {
+        return Err(ParticipantError::Model(
+            "gridcnn: activations too large".into(),
+        ));
+    }
+    let fan_ins = [d.dim, d.c1, d.c2];
+    for (j, (&c_in, c_out)) in fan_ins.iter().zip([d.c1, d.c2, d.c3]).enumerate() {
+        let w = params[4 + 2 * j];
+        to_internal(w, c_out, c_in, sized(&mut ws.kernels[j], w.len()));
+    }
+    let shards = threads.clamp(1, n);
+    ws.shards
+        .resize_with(shards.max(ws.shards.len()), Shard::default);
+    let kernels = [&ws.kernels[0][..], &ws.kernels[1], &ws.kernels[2]];
+    let inv_n = 1.0 / n as f32;
+    let run = |(s, shard): (usize, &mut Shard)| -> Result<()> {
+        let (start, end) = (s * n / shards, (s + 1) * n / shards);
+        shard.run(
+            d,
+            params,
+            kernels,
+            &images[start * image_len..end * image_len],
+            &labels[start..end],
+            inv_n,
+        )
+    };
+    if shards == 1 {
+        run((0, &mut ws.shards[0]))?;
+    } else {
+        ws.shards[..shards]
+            .par_iter_mut()
+            .enumerate()
+            .map(run)
+            .collect::<Result<()>>()?;
+    }
+    let (first, rest) = ws.shards[..shards].split_at_mut(1);
+    let total = &mut first[0];
+    for other in rest {
+        total.loss += other.loss;
+        for (t, o) in total.grads.iter_mut().zip(&other.grads) {
+            for (t, o) in t.iter_mut().zip(o) {
+                *t += o;
+            }
+        }
+    }
+    let mut out: Vec<Vec<f32>> = total.grads.to_vec();
+    for (j, (&c_in, c_out)) in fan_ins.iter().zip([d.c1, d.c2, d.c3]).enumerate() {
+        from_internal(&total.grads[4 + 2 * j], c_out, c_in, &mut out[4 + 2 * j]);
+    }
+    Ok(((total.loss / n as f64) as f32, out))
+}
+
+/// `x[i] = gelu(x[i])`, `dg[i] = gelu'(x[i])`, after adding `bias[c]` to
+/// every row of `x [M, c]`.
+fn bias_gelu_in_place(x: &mut [f32], bias: &[f32], dg: &mut [f32]) {
+    let c = bias.len();
+    for (row, drow) in x.chunks_exact_mut(c).zip(dg.chunks_exact_mut(c)) {
+        for ((v, g), b) in row.iter_mut().zip(drow.iter_mut()).zip(bias) {
+            (*v, *g) = gelu_with_derivative(*v + b);
+        }
+    }
+}
+
+/// `x[i] *= dg[i]`.
+fn times(x: &mut [f32], dg: &[f32]) {
+    for (v, g) in x.iter_mut().zip(dg) {
+        *v *= g;
+    }
+}
+
+/// Copies the patches of `images [n, I, R, W]` into `out`: `[n * T, I*P*P]`
+/// (rows image-major), or `[T, n, I*P*P]` when `by_position`; each patch's
+/// values ordered plane, row, column.
+fn gather_patches(d: &GridCnnDims, images: &[f32], n: usize, by_position: bool, out: &mut [f32]) {
+    let (p, gr, gc) = (d.patch, d.rows / d.patch, d.cols / d.patch);
+    let (t, pl) = (gr * gc, d.patch_len());
+    let plane = d.rows * d.cols;
+    for img in 0..n {
+        let src = &images[img * d.planes * plane..][..d.planes * plane];
+        for cell in 0..t {
+            let row = if by_position {
+                cell * n + img
+            } else {
+                img * t + cell
+            };
+            let dst = &mut out[row * pl..][..pl];
+            let (y0, x0) = ((cell / gc) * p, (cell % gc) * p);
+            for plane_i in 0..d.planes {
+                for py in 0..p {
+                    let from = plane_i * plane + (y0 + py) * d.cols + x0;
+                    dst[(plane_i * p + py) * p..][..p].copy_from_slice(&src[from..from + p]);
+                }
+            }
+        }
+    }
+}
+
+/// 2x2 max-pooling (stride 2, odd last row and column dropped) of the
+/// channels-last `x [n, h, w, c]` into `out [n, h/2, w/2, c]`; `win` gets
+/// the offset of each pooled value's first maximum inside its image's `x`.
+fn max_pool(
+    x: &[f32],
+    n: usize,
+    (h, w, c): (usize, usize, usize),
+    out: &mut [f32],
+    win: &mut [u32],
+) {
+    let (ph, pw) = (h / 2, w / 2);
+    for img in 0..n {
+        let x = &x[img * h * w * c..][..h * w * c];
+        for py in 0..ph {
+            for px in 0..pw {
+                let base = (img * ph * pw + py * pw + px) * c;
+                let corner = (2 * py * w + 2 * px) * c;
+                let offsets = [corner, corner + c, corner + w * c, corner + w * c + c];
+                for ch in 0..c {
+                    let (mut m, mut k) = (x[offsets[0] + ch], offsets[0] + ch);
+                    for &o in &offsets[1..] {
+                        if x[o + ch] > m {
+                            (m, k) = (x[o + ch], o + ch);
+                        }
+                    }
+                    out[base + ch] = m;
+                    // Fits: checked against u32::MAX in loss_and_grads.
+                    win[base + ch] = k as u32;
+                }
+            }
+        }
+    }
+}
+
+/// Backward of [`max_pool`]: `dx [n, image]` gets each pooled gradient at
+/// its winner, zeros elsewhere.
+fn unpool(g: &[f32], win: &[u32], n: usize, dx: &mut [f32]) {
+    dx.fill(0.0);
+    let (pooled, image) = (g.len() / n.max(1), dx.len() / n.max(1));
+    if pooled == 0 || image == 0 {
+        return;
+    }
+    for ((dx, g), win) in dx
+        .chunks_exact_mut(image)
+        .zip(g.chunks_exact(pooled))
+        .zip(win.chunks_exact(pooled))
+    {
+        for (&g, &k) in g.iter().zip(win) {
+            if let Some(v) = dx.get_mut(k as usize) {
+                *v += g;
+            }
+        }
+    }
+}
+
+impl Shard {
+    /// Forward and backward pass over `n` images; leaves the summed loss
+    /// (each image's scaled by `inv_n` in the gradients) and the gradients
+    /// in `self`.
+    fn run(
+        &mut self,
+        d: &GridCnnDims,
+        p: &[&[f32]],
+        kernels: [&[f32]; 3],
+        images: &[f32],
+        labels: &[u32],
+        inv_n: f32,
+    ) -> Result<()> {
+        let n = labels.len();
+        let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
+        let (hr, hc) = (gr / 2, gc / 2);
+        let (t, t2, pl, dim) = (gr * gc, hr * hc, d.patch_len(), d.dim);
+        let (c1, c2, c3, k) = (d.c1, d.c2, d.c3, d.classes);
+        let seq = Parallelism::None;
+        let g = &mut self.grads;
+
+        // Patch embedding -> embed [n, T, D].
+        let patches = sized(&mut self.patches, n * t * pl);
+        gather_patches(d, images, n, d.per_patch, patches);
+        let embed = sized(&mut self.embed, n * t * dim);
+        if d.per_patch {
+            let by_pos = sized(&mut self.by_position, t * n * dim);
+            for cell in 0..t {
+                let out = &mut by_pos[cell * n * dim..][..n * dim];
+                let x = MatRef::new(&patches[cell * n * pl..], n, pl)?;
+                let w = MatRef::new(&p[0][cell * pl * dim..], pl, dim)?;
+                matmul(out, x, w, false, seq)?;
+                let bias = &p[1][cell * dim..][..dim];
+                for (img, row) in out.chunks_exact(dim).enumerate() {
+                    let dst = &mut embed[(img * t + cell) * dim..][..dim];
+                    for ((o, v), b) in dst.iter_mut().zip(row).zip(bias) {
+                        *o = v + b;
+                    }
+                }
+            }
+        } else {
+            let x = MatRef::new(patches, n * t, pl)?;
+            matmul(embed, x, MatRef::new(p[0], dim, pl)?.t(), false, seq)?;
+            for row in embed.chunks_exact_mut(dim) {
+                for (v, b) in row.iter_mut().zip(p[1]) {
+                    *v += b;
+                }
+            }
+        }
+
+        // Token map -> a0 [n * T, D].
+        let token_map = MatRef::new(p[2], t, t)?;
+        let a0 = sized(&mut self.a0, n * t * dim);
+        let dgelu0 = sized(&mut self.dgelu0, n * t * dim);
+        for img in 0..n {
+            let e = MatRef::new(&embed[img * t * dim..], t, dim)?;
+            matmul(
+                &mut a0[img * t * dim..][..t * dim],
+                token_map,
+                e,
+                false,
+                seq,
+            )?;
+        }
+        for ((row, drow), cell) in a0
+            .chunks_exact_mut(dim)
+            .zip(dgelu0.chunks_exact_mut(dim))
+            .zip((0..t).cycle())
+        {
+            let b = p[3][cell];
+            for (v, g) in row.iter_mut().zip(drow.iter_mut()) {
+                (*v, *g) = gelu_with_derivative(*v + b);
+            }
+        }
+
+        // conv1, conv2 on the grid.
+        let cols1 = sized(&mut self.cols1, n * t * 9 * dim);
+        im2col(a0, n, gr, gc, dim, cols1);
+        let a1 = sized(&mut self.a1, n * t * c1);
+        let w1 = MatRef::new(kernels[0], c1, 9 * dim)?;
+        matmul(a1, MatRef::new(cols1, n * t, 9 * dim)?, w1.t(), false, seq)?;
+        let dgelu1 = sized(&mut self.dgelu1, n * t * c1);
+        bias_gelu_in_place(a1, p[5], dgelu1);
+        let cols2 = sized(&mut self.cols2, n * t * 9 * c1);
+        im2col(a1, n, gr, gc, c1, cols2);
+        let a2 = sized(&mut self.a2, n * t * c2);
+        let w2 = MatRef::new(kernels[1], c2, 9 * c1)?;
+        matmul(a2, MatRef::new(cols2, n * t, 9 * c1)?, w2.t(), false, seq)?;
+        let dgelu2 = sized(&mut self.dgelu2, n * t * c2);
+        bias_gelu_in_place(a2, p[7], dgelu2);
+
+        // Pool, conv3, mean, head, loss.
+        let pooled = sized(&mut self.pooled, n * t2 * c2);
+        let winners = sized_u32(&mut self.winners, n * t2 * c2);
+        max_pool(a2, n, (gr, gc, c2), pooled, winners);
+        let cols3 = sized(&mut self.cols3, n * t2 * 9 * c2);
+        im2col(pooled, n, hr, hc, c2, cols3);
+        let a3 = sized(&mut self.a3, n * t2 * c3);
+        let w3 = MatRef::new(kernels[2], c3, 9 * c2)?;
+        matmul(a3, MatRef::new(cols3, n * t2, 9 * c2)?, w3.t(), false, seq)?;
+        let dgelu3 = sized(&mut self.dgelu3, n * t2 * c3);
+        bias_gelu_in_place(a3, p[9], dgelu3);
+        let features = sized(&mut self.features, n * c3);
+        let inv_cells = 1.0 / t2 as f32;
+        for (f, cells) in features.chunks_exact_mut(c3).zip(a3.chunks_exact(t2 * c3)) {
+            column_sums(cells, c3, f);
+            f.iter_mut().for_each(|v| *v *= inv_cells);
+        }
+        let logits = sized(&mut self.logits, n * k);
+        let f_m = MatRef::new(features, n, c3)?;
+        let head = MatRef::new(p[10], k, c3)?;
+        matmul(logits, f_m, head.t(), false, seq)?;
+        for row in logits.chunks_exact_mut(k) {
+            for (v, b) in row.iter_mut().zip(p[11]) {
+                *v += b;
+            }
+        }
+        let z = logits.to_vec();
+        self.loss = softmax_cross_entropy_rows(&z, k, labels, inv_n, logits)?;
+
+        // Head backward.
+        let d_logits = MatRef::new(logits, n, k)?;
+        matmul(sized(&mut g[10], k * c3), d_logits.t(), f_m, false, seq)?;
+        column_sums(logits, k, sized(&mut g[11], k));
+        let d_features = sized(&mut self.d_features, n * c3);
+        matmul(d_features, d_logits, head, false, seq)?;
+
+        // Mean and conv3 backward: a3 becomes du3.
+        for (cells, df) in a3
+            .chunks_exact_mut(t2 * c3)
+            .zip(d_features.chunks_exact(c3))
+        {
+            for row in cells.chunks_exact_mut(c3) {
+                for (v, g) in row.iter_mut().zip(df) {
+                    *v = g * inv_cells;
+                }
+            }
+        }
+        times(a3, dgelu3);
+        let du3 = MatRef::new(a3, n * t2, c3)?;
+        let cols3_m = MatRef::new(cols3, n * t2, 9 * c2)?;
+        matmul(sized(&mut g[8], c3 * 9 * c2), du3.t(), cols3_m, false, seq)?;
+        column_sums(a3, c3, sized(&mut g[9], c3));
+        matmul(cols3, du3, w3, false, seq)?;
+        col2im(cols3, n, hr, hc, c2, pooled);
+
+        // Pool and conv2 backward: a2 becomes du2.
+        unpool(pooled, winners, n, a2);
+        times(a2, dgelu2);
+        let du2 = MatRef::new(a2, n * t, c2)?;
+        let cols2_m = MatRef::new(cols2, n * t, 9 * c1)?;
+        matmul(sized(&mut g[6], c2 * 9 * c1), du2.t(), cols2_m, false, seq)?;
+        column_sums(a2, c2, sized(&mut g[7], c2));
+        matmul(cols2, du2, w2, false, seq)?;
+        col2im(cols2, n, gr, gc, c1, a1);
+
+        // conv1 backward: a1 becomes du1, a0 the token map's gradient.
+        times(a1, dgelu1);
+        let du1 = MatRef::new(a1, n * t, c1)?;
+        let cols1_m = MatRef::new(cols1, n * t, 9 * dim)?;
+        matmul(sized(&mut g[4], c1 * 9 * dim), du1.t(), cols1_m, false, seq)?;
+        column_sums(a1, c1, sized(&mut g[5], c1));
+        matmul(cols1, du1, w1, false, seq)?;
+        col2im(cols1, n, gr, gc, dim, a0);
+        times(a0, dgelu0);
+
+        // Token map backward: dM = sum_n dz_n e_n^T, dbm = row sums of dz,
+        // de_n = M^T dz_n (into embed, after dM has used it).
+        let (embed_grads, rest) = g.split_at_mut(2);
+        let (map_weight, map_bias) = rest.split_at_mut(1);
+        let d_map = sized(&mut map_weight[0], t * t);
+        let d_map_bias = sized(&mut map_bias[0], t);
+        d_map_bias.fill(0.0);
+        for img in 0..n {
+            let dz = &a0[img * t * dim..][..t * dim];
+            let e = MatRef::new(&embed[img * t * dim..], t, dim)?;
+            matmul(d_map, MatRef::new(dz, t, dim)?, e.t(), img > 0, seq)?;
+            for (b, row) in d_map_bias.iter_mut().zip(dz.chunks_exact(dim)) {
+                *b += row.iter().sum::<f32>();
+            }
+        }
+        for img in 0..n {
+            let dz = MatRef::new(&a0[img * t * dim..], t, dim)?;
+            matmul(
+                &mut embed[img * t * dim..][..t * dim],
+                token_map.t(),
+                dz,
+                false,
+                seq,
+            )?;
+        }
+
+        // Patch embedding backward.
+        if d.per_patch {
+            let by_pos = sized(&mut self.by_position, t * n * dim);
+            for img in 0..n {
+                for cell in 0..t {
+                    by_pos[(cell * n + img) * dim..][..dim]
+                        .copy_from_slice(&embed[(img * t + cell) * dim..][..dim]);
+                }
+            }
+            let (dw, db) = embed_grads.split_at_mut(1);
+            let dw = sized(&mut dw[0], t * pl * dim);
+            let db = sized(&mut db[0], t * dim);
+            for cell in 0..t {
+                let de = &by_pos[cell * n * dim..][..n * dim];
+                let x = MatRef::new(&patches[cell * n * pl..], n, pl)?;
+                matmul(
+                    &mut dw[cell * pl * dim..][..pl * dim],
+                    x.t(),
+                    MatRef::new(de, n, dim)?,
+                    false,
+                    seq,
+                )?;
+                column_sums(de, dim, &mut db[cell * dim..][..dim]);
+            }
+        } else {
+            let de = MatRef::new(embed, n * t, dim)?;
+            let x = MatRef::new(patches, n * t, pl)?;
+            matmul(sized(&mut embed_grads[0], dim * pl), de.t(), x, false, seq)?;
+            column_sums(embed, dim, sized(&mut embed_grads[1], dim));
+        }
+        Ok(())
+    }
+}
