@@ -215,7 +215,37 @@ class Mixer(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
-MODELS = {"blocknet": BlockNet, "cnn": Cnn, "vit": Vit, "mixer": Mixer}
+class GridCnn(nn.Module):
+    """Patches P x P (plane, row, col order), linear embedding, one dense
+    token map from the patches onto the grid (shared by the channels),
+    GELU, two 3x3 convolutions with GELU, 2x2 max-pooling, a third 3x3
+    convolution with GELU, mean over the grid, linear head (greyfed's
+    gridcnn_28x28 defaults)."""
+
+    def __init__(self, patch=4, dim=64, channels=(64, 64, 128), classes=10, side=28, planes=1):
+        super().__init__()
+        self.patch, self.grid = patch, side // patch
+        tokens = self.grid * self.grid
+        self.patch_embed = nn.Linear(planes * patch * patch, dim)
+        self.token_map = nn.Linear(tokens, tokens)
+        c1, c2, c3 = channels
+        self.conv1 = nn.Conv2d(dim, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.head = nn.Linear(c3, classes)
+
+    def forward(self, x):
+        n, i, _, _ = x.shape
+        g, p = self.grid, self.patch
+        x = x.reshape(n, i, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, i * p * p)
+        x = self.patch_embed(x).transpose(1, 2)  # N, D, T
+        x = F.gelu(self.token_map(x)).reshape(n, -1, g, g)
+        x = F.gelu(self.conv2(F.gelu(self.conv1(x))))
+        x = F.gelu(self.conv3(F.max_pool2d(x, 2)))
+        return self.head(x.mean((2, 3)))
+
+
+MODELS = {"blocknet": BlockNet, "cnn": Cnn, "vit": Vit, "mixer": Mixer, "gridcnn": GridCnn}
 
 
 # ------------------------------------------------------------- training

@@ -41,7 +41,7 @@ use candle_core::Device;
 use clap::Parser;
 use greyfed_participant::cipher::{ImageCipher, ImageKey};
 use greyfed_participant::data::{idx::load_idx_dir, synthetic::builtin_splits};
-use greyfed_participant::model::{cnn_28x28, init_weights, mixer_28x28, vit_28x28};
+use greyfed_participant::model::{cnn_28x28, gridcnn_28x28, init_weights, mixer_28x28, vit_28x28};
 use greyfed_participant::train::{TensorData, evaluate, train_local};
 use greyfed_protocol::cipher::CipherSteps;
 use greyfed_protocol::{ModelSpec, OptimizerSpec, TrainingConfig};
@@ -53,7 +53,7 @@ const BATCH_SIZE: u32 = 64;
 #[command(about = "Time greyfed's local training of one model (see the source for details)")]
 struct Args {
     /// Model.
-    #[arg(long, default_value = "blocknet", value_parser = ["blocknet", "vit", "mixer", "cnn"])]
+    #[arg(long, default_value = "blocknet", value_parser = ["blocknet", "vit", "mixer", "gridcnn", "cnn"])]
     model: String,
     /// IDX dataset directory (MNIST layout); the built-in synthetic digits
     /// when omitted.
@@ -120,8 +120,9 @@ fn main() -> Result<()> {
         "blocknet" => ModelSpec::blocknet_28x28(args.block_size).with_image_channels(planes),
         "vit" => vit_28x28(args.block_size, planes),
         "mixer" => mixer_28x28(args.block_size, planes),
+        "gridcnn" => gridcnn_28x28(args.block_size, planes),
         "cnn" => cnn_28x28(planes),
-        other => bail!("unknown model {other:?}; choose blocknet, vit, mixer or cnn"),
+        other => bail!("unknown model {other:?}; choose blocknet, vit, mixer, gridcnn or cnn"),
     };
     let spec = if args.first_layer == "per-block" {
         spec.with_first_layer(greyfed_protocol::FirstLayer::PerBlock)

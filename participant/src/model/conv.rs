@@ -5,13 +5,18 @@
 
 /// `v` holding exactly `len` values (old contents unspecified).
 pub(crate) fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    v.resize(len, 0.0);
+    // Only grows: shrinking and growing again would zero the regrown part.
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
     &mut v[..len]
 }
 
 /// `v` holding exactly `len` codes (old contents unspecified).
 pub(crate) fn sized_u32(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
-    v.resize(len, 0);
+    if v.len() < len {
+        v.resize(len, 0);
+    }
     &mut v[..len]
 }
 /// Kernel `[O, C, 3, 3]` (PyTorch) to `[O, 3, 3, C]` (im2col column order).

@@ -103,6 +103,27 @@ impl CustomOp2 for BiasAdd {
 /// `1 / sqrt(2 pi)`.
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+/// `e^x` for `x <= 0` (`0` below about `-87`): `2^n · e^r` with `n` the
+/// nearest integer to `x / ln 2` and a degree-6 Taylor polynomial for `e^r`,
+/// `|r| <= ln 2 / 2` (relative error below 3e-7, two `f32` steps). Branch-free and without a
+/// library call, so loops over slices that use it vectorise (a library `exp`
+/// per element was a tenth of the grid CNN's training time).
+#[inline(always)]
+fn exp_non_positive(x: f32) -> f32 {
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// `(Phi(u), phi(u))`, the standard normal distribution function and
 /// density, with one `exp`: `Phi(u) = (1 + erf(u / sqrt 2)) / 2` by
 /// Abramowitz and Stegun's 7.1.26 (absolute error of `erf` below 1.5e-7,
@@ -119,7 +140,7 @@ fn normal_cdf_pdf(u: f32) -> (f32, f32) {
         1.061_405_4,
     ];
     let x = u.abs() * std::f32::consts::FRAC_1_SQRT_2;
-    let e = (-x * x).exp();
+    let e = exp_non_positive(-x * x);
     let t = 1.0 / (1.0 + P * x);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
     let erf = 1.0 - poly * e;
@@ -425,6 +446,24 @@ impl CustomOp2 for SoftmaxBackward {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exp_non_positive_matches_the_library_exp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 90.0 / 200_000.0;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_non_positive(x));
+            if want > 1e-37 {
+                worst = worst.max((got - want).abs() / want);
+            } else {
+                assert!(got < 1e-36, "{x}: {got}");
+            }
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_non_positive(0.0), 1.0);
+        assert_eq!(exp_non_positive(f32::NEG_INFINITY), exp_non_positive(-87.0));
+    }
+
     use super::*;
 
     /// Against the library `erf` (candle's port of a high-precision one),
