@@ -1,6 +1,7 @@
 //! `greyfed model transform`: the key transform of a plain model
 //! ([`greyfed_participant::model::encrypted_domain_weights`]), for a
-//! coordinator's `--init`.
+//! coordinator's `--init`; and the grid CNN's aligned start
+//! ([`write_aligned_start`]), which `greyfed simulate --start aligned` makes.
 //!
 //! A model file of a `--plain` run names its architecture, input and
 //! classes, and the result is a model file for the encrypted images of the
@@ -13,8 +14,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
-    model::{encrypted_domain_weights, init_weights},
+    model::{aligned_weights, builtin_spec, encrypted_domain_weights, init_weights},
 };
+use greyfed_protocol::FirstLayer;
+use greyfed_protocol::message::InputSpec;
 use greyfed_protocol::model_file::ModelFile;
 use greyfed_protocol::weights::{CIPHER_METADATA, MODEL_METADATA};
 use greyfed_protocol::{ModelSpec, ModelWeights, cipher::CipherSteps};
@@ -163,4 +166,121 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
         settings.out.display(),
         plain.source
     ))
+}
+
+/// Writes to `out` the grid CNN's aligned start for images of `input`
+/// encrypted with `key` and `steps` in blocks of `block_size`: the key
+/// transform of [`aligned_weights`] (drawn from `seed`), so that the token
+/// map places every encrypted block in its plain position. The first layer
+/// is the one `steps` needs ([`FirstLayer::for_cipher`]).
+///
+/// Only a key holder can make this file, and it shows whoever receives it
+/// the block permutation (its token map *is* the permutation); see
+/// docs/threat-model.md.
+pub fn write_aligned_start(
+    model: &str,
+    input: &InputSpec,
+    steps: CipherSteps,
+    block_size: u32,
+    key: &ImageKey,
+    seed: u64,
+    out: &std::path::Path,
+) -> Result<()> {
+    let plain_input = InputSpec {
+        channels: 1,
+        ..input.clone()
+    };
+    let spec = builtin_spec(model, &plain_input, block_size)?
+        .with_first_layer(FirstLayer::for_cipher(&steps));
+    let plain = aligned_weights(&spec, seed)?;
+    let cipher = ImageCipher::new(
+        key,
+        steps,
+        block_size as usize,
+        input.rows as usize,
+        input.cols as usize,
+    )?;
+    let (spec, weights) = encrypted_domain_weights(&spec, &plain, &cipher)?;
+    let bytes = ModelFile {
+        spec,
+        classes: input.classes.clone(),
+        cipher: Some(cipher.spec()),
+        rounds_completed: 0,
+        weights,
+    }
+    .to_safetensors()?;
+    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use greyfed_participant::data::synthetic::builtin_splits;
+    use greyfed_participant::model::{Network, aligned_weights};
+
+    fn digits_input() -> InputSpec {
+        InputSpec {
+            rows: 28,
+            cols: 28,
+            channels: 1,
+            classes: (0..10).map(|d| d.to_string()).collect(),
+        }
+    }
+
+    /// The aligned start's token map is the block permutation, and the
+    /// model computes on encrypted images what the aligned plain model
+    /// computes on plain ones.
+    #[test]
+    fn the_aligned_start_is_the_key_transform_of_the_identity_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("start.safetensors");
+        let key = ImageKey::from_bytes([5; 32]);
+        let steps: CipherSteps = "block".parse().unwrap();
+        write_aligned_start("gridcnn", &digits_input(), steps, 4, &key, 3, &out).unwrap();
+        let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!(file.spec.name(), "gridcnn");
+        assert_eq!(file.rounds_completed, 0);
+        let cipher = ImageCipher::new(&key, steps, 4, 28, 28).unwrap();
+        let pi = cipher.block_permutation();
+        let map = &file.weights.tensors()[2];
+        assert_eq!(map.name, "token_map.weight");
+        for (cell, row) in map.data.chunks(49).enumerate() {
+            for (q, &v) in row.iter().enumerate() {
+                assert_eq!(
+                    v,
+                    if pi[q] == cell { 1.0 } else { 0.0 },
+                    "cell {cell}, block {q}"
+                );
+            }
+        }
+        let images = builtin_splits(1).test.subset(&(0..8).collect::<Vec<_>>());
+        let logits =
+            |spec: &ModelSpec, w: &ModelWeights, data: &greyfed_participant::data::Dataset| {
+                let x = greyfed_participant::train::TensorData::from_dataset(data, &Device::Cpu)
+                    .unwrap();
+                let out: Tensor = Network::new(spec, w, &Device::Cpu)
+                    .unwrap()
+                    .predict(x.images())
+                    .unwrap();
+                out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+        let plain_spec = file.spec.clone().with_image_channels(1);
+        let plain = aligned_weights(&plain_spec, 3).unwrap();
+        let a = logits(&plain_spec, &plain, &images);
+        let b = logits(
+            &file.spec,
+            &file.weights,
+            &cipher.encrypt_dataset(&images).unwrap(),
+        );
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "logits differ by {diff}");
+        // Models without a token map have no aligned start.
+        let e = write_aligned_start("mixer", &digits_input(), steps, 4, &key, 3, &out).unwrap_err();
+        assert!(format!("{e:#}").contains("grid CNN"), "{e:#}");
+    }
 }

@@ -124,7 +124,7 @@ pub mod vit;
 pub use blocknet::{BlockNet, BlockNetDims};
 pub(crate) use blocknet::{ColumnSums, ReluBackward};
 pub use cnn::{Cnn, CnnDims, cnn_28x28};
-pub use gridcnn::{GridCnn, GridCnnDims, gridcnn_28x28};
+pub use gridcnn::{GridCnn, GridCnnDims, aligned_weights, gridcnn_28x28};
 pub use mixer::{Mixer, MixerDims, mixer_28x28};
 pub use registry::{
     Architecture, BUILTIN_ARCHITECTURES, MAX_ARCH_NAME, Model, architecture, architecture_names,

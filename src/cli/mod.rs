@@ -251,13 +251,17 @@ pub enum InitArg {
     /// (`greyfed_participant::model::encrypted_domain_weights`): the same
     /// function on encrypted images as the plain model on plain images.
     KeyTransformed,
+    /// Grid CNN only: the token map starts at the identity for the plain
+    /// cell and at its key transform (the block permutation) for encrypted
+    /// cells; see docs/threat-model.md for what that start reveals.
+    Aligned,
 }
 
 /// `greyfed experiment encryption`.
 #[derive(Clone, Debug, Args)]
 pub struct ExperimentArgs {
     /// A named recipe that sets this command's flags (explicit flags win):
-    /// `accurate` (the MLP-Mixer, AdamW with warm-up cosine, online affine
+    /// `accurate` (the grid CNN, aligned start in simulate, AdamW, online affine
     /// augmentation) or `demo` (the defaults).
     #[arg(long, value_enum, value_name = "NAME")]
     pub preset: Option<crate::preset::Preset>,
@@ -894,7 +898,7 @@ fn value_name(v: impl ValueEnum) -> String {
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
     /// A named recipe that sets this command's flags (explicit flags win):
-    /// `accurate` (the MLP-Mixer, AdamW with warm-up cosine, online affine
+    /// `accurate` (the grid CNN, aligned start in simulate, AdamW, online affine
     /// augmentation) or `demo` (the defaults).
     #[arg(long, value_enum, value_name = "NAME")]
     pub preset: Option<crate::preset::Preset>,
@@ -1082,7 +1086,7 @@ impl DataArgs {
 #[derive(Debug, Args)]
 pub struct ParticipantArgs {
     /// A named recipe that sets this command's flags (explicit flags win):
-    /// `accurate` (the MLP-Mixer, AdamW with warm-up cosine, online affine
+    /// `accurate` (the grid CNN, aligned start in simulate, AdamW, online affine
     /// augmentation) or `demo` (the defaults).
     #[arg(long, value_enum, value_name = "NAME")]
     pub preset: Option<crate::preset::Preset>,
@@ -1179,7 +1183,7 @@ impl ParticipantArgs {
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// A named recipe that sets this command's flags (explicit flags win):
-    /// `accurate` (the MLP-Mixer, AdamW with warm-up cosine, online affine
+    /// `accurate` (the grid CNN, aligned start in simulate, AdamW, online affine
     /// augmentation) or `demo` (the defaults).
     #[arg(long, value_enum, value_name = "NAME")]
     pub preset: Option<crate::preset::Preset>,
@@ -1210,12 +1214,29 @@ pub struct SimulateArgs {
     /// default, see docs/threat-model.md).
     #[arg(long)]
     pub central_eval: bool,
+    /// How the model starts: `fresh` (drawn by the coordinator from
+    /// --seed) or `aligned` (--model gridcnn only: the simulation, which
+    /// holds the image key, gives the coordinator a start whose token map
+    /// is the block permutation; it shows the coordinator that permutation,
+    /// see docs/threat-model.md).
+    #[arg(long, value_enum, default_value_t = StartArg::Fresh)]
+    pub start: StartArg,
     /// Data settings.
     #[command(flatten)]
     pub data: DataArgs,
     /// Training settings.
     #[command(flatten)]
     pub training: TrainingArgs,
+}
+
+/// How `greyfed simulate` starts the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum StartArg {
+    /// A fresh initialisation drawn by the coordinator.
+    #[default]
+    Fresh,
+    /// The grid CNN's aligned start, made with the image key.
+    Aligned,
 }
 
 /// `greyfed predict`.

@@ -283,6 +283,13 @@ impl SimulateArgs {
                 augmentation: data.augmentation()?,
             },
             coordinator_args: self.training.to_args(),
+            aligned_start: match self.start {
+                StartArg::Fresh => None,
+                StartArg::Aligned => Some(crate::simulate::AlignedStart {
+                    model: self.training.model.clone(),
+                    data: data.settings()?.source,
+                }),
+            },
             participant_args,
         })
     }
@@ -333,6 +340,7 @@ impl ExperimentArgs {
             init: match self.init {
                 InitArg::Seeded => InitKind::Seeded,
                 InitArg::KeyTransformed => InitKind::KeyTransformed,
+                InitArg::Aligned => InitKind::Aligned,
             },
             known_pairs: self.known_pairs,
             attack_samples: self.attack_samples,

@@ -352,3 +352,32 @@ fn participant_flags_map_to_typed_settings() {
 
     assert!(parse(&["--plain", "--shard", "5/5"]).is_err());
 }
+
+#[test]
+fn simulate_start_aligned_names_the_model_and_the_data() {
+    let settings = |args: &[&str]| {
+        let mut argv = vec!["greyfed", "simulate"];
+        argv.extend_from_slice(args);
+        match Cli::parse_from(argv).command {
+            Command::Simulate(s) => s.settings().unwrap(),
+            other => panic!("parsed {other:?}"),
+        }
+    };
+    assert_eq!(settings(&[]).aligned_start, None);
+    let aligned = settings(&[
+        "--model",
+        "gridcnn",
+        "--start",
+        "aligned",
+        "--data-seed",
+        "9",
+    ]);
+    let start = aligned.aligned_start.expect("an aligned start");
+    assert_eq!(start.model, "gridcnn");
+    assert_eq!(
+        start.data,
+        crate::node::DataSourceSettings::Builtin(greyfed_participant::pipeline::BuiltinDigits {
+            seed: 9
+        })
+    );
+}

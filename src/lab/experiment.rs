@@ -30,7 +30,10 @@ use greyfed_participant::{
     Encryption,
     cipher::ImageKey,
     data::{Dataset, DatasetSplits},
-    model::{BUILTIN_ARCHITECTURES, builtin_spec, encrypted_domain_weights, init_weights},
+    model::{
+        BUILTIN_ARCHITECTURES, aligned_weights, builtin_spec, encrypted_domain_weights,
+        init_weights,
+    },
     train::{TensorData, epoch_images, evaluate, train_local},
 };
 use greyfed_protocol::{
@@ -89,6 +92,10 @@ pub enum InitKind {
     /// ([`encrypted_domain_weights`]): the same function on encrypted images
     /// as the plain model on plain images.
     KeyTransformed,
+    /// The grid CNN's aligned start ([`aligned_weights`]: token map at the
+    /// identity) for the plain cell, its key transform for encrypted cells
+    /// (the block permutation as the token map; see docs/threat-model.md).
+    Aligned,
 }
 
 /// Everything `greyfed experiment encryption` (and each `greyfed experiment
@@ -279,14 +286,18 @@ pub async fn run_cell(
         &candle_core::Device::Cpu,
     )?;
     let init = match (mode, settings.init) {
-        (Some(_), InitKind::KeyTransformed) => {
+        (None, InitKind::Aligned) => aligned_weights(&spec, cell.seed)?,
+        (Some(_), InitKind::KeyTransformed | InitKind::Aligned) => {
             let plain_spec = model_spec(&cell.model, settings.block_size, splits, 1)?
                 .with_first_layer(cell.first_layer);
             let cipher = encryption
                 .as_ref()
                 .expect("a mode gives an encryption")
                 .cipher_for(splits.test.rows(), splits.test.cols())?;
-            let plain = init_weights(&plain_spec, cell.seed)?;
+            let plain = match settings.init {
+                InitKind::Aligned => aligned_weights(&plain_spec, cell.seed)?,
+                _ => init_weights(&plain_spec, cell.seed)?,
+            };
             encrypted_domain_weights(&plain_spec, &plain, &cipher)?.1
         }
         _ => init_weights(&spec, cell.seed)?,

@@ -90,12 +90,28 @@ pub struct SimulationSettings {
     /// simulation adds the deployment's own (keys, `--participants`,
     /// `--out`, `--seed`, central evaluation, `--json`).
     pub coordinator_args: Vec<String>,
+    /// Start from the grid CNN's aligned start (see
+    /// [`crate::transform::write_aligned_start`]) rather than a fresh
+    /// initialisation: the simulation holds the image key, writes the start
+    /// to `OUT/aligned-start.safetensors` and gives it to the coordinator
+    /// (`--init`). Ignored with [`Self::plain`] (the coordinator's fresh
+    /// model is then trained on plain images).
+    pub aligned_start: Option<AlignedStart>,
     /// Flags appended to every `greyfed participant` command line: the data
     /// settings (`--data`, `--partition`, `--data-seed`, augmentation,
     /// `--block-size`, `--cipher`, ...). The simulation adds the
     /// deployment's own (keys, `--shard`, `--out`, `--drop-at`, `--plain`,
     /// `--json`).
     pub participant_args: Vec<String>,
+}
+
+/// What the aligned start is made for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlignedStart {
+    /// The architecture (must have a token map: `gridcnn`).
+    pub model: String,
+    /// The data, read for its image size and classes.
+    pub data: crate::node::DataSourceSettings,
 }
 
 /// The participants' data in a simulation, typed.
@@ -127,6 +143,39 @@ impl SimulationData {
             None => BuiltinDigits { seed: self.seed }.describe(),
         }
     }
+}
+
+/// Writes the aligned start of `start` for this simulation's data, cipher
+/// and image key (under `keys`) to `path`.
+fn write_aligned_start_for(
+    settings: &SimulationSettings,
+    start: &AlignedStart,
+    keys: &Path,
+    path: &Path,
+) -> Result<()> {
+    let source = start.data.source();
+    let splits = source
+        .load()
+        .with_context(|| format!("loading {} for the aligned start", source.describe()))?;
+    let input = greyfed_protocol::message::InputSpec {
+        rows: splits.train.rows() as u32,
+        cols: splits.train.cols() as u32,
+        channels: settings.data.cipher.output_channels(),
+        classes: splits.classes.clone(),
+    };
+    let key = greyfed_participant::cipher::ImageKey::read_file(
+        keys.join(files::CA_DIR).join(files::IMAGE_KEY),
+    )?;
+    crate::transform::write_aligned_start(
+        &start.model,
+        &input,
+        settings.data.cipher,
+        settings.data.block_size,
+        &key,
+        settings.seed,
+        path,
+    )
+    .context("making the aligned start (--start aligned)")
 }
 
 /// What a finished simulation produced.
@@ -247,6 +296,11 @@ pub async fn simulate(settings: &SimulationSettings, display: Display) -> Result
             generated.image_key_fingerprint.clone()
         });
     coordinator.args(&settings.coordinator_args);
+    if let (Some(start), false) = (&settings.aligned_start, settings.plain) {
+        let path = out.join("aligned-start.safetensors");
+        write_aligned_start_for(settings, start, &keys, &path)?;
+        coordinator.arg("--init").arg(&path);
+    }
     if settings.central_eval {
         coordinator.arg("--test-data").arg(settings.data.source());
         if settings.plain {

@@ -35,10 +35,11 @@
 //! autograd through the differentiable [`GridCnn::forward`].
 
 use candle_core::{Tensor, Var};
+use greyfed_protocol::message::ModelSpec;
 use greyfed_protocol::weights::ModelWeights;
 
-use super::{LossAndGrads, Model, ParamInfo};
-use crate::error::Result;
+use super::{LossAndGrads, Model, ParamInfo, init_weights};
+use crate::error::{ParticipantError, Result};
 
 mod dims;
 mod manual;
@@ -48,6 +49,29 @@ mod tests;
 
 pub use dims::{GridCnnDims, gridcnn_28x28};
 pub use network::GridCnn;
+
+/// Fresh weights for a grid CNN `spec` whose token map is the identity (bias
+/// zero), everything else as [`init_weights`] draws it from `seed`: an
+/// ordinary CNN on the image's grid of block embeddings. This is the
+/// *aligned* start for plain images; for encrypted images its key
+/// transform ([`super::encrypted_domain_weights`]) is, and only a key holder
+/// can make that: its token map is the block permutation
+/// (`docs/threat-model.md`).
+pub fn aligned_weights(spec: &ModelSpec, seed: u64) -> Result<ModelWeights> {
+    let dims = GridCnnDims::from_spec(spec).map_err(|_| {
+        ParticipantError::Model(format!(
+            "an aligned start needs the grid CNN (a token map), not the {}",
+            spec.name()
+        ))
+    })?;
+    let t = dims.tokens();
+    let mut tensors = init_weights(spec, seed)?.into_tensors();
+    tensors[2].data = (0..t * t)
+        .map(|i| if i / t == i % t { 1.0 } else { 0.0 })
+        .collect();
+    tensors[3].data = vec![0.0; t];
+    Ok(ModelWeights::new(tensors)?)
+}
 
 impl Model for GridCnn {
     fn vars(&self) -> Vec<Var> {

@@ -348,3 +348,24 @@ fn training_learns_synthetic_digits() {
     };
     super::super::assert_learns_synthetic_digits(&spec, 1000, 8, 3e-3);
 }
+
+/// The aligned start is the identity on the grid: on plain images its
+/// logits equal those of the same network with the token map left out.
+#[test]
+fn the_aligned_start_places_every_block_in_its_own_cell() {
+    let s = spec(8, 12, 1, 2);
+    let w = aligned_weights(&s, 4).unwrap();
+    let fresh = init_weights(&s, 4).unwrap();
+    for (i, (a, f)) in w.tensors().iter().zip(fresh.tensors()).enumerate() {
+        assert_eq!(a.data == f.data, i != 2 && i != 3, "{}", a.name);
+    }
+    let t = 24;
+    let map = &w.tensors()[2].data;
+    assert_eq!(map.iter().sum::<f32>(), t as f32);
+    assert!((0..t).all(|i| map[i * t + i] == 1.0));
+    assert!(w.tensors()[3].data.iter().all(|&v| v == 0.0));
+    let e = aligned_weights(&super::super::mixer_28x28(4, 1), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("grid CNN") && e.contains("mixer"), "{e}");
+}
