@@ -168,21 +168,21 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
     ))
 }
 
-/// Writes to `out` the grid CNN's aligned start for images of `input`
-/// encrypted with `key` and `steps` in blocks of `block_size`: the key
-/// transform of [`aligned_weights`] (drawn from `seed`), so that the token
-/// map places every encrypted block in its plain position. The first layer
-/// is the one `steps` needs ([`FirstLayer::for_cipher`]).
+/// Writes to `out` the grid CNN's aligned start for images of `input`:
+/// [`aligned_weights`] drawn from `seed` for plain images (`encryption`
+/// `None`), or for images encrypted with a key and cipher steps in blocks
+/// of `block_size` its key transform, whose token map places every
+/// encrypted block in its plain position (first layer as the steps need,
+/// [`FirstLayer::for_cipher`]).
 ///
-/// Only a key holder can make this file, and it shows whoever receives it
-/// the block permutation (its token map *is* the permutation); see
-/// docs/threat-model.md.
+/// Only a key holder can make the encrypted start, and it shows whoever
+/// receives it the block permutation (its token map *is* the permutation);
+/// see docs/threat-model.md.
 pub fn write_aligned_start(
     model: &str,
     input: &InputSpec,
-    steps: CipherSteps,
+    encryption: Option<(CipherSteps, &ImageKey)>,
     block_size: u32,
-    key: &ImageKey,
     seed: u64,
     out: &std::path::Path,
 ) -> Result<()> {
@@ -190,21 +190,29 @@ pub fn write_aligned_start(
         channels: 1,
         ..input.clone()
     };
-    let spec = builtin_spec(model, &plain_input, block_size)?
-        .with_first_layer(FirstLayer::for_cipher(&steps));
+    let layer = encryption.map_or(FirstLayer::Shared, |(steps, _)| {
+        FirstLayer::for_cipher(&steps)
+    });
+    let spec = builtin_spec(model, &plain_input, block_size)?.with_first_layer(layer);
     let plain = aligned_weights(&spec, seed)?;
-    let cipher = ImageCipher::new(
-        key,
-        steps,
-        block_size as usize,
-        input.rows as usize,
-        input.cols as usize,
-    )?;
-    let (spec, weights) = encrypted_domain_weights(&spec, &plain, &cipher)?;
+    let (spec, weights, cipher) = match encryption {
+        None => (spec, plain, None),
+        Some((steps, key)) => {
+            let cipher = ImageCipher::new(
+                key,
+                steps,
+                block_size as usize,
+                input.rows as usize,
+                input.cols as usize,
+            )?;
+            let (spec, weights) = encrypted_domain_weights(&spec, &plain, &cipher)?;
+            (spec, weights, Some(cipher.spec()))
+        }
+    };
     let bytes = ModelFile {
         spec,
         classes: input.classes.clone(),
-        cipher: Some(cipher.spec()),
+        cipher,
         rounds_completed: 0,
         weights,
     }
@@ -237,7 +245,7 @@ mod tests {
         let out = dir.path().join("start.safetensors");
         let key = ImageKey::from_bytes([5; 32]);
         let steps: CipherSteps = "block".parse().unwrap();
-        write_aligned_start("gridcnn", &digits_input(), steps, 4, &key, 3, &out).unwrap();
+        write_aligned_start("gridcnn", &digits_input(), Some((steps, &key)), 4, 3, &out).unwrap();
         let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
         assert_eq!(file.spec.name(), "gridcnn");
         assert_eq!(file.rounds_completed, 0);
@@ -279,8 +287,15 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
         assert!(diff < 1e-4, "logits differ by {diff}");
+        // For plain images it is the aligned plain model itself.
+        write_aligned_start("gridcnn", &digits_input(), None, 4, 3, &out).unwrap();
+        let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!(
+            (file.spec, file.weights, file.cipher),
+            (plain_spec, plain, None)
+        );
         // Models without a token map have no aligned start.
-        let e = write_aligned_start("mixer", &digits_input(), steps, 4, &key, 3, &out).unwrap_err();
+        let e = write_aligned_start("mixer", &digits_input(), None, 4, 3, &out).unwrap_err();
         assert!(format!("{e:#}").contains("grid CNN"), "{e:#}");
     }
 }

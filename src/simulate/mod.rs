@@ -94,8 +94,8 @@ pub struct SimulationSettings {
     /// [`crate::transform::write_aligned_start`]) rather than a fresh
     /// initialisation: the simulation holds the image key, writes the start
     /// to `OUT/aligned-start.safetensors` and gives it to the coordinator
-    /// (`--init`). Ignored with [`Self::plain`] (the coordinator's fresh
-    /// model is then trained on plain images).
+    /// (`--init`). With [`Self::plain`] the start is the plain aligned
+    /// model (no key involved).
     pub aligned_start: Option<AlignedStart>,
     /// Flags appended to every `greyfed participant` command line: the data
     /// settings (`--data`, `--partition`, `--data-seed`, augmentation,
@@ -160,18 +160,25 @@ fn write_aligned_start_for(
     let input = greyfed_protocol::message::InputSpec {
         rows: splits.train.rows() as u32,
         cols: splits.train.cols() as u32,
-        channels: settings.data.cipher.output_channels(),
+        channels: if settings.plain {
+            1
+        } else {
+            settings.data.cipher.output_channels()
+        },
         classes: splits.classes.clone(),
     };
-    let key = greyfed_participant::cipher::ImageKey::read_file(
-        keys.join(files::CA_DIR).join(files::IMAGE_KEY),
-    )?;
+    let key = if settings.plain {
+        None
+    } else {
+        Some(greyfed_participant::cipher::ImageKey::read_file(
+            keys.join(files::CA_DIR).join(files::IMAGE_KEY),
+        )?)
+    };
     crate::transform::write_aligned_start(
         &start.model,
         &input,
-        settings.data.cipher,
+        key.as_ref().map(|k| (settings.data.cipher, k)),
         settings.data.block_size,
-        &key,
         settings.seed,
         path,
     )
@@ -296,7 +303,7 @@ pub async fn simulate(settings: &SimulationSettings, display: Display) -> Result
             generated.image_key_fingerprint.clone()
         });
     coordinator.args(&settings.coordinator_args);
-    if let (Some(start), false) = (&settings.aligned_start, settings.plain) {
+    if let Some(start) = &settings.aligned_start {
         let path = out.join("aligned-start.safetensors");
         write_aligned_start_for(settings, start, &keys, &path)?;
         coordinator.arg("--init").arg(&path);
