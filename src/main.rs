@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand, ModelCommand};
 use greyfed::lab::{experiment, security};
@@ -265,6 +265,48 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 out: args.out.clone(),
             };
             println!("{}", transform_model(&settings)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::AlignedStart(args)) => {
+            let source = args.data.settings()?.source.source();
+            let splits = source
+                .load()
+                .with_context(|| format!("loading {}", source.describe()))?;
+            let input = greyfed_protocol::message::InputSpec {
+                rows: splits.train.rows() as u32,
+                cols: splits.train.cols() as u32,
+                channels: if args.plain {
+                    1
+                } else {
+                    args.cipher.output_channels()
+                },
+                classes: splits.classes.clone(),
+            };
+            let key = args
+                .key_file
+                .as_ref()
+                .map(greyfed_participant::cipher::ImageKey::read_file)
+                .transpose()?;
+            greyfed::transform::write_aligned_start(
+                "gridcnn",
+                &input,
+                key.as_ref().map(|k| (args.cipher, k)),
+                args.block_size,
+                args.seed,
+                &args.out,
+            )?;
+            println!(
+                "wrote {}: the grid CNN's aligned start for {}x{} images, {} classes{}",
+                args.out.display(),
+                input.rows,
+                input.cols,
+                input.classes.len(),
+                if key.is_some() {
+                    format!(", encrypted with {}", args.cipher)
+                } else {
+                    ", plain".to_string()
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Experiment(ExperimentCommand::Encryption(args)) => {

@@ -569,3 +569,64 @@ fn model_transform_keeps_a_model_files_input_and_classes() {
     assert_eq!(file.rounds_completed, 3);
     assert_eq!(file.cipher, Some(cipher.spec()));
 }
+
+/// `greyfed model aligned-start` writes the grid CNN whose token map is the
+/// block permutation of the key (for the built-in digits here), or the
+/// identity for plain images, and the coordinator starts from it.
+#[test]
+fn model_aligned_start_writes_the_block_permutation_as_the_token_map() {
+    use greyfed_participant::cipher::{ImageCipher, ImageKey};
+    use greyfed_protocol::model_file::ModelFile;
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = ImageKey::from_bytes([0x42; 32]);
+    let key_file = dir.path().join("image.key");
+    key.write_file(&key_file).unwrap();
+    let run = |extra: &[&str], out: &std::path::Path| {
+        let out = greyfed()
+            .args(["model", "aligned-start", "--cipher", "block", "--seed", "2"])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let enc = dir.path().join("enc.safetensors");
+    let stdout = run(&["--key-file", key_file.to_str().unwrap()], &enc);
+    assert!(
+        stdout.contains("28x28") && stdout.contains("10 classes"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(&key.expose_secret_hex()), "{stdout}");
+    let file = ModelFile::from_safetensors(&std::fs::read(&enc).unwrap()).unwrap();
+    assert_eq!(file.spec.name(), "gridcnn");
+    let pi = ImageCipher::new(&key, "block".parse().unwrap(), 4, 28, 28)
+        .unwrap()
+        .block_permutation()
+        .to_vec();
+    let map = &file.weights.tensors()[2].data;
+    for (q, &cell) in pi.iter().enumerate() {
+        assert_eq!(map[cell * 49 + q], 1.0, "block {q} goes to cell {cell}");
+    }
+    assert_eq!(map.iter().sum::<f32>(), 49.0);
+    let plain = dir.path().join("plain.safetensors");
+    run(&["--plain"], &plain);
+    let file = ModelFile::from_safetensors(&std::fs::read(&plain).unwrap()).unwrap();
+    assert_eq!(file.cipher, None);
+    let map = &file.weights.tensors()[2].data;
+    assert!((0..49).all(|i| map[i * 49 + i] == 1.0));
+    // Neither a key nor --plain: refused at once.
+    let out = greyfed()
+        .args(["model", "aligned-start", "--out"])
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--key-file"));
+}

@@ -87,6 +87,39 @@ pub enum ModelCommand {
     /// with `--fresh`), or to hand out a model trained on plain images that
     /// only works on images encrypted with the key.
     Transform(TransformArgs),
+    /// The grid CNN's aligned start for a federation on encrypted images
+    /// (`greyfed coordinator --model gridcnn --init OUT`): its token map
+    /// places every encrypted block in its plain position. Made by a key
+    /// holder from the data's image size and classes; it shows the
+    /// coordinator the block permutation (docs/threat-model.md).
+    AlignedStart(AlignedStartArgs),
+}
+
+/// `greyfed model aligned-start`.
+#[derive(Debug, Args)]
+pub struct AlignedStartArgs {
+    /// The image key file (omit with --plain).
+    #[arg(long, value_name = "FILE", required_unless_present = "plain")]
+    pub key_file: Option<PathBuf>,
+    /// A start for plain images (no key).
+    #[arg(long, conflicts_with = "key_file")]
+    pub plain: bool,
+    /// The cipher the participants use (`greyfed participant --cipher`).
+    #[arg(long, value_parser = parse_cipher, default_value = "block")]
+    pub cipher: CipherSteps,
+    /// Block size of the cipher and patch size of the model.
+    #[arg(long, default_value_t = 4)]
+    pub block_size: u32,
+    /// Seed of the rest of the initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the model (safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// The data the federation trains on (read for its image size and
+    /// classes).
+    #[command(flatten)]
+    pub data: DataArgs,
 }
 
 /// `greyfed model transform`.
