@@ -170,14 +170,17 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
 
 /// Writes to `out` the grid CNN's aligned start for images of `input`:
 /// [`aligned_weights`] drawn from `seed` for plain images (`encryption`
-/// `None`), or for images encrypted with a key and cipher steps in blocks
-/// of `block_size` its key transform, whose token map places every
-/// encrypted block in its plain position (first layer as the steps need,
-/// [`FirstLayer::for_cipher`]).
+/// `None`); for images encrypted with a key and cipher steps in blocks of
+/// `block_size`, a fresh initialisation of the encrypted-domain model (first
+/// layer as the steps need, [`FirstLayer::for_cipher`]) whose token map is
+/// the key transform of the identity: it places every encrypted block in its
+/// plain grid cell.
 ///
-/// Only a key holder can make the encrypted start, and it shows whoever
-/// receives it the block permutation (its token map *is* the permutation);
-/// see docs/threat-model.md.
+/// Only a key holder can make the encrypted start. It shows whoever
+/// receives it the block permutation (its token map *is* the permutation)
+/// and nothing else about the key: every other tensor is drawn from `seed`
+/// alone, so the in-block transforms (and for split modes which cipher
+/// values are halves of one pixel) stay hidden; see docs/threat-model.md.
 pub fn write_aligned_start(
     model: &str,
     input: &InputSpec,
@@ -186,17 +189,13 @@ pub fn write_aligned_start(
     seed: u64,
     out: &std::path::Path,
 ) -> Result<()> {
-    let plain_input = InputSpec {
-        channels: 1,
-        ..input.clone()
-    };
     let layer = encryption.map_or(FirstLayer::Shared, |(steps, _)| {
         FirstLayer::for_cipher(&steps)
     });
-    let spec = builtin_spec(model, &plain_input, block_size)?.with_first_layer(layer);
-    let plain = aligned_weights(&spec, seed)?;
-    let (spec, weights, cipher) = match encryption {
-        None => (spec, plain, None),
+    let spec = builtin_spec(model, input, block_size)?.with_first_layer(layer);
+    let mut weights = aligned_weights(&spec, seed)?;
+    let cipher = match encryption {
+        None => None,
         Some((steps, key)) => {
             let cipher = ImageCipher::new(
                 key,
@@ -205,8 +204,17 @@ pub fn write_aligned_start(
                 input.rows as usize,
                 input.cols as usize,
             )?;
-            let (spec, weights) = encrypted_domain_weights(&spec, &plain, &cipher)?;
-            (spec, weights, Some(cipher.spec()))
+            // The token map's key transform: column q (cipher block q) holds
+            // the identity's column pi[q].
+            let mut tensors = weights.into_tensors();
+            let t = cipher.block_permutation().len();
+            let mut map = vec![0f32; t * t];
+            for (q, &cell) in cipher.block_permutation().iter().enumerate() {
+                map[cell * t + q] = 1.0;
+            }
+            tensors[2].data = map;
+            weights = ModelWeights::new(tensors)?;
+            Some(cipher.spec())
         }
     };
     let bytes = ModelFile {
@@ -223,9 +231,7 @@ pub fn write_aligned_start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
-    use greyfed_participant::data::synthetic::builtin_splits;
-    use greyfed_participant::model::{Network, aligned_weights};
+    use greyfed_participant::model::aligned_weights;
 
     fn digits_input() -> InputSpec {
         InputSpec {
@@ -236,64 +242,63 @@ mod tests {
         }
     }
 
-    /// The aligned start's token map is the block permutation, and the
-    /// model computes on encrypted images what the aligned plain model
-    /// computes on plain ones.
+    /// The aligned start's token map is the block permutation of the key;
+    /// everything else is drawn from the seed alone (the same for every
+    /// key), so the start reveals the permutation and nothing more.
     #[test]
-    fn the_aligned_start_is_the_key_transform_of_the_identity_map() {
+    fn the_aligned_start_is_a_fresh_model_with_the_block_permutation_as_token_map() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("start.safetensors");
-        let key = ImageKey::from_bytes([5; 32]);
         let steps: CipherSteps = "block".parse().unwrap();
-        write_aligned_start("gridcnn", &digits_input(), Some((steps, &key)), 4, 3, &out).unwrap();
-        let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
-        assert_eq!(file.spec.name(), "gridcnn");
-        assert_eq!(file.rounds_completed, 0);
-        let cipher = ImageCipher::new(&key, steps, 4, 28, 28).unwrap();
-        let pi = cipher.block_permutation();
-        let map = &file.weights.tensors()[2];
-        assert_eq!(map.name, "token_map.weight");
-        for (cell, row) in map.data.chunks(49).enumerate() {
-            for (q, &v) in row.iter().enumerate() {
-                assert_eq!(
-                    v,
-                    if pi[q] == cell { 1.0 } else { 0.0 },
-                    "cell {cell}, block {q}"
-                );
+        let start = |key: &ImageKey, steps: CipherSteps, channels: u32| {
+            let input = InputSpec {
+                channels,
+                ..digits_input()
+            };
+            write_aligned_start("gridcnn", &input, Some((steps, key)), 4, 3, &out).unwrap();
+            ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap()
+        };
+        let (key_a, key_b) = (ImageKey::from_bytes([5; 32]), ImageKey::from_bytes([6; 32]));
+        let (a, b) = (start(&key_a, steps, 1), start(&key_b, steps, 1));
+        assert_eq!(a.spec.name(), "gridcnn");
+        assert_eq!((a.rounds_completed, a.spec.image_channels()), (0, 1));
+        for (key, file) in [(&key_a, &a), (&key_b, &b)] {
+            let cipher = ImageCipher::new(key, steps, 4, 28, 28).unwrap();
+            assert_eq!(file.cipher, Some(cipher.spec()));
+            let pi = cipher.block_permutation();
+            let map = &file.weights.tensors()[2];
+            assert_eq!(map.name, "token_map.weight");
+            for (cell, row) in map.data.chunks(49).enumerate() {
+                for (q, &v) in row.iter().enumerate() {
+                    let want = if pi[q] == cell { 1.0 } else { 0.0 };
+                    assert_eq!(v, want, "cell {cell}, block {q}");
+                }
             }
         }
-        let images = builtin_splits(1).test.subset(&(0..8).collect::<Vec<_>>());
-        let logits =
-            |spec: &ModelSpec, w: &ModelWeights, data: &greyfed_participant::data::Dataset| {
-                let x = greyfed_participant::train::TensorData::from_dataset(data, &Device::Cpu)
-                    .unwrap();
-                let out: Tensor = Network::new(spec, w, &Device::Cpu)
-                    .unwrap()
-                    .predict(x.images())
-                    .unwrap();
-                out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            };
-        let plain_spec = file.spec.clone().with_image_channels(1);
-        let plain = aligned_weights(&plain_spec, 3).unwrap();
-        let a = logits(&plain_spec, &plain, &images);
-        let b = logits(
-            &file.spec,
-            &file.weights,
-            &cipher.encrypt_dataset(&images).unwrap(),
-        );
-        let diff = a
+        assert_ne!(a.weights.tensors()[2], b.weights.tensors()[2]);
+        let fresh = aligned_weights(&a.spec, 3).unwrap();
+        for (i, ((x, y), f)) in a
+            .weights
+            .tensors()
             .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(diff < 1e-4, "logits differ by {diff}");
+            .zip(b.weights.tensors())
+            .zip(fresh.tensors())
+            .enumerate()
+        {
+            if i != 2 {
+                assert_eq!((x, y), (f, f), "{} depends on the key", x.name);
+            }
+        }
+        // A split mode without block shuffling: two planes, the identity map.
+        let le = start(&key_a, "le".parse().unwrap(), 2);
+        assert_eq!(le.spec.image_channels(), 2);
+        let map = &le.weights.tensors()[2].data;
+        assert!((0..49).all(|i| map[i * 49 + i] == 1.0));
         // For plain images it is the aligned plain model itself.
         write_aligned_start("gridcnn", &digits_input(), None, 4, 3, &out).unwrap();
         let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
-        assert_eq!(
-            (file.spec, file.weights, file.cipher),
-            (plain_spec, plain, None)
-        );
+        assert_eq!(file.cipher, None);
+        assert_eq!(file.weights, aligned_weights(&file.spec, 3).unwrap());
         // Models without a token map have no aligned start.
         let e = write_aligned_start("mixer", &digits_input(), None, 4, 3, &out).unwrap_err();
         assert!(format!("{e:#}").contains("grid CNN"), "{e:#}");
