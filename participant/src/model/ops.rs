@@ -130,6 +130,7 @@ fn exp_non_positive(x: f32) -> f32 {
 /// about one `f32` rounding step; no table or branch beyond the sign, so it
 /// is several times faster than a library `erf`), and `phi(u) = exp(-u^2 /
 /// 2) / sqrt(2 pi)` from the same exponential.
+#[inline(always)]
 fn normal_cdf_pdf(u: f32) -> (f32, f32) {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
@@ -161,6 +162,7 @@ pub(crate) fn gelu_derivative(u: f32) -> f32 {
 }
 
 /// `(gelu(u), gelu'(u))` with one `exp`.
+#[inline(always)]
 pub(crate) fn gelu_with_derivative(u: f32) -> (f32, f32) {
     let (cdf, pdf) = normal_cdf_pdf(u);
     (u * cdf, cdf + u * pdf)
