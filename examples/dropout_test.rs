@@ -20,6 +20,7 @@ async fn main() -> Result<()> {
         .participants(6)
         .rounds(3)
         .training(TrainingConfig {
+            label_smoothing: 0.0,
             local_epochs: 2,
             batch_size: 32,
             optimizer: OptimizerSpec::Sgd {

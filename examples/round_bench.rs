@@ -64,6 +64,7 @@ async fn main() -> Result<()> {
             .aggregation(aggregation)
             .max_train_samples(args.max_train)
             .training(TrainingConfig {
+                label_smoothing: 0.0,
                 local_epochs: 1,
                 batch_size: 32,
                 optimizer: OptimizerSpec::Sgd {

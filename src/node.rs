@@ -613,6 +613,7 @@ mod tests {
             block_size,
             cipher: CipherSteps::default(),
             training: TrainingConfig {
+                label_smoothing: 0.0,
                 local_epochs: 1,
                 batch_size: 32,
                 optimizer: OptimizerSpec::Sgd {

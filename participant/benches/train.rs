@@ -26,6 +26,7 @@ fn training(c: &mut Criterion) {
     let data = synthetic_digits(IMAGES, 1);
     let tensors = TensorData::from_dataset(&data, &Device::Cpu).expect("tensor data");
     let config = TrainingConfig {
+        label_smoothing: 0.0,
         local_epochs: 1,
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },

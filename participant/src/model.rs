@@ -10,7 +10,7 @@
 //! `[out, in]`), so weights can be compared with a PyTorch model of the same
 //! architecture. Every architecture is a struct implementing the [`Model`]
 //! trait: the built-in [`BlockNet`], [`Vit`] (module [`vit`]), [`Mixer`]
-//! (module [`mixer`]) and [`Cnn`]
+//! (module [`mixer`]), [`GridCnn`] (module [`gridcnn`]) and [`Cnn`]
 //! (module [`cnn`]), and any number of user-defined ones. [`Network`] is an
 //! enum with one variant per built-in and [`Network::Custom`] for the rest.
 //!
@@ -77,6 +77,15 @@
 //! shuffling the blocks equals permuting their columns (`fc1`) and rows
 //! (`fc2`), and the in-block transform is absorbed by the patch embedding
 //! as in the ViT.
+//!
+//! The [`GridCnn`] (module [`gridcnn`]) embeds the patches the same way,
+//! then one dense token map (indexed by patch position in its columns)
+//! places them on the grid of cells that three 3x3 convolutions work on:
+//! shuffling the blocks permutes the token map's columns, and nothing after
+//! it is indexed by block. Started with the token map at the identity (for
+//! encrypted images, its key transform: [`aligned_weights`]) it is an
+//! ordinary small CNN on the block grid, which learns far faster from a few
+//! thousand images than the token models.
 //!
 //! The [`Cnn`] control cannot do this. Its 3x3 kernels slide over every
 //! pixel position, so most receptive fields straddle block boundaries and
@@ -411,7 +420,23 @@ pub fn autograd_loss_and_grads(
     labels: &Tensor,
     vars: &[Var],
 ) -> Result<LossAndGrads> {
-    let loss = candle_nn::loss::cross_entropy(logits, labels)?;
+    autograd_smoothed_loss_and_grads(logits, labels, vars, 0.0)
+}
+
+/// [`autograd_loss_and_grads`] with labels smoothed by `smoothing` (the
+/// cross-entropy against `(1 - smoothing) * onehot + smoothing / K`).
+pub fn autograd_smoothed_loss_and_grads(
+    logits: &Tensor,
+    labels: &Tensor,
+    vars: &[Var],
+    smoothing: f32,
+) -> Result<LossAndGrads> {
+    let mut loss = candle_nn::loss::cross_entropy(logits, labels)?;
+    if smoothing != 0.0 {
+        let log_p = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+        let uniform = log_p.mean_all()?.neg()?;
+        loss = ((loss * f64::from(1.0 - smoothing))? + (uniform * f64::from(smoothing))?)?;
+    }
     let store = loss.backward()?;
     let grads = vars
         .iter()
@@ -454,14 +479,16 @@ fn var_from(t: &NamedTensor, shape: &[usize], device: &Device) -> Result<Var> {
     Ok(Var::from_slice(&t.data, shape, device)?)
 }
 
-/// Softmax cross-entropy of the rows of `z [M, k]` against `labels [M]`:
-/// returns the sum of the rows' losses and writes `grad [M, k] = (softmax -
-/// onehot) * scale`. A label not below `k` or mismatched lengths are errors.
+/// Softmax cross-entropy of the rows of `z [M, k]` against `labels [M]`
+/// smoothed by `smoothing` (target `q = (1 - smoothing) * onehot +
+/// smoothing / k`): returns the sum of the rows' losses `-sum_j q_j log
+/// softmax_j` and writes `grad [M, k] = (softmax - q) * scale`. A label not
+/// below `k` or mismatched lengths are errors.
 pub(crate) fn softmax_cross_entropy_rows(
     z: &[f32],
     k: usize,
     labels: &[u32],
-    scale: f32,
+    (scale, smoothing): (f32, f32),
     grad: &mut [f32],
 ) -> Result<f64> {
     let rows = labels.len();
@@ -485,12 +512,19 @@ pub(crate) fn softmax_cross_entropy_rows(
             *g = (v - max).exp();
             sum += *g;
         }
-        loss += f64::from(sum.ln() + max - row[label]);
-        let s = scale / sum;
-        for g in g.iter_mut() {
-            *g *= s;
+        let log_sum = sum.ln() + max;
+        let mut row_loss = (1.0 - smoothing) * (log_sum - row[label]);
+        if smoothing > 0.0 {
+            let mean = row.iter().sum::<f32>() / k as f32;
+            row_loss += smoothing * (log_sum - mean);
         }
-        g[label] -= scale;
+        loss += f64::from(row_loss);
+        let s = scale / sum;
+        let uniform = scale * smoothing / k as f32;
+        for g in g.iter_mut() {
+            *g = *g * s - uniform;
+        }
+        g[label] -= scale * (1.0 - smoothing);
     }
     Ok(loss)
 }
@@ -542,6 +576,7 @@ pub(crate) fn assert_learns_synthetic_digits(spec: &ModelSpec, train: usize, epo
     let global = init_weights(spec, 3).unwrap();
     let before = evaluate(spec, &global, &test, 100).unwrap();
     let cfg = TrainingConfig {
+        label_smoothing: 0.0,
         local_epochs: epochs,
         batch_size: 32,
         optimizer: OptimizerSpec::Adam { lr },
@@ -579,6 +614,57 @@ mod tests {
             hidden: 5,
             num_classes: 4,
         }
+    }
+
+    /// Smoothed cross-entropy: the loss is `-sum q log softmax` with `q =
+    /// (1 - eps) onehot + eps / k`, and the gradient is its derivative
+    /// (central differences in f64 through the same function).
+    #[test]
+    fn smoothed_cross_entropy_matches_its_definition() {
+        let (k, eps) = (4, 0.2f32);
+        let z = [0.3f32, -1.2, 2.0, 0.5, 1.0, 1.0, -0.4, 0.1];
+        let labels = [2u32, 0];
+        let mut grad = vec![0f32; z.len()];
+        let loss = softmax_cross_entropy_rows(&z, k, &labels, (0.5, eps), &mut grad).unwrap();
+        let f = |z: &[f64]| -> f64 {
+            z.chunks(k)
+                .zip(labels)
+                .map(|(row, label)| {
+                    let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+                    row.iter()
+                        .enumerate()
+                        .map(|(j, v)| {
+                            let q = f64::from(eps) / k as f64
+                                + if j == label as usize {
+                                    1.0 - f64::from(eps)
+                                } else {
+                                    0.0
+                                };
+                            q * (lse - v)
+                        })
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        let z64: Vec<f64> = z.iter().map(|&v| f64::from(v)).collect();
+        assert!((loss - f(&z64)).abs() < 1e-5, "{loss} vs {}", f(&z64));
+        for i in 0..z.len() {
+            let mut hi = z64.clone();
+            let mut lo = z64.clone();
+            hi[i] += 1e-5;
+            lo[i] -= 1e-5;
+            let fd = 0.5 * (f(&hi) - f(&lo)) / 2e-5;
+            assert!(
+                (f64::from(grad[i]) - fd).abs() < 1e-5,
+                "{i}: {} vs {fd}",
+                grad[i]
+            );
+        }
+        // Without smoothing it is the plain cross-entropy.
+        let mut plain = vec![0f32; z.len()];
+        let l0 = softmax_cross_entropy_rows(&z, k, &labels, (0.5, 0.0), &mut plain).unwrap();
+        assert!((l0 - loss).abs() > 1e-3);
+        assert!((plain.iter().sum::<f32>()).abs() < 1e-6);
     }
 
     #[test]

@@ -273,6 +273,12 @@ pub fn train_local_observed(
             "batch size must be positive".into(),
         ));
     }
+    if !(0.0..1.0).contains(&config.label_smoothing) {
+        return Err(ParticipantError::Model(format!(
+            "label smoothing {} must be in [0, 1)",
+            config.label_smoothing
+        )));
+    }
     if !options.proximal_mu.is_finite() || options.proximal_mu < 0.0 {
         return Err(ParticipantError::Model(format!(
             "proximal mu {} must be finite and non-negative",
@@ -315,7 +321,9 @@ pub fn train_local_observed(
         order.shuffle(&mut StdRng::seed_from_u64(epoch_seed(seed, epoch)));
         for chunk in order.chunks(batch_size) {
             let (x, y) = data.batch(chunk)?;
-            let step = net.loss_and_grads(&x, &y)?;
+            let step = net
+                .model()
+                .smoothed_loss_and_grads(&x, &y, config.label_smoothing)?;
             optimizer.step(&step.grads)?;
             loss_sum += f64::from(step.loss) * chunk.len() as f64;
             seen += chunk.len();
@@ -712,6 +720,7 @@ mod tests {
 
     fn config(optimizer: OptimizerSpec, local_epochs: u32) -> TrainingConfig {
         TrainingConfig {
+            label_smoothing: 0.0,
             local_epochs,
             batch_size: 32,
             optimizer,
@@ -858,6 +867,7 @@ mod tests {
         let global = init_weights(&spec, 9).unwrap();
         let one_step = |optimizer| {
             let cfg = TrainingConfig {
+                label_smoothing: 0.0,
                 local_epochs: 1,
                 batch_size: 8,
                 optimizer,
@@ -937,6 +947,7 @@ mod tests {
         let global = init_weights(&spec, 9).unwrap();
         let train = |epochs, lr_schedule, from: &ModelWeights| {
             let cfg = TrainingConfig {
+                label_smoothing: 0.0,
                 local_epochs: epochs,
                 batch_size: 8,
                 optimizer: OptimizerSpec::Sgd {
@@ -1111,6 +1122,14 @@ mod tests {
             ..cfg.clone()
         };
         assert!(train_local(&spec, &global, &data, &zero_batch, 0).is_err());
+        for smoothing in [-0.1, 1.0, f32::NAN] {
+            let bad = TrainingConfig {
+                label_smoothing: smoothing,
+                ..cfg.clone()
+            };
+            let e = train_local(&spec, &global, &data, &bad, 0).unwrap_err();
+            assert!(e.to_string().contains("label smoothing"), "{e}");
+        }
         assert!(evaluate(&spec, &global, &data, 0).is_err());
         // Image size or label range that does not fit the model.
         let other = ModelSpec::blocknet_28x28(4);
@@ -1158,6 +1177,7 @@ mod tests {
         let data = TensorData::from_dataset(&ds, &Device::Cpu).unwrap();
         let global = init_weights(&spec, 0).unwrap();
         let cfg = TrainingConfig {
+            label_smoothing: 0.0,
             local_epochs: 2,
             batch_size: 64,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },

@@ -549,6 +549,11 @@ pub struct TrainingConfig {
     /// Learning-rate schedule over the local steps.
     #[serde(default)]
     pub lr_schedule: LrSchedule,
+    /// Label smoothing `eps` in `[0, 1)`: the loss is the cross-entropy
+    /// against `(1 - eps) * onehot + eps / K` (Szegedy et al., 2016); 0
+    /// disables it.
+    #[serde(default)]
+    pub label_smoothing: f32,
 }
 
 impl Default for TrainingConfig {
@@ -559,6 +564,7 @@ impl Default for TrainingConfig {
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },
             proximal_mu: 0.0,
             lr_schedule: LrSchedule::Constant,
+            label_smoothing: 0.0,
         }
     }
 }

@@ -358,6 +358,10 @@ pub struct ExperimentArgs {
     /// Share of the steps spent warming up with `--lr-schedule warmup-cosine`.
     #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
     pub warmup: f32,
+    /// Label smoothing of the training loss: the target puts this share of
+    /// its mass evenly on all classes (0: plain cross-entropy).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_label_smoothing)]
+    pub label_smoothing: f32,
     /// Block size of the ciphers and patch size of blocknet and the ViT.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
@@ -417,6 +421,10 @@ impl ExperimentArgs {
         }
         if let Some(n) = self.max_train {
             a.push(format!("--max-train={n}"));
+        }
+        // Only when set, so that older result directories still match.
+        if self.label_smoothing > 0.0 {
+            a.push(format!("--label-smoothing={}", self.label_smoothing));
         }
         // Only when set, so that results written before the option existed
         // still match their settings.
@@ -664,6 +672,15 @@ fn parse_share(s: &str) -> Result<f32, String> {
     }
 }
 
+fn parse_label_smoothing(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in [0, 1)"))
+    }
+}
+
 /// Server strategy choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum StrategyKind {
@@ -818,6 +835,10 @@ pub struct TrainingArgs {
     /// Share of the steps spent warming up with `--lr-schedule warmup-cosine`.
     #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
     pub warmup: f32,
+    /// Label smoothing of the training loss: the target puts this share of
+    /// its mass evenly on all classes (0: plain cross-entropy).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_label_smoothing)]
+    pub label_smoothing: f32,
     /// Architecture to train, by its registered name: blocknet, vit, mixer, gridcnn or cnn
     /// (or a model a Rust program registered), built for the participants'
     /// image size and classes.
@@ -888,6 +909,7 @@ impl TrainingArgs {
         push("weight-decay", self.weight_decay.to_string());
         push("lr-schedule", value_name(self.lr_schedule));
         push("warmup", self.warmup.to_string());
+        push("label-smoothing", self.label_smoothing.to_string());
         push("model", self.model.clone());
         push("block-size", self.block_size.to_string());
         push("cipher", self.cipher.to_string());

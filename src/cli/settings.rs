@@ -62,6 +62,7 @@ impl TrainingArgs {
             block_size: self.block_size,
             cipher: self.cipher,
             training: TrainingConfig {
+                label_smoothing: self.label_smoothing,
                 local_epochs: self.local_epochs,
                 batch_size: self.batch_size,
                 optimizer,
@@ -330,6 +331,7 @@ impl ExperimentArgs {
             lr: self.lr,
             weight_decay: self.weight_decay,
             lr_schedule: self.lr_schedule.schedule(self.warmup),
+            label_smoothing: self.label_smoothing,
             block_size: self.block_size,
             jobs: self.jobs,
             first_layer: match self.first_layer {

@@ -29,6 +29,8 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
         "0.2",
         "--lr-schedule",
         "cosine",
+        "--label-smoothing",
+        "0.1",
         "--block-size",
         "7",
         "--strategy",
@@ -95,7 +97,8 @@ fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
         !plain.to_cell_args().iter().any(|a| a.contains("shift")
             || a.contains("noise")
             || a.contains("strategy")
-            || a.contains("init")),
+            || a.contains("init")
+            || a.contains("smoothing")),
         "{:?}",
         plain.to_cell_args()
     );
@@ -120,12 +123,16 @@ fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
         "12",
         "--affine-shift",
         "1.5",
+        "--label-smoothing",
+        "0.1",
     ]);
     let args = augmented.to_cell_args();
     assert!(args.contains(&"--shifted-copies=3".to_string()), "{args:?}");
     let child: Vec<&str> = args.iter().map(String::as_str).collect();
     assert_eq!(parse(&child).round_timeout, 30, "{child:?}");
     assert_eq!(parse(&child).init, InitArg::KeyTransformed, "{child:?}");
+    assert_eq!(parse(&child).label_smoothing, 0.1, "{child:?}");
+    assert_eq!(parse(&child).settings().unwrap().label_smoothing, 0.1);
     assert_eq!(
         parse(&child).strategy.config().unwrap(),
         StrategyConfig::FedAvgM {
@@ -165,6 +172,19 @@ fn training(args: &[&str]) -> TrainingArgs {
 fn strategies_map_to_server_configs_and_proximal_terms() {
     use greyfed_protocol::OptimizerSpec;
     let t = training(&[]).settings().unwrap();
+    assert_eq!(t.training.label_smoothing, 0.0);
+    assert_eq!(
+        training(&["--label-smoothing", "0.1"])
+            .settings()
+            .unwrap()
+            .training
+            .label_smoothing,
+        0.1
+    );
+    for bad in ["1", "-0.1", "x"] {
+        let argv = ["greyfed", "simulate", "--label-smoothing", bad];
+        assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
+    }
     assert_eq!(t.strategy, StrategyConfig::FedAvg { server_lr: 1.0 });
     assert_eq!(t.training.proximal_mu, 0.0);
     assert_eq!(

@@ -139,6 +139,8 @@ pub struct ExperimentSettings {
     /// Learning-rate schedule of each training (central: all epochs;
     /// federated: each round's local epochs).
     pub lr_schedule: LrSchedule,
+    /// Label smoothing of the training loss (0: plain cross-entropy).
+    pub label_smoothing: f32,
     /// Block size of the ciphers and patch size of blocknet and the ViT.
     pub block_size: u32,
     /// Cells run at once, each in its own child process (1: in this process).
@@ -279,6 +281,7 @@ pub async fn run_cell(
         batch_size: settings.batch_size,
         optimizer: optimizer(settings),
         lr_schedule: settings.lr_schedule,
+        label_smoothing: settings.label_smoothing,
         ..TrainingConfig::default()
     };
     let test = TensorData::from_dataset(

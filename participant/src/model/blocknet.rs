@@ -482,7 +482,7 @@ fn softmax_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(f32, Tenso
         )));
     }
     let mut grad = vec![0f32; n * k];
-    let loss = softmax_cross_entropy_rows(&z, k, &y, 1.0 / n as f32, &mut grad)?;
+    let loss = softmax_cross_entropy_rows(&z, k, &y, (1.0 / n as f32, 0.0), &mut grad)?;
     let grad = Tensor::from_vec(grad, (n, k), logits.device())?;
     Ok(((loss / n as f64) as f32, grad))
 }

@@ -94,6 +94,15 @@ impl Model for GridCnn {
         GridCnn::loss_and_grads(self, images, labels)
     }
 
+    fn smoothed_loss_and_grads(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+    ) -> Result<LossAndGrads> {
+        GridCnn::smoothed_loss_and_grads(self, images, labels, smoothing)
+    }
+
     fn to_weights(&self) -> Result<ModelWeights> {
         GridCnn::to_weights(self)
     }

@@ -99,9 +99,9 @@ use greyfed_protocol::message::{InputSpec, ModelSpec};
 use greyfed_protocol::weights::ModelWeights;
 
 use super::{
-    LossAndGrads, MAX_PARAMETERS, ParamInfo, ParamInit, autograd_loss_and_grads, check_layout,
-    check_positive, cnn_28x28, gridcnn_28x28, mixer_28x28, param_layout, vars_to_weights,
-    vit_28x28,
+    LossAndGrads, MAX_PARAMETERS, ParamInfo, ParamInit, autograd_loss_and_grads,
+    autograd_smoothed_loss_and_grads, check_layout, check_positive, cnn_28x28, gridcnn_28x28,
+    mixer_28x28, param_layout, vars_to_weights, vit_28x28,
 };
 use crate::error::{ParticipantError, Result};
 
@@ -146,6 +146,25 @@ pub trait Model: Send + Sync + std::fmt::Debug {
     fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
         let logits = self.forward(&images.detach())?;
         autograd_loss_and_grads(&logits, labels, &self.vars())
+    }
+
+    /// [`Model::loss_and_grads`] with labels smoothed by `smoothing` in
+    /// `[0, 1)` (the cross-entropy against `(1 - smoothing) * onehot +
+    /// smoothing / K`). The default is [`Model::loss_and_grads`] for 0 and
+    /// candle's autograd ([`autograd_smoothed_loss_and_grads`] on
+    /// [`Model::forward`]) otherwise; a model with a hand-written pass
+    /// overrides it to smooth there.
+    fn smoothed_loss_and_grads(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+    ) -> Result<LossAndGrads> {
+        if smoothing == 0.0 {
+            return self.loss_and_grads(images, labels);
+        }
+        let logits = self.forward(&images.detach())?;
+        autograd_smoothed_loss_and_grads(&logits, labels, &self.vars(), smoothing)
     }
 
     /// The current values as [`ModelWeights`] in [`Model::layout`]. The

@@ -347,7 +347,7 @@ impl Shard {
             }
         }
         let z = logits.to_vec();
-        self.loss = softmax_cross_entropy_rows(&z, k, labels, inv_n, logits)?;
+        self.loss = softmax_cross_entropy_rows(&z, k, labels, (inv_n, 0.0), logits)?;
         let d_logits = MatRef::new(logits, n, k)?;
 
         // fc2 backward.

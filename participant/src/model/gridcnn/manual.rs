@@ -111,7 +111,7 @@ pub(super) fn loss_and_grads(
     d: &GridCnnDims,
     params: &[&[f32]],
     images: &[f32],
-    labels: &[u32],
+    (labels, smoothing): (&[u32], f32),
     ws: &mut Workspace,
     threads: usize,
 ) -> Result<(f32, Vec<Vec<f32>>)> {
@@ -168,7 +168,7 @@ pub(super) fn loss_and_grads(
             (kernels, flipped),
             &images[start * image_len..end * image_len],
             &labels[start..end],
-            inv_n,
+            (inv_n, smoothing),
         )
     };
     if shards == 1 {
@@ -325,14 +325,14 @@ impl Shard {
         kernels: ([&[f32]; 3], [&[f32]; 3]),
         images: &[f32],
         labels: &[u32],
-        inv_n: f32,
+        scale: (f32, f32),
     ) -> Result<()> {
         let image_len = images.len() / labels.len().max(1);
         let mut chunks = labels.chunks(CHUNK).zip(images.chunks(CHUNK * image_len));
         let Some((first_labels, first_images)) = chunks.next() else {
             return Ok(());
         };
-        self.run(d, p, kernels, first_images, first_labels, inv_n)?;
+        self.run(d, p, kernels, first_images, first_labels, scale)?;
         let Some((labels, images)) = chunks.next() else {
             return Ok(());
         };
@@ -341,7 +341,7 @@ impl Shard {
         }
         let mut loss = self.loss;
         for (labels, images) in std::iter::once((labels, images)).chain(chunks) {
-            self.run(d, p, kernels, images, labels, inv_n)?;
+            self.run(d, p, kernels, images, labels, scale)?;
             loss += self.loss;
             for (sum, g) in self.sums.iter_mut().zip(&self.grads) {
                 for (s, g) in sum.iter_mut().zip(g) {
@@ -355,8 +355,8 @@ impl Shard {
     }
 
     /// Forward and backward pass over `n` images; leaves the summed loss
-    /// (each image's scaled by `inv_n` in the gradients) and the gradients
-    /// in `self`.
+    /// (each image's scaled by `inv_n` in the gradients, labels smoothed by
+    /// `smoothing`) and the gradients in `self`.
     fn run(
         &mut self,
         d: &GridCnnDims,
@@ -364,7 +364,7 @@ impl Shard {
         (kernels, flipped): ([&[f32]; 3], [&[f32]; 3]),
         images: &[f32],
         labels: &[u32],
-        inv_n: f32,
+        (inv_n, smoothing): (f32, f32),
     ) -> Result<()> {
         let n = labels.len();
         let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
@@ -471,7 +471,7 @@ impl Shard {
             }
         }
         let z = logits.to_vec();
-        self.loss = softmax_cross_entropy_rows(&z, k, labels, inv_n, logits)?;
+        self.loss = softmax_cross_entropy_rows(&z, k, labels, (inv_n, smoothing), logits)?;
 
         // Head backward.
         let d_logits = MatRef::new(logits, n, k)?;

@@ -13,7 +13,10 @@ use crate::error::{ParticipantError, Result};
 use crate::model::cnn::custom_ops::max_pool_2x2;
 use crate::model::ops::add_bias;
 use crate::model::patches::{embed_patches, token_model_vars, token_model_weights};
-use crate::model::{LossAndGrads, autograd_loss_and_grads, check_layout, cpu_f32_slices};
+use crate::model::{
+    LossAndGrads, autograd_loss_and_grads, autograd_smoothed_loss_and_grads, check_layout,
+    cpu_f32_slices,
+};
 
 /// The grid CNN (see the [module docs](super)). The variables are kept in
 /// [`GridCnnDims::layout`] order and layout, except that a per-position
@@ -74,9 +77,21 @@ impl GridCnn {
     /// by the hand-written pass on the CPU, through candle's autograd on
     /// other devices.
     pub fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
+        self.smoothed_loss_and_grads(images, labels, 0.0)
+    }
+
+    /// [`GridCnn::loss_and_grads`] with labels smoothed by `smoothing`
+    /// (see [`crate::model::Model::smoothed_loss_and_grads`]).
+    pub fn smoothed_loss_and_grads(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+    ) -> Result<LossAndGrads> {
         self.batch_size(images)?;
         if !images.device().is_cpu() {
-            return self.autograd_loss_and_grads(images, labels);
+            let logits = self.forward(&images.detach())?;
+            return autograd_smoothed_loss_and_grads(&logits, labels, &self.vars, smoothing);
         }
         let images = images.contiguous()?;
         let labels = labels.to_vec1::<u32>()?;
@@ -90,7 +105,7 @@ impl GridCnn {
             &self.dims,
             &slices[1..],
             slices[0],
-            &labels,
+            (&labels, smoothing),
             &mut ws,
             self.threads,
         )?;

@@ -224,7 +224,7 @@ fn shard_loss_and_grads(
         par,
     )?;
     let mut dlogits = vec![0f32; n * k];
-    let loss = softmax_cross_entropy_rows(&logits, k, labels, 1.0 / n as f32, &mut dlogits)?;
+    let loss = softmax_cross_entropy_rows(&logits, k, labels, (1.0 / n as f32, 0.0), &mut dlogits)?;
 
     // Head and final norm.
     let dpooled = linear_backward(

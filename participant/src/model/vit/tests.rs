@@ -710,6 +710,7 @@ fn training_throughput(spec: &ModelSpec, n: usize, epochs: u32, runs: usize) -> 
     let data = TensorData::from_dataset(&ds, &Device::Cpu).unwrap();
     let global = init_weights(spec, 0).unwrap();
     let cfg = TrainingConfig {
+        label_smoothing: 0.0,
         local_epochs: epochs,
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },
