@@ -48,6 +48,7 @@ const ACCURATE_TRAINING: &[(&str, &str)] = &[
     ("lr", "0.001"),
     ("weight-decay", "0.05"),
     ("lr-schedule", "constant"),
+    ("label-smoothing", "0.1"),
     ("strategy", "fedavg"),
 ];
 
@@ -69,6 +70,7 @@ const ACCURATE_EXPERIMENT: &[(&str, &str)] = &[
     ("weight-decay", "0.05"),
     ("lr-schedule", "warmup-cosine"),
     ("warmup", "0.05"),
+    ("label-smoothing", "0.1"),
     ("strategy", "fedavg"),
 ];
 
@@ -166,6 +168,7 @@ mod tests {
         assert_eq!(s.training.model, "gridcnn");
         assert_eq!(s.training.rounds, 40);
         assert_eq!(s.training.weight_decay, 0.05);
+        assert_eq!(s.training.label_smoothing, 0.1);
         assert_eq!(s.start, crate::cli::StartArg::Aligned);
         assert_eq!(
             s.training.strategy.strategy,
@@ -243,6 +246,7 @@ mod tests {
             (&["gridcnn".to_string()][..], 20)
         );
         assert_eq!(e.init, crate::cli::InitArg::Aligned);
+        assert_eq!(e.label_smoothing, 0.1);
         assert_eq!(e.data.affine_rotation, 10.0);
     }
 

@@ -52,11 +52,14 @@ pub use network::GridCnn;
 
 /// Fresh weights for a grid CNN `spec` whose token map is the identity (bias
 /// zero), everything else as [`init_weights`] draws it from `seed`: an
-/// ordinary CNN on the image's grid of block embeddings. This is the
-/// *aligned* start for plain images; for encrypted images its key
-/// transform ([`super::encrypted_domain_weights`]) is, and only a key holder
-/// can make that: its token map is the block permutation
-/// (`docs/threat-model.md`).
+/// ordinary CNN on the image's grid of block embeddings. A per-block patch
+/// embedding starts with every position's kernel and bias equal to the
+/// first position's, so the model starts as the shared-embedding one does.
+/// This is the *aligned* start for plain images; for encrypted images its
+/// key transform ([`super::encrypted_domain_weights`]) is, and only a key
+/// holder can make that: its token map is the block permutation, and with
+/// per-block in-block keys its tied kernels show how the positions' keys
+/// relate (`docs/threat-model.md`).
 pub fn aligned_weights(spec: &ModelSpec, seed: u64) -> Result<ModelWeights> {
     let dims = GridCnnDims::from_spec(spec).map_err(|_| {
         ParticipantError::Model(format!(
@@ -70,6 +73,15 @@ pub fn aligned_weights(spec: &ModelSpec, seed: u64) -> Result<ModelWeights> {
         .map(|i| if i / t == i % t { 1.0 } else { 0.0 })
         .collect();
     tensors[3].data = vec![0.0; t];
+    if dims.per_patch {
+        for tensor in &mut tensors[..2] {
+            let per_position = tensor.data.len() / t;
+            let first = tensor.data[..per_position].to_vec();
+            for chunk in tensor.data.chunks_exact_mut(per_position) {
+                chunk.copy_from_slice(&first);
+            }
+        }
+    }
     Ok(ModelWeights::new(tensors)?)
 }
 

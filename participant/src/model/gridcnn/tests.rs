@@ -409,6 +409,17 @@ fn the_aligned_start_places_every_block_in_its_own_cell() {
     assert_eq!(map.iter().sum::<f32>(), t as f32);
     assert!((0..t).all(|i| map[i * t + i] == 1.0));
     assert!(w.tensors()[3].data.iter().all(|&v| v == 0.0));
+    // Per block: every position starts with the first position's kernel.
+    let per_block = s.clone().with_first_layer(FirstLayer::PerBlock);
+    let w = aligned_weights(&per_block, 4).unwrap();
+    let fresh = init_weights(&per_block, 4).unwrap();
+    for i in 0..2 {
+        let (tied, drawn) = (&w.tensors()[i].data, &fresh.tensors()[i].data);
+        let n = tied.len() / t;
+        assert_eq!(tied[..n], drawn[..n]);
+        assert!(tied.chunks_exact(n).all(|c| c == &tied[..n]));
+        assert_ne!(drawn[..n], drawn[n..2 * n]);
+    }
     let e = aligned_weights(&super::super::mixer_28x28(4, 1), 0)
         .unwrap_err()
         .to_string();
