@@ -32,7 +32,7 @@ use super::GridCnnDims;
 use crate::error::{ParticipantError, Result};
 use crate::model::conv::{column_sums, from_internal, im2col, sized, sized_u32, to_internal};
 use crate::model::gemm::{MatRef, matmul};
-use crate::model::ops::gelu_with_derivative;
+use crate::model::ops::{bias_gelu_in_place, gelu_in_place};
 use crate::model::softmax_cross_entropy_rows;
 
 /// Number of parameter tensors (see [`GridCnnDims::layout`]).
@@ -205,17 +205,6 @@ fn flip(w: &[f32], o: usize, c: usize, out: &mut [f32]) {
             for k in 0..9 {
                 out[(ci * 9 + k) * o + oi] = w[(oi * c + ci) * 9 + 8 - k];
             }
-        }
-    }
-}
-
-/// `x[i] = gelu(x[i])`, `dg[i] = gelu'(x[i])`, after adding `bias[c]` to
-/// every row of `x [M, c]`.
-fn bias_gelu_in_place(x: &mut [f32], bias: &[f32], dg: &mut [f32]) {
-    let c = bias.len();
-    for (row, drow) in x.chunks_exact_mut(c).zip(dg.chunks_exact_mut(c)) {
-        for ((v, g), b) in row.iter_mut().zip(drow.iter_mut()).zip(bias) {
-            (*v, *g) = gelu_with_derivative(*v + b);
         }
     }
 }
@@ -417,16 +406,11 @@ impl Shard {
                 seq,
             )?;
         }
-        for ((row, drow), cell) in a0
-            .chunks_exact_mut(dim)
-            .zip(dgelu0.chunks_exact_mut(dim))
-            .zip((0..t).cycle())
-        {
+        for (row, cell) in a0.chunks_exact_mut(dim).zip((0..t).cycle()) {
             let b = p[3][cell];
-            for (v, g) in row.iter_mut().zip(drow.iter_mut()) {
-                (*v, *g) = gelu_with_derivative(*v + b);
-            }
+            row.iter_mut().for_each(|v| *v += b);
         }
+        gelu_in_place(a0, dgelu0);
 
         // conv1, conv2 on the grid.
         let cols1 = sized(&mut self.cols1, n * t * 9 * dim);
