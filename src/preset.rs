@@ -37,8 +37,9 @@ const ACCURATE_DATA: &[(&str, &str)] = &[
 ];
 
 /// The model and local training of the accurate recipe (training flags of
-/// `simulate` and `coordinator`). Measured: 98.53% after 40 rounds in 158 s
-/// (10 participant processes, 2 cores, aligned start; docs/accuracy.md).
+/// `simulate` and `coordinator`). Measured over 5 seeds with 10 participant
+/// processes on 2 cores from the aligned start: 98.71% (`block`), 98.61%
+/// (`le`), 97.67% (`pixel`) after 40 rounds in 131-169 s (docs/accuracy.md).
 const ACCURATE_TRAINING: &[(&str, &str)] = &[
     ("model", "gridcnn"),
     ("rounds", "40"),
