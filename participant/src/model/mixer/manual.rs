@@ -21,7 +21,7 @@ use gemm::Parallelism;
 use super::MixerDims;
 use crate::error::{ParticipantError, Result};
 use crate::model::gemm::{MatRef, matmul};
-use crate::model::ops::gelu_with_derivative;
+use crate::model::ops;
 use crate::model::softmax_cross_entropy_rows;
 use crate::model::vit::LAYER_NORM_EPS;
 
@@ -410,13 +410,9 @@ fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
 
 /// Applies GELU to `x` in place; returns its derivative at the old values.
 fn gelu_in_place(x: &mut [f32]) -> Vec<f32> {
-    x.iter_mut()
-        .map(|v| {
-            let (g, dg) = gelu_with_derivative(*v);
-            *v = g;
-            dg
-        })
-        .collect()
+    let mut dg = vec![0f32; x.len()];
+    ops::gelu_in_place(x, &mut dg);
+    dg
 }
 
 fn mul_into(dst: &mut [f32], src: &[f32]) {
