@@ -431,9 +431,9 @@ pub fn autograd_smoothed_loss_and_grads(
     vars: &[Var],
     smoothing: f32,
 ) -> Result<LossAndGrads> {
-    let mut loss = candle_nn::loss::cross_entropy(logits, labels)?;
+    let log_p = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+    let mut loss = candle_nn::loss::nll(&log_p, labels)?;
     if smoothing != 0.0 {
-        let log_p = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
         let uniform = log_p.mean_all()?.neg()?;
         loss = ((loss * f64::from(1.0 - smoothing))? + (uniform * f64::from(smoothing))?)?;
     }

@@ -13,10 +13,7 @@ use crate::error::{ParticipantError, Result};
 use crate::model::cnn::custom_ops::max_pool_2x2;
 use crate::model::ops::add_bias;
 use crate::model::patches::{embed_patches, token_model_vars, token_model_weights};
-use crate::model::{
-    LossAndGrads, autograd_loss_and_grads, autograd_smoothed_loss_and_grads, check_layout,
-    cpu_f32_slices,
-};
+use crate::model::{LossAndGrads, autograd_smoothed_loss_and_grads, check_layout, cpu_f32_slices};
 
 /// The grid CNN (see the [module docs](super)). The variables are kept in
 /// [`GridCnnDims::layout`] order and layout, except that a per-position
@@ -90,8 +87,7 @@ impl GridCnn {
     ) -> Result<LossAndGrads> {
         self.batch_size(images)?;
         if !images.device().is_cpu() {
-            let logits = self.forward(&images.detach())?;
-            return autograd_smoothed_loss_and_grads(&logits, labels, &self.vars, smoothing);
+            return self.autograd_smoothed_loss_and_grads(images, labels, smoothing);
         }
         let images = images.contiguous()?;
         let labels = labels.to_vec1::<u32>()?;
@@ -125,8 +121,18 @@ impl GridCnn {
         images: &Tensor,
         labels: &Tensor,
     ) -> Result<LossAndGrads> {
+        self.autograd_smoothed_loss_and_grads(images, labels, 0.0)
+    }
+
+    /// [`GridCnn::smoothed_loss_and_grads`] through candle's autograd.
+    pub fn autograd_smoothed_loss_and_grads(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+    ) -> Result<LossAndGrads> {
         let logits = self.forward(&images.detach())?;
-        autograd_loss_and_grads(&logits, labels, &self.vars)
+        autograd_smoothed_loss_and_grads(&logits, labels, &self.vars, smoothing)
     }
 
     /// Checks the input shape, returning the batch size.

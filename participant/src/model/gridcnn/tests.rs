@@ -230,24 +230,32 @@ fn the_hand_written_pass_matches_autograd() {
                 manual.loss,
                 auto.loss
             );
-            for ((m, a), p) in manual
-                .grads
-                .iter()
-                .zip(&auto.grads)
-                .zip(net.dims().layout())
-            {
-                let (m, a) = (to_vec(m), to_vec(a));
-                let scale = a.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
-                let diff = max_abs_diff(&m, &a);
-                assert!(
-                    diff <= 1e-4 * scale.max(1.0),
-                    "{layer:?} {threads}: {} differs by {diff} (scale {scale})",
-                    p.name
-                );
-                let largest = a.iter().fold(0f32, |s, v| s.max(v.abs()));
+            assert_grads_close(&manual, &auto, &net, &format!("{layer:?} {threads}"));
+            for (a, p) in auto.grads.iter().zip(net.dims().layout()) {
+                let largest = to_vec(a).iter().fold(0f32, |s, v| s.max(v.abs()));
                 assert!(largest > 1e-6, "{}: no gradient", p.name);
             }
         }
+    }
+}
+
+/// Every gradient of `manual` is within 1e-4 of `auto`'s, relative to the
+/// tensor's largest entry (at least 1).
+fn assert_grads_close(manual: &LossAndGrads, auto: &LossAndGrads, net: &GridCnn, context: &str) {
+    for ((m, a), p) in manual
+        .grads
+        .iter()
+        .zip(&auto.grads)
+        .zip(net.dims().layout())
+    {
+        let (m, a) = (to_vec(m), to_vec(a));
+        let scale = a.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
+        let diff = max_abs_diff(&m, &a);
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{context}: {} differs by {diff} (scale {scale})",
+            p.name
+        );
     }
 }
 
@@ -255,15 +263,13 @@ fn the_hand_written_pass_matches_autograd() {
 /// gives for the smoothed cross-entropy, and smoothing changes the loss.
 #[test]
 fn the_hand_written_pass_smooths_labels_like_autograd() {
-    use crate::model::autograd_smoothed_loss_and_grads;
     let s = spec(8, 10, 1, 2);
     let mut net = grid_cnn(&s, &random_weights(&s, 51));
     let n = super::manual::CHUNK + 3;
     let x = Tensor::from_vec(random(n * 80, 52), (n, 1, 8, 10), &Device::Cpu).unwrap();
     let labels: Vec<u32> = (0..n as u32).map(|v| (v * 3) % 5).collect();
     let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
-    let logits = net.forward(&x).unwrap();
-    let auto = autograd_smoothed_loss_and_grads(&logits, &y, &net.vars(), 0.1).unwrap();
+    let auto = net.autograd_smoothed_loss_and_grads(&x, &y, 0.1).unwrap();
     let plain = net.loss_and_grads(&x, &y).unwrap();
     assert!(
         (auto.loss - plain.loss).abs() > 1e-3,
@@ -278,21 +284,7 @@ fn the_hand_written_pass_smooths_labels_like_autograd() {
             manual.loss,
             auto.loss
         );
-        for ((m, a), p) in manual
-            .grads
-            .iter()
-            .zip(&auto.grads)
-            .zip(net.dims().layout())
-        {
-            let (m, a) = (to_vec(m), to_vec(a));
-            let scale = a.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
-            let diff = max_abs_diff(&m, &a);
-            assert!(
-                diff <= 1e-4 * scale.max(1.0),
-                "{}: differs by {diff}",
-                p.name
-            );
-        }
+        assert_grads_close(&manual, &auto, &net, &format!("smoothed {threads}"));
     }
 }
 
