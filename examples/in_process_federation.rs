@@ -17,6 +17,8 @@ async fn main() -> Result<()> {
         .rounds(3)
         .training(TrainingConfig {
             label_smoothing: 0.0,
+            round_lr_schedule: Default::default(),
+            key_layer_mask: false,
             local_epochs: 2,
             batch_size: 32,
             optimizer: OptimizerSpec::Sgd {

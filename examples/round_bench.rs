@@ -65,6 +65,8 @@ async fn main() -> Result<()> {
             .max_train_samples(args.max_train)
             .training(TrainingConfig {
                 label_smoothing: 0.0,
+                round_lr_schedule: Default::default(),
+                key_layer_mask: false,
                 local_epochs: 1,
                 batch_size: 32,
                 optimizer: OptimizerSpec::Sgd {

@@ -309,8 +309,11 @@ fn model_for(training: &TrainingSettings, input: &InputSpec) -> Result<ModelSpec
 /// admitted participant's input (image size and classes come from the
 /// participants' data). The architecture is [`TrainingSettings::model`]
 /// (a 28x28 blocknet for `init` files that do not name theirs); the central
-/// test set, if any, is returned with it.
-fn initial_model(settings: &CoordinatorSettings) -> Result<(InitialModel, Option<DatasetSplits>)> {
+/// test set, if any, is returned with it, and whether the `init` file's
+/// key-bearing tensors carry the image key's layer mask.
+fn initial_model(
+    settings: &CoordinatorSettings,
+) -> Result<(InitialModel, Option<DatasetSplits>, bool)> {
     let training = &settings.training;
     let planes = training.cipher.output_channels();
     let test_set = settings
@@ -332,12 +335,21 @@ fn initial_model(settings: &CoordinatorSettings) -> Result<(InitialModel, Option
             .get(CLASSES_METADATA)
             .and_then(|json| serde_json::from_str::<Vec<String>>(json).ok())
             .or_else(|| test_set.as_ref().map(|s| s.classes.clone()));
+        let masked = greyfed_protocol::model_file::key_layer_mask(&meta)
+            .with_context(|| format!("initial model {}", path.display()))?;
+        if masked && test_set.is_some() {
+            bail!(
+                "the initial model {} is masked with the image key's layer mask, which the \
+                 coordinator cannot remove: central evaluation (--test-data) cannot use it",
+                path.display()
+            );
+        }
         let initial = InitialModel::Fixed {
             spec,
             weights,
             classes,
         };
-        return Ok((initial, test_set));
+        return Ok((initial, test_set, masked));
     }
     if let Some(splits) = &test_set {
         let input = InputSpec {
@@ -358,7 +370,7 @@ fn initial_model(settings: &CoordinatorSettings) -> Result<(InitialModel, Option
             weights,
             classes: Some(input.classes),
         };
-        return Ok((initial, test_set));
+        return Ok((initial, test_set, false));
     }
     // Fail now, not at the first participant, on an unknown architecture.
     let (name, block, seed) = (training.model.clone(), training.block_size, settings.seed);
@@ -374,7 +386,7 @@ fn initial_model(settings: &CoordinatorSettings) -> Result<(InitialModel, Option
         let weights = init_weights(&spec, seed).map_err(|e| e.to_string())?;
         Ok((spec, weights))
     };
-    Ok((InitialModel::ForInput(Arc::new(factory)), None))
+    Ok((InitialModel::ForInput(Arc::new(factory)), None, false))
 }
 
 /// Runs a coordinator with `settings` until the session ends or Ctrl-C,
@@ -390,7 +402,7 @@ pub async fn run_coordinator(
     settings: &CoordinatorSettings,
     display: Display,
 ) -> Result<RunReport> {
-    let (initial, test_set) = initial_model(settings)?;
+    let (initial, test_set, masked) = initial_model(settings)?;
     let tls = server_tls(settings)?;
     // Installed before the address is announced: a SIGHUP from then on
     // reloads the allow list and never kills the process.
@@ -403,6 +415,7 @@ pub async fn run_coordinator(
     config.min_participants = settings.min_participants;
     config.rounds = training.rounds;
     config.training = training.training.clone();
+    config.training.key_layer_mask = masked;
     config.strategy = training.strategy;
     config.aggregation = training.aggregation;
     config.secagg.clip = training.secagg_clip;
@@ -614,6 +627,8 @@ mod tests {
             cipher: CipherSteps::default(),
             training: TrainingConfig {
                 label_smoothing: 0.0,
+                round_lr_schedule: Default::default(),
+                key_layer_mask: false,
                 local_epochs: 1,
                 batch_size: 32,
                 optimizer: OptimizerSpec::Sgd {
@@ -670,7 +685,7 @@ mod tests {
             err.contains("nosuch") && err.contains("blocknet, vit, mixer, gridcnn, cnn"),
             "{err}"
         );
-        let (initial, test_set) = initial_model(&coordinator("cnn", 4)).unwrap();
+        let (initial, test_set, _) = initial_model(&coordinator("cnn", 4)).unwrap();
         assert!(test_set.is_none());
         let InitialModel::ForInput(factory) = initial else {
             panic!("expected a model built for the participants' input")
@@ -686,7 +701,7 @@ mod tests {
         assert_eq!((spec.image_size(), spec.num_classes()), ((32, 36), 3));
         greyfed_participant::model::check_weights(&spec, &weights).unwrap();
         // The default blocknet refuses an input its block size does not divide.
-        let (initial, _) = initial_model(&coordinator("blocknet", 5)).unwrap();
+        let (initial, _, _) = initial_model(&coordinator("blocknet", 5)).unwrap();
         let InitialModel::ForInput(factory) = initial else {
             panic!("expected a model built for the participants' input")
         };

@@ -40,6 +40,7 @@ use greyfed_participant::data::folder::image_files_below;
 use greyfed_participant::data::manifest::manifest_image_paths;
 use greyfed_participant::data::synthetic::builtin_splits;
 use greyfed_participant::data::{DataFormat, Dataset, DatasetSplits, LoadOptions, load_data};
+use greyfed_participant::layer_mask::KeyLayerMask;
 use greyfed_participant::model::Network;
 use greyfed_participant::pipeline::BuiltinDigits;
 use greyfed_participant::train::TensorData;
@@ -443,9 +444,16 @@ impl Model {
     fn open(path: &Path, key_path: Option<&Path>) -> Result<Model> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read model file {}", path.display()))?;
-        let file = ModelFile::from_safetensors(&bytes)
+        let mut file = ModelFile::from_safetensors(&bytes)
             .with_context(|| format!("{} is not a usable greyfed model file", path.display()))?;
         drop(bytes);
+        if file.key_layer_mask && file.cipher.is_none() {
+            bail!(
+                "the model {} says its layers are masked with an image key, but it names no \
+                 cipher: not a model greyfed wrote",
+                path.display()
+            );
+        }
         let (rows, cols) = file.spec.image_size();
         let cipher = match (&file.cipher, key_path) {
             (None, Some(key)) => {
@@ -476,10 +484,17 @@ impl Model {
                         spec.key_id
                     );
                 }
-                Some(
-                    ImageCipher::from_spec(&key, spec, rows as usize, cols as usize)
-                        .with_context(|| format!("the cipher of the model {}", path.display()))?,
-                )
+                let cipher = ImageCipher::from_spec(&key, spec, rows as usize, cols as usize)
+                    .with_context(|| format!("the cipher of the model {}", path.display()))?;
+                if file.key_layer_mask {
+                    // A coordinator's model from a masked start: only the
+                    // key holder can remove the mask.
+                    KeyLayerMask::new(&key)
+                        .reveal(&file.spec, &mut file.weights)
+                        .with_context(|| format!("unmasking the model {}", path.display()))?;
+                    file.key_layer_mask = false;
+                }
+                Some(cipher)
             }
         };
         let network = Network::new(&file.spec, &file.weights, &Device::Cpu)

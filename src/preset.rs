@@ -39,7 +39,8 @@ const ACCURATE_DATA: &[(&str, &str)] = &[
 /// The model and local training of the accurate recipe (training flags of
 /// `simulate` and `coordinator`). Measured over 5 seeds with 10 participant
 /// processes on 2 cores from the aligned start: 98.71% (`block`), 98.61%
-/// (`le`), 97.67% (`pixel`) after 40 rounds in 131-169 s (docs/accuracy.md).
+/// (`le`), 98.52% (`pixel`, masked start) after 40 rounds in 131-175 s
+/// (docs/accuracy.md).
 const ACCURATE_TRAINING: &[(&str, &str)] = &[
     ("model", "gridcnn"),
     ("rounds", "40"),
@@ -54,9 +55,9 @@ const ACCURATE_TRAINING: &[(&str, &str)] = &[
 ];
 
 /// How `simulate` starts the accurate recipe: the grid CNN's aligned start,
-/// which the simulation (holding the image key) makes. It shows the
-/// coordinator the block permutation (docs/threat-model.md); `--start
-/// fresh` is the recipe without it.
+/// which the simulation (holding the image key) makes and hands the
+/// coordinator masked with the image key's layer mask
+/// (docs/threat-model.md); `--start fresh` is the recipe without it.
 const ACCURATE_SIMULATE: &[(&str, &str)] = &[("start", "aligned")];
 
 /// The accurate recipe for `experiment encryption` (central epochs as well).

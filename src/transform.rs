@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
+    layer_mask::KeyLayerMask,
     model::{aligned_weights, builtin_spec, encrypted_domain_weights, init_weights},
 };
 use greyfed_protocol::FirstLayer;
@@ -146,6 +147,7 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
             classes,
             cipher: Some(expects.clone()),
             rounds_completed: plain.rounds,
+            key_layer_mask: false,
             weights,
         }
         .to_safetensors()?,
@@ -171,16 +173,17 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
 /// Writes to `out` the grid CNN's aligned start for images of `input`:
 /// [`aligned_weights`] drawn from `seed` for plain images (`encryption`
 /// `None`); for images encrypted with a key and cipher steps in blocks of
-/// `block_size`, a fresh initialisation of the encrypted-domain model (first
-/// layer as the steps need, [`FirstLayer::for_cipher`]) whose token map is
-/// the key transform of the identity: it places every encrypted block in its
-/// plain grid cell.
+/// `block_size`, the key transform of that plain start (first layer as the
+/// steps need, [`FirstLayer::for_cipher`]; a per-block first layer starts
+/// with every position's kernel equal in the plain domain), so that training
+/// on encrypted images from it is training on plain images from the plain
+/// start, up to rounding.
 ///
-/// Only a key holder can make the encrypted start. It shows whoever
-/// receives it the block permutation (its token map *is* the permutation)
-/// and nothing else about the key: every other tensor is drawn from `seed`
-/// alone, so the in-block transforms (and for split modes which cipher
-/// values are halves of one pixel) stay hidden; see docs/threat-model.md.
+/// Only a key holder can make the encrypted start, and it would show the
+/// key (its token map *is* the block permutation, its kernels the in-block
+/// transforms), so its key-bearing tensors are written hidden behind the
+/// image key's layer mask ([`KeyLayerMask`]; the file says so) and the
+/// coordinator never sees them in the clear; see docs/threat-model.md.
 pub fn write_aligned_start(
     model: &str,
     input: &InputSpec,
@@ -192,10 +195,14 @@ pub fn write_aligned_start(
     let layer = encryption.map_or(FirstLayer::Shared, |(steps, _)| {
         FirstLayer::for_cipher(&steps)
     });
-    let spec = builtin_spec(model, input, block_size)?.with_first_layer(layer);
-    let mut weights = aligned_weights(&spec, seed)?;
-    let cipher = match encryption {
-        None => None,
+    let plain_input = InputSpec {
+        channels: 1,
+        ..input.clone()
+    };
+    let plain_spec = builtin_spec(model, &plain_input, block_size)?.with_first_layer(layer);
+    let plain = aligned_weights(&plain_spec, seed)?;
+    let (spec, weights, cipher) = match encryption {
+        None => (plain_spec, plain, None),
         Some((steps, key)) => {
             let cipher = ImageCipher::new(
                 key,
@@ -204,24 +211,18 @@ pub fn write_aligned_start(
                 input.rows as usize,
                 input.cols as usize,
             )?;
-            // The token map's key transform: column q (cipher block q) holds
-            // the identity's column pi[q].
-            let mut tensors = weights.into_tensors();
-            let t = cipher.block_permutation().len();
-            let mut map = vec![0f32; t * t];
-            for (q, &cell) in cipher.block_permutation().iter().enumerate() {
-                map[cell * t + q] = 1.0;
-            }
-            tensors[2].data = map;
-            weights = ModelWeights::new(tensors)?;
-            Some(cipher.spec())
+            let (spec, mut weights) = encrypted_domain_weights(&plain_spec, &plain, &cipher)?;
+            KeyLayerMask::new(key).hide(&spec, &mut weights)?;
+            (spec, weights, Some(cipher.spec()))
         }
     };
+    let key_layer_mask = cipher.is_some();
     let bytes = ModelFile {
         spec,
         classes: input.classes.clone(),
         cipher,
         rounds_completed: 0,
+        key_layer_mask,
         weights,
     }
     .to_safetensors()?;
@@ -231,7 +232,6 @@ pub fn write_aligned_start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use greyfed_participant::model::aligned_weights;
 
     fn digits_input() -> InputSpec {
         InputSpec {
@@ -242,14 +242,13 @@ mod tests {
         }
     }
 
-    /// The aligned start's token map is the block permutation of the key;
-    /// everything else is drawn from the seed alone (the same for every
-    /// key), so the start reveals the permutation and nothing more.
+    /// The encrypted aligned start is the key transform of the plain aligned
+    /// start, written masked: revealed with the key it is exactly that
+    /// transform; as the coordinator reads it, no tensor shows the key.
     #[test]
-    fn the_aligned_start_is_a_fresh_model_with_the_block_permutation_as_token_map() {
+    fn the_aligned_start_is_the_masked_key_transform_of_the_plain_start() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("start.safetensors");
-        let steps: CipherSteps = "block".parse().unwrap();
         let start = |key: &ImageKey, steps: CipherSteps, channels: u32| {
             let input = InputSpec {
                 channels,
@@ -258,46 +257,75 @@ mod tests {
             write_aligned_start("gridcnn", &input, Some((steps, key)), 4, 3, &out).unwrap();
             ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap()
         };
-        let (key_a, key_b) = (ImageKey::from_bytes([5; 32]), ImageKey::from_bytes([6; 32]));
-        let (a, b) = (start(&key_a, steps, 1), start(&key_b, steps, 1));
-        assert_eq!(a.spec.name(), "gridcnn");
-        assert_eq!((a.rounds_completed, a.spec.image_channels()), (0, 1));
-        for (key, file) in [(&key_a, &a), (&key_b, &b)] {
-            let cipher = ImageCipher::new(key, steps, 4, 28, 28).unwrap();
+        let key = ImageKey::from_bytes([5; 32]);
+        for (mode, channels) in [("block", 1), ("le", 2), ("pixel", 2)] {
+            let steps: CipherSteps = mode.parse().unwrap();
+            let file = start(&key, steps, channels);
+            assert_eq!(file.spec.name(), "gridcnn");
+            assert_eq!(
+                (file.rounds_completed, file.spec.image_channels()),
+                (0, channels)
+            );
+            assert!(file.key_layer_mask, "{mode}: the file says it is masked");
+            let cipher = ImageCipher::new(&key, steps, 4, 28, 28).unwrap();
             assert_eq!(file.cipher, Some(cipher.spec()));
-            let pi = cipher.block_permutation();
+            let layer = FirstLayer::for_cipher(&steps);
+            let plain_spec = builtin_spec("gridcnn", &digits_input(), 4)
+                .unwrap()
+                .with_first_layer(layer);
+            let plain = aligned_weights(&plain_spec, 3).unwrap();
+            let (spec, want) = encrypted_domain_weights(&plain_spec, &plain, &cipher).unwrap();
+            assert_eq!(spec, file.spec, "{mode}");
+            // What the coordinator reads: the token map is no permutation
+            // (no entry is 0 or 1), the masked tensors are far from the start.
             let map = &file.weights.tensors()[2];
             assert_eq!(map.name, "token_map.weight");
-            for (cell, row) in map.data.chunks(49).enumerate() {
-                for (q, &v) in row.iter().enumerate() {
-                    let want = if pi[q] == cell { 1.0 } else { 0.0 };
-                    assert_eq!(v, want, "cell {cell}, block {q}");
+            assert!(map.data.iter().all(|&v| v != 0.0 && v != 1.0), "{mode}");
+            for (i, (seen, start)) in file
+                .weights
+                .tensors()
+                .iter()
+                .zip(want.tensors())
+                .enumerate()
+            {
+                let moved = seen
+                    .data
+                    .iter()
+                    .zip(&start.data)
+                    .filter(|(a, b)| (*a - *b).abs() > 0.5);
+                if i < 4 {
+                    assert!(
+                        moved.count() * 10 > seen.data.len() * 9,
+                        "{mode}: tensor {i}"
+                    );
+                } else {
+                    assert_eq!(seen, start, "{mode}: tensor {i} is not masked");
                 }
             }
-        }
-        assert_ne!(a.weights.tensors()[2], b.weights.tensors()[2]);
-        let fresh = aligned_weights(&a.spec, 3).unwrap();
-        for (i, ((x, y), f)) in a
-            .weights
-            .tensors()
-            .iter()
-            .zip(b.weights.tensors())
-            .zip(fresh.tensors())
-            .enumerate()
-        {
-            if i != 2 {
-                assert_eq!((x, y), (f, f), "{} depends on the key", x.name);
+            // Revealed with the key: the key transform, up to f32 rounding.
+            let mut revealed = file.weights.clone();
+            KeyLayerMask::new(&key)
+                .reveal(&file.spec, &mut revealed)
+                .unwrap();
+            for (r, w) in revealed.tensors().iter().zip(want.tensors()) {
+                let worst = r
+                    .data
+                    .iter()
+                    .zip(&w.data)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-5, "{mode}: {} off by {worst}", r.name);
             }
         }
-        // A split mode without block shuffling: two planes, the identity map.
-        let le = start(&key_a, "le".parse().unwrap(), 2);
-        assert_eq!(le.spec.image_channels(), 2);
-        let map = &le.weights.tensors()[2].data;
-        assert!((0..49).all(|i| map[i * 49 + i] == 1.0));
+        // Another key: another mask.
+        let other = start(&ImageKey::from_bytes([6; 32]), "block".parse().unwrap(), 1);
+        let this = start(&key, "block".parse().unwrap(), 1);
+        assert_ne!(other.weights.tensors()[0], this.weights.tensors()[0]);
         // For plain images it is the aligned plain model itself.
         write_aligned_start("gridcnn", &digits_input(), None, 4, 3, &out).unwrap();
         let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
         assert_eq!(file.cipher, None);
+        assert!(!file.key_layer_mask);
         assert_eq!(file.weights, aligned_weights(&file.spec, 3).unwrap());
         // Models without a token map have no aligned start.
         let e = write_aligned_start("mixer", &digits_input(), None, 4, 3, &out).unwrap_err();

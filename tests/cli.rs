@@ -540,6 +540,7 @@ fn model_transform_keeps_a_model_files_input_and_classes() {
         classes: classes.clone(),
         cipher: None,
         rounds_completed: 3,
+        key_layer_mask: false,
         weights: init_weights(&spec, 8).unwrap(),
     };
     let plain_file = dir.path().join("plain.safetensors");
@@ -571,11 +572,12 @@ fn model_transform_keeps_a_model_files_input_and_classes() {
 }
 
 /// `greyfed model aligned-start` writes the grid CNN whose token map is the
-/// block permutation of the key (for the built-in digits here), or the
-/// identity for plain images, and the coordinator starts from it.
+/// block permutation of the key (for the built-in digits here), hidden
+/// behind the key's layer mask, or the identity for plain images.
 #[test]
 fn model_aligned_start_writes_the_block_permutation_as_the_token_map() {
     use greyfed_participant::cipher::{ImageCipher, ImageKey};
+    use greyfed_participant::layer_mask::KeyLayerMask;
     use greyfed_protocol::model_file::ModelFile;
 
     let dir = tempfile::tempdir().unwrap();
@@ -604,13 +606,23 @@ fn model_aligned_start_writes_the_block_permutation_as_the_token_map() {
         "{stdout}"
     );
     assert!(!stdout.contains(&key.expose_secret_hex()), "{stdout}");
-    let file = ModelFile::from_safetensors(&std::fs::read(&enc).unwrap()).unwrap();
+    let mut file = ModelFile::from_safetensors(&std::fs::read(&enc).unwrap()).unwrap();
     assert_eq!(file.spec.name(), "gridcnn");
+    // Masked as written: the permutation shows only after removing the mask.
+    assert!(file.key_layer_mask);
+    assert!(!file.weights.tensors()[2].data.contains(&1.0));
+    KeyLayerMask::new(&key)
+        .reveal(&file.spec, &mut file.weights)
+        .unwrap();
     let pi = ImageCipher::new(&key, "block".parse().unwrap(), 4, 28, 28)
         .unwrap()
         .block_permutation()
         .to_vec();
-    let map = &file.weights.tensors()[2].data;
+    let map: Vec<f32> = file.weights.tensors()[2]
+        .data
+        .iter()
+        .map(|v| v.round())
+        .collect();
     for (q, &cell) in pi.iter().enumerate() {
         assert_eq!(map[cell * 49 + q], 1.0, "block {q} goes to cell {cell}");
     }

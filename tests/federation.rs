@@ -350,6 +350,75 @@ async fn a_federation_on_encrypted_images_follows_the_plain_federation() {
     }
 }
 
+/// A masked start (the image key's layer mask on the grid CNN's patch
+/// embedding and token map) trains exactly like the unmasked one: the
+/// participants remove the mask from every global model they receive, the
+/// updates are unchanged, and the coordinator's model is the plain
+/// federation's plus the mask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_from_a_masked_start_follows_the_unmasked_one() {
+    use greyfed_participant::layer_mask::KeyLayerMask;
+    let key = ImageKey::from_bytes([0x3c; 32]);
+    let steps: CipherSteps = "pixel".parse().unwrap();
+    let input = greyfed_protocol::InputSpec {
+        rows: 28,
+        cols: 28,
+        channels: 2,
+        classes: (0..10).map(|d| d.to_string()).collect(),
+    };
+    let spec = greyfed_participant::model::builtin_spec("gridcnn", &input, 4)
+        .unwrap()
+        .with_first_layer(FirstLayer::PerBlock);
+    let init = greyfed_participant::model::init_weights(&spec, 3).unwrap();
+    let mask = KeyLayerMask::new(&key);
+    let mut masked_init = init.clone();
+    mask.hide(&spec, &mut masked_init).unwrap();
+    let federation = |init: ModelWeights, masked: bool| {
+        Federation::builder()
+            .participants(2)
+            .rounds(2)
+            .max_train_samples(96)
+            .model(spec.clone())
+            .training(TrainingConfig {
+                local_epochs: 1,
+                batch_size: 16,
+                key_layer_mask: masked,
+                ..TrainingConfig::default()
+            })
+            .aggregation(AggregationKind::Plain)
+            .image_key(key.clone())
+            .cipher(steps)
+            .initial_weights(init)
+            .seed(5)
+    };
+    let plain = federation(init.clone(), false).run().await.unwrap();
+    let masked = federation(masked_init, true).run().await.unwrap();
+    let mut revealed = masked.final_model.clone();
+    mask.reveal(&spec, &mut revealed).unwrap();
+    let (expected, got, start) = (
+        plain.final_model.to_flat(),
+        revealed.to_flat(),
+        init.to_flat(),
+    );
+    let moved = l2(expected.iter().zip(&start).map(|(e, s)| e - s));
+    let off = l2(got.iter().zip(&expected).map(|(g, e)| g - e));
+    assert!(moved > 0.1, "training barely moved the model ({moved})");
+    assert!(
+        off < 1e-2 * moved,
+        "the runs differ by {off}, {} of the distance moved",
+        off / moved
+    );
+    // What the coordinator held was masked throughout.
+    let seen = masked.final_model.tensors()[2].data.clone();
+    let clear = &plain.final_model.tensors()[2].data;
+    let far = seen
+        .iter()
+        .zip(clear)
+        .filter(|(a, b)| (*a - *b).abs() > 0.5)
+        .count();
+    assert!(far * 10 > seen.len() * 9, "{far} of {}", seen.len());
+}
+
 /// A server strategy of the caller's own replaces the built-in ones: one
 /// that keeps the global model as it is leaves the initial model untouched
 /// however much the participants train, and it is built once per run.

@@ -107,6 +107,7 @@ impl Fixture {
             classes,
             cipher: Some(cipher.spec()),
             rounds_completed: 3,
+            key_layer_mask: false,
             weights: weights.clone(),
         };
         let model = dir.path().join("model.safetensors");
@@ -419,6 +420,7 @@ fn bad_keys_models_classes_and_images_are_refused() {
         classes: CLASSES.iter().map(|c| c.to_string()).collect(),
         cipher: None,
         rounds_completed: 0,
+        key_layer_mask: false,
         weights: f.weights.clone(),
     };
     let plain_model = f.path("plain.safetensors");
@@ -453,6 +455,7 @@ fn evaluate_reads_the_builtin_digits() {
         classes: (0..10).map(|c| c.to_string()).collect(),
         cipher: None,
         rounds_completed: 0,
+        key_layer_mask: false,
         weights: weights.clone(),
     };
     let model = dir.path().join("model.safetensors");

@@ -760,6 +760,7 @@ fn model_file(session: &CoordinatorSession) -> Option<ModelFile> {
         classes: session.classes()?.to_vec(),
         cipher: session.cipher()?.clone(),
         rounds_completed: session.rounds_completed(),
+        key_layer_mask: session.training().key_layer_mask,
         weights: session.global()?.clone(),
     })
 }

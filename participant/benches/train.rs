@@ -27,6 +27,8 @@ fn training(c: &mut Criterion) {
     let tensors = TensorData::from_dataset(&data, &Device::Cpu).expect("tensor data");
     let config = TrainingConfig {
         label_smoothing: 0.0,
+        round_lr_schedule: Default::default(),
+        key_layer_mask: false,
         local_epochs: 1,
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },

@@ -173,6 +173,12 @@ impl ImageKey {
         ImageKey(bytes)
     }
 
+    /// The key bytes, for deriving other secrets from the key (the layer
+    /// mask); never log them.
+    pub(crate) fn secret_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The key as 64 lower-case hex characters. Secret: only for writing key
     /// files; never log it.
     pub fn expose_secret_hex(&self) -> String {

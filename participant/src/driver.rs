@@ -35,6 +35,7 @@ use crate::{
     data::{Dataset, RandomAffine},
     dropout::{CrashMode, DropoutPlan, DropoutStage, TestHooks, kill_this_process},
     error::{ParticipantError, Result},
+    layer_mask::KeyLayerMask,
     train::{
         EpochImages, StepProgress, TensorData, TrainOptions, TrainOutcome, epoch_images, evaluate,
         train_local_observed,
@@ -192,6 +193,7 @@ pub struct LocalData {
     image_size: (u32, u32),
     classes: Vec<String>,
     cipher: Option<CipherSpec>,
+    layer_mask: Option<KeyLayerMask>,
 }
 
 impl LocalData {
@@ -232,7 +234,37 @@ impl LocalData {
             test: TensorData::from_dataset(&test, &device)?,
             classes: classes.to_vec(),
             cipher: spec,
+            layer_mask: None,
         })
+    }
+
+    /// The image key's layer mask, for sessions whose global model is
+    /// masked (a masked start; see [`crate::layer_mask`]). Without it such
+    /// a session is refused.
+    pub fn with_layer_mask(mut self, mask: KeyLayerMask) -> Self {
+        self.layer_mask = Some(mask);
+        self
+    }
+
+    /// `global` as this participant trains and evaluates it: with the layer
+    /// mask removed when the session's model is masked.
+    fn unmasked(
+        &self,
+        spec: &ModelSpec,
+        masked: bool,
+        mut global: ModelWeights,
+    ) -> Result<ModelWeights> {
+        if !masked {
+            return Ok(global);
+        }
+        let mask = self.layer_mask.as_ref().ok_or_else(|| {
+            ParticipantError::Model(
+                "the coordinator's model is masked with an image key's layer mask, but this                  participant has no image key (plain images)"
+                    .into(),
+            )
+        })?;
+        mask.reveal(spec, &mut global)?;
+        Ok(global)
     }
 
     /// Number of training samples (the aggregation weight).
@@ -472,8 +504,9 @@ async fn session_loop(
                     let spec = spec.clone().ok_or_else(|| no_session("Train"))?;
                     let training_config = session
                         .session()
-                        .map(|s| s.training.clone())
+                        .map(|s| s.training.for_round(round, s.rounds))
                         .ok_or_else(|| no_session("Train"))?;
+                    let global = data.unmasked(&spec, training_config.key_layer_mask, global)?;
                     // The coordinator's seed alone would let it replay this
                     // round to a subset and isolate our update.
                     let seed = if config.hooks.coordinator_seeds {
@@ -521,6 +554,8 @@ async fn session_loop(
                 }
                 ParticipantEvent::Evaluate { round, global } => {
                     let spec = spec.clone().ok_or_else(|| no_session("Evaluate"))?;
+                    let masked = session.session().is_some_and(|s| s.training.key_layer_mask);
+                    let global = data.unmasked(&spec, masked, global)?;
                     let data = data.clone();
                     // The model comes back from the task: kept without a copy.
                     let (metrics, global) = tokio::task::spawn_blocking(move || {
@@ -634,6 +669,7 @@ fn save_model(
         classes: data.classes.clone(),
         cipher: data.cipher.clone(),
         rounds_completed: round.min(rounds_completed),
+        key_layer_mask: false,
         weights,
     };
     let bytes = file.to_safetensors()?;

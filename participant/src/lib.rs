@@ -19,6 +19,7 @@ pub mod data;
 pub mod driver;
 pub mod dropout;
 pub mod error;
+pub mod layer_mask;
 pub mod model;
 pub mod pipeline;
 pub mod train;

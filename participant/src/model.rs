@@ -577,6 +577,8 @@ pub(crate) fn assert_learns_synthetic_digits(spec: &ModelSpec, train: usize, epo
     let before = evaluate(spec, &global, &test, 100).unwrap();
     let cfg = TrainingConfig {
         label_smoothing: 0.0,
+        round_lr_schedule: Default::default(),
+        key_layer_mask: false,
         local_epochs: epochs,
         batch_size: 32,
         optimizer: OptimizerSpec::Adam { lr },

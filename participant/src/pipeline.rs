@@ -16,6 +16,7 @@ use crate::data::synthetic::builtin_splits;
 use crate::data::{Augmentation, Dataset, DatasetSplits, LoadOptions, load_data};
 use crate::driver::LocalData;
 use crate::error::{ParticipantError, Result};
+use crate::layer_mask::KeyLayerMask;
 
 /// Where a participant's labelled images come from. greyfed reads image
 /// folders, CSV manifests, `.npz` files and IDX directories ([`DataPath`])
@@ -201,13 +202,17 @@ impl DataPipeline {
         let cipher = encryption
             .map(|e| e.cipher_for(train.rows(), train.cols()))
             .transpose()?;
-        LocalData::prepare_augmented(
+        let data = LocalData::prepare_augmented(
             &train,
             &test,
             &splits.classes,
             cipher,
             self.augmentation.random_affine,
-        )
+        )?;
+        Ok(match encryption {
+            Some(e) => data.with_layer_mask(KeyLayerMask::new(&e.key)),
+            None => data,
+        })
     }
 }
 

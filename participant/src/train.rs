@@ -721,6 +721,8 @@ mod tests {
     fn config(optimizer: OptimizerSpec, local_epochs: u32) -> TrainingConfig {
         TrainingConfig {
             label_smoothing: 0.0,
+            round_lr_schedule: Default::default(),
+            key_layer_mask: false,
             local_epochs,
             batch_size: 32,
             optimizer,
@@ -868,6 +870,8 @@ mod tests {
         let one_step = |optimizer| {
             let cfg = TrainingConfig {
                 label_smoothing: 0.0,
+                round_lr_schedule: Default::default(),
+                key_layer_mask: false,
                 local_epochs: 1,
                 batch_size: 8,
                 optimizer,
@@ -948,6 +952,8 @@ mod tests {
         let train = |epochs, lr_schedule, from: &ModelWeights| {
             let cfg = TrainingConfig {
                 label_smoothing: 0.0,
+                round_lr_schedule: Default::default(),
+                key_layer_mask: false,
                 local_epochs: epochs,
                 batch_size: 8,
                 optimizer: OptimizerSpec::Sgd {
@@ -1125,6 +1131,8 @@ mod tests {
         for smoothing in [-0.1, 1.0, f32::NAN] {
             let bad = TrainingConfig {
                 label_smoothing: smoothing,
+                round_lr_schedule: Default::default(),
+                key_layer_mask: false,
                 ..cfg.clone()
             };
             let e = train_local(&spec, &global, &data, &bad, 0).unwrap_err();
@@ -1178,6 +1186,8 @@ mod tests {
         let global = init_weights(&spec, 0).unwrap();
         let cfg = TrainingConfig {
             label_smoothing: 0.0,
+            round_lr_schedule: Default::default(),
+            key_layer_mask: false,
             local_epochs: 2,
             batch_size: 64,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },

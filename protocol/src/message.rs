@@ -554,6 +554,45 @@ pub struct TrainingConfig {
     /// disables it.
     #[serde(default)]
     pub label_smoothing: f32,
+    /// Learning-rate schedule over the session's rounds: round `r` (from 1)
+    /// of `R` trains with the base rate times `factor(r - 1, R)`, on top of
+    /// the per-step [`Self::lr_schedule`] (see [`Self::for_round`]).
+    /// `Constant` (the default) keeps the base rate in every round.
+    #[serde(default)]
+    pub round_lr_schedule: LrSchedule,
+    /// The global model's key-bearing tensors carry the image key's layer
+    /// mask (the session started from a masked model): participants
+    /// remove it before training, evaluating and keeping the model, and
+    /// their updates are unchanged by it. Set by the coordinator from its
+    /// initial model file.
+    #[serde(default)]
+    pub key_layer_mask: bool,
+}
+
+impl TrainingConfig {
+    /// The settings for round `round` (from 1) of `rounds`: the optimiser's
+    /// base learning rate scaled by [`Self::round_lr_schedule`]'s factor
+    /// for that round (rounds past `rounds` get the last round's factor).
+    pub fn for_round(&self, round: u32, rounds: u32) -> Self {
+        let rounds = rounds.max(1);
+        let index = round.clamp(1, rounds) - 1;
+        let factor = self
+            .round_lr_schedule
+            .factor(u64::from(index), u64::from(rounds));
+        let mut config = self.clone();
+        config.optimizer = match self.optimizer {
+            OptimizerSpec::Adam { lr } => OptimizerSpec::Adam { lr: lr * factor },
+            OptimizerSpec::Sgd { lr, momentum } => OptimizerSpec::Sgd {
+                lr: lr * factor,
+                momentum,
+            },
+            OptimizerSpec::AdamW { lr, weight_decay } => OptimizerSpec::AdamW {
+                lr: lr * factor,
+                weight_decay,
+            },
+        };
+        config
+    }
 }
 
 impl Default for TrainingConfig {
@@ -565,6 +604,8 @@ impl Default for TrainingConfig {
             proximal_mu: 0.0,
             lr_schedule: LrSchedule::Constant,
             label_smoothing: 0.0,
+            round_lr_schedule: LrSchedule::Constant,
+            key_layer_mask: false,
         }
     }
 }
@@ -1136,6 +1177,54 @@ mod tests {
         assert_eq!(f(3, 0), 1.0, "no steps: no schedule");
         assert_eq!(f(20, 10), 0.0, "past the end stays at 0");
         assert!((0..10).all(|t| LrSchedule::Constant.factor(t, 10) == 1.0));
+    }
+
+    #[test]
+    fn round_schedule_scales_the_base_rate_per_round() {
+        let base = TrainingConfig {
+            optimizer: OptimizerSpec::AdamW {
+                lr: 2e-3,
+                weight_decay: 0.05,
+            },
+            round_lr_schedule: LrSchedule::Cosine,
+            ..TrainingConfig::default()
+        };
+        let lr = |round| match base.for_round(round, 10).optimizer {
+            OptimizerSpec::AdamW { lr, weight_decay } => {
+                assert_eq!(weight_decay, 0.05);
+                lr
+            }
+            other => panic!("optimizer changed kind: {other:?}"),
+        };
+        assert_eq!(lr(1), 2e-3, "the first round trains at the base rate");
+        assert!((lr(6) - 1e-3).abs() < 1e-9, "half-way: half the rate");
+        assert!((2..=10).all(|r| lr(r) < lr(r - 1)));
+        assert!(lr(10) > 0.0 && lr(10) < 1e-4);
+        assert_eq!(lr(11), lr(10), "rounds past the plan keep the last factor");
+        assert_eq!(lr(0), lr(1));
+        // Everything but the rate is kept; constant leaves the config as is.
+        let mut same = base.for_round(6, 10);
+        same.optimizer = base.optimizer;
+        assert_eq!(same, base);
+        let constant = TrainingConfig {
+            round_lr_schedule: LrSchedule::Constant,
+            ..base.clone()
+        };
+        assert_eq!(constant.for_round(7, 10), constant);
+        let sgd = TrainingConfig {
+            optimizer: OptimizerSpec::Sgd {
+                lr: 0.1,
+                momentum: 0.9,
+            },
+            ..base
+        };
+        assert_eq!(
+            sgd.for_round(6, 10).optimizer,
+            OptimizerSpec::Sgd {
+                lr: 0.05,
+                momentum: 0.9
+            }
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! order (`greyfed.classes`, a JSON array), the image cipher the model
 //! expects (`greyfed.cipher`: JSON of [`CipherSpec`] with the key's
 //! fingerprint, never the key; `null` for plain images) and the rounds it
-//! was trained for (`greyfed.rounds_completed`). The coordinator writes one
+//! was trained for (`greyfed.rounds_completed`), and whether its
+//! key-bearing tensors are hidden behind the image key's layer mask
+//! (`greyfed.key_layer_mask`, `"true"`; absent: not masked). The coordinator writes one
 //! at the end of a session and every participant keeps its own copy of the
 //! final global model; `greyfed predict` and `greyfed evaluate` read them.
 //!
@@ -19,7 +21,9 @@ use crate::{
     cipher::CipherSpec,
     error::ProtocolError,
     message::{InputSpec, ModelSpec},
-    weights::{CIPHER_METADATA, MODEL_METADATA, ModelWeights, ROUNDS_METADATA},
+    weights::{
+        CIPHER_METADATA, KEY_LAYER_MASK_METADATA, MODEL_METADATA, ModelWeights, ROUNDS_METADATA,
+    },
 };
 
 /// Metadata key of a model file holding the class names (JSON array).
@@ -36,6 +40,10 @@ pub struct ModelFile {
     pub cipher: Option<CipherSpec>,
     /// Rounds of federated training the weights went through.
     pub rounds_completed: u32,
+    /// The key-bearing tensors hold their values plus the image key's
+    /// layer mask (a coordinator's model from a masked start); only a key
+    /// holder can remove it and use the model.
+    pub key_layer_mask: bool,
     /// The parameters, in the architecture's layout.
     pub weights: ModelWeights,
 }
@@ -80,6 +88,9 @@ impl ModelFile {
             ROUNDS_METADATA.to_string(),
             self.rounds_completed.to_string(),
         );
+        if self.key_layer_mask {
+            meta.insert(KEY_LAYER_MASK_METADATA.to_string(), "true".to_string());
+        }
         self.weights.to_safetensors(&meta)
     }
 
@@ -118,6 +129,7 @@ impl ModelFile {
             classes,
             cipher,
             rounds_completed,
+            key_layer_mask: key_layer_mask(&meta)?,
             weights,
         };
         file.check()?;
@@ -151,6 +163,21 @@ impl ModelFile {
     }
 }
 
+/// Whether model-file metadata marks the key-bearing tensors as masked
+/// ([`KEY_LAYER_MASK_METADATA`]); absent means not.
+///
+/// # Errors
+/// A value other than `"true"` or `"false"`.
+pub fn key_layer_mask(meta: &HashMap<String, String>) -> Result<bool, ProtocolError> {
+    match meta.get(KEY_LAYER_MASK_METADATA).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ProtocolError::Malformed(format!(
+            "the model file's {KEY_LAYER_MASK_METADATA:?} metadata is {other:?}, not true or false"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +195,7 @@ mod tests {
             classes: vec!["cat".into(), "dog".into(), "emu".into()],
             cipher: None,
             rounds_completed: 7,
+            key_layer_mask: false,
             weights: ModelWeights::new(vec![
                 NamedTensor::new("w", vec![2], vec![1.5, -2.0]).unwrap(),
             ])
@@ -181,6 +209,16 @@ mod tests {
         let back = ModelFile::from_safetensors(&f.to_safetensors().unwrap()).unwrap();
         assert_eq!(back, f);
         assert_eq!(back.input().rows, 8);
+        let masked = ModelFile {
+            key_layer_mask: true,
+            ..file()
+        };
+        let back = ModelFile::from_safetensors(&masked.to_safetensors().unwrap()).unwrap();
+        assert!(back.key_layer_mask);
+        let mut meta = HashMap::new();
+        meta.insert(KEY_LAYER_MASK_METADATA.to_string(), "yes".to_string());
+        let err = key_layer_mask(&meta).unwrap_err().to_string();
+        assert!(err.contains("\"yes\""), "{err}");
         assert_eq!(back.input().cols, 12);
     }
 

@@ -599,6 +599,11 @@ impl CoordinatorSession {
         self.cipher.as_ref()
     }
 
+    /// The local training settings sent to every participant.
+    pub fn training(&self) -> &TrainingConfig {
+        &self.config.training
+    }
+
     /// Name of the aggregation scheme in use.
     pub fn aggregation_kind(&self) -> &'static str {
         self.aggregator.kind()

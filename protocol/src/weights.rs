@@ -23,6 +23,9 @@ pub const MODEL_METADATA: &str = "greyfed.model";
 pub const CIPHER_METADATA: &str = "greyfed.cipher";
 /// Metadata key of a model file holding the rounds completed.
 pub const ROUNDS_METADATA: &str = "greyfed.rounds_completed";
+/// Metadata key of a model file whose key-bearing tensors carry the image
+/// key's layer mask (`"true"`; absent or `"false"`: they do not).
+pub const KEY_LAYER_MASK_METADATA: &str = "greyfed.key_layer_mask";
 
 /// One named, shaped `f32` tensor in row-major order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

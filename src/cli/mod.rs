@@ -90,8 +90,9 @@ pub enum ModelCommand {
     /// The grid CNN's aligned start for a federation on encrypted images
     /// (`greyfed coordinator --model gridcnn --init OUT`): its token map
     /// places every encrypted block in its plain position. Made by a key
-    /// holder from the data's image size and classes; it shows the
-    /// coordinator the block permutation (docs/threat-model.md).
+    /// holder from the data's image size and classes, and written masked
+    /// with the image key's layer mask, which participants remove
+    /// (docs/threat-model.md).
     AlignedStart(AlignedStartArgs),
 }
 
@@ -355,6 +356,10 @@ pub struct ExperimentArgs {
     /// federated: each round's local epochs).
     #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant)]
     pub lr_schedule: LrScheduleArg,
+    /// Learning-rate schedule over the rounds of federated cells, on top
+    /// of `--lr-schedule` (central cells ignore it).
+    #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant)]
+    pub round_lr_schedule: LrScheduleArg,
     /// Share of the steps spent warming up with `--lr-schedule warmup-cosine`.
     #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
     pub warmup: f32,
@@ -409,6 +414,13 @@ impl ExperimentArgs {
             format!("--first-layer={}", value_name(self.first_layer)),
             format!("--data-seed={}", self.data.data_seed),
         ];
+        // Only when set, so that older result directories still match.
+        if self.round_lr_schedule != LrScheduleArg::Constant {
+            a.push(format!(
+                "--round-lr-schedule={}",
+                value_name(self.round_lr_schedule)
+            ));
+        }
         if let Some(dir) = &self.data.data {
             a.push(format!("--data={}", dir.display()));
             // Only when given, so that older result directories still match.
@@ -832,6 +844,12 @@ pub struct TrainingArgs {
     /// Learning-rate schedule over each round's local steps.
     #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant)]
     pub lr_schedule: LrScheduleArg,
+    /// Learning-rate schedule over the session's rounds, on top of
+    /// `--lr-schedule`: with `cosine`, round r of R trains at the rate
+    /// times (1 + cos(pi (r-1) / R)) / 2 (`warmup-cosine` warms up over the
+    /// `--warmup` share of the rounds).
+    #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant)]
+    pub round_lr_schedule: LrScheduleArg,
     /// Share of the steps spent warming up with `--lr-schedule warmup-cosine`.
     #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
     pub warmup: f32,
@@ -908,6 +926,7 @@ impl TrainingArgs {
         push("momentum", self.momentum.to_string());
         push("weight-decay", self.weight_decay.to_string());
         push("lr-schedule", value_name(self.lr_schedule));
+        push("round-lr-schedule", value_name(self.round_lr_schedule));
         push("warmup", self.warmup.to_string());
         push("label-smoothing", self.label_smoothing.to_string());
         push("model", self.model.clone());
@@ -1271,9 +1290,9 @@ pub struct SimulateArgs {
     pub central_eval: bool,
     /// How the model starts: `fresh` (drawn by the coordinator from
     /// --seed) or `aligned` (--model gridcnn only: the simulation, which
-    /// holds the image key, gives the coordinator a start whose token map
-    /// is the block permutation; it shows the coordinator that permutation,
-    /// see docs/threat-model.md).
+    /// holds the image key, gives the coordinator the key transform of a
+    /// start whose token map is the identity, masked with the image key's
+    /// layer mask; see docs/threat-model.md).
     #[arg(long, value_enum, default_value_t = StartArg::Fresh)]
     pub start: StartArg,
     /// Data settings.

@@ -68,6 +68,10 @@ impl TrainingArgs {
                 optimizer,
                 proximal_mu: self.strategy.proximal_mu(),
                 lr_schedule: self.lr_schedule.schedule(self.warmup),
+                round_lr_schedule: self.round_lr_schedule.schedule(self.warmup),
+                // Set from the initial model file (a masked start) when the
+                // coordinator loads it.
+                key_layer_mask: false,
             },
             strategy: self.strategy.config()?,
             aggregation: match self.aggregation {
@@ -331,6 +335,7 @@ impl ExperimentArgs {
             lr: self.lr,
             weight_decay: self.weight_decay,
             lr_schedule: self.lr_schedule.schedule(self.warmup),
+            round_lr_schedule: self.round_lr_schedule.schedule(self.warmup),
             label_smoothing: self.label_smoothing,
             block_size: self.block_size,
             jobs: self.jobs,

@@ -139,6 +139,8 @@ pub struct ExperimentSettings {
     /// Learning-rate schedule of each training (central: all epochs;
     /// federated: each round's local epochs).
     pub lr_schedule: LrSchedule,
+    /// Learning-rate schedule over the rounds of federated cells.
+    pub round_lr_schedule: LrSchedule,
     /// Label smoothing of the training loss (0: plain cross-entropy).
     pub label_smoothing: f32,
     /// Block size of the ciphers and patch size of blocknet and the ViT.
@@ -333,6 +335,7 @@ pub async fn run_cell(
                 .training(TrainingConfig {
                     local_epochs: settings.local_epochs,
                     proximal_mu: settings.proximal_mu,
+                    round_lr_schedule: settings.round_lr_schedule,
                     ..training
                 })
                 .strategy(settings.strategy)

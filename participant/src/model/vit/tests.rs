@@ -711,6 +711,8 @@ fn training_throughput(spec: &ModelSpec, n: usize, epochs: u32, runs: usize) -> 
     let global = init_weights(spec, 0).unwrap();
     let cfg = TrainingConfig {
         label_smoothing: 0.0,
+        round_lr_schedule: Default::default(),
+        key_layer_mask: false,
         local_epochs: epochs,
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },
