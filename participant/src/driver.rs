@@ -259,7 +259,8 @@ impl LocalData {
         }
         let mask = self.layer_mask.as_ref().ok_or_else(|| {
             ParticipantError::Model(
-                "the coordinator's model is masked with an image key's layer mask, but this                  participant has no image key (plain images)"
+                "the coordinator's model is masked with an image key's layer mask, but this \
+                 participant has no image key (plain images)"
                     .into(),
             )
         })?;

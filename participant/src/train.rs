@@ -1131,8 +1131,6 @@ mod tests {
         for smoothing in [-0.1, 1.0, f32::NAN] {
             let bad = TrainingConfig {
                 label_smoothing: smoothing,
-                round_lr_schedule: Default::default(),
-                key_layer_mask: false,
                 ..cfg.clone()
             };
             let e = train_local(&spec, &global, &data, &bad, 0).unwrap_err();
