@@ -14,6 +14,7 @@
 //! - [`session`]: the coordinator's session state machine.
 //! - [`participant`]: the participant's session state machine.
 //! - [`secagg`]: secure aggregation (SecAgg/SecAgg+), sans-IO.
+//! - [`privacy`]: differential-privacy accounting (RDP of the subsampled Gaussian).
 //! - [`transport`]: ALPN and timing constants both QUIC endpoints share.
 
 pub mod aggregate;
@@ -24,6 +25,7 @@ pub mod limits;
 pub mod message;
 pub mod model_file;
 pub mod participant;
+pub mod privacy;
 pub mod secagg;
 pub mod session;
 pub mod transport;

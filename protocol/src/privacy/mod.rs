@@ -1,0 +1,13 @@
+//! Differential privacy: accounting, sans-IO.
+//!
+//! - [`rdp`]: the Rényi-DP accountant of the Poisson-subsampled Gaussian
+//!   mechanism (per round for participant-level DP, per step for
+//!   record-level DP-SGD), its (ε, δ) conversion and the search for the
+//!   noise multiplier that meets a budget.
+
+pub mod rdp;
+
+#[cfg(test)]
+mod tests;
+
+pub use rdp::{Epsilon, RdpAccountant, SampledGaussian, epsilon_after, noise_multiplier_for};
