@@ -7,7 +7,8 @@
 //! in-process federation harness ([`federation`]: every participant a task of one process, for tests and examples), the peak-memory reports of
 //! simulations ([`memory`]), live progress displays ([`progress`]), run
 //! reports with plots ([`report`]), the measurements of [`lab`] (experiments, attacks, image quality), and
-//! classification and evaluation with a saved model file ([`predict`]).
+//! classification and evaluation with a saved model file ([`predict`]),
+//! and differential-privacy planning ([`dp`]).
 //!
 //! The protocol, coordinator and participant logic live in the
 //! `greyfed-protocol`, `greyfed-coordinator` and `greyfed-participant`
@@ -18,6 +19,7 @@ pub mod central;
 pub mod cli;
 pub mod config_file;
 pub mod custody;
+pub mod dp;
 pub mod federation;
 pub mod keygen;
 pub mod lab;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
-use greyfed::cli::{Cli, Command, ConfigCommand, ExperimentCommand, KeygenCommand, ModelCommand};
+use greyfed::cli::{
+    Cli, Command, ConfigCommand, DpCommand, ExperimentCommand, KeygenCommand, ModelCommand,
+};
 use greyfed::lab::{experiment, security};
 use greyfed::progress::{Display, LogWriter};
 use greyfed::{config_file, custody, keygen, memory, node, preset, preview, report, simulate};
@@ -419,6 +421,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             eprintln!("{}{written}", predictions.summary());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dp(DpCommand::Plan(args)) => {
+            let plan = args.plan().resolve().context("dp plan")?;
+            println!("{}", greyfed::dp::plan_table(&plan)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Evaluate(args) => {

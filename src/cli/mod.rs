@@ -75,6 +75,10 @@ pub enum Command {
     /// classes) and prints per-class accuracy, the confusion matrix and, as
     /// the last line, `accuracy=X samples=N`.
     Evaluate(EvaluateArgs),
+    /// Differential privacy: `greyfed dp plan` prints ε for given settings
+    /// without training.
+    #[command(subcommand)]
+    Dp(DpCommand),
 }
 
 /// `greyfed model ...`.
@@ -1376,7 +1380,10 @@ pub struct EvaluateArgs {
     pub data_seed: u64,
 }
 
+mod dp;
 mod settings;
+
+pub use dp::{DpCommand, DpLevel, DpPlanArgs};
 
 pub use settings::parse_shard;
 

@@ -4,10 +4,14 @@
 //!   mechanism (per round for participant-level DP, per step for
 //!   record-level DP-SGD), its (ε, δ) conversion and the search for the
 //!   noise multiplier that meets a budget.
+//! - [`plan`]: a record- or participant-level plan resolved into the
+//!   accountant's inputs (noise multiplier, sampling rate, steps).
 
+pub mod plan;
 pub mod rdp;
 
 #[cfg(test)]
 mod tests;
 
+pub use plan::{DpPlan, Guarantee, Noise, ResolvedPlan};
 pub use rdp::{Epsilon, RdpAccountant, SampledGaussian, epsilon_after, noise_multiplier_for};

@@ -1728,3 +1728,108 @@ fn bad_inputs_are_refused_with_the_value() {
     assert!(noise_multiplier_for(0.0, 1e-5, 0.1, 10).is_err());
     assert!(noise_multiplier_for(1e-9, 1e-5, 1.0, 1_000_000).is_err());
 }
+
+mod plan {
+    use crate::privacy::plan::*;
+    use crate::privacy::rdp::*;
+
+    fn record() -> Guarantee {
+        Guarantee::Record {
+            samples: 700,
+            batch_size: 64,
+            local_epochs: 2,
+        }
+    }
+
+    #[test]
+    fn record_level_steps_and_rate() {
+        let g = record();
+        assert_eq!(g.steps_per_round(), 2 * 11);
+        assert!((g.sampling_rate() - 64.0 / 700.0).abs() < 1e-15);
+        let p = Guarantee::Participant {
+            population: 100,
+            cohort: 10,
+        };
+        assert_eq!(p.steps_per_round(), 1);
+        assert!((p.sampling_rate() - 0.1).abs() < 1e-15);
+    }
+
+    #[test]
+    fn a_target_epsilon_is_met_after_the_planned_rounds_and_not_much_under() {
+        for (guarantee, target) in [
+            (record(), 8.0),
+            (
+                Guarantee::Participant {
+                    population: 100,
+                    cohort: 10,
+                },
+                3.0,
+            ),
+        ] {
+            let plan = DpPlan {
+                guarantee,
+                rounds: 40,
+                delta: 1e-5,
+                noise: Noise::TargetEpsilon(target),
+            }
+            .resolve()
+            .unwrap();
+            let eps = plan.epsilon_after(40).unwrap();
+            assert!(
+                eps <= target && eps > 0.97 * target,
+                "{eps} for target {target}"
+            );
+            // Epsilon grows round by round.
+            assert!(plan.epsilon_after(20).unwrap() < eps);
+            assert_eq!(plan.epsilon_after(0).unwrap(), 0.0);
+            // The same multiplier given directly gives the same epsilon.
+            let direct = DpPlan {
+                noise: Noise::Multiplier(plan.noise_multiplier),
+                ..DpPlan {
+                    guarantee,
+                    rounds: 40,
+                    delta: 1e-5,
+                    noise: Noise::Multiplier(1.0),
+                }
+            }
+            .resolve()
+            .unwrap();
+            assert_eq!(direct.epsilon_after(40).unwrap(), eps);
+            assert_eq!(
+                epsilon_after(plan.mechanism(), plan.steps(), 1e-5).unwrap(),
+                eps
+            );
+        }
+    }
+
+    #[test]
+    fn bad_plans_name_the_value() {
+        let plan = |guarantee, rounds, delta, noise| {
+            DpPlan {
+                guarantee,
+                rounds,
+                delta,
+                noise,
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string()
+        };
+        let z = Noise::Multiplier(1.0);
+        let big_batch = Guarantee::Record {
+            samples: 10,
+            batch_size: 64,
+            local_epochs: 1,
+        };
+        assert!(plan(big_batch, 5, 1e-5, z).contains("batch size 64"));
+        let big_cohort = Guarantee::Participant {
+            population: 5,
+            cohort: 10,
+        };
+        assert!(plan(big_cohort, 5, 1e-5, z).contains("cohort of 10"));
+        assert!(plan(record(), 0, 1e-5, z).contains("round"));
+        assert!(plan(record(), 5, 2.0, z).contains("delta"));
+        assert!(plan(record(), 5, 1e-5, Noise::Multiplier(-1.0)).contains("noise multiplier"));
+        assert!(plan(record(), 5, 1e-5, Noise::TargetEpsilon(0.0)).contains("target epsilon"));
+    }
+}
