@@ -7,11 +7,13 @@
 //! - [`plan`]: a record- or participant-level plan resolved into the
 //!   accountant's inputs (noise multiplier, sampling rate, steps).
 
+pub mod discrete_gaussian;
 pub mod plan;
 pub mod rdp;
 
 #[cfg(test)]
 mod tests;
 
+pub use discrete_gaussian::DiscreteGaussian;
 pub use plan::{DpPlan, Guarantee, Noise, ResolvedPlan};
 pub use rdp::{Epsilon, RdpAccountant, SampledGaussian, epsilon_after, noise_multiplier_for};
