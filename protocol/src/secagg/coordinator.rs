@@ -66,6 +66,7 @@
 //! The stage state and transitions live in `stages`.
 
 use crate::message::{AggregationKind, SumKind};
+use crate::privacy::DistributedNoise;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,6 +124,10 @@ pub struct SecAggConfig {
     /// Which sum of the round this aggregator computes (tags its messages
     /// and binds its key derivations).
     pub sum: SumKind,
+    /// Distributed DP: discrete Gaussian noise every participant adds to its
+    /// encoded update (`None`: none). Needs `max_norm`; weights are then
+    /// all 1 and the configured `bits` are used as they are.
+    pub noise: Option<DistributedNoise>,
 }
 
 impl SecAggConfig {
@@ -156,6 +161,7 @@ impl SecAggConfig {
             min_contributors: 2,
             seed,
             sum: SumKind::Update,
+            noise: None,
         }
     }
 
@@ -175,6 +181,7 @@ impl SecAggConfig {
             max_weight: 1,
             seed,
             sum: SumKind::Evaluation,
+            noise: None,
             ..self.clone()
         }
     }
@@ -423,15 +430,23 @@ impl Aggregator for SecAggCoordinator {
         // quantisation bits as fit the ring, down to MIN_FITTED_BITS; below
         // that (or without a bound) the configured bits apply and the budget
         // check explains what to change.
-        let (bits, max_weight) = match self.weight_bound {
-            Some(w) => match fit_bits(c.bits, w, n) {
+        // With distributed DP every weight is 1 (the noise is sized for
+        // the sensitivity of one unweighted update) and the bits stay as
+        // configured: the noise headroom shares the ring.
+        let (bits, max_weight) = match (c.noise, self.weight_bound) {
+            (Some(_), _) => (c.bits, 1),
+            (None, Some(w)) => match fit_bits(c.bits, w, n) {
                 b if b >= MIN_FITTED_BITS => (b, w),
                 _ => (c.bits, w),
             },
-            None => (c.bits, c.max_weight),
+            (None, None) => (c.bits, c.max_weight),
         };
-        let encoding =
+        let mut encoding =
             EncodingParams::new(c.clip, bits, max_weight, n)?.with_max_norm(c.max_norm)?;
+        if let Some(noise) = c.noise {
+            let variance = noise.variance(&encoding, num_params)?;
+            encoding = encoding.with_noise(variance, n)?;
+        }
         let graph = NeighbourGraph::random(cohort, gp.degree, &mut self.rng)?;
         let neighbours = members.iter().map(|&u| (u, graph.neighbours(u))).collect();
         let setup = RoundSetup {

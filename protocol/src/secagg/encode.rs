@@ -15,12 +15,22 @@
 //! arithmetic (masks included) is done in `u32` with wrapping and reduced mod
 //! `2^m`, which is exact because `2^m` divides `2^32`. Masked elements travel
 //! packed in `m` bits each.
+//!
+//! **Noise for distributed DP.** With a noise variance `σ²` (ring units²),
+//! every participant adds an independent discrete Gaussian `N_Z(0, σ²)` to
+//! each of its `d` encoded values before masking (not to the weight), so
+//! the unmasked sum carries noise of variance `n_survivors · σ²` and no
+//! party ever sees a sum without it. The ring then also holds a headroom
+//! `H = ⌈14 √(n σ²)⌉` on each side of the noiseless range (a coordinate
+//! leaves it with probability below 10⁻⁴³), and the decoder reads each sum
+//! as the integer in `[−H, 2^m − H)`.
 
 use rand::CryptoRng;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use crate::error::ProtocolError;
+use crate::privacy::discrete_gaussian::DiscreteGaussian;
 
 /// Largest ring: all arithmetic is in `u32`.
 const MAX_RING_BITS: u32 = 32;
@@ -44,6 +54,22 @@ pub struct EncodingParams {
     pub max_weight: u32,
     /// Ring bits `m` (derived; `<= 32`).
     pub ring_bits: u32,
+    /// Variance `σ²` (ring units²) of the discrete Gaussian noise each
+    /// participant adds to each value; 0: none.
+    pub noise_variance: u64,
+    /// Noise headroom `H` on each side of the noiseless range (derived).
+    pub noise_headroom: u64,
+}
+
+/// Standard deviations of the summed noise the ring holds on each side.
+const NOISE_TAIL_SIGMAS: f64 = 14.0;
+
+/// `⌈14 √(n σ²)⌉`: the headroom for the noise of `n` participants.
+fn noise_headroom(participants: usize, variance: u64) -> u64 {
+    if variance == 0 {
+        return 0;
+    }
+    (NOISE_TAIL_SIGMAS * (participants as f64 * variance as f64).sqrt()).ceil() as u64
 }
 
 /// Bits needed to write `v` (at least 1).
@@ -112,7 +138,52 @@ impl EncodingParams {
             bits,
             max_weight,
             ring_bits,
+            noise_variance: 0,
+            noise_headroom: 0,
         })
+    }
+
+    /// The same parameters for `participants` inputs, each with discrete
+    /// Gaussian noise of variance `variance` (ring units²; 0: none) on
+    /// every value, the ring widened by the noise headroom.
+    ///
+    /// # Errors
+    /// [`ProtocolError::InvalidConfig`] for a variance above
+    /// [`MAX_VARIANCE`](crate::privacy::discrete_gaussian::MAX_VARIANCE);
+    /// [`ProtocolError::BitBudget`] when the sum and its headroom need more
+    /// than 32 bits.
+    pub fn with_noise(mut self, variance: u64, participants: usize) -> Result<Self, ProtocolError> {
+        use crate::privacy::discrete_gaussian::MAX_VARIANCE;
+        if variance > MAX_VARIANCE {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "noise variance {variance} above 2^60 ring units²"
+            )));
+        }
+        let headroom = noise_headroom(participants.max(1), variance);
+        let largest = participants.max(1) as u128
+            * u128::from(self.max_weight)
+            * u128::from(levels(self.bits))
+            + 2 * u128::from(headroom);
+        let ring_bits = bit_length(largest);
+        if ring_bits > MAX_RING_BITS {
+            return Err(ProtocolError::BitBudget(format!(
+                "{}-bit quantisation × weights up to {} × {participants} participants with \
+                 noise of standard deviation {:.0} ring units each needs {ring_bits} bits, \
+                 the ring has {MAX_RING_BITS}: lower --secagg-bits, the noise or the L2 bound",
+                self.bits,
+                self.max_weight,
+                (variance as f64).sqrt()
+            )));
+        }
+        self.noise_variance = variance;
+        self.noise_headroom = headroom;
+        self.ring_bits = if variance == 0 {
+            self.ring_bits
+        } else {
+            ring_bits.max(self.ring_bits)
+        };
+        self.validate()?;
+        Ok(self)
     }
 
     /// The same parameters with L2 norm bound `max_norm` (`None`: none).
@@ -162,9 +233,21 @@ impl EncodingParams {
         if self.max_weight == 0 {
             return bad("maximum weight 0".into());
         }
+        if (self.noise_variance == 0) != (self.noise_headroom == 0)
+            || self.noise_variance > crate::privacy::discrete_gaussian::MAX_VARIANCE
+            || (self.noise_variance > 0
+                && self.noise_headroom < noise_headroom(1, self.noise_variance))
+        {
+            return bad(format!(
+                "noise variance {} with headroom {}",
+                self.noise_variance, self.noise_headroom
+            ));
+        }
         if !(1..=MAX_RING_BITS).contains(&self.ring_bits)
-            || bit_length(u128::from(self.max_weight) * u128::from(levels(self.bits)))
-                > self.ring_bits
+            || bit_length(
+                u128::from(self.max_weight) * u128::from(levels(self.bits))
+                    + 2 * u128::from(self.noise_headroom),
+            ) > self.ring_bits
         {
             return bad(format!(
                 "ring of {} bits cannot hold one {}-bit input of weight {}",
@@ -269,6 +352,13 @@ pub fn encode(
         }
     }
     random.zeroize();
+    if params.noise_variance > 0 {
+        let noise = DiscreteGaussian::new(params.noise_variance)?;
+        let values = &mut out[..update.len()];
+        noise.add_to(rng, values);
+        let mask = params.ring_mask();
+        values.iter_mut().for_each(|v| *v &= mask);
+    }
     out[update.len()] = weight;
     Ok(out)
 }
@@ -317,8 +407,16 @@ pub fn decode(params: &EncodingParams, sum: &[u32]) -> Result<(Vec<f32>, u64), P
         ));
     }
     let top = levels(params.bits);
-    let limit = total * top;
-    if let Some(i) = values.iter().position(|&v| u64::from(v & mask) > limit) {
+    let limit = i64::try_from(total * top).unwrap_or(i64::MAX);
+    // Each sum as the integer in [-H, 2^m - H): noise may take it below 0.
+    let h = params.noise_headroom;
+    let signed =
+        |v: u32| -> i64 { (u64::from(v).wrapping_add(h) & u64::from(mask)) as i64 - h as i64 };
+    let slack = h as i64;
+    if let Some(i) = values
+        .iter()
+        .position(|&v| !(-slack..=limit.saturating_add(slack)).contains(&signed(v)))
+    {
         return Err(ProtocolError::Crypto(format!(
             "unmasked sum is inconsistent with total weight {total} at element {i} \
              (a wrong unmasking or a corrupted sum)"
@@ -328,7 +426,7 @@ pub fn decode(params: &EncodingParams, sum: &[u32]) -> Result<(Vec<f32>, u64), P
     let factor = 2.0 * c / (total as f64 * top as f64);
     let mean = values
         .iter()
-        .map(|&v| (f64::from(v & mask) * factor - c) as f32)
+        .map(|&v| (signed(v) as f64 * factor - c) as f32)
         .collect();
     Ok((mean, total))
 }

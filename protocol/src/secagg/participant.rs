@@ -576,8 +576,9 @@ impl Common {
         let digest = setup_digest(&setup);
         let graph = NeighbourGraph::from_order(setup.graph_order, degree)?;
         let e = setup.encoding;
-        let expected =
-            EncodingParams::new(e.clip, e.bits, e.max_weight, n)?.with_max_norm(e.max_norm)?;
+        let expected = EncodingParams::new(e.clip, e.bits, e.max_weight, n)?
+            .with_max_norm(e.max_norm)?
+            .with_noise(e.noise_variance, n)?;
         if expected != e {
             return Err(ProtocolError::InvalidConfig(format!(
                 "encoding {e:?} is inconsistent with {n} participants (expected {expected:?})"

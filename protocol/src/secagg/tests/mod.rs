@@ -2,6 +2,7 @@
 //! [`util::Harness`]: whole rounds with scripted dropouts (and a property
 //! test against an oracle), the privacy checks, and rejected messages.
 
+mod noise;
 mod rejects;
 mod robust;
 mod rounds;
