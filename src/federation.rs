@@ -243,7 +243,11 @@ impl FederationBuilder {
     /// Train a random `fraction` of the participants each round, at least
     /// `minimum` of them (every participant still evaluates).
     pub fn selection(mut self, fraction: f64, minimum: usize) -> Self {
-        self.selection = Selection { fraction, minimum };
+        self.selection = Selection {
+            fraction,
+            minimum,
+            poisson: false,
+        };
         self
     }
     /// Keep at most this many training samples per participant (faster tests).

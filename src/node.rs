@@ -649,6 +649,7 @@ mod tests {
             selection: Selection {
                 fraction: 1.0,
                 minimum: 2,
+                poisson: false,
             },
         }
     }

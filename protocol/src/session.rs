@@ -50,7 +50,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use rand::{RngExt, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -198,14 +198,20 @@ struct SessionModel {
 
 /// Participant selection: each round trains a fresh uniformly random
 /// cohort of `max(ceil(fraction * connected), minimum, min_participants)`
-/// connected participants (all of them when fewer are connected). Every
-/// connected participant with a test split evaluates, selected or not.
+/// connected participants (all of them when fewer are connected), or, with
+/// `poisson`, every connected participant independently with probability
+/// `fraction` (the sampling the DP accountant assumes; a round whose draw
+/// falls below `minimum` or the session's `min_participants` is abandoned,
+/// and the session goes on). Every connected participant with a test split evaluates,
+/// selected or not.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Selection {
     /// Fraction of the connected participants to train, in (0, 1].
     pub fraction: f64,
-    /// Smallest cohort to select.
+    /// Smallest cohort to select (with `poisson`: to run a round).
     pub minimum: usize,
+    /// Poisson sampling instead of a fixed-size cohort.
+    pub poisson: bool,
 }
 
 impl Default for Selection {
@@ -214,6 +220,7 @@ impl Default for Selection {
         Self {
             fraction: 1.0,
             minimum: 1,
+            poisson: false,
         }
     }
 }
@@ -1174,6 +1181,24 @@ impl CoordinatorSession {
             return;
         }
         let cohort = self.select(round);
+        let floor = self
+            .config
+            .min_participants
+            .max(self.config.selection.minimum)
+            .max(1);
+        if self.config.selection.poisson && cohort.len() < floor {
+            // A Poisson draw may fall short: that round trains nobody (the
+            // accountant still counts it), and the session goes on.
+            self.events.push_back(SessionEvent::RoundAbandoned {
+                round,
+                reason: format!(
+                    "Poisson selection drew {} participants, fewer than the {floor} a round needs",
+                    cohort.len()
+                ),
+            });
+            self.start_round(now, round + 1);
+            return;
+        }
         let max_weight = cohort
             .iter()
             .map(|id| self.peers[id].train_samples)
@@ -1253,11 +1278,19 @@ impl CoordinatorSession {
     }
 
     /// The cohort of `round`: a uniformly random subset of the connected
-    /// participants of the size [`Selection::cohort_size`] gives, ascending.
+    /// participants of the size [`Selection::cohort_size`] gives, or a
+    /// Poisson sample ([`Selection::poisson`]), ascending.
     /// Drawn from the session seed and the round, so a resumed session
     /// selects as the interrupted one would have with the same participants.
     fn select(&self, round: u32) -> Vec<ParticipantId> {
         let mut ids: Vec<ParticipantId> = self.peers.keys().copied().collect();
+        let selection = self.config.selection;
+        if selection.poisson && selection.fraction < 1.0 {
+            let mut rng =
+                StdRng::seed_from_u64(derive_seed(self.config.seed, round, ParticipantId::MAX));
+            ids.retain(|_| rng.random_bool(selection.fraction));
+            return ids;
+        }
         let size = self
             .config
             .selection

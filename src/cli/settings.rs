@@ -88,6 +88,7 @@ impl TrainingArgs {
             selection: greyfed_protocol::session::Selection {
                 fraction: self.cohort_fraction,
                 minimum: self.min_cohort,
+                poisson: false,
             },
         })
     }

@@ -157,6 +157,7 @@ fn selected_cohorts(seed: u64) -> (Harness, Vec<Vec<ParticipantId>>) {
     c.selection = Selection {
         fraction: 0.3,
         minimum: 1,
+        poisson: false,
     };
     let mut h = Harness::new(c, 10);
     h.drive(10_000);
@@ -188,8 +189,57 @@ fn selection_trains_a_random_fraction_and_everyone_evaluates() {
 }
 
 #[test]
+fn poisson_selection_draws_each_participant_independently() {
+    // 60 rounds of 10 participants at rate 0.3: cohort sizes vary, and each
+    // participant is picked about 30% of the time.
+    let mut c = config(10, 60);
+    c.seed = 5;
+    c.min_participants = 1;
+    c.selection = Selection {
+        fraction: 0.3,
+        minimum: 1,
+        poisson: true,
+    };
+    c.selection.minimum = 2;
+    let mut h = Harness::new(c, 10);
+    h.drive(100_000);
+    let cohorts: Vec<Vec<ParticipantId>> = h.completed().iter().map(|s| s.cohort.clone()).collect();
+    // Draws of fewer than 2 (probability 0.15 a round) are abandoned, and
+    // the session goes on to its last round.
+    let abandoned = h
+        .events
+        .iter()
+        .filter(|e| matches!(e, SessionEvent::RoundAbandoned { reason, .. } if reason.contains("Poisson")))
+        .count();
+    assert_eq!(cohorts.len() + abandoned, 60, "{abandoned} abandoned");
+    assert!(abandoned < 25, "{abandoned}");
+    assert!(
+        h.events
+            .iter()
+            .any(|e| matches!(e, SessionEvent::Finished { .. }))
+    );
+    assert!(cohorts.iter().all(|c| c.len() >= 2));
+    let sizes: std::collections::BTreeSet<usize> = cohorts.iter().map(Vec::len).collect();
+    assert!(sizes.len() >= 3, "fixed-looking sizes {sizes:?}");
+    for id in 0..10 {
+        let picked = cohorts.iter().filter(|c| c.contains(&id)).count();
+        // About Binomial(60, 0.3): mean 18, sd 3.5.
+        assert!(
+            (5..=31).contains(&picked),
+            "participant {id} picked {picked} times"
+        );
+    }
+    let total: usize = cohorts.iter().map(Vec::len).sum();
+    assert!((120..=220).contains(&total), "{total} picks");
+}
+
+#[test]
 fn cohort_size_respects_the_minimums_and_bad_fractions_are_refused() {
-    let s = |fraction, minimum| Selection { fraction, minimum };
+    let s = |fraction, minimum| Selection {
+        fraction,
+        minimum,
+        poisson: false,
+    };
     assert_eq!(s(0.25, 1).cohort_size(10, 1), 3);
     assert_eq!(s(0.1, 4).cohort_size(10, 1), 4);
     assert_eq!(s(0.1, 1).cohort_size(10, 6), 6, "min_participants");
