@@ -77,6 +77,7 @@ impl Federation {
             aggregation: AggregationKind::SecAgg { full: false },
             selection: Selection::default(),
             dropouts: BTreeMap::new(),
+            dp: None,
         }
     }
 }
@@ -109,6 +110,7 @@ pub struct FederationBuilder {
     aggregation: AggregationKind,
     selection: Selection,
     dropouts: BTreeMap<usize, DropoutPlan>,
+    dp: Option<(greyfed_coordinator::privacy::ParticipantDp, f32)>,
 }
 
 impl FederationBuilder {
@@ -250,6 +252,17 @@ impl FederationBuilder {
         };
         self
     }
+    /// Participant-level DP: every update scaled to L2 norm `clip`, noise
+    /// added in the secure sum as `dp` says, Poisson selection at the
+    /// [`selection`](Self::selection) fraction.
+    pub fn participant_dp(
+        mut self,
+        dp: greyfed_coordinator::privacy::ParticipantDp,
+        clip: f32,
+    ) -> Self {
+        self.dp = Some((dp, clip));
+        self
+    }
     /// Keep at most this many training samples per participant (faster tests).
     pub fn max_train_samples(mut self, n: usize) -> Self {
         self.max_train_samples = Some(n);
@@ -334,6 +347,10 @@ impl FederationBuilder {
         config.secagg.stage_timeout = self.round_timeout / 5;
         config.join_timeout = Some(self.join_timeout);
         config.seed = self.seed;
+        if let Some((dp, clip)) = self.dp {
+            config.dp = Some(dp);
+            config.secagg.max_norm = Some(clip);
+        }
         let key = self.image_key.clone().unwrap_or_else(ImageKey::generate);
         config.key_fingerprint = Some(if self.plain {
             String::new()

@@ -149,6 +149,57 @@ pub struct TrainingSettings {
     pub round_timeout: Duration,
     /// Which connected participants train each round.
     pub selection: Selection,
+    /// Participant-level differential privacy (`None`: off).
+    pub dp: Option<DpSettings>,
+}
+
+/// Participant-level DP as configured: noise for the secure sum, sized for
+/// a noise multiplier (given, or chosen for a target ε over the planned
+/// rounds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpSettings {
+    /// The noise multiplier, or the target ε to choose it for.
+    pub noise: greyfed_protocol::privacy::Noise,
+    /// L2 bound of every update (the sensitivity).
+    pub clip: f32,
+    /// δ of the reported (ε, δ).
+    pub delta: f64,
+    /// Fewest contributors the noise is sized for (`None`: the expected
+    /// cohort less the dropout bound, at least 2).
+    pub min_survivors: Option<usize>,
+}
+
+impl DpSettings {
+    /// The coordinator's DP settings for `participants` participants
+    /// selected at `fraction` over `rounds` rounds with `dropout_bound`.
+    ///
+    /// # Errors
+    /// A target ε no noise multiplier reaches, or settings out of range.
+    pub fn resolve(
+        &self,
+        participants: usize,
+        fraction: f64,
+        rounds: u32,
+        dropout_bound: f64,
+    ) -> Result<greyfed_coordinator::privacy::ParticipantDp> {
+        use greyfed_protocol::privacy::{Noise, noise_multiplier_for};
+        let expected = fraction * participants as f64;
+        let min_survivors = self
+            .min_survivors
+            .unwrap_or_else(|| ((expected * (1.0 - dropout_bound)).floor() as usize).max(2));
+        let noise_multiplier = match self.noise {
+            Noise::Multiplier(z) => z,
+            Noise::TargetEpsilon(eps) => {
+                noise_multiplier_for(eps, self.delta, fraction, u64::from(rounds))
+                    .context("--dp-target-epsilon")?
+            }
+        };
+        Ok(greyfed_coordinator::privacy::ParticipantDp {
+            noise_multiplier,
+            min_survivors,
+            delta: self.delta,
+        })
+    }
 }
 
 /// The coordinator's optional central evaluation: every round's model is
@@ -425,6 +476,21 @@ pub async fn run_coordinator(
     config.secagg.stage_timeout = training.stage_timeout;
     config.round_timeout = training.round_timeout;
     config.selection = training.selection;
+    if let Some(dp) = &training.dp {
+        let dp = dp.resolve(
+            settings.participants,
+            training.selection.fraction,
+            training.rounds,
+            training.dropout_bound,
+        )?;
+        info!(
+            noise_multiplier = dp.noise_multiplier,
+            min_survivors = dp.min_survivors,
+            delta = dp.delta,
+            "participant-level DP"
+        );
+        config.dp = Some(dp);
+    }
     config.join_timeout = settings.join_timeout;
     config.max_claimed_samples = settings.max_claimed_samples;
     config.seed = settings.seed;
@@ -651,6 +717,7 @@ mod tests {
                 minimum: 2,
                 poisson: false,
             },
+            dp: None,
         }
     }
 

@@ -219,6 +219,9 @@ mod tests {
             secs: 0.5,
             misbehaving: Default::default(),
             confusion: Some(vec![vec![10, 5], vec![0, 15]]),
+            dp_noise_multiplier: Some(1.2),
+            dp_epsilon: Some(0.75),
+            dp_epsilon_coordinator: Some(2.5),
         }
     }
 

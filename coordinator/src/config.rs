@@ -17,6 +17,7 @@ use crate::{
     central::CentralEvaluator,
     checkpoint::Checkpoint,
     events::EventSender,
+    privacy::{DpRecord, ParticipantDp},
     run_record::{RunRecord, SecAggRecord, SelectionRecord, TimeoutRecord},
     strategy::{StrategyConfig, StrategyFactory},
     tls::ServerTls,
@@ -109,6 +110,10 @@ pub struct CoordinatorConfig {
     pub central_evaluator: Option<Arc<dyn CentralEvaluator>>,
     /// Where to send progress events for a display (none by default).
     pub events: Option<EventSender>,
+    /// Participant-level differential privacy through the secure sum (off
+    /// by default). Needs `secagg.max_norm` and secure aggregation; turns on
+    /// Poisson selection at `selection.fraction` and weighs every update 1.
+    pub dp: Option<ParticipantDp>,
 }
 
 impl CoordinatorConfig {
@@ -146,6 +151,14 @@ impl CoordinatorConfig {
             key_fingerprint: self.key_fingerprint.clone(),
             cipher: None,
             central_evaluation: self.central_evaluator.is_some(),
+            dp: self.dp.map(|dp| {
+                DpRecord::new(
+                    &dp,
+                    self.selection.fraction,
+                    self.rounds,
+                    self.secagg.max_norm.unwrap_or(0.0),
+                )
+            }),
             resumed: self.resume.is_some(),
         }
     }
@@ -209,6 +222,7 @@ impl CoordinatorConfig {
             resume: None,
             central_evaluator: None,
             events: None,
+            dp: None,
         }
     }
 }

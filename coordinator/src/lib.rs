@@ -19,6 +19,8 @@
 //!   [`RunRecord`], written to `OUT/run.json` and kept in checkpoints.
 //! - [`strategy`]: FedAvg and friends.
 //! - [`metrics`]: `metrics.jsonl` records.
+//! - [`privacy`]: participant-level DP through the secure sum: settings,
+//!   the `run.json` record and the per-round ε ledger.
 //! - [`pki`]: the deployment CA, certificate issuance, fingerprints and the
 //!   identity a participant certificate carries.
 //! - [`tls`]: the QUIC server configuration (mutual TLS).
@@ -32,6 +34,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod pki;
+pub mod privacy;
 pub mod run_record;
 pub mod server;
 pub mod strategy;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CoordinatorError, Result};
 
 /// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     /// Round number, from 1.
     pub round: u32,
@@ -68,6 +68,18 @@ pub struct RoundRecord {
     /// with its owner's commitment; such shares are outvoted).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub misbehaving: BTreeMap<String, String>,
+    /// Participant-level DP: the noise multiplier this round's sum carried
+    /// (the planned one scaled by `√(survivors / min_survivors)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_noise_multiplier: Option<f64>,
+    /// Participant-level DP: cumulative ε after this round against whoever
+    /// sees only the models (sampling at the selection rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_epsilon: Option<f64>,
+    /// Participant-level DP: cumulative ε after this round against the
+    /// coordinator, which knows the cohorts (no amplification by sampling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_epsilon_coordinator: Option<f64>,
 }
 
 /// Appends [`RoundRecord`]s to a file, flushing each line.

@@ -97,6 +97,9 @@ pub struct RunRecord {
     /// Whether the run continued an interrupted one from its checkpoint.
     #[serde(default)]
     pub resumed: bool,
+    /// Participant-level DP: the accountant's inputs (`None`: no DP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<crate::privacy::DpRecord>,
 }
 
 /// How the participants' images were encrypted, as the session admitted
@@ -124,6 +127,9 @@ pub struct SelectionRecord {
     pub fraction: f64,
     /// Smallest cohort.
     pub minimum: usize,
+    /// Each participant selected independently (participant-level DP).
+    #[serde(default)]
+    pub poisson: bool,
 }
 
 impl From<Selection> for SelectionRecord {
@@ -131,6 +137,7 @@ impl From<Selection> for SelectionRecord {
         Self {
             fraction: s.fraction,
             minimum: s.minimum,
+            poisson: s.poisson,
         }
     }
 }
@@ -298,6 +305,7 @@ pub(crate) mod tests {
             selection: SelectionRecord {
                 fraction: 0.5,
                 minimum: 2,
+                poisson: true,
             },
             secagg: SecAggRecord {
                 clip: 1.0,
@@ -319,6 +327,15 @@ pub(crate) mod tests {
             })),
             central_evaluation: false,
             resumed: true,
+            dp: Some(crate::privacy::DpRecord {
+                guarantee: "participant".into(),
+                noise_multiplier: 1.1,
+                sampling_rate: 0.5,
+                steps: 4,
+                delta: 1e-5,
+                clip: 3.0,
+                min_survivors: 2,
+            }),
         }
     }
 

@@ -46,6 +46,7 @@ use crate::{
     error::{CoordinatorError, Result},
     events::{CoordinatorEvent, EventSender},
     metrics::{MetricsWriter, RoundRecord},
+    privacy::DpLedger,
     run_record::{ImageCipher, RunRecord},
     strategy::Strategy,
     tls,
@@ -76,14 +77,24 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Validates the configuration, loads the certificate and binds the
-    /// QUIC endpoint.
-    pub fn bind(config: CoordinatorConfig) -> Result<Self> {
+    /// QUIC endpoint. With participant-level DP it also turns on the
+    /// participants' noise and Poisson selection (at least 2 a round).
+    pub fn bind(mut config: CoordinatorConfig) -> Result<Self> {
         if config.rounds == 0 || config.participants == 0 {
             return Err(CoordinatorError::Config(
                 "rounds and participants must be at least 1".into(),
             ));
         }
         check_config(&config)?;
+        if let Some(dp) = config.dp {
+            dp.check(
+                config.secagg.max_norm,
+                matches!(config.aggregation, AggregationKind::SecAgg { .. }),
+            )?;
+            config.secagg.noise = Some(dp.noise());
+            config.selection.poisson = true;
+            config.selection.minimum = config.selection.minimum.max(2);
+        }
         if let InitialModel::Fixed { weights, .. } = &config.initial {
             weights.validate()?;
         }
@@ -159,6 +170,9 @@ impl Coordinator {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
         let Coordinator { endpoint, config } = self;
         let started = Instant::now();
+        let dp_ledger = config
+            .dp
+            .map(|dp| DpLedger::new(dp, config.selection.fraction));
         // From the OS: the session id separates this session's secure
         // aggregation keys from any other's, so nobody may predict it (the
         // run seed is a setting others can read).
@@ -243,6 +257,7 @@ impl Coordinator {
             events: config.events.clone(),
             last_progress: None,
             links,
+            dp: dp_ledger,
         };
         driver.report_progress();
         let outcome = driver.run(inbound_rx, shutdown).await;
@@ -298,6 +313,8 @@ struct Driver {
     max_frame: usize,
     /// Where progress events go, if anywhere.
     events: Option<EventSender>,
+    /// Participant-level DP: ε so far (`None`: no DP).
+    dp: Option<DpLedger>,
     /// The progress last sent (only changes are sent).
     last_progress: Option<SessionProgress>,
     /// Admission, upload limits and queue bounds of connections.
@@ -667,6 +684,10 @@ impl Driver {
         }
         let (up, down) = self.round_bytes.remove(&s.round).unwrap_or_default();
         let start = self.round_start.remove(&s.round).unwrap_or(now);
+        let dp = match &mut self.dp {
+            Some(ledger) => Some(ledger.round(&self.records, s.contributors.len())?),
+            None => None,
+        };
         let record = RoundRecord {
             round: s.round,
             accuracy: s.eval.as_ref().map(|e| e.accuracy),
@@ -691,6 +712,9 @@ impl Driver {
             bytes_up: up,
             bytes_down: down,
             secs: now.duration_since(start).as_secs_f64(),
+            dp_noise_multiplier: dp.map(|d| d.noise_multiplier),
+            dp_epsilon: dp.map(|d| d.epsilon),
+            dp_epsilon_coordinator: dp.map(|d| d.epsilon_coordinator),
         };
         info!(
             round = record.round,

@@ -908,6 +908,32 @@ pub struct TrainingArgs {
     /// Smallest number of participants to train each round.
     #[arg(long, default_value_t = 2)]
     pub min_cohort: usize,
+    /// Differential privacy: `participant` (each participant adds discrete
+    /// Gaussian noise to its update inside secure aggregation; the cohort
+    /// is drawn by Poisson sampling at --cohort-fraction). `record`
+    /// (DP-SGD) is not built yet. See docs/privacy.md.
+    #[arg(long, value_enum, requires = "dp_clip")]
+    pub dp: Option<DpLevel>,
+    /// DP: noise standard deviation of each round's sum over its L2
+    /// sensitivity (with --dp-min-survivors contributors).
+    #[arg(long, requires = "dp", conflicts_with = "dp_target_epsilon")]
+    pub dp_noise_multiplier: Option<f64>,
+    /// DP: choose the smallest noise multiplier that keeps all --rounds
+    /// within this ε (the session then reports ε per round and stays
+    /// within it if every round has at least --dp-min-survivors).
+    #[arg(long, requires = "dp")]
+    pub dp_target_epsilon: Option<f64>,
+    /// DP: the L2 bound every update is scaled to (the sensitivity; sets
+    /// --max-update-norm).
+    #[arg(long, value_name = "NORM", requires = "dp")]
+    pub dp_clip: Option<f32>,
+    /// DP: δ of the reported (ε, δ).
+    #[arg(long, default_value_t = 1e-5)]
+    pub dp_delta: f64,
+    /// DP: fewest contributors the noise is sized for (default: the
+    /// expected cohort less the --dropout-bound fraction, at least 2).
+    #[arg(long, requires = "dp")]
+    pub dp_min_survivors: Option<usize>,
 }
 
 impl TrainingArgs {
@@ -950,6 +976,22 @@ impl TrainingArgs {
         push("round-timeout", self.round_timeout.to_string());
         push("cohort-fraction", self.cohort_fraction.to_string());
         push("min-cohort", self.min_cohort.to_string());
+        if let Some(dp) = self.dp {
+            push("dp", value_name(dp));
+        }
+        if let Some(z) = self.dp_noise_multiplier {
+            push("dp-noise-multiplier", z.to_string());
+        }
+        if let Some(eps) = self.dp_target_epsilon {
+            push("dp-target-epsilon", eps.to_string());
+        }
+        if let Some(clip) = self.dp_clip {
+            push("dp-clip", clip.to_string());
+        }
+        push("dp-delta", self.dp_delta.to_string());
+        if let Some(m) = self.dp_min_survivors {
+            push("dp-min-survivors", m.to_string());
+        }
         a
     }
 }

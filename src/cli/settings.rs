@@ -80,7 +80,7 @@ impl TrainingArgs {
                 AggregationArg::Plain => AggregationKind::Plain,
             },
             secagg_clip: self.secagg_clip,
-            max_update_norm: self.max_update_norm,
+            max_update_norm: self.dp_clip.or(self.max_update_norm),
             secagg_bits: self.secagg_bits,
             dropout_bound: self.dropout_bound,
             stage_timeout: Duration::from_secs(self.stage_timeout),
@@ -88,9 +88,38 @@ impl TrainingArgs {
             selection: greyfed_protocol::session::Selection {
                 fraction: self.cohort_fraction,
                 minimum: self.min_cohort,
-                poisson: false,
+                poisson: self.dp.is_some(),
             },
+            dp: self.dp_settings()?,
         })
+    }
+
+    /// The DP settings of `--dp` and its flags.
+    fn dp_settings(&self) -> anyhow::Result<Option<crate::node::DpSettings>> {
+        use greyfed_protocol::privacy::Noise;
+        let Some(level) = self.dp else {
+            return Ok(None);
+        };
+        if level == DpLevel::Record {
+            anyhow::bail!(
+                "--dp record (DP-SGD inside local training) is not built yet; \
+                 --dp participant adds the noise to the secure sum (docs/privacy.md)"
+            );
+        }
+        let noise = match (self.dp_noise_multiplier, self.dp_target_epsilon) {
+            (Some(z), None) => Noise::Multiplier(z),
+            (None, Some(eps)) => Noise::TargetEpsilon(eps),
+            _ => anyhow::bail!("--dp needs --dp-noise-multiplier or --dp-target-epsilon"),
+        };
+        let clip = self
+            .dp_clip
+            .ok_or_else(|| anyhow::anyhow!("--dp needs --dp-clip (the L2 bound of updates)"))?;
+        Ok(Some(crate::node::DpSettings {
+            noise,
+            clip,
+            delta: self.dp_delta,
+            min_survivors: self.dp_min_survivors,
+        }))
     }
 }
 

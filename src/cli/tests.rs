@@ -59,6 +59,16 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
         "0.4",
         "--min-cohort",
         "3",
+        "--dp",
+        "participant",
+        "--dp-noise-multiplier",
+        "1.25",
+        "--dp-clip",
+        "0.5",
+        "--dp-delta",
+        "1e-6",
+        "--dp-min-survivors",
+        "5",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -66,6 +76,62 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
     let custom = parse(&custom);
     assert_ne!(custom, defaults);
     assert_eq!(parse(&custom.to_args()), custom);
+}
+
+#[test]
+fn dp_flags_become_typed_settings_and_record_level_is_refused_plainly() {
+    use greyfed_protocol::privacy::Noise;
+    let training = |extra: &[&str]| {
+        let mut argv = vec!["greyfed", "simulate"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Simulate(s)) => Ok(s.training),
+            Ok(other) => panic!("parsed {other:?}"),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let t = training(&[
+        "--dp",
+        "participant",
+        "--dp-target-epsilon",
+        "3",
+        "--dp-clip",
+        "0.7",
+    ])
+    .unwrap();
+    let settings = t.settings().unwrap();
+    let dp = settings.dp.expect("dp settings");
+    assert_eq!(dp.noise, Noise::TargetEpsilon(3.0));
+    assert_eq!(dp.clip, 0.7);
+    assert_eq!(
+        settings.max_update_norm,
+        Some(0.7),
+        "--dp-clip is the L2 bound"
+    );
+    assert!(settings.selection.poisson);
+    // Without --dp, none of it.
+    let plain = training(&[]).unwrap().settings().unwrap();
+    assert!(plain.dp.is_none() && !plain.selection.poisson);
+    // --dp needs --dp-clip; the DP flags need --dp.
+    assert!(training(&["--dp", "participant", "--dp-noise-multiplier", "1"]).is_err());
+    assert!(training(&["--dp-noise-multiplier", "1"]).is_err());
+    let record = training(&[
+        "--dp",
+        "record",
+        "--dp-noise-multiplier",
+        "1",
+        "--dp-clip",
+        "1",
+    ])
+    .unwrap();
+    let err = record.settings().unwrap_err().to_string();
+    assert!(err.contains("not built yet"), "{err}");
+    let neither = training(&["--dp", "participant", "--dp-clip", "1"]).unwrap();
+    let err = neither.settings().unwrap_err().to_string();
+    assert!(
+        err.contains("--dp-noise-multiplier or --dp-target-epsilon"),
+        "{err}"
+    );
 }
 
 #[test]

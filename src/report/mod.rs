@@ -288,6 +288,7 @@ mod tests {
                 .collect(),
             misbehaving: Default::default(),
             confusion: None,
+            ..RoundRecord::default()
         }
     }
 

@@ -1,0 +1,264 @@
+//! Participant-level differential privacy through the secure sum: the
+//! settings, what `run.json` records of them, and the ledger that turns
+//! each completed round's noise into the cumulative ε of `metrics.jsonl`.
+//!
+//! Every participant adds discrete Gaussian noise to its encoded update
+//! ([`greyfed_protocol::privacy::distributed`]), sized so that a sum over
+//! `min_survivors` carries noise multiplier `noise_multiplier`; a round
+//! with `s` survivors carries `noise_multiplier · √(s / min_survivors)`.
+//! Two figures per round (docs/privacy.md):
+//! - `dp_epsilon`: against whoever sees only the models (the final model's
+//!   users, other participants): the Poisson-subsampled Gaussian at the
+//!   selection's rate, composed over the completed rounds;
+//! - `dp_epsilon_coordinator`: against the coordinator, which knows who
+//!   was selected, so sampling does not amplify: the same with rate 1.
+
+use greyfed_protocol::privacy::{DistributedNoise, RdpAccountant, SampledGaussian};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoordinatorError, Result};
+use crate::metrics::RoundRecord;
+
+/// Participant-level DP settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParticipantDp {
+    /// Noise standard deviation of each round's sum over its L2
+    /// sensitivity, with `min_survivors` contributors.
+    pub noise_multiplier: f64,
+    /// Fewest contributors the noise is sized for.
+    pub min_survivors: usize,
+    /// δ of the reported (ε, δ).
+    pub delta: f64,
+}
+
+impl ParticipantDp {
+    /// The participants' noise for the secure sum.
+    pub fn noise(&self) -> DistributedNoise {
+        DistributedNoise {
+            noise_multiplier: self.noise_multiplier,
+            min_survivors: self.min_survivors,
+        }
+    }
+
+    /// Checks the settings against the run: a multiplier and δ in range,
+    /// an L2 bound, secure aggregation.
+    ///
+    /// # Errors
+    /// [`CoordinatorError::Config`] naming what is missing or out of range.
+    pub fn check(&self, max_norm: Option<f32>, secure: bool) -> Result<()> {
+        self.noise()
+            .check()
+            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(CoordinatorError::Config(format!(
+                "DP delta {} (must be in (0, 1))",
+                self.delta
+            )));
+        }
+        if max_norm.is_none() {
+            return Err(CoordinatorError::Config(
+                "participant-level DP needs an L2 bound on updates (--dp-clip)".into(),
+            ));
+        }
+        if !secure {
+            return Err(CoordinatorError::Config(
+                "participant-level DP adds its noise inside secure aggregation: \
+                 --aggregation plain cannot carry it"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What `run.json` records of the DP settings: the accountant's inputs,
+/// under the names other accountants use, so anyone can recompute ε.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpRecord {
+    /// `participant`: one participant's update replaced by zeros.
+    pub guarantee: String,
+    /// Planned noise multiplier of each round's sum (with `min_survivors`).
+    pub noise_multiplier: f64,
+    /// Probability that a participant is selected in a round (Poisson).
+    pub sampling_rate: f64,
+    /// Rounds planned (one application of the mechanism each).
+    pub steps: u64,
+    /// δ of the reported ε.
+    pub delta: f64,
+    /// L2 bound of each update.
+    pub clip: f32,
+    /// Fewest contributors the noise is sized for.
+    pub min_survivors: usize,
+}
+
+impl DpRecord {
+    /// The record of `dp` for a run of `rounds` rounds selecting at
+    /// `sampling_rate` with L2 bound `clip`.
+    pub fn new(dp: &ParticipantDp, sampling_rate: f64, rounds: u32, clip: f32) -> Self {
+        Self {
+            guarantee: "participant".into(),
+            noise_multiplier: dp.noise_multiplier,
+            sampling_rate,
+            steps: u64::from(rounds),
+            delta: dp.delta,
+            clip,
+            min_survivors: dp.min_survivors,
+        }
+    }
+}
+
+/// Cumulative ε over the completed rounds, both ways.
+#[derive(Clone, Debug)]
+pub struct DpLedger {
+    dp: ParticipantDp,
+    sampling_rate: f64,
+    models: RdpAccountant,
+    coordinator: RdpAccountant,
+    composed: usize,
+}
+
+/// One round's DP figures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpRound {
+    /// The noise multiplier the round's sum carried.
+    pub noise_multiplier: f64,
+    /// Cumulative ε against whoever sees only the models.
+    pub epsilon: f64,
+    /// Cumulative ε against the coordinator.
+    pub epsilon_coordinator: f64,
+}
+
+impl DpLedger {
+    /// A ledger with nothing spent.
+    pub fn new(dp: ParticipantDp, sampling_rate: f64) -> Self {
+        Self {
+            dp,
+            sampling_rate,
+            models: RdpAccountant::new(),
+            coordinator: RdpAccountant::new(),
+            composed: 0,
+        }
+    }
+
+    /// The noise multiplier of a round with `survivors` contributors.
+    pub fn multiplier_with(&self, survivors: usize) -> f64 {
+        self.dp.noise_multiplier * (survivors as f64 / self.dp.min_survivors as f64).sqrt()
+    }
+
+    /// Adds the rounds of `earlier` not yet counted (a resumed run's
+    /// records), then a round with `survivors` contributors; returns its
+    /// figures.
+    ///
+    /// # Errors
+    /// A round without survivors, or a multiplier the accountant refuses.
+    pub fn round(&mut self, earlier: &[RoundRecord], survivors: usize) -> Result<DpRound> {
+        for r in &earlier[self.composed.min(earlier.len())..] {
+            let z = r
+                .dp_noise_multiplier
+                .unwrap_or_else(|| self.multiplier_with(r.survivors));
+            self.compose(z)?;
+        }
+        let z = self.multiplier_with(survivors);
+        self.compose(z)?;
+        let eps = |a: &RdpAccountant| {
+            a.epsilon(self.dp.delta)
+                .map(|e| e.epsilon)
+                .map_err(|e| CoordinatorError::Config(e.to_string()))
+        };
+        Ok(DpRound {
+            noise_multiplier: z,
+            epsilon: eps(&self.models)?,
+            epsilon_coordinator: eps(&self.coordinator)?,
+        })
+    }
+
+    fn compose(&mut self, noise_multiplier: f64) -> Result<()> {
+        let err = |e: greyfed_protocol::ProtocolError| CoordinatorError::Config(e.to_string());
+        let at = |sampling_rate| SampledGaussian {
+            noise_multiplier,
+            sampling_rate,
+        };
+        self.models
+            .compose(at(self.sampling_rate), 1)
+            .map_err(err)?;
+        self.coordinator.compose(at(1.0), 1).map_err(err)?;
+        self.composed += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use greyfed_protocol::privacy::epsilon_after;
+
+    fn dp() -> ParticipantDp {
+        ParticipantDp {
+            noise_multiplier: 1.0,
+            min_survivors: 8,
+            delta: 1e-5,
+        }
+    }
+
+    #[test]
+    fn the_ledger_matches_the_accountant_and_counts_fewer_survivors_as_less_noise() {
+        let mut ledger = DpLedger::new(dp(), 0.1);
+        let mut last = None;
+        for round in 1..=5u64 {
+            last = Some(ledger.round(&[], 8).unwrap());
+            let expected = epsilon_after(
+                SampledGaussian {
+                    noise_multiplier: 1.0,
+                    sampling_rate: 0.1,
+                },
+                round,
+                1e-5,
+            )
+            .unwrap();
+            assert!((last.unwrap().epsilon - expected).abs() < 1e-12);
+        }
+        let last = last.unwrap();
+        assert!(
+            last.epsilon_coordinator > last.epsilon,
+            "no amplification against the coordinator"
+        );
+        // A round with 2 survivors instead of 8 carries half the multiplier.
+        let mut short = DpLedger::new(dp(), 0.1);
+        let r = short.round(&[], 2).unwrap();
+        assert!((r.noise_multiplier - 0.5).abs() < 1e-12);
+        let mut full = DpLedger::new(dp(), 0.1);
+        assert!(r.epsilon > full.round(&[], 8).unwrap().epsilon);
+    }
+
+    #[test]
+    fn a_resumed_ledger_counts_the_earlier_rounds_once() {
+        let mut straight = DpLedger::new(dp(), 0.2);
+        let mut records = Vec::new();
+        for _ in 0..3 {
+            let r = straight.round(&records, 8).unwrap();
+            records.push(RoundRecord {
+                dp_noise_multiplier: Some(r.noise_multiplier),
+                survivors: 8,
+                ..RoundRecord::default()
+            });
+        }
+        let fourth = straight.round(&records, 8).unwrap();
+        let mut resumed = DpLedger::new(dp(), 0.2);
+        assert_eq!(resumed.round(&records, 8).unwrap(), fourth);
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_with_the_cause() {
+        let err = |d: ParticipantDp, norm, secure| d.check(norm, secure).unwrap_err().to_string();
+        assert!(err(dp(), None, true).contains("--dp-clip"));
+        assert!(err(dp(), Some(1.0), false).contains("plain"));
+        let bad_delta = ParticipantDp { delta: 0.0, ..dp() };
+        assert!(err(bad_delta, Some(1.0), true).contains("delta"));
+        let bad_z = ParticipantDp {
+            noise_multiplier: -1.0,
+            ..dp()
+        };
+        assert!(err(bad_z, Some(1.0), true).contains("multiplier"));
+        dp().check(Some(1.0), true).unwrap();
+    }
+}
