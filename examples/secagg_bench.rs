@@ -171,6 +171,7 @@ fn main() -> Result<()> {
         min_cohort: 2,
         max_dropout_fraction: config.dropout_fraction,
         corrupt_fraction: config.corrupt_fraction,
+        min_noise_multiplier: None,
     };
     let (auths, verifier): (Vec<SecAggAuth>, Arc<dyn PeerVerifier>) = if args.no_auth {
         let none = Arc::new(NoAuth);

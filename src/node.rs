@@ -297,6 +297,9 @@ pub struct ParticipantSettings {
     pub data: DataSettings,
     /// Smallest secure-aggregation cohort this participant joins.
     pub min_cohort: usize,
+    /// Smallest DP noise multiplier this participant accepts in an update
+    /// sum (`None`: no floor).
+    pub dp_min_noise_multiplier: Option<f64>,
     /// The peer allow list (allow-list format): the only certificates
     /// accepted as secure-aggregation neighbours. `None`: any of the CA's.
     pub peers: Option<PathBuf>,
@@ -654,6 +657,12 @@ pub async fn run_participant(
     config.reconnect_for = settings.reconnect_for;
     config.save_model = settings.save_model.clone();
     config.secagg_policy.min_cohort = settings.min_cohort;
+    if let Some(z) = settings.dp_min_noise_multiplier {
+        if !(z.is_finite() && z > 0.0) {
+            bail!("--dp-min-noise-multiplier {z} must be positive and finite");
+        }
+        config.secagg_policy.min_noise_multiplier = Some(z);
+    }
     if let Some(path) = &settings.peers {
         let list = greyfed_coordinator::auth::AllowList::read_file(path)?;
         config.peer_allow_list = Some(

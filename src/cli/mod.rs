@@ -1257,6 +1257,12 @@ pub struct ParticipantArgs {
     /// (with two, each reads the other's update from the next model).
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub min_cohort: usize,
+    /// Differential privacy floor: refuse a round whose DP noise gives a
+    /// noise multiplier below Z from the honest survivors this participant
+    /// counts on, or that adds no noise at all (docs/privacy.md). Without
+    /// it a coordinator that deviates can switch the noise off.
+    #[arg(long, value_name = "Z")]
+    pub dp_min_noise_multiplier: Option<f64>,
     /// Accept as secure-aggregation neighbours only the certificates listed
     /// in FILE (the coordinator's allow-list format: `identity sha256:…`
     /// per line), distributed out of band. Without it any participant

@@ -246,6 +246,7 @@ impl ParticipantArgs {
             reconnect_for: std::time::Duration::from_secs(self.reconnect_for),
             save_model: self.model_path(),
             min_cohort: self.min_cohort,
+            dp_min_noise_multiplier: self.dp_min_noise_multiplier,
             peers: self.peers.clone(),
             data: self.data.settings()?,
         })

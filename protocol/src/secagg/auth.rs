@@ -40,7 +40,9 @@ use sha2::{Digest, Sha256};
 use crate::{
     error::ProtocolError,
     message::{ParticipantId, SumKind},
+    privacy::DistributedNoise,
     secagg::{
+        encode::EncodingParams,
         graph::{graph_params, threshold_for},
         message::RoundSetup,
         prg::PrgKind,
@@ -141,6 +143,11 @@ pub struct SecAggPolicy {
     pub max_dropout_fraction: f64,
     /// Bound on the fraction of corrupt participants (`γ`).
     pub corrupt_fraction: f64,
+    /// Participant-level DP floor: refuse an update sum whose noise, from
+    /// the honest survivors this participant counts on (`n · (1 − δ − γ)`),
+    /// gives a noise multiplier below this, or that weighs updates other
+    /// than 1 (`None`: no floor; a coordinator may then run without noise).
+    pub min_noise_multiplier: Option<f64>,
 }
 
 impl Default for SecAggPolicy {
@@ -152,6 +159,7 @@ impl Default for SecAggPolicy {
             min_cohort: 3,
             max_dropout_fraction: 0.3,
             corrupt_fraction: 0.1,
+            min_noise_multiplier: None,
         }
     }
 }
@@ -184,6 +192,46 @@ impl SecAggPolicy {
                 "the round's threshold t = {threshold} is below the t = {needed} this \
                  participant computes for k = {degree} of {n} participants (dropout up to \
                  {delta}, corrupt fraction {gamma})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the DP noise of an update sum over `n` participants of `d`
+    /// values against [`min_noise_multiplier`](Self::min_noise_multiplier).
+    ///
+    /// # Errors
+    /// [`ProtocolError::InvalidConfig`] saying what falls short.
+    pub fn check_noise(
+        &self,
+        encoding: &EncodingParams,
+        n: usize,
+        d: usize,
+    ) -> Result<(), ProtocolError> {
+        let Some(floor) = self.min_noise_multiplier else {
+            return Ok(());
+        };
+        if encoding.noise_variance == 0 {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "the round adds no DP noise; this participant requires a noise multiplier \
+                 of at least {floor}"
+            )));
+        }
+        if encoding.max_weight != 1 {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "the round weighs updates up to {} (DP needs weight 1: a larger weight \
+                 multiplies the sensitivity)",
+                encoding.max_weight
+            )));
+        }
+        let honest = (n as f64 * (1.0 - self.max_dropout_fraction - self.corrupt_fraction))
+            .floor()
+            .max(1.0) as usize;
+        let z = DistributedNoise::effective_multiplier(encoding, d, honest)?;
+        if z < floor {
+            return Err(ProtocolError::InvalidConfig(format!(
+                "the round's DP noise gives a noise multiplier of {z:.3} from the {honest} \
+                 honest survivors this participant counts on, below its floor of {floor}"
             )));
         }
         Ok(())

@@ -53,7 +53,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     error::ProtocolError,
-    message::{AggregationPayload, Message, ParticipantId},
+    message::{AggregationPayload, Message, ParticipantId, SumKind},
     secagg::{
         auth::{
             SecAggAuth, Signature, keys_statement, self_mask_commitment, setup_digest,
@@ -596,6 +596,9 @@ impl Common {
             return Err(ProtocolError::InvalidConfig(format!(
                 "the round expects {num_elements} elements, our model has {d} parameters + 1"
             )));
+        }
+        if self.ctx.sum == SumKind::Update {
+            self.auth.policy.check_noise(&e, n, num_elements - 1)?;
         }
         Ok(Params {
             prg: setup.prg,

@@ -348,6 +348,7 @@ pub fn auth(id: ParticipantId) -> crate::secagg::auth::SecAggAuth {
         min_cohort: 2,
         max_dropout_fraction: 0.9,
         corrupt_fraction: 0.0,
+        min_noise_multiplier: None,
     };
     CA.get_or_init(crate::secagg::testing::TestCa::new)
         .auth(&format!("p{id}"), policy)

@@ -85,3 +85,55 @@ fn a_noisy_round_without_a_norm_bound_is_refused_before_it_starts() {
     let err = h.begin_round(1).unwrap_err().to_string();
     assert!(err.contains("L2 norm bound"), "{err}");
 }
+
+/// A 12-participant DP round whose participants demand noise multiplier
+/// `floor` (counting on `12 · (1 − 0.3 − 0.1) = 7` honest survivors).
+fn with_floor(noise: Option<DistributedNoise>, floor: f64) -> Harness {
+    let cfg = SecAggConfig {
+        clip: 0.5,
+        max_norm: Some(1.0),
+        bits: 16,
+        noise,
+        ..config(false)
+    };
+    let mut h = Harness::new(cfg, 12, 50, 3);
+    for auth in h.auths.values_mut() {
+        auth.policy.max_dropout_fraction = 0.3;
+        auth.policy.corrupt_fraction = 0.1;
+        auth.policy.min_noise_multiplier = Some(floor);
+    }
+    h
+}
+
+#[test]
+fn participants_refuse_a_round_whose_noise_is_below_their_floor() {
+    let noise = DistributedNoise {
+        noise_multiplier: 1.0,
+        min_survivors: 8,
+    };
+    // From 7 honest survivors the noise gives sqrt(7/8) = 0.935.
+    let mut ok = with_floor(Some(noise), 0.9);
+    let r = ok.run_round(1).unwrap();
+    assert_eq!(r.contributors.len(), 12);
+    assert!(
+        ok.participant_errors.is_empty(),
+        "{:?}",
+        ok.participant_errors
+    );
+
+    let mut strict = with_floor(Some(noise), 1.0);
+    assert!(strict.run_round(1).is_err(), "nobody should have joined");
+    assert_eq!(strict.participant_errors.len(), 12);
+    for (_, e) in &strict.participant_errors {
+        let e = e.to_string();
+        assert!(e.contains("below its floor of 1"), "{e}");
+    }
+
+    // A coordinator that switches the noise off.
+    let mut none = with_floor(None, 0.5);
+    assert!(none.run_round(1).is_err());
+    assert!(!none.participant_errors.is_empty());
+    for (_, e) in &none.participant_errors {
+        assert!(e.to_string().contains("adds no DP noise"), "{e}");
+    }
+}

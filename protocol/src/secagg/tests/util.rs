@@ -124,6 +124,7 @@ pub fn policy(config: &SecAggConfig) -> SecAggPolicy {
         min_cohort: 2,
         max_dropout_fraction: config.dropout_fraction,
         corrupt_fraction: config.corrupt_fraction,
+        min_noise_multiplier: None,
     }
 }
 
