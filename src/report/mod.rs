@@ -7,7 +7,8 @@
 //! (`keys/ca/image.key` of a simulation, or `--key-file`). Writes into
 //! `RUN_DIR/report/` (or `--out`):
 //!
-//! - `accuracy.png`, `loss.png`, `bytes.png`, `stages.png`, `survivors.png`:
+//! - `accuracy.png`, `loss.png`, `bytes.png`, `stages.png`, `survivors.png`
+//!   (and `privacy.png`, cumulative ε per round, for a run with DP):
 //!   per-round plots (plotters, bitmap backend, text in an embedded subset of
 //!   DejaVu Sans so that no system font is needed);
 //! - `samples.png`: test images and their encryption under the run's cipher,
@@ -190,7 +191,7 @@ pub fn write_report(run_dir: &Path, options: &ReportOptions) -> Result<ReportFil
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
     let mut figures = Vec::new();
-    for (id, title, caption, draw) in plots() {
+    for (id, title, caption, draw) in plots(&rounds) {
         let png = draw(&rounds).with_context(|| format!("drawing the {id} plot"))?;
         figures.push(Figure {
             id,
@@ -384,5 +385,31 @@ mod tests {
         ] {
             assert_eq!(base64(plain.as_bytes()), coded);
         }
+    }
+
+    #[test]
+    fn a_dp_run_gets_a_privacy_plot_after_accuracy_and_others_do_not() {
+        let plain: Vec<RoundRecord> = (1..=3).map(record).collect();
+        let ids =
+            |rounds: &[RoundRecord]| plots::plots(rounds).iter().map(|p| p.0).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&plain),
+            ["accuracy", "loss", "bytes", "stages", "survivors"]
+        );
+        let dp: Vec<RoundRecord> = (1..=3)
+            .map(|r| RoundRecord {
+                dp_epsilon: Some(0.5 * f64::from(r)),
+                dp_epsilon_coordinator: Some(1.5 * f64::from(r)),
+                dp_noise_multiplier: Some(1.0),
+                ..record(r)
+            })
+            .collect();
+        let plots = plots::plots(&dp);
+        assert_eq!(plots[1].0, "privacy");
+        assert_eq!(plots.len(), 6);
+        let png = (plots[1].3)(&dp).unwrap();
+        let decoder = png::Decoder::new(std::io::Cursor::new(png));
+        let info = decoder.read_info().unwrap().info().clone();
+        assert_eq!((info.width, info.height), (960, 480));
     }
 }

@@ -18,15 +18,19 @@ static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.
 
 type DrawFn = fn(&[RoundRecord]) -> Result<Vec<u8>>;
 
-/// The per-round plots: id, title, caption, how to draw.
-pub(super) fn plots() -> [(&'static str, &'static str, &'static str, DrawFn); 5] {
-    [
+/// A plot: id, title, caption, how to draw.
+pub(super) type Plot = (&'static str, &'static str, &'static str, DrawFn);
+
+/// The per-round plots of `rounds`: always accuracy, loss, bytes, stages
+/// and survivors; the privacy plot after accuracy when the run used DP.
+pub(super) fn plots(rounds: &[RoundRecord]) -> Vec<Plot> {
+    let mut plots = vec![
         (
             "accuracy",
             "Accuracy per round",
             "Accuracy of each round's global model on the participants' test splits together \
              (and on the coordinator's test set with central evaluation).",
-            plot_accuracy,
+            plot_accuracy as DrawFn,
         ),
         (
             "loss",
@@ -57,7 +61,22 @@ pub(super) fn plots() -> [(&'static str, &'static str, &'static str, DrawFn); 5]
              that dropped out while training, and that evaluated.",
             plot_survivors,
         ),
-    ]
+    ];
+    if rounds.iter().any(|r| r.dp_epsilon.is_some()) {
+        plots.insert(
+            1,
+            (
+                "privacy",
+                "Privacy spent per round",
+                "Cumulative ε of participant-level differential privacy after each round (at \
+                 the run's δ, in run.json): against whoever sees only the models, with the \
+                 amplification of Poisson-sampled cohorts, and against the coordinator, which \
+                 knows the cohorts (docs/privacy.md).",
+                plot_privacy,
+            ),
+        );
+    }
+    plots
 }
 
 /// Registers the embedded font once; plotters draws no text without it.
@@ -270,6 +289,29 @@ fn plot_accuracy(rounds: &[RoundRecord]) -> Result<Vec<u8>> {
         None,
         &|y| format!("{y:.0}"),
         SeriesLabelPosition::LowerRight,
+    )
+}
+
+fn plot_privacy(rounds: &[RoundRecord]) -> Result<Vec<u8>> {
+    line_chart(
+        rounds,
+        "Privacy spent per round",
+        "cumulative epsilon",
+        vec![
+            Series {
+                name: "against model holders",
+                color: PURPLE_,
+                points: points(rounds, |r| r.dp_epsilon),
+            },
+            Series {
+                name: "against the coordinator",
+                color: RED_,
+                points: points(rounds, |r| r.dp_epsilon_coordinator),
+            },
+        ],
+        Some(0.0),
+        &|y| format!("{y:.1}"),
+        SeriesLabelPosition::UpperLeft,
     )
 }
 
