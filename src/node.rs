@@ -167,6 +167,9 @@ pub struct DpSettings {
     /// Fewest contributors the noise is sized for (`None`: the expected
     /// cohort less the dropout bound, at least 2).
     pub min_survivors: Option<usize>,
+    /// Privacy budget: end the session before a round would take ε above
+    /// it (`None`: run every planned round).
+    pub max_epsilon: Option<f64>,
 }
 
 impl DpSettings {
@@ -198,6 +201,7 @@ impl DpSettings {
             noise_multiplier,
             min_survivors,
             delta: self.delta,
+            max_epsilon: self.max_epsilon,
         })
     }
 }

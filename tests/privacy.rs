@@ -13,6 +13,7 @@ async fn each_round_reports_the_epsilon_of_the_noise_its_survivors_carried() {
         noise_multiplier: 1.0,
         min_survivors: 4,
         delta: 1e-5,
+        max_epsilon: None,
     };
     // Everyone is selected (rate 1); participant 2 vanishes before masking
     // in round 2, so that round's sum carries the noise of 3, not 4.
@@ -70,6 +71,7 @@ async fn dp_settings_out_of_range_fail_at_once_with_the_cause() {
                 noise_multiplier: 1.0,
                 min_survivors: 2,
                 delta: 2.0,
+                max_epsilon: None,
             },
             1.0,
         )
@@ -82,5 +84,67 @@ async fn dp_settings_out_of_range_fail_at_once_with_the_cause() {
         started.elapsed().as_secs() < 30,
         "took {:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_ends_the_session_before_the_round_that_would_exceed_it() {
+    // At rate 1 with everyone surviving, epsilon after r rounds is known in
+    // advance: a budget between 2 and 3 rounds' worth stops after round 2.
+    let eps = |rounds| {
+        greyfed_protocol::privacy::epsilon_after(
+            SampledGaussian {
+                noise_multiplier: 2.0,
+                sampling_rate: 1.0,
+            },
+            rounds,
+            1e-5,
+        )
+        .unwrap()
+    };
+    let budget = 0.5 * (eps(2) + eps(3));
+    let dp = ParticipantDp {
+        noise_multiplier: 2.0,
+        min_survivors: 3,
+        delta: 1e-5,
+        max_epsilon: Some(budget),
+    };
+    let report = Federation::builder()
+        .participants(3)
+        .rounds(5)
+        .max_train_samples(100)
+        .participant_dp(dp, 1.0)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.rounds.len(), 2, "stopped after round 2 of 5");
+    let last = report.rounds[1].dp_epsilon.unwrap();
+    assert!(
+        last <= budget && (last - eps(2)).abs() < 1e-9,
+        "{last} vs budget {budget}"
+    );
+    for p in &report.participants {
+        let p = p.as_ref().expect("participants finish cleanly");
+        assert_eq!(p.rounds_completed, 2);
+    }
+
+    // A budget below one round's epsilon: refused at once.
+    let err = Federation::builder()
+        .participants(3)
+        .rounds(5)
+        .max_train_samples(100)
+        .participant_dp(
+            ParticipantDp {
+                max_epsilon: Some(0.5 * eps(1)),
+                ..dp
+            },
+            1.0,
+        )
+        .run()
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("does not allow a single round"),
+        "{err:#}"
     );
 }

@@ -29,6 +29,9 @@ pub struct ParticipantDp {
     pub min_survivors: usize,
     /// δ of the reported (ε, δ).
     pub delta: f64,
+    /// Privacy budget: the session ends before a round whose planned noise
+    /// would take `dp_epsilon` above this (`None`: no budget).
+    pub max_epsilon: Option<f64>,
 }
 
 impl ParticipantDp {
@@ -53,6 +56,13 @@ impl ParticipantDp {
             return Err(CoordinatorError::Config(format!(
                 "DP delta {} (must be in (0, 1))",
                 self.delta
+            )));
+        }
+        if let Some(max) = self.max_epsilon
+            && !(max.is_finite() && max > 0.0)
+        {
+            return Err(CoordinatorError::Config(format!(
+                "DP budget {max} (must be positive and finite)"
             )));
         }
         if max_norm.is_none() {
@@ -172,6 +182,47 @@ impl DpLedger {
         })
     }
 
+    /// `dp_epsilon` after one more round at the planned noise (with
+    /// `min_survivors`): what the budget is checked against.
+    ///
+    /// # Errors
+    /// A multiplier the accountant refuses.
+    pub fn epsilon_after_next(&self) -> Result<f64> {
+        let mut models = self.models.clone();
+        models
+            .compose(
+                SampledGaussian {
+                    noise_multiplier: self.dp.noise_multiplier,
+                    sampling_rate: self.sampling_rate,
+                },
+                1,
+            )
+            .and_then(|()| models.epsilon(self.dp.delta))
+            .map(|e| e.epsilon)
+            .map_err(|e| CoordinatorError::Config(e.to_string()))
+    }
+
+    /// Whether the next round fits the budget: `Err` with the line to log
+    /// when it would exceed it, `Ok` otherwise (or without a budget).
+    ///
+    /// # Errors
+    /// The budget line; a multiplier the accountant refuses.
+    pub fn check_next(&self) -> Result<std::result::Result<(), String>> {
+        let Some(max) = self.dp.max_epsilon else {
+            return Ok(Ok(()));
+        };
+        let next = self.epsilon_after_next()?;
+        Ok(if next > max {
+            Err(format!(
+                "one more round would bring epsilon to {next:.4}, above the budget of {max} \
+                 (delta {})",
+                self.dp.delta
+            ))
+        } else {
+            Ok(())
+        })
+    }
+
     fn compose(&mut self, noise_multiplier: f64) -> Result<()> {
         let err = |e: greyfed_protocol::ProtocolError| CoordinatorError::Config(e.to_string());
         let at = |sampling_rate| SampledGaussian {
@@ -197,6 +248,7 @@ mod tests {
             noise_multiplier: 1.0,
             min_survivors: 8,
             delta: 1e-5,
+            max_epsilon: None,
         }
     }
 
@@ -252,6 +304,11 @@ mod tests {
         let err = |d: ParticipantDp, norm, secure| d.check(norm, secure).unwrap_err().to_string();
         assert!(err(dp(), None, true).contains("--dp-clip"));
         assert!(err(dp(), Some(1.0), false).contains("plain"));
+        let bad_budget = ParticipantDp {
+            max_epsilon: Some(0.0),
+            ..dp()
+        };
+        assert!(err(bad_budget, Some(1.0), true).contains("budget"));
         let bad_delta = ParticipantDp { delta: 0.0, ..dp() };
         assert!(err(bad_delta, Some(1.0), true).contains("delta"));
         let bad_z = ParticipantDp {
@@ -260,5 +317,28 @@ mod tests {
         };
         assert!(err(bad_z, Some(1.0), true).contains("multiplier"));
         dp().check(Some(1.0), true).unwrap();
+    }
+
+    #[test]
+    fn the_budget_check_predicts_the_next_rounds_epsilon() {
+        let budget = |max| ParticipantDp {
+            max_epsilon: max,
+            ..dp()
+        };
+        let mut ledger = DpLedger::new(budget(None), 0.1);
+        assert_eq!(ledger.check_next().unwrap(), Ok(()));
+        let predicted = ledger.epsilon_after_next().unwrap();
+        let first = ledger.round(&[], 8).unwrap();
+        assert_eq!(
+            predicted, first.epsilon,
+            "at min_survivors the prediction is exact"
+        );
+        let second = ledger.epsilon_after_next().unwrap();
+        // A budget between one and two rounds allows the first, not the second.
+        let mut capped = DpLedger::new(budget(Some(0.5 * (first.epsilon + second))), 0.1);
+        assert_eq!(capped.check_next().unwrap(), Ok(()));
+        capped.round(&[], 8).unwrap();
+        let line = capped.check_next().unwrap().unwrap_err();
+        assert!(line.contains("above the budget"), "{line}");
     }
 }

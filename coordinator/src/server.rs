@@ -46,7 +46,7 @@ use crate::{
     error::{CoordinatorError, Result},
     events::{CoordinatorEvent, EventSender},
     metrics::{MetricsWriter, RoundRecord},
-    privacy::DpLedger,
+    privacy::{DpLedger, DpRound},
     run_record::{ImageCipher, RunRecord},
     strategy::Strategy,
     tls,
@@ -91,6 +91,11 @@ impl Coordinator {
                 config.secagg.max_norm,
                 matches!(config.aggregation, AggregationKind::SecAgg { .. }),
             )?;
+            if let Err(line) = DpLedger::new(dp, config.selection.fraction).check_next()? {
+                return Err(CoordinatorError::Config(format!(
+                    "the DP budget does not allow a single round: {line}"
+                )));
+            }
             config.secagg.noise = Some(dp.noise());
             config.selection.poisson = true;
             config.selection.minimum = config.selection.minimum.max(2);
@@ -258,6 +263,7 @@ impl Coordinator {
             last_progress: None,
             links,
             dp: dp_ledger,
+            dp_rounds: BTreeMap::new(),
         };
         driver.report_progress();
         let outcome = driver.run(inbound_rx, shutdown).await;
@@ -315,6 +321,8 @@ struct Driver {
     events: Option<EventSender>,
     /// Participant-level DP: ε so far (`None`: no DP).
     dp: Option<DpLedger>,
+    /// Each aggregated round's DP figures, until its record is written.
+    dp_rounds: BTreeMap<u32, DpRound>,
     /// The progress last sent (only changes are sent).
     last_progress: Option<SessionProgress>,
     /// Admission, upload limits and queue bounds of connections.
@@ -563,6 +571,7 @@ impl Driver {
                     let next = self
                         .strategy
                         .apply(round_global(&self.session)?, &result.mean_update)?;
+                    self.account_privacy(result.round, result.contributors.len())?;
                     self.session.apply_global(now, next)?;
                 }
                 SessionEvent::RoundAbandoned { round, reason } => {
@@ -664,6 +673,26 @@ impl Driver {
         }
     }
 
+    /// Participant-level DP: counts round `round` with `survivors`
+    /// contributors in the ledger (its figures wait for the round's record)
+    /// and, with a budget, ends the session after this round when the next
+    /// would exceed it.
+    fn account_privacy(&mut self, round: u32, survivors: usize) -> Result<Option<DpRound>> {
+        let Some(ledger) = &mut self.dp else {
+            return Ok(None);
+        };
+        let figures = ledger.round(&self.records, survivors)?;
+        if let Err(line) = ledger.check_next()? {
+            warn!(
+                round,
+                "DP budget reached, the session ends after this round: {line}"
+            );
+            self.session.stop_after(round);
+        }
+        self.dp_rounds.insert(round, figures);
+        Ok(Some(figures))
+    }
+
     fn record_round(
         &mut self,
         now: Instant,
@@ -684,10 +713,11 @@ impl Driver {
         }
         let (up, down) = self.round_bytes.remove(&s.round).unwrap_or_default();
         let start = self.round_start.remove(&s.round).unwrap_or(now);
-        let dp = match &mut self.dp {
-            Some(ledger) => Some(ledger.round(&self.records, s.contributors.len())?),
-            None => None,
+        let dp = match self.dp_rounds.remove(&s.round) {
+            Some(figures) => Some(figures),
+            None => self.account_privacy(s.round, s.contributors.len())?,
         };
+        self.dp_rounds.remove(&s.round);
         let record = RoundRecord {
             round: s.round,
             accuracy: s.eval.as_ref().map(|e| e.accuracy),

@@ -664,6 +664,14 @@ impl CoordinatorSession {
         self.phase == Phase::Over
     }
 
+    /// Ends the session after round `round` instead of running to the
+    /// planned last round: no later round is started, and participants are
+    /// told the session finished. For a privacy budget that the next round
+    /// would exceed; call it before round `round` completes.
+    pub fn stop_after(&mut self, round: u32) {
+        self.config.rounds = self.config.rounds.min(round);
+    }
+
     /// Rounds completed so far.
     pub fn rounds_completed(&self) -> u32 {
         self.rounds_completed

@@ -934,6 +934,12 @@ pub struct TrainingArgs {
     /// expected cohort less the --dropout-bound fraction, at least 2).
     #[arg(long, requires = "dp")]
     pub dp_min_survivors: Option<usize>,
+    /// DP budget: end the session, with a line saying so, before a round
+    /// whose planned noise would take ε (against model holders) above E.
+    /// Unlike --dp-target-epsilon, which sizes the noise for all --rounds,
+    /// this leaves the noise alone and cuts the rounds.
+    #[arg(long, value_name = "E", requires = "dp")]
+    pub dp_max_epsilon: Option<f64>,
 }
 
 impl TrainingArgs {
@@ -991,6 +997,9 @@ impl TrainingArgs {
         push("dp-delta", self.dp_delta.to_string());
         if let Some(m) = self.dp_min_survivors {
             push("dp-min-survivors", m.to_string());
+        }
+        if let Some(e) = self.dp_max_epsilon {
+            push("dp-max-epsilon", e.to_string());
         }
         a
     }

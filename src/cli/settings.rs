@@ -119,6 +119,7 @@ impl TrainingArgs {
             clip,
             delta: self.dp_delta,
             min_survivors: self.dp_min_survivors,
+            max_epsilon: self.dp_max_epsilon,
         }))
     }
 }

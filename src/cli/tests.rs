@@ -69,6 +69,8 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
         "1e-6",
         "--dp-min-survivors",
         "5",
+        "--dp-max-epsilon",
+        "7.5",
     ]
     .iter()
     .map(|s| s.to_string())
