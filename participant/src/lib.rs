@@ -16,6 +16,7 @@
 pub mod cipher;
 pub mod client;
 pub mod data;
+pub mod dp_sgd;
 pub mod driver;
 pub mod dropout;
 pub mod error;
