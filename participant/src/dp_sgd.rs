@@ -13,8 +13,9 @@
 //! discrete sampler the secure sum uses: these gradients never leave the
 //! participant before they become an update).
 //!
-//! **Status:** this is the privatised-gradient step and its tests; it is
-//! not yet wired into [`crate::train`] or the command line (issue 21).
+//! [`crate::train::TrainOptions::dp_sgd`] turns it on in local training,
+//! with Poisson-sampled batches from OS randomness; it is not yet on the
+//! command line (issue 21).
 
 use candle_core::Tensor;
 use rand::Rng;
@@ -66,6 +67,7 @@ pub fn clipped_per_example(
     images: &Tensor,
     labels: &Tensor,
     clip: f64,
+    smoothing: f32,
 ) -> Result<Vec<(f32, Vec<Vec<f32>>)>> {
     let n = images.dim(0)?;
     if labels.dim(0)? != n {
@@ -76,7 +78,11 @@ pub fn clipped_per_example(
     }
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let lg = model.loss_and_grads(&images.narrow(0, i, 1)?, &labels.narrow(0, i, 1)?)?;
+        let lg = model.smoothed_loss_and_grads(
+            &images.narrow(0, i, 1)?,
+            &labels.narrow(0, i, 1)?,
+            smoothing,
+        )?;
         let mut grads = lg
             .grads
             .iter()
@@ -92,40 +98,57 @@ pub fn clipped_per_example(
     Ok(out)
 }
 
-/// The DP-SGD gradient of a Poisson-sampled batch: see the module docs.
+impl DpSgd {
+    /// Checks the clip norm (above 0) and the noise multiplier (finite, at
+    /// least 0).
+    ///
+    /// # Errors
+    /// [`ParticipantError::Model`] naming the value.
+    pub fn check(&self) -> Result<()> {
+        let clip_ok = self.clip > 0.0;
+        let noise_ok = self.noise_multiplier >= 0.0 && self.noise_multiplier.is_finite();
+        if clip_ok && noise_ok {
+            Ok(())
+        } else {
+            Err(ParticipantError::Model(format!(
+                "DP-SGD needs a clip norm above 0 (got {}) and a finite noise multiplier of \
+                 at least 0 (got {})",
+                self.clip, self.noise_multiplier
+            )))
+        }
+    }
+}
+
+/// The DP-SGD gradient of a Poisson-sampled batch (`images` may hold no
+/// example: the gradient is then noise alone): see the module docs.
 ///
 /// # Errors
-/// Settings out of range (`clip` not positive, a negative or non-finite
-/// noise multiplier, `expected_batch` not positive), or a model pass that
-/// fails.
+/// Settings out of range ([`DpSgd::check`], `expected_batch` not
+/// positive), or a model pass that fails.
 pub fn private_gradient<R: Rng + ?Sized>(
     model: &dyn Model,
-    images: &Tensor,
-    labels: &Tensor,
+    batch: Option<(&Tensor, &Tensor)>,
     expected_batch: f64,
+    smoothing: f32,
     dp: &DpSgd,
     rng: &mut R,
 ) -> Result<PrivateGradient> {
-    let clip_ok = dp.clip > 0.0;
-    let noise_ok = dp.noise_multiplier >= 0.0 && dp.noise_multiplier.is_finite();
-    if !(clip_ok && noise_ok) {
-        return Err(ParticipantError::Model(format!(
-            "DP-SGD needs a clip norm above 0 (got {}) and a finite noise multiplier of at \
-             least 0 (got {})",
-            dp.clip, dp.noise_multiplier
-        )));
-    }
+    dp.check()?;
     if expected_batch.is_nan() || expected_batch <= 0.0 {
         return Err(ParticipantError::Model(format!(
             "DP-SGD expected batch size {expected_batch} (must be above 0)"
         )));
     }
-    let shapes: Vec<Vec<usize>> = model
-        .vars()
-        .iter()
-        .map(|v| v.as_tensor().dims().to_vec())
-        .collect();
-    let examples = clipped_per_example(model, images, labels, dp.clip)?;
+    let vars = model.vars();
+    let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.as_tensor().dims().to_vec()).collect();
+    let device = vars
+        .first()
+        .map(|v| v.as_tensor().device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let examples = match batch {
+        Some((images, labels)) => clipped_per_example(model, images, labels, dp.clip, smoothing)?,
+        None => Vec::new(),
+    };
     let mut sums: Vec<Vec<f64>> = shapes
         .iter()
         .map(|s| vec![0.0; s.iter().product()])
@@ -148,7 +171,6 @@ pub fn private_gradient<R: Rng + ?Sized>(
         .then(|| Normal::new(0.0, sigma))
         .transpose()
         .map_err(|e| ParticipantError::Model(format!("noise distribution: {e}")))?;
-    let device = images.device();
     let grads = sums
         .into_iter()
         .zip(&shapes)
@@ -160,7 +182,7 @@ pub fn private_gradient<R: Rng + ?Sized>(
                     (noisy / expected_batch) as f32
                 })
                 .collect();
-            Ok(Tensor::from_vec(values, shape.as_slice(), device)?)
+            Ok(Tensor::from_vec(values, shape.as_slice(), &device)?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(PrivateGradient {
@@ -172,6 +194,15 @@ pub fn private_gradient<R: Rng + ?Sized>(
         grads,
         clipped,
     })
+}
+
+/// A Poisson sample of `0..n`: each index independently with probability
+/// `rate`.
+pub fn poisson_batch<R: Rng + ?Sized>(n: usize, rate: f64, rng: &mut R) -> Vec<u32> {
+    use rand::RngExt;
+    (0..n as u32)
+        .filter(|_| rng.random_bool(rate.clamp(0.0, 1.0)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -212,7 +243,15 @@ mod tests {
             noise_multiplier: 0.0,
         };
         let mut rng = StdRng::seed_from_u64(2);
-        let private = private_gradient(net.model(), &images, &labels, 6.0, &dp, &mut rng).unwrap();
+        let private = private_gradient(
+            net.model(),
+            Some((&images, &labels)),
+            6.0,
+            0.0,
+            &dp,
+            &mut rng,
+        )
+        .unwrap();
         let ordinary = net.loss_and_grads(&images, &labels).unwrap();
         let (a, b) = (flat(&private.grads), flat(&ordinary.grads));
         assert_eq!(a.len(), b.len());
@@ -227,10 +266,11 @@ mod tests {
     #[test]
     fn no_example_contributes_more_than_the_clip_norm() {
         let (net, images, labels) = setup(5);
-        let unclipped = clipped_per_example(net.model(), &images, &labels, f64::INFINITY).unwrap();
+        let unclipped =
+            clipped_per_example(net.model(), &images, &labels, f64::INFINITY, 0.0).unwrap();
         let norms: Vec<f64> = unclipped.iter().map(|(_, g)| norm(g)).collect();
         let clip = 0.5 * norms.iter().copied().fold(f64::INFINITY, f64::min);
-        let clipped = clipped_per_example(net.model(), &images, &labels, clip).unwrap();
+        let clipped = clipped_per_example(net.model(), &images, &labels, clip, 0.0).unwrap();
         for ((_, g), (_, raw)) in clipped.iter().zip(&unclipped) {
             let n = norm(g);
             assert!(n <= clip * (1.0 + 1e-5), "{n} > {clip}");
@@ -253,7 +293,15 @@ mod tests {
             noise_multiplier: 0.0,
         };
         let mut rng = StdRng::seed_from_u64(3);
-        let private = private_gradient(net.model(), &images, &labels, 5.0, &dp, &mut rng).unwrap();
+        let private = private_gradient(
+            net.model(),
+            Some((&images, &labels)),
+            5.0,
+            0.0,
+            &dp,
+            &mut rng,
+        )
+        .unwrap();
         assert_eq!(private.clipped, 5);
         let total = norm(&[flat(&private.grads)]) * 5.0;
         assert!(total <= 5.0 * clip * (1.0 + 1e-5), "{total}");
@@ -268,7 +316,15 @@ mod tests {
             noise_multiplier: 3.0,
         };
         let mut rng = StdRng::seed_from_u64(4);
-        let private = private_gradient(net.model(), &images, &labels, 4.0, &dp, &mut rng).unwrap();
+        let private = private_gradient(
+            net.model(),
+            Some((&images, &labels)),
+            4.0,
+            0.0,
+            &dp,
+            &mut rng,
+        )
+        .unwrap();
         let values = flat(&private.grads);
         let n = values.len() as f64;
         let var = values
@@ -292,9 +348,16 @@ mod tests {
                 noise_multiplier: f64::NAN,
             },
         ] {
-            let err = private_gradient(net.model(), &images, &labels, 4.0, &bad, &mut rng)
-                .unwrap_err()
-                .to_string();
+            let err = private_gradient(
+                net.model(),
+                Some((&images, &labels)),
+                4.0,
+                0.0,
+                &bad,
+                &mut rng,
+            )
+            .unwrap_err()
+            .to_string();
             assert!(err.contains("DP-SGD"), "{err}");
         }
     }

@@ -526,6 +526,7 @@ async fn session_loop(
                         task: tokio::task::spawn_blocking(move || {
                             let options = TrainOptions {
                                 proximal_mu: training_config.proximal_mu,
+                                dp_sgd: None,
                             };
                             let mut last_sent: Option<Instant> = None;
                             let mut observe = |p: StepProgress| {

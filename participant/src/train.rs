@@ -198,6 +198,11 @@ pub struct TrainOptions {
     /// FedProx proximal coefficient `mu` (`loss += mu/2 * ||w - w_global||^2`);
     /// 0 disables the term.
     pub proximal_mu: f32,
+    /// Record-level DP-SGD ([`crate::dp_sgd`]): each step's batch is a
+    /// Poisson sample at rate `batch_size / n` (OS randomness, so nobody
+    /// else knows it) and its gradient is privatised (`None`: ordinary
+    /// shuffled minibatches).
+    pub dp_sgd: Option<crate::dp_sgd::DpSgd>,
 }
 
 /// Result of one call of [`train_local`].
@@ -305,6 +310,12 @@ pub fn train_local_observed(
     let mut loss_sum = 0f64;
     let mut seen = 0usize;
     let mut order: Vec<u32> = Vec::with_capacity(n);
+    // DP-SGD's batches and noise: from the OS, never from the round seed.
+    let mut dp_rng = StdRng::try_from_rng(&mut rand::rngs::SysRng)
+        .map_err(|e| ParticipantError::Model(format!("no OS randomness: {e}")))?;
+    if let Some(dp) = &options.dp_sgd {
+        dp.check()?;
+    }
     for epoch in 0..config.local_epochs {
         let data = match epoch_data.take() {
             Some(first) => first,
@@ -315,6 +326,38 @@ pub fn train_local_observed(
                 "epoch {epoch} has {} samples, the first had {n}",
                 data.len()
             )));
+        }
+        if let Some(dp) = &options.dp_sgd {
+            // DP-SGD: ceil(n / B) steps of Poisson batches at rate B / n.
+            let rate = (batch_size as f64 / n as f64).min(1.0);
+            for _ in 0..n.div_ceil(batch_size) {
+                let chosen = crate::dp_sgd::poisson_batch(n, rate, &mut dp_rng);
+                let batch = if chosen.is_empty() {
+                    None
+                } else {
+                    Some(data.batch(&chosen)?)
+                };
+                let step = crate::dp_sgd::private_gradient(
+                    net.model(),
+                    batch.as_ref().map(|(x, y)| (x, y)),
+                    rate * n as f64,
+                    config.label_smoothing,
+                    dp,
+                    &mut dp_rng,
+                )?;
+                optimizer.step(&step.grads)?;
+                if !chosen.is_empty() {
+                    loss_sum += f64::from(step.loss) * chosen.len() as f64;
+                    seen += chosen.len();
+                }
+                observe(StepProgress {
+                    step: u64::from(optimizer.steps),
+                    steps: total_steps,
+                    epoch: epoch + 1,
+                    epochs: config.local_epochs,
+                });
+            }
+            continue;
         }
         order.clear();
         order.extend(0..n as u32);
@@ -1018,6 +1061,42 @@ mod tests {
     }
 
     #[test]
+    fn dp_sgd_trains_with_poisson_batches_and_learns_with_little_noise() {
+        let spec = small_spec();
+        let train = TensorData::from_dataset(&synthetic(400, 2), &Device::Cpu).unwrap();
+        let test = TensorData::from_dataset(&synthetic(200, 3), &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 4).unwrap();
+        let before = evaluate(&spec, &global, &test, 64).unwrap();
+        let cfg = config(OptimizerSpec::Adam { lr: 0.01 }, 4);
+        let dp = |noise_multiplier| TrainOptions {
+            dp_sgd: Some(crate::dp_sgd::DpSgd {
+                clip: 1.0,
+                noise_multiplier,
+            }),
+            ..TrainOptions::default()
+        };
+        let out = train_local_with(&spec, &global, &train, &cfg, 5, &dp(0.3)).unwrap();
+        // ceil(400 / 32) Poisson steps per epoch, as many as shuffled batches.
+        assert_eq!(out.steps, 4 * 13);
+        assert!(out.weights.is_finite());
+        let after = evaluate(&spec, &out.weights, &test, 64).unwrap();
+        assert!(
+            after.accuracy() > 0.6 && after.mean_loss() < before.mean_loss(),
+            "accuracy {} loss {} -> {}",
+            after.accuracy(),
+            before.mean_loss(),
+            after.mean_loss()
+        );
+        // Batches and noise come from the OS, not the round seed: the same
+        // seed trains differently.
+        let again = train_local_with(&spec, &global, &train, &cfg, 5, &dp(0.3)).unwrap();
+        assert_ne!(again.weights, out.weights);
+        // Out-of-range settings are refused.
+        let err = train_local_with(&spec, &global, &train, &cfg, 5, &dp(-1.0)).unwrap_err();
+        assert!(err.to_string().contains("DP-SGD"), "{err}");
+    }
+
+    #[test]
     fn proximal_term_pulls_towards_global() {
         let spec = small_spec();
         let data = TensorData::from_dataset(&synthetic(100, 10), &Device::Cpu).unwrap();
@@ -1044,11 +1123,17 @@ mod tests {
             &data,
             &cfg,
             1,
-            &TrainOptions { proximal_mu: 5.0 },
+            &TrainOptions {
+                proximal_mu: 5.0,
+                ..TrainOptions::default()
+            },
         )
         .unwrap();
         assert!(dist(&prox.weights) < 0.8 * dist(&free.weights));
-        let bad = TrainOptions { proximal_mu: -1.0 };
+        let bad = TrainOptions {
+            proximal_mu: -1.0,
+            ..TrainOptions::default()
+        };
         assert!(train_local_with(&spec, &global, &data, &cfg, 1, &bad).is_err());
     }
 
