@@ -31,6 +31,7 @@ async fn main() -> Result<()> {
             },
             proximal_mu: 0.0,
             lr_schedule: Default::default(),
+            dp_sgd: None,
         })
         // Participant 2 vanishes after advertising its keys in round 1 ...
         .dropout(

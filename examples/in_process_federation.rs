@@ -27,6 +27,7 @@ async fn main() -> Result<()> {
             },
             proximal_mu: 0.0,
             lr_schedule: Default::default(),
+            dp_sgd: None,
         });
     if let Some(dir) = std::env::args().nth(1) {
         builder = builder.data_dir(dir);

@@ -75,6 +75,7 @@ async fn main() -> Result<()> {
                 },
                 proximal_mu: 0.0,
                 lr_schedule: Default::default(),
+                dp_sgd: None,
             });
         if let Some(dir) = &args.data {
             builder = builder.data_dir(dir);

@@ -716,6 +716,7 @@ mod tests {
                 },
                 proximal_mu: 0.0,
                 lr_schedule: greyfed_protocol::LrSchedule::Constant,
+                dp_sgd: None,
             },
             strategy: StrategyConfig::FedAvg { server_lr: 1.0 },
             aggregation: AggregationKind::SecAgg { full: false },

@@ -148,3 +148,52 @@ async fn a_budget_ends_the_session_before_the_round_that_would_exceed_it() {
         "{err:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_sgd_rounds_report_the_worst_participants_epsilon() {
+    use greyfed_protocol::TrainingConfig;
+    use greyfed_protocol::message::DpSgdSpec;
+    let training = TrainingConfig {
+        batch_size: 32,
+        local_epochs: 1,
+        dp_sgd: Some(DpSgdSpec {
+            clip: 1.0,
+            noise_multiplier: 1.2,
+            delta: 1e-5,
+        }),
+        ..TrainingConfig::default()
+    };
+    let report = Federation::builder()
+        .participants(3)
+        .rounds(2)
+        .max_train_samples(100)
+        .training(training)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.rounds.len(), 2);
+    // Every participant holds 100 images: each round is ceil(100/32) = 4
+    // steps at rate 32/100.
+    let mut last = 0.0;
+    for (i, r) in report.rounds.iter().enumerate() {
+        assert_eq!(r.survivors, 3);
+        let eps = r.dp_epsilon.expect("DP-SGD rounds record epsilon");
+        let expected = greyfed_protocol::privacy::epsilon_after(
+            SampledGaussian {
+                noise_multiplier: f64::from(1.2f32),
+                sampling_rate: 0.32,
+            },
+            (i as u64 + 1) * 4,
+            1e-5,
+        )
+        .unwrap();
+        assert!(
+            (eps - expected).abs() < 1e-9,
+            "round {}: {eps} vs {expected}",
+            r.round
+        );
+        assert_eq!(r.dp_noise_multiplier, Some(f64::from(1.2f32)));
+        assert!(eps > last);
+        last = eps;
+    }
+}

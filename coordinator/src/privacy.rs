@@ -1,6 +1,8 @@
-//! Participant-level differential privacy through the secure sum: the
-//! settings, what `run.json` records of them, and the ledger that turns
-//! each completed round's noise into the cumulative ε of `metrics.jsonl`.
+//! Differential privacy at the coordinator: participant-level DP through
+//! the secure sum (its settings, what `run.json` records of them, and the
+//! ledger that turns each completed round's noise into the cumulative ε of
+//! `metrics.jsonl`), and the record-level ledger of DP-SGD rounds
+//! ([`RecordLedger`]).
 //!
 //! Every participant adds discrete Gaussian noise to its encoded update
 //! ([`greyfed_protocol::privacy::distributed`]), sized so that a sum over
@@ -238,6 +240,72 @@ impl DpLedger {
     }
 }
 
+/// Record-level DP (DP-SGD in every participant's local training): one
+/// accountant per participant identity, composed over the rounds whose
+/// sum holds its update, each round `local_epochs · ⌈N/B⌉` steps at
+/// sampling rate `B/N` for its claimed `N` training images. The reported
+/// ε is the largest over the participants. Batches are sampled inside
+/// each participant, so no party can exploit knowing them: the same ε
+/// holds against the coordinator. A participant that claims more images
+/// than it has makes only its own figure wrong. A resumed run starts the
+/// ledger afresh (it does not know who contributed before).
+#[derive(Clone, Debug)]
+pub struct RecordLedger {
+    spec: greyfed_protocol::message::DpSgdSpec,
+    batch_size: u64,
+    local_epochs: u32,
+    accountants: std::collections::BTreeMap<String, RdpAccountant>,
+}
+
+impl RecordLedger {
+    /// A ledger for `spec` with batches of `batch_size` and `local_epochs`
+    /// epochs a round.
+    pub fn new(
+        spec: greyfed_protocol::message::DpSgdSpec,
+        batch_size: u32,
+        local_epochs: u32,
+    ) -> Self {
+        Self {
+            spec,
+            batch_size: u64::from(batch_size.max(1)),
+            local_epochs,
+            accountants: Default::default(),
+        }
+    }
+
+    /// Adds a round whose sum holds the updates of `contributors`
+    /// (identity, claimed training images); returns its figures (ε the
+    /// largest over all participants so far).
+    ///
+    /// # Errors
+    /// Settings the accountant refuses.
+    pub fn round(&mut self, contributors: &[(String, u64)]) -> Result<DpRound> {
+        let err = |e: greyfed_protocol::ProtocolError| CoordinatorError::Config(e.to_string());
+        for (identity, samples) in contributors {
+            let n = (*samples).max(1);
+            let mechanism = SampledGaussian {
+                noise_multiplier: f64::from(self.spec.noise_multiplier),
+                sampling_rate: (self.batch_size as f64 / n as f64).min(1.0),
+            };
+            let steps = u64::from(self.local_epochs) * n.div_ceil(self.batch_size);
+            self.accountants
+                .entry(identity.clone())
+                .or_default()
+                .compose(mechanism, steps)
+                .map_err(err)?;
+        }
+        let mut worst = 0.0f64;
+        for a in self.accountants.values() {
+            worst = worst.max(a.epsilon(self.spec.delta).map_err(err)?.epsilon);
+        }
+        Ok(DpRound {
+            noise_multiplier: f64::from(self.spec.noise_multiplier),
+            epsilon: worst,
+            epsilon_coordinator: worst,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,5 +408,41 @@ mod tests {
         capped.round(&[], 8).unwrap();
         let line = capped.check_next().unwrap().unwrap_err();
         assert!(line.contains("above the budget"), "{line}");
+    }
+
+    #[test]
+    fn the_record_ledger_reports_the_worst_participant() {
+        use greyfed_protocol::message::DpSgdSpec;
+        use greyfed_protocol::privacy::epsilon_after;
+        let spec = DpSgdSpec {
+            clip: 1.0,
+            noise_multiplier: 1.1,
+            delta: 1e-5,
+        };
+        let mut ledger = RecordLedger::new(spec, 64, 2);
+        let small = ("small".to_string(), 300u64);
+        let large = ("large".to_string(), 3000u64);
+        ledger.round(&[small.clone(), large.clone()]).unwrap();
+        let r = ledger.round(&[large.clone()]).unwrap();
+        // "small" trained once: 2 * ceil(300/64) = 10 steps at rate 64/300;
+        // "large" twice: 2 * 2 * 47 = 188 steps at 64/3000.
+        let eps = |q: f64, steps| {
+            epsilon_after(
+                SampledGaussian {
+                    noise_multiplier: f64::from(1.1f32),
+                    sampling_rate: q,
+                },
+                steps,
+                1e-5,
+            )
+            .unwrap()
+        };
+        let expected = eps(64.0 / 300.0, 10).max(eps(64.0 / 3000.0, 188));
+        assert!(
+            (r.epsilon - expected).abs() < 1e-12,
+            "{} vs {expected}",
+            r.epsilon
+        );
+        assert_eq!(r.epsilon_coordinator, r.epsilon);
     }
 }

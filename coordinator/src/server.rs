@@ -46,7 +46,7 @@ use crate::{
     error::{CoordinatorError, Result},
     events::{CoordinatorEvent, EventSender},
     metrics::{MetricsWriter, RoundRecord},
-    privacy::{DpLedger, DpRound},
+    privacy::{DpLedger, DpRound, RecordLedger},
     run_record::{ImageCipher, RunRecord},
     strategy::Strategy,
     tls,
@@ -263,6 +263,13 @@ impl Coordinator {
             last_progress: None,
             links,
             dp: dp_ledger,
+            record_dp: config.training.dp_sgd.map(|spec| {
+                RecordLedger::new(
+                    spec,
+                    config.training.batch_size,
+                    config.training.local_epochs,
+                )
+            }),
             dp_rounds: BTreeMap::new(),
         };
         driver.report_progress();
@@ -321,6 +328,8 @@ struct Driver {
     events: Option<EventSender>,
     /// Participant-level DP: ε so far (`None`: no DP).
     dp: Option<DpLedger>,
+    /// Record-level DP: ε so far per participant (`None`: no DP-SGD).
+    record_dp: Option<RecordLedger>,
     /// Each aggregated round's DP figures, until its record is written.
     dp_rounds: BTreeMap<u32, DpRound>,
     /// The progress last sent (only changes are sent).
@@ -571,7 +580,7 @@ impl Driver {
                     let next = self
                         .strategy
                         .apply(round_global(&self.session)?, &result.mean_update)?;
-                    self.account_privacy(result.round, result.contributors.len())?;
+                    self.account_privacy(result.round, &result.contributors)?;
                     self.session.apply_global(now, next)?;
                 }
                 SessionEvent::RoundAbandoned { round, reason } => {
@@ -677,7 +686,28 @@ impl Driver {
     /// contributors in the ledger (its figures wait for the round's record)
     /// and, with a budget, ends the session after this round when the next
     /// would exceed it.
-    fn account_privacy(&mut self, round: u32, survivors: usize) -> Result<Option<DpRound>> {
+    fn account_privacy(
+        &mut self,
+        round: u32,
+        contributors: &[ParticipantId],
+    ) -> Result<Option<DpRound>> {
+        if let Some(ledger) = &mut self.record_dp {
+            let who: Vec<(String, u64)> = contributors
+                .iter()
+                .map(|&id| {
+                    let identity = self
+                        .session
+                        .participant_identity(id)
+                        .map_or_else(|| format!("participant {id}"), str::to_string);
+                    let samples = self.session.participant_samples(id).map_or(1, |s| s.0);
+                    (identity, samples)
+                })
+                .collect();
+            let figures = ledger.round(&who)?;
+            self.dp_rounds.insert(round, figures);
+            return Ok(Some(figures));
+        }
+        let survivors = contributors.len();
         let Some(ledger) = &mut self.dp else {
             return Ok(None);
         };
@@ -715,7 +745,7 @@ impl Driver {
         let start = self.round_start.remove(&s.round).unwrap_or(now);
         let dp = match self.dp_rounds.remove(&s.round) {
             Some(figures) => Some(figures),
-            None => self.account_privacy(s.round, s.contributors.len())?,
+            None => self.account_privacy(s.round, &s.contributors)?,
         };
         self.dp_rounds.remove(&s.round);
         let record = RoundRecord {

@@ -34,6 +34,7 @@ fn training(c: &mut Criterion) {
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },
         proximal_mu: 0.0,
         lr_schedule: Default::default(),
+        dp_sgd: None,
     };
     let mut group = c.benchmark_group("train_epoch_512");
     group

@@ -584,6 +584,7 @@ pub(crate) fn assert_learns_synthetic_digits(spec: &ModelSpec, train: usize, epo
         optimizer: OptimizerSpec::Adam { lr },
         proximal_mu: 0.0,
         lr_schedule: Default::default(),
+        dp_sgd: None,
     };
     let start = std::time::Instant::now();
     let out = train_local(spec, &global, &train, &cfg, 4).unwrap();

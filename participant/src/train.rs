@@ -771,6 +771,7 @@ mod tests {
             optimizer,
             proximal_mu: 0.0,
             lr_schedule: Default::default(),
+            dp_sgd: None,
         }
     }
 
@@ -920,6 +921,7 @@ mod tests {
                 optimizer,
                 proximal_mu: 0.0,
                 lr_schedule: Default::default(),
+                dp_sgd: None,
             };
             train_local(&spec, &global, &data, &cfg, 0).unwrap()
         };
@@ -1005,6 +1007,7 @@ mod tests {
                 },
                 proximal_mu: 0.0,
                 lr_schedule,
+                dp_sgd: None,
             };
             train_local(&spec, from, &data, &cfg, 0).unwrap().weights
         };
@@ -1276,6 +1279,7 @@ mod tests {
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },
             proximal_mu: 0.0,
             lr_schedule: Default::default(),
+            dp_sgd: None,
         };
         // Warm-up (thread pools, allocator).
         let warm = TrainingConfig {

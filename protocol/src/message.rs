@@ -567,6 +567,23 @@ pub struct TrainingConfig {
     /// initial model file.
     #[serde(default)]
     pub key_layer_mask: bool,
+    /// Record-level DP-SGD in local training (`None`: ordinary training).
+    #[serde(default)]
+    pub dp_sgd: Option<DpSgdSpec>,
+}
+
+/// Record-level DP-SGD settings: every example's gradient clipped to L2
+/// norm `clip`, Gaussian noise of standard deviation
+/// `noise_multiplier · clip` on each step's sum, Poisson-sampled batches
+/// of expected size `batch_size` (docs/privacy.md).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpSgdSpec {
+    /// L2 bound of every example's gradient.
+    pub clip: f32,
+    /// Noise standard deviation over `clip`.
+    pub noise_multiplier: f32,
+    /// δ of the (ε, δ) the session reports.
+    pub delta: f64,
 }
 
 impl TrainingConfig {
@@ -606,6 +623,7 @@ impl Default for TrainingConfig {
             label_smoothing: 0.0,
             round_lr_schedule: LrSchedule::Constant,
             key_layer_mask: false,
+            dp_sgd: None,
         }
     }
 }

@@ -910,8 +910,10 @@ pub struct TrainingArgs {
     pub min_cohort: usize,
     /// Differential privacy: `participant` (each participant adds discrete
     /// Gaussian noise to its update inside secure aggregation; the cohort
-    /// is drawn by Poisson sampling at --cohort-fraction). `record`
-    /// (DP-SGD) is not built yet. See docs/privacy.md.
+    /// is drawn by Poisson sampling at --cohort-fraction) or `record`
+    /// (DP-SGD in local training: every example's gradient clipped to
+    /// --dp-clip, Gaussian noise, Poisson batches of expected size
+    /// --batch-size). See docs/privacy.md.
     #[arg(long, value_enum, requires = "dp_clip")]
     pub dp: Option<DpLevel>,
     /// DP: noise standard deviation of each round's sum over its L2

@@ -72,6 +72,7 @@ impl TrainingArgs {
                 // Set from the initial model file (a masked start) when the
                 // coordinator loads it.
                 key_layer_mask: false,
+                dp_sgd: self.dp_sgd()?,
             },
             strategy: self.strategy.config()?,
             aggregation: match self.aggregation {
@@ -80,7 +81,10 @@ impl TrainingArgs {
                 AggregationArg::Plain => AggregationKind::Plain,
             },
             secagg_clip: self.secagg_clip,
-            max_update_norm: self.dp_clip.or(self.max_update_norm),
+            max_update_norm: match self.dp {
+                Some(DpLevel::Participant) => self.dp_clip.or(self.max_update_norm),
+                _ => self.max_update_norm,
+            },
             secagg_bits: self.secagg_bits,
             dropout_bound: self.dropout_bound,
             stage_timeout: Duration::from_secs(self.stage_timeout),
@@ -88,23 +92,43 @@ impl TrainingArgs {
             selection: greyfed_protocol::session::Selection {
                 fraction: self.cohort_fraction,
                 minimum: self.min_cohort,
-                poisson: self.dp.is_some(),
+                poisson: self.dp == Some(DpLevel::Participant),
             },
             dp: self.dp_settings()?,
         })
     }
 
-    /// The DP settings of `--dp` and its flags.
+    /// Record-level DP-SGD of `--dp record`: every example's gradient
+    /// clipped to `--dp-clip`, noise `--dp-noise-multiplier` times it.
+    fn dp_sgd(&self) -> anyhow::Result<Option<greyfed_protocol::message::DpSgdSpec>> {
+        if self.dp != Some(DpLevel::Record) {
+            return Ok(None);
+        }
+        if self.dp_target_epsilon.is_some() || self.dp_max_epsilon.is_some() {
+            anyhow::bail!(
+                "--dp record takes --dp-noise-multiplier (each participant's epsilon depends on \
+                 its own number of images; `greyfed dp plan --dp record --samples N ...` finds \
+                 the multiplier for a target)"
+            );
+        }
+        let (Some(z), Some(clip)) = (self.dp_noise_multiplier, self.dp_clip) else {
+            anyhow::bail!("--dp record needs --dp-noise-multiplier and --dp-clip");
+        };
+        if !(z.is_finite() && z >= 0.0 && clip.is_finite() && clip > 0.0) {
+            anyhow::bail!("--dp record: noise multiplier {z} and clip {clip} out of range");
+        }
+        Ok(Some(greyfed_protocol::message::DpSgdSpec {
+            clip,
+            noise_multiplier: z as f32,
+            delta: self.dp_delta,
+        }))
+    }
+
+    /// The participant-level DP settings of `--dp participant` and its flags.
     fn dp_settings(&self) -> anyhow::Result<Option<crate::node::DpSettings>> {
         use greyfed_protocol::privacy::Noise;
-        let Some(level) = self.dp else {
+        if self.dp != Some(DpLevel::Participant) {
             return Ok(None);
-        };
-        if level == DpLevel::Record {
-            anyhow::bail!(
-                "--dp record (DP-SGD inside local training) is not built yet; \
-                 --dp participant adds the noise to the secure sum (docs/privacy.md)"
-            );
         }
         let noise = match (self.dp_noise_multiplier, self.dp_target_epsilon) {
             (Some(z), None) => Noise::Multiplier(z),

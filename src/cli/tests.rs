@@ -81,7 +81,7 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
 }
 
 #[test]
-fn dp_flags_become_typed_settings_and_record_level_is_refused_plainly() {
+fn dp_flags_become_typed_settings_for_both_guarantees() {
     use greyfed_protocol::privacy::Noise;
     let training = |extra: &[&str]| {
         let mut argv = vec!["greyfed", "simulate"];
@@ -121,13 +121,34 @@ fn dp_flags_become_typed_settings_and_record_level_is_refused_plainly() {
         "--dp",
         "record",
         "--dp-noise-multiplier",
-        "1",
+        "1.5",
+        "--dp-clip",
+        "0.5",
+    ])
+    .unwrap()
+    .settings()
+    .unwrap();
+    let spec = record.training.dp_sgd.expect("DP-SGD settings");
+    assert_eq!(
+        (spec.clip, spec.noise_multiplier, spec.delta),
+        (0.5, 1.5, 1e-5)
+    );
+    assert!(record.dp.is_none() && !record.selection.poisson);
+    assert_eq!(
+        record.max_update_norm, None,
+        "--dp-clip is per example here"
+    );
+    let target = training(&[
+        "--dp",
+        "record",
+        "--dp-target-epsilon",
+        "3",
         "--dp-clip",
         "1",
     ])
     .unwrap();
-    let err = record.settings().unwrap_err().to_string();
-    assert!(err.contains("not built yet"), "{err}");
+    let err = target.settings().unwrap_err().to_string();
+    assert!(err.contains("dp plan"), "{err}");
     let neither = training(&["--dp", "participant", "--dp-clip", "1"]).unwrap();
     let err = neither.settings().unwrap_err().to_string();
     assert!(

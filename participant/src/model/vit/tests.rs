@@ -718,6 +718,7 @@ fn training_throughput(spec: &ModelSpec, n: usize, epochs: u32, runs: usize) -> 
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },
         proximal_mu: 0.0,
         lr_schedule: Default::default(),
+        dp_sgd: None,
     };
     let small =
         TensorData::from_dataset(&ds.subset(&(0..128).collect::<Vec<_>>()), &Device::Cpu).unwrap();
