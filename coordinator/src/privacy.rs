@@ -21,6 +21,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CoordinatorError, Result};
 use crate::metrics::RoundRecord;
 
+/// An accountant's refusal as a configuration error.
+fn accountant_error(e: greyfed_protocol::ProtocolError) -> CoordinatorError {
+    CoordinatorError::Config(e.to_string())
+}
+
 /// Participant-level DP settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ParticipantDp {
@@ -51,9 +56,7 @@ impl ParticipantDp {
     /// # Errors
     /// [`CoordinatorError::Config`] naming what is missing or out of range.
     pub fn check(&self, max_norm: Option<f32>, secure: bool) -> Result<()> {
-        self.noise()
-            .check()
-            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        self.noise().check().map_err(accountant_error)?;
         if !(self.delta > 0.0 && self.delta < 1.0) {
             return Err(CoordinatorError::Config(format!(
                 "DP delta {} (must be in (0, 1))",
@@ -175,7 +178,7 @@ impl DpLedger {
         let eps = |a: &RdpAccountant| {
             a.epsilon(self.dp.delta)
                 .map(|e| e.epsilon)
-                .map_err(|e| CoordinatorError::Config(e.to_string()))
+                .map_err(accountant_error)
         };
         Ok(DpRound {
             noise_multiplier: z,
@@ -201,7 +204,7 @@ impl DpLedger {
             )
             .and_then(|()| models.epsilon(self.dp.delta))
             .map(|e| e.epsilon)
-            .map_err(|e| CoordinatorError::Config(e.to_string()))
+            .map_err(accountant_error)
     }
 
     /// Whether the next round fits the budget: `Err` with the line to log
@@ -226,15 +229,16 @@ impl DpLedger {
     }
 
     fn compose(&mut self, noise_multiplier: f64) -> Result<()> {
-        let err = |e: greyfed_protocol::ProtocolError| CoordinatorError::Config(e.to_string());
         let at = |sampling_rate| SampledGaussian {
             noise_multiplier,
             sampling_rate,
         };
         self.models
             .compose(at(self.sampling_rate), 1)
-            .map_err(err)?;
-        self.coordinator.compose(at(1.0), 1).map_err(err)?;
+            .map_err(accountant_error)?;
+        self.coordinator
+            .compose(at(1.0), 1)
+            .map_err(accountant_error)?;
         self.composed += 1;
         Ok(())
     }
@@ -280,7 +284,6 @@ impl RecordLedger {
     /// # Errors
     /// Settings the accountant refuses.
     pub fn round(&mut self, contributors: &[(String, u64)]) -> Result<DpRound> {
-        let err = |e: greyfed_protocol::ProtocolError| CoordinatorError::Config(e.to_string());
         for (identity, samples) in contributors {
             let n = (*samples).max(1);
             let mechanism = SampledGaussian {
@@ -292,11 +295,15 @@ impl RecordLedger {
                 .entry(identity.clone())
                 .or_default()
                 .compose(mechanism, steps)
-                .map_err(err)?;
+                .map_err(accountant_error)?;
         }
         let mut worst = 0.0f64;
         for a in self.accountants.values() {
-            worst = worst.max(a.epsilon(self.spec.delta).map_err(err)?.epsilon);
+            worst = worst.max(
+                a.epsilon(self.spec.delta)
+                    .map_err(accountant_error)?
+                    .epsilon,
+            );
         }
         Ok(DpRound {
             noise_multiplier: f64::from(self.spec.noise_multiplier),

@@ -580,7 +580,11 @@ impl Driver {
                     let next = self
                         .strategy
                         .apply(round_global(&self.session)?, &result.mean_update)?;
-                    self.account_privacy(result.round, &result.contributors)?;
+                    if let Some(figures) =
+                        self.account_privacy(result.round, &result.contributors)?
+                    {
+                        self.dp_rounds.insert(result.round, figures);
+                    }
                     self.session.apply_global(now, next)?;
                 }
                 SessionEvent::RoundAbandoned { round, reason } => {
@@ -682,10 +686,10 @@ impl Driver {
         }
     }
 
-    /// Participant-level DP: counts round `round` with `survivors`
-    /// contributors in the ledger (its figures wait for the round's record)
-    /// and, with a budget, ends the session after this round when the next
-    /// would exceed it.
+    /// Counts round `round`, whose sum holds `contributors`' updates, in
+    /// the DP ledger (record- or participant-level; `None` without DP) and
+    /// returns its figures. With a participant-level budget it ends the
+    /// session after this round when the next would exceed it.
     fn account_privacy(
         &mut self,
         round: u32,
@@ -703,9 +707,7 @@ impl Driver {
                     (identity, samples)
                 })
                 .collect();
-            let figures = ledger.round(&who)?;
-            self.dp_rounds.insert(round, figures);
-            return Ok(Some(figures));
+            return ledger.round(&who).map(Some);
         }
         let survivors = contributors.len();
         let Some(ledger) = &mut self.dp else {
@@ -719,7 +721,6 @@ impl Driver {
             );
             self.session.stop_after(round);
         }
-        self.dp_rounds.insert(round, figures);
         Ok(Some(figures))
     }
 
@@ -743,11 +744,8 @@ impl Driver {
         }
         let (up, down) = self.round_bytes.remove(&s.round).unwrap_or_default();
         let start = self.round_start.remove(&s.round).unwrap_or(now);
-        let dp = match self.dp_rounds.remove(&s.round) {
-            Some(figures) => Some(figures),
-            None => self.account_privacy(s.round, &s.contributors)?,
-        };
-        self.dp_rounds.remove(&s.round);
+        // Counted when the round was aggregated.
+        let dp = self.dp_rounds.remove(&s.round);
         let record = RoundRecord {
             round: s.round,
             accuracy: s.eval.as_ref().map(|e| e.accuracy),
