@@ -148,19 +148,17 @@ impl EncodingParams {
     /// every value, the ring widened by the noise headroom.
     ///
     /// # Errors
-    /// [`ProtocolError::InvalidConfig`] for a variance above
-    /// [`MAX_VARIANCE`](crate::privacy::discrete_gaussian::MAX_VARIANCE);
+    /// [`ProtocolError::InvalidConfig`] for a variance the sampler refuses
+    /// (above [`MAX_VARIANCE`](crate::privacy::discrete_gaussian::MAX_VARIANCE));
     /// [`ProtocolError::BitBudget`] when the sum and its headroom need more
     /// than 32 bits.
     pub fn with_noise(mut self, variance: u64, participants: usize) -> Result<Self, ProtocolError> {
-        use crate::privacy::discrete_gaussian::MAX_VARIANCE;
-        if variance > MAX_VARIANCE {
-            return Err(ProtocolError::InvalidConfig(format!(
-                "noise variance {variance} above 2^60 ring units²"
-            )));
+        if variance > 0 {
+            DiscreteGaussian::new(variance)?; // the sampler's range
         }
-        let headroom = noise_headroom(participants.max(1), variance);
-        let largest = participants.max(1) as u128
+        let participants = participants.max(1);
+        let headroom = noise_headroom(participants, variance);
+        let largest = participants as u128
             * u128::from(self.max_weight)
             * u128::from(levels(self.bits))
             + 2 * u128::from(headroom);
@@ -177,11 +175,7 @@ impl EncodingParams {
         }
         self.noise_variance = variance;
         self.noise_headroom = headroom;
-        self.ring_bits = if variance == 0 {
-            self.ring_bits
-        } else {
-            ring_bits.max(self.ring_bits)
-        };
+        self.ring_bits = ring_bits.max(self.ring_bits);
         self.validate()?;
         Ok(self)
     }
