@@ -21,17 +21,10 @@ use candle_core::Tensor;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
+use greyfed_protocol::message::DpSgdSpec;
+
 use crate::error::{ParticipantError, Result};
 use crate::model::registry::Model;
-
-/// DP-SGD settings of one participant's local training.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DpSgd {
-    /// L2 bound `C` of every example's gradient.
-    pub clip: f64,
-    /// Noise standard deviation over `C`.
-    pub noise_multiplier: f64,
-}
 
 /// A privatised minibatch gradient.
 #[derive(Debug)]
@@ -98,42 +91,22 @@ pub fn clipped_per_example(
     Ok(out)
 }
 
-impl DpSgd {
-    /// Checks the clip norm (above 0) and the noise multiplier (finite, at
-    /// least 0).
-    ///
-    /// # Errors
-    /// [`ParticipantError::Model`] naming the value.
-    pub fn check(&self) -> Result<()> {
-        let clip_ok = self.clip > 0.0;
-        let noise_ok = self.noise_multiplier >= 0.0 && self.noise_multiplier.is_finite();
-        if clip_ok && noise_ok {
-            Ok(())
-        } else {
-            Err(ParticipantError::Model(format!(
-                "DP-SGD needs a clip norm above 0 (got {}) and a finite noise multiplier of \
-                 at least 0 (got {})",
-                self.clip, self.noise_multiplier
-            )))
-        }
-    }
-}
-
 /// The DP-SGD gradient of a Poisson-sampled batch (`images` may hold no
 /// example: the gradient is then noise alone): see the module docs.
 ///
 /// # Errors
-/// Settings out of range ([`DpSgd::check`], `expected_batch` not
+/// Settings out of range ([`DpSgdSpec::check`], `expected_batch` not
 /// positive), or a model pass that fails.
 pub fn private_gradient<R: Rng + ?Sized>(
     model: &dyn Model,
     batch: Option<(&Tensor, &Tensor)>,
     expected_batch: f64,
     smoothing: f32,
-    dp: &DpSgd,
+    dp: &DpSgdSpec,
     rng: &mut R,
 ) -> Result<PrivateGradient> {
     dp.check()?;
+    let (clip, noise_multiplier) = (f64::from(dp.clip), f64::from(dp.noise_multiplier));
     if expected_batch.is_nan() || expected_batch <= 0.0 {
         return Err(ParticipantError::Model(format!(
             "DP-SGD expected batch size {expected_batch} (must be above 0)"
@@ -146,7 +119,7 @@ pub fn private_gradient<R: Rng + ?Sized>(
         .map(|v| v.as_tensor().device().clone())
         .unwrap_or(candle_core::Device::Cpu);
     let examples = match batch {
-        Some((images, labels)) => clipped_per_example(model, images, labels, dp.clip, smoothing)?,
+        Some((images, labels)) => clipped_per_example(model, images, labels, clip, smoothing)?,
         None => Vec::new(),
     };
     let mut sums: Vec<Vec<f64>> = shapes
@@ -157,7 +130,7 @@ pub fn private_gradient<R: Rng + ?Sized>(
     let mut loss = 0.0f64;
     for (l, grads) in &examples {
         loss += f64::from(*l);
-        if norm(grads) >= dp.clip * (1.0 - 1e-6) {
+        if norm(grads) >= clip * (1.0 - 1e-6) {
             clipped += 1;
         }
         for (sum, g) in sums.iter_mut().zip(grads) {
@@ -166,7 +139,7 @@ pub fn private_gradient<R: Rng + ?Sized>(
             }
         }
     }
-    let sigma = dp.noise_multiplier * dp.clip;
+    let sigma = noise_multiplier * clip;
     let noise = (sigma > 0.0)
         .then(|| Normal::new(0.0, sigma))
         .transpose()
@@ -238,9 +211,11 @@ mod tests {
     #[test]
     fn without_noise_or_clipping_it_is_the_ordinary_gradient() {
         let (net, images, labels) = setup(6);
-        let dp = DpSgd {
-            clip: f64::INFINITY,
+        // No example's gradient comes near the largest float: no clipping.
+        let dp = DpSgdSpec {
+            clip: f32::MAX,
             noise_multiplier: 0.0,
+            delta: 1e-5,
         };
         let mut rng = StdRng::seed_from_u64(2);
         let private = private_gradient(
@@ -288,9 +263,10 @@ mod tests {
             assert!((dot / (n * norm(raw)) - 1.0).abs() < 1e-4);
         }
         // The private gradient without noise is their sum over the batch size.
-        let dp = DpSgd {
-            clip,
+        let dp = DpSgdSpec {
+            clip: clip as f32,
             noise_multiplier: 0.0,
+            delta: 1e-5,
         };
         let mut rng = StdRng::seed_from_u64(3);
         let private = private_gradient(
@@ -311,9 +287,10 @@ mod tests {
     fn the_noise_has_standard_deviation_z_c_over_the_expected_batch() {
         let (net, images, labels) = setup(2);
         // A clip norm so small that the signal is negligible beside the noise.
-        let dp = DpSgd {
+        let dp = DpSgdSpec {
             clip: 1e-6,
             noise_multiplier: 3.0,
+            delta: 1e-5,
         };
         let mut rng = StdRng::seed_from_u64(4);
         let private = private_gradient(
@@ -339,13 +316,15 @@ mod tests {
         );
         // Bad settings are refused with the value.
         for bad in [
-            DpSgd {
+            DpSgdSpec {
                 clip: 0.0,
                 noise_multiplier: 1.0,
+                delta: 1e-5,
             },
-            DpSgd {
+            DpSgdSpec {
                 clip: 1.0,
-                noise_multiplier: f64::NAN,
+                noise_multiplier: f32::NAN,
+                delta: 1e-5,
             },
         ] {
             let err = private_gradient(

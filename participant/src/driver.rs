@@ -526,10 +526,7 @@ async fn session_loop(
                         task: tokio::task::spawn_blocking(move || {
                             let options = TrainOptions {
                                 proximal_mu: training_config.proximal_mu,
-                                dp_sgd: training_config.dp_sgd.map(|d| crate::dp_sgd::DpSgd {
-                                    clip: f64::from(d.clip),
-                                    noise_multiplier: f64::from(d.noise_multiplier),
-                                }),
+                                dp_sgd: training_config.dp_sgd,
                             };
                             let mut last_sent: Option<Instant> = None;
                             let mut observe = |p: StepProgress| {

@@ -202,7 +202,7 @@ pub struct TrainOptions {
     /// Poisson sample at rate `batch_size / n` (OS randomness, so nobody
     /// else knows it) and its gradient is privatised (`None`: ordinary
     /// shuffled minibatches).
-    pub dp_sgd: Option<crate::dp_sgd::DpSgd>,
+    pub dp_sgd: Option<greyfed_protocol::message::DpSgdSpec>,
 }
 
 /// Result of one call of [`train_local`].
@@ -310,12 +310,18 @@ pub fn train_local_observed(
     let mut loss_sum = 0f64;
     let mut seen = 0usize;
     let mut order: Vec<u32> = Vec::with_capacity(n);
-    // DP-SGD's batches and noise: from the OS, never from the round seed.
-    let mut dp_rng = StdRng::try_from_rng(&mut rand::rngs::SysRng)
-        .map_err(|e| ParticipantError::Model(format!("no OS randomness: {e}")))?;
-    if let Some(dp) = &options.dp_sgd {
-        dp.check()?;
-    }
+    // DP-SGD: ceil(n / B) steps an epoch of Poisson batches at rate B / n,
+    // their sampling and noise from the OS, never from the round seed.
+    let mut dp = match options.dp_sgd {
+        Some(spec) => {
+            spec.check()?;
+            let rng = StdRng::try_from_rng(&mut rand::rngs::SysRng)
+                .map_err(|e| ParticipantError::Model(format!("no OS randomness: {e}")))?;
+            Some((spec, rng))
+        }
+        None => None,
+    };
+    let rate = (batch_size as f64 / n as f64).min(1.0);
     for epoch in 0..config.local_epochs {
         let data = match epoch_data.take() {
             Some(first) => first,
@@ -327,49 +333,49 @@ pub fn train_local_observed(
                 data.len()
             )));
         }
-        if let Some(dp) = &options.dp_sgd {
-            // DP-SGD: ceil(n / B) steps of Poisson batches at rate B / n.
-            let rate = (batch_size as f64 / n as f64).min(1.0);
-            for _ in 0..n.div_ceil(batch_size) {
-                let chosen = crate::dp_sgd::poisson_batch(n, rate, &mut dp_rng);
-                let batch = if chosen.is_empty() {
-                    None
-                } else {
-                    Some(data.batch(&chosen)?)
-                };
-                let step = crate::dp_sgd::private_gradient(
-                    net.model(),
-                    batch.as_ref().map(|(x, y)| (x, y)),
-                    rate * n as f64,
-                    config.label_smoothing,
-                    dp,
-                    &mut dp_rng,
-                )?;
-                optimizer.step(&step.grads)?;
-                if !chosen.is_empty() {
-                    loss_sum += f64::from(step.loss) * chosen.len() as f64;
-                    seen += chosen.len();
-                }
-                observe(StepProgress {
-                    step: u64::from(optimizer.steps),
-                    steps: total_steps,
-                    epoch: epoch + 1,
-                    epochs: config.local_epochs,
-                });
+        let batches: Vec<Vec<u32>> = match &mut dp {
+            Some((_, rng)) => (0..n.div_ceil(batch_size))
+                .map(|_| crate::dp_sgd::poisson_batch(n, rate, rng))
+                .collect(),
+            None => {
+                order.clear();
+                order.extend(0..n as u32);
+                order.shuffle(&mut StdRng::seed_from_u64(epoch_seed(seed, epoch)));
+                order.chunks(batch_size).map(<[u32]>::to_vec).collect()
             }
-            continue;
-        }
-        order.clear();
-        order.extend(0..n as u32);
-        order.shuffle(&mut StdRng::seed_from_u64(epoch_seed(seed, epoch)));
-        for chunk in order.chunks(batch_size) {
-            let (x, y) = data.batch(chunk)?;
-            let step = net
-                .model()
-                .smoothed_loss_and_grads(&x, &y, config.label_smoothing)?;
-            optimizer.step(&step.grads)?;
-            loss_sum += f64::from(step.loss) * chunk.len() as f64;
-            seen += chunk.len();
+        };
+        for chosen in &batches {
+            let batch = if chosen.is_empty() {
+                None
+            } else {
+                Some(data.batch(chosen)?)
+            };
+            let (loss, grads) = match (&mut dp, &batch) {
+                (Some((spec, rng)), _) => {
+                    let step = crate::dp_sgd::private_gradient(
+                        net.model(),
+                        batch.as_ref().map(|(x, y)| (x, y)),
+                        rate * n as f64,
+                        config.label_smoothing,
+                        spec,
+                        rng,
+                    )?;
+                    (step.loss, step.grads)
+                }
+                (None, Some((x, y))) => {
+                    let step = net
+                        .model()
+                        .smoothed_loss_and_grads(x, y, config.label_smoothing)?;
+                    (step.loss, step.grads)
+                }
+                // Shuffled minibatches are never empty.
+                (None, None) => continue,
+            };
+            optimizer.step(&grads)?;
+            if !chosen.is_empty() {
+                loss_sum += f64::from(loss) * chosen.len() as f64;
+                seen += chosen.len();
+            }
             observe(StepProgress {
                 step: u64::from(optimizer.steps),
                 steps: total_steps,
@@ -1072,9 +1078,10 @@ mod tests {
         let before = evaluate(&spec, &global, &test, 64).unwrap();
         let cfg = config(OptimizerSpec::Adam { lr: 0.01 }, 4);
         let dp = |noise_multiplier| TrainOptions {
-            dp_sgd: Some(crate::dp_sgd::DpSgd {
+            dp_sgd: Some(greyfed_protocol::message::DpSgdSpec {
                 clip: 1.0,
                 noise_multiplier,
+                delta: 1e-5,
             }),
             ..TrainOptions::default()
         };

@@ -586,6 +586,27 @@ pub struct DpSgdSpec {
     pub delta: f64,
 }
 
+impl DpSgdSpec {
+    /// Checks the clip norm (finite, above 0) and the noise multiplier
+    /// (finite, at least 0).
+    ///
+    /// # Errors
+    /// [`crate::ProtocolError::InvalidConfig`] naming the values.
+    pub fn check(&self) -> Result<(), crate::ProtocolError> {
+        let clip_ok = self.clip.is_finite() && self.clip > 0.0;
+        let noise_ok = self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0;
+        if clip_ok && noise_ok {
+            Ok(())
+        } else {
+            Err(crate::ProtocolError::InvalidConfig(format!(
+                "DP-SGD needs a finite clip norm above 0 (got {}) and a finite noise \
+                 multiplier of at least 0 (got {})",
+                self.clip, self.noise_multiplier
+            )))
+        }
+    }
+}
+
 impl TrainingConfig {
     /// The settings for round `round` (from 1) of `rounds`: the optimiser's
     /// base learning rate scaled by [`Self::round_lr_schedule`]'s factor

@@ -114,14 +114,14 @@ impl TrainingArgs {
         let (Some(z), Some(clip)) = (self.dp_noise_multiplier, self.dp_clip) else {
             anyhow::bail!("--dp record needs --dp-noise-multiplier and --dp-clip");
         };
-        if !(z.is_finite() && z >= 0.0 && clip.is_finite() && clip > 0.0) {
-            anyhow::bail!("--dp record: noise multiplier {z} and clip {clip} out of range");
-        }
-        Ok(Some(greyfed_protocol::message::DpSgdSpec {
+        let spec = greyfed_protocol::message::DpSgdSpec {
             clip,
             noise_multiplier: z as f32,
             delta: self.dp_delta,
-        }))
+        };
+        spec.check()
+            .map_err(|e| anyhow::anyhow!("--dp record: {e}"))?;
+        Ok(Some(spec))
     }
 
     /// The participant-level DP settings of `--dp participant` and its flags.
