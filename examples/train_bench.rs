@@ -8,6 +8,8 @@
 //! cargo run --release --example train_bench -- --model vit --data ../shared/data/mnist-10k --threads 1 --cipher block
 //! # Without --data: the built-in synthetic digits (as `greyfed simulate`).
 //! cargo run --release --example train_bench -- --model blocknet --threads 1
+//! # DP-SGD's cost: the same training with per-example clipping and noise.
+//! cargo run --release --example train_bench -- --model gridcnn --threads 1 --dp-clip 1
 //! # Side by side with PyTorch:
 //! THREADS=1 PYTHON=/work/pyenv/bin/python bench/compare_train.sh ../shared/data/mnist-10k
 //! ```
@@ -42,8 +44,9 @@ use clap::Parser;
 use greyfed_participant::cipher::{ImageCipher, ImageKey};
 use greyfed_participant::data::{idx::load_idx_dir, synthetic::builtin_splits};
 use greyfed_participant::model::{cnn_28x28, gridcnn_28x28, init_weights, mixer_28x28, vit_28x28};
-use greyfed_participant::train::{TensorData, evaluate, train_local};
+use greyfed_participant::train::{TensorData, TrainOptions, evaluate, train_local_with};
 use greyfed_protocol::cipher::CipherSteps;
+use greyfed_protocol::message::DpSgdSpec;
 use greyfed_protocol::{ModelSpec, OptimizerSpec, TrainingConfig};
 
 /// Minibatch size (fixed, as in the PyTorch script).
@@ -87,6 +90,14 @@ struct Args {
     /// and the (benchmark-only) image key.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Train with record-level DP-SGD at this clip norm (with
+    /// `--dp-noise-multiplier`): Poisson batches of expected size 64, each
+    /// example's gradient clipped, Gaussian noise. Off by default.
+    #[arg(long)]
+    dp_clip: Option<f32>,
+    /// DP-SGD noise multiplier (with `--dp-clip`).
+    #[arg(long, default_value_t = 1.0)]
+    dp_noise_multiplier: f32,
     /// Untimed warm-up minibatches before the timed run (0: none).
     #[arg(long, default_value_t = 10)]
     warmup_batches: usize,
@@ -156,6 +167,15 @@ fn main() -> Result<()> {
         ..TrainingConfig::default()
     };
 
+    let options = TrainOptions {
+        dp_sgd: args.dp_clip.map(|clip| DpSgdSpec {
+            clip,
+            noise_multiplier: args.dp_noise_multiplier,
+            delta: 1e-5,
+        }),
+        ..TrainOptions::default()
+    };
+
     if args.warmup_batches > 0 {
         let n = (args.warmup_batches * BATCH_SIZE as usize).min(train.len());
         let head = TensorData::from_dataset(&train.subset(&(0..n).collect::<Vec<_>>()), &device)?;
@@ -163,20 +183,25 @@ fn main() -> Result<()> {
             local_epochs: 1,
             ..config.clone()
         };
-        train_local(&spec, &global, &head, &warm, args.seed)?;
+        train_local_with(&spec, &global, &head, &warm, args.seed, &options)?;
     }
 
     let start = Instant::now();
-    let out = train_local(&spec, &global, &train_data, &config, args.seed)?;
+    let out = train_local_with(&spec, &global, &train_data, &config, args.seed, &options)?;
     let secs = start.elapsed().as_secs_f64();
     let images = train_data.len() as f64 * f64::from(args.epochs);
 
     let metrics = evaluate(&spec, &out.weights, &test_data, 500)?;
     eprintln!(
-        "greyfed {} ({}): {} train / {} test images, {} epochs, {} steps in {secs:.3} s, \
+        "greyfed {} ({}{}): {} train / {} test images, {} epochs, {} steps in {secs:.3} s, \
          mean train loss {:.4}, test loss {:.4}, {} threads ({} element-wise)",
         args.model,
         args.cipher,
+        if options.dp_sgd.is_some() {
+            ", DP-SGD"
+        } else {
+            ""
+        },
         train_data.len(),
         test_data.len(),
         args.epochs,

@@ -5,21 +5,22 @@
 //! size (the fixed denominator that Poisson sampling of batches needs; the
 //! accountant in `greyfed_protocol::privacy` assumes that sampling).
 //!
-//! Per-example gradients come from the model's own
-//! [`Model::loss_and_grads`] on one example at a time, so every model
-//! (hand-written passes included) gets them without changes; the cost is
-//! one pass per example. The noise is drawn in `f64` from a CSPRNG and
-//! rounded to `f32`, as Opacus and TensorFlow Privacy do (not the exact
-//! discrete sampler the secure sum uses: these gradients never leave the
-//! participant before they become an update).
+//! Per-example gradients come from the model's
+//! [`Model::clipped_grad_sum`]: batched for the built-in blocknet and grid
+//! CNN (their hand-written passes clip each example inside the batch), one
+//! pass per example for any other model. The noise is drawn in `f64` from a
+//! CSPRNG and rounded to `f32`, as Opacus and TensorFlow Privacy do (not the
+//! exact discrete sampler the secure sum uses: these gradients never leave
+//! the participant before they become an update).
 //!
 //! [`crate::train::TrainOptions::dp_sgd`] turns it on in local training,
-//! with Poisson-sampled batches from OS randomness; it is not yet on the
-//! command line (issue 21).
+//! with Poisson-sampled batches from OS randomness.
 
 use candle_core::Tensor;
-use rand::Rng;
-use rand_distr::{Distribution, Normal};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
 
 use greyfed_protocol::message::DpSgdSpec;
 
@@ -32,63 +33,11 @@ pub struct PrivateGradient {
     /// Mean loss of the batch's examples (not private: for the log only,
     /// never sent).
     pub loss: f32,
-    /// `(Σ clip(g_i) + N(0, (zC)²)) / expected_batch`, one tensor per
+    /// `(sum_i clip(g_i) + N(0, (zC)^2)) / expected_batch`, one tensor per
     /// variable, shaped as the model's gradients.
     pub grads: Vec<Tensor>,
     /// Examples whose gradient was longer than `C` and was scaled down.
     pub clipped: usize,
-}
-
-/// The L2 norm of a gradient given as one vector per variable.
-fn norm(grads: &[Vec<f32>]) -> f64 {
-    grads
-        .iter()
-        .flatten()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt()
-}
-
-/// Each example's gradient of `model` on `images [n, ...]`, `labels [n]`,
-/// scaled to L2 norm at most `clip` (the tensors of each flattened), with
-/// the examples' losses.
-///
-/// # Errors
-/// A model pass that fails, or inputs whose first dimensions differ.
-pub fn clipped_per_example(
-    model: &dyn Model,
-    images: &Tensor,
-    labels: &Tensor,
-    clip: f64,
-    smoothing: f32,
-) -> Result<Vec<(f32, Vec<Vec<f32>>)>> {
-    let n = images.dim(0)?;
-    if labels.dim(0)? != n {
-        return Err(ParticipantError::Model(format!(
-            "{n} images and {} labels",
-            labels.dim(0)?
-        )));
-    }
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let lg = model.smoothed_loss_and_grads(
-            &images.narrow(0, i, 1)?,
-            &labels.narrow(0, i, 1)?,
-            smoothing,
-        )?;
-        let mut grads = lg
-            .grads
-            .iter()
-            .map(|g| Ok(g.flatten_all()?.to_vec1::<f32>()?))
-            .collect::<Result<Vec<_>>>()?;
-        let length = norm(&grads);
-        if length > clip {
-            let scale = (clip / length) as f32;
-            grads.iter_mut().flatten().for_each(|g| *g *= scale);
-        }
-        out.push((lg.loss, grads));
-    }
-    Ok(out)
 }
 
 /// The DP-SGD gradient of a Poisson-sampled batch (`images` may hold no
@@ -106,67 +55,74 @@ pub fn private_gradient<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Result<PrivateGradient> {
     dp.check()?;
-    let (clip, noise_multiplier) = (f64::from(dp.clip), f64::from(dp.noise_multiplier));
     if expected_batch.is_nan() || expected_batch <= 0.0 {
         return Err(ParticipantError::Model(format!(
             "DP-SGD expected batch size {expected_batch} (must be above 0)"
         )));
     }
-    let vars = model.vars();
-    let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.as_tensor().dims().to_vec()).collect();
-    let device = vars
-        .first()
-        .map(|v| v.as_tensor().device().clone())
-        .unwrap_or(candle_core::Device::Cpu);
-    let examples = match batch {
-        Some((images, labels)) => clipped_per_example(model, images, labels, clip, smoothing)?,
-        None => Vec::new(),
+    let (sums, loss, clipped) = match batch {
+        Some((images, labels)) => {
+            let sum = model.clipped_grad_sum(images, labels, smoothing, dp.clip)?;
+            let n = sum.norms.len().max(1) as f64;
+            let clipped = sum.norms.iter().filter(|&&g| g > dp.clip).count();
+            (sum.grads, (sum.loss_sum / n) as f32, clipped)
+        }
+        None => {
+            let zeros = model
+                .vars()
+                .iter()
+                .map(|v| Ok(v.as_tensor().zeros_like()?))
+                .collect::<Result<Vec<_>>>()?;
+            (zeros, f32::NAN, 0)
+        }
     };
-    let mut sums: Vec<Vec<f64>> = shapes
-        .iter()
-        .map(|s| vec![0.0; s.iter().product()])
-        .collect();
-    let mut clipped = 0;
-    let mut loss = 0.0f64;
-    for (l, grads) in &examples {
-        loss += f64::from(*l);
-        if norm(grads) >= clip * (1.0 - 1e-6) {
-            clipped += 1;
-        }
-        for (sum, g) in sums.iter_mut().zip(grads) {
-            for (s, &v) in sum.iter_mut().zip(g) {
-                *s += f64::from(v);
-            }
-        }
-    }
-    let sigma = noise_multiplier * clip;
-    let noise = (sigma > 0.0)
-        .then(|| Normal::new(0.0, sigma))
-        .transpose()
-        .map_err(|e| ParticipantError::Model(format!("noise distribution: {e}")))?;
+    let sigma = f64::from(dp.noise_multiplier) * f64::from(dp.clip);
     let grads = sums
-        .into_iter()
-        .zip(&shapes)
-        .map(|(sum, shape)| {
-            let values: Vec<f32> = sum
-                .into_iter()
-                .map(|s| {
-                    let noisy = s + noise.as_ref().map_or(0.0, |d| d.sample(rng));
-                    (noisy / expected_batch) as f32
-                })
-                .collect();
-            Ok(Tensor::from_vec(values, shape.as_slice(), &device)?)
+        .iter()
+        .map(|sum| {
+            let mut values = sum.flatten_all()?.to_vec1::<f32>()?;
+            add_noise_and_scale(&mut values, sigma, 1.0 / expected_batch, rng);
+            Ok(Tensor::from_vec(values, sum.dims(), sum.device())?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(PrivateGradient {
-        loss: if examples.is_empty() {
-            f32::NAN
-        } else {
-            (loss / examples.len() as f64) as f32
-        },
+        loss,
         grads,
         clipped,
     })
+}
+
+/// Values per block of [`add_noise_and_scale`], each drawn by a generator
+/// of its own on rayon's pool.
+const NOISE_BLOCK: usize = 1 << 15;
+
+/// `v <- (v + N(0, sigma^2)) * scale` for every value. The noise is drawn
+/// in blocks of [`NOISE_BLOCK`] values, in parallel, each block by a
+/// ChaCha12 generator ([`StdRng`]) keyed with 32 fresh bytes from `rng`.
+fn add_noise_and_scale<R: Rng + ?Sized>(values: &mut [f32], sigma: f64, scale: f64, rng: &mut R) {
+    if sigma == 0.0 {
+        values
+            .iter_mut()
+            .for_each(|v| *v = (f64::from(*v) * scale) as f32);
+        return;
+    }
+    let keys: Vec<[u8; 32]> = (0..values.len().div_ceil(NOISE_BLOCK))
+        .map(|_| {
+            let mut key = [0u8; 32];
+            rng.fill_bytes(&mut key);
+            key
+        })
+        .collect();
+    values
+        .par_chunks_mut(NOISE_BLOCK)
+        .zip(keys)
+        .for_each(|(block, key)| {
+            let mut block_rng = StdRng::from_seed(key);
+            for v in block {
+                let z: f64 = StandardNormal.sample(&mut block_rng);
+                *v = ((f64::from(*v) + sigma * z) * scale) as f32;
+            }
+        });
 }
 
 /// A Poisson sample of `0..n`: each index independently with probability
@@ -181,9 +137,13 @@ pub fn poisson_batch<R: Rng + ?Sized>(n: usize, rate: f64, rng: &mut R) -> Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Network, init_weights};
+    use crate::model::{
+        Network, clipped_grad_sum_by_example, gridcnn_28x28, init_weights, mixer_28x28,
+    };
     use candle_core::Device;
+    use greyfed_protocol::message::FirstLayer;
     use greyfed_protocol::message::ModelSpec;
+    use greyfed_protocol::weights::ModelWeights;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
@@ -238,16 +198,53 @@ mod tests {
         assert_eq!(private.clipped, 0);
     }
 
+    fn l2(values: &[f32]) -> f64 {
+        values
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Random images and labels for `spec` (its image size and planes).
+    fn batch(spec: &ModelSpec, n: usize, seed: u64) -> (Tensor, Tensor) {
+        let (rows, cols) = spec.image_size();
+        let planes = spec.image_channels() as usize;
+        let len = n * planes * rows as usize * cols as usize;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let pixels: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let images = Tensor::from_vec(
+            pixels,
+            (n, planes, rows as usize, cols as usize),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let labels: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 10).collect();
+        (images, Tensor::from_vec(labels, n, &Device::Cpu).unwrap())
+    }
+
     #[test]
     fn no_example_contributes_more_than_the_clip_norm() {
         let (net, images, labels) = setup(5);
-        let unclipped =
-            clipped_per_example(net.model(), &images, &labels, f64::INFINITY, 0.0).unwrap();
-        let norms: Vec<f64> = unclipped.iter().map(|(_, g)| norm(g)).collect();
+        let model = net.model();
+        let one = |i: usize, clip: f32| {
+            model
+                .clipped_grad_sum(
+                    &images.narrow(0, i, 1).unwrap(),
+                    &labels.narrow(0, i, 1).unwrap(),
+                    0.0,
+                    clip,
+                )
+                .unwrap()
+        };
+        let raw: Vec<Vec<f32>> = (0..5).map(|i| flat(&one(i, f32::MAX).grads)).collect();
+        let norms: Vec<f64> = raw.iter().map(|g| l2(g)).collect();
         let clip = 0.5 * norms.iter().copied().fold(f64::INFINITY, f64::min);
-        let clipped = clipped_per_example(net.model(), &images, &labels, clip, 0.0).unwrap();
-        for ((_, g), (_, raw)) in clipped.iter().zip(&unclipped) {
-            let n = norm(g);
+        for (i, raw) in raw.iter().enumerate() {
+            let single = one(i, clip as f32);
+            assert!((f64::from(single.norms[0]) / norms[i] - 1.0).abs() < 1e-4);
+            let g = flat(&single.grads);
+            let n = l2(&g);
             assert!(n <= clip * (1.0 + 1e-5), "{n} > {clip}");
             assert!(
                 (n - clip).abs() <= 1e-4 * clip,
@@ -256,11 +253,10 @@ mod tests {
             // Same direction: clipping only scales.
             let dot: f64 = g
                 .iter()
-                .flatten()
-                .zip(raw.iter().flatten())
+                .zip(raw)
                 .map(|(&a, &b)| f64::from(a) * f64::from(b))
                 .sum();
-            assert!((dot / (n * norm(raw)) - 1.0).abs() < 1e-4);
+            assert!((dot / (n * l2(raw)) - 1.0).abs() < 1e-4);
         }
         // The private gradient without noise is their sum over the batch size.
         let dp = DpSgdSpec {
@@ -269,18 +265,64 @@ mod tests {
             delta: 1e-5,
         };
         let mut rng = StdRng::seed_from_u64(3);
-        let private = private_gradient(
-            net.model(),
-            Some((&images, &labels)),
-            5.0,
-            0.0,
-            &dp,
-            &mut rng,
-        )
-        .unwrap();
+        let private =
+            private_gradient(model, Some((&images, &labels)), 5.0, 0.0, &dp, &mut rng).unwrap();
         assert_eq!(private.clipped, 5);
-        let total = norm(&[flat(&private.grads)]) * 5.0;
+        let total = l2(&flat(&private.grads)) * 5.0;
         assert!(total <= 5.0 * clip * (1.0 + 1e-5), "{total}");
+    }
+
+    /// The batched passes of the built-in models give what one pass per
+    /// example gives, with some examples clipped and some not.
+    #[test]
+    fn batched_clipping_equals_one_example_at_a_time() {
+        let per_block = |spec: ModelSpec| spec.with_first_layer(FirstLayer::PerBlock);
+        let specs = [
+            ModelSpec::blocknet_28x28(4),
+            per_block(ModelSpec::blocknet_28x28(4)),
+            gridcnn_28x28(4, 1),
+            per_block(gridcnn_28x28(4, 1)),
+            gridcnn_28x28(4, 2),
+            mixer_28x28(4, 1),
+        ];
+        for (s, spec) in specs.iter().enumerate() {
+            let mut weights = init_weights(spec, 11 + s as u64).unwrap().into_tensors();
+            if matches!(spec, ModelSpec::GridCnn { .. }) {
+                // A larger token map makes the patch embedding's share of
+                // the gradient norm large enough to be checked.
+                weights[2].data.iter_mut().for_each(|v| *v *= 30.0);
+            }
+            let weights = ModelWeights::new(weights).unwrap();
+            let net = Network::new(spec, &weights, &Device::Cpu).unwrap();
+            // 19 examples: more than one chunk of the grid CNN's pass.
+            let (images, labels) = batch(spec, 19, s as u64);
+            let model = net.model();
+            let raw = clipped_grad_sum_by_example(model, &images, &labels, 0.1, f32::MAX).unwrap();
+            let mut sorted = raw.norms.clone();
+            sorted.sort_by(f32::total_cmp);
+            let clip = sorted[sorted.len() / 2];
+            let want = clipped_grad_sum_by_example(model, &images, &labels, 0.1, clip).unwrap();
+            let got = model.clipped_grad_sum(&images, &labels, 0.1, clip).unwrap();
+            let name = spec.name();
+            assert!(
+                (got.loss_sum / want.loss_sum - 1.0).abs() < 1e-4,
+                "{name}: loss {} vs {}",
+                got.loss_sum,
+                want.loss_sum
+            );
+            for (a, b) in got.norms.iter().zip(&want.norms) {
+                assert!((a / b - 1.0).abs() < 2e-5, "{name}: norm {a} vs {b}");
+            }
+            assert_eq!(got.norms.len(), 19);
+            let (a, b) = (flat(&got.grads), flat(&want.grads));
+            assert_eq!(a.len(), b.len(), "{name}");
+            let scale = b.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-4 * scale, "{name}: {x} vs {y}");
+            }
+            // And the clip is a real bound on the sum: 19 examples at most.
+            assert!(l2(&a) <= 19.0 * f64::from(clip) * (1.0 + 1e-4), "{name}");
+        }
     }
 
     #[test]

@@ -412,6 +412,104 @@ pub struct LossAndGrads {
     pub grads: Vec<Tensor>,
 }
 
+/// DP-SGD's per-example work on a minibatch ([`Model::clipped_grad_sum`]):
+/// every example's gradient `g_i` of its own loss, scaled to L2 norm at most
+/// `C` (the norm over all variables together), and summed.
+#[derive(Debug)]
+pub struct ClippedGradSum {
+    /// Sum of the examples' losses (not averaged).
+    pub loss_sum: f64,
+    /// `sum_i min(1, C / |g_i|) g_i`, one tensor per variable, shaped as
+    /// [`Model::loss_and_grads`] gives them.
+    pub grads: Vec<Tensor>,
+    /// `|g_i|` before clipping, one per example in batch order.
+    pub norms: Vec<f32>,
+}
+
+/// The factor that scales a gradient of L2 norm `norm` to at most `clip`:
+/// `min(1, clip / norm)` (1 for a zero gradient).
+pub fn clip_factor(norm: f64, clip: f64) -> f64 {
+    if norm > clip { clip / norm } else { 1.0 }
+}
+
+/// [`Model::clipped_grad_sum`] for any model, one example at a time through
+/// [`Model::smoothed_loss_and_grads`]: exact, and the reference the batched
+/// passes are tested against, but one pass per example.
+///
+/// # Errors
+/// `clip` not positive, inputs whose first dimensions differ, or a model
+/// pass that fails.
+pub fn clipped_grad_sum_by_example<M: Model + ?Sized>(
+    model: &M,
+    images: &Tensor,
+    labels: &Tensor,
+    smoothing: f32,
+    clip: f32,
+) -> Result<ClippedGradSum> {
+    let n = check_clip_batch(images, labels, clip)?;
+    let vars = model.vars();
+    let mut sums: Vec<Vec<f64>> = vars.iter().map(|v| vec![0.0; v.elem_count()]).collect();
+    let mut loss_sum = 0f64;
+    let mut norms = Vec::with_capacity(n);
+    for i in 0..n {
+        let lg = model.smoothed_loss_and_grads(
+            &images.narrow(0, i, 1)?,
+            &labels.narrow(0, i, 1)?,
+            smoothing,
+        )?;
+        let grads = lg
+            .grads
+            .iter()
+            .map(|g| Ok(g.flatten_all()?.to_vec1::<f32>()?))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = grads
+            .iter()
+            .flatten()
+            .map(|&g| f64::from(g) * f64::from(g))
+            .sum::<f64>()
+            .sqrt();
+        let scale = clip_factor(norm, f64::from(clip));
+        for (sum, g) in sums.iter_mut().zip(&grads) {
+            for (s, &v) in sum.iter_mut().zip(g) {
+                *s += scale * f64::from(v);
+            }
+        }
+        loss_sum += f64::from(lg.loss);
+        norms.push(norm as f32);
+    }
+    let grads = sums
+        .into_iter()
+        .zip(&vars)
+        .map(|(sum, v)| {
+            let values: Vec<f32> = sum.into_iter().map(|s| s as f32).collect();
+            Ok(Tensor::from_vec(values, v.dims(), v.device())?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ClippedGradSum {
+        loss_sum,
+        grads,
+        norms,
+    })
+}
+
+/// Checks a clip norm and a minibatch for [`Model::clipped_grad_sum`],
+/// returning the number of examples.
+pub(crate) fn check_clip_batch(images: &Tensor, labels: &Tensor, clip: f32) -> Result<usize> {
+    if clip.is_nan() || clip <= 0.0 {
+        return Err(ParticipantError::Model(format!(
+            "DP-SGD clip norm {clip} (must be above 0)"
+        )));
+    }
+    let n = images.dim(0)?;
+    if labels.dim(0)? != n {
+        return Err(ParticipantError::Model(format!(
+            "{n} images and {} labels",
+            labels.dim(0)?
+        )));
+    }
+    Ok(n)
+}
+
 /// Loss and gradients through candle's autograd: `logits` must come from a
 /// differentiable forward pass over `vars`. Variables without a gradient get
 /// zeros.

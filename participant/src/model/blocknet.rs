@@ -20,10 +20,13 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tenso
 use greyfed_protocol::message::{FirstLayer, ModelSpec};
 use greyfed_protocol::weights::ModelWeights;
 
+use super::conv::column_sums;
+use super::gemm::{MatRef, product_grad_norm_sq, sum_of_squares};
 use super::ops::map_rows_with_bias;
 use super::{
-    LossAndGrads, MAX_PARAMETERS, Model, ParamInfo, check_layout, check_positive, f32_operand,
-    softmax_cross_entropy_rows, var_from, vars_to_weights,
+    ClippedGradSum, LossAndGrads, MAX_PARAMETERS, Model, ParamInfo, check_clip_batch, check_layout,
+    check_positive, clip_factor, f32_operand, softmax_cross_entropy_rows, var_from,
+    vars_to_weights,
 };
 use crate::error::{ParticipantError, Result};
 
@@ -185,6 +188,14 @@ pub struct BlockNet {
     fc1_b: Var,
     fc2_w: Var,
     fc2_b: Var,
+}
+
+/// Gradients of the loss with respect to the layers' outputs before their
+/// bias and activation: logits `[N, K]`, hidden `[N, H]`, conv `[N * P, C]`.
+struct Signals {
+    d_logits: Tensor,
+    d_hidden: Tensor,
+    d_conv: Tensor,
 }
 
 /// Intermediate values of a blocknet forward pass kept for the backward pass.
@@ -361,30 +372,134 @@ impl BlockNet {
     /// Mean cross-entropy of a minibatch and the gradients of all variables,
     /// by a hand-written backward pass (no gradient for the images).
     pub fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
-        let d = &self.dims;
         let a = self.forward_acts(images)?;
-        let n = a.logits.dim(0)?;
         let (loss, d_logits) = softmax_cross_entropy(&a.logits, labels)?;
+        let s = self.signals(&a, d_logits)?;
+        Ok(LossAndGrads {
+            loss,
+            grads: self.weight_grads(&a, &s)?,
+        })
+    }
+
+    /// [`Model::clipped_grad_sum`] in one batched pass: the backward signals
+    /// of each example's own loss, each example's gradient norm from them
+    /// without forming the per-example gradients (for a product `y = x W`
+    /// the gradient `dy^T x` of one example has norm `|dy| |x|`, summed
+    /// over the block positions' terms for the convolution), then every
+    /// example's signals scaled by its clip factor and the weight gradients
+    /// formed once for the batch.
+    pub fn clipped_grad_sum(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+        clip: f32,
+    ) -> Result<ClippedGradSum> {
+        let d = &self.dims;
+        let n = check_clip_batch(images, labels, clip)?;
+        let a = self.forward_acts(images)?;
+        let k = d.classes;
+        let z = a.logits.flatten_all()?.to_vec1::<f32>()?;
+        let y = labels.to_vec1::<u32>()?;
+        let mut grad = vec![0f32; n * k];
+        let loss_sum = softmax_cross_entropy_rows(&z, k, &y, (1.0, smoothing), &mut grad)?;
+        let s = self.signals(&a, Tensor::from_vec(grad, (n, k), a.logits.device())?)?;
+        // Per-example sums of squares of a tensor's rows [n, ...].
+        let rows = |t: &Tensor| -> Result<Vec<f64>> {
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.chunks_exact(v.len() / n.max(1))
+                .map(sum_of_squares)
+                .collect())
+        };
+        let (d_logits2, d_hidden2) = (rows(&s.d_logits)?, rows(&s.d_hidden)?);
+        let (hidden2, flat2) = (rows(&a.hidden)?, rows(&a.flat)?);
+        // fc2 and fc1: weight |dy|^2 |x|^2, bias |dy|^2.
+        let mut squares: Vec<f64> = (0..n)
+            .map(|i| d_logits2[i] * (hidden2[i] + 1.0) + d_hidden2[i] * (flat2[i] + 1.0))
+            .collect();
+        let (p, c, l) = (d.blocks(), d.channels, d.patch_len());
+        let d_conv = s.d_conv.flatten_all()?.to_vec1::<f32>()?;
+        if d.per_block {
+            // One kernel per position: each (example, position) term is a
+            // product's gradient of its own. Patches are [P, n, L].
+            let patches = a.patches.flatten_all()?.to_vec1::<f32>()?;
+            for (i, sq) in squares.iter_mut().enumerate() {
+                for pos in 0..p {
+                    let dc = sum_of_squares(&d_conv[(i * p + pos) * c..][..c]);
+                    let x = sum_of_squares(&patches[(pos * n + i) * l..][..l]);
+                    *sq += dc * (x + 1.0);
+                }
+            }
+        } else {
+            let patches = a.patches.flatten_all()?.to_vec1::<f32>()?;
+            let (mut bias, mut scratch) = (vec![0f32; c], Vec::new());
+            for (i, sq) in squares.iter_mut().enumerate() {
+                let dc = &d_conv[i * p * c..][..p * c];
+                let x = MatRef::new(&patches[i * p * l..], p, l)?;
+                *sq += product_grad_norm_sq(MatRef::new(dc, p, c)?, x, &mut scratch)?;
+                column_sums(dc, c, &mut bias);
+                *sq += sum_of_squares(&bias);
+            }
+        }
+        let norms: Vec<f32> = squares.iter().map(|&q| q.sqrt() as f32).collect();
+        let factors: Vec<f32> = norms
+            .iter()
+            .map(|&g| clip_factor(f64::from(g), f64::from(clip)) as f32)
+            .collect();
+        let factors = Tensor::from_vec(factors, (n, 1), a.logits.device())?;
+        let scale = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.reshape((n, ()))?
+                .broadcast_mul(&factors)?
+                .reshape(t.dims())?)
+        };
+        let scaled = Signals {
+            d_logits: scale(&s.d_logits)?,
+            d_hidden: scale(&s.d_hidden)?,
+            d_conv: scale(&s.d_conv)?,
+        };
+        Ok(ClippedGradSum {
+            loss_sum,
+            grads: self.weight_grads(&a, &scaled)?,
+            norms,
+        })
+    }
+
+    /// The backward signals (gradients of the layers' pre-activations) for
+    /// the loss gradient `d_logits [N, K]`.
+    fn signals(&self, a: &BlockActs, d_logits: Tensor) -> Result<Signals> {
+        let d = &self.dims;
+        let n = a.logits.dim(0)?;
         let w1 = self.fc1_w.as_detached_tensor();
         let w2 = self.fc2_w.as_detached_tensor();
-        // fc2: logits = hidden @ W2^T + b2.
-        let d_w2 = d_logits.t()?.matmul(&a.hidden)?;
-        let d_b2 = d_logits.apply_op1_no_bwd(&ColumnSums)?;
         let d_hidden = d_logits
             .matmul(&w2)?
             .apply_op2_no_bwd(&a.hidden, &ReluBackward)?;
-        // fc1: hidden = relu(flat @ W1t + b1), W1t the internal [P * C, H].
-        let d_w1 = a.flat.t()?.matmul(&d_hidden)?;
-        let d_b1 = d_hidden.apply_op1_no_bwd(&ColumnSums)?;
         // d flat [N, P * C] is d conv [N * P, C].
         let d_conv = d_hidden
             .matmul(&w1.t()?)?
             .reshape((n * d.blocks(), d.channels))?
             .apply_op2_no_bwd(&a.conv, &ReluBackward)?;
+        Ok(Signals {
+            d_logits,
+            d_hidden,
+            d_conv,
+        })
+    }
+
+    /// The weight gradients, summed over the batch, from the signals.
+    fn weight_grads(&self, a: &BlockActs, s: &Signals) -> Result<Vec<Tensor>> {
+        let d = &self.dims;
+        let n = a.logits.dim(0)?;
+        // fc2: logits = hidden @ W2^T + b2.
+        let d_w2 = s.d_logits.t()?.matmul(&a.hidden)?;
+        let d_b2 = s.d_logits.apply_op1_no_bwd(&ColumnSums)?;
+        // fc1: hidden = relu(flat @ W1t + b1), W1t the internal [P * C, H].
+        let d_w1 = a.flat.t()?.matmul(&s.d_hidden)?;
+        let d_b1 = s.d_hidden.apply_op1_no_bwd(&ColumnSums)?;
         // conv: conv = relu(patches @ Wc^T + bc), per block position when
         // the kernels are per block.
         let (d_wc, d_bc) = if d.per_block {
-            let d_pre = d_conv.reshape((n, d.fc1_in()))?;
+            let d_pre = s.d_conv.reshape((n, d.fc1_in()))?;
             let by_block = d_pre
                 .reshape((n, d.blocks(), d.channels))?
                 .transpose(0, 1)?
@@ -397,14 +512,11 @@ impl BlockNet {
             )
         } else {
             (
-                d_conv.t()?.matmul(&a.patches)?,
-                d_conv.apply_op1_no_bwd(&ColumnSums)?,
+                s.d_conv.t()?.matmul(&a.patches)?,
+                s.d_conv.apply_op1_no_bwd(&ColumnSums)?,
             )
         };
-        Ok(LossAndGrads {
-            loss,
-            grads: vec![d_wc, d_bc, d_w1, d_b1, d_w2, d_b2],
-        })
+        Ok(vec![d_wc, d_bc, d_w1, d_b1, d_w2, d_b2])
     }
 
     /// The current values as [`ModelWeights`] (PyTorch layout).
@@ -435,6 +547,16 @@ impl Model for BlockNet {
 
     fn loss_and_grads(&self, images: &Tensor, labels: &Tensor) -> Result<LossAndGrads> {
         BlockNet::loss_and_grads(self, images, labels)
+    }
+
+    fn clipped_grad_sum(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+        clip: f32,
+    ) -> Result<ClippedGradSum> {
+        BlockNet::clipped_grad_sum(self, images, labels, smoothing, clip)
     }
 
     fn to_weights(&self) -> Result<ModelWeights> {

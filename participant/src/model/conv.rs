@@ -3,6 +3,9 @@
 //! adjoint on channels-last activations, kernel re-layout between PyTorch's
 //! `(c, ky, kx)` and im2col's `(ky, kx, c)` column order, and column sums.
 
+use super::gemm::{MatRef, dot, gram};
+use crate::error::Result;
+
 /// `v` holding exactly `len` values (old contents unspecified).
 pub(crate) fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     // Only grows: shrinking and growing again would zero the regrown part.
@@ -101,6 +104,48 @@ fn im2col_c<const C: usize>(x: &[f32], n: usize, h: usize, w: usize, c: usize, c
     }
 }
 
+/// One image's gradient norm `|du^T im2col(x)|^2` (Frobenius) of a 3x3
+/// convolution with padding 1 on an `h x w` grid, from its output gradient
+/// `du [h*w, c_out]` and input `x [h*w, c_in]`, without the gradient or the
+/// im2col (a ghost norm): the im2col's Gram matrix is the sum, over the
+/// nine kernel offsets, of the input's Gram matrix shifted by the offset
+/// where both cells stay inside, so the cost is `(h w)^2 (c_in + c_out)`
+/// rather than `h w 9 c_in c_out`.
+pub(crate) fn conv3x3_grad_norm_sq(
+    du: MatRef<'_>,
+    x: MatRef<'_>,
+    (h, w): (usize, usize),
+    scratch: &mut Vec<f32>,
+) -> Result<f64> {
+    let t = h * w;
+    let buf = sized(scratch, 3 * t * t);
+    let (g_du, rest) = buf.split_at_mut(t * t);
+    let (g_x, g_cols) = rest.split_at_mut(t * t);
+    gram(du, g_du)?;
+    gram(x, g_x)?;
+    g_cols.fill(0.0);
+    // Offset d - 1 along an axis of length len: the cells v whose v + d - 1
+    // is inside too.
+    let inside = |d: usize, len: usize| (1 - d.min(1))..(len + 1 - d).min(len);
+    for (dy, dx) in (0..3).flat_map(|dy| (0..3).map(move |dx| (dy, dx))) {
+        let (ys, xs) = (inside(dy, h), inside(dx, w));
+        let run = xs.len();
+        for ty in ys.clone() {
+            for tx in xs.clone() {
+                let (row, src) = (ty * w + tx, (ty + dy - 1) * w + tx + dx - 1);
+                for sy in ys.clone() {
+                    let out = &mut g_cols[row * t + sy * w + xs.start..][..run];
+                    let from = &g_x[src * t + (sy + dy - 1) * w + xs.start + dx - 1..][..run];
+                    for (o, v) in out.iter_mut().zip(from) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+    }
+    Ok(dot(g_du, g_cols))
+}
+
 /// Adjoint of [`im2col`]: sums the gradient `cols [n * h * w, 9 * c]` back
 /// onto the pixels, `dx [n, h, w, c]`.
 pub(crate) fn col2im(cols: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
@@ -170,5 +215,43 @@ mod tests {
         let mut back = vec![0f32; w.len()];
         from_internal(&internal, 4, 3, &mut back);
         assert_eq!(back, w);
+    }
+
+    #[test]
+    fn convolution_gradient_norm_matches_the_formed_gradient() {
+        for (h, w, c_in, c_out) in [(7, 7, 3, 4), (3, 3, 16, 2), (2, 5, 1, 1), (1, 1, 2, 3)] {
+            let t = h * w;
+            let x: Vec<f32> = (0..t * c_in).map(|v| (v as f32 * 0.37).sin()).collect();
+            let du: Vec<f32> = (0..t * c_out).map(|v| (v as f32 * 0.73).cos()).collect();
+            let mut cols = vec![0f32; t * 9 * c_in];
+            im2col(&x, 1, h, w, c_in, &mut cols);
+            // The gradient du^T cols, formed by loops.
+            let mut want = 0f64;
+            for o in 0..c_out {
+                for j in 0..9 * c_in {
+                    let g: f64 = (0..t)
+                        .map(|r| f64::from(du[r * c_out + o]) * f64::from(cols[r * 9 * c_in + j]))
+                        .sum();
+                    want += g * g;
+                }
+            }
+            let mut scratch = Vec::new();
+            let du_m = MatRef::new(&du, t, c_out).unwrap();
+            let got = conv3x3_grad_norm_sq(
+                du_m,
+                MatRef::new(&x, t, c_in).unwrap(),
+                (h, w),
+                &mut scratch,
+            )
+            .unwrap();
+            assert!((got / want - 1.0).abs() < 1e-5, "{h}x{w}: {got} vs {want}");
+            // The input read as the centre columns of its im2col.
+            let centre = MatRef::new(&cols, t, 9 * c_in)
+                .unwrap()
+                .columns(4 * c_in, c_in)
+                .unwrap();
+            let again = conv3x3_grad_norm_sq(du_m, centre, (h, w), &mut scratch).unwrap();
+            assert!((again / want - 1.0).abs() < 1e-5);
+        }
     }
 }

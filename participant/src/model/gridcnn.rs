@@ -38,7 +38,7 @@ use candle_core::{Tensor, Var};
 use greyfed_protocol::message::ModelSpec;
 use greyfed_protocol::weights::ModelWeights;
 
-use super::{LossAndGrads, Model, ParamInfo, init_weights};
+use super::{ClippedGradSum, LossAndGrads, Model, ParamInfo, init_weights};
 use crate::error::{ParticipantError, Result};
 
 mod dims;
@@ -113,6 +113,16 @@ impl Model for GridCnn {
         smoothing: f32,
     ) -> Result<LossAndGrads> {
         GridCnn::smoothed_loss_and_grads(self, images, labels, smoothing)
+    }
+
+    fn clipped_grad_sum(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+        clip: f32,
+    ) -> Result<ClippedGradSum> {
+        GridCnn::clipped_grad_sum(self, images, labels, smoothing, clip)
     }
 
     fn to_weights(&self) -> Result<ModelWeights> {

@@ -99,9 +99,9 @@ use greyfed_protocol::message::{InputSpec, ModelSpec};
 use greyfed_protocol::weights::ModelWeights;
 
 use super::{
-    LossAndGrads, MAX_PARAMETERS, ParamInfo, ParamInit, autograd_loss_and_grads,
-    autograd_smoothed_loss_and_grads, check_layout, check_positive, cnn_28x28, gridcnn_28x28,
-    mixer_28x28, param_layout, vars_to_weights, vit_28x28,
+    ClippedGradSum, LossAndGrads, MAX_PARAMETERS, ParamInfo, ParamInit, autograd_loss_and_grads,
+    autograd_smoothed_loss_and_grads, check_layout, check_positive, clipped_grad_sum_by_example,
+    cnn_28x28, gridcnn_28x28, mixer_28x28, param_layout, vars_to_weights, vit_28x28,
 };
 use crate::error::{ParticipantError, Result};
 
@@ -165,6 +165,22 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         }
         let logits = self.forward(&images.detach())?;
         autograd_smoothed_loss_and_grads(&logits, labels, &self.vars(), smoothing)
+    }
+
+    /// Each example's gradient of its own (smoothed) loss, clipped to L2
+    /// norm `clip` and summed: the per-example part of DP-SGD
+    /// ([`crate::dp_sgd`]). The default runs one pass per example
+    /// ([`clipped_grad_sum_by_example`]); a model with a hand-written pass
+    /// overrides it with a batched one (the built-in blocknet and grid CNN
+    /// do).
+    fn clipped_grad_sum(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+        clip: f32,
+    ) -> Result<ClippedGradSum> {
+        clipped_grad_sum_by_example(self, images, labels, smoothing, clip)
     }
 
     /// The current values as [`ModelWeights`] in [`Model::layout`]. The

@@ -158,10 +158,9 @@ impl EncodingParams {
         }
         let participants = participants.max(1);
         let headroom = noise_headroom(participants, variance);
-        let largest = participants as u128
-            * u128::from(self.max_weight)
-            * u128::from(levels(self.bits))
-            + 2 * u128::from(headroom);
+        let largest =
+            participants as u128 * u128::from(self.max_weight) * u128::from(levels(self.bits))
+                + 2 * u128::from(headroom);
         let ring_bits = bit_length(largest);
         if ring_bits > MAX_RING_BITS {
             return Err(ProtocolError::BitBudget(format!(

@@ -30,10 +30,12 @@ use rayon::prelude::*;
 
 use super::GridCnnDims;
 use crate::error::{ParticipantError, Result};
-use crate::model::conv::{column_sums, from_internal, im2col, sized, sized_u32, to_internal};
-use crate::model::gemm::{MatRef, matmul};
+use crate::model::conv::{
+    column_sums, conv3x3_grad_norm_sq, from_internal, im2col, sized, sized_u32, to_internal,
+};
+use crate::model::gemm::{MatRef, matmul, product_grad_norm_sq, sum_of_squares};
 use crate::model::ops::{bias_gelu_in_place, gelu_in_place};
-use crate::model::softmax_cross_entropy_rows;
+use crate::model::{clip_factor, softmax_cross_entropy_rows};
 
 /// Number of parameter tensors (see [`GridCnnDims::layout`]).
 const TENSORS: usize = 12;
@@ -94,15 +96,50 @@ struct Shard {
     logits: Vec<f32>,
     /// Sum of this shard's per-image losses.
     loss: f64,
+    /// The gradient of the patch embeddings `[n, T, D]`.
+    d_embed: Vec<f32>,
+    /// Room for one image's Gram matrices or gradient ([`Shard::clip_images`]).
+    scratch: Vec<f32>,
     /// Gradients in the variables' layout (conv kernels in the internal
     /// column order until the end).
     grads: [Vec<f32>; TENSORS],
     /// Sums of the gradients of a shard's chunks.
     sums: [Vec<f32>; TENSORS],
+    /// Each image's gradient norm before clipping
+    /// ([`Reduction::ClippedSum`]).
+    norms: Vec<f32>,
 }
 
-/// Mean cross-entropy of the minibatch `images [N, I, R, W]` (contiguous)
-/// with `labels [N]`, and the gradients of all parameters; `params` and the
+/// How [`loss_and_grads`] combines the examples' gradients.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Reduction {
+    /// The gradient of the mean loss over `batch` examples.
+    Mean {
+        /// The minibatch size.
+        batch: usize,
+    },
+    /// Each example's gradient of its own loss clipped to L2 norm `clip`,
+    /// summed (DP-SGD).
+    ClippedSum {
+        /// The clip norm.
+        clip: f32,
+    },
+}
+
+/// What [`loss_and_grads`] gives.
+pub(super) struct Pass {
+    /// Sum of the examples' losses.
+    pub loss_sum: f64,
+    /// The reduced gradients (see [`Reduction`]).
+    pub grads: Vec<Vec<f32>>,
+    /// Each example's gradient norm before clipping, in batch order
+    /// ([`Reduction::ClippedSum`] only; empty otherwise).
+    pub norms: Vec<f32>,
+}
+
+/// Cross-entropy of the minibatch `images [N, I, R, W]` (contiguous)
+/// with `labels [N]`, and the gradients of all parameters, reduced as
+/// `reduction` says; `params` and the
 /// result in [`GridCnnDims::layout`] order, in the layout of the
 /// [`GridCnn`](super::GridCnn)'s variables (a per-position patch embedding
 /// weight as `[T, I*P*P, D]`). `threads` is the number of shards the batch
@@ -112,9 +149,10 @@ pub(super) fn loss_and_grads(
     params: &[&[f32]],
     images: &[f32],
     (labels, smoothing): (&[u32], f32),
+    reduction: Reduction,
     ws: &mut Workspace,
     threads: usize,
-) -> Result<(f32, Vec<Vec<f32>>)> {
+) -> Result<Pass> {
     let n = labels.len();
     let image_len = d.planes * d.rows * d.cols;
     if n == 0 || Some(images.len()) != n.checked_mul(image_len) {
@@ -159,7 +197,6 @@ pub(super) fn loss_and_grads(
         .resize_with(shards.max(ws.shards.len()), Shard::default);
     let kernels = [&ws.kernels[0][..], &ws.kernels[1], &ws.kernels[2]];
     let flipped = [&ws.flipped[0][..], &ws.flipped[1], &ws.flipped[2]];
-    let inv_n = 1.0 / n as f32;
     let run = |(s, shard): (usize, &mut Shard)| -> Result<()> {
         let (start, end) = (s * n / shards, (s + 1) * n / shards);
         shard.run_chunks(
@@ -168,7 +205,7 @@ pub(super) fn loss_and_grads(
             (kernels, flipped),
             &images[start * image_len..end * image_len],
             &labels[start..end],
-            (inv_n, smoothing),
+            (reduction, smoothing),
         )
     };
     if shards == 1 {
@@ -184,6 +221,7 @@ pub(super) fn loss_and_grads(
     let total = &mut first[0];
     for other in rest {
         total.loss += other.loss;
+        total.norms.extend_from_slice(&other.norms);
         for (t, o) in total.grads.iter_mut().zip(&other.grads) {
             for (t, o) in t.iter_mut().zip(o) {
                 *t += o;
@@ -194,7 +232,11 @@ pub(super) fn loss_and_grads(
     for (j, (&c_in, c_out)) in fan_ins.iter().zip([d.c1, d.c2, d.c3]).enumerate() {
         from_internal(&total.grads[4 + 2 * j], c_out, c_in, &mut out[4 + 2 * j]);
     }
-    Ok(((total.loss / n as f64) as f32, out))
+    Ok(Pass {
+        loss_sum: total.loss,
+        grads: out,
+        norms: std::mem::take(&mut total.norms),
+    })
 }
 
 /// Kernel `[O, C, 3, 3]` (PyTorch) to the flipped `[C, 3, 3, O]` that maps
@@ -207,6 +249,21 @@ fn flip(w: &[f32], o: usize, c: usize, out: &mut [f32]) {
             }
         }
     }
+}
+
+/// Image `img`'s `[rows, cols]` of a buffer holding `[n, rows, cols]`.
+fn image_rows(buf: &[f32], img: usize, rows: usize, cols: usize) -> Result<MatRef<'_>> {
+    MatRef::new(
+        exact(&buf[(img * rows * cols).min(buf.len())..], rows * cols)?,
+        rows,
+        cols,
+    )
+}
+
+/// The first `len` values of a buffer (which may be longer).
+fn exact(buf: &[f32], len: usize) -> Result<&[f32]> {
+    buf.get(..len)
+        .ok_or_else(|| ParticipantError::Model("gridcnn: buffer too short".into()))
 }
 
 /// `x[i] *= dg[i]`.
@@ -306,7 +363,9 @@ pub(super) const CHUNK: usize = 16;
 
 impl Shard {
     /// [`Shard::run`] over the shard's images in chunks of [`CHUNK`], the
-    /// losses and gradients summed in `self.loss` and `self.grads`.
+    /// losses and gradients summed in `self.loss` and `self.grads` (for
+    /// [`Reduction::ClippedSum`] each image's gradient clipped, its norm in
+    /// `self.norms`).
     fn run_chunks(
         &mut self,
         d: &GridCnnDims,
@@ -314,27 +373,26 @@ impl Shard {
         kernels: ([&[f32]; 3], [&[f32]; 3]),
         images: &[f32],
         labels: &[u32],
-        scale: (f32, f32),
+        (reduction, smoothing): (Reduction, f32),
     ) -> Result<()> {
         let image_len = images.len() / labels.len().max(1);
-        let mut chunks = labels.chunks(CHUNK).zip(images.chunks(CHUNK * image_len));
-        let Some((first_labels, first_images)) = chunks.next() else {
-            return Ok(());
+        let (scale, clip) = match reduction {
+            Reduction::Mean { batch } => (1.0 / batch as f32, None),
+            Reduction::ClippedSum { clip } => (1.0, Some(clip)),
         };
-        self.run(d, p, kernels, first_images, first_labels, scale)?;
-        let Some((labels, images)) = chunks.next() else {
-            return Ok(());
-        };
-        for (sum, g) in self.sums.iter_mut().zip(&self.grads) {
-            sum.clone_from(g);
-        }
-        let mut loss = self.loss;
-        for (labels, images) in std::iter::once((labels, images)).chain(chunks) {
-            self.run(d, p, kernels, images, labels, scale)?;
+        self.norms.clear();
+        let mut loss = 0.0;
+        let chunks = labels.chunks(CHUNK).zip(images.chunks(CHUNK * image_len));
+        for (i, (labels, images)) in chunks.enumerate() {
+            self.run(d, p, kernels, images, labels, (scale, smoothing, clip))?;
             loss += self.loss;
             for (sum, g) in self.sums.iter_mut().zip(&self.grads) {
-                for (s, g) in sum.iter_mut().zip(g) {
-                    *s += g;
+                if i == 0 {
+                    sum.clone_from(g);
+                } else {
+                    for (s, g) in sum.iter_mut().zip(g) {
+                        *s += g;
+                    }
                 }
             }
         }
@@ -344,7 +402,7 @@ impl Shard {
     }
 
     /// Forward and backward pass over `n` images; leaves the summed loss
-    /// (each image's scaled by `inv_n` in the gradients, labels smoothed by
+    /// (each image's scaled by `scale` in the gradients, labels smoothed by
     /// `smoothing`) and the gradients in `self`.
     fn run(
         &mut self,
@@ -353,7 +411,7 @@ impl Shard {
         (kernels, flipped): ([&[f32]; 3], [&[f32]; 3]),
         images: &[f32],
         labels: &[u32],
-        (inv_n, smoothing): (f32, f32),
+        (scale, smoothing, clip): (f32, f32, Option<f32>),
     ) -> Result<()> {
         let n = labels.len();
         let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
@@ -361,7 +419,6 @@ impl Shard {
         let (t, t2, pl, dim) = (gr * gc, hr * hc, d.patch_len(), d.dim);
         let (c1, c2, c3, k) = (d.c1, d.c2, d.c3, d.classes);
         let seq = Parallelism::None;
-        let g = &mut self.grads;
 
         // Patch embedding -> embed [n, T, D].
         let patches = sized(&mut self.patches, n * t * pl);
@@ -455,16 +512,15 @@ impl Shard {
             }
         }
         let z = logits.to_vec();
-        self.loss = softmax_cross_entropy_rows(&z, k, labels, (inv_n, smoothing), logits)?;
+        self.loss = softmax_cross_entropy_rows(&z, k, labels, (scale, smoothing), logits)?;
 
-        // Head backward.
+        // Backward signals: the gradients of every layer's output before
+        // its bias and activation, overwriting the activations (the weight
+        // gradients come from them after, in `weight_grads`).
         let d_logits = MatRef::new(logits, n, k)?;
-        matmul(sized(&mut g[10], k * c3), d_logits.t(), f_m, false, seq)?;
-        column_sums(logits, k, sized(&mut g[11], k));
         let d_features = sized(&mut self.d_features, n * c3);
         matmul(d_features, d_logits, head, false, seq)?;
-
-        // Mean and conv3 backward: a3 becomes du3.
+        // Mean and conv3: a3 becomes du3.
         for (cells, df) in a3
             .chunks_exact_mut(t2 * c3)
             .zip(d_features.chunks_exact(c3))
@@ -476,61 +532,33 @@ impl Shard {
             }
         }
         times(a3, dgelu3);
-        let du3 = MatRef::new(a3, n * t2, c3)?;
-        let cols3_m = MatRef::new(cols3, n * t2, 9 * c2)?;
-        matmul(sized(&mut g[8], c3 * 9 * c2), du3.t(), cols3_m, false, seq)?;
-        column_sums(a3, c3, sized(&mut g[9], c3));
         let d_cols = sized(&mut self.d_cols, n * t2 * 9 * c3);
         im2col(a3, n, hr, hc, c3, d_cols);
         let d_cols_m = MatRef::new(d_cols, n * t2, 9 * c3)?;
         let flip3 = MatRef::new(flipped[2], c2, 9 * c3)?;
         matmul(pooled, d_cols_m, flip3.t(), false, seq)?;
-
-        // Pool and conv2 backward: a2 becomes du2.
+        // Pool and conv2: a2 becomes du2.
         unpool(pooled, winners, n, a2);
         times(a2, dgelu2);
-        let du2 = MatRef::new(a2, n * t, c2)?;
-        let cols2_m = MatRef::new(cols2, n * t, 9 * c1)?;
-        matmul(sized(&mut g[6], c2 * 9 * c1), du2.t(), cols2_m, false, seq)?;
-        column_sums(a2, c2, sized(&mut g[7], c2));
         let d_cols = sized(&mut self.d_cols, n * t * 9 * c2);
         im2col(a2, n, gr, gc, c2, d_cols);
         let d_cols_m = MatRef::new(d_cols, n * t, 9 * c2)?;
         let flip2 = MatRef::new(flipped[1], c1, 9 * c2)?;
         matmul(a1, d_cols_m, flip2.t(), false, seq)?;
-
-        // conv1 backward: a1 becomes du1, a0 the token map's gradient.
+        // conv1: a1 becomes du1, a0 the token map's output gradient dz.
         times(a1, dgelu1);
-        let du1 = MatRef::new(a1, n * t, c1)?;
-        let cols1_m = MatRef::new(cols1, n * t, 9 * dim)?;
-        matmul(sized(&mut g[4], c1 * 9 * dim), du1.t(), cols1_m, false, seq)?;
-        column_sums(a1, c1, sized(&mut g[5], c1));
         let d_cols = sized(&mut self.d_cols, n * t * 9 * c1);
         im2col(a1, n, gr, gc, c1, d_cols);
         let d_cols_m = MatRef::new(d_cols, n * t, 9 * c1)?;
         let flip1 = MatRef::new(flipped[0], dim, 9 * c1)?;
         matmul(a0, d_cols_m, flip1.t(), false, seq)?;
         times(a0, dgelu0);
-
-        // Token map backward: dM = sum_n dz_n e_n^T, dbm = row sums of dz,
-        // de_n = M^T dz_n (into embed, after dM has used it).
-        let (embed_grads, rest) = g.split_at_mut(2);
-        let (map_weight, map_bias) = rest.split_at_mut(1);
-        let d_map = sized(&mut map_weight[0], t * t);
-        let d_map_bias = sized(&mut map_bias[0], t);
-        d_map_bias.fill(0.0);
-        for img in 0..n {
-            let dz = &a0[img * t * dim..][..t * dim];
-            let e = MatRef::new(&embed[img * t * dim..], t, dim)?;
-            matmul(d_map, MatRef::new(dz, t, dim)?, e.t(), img > 0, seq)?;
-            for (b, row) in d_map_bias.iter_mut().zip(dz.chunks_exact(dim)) {
-                *b += row.iter().sum::<f32>();
-            }
-        }
+        // Token map: de_n = M^T dz_n.
+        let d_embed = sized(&mut self.d_embed, n * t * dim);
         for img in 0..n {
             let dz = MatRef::new(&a0[img * t * dim..], t, dim)?;
             matmul(
-                &mut embed[img * t * dim..][..t * dim],
+                &mut d_embed[img * t * dim..][..t * dim],
                 token_map.t(),
                 dz,
                 false,
@@ -538,13 +566,142 @@ impl Shard {
             )?;
         }
 
-        // Patch embedding backward.
+        if let Some(clip) = clip {
+            self.clip_images(d, n, clip)?;
+        }
+        self.weight_grads(d, n)
+    }
+
+    /// DP-SGD inside the pass: each image's gradient norm over all
+    /// parameters, from its backward signals and the layers' inputs
+    /// ([`product_grad_norm_sq`]: a ghost norm where cheaper than forming
+    /// the image's gradient), pushed to `self.norms`; then every signal of
+    /// the image scaled by its clip factor, so that the weight gradients
+    /// formed from the signals are the sum of the clipped ones.
+    fn clip_images(&mut self, d: &GridCnnDims, n: usize, clip: f32) -> Result<()> {
+        let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
+        let (t, t2, pl, dim) = (gr * gc, (gr / 2) * (gc / 2), d.patch_len(), d.dim);
+        let (c1, c2, c3, k) = (d.c1, d.c2, d.c3, d.classes);
+        for img in 0..n {
+            let image = |buf, rows, cols| image_rows(buf, img, rows, cols);
+            let bias_sq = |du: MatRef<'_>, buf: &mut Vec<f32>| {
+                let sums = sized(buf, du.cols());
+                column_sums(du.data(), du.cols(), sums);
+                sum_of_squares(sums)
+            };
+            let scratch = &mut self.scratch;
+            // Head: a product with one row per image.
+            let d_logits = image(&self.logits, 1, k)?;
+            let mut sq = sum_of_squares(d_logits.data())
+                * (sum_of_squares(image(&self.features, 1, c3)?.data()) + 1.0);
+            // Convolutions: their inputs are the centre columns of the im2col.
+            for (du, cols, c_in, grid) in [
+                (image(&self.a3, t2, c3)?, &self.cols3, c2, (gr / 2, gc / 2)),
+                (image(&self.a2, t, c2)?, &self.cols2, c1, (gr, gc)),
+                (image(&self.a1, t, c1)?, &self.cols1, dim, (gr, gc)),
+            ] {
+                let x = image(cols, grid.0 * grid.1, 9 * c_in)?.columns(4 * c_in, c_in)?;
+                sq += conv3x3_grad_norm_sq(du, x, grid, scratch)? + bias_sq(du, scratch);
+            }
+            // Token map: dM = dz e^T, a product over the D channels; its
+            // bias gets the row sums of dz.
+            let dz = image(&self.a0, t, dim)?;
+            sq += product_grad_norm_sq(dz.t(), image(&self.embed, t, dim)?.t(), scratch)?;
+            sq += dz
+                .data()
+                .chunks_exact(dim)
+                .map(|row| f64::from(row.iter().sum::<f32>()).powi(2))
+                .sum::<f64>();
+            // Patch embedding: shared, or one product per position.
+            let de = image(&self.d_embed, t, dim)?;
+            if d.per_patch {
+                for (cell, de) in de.data().chunks_exact(dim).enumerate() {
+                    let patch = &self.patches[(cell * n + img) * pl..][..pl];
+                    sq += sum_of_squares(de) * (sum_of_squares(patch) + 1.0);
+                }
+            } else {
+                sq += product_grad_norm_sq(de, image(&self.patches, t, pl)?, scratch)?
+                    + bias_sq(de, scratch);
+            }
+            let norm = sq.sqrt();
+            self.norms.push(norm as f32);
+            let factor = clip_factor(norm, f64::from(clip)) as f32;
+            if factor != 1.0 {
+                for (buf, len) in [
+                    (&mut self.logits, k),
+                    (&mut self.a3, t2 * c3),
+                    (&mut self.a2, t * c2),
+                    (&mut self.a1, t * c1),
+                    (&mut self.a0, t * dim),
+                    (&mut self.d_embed, t * dim),
+                ] {
+                    buf[img * len..][..len]
+                        .iter_mut()
+                        .for_each(|v| *v *= factor);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The weight gradients of a pass, summed over its `n` images, from the
+    /// backward signals [`Shard::run`] left.
+    fn weight_grads(&mut self, d: &GridCnnDims, n: usize) -> Result<()> {
+        let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
+        let (t, t2, pl, dim) = (gr * gc, (gr / 2) * (gc / 2), d.patch_len(), d.dim);
+        let (c1, c2, c3, k) = (d.c1, d.c2, d.c3, d.classes);
+        let seq = Parallelism::None;
+        let g = &mut self.grads;
+
+        // Head.
+        let d_logits = exact(&self.logits, n * k)?;
+        let features = MatRef::new(&self.features, n, c3)?;
+        let d_logits_m = MatRef::new(d_logits, n, k)?;
+        matmul(
+            sized(&mut g[10], k * c3),
+            d_logits_m.t(),
+            features,
+            false,
+            seq,
+        )?;
+        column_sums(d_logits, k, sized(&mut g[11], k));
+
+        // Convolutions: dW = du^T im2col(input), db = column sums of du.
+        for (j, du, cols, rows, c_out, c_in) in [
+            (8, &self.a3, &self.cols3, n * t2, c3, 9 * c2),
+            (6, &self.a2, &self.cols2, n * t, c2, 9 * c1),
+            (4, &self.a1, &self.cols1, n * t, c1, 9 * dim),
+        ] {
+            let du = exact(du, rows * c_out)?;
+            let du_m = MatRef::new(du, rows, c_out)?;
+            let cols_m = MatRef::new(cols, rows, c_in)?;
+            matmul(sized(&mut g[j], c_out * c_in), du_m.t(), cols_m, false, seq)?;
+            column_sums(du, c_out, sized(&mut g[j + 1], c_out));
+        }
+
+        // Token map: dM = sum_n dz_n e_n^T, dbm = row sums of dz.
+        let (embed_grads, rest) = g.split_at_mut(2);
+        let (map_weight, map_bias) = rest.split_at_mut(1);
+        let d_map = sized(&mut map_weight[0], t * t);
+        let d_map_bias = sized(&mut map_bias[0], t);
+        d_map_bias.fill(0.0);
+        for img in 0..n {
+            let dz = &self.a0[img * t * dim..][..t * dim];
+            let e = MatRef::new(&self.embed[img * t * dim..], t, dim)?;
+            matmul(d_map, MatRef::new(dz, t, dim)?, e.t(), img > 0, seq)?;
+            for (b, row) in d_map_bias.iter_mut().zip(dz.chunks_exact(dim)) {
+                *b += row.iter().sum::<f32>();
+            }
+        }
+
+        // Patch embedding.
+        let d_embed = exact(&self.d_embed, n * t * dim)?;
         if d.per_patch {
             let by_pos = sized(&mut self.by_position, t * n * dim);
             for img in 0..n {
                 for cell in 0..t {
                     by_pos[(cell * n + img) * dim..][..dim]
-                        .copy_from_slice(&embed[(img * t + cell) * dim..][..dim]);
+                        .copy_from_slice(&d_embed[(img * t + cell) * dim..][..dim]);
                 }
             }
             let (dw, db) = embed_grads.split_at_mut(1);
@@ -552,7 +709,7 @@ impl Shard {
             let db = sized(&mut db[0], t * dim);
             for cell in 0..t {
                 let de = &by_pos[cell * n * dim..][..n * dim];
-                let x = MatRef::new(&patches[cell * n * pl..], n, pl)?;
+                let x = MatRef::new(&self.patches[cell * n * pl..], n, pl)?;
                 matmul(
                     &mut dw[cell * pl * dim..][..pl * dim],
                     x.t(),
@@ -563,10 +720,10 @@ impl Shard {
                 column_sums(de, dim, &mut db[cell * dim..][..dim]);
             }
         } else {
-            let de = MatRef::new(embed, n * t, dim)?;
-            let x = MatRef::new(patches, n * t, pl)?;
+            let de = MatRef::new(d_embed, n * t, dim)?;
+            let x = MatRef::new(&self.patches, n * t, pl)?;
             matmul(sized(&mut embed_grads[0], dim * pl), de.t(), x, false, seq)?;
-            column_sums(embed, dim, sized(&mut embed_grads[1], dim));
+            column_sums(d_embed, dim, sized(&mut embed_grads[1], dim));
         }
         Ok(())
     }

@@ -8,12 +8,16 @@ use candle_core::{Device, Tensor, Var};
 use greyfed_protocol::message::ModelSpec;
 use greyfed_protocol::weights::ModelWeights;
 
+use super::manual::Reduction;
 use super::{GridCnnDims, manual};
 use crate::error::{ParticipantError, Result};
 use crate::model::cnn::custom_ops::max_pool_2x2;
 use crate::model::ops::add_bias;
 use crate::model::patches::{embed_patches, token_model_vars, token_model_weights};
-use crate::model::{LossAndGrads, autograd_smoothed_loss_and_grads, check_layout, cpu_f32_slices};
+use crate::model::{
+    ClippedGradSum, LossAndGrads, autograd_smoothed_loss_and_grads, check_clip_batch, check_layout,
+    clipped_grad_sum_by_example, cpu_f32_slices,
+};
 
 /// The grid CNN (see the [module docs](super)). The variables are kept in
 /// [`GridCnnDims::layout`] order and layout, except that a per-position
@@ -89,6 +93,45 @@ impl GridCnn {
         if !images.device().is_cpu() {
             return self.autograd_smoothed_loss_and_grads(images, labels, smoothing);
         }
+        let n = labels.dim(0)?;
+        let pass = self.manual_pass(images, labels, smoothing, Reduction::Mean { batch: n })?;
+        Ok(LossAndGrads {
+            loss: (pass.loss_sum / n.max(1) as f64) as f32,
+            grads: self.grad_tensors(pass.grads)?,
+        })
+    }
+
+    /// [`crate::model::Model::clipped_grad_sum`]: by the hand-written pass,
+    /// one image at a time inside each thread's shard, on the CPU; one
+    /// autograd pass per example on other devices.
+    pub fn clipped_grad_sum(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+        clip: f32,
+    ) -> Result<ClippedGradSum> {
+        self.batch_size(images)?;
+        check_clip_batch(images, labels, clip)?;
+        if !images.device().is_cpu() {
+            return clipped_grad_sum_by_example(self, images, labels, smoothing, clip);
+        }
+        let pass = self.manual_pass(images, labels, smoothing, Reduction::ClippedSum { clip })?;
+        Ok(ClippedGradSum {
+            loss_sum: pass.loss_sum,
+            grads: self.grad_tensors(pass.grads)?,
+            norms: pass.norms,
+        })
+    }
+
+    /// The hand-written pass on CPU tensors.
+    fn manual_pass(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+        reduction: Reduction,
+    ) -> Result<manual::Pass> {
         let images = images.contiguous()?;
         let labels = labels.to_vec1::<u32>()?;
         let mut tensors = vec![&images];
@@ -97,22 +140,24 @@ impl GridCnn {
         let slices = cpu_f32_slices(&guards, "gridcnn")?;
         // The buffers are overwritten before use, so a poisoned lock is harmless.
         let mut ws = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        let (loss, grads) = manual::loss_and_grads(
+        manual::loss_and_grads(
             &self.dims,
             &slices[1..],
             slices[0],
             (&labels, smoothing),
+            reduction,
             &mut ws,
             self.threads,
-        )?;
-        drop(ws);
-        drop(guards);
-        let grads = grads
+        )
+    }
+
+    /// Gradients as tensors shaped like the variables.
+    fn grad_tensors(&self, grads: Vec<Vec<f32>>) -> Result<Vec<Tensor>> {
+        grads
             .into_iter()
             .zip(&self.vars)
             .map(|(g, v)| Ok(Tensor::from_vec(g, v.dims(), &Device::Cpu)?))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LossAndGrads { loss, grads })
+            .collect()
     }
 
     /// [`GridCnn::loss_and_grads`] through candle's autograd.
