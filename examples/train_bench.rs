@@ -18,7 +18,7 @@
 //! default `plain`: no encryption) and converted to tensors
 //! ([`TensorData`]) once, before timing, just as `LocalData::prepare` does
 //! for a participant. Then `--epochs` epochs over the whole training split,
-//! batch 64, Adam (`--lr`), go through
+//! batch 64, Adam (`--lr`; `--batch-size`, `--optimizer sgd`), go through
 //! [`greyfed_participant::train::train_local`] (the participants' training
 //! path), and only that call is timed. An untimed warm-up of
 //! `--warmup-batches` batches on a throwaway copy of the model comes first
@@ -43,14 +43,13 @@ use candle_core::Device;
 use clap::Parser;
 use greyfed_participant::cipher::{ImageCipher, ImageKey};
 use greyfed_participant::data::{idx::load_idx_dir, synthetic::builtin_splits};
-use greyfed_participant::model::{cnn_28x28, gridcnn_28x28, init_weights, mixer_28x28, vit_28x28};
+use greyfed_participant::model::{
+    aligned_weights, cnn_28x28, gridcnn_28x28, init_weights, mixer_28x28, vit_28x28,
+};
 use greyfed_participant::train::{TensorData, TrainOptions, evaluate, train_local_with};
 use greyfed_protocol::cipher::CipherSteps;
 use greyfed_protocol::message::DpSgdSpec;
 use greyfed_protocol::{ModelSpec, OptimizerSpec, TrainingConfig};
-
-/// Minibatch size (fixed, as in the PyTorch script).
-const BATCH_SIZE: u32 = 64;
 
 #[derive(Parser)]
 #[command(about = "Time greyfed's local training of one model (see the source for details)")]
@@ -72,9 +71,28 @@ struct Args {
     /// Epochs over the training split.
     #[arg(long, default_value_t = 2)]
     epochs: u32,
-    /// Adam learning rate.
+    /// Learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// Optimiser: `adam` (as the PyTorch script) or `sgd` (heavy-ball
+    /// momentum `--momentum`).
+    #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
+    optimizer: String,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Minibatch size (64 as in the PyTorch script; the expected size of a
+    /// Poisson batch with `--dp-clip`).
+    #[arg(long, default_value_t = 64)]
+    batch_size: u32,
+    /// Layer widths: the grid CNN's `D,C1,C2,C3` (embedding and the three
+    /// convolutions; default 64,64,64,128), blocknet's `C,H` (convolution
+    /// channels and hidden units; default 32,256).
+    #[arg(long, value_delimiter = ',')]
+    widths: Option<Vec<u32>>,
+    /// Start the grid CNN from its aligned weights (identity token map).
+    #[arg(long)]
+    aligned: bool,
     /// Image cipher mode (`plain`, a preset such as `block`, or steps joined
     /// by `+`).
     #[arg(long, default_value = "plain")]
@@ -135,6 +153,52 @@ fn main() -> Result<()> {
         "cnn" => cnn_28x28(planes),
         other => bail!("unknown model {other:?}; choose blocknet, vit, mixer, gridcnn or cnn"),
     };
+    let spec = match (spec, &args.widths) {
+        (
+            ModelSpec::GridCnn {
+                image_rows,
+                image_cols,
+                image_channels,
+                patch_size,
+                first_layer,
+                num_classes,
+                ..
+            },
+            Some(w),
+        ) if w.len() == 4 => ModelSpec::GridCnn {
+            image_rows,
+            image_cols,
+            image_channels,
+            patch_size,
+            first_layer,
+            dim: w[0],
+            channels: (w[1], w[2], w[3]),
+            num_classes,
+        },
+        (
+            ModelSpec::BlockNet {
+                image_rows,
+                image_cols,
+                image_channels,
+                block_size,
+                first_layer,
+                num_classes,
+                ..
+            },
+            Some(w),
+        ) if w.len() == 2 => ModelSpec::BlockNet {
+            image_rows,
+            image_cols,
+            image_channels,
+            block_size,
+            first_layer,
+            channels: w[0],
+            hidden: w[1],
+            num_classes,
+        },
+        (_, Some(_)) => bail!("--widths takes D,C1,C2,C3 for gridcnn, C,H for blocknet"),
+        (spec, None) => spec,
+    };
     let spec = if args.first_layer == "per-block" {
         spec.with_first_layer(greyfed_protocol::FirstLayer::PerBlock)
     } else {
@@ -159,11 +223,21 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
     let train_data = TensorData::from_dataset(&train, &device)?;
     let test_data = TensorData::from_dataset(&test, &device)?;
-    let global = init_weights(&spec, args.seed)?;
+    let global = if args.aligned {
+        aligned_weights(&spec, args.seed)?
+    } else {
+        init_weights(&spec, args.seed)?
+    };
     let config = TrainingConfig {
         local_epochs: args.epochs,
-        batch_size: BATCH_SIZE,
-        optimizer: OptimizerSpec::Adam { lr: args.lr },
+        batch_size: args.batch_size,
+        optimizer: match args.optimizer.as_str() {
+            "sgd" => OptimizerSpec::Sgd {
+                lr: args.lr,
+                momentum: args.momentum,
+            },
+            _ => OptimizerSpec::Adam { lr: args.lr },
+        },
         ..TrainingConfig::default()
     };
 
@@ -177,7 +251,7 @@ fn main() -> Result<()> {
     };
 
     if args.warmup_batches > 0 {
-        let n = (args.warmup_batches * BATCH_SIZE as usize).min(train.len());
+        let n = (args.warmup_batches * args.batch_size as usize).min(train.len());
         let head = TensorData::from_dataset(&train.subset(&(0..n).collect::<Vec<_>>()), &device)?;
         let warm = TrainingConfig {
             local_epochs: 1,

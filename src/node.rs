@@ -124,6 +124,9 @@ pub struct TrainingSettings {
     /// `mixer`, `cnn` or a registered model), built for the participants'
     /// input.
     pub model: String,
+    /// Layer widths of the built-in model (`None`: its defaults; see
+    /// [`ModelSpec::with_widths`]).
+    pub model_widths: Option<Vec<u32>>,
     /// Block size of the blocknet model and of the image cipher.
     pub block_size: u32,
     /// The participants' image cipher; sets the model's input planes.
@@ -359,7 +362,29 @@ fn central_evaluator(
 
 /// The coordinator's model architecture for `input`, with its block size.
 fn model_for(training: &TrainingSettings, input: &InputSpec) -> Result<ModelSpec> {
-    Ok(builtin_spec(&training.model, input, training.block_size)?)
+    spec_for(
+        &training.model,
+        training.model_widths.as_deref(),
+        input,
+        training.block_size,
+    )
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Architecture `name` with `widths` (if any) for `input`.
+fn spec_for(
+    name: &str,
+    widths: Option<&[u32]>,
+    input: &InputSpec,
+    block_size: u32,
+) -> std::result::Result<ModelSpec, String> {
+    let spec = builtin_spec(name, input, block_size).map_err(|e| e.to_string())?;
+    match widths {
+        Some(widths) => spec
+            .with_widths(widths)
+            .map_err(|e| format!("--model-widths: {e}")),
+        None => Ok(spec),
+    }
 }
 
 /// The model the coordinator starts from: the `init` file's, one for the
@@ -439,8 +464,19 @@ fn initial_model(
             known.join(", ")
         );
     }
+    let widths = training.model_widths.clone();
+    if let Some(w) = &widths {
+        // Fail now, not at the first participant, on widths that do not fit.
+        let probe = InputSpec {
+            rows: 28,
+            cols: 28,
+            channels: planes,
+            classes: (0..10).map(|c| c.to_string()).collect(),
+        };
+        spec_for(&name, Some(w), &probe, block).map_err(|e| anyhow::anyhow!(e))?;
+    }
     let factory = move |input: &InputSpec| {
-        let spec = builtin_spec(&name, input, block).map_err(|e| e.to_string())?;
+        let spec = spec_for(&name, widths.as_deref(), input, block)?;
         let weights = init_weights(&spec, seed).map_err(|e| e.to_string())?;
         Ok((spec, weights))
     };
@@ -702,6 +738,7 @@ mod tests {
         TrainingSettings {
             rounds: 1,
             model: model.into(),
+            model_widths: None,
             block_size,
             cipher: CipherSteps::default(),
             training: TrainingConfig {

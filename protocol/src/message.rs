@@ -335,6 +335,50 @@ impl ModelSpec {
         }
     }
 
+    /// The same architecture with other layer widths: blocknet `[C, H]`
+    /// (convolution channels, hidden units), grid CNN `[D, C1, C2, C3]`
+    /// (embedding, the three convolutions). Fewer parameters mean less DP
+    /// noise in total (docs/privacy.md).
+    ///
+    /// # Errors
+    /// An architecture without widths to set, the wrong number of widths, or
+    /// a zero width, named in the message.
+    pub fn with_widths(mut self, widths: &[u32]) -> Result<Self, String> {
+        if widths.contains(&0) {
+            return Err(format!(
+                "model widths {widths:?}: every width must be at least 1"
+            ));
+        }
+        match (&mut self, widths) {
+            (
+                ModelSpec::BlockNet {
+                    channels, hidden, ..
+                },
+                &[c, h],
+            ) => {
+                (*channels, *hidden) = (c, h);
+            }
+            (ModelSpec::GridCnn { dim, channels, .. }, &[d, c1, c2, c3]) => {
+                (*dim, *channels) = (d, (c1, c2, c3));
+            }
+            (ModelSpec::BlockNet { .. }, _) => {
+                return Err(format!("blocknet takes two widths (C,H), not {widths:?}"));
+            }
+            (ModelSpec::GridCnn { .. }, _) => {
+                return Err(format!(
+                    "gridcnn takes four widths (D,C1,C2,C3), not {widths:?}"
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "{} has no widths to set (blocknet and gridcnn do)",
+                    self.name()
+                ));
+            }
+        }
+        Ok(self)
+    }
+
     /// The same architecture with first layer `layer` (no change for the CNN
     /// and custom architectures).
     pub fn with_first_layer(mut self, layer: FirstLayer) -> Self {
@@ -1296,5 +1340,33 @@ mod tests {
             1.0,
             "only warm-up: stays at the full rate"
         );
+    }
+
+    #[test]
+    fn widths_set_blocknet_and_gridcnn_layers_and_refuse_the_rest() {
+        let small = ModelSpec::blocknet_28x28(4).with_widths(&[8, 32]).unwrap();
+        assert!(matches!(
+            small,
+            ModelSpec::BlockNet {
+                channels: 8,
+                hidden: 32,
+                ..
+            }
+        ));
+        for bad in [&[8][..], &[8, 32, 4], &[0, 32]] {
+            let err = ModelSpec::blocknet_28x28(4).with_widths(bad).unwrap_err();
+            assert!(err.contains("width"), "{err}");
+        }
+        let custom = ModelSpec::custom(
+            "mlp",
+            &InputSpec {
+                rows: 28,
+                cols: 28,
+                channels: 1,
+                classes: (0..10).map(|i| i.to_string()).collect(),
+            },
+            Vec::<(String, i64)>::new(),
+        );
+        assert!(custom.with_widths(&[8, 32]).unwrap_err().contains("mlp"));
     }
 }

@@ -866,6 +866,12 @@ pub struct TrainingArgs {
     /// image size and classes.
     #[arg(long, default_value = "blocknet")]
     pub model: String,
+    /// Layer widths of the built-in model, comma-separated: blocknet `C,H`
+    /// (convolution channels, hidden units; default 32,256), gridcnn
+    /// `D,C1,C2,C3` (embedding, three convolutions; default 64,64,64,128).
+    /// A smaller model needs less DP noise in total (docs/privacy.md).
+    #[arg(long, value_delimiter = ',', value_name = "W,...")]
+    pub model_widths: Option<Vec<u32>>,
     /// Block size of the blocknet model and of the image cipher.
     #[arg(long, default_value_t = 4)]
     pub block_size: u32,
@@ -968,6 +974,10 @@ impl TrainingArgs {
         push("warmup", self.warmup.to_string());
         push("label-smoothing", self.label_smoothing.to_string());
         push("model", self.model.clone());
+        if let Some(widths) = &self.model_widths {
+            let list: Vec<String> = widths.iter().map(u32::to_string).collect();
+            push("model-widths", list.join(","));
+        }
         push("block-size", self.block_size.to_string());
         push("cipher", self.cipher.to_string());
         for (flag, value) in self.strategy.to_flags() {

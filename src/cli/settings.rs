@@ -59,6 +59,7 @@ impl TrainingArgs {
         Ok(crate::node::TrainingSettings {
             rounds: self.rounds,
             model: self.model.clone(),
+            model_widths: self.model_widths.clone(),
             block_size: self.block_size,
             cipher: self.cipher,
             training: TrainingConfig {

@@ -33,6 +33,8 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
         "0.1",
         "--block-size",
         "7",
+        "--model-widths",
+        "8,32",
         "--strategy",
         "fedprox",
         "--server-lr",
@@ -77,6 +79,7 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
     .collect();
     let custom = parse(&custom);
     assert_ne!(custom, defaults);
+    assert_eq!(custom.model_widths, Some(vec![8, 32]));
     assert_eq!(parse(&custom.to_args()), custom);
 }
 
