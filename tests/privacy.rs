@@ -197,3 +197,36 @@ async fn dp_sgd_rounds_report_the_worst_participants_epsilon() {
         last = eps;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverged_participant_withdraws_and_the_round_ends_at_once() {
+    use greyfed_protocol::{OptimizerSpec, TrainingConfig};
+    // A learning rate that overflows every weight in the first step.
+    let training = TrainingConfig {
+        batch_size: 32,
+        local_epochs: 1,
+        optimizer: OptimizerSpec::Sgd {
+            lr: 1e30,
+            momentum: 0.0,
+        },
+        ..TrainingConfig::default()
+    };
+    let run = Federation::builder()
+        .participants(3)
+        .rounds(1)
+        .max_train_samples(64)
+        .training(training)
+        .round_timeout(std::time::Duration::from_secs(600))
+        .run();
+    // The secure sum's stages wait 60 s for a participant that says
+    // nothing; withdrawing ends the wait when the update is known bad.
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(50), run)
+        .await
+        .expect("the round waited for a deadline instead of ending at once");
+    let report = outcome.unwrap();
+    assert!(report.rounds.is_empty(), "{:?}", report.rounds);
+    for p in &report.participants {
+        let p = p.as_ref().expect("participants stay in the session");
+        assert_eq!(p.rounds_trained, 0, "no update was used");
+    }
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use greyfed_protocol::{
     Hello, InputSpec, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION, ParticipantId,
+    ProtocolError,
     cipher::CipherSpec,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
     model_file::ModelFile,
@@ -609,11 +610,27 @@ async fn session_loop(
                     }
                     let update = update.to_flat();
                     debug!(round, loss = outcome.mean_loss, "trained");
-                    match session.submit_update(round, outcome.mean_loss, update, outcome.samples as f64, &mut rng) {
+                    let submitted = if update.iter().all(|v| v.is_finite()) {
+                        session.submit_update(round, outcome.mean_loss, update, outcome.samples as f64, &mut rng)
+                    } else {
+                        Err(ProtocolError::InvalidContribution(
+                            "the trained update holds NaN or infinity: local training diverged \
+                             (a lower --lr may help)"
+                                .into(),
+                        ))
+                    };
+                    match submitted {
                         Ok(()) => report.rounds_trained += 1,
-                        // The coordinator moved on without us, or this
-                        // round's secure aggregation failed: not fatal.
-                        Err(e) => warn!(round, "update not used: {e}"),
+                        // The coordinator moved on without us: nothing to do.
+                        Err(e @ ProtocolError::Late(_)) => warn!(round, "update not used: {e}"),
+                        // Not fatal: the coordinator leaves us out of this
+                        // round at once instead of at its deadline.
+                        Err(e) => {
+                            warn!(round, "withdrawing from the round: {e}");
+                            if let Err(e) = session.withdraw(round) {
+                                warn!(round, "could not withdraw: {e}");
+                            }
+                        }
                     }
                     continue;
                 }

@@ -89,6 +89,8 @@ pub enum UploadKind {
     Evaluation,
     /// [`Message::Error`].
     Error,
+    /// [`Message::Withdraw`].
+    Withdraw,
     /// A message only the coordinator sends (named by its kind).
     FromCoordinator(&'static str),
 }
@@ -101,6 +103,7 @@ impl UploadKind {
             Message::Contribution { .. } => UploadKind::Contribution,
             Message::Evaluation { .. } => UploadKind::Evaluation,
             Message::Error { .. } => UploadKind::Error,
+            Message::Withdraw { .. } => UploadKind::Withdraw,
             Message::Welcome { .. } => UploadKind::FromCoordinator("Welcome"),
             Message::Reject { .. } => UploadKind::FromCoordinator("Reject"),
             Message::TrainRequest { .. } => UploadKind::FromCoordinator("TrainRequest"),
@@ -128,6 +131,7 @@ impl UploadKind {
             7 => UploadKind::FromCoordinator("Finished"),
             8 => UploadKind::FromCoordinator("SecAgg"),
             9 => UploadKind::Error,
+            10 => UploadKind::Withdraw,
             other => return Err(LimitError::UnknownKind(other)),
         })
     }
@@ -139,6 +143,7 @@ impl UploadKind {
             UploadKind::Contribution => "Contribution",
             UploadKind::Evaluation => "Evaluation",
             UploadKind::Error => "Error",
+            UploadKind::Withdraw => "Withdraw",
             UploadKind::FromCoordinator(name) => name,
         }
     }
@@ -229,7 +234,7 @@ impl UploadLimits {
     pub fn for_kind(&self, kind: UploadKind) -> Option<usize> {
         match kind {
             UploadKind::Hello => Some(self.hello),
-            UploadKind::Error => Some(self.control),
+            UploadKind::Error | UploadKind::Withdraw => Some(self.control),
             UploadKind::Contribution => Some(self.contribution),
             UploadKind::Evaluation => Some(self.evaluation),
             UploadKind::FromCoordinator(_) => None,
@@ -365,13 +370,14 @@ mod tests {
             Message::Error {
                 message: "x".into(),
             },
+            Message::Withdraw { round: 1 },
         ]
     }
 
     #[test]
     fn the_first_payload_byte_names_the_kind_of_every_variant() {
         let msgs = one_of_each();
-        assert_eq!(msgs.len(), 10, "one message per variant");
+        assert_eq!(msgs.len(), 11, "one message per variant");
         for msg in &msgs {
             let bytes = payload(msg);
             let kind = UploadKind::from_first_byte(bytes[0]).unwrap();
@@ -380,8 +386,8 @@ mod tests {
             assert!(msg.kind().starts_with(kind.name()), "{}", msg.kind());
         }
         assert_eq!(
-            UploadKind::from_first_byte(10),
-            Err(LimitError::UnknownKind(10))
+            UploadKind::from_first_byte(11),
+            Err(LimitError::UnknownKind(11))
         );
         assert_eq!(
             UploadKind::from_first_byte(251),

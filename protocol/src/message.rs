@@ -1182,6 +1182,15 @@ pub enum Message {
         /// Human-readable description (never contains secrets).
         message: String,
     },
+    /// Participant → coordinator: it cannot contribute to `round`'s
+    /// training sum (its update could not be encoded: training diverged,
+    /// say). The coordinator treats it at once as a dropout of that round,
+    /// as if it had left, instead of waiting for the stage deadline; it
+    /// stays in the session and is asked again in later rounds.
+    Withdraw {
+        /// The round it leaves.
+        round: u32,
+    },
 }
 
 impl Message {
@@ -1197,6 +1206,7 @@ impl Message {
             Message::Evaluation { .. } => "Evaluation",
             Message::Finished { .. } => "Finished",
             Message::SecAgg { msg, .. } => msg.kind(),
+            Message::Withdraw { .. } => "Withdraw",
             Message::Error { .. } => "Error",
         }
     }

@@ -384,6 +384,28 @@ impl ParticipantSession {
         }
     }
 
+    /// Leaves `round`'s training sum, for an update that cannot be
+    /// submitted (training diverged, or [`ParticipantSession::submit_update`]
+    /// refused it): queues a [`Message::Withdraw`] so that the coordinator
+    /// counts us as a dropout of the round at once rather than at the stage
+    /// deadline, and forgets the round's secure-aggregation state (a masked
+    /// input already sent still counts, as a dropout's does).
+    ///
+    /// # Errors
+    /// [`ProtocolError::Late`] if `round` is not the round we were last
+    /// asked to train.
+    pub fn withdraw(&mut self, round: u32) -> Result<(), ProtocolError> {
+        match self.state {
+            State::Training { round: r } if r == round => self.state = State::Idle,
+            // A refused submit_update left us idle in the same round.
+            State::Idle if round == self.last_round && round > 0 => {}
+            _ => return Err(ProtocolError::Late("Withdraw")),
+        }
+        self.update_sum = None;
+        self.outbox.push_back(Message::Withdraw { round });
+        Ok(())
+    }
+
     /// Reports the evaluation of `round`'s global model on the local test
     /// split: it enters the round's evaluation sum (masked with secure
     /// aggregation); `rng` drives the stochastic rounding.

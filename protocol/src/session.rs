@@ -766,8 +766,30 @@ impl CoordinatorSession {
                 Ok(())
             }
             Message::Error { message } => Err(ProtocolError::PeerError(message)),
+            Message::Withdraw { round } => {
+                let current = self.current_round();
+                match self.phase {
+                    Phase::Training { .. } if round == current => {}
+                    // The round is past its training sum already.
+                    _ if round <= current => return Err(ProtocolError::Late("Withdraw")),
+                    _ => {
+                        return Err(ProtocolError::WrongRound {
+                            current,
+                            got: round,
+                        });
+                    }
+                }
+                if !self.round.cohort.contains(&from) {
+                    return Err(ProtocolError::UnknownParticipant(from));
+                }
+                // As if it had left: the aggregator stops waiting for it (an
+                // input it already sent still counts, as a dropout's does).
+                self.aggregator.handle_dropout(now, from);
+                self.drain_aggregator(now, current);
+                Ok(())
+            }
             other => Err(ProtocolError::UnexpectedMessage {
-                expected: "Hello, Contribution or Evaluation",
+                expected: "Hello, Contribution, Evaluation or Withdraw",
                 got: other.kind(),
             }),
         }

@@ -276,6 +276,28 @@ fn disconnect_while_training_excludes_exactly_that_participant() {
 }
 
 #[test]
+fn withdrawn_participant_is_left_out_at_once_and_asked_again() {
+    let mut h = Harness::new(config(3, 2), 3);
+    h.departures.push((1, 1, Stage::Train, Departure::Withdraw));
+    let start = h.now;
+    h.drive(1000);
+    assert_eq!(h.now, start, "no deadline was waited for");
+    let aggs = aggregated(&h);
+    assert_eq!(aggs[0].contributors, vec![0, 2]);
+    assert_eq!(aggs[0].mean_update, expected_mean(&h, 1, &[0, 2]));
+    assert_eq!(h.completed()[0].dropped, vec![1]);
+    // Still in the session: round 2 has its update.
+    assert_eq!(aggs[1].contributors, vec![0, 1, 2]);
+    // A Withdraw for another round, or from someone not asked, is refused.
+    let now = h.now;
+    assert!(
+        h.coordinator
+            .handle_message(now, 0, Message::Withdraw { round: 9 })
+            .is_err()
+    );
+}
+
+#[test]
 fn silent_participant_is_dropped_at_the_deadline() {
     let mut h = Harness::new(config(3, 2), 3);
     h.departures.push((1, 1, Stage::Train, Departure::Silent));
@@ -575,6 +597,22 @@ mod secure {
                 "evaluate"
             ]
         );
+    }
+
+    #[test]
+    fn a_withdrawal_from_the_secure_sum_ends_its_wait_at_once() {
+        let mut h = secagg_harness(4, 2);
+        h.departures.push((2, 1, Stage::Train, Departure::Withdraw));
+        let start = h.now;
+        h.drive(10_000);
+        assert_eq!(h.now, start, "no stage deadline was waited for");
+        let aggs = aggregated(&h);
+        assert_eq!(aggs[0].contributors, vec![0, 1, 3]);
+        let expect = expected_mean(&h, 1, &[0, 1, 3]);
+        for (a, b) in aggs[0].mean_update.iter().zip(&expect) {
+            assert!((a - b).abs() <= STEP, "{a} vs {b}");
+        }
+        assert_eq!(aggs[1].contributors, vec![0, 1, 2, 3]);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Stage {
 pub enum Departure {
     Disconnect,
     Silent,
+    /// Stays, but sends a `Withdraw` for the round instead of its update.
+    Withdraw,
 }
 
 pub struct Harness {
@@ -241,6 +243,12 @@ impl Harness {
                 match ev {
                     ParticipantEvent::Train { round, global, .. } => {
                         if let Some(how) = self.leaves(to, round, Stage::Train) {
+                            if how == Departure::Withdraw {
+                                let p = self.participants.get_mut(&to).unwrap();
+                                p.withdraw(round).unwrap();
+                                assert!(p.withdraw(round + 1).is_err(), "only the round asked");
+                                continue;
+                            }
                             self.depart(to, how);
                             break;
                         }
