@@ -717,3 +717,60 @@ fn dp_plan_prints_epsilon_and_solves_for_a_target() {
     assert!(err.contains("cohort of 10"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Record-level DP through `simulate`: `run.json` records every
+/// participant's DP-SGD mechanism, and ε recomputed from it alone is the
+/// ε the last round reported.
+#[test]
+fn record_level_run_json_lets_anyone_recompute_epsilon() {
+    use greyfed_protocol::privacy::{RdpAccountant, SampledGaussian};
+    let out = tempfile::tempdir().unwrap();
+    let status = greyfed()
+        .args(["simulate", "--participants", "2", "--rounds", "2"])
+        .args(["--local-epochs", "1", "--batch-size", "64"])
+        .args(["--model-widths", "8,32"])
+        .args([
+            "--dp",
+            "record",
+            "--dp-clip",
+            "1",
+            "--dp-noise-multiplier",
+            "1.3",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("run.json")).unwrap())
+            .unwrap();
+    let dp = &run["dp"];
+    assert_eq!(dp["guarantee"], "record");
+    let z = dp["noise_multiplier"].as_f64().unwrap();
+    let delta = dp["delta"].as_f64().unwrap();
+    let participants = dp["participants"].as_object().unwrap();
+    assert_eq!(participants.len(), 2);
+    let mut worst = 0.0f64;
+    for (name, p) in participants {
+        assert_eq!(p["rounds"], 2, "{name}");
+        let mut accountant = RdpAccountant::default();
+        for run in p["mechanisms"].as_array().unwrap() {
+            let mechanism = SampledGaussian {
+                noise_multiplier: z,
+                sampling_rate: run["sampling_rate"].as_f64().unwrap(),
+            };
+            accountant
+                .compose(mechanism, run["steps"].as_u64().unwrap())
+                .unwrap();
+        }
+        worst = worst.max(accountant.epsilon(delta).unwrap().epsilon);
+    }
+    let records = read_metrics(&out.path().join("metrics.jsonl")).unwrap();
+    let reported = records.last().unwrap().dp_epsilon.unwrap();
+    assert!((worst - reported).abs() < 1e-9, "{worst} vs {reported}");
+}

@@ -151,14 +151,17 @@ impl CoordinatorConfig {
             key_fingerprint: self.key_fingerprint.clone(),
             cipher: None,
             central_evaluation: self.central_evaluator.is_some(),
-            dp: self.dp.map(|dp| {
-                DpRecord::new(
-                    &dp,
-                    self.selection.fraction,
-                    self.rounds,
-                    self.secagg.max_norm.unwrap_or(0.0),
-                )
-            }),
+            dp: self
+                .dp
+                .map(|dp| {
+                    DpRecord::new(
+                        &dp,
+                        self.selection.fraction,
+                        self.rounds,
+                        self.secagg.max_norm.unwrap_or(0.0),
+                    )
+                })
+                .or_else(|| self.training.dp_sgd.as_ref().map(DpRecord::record_level)),
             resumed: self.resume.is_some(),
         }
     }

@@ -15,6 +15,8 @@
 //! - `dp_epsilon_coordinator`: against the coordinator, which knows who
 //!   was selected, so sampling does not amplify: the same with rate 1.
 
+use std::collections::BTreeMap;
+
 use greyfed_protocol::privacy::{DistributedNoise, RdpAccountant, SampledGaussian};
 use serde::{Deserialize, Serialize};
 
@@ -90,20 +92,54 @@ impl ParticipantDp {
 /// under the names other accountants use, so anyone can recompute ε.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DpRecord {
-    /// `participant`: one participant's update replaced by zeros.
+    /// `participant`: one participant's update replaced by zeros;
+    /// `record`: one training image of one participant (DP-SGD).
     pub guarantee: String,
-    /// Planned noise multiplier of each round's sum (with `min_survivors`).
+    /// Noise multiplier: of each round's sum with `min_survivors`
+    /// (participant-level, planned), of every DP-SGD step (record-level).
     pub noise_multiplier: f64,
-    /// Probability that a participant is selected in a round (Poisson).
-    pub sampling_rate: f64,
-    /// Rounds planned (one application of the mechanism each).
-    pub steps: u64,
+    /// Participant-level: probability that a participant is selected in a
+    /// round (Poisson).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_rate: Option<f64>,
+    /// Participant-level: rounds planned (one application of the mechanism
+    /// each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
     /// δ of the reported ε.
     pub delta: f64,
-    /// L2 bound of each update.
+    /// L2 bound of each update (participant-level) or of each image's
+    /// gradient (record-level).
     pub clip: f32,
-    /// Fewest contributors the noise is sized for.
-    pub min_survivors: usize,
+    /// Participant-level: fewest contributors the noise is sized for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_survivors: Option<usize>,
+    /// Record-level: each participant's mechanism so far, by identity,
+    /// updated every round.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub participants: BTreeMap<String, RecordDpParticipant>,
+}
+
+/// One participant's DP-SGD so far in a record-level run: what it takes
+/// to recompute its ε with any accountant.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecordDpParticipant {
+    /// Training images it claimed in its last counted round.
+    pub samples: u64,
+    /// Rounds whose sum held its update.
+    pub rounds: u32,
+    /// The subsampled Gaussian steps it applied, in order: `steps` steps
+    /// at `sampling_rate`, one entry per change of rate.
+    pub mechanisms: Vec<MechanismRun>,
+}
+
+/// `steps` applications of the subsampled Gaussian at `sampling_rate`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MechanismRun {
+    /// Probability that an image is in a step's batch.
+    pub sampling_rate: f64,
+    /// Steps at that rate.
+    pub steps: u64,
 }
 
 impl DpRecord {
@@ -113,11 +149,27 @@ impl DpRecord {
         Self {
             guarantee: "participant".into(),
             noise_multiplier: dp.noise_multiplier,
-            sampling_rate,
-            steps: u64::from(rounds),
+            sampling_rate: Some(sampling_rate),
+            steps: Some(u64::from(rounds)),
             delta: dp.delta,
             clip,
-            min_survivors: dp.min_survivors,
+            min_survivors: Some(dp.min_survivors),
+            participants: BTreeMap::new(),
+        }
+    }
+
+    /// The record of a record-level run with DP-SGD `spec` (its
+    /// participants are added round by round, [`RecordLedger::entries`]).
+    pub fn record_level(spec: &greyfed_protocol::message::DpSgdSpec) -> Self {
+        Self {
+            guarantee: "record".into(),
+            noise_multiplier: f64::from(spec.noise_multiplier),
+            sampling_rate: None,
+            steps: None,
+            delta: spec.delta,
+            clip: spec.clip,
+            min_survivors: None,
+            participants: BTreeMap::new(),
         }
     }
 }
@@ -251,14 +303,15 @@ impl DpLedger {
 /// ε is the largest over the participants. Batches are sampled inside
 /// each participant, so no party can exploit knowing them: the same ε
 /// holds against the coordinator. A participant that claims more images
-/// than it has makes only its own figure wrong. A resumed run starts the
-/// ledger afresh (it does not know who contributed before).
+/// than it has makes only its own figure wrong. A resumed run goes on from
+/// the ledger its checkpoint recorded ([`RecordLedger::resumed`]).
 #[derive(Clone, Debug)]
 pub struct RecordLedger {
     spec: greyfed_protocol::message::DpSgdSpec,
     batch_size: u64,
     local_epochs: u32,
-    accountants: std::collections::BTreeMap<String, RdpAccountant>,
+    accountants: BTreeMap<String, RdpAccountant>,
+    entries: BTreeMap<String, RecordDpParticipant>,
 }
 
 impl RecordLedger {
@@ -273,8 +326,45 @@ impl RecordLedger {
             spec,
             batch_size: u64::from(batch_size.max(1)),
             local_epochs,
-            accountants: Default::default(),
+            accountants: BTreeMap::new(),
+            entries: BTreeMap::new(),
         }
+    }
+
+    /// A ledger that goes on from `entries` (what an interrupted run's
+    /// checkpoint recorded, [`RecordLedger::entries`]): every participant's
+    /// accountant recomposed from its mechanisms.
+    ///
+    /// # Errors
+    /// Mechanisms the accountant refuses.
+    pub fn resumed(
+        spec: greyfed_protocol::message::DpSgdSpec,
+        batch_size: u32,
+        local_epochs: u32,
+        entries: BTreeMap<String, RecordDpParticipant>,
+    ) -> Result<Self> {
+        let mut ledger = Self::new(spec, batch_size, local_epochs);
+        for (identity, entry) in &entries {
+            let accountant = ledger.accountants.entry(identity.clone()).or_default();
+            for run in &entry.mechanisms {
+                accountant
+                    .compose(
+                        SampledGaussian {
+                            noise_multiplier: f64::from(spec.noise_multiplier),
+                            sampling_rate: run.sampling_rate,
+                        },
+                        run.steps,
+                    )
+                    .map_err(accountant_error)?;
+            }
+        }
+        ledger.entries = entries;
+        Ok(ledger)
+    }
+
+    /// Each participant's mechanism so far (for `run.json` and checkpoints).
+    pub fn entries(&self) -> &BTreeMap<String, RecordDpParticipant> {
+        &self.entries
     }
 
     /// Adds a round whose sum holds the updates of `contributors`
@@ -296,6 +386,16 @@ impl RecordLedger {
                 .or_default()
                 .compose(mechanism, steps)
                 .map_err(accountant_error)?;
+            let entry = self.entries.entry(identity.clone()).or_default();
+            entry.samples = n;
+            entry.rounds += 1;
+            match entry.mechanisms.last_mut() {
+                Some(run) if run.sampling_rate == mechanism.sampling_rate => run.steps += steps,
+                _ => entry.mechanisms.push(MechanismRun {
+                    sampling_rate: mechanism.sampling_rate,
+                    steps,
+                }),
+            }
         }
         let mut worst = 0.0f64;
         for a in self.accountants.values() {
@@ -451,5 +551,24 @@ mod tests {
             r.epsilon
         );
         assert_eq!(r.epsilon_coordinator, r.epsilon);
+        // run.json's entries say the same, and a resumed ledger goes on
+        // exactly where this one is.
+        let entries = ledger.entries().clone();
+        assert_eq!(entries["small"].rounds, 1);
+        assert_eq!(
+            entries["large"].mechanisms,
+            vec![MechanismRun {
+                sampling_rate: 64.0 / 3000.0,
+                steps: 188
+            }]
+        );
+        let mut resumed = RecordLedger::resumed(spec, 64, 2, entries).unwrap();
+        let next = ledger.round(&[small.clone()]).unwrap();
+        assert_eq!(resumed.round(&[small.clone()]).unwrap(), next);
+        // A participant whose image count changed gets a second run.
+        let grown = ledger.round(&[("small".to_string(), 600)]).unwrap();
+        assert_eq!(ledger.entries()["small"].mechanisms.len(), 2);
+        assert_eq!(resumed.round(&[("small".to_string(), 600)]).unwrap(), grown);
+        assert_eq!(ledger.entries(), resumed.entries());
     }
 }

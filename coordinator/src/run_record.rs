@@ -330,11 +330,12 @@ pub(crate) mod tests {
             dp: Some(crate::privacy::DpRecord {
                 guarantee: "participant".into(),
                 noise_multiplier: 1.1,
-                sampling_rate: 0.5,
-                steps: 4,
+                sampling_rate: Some(0.5),
+                steps: Some(4),
                 delta: 1e-5,
                 clip: 3.0,
-                min_survivors: 2,
+                min_survivors: Some(2),
+                participants: Default::default(),
             }),
         }
     }

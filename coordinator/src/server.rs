@@ -211,6 +211,30 @@ impl Coordinator {
         )?;
         let mut record = config.record();
         learn_from_session(&mut record, &session);
+        // Record-level DP goes on from the ledger an interrupted run's
+        // checkpoint recorded.
+        let record_dp = match config.training.dp_sgd {
+            Some(spec) => {
+                let previous = config
+                    .resume
+                    .as_ref()
+                    .and_then(|cp| cp.settings.as_ref()?.dp.as_ref())
+                    .filter(|dp| dp.guarantee == "record")
+                    .map(|dp| dp.participants.clone())
+                    .unwrap_or_default();
+                let ledger = RecordLedger::resumed(
+                    spec,
+                    config.training.batch_size,
+                    config.training.local_epochs,
+                    previous,
+                )?;
+                if let Some(dp) = &mut record.dp {
+                    dp.participants = ledger.entries().clone();
+                }
+                Some(ledger)
+            }
+            None => None,
+        };
         record.write(&config.out_dir)?;
         let mut strategy = match &config.custom_strategy {
             Some(factory) => factory.build(),
@@ -263,13 +287,7 @@ impl Coordinator {
             last_progress: None,
             links,
             dp: dp_ledger,
-            record_dp: config.training.dp_sgd.map(|spec| {
-                RecordLedger::new(
-                    spec,
-                    config.training.batch_size,
-                    config.training.local_epochs,
-                )
-            }),
+            record_dp,
             dp_rounds: BTreeMap::new(),
         };
         driver.report_progress();
@@ -707,7 +725,13 @@ impl Driver {
                     (identity, samples)
                 })
                 .collect();
-            return ledger.round(&who).map(Some);
+            let figures = ledger.round(&who)?;
+            // run.json says what each participant's ε comes from.
+            if let Some(dp) = &mut self.record.dp {
+                dp.participants = ledger.entries().clone();
+            }
+            self.record.write(&self.out_dir)?;
+            return Ok(Some(figures));
         }
         let survivors = contributors.len();
         let Some(ledger) = &mut self.dp else {
