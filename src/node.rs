@@ -307,6 +307,9 @@ pub struct ParticipantSettings {
     /// Smallest DP noise multiplier this participant accepts in an update
     /// sum (`None`: no floor).
     pub dp_min_noise_multiplier: Option<f64>,
+    /// Record-level DP floor on the DP-SGD noise multiplier (see
+    /// `ParticipantConfig::min_dp_sgd_noise_multiplier`).
+    pub dp_sgd_min_noise_multiplier: Option<f32>,
     /// The peer allow list (allow-list format): the only certificates
     /// accepted as secure-aggregation neighbours. `None`: any of the CA's.
     pub peers: Option<PathBuf>,
@@ -702,6 +705,12 @@ pub async fn run_participant(
             bail!("--dp-min-noise-multiplier {z} must be positive and finite");
         }
         config.secagg_policy.min_noise_multiplier = Some(z);
+    }
+    if let Some(z) = settings.dp_sgd_min_noise_multiplier {
+        if !(z.is_finite() && z > 0.0) {
+            bail!("--dp-sgd-min-noise-multiplier {z} must be positive and finite");
+        }
+        config.min_dp_sgd_noise_multiplier = Some(z);
     }
     if let Some(path) = &settings.peers {
         let list = greyfed_coordinator::auth::AllowList::read_file(path)?;

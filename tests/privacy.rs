@@ -196,6 +196,11 @@ async fn dp_sgd_rounds_report_the_worst_participants_epsilon() {
         assert!(eps > last);
         last = eps;
     }
+    // Every participant's own accountant, from its own image count, agrees.
+    for p in &report.participants {
+        let own = p.as_ref().unwrap().dp_epsilon.expect("its own ε");
+        assert!((own - last).abs() < 1e-9, "{own} vs {last}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

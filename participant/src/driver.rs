@@ -17,6 +17,7 @@ use greyfed_protocol::{
     ProtocolError,
     cipher::CipherSpec,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
+    message::DpSgdSpec,
     model_file::ModelFile,
     participant::{ParticipantEvent, ParticipantSession},
     secagg::{
@@ -133,6 +134,11 @@ pub struct ParticipantConfig {
     /// aggregation, as `(identity, certificate fingerprint)` (the allow
     /// list's entries). `None`: any participant certificate of the CA.
     pub peer_allow_list: Option<Vec<(String, String)>>,
+    /// Record-level DP floor: refuse (end the session with an error) when
+    /// the coordinator asks for local training without DP-SGD or with a
+    /// noise multiplier below this (`None`: no floor; the coordinator then
+    /// decides whether there is any DP-SGD).
+    pub min_dp_sgd_noise_multiplier: Option<f32>,
 }
 
 impl ParticipantConfig {
@@ -156,6 +162,7 @@ impl ParticipantConfig {
             save_model: None,
             secagg_policy: SecAggPolicy::default(),
             peer_allow_list: None,
+            min_dp_sgd_noise_multiplier: None,
         }
     }
 
@@ -308,7 +315,7 @@ fn check_splits(train: &Dataset, test: &Dataset, classes: &[String]) -> Result<(
 }
 
 /// What a participant did in a session.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ParticipantReport {
     /// Our id in the session.
     pub id: Option<ParticipantId>,
@@ -322,6 +329,10 @@ pub struct ParticipantReport {
     /// `None` when we stayed to the end. A [`CrashMode::KillProcess`] crash
     /// never returns.
     pub vanished: Option<DropoutPlan>,
+    /// Record-level DP: ε (at the session's δ) of the DP-SGD steps behind
+    /// the updates we submitted, by our own accountant from our own image
+    /// count (`None` without DP-SGD).
+    pub dp_epsilon: Option<f64>,
 }
 
 /// Joins the coordinator's session and takes part until it finishes.
@@ -345,19 +356,22 @@ pub struct ParticipantReport {
 pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<ParticipantReport> {
     let tls = client::client_config(&config.ca_pem, &config.identity)?;
     let mut report = ParticipantReport::default();
+    // Across reconnections: every update we submitted counts.
+    let mut own_dp = OwnDpLedger::default();
     let mut lost_since: Option<Instant> = None;
     let mut backoff = FIRST_BACKOFF;
     loop {
         report.id = None;
-        let err = match connect_once(config, tls.clone(), data.clone(), &mut report).await {
-            Ok(Ended::Finished) => return Ok(report),
-            Ok(Ended::Vanished(plan)) => {
-                report.vanished = Some(plan);
-                return Ok(report);
-            }
-            Err(e @ ParticipantError::Connection(_)) => e,
-            Err(e) => return Err(e),
-        };
+        let err =
+            match connect_once(config, tls.clone(), data.clone(), &mut report, &mut own_dp).await {
+                Ok(Ended::Finished) => return Ok(report),
+                Ok(Ended::Vanished(plan)) => {
+                    report.vanished = Some(plan);
+                    return Ok(report);
+                }
+                Err(e @ ParticipantError::Connection(_)) => e,
+                Err(e) => return Err(e),
+            };
         if report.id.is_some() {
             // We had joined: the loss starts a fresh reconnection window.
             lost_since = Some(Instant::now());
@@ -395,10 +409,11 @@ async fn connect_once(
     tls: quinn::ClientConfig,
     data: Arc<LocalData>,
     report: &mut ParticipantReport,
+    own_dp: &mut OwnDpLedger,
 ) -> Result<Ended> {
     let (endpoint, conn) = client::connect(tls, config.coordinator, &config.server_name).await?;
     info!(coordinator = %config.coordinator, name = config.name, "connected");
-    let result = session_loop(config, &conn, data, report).await;
+    let result = session_loop(config, &conn, data, report, own_dp).await;
     match &result {
         Ok(Ended::Finished) => conn.close(0u32.into(), b"done"),
         // A simulated crash says nothing; the handles are simply dropped.
@@ -415,7 +430,66 @@ async fn connect_once(
 struct Training {
     round: u32,
     started: Instant,
+    /// DP-SGD settings and the batch sampling rate of this round's training.
+    dp_sgd: Option<(DpSgdSpec, f64)>,
     task: tokio::task::JoinHandle<Result<(TrainOutcome, ModelWeights)>>,
+}
+
+/// Refuses training settings below the record-level DP floor.
+fn check_dp_sgd_floor(floor: Option<f32>, dp: Option<DpSgdSpec>) -> Result<()> {
+    let Some(floor) = floor else {
+        return Ok(());
+    };
+    let refuse = |what: String| {
+        Err(ParticipantError::Protocol(ProtocolError::InvalidConfig(
+            format!(
+                "{what}; this participant requires DP-SGD with a noise multiplier of at least \
+             {floor} (--dp-sgd-min-noise-multiplier)"
+            ),
+        )))
+    };
+    match dp {
+        None => refuse("the coordinator asks for local training without DP-SGD".into()),
+        Some(dp) if dp.check().is_err() || dp.noise_multiplier < floor => refuse(format!(
+            "the coordinator asks for DP-SGD with noise multiplier {}",
+            dp.noise_multiplier
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Our own record-level DP ledger: the DP-SGD steps behind every update we
+/// submitted, at the rate our own image count gives.
+#[derive(Debug, Default)]
+struct OwnDpLedger {
+    accountant: greyfed_protocol::privacy::RdpAccountant,
+}
+
+impl OwnDpLedger {
+    /// Adds `steps` DP-SGD steps of `dp` at sampling rate `rate` (round
+    /// `round`'s) and returns ε so far at `dp.delta`, logged.
+    fn add(&mut self, round: u32, dp: DpSgdSpec, rate: f64, steps: usize) -> Result<f64> {
+        let mechanism = greyfed_protocol::privacy::SampledGaussian {
+            noise_multiplier: f64::from(dp.noise_multiplier),
+            sampling_rate: rate,
+        };
+        let accountant_error = |e| ParticipantError::Model(format!("DP accountant: {e}"));
+        self.accountant
+            .compose(mechanism, steps as u64)
+            .map_err(accountant_error)?;
+        let epsilon = self
+            .accountant
+            .epsilon(dp.delta)
+            .map_err(accountant_error)?
+            .epsilon;
+        info!(
+            round,
+            epsilon,
+            delta = dp.delta,
+            "record-level DP so far, by our own accountant"
+        );
+        Ok(epsilon)
+    }
 }
 
 /// Sends `event` to the display, if there is one.
@@ -430,6 +504,7 @@ async fn session_loop(
     conn: &quinn::Connection,
     data: Arc<LocalData>,
     report: &mut ParticipantReport,
+    own_dp: &mut OwnDpLedger,
 ) -> Result<Ended> {
     let mut rng = StdRng::try_from_rng(&mut SysRng)
         .map_err(|e| ParticipantError::Connection(format!("no OS randomness: {e}")))?;
@@ -508,6 +583,11 @@ async fn session_loop(
                         .session()
                         .map(|s| s.training.for_round(round, s.rounds))
                         .ok_or_else(|| no_session("Train"))?;
+                    check_dp_sgd_floor(config.min_dp_sgd_noise_multiplier, training_config.dp_sgd)?;
+                    let dp_sgd = training_config.dp_sgd.map(|dp| {
+                        let n = data.train.len().max(1) as f64;
+                        (dp, (f64::from(training_config.batch_size) / n).min(1.0))
+                    });
                     let global = data.unmasked(&spec, training_config.key_layer_mask, global)?;
                     // The coordinator's seed alone would let it replay this
                     // round to a subset and isolate our update.
@@ -524,6 +604,7 @@ async fn session_loop(
                     training = Some(Training {
                         round,
                         started: Instant::now(),
+                        dp_sgd,
                         task: tokio::task::spawn_blocking(move || {
                             let options = TrainOptions {
                                 proximal_mu: training_config.proximal_mu,
@@ -596,7 +677,7 @@ async fn session_loop(
         } else {
             tokio::select! {
                 done = async { (&mut training.as_mut().expect("guarded").task).await }, if training.is_some() => {
-                    let Training { round, started, .. } = training.take().expect("guarded");
+                    let Training { round, started, dp_sgd, .. } = training.take().expect("guarded");
                     let (outcome, global) = done
                         .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
                     emit(config, ParticipantProgress::Trained {
@@ -620,7 +701,12 @@ async fn session_loop(
                         ))
                     };
                     match submitted {
-                        Ok(()) => report.rounds_trained += 1,
+                        Ok(()) => {
+                            report.rounds_trained += 1;
+                            if let Some((dp, rate)) = dp_sgd {
+                                report.dp_epsilon = Some(own_dp.add(round, dp, rate, outcome.steps)?);
+                            }
+                        }
                         // The coordinator moved on without us: nothing to do.
                         Err(e @ ProtocolError::Late(_)) => warn!(round, "update not used: {e}"),
                         // Not fatal: the coordinator leaves us out of this
@@ -788,5 +874,54 @@ fn check_model_fits(model: &ModelSpec, data: &LocalData) -> Result<()> {
             )))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod dp_tests {
+    use super::*;
+
+    fn spec(z: f32) -> DpSgdSpec {
+        DpSgdSpec {
+            clip: 1.0,
+            noise_multiplier: z,
+            delta: 1e-5,
+        }
+    }
+
+    #[test]
+    fn the_dp_sgd_floor_refuses_no_or_too_little_noise() {
+        assert!(check_dp_sgd_floor(None, None).is_ok());
+        assert!(check_dp_sgd_floor(Some(1.0), Some(spec(1.2))).is_ok());
+        let none = check_dp_sgd_floor(Some(1.0), None).unwrap_err().to_string();
+        assert!(
+            none.contains("without DP-SGD") && none.contains("at least 1"),
+            "{none}"
+        );
+        let low = check_dp_sgd_floor(Some(1.0), Some(spec(0.5)))
+            .unwrap_err()
+            .to_string();
+        assert!(low.contains("noise multiplier 0.5"), "{low}");
+        let nan = check_dp_sgd_floor(Some(1.0), Some(spec(f32::NAN)));
+        assert!(nan.is_err());
+    }
+
+    #[test]
+    fn our_own_ledger_composes_every_submitted_round() {
+        use greyfed_protocol::privacy::{SampledGaussian, epsilon_after};
+        let mut ledger = OwnDpLedger::default();
+        let first = ledger.add(1, spec(1.1), 0.1, 20).unwrap();
+        let second = ledger.add(2, spec(1.1), 0.1, 20).unwrap();
+        let expected = epsilon_after(
+            SampledGaussian {
+                noise_multiplier: f64::from(1.1f32),
+                sampling_rate: 0.1,
+            },
+            40,
+            1e-5,
+        )
+        .unwrap();
+        assert!(first < second);
+        assert!((second - expected).abs() < 1e-12, "{second} vs {expected}");
     }
 }

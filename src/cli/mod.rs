@@ -1284,6 +1284,12 @@ pub struct ParticipantArgs {
     /// it a coordinator that deviates can switch the noise off.
     #[arg(long, value_name = "Z")]
     pub dp_min_noise_multiplier: Option<f64>,
+    /// Record-level differential privacy floor: refuse to train (ending
+    /// the session with an error) when the coordinator asks for local
+    /// training without DP-SGD or with a noise multiplier below Z. Each
+    /// round's ε by this participant's own accountant goes to its log.
+    #[arg(long, value_name = "Z")]
+    pub dp_sgd_min_noise_multiplier: Option<f32>,
     /// Accept as secure-aggregation neighbours only the certificates listed
     /// in FILE (the coordinator's allow-list format: `identity sha256:…`
     /// per line), distributed out of band. Without it any participant

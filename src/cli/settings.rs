@@ -273,6 +273,7 @@ impl ParticipantArgs {
             save_model: self.model_path(),
             min_cohort: self.min_cohort,
             dp_min_noise_multiplier: self.dp_min_noise_multiplier,
+            dp_sgd_min_noise_multiplier: self.dp_sgd_min_noise_multiplier,
             peers: self.peers.clone(),
             data: self.data.settings()?,
         })
