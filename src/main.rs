@@ -290,7 +290,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .map(greyfed_participant::cipher::ImageKey::read_file)
                 .transpose()?;
             greyfed::transform::write_aligned_start(
-                "gridcnn",
+                &greyfed::transform::StartRecipe::aligned("gridcnn"),
                 &input,
                 key.as_ref().map(|k| (args.cipher, k)),
                 args.block_size,

@@ -14,14 +14,18 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
+    data::synthetic::builtin_splits,
     layer_mask::KeyLayerMask,
     model::{aligned_weights, builtin_spec, encrypted_domain_weights, init_weights},
+    train::{TensorData, train_local},
 };
 use greyfed_protocol::FirstLayer;
 use greyfed_protocol::message::InputSpec;
 use greyfed_protocol::model_file::ModelFile;
 use greyfed_protocol::weights::{CIPHER_METADATA, MODEL_METADATA};
-use greyfed_protocol::{ModelSpec, ModelWeights, cipher::CipherSteps};
+use greyfed_protocol::{
+    ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig, cipher::CipherSteps,
+};
 use rand::TryRng;
 
 /// Which plain model to transform.
@@ -170,9 +174,77 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
     ))
 }
 
-/// Writes to `out` the grid CNN's aligned start for images of `input`:
-/// [`aligned_weights`] drawn from `seed` for plain images (`encryption`
-/// `None`); for images encrypted with a key and cipher steps in blocks of
+/// The plain model a key holder's start is made from
+/// ([`write_aligned_start`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartRecipe {
+    /// The architecture, by its registered name.
+    pub model: String,
+    /// Its layer widths (`--model-widths`), if not the defaults.
+    pub widths: Option<Vec<u32>>,
+    /// Epochs of pre-training on the built-in synthetic digits, 0 for none.
+    /// They are public (generated, nobody's data), so pre-training costs no
+    /// privacy; it needs 28x28 images of 10 classes. The grid CNN starts
+    /// from its aligned weights either way, other models (pre-training
+    /// only) from a fresh draw. For encrypted images only the grid CNN
+    /// qualifies: anyone can repeat the pre-training, so the start's
+    /// key-bearing layers must be masked, and the layer mask covers the
+    /// grid CNN's.
+    pub pretrain_epochs: u32,
+}
+
+impl StartRecipe {
+    /// The grid CNN's aligned start, no pre-training.
+    pub fn aligned(model: &str) -> Self {
+        Self {
+            model: model.to_string(),
+            widths: None,
+            pretrain_epochs: 0,
+        }
+    }
+}
+
+/// `weights` of `spec` trained `epochs` epochs (Adam 1e-3, batches of 64)
+/// on the built-in synthetic digits, drawn from a seed of their own (not
+/// the participants' data set, even when that is the built-in digits of
+/// another seed); `weights` unchanged for 0 epochs.
+fn pretrain_on_digits(
+    spec: &ModelSpec,
+    weights: ModelWeights,
+    input: &InputSpec,
+    epochs: u32,
+    seed: u64,
+) -> Result<ModelWeights> {
+    if epochs == 0 {
+        return Ok(weights);
+    }
+    if (input.rows, input.cols, input.classes.len()) != (28, 28, 10) {
+        bail!(
+            "pre-training on the built-in digits needs 28x28 images of 10 classes, the data has \
+             {}x{} images of {} classes",
+            input.rows,
+            input.cols,
+            input.classes.len()
+        );
+    }
+    let digits = builtin_splits(seed ^ PRETRAIN_DIGITS_SEED);
+    let data = TensorData::from_dataset(&digits.train, &candle_core::Device::Cpu)?;
+    let config = TrainingConfig {
+        local_epochs: epochs,
+        batch_size: 64,
+        optimizer: OptimizerSpec::Adam { lr: 1e-3 },
+        ..TrainingConfig::default()
+    };
+    Ok(train_local(spec, &weights, &data, &config, seed)?.weights)
+}
+
+/// Mixed into the seed of the pre-training digits.
+const PRETRAIN_DIGITS_SEED: u64 = 0x7072_6574_7261_696e;
+
+/// Writes to `out` a key holder's start for images of `input` (the grid
+/// CNN's aligned start, or a model pre-trained on the built-in digits:
+/// [`StartRecipe`]): the plain model drawn from `seed` for plain images
+/// (`encryption` `None`); for images encrypted with a key and cipher steps in blocks of
 /// `block_size`, the key transform of that plain start (first layer as the
 /// steps need, [`FirstLayer::for_cipher`]; a per-block first layer starts
 /// with every position's kernel equal in the plain domain), so that training
@@ -185,7 +257,7 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
 /// image key's layer mask ([`KeyLayerMask`]; the file says so) and the
 /// coordinator never sees them in the clear; see docs/threat-model.md.
 pub fn write_aligned_start(
-    model: &str,
+    recipe: &StartRecipe,
     input: &InputSpec,
     encryption: Option<(CipherSteps, &ImageKey)>,
     block_size: u32,
@@ -199,8 +271,25 @@ pub fn write_aligned_start(
         channels: 1,
         ..input.clone()
     };
-    let plain_spec = builtin_spec(model, &plain_input, block_size)?.with_first_layer(layer);
-    let plain = aligned_weights(&plain_spec, seed)?;
+    let mut plain_spec =
+        builtin_spec(&recipe.model, &plain_input, block_size)?.with_first_layer(layer);
+    if let Some(widths) = &recipe.widths {
+        plain_spec = plain_spec
+            .with_widths(widths)
+            .map_err(|e| anyhow::anyhow!("--model-widths: {e}"))?;
+    }
+    let plain = if recipe.pretrain_epochs == 0 || recipe.model == "gridcnn" {
+        aligned_weights(&plain_spec, seed)?
+    } else {
+        init_weights(&plain_spec, seed)?
+    };
+    let plain = pretrain_on_digits(
+        &plain_spec,
+        plain,
+        &plain_input,
+        recipe.pretrain_epochs,
+        seed,
+    )?;
     let (spec, weights, cipher) = match encryption {
         None => (plain_spec, plain, None),
         Some((steps, key)) => {
@@ -254,7 +343,15 @@ mod tests {
                 channels,
                 ..digits_input()
             };
-            write_aligned_start("gridcnn", &input, Some((steps, key)), 4, 3, &out).unwrap();
+            write_aligned_start(
+                &StartRecipe::aligned("gridcnn"),
+                &input,
+                Some((steps, key)),
+                4,
+                3,
+                &out,
+            )
+            .unwrap();
             ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap()
         };
         let key = ImageKey::from_bytes([5; 32]);
@@ -322,13 +419,65 @@ mod tests {
         let this = start(&key, "block".parse().unwrap(), 1);
         assert_ne!(other.weights.tensors()[0], this.weights.tensors()[0]);
         // For plain images it is the aligned plain model itself.
-        write_aligned_start("gridcnn", &digits_input(), None, 4, 3, &out).unwrap();
+        write_aligned_start(
+            &StartRecipe::aligned("gridcnn"),
+            &digits_input(),
+            None,
+            4,
+            3,
+            &out,
+        )
+        .unwrap();
         let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
         assert_eq!(file.cipher, None);
         assert!(!file.key_layer_mask);
         assert_eq!(file.weights, aligned_weights(&file.spec, 3).unwrap());
         // Models without a token map have no aligned start.
-        let e = write_aligned_start("mixer", &digits_input(), None, 4, 3, &out).unwrap_err();
+        let e = write_aligned_start(
+            &StartRecipe::aligned("mixer"),
+            &digits_input(),
+            None,
+            4,
+            3,
+            &out,
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("grid CNN"), "{e:#}");
+    }
+
+    /// Pre-training on the built-in digits moves the start (and, masked,
+    /// the coordinator cannot repeat it to read the key); other inputs are
+    /// refused with the reason.
+    #[test]
+    fn a_digits_start_is_pre_trained_and_needs_digit_sized_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("start.safetensors");
+        let recipe = StartRecipe {
+            model: "gridcnn".into(),
+            widths: Some(vec![8, 8, 8, 16]),
+            pretrain_epochs: 1,
+        };
+        write_aligned_start(&recipe, &digits_input(), None, 4, 3, &out).unwrap();
+        let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
+        assert!(matches!(file.spec, ModelSpec::GridCnn { dim: 8, .. }));
+        let aligned = aligned_weights(&file.spec, 3).unwrap();
+        assert_ne!(file.weights, aligned, "pre-training changed the start");
+        // It learnt something of the digits (one epoch of a tiny model).
+        let test = builtin_splits(99).test;
+        let data = TensorData::from_dataset(&test, &candle_core::Device::Cpu).unwrap();
+        let accuracy = |w: &ModelWeights| {
+            greyfed_participant::train::evaluate(&file.spec, w, &data, 256)
+                .unwrap()
+                .accuracy()
+        };
+        let (trained, untrained) = (accuracy(&file.weights), accuracy(&aligned));
+        assert!(trained > untrained + 0.05, "{trained} vs {untrained}");
+        let wide = InputSpec {
+            rows: 32,
+            cols: 32,
+            ..digits_input()
+        };
+        let e = write_aligned_start(&recipe, &wide, None, 4, 3, &out).unwrap_err();
+        assert!(format!("{e:#}").contains("28x28"), "{e:#}");
     }
 }

@@ -348,8 +348,16 @@ impl SimulateArgs {
             coordinator_args: self.training.to_args(),
             aligned_start: match self.start {
                 StartArg::Fresh => None,
-                StartArg::Aligned => Some(crate::simulate::AlignedStart {
-                    model: self.training.model.clone(),
+                StartArg::Aligned | StartArg::Digits => Some(crate::simulate::AlignedStart {
+                    recipe: crate::transform::StartRecipe {
+                        model: self.training.model.clone(),
+                        widths: self.training.model_widths.clone(),
+                        pretrain_epochs: if self.start == StartArg::Digits {
+                            self.start_epochs
+                        } else {
+                            0
+                        },
+                    },
                     data: data.settings()?.source,
                 }),
             },

@@ -485,7 +485,25 @@ fn simulate_start_aligned_names_the_model_and_the_data() {
         "9",
     ]);
     let start = aligned.aligned_start.expect("an aligned start");
-    assert_eq!(start.model, "gridcnn");
+    assert_eq!(
+        start.recipe,
+        crate::transform::StartRecipe::aligned("gridcnn")
+    );
+    let digits = settings(&[
+        "--model",
+        "gridcnn",
+        "--model-widths",
+        "8,8,8,16",
+        "--start",
+        "digits",
+        "--start-epochs",
+        "3",
+    ]);
+    let recipe = digits.aligned_start.expect("a digits start").recipe;
+    assert_eq!(
+        (recipe.widths, recipe.pretrain_epochs),
+        (Some(vec![8, 8, 8, 16]), 3)
+    );
     assert_eq!(
         start.data,
         crate::node::DataSourceSettings::Builtin(greyfed_participant::pipeline::BuiltinDigits {

@@ -108,8 +108,9 @@ pub struct SimulationSettings {
 /// What the aligned start is made for.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AlignedStart {
-    /// The architecture (must have a token map: `gridcnn`).
-    pub model: String,
+    /// The plain model it is made from (the grid CNN's aligned start, or a
+    /// model pre-trained on the built-in digits).
+    pub recipe: crate::transform::StartRecipe,
     /// The data, read for its image size and classes.
     pub data: crate::node::DataSourceSettings,
 }
@@ -175,14 +176,14 @@ fn write_aligned_start_for(
         )?)
     };
     crate::transform::write_aligned_start(
-        &start.model,
+        &start.recipe,
         &input,
         key.as_ref().map(|k| (settings.data.cipher, k)),
         settings.data.block_size,
         settings.seed,
         path,
     )
-    .context("making the aligned start (--start aligned)")
+    .context("making the start (--start aligned or digits)")
 }
 
 /// What a finished simulation produced.
