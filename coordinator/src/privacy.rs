@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use greyfed_protocol::privacy::{DistributedNoise, RdpAccountant, SampledGaussian};
+use greyfed_protocol::privacy::{DistributedNoise, Guarantee, RdpAccountant, SampledGaussian};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordinatorError, Result};
@@ -310,7 +310,6 @@ pub struct RecordLedger {
     spec: greyfed_protocol::message::DpSgdSpec,
     batch_size: u64,
     local_epochs: u32,
-    accountants: BTreeMap<String, RdpAccountant>,
     entries: BTreeMap<String, RecordDpParticipant>,
 }
 
@@ -322,44 +321,23 @@ impl RecordLedger {
         batch_size: u32,
         local_epochs: u32,
     ) -> Self {
-        Self {
-            spec,
-            batch_size: u64::from(batch_size.max(1)),
-            local_epochs,
-            accountants: BTreeMap::new(),
-            entries: BTreeMap::new(),
-        }
+        Self::resumed(spec, batch_size, local_epochs, BTreeMap::new())
     }
 
     /// A ledger that goes on from `entries` (what an interrupted run's
-    /// checkpoint recorded, [`RecordLedger::entries`]): every participant's
-    /// accountant recomposed from its mechanisms.
-    ///
-    /// # Errors
-    /// Mechanisms the accountant refuses.
+    /// checkpoint recorded, [`RecordLedger::entries`]).
     pub fn resumed(
         spec: greyfed_protocol::message::DpSgdSpec,
         batch_size: u32,
         local_epochs: u32,
         entries: BTreeMap<String, RecordDpParticipant>,
-    ) -> Result<Self> {
-        let mut ledger = Self::new(spec, batch_size, local_epochs);
-        for (identity, entry) in &entries {
-            let accountant = ledger.accountants.entry(identity.clone()).or_default();
-            for run in &entry.mechanisms {
-                accountant
-                    .compose(
-                        SampledGaussian {
-                            noise_multiplier: f64::from(spec.noise_multiplier),
-                            sampling_rate: run.sampling_rate,
-                        },
-                        run.steps,
-                    )
-                    .map_err(accountant_error)?;
-            }
+    ) -> Self {
+        Self {
+            spec,
+            batch_size: u64::from(batch_size.max(1)),
+            local_epochs,
+            entries,
         }
-        ledger.entries = entries;
-        Ok(ledger)
     }
 
     /// Each participant's mechanism so far (for `run.json` and checkpoints).
@@ -369,44 +347,51 @@ impl RecordLedger {
 
     /// Adds a round whose sum holds the updates of `contributors`
     /// (identity, claimed training images); returns its figures (ε the
-    /// largest over all participants so far).
+    /// largest over all participants so far, each composed from its
+    /// entry).
     ///
     /// # Errors
     /// Settings the accountant refuses.
     pub fn round(&mut self, contributors: &[(String, u64)]) -> Result<DpRound> {
         for (identity, samples) in contributors {
-            let n = (*samples).max(1);
-            let mechanism = SampledGaussian {
-                noise_multiplier: f64::from(self.spec.noise_multiplier),
-                sampling_rate: (self.batch_size as f64 / n as f64).min(1.0),
+            let guarantee = Guarantee::Record {
+                samples: (*samples).max(1),
+                batch_size: self.batch_size,
+                local_epochs: self.local_epochs,
             };
-            let steps = u64::from(self.local_epochs) * n.div_ceil(self.batch_size);
-            self.accountants
-                .entry(identity.clone())
-                .or_default()
-                .compose(mechanism, steps)
-                .map_err(accountant_error)?;
+            let (sampling_rate, steps) = (guarantee.sampling_rate(), guarantee.steps_per_round());
             let entry = self.entries.entry(identity.clone()).or_default();
-            entry.samples = n;
+            entry.samples = (*samples).max(1);
             entry.rounds += 1;
             match entry.mechanisms.last_mut() {
-                Some(run) if run.sampling_rate == mechanism.sampling_rate => run.steps += steps,
+                Some(run) if run.sampling_rate == sampling_rate => run.steps += steps,
                 _ => entry.mechanisms.push(MechanismRun {
-                    sampling_rate: mechanism.sampling_rate,
+                    sampling_rate,
                     steps,
                 }),
             }
         }
+        let noise_multiplier = f64::from(self.spec.noise_multiplier);
         let mut worst = 0.0f64;
-        for a in self.accountants.values() {
-            worst = worst.max(
-                a.epsilon(self.spec.delta)
-                    .map_err(accountant_error)?
-                    .epsilon,
-            );
+        for entry in self.entries.values() {
+            let mut accountant = RdpAccountant::default();
+            for run in &entry.mechanisms {
+                let mechanism = SampledGaussian {
+                    noise_multiplier,
+                    sampling_rate: run.sampling_rate,
+                };
+                accountant
+                    .compose(mechanism, run.steps)
+                    .map_err(accountant_error)?;
+            }
+            let epsilon = accountant
+                .epsilon(self.spec.delta)
+                .map_err(accountant_error)?
+                .epsilon;
+            worst = worst.max(epsilon);
         }
         Ok(DpRound {
-            noise_multiplier: f64::from(self.spec.noise_multiplier),
+            noise_multiplier,
             epsilon: worst,
             epsilon_coordinator: worst,
         })
@@ -562,7 +547,7 @@ mod tests {
                 steps: 188
             }]
         );
-        let mut resumed = RecordLedger::resumed(spec, 64, 2, entries).unwrap();
+        let mut resumed = RecordLedger::resumed(spec, 64, 2, entries);
         let next = ledger.round(&[small.clone()]).unwrap();
         assert_eq!(resumed.round(&[small.clone()]).unwrap(), next);
         // A participant whose image count changed gets a second run.

@@ -227,7 +227,7 @@ impl Coordinator {
                     config.training.batch_size,
                     config.training.local_epochs,
                     previous,
-                )?;
+                );
                 if let Some(dp) = &mut record.dp {
                     dp.participants = ledger.entries().clone();
                 }

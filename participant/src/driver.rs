@@ -531,8 +531,13 @@ async fn session_loop(
                         .ok_or_else(|| no_session("Train"))?;
                     check_dp_sgd_floor(config.min_dp_sgd_noise_multiplier, training_config.dp_sgd)?;
                     let dp_sgd = training_config.dp_sgd.map(|dp| {
-                        let n = data.train.len().max(1) as f64;
-                        (dp, (f64::from(training_config.batch_size) / n).min(1.0))
+                        let rate = greyfed_protocol::privacy::Guarantee::Record {
+                            samples: data.train.len().max(1) as u64,
+                            batch_size: u64::from(training_config.batch_size),
+                            local_epochs: training_config.local_epochs,
+                        }
+                        .sampling_rate();
+                        (dp, rate)
                     });
                     let global = data.unmasked(&spec, training_config.key_layer_mask, global)?;
                     // The coordinator's seed alone would let it replay this

@@ -321,7 +321,12 @@ pub fn train_local_observed(
         }
         None => None,
     };
-    let rate = (batch_size as f64 / n as f64).min(1.0);
+    let rate = greyfed_protocol::privacy::Guarantee::Record {
+        samples: n as u64,
+        batch_size: batch_size as u64,
+        local_epochs: config.local_epochs,
+    }
+    .sampling_rate();
     for epoch in 0..config.local_epochs {
         let data = match epoch_data.take() {
             Some(first) => first,

@@ -34,14 +34,14 @@ pub enum Guarantee {
 
 impl Guarantee {
     /// The probability with which a record (or participant) takes part in
-    /// one step (or round).
+    /// one step (or round); 1 for a batch larger than the records.
     pub fn sampling_rate(&self) -> f64 {
         match *self {
             Self::Record {
                 samples,
                 batch_size,
                 ..
-            } => batch_size as f64 / samples as f64,
+            } => (batch_size as f64 / samples as f64).min(1.0),
             Self::Participant { population, cohort } => cohort as f64 / population as f64,
         }
     }
