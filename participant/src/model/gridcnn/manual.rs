@@ -355,6 +355,46 @@ fn unpool(g: &[f32], win: &[u32], n: usize, dx: &mut [f32]) {
     }
 }
 
+/// The sizes of one pass, from the dimensions: the `gr x gc` grid of `t`
+/// cells, the pooled `hr x hc` grid of `t2`, patch length `pl`, channels
+/// `dim`, `c1`, `c2`, `c3` and classes `k`.
+#[derive(Clone, Copy)]
+struct Sizes {
+    gr: usize,
+    gc: usize,
+    hr: usize,
+    hc: usize,
+    t: usize,
+    t2: usize,
+    pl: usize,
+    dim: usize,
+    c1: usize,
+    c2: usize,
+    c3: usize,
+    k: usize,
+}
+
+impl Sizes {
+    fn of(d: &GridCnnDims) -> Self {
+        let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
+        let (hr, hc) = (gr / 2, gc / 2);
+        Self {
+            gr,
+            gc,
+            hr,
+            hc,
+            t: gr * gc,
+            t2: hr * hc,
+            pl: d.patch_len(),
+            dim: d.dim,
+            c1: d.c1,
+            c2: d.c2,
+            c3: d.c3,
+            k: d.classes,
+        }
+    }
+}
+
 /// Images per forward and backward pass inside a shard: small enough that
 /// a pass's im2col matrices stay in the core's cache (measured on one thread: 1.1x the
 /// throughput of whole 64-image batches; 8 the same, 32 slower), large enough for
@@ -414,10 +454,20 @@ impl Shard {
         (scale, smoothing, clip): (f32, f32, Option<f32>),
     ) -> Result<()> {
         let n = labels.len();
-        let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
-        let (hr, hc) = (gr / 2, gc / 2);
-        let (t, t2, pl, dim) = (gr * gc, hr * hc, d.patch_len(), d.dim);
-        let (c1, c2, c3, k) = (d.c1, d.c2, d.c3, d.classes);
+        let Sizes {
+            gr,
+            gc,
+            hr,
+            hc,
+            t,
+            t2,
+            pl,
+            dim,
+            c1,
+            c2,
+            c3,
+            k,
+        } = Sizes::of(d);
         let seq = Parallelism::None;
 
         // Patch embedding -> embed [n, T, D].
@@ -579,9 +629,20 @@ impl Shard {
     /// the image scaled by its clip factor, so that the weight gradients
     /// formed from the signals are the sum of the clipped ones.
     fn clip_images(&mut self, d: &GridCnnDims, n: usize, clip: f32) -> Result<()> {
-        let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
-        let (t, t2, pl, dim) = (gr * gc, (gr / 2) * (gc / 2), d.patch_len(), d.dim);
-        let (c1, c2, c3, k) = (d.c1, d.c2, d.c3, d.classes);
+        let Sizes {
+            gr,
+            gc,
+            hr,
+            hc,
+            t,
+            t2,
+            pl,
+            dim,
+            c1,
+            c2,
+            c3,
+            k,
+        } = Sizes::of(d);
         for img in 0..n {
             let image = |buf, rows, cols| image_rows(buf, img, rows, cols);
             let bias_sq = |du: MatRef<'_>, buf: &mut Vec<f32>| {
@@ -596,7 +657,7 @@ impl Shard {
                 * (sum_of_squares(image(&self.features, 1, c3)?.data()) + 1.0);
             // Convolutions: their inputs are the centre columns of the im2col.
             for (du, cols, c_in, grid) in [
-                (image(&self.a3, t2, c3)?, &self.cols3, c2, (gr / 2, gc / 2)),
+                (image(&self.a3, t2, c3)?, &self.cols3, c2, (hr, hc)),
                 (image(&self.a2, t, c2)?, &self.cols2, c1, (gr, gc)),
                 (image(&self.a1, t, c1)?, &self.cols1, dim, (gr, gc)),
             ] {
@@ -647,9 +708,17 @@ impl Shard {
     /// The weight gradients of a pass, summed over its `n` images, from the
     /// backward signals [`Shard::run`] left.
     fn weight_grads(&mut self, d: &GridCnnDims, n: usize) -> Result<()> {
-        let (gr, gc) = (d.rows / d.patch, d.cols / d.patch);
-        let (t, t2, pl, dim) = (gr * gc, (gr / 2) * (gc / 2), d.patch_len(), d.dim);
-        let (c1, c2, c3, k) = (d.c1, d.c2, d.c3, d.classes);
+        let Sizes {
+            t,
+            t2,
+            pl,
+            dim,
+            c1,
+            c2,
+            c3,
+            k,
+            ..
+        } = Sizes::of(d);
         let seq = Parallelism::None;
         let g = &mut self.grads;
 
