@@ -147,17 +147,12 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
+    /// A blocknet and `n` random images for it.
     fn setup(n: usize) -> (Network, Tensor, Tensor) {
         let spec = ModelSpec::blocknet_28x28(4);
         let weights = init_weights(&spec, 7).unwrap();
         let net = Network::new(&spec, &weights, &Device::Cpu).unwrap();
-        let mut rng = StdRng::seed_from_u64(1);
-        let pixels: Vec<f32> = (0..n * 28 * 28)
-            .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect();
-        let images = Tensor::from_vec(pixels, (n, 1, 28, 28), &Device::Cpu).unwrap();
-        let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
-        let labels = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
+        let (images, labels) = batch(&spec, n, 1);
         (net, images, labels)
     }
 

@@ -419,10 +419,10 @@ impl BlockNet {
             .collect();
         let (p, c, l) = (d.blocks(), d.channels, d.patch_len());
         let d_conv = s.d_conv.flatten_all()?.to_vec1::<f32>()?;
+        let patches = a.patches.flatten_all()?.to_vec1::<f32>()?;
         if d.per_block {
             // One kernel per position: each (example, position) term is a
             // product's gradient of its own. Patches are [P, n, L].
-            let patches = a.patches.flatten_all()?.to_vec1::<f32>()?;
             for (i, sq) in squares.iter_mut().enumerate() {
                 for pos in 0..p {
                     let dc = sum_of_squares(&d_conv[(i * p + pos) * c..][..c]);
@@ -431,7 +431,6 @@ impl BlockNet {
                 }
             }
         } else {
-            let patches = a.patches.flatten_all()?.to_vec1::<f32>()?;
             let (mut bias, mut scratch) = (vec![0f32; c], Vec::new());
             for (i, sq) in squares.iter_mut().enumerate() {
                 let dc = &d_conv[i * p * c..][..p * c];
