@@ -294,7 +294,12 @@ impl ParticipantSession {
                     .push_back(ParticipantEvent::Evaluate { round, global });
                 Ok(())
             }
-            (State::Idle, Message::Finished { rounds_completed }) => {
+            // The session may end while we still train or evaluate (the
+            // round was abandoned without us): that work is moot.
+            (
+                State::Idle | State::Training { .. } | State::Evaluating { .. },
+                Message::Finished { rounds_completed },
+            ) => {
                 self.state = State::Finished;
                 self.update_sum = None;
                 self.eval_sum = None;

@@ -542,6 +542,46 @@ fn participant_session_rejects_out_of_order_messages() {
     assert!(p.submit_update(1, 0.0, vec![], 1.0, &mut rng).is_err());
 }
 
+/// A session may end while a participant still trains (its round was
+/// abandoned without it, say): it finishes cleanly, not with an error.
+#[test]
+fn a_participant_still_training_accepts_the_end_of_the_session() {
+    use crate::participant::{ParticipantEvent, ParticipantSession};
+    let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(1);
+    let mut p = ParticipantSession::new(hello(0, 10));
+    let welcome = Message::Welcome {
+        participant_id: 0,
+        session: crate::SessionInfo {
+            session_id: 1,
+            model: crate::ModelSpec::blocknet_28x28(4),
+            training: crate::TrainingConfig::default(),
+            rounds: 1,
+            aggregation: crate::AggregationKind::Plain,
+        },
+    };
+    p.handle_message(welcome, &mut rng).unwrap();
+    let train = Message::TrainRequest {
+        round: 1,
+        global: crate::GlobalModel::Weights(tiny_model().into()),
+        seed: 0,
+    };
+    p.handle_message(train, &mut rng).unwrap();
+    let finished = Message::Finished {
+        rounds_completed: 0,
+    };
+    p.handle_message(finished, &mut rng).unwrap();
+    assert!(p.is_finished());
+    let events: Vec<_> = std::iter::from_fn(|| p.poll_event()).collect();
+    assert!(matches!(
+        events.last(),
+        Some(ParticipantEvent::Finished {
+            rounds_completed: 0
+        })
+    ));
+    // Its late update goes nowhere.
+    assert!(p.submit_update(1, 0.0, vec![0.0], 1.0, &mut rng).is_err());
+}
+
 mod secure {
     use super::*;
     use crate::secagg::coordinator::{SecAggConfig, SecAggCoordinator};
