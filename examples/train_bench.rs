@@ -42,12 +42,16 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::Parser;
 use greyfed_participant::cipher::{ImageCipher, ImageKey};
-use greyfed_participant::data::{idx::load_idx_dir, synthetic::builtin_splits};
+use greyfed_participant::data::augment::RandomAffine;
+use greyfed_participant::data::{
+    idx::load_idx_dir,
+    synthetic::{builtin_splits, synthetic_digits},
+};
 use greyfed_participant::model::{
     aligned_weights, cnn_28x28, gridcnn_28x28, init_weights, mixer_28x28, vit_28x28,
 };
 use greyfed_participant::train::{
-    TensorData, TrainOptions, evaluate, train_local, train_local_with,
+    TensorData, TrainOptions, epoch_images, evaluate, train_local_with,
 };
 use greyfed_protocol::cipher::CipherSteps;
 use greyfed_protocol::message::DpSgdSpec;
@@ -122,6 +126,15 @@ struct Args {
     /// data, plain Adam, before the timed run; for DP experiments).
     #[arg(long, default_value_t = 0)]
     pretrain_digits: u32,
+    /// Synthetic digits generated for `--pretrain-digits` (default: the
+    /// built-in training split's 6,000).
+    #[arg(long)]
+    pretrain_count: Option<usize>,
+    /// Online augmentation of the pre-training digits: largest rotation
+    /// (degrees), scale change, shear (degrees) and shift (pixels),
+    /// drawn afresh every epoch.
+    #[arg(long, value_delimiter = ',')]
+    pretrain_affine: Option<Vec<f32>>,
     /// Untimed warm-up minibatches before the timed run (0: none).
     #[arg(long, default_value_t = 10)]
     warmup_batches: usize,
@@ -257,15 +270,34 @@ fn main() -> Result<()> {
     };
 
     let global = if args.pretrain_digits > 0 {
-        let digits = builtin_splits(args.seed.wrapping_add(1));
-        let digits_data = TensorData::from_dataset(&digits.train, &device)?;
+        let digits = match args.pretrain_count {
+            Some(n) => synthetic_digits(n, args.seed.wrapping_add(1)),
+            None => builtin_splits(args.seed.wrapping_add(1)).train,
+        };
+        let affine = match args.pretrain_affine.as_deref() {
+            Some(&[max_rotation, max_scale, max_shear, max_shift]) => RandomAffine {
+                max_rotation,
+                max_scale,
+                max_shear,
+                max_shift,
+            },
+            _ => RandomAffine::default(),
+        };
+        let digits_data = epoch_images(digits, affine, None, device.clone())?;
         let pre = TrainingConfig {
             local_epochs: args.pretrain_digits,
             batch_size: 64,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },
             ..TrainingConfig::default()
         };
-        let out = train_local(&spec, &global, &digits_data, &pre, args.seed)?;
+        let out = train_local_with(
+            &spec,
+            &global,
+            digits_data.as_ref(),
+            &pre,
+            args.seed,
+            &TrainOptions::default(),
+        )?;
         let before = evaluate(&spec, &out.weights, &test_data, 500)?;
         eprintln!(
             "pre-trained {} epochs on {} synthetic digits: {:.4} on the test split",

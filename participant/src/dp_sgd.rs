@@ -17,12 +17,13 @@
 //! with Poisson-sampled batches from OS randomness.
 
 use candle_core::Tensor;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
 use greyfed_protocol::message::DpSgdSpec;
+use greyfed_protocol::secagg::prg::{KeystreamRng, PrgKind};
+use zeroize::Zeroizing;
 
 use crate::error::{ParticipantError, Result};
 use crate::model::registry::Model;
@@ -98,7 +99,8 @@ const NOISE_BLOCK: usize = 1 << 15;
 
 /// `v <- (v + N(0, sigma^2)) * scale` for every value. The noise is drawn
 /// in blocks of [`NOISE_BLOCK`] values, in parallel, each block by a
-/// ChaCha12 generator ([`StdRng`]) keyed with 32 fresh bytes from `rng`.
+/// keystream generator ([`KeystreamRng`]: AES-128-CTR where the CPU has AES
+/// instructions, ChaCha12 otherwise) keyed with 32 fresh bytes from `rng`.
 fn add_noise_and_scale<R: Rng + ?Sized>(values: &mut [f32], sigma: f64, scale: f64, rng: &mut R) {
     if sigma == 0.0 {
         values
@@ -106,18 +108,14 @@ fn add_noise_and_scale<R: Rng + ?Sized>(values: &mut [f32], sigma: f64, scale: f
             .for_each(|v| *v = (f64::from(*v) * scale) as f32);
         return;
     }
-    let keys: Vec<[u8; 32]> = (0..values.len().div_ceil(NOISE_BLOCK))
-        .map(|_| {
-            let mut key = [0u8; 32];
-            rng.fill_bytes(&mut key);
-            key
-        })
-        .collect();
+    let kind = PrgKind::fastest();
+    let mut keys = Zeroizing::new(vec![[0u8; 32]; values.len().div_ceil(NOISE_BLOCK)]);
+    keys.iter_mut().for_each(|key| rng.fill_bytes(key));
     values
         .par_chunks_mut(NOISE_BLOCK)
-        .zip(keys)
+        .zip(keys.par_iter())
         .for_each(|(block, key)| {
-            let mut block_rng = StdRng::from_seed(key);
+            let mut block_rng = KeystreamRng::new(kind, key);
             for v in block {
                 let z: f64 = StandardNormal.sample(&mut block_rng);
                 *v = ((f64::from(*v) + sigma * z) * scale) as f32;

@@ -122,6 +122,109 @@ pub fn fill_mask(kind: PrgKind, seed: &[u8; 32], out: &mut [u32]) {
     apply(kind, seed, out, Op::Set);
 }
 
+/// Keystream bytes buffered by [`KeystreamRng`]: 4 KiB, refilled in one
+/// call so AES-NI or ChaCha's SIMD backend work on many blocks at once.
+const RNG_BUFFER: usize = 4096;
+
+/// The keystream of [`PrgKind`] from a 32-byte seed, as a cryptographically
+/// secure RNG (same key and counter layout as the mask stream: its bytes are
+/// [`fill_mask`]'s, in order). For bulk secret randomness such as DP-SGD's
+/// Gaussian noise: with AES instructions it gives random bits about twice
+/// as fast as `StdRng` (ChaCha12 in software). The buffer of unused
+/// keystream is zeroised on drop.
+pub struct KeystreamRng {
+    cipher: KeystreamCipher,
+    buf: Box<[u8; RNG_BUFFER]>,
+    pos: usize,
+}
+
+enum KeystreamCipher {
+    Aes(Box<Ctr128BE<Aes128>>),
+    ChaCha(Box<ChaCha12>),
+}
+
+impl KeystreamRng {
+    /// The keystream of `kind` keyed with `seed` (fresh secret randomness
+    /// for every generator: the stream is a function of the seed alone).
+    pub fn new(kind: PrgKind, seed: &[u8; 32]) -> Self {
+        let cipher = match kind {
+            PrgKind::Aes128Ctr => {
+                let (halves, _) = seed.as_chunks::<16>();
+                KeystreamCipher::Aes(Box::new(Ctr128BE::<Aes128>::new(
+                    &halves[0].into(),
+                    &halves[1].into(),
+                )))
+            }
+            PrgKind::ChaCha12 => {
+                KeystreamCipher::ChaCha(Box::new(ChaCha12::new(seed.into(), &[0u8; 12].into())))
+            }
+        };
+        Self {
+            cipher,
+            buf: Box::new([0u8; RNG_BUFFER]),
+            pos: RNG_BUFFER,
+        }
+    }
+
+    fn refill(&mut self) {
+        match &mut self.cipher {
+            KeystreamCipher::Aes(c) => c.write_keystream(&mut self.buf[..]),
+            KeystreamCipher::ChaCha(c) => c.write_keystream(&mut self.buf[..]),
+        }
+        self.pos = 0;
+    }
+
+    /// The next `N` keystream bytes (the unused tail of the buffer is
+    /// skipped when shorter than `N`).
+    #[inline]
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        if self.pos + N > RNG_BUFFER {
+            self.refill();
+        }
+        let bytes = self.buf[self.pos..self.pos + N]
+            .try_into()
+            .expect("N bytes were just checked to be left");
+        self.pos += N;
+        bytes
+    }
+}
+
+impl Drop for KeystreamRng {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.buf[..]);
+    }
+}
+
+impl rand::TryRng for KeystreamRng {
+    type Error = core::convert::Infallible;
+
+    #[inline]
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(u32::from_le_bytes(self.take::<4>()))
+    }
+
+    #[inline]
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(u64::from_le_bytes(self.take::<8>()))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        let mut filled = 0;
+        while filled < dst.len() {
+            if self.pos == RNG_BUFFER {
+                self.refill();
+            }
+            let n = (dst.len() - filled).min(RNG_BUFFER - self.pos);
+            dst[filled..filled + n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            self.pos += n;
+            filled += n;
+        }
+        Ok(())
+    }
+}
+
+impl rand::TryCryptoRng for KeystreamRng {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +273,36 @@ mod tests {
         let mut out = vec![0u32; len];
         fill_mask(kind, seed, &mut out);
         out
+    }
+
+    /// The RNG hands out the mask stream's bytes in order, whatever mix of
+    /// word sizes it is asked for (a 4-byte read that leaves fewer than 8
+    /// bytes in the buffer makes the next 8-byte read skip them).
+    #[test]
+    fn keystream_rng_is_the_mask_stream() {
+        for kind in KINDS {
+            let s = seed(9);
+            let words = mask(kind, &s, 3 * RNG_BUFFER / 4);
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let mut rng = KeystreamRng::new(kind, &s);
+            let mut got = vec![0u8; 13];
+            rng.fill_bytes(&mut got);
+            assert_eq!(got, bytes[..13]);
+            // u32s up to the last whole one in the buffer (3 bytes are left).
+            let mut pos = 13;
+            while pos + 4 <= RNG_BUFFER {
+                assert_eq!(
+                    rng.next_u32().to_le_bytes(),
+                    bytes[pos..pos + 4],
+                    "{kind:?} at byte {pos}"
+                );
+                pos += 4;
+            }
+            assert_eq!(rng.next_u64().to_le_bytes(), bytes[RNG_BUFFER..RNG_BUFFER + 8]);
+            let mut more = vec![0u8; RNG_BUFFER + 5];
+            rng.fill_bytes(&mut more);
+            assert_eq!(more, bytes[RNG_BUFFER + 8..2 * RNG_BUFFER + 13]);
+        }
     }
 
     #[test]
