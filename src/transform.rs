@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
-    data::synthetic::builtin_splits,
+    data::{augment::RandomAffine, synthetic::synthetic_digits},
     layer_mask::KeyLayerMask,
     model::{aligned_weights, builtin_spec, encrypted_domain_weights, init_weights},
-    train::{TensorData, train_local},
+    train::{TrainOptions, epoch_images, train_local_with},
 };
 use greyfed_protocol::FirstLayer;
 use greyfed_protocol::message::InputSpec;
@@ -182,15 +182,24 @@ pub struct StartRecipe {
     pub model: String,
     /// Its layer widths (`--model-widths`), if not the defaults.
     pub widths: Option<Vec<u32>>,
-    /// Epochs of pre-training on the built-in synthetic digits, 0 for none.
-    /// They are public (generated, nobody's data), so pre-training costs no
-    /// privacy; it needs 28x28 images of 10 classes. The grid CNN starts
-    /// from its aligned weights either way, other models (pre-training
-    /// only) from a fresh draw. For encrypted images only the grid CNN
-    /// qualifies: anyone can repeat the pre-training, so the start's
-    /// key-bearing layers must be masked, and the layer mask covers the
-    /// grid CNN's.
-    pub pretrain_epochs: u32,
+    /// Pre-training on the built-in synthetic digits, if any. They are
+    /// public (generated, nobody's data), so pre-training costs no privacy;
+    /// it needs 28x28 images of 10 classes. The grid CNN starts from its
+    /// aligned weights either way, other models (pre-training only) from a
+    /// fresh draw. For encrypted images only the grid CNN qualifies: anyone
+    /// can repeat the pre-training, so the start's key-bearing layers must
+    /// be masked, and the layer mask covers the grid CNN's.
+    pub pretraining: Option<DigitsPretraining>,
+}
+
+/// How a start is pre-trained on the built-in synthetic digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DigitsPretraining {
+    /// Epochs (Adam 1e-3, batches of 64).
+    pub epochs: u32,
+    /// Synthetic digits generated; each epoch shows every one distorted
+    /// afresh by [`PRETRAIN_AFFINE`].
+    pub images: usize,
 }
 
 impl StartRecipe {
@@ -199,20 +208,32 @@ impl StartRecipe {
         Self {
             model: model.to_string(),
             widths: None,
-            pretrain_epochs: 0,
+            pretraining: None,
         }
     }
 }
 
-/// `weights` of `spec` trained `epochs` epochs (Adam 1e-3, batches of 64)
-/// on the built-in synthetic digits, drawn from a seed of their own (not
-/// the participants' data set, even when that is the built-in digits of
-/// another seed); `weights` unchanged for 0 epochs.
+/// The distortion of every pre-training digit in every epoch: rotation up
+/// to 15°, scale ±15%, shear up to 10°, shift up to 2 pixels. With it, and
+/// 30,000 digits instead of 6,000, the pre-trained grid CNN reads 75% of
+/// real MNIST digits instead of 67%, and DP-SGD from it gains about 4
+/// points (docs/privacy.md).
+pub const PRETRAIN_AFFINE: RandomAffine = RandomAffine {
+    max_rotation: 15.0,
+    max_scale: 0.15,
+    max_shear: 10.0,
+    max_shift: 2.0,
+};
+
+/// `weights` of `spec` pre-trained as `pretraining` says, on built-in
+/// synthetic digits drawn from a seed of their own (not the participants'
+/// data set, even when that is the built-in digits of another seed);
+/// `weights` unchanged for 0 epochs.
 fn pretrain_on_digits(
     spec: &ModelSpec,
     weights: ModelWeights,
     input: &InputSpec,
-    epochs: u32,
+    DigitsPretraining { epochs, images }: DigitsPretraining,
     seed: u64,
 ) -> Result<ModelWeights> {
     if epochs == 0 {
@@ -227,15 +248,26 @@ fn pretrain_on_digits(
             input.classes.len()
         );
     }
-    let digits = builtin_splits(seed ^ PRETRAIN_DIGITS_SEED);
-    let data = TensorData::from_dataset(&digits.train, &candle_core::Device::Cpu)?;
+    if images == 0 {
+        bail!("pre-training on the built-in digits needs at least one image");
+    }
+    let digits = synthetic_digits(images, seed ^ PRETRAIN_DIGITS_SEED);
+    let data = epoch_images(digits, PRETRAIN_AFFINE, None, candle_core::Device::Cpu)?;
     let config = TrainingConfig {
         local_epochs: epochs,
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },
         ..TrainingConfig::default()
     };
-    Ok(train_local(spec, &weights, &data, &config, seed)?.weights)
+    Ok(train_local_with(
+        spec,
+        &weights,
+        data.as_ref(),
+        &config,
+        seed,
+        &TrainOptions::default(),
+    )?
+    .weights)
 }
 
 /// Mixed into the seed of the pre-training digits.
@@ -278,18 +310,17 @@ pub fn write_aligned_start(
             .with_widths(widths)
             .map_err(|e| anyhow::anyhow!("--model-widths: {e}"))?;
     }
-    let plain = if recipe.pretrain_epochs == 0 || recipe.model == "gridcnn" {
-        aligned_weights(&plain_spec, seed)?
-    } else {
-        init_weights(&plain_spec, seed)?
+    let plain = match recipe.pretraining {
+        None => aligned_weights(&plain_spec, seed)?,
+        Some(pretraining) => {
+            let start = if recipe.model == "gridcnn" {
+                aligned_weights(&plain_spec, seed)?
+            } else {
+                init_weights(&plain_spec, seed)?
+            };
+            pretrain_on_digits(&plain_spec, start, &plain_input, pretraining, seed)?
+        }
     };
-    let plain = pretrain_on_digits(
-        &plain_spec,
-        plain,
-        &plain_input,
-        recipe.pretrain_epochs,
-        seed,
-    )?;
     let (spec, weights, cipher) = match encryption {
         None => (plain_spec, plain, None),
         Some((steps, key)) => {
@@ -321,6 +352,8 @@ pub fn write_aligned_start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use greyfed_participant::data::synthetic::builtin_splits;
+    use greyfed_participant::train::TensorData;
 
     fn digits_input() -> InputSpec {
         InputSpec {
@@ -455,7 +488,10 @@ mod tests {
         let recipe = StartRecipe {
             model: "gridcnn".into(),
             widths: Some(vec![8, 8, 8, 16]),
-            pretrain_epochs: 1,
+            pretraining: Some(DigitsPretraining {
+                epochs: 1,
+                images: 6000,
+            }),
         };
         write_aligned_start(&recipe, &digits_input(), None, 4, 3, &out).unwrap();
         let file = ModelFile::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();

@@ -1380,6 +1380,10 @@ pub struct SimulateArgs {
     /// Epochs of pre-training on the built-in digits for `--start digits`.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub start_epochs: u32,
+    /// Synthetic digits generated for `--start digits` (each epoch shows
+    /// every one randomly rotated, scaled, sheared and shifted).
+    #[arg(long, default_value_t = 30_000, value_name = "N")]
+    pub start_images: usize,
     /// Data settings.
     #[command(flatten)]
     pub data: DataArgs,

@@ -352,11 +352,12 @@ impl SimulateArgs {
                     recipe: crate::transform::StartRecipe {
                         model: self.training.model.clone(),
                         widths: self.training.model_widths.clone(),
-                        pretrain_epochs: if self.start == StartArg::Digits {
-                            self.start_epochs
-                        } else {
-                            0
-                        },
+                        pretraining: (self.start == StartArg::Digits).then_some(
+                            crate::transform::DigitsPretraining {
+                                epochs: self.start_epochs,
+                                images: self.start_images,
+                            },
+                        ),
                     },
                     data: data.settings()?.source,
                 }),

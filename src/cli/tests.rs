@@ -498,11 +498,19 @@ fn simulate_start_aligned_names_the_model_and_the_data() {
         "digits",
         "--start-epochs",
         "3",
+        "--start-images",
+        "500",
     ]);
     let recipe = digits.aligned_start.expect("a digits start").recipe;
     assert_eq!(
-        (recipe.widths, recipe.pretrain_epochs),
-        (Some(vec![8, 8, 8, 16]), 3)
+        (recipe.widths, recipe.pretraining),
+        (
+            Some(vec![8, 8, 8, 16]),
+            Some(crate::transform::DigitsPretraining {
+                epochs: 3,
+                images: 500
+            })
+        )
     );
     assert_eq!(
         start.data,

@@ -298,7 +298,10 @@ mod tests {
                 );
                 pos += 4;
             }
-            assert_eq!(rng.next_u64().to_le_bytes(), bytes[RNG_BUFFER..RNG_BUFFER + 8]);
+            assert_eq!(
+                rng.next_u64().to_le_bytes(),
+                bytes[RNG_BUFFER..RNG_BUFFER + 8]
+            );
             let mut more = vec![0u8; RNG_BUFFER + 5];
             rng.fill_bytes(&mut more);
             assert_eq!(more, bytes[RNG_BUFFER + 8..2 * RNG_BUFFER + 13]);
