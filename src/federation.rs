@@ -38,8 +38,8 @@ use greyfed_participant::{
     model::init_weights,
 };
 use greyfed_protocol::{
-    AggregationKind, InputSpec, ModelSpec, ModelWeights, TrainingConfig, cipher::CipherSteps,
-    session::Selection,
+    AggregationKind, InputSpec, LrSchedule, ModelSpec, ModelWeights, TrainingConfig,
+    cipher::CipherSteps, session::Selection,
 };
 
 /// Entry point; see [`FederationBuilder`].
@@ -55,6 +55,7 @@ impl Federation {
             rounds: 2,
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
+            server_lr_schedule: LrSchedule::Constant,
             custom_strategy: None,
             block_size: 4,
             cipher: CipherSteps::block(),
@@ -88,6 +89,7 @@ pub struct FederationBuilder {
     rounds: u32,
     training: TrainingConfig,
     strategy: StrategyConfig,
+    server_lr_schedule: LrSchedule,
     custom_strategy: Option<Arc<dyn StrategyFactory>>,
     block_size: u32,
     cipher: CipherSteps,
@@ -134,6 +136,13 @@ impl FederationBuilder {
         self.strategy = s;
         self
     }
+    /// The server's step over the rounds (default: constant; see
+    /// [`greyfed_coordinator::CoordinatorConfig::server_lr_schedule`]).
+    pub fn server_lr_schedule(mut self, schedule: LrSchedule) -> Self {
+        self.server_lr_schedule = schedule;
+        self
+    }
+
     /// A server strategy of your own, used instead of [`strategy`](Self::strategy).
     pub fn custom_strategy(mut self, factory: Arc<dyn StrategyFactory>) -> Self {
         self.custom_strategy = Some(factory);
@@ -341,6 +350,7 @@ impl FederationBuilder {
         config.rounds = self.rounds;
         config.training = self.training.clone();
         config.strategy = self.strategy;
+        config.server_lr_schedule = self.server_lr_schedule;
         config.custom_strategy = self.custom_strategy.clone();
         config.round_timeout = self.round_timeout;
         config.aggregation = self.aggregation;

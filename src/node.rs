@@ -135,6 +135,9 @@ pub struct TrainingSettings {
     pub training: TrainingConfig,
     /// How the mean update becomes the next global model.
     pub strategy: StrategyConfig,
+    /// The strategy's step over the rounds
+    /// ([`CoordinatorConfig::server_lr_schedule`]).
+    pub server_lr_schedule: greyfed_protocol::LrSchedule,
     /// How updates are summed.
     pub aggregation: AggregationKind,
     /// Secure aggregation: updates are clipped to `[-clip, clip]`.
@@ -514,6 +517,7 @@ pub async fn run_coordinator(
     config.training = training.training.clone();
     config.training.key_layer_mask = masked;
     config.strategy = training.strategy;
+    config.server_lr_schedule = training.server_lr_schedule;
     config.aggregation = training.aggregation;
     config.secagg.clip = training.secagg_clip;
     config.secagg.max_norm = training.max_update_norm;
@@ -765,6 +769,7 @@ mod tests {
                 dp_sgd: None,
             },
             strategy: StrategyConfig::FedAvg { server_lr: 1.0 },
+            server_lr_schedule: Default::default(),
             aggregation: AggregationKind::SecAgg { full: false },
             secagg_clip: 1.0,
             max_update_norm: None,

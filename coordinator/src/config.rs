@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use greyfed_protocol::{
-    AggregationKind, ModelSpec, ModelWeights, TrainingConfig,
+    AggregationKind, LrSchedule, ModelSpec, ModelWeights, TrainingConfig,
     frame::DEFAULT_MAX_FRAME,
     secagg::coordinator::SecAggConfig,
     session::{InitialModel, ModelFactory, Selection},
@@ -46,6 +46,12 @@ pub struct CoordinatorConfig {
     pub training: TrainingConfig,
     /// How the mean update becomes the next global model.
     pub strategy: StrategyConfig,
+    /// The strategy's step over the rounds: round `r` of `R` moves the
+    /// model `factor(r - 1, R)` times the way the strategy says (for the
+    /// built-in strategies: their server learning rate times that factor;
+    /// their momentum buffers are unchanged). `Constant` (the default):
+    /// the strategy's step. A decaying step settles a noisy (DP) training.
+    pub server_lr_schedule: LrSchedule,
     /// A strategy of the user's own, used instead of `strategy` when set
     /// (the run record names it).
     pub custom_strategy: Option<Arc<dyn StrategyFactory>>,
@@ -135,6 +141,7 @@ impl CoordinatorConfig {
             classes,
             training: self.training.clone(),
             strategy: self.strategy,
+            server_lr_schedule: self.server_lr_schedule,
             custom_strategy: self.custom_strategy.as_ref().map(|f| f.name().to_string()),
             aggregation: self.aggregation,
             seed: self.seed,
@@ -205,6 +212,7 @@ impl CoordinatorConfig {
             initial,
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
+            server_lr_schedule: LrSchedule::Constant,
             custom_strategy: None,
             aggregation: AggregationKind::SecAgg { full: false },
             secagg: SecAggConfig::new(0, [0; 32]),

@@ -55,6 +55,10 @@ pub struct RunRecord {
     pub training: TrainingConfig,
     /// How the mean update becomes the next global model.
     pub strategy: StrategyConfig,
+    /// The strategy's step over the rounds
+    /// ([`crate::CoordinatorConfig::server_lr_schedule`]).
+    #[serde(default)]
+    pub server_lr_schedule: greyfed_protocol::LrSchedule,
     /// The name of a strategy of the user's own that replaced `strategy`
     /// ([`crate::strategy::StrategyFactory`]); `None`: `strategy` ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +236,11 @@ impl RunRecord {
             format!("{:?}", there.strategy),
         );
         cmp(
+            "server learning-rate schedule",
+            format!("{:?}", self.server_lr_schedule),
+            format!("{:?}", there.server_lr_schedule),
+        );
+        cmp(
             "custom strategy",
             format!("{:?}", self.custom_strategy),
             format!("{:?}", there.custom_strategy),
@@ -296,6 +305,7 @@ pub(crate) mod tests {
             classes: (0..10).map(|c| c.to_string()).collect(),
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
+            server_lr_schedule: Default::default(),
             custom_strategy: None,
             aggregation: AggregationKind::SecAgg { full: false },
             seed: 3,

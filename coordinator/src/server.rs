@@ -595,9 +595,13 @@ impl Driver {
                             .collect();
                         dump_aggregate(dir, round_global(&self.session)?, &result, &names)?;
                     }
-                    let next = self
-                        .strategy
-                        .apply(round_global(&self.session)?, &result.mean_update)?;
+                    let global = round_global(&self.session)?;
+                    let stepped = self.strategy.apply(global, &result.mean_update)?;
+                    let factor = self.record.server_lr_schedule.factor(
+                        u64::from(result.round.saturating_sub(1)),
+                        u64::from(self.rounds_planned),
+                    );
+                    let next = crate::strategy::scaled_step(global, stepped, factor)?;
                     if let Some(figures) =
                         self.account_privacy(result.round, &result.contributors)?
                     {

@@ -169,6 +169,27 @@ fn check_state(state: &[Vec<f32>], n: usize, name: &str) -> Result<(), ProtocolE
     }
 }
 
+/// `global + factor · (stepped − global)`: a strategy's step from `global`
+/// to `stepped` scaled by `factor` (a server learning-rate schedule,
+/// [`crate::CoordinatorConfig::server_lr_schedule`]); `stepped` itself for
+/// a factor of 1.
+///
+/// # Errors
+/// [`ProtocolError::InvalidWeights`] when the two models differ in layout.
+pub fn scaled_step(
+    global: &ModelWeights,
+    stepped: ModelWeights,
+    factor: f32,
+) -> Result<ModelWeights, ProtocolError> {
+    if factor == 1.0 {
+        return Ok(stepped);
+    }
+    let step = stepped.sub(global)?;
+    let mut next = global.clone();
+    next.add_scaled(&step, factor)?;
+    Ok(next)
+}
+
 /// Applies a per-element step `x_k += step_k` computed by `f(k, Δ_k)`.
 fn step_each(
     global: &ModelWeights,
@@ -302,6 +323,38 @@ impl Strategy for FedAdam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scaled step moves `factor` of the way the strategy went, for
+    /// FedAdam exactly its step at `factor` times its learning rate (its
+    /// moments do not depend on the rate).
+    #[test]
+    fn a_scaled_step_is_the_strategy_at_a_scaled_rate() {
+        let g = model(&[1.0, -2.0]);
+        let stepped = model(&[3.0, -6.0]);
+        let half = scaled_step(&g, stepped.clone(), 0.5).unwrap();
+        assert_eq!(half.to_flat(), vec![2.0, -4.0]);
+        assert_eq!(
+            scaled_step(&g, stepped, 1.0).unwrap().to_flat(),
+            vec![3.0, -6.0]
+        );
+        let adam = |lr| StrategyConfig::FedAdam {
+            server_lr: lr,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        };
+        let (mut full, mut quarter) = (adam(0.04).build(), adam(0.01).build());
+        let (mut a, mut b) = (g.clone(), g.clone());
+        for update in [[0.5, 0.25], [-1.0, 2.0], [0.1, 0.1]] {
+            let stepped = full.apply(&a, &update).unwrap();
+            a = scaled_step(&a, stepped, 0.25).unwrap();
+            b = quarter.apply(&b, &update).unwrap();
+        }
+        for (x, y) in a.to_flat().iter().zip(b.to_flat()) {
+            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
+        assert_ne!(a.to_flat(), g.to_flat());
+    }
     use greyfed_protocol::NamedTensor;
 
     fn model(values: &[f32]) -> ModelWeights {

@@ -678,6 +678,14 @@ impl LrScheduleArg {
     }
 }
 
+/// Parses `--server-lr-schedule`: `constant` or `cosine`.
+fn server_lr_schedule(s: &str) -> Result<LrScheduleArg, String> {
+    match LrScheduleArg::from_str(s, false)? {
+        LrScheduleArg::WarmupCosine => Err("the server's schedule is constant or cosine".into()),
+        other => Ok(other),
+    }
+}
+
 /// Parses a share between 0 and 1 (`--warmup`).
 fn parse_share(s: &str) -> Result<f32, String> {
     let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
@@ -720,6 +728,12 @@ pub struct StrategyArgs {
     /// Server learning rate (default: 1 for FedAvg/FedAvgM, 0.01 for FedAdam).
     #[arg(long)]
     pub server_lr: Option<f32>,
+    /// The server's step over the rounds: with `cosine`, round r of R
+    /// moves the model (1 + cos(pi (r-1) / R)) / 2 times the strategy's
+    /// step (its learning rate scaled, its momentum untouched); settles
+    /// noisy (DP) training. `warmup-cosine` is not offered here.
+    #[arg(long, value_enum, default_value_t = LrScheduleArg::Constant, value_parser = server_lr_schedule)]
+    pub server_lr_schedule: LrScheduleArg,
     /// Server momentum for FedAvgM.
     #[arg(long, default_value_t = 0.9)]
     pub server_momentum: f32,
@@ -769,7 +783,9 @@ impl StrategyArgs {
 
     /// Whether these are the defaults (plain FedAvg).
     pub fn is_default(&self) -> bool {
-        self.strategy == StrategyKind::Fedavg && self.server_lr.is_none()
+        self.strategy == StrategyKind::Fedavg
+            && self.server_lr.is_none()
+            && self.server_lr_schedule == LrScheduleArg::Constant
     }
 
     /// These settings as (flag without `--`, value) pairs, for the
@@ -779,6 +795,7 @@ impl StrategyArgs {
         if let Some(lr) = self.server_lr {
             flags.push(("server-lr", lr.to_string()));
         }
+        flags.push(("server-lr-schedule", value_name(self.server_lr_schedule)));
         flags.push(("server-momentum", self.server_momentum.to_string()));
         flags.push(("proximal-mu", self.proximal_mu.to_string()));
         flags

@@ -207,6 +207,8 @@ fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
         "1.5",
         "--server-momentum",
         "0.8",
+        "--server-lr-schedule",
+        "cosine",
         "--init",
         "key-transformed",
         "--pixel-noise",
@@ -225,6 +227,10 @@ fn a_cell_child_gets_the_augmentation_round_timeout_and_strategy() {
     assert_eq!(parse(&child).init, InitArg::KeyTransformed, "{child:?}");
     assert_eq!(parse(&child).label_smoothing, 0.1, "{child:?}");
     assert_eq!(parse(&child).settings().unwrap().label_smoothing, 0.1);
+    assert_eq!(
+        parse(&child).settings().unwrap().server_lr_schedule,
+        greyfed_protocol::LrSchedule::Cosine
+    );
     assert_eq!(
         parse(&child).strategy.config().unwrap(),
         StrategyConfig::FedAvgM {

@@ -128,6 +128,8 @@ pub struct ExperimentSettings {
     pub round_timeout: Duration,
     /// Server strategy of federated cells (validated).
     pub strategy: StrategyConfig,
+    /// The server's step over the rounds, in federated cells.
+    pub server_lr_schedule: LrSchedule,
     /// Proximal coefficient of federated local training (0 unless FedProx).
     pub proximal_mu: f32,
     /// Minibatch size.
@@ -339,6 +341,7 @@ pub async fn run_cell(
                     ..training
                 })
                 .strategy(settings.strategy)
+                .server_lr_schedule(settings.server_lr_schedule)
                 .model(spec.clone())
                 .block_size(settings.block_size)
                 .seed(cell.seed)
