@@ -56,6 +56,7 @@ impl Federation {
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
             server_lr_schedule: LrSchedule::Constant,
+            average_last: 1,
             custom_strategy: None,
             block_size: 4,
             cipher: CipherSteps::block(),
@@ -90,6 +91,7 @@ pub struct FederationBuilder {
     training: TrainingConfig,
     strategy: StrategyConfig,
     server_lr_schedule: LrSchedule,
+    average_last: u32,
     custom_strategy: Option<Arc<dyn StrategyFactory>>,
     block_size: u32,
     cipher: CipherSteps,
@@ -140,6 +142,14 @@ impl FederationBuilder {
     /// [`greyfed_coordinator::CoordinatorConfig::server_lr_schedule`]).
     pub fn server_lr_schedule(mut self, schedule: LrSchedule) -> Self {
         self.server_lr_schedule = schedule;
+        self
+    }
+
+    /// The final model is the mean of the last `rounds` rounds' global
+    /// models (default 1: the last model; see
+    /// [`greyfed_coordinator::CoordinatorConfig::average_last`]).
+    pub fn average_last(mut self, rounds: u32) -> Self {
+        self.average_last = rounds;
         self
     }
 
@@ -351,6 +361,7 @@ impl FederationBuilder {
         config.training = self.training.clone();
         config.strategy = self.strategy;
         config.server_lr_schedule = self.server_lr_schedule;
+        config.average_last = self.average_last;
         config.custom_strategy = self.custom_strategy.clone();
         config.round_timeout = self.round_timeout;
         config.aggregation = self.aggregation;

@@ -120,6 +120,9 @@ impl ImageEncryption {
 pub struct TrainingSettings {
     /// Number of rounds.
     pub rounds: u32,
+    /// The final model is the mean of the last this many rounds' global
+    /// models ([`CoordinatorConfig::average_last`]).
+    pub average_last: u32,
     /// Architecture to train, by its registered name (`blocknet`, `vit`,
     /// `mixer`, `cnn` or a registered model), built for the participants'
     /// input.
@@ -514,6 +517,7 @@ pub async fn run_coordinator(
     config.participants = settings.participants;
     config.min_participants = settings.min_participants;
     config.rounds = training.rounds;
+    config.average_last = training.average_last;
     config.training = training.training.clone();
     config.training.key_layer_mask = masked;
     config.strategy = training.strategy;
@@ -750,6 +754,7 @@ mod tests {
     fn training(model: &str, block_size: u32) -> TrainingSettings {
         TrainingSettings {
             rounds: 1,
+            average_last: 1,
             model: model.into(),
             model_widths: None,
             block_size,

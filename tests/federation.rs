@@ -254,6 +254,52 @@ async fn the_server_strategy_sets_the_global_step() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_schedule_and_the_final_average_shape_the_last_rounds() {
+    // Plain sums and fixed seeds: every run repeats the same rounds, so
+    // the runs can be compared model for model.
+    let key = ImageKey::generate();
+    let run = |rounds: u32, schedule: LrSchedule, average_last: u32| {
+        Federation::builder()
+            .participants(2)
+            .rounds(rounds)
+            .max_train_samples(200)
+            .image_key(key.clone())
+            .aggregation(AggregationKind::Plain)
+            .server_lr_schedule(schedule)
+            .average_last(average_last)
+            .run()
+    };
+    let first = run(1, LrSchedule::Constant, 1).await.unwrap().final_model;
+    let second = run(2, LrSchedule::Constant, 1).await.unwrap().final_model;
+    let step = second.sub(&first).unwrap().to_flat();
+    let step_norm = l2(step.iter().copied());
+    assert!(step_norm > 1e-3, "round 2 moved the model");
+    let near = |got: &ModelWeights, want: Vec<f32>, what: &str| {
+        let off = l2(got.to_flat().iter().zip(&want).map(|(g, w)| g - w));
+        assert!(
+            off < 1e-4 * step_norm,
+            "{what}: off by {off} of {step_norm}"
+        );
+    };
+    let mid: Vec<f32> = first
+        .to_flat()
+        .iter()
+        .zip(second.to_flat())
+        .map(|(a, b)| 0.5 * (a + b))
+        .collect();
+    // Cosine over 2 rounds: round 2 takes half the strategy's step.
+    let cosine = run(2, LrSchedule::Cosine, 1).await.unwrap().final_model;
+    near(&cosine, mid.clone(), "cosine schedule");
+    // Averaging the last 2 rounds: the mean of the two global models.
+    let averaged = run(2, LrSchedule::Constant, 2).await.unwrap();
+    near(&averaged.final_model, mid, "average of the last 2 rounds");
+    assert!(
+        averaged.final_accuracy().is_finite(),
+        "the average was evaluated"
+    );
+}
+
 /// The key transform of the ViT (the spec keeps its planes).
 fn encrypted_domain_vit(
     spec: &ModelSpec,

@@ -39,6 +39,13 @@ pub struct CoordinatorConfig {
     pub selection: Selection,
     /// Rounds to run.
     pub rounds: u32,
+    /// The last planned round's model is the mean of the global models of
+    /// the last `average_last` rounds, itself included (Polyak averaging of
+    /// the iterates: it settles noisy, DP, training and, computed from the
+    /// released models, costs no privacy). 0 or 1: no averaging. A resumed
+    /// run averages only rounds it ran itself; a session ended early (a DP
+    /// budget) keeps its last model.
+    pub average_last: u32,
     /// The model round 1 starts from: fixed, or built for the first
     /// admitted participant's input (image size, planes, classes).
     pub initial: InitialModel,
@@ -142,6 +149,7 @@ impl CoordinatorConfig {
             training: self.training.clone(),
             strategy: self.strategy,
             server_lr_schedule: self.server_lr_schedule,
+            average_last: self.average_last,
             custom_strategy: self.custom_strategy.as_ref().map(|f| f.name().to_string()),
             aggregation: self.aggregation,
             seed: self.seed,
@@ -213,6 +221,7 @@ impl CoordinatorConfig {
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
             server_lr_schedule: LrSchedule::Constant,
+            average_last: 1,
             custom_strategy: None,
             aggregation: AggregationKind::SecAgg { full: false },
             secagg: SecAggConfig::new(0, [0; 32]),

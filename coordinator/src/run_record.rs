@@ -59,6 +59,10 @@ pub struct RunRecord {
     /// ([`crate::CoordinatorConfig::server_lr_schedule`]).
     #[serde(default)]
     pub server_lr_schedule: greyfed_protocol::LrSchedule,
+    /// Rounds whose global models the final model averages
+    /// ([`crate::CoordinatorConfig::average_last`]; 0 when not recorded).
+    #[serde(default)]
+    pub average_last: u32,
     /// The name of a strategy of the user's own that replaced `strategy`
     /// ([`crate::strategy::StrategyFactory`]); `None`: `strategy` ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -306,6 +310,7 @@ pub(crate) mod tests {
             training: TrainingConfig::default(),
             strategy: StrategyConfig::default(),
             server_lr_schedule: Default::default(),
+            average_last: 1,
             custom_strategy: None,
             aggregation: AggregationKind::SecAgg { full: false },
             seed: 3,

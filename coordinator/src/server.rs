@@ -276,6 +276,7 @@ impl Coordinator {
             records,
             checkpoint_dir: Checkpoint::dir_in(&config.out_dir),
             rounds_planned: config.rounds,
+            recent_models: crate::strategy::RecentModels::new(config.average_last),
             round_start: BTreeMap::new(),
             dump_aggregates: config.dump_aggregates.clone(),
             central_evaluator: config.central_evaluator.clone(),
@@ -332,6 +333,8 @@ struct Driver {
     /// Where a checkpoint is written after every completed round.
     checkpoint_dir: PathBuf,
     rounds_planned: u32,
+    /// The last rounds' global models, averaged into the final one.
+    recent_models: crate::strategy::RecentModels,
     round_start: BTreeMap<u32, Instant>,
     dump_aggregates: Option<PathBuf>,
     central_evaluator: Option<Arc<dyn CentralEvaluator>>,
@@ -601,7 +604,12 @@ impl Driver {
                         u64::from(result.round.saturating_sub(1)),
                         u64::from(self.rounds_planned),
                     );
-                    let next = crate::strategy::scaled_step(global, stepped, factor)?;
+                    let mut next = crate::strategy::scaled_step(global, stepped, factor)?;
+                    if result.round == self.rounds_planned {
+                        next = self.recent_models.mean_with(next)?;
+                    } else {
+                        self.recent_models.push(&next);
+                    }
                     if let Some(figures) =
                         self.account_privacy(result.round, &result.contributors)?
                     {

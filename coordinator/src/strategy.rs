@@ -190,6 +190,56 @@ pub fn scaled_step(
     Ok(next)
 }
 
+/// The global models of the last rounds, for averaging the iterates at the
+/// end of a session ([`crate::CoordinatorConfig::average_last`]).
+#[derive(Debug, Default)]
+pub struct RecentModels {
+    /// Up to `keep` models, oldest first.
+    models: std::collections::VecDeque<ModelWeights>,
+    keep: usize,
+}
+
+impl RecentModels {
+    /// Keeps what a mean over the last `window` models needs (`window - 1`
+    /// earlier ones; none for a window of 0 or 1).
+    pub fn new(window: u32) -> Self {
+        Self {
+            models: std::collections::VecDeque::new(),
+            keep: (window as usize).saturating_sub(1),
+        }
+    }
+
+    /// Remembers `model` (a round's new global model), forgetting the
+    /// oldest beyond the window.
+    pub fn push(&mut self, model: &ModelWeights) {
+        if self.keep == 0 {
+            return;
+        }
+        if self.models.len() == self.keep {
+            self.models.pop_front();
+        }
+        self.models.push_back(model.clone());
+    }
+
+    /// The element-wise mean of `last` and the remembered models (`last`
+    /// itself when none are).
+    ///
+    /// # Errors
+    /// [`ProtocolError::InvalidWeights`] when the layouts differ.
+    pub fn mean_with(&self, last: ModelWeights) -> Result<ModelWeights, ProtocolError> {
+        if self.models.is_empty() {
+            return Ok(last);
+        }
+        let n = (self.models.len() + 1) as f32;
+        let mut sum = last;
+        for m in &self.models {
+            sum.add_scaled(m, 1.0)?;
+        }
+        let mean: Vec<f32> = sum.to_flat().iter().map(|v| v / n).collect();
+        sum.with_flat_values(&mean)
+    }
+}
+
 /// Applies a per-element step `x_k += step_k` computed by `f(k, Δ_k)`.
 fn step_each(
     global: &ModelWeights,
@@ -323,6 +373,25 @@ impl Strategy for FedAdam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The mean covers the last `window` models: the remembered ones and
+    /// the one passed in; older ones are forgotten, a window of 1 keeps none.
+    #[test]
+    fn recent_models_average_the_last_window() {
+        let mut recent = RecentModels::new(3);
+        for v in [10.0, 1.0, 2.0] {
+            recent.push(&model(&[v, -v]));
+        }
+        let mean = recent.mean_with(model(&[6.0, 0.0])).unwrap();
+        assert_eq!(mean.to_flat(), vec![3.0, -1.0]);
+        let mut none = RecentModels::new(1);
+        none.push(&model(&[5.0, 5.0]));
+        assert_eq!(
+            none.mean_with(model(&[1.0, 2.0])).unwrap().to_flat(),
+            vec![1.0, 2.0]
+        );
+        assert!(recent.mean_with(model(&[1.0])).is_err());
+    }
 
     /// A scaled step moves `factor` of the way the strategy went, for
     /// FedAdam exactly its step at `factor` times its learning rate (its

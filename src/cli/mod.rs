@@ -844,6 +844,11 @@ pub struct TrainingArgs {
     /// Number of rounds.
     #[arg(long, default_value_t = 10)]
     pub rounds: u32,
+    /// The final model is the mean of the global models of the last K
+    /// rounds (Polyak averaging: it settles a noisy training, and as a
+    /// function of the released models it costs no ε); 1: the last model.
+    #[arg(long, default_value_t = 1, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
+    pub average_last: u32,
     /// Local epochs per round.
     #[arg(long, default_value_t = 5)]
     pub local_epochs: u32,
@@ -978,6 +983,7 @@ impl TrainingArgs {
             a.push(value);
         };
         push("rounds", self.rounds.to_string());
+        push("average-last", self.average_last.to_string());
         push("local-epochs", self.local_epochs.to_string());
         push("batch-size", self.batch_size.to_string());
         push("optimizer", value_name(self.optimizer));

@@ -58,6 +58,7 @@ impl TrainingArgs {
         };
         Ok(crate::node::TrainingSettings {
             rounds: self.rounds,
+            average_last: self.average_last,
             model: self.model.clone(),
             model_widths: self.model_widths.clone(),
             block_size: self.block_size,
