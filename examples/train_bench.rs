@@ -275,13 +275,17 @@ fn main() -> Result<()> {
             None => builtin_splits(args.seed.wrapping_add(1)).train,
         };
         let affine = match args.pretrain_affine.as_deref() {
+            None => RandomAffine::default(),
             Some(&[max_rotation, max_scale, max_shear, max_shift]) => RandomAffine {
                 max_rotation,
                 max_scale,
                 max_shear,
                 max_shift,
             },
-            _ => RandomAffine::default(),
+            Some(other) => bail!(
+                "--pretrain-affine takes 4 values (rotation, scale, shear, shift), got {}",
+                other.len()
+            ),
         };
         let digits_data = epoch_images(digits, affine, None, device.clone())?;
         let pre = TrainingConfig {

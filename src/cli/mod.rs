@@ -781,6 +781,12 @@ impl StrategyArgs {
         }
     }
 
+    /// The server's schedule (`--server-lr-schedule`; the parser admits
+    /// only schedules without a warm-up).
+    pub fn server_schedule(&self) -> greyfed_protocol::LrSchedule {
+        self.server_lr_schedule.schedule(0.0)
+    }
+
     /// Whether these are the defaults (plain FedAvg).
     pub fn is_default(&self) -> bool {
         self.strategy == StrategyKind::Fedavg

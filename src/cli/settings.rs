@@ -77,7 +77,7 @@ impl TrainingArgs {
                 dp_sgd: self.dp_sgd()?,
             },
             strategy: self.strategy.config()?,
-            server_lr_schedule: self.strategy.server_lr_schedule.schedule(0.0),
+            server_lr_schedule: self.strategy.server_schedule(),
             aggregation: match self.aggregation {
                 AggregationArg::SecAggPlus => AggregationKind::SecAgg { full: false },
                 AggregationArg::SecAgg => AggregationKind::SecAgg { full: true },
@@ -399,7 +399,7 @@ impl ExperimentArgs {
             participants: self.participants,
             round_timeout: std::time::Duration::from_secs(self.round_timeout),
             strategy: self.strategy.config()?,
-            server_lr_schedule: self.strategy.server_lr_schedule.schedule(0.0),
+            server_lr_schedule: self.strategy.server_schedule(),
             proximal_mu: self.strategy.proximal_mu(),
             batch_size: self.batch_size,
             lr: self.lr,

@@ -89,20 +89,45 @@ fn expand<C: StreamCipher>(mut cipher: C, out: &mut [u32], op: Op) {
     }
 }
 
+/// The stream cipher of `kind` keyed from `seed` as the module doc says:
+/// the one place the keystream layout is defined. Short-lived or held by
+/// one generator, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Keystream {
+    Aes(Ctr128BE<Aes128>),
+    ChaCha(ChaCha12),
+}
+
+impl Keystream {
+    fn new(kind: PrgKind, seed: &[u8; 32]) -> Self {
+        match kind {
+            PrgKind::Aes128Ctr => {
+                let (halves, _) = seed.as_chunks::<16>();
+                Keystream::Aes(Ctr128BE::<Aes128>::new(
+                    &halves[0].into(),
+                    &halves[1].into(),
+                ))
+            }
+            PrgKind::ChaCha12 => Keystream::ChaCha(ChaCha12::new(seed.into(), &[0u8; 12].into())),
+        }
+    }
+
+    fn write(&mut self, bytes: &mut [u8]) {
+        match self {
+            Keystream::Aes(c) => c.write_keystream(bytes),
+            Keystream::ChaCha(c) => c.write_keystream(bytes),
+        }
+    }
+}
+
 fn apply(kind: PrgKind, seed: &[u8; 32], out: &mut [u32], op: Op) {
     if out.is_empty() {
         return;
     }
-    match kind {
-        PrgKind::Aes128Ctr => {
-            let (halves, _) = seed.as_chunks::<16>();
-            let cipher = Ctr128BE::<Aes128>::new(&halves[0].into(), &halves[1].into());
-            expand(cipher, out, op);
-        }
-        PrgKind::ChaCha12 => {
-            let cipher = ChaCha12::new(seed.into(), &[0u8; 12].into());
-            expand(cipher, out, op);
-        }
+    // Monomorphised per cipher, so the chunk loop has no dispatch inside.
+    match Keystream::new(kind, seed) {
+        Keystream::Aes(cipher) => expand(cipher, out, op),
+        Keystream::ChaCha(cipher) => expand(cipher, out, op),
     }
 }
 
@@ -133,44 +158,24 @@ const RNG_BUFFER: usize = 4096;
 /// as fast as `StdRng` (ChaCha12 in software). The buffer of unused
 /// keystream is zeroised on drop.
 pub struct KeystreamRng {
-    cipher: KeystreamCipher,
+    cipher: Keystream,
     buf: Box<[u8; RNG_BUFFER]>,
     pos: usize,
-}
-
-enum KeystreamCipher {
-    Aes(Box<Ctr128BE<Aes128>>),
-    ChaCha(Box<ChaCha12>),
 }
 
 impl KeystreamRng {
     /// The keystream of `kind` keyed with `seed` (fresh secret randomness
     /// for every generator: the stream is a function of the seed alone).
     pub fn new(kind: PrgKind, seed: &[u8; 32]) -> Self {
-        let cipher = match kind {
-            PrgKind::Aes128Ctr => {
-                let (halves, _) = seed.as_chunks::<16>();
-                KeystreamCipher::Aes(Box::new(Ctr128BE::<Aes128>::new(
-                    &halves[0].into(),
-                    &halves[1].into(),
-                )))
-            }
-            PrgKind::ChaCha12 => {
-                KeystreamCipher::ChaCha(Box::new(ChaCha12::new(seed.into(), &[0u8; 12].into())))
-            }
-        };
         Self {
-            cipher,
+            cipher: Keystream::new(kind, seed),
             buf: Box::new([0u8; RNG_BUFFER]),
             pos: RNG_BUFFER,
         }
     }
 
     fn refill(&mut self) {
-        match &mut self.cipher {
-            KeystreamCipher::Aes(c) => c.write_keystream(&mut self.buf[..]),
-            KeystreamCipher::ChaCha(c) => c.write_keystream(&mut self.buf[..]),
-        }
+        self.cipher.write(&mut self.buf[..]);
         self.pos = 0;
     }
 
