@@ -117,6 +117,12 @@ impl TrainingArgs {
         let (Some(z), Some(clip)) = (self.dp_noise_multiplier, self.dp_clip) else {
             anyhow::bail!("--dp record needs --dp-noise-multiplier and --dp-clip");
         };
+        if !(z > 0.0 && z.is_finite()) {
+            anyhow::bail!(
+                "--dp record: --dp-noise-multiplier {z} gives no finite epsilon (it must be \
+                 positive; without noise, leave out --dp)"
+            );
+        }
         let spec = greyfed_protocol::message::DpSgdSpec {
             clip,
             noise_multiplier: z as f32,

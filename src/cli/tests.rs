@@ -152,6 +152,19 @@ fn dp_flags_become_typed_settings_for_both_guarantees() {
     .unwrap();
     let err = target.settings().unwrap_err().to_string();
     assert!(err.contains("dp plan"), "{err}");
+    // No noise is no guarantee: refused before anything starts, not by
+    // every participant's accountant once the session runs.
+    let silent = training(&[
+        "--dp",
+        "record",
+        "--dp-noise-multiplier",
+        "0",
+        "--dp-clip",
+        "1",
+    ])
+    .unwrap();
+    let err = silent.settings().unwrap_err().to_string();
+    assert!(err.contains("no finite epsilon"), "{err}");
     let neither = training(&["--dp", "participant", "--dp-clip", "1"]).unwrap();
     let err = neither.settings().unwrap_err().to_string();
     assert!(
