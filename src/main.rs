@@ -8,7 +8,7 @@ use clap::{CommandFactory, Parser};
 use greyfed::cli::{
     Cli, Command, ConfigCommand, DpCommand, ExperimentCommand, KeygenCommand, ModelCommand,
 };
-use greyfed::lab::{experiment, security};
+use greyfed::lab::{attack_table, experiment, security};
 use greyfed::progress::{Display, LogWriter};
 use greyfed::{config_file, custody, keygen, memory, node, preset, preview, report, simulate};
 use tracing_subscriber::EnvFilter;
@@ -317,6 +317,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", security::attacks_markdown(&report.attacks));
             println!("{}", experiment::table_markdown(&report.rows));
             println!("tables in {}", settings.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Experiment(ExperimentCommand::Attacks(args)) => {
+            let settings = args.settings()?;
+            let splits = node::data_pipeline(&args.data.settings()?).source.load()?;
+            let report = attack_table::run_attacks(&splits, &settings)?;
+            attack_table::write_attacks(&args.out, &report, &settings.modes)?;
+            println!("{}", attack_table::attacks_markdown(&report));
+            println!("table and picture in {}", args.out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check { file }) => {

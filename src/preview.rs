@@ -72,6 +72,29 @@ impl Canvas {
         }
     }
 
+    /// A grid of groups of `rows x cols` images, each pixel `scale` times:
+    /// `cells[i][g]` is the group of images in row `i`, column group `g`,
+    /// drawn side by side; groups are separated by a wider gap.
+    pub fn grid(cells: &[Vec<Vec<Vec<u8>>>], rows: usize, cols: usize, scale: usize) -> Canvas {
+        let (tile_h, tile_w) = (rows * scale + GAP, cols * scale + GAP);
+        let groups = cells.iter().map(Vec::len).max().unwrap_or(0);
+        let per_group = cells.iter().flatten().map(Vec::len).max().unwrap_or(0);
+        let group_w = per_group * tile_w;
+        let width = groups * (group_w + GROUP_GAP) + GAP;
+        let mut canvas = Canvas::new(width.max(1), (cells.len() * tile_h + GAP).max(1));
+        for (i, row) in cells.iter().enumerate() {
+            for (g, group) in row.iter().enumerate() {
+                for (j, image) in group.iter().enumerate() {
+                    if image.len() == rows * cols {
+                        let left = GAP + g * (group_w + GROUP_GAP) + j * tile_w;
+                        canvas.draw(image, rows, cols, GAP + i * tile_h, left, scale);
+                    }
+                }
+            }
+        }
+        canvas
+    }
+
     /// The picture as a PNG file's bytes.
     pub fn png_bytes(&self) -> Result<Vec<u8>> {
         encode_png(

@@ -202,6 +202,11 @@ pub enum ExperimentCommand {
     /// setting, and the attacks on every mode: writes OUT/table.md,
     /// OUT/table.csv, OUT/attacks.md, OUT/attacks.csv and OUT/cells.jsonl.
     Encryption(ExperimentArgs),
+    /// What the attacks on the image cipher recover per mode: ciphertext
+    /// only with N images of one participant, known plaintext with K pairs,
+    /// and the fold; writes OUT/attacks.md, OUT/attacks.csv and
+    /// OUT/attacks.png.
+    Attacks(AttackArgs),
     /// Runs one cell of an experiment grid (used by --jobs).
     #[command(hide = true)]
     Cell {
@@ -1497,9 +1502,11 @@ pub struct EvaluateArgs {
     pub data_seed: u64,
 }
 
+mod attacks;
 mod dp;
 mod settings;
 
+pub use attacks::AttackArgs;
 pub use dp::{DpCommand, DpLevel, DpPlanArgs};
 
 pub use settings::parse_shard;

@@ -538,3 +538,45 @@ fn simulate_start_aligned_names_the_model_and_the_data() {
         })
     );
 }
+
+#[test]
+fn attack_flags_become_typed_settings() {
+    let parse = |extra: &[&str]| -> Result<AttackArgs, clap::Error> {
+        let mut argv = vec!["greyfed", "experiment", "attacks"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Experiment(ExperimentCommand::Attacks(a)) => Ok(a),
+            other => panic!("parsed {other:?}"),
+        }
+    };
+    let defaults = parse(&[]).unwrap().settings().unwrap();
+    assert_eq!(
+        defaults.cipher_images,
+        vec![Some(10), Some(100), Some(1000), None]
+    );
+    assert_eq!(defaults.known_pairs, vec![1, 2, 5, 10, 20]);
+    let custom = parse(&[
+        "--modes",
+        "block,pixel",
+        "--cipher-images",
+        "5,all",
+        "--known-pairs",
+        "3",
+        "--keys",
+        "4",
+        "--block-size",
+        "7",
+    ])
+    .unwrap()
+    .settings()
+    .unwrap();
+    assert_eq!(custom.modes, vec!["block", "pixel"]);
+    assert_eq!(custom.cipher_images, vec![Some(5), None]);
+    assert_eq!(custom.known_pairs, vec![3]);
+    assert_eq!((custom.keys, custom.block_size), (4, 7));
+    assert!(parse(&["--cipher-images", "0"]).is_err());
+    assert!(parse(&["--cipher-images", "many"]).is_err());
+    let plain = parse(&["--modes", "plain"]).unwrap().settings();
+    assert!(plain.unwrap_err().to_string().contains("no attacks"));
+    assert!(parse(&["--modes", "nonsense"]).unwrap().settings().is_err());
+}

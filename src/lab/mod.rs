@@ -1,10 +1,14 @@
 //! Measurements, apart from the training path: how much accuracy the image
 //! cipher costs ([`experiment`]), what it hides from an observer
 //! ([`security`], with the attacks in [`attack`] and the image-quality
-//! metrics in [`quality`]). Participants never run this code; `greyfed
-//! experiment`, `greyfed encrypt` and the run report do.
+//! metrics in [`quality`]), and what attacks with many images recover
+//! ([`ciphertext_only`], tabulated by [`attack_table`]). Participants never
+//! run this code; `greyfed experiment`, `greyfed encrypt` and the run report
+//! do.
 
 pub mod attack;
+pub mod attack_table;
+pub mod ciphertext_only;
 pub mod experiment;
 pub mod quality;
 pub mod security;
