@@ -377,51 +377,74 @@ pub fn ciphertext_only(
     let (q, k) = (layout.num_blocks(), layout.offsets());
     let identity: Vec<usize> = (0..k).collect();
     let in_block_moves = steps.pixel_shuffle || steps.rotate_flip;
+    let in_place: Vec<usize> = (0..q).collect();
 
     let (permutation, sigmas) = if steps.block_shuffle {
         // Candidate in-block maps per cipher block.
-        let options: Vec<Vec<Vec<usize>>> = if !in_block_moves {
-            vec![vec![identity]; q]
+        let mut best = if !in_block_moves {
+            place_blocks(layout, &cipher, &plain, &vec![vec![identity]; q])
         } else if !steps.pixel_shuffle {
             // Rotate/flip only: the map is one of the 8 dihedral transforms.
-            vec![dihedral_variants(&identity, layout.block); q]
+            let options = vec![dihedral_variants(&identity, layout.block); q];
+            place_blocks(layout, &cipher, &plain, &options)
         } else {
             let public_corr = pooled_correlation(layout, &plain, 0..q);
             if steps.per_block {
-                (0..q)
+                let options: Vec<Vec<Vec<usize>>> = (0..q)
                     .map(|block| {
                         let corr = pooled_correlation(layout, &cipher, block..block + 1);
                         let sigma = match_correlations(&corr, &public_corr, k, 8, &mut rng);
                         dihedral_variants(&sigma, layout.block)
                     })
-                    .collect()
+                    .collect();
+                place_blocks(layout, &cipher, &plain, &options)
             } else {
                 let corr = pooled_correlation(layout, &cipher, 0..q);
                 let sigma = match_correlations(&corr, &public_corr, k, 24, &mut rng);
                 // One shared map: try each orientation for all blocks at once.
-                let variants = dihedral_variants(&sigma, layout.block);
-                let best = variants
+                dihedral_variants(&sigma, layout.block)
                     .into_iter()
-                    .map(|v| {
-                        let placed = place_blocks(layout, &cipher, &plain, &vec![vec![v]; q]);
-                        let objective = placed.2;
-                        (placed, objective)
+                    .map(|v| place_blocks(layout, &cipher, &plain, &vec![vec![v]; q]))
+                    .min_by(|a, b| a.objective.total_cmp(&b.objective))
+                    .unwrap_or_else(|| {
+                        place_blocks(layout, &cipher, &plain, &vec![vec![identity]; q])
                     })
-                    .min_by(|a, b| a.1.total_cmp(&b.1))
-                    .map(|(placed, _)| placed);
-                let (perm, sigmas, _) = best.expect("8 variants");
-                return Ok(table(layout, xor, perm, sigmas, true));
             }
         };
-        let (perm, sigmas, _) = place_blocks(layout, &cipher, &plain, &options);
-        (perm, sigmas)
+        // With the blocks placed, neighbours are known: re-estimate the
+        // in-block maps from value profiles (as for blocks in place) and
+        // keep the placement while that lowers the objective.
+        if in_block_moves {
+            for _ in 0..3 {
+                let mut at = vec![0; q];
+                for (c, &p) in best.permutation.iter().enumerate() {
+                    at[p] = c;
+                }
+                let mut sigmas = vec![Vec::new(); q];
+                if steps.per_block {
+                    for p in 0..q {
+                        sigmas[at[p]] = match_profiles(layout, &cipher, &at, &plain, p..p + 1);
+                    }
+                } else {
+                    sigmas = vec![match_profiles(layout, &cipher, &at, &plain, 0..q); q];
+                }
+                let options: Vec<Vec<Vec<usize>>> = sigmas.into_iter().map(|s| vec![s]).collect();
+                let refined = place_blocks(layout, &cipher, &plain, &options);
+                if refined.objective < best.objective - 1e-9 {
+                    best = refined;
+                } else {
+                    break;
+                }
+            }
+        }
+        (best.permutation, best.sigmas)
     } else if in_block_moves {
         let sigmas = if steps.per_block {
             (0..q)
-                .map(|block| match_profiles(layout, &cipher, &plain, block..block + 1))
+                .map(|block| match_profiles(layout, &cipher, &in_place, &plain, block..block + 1))
                 .collect()
         } else {
-            vec![match_profiles(layout, &cipher, &plain, 0..q); q]
+            vec![match_profiles(layout, &cipher, &in_place, &plain, 0..q); q]
         };
         ((0..q).collect(), sigmas)
     } else {
@@ -601,12 +624,15 @@ fn match_correlations(
     best.1
 }
 
-/// Features of the values of `blocks`: per block and offset, the mean and
-/// the correlation with each neighbouring block's total brightness.
+/// Features of the values at plain block positions `positions`, where
+/// position `p` holds block `at[p]` of `columns`: per position and offset,
+/// the mean and the correlation with each neighbouring position's total
+/// brightness.
 fn profiles(
     layout: &Layout,
     columns: &Columns,
-    blocks: std::ops::Range<usize>,
+    at: &[usize],
+    positions: std::ops::Range<usize>,
 ) -> Vec<Vec<[f64; 5]>> {
     let k = layout.offsets();
     let n = columns.n;
@@ -621,15 +647,15 @@ fn profiles(
             total
         })
         .collect();
-    blocks
-        .map(|block| {
+    positions
+        .map(|p| {
             (0..k)
                 .map(|o| {
-                    let d = layout.value(block, o);
+                    let d = layout.value(at[p], o);
                     let mut f = [columns.mean(d) * 2.0, 0.0, 0.0, 0.0, 0.0];
                     for dir in 0..4 {
-                        if let Some(nb) = layout.neighbour(block, dir) {
-                            f[dir + 1] = correlation(columns.at(d), &totals[nb]);
+                        if let Some(np) = layout.neighbour(p, dir) {
+                            f[dir + 1] = correlation(columns.at(d), &totals[at[np]]);
                         }
                     }
                     f
@@ -639,17 +665,21 @@ fn profiles(
         .collect()
 }
 
-/// Step 2: the in-block map of blocks that stay in place, by matching value
-/// profiles of `blocks` (summed over them) against the public images'.
+/// Steps 2 (and 4's refinement): the in-block map (cipher offset to plain
+/// offset) that matches the value profiles of the cipher blocks at plain
+/// positions `positions` (cipher block `at[p]` at position `p`), summed
+/// over them, to the public images' profiles at those positions.
 fn match_profiles(
     layout: &Layout,
     cipher: &Columns,
+    at: &[usize],
     plain: &Columns,
-    blocks: std::ops::Range<usize>,
+    positions: std::ops::Range<usize>,
 ) -> Vec<usize> {
     let k = layout.offsets();
-    let c = profiles(layout, cipher, blocks.clone());
-    let p = profiles(layout, plain, blocks);
+    let identity: Vec<usize> = (0..layout.num_blocks()).collect();
+    let c = profiles(layout, cipher, at, positions.clone());
+    let p = profiles(layout, plain, &identity, positions);
     let mut costs = vec![vec![0f64; k]; k];
     for (cb, pb) in c.iter().zip(&p) {
         for (o, row) in costs.iter_mut().enumerate() {
@@ -665,16 +695,24 @@ fn match_profiles(
     assign(&costs)
 }
 
+/// A placement of cipher blocks: see [`place_blocks`].
+struct Placement {
+    /// Plain block of each cipher block.
+    permutation: Vec<usize>,
+    /// In-block map (cipher offset to plain offset) of each cipher block.
+    sigmas: Vec<Vec<usize>>,
+    /// Mean-matching plus edge cost; lower is better.
+    objective: f64,
+}
+
 /// Step 4: places cipher blocks on plain block positions given candidate
-/// in-block maps per cipher block. Returns the block permutation (cipher
-/// block to plain block), the chosen map per cipher block and the
-/// objective (lower is better).
+/// in-block maps per cipher block.
 fn place_blocks(
     layout: &Layout,
     cipher: &Columns,
     plain: &Columns,
     options: &[Vec<Vec<usize>>],
-) -> (Vec<usize>, Vec<Vec<usize>>, f64) {
+) -> Placement {
     let q = layout.num_blocks();
     let k = layout.offsets();
     let public_means: Vec<Vec<f64>> = (0..q)
@@ -718,7 +756,6 @@ fn place_blocks(
     }
     let mut position = assign(&cost);
     let mut edges = EdgeCosts::new(layout, cipher, options);
-    let w = layout.blocks_per_row();
     let mut at = vec![0usize; q];
     for (c, &p) in position.iter().enumerate() {
         at[p] = c;
@@ -767,7 +804,6 @@ fn place_blocks(
             break;
         }
     }
-    let _ = w;
     let objective: f64 = (0..q).map(|p| local(p, &at, &mut edges)).sum();
     for (p, &c) in at.iter().enumerate() {
         position[c] = p;
@@ -775,7 +811,11 @@ fn place_blocks(
     let sigmas = (0..q)
         .map(|c| options[c][option_at[c][position[c]]].clone())
         .collect();
-    (position, sigmas, objective)
+    Placement {
+        permutation: position,
+        sigmas,
+        objective,
+    }
 }
 
 /// Mean squared difference of facing block edges over all images, per
