@@ -122,6 +122,8 @@ fn a_recorded_run_renders_to_pngs_and_one_self_contained_html_page() {
         }
     }
     assert_eq!(html.matches("<img src=\"data:image/png;base64,").count(), 6);
+    // The attack table of many images is pointed to (it is not run here).
+    assert!(html.contains("greyfed experiment attacks"));
     assert!(!html.contains("src=\"http") && !html.contains("<link"));
     // The parameters and one table row per round.
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();

@@ -397,6 +397,13 @@ pub(super) fn render_html(
         }
     }
 
+    s.push_str(
+        "<p class=\"note\">What ciphertext-only attacks with many images, known \
+         plain/cipher pairs and the fold recover, per mode: <code>greyfed experiment attacks \
+         --data DIR --out OUT</code> (OUT/attacks.md; measured on MNIST in docs/attacks.md, \
+         summarised in docs/threat-model.md).</p>\n",
+    );
+
     // Per-round table.
     let central = rounds.iter().any(|r| r.central_accuracy.is_some());
     s.push_str(
