@@ -1,7 +1,10 @@
 //! `greyfed experiment encryption` on the built-in digits, tiny budget:
 //! the tables have a row per model x mode x setting, and the figures are
 //! what the mode implies (an exact re-parametrisation loses nothing to
-//! chance, the known-plaintext attack recovers the images).
+//! chance, the known-plaintext attack recovers the images); and `greyfed
+//! experiment attacks` writes its table and picture.
+
+mod common;
 
 use clap::Parser;
 use greyfed::cli::{Cli, Command, ExperimentCommand};
@@ -249,4 +252,65 @@ fn the_recorded_settings_text_is_unchanged() {
     ] {
         assert!(text.contains(flag), "{text}");
     }
+}
+
+#[test]
+fn the_attacks_command_writes_its_table_csv_and_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("attacks");
+    let run = |extra: &[&str]| {
+        common::greyfed()
+            .args(["experiment", "attacks", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&[
+        "--modes",
+        "negpos,block",
+        "--cipher-images",
+        "1,all",
+        "--known-pairs",
+        "2",
+        "--public-images",
+        "300",
+        "--samples",
+        "30",
+        "--keys",
+        "1",
+        "--classifier-epochs",
+        "1",
+    ]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // negpos falls to the background majority from the whole shard.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("| negpos | ciphertext-only |")
+                && l.contains("| 100.0 | 100.0 |")),
+        "{stdout}"
+    );
+    let csv = std::fs::read_to_string(out.join("attacks.csv")).unwrap();
+    // Header, then cipher, fold, 2 ciphertext-only and 1 known-plaintext row per mode.
+    assert_eq!(csv.lines().count(), 1 + 2 * 5, "{csv}");
+    assert!(
+        std::fs::read(out.join("attacks.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
+    assert!(
+        std::fs::read_to_string(out.join("attacks.md"))
+            .unwrap()
+            .contains("attacks.png")
+    );
+
+    let bad = run(&["--modes", "block+sparkle"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sparkle"));
 }

@@ -26,7 +26,7 @@ pub struct AttackArgs {
     pub block_size: usize,
     /// Cipher images of one participant given to the ciphertext-only
     /// attack, comma-separated; `all` is every image the participant has.
-    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,all",
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000,all",
           value_parser = parse_count)]
     pub cipher_images: Vec<Count>,
     /// Known plain/cipher pairs given to the known-plaintext attack,

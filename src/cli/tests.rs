@@ -552,7 +552,7 @@ fn attack_flags_become_typed_settings() {
     let defaults = parse(&[]).unwrap().settings().unwrap();
     assert_eq!(
         defaults.cipher_images,
-        vec![Some(10), Some(100), Some(1000), None]
+        vec![Some(1), Some(10), Some(100), Some(1000), None]
     );
     assert_eq!(defaults.known_pairs, vec![1, 2, 5, 10, 20]);
     let custom = parse(&[

@@ -82,7 +82,7 @@ impl Default for AttackSettings {
             .map(String::from)
             .to_vec(),
             block_size: 4,
-            cipher_images: vec![Some(10), Some(100), Some(1000), None],
+            cipher_images: vec![Some(1), Some(10), Some(100), Some(1000), None],
             known_pairs: vec![1, 2, 5, 10, 20],
             public_images: 2000,
             samples: 500,
