@@ -255,18 +255,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Transform(args)) => {
-            use greyfed::transform::{TransformSettings, TransformSource, transform_model};
-            let settings = TransformSettings {
-                source: match &args.model {
-                    Some(path) => TransformSource::Model(path.clone()),
-                    None => TransformSource::Fresh,
-                },
-                key_file: args.key_file.clone(),
-                cipher: args.cipher,
-                block_size: args.block_size,
-                out: args.out.clone(),
-            };
-            println!("{}", transform_model(&settings)?);
+            println!("{}", greyfed::transform::transform_model(&args.settings())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::AlignedStart(args)) => {

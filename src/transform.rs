@@ -1,7 +1,9 @@
 //! `greyfed model transform`: the key transform of a plain model
 //! ([`greyfed_participant::model::encrypted_domain_weights`]), for a
-//! coordinator's `--init`; and the grid CNN's aligned start
-//! ([`write_aligned_start`]), which `greyfed simulate --start aligned` makes.
+//! coordinator's `--init`, or key rotation of a model for encrypted images
+//! (`--from-key-file`, [`greyfed_participant::model::rekeyed_weights`]);
+//! and the grid CNN's aligned start ([`write_aligned_start`]), which
+//! `greyfed simulate --start aligned` makes.
 //!
 //! A model file of a `--plain` run names its architecture, input and
 //! classes, and the result is a model file for the encrypted images of the
@@ -16,19 +18,22 @@ use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
     data::{augment::RandomAffine, synthetic::synthetic_digits},
     layer_mask::KeyLayerMask,
-    model::{aligned_weights, builtin_spec, encrypted_domain_weights, init_weights},
+    model::{
+        aligned_weights, builtin_spec, encrypted_domain_weights, init_weights, rekeyed_weights,
+    },
     train::{TrainOptions, epoch_images, train_local_with},
 };
 use greyfed_protocol::FirstLayer;
+use greyfed_protocol::cipher::CipherSpec;
 use greyfed_protocol::message::InputSpec;
-use greyfed_protocol::model_file::ModelFile;
-use greyfed_protocol::weights::{CIPHER_METADATA, MODEL_METADATA};
+use greyfed_protocol::model_file::{ModelFile, key_layer_mask};
+use greyfed_protocol::weights::{CIPHER_METADATA, KEY_LAYER_MASK_METADATA, MODEL_METADATA};
 use greyfed_protocol::{
     ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig, cipher::CipherSteps,
 };
 use rand::TryRng;
 
-/// Which plain model to transform.
+/// Which model to transform.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransformSource {
     /// A model file for plain images.
@@ -37,14 +42,23 @@ pub enum TransformSource {
     /// anywhere (with a known plain model the transformed one would reveal
     /// the key: docs/threat-model.md).
     Fresh,
+    /// Key rotation: a model file for images encrypted under the key in
+    /// `from_key_file`, made into the model for the settings' key and
+    /// cipher.
+    Rotate {
+        /// The model for images encrypted under the old key.
+        model: PathBuf,
+        /// The old image key file.
+        from_key_file: PathBuf,
+    },
 }
 
 /// What `greyfed model transform` does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransformSettings {
-    /// The plain model.
+    /// The model to transform.
     pub source: TransformSource,
-    /// The image key file.
+    /// The image key file (for a rotation, the new key).
     pub key_file: PathBuf,
     /// The participants' cipher.
     pub cipher: CipherSteps,
@@ -81,7 +95,7 @@ fn plain_model(settings: &TransformSettings) -> Result<Plain> {
                 source: "a fresh initialisation".into(),
             });
         }
-        TransformSource::Model(path) => path,
+        TransformSource::Model(path) | TransformSource::Rotate { model: path, .. } => path,
     };
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let encrypted = |cipher: &dyn std::fmt::Display| {
@@ -123,6 +137,13 @@ fn plain_model(settings: &TransformSettings) -> Result<Plain> {
 /// Writes the transformed model to `settings.out`; returns a one-line
 /// summary (the key's fingerprint, never the key).
 pub fn transform_model(settings: &TransformSettings) -> Result<String> {
+    if let TransformSource::Rotate {
+        model,
+        from_key_file,
+    } = &settings.source
+    {
+        return rotate_model(settings, model, from_key_file);
+    }
     let key = ImageKey::read_file(&settings.key_file)?;
     let plain = plain_model(settings)?;
     if plain.spec.image_channels() != 1 {
@@ -171,6 +192,170 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
         "wrote {}: {}, transformed for images encrypted with {expects}",
         settings.out.display(),
         plain.source
+    ))
+}
+
+/// A model file for encrypted images, as [`rotate_model`] reads and
+/// rewrites it.
+struct Encrypted {
+    spec: ModelSpec,
+    weights: ModelWeights,
+    cipher: CipherSpec,
+    masked: bool,
+    format: Format,
+}
+
+/// How a model for encrypted images was stored, and is written back.
+enum Format {
+    /// A model file, with its classes and rounds.
+    File { classes: Vec<String>, rounds: u32 },
+    /// A weights-only file (as `--fresh` writes) and its metadata, kept with
+    /// the model, cipher and mask entries replaced.
+    WeightsOnly(HashMap<String, String>),
+}
+
+/// Reads a model for encrypted images (a model file, or a weights-only file
+/// as `--fresh` writes); a model for plain images is refused.
+fn encrypted_model(path: &std::path::Path, block_size: u32) -> Result<Encrypted> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let plain = || {
+        anyhow::anyhow!(
+            "{} is a model for plain images: transform it without --from-key-file",
+            path.display()
+        )
+    };
+    if let Ok(file) = ModelFile::from_safetensors(&bytes) {
+        return Ok(Encrypted {
+            cipher: file.cipher.ok_or_else(plain)?,
+            spec: file.spec,
+            weights: file.weights,
+            masked: file.key_layer_mask,
+            format: Format::File {
+                classes: file.classes,
+                rounds: file.rounds_completed,
+            },
+        });
+    }
+    let (weights, meta) = ModelWeights::from_safetensors(&bytes)
+        .with_context(|| format!("{}: not a model file", path.display()))?;
+    let cipher: Option<CipherSpec> = match meta.get(CIPHER_METADATA) {
+        Some(json) => serde_json::from_str(json)
+            .with_context(|| format!("{}: unreadable {CIPHER_METADATA}", path.display()))?,
+        None => None,
+    };
+    let spec = match meta.get(MODEL_METADATA) {
+        Some(json) => serde_json::from_str(json)
+            .with_context(|| format!("{}: unreadable {MODEL_METADATA}", path.display()))?,
+        None => ModelSpec::blocknet_28x28(block_size),
+    };
+    Ok(Encrypted {
+        cipher: cipher.ok_or_else(plain)?,
+        spec,
+        weights,
+        masked: key_layer_mask(&meta).with_context(|| path.display().to_string())?,
+        format: Format::WeightsOnly(meta),
+    })
+}
+
+/// Key rotation: writes to `settings.out` the model for images encrypted
+/// with `settings.key_file` and `settings.cipher` that computes what
+/// `model`, trained under `from_key_file`, computes on images encrypted
+/// under that key ([`rekeyed_weights`]); a masked model is unmasked with
+/// the old key's layer mask and masked with the new key's. Returns a
+/// one-line summary with both keys' fingerprints.
+fn rotate_model(
+    settings: &TransformSettings,
+    model: &std::path::Path,
+    from_key_file: &std::path::Path,
+) -> Result<String> {
+    let old_key = ImageKey::read_file(from_key_file)?;
+    let new_key = ImageKey::read_file(&settings.key_file)?;
+    let mut file = encrypted_model(model, settings.block_size)?;
+    let (old_id, new_id) = (old_key.fingerprint(), new_key.fingerprint());
+    if file.cipher.key_id != old_id {
+        bail!(
+            "{} was trained on images encrypted under the key of fingerprint {}, but \
+             --from-key-file {} holds the key of fingerprint {old_id}",
+            model.display(),
+            file.cipher.key_id,
+            from_key_file.display()
+        );
+    }
+    if new_id == old_id {
+        bail!(
+            "--key-file {} holds the old key (fingerprint {old_id}); rotation needs a new \
+             key (greyfed keygen)",
+            settings.key_file.display()
+        );
+    }
+    let (rows, cols) = file.spec.image_size();
+    let old = ImageCipher::from_spec(&old_key, &file.cipher, rows as usize, cols as usize)?;
+    let new = ImageCipher::new(
+        &new_key,
+        settings.cipher,
+        settings.block_size as usize,
+        rows as usize,
+        cols as usize,
+    )?;
+    if file.masked {
+        KeyLayerMask::new(&old_key)
+            .reveal(&file.spec, &mut file.weights)
+            .with_context(|| format!("unmasking {}", model.display()))?;
+    }
+    let (spec, mut weights) =
+        rekeyed_weights(&file.spec, &file.weights, &old, &new).with_context(|| {
+            format!(
+                "rotating {} ({} {rows}x{cols}) from {} to {}",
+                model.display(),
+                file.spec.name(),
+                old.spec(),
+                new.spec()
+            )
+        })?;
+    if file.masked {
+        KeyLayerMask::new(&new_key).hide(&spec, &mut weights)?;
+    } else {
+        tracing::warn!(
+            "{} is not masked: whoever holds it and its rotation can read the relative key off \
+             the pair, and knows the new key once it knows the old (docs/threat-model.md)",
+            model.display()
+        );
+    }
+    let cipher = new.spec();
+    let bytes = match file.format {
+        Format::File { classes, rounds } => ModelFile {
+            spec,
+            classes,
+            cipher: Some(cipher.clone()),
+            rounds_completed: rounds,
+            key_layer_mask: file.masked,
+            weights,
+        }
+        .to_safetensors()?,
+        Format::WeightsOnly(mut meta) => {
+            meta.insert(MODEL_METADATA.to_string(), serde_json::to_string(&spec)?);
+            meta.insert(
+                CIPHER_METADATA.to_string(),
+                serde_json::to_string(&Some(&cipher))?,
+            );
+            meta.remove(KEY_LAYER_MASK_METADATA);
+            if file.masked {
+                meta.insert(KEY_LAYER_MASK_METADATA.to_string(), "true".to_string());
+            }
+            weights.to_safetensors(&meta)?
+        }
+    };
+    std::fs::write(&settings.out, bytes)
+        .with_context(|| format!("writing {}", settings.out.display()))?;
+    Ok(format!(
+        "wrote {}: {}, rotated from key {old_id} to images encrypted with {cipher}{}",
+        settings.out.display(),
+        model.display(),
+        if file.masked {
+            " (masked with the new key's layer mask)"
+        } else {
+            ""
+        }
     ))
 }
 

@@ -774,3 +774,221 @@ fn record_level_run_json_lets_anyone_recompute_epsilon() {
     let reported = records.last().unwrap().dp_epsilon.unwrap();
     assert!((worst - reported).abs() < 1e-9, "{worst} vs {reported}");
 }
+
+/// `greyfed model transform --from-key-file` rotates a model to a new key:
+/// a masked grid CNN (the aligned start of the old key) comes out masked
+/// with the new key's mask, names the new key, and predicts on images
+/// under the new key what the old model predicts under the old key; an
+/// unmasked weights-only blocknet (`--fresh`) is rotated exactly, with a
+/// warning. A mismatched old key, the same key, a plain model or a split
+/// model rotated to a cipher without split are refused with the reason.
+#[test]
+fn model_transform_rotates_a_model_to_a_new_key() {
+    use greyfed_participant::cipher::{ImageCipher, ImageKey};
+    use greyfed_participant::data::synthetic::builtin_splits;
+    use greyfed_participant::layer_mask::KeyLayerMask;
+    use greyfed_participant::model::rekeyed_weights;
+    use greyfed_protocol::ModelWeights;
+    use greyfed_protocol::model_file::ModelFile;
+    use std::path::{Path, PathBuf};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let (old_key, new_key) = (
+        ImageKey::from_bytes([0x71; 32]),
+        ImageKey::from_bytes([0x72; 32]),
+    );
+    old_key.write_file(path("old.key")).unwrap();
+    new_key.write_file(path("new.key")).unwrap();
+    let (old_id, new_id) = (old_key.fingerprint(), new_key.fingerprint());
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = greyfed().args(args).output().unwrap();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let rotate = |model: &Path, from: &str, to: &str, cipher: &str, out: &Path| {
+        run(&[
+            "model".as_ref(),
+            "transform".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--from-key-file".as_ref(),
+            path(from).as_os_str(),
+            "--key-file".as_ref(),
+            path(to).as_os_str(),
+            "--cipher".as_ref(),
+            cipher.as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ])
+    };
+
+    // A masked grid CNN under the old key.
+    let old_model = path("old.safetensors");
+    let (ok, _, err) = run(&[
+        "model".as_ref(),
+        "aligned-start".as_ref(),
+        "--cipher".as_ref(),
+        "block".as_ref(),
+        "--seed".as_ref(),
+        "3".as_ref(),
+        "--key-file".as_ref(),
+        path("old.key").as_os_str(),
+        "--out".as_ref(),
+        old_model.as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    let new_model = path("new.safetensors");
+    let (ok, stdout, err) = rotate(&old_model, "old.key", "new.key", "block", &new_model);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains(&old_id) && stdout.contains(&new_id) && stdout.contains("masked"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(&new_key.expose_secret_hex()), "{stdout}");
+    let read = |p: &Path| ModelFile::from_safetensors(&std::fs::read(p).unwrap()).unwrap();
+    let (old_file, new_file) = (read(&old_model), read(&new_model));
+    let new_cipher = ImageCipher::new(&new_key, "block".parse().unwrap(), 4, 28, 28).unwrap();
+    assert_eq!(new_file.cipher, Some(new_cipher.spec()));
+    assert!(new_file.key_layer_mask, "the file says it is masked");
+    assert_eq!(
+        (&new_file.spec, &new_file.classes, new_file.rounds_completed),
+        (&old_file.spec, &old_file.classes, old_file.rounds_completed)
+    );
+    // Unmasked with the new key: the rotation of the unmasked old model.
+    let old_cipher = ImageCipher::new(&old_key, "block".parse().unwrap(), 4, 28, 28).unwrap();
+    let mut old_weights = old_file.weights.clone();
+    KeyLayerMask::new(&old_key)
+        .reveal(&old_file.spec, &mut old_weights)
+        .unwrap();
+    let (_, want) =
+        rekeyed_weights(&old_file.spec, &old_weights, &old_cipher, &new_cipher).unwrap();
+    let mut got = new_file.weights.clone();
+    KeyLayerMask::new(&new_key)
+        .reveal(&new_file.spec, &mut got)
+        .unwrap();
+    for (g, w) in got.tensors().iter().zip(want.tensors()) {
+        let worst = g
+            .data
+            .iter()
+            .zip(&w.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{}: off by {worst}", g.name);
+    }
+    // The new model's predictions on images under the new key are the old
+    // model's under the old key (predict encrypts with the key it is given).
+    let digits = builtin_splits(4).test;
+    let files: Vec<PathBuf> = digits
+        .pixels()
+        .chunks_exact(28 * 28)
+        .take(8)
+        .enumerate()
+        .map(|(i, pixels)| {
+            let file = path(&format!("digit-{i}.png"));
+            image::GrayImage::from_raw(28, 28, pixels.to_vec())
+                .unwrap()
+                .save(&file)
+                .unwrap();
+            file
+        })
+        .collect();
+    let predict = |model: &Path, key: &str| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "predict".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--image-key".as_ref(),
+        ];
+        let key = path(key);
+        args.push(key.as_os_str());
+        args.extend(files.iter().map(|f| f.as_os_str()));
+        let (ok, stdout, err) = run(&args);
+        assert!(ok, "{err}");
+        stdout
+            .lines()
+            .skip(1)
+            .map(|row| {
+                let cells: Vec<&str> = row.split(',').collect();
+                let probabilities: Vec<f64> =
+                    cells[3..].iter().map(|p| p.parse().unwrap()).collect();
+                (cells[1].to_string(), probabilities)
+            })
+            .collect::<Vec<_>>()
+    };
+    let (before, after) = (
+        predict(&old_model, "old.key"),
+        predict(&new_model, "new.key"),
+    );
+    assert_eq!(before.len(), files.len());
+    for ((class_a, p_a), (class_b, p_b)) in before.iter().zip(&after) {
+        assert_eq!(class_a, class_b);
+        for (a, b) in p_a.iter().zip(p_b) {
+            assert!((a - b).abs() < 1e-5, "{p_a:?} vs {p_b:?}");
+        }
+    }
+    // The probabilities depend on the image, so the comparison can fail.
+    assert!(
+        before.iter().any(|(_, p)| p
+            .iter()
+            .zip(&before[0].1)
+            .any(|(a, b)| (a - b).abs() > 1e-4)),
+        "{before:?}"
+    );
+
+    // An unmasked weights-only blocknet (--fresh) is rotated exactly, with
+    // a warning about what the pair shows.
+    let fresh = path("fresh.safetensors");
+    let (ok, _, err) = run(&[
+        "model".as_ref(),
+        "transform".as_ref(),
+        "--fresh".as_ref(),
+        "--cipher".as_ref(),
+        "block".as_ref(),
+        "--key-file".as_ref(),
+        path("old.key").as_os_str(),
+        "--out".as_ref(),
+        fresh.as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    let fresh_rotated = path("fresh-rotated.safetensors");
+    let (ok, stdout, err) = rotate(&fresh, "old.key", "new.key", "le", &fresh_rotated);
+    assert!(ok, "{err}");
+    assert!(!stdout.contains("masked"), "{stdout}");
+    assert!(
+        err.contains("not masked") && err.contains("relative key"),
+        "{err}"
+    );
+    let (old_weights, _) = ModelWeights::from_safetensors(&std::fs::read(&fresh).unwrap()).unwrap();
+    let (rotated, meta) =
+        ModelWeights::from_safetensors(&std::fs::read(&fresh_rotated).unwrap()).unwrap();
+    let le = ImageCipher::new(&new_key, "le".parse().unwrap(), 4, 28, 28).unwrap();
+    let blocknet = greyfed_protocol::ModelSpec::blocknet_28x28(4);
+    let (spec, want) = rekeyed_weights(&blocknet, &old_weights, &old_cipher, &le).unwrap();
+    assert_eq!(rotated, want);
+    assert_eq!(
+        meta[CIPHER_METADATA],
+        serde_json::to_string(&Some(le.spec())).unwrap()
+    );
+    assert_eq!(
+        meta[greyfed_protocol::weights::MODEL_METADATA],
+        serde_json::to_string(&spec).unwrap()
+    );
+
+    // Refusals, each with its reason and no file.
+    let refused = path("refused.safetensors");
+    let (ok, _, err) = rotate(&new_model, "old.key", "new.key", "block", &refused);
+    assert!(!ok);
+    assert!(err.contains(&old_id) && err.contains(&new_id), "{err}");
+    let (ok, _, err) = rotate(&old_model, "old.key", "old.key", "block", &refused);
+    assert!(!ok && err.contains("new key"), "{err}");
+    let (ok, _, err) = rotate(&fresh_rotated, "new.key", "old.key", "block", &refused);
+    assert!(!ok && err.contains("without split"), "{err}");
+    let plain = path("plain.safetensors");
+    let meta = [(CIPHER_METADATA.to_string(), "null".to_string())].into();
+    std::fs::write(&plain, old_weights.to_safetensors(&meta).unwrap()).unwrap();
+    let (ok, _, err) = rotate(&plain, "old.key", "new.key", "block", &refused);
+    assert!(!ok && err.contains("plain images"), "{err}");
+    assert!(!refused.exists());
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -139,7 +139,7 @@ pub use registry::{
     Architecture, BUILTIN_ARCHITECTURES, MAX_ARCH_NAME, Model, architecture, architecture_names,
     builtin_spec, param_usize, register_architecture, registered_architectures, vars_from_weights,
 };
-pub use transform::encrypted_domain_weights;
+pub use transform::{encrypted_domain_weights, plain_domain_weights, rekeyed_weights};
 pub use vit::{Vit, VitDims, vit_28x28};
 
 /// Upper bound on the number of parameters of a model built from a spec, so

@@ -131,7 +131,8 @@ pub struct AlignedStartArgs {
 #[derive(Debug, Args)]
 pub struct TransformArgs {
     /// Model for plain images (a `model.safetensors` of a federation run
-    /// with `--plain`).
+    /// with `--plain`); with `--from-key-file`, a model for images encrypted
+    /// under that key.
     #[arg(
         long,
         value_name = "FILE",
@@ -144,7 +145,19 @@ pub struct TransformArgs {
     /// would reveal the key (docs/threat-model.md).
     #[arg(long)]
     pub fresh: bool,
-    /// The image key file.
+    /// Key rotation: the image key `--model` was trained under. The model is
+    /// rotated to `--key-file` (a masked grid CNN is unmasked with the old
+    /// key's layer mask and masked with the new key's). Unmasked, the model
+    /// and its rotation together show the relative key to whoever holds
+    /// both (docs/threat-model.md).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "model",
+        conflicts_with = "fresh"
+    )]
+    pub from_key_file: Option<PathBuf>,
+    /// The image key file (with `--from-key-file`: the new key).
     #[arg(long, value_name = "FILE")]
     pub key_file: PathBuf,
     /// The cipher the participants use (`greyfed participant --cipher`);
@@ -157,6 +170,27 @@ pub struct TransformArgs {
     /// Where to write the transformed model (safetensors).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+}
+
+impl TransformArgs {
+    /// The typed settings of `greyfed model transform`.
+    pub fn settings(&self) -> crate::transform::TransformSettings {
+        use crate::transform::TransformSource;
+        crate::transform::TransformSettings {
+            source: match (&self.model, &self.from_key_file) {
+                (Some(model), Some(key)) => TransformSource::Rotate {
+                    model: model.clone(),
+                    from_key_file: key.clone(),
+                },
+                (Some(model), None) => TransformSource::Model(model.clone()),
+                (None, _) => TransformSource::Fresh,
+            },
+            key_file: self.key_file.clone(),
+            cipher: self.cipher,
+            block_size: self.block_size,
+            out: self.out.clone(),
+        }
+    }
 }
 
 /// `greyfed config ...`.

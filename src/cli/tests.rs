@@ -580,3 +580,56 @@ fn attack_flags_become_typed_settings() {
     assert!(plain.unwrap_err().to_string().contains("no attacks"));
     assert!(parse(&["--modes", "nonsense"]).unwrap().settings().is_err());
 }
+
+#[test]
+fn transform_flags_pick_the_source_and_from_key_file_needs_a_model() {
+    use crate::transform::TransformSource;
+    use std::path::PathBuf;
+    let parse = |extra: &[&str]| -> Result<TransformArgs, clap::Error> {
+        let mut argv = vec![
+            "greyfed",
+            "model",
+            "transform",
+            "--key-file",
+            "new.key",
+            "--cipher",
+            "le",
+            "--out",
+            "out.safetensors",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Model(ModelCommand::Transform(a)) => Ok(a),
+            other => panic!("parsed {other:?}"),
+        }
+    };
+    let rotate = parse(&["--model", "old.safetensors", "--from-key-file", "old.key"])
+        .unwrap()
+        .settings();
+    assert_eq!(
+        rotate.source,
+        TransformSource::Rotate {
+            model: PathBuf::from("old.safetensors"),
+            from_key_file: PathBuf::from("old.key"),
+        }
+    );
+    assert_eq!(rotate.key_file, PathBuf::from("new.key"));
+    assert_eq!(rotate.cipher, "le".parse().unwrap());
+    assert_eq!(
+        (rotate.block_size, rotate.out),
+        (4, PathBuf::from("out.safetensors"))
+    );
+    let plain = parse(&["--model", "plain.safetensors"]).unwrap().settings();
+    assert_eq!(
+        plain.source,
+        TransformSource::Model(PathBuf::from("plain.safetensors"))
+    );
+    assert_eq!(
+        parse(&["--fresh"]).unwrap().settings().source,
+        TransformSource::Fresh
+    );
+    // The old key rotates a model: not a fresh draw, nor nothing.
+    let e = parse(&["--fresh", "--from-key-file", "old.key"]).unwrap_err();
+    assert!(e.to_string().contains("--from-key-file"), "{e}");
+    assert!(parse(&["--from-key-file", "old.key"]).is_err());
+}
