@@ -23,6 +23,7 @@ async fn main() -> Result<()> {
             label_smoothing: 0.0,
             round_lr_schedule: Default::default(),
             key_layer_mask: false,
+            freeze_key_layers: false,
             local_epochs: 2,
             batch_size: 32,
             optimizer: OptimizerSpec::Sgd {

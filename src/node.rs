@@ -520,6 +520,13 @@ pub async fn run_coordinator(
     config.average_last = training.average_last;
     config.training = training.training.clone();
     config.training.key_layer_mask = masked;
+    if config.training.freeze_key_layers && !masked {
+        bail!(
+            "--freeze-key-layers keeps the key-bearing tensors of a masked start out of training; \
+             the initial model is not masked with the image key's layer mask (start from \
+             `greyfed model aligned-start` or, in simulate, --start aligned or digits)"
+        );
+    }
     config.strategy = training.strategy;
     config.server_lr_schedule = training.server_lr_schedule;
     config.aggregation = training.aggregation;
@@ -763,6 +770,7 @@ mod tests {
                 label_smoothing: 0.0,
                 round_lr_schedule: Default::default(),
                 key_layer_mask: false,
+                freeze_key_layers: false,
                 local_epochs: 1,
                 batch_size: 32,
                 optimizer: OptimizerSpec::Sgd {

@@ -514,6 +514,31 @@ fn simulate_fails_fast_when_a_participant_cannot_load_its_data() {
     eprintln!("simulate failed after {elapsed:?}: {error}");
 }
 
+/// `--freeze-key-layers` needs a masked start: without one the coordinator
+/// refuses before anything starts, naming the flag.
+#[test]
+fn freezing_key_layers_without_a_masked_start_fails_at_once() {
+    let out = tempfile::tempdir().unwrap();
+    let run = greyfed()
+        .args([
+            "simulate",
+            "--participants",
+            "2",
+            "--rounds",
+            "1",
+            "--freeze-key-layers",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(stderr.contains("--freeze-key-layers"), "{stderr}");
+    assert!(stderr.contains("not masked"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// A model file of a plain run (any input, named classes) transforms into
 /// a model file for the encrypted images of the same input and classes.
 #[test]

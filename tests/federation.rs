@@ -465,6 +465,72 @@ async fn a_federation_from_a_masked_start_follows_the_unmasked_one() {
     assert!(far * 10 > seen.len() * 9, "{far} of {}", seen.len());
 }
 
+/// With `freeze_key_layers` the participants leave the key-bearing tensors
+/// as they received them: over SecAgg+ the coordinator's model keeps the
+/// masked start's patch embedding and token map (up to the quantisation
+/// of zero updates), while the rest of the model trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_key_layers_reach_the_coordinator_only_as_the_masked_start() {
+    use greyfed_participant::layer_mask::{KeyLayerMask, key_bearing_tensors};
+    let key = ImageKey::from_bytes([0x5d; 32]);
+    let input = greyfed_protocol::InputSpec {
+        rows: 28,
+        cols: 28,
+        channels: 1,
+        classes: (0..10).map(|d| d.to_string()).collect(),
+    };
+    let spec = greyfed_participant::model::builtin_spec("gridcnn", &input, 4).unwrap();
+    let mut masked_init = greyfed_participant::model::init_weights(&spec, 4).unwrap();
+    KeyLayerMask::new(&key)
+        .hide(&spec, &mut masked_init)
+        .unwrap();
+    let run = |freeze: bool| {
+        Federation::builder()
+            .participants(3)
+            .rounds(2)
+            .max_train_samples(64)
+            .model(spec.clone())
+            .training(TrainingConfig {
+                local_epochs: 1,
+                batch_size: 16,
+                key_layer_mask: true,
+                freeze_key_layers: freeze,
+                ..TrainingConfig::default()
+            })
+            .image_key(key.clone())
+            .cipher(CipherSteps::block())
+            .initial_weights(masked_init.clone())
+            .seed(6)
+            .run()
+    };
+    let frozen = run(true).await.unwrap();
+    let trained = run(false).await.unwrap();
+    let key_bearing = key_bearing_tensors(&spec).unwrap();
+    // Largest change of a tensor from the start.
+    let moved = |model: &ModelWeights, i: usize| {
+        model.tensors()[i]
+            .data
+            .iter()
+            .zip(&masked_init.tensors()[i].data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    for i in key_bearing.clone() {
+        // Zero updates decode to within a quantisation step (clip 1,
+        // 16 bits: 3e-5) per round.
+        assert!(moved(&frozen.final_model, i) < 1e-3, "tensor {i} moved");
+        assert!(
+            moved(&trained.final_model, i) > 1e-3,
+            "tensor {i} did not train"
+        );
+    }
+    let rest = key_bearing.end..frozen.final_model.tensors().len();
+    assert!(
+        rest.clone().any(|i| moved(&frozen.final_model, i) > 1e-3),
+        "the other tensors must still train"
+    );
+}
+
 /// A server strategy of the caller's own replaces the built-in ones: one
 /// that keeps the global model as it is leaves the initial model untouched
 /// however much the participants train, and it is built once per run.

@@ -515,7 +515,7 @@ mod tests {
         let small = ("small".to_string(), 300u64);
         let large = ("large".to_string(), 3000u64);
         ledger.round(&[small.clone(), large.clone()]).unwrap();
-        let r = ledger.round(&[large.clone()]).unwrap();
+        let r = ledger.round(std::slice::from_ref(&large)).unwrap();
         // "small" trained once: 2 * ceil(300/64) = 10 steps at rate 64/300;
         // "large" twice: 2 * 2 * 47 = 188 steps at 64/3000.
         let eps = |q: f64, steps| {
@@ -548,8 +548,8 @@ mod tests {
             }]
         );
         let mut resumed = RecordLedger::resumed(spec, 64, 2, entries);
-        let next = ledger.round(&[small.clone()]).unwrap();
-        assert_eq!(resumed.round(&[small.clone()]).unwrap(), next);
+        let next = ledger.round(std::slice::from_ref(&small)).unwrap();
+        assert_eq!(resumed.round(std::slice::from_ref(&small)).unwrap(), next);
         // A participant whose image count changed gets a second run.
         let grown = ledger.round(&[("small".to_string(), 600)]).unwrap();
         assert_eq!(ledger.entries()["small"].mechanisms.len(), 2);

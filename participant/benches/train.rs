@@ -29,6 +29,7 @@ fn training(c: &mut Criterion) {
         label_smoothing: 0.0,
         round_lr_schedule: Default::default(),
         key_layer_mask: false,
+        freeze_key_layers: false,
         local_epochs: 1,
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },

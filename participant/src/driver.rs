@@ -540,6 +540,18 @@ async fn session_loop(
                         (dp, rate)
                     });
                     let global = data.unmasked(&spec, training_config.key_layer_mask, global)?;
+                    let frozen = if training_config.freeze_key_layers {
+                        if !training_config.key_layer_mask {
+                            return Err(ParticipantError::Model(
+                                "the coordinator asks to freeze the key-bearing layers of a \
+                                 start that is not masked"
+                                    .into(),
+                            ));
+                        }
+                        crate::layer_mask::key_bearing_tensors(&spec)?
+                    } else {
+                        0..0
+                    };
                     // The coordinator's seed alone would let it replay this
                     // round to a subset and isolate our update.
                     let seed = if config.hooks.coordinator_seeds {
@@ -560,6 +572,7 @@ async fn session_loop(
                             let options = TrainOptions {
                                 proximal_mu: training_config.proximal_mu,
                                 dp_sgd: training_config.dp_sgd,
+                                frozen,
                             };
                             let mut last_sent: Option<Instant> = None;
                             let mut observe = |p: StepProgress| {

@@ -677,6 +677,7 @@ pub(crate) fn assert_learns_synthetic_digits(spec: &ModelSpec, train: usize, epo
         label_smoothing: 0.0,
         round_lr_schedule: Default::default(),
         key_layer_mask: false,
+        freeze_key_layers: false,
         local_epochs: epochs,
         batch_size: 32,
         optimizer: OptimizerSpec::Adam { lr },

@@ -193,7 +193,7 @@ impl TensorData {
 }
 
 /// Extra local-training options beyond the protocol's [`TrainingConfig`].
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrainOptions {
     /// FedProx proximal coefficient `mu` (`loss += mu/2 * ||w - w_global||^2`);
     /// 0 disables the term.
@@ -203,6 +203,9 @@ pub struct TrainOptions {
     /// else knows it) and its gradient is privatised (`None`: ordinary
     /// shuffled minibatches).
     pub dp_sgd: Option<greyfed_protocol::message::DpSgdSpec>,
+    /// Tensors (by index in the model's layout) that are not trained: they
+    /// come back exactly as they went in.
+    pub frozen: std::ops::Range<usize>,
 }
 
 /// Result of one call of [`train_local`].
@@ -306,7 +309,8 @@ pub fn train_local_observed(
     }
     let total_steps = u64::from(config.local_epochs) * n.div_ceil(batch_size) as u64;
     let mut optimizer = FusedOptimizer::new(kind, net.vars(), options.proximal_mu)?
-        .with_schedule(config.lr_schedule, total_steps);
+        .with_schedule(config.lr_schedule, total_steps)
+        .with_frozen(options.frozen.clone());
     let mut loss_sum = 0f64;
     let mut seen = 0usize;
     let mut order: Vec<u32> = Vec::with_capacity(n);
@@ -479,6 +483,7 @@ struct FusedOptimizer {
     schedule: LrSchedule,
     total_steps: u64,
     params: Vec<ParamState>,
+    frozen: std::ops::Range<usize>,
 }
 
 impl FusedOptimizer {
@@ -509,6 +514,7 @@ impl FusedOptimizer {
             schedule: LrSchedule::Constant,
             total_steps: 0,
             params,
+            frozen: 0..0,
         })
     }
 
@@ -516,6 +522,12 @@ impl FusedOptimizer {
     fn with_schedule(mut self, schedule: LrSchedule, total_steps: u64) -> Self {
         self.schedule = schedule;
         self.total_steps = total_steps;
+        self
+    }
+
+    /// The same optimiser, leaving the variables in `frozen` untouched.
+    fn with_frozen(mut self, frozen: std::ops::Range<usize>) -> Self {
+        self.frozen = frozen;
         self
     }
 
@@ -550,7 +562,10 @@ impl FusedOptimizer {
                 0.0,
             ),
         };
-        for (p, grad) in self.params.iter_mut().zip(grads) {
+        for (i, (p, grad)) in self.params.iter_mut().zip(grads).enumerate() {
+            if self.frozen.contains(&i) {
+                continue;
+            }
             let grad = grad.contiguous()?;
             let update = FusedUpdate {
                 rule,
@@ -777,6 +792,7 @@ mod tests {
             label_smoothing: 0.0,
             round_lr_schedule: Default::default(),
             key_layer_mask: false,
+            freeze_key_layers: false,
             local_epochs,
             batch_size: 32,
             optimizer,
@@ -927,6 +943,7 @@ mod tests {
                 label_smoothing: 0.0,
                 round_lr_schedule: Default::default(),
                 key_layer_mask: false,
+                freeze_key_layers: false,
                 local_epochs: 1,
                 batch_size: 8,
                 optimizer,
@@ -1010,6 +1027,7 @@ mod tests {
                 label_smoothing: 0.0,
                 round_lr_schedule: Default::default(),
                 key_layer_mask: false,
+                freeze_key_layers: false,
                 local_epochs: epochs,
                 batch_size: 8,
                 optimizer: OptimizerSpec::Sgd {
@@ -1286,6 +1304,7 @@ mod tests {
             label_smoothing: 0.0,
             round_lr_schedule: Default::default(),
             key_layer_mask: false,
+            freeze_key_layers: false,
             local_epochs: 2,
             batch_size: 64,
             optimizer: OptimizerSpec::Adam { lr: 1e-3 },

@@ -611,6 +611,13 @@ pub struct TrainingConfig {
     /// initial model file.
     #[serde(default)]
     pub key_layer_mask: bool,
+    /// Participants leave the key-bearing tensors (those the layer mask
+    /// covers) as they received them: their updates are zero there, so the
+    /// coordinator only ever sees those tensors masked, never a sum of
+    /// updates that carries the key's structure (docs/threat-model.md).
+    /// Needs [`Self::key_layer_mask`].
+    #[serde(default)]
+    pub freeze_key_layers: bool,
     /// Record-level DP-SGD in local training (`None`: ordinary training).
     #[serde(default)]
     pub dp_sgd: Option<DpSgdSpec>,
@@ -688,6 +695,7 @@ impl Default for TrainingConfig {
             label_smoothing: 0.0,
             round_lr_schedule: LrSchedule::Constant,
             key_layer_mask: false,
+            freeze_key_layers: false,
             dp_sgd: None,
         }
     }

@@ -894,6 +894,12 @@ pub struct TrainingArgs {
     /// function of the released models it costs no ε); 1: the last model.
     #[arg(long, default_value_t = 1, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
     pub average_last: u32,
+    /// Participants do not train the key-bearing tensors (the grid CNN's
+    /// patch embedding and token map), so the coordinator sees them only
+    /// masked, never the sum of their updates (docs/threat-model.md).
+    /// Needs a start masked with the image key's layer mask.
+    #[arg(long)]
+    pub freeze_key_layers: bool,
     /// Local epochs per round.
     #[arg(long, default_value_t = 5)]
     pub local_epochs: u32,
@@ -1080,6 +1086,9 @@ impl TrainingArgs {
         }
         if let Some(e) = self.dp_max_epsilon {
             push("dp-max-epsilon", e.to_string());
+        }
+        if self.freeze_key_layers {
+            a.push("--freeze-key-layers".into());
         }
         a
     }

@@ -74,6 +74,7 @@ impl TrainingArgs {
                 // Set from the initial model file (a masked start) when the
                 // coordinator loads it.
                 key_layer_mask: false,
+                freeze_key_layers: self.freeze_key_layers,
                 dp_sgd: self.dp_sgd()?,
             },
             strategy: self.strategy.config()?,

@@ -13,6 +13,7 @@ fn training_args_survive_a_round_trip_through_the_command_line() {
     let defaults = parse(&[]);
     assert_eq!(parse(&defaults.to_args()), defaults);
     let custom: Vec<String> = [
+        "--freeze-key-layers",
         "--rounds",
         "3",
         "--local-epochs",

@@ -211,6 +211,9 @@ fn training_rows(run: &RunRecord) -> Vec<(String, String)> {
         Some(ImageCipher::Encrypted(spec)) => {
             row("block-size", spec.block_size.to_string());
             row("cipher", spec.steps.to_string());
+            if t.freeze_key_layers {
+                row("freeze-key-layers", "on".into());
+            }
         }
         Some(ImageCipher::Plain) => row("cipher", "plain".into()),
         None => {}
@@ -530,6 +533,10 @@ mod tests {
             assert_eq!(value(&rows, flag).as_deref(), Some(v), "{flag}");
         }
         assert_eq!(value(&rows, "--weight-decay"), None, "only for adamw");
+        assert_eq!(value(&rows, "--freeze-key-layers"), None, "only when on");
+        run.training.freeze_key_layers = true;
+        let frozen = training_rows(&run);
+        assert_eq!(value(&frozen, "--freeze-key-layers").as_deref(), Some("on"));
         run.training.proximal_mu = 0.01;
         run.cipher = Some(ImageCipher::Plain);
         run.key_fingerprint = None;
