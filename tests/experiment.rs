@@ -281,6 +281,8 @@ fn the_attacks_command_writes_its_table_csv_and_picture() {
         "1",
         "--classifier-epochs",
         "1",
+        "--model-epochs",
+        "0",
     ]);
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(

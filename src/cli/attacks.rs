@@ -49,6 +49,11 @@ pub struct AttackArgs {
     /// Its training epochs on the plain training split.
     #[arg(long, default_value_t = 10)]
     pub classifier_epochs: u32,
+    /// Epochs of the grid CNN (masked aligned start) trained on the
+    /// participant's encrypted images whose weights the model attack reads,
+    /// as the coordinator would; 0 leaves the model attack out.
+    #[arg(long, default_value_t = 2)]
+    pub model_epochs: u32,
     /// Data settings (--data DIR; default: built-in digits).
     #[command(flatten)]
     pub data: DataArgs,
@@ -87,6 +92,7 @@ impl AttackArgs {
             keys: self.keys,
             classifier: self.classifier.clone(),
             classifier_epochs: self.classifier_epochs,
+            model_epochs: self.model_epochs,
         })
     }
 }

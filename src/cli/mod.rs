@@ -238,8 +238,8 @@ pub enum ExperimentCommand {
     Encryption(ExperimentArgs),
     /// What the attacks on the image cipher recover per mode: ciphertext
     /// only with N images of one participant, known plaintext with K pairs,
-    /// and the fold; writes OUT/attacks.md, OUT/attacks.csv and
-    /// OUT/attacks.png.
+    /// the fold, and the coordinator's attack on a trained model; writes
+    /// OUT/attacks.md, OUT/attacks.csv and OUT/attacks.png.
     Attacks(AttackArgs),
     /// Runs one cell of an experiment grid (used by --jobs).
     #[command(hide = true)]

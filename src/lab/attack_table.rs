@@ -38,6 +38,7 @@ use serde::Serialize;
 use super::attack::{KnownPlaintextAttack, fold_image, merge_split, split_values};
 use super::ciphertext_only::{Layout, RecoveredTable, ciphertext_only};
 use super::experiment::{experiment_key, model_spec, parse_mode};
+use super::model_attack::{Knowledge, Start, block_ink, coordinator_view, recover_key, score};
 use super::quality::{mean_ssim, psnr};
 use super::security::slices;
 use crate::preview::Canvas;
@@ -66,6 +67,10 @@ pub struct AttackSettings {
     pub classifier: String,
     /// Its training epochs on the plain training split.
     pub classifier_epochs: u32,
+    /// Epochs of the grid CNN trained on the participant's encrypted images
+    /// whose weights the model attack reads (the coordinator's view); 0
+    /// leaves the model attack out.
+    pub model_epochs: u32,
 }
 
 impl Default for AttackSettings {
@@ -89,6 +94,7 @@ impl Default for AttackSettings {
             keys: 2,
             classifier: "blocknet".into(),
             classifier_epochs: 10,
+            model_epochs: 2,
         }
     }
 }
@@ -98,9 +104,11 @@ impl Default for AttackSettings {
 pub struct AttackRow {
     /// The mode.
     pub mode: String,
-    /// `cipher` (no attack), `fold`, `ciphertext-only` or `known-plaintext`.
+    /// `cipher` (no attack), `fold`, `ciphertext-only`, `known-plaintext`
+    /// or `model` (the coordinator's attack on the trained model).
     pub attack: String,
-    /// Cipher images (ciphertext only) or known pairs (known plaintext).
+    /// Cipher images (ciphertext only), known pairs (known plaintext), or
+    /// the images the attacked model was trained on (model).
     pub images: usize,
     /// Fraction of the value table recovered (source and inversion right).
     pub table: Option<f64>,
@@ -285,6 +293,18 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
         None => "COA all".into(),
     }));
     columns.extend(settings.known_pairs.iter().map(|k| format!("KPA K={k}")));
+    if settings.model_epochs > 0 {
+        columns.push("model".into());
+    }
+    // The attacker's public images as a data set (the model attack's prior)
+    // and the participant's (the model attack's training data).
+    let public_set = splits
+        .train
+        .subset(&(participant_count..splits.train.len()).collect::<Vec<_>>());
+    let participant_set = splits
+        .train
+        .subset(&(0..participant_count).collect::<Vec<_>>());
+    let ink = block_ink(&public_set, settings.block_size)?;
     let mut picture_rows: Vec<Vec<Vec<Vec<u8>>>> = Vec::new();
     let mut table = Vec::new();
     for mode in &settings.modes {
@@ -314,13 +334,8 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
         let mut mode_rows: Vec<AttackRow> = Vec::new();
         let mut mode_picture: Vec<Vec<Vec<u8>>> = Vec::new();
         for key_seed in 0..settings.keys.max(1) {
-            let cipher = ImageCipher::new(
-                &experiment_key(key_seed),
-                steps,
-                settings.block_size,
-                rows,
-                cols,
-            )?;
+            let key = experiment_key(key_seed);
+            let cipher = ImageCipher::new(&key, steps, settings.block_size, rows, cols)?;
             let encrypt = |p: &[u8]| -> Result<Vec<u8>> {
                 let mut out = vec![0; cipher.cipher_len()];
                 cipher.encrypt_image(p, &mut out)?;
@@ -390,6 +405,48 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
                     None,
                 ));
                 key_rows.push(judge.row(mode, "known-plaintext", k, figures, &decrypted, secs)?);
+                key_picture.push(decrypted[..shown].to_vec());
+            }
+            // The coordinator's attack on a model trained from the masked
+            // aligned start, knowing that start and the public ink prior.
+            if settings.model_epochs > 0 {
+                let start = Instant::now();
+                let seen = coordinator_view(
+                    "gridcnn",
+                    Start::Aligned,
+                    &participant_set,
+                    &splits.classes,
+                    &key,
+                    &cipher,
+                    settings.model_epochs,
+                    key_seed,
+                )?;
+                let knows = Knowledge {
+                    steps,
+                    start: Start::Aligned,
+                    initial: Some(&seen.initial),
+                    block_prior: Some(&ink),
+                };
+                let recovered = recover_key(&seen.spec, &seen.trained, &knows, key_seed)?;
+                let secs = start.elapsed().as_secs_f64();
+                let scored = score(&recovered, &cipher)?;
+                let decrypted = test_cipher
+                    .iter()
+                    .map(|c| view(&recovered.decrypt(c)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let figures = Some((
+                    scored.value_table,
+                    scored.xor,
+                    steps.block_shuffle.then_some(scored.exact),
+                ));
+                key_rows.push(judge.row(
+                    mode,
+                    "model",
+                    participant_count,
+                    figures,
+                    &decrypted,
+                    secs,
+                )?);
                 key_picture.push(decrypted[..shown].to_vec());
             }
             accumulate(&mut mode_rows, key_rows);
@@ -533,13 +590,22 @@ mod tests {
             samples: 60,
             keys: 1,
             classifier_epochs: 1,
+            model_epochs: 1,
             ..AttackSettings::default()
         };
         let report = run_attacks(&splits, &settings).unwrap();
         assert_eq!(report.participant_images, 1000);
         assert_eq!(report.public_images, 500);
-        // cipher, fold, 2 x ciphertext-only, 2 x known-plaintext per mode.
-        assert_eq!(report.rows.len(), 2 * 6);
+        // cipher, fold, 2 x ciphertext-only, 2 x known-plaintext and the
+        // model attack per mode.
+        assert_eq!(report.rows.len(), 2 * 7);
+        let model = report
+            .rows
+            .iter()
+            .find(|r| r.mode == "block-shuffle+negpos" && r.attack == "model")
+            .unwrap();
+        assert!(model.blocks.is_some_and(|b| (0.0..=1.0).contains(&b)));
+        assert!(model.inversions.is_some_and(|x| (0.0..=1.0).contains(&x)));
         for mode in ["block-shuffle+negpos", "pixel"] {
             let row = |attack: &str, images: usize| {
                 report

@@ -1024,6 +1024,89 @@ fn measurement_key(seed: u64) -> greyfed_participant::cipher::ImageKey {
     greyfed_participant::cipher::ImageKey::from_bytes(bytes)
 }
 
+/// What the coordinator holds after a training on encrypted images: the
+/// model's spec, the start as it got it (masked for an aligned start) and
+/// the trained model as it got it.
+pub struct CoordinatorView {
+    /// The trained model's spec (input planes of the cipher).
+    pub spec: ModelSpec,
+    /// The start as the coordinator got it.
+    pub initial: ModelWeights,
+    /// The trained model as the coordinator got it.
+    pub trained: ModelWeights,
+}
+
+/// Trains `model` (`blocknet` or `gridcnn`, `cipher`'s block size) for
+/// `epochs` of central Adam on `train` encrypted with `cipher` under `key`,
+/// from `start` (aligned: the masked key transform of the aligned start),
+/// and returns what the coordinator of a federation with that training
+/// would hold (the central training's weight change stands for the sum of
+/// the federation's updates). The first layer is per-block where the mode
+/// differs between blocks.
+#[allow(clippy::too_many_arguments)]
+pub fn coordinator_view(
+    model: &str,
+    start: Start,
+    train: &greyfed_participant::data::Dataset,
+    classes: &[String],
+    key: &greyfed_participant::cipher::ImageKey,
+    cipher: &ImageCipher,
+    epochs: u32,
+    seed: u64,
+) -> Result<CoordinatorView> {
+    use greyfed_participant::{layer_mask::KeyLayerMask, model, train};
+    let steps = cipher.steps();
+    let (rows, cols, block) = (cipher.rows(), cipher.cols(), cipher.block_size());
+    let per_block = steps.per_block || steps.pixel_negative_positive || steps.component_shuffle;
+    let layer = if per_block {
+        FirstLayer::PerBlock
+    } else {
+        FirstLayer::Shared
+    };
+    let input = |channels: usize| greyfed_protocol::InputSpec {
+        rows: rows as u32,
+        cols: cols as u32,
+        channels: channels as u32,
+        classes: classes.to_vec(),
+    };
+    let spec = model::builtin_spec(model, &input(cipher.channels()), block as u32)?
+        .with_first_layer(layer);
+    let plain_spec = model::builtin_spec(model, &input(1), block as u32)?.with_first_layer(layer);
+    let mask = KeyLayerMask::new(key);
+    let (init, seen_init) = match start {
+        Start::Fresh => {
+            let w = model::init_weights(&spec, seed)?;
+            (w.clone(), w)
+        }
+        Start::Aligned => {
+            let plain = model::aligned_weights(&plain_spec, seed)?;
+            let w = model::encrypted_domain_weights(&plain_spec, &plain, cipher)?.1;
+            let mut masked = w.clone();
+            mask.hide(&spec, &mut masked)?;
+            (w, masked)
+        }
+    };
+    let data = train::epoch_images(
+        train.clone(),
+        greyfed_participant::data::RandomAffine::default(),
+        Some(ImageCipher::new(key, steps, block, rows, cols)?),
+        candle_core::Device::Cpu,
+    )?;
+    let config = greyfed_protocol::TrainingConfig {
+        local_epochs: epochs,
+        ..Default::default()
+    };
+    let mut seen = train::train_local(&spec, &init, data.as_ref(), &config, seed)?.weights;
+    if start == Start::Aligned {
+        mask.hide(&spec, &mut seen)?;
+    }
+    Ok(CoordinatorView {
+        spec,
+        initial: seen_init,
+        trained: seen,
+    })
+}
+
 /// Trains `model` (`blocknet` or `gridcnn`, block size `block`) for
 /// `epochs` on `splits.train` encrypted with `mode` from `start` (aligned:
 /// the masked key transform of the aligned start, as the coordinator gets
@@ -1047,54 +1130,24 @@ pub fn measure(
     epochs: u32,
     seed: u64,
 ) -> Result<Vec<Measurement>> {
-    use greyfed_participant::{layer_mask::KeyLayerMask, model, train};
     let steps: CipherSteps = mode.parse().map_err(anyhow::Error::msg)?;
     let (rows, cols) = (splits.train.rows(), splits.train.cols());
     let key = measurement_key(seed);
     let cipher = ImageCipher::new(&key, steps, block, rows, cols)?;
-    let per_block = steps.per_block || steps.pixel_negative_positive || steps.component_shuffle;
-    let layer = if per_block {
-        FirstLayer::PerBlock
-    } else {
-        FirstLayer::Shared
-    };
-    let input = |channels: usize| greyfed_protocol::InputSpec {
-        rows: rows as u32,
-        cols: cols as u32,
-        channels: channels as u32,
-        classes: splits.classes.clone(),
-    };
-    let spec = model::builtin_spec(model, &input(cipher.channels()), block as u32)?
-        .with_first_layer(layer);
-    let plain_spec = model::builtin_spec(model, &input(1), block as u32)?.with_first_layer(layer);
-    let mask = KeyLayerMask::new(&key);
-    let (init, seen_init) = match start {
-        Start::Fresh => {
-            let w = model::init_weights(&spec, seed)?;
-            (w.clone(), w)
-        }
-        Start::Aligned => {
-            let plain = model::aligned_weights(&plain_spec, seed)?;
-            let w = model::encrypted_domain_weights(&plain_spec, &plain, &cipher)?.1;
-            let mut masked = w.clone();
-            mask.hide(&spec, &mut masked)?;
-            (w, masked)
-        }
-    };
-    let data = train::epoch_images(
-        splits.train.clone(),
-        greyfed_participant::data::RandomAffine::default(),
-        Some(ImageCipher::new(&key, steps, block, rows, cols)?),
-        candle_core::Device::Cpu,
+    let CoordinatorView {
+        spec,
+        initial: seen_init,
+        trained: seen,
+    } = coordinator_view(
+        model,
+        start,
+        &splits.train,
+        &splits.classes,
+        &key,
+        &cipher,
+        epochs,
+        seed,
     )?;
-    let config = greyfed_protocol::TrainingConfig {
-        local_epochs: epochs,
-        ..Default::default()
-    };
-    let mut seen = train::train_local(&spec, &init, data.as_ref(), &config, seed)?.weights;
-    if start == Start::Aligned {
-        mask.hide(&spec, &mut seen)?;
-    }
     let plain: Vec<&[u8]> = (0..splits.test.len().min(200))
         .map(|i| splits.test.image(i))
         .collect();
