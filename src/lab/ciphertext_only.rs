@@ -42,7 +42,9 @@
 //! [`ciphertext_only`] returns the estimated table; the caller measures it
 //! with [`RecoveredTable::fraction_correct`] and reads images with
 //! [`RecoveredTable::decrypt`]. `greyfed experiment attacks` runs it per
-//! mode and `N` and writes the figures.
+//! mode and `N` and writes the figures; on MNIST (`docs/attacks.md`) every
+//! preset is read from about a hundred images of one participant (`block`:
+//! the whole key from 1,000), in at most 1.3 s on one core.
 
 use std::collections::HashMap;
 
