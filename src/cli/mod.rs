@@ -1461,6 +1461,12 @@ pub struct SimulateArgs {
     /// every one randomly rotated, scaled, sheared and shifted).
     #[arg(long, default_value_t = 30_000, value_name = "N")]
     pub start_images: usize,
+    /// With `--start digits` on encrypted images, train the key-bearing
+    /// layers too. By default they are frozen there (`--freeze-key-layers`):
+    /// the coordinator then sees no update of them, for 0.11 points of
+    /// accuracy (docs/threat-model.md).
+    #[arg(long, conflicts_with = "freeze_key_layers")]
+    pub train_key_layers: bool,
     /// Data settings.
     #[command(flatten)]
     pub data: DataArgs,

@@ -540,6 +540,43 @@ fn simulate_start_aligned_names_the_model_and_the_data() {
     );
 }
 
+/// The digits start on encrypted images freezes the key-bearing layers
+/// unless `--train-key-layers`; other starts and plain runs do not.
+#[test]
+fn the_digits_start_freezes_key_layers_by_default() {
+    let frozen = |args: &[&str]| {
+        let mut argv = vec!["greyfed", "simulate", "--model", "gridcnn"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Simulate(s)) => Ok(s
+                .settings()
+                .unwrap()
+                .coordinator_args
+                .iter()
+                .filter(|a| *a == "--freeze-key-layers")
+                .count()),
+            Ok(other) => panic!("parsed {other:?}"),
+            Err(e) => Err(e),
+        }
+    };
+    assert_eq!(frozen(&["--start", "digits"]).unwrap(), 1);
+    assert_eq!(
+        frozen(&["--start", "digits", "--freeze-key-layers"]).unwrap(),
+        1
+    );
+    assert_eq!(
+        frozen(&["--start", "digits", "--train-key-layers"]).unwrap(),
+        0
+    );
+    assert_eq!(frozen(&["--start", "digits", "--plain"]).unwrap(), 0);
+    assert_eq!(frozen(&["--start", "aligned"]).unwrap(), 0);
+    assert_eq!(
+        frozen(&["--start", "aligned", "--freeze-key-layers"]).unwrap(),
+        1
+    );
+    assert!(frozen(&["--train-key-layers", "--freeze-key-layers"]).is_err());
+}
+
 #[test]
 fn attack_flags_become_typed_settings() {
     let parse = |extra: &[&str]| -> Result<AttackArgs, clap::Error> {
