@@ -104,8 +104,9 @@ impl Default for AttackSettings {
 pub struct AttackRow {
     /// The mode.
     pub mode: String,
-    /// `cipher` (no attack), `fold`, `ciphertext-only`, `known-plaintext`
-    /// or `model` (the coordinator's attack on the trained model).
+    /// `cipher` (no attack), `fold`, `ciphertext-only`, `known-plaintext`,
+    /// `model` (the coordinator's attack on the trained model) or `model,
+    /// frozen` (the same with `--freeze-key-layers`).
     pub attack: String,
     /// Cipher images (ciphertext only), known pairs (known plaintext), or
     /// the images the attacked model was trained on (model).
@@ -295,6 +296,7 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
     columns.extend(settings.known_pairs.iter().map(|k| format!("KPA K={k}")));
     if settings.model_epochs > 0 {
         columns.push("model".into());
+        columns.push("model, frozen".into());
     }
     // The attacker's public images as a data set (the model attack's prior)
     // and the participant's (the model attack's training data).
@@ -408,46 +410,50 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
                 key_picture.push(decrypted[..shown].to_vec());
             }
             // The coordinator's attack on a model trained from the masked
-            // aligned start, knowing that start and the public ink prior.
+            // aligned start, knowing that start and the public ink prior;
+            // then the same with the key-bearing layers frozen.
             if settings.model_epochs > 0 {
-                let start = Instant::now();
-                let seen = coordinator_view(
-                    "gridcnn",
-                    Start::Aligned,
-                    &participant_set,
-                    &splits.classes,
-                    &key,
-                    &cipher,
-                    settings.model_epochs,
-                    key_seed,
-                )?;
-                let knows = Knowledge {
-                    steps,
-                    start: Start::Aligned,
-                    initial: Some(&seen.initial),
-                    block_prior: Some(&ink),
-                };
-                let recovered = recover_key(&seen.spec, &seen.trained, &knows, key_seed)?;
-                let secs = start.elapsed().as_secs_f64();
-                let scored = score(&recovered, &cipher)?;
-                let decrypted = test_cipher
-                    .iter()
-                    .map(|c| view(&recovered.decrypt(c)?))
-                    .collect::<Result<Vec<_>>>()?;
-                let figures = Some((
-                    scored.value_table,
-                    scored.xor,
-                    steps.block_shuffle.then_some(scored.exact),
-                ));
-                key_rows.push(judge.row(
-                    mode,
-                    "model",
-                    participant_count,
-                    figures,
-                    &decrypted,
-                    secs,
-                )?);
-                key_picture.push(decrypted[..shown].to_vec());
+                for (attack, freeze) in [("model", false), ("model, frozen", true)] {
+                    let start = Instant::now();
+                    let seen = coordinator_view(
+                        "gridcnn",
+                        Start::Aligned,
+                        &participant_set,
+                        &splits.classes,
+                        &key,
+                        &cipher,
+                        settings.model_epochs,
+                        key_seed,
+                        freeze,
+                    )?;
+                    let knows = Knowledge {
+                        steps,
+                        start: Start::Aligned,
+                        initial: Some(&seen.initial),
+                        block_prior: Some(&ink),
+                    };
+                    let recovered = recover_key(&seen.spec, &seen.trained, &knows, key_seed)?;
+                    let secs = start.elapsed().as_secs_f64();
+                    let scored = score(&recovered, &cipher)?;
+                    let decrypted = test_cipher
+                        .iter()
+                        .map(|c| view(&recovered.decrypt(c)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    let figures = Some((
+                        scored.value_table,
+                        scored.xor,
+                        steps.block_shuffle.then_some(scored.exact),
+                    ));
+                    key_rows.push(judge.row(
+                        mode,
+                        attack,
+                        participant_count,
+                        figures,
+                        &decrypted,
+                        secs,
+                    )?);
+                    key_picture.push(decrypted[..shown].to_vec());
+                }
             }
             accumulate(&mut mode_rows, key_rows);
             if key_seed == 0 {
@@ -597,8 +603,8 @@ mod tests {
         assert_eq!(report.participant_images, 1000);
         assert_eq!(report.public_images, 500);
         // cipher, fold, 2 x ciphertext-only, 2 x known-plaintext and the
-        // model attack per mode.
-        assert_eq!(report.rows.len(), 2 * 7);
+        // model attack with and without the freeze per mode.
+        assert_eq!(report.rows.len(), 2 * 8);
         let model = report
             .rows
             .iter()
@@ -606,6 +612,14 @@ mod tests {
             .unwrap();
         assert!(model.blocks.is_some_and(|b| (0.0..=1.0).contains(&b)));
         assert!(model.inversions.is_some_and(|x| (0.0..=1.0).contains(&x)));
+        // Frozen key-bearing layers give the attack nothing to place blocks
+        // with (chance is 1/49).
+        let frozen = report
+            .rows
+            .iter()
+            .find(|r| r.mode == "block-shuffle+negpos" && r.attack == "model, frozen")
+            .unwrap();
+        assert!(frozen.blocks.is_some_and(|b| b < 0.3), "{frozen:?}");
         for mode in ["block-shuffle+negpos", "pixel"] {
             let row = |attack: &str, images: usize| {
                 report

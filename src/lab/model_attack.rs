@@ -1042,7 +1042,8 @@ pub struct CoordinatorView {
 /// and returns what the coordinator of a federation with that training
 /// would hold (the central training's weight change stands for the sum of
 /// the federation's updates). The first layer is per-block where the mode
-/// differs between blocks.
+/// differs between blocks. With `freeze_key_layers` (grid CNN only) the
+/// key-bearing tensors are not trained (`--freeze-key-layers`).
 #[allow(clippy::too_many_arguments)]
 pub fn coordinator_view(
     model: &str,
@@ -1053,6 +1054,7 @@ pub fn coordinator_view(
     cipher: &ImageCipher,
     epochs: u32,
     seed: u64,
+    freeze_key_layers: bool,
 ) -> Result<CoordinatorView> {
     use greyfed_participant::{layer_mask::KeyLayerMask, model, train};
     let steps = cipher.steps();
@@ -1096,7 +1098,16 @@ pub fn coordinator_view(
         local_epochs: epochs,
         ..Default::default()
     };
-    let mut seen = train::train_local(&spec, &init, data.as_ref(), &config, seed)?.weights;
+    let options = train::TrainOptions {
+        frozen: if freeze_key_layers {
+            greyfed_participant::layer_mask::key_bearing_tensors(&spec)?
+        } else {
+            0..0
+        },
+        ..Default::default()
+    };
+    let mut seen =
+        train::train_local_with(&spec, &init, data.as_ref(), &config, seed, &options)?.weights;
     if start == Start::Aligned {
         mask.hide(&spec, &mut seen)?;
     }
@@ -1147,6 +1158,7 @@ pub fn measure(
         &cipher,
         epochs,
         seed,
+        false,
     )?;
     let plain: Vec<&[u8]> = (0..splits.test.len().min(200))
         .map(|i| splits.test.image(i))
