@@ -869,6 +869,49 @@ mod tests {
         });
     }
 
+    /// Frozen tensors come back bit for bit, under every optimiser and
+    /// with weight decay and a proximal term, while the others train.
+    #[test]
+    fn frozen_tensors_are_left_exactly_as_they_were() {
+        let spec = small_spec();
+        let data = TensorData::from_dataset(&synthetic(100, 8), &Device::Cpu).unwrap();
+        let global = init_weights(&spec, 9).unwrap();
+        for optimizer in [
+            OptimizerSpec::AdamW {
+                lr: 0.01,
+                weight_decay: 0.1,
+            },
+            OptimizerSpec::Sgd {
+                lr: 0.05,
+                momentum: 0.9,
+            },
+        ] {
+            let options = TrainOptions {
+                proximal_mu: 0.01,
+                frozen: 0..2,
+                ..TrainOptions::default()
+            };
+            let out = train_local_with(&spec, &global, &data, &config(optimizer, 2), 1, &options)
+                .unwrap();
+            for (i, (after, before)) in out
+                .weights
+                .tensors()
+                .iter()
+                .zip(global.tensors())
+                .enumerate()
+            {
+                if options.frozen.contains(&i) {
+                    assert_eq!(after.data, before.data, "{optimizer:?}: tensor {i} moved");
+                } else {
+                    assert_ne!(
+                        after.data, before.data,
+                        "{optimizer:?}: tensor {i} did not train"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn training_is_deterministic_and_seed_dependent() {
         let spec = small_spec();
