@@ -279,6 +279,12 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
     let classifier = Classifier::train(splits, settings)?;
     let plain_owned: Vec<Vec<u8>> = test.iter().map(|t| t.to_vec()).collect();
     let plain_accuracy = classifier.accuracy(&splits.test, &plain_owned)?;
+    tracing::info!(
+        "plain-image classifier ({}) reads {:.1}% of the plain test images",
+        settings.classifier,
+        100.0 * plain_accuracy
+    );
+    let started = Instant::now();
     let judge = Judge {
         plain: &test,
         labelled: &splits.test,
@@ -455,6 +461,12 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
                     key_picture.push(decrypted[..shown].to_vec());
                 }
             }
+            tracing::info!(
+                "{mode}: key {} of {} attacked ({:.0} s so far)",
+                key_seed + 1,
+                settings.keys.max(1),
+                started.elapsed().as_secs_f64()
+            );
             accumulate(&mut mode_rows, key_rows);
             if key_seed == 0 {
                 mode_picture = key_picture;
