@@ -815,8 +815,9 @@ fn log2_factorial(n: usize) -> f64 {
 
 /// In-block index of the plain pixel that the dihedral transform `t`
 /// (mirror if `t >= 4`, then `t % 4` clockwise quarter turns) moves to
-/// in-block index `dst`.
-fn dihedral_source(t: u8, b: usize, dst: usize) -> usize {
+/// in-block index `dst`. Public for attacks that try every orientation of
+/// a block (`greyfed`'s `lab::ciphertext_only`).
+pub fn dihedral_source(t: u8, b: usize, dst: usize) -> usize {
     let (mut r, mut c) = (dst / b, dst % b);
     for _ in 0..(t % 4) {
         (r, c) = (b - 1 - c, r);

@@ -49,6 +49,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Result, bail, ensure};
+use greyfed_participant::cipher::dihedral_source;
 use greyfed_protocol::cipher::CipherSteps;
 use pathfinding::kuhn_munkres::kuhn_munkres_min;
 use pathfinding::matrix::Matrix;
@@ -312,23 +313,10 @@ fn assign(costs: &[Vec<f64>]) -> Vec<usize> {
     }
 }
 
-/// The in-block offset (per plane) that the dihedral transform `t` maps to
-/// `dst` (the same convention as `participant::cipher`).
-fn dihedral_source(t: usize, b: usize, dst: usize) -> usize {
-    let (mut r, mut c) = (dst / b, dst % b);
-    for _ in 0..(t % 4) {
-        (r, c) = (b - 1 - c, r);
-    }
-    if t >= 4 {
-        c = b - 1 - c;
-    }
-    r * b + c
-}
-
 /// `sigma` composed with each of the 8 rotations/reflections of the block.
 fn dihedral_variants(sigma: &[usize], b: usize) -> Vec<Vec<usize>> {
     let bb = b * b;
-    (0..8)
+    (0..8u8)
         .map(|t| {
             sigma
                 .iter()
