@@ -20,6 +20,7 @@ async fn main() -> Result<()> {
             round_lr_schedule: Default::default(),
             key_layer_mask: false,
             freeze_key_layers: false,
+            sealed_layers: None,
             local_epochs: 2,
             batch_size: 32,
             optimizer: OptimizerSpec::Sgd {

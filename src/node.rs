@@ -136,6 +136,9 @@ pub struct TrainingSettings {
     pub cipher: CipherSteps,
     /// Local training settings sent to participants.
     pub training: TrainingConfig,
+    /// Seal the key-bearing tensors of the masked start
+    /// ([`TrainingConfig::sealed_layers`], set from the start).
+    pub seal_key_layers: bool,
     /// How the mean update becomes the next global model.
     pub strategy: StrategyConfig,
     /// The strategy's step over the rounds
@@ -492,6 +495,28 @@ fn initial_model(
     Ok((InitialModel::ForInput(Arc::new(factory)), None, false))
 }
 
+/// The sealed layers of `--seal-key-layers`: the key-bearing tensors of the
+/// masked start `initial`.
+///
+/// # Errors
+/// A start that is not masked, or not a fixed model with key-bearing
+/// tensors.
+fn sealed_layers(
+    initial: &InitialModel,
+    masked: bool,
+) -> Result<greyfed_protocol::secagg::seal::SealedLayers> {
+    match initial {
+        InitialModel::Fixed { spec, weights, .. } if masked => Ok(
+            greyfed_participant::layer_mask::sealed_layers(spec, weights)?,
+        ),
+        _ => bail!(
+            "--seal-key-layers seals the key-bearing tensors of a masked start; the initial \
+             model is not masked with the image key's layer mask (start from `greyfed model \
+             aligned-start` or, in simulate, --start aligned or digits)"
+        ),
+    }
+}
+
 /// Runs a coordinator with `settings` until the session ends or Ctrl-C,
 /// showing its progress as `display` says. The coordinator records the
 /// run's settings in `OUT/run.json` itself
@@ -526,6 +551,9 @@ pub async fn run_coordinator(
              the initial model is not masked with the image key's layer mask (start from \
              `greyfed model aligned-start` or, in simulate, --start aligned or digits)"
         );
+    }
+    if training.seal_key_layers {
+        config.training.sealed_layers = Some(sealed_layers(&config.initial, masked)?);
     }
     config.strategy = training.strategy;
     config.server_lr_schedule = training.server_lr_schedule;
@@ -771,6 +799,7 @@ mod tests {
                 round_lr_schedule: Default::default(),
                 key_layer_mask: false,
                 freeze_key_layers: false,
+                sealed_layers: None,
                 local_epochs: 1,
                 batch_size: 32,
                 optimizer: OptimizerSpec::Sgd {
@@ -781,6 +810,7 @@ mod tests {
                 lr_schedule: greyfed_protocol::LrSchedule::Constant,
                 dp_sgd: None,
             },
+            seal_key_layers: false,
             strategy: StrategyConfig::FedAvg { server_lr: 1.0 },
             server_lr_schedule: Default::default(),
             aggregation: AggregationKind::SecAgg { full: false },

@@ -490,9 +490,10 @@ impl Model {
                     // A coordinator's model from a masked start: only the
                     // key holder can remove the mask.
                     KeyLayerMask::new(&key)
-                        .reveal(&file.spec, &mut file.weights)
+                        .reveal_sealed(&file.spec, &mut file.weights, file.sealed.as_ref())
                         .with_context(|| format!("unmasking the model {}", path.display()))?;
                     file.key_layer_mask = false;
+                    file.sealed = None;
                 }
                 Some(cipher)
             }

@@ -27,6 +27,7 @@ use greyfed_protocol::FirstLayer;
 use greyfed_protocol::cipher::CipherSpec;
 use greyfed_protocol::message::InputSpec;
 use greyfed_protocol::model_file::{ModelFile, key_layer_mask};
+use greyfed_protocol::secagg::seal::SealedSum;
 use greyfed_protocol::weights::{CIPHER_METADATA, KEY_LAYER_MASK_METADATA, MODEL_METADATA};
 use greyfed_protocol::{
     ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig, cipher::CipherSteps,
@@ -173,6 +174,7 @@ pub fn transform_model(settings: &TransformSettings) -> Result<String> {
             cipher: Some(expects.clone()),
             rounds_completed: plain.rounds,
             key_layer_mask: false,
+            sealed: None,
             weights,
         }
         .to_safetensors()?,
@@ -202,6 +204,8 @@ struct Encrypted {
     weights: ModelWeights,
     cipher: CipherSpec,
     masked: bool,
+    /// The sealed layers' padded sum of a session that sealed them.
+    sealed: Option<SealedSum>,
     format: Format,
 }
 
@@ -230,6 +234,7 @@ fn encrypted_model(path: &std::path::Path, block_size: u32) -> Result<Encrypted>
             spec: file.spec,
             weights: file.weights,
             masked: file.key_layer_mask,
+            sealed: file.sealed,
             format: Format::File {
                 classes: file.classes,
                 rounds: file.rounds_completed,
@@ -253,6 +258,7 @@ fn encrypted_model(path: &std::path::Path, block_size: u32) -> Result<Encrypted>
         spec,
         weights,
         masked: key_layer_mask(&meta).with_context(|| path.display().to_string())?,
+        sealed: None,
         format: Format::WeightsOnly(meta),
     })
 }
@@ -299,7 +305,7 @@ fn rotate_model(
     )?;
     if file.masked {
         KeyLayerMask::new(&old_key)
-            .reveal(&file.spec, &mut file.weights)
+            .reveal_sealed(&file.spec, &mut file.weights, file.sealed.as_ref())
             .with_context(|| format!("unmasking {}", model.display()))?;
     }
     let (spec, mut weights) =
@@ -329,6 +335,8 @@ fn rotate_model(
             cipher: Some(cipher.clone()),
             rounds_completed: rounds,
             key_layer_mask: file.masked,
+            // Opened above: the values are in the weights, under the new mask.
+            sealed: None,
             weights,
         }
         .to_safetensors()?,
@@ -528,6 +536,7 @@ pub fn write_aligned_start(
         cipher,
         rounds_completed: 0,
         key_layer_mask,
+        sealed: None,
         weights,
     }
     .to_safetensors()?;

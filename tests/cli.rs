@@ -539,6 +539,113 @@ fn freezing_key_layers_without_a_masked_start_fails_at_once() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// A simulation that seals the key-bearing layers: the coordinator's model
+/// file carries the padded sum, `greyfed predict` opens it with the image
+/// key and predicts exactly as a participant's own final model does, and
+/// without the sum the model predicts otherwise (the sealed values count).
+#[test]
+fn a_sealed_simulation_predicts_with_the_opened_layers() {
+    use greyfed_participant::data::synthetic::builtin_splits;
+    use greyfed_protocol::model_file::ModelFile;
+    use std::path::{Path, PathBuf};
+
+    let out = tempfile::tempdir().unwrap();
+    let run = greyfed()
+        .args([
+            "simulate",
+            "--participants",
+            "2",
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "1",
+            "--model",
+            "gridcnn",
+            "--start",
+            "aligned",
+            "--seal-key-layers",
+            "--quiet",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let path = |p: &str| out.path().join(p);
+    let read = |p: &Path| ModelFile::from_safetensors(&std::fs::read(p).unwrap()).unwrap();
+    let coordinator = read(&path("model.safetensors"));
+    assert!(coordinator.key_layer_mask);
+    let sealed = coordinator.sealed.clone().expect("the padded sum is kept");
+    assert_eq!(sealed.pad.round, 2);
+    let mut unsealed = coordinator.clone();
+    unsealed.sealed = None;
+    std::fs::write(
+        path("unsealed.safetensors"),
+        unsealed.to_safetensors().unwrap(),
+    )
+    .unwrap();
+
+    let digits = builtin_splits(4).test;
+    let files: Vec<PathBuf> = digits
+        .pixels()
+        .chunks_exact(28 * 28)
+        .take(16)
+        .enumerate()
+        .map(|(i, pixels)| {
+            let file = path(&format!("digit-{i}.png"));
+            image::GrayImage::from_raw(28, 28, pixels.to_vec())
+                .unwrap()
+                .save(&file)
+                .unwrap();
+            file
+        })
+        .collect();
+    let predict = |model: &Path| {
+        let out = greyfed()
+            .arg("predict")
+            .arg("--model")
+            .arg(model)
+            .arg("--image-key")
+            .arg(path("keys/ca/image.key"))
+            .args(&files)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .skip(1)
+            .map(|row| {
+                row.split(',')
+                    .skip(3)
+                    .map(|p| p.parse::<f64>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    let opened = predict(&path("model.safetensors"));
+    let own = predict(&path("participants/participant-0/model.safetensors"));
+    let without = predict(&path("unsealed.safetensors"));
+    assert_eq!(opened.len(), files.len());
+    let worst = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f64, f64::max)
+    };
+    assert!(worst(&opened, &own) < 1e-5, "{opened:?} vs {own:?}");
+    assert!(
+        worst(&opened, &without) > 1e-3,
+        "the sealed values must count"
+    );
+}
+
 /// A model file of a plain run (any input, named classes) transforms into
 /// a model file for the encrypted images of the same input and classes.
 #[test]
@@ -561,6 +668,7 @@ fn model_transform_keeps_a_model_files_input_and_classes() {
     };
     let spec = ModelSpec::blocknet_28x28(4).with_input(&input);
     let plain = ModelFile {
+        sealed: None,
         spec: spec.clone(),
         classes: classes.clone(),
         cipher: None,

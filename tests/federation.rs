@@ -531,6 +531,89 @@ async fn frozen_key_layers_reach_the_coordinator_only_as_the_masked_start() {
     );
 }
 
+/// Sealed key-bearing layers train, but the coordinator only ever holds
+/// them as the masked start: its mean update there is exactly 0, while
+/// every participant opens the same trained values from the padded sums and
+/// keeps a model whose other layers are the coordinator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_key_layers_train_but_reach_the_coordinator_only_as_the_masked_start() {
+    use greyfed_participant::layer_mask::{KeyLayerMask, key_bearing_tensors, sealed_layers};
+    use greyfed_protocol::model_file::ModelFile;
+    let key = ImageKey::from_bytes([0x5e; 32]);
+    let input = greyfed_protocol::InputSpec {
+        rows: 28,
+        cols: 28,
+        channels: 1,
+        classes: (0..10).map(|d| d.to_string()).collect(),
+    };
+    let spec = greyfed_participant::model::builtin_spec("gridcnn", &input, 4).unwrap();
+    let plain_init = greyfed_participant::model::init_weights(&spec, 4).unwrap();
+    let mut masked_init = plain_init.clone();
+    KeyLayerMask::new(&key)
+        .hide(&spec, &mut masked_init)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let report = Federation::builder()
+        .participants(3)
+        .rounds(2)
+        .max_train_samples(64)
+        .model(spec.clone())
+        .training(TrainingConfig {
+            local_epochs: 1,
+            batch_size: 16,
+            key_layer_mask: true,
+            sealed_layers: Some(sealed_layers(&spec, &masked_init).unwrap()),
+            ..TrainingConfig::default()
+        })
+        .image_key(key.clone())
+        .cipher(CipherSteps::block())
+        .initial_weights(masked_init.clone())
+        .keep_models(dir.path())
+        .seed(6)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.rounds.len(), 2);
+    let key_bearing = key_bearing_tensors(&spec).unwrap();
+    let coordinator = &report.final_model;
+    for i in key_bearing.clone() {
+        assert_eq!(
+            coordinator.tensors()[i],
+            masked_init.tensors()[i],
+            "the coordinator's tensor {i} moved"
+        );
+    }
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        kept.push(ModelFile::from_safetensors(&bytes).unwrap());
+    }
+    assert_eq!(kept.len(), 3, "every participant keeps the model");
+    for file in &kept {
+        assert!(!file.key_layer_mask && file.sealed.is_none());
+        assert_eq!(file.weights, kept[0].weights, "all open the same values");
+        for (i, (own, start)) in file
+            .weights
+            .tensors()
+            .iter()
+            .zip(plain_init.tensors())
+            .enumerate()
+        {
+            if key_bearing.contains(&i) {
+                let moved = own
+                    .data
+                    .iter()
+                    .zip(&start.data)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(moved > 1e-3, "sealed tensor {i} did not train");
+            } else {
+                assert_eq!(own, &coordinator.tensors()[i], "tensor {i}");
+            }
+        }
+    }
+}
+
 /// A server strategy of the caller's own replaces the built-in ones: one
 /// that keeps the global model as it is leaves the initial model untouched
 /// however much the participants train, and it is built once per run.

@@ -103,6 +103,7 @@ impl Fixture {
         key.write_file(&key_file).unwrap();
         let cipher = ImageCipher::new(&key, CipherSteps::block(), 4, SIDE, SIDE).unwrap();
         let file = ModelFile {
+            sealed: None,
             spec: spec.clone(),
             classes,
             cipher: Some(cipher.spec()),
@@ -416,6 +417,7 @@ fn bad_keys_models_classes_and_images_are_refused() {
 
     // A plain model needs no key; one given is not read (it need not exist).
     let plain = ModelFile {
+        sealed: None,
         spec: f.spec.clone(),
         classes: CLASSES.iter().map(|c| c.to_string()).collect(),
         cipher: None,
@@ -451,6 +453,7 @@ fn evaluate_reads_the_builtin_digits() {
     let spec = ModelSpec::blocknet_28x28(4);
     let weights = init_weights(&spec, 11).unwrap();
     let file = ModelFile {
+        sealed: None,
         spec: spec.clone(),
         classes: (0..10).map(|c| c.to_string()).collect(),
         cipher: None,

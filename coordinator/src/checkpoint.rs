@@ -7,7 +7,8 @@
 //!   `greyfed.rounds_completed = R` in its metadata;
 //! - `state.json`: rounds completed and planned, the run's record
 //!   ([`RunRecord`], the same as `OUT/run.json`), the strategy's buffers,
-//!   the metrics records and the name of the model file.
+//!   the metrics records, the name of the model file and, when the session
+//!   seals layers, their padded sum.
 //!
 //! A run resumes only with the settings it was started with
 //! ([`RunRecord::differences`]); the number of rounds may grow.
@@ -21,6 +22,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use greyfed_protocol::ModelWeights;
+use greyfed_protocol::secagg::seal::SealedSum;
 use greyfed_protocol::weights::ROUNDS_METADATA;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +48,9 @@ pub struct Checkpoint {
     pub settings: Option<RunRecord>,
     /// The global model after round `rounds_completed`.
     pub global: ModelWeights,
+    /// The sealed layers' padded sum that goes with `global`, when the
+    /// session seals layers.
+    pub sealed: Option<SealedSum>,
     /// The strategy's buffers ([`crate::strategy::Strategy::state`]).
     pub strategy_state: Vec<Vec<f32>>,
     /// The metrics record of every completed round, in order.
@@ -63,6 +68,8 @@ struct StateFile {
     model_file: String,
     strategy_state: Vec<Vec<f32>>,
     records: Vec<RoundRecord>,
+    #[serde(default)]
+    sealed: Option<SealedSum>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CoordinatorError + '_ {
@@ -114,6 +121,7 @@ impl Checkpoint {
             model_file: model_file.clone(),
             strategy_state: self.strategy_state.clone(),
             records: self.records.clone(),
+            sealed: self.sealed.clone(),
         };
         let json = serde_json::to_vec(&state)
             .map_err(|e| CoordinatorError::Checkpoint(format!("encoding state: {e}")))?;
@@ -189,6 +197,7 @@ impl Checkpoint {
             global,
             strategy_state: state.strategy_state,
             records: state.records,
+            sealed: state.sealed,
         }))
     }
 }
@@ -234,6 +243,23 @@ mod tests {
                 NamedTensor::new("w", vec![3], vec![0.1, -2.5e-7, 3.0]).unwrap(),
             ])
             .unwrap(),
+            sealed: Some(greyfed_protocol::secagg::seal::SealedSum {
+                pad: greyfed_protocol::secagg::seal::PadContext {
+                    session_id: 9,
+                    round: rounds,
+                    model_digest: [3; 32],
+                },
+                layers: greyfed_protocol::secagg::seal::SealedLayers {
+                    start: 0,
+                    len: 2,
+                    clip: 4.0,
+                },
+                bits: 16,
+                ring_bits: 20,
+                total_weight: 30,
+                contributors: vec![1, 4],
+                values: vec![u32::MAX >> 12, 7],
+            }),
             strategy_state: vec![vec![1.0e-9, 0.3], vec![7.0, 0.1]],
             records: (1..=rounds).map(record).collect(),
         }

@@ -208,7 +208,8 @@ impl Coordinator {
             session_start(&config)?.unwrap_or_else(|| config.initial.clone()),
             build_aggregator(&config, session_id)?,
             started,
-        )?;
+        )?
+        .with_sealed(config.resume.as_ref().and_then(|cp| cp.sealed.clone()));
         let mut record = config.record();
         learn_from_session(&mut record, &session);
         // Record-level DP goes on from the ledger an interrupted run's
@@ -689,7 +690,7 @@ impl Driver {
                 self.links.admit(&self.session, link);
             }
             let frame = match &msg {
-                Message::EvaluateRequest { round, global } => match &evaluate_frame {
+                Message::EvaluateRequest { round, global, .. } => match &evaluate_frame {
                     Some((r, model, frame)) if r == round && Arc::ptr_eq(model, global) => {
                         Ok(frame.clone())
                     }
@@ -827,6 +828,7 @@ impl Driver {
             rounds_planned: self.rounds_planned,
             settings: Some(self.record.clone()),
             global: round_global(&self.session)?.clone(),
+            sealed: self.session.sealed().cloned(),
             strategy_state: self.strategy.state(),
             records: self.records.clone(),
         }
@@ -879,6 +881,7 @@ fn model_file(session: &CoordinatorSession) -> Option<ModelFile> {
         cipher: session.cipher()?.clone(),
         rounds_completed: session.rounds_completed(),
         key_layer_mask: session.training().key_layer_mask,
+        sealed: session.sealed().cloned(),
         weights: session.global()?.clone(),
     })
 }

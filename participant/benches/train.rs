@@ -30,6 +30,7 @@ fn training(c: &mut Criterion) {
         round_lr_schedule: Default::default(),
         key_layer_mask: false,
         freeze_key_layers: false,
+        sealed_layers: None,
         local_epochs: 1,
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },

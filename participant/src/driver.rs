@@ -279,6 +279,41 @@ impl LocalData {
         Ok(global)
     }
 
+    /// `global` as this participant trains and evaluates it in a session
+    /// that may seal layers: [`Self::unmasked`], then the sealed layers'
+    /// opened values written over them. Also checks that the layers the
+    /// coordinator seals are exactly this model's key-bearing tensors.
+    fn session_model(
+        &self,
+        spec: &ModelSpec,
+        training: &greyfed_protocol::TrainingConfig,
+        global: ModelWeights,
+        sealed: Option<Vec<f32>>,
+    ) -> Result<ModelWeights> {
+        let mut global = self.unmasked(spec, training.key_layer_mask, global)?;
+        if let Some(layers) = training.sealed_layers {
+            let own = crate::layer_mask::sealed_layers(spec, &global)?;
+            if (own.start, own.len) != (layers.start, layers.len) {
+                return Err(ParticipantError::Model(format!(
+                    "the coordinator seals coordinates {}..{}, but this model's key-bearing \
+                     tensors are {}..{}",
+                    layers.start,
+                    layers.start + layers.len,
+                    own.start,
+                    own.start + own.len
+                )));
+            }
+            if let Some(values) = sealed {
+                global.set_flat_range(own.start as usize, &values)?;
+            }
+        } else if sealed.is_some() {
+            return Err(ParticipantError::Model(
+                "sealed values came in a session that does not seal layers".into(),
+            ));
+        }
+        Ok(global)
+    }
+
     /// Number of training samples (the aggregation weight).
     pub fn train_len(&self) -> usize {
         self.train.len()
@@ -435,6 +470,8 @@ struct Training {
     started: Instant,
     /// DP-SGD settings and the batch sampling rate of this round's training.
     dp_sgd: Option<(DpSgdSpec, f64)>,
+    /// The update's sealed coordinates, which carry the trained values.
+    sealed_range: Option<std::ops::Range<usize>>,
     task: tokio::task::JoinHandle<Result<(TrainOutcome, ModelWeights)>>,
 }
 
@@ -467,6 +504,9 @@ async fn session_loop(
         cipher: data.cipher.clone(),
     })
     .with_secagg_auth(config.secagg_auth()?);
+    if let Some(mask) = &data.layer_mask {
+        session = session.with_seal_key(mask.seal_key());
+    }
     // The latest global model we received, with its round (kept at the end).
     let mut latest: Option<(u32, ModelWeights)> = None;
     let mut spec: Option<ModelSpec> = None;
@@ -514,6 +554,7 @@ async fn session_loop(
                     round,
                     global,
                     seed,
+                    sealed,
                 } => {
                     if let Some(plan) = config.hooks.dropout
                         && plan
@@ -539,7 +580,12 @@ async fn session_loop(
                         .sampling_rate();
                         (dp, rate)
                     });
-                    let global = data.unmasked(&spec, training_config.key_layer_mask, global)?;
+                    let global = data.session_model(&spec, &training_config, global, sealed)?;
+                    // Sealed coordinates carry the trained values, not an update.
+                    let sealed_range = training_config
+                        .sealed_layers
+                        .map(|l| l.range(global.num_parameters()))
+                        .transpose()?;
                     let frozen = if training_config.freeze_key_layers {
                         if !training_config.key_layer_mask {
                             return Err(ParticipantError::Model(
@@ -568,6 +614,7 @@ async fn session_loop(
                         round,
                         started: Instant::now(),
                         dp_sgd,
+                        sealed_range,
                         task: tokio::task::spawn_blocking(move || {
                             let options = TrainOptions {
                                 proximal_mu: training_config.proximal_mu,
@@ -600,10 +647,17 @@ async fn session_loop(
                         }),
                     });
                 }
-                ParticipantEvent::Evaluate { round, global } => {
+                ParticipantEvent::Evaluate {
+                    round,
+                    global,
+                    sealed,
+                } => {
                     let spec = spec.clone().ok_or_else(|| no_session("Evaluate"))?;
-                    let masked = session.session().is_some_and(|s| s.training.key_layer_mask);
-                    let global = data.unmasked(&spec, masked, global)?;
+                    let training_config = session
+                        .session()
+                        .map(|s| s.training.clone())
+                        .ok_or_else(|| no_session("Evaluate"))?;
+                    let global = data.session_model(&spec, &training_config, global, sealed)?;
                     let data = data.clone();
                     // The model comes back from the task: kept without a copy.
                     let (metrics, global) = tokio::task::spawn_blocking(move || {
@@ -641,7 +695,7 @@ async fn session_loop(
         } else {
             tokio::select! {
                 done = async { (&mut training.as_mut().expect("guarded").task).await }, if training.is_some() => {
-                    let Training { round, started, dp_sgd, .. } = training.take().expect("guarded");
+                    let Training { round, started, dp_sgd, sealed_range, .. } = training.take().expect("guarded");
                     let (outcome, global) = done
                         .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
                     emit(config, ParticipantProgress::Trained {
@@ -653,7 +707,10 @@ async fn session_loop(
                     if let Some(dir) = &config.hooks.dump_updates {
                         dump_update(dir, &config.name, round, &update, outcome.samples)?;
                     }
-                    let update = update.to_flat();
+                    let mut update = update.to_flat();
+                    if let Some(range) = sealed_range {
+                        update[range.clone()].copy_from_slice(&outcome.weights.to_flat()[range]);
+                    }
                     debug!(round, loss = outcome.mean_loss, "trained");
                     let submitted = if update.iter().all(|v| v.is_finite()) {
                         session.submit_update(round, outcome.mean_loss, update, outcome.samples as f64, &mut rng)
@@ -739,6 +796,7 @@ fn save_model(
         cipher: data.cipher.clone(),
         rounds_completed: round.min(rounds_completed),
         key_layer_mask: false,
+        sealed: None,
         weights,
     };
     let bytes = file.to_safetensors()?;

@@ -36,6 +36,7 @@ use std::ops::Range;
 
 use chacha20::ChaCha20;
 use chacha20::cipher::{KeyIvInit, StreamCipher};
+use greyfed_protocol::secagg::seal::{SealKey, SealedLayers, SealedSum};
 use greyfed_protocol::{ModelSpec, ModelWeights};
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -85,10 +86,35 @@ pub fn key_bearing_tensors(spec: &ModelSpec) -> Result<Range<usize>> {
     }
 }
 
+/// The key-bearing tensors of `spec` as sealed layers of its flattened
+/// updates (see [`greyfed_protocol::secagg::seal`]): the flat positions of
+/// [`key_bearing_tensors`] in `weights` (a model of `spec`'s layout), with
+/// the default clipping bound.
+///
+/// # Errors
+/// As [`key_bearing_tensors`], or weights that are not `spec`'s layout.
+pub fn sealed_layers(spec: &ModelSpec, weights: &ModelWeights) -> Result<SealedLayers> {
+    let tensors = key_bearing_tensors(spec)?;
+    crate::model::check_weights(spec, weights)?;
+    let sizes: Vec<usize> = weights.tensors().iter().map(|t| t.data.len()).collect();
+    let start: usize = sizes[..tensors.start].iter().sum();
+    let len: usize = sizes[tensors].iter().sum();
+    Ok(SealedLayers {
+        start: start as u64,
+        len: len as u64,
+        clip: SealedLayers::DEFAULT_CLIP,
+    })
+}
+
 impl KeyLayerMask {
     /// The mask of `key`.
     pub fn new(key: &ImageKey) -> Self {
         Self { key: key.clone() }
+    }
+
+    /// The key of the sealed layers' pads, derived from the image key.
+    pub fn seal_key(&self) -> SealKey {
+        SealKey::derive(self.key.secret_bytes())
     }
 
     /// Adds the mask to `weights`' key-bearing tensors (what a key holder
@@ -108,6 +134,38 @@ impl KeyLayerMask {
     /// As [`Self::hide`].
     pub fn reveal(&self, spec: &ModelSpec, weights: &mut ModelWeights) -> Result<()> {
         self.apply(spec, weights, -1.0)
+    }
+
+    /// [`Self::reveal`], then, for a model whose session sealed the
+    /// key-bearing tensors, their values opened from `sealed` written over
+    /// them: the model as key holders use it.
+    ///
+    /// # Errors
+    /// As [`Self::reveal`]; a sealed sum for other coordinates than the
+    /// key-bearing tensors, or one that does not open with this key.
+    pub fn reveal_sealed(
+        &self,
+        spec: &ModelSpec,
+        weights: &mut ModelWeights,
+        sealed: Option<&SealedSum>,
+    ) -> Result<()> {
+        self.reveal(spec, weights)?;
+        if let Some(sum) = sealed {
+            let own = sealed_layers(spec, weights)?;
+            if (own.start, own.len) != (sum.layers.start, sum.layers.len) {
+                return Err(ParticipantError::Model(format!(
+                    "the sealed sum covers coordinates {}..{}, but the key-bearing tensors are \
+                     {}..{}",
+                    sum.layers.start,
+                    sum.layers.start + sum.layers.len,
+                    own.start,
+                    own.start + own.len
+                )));
+            }
+            let values = sum.open(&self.seal_key())?;
+            weights.set_flat_range(own.start as usize, &values)?;
+        }
+        Ok(())
     }
 
     fn apply(&self, spec: &ModelSpec, weights: &mut ModelWeights, sign: f32) -> Result<()> {

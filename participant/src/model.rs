@@ -678,6 +678,7 @@ pub(crate) fn assert_learns_synthetic_digits(spec: &ModelSpec, train: usize, epo
         round_lr_schedule: Default::default(),
         key_layer_mask: false,
         freeze_key_layers: false,
+        sealed_layers: None,
         local_epochs: epochs,
         batch_size: 32,
         optimizer: OptimizerSpec::Adam { lr },

@@ -11,6 +11,7 @@ use std::time::Instant;
 use crate::{
     error::ProtocolError,
     message::{AggregationKind, AggregationPayload, Message, ParticipantId},
+    secagg::seal::{SealedLayers, SealedSum},
 };
 
 /// What an aggregator learns at the end of a round: the weighted mean of the
@@ -33,6 +34,9 @@ pub struct AggregateResult {
     /// completed (e.g. a Shamir share inconsistent with its owner's
     /// commitment, outvoted by spare shares), with what they did.
     pub misbehaved: Vec<(ParticipantId, String)>,
+    /// The sealed layers' raw sum, when the round seals them (see
+    /// [`crate::secagg::seal`]); [`Self::mean_update`] is 0 there.
+    pub sealed: Option<SealedSum>,
 }
 
 /// How far the current stage of an aggregation has come: for progress
@@ -82,6 +86,23 @@ pub trait Aggregator: Send {
     /// it. Plain aggregation ignores it.
     fn set_model_digest(&mut self, digest: [u8; 32]) {
         let _ = digest;
+    }
+
+    /// Seals `layers` of the next rounds' updates (or stops sealing with
+    /// `None`): their sums stay padded and come back as
+    /// [`AggregateResult::sealed`]. The default refuses to seal: only a
+    /// sum in a ring can carry one-time pads.
+    ///
+    /// # Errors
+    /// A scheme that cannot seal.
+    fn set_sealed_layers(&mut self, layers: Option<SealedLayers>) -> Result<(), ProtocolError> {
+        match layers {
+            None => Ok(()),
+            Some(_) => Err(ProtocolError::InvalidConfig(format!(
+                "sealed layers need secure aggregation, not {} aggregation",
+                self.kind()
+            ))),
+        }
     }
 
     /// Starts a round over `cohort` for updates of `num_params` values.
@@ -289,6 +310,7 @@ impl Aggregator for PlainAggregator {
             contributors: self.contributors.keys().copied().collect(),
             stage_secs: Vec::new(),
             misbehaved: Vec::new(),
+            sealed: None,
         }))
     }
 

@@ -255,6 +255,7 @@ mod tests {
         ])
         .unwrap();
         Message::TrainRequest {
+            sealed: None,
             round: 3,
             global: crate::GlobalModel::Weights(w.into()),
             seed: 42,

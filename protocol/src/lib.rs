@@ -39,4 +39,4 @@ pub use message::*;
 pub use weights::{ModelWeights, NamedTensor};
 
 /// Version of the wire protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;

@@ -336,6 +336,7 @@ mod tests {
             },
             Message::Reject { reason: "x".into() },
             Message::TrainRequest {
+                sealed: None,
                 round: 1,
                 global: GlobalModel::Evaluated { round: 1 },
                 seed: 2,
@@ -349,6 +350,7 @@ mod tests {
                 },
             },
             Message::EvaluateRequest {
+                sealed: None,
                 round: 1,
                 global: Arc::new(weights(2)),
             },
@@ -630,6 +632,7 @@ mod tests {
         let model = Arc::new(weights(50_000));
         let frame = encode_frame(
             &Message::EvaluateRequest {
+                sealed: None,
                 round: u32::MAX,
                 global: model,
             },

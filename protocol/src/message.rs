@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cipher::CipherSpec,
     secagg::message::{SecAggDownload, SecAggUpload},
+    secagg::seal::{SealedLayers, SealedSum},
     weights::ModelWeights,
 };
 
@@ -618,6 +619,14 @@ pub struct TrainingConfig {
     /// Needs [`Self::key_layer_mask`].
     #[serde(default)]
     pub freeze_key_layers: bool,
+    /// Participants seal these coordinates of their updates, the
+    /// key-bearing tensors (see [`crate::secagg::seal`]): they put their
+    /// trained values there under one-time pads from the image key, and
+    /// each global model comes with the padded sum, which only key holders
+    /// open. The coordinator never sees those tensors' values or updates.
+    /// Needs [`Self::key_layer_mask`] and secure aggregation.
+    #[serde(default)]
+    pub sealed_layers: Option<SealedLayers>,
     /// Record-level DP-SGD in local training (`None`: ordinary training).
     #[serde(default)]
     pub dp_sgd: Option<DpSgdSpec>,
@@ -696,6 +705,7 @@ impl Default for TrainingConfig {
             round_lr_schedule: LrSchedule::Constant,
             key_layer_mask: false,
             freeze_key_layers: false,
+            sealed_layers: None,
             dp_sgd: None,
         }
     }
@@ -1143,6 +1153,9 @@ pub enum Message {
         global: GlobalModel,
         /// Seed for this participant's shuffling in this round.
         seed: u64,
+        /// The sealed layers' padded sum that goes with `global`, when the
+        /// session seals them and a round has produced one.
+        sealed: Option<Arc<SealedSum>>,
     },
     /// Participant → coordinator: this participant's input to aggregation.
     Contribution {
@@ -1159,6 +1172,8 @@ pub enum Message {
         round: u32,
         /// The new global model, shared by every evaluator's message.
         global: Arc<ModelWeights>,
+        /// The sealed layers' padded sum that goes with `global`.
+        sealed: Option<Arc<SealedSum>>,
     },
     /// Participant → coordinator: this participant's input to the round's
     /// evaluation sum (see [`EvalMetrics::sum_input`]).

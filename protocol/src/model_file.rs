@@ -8,7 +8,10 @@
 //! fingerprint, never the key; `null` for plain images) and the rounds it
 //! was trained for (`greyfed.rounds_completed`), and whether its
 //! key-bearing tensors are hidden behind the image key's layer mask
-//! (`greyfed.key_layer_mask`, `"true"`; absent: not masked). The coordinator writes one
+//! (`greyfed.key_layer_mask`, `"true"`; absent: not masked), and, for a
+//! session that sealed those tensors, their padded sum (`greyfed.sealed`,
+//! JSON of [`SealedSum`]: only a key holder can open it and use the model;
+//! absent: nothing sealed). The coordinator writes one
 //! at the end of a session and every participant keeps its own copy of the
 //! final global model; `greyfed predict` and `greyfed evaluate` read them.
 //!
@@ -21,6 +24,7 @@ use crate::{
     cipher::CipherSpec,
     error::ProtocolError,
     message::{InputSpec, ModelSpec},
+    secagg::seal::SealedSum,
     weights::{
         CIPHER_METADATA, KEY_LAYER_MASK_METADATA, MODEL_METADATA, ModelWeights, ROUNDS_METADATA,
     },
@@ -28,6 +32,9 @@ use crate::{
 
 /// Metadata key of a model file holding the class names (JSON array).
 pub const CLASSES_METADATA: &str = "greyfed.classes";
+
+/// Metadata key of a model file holding its sealed layers' padded sum.
+pub const SEALED_METADATA: &str = "greyfed.sealed";
 
 /// A trained model with what it takes to use it: see the [module docs](self).
 #[derive(Clone, Debug, PartialEq)]
@@ -44,6 +51,10 @@ pub struct ModelFile {
     /// layer mask (a coordinator's model from a masked start); only a key
     /// holder can remove it and use the model.
     pub key_layer_mask: bool,
+    /// The padded sum of the key-bearing tensors' values when the session
+    /// sealed them (the weights there are then the masked start's): a key
+    /// holder opens it and writes the values over those tensors.
+    pub sealed: Option<SealedSum>,
     /// The parameters, in the architecture's layout.
     pub weights: ModelWeights,
 }
@@ -91,6 +102,12 @@ impl ModelFile {
         if self.key_layer_mask {
             meta.insert(KEY_LAYER_MASK_METADATA.to_string(), "true".to_string());
         }
+        if let Some(sealed) = &self.sealed {
+            meta.insert(
+                SEALED_METADATA.to_string(),
+                json("the sealed sum", serde_json::to_string(sealed))?,
+            );
+        }
         self.weights.to_safetensors(&meta)
     }
 
@@ -124,12 +141,17 @@ impl ModelFile {
                 "the model file's {ROUNDS_METADATA:?} metadata is not a number"
             ))
         })?;
+        let sealed = meta
+            .get(SEALED_METADATA)
+            .map(|s| serde_json::from_str(s).map_err(|e| parse(SEALED_METADATA, e)))
+            .transpose()?;
         let file = Self {
             spec,
             classes,
             cipher,
             rounds_completed,
             key_layer_mask: key_layer_mask(&meta)?,
+            sealed,
             weights,
         };
         file.check()?;
@@ -143,6 +165,17 @@ impl ModelFile {
     /// [`ProtocolError::Malformed`] naming the inconsistency.
     pub fn check(&self) -> Result<(), ProtocolError> {
         self.input().validate()?;
+        if let Some(sealed) = &self.sealed {
+            if !self.key_layer_mask {
+                return Err(ProtocolError::Malformed(
+                    "model file: sealed layers in a model that is not masked".into(),
+                ));
+            }
+            sealed
+                .layers
+                .range(self.weights.num_parameters())
+                .map_err(|e| ProtocolError::Malformed(format!("model file: {e}")))?;
+        }
         if let Some(why) = self.spec.input_mismatch(&self.input()) {
             return Err(ProtocolError::Malformed(format!("model file: {why}")));
         }
@@ -191,6 +224,7 @@ mod tests {
             classes: vec!["cat".into(), "dog".into(), "emu".into()],
         });
         ModelFile {
+            sealed: None,
             spec,
             classes: vec!["cat".into(), "dog".into(), "emu".into()],
             cipher: None,

@@ -33,7 +33,12 @@ use crate::{
         AggregationKind, AggregationPayload, EvalMetrics, GlobalModel, Hello, Message,
         ParticipantId, SessionInfo, SumKind,
     },
-    secagg::{auth::SecAggAuth, keys::RoundContext, participant::SecAggParticipant},
+    secagg::{
+        auth::SecAggAuth,
+        keys::RoundContext,
+        participant::SecAggParticipant,
+        seal::{SealKey, SealedSum},
+    },
     weights::ModelWeights,
 };
 
@@ -56,6 +61,11 @@ pub enum ParticipantEvent {
         global: ModelWeights,
         /// Seed for shuffling.
         seed: u64,
+        /// When the session seals layers: their values, opened from the
+        /// padded sum that came with `global`, to write over `global`'s
+        /// sealed range (after removing the layer mask); `None` before the
+        /// first sum (the start's values stand).
+        sealed: Option<Vec<f32>>,
     },
     /// Evaluate `global` on the local test split, then call `submit_evaluation`.
     Evaluate {
@@ -63,6 +73,8 @@ pub enum ParticipantEvent {
         round: u32,
         /// The model to evaluate.
         global: ModelWeights,
+        /// The sealed layers' opened values, as for `Train`.
+        sealed: Option<Vec<f32>>,
     },
     /// The session ended normally.
     Finished {
@@ -102,6 +114,8 @@ pub struct ParticipantSession {
     eval_sum: Option<SecAggParticipant>,
     /// Credentials and floors for secure aggregation.
     auth: Option<SecAggAuth>,
+    /// The key of the sealed layers' pads (from the image key).
+    seal_key: Option<SealKey>,
     outbox: VecDeque<Message>,
     events: VecDeque<ParticipantEvent>,
     poisoned: Option<ProtocolError>,
@@ -121,6 +135,7 @@ impl ParticipantSession {
             update_sum: None,
             eval_sum: None,
             auth: None,
+            seal_key: None,
             outbox: VecDeque::from([Message::Hello(hello)]),
             events: VecDeque::new(),
             poisoned: None,
@@ -132,6 +147,14 @@ impl ParticipantSession {
     /// `Welcome` ([`ProtocolError::InvalidConfig`]).
     pub fn with_secagg_auth(mut self, auth: SecAggAuth) -> Self {
         self.auth = Some(auth);
+        self
+    }
+
+    /// Seals and opens the sealed layers with `key` when the session seals
+    /// them ([`TrainingConfig::sealed_layers`](crate::message::TrainingConfig::sealed_layers)).
+    /// Without it, such a session is refused at `Welcome`.
+    pub fn with_seal_key(mut self, key: SealKey) -> Self {
+        self.seal_key = Some(key);
         self
     }
 
@@ -191,6 +214,30 @@ impl ParticipantSession {
                     session,
                 },
             ) => {
+                if let Some(layers) = session.training.sealed_layers {
+                    if session.aggregation == AggregationKind::Plain {
+                        return Err(ProtocolError::InvalidConfig(
+                            "the coordinator asks to seal the key-bearing layers over plain \
+                             aggregation, which would show it our values there"
+                                .into(),
+                        ));
+                    }
+                    if self.seal_key.is_none() {
+                        return Err(ProtocolError::InvalidConfig(
+                            "the coordinator asks to seal the key-bearing layers, but this \
+                             participant holds no image key to seal them with"
+                                .into(),
+                        ));
+                    }
+                    if !session.training.key_layer_mask {
+                        return Err(ProtocolError::InvalidConfig(
+                            "the coordinator asks to seal the key-bearing layers of a start \
+                             that is not masked"
+                                .into(),
+                        ));
+                    }
+                    layers.range(usize::MAX)?;
+                }
                 if session.aggregation != AggregationKind::Plain && self.auth.is_none() {
                     return Err(ProtocolError::InvalidConfig(
                         "the session aggregates securely, but this participant has no \
@@ -216,6 +263,7 @@ impl ParticipantSession {
                     round,
                     global,
                     seed,
+                    sealed,
                 },
             ) => {
                 if round <= self.last_round {
@@ -242,6 +290,7 @@ impl ParticipantSession {
                         }
                     },
                 };
+                let sealed = self.open_sealed(&global, sealed.as_deref())?;
                 self.evaluated = None;
                 self.last_round = round;
                 self.state = State::Training { round };
@@ -251,12 +300,20 @@ impl ParticipantSession {
                     round,
                     global,
                     seed,
+                    sealed,
                 });
                 Ok(())
             }
             // `Training` too: the coordinator may finish a round without us
             // (we were late or excluded); our update is then discarded.
-            (State::Idle | State::Training { .. }, Message::EvaluateRequest { round, global }) => {
+            (
+                State::Idle | State::Training { .. },
+                Message::EvaluateRequest {
+                    round,
+                    global,
+                    sealed,
+                },
+            ) => {
                 global.validate()?;
                 let global = Arc::unwrap_or_clone(global);
                 // A participant admitted during the round evaluates it too.
@@ -290,8 +347,12 @@ impl ParticipantSession {
                     EvalMetrics::sum_len(classes),
                     digest,
                 );
-                self.events
-                    .push_back(ParticipantEvent::Evaluate { round, global });
+                let sealed = self.open_sealed(&global, sealed.as_deref())?;
+                self.events.push_back(ParticipantEvent::Evaluate {
+                    round,
+                    global,
+                    sealed,
+                });
                 Ok(())
             }
             // The session may end while we still train or evaluate (the
@@ -321,6 +382,36 @@ impl ParticipantSession {
         }
     }
 
+    /// Opens the sealed layers' padded sum that came with `global`: `None`
+    /// when the session does not seal or no sum has been made yet.
+    ///
+    /// # Errors
+    /// A sum in a session that does not seal, one for other coordinates
+    /// than the session's, or one that does not open with our key.
+    fn open_sealed(
+        &self,
+        global: &ModelWeights,
+        sealed: Option<&SealedSum>,
+    ) -> Result<Option<Vec<f32>>, ProtocolError> {
+        let layers = self.session.as_ref().and_then(|s| s.training.sealed_layers);
+        match (sealed, layers, &self.seal_key) {
+            (None, _, _) => Ok(None),
+            (Some(sum), Some(layers), Some(key)) => {
+                if sum.layers != layers {
+                    return Err(ProtocolError::InvalidWeights(format!(
+                        "the sealed sum covers {:?}, the session seals {layers:?}",
+                        sum.layers
+                    )));
+                }
+                layers.range(global.num_parameters())?;
+                sum.open(key).map(Some)
+            }
+            (Some(_), _, _) => Err(ProtocolError::InvalidWeights(
+                "a sealed sum came in a session that does not seal layers".into(),
+            )),
+        }
+    }
+
     /// Our side of a secure sum of `num_values` values for `round` about
     /// the model with digest `model`, when the session aggregates securely.
     fn secure_sum(
@@ -332,7 +423,7 @@ impl ParticipantSession {
     ) -> Option<SecAggParticipant> {
         match (&self.session, self.id, &self.auth) {
             (Some(info), Some(id), Some(auth)) if info.aggregation != AggregationKind::Plain => {
-                Some(SecAggParticipant::new(
+                let sum_participant = SecAggParticipant::new(
                     id,
                     RoundContext {
                         session_id: info.session_id,
@@ -342,7 +433,13 @@ impl ParticipantSession {
                     Some(num_values),
                     auth.clone(),
                     model,
-                ))
+                );
+                Some(match (sum, info.training.sealed_layers, &self.seal_key) {
+                    (SumKind::Update, Some(layers), Some(key)) => {
+                        sum_participant.with_seal(key.clone(), layers)
+                    }
+                    _ => sum_participant,
+                })
             }
             _ => None,
         }

@@ -62,6 +62,7 @@ use crate::{
         AggregationPayload, EvalMetrics, EvalSummary, GlobalModel, Hello, InputSpec, Message,
         ModelSpec, ParticipantId, SessionInfo, SumKind, TrainingConfig,
     },
+    secagg::seal::SealedSum,
     weights::ModelWeights,
 };
 
@@ -469,6 +470,10 @@ pub struct CoordinatorSession {
     key_fingerprint: Option<String>,
     /// The cipher of the first admitted participant; all others must match.
     cipher: Option<Option<CipherSpec>>,
+    /// The sealed layers' padded sum that goes with the global model.
+    sealed: Option<Arc<SealedSum>>,
+    /// The last aggregated round's sealed sum, installed with its model.
+    pending_sealed: Option<SealedSum>,
     outbox: VecDeque<(ParticipantId, Message)>,
     events: VecDeque<SessionEvent>,
 }
@@ -532,6 +537,8 @@ impl CoordinatorSession {
         let key_fingerprint = config.key_fingerprint.clone();
         let rounds_completed = config.first_round - 1;
         let evaluator = aggregator.for_evaluation()?;
+        let mut aggregator = aggregator;
+        aggregator.set_sealed_layers(config.training.sealed_layers)?;
         Ok(Self {
             config,
             aggregator,
@@ -550,9 +557,26 @@ impl CoordinatorSession {
             rounds_completed,
             key_fingerprint,
             cipher: None,
+            sealed: None,
+            pending_sealed: None,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
         })
+    }
+
+    /// Resumes with the sealed layers' padded sum of the model it resumes
+    /// from (see [`Self::sealed`]).
+    pub fn with_sealed(mut self, sealed: Option<SealedSum>) -> Self {
+        self.sealed = sealed.map(Arc::new);
+        self
+    }
+
+    /// The sealed layers' padded sum that goes with [`Self::global`], when
+    /// the session seals layers and a round has produced one: keep it with
+    /// the model (checkpoints, model files), since only with it do key
+    /// holders get the sealed layers' values.
+    pub fn sealed(&self) -> Option<&SealedSum> {
+        self.sealed.as_deref()
     }
 
     /// The current global model; `None` until the model is built for the
@@ -1108,6 +1132,9 @@ impl CoordinatorSession {
         self.global = Some(global);
         self.global_digest = None;
         self.global_round = Some(round);
+        if let Some(sealed) = self.pending_sealed.take() {
+            self.sealed = Some(Arc::new(sealed));
+        }
         self.phase = Phase::Evaluating { round };
         self.round.evaluation_started = Some(now);
         // Everyone connected with a test split evaluates, in the cohort or
@@ -1165,6 +1192,7 @@ impl CoordinatorSession {
                 Message::EvaluateRequest {
                     round,
                     global: shared.clone(),
+                    sealed: self.sealed.clone(),
                 },
             ));
         }
@@ -1237,6 +1265,12 @@ impl CoordinatorSession {
         let digest = self.round_global_digest();
         self.aggregator.set_model_digest(digest);
         let num_params = self.round_global().num_parameters();
+        if let Some(layers) = self.config.training.sealed_layers
+            && let Err(e) = layers.range(num_params)
+        {
+            self.abort(e.to_string());
+            return;
+        }
         let bound = match begin_with_weight_bound(
             &mut *self.aggregator,
             now,
@@ -1282,6 +1316,7 @@ impl CoordinatorSession {
                         Some(peer) => training_seed(self.config.seed, round, &peer.identity),
                         None => derive_seed(self.config.seed, round, id),
                     },
+                    sealed: self.sealed.clone(),
                 },
             ));
         }
@@ -1365,6 +1400,7 @@ impl CoordinatorSession {
                     .collect();
                 self.phase = Phase::AwaitingModel { round };
                 self.deadline = None;
+                self.pending_sealed = result.sealed.clone();
                 self.events.push_back(SessionEvent::Aggregated(result));
             }
             Some(Err(e)) => {

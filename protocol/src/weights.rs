@@ -211,6 +211,37 @@ impl ModelWeights {
         Ok(ModelWeights { tensors })
     }
 
+    /// Overwrites the values at flat positions `start..start + values.len()`
+    /// (tensor order, as in [`Self::to_flat`]).
+    ///
+    /// # Errors
+    /// A range past the last value.
+    pub fn set_flat_range(&mut self, start: usize, values: &[f32]) -> Result<(), ProtocolError> {
+        let end = start.checked_add(values.len());
+        if end.is_none_or(|end| end > self.num_parameters()) {
+            return Err(ProtocolError::InvalidWeights(format!(
+                "{} values from position {start} do not fit {} parameters",
+                values.len(),
+                self.num_parameters()
+            )));
+        }
+        let mut offset = 0;
+        let mut rest = values;
+        let mut at = start;
+        for t in &mut self.tensors {
+            let n = t.data.len();
+            if !rest.is_empty() && at < offset + n {
+                let from = at - offset;
+                let take = (n - from).min(rest.len());
+                t.data[from..from + take].copy_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                at += take;
+            }
+            offset += n;
+        }
+        Ok(())
+    }
+
     /// `self - other`, element-wise (an update from a base model).
     pub fn sub(&self, other: &ModelWeights) -> Result<ModelWeights, ProtocolError> {
         self.check_layout(other)?;
@@ -416,5 +447,25 @@ mod tests {
         let other =
             ModelWeights::new(vec![NamedTensor::new("q", vec![1], vec![0.0]).unwrap()]).unwrap();
         assert_eq!(acc.sub(&other), Err(ProtocolError::LayoutMismatch));
+    }
+
+    #[test]
+    fn a_flat_range_is_written_across_tensor_boundaries_and_nothing_else() {
+        let w = sample();
+        let n = w.num_parameters();
+        for start in 0..n {
+            for len in 0..=(n - start) {
+                let mut written = w.clone();
+                let values: Vec<f32> = (0..len).map(|i| 100.0 + i as f32).collect();
+                written.set_flat_range(start, &values).unwrap();
+                let mut expected = w.to_flat();
+                expected[start..start + len].copy_from_slice(&values);
+                assert_eq!(written.to_flat(), expected, "{start}+{len}");
+            }
+        }
+        let mut w = sample();
+        assert!(w.set_flat_range(n - 1, &[1.0, 2.0]).is_err());
+        assert!(w.set_flat_range(usize::MAX, &[1.0]).is_err());
+        assert_eq!(w, sample(), "a refused write changes nothing");
     }
 }

@@ -1660,6 +1660,7 @@ impl Cohort<ParticipantSession> {
 
 fn evaluate_request(round: u32, model: &ModelWeights) -> Message {
     Message::EvaluateRequest {
+        sealed: None,
         round,
         global: Arc::new(model.clone()),
     }
@@ -1667,6 +1668,7 @@ fn evaluate_request(round: u32, model: &ModelWeights) -> Message {
 
 fn train_request(round: u32, model: &ModelWeights) -> Message {
     Message::TrainRequest {
+        sealed: None,
         round,
         global: GlobalModel::Weights(Arc::new(model.clone())),
         seed: 7,

@@ -900,6 +900,13 @@ pub struct TrainingArgs {
     /// Needs a start masked with the image key's layer mask.
     #[arg(long)]
     pub freeze_key_layers: bool,
+    /// Participants train the key-bearing tensors but seal them: they sum
+    /// their trained values there under one-time pads from the image key,
+    /// so the coordinator never sees those tensors' values or updates and
+    /// the participants average them (docs/threat-model.md). Needs a
+    /// masked start and secure aggregation without distributed DP.
+    #[arg(long, conflicts_with = "freeze_key_layers")]
+    pub seal_key_layers: bool,
     /// Local epochs per round.
     #[arg(long, default_value_t = 5)]
     pub local_epochs: u32,
@@ -1089,6 +1096,9 @@ impl TrainingArgs {
         }
         if self.freeze_key_layers {
             a.push("--freeze-key-layers".into());
+        }
+        if self.seal_key_layers {
+            a.push("--seal-key-layers".into());
         }
         a
     }
@@ -1465,7 +1475,7 @@ pub struct SimulateArgs {
     /// layers too. By default they are frozen there (`--freeze-key-layers`):
     /// the coordinator then sees no update of them, for 0.11 points of
     /// accuracy (docs/threat-model.md).
-    #[arg(long, conflicts_with = "freeze_key_layers")]
+    #[arg(long, conflicts_with_all = ["freeze_key_layers", "seal_key_layers"])]
     pub train_key_layers: bool,
     /// Data settings.
     #[command(flatten)]

@@ -75,8 +75,11 @@ impl TrainingArgs {
                 // coordinator loads it.
                 key_layer_mask: false,
                 freeze_key_layers: self.freeze_key_layers,
+                // Set from the masked start when the coordinator loads it.
+                sealed_layers: None,
                 dp_sgd: self.dp_sgd()?,
             },
+            seal_key_layers: self.seal_key_layers,
             strategy: self.strategy.config()?,
             server_lr_schedule: self.strategy.server_schedule(),
             aggregation: match self.aggregation {
@@ -383,7 +386,11 @@ impl SimulateArgs {
     fn coordinator_args(&self) -> Vec<String> {
         let mut args = self.training.to_args();
         let digits_encrypted = self.start == StartArg::Digits && !self.plain;
-        if digits_encrypted && !self.train_key_layers && !self.training.freeze_key_layers {
+        if digits_encrypted
+            && !self.train_key_layers
+            && !self.training.freeze_key_layers
+            && !self.training.seal_key_layers
+        {
             args.push("--freeze-key-layers".into());
         }
         args

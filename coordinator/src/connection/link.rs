@@ -232,7 +232,8 @@ impl LinkPolicy {
     /// How many bytes of frames may wait for one participant: a few copies
     /// of the session's model plus [`OUTBOUND_SLACK_BYTES`].
     pub(crate) fn outbound_budget(&self, session: &CoordinatorSession) -> usize {
-        let parameters = session.global().map_or(0, |g| g.num_parameters());
+        let parameters = session.global().map_or(0, |g| g.num_parameters())
+            + session.sealed().map_or(0, |s| s.values.len());
         model_frame_bytes(parameters)
             .saturating_mul(self.outbound_models)
             .saturating_add(OUTBOUND_SLACK_BYTES)

@@ -134,6 +134,7 @@ async fn a_frame_over_its_kinds_limit_is_refused_after_one_payload_byte() {
     );
     // A kind only the coordinator sends, whatever its size.
     let train = Message::TrainRequest {
+        sealed: None,
         round: 1,
         global: greyfed_protocol::GlobalModel::Evaluated { round: 1 },
         seed: 1,

@@ -84,6 +84,7 @@ use crate::{
         keys::RoundContext,
         message::{RoundSetup, SecAggDownload},
         prg::PrgKind,
+        seal::SealedLayers,
     },
 };
 
@@ -197,6 +198,9 @@ pub struct SecAggCoordinator {
     weight_bound: Option<u32>,
     /// Digest of the next round's model, from [`Aggregator::set_model_digest`].
     model_digest: [u8; 32],
+    /// Coordinates of the update sums kept padded, from
+    /// [`Aggregator::set_sealed_layers`].
+    sealed_layers: Option<SealedLayers>,
     /// Checks participants' signatures before they are relayed.
     verifier: Option<Arc<dyn PeerVerifier>>,
     round: Option<RoundInfo>,
@@ -255,6 +259,7 @@ impl SecAggCoordinator {
             prg,
             weight_bound: None,
             model_digest: [0; 32],
+            sealed_layers: None,
             verifier: None,
             round: None,
             stage: Stage::Idle,
@@ -399,6 +404,23 @@ impl Aggregator for SecAggCoordinator {
 
     fn set_model_digest(&mut self, digest: [u8; 32]) {
         self.model_digest = digest;
+    }
+
+    fn set_sealed_layers(&mut self, layers: Option<SealedLayers>) -> Result<(), ProtocolError> {
+        if layers.is_some() {
+            if self.config.sum != SumKind::Update {
+                return Err(ProtocolError::InvalidConfig(
+                    "only update sums seal layers".into(),
+                ));
+            }
+            if self.config.noise.is_some() {
+                return Err(ProtocolError::InvalidConfig(
+                    "sealed layers cannot be combined with distributed DP noise".into(),
+                ));
+            }
+        }
+        self.sealed_layers = layers;
+        Ok(())
     }
 
     fn begin_round(

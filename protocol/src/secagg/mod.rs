@@ -31,6 +31,7 @@ pub mod keys;
 pub mod message;
 pub mod participant;
 pub mod prg;
+pub mod seal;
 pub mod shamir;
 #[cfg(any(test, feature = "test-credentials"))]
 pub mod testing;

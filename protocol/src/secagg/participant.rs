@@ -67,6 +67,7 @@ use crate::{
         },
         message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload, SignedKeys},
         prg::{PrgKind, add_mask, sub_mask},
+        seal::{PadContext, SealKey, SealedLayers, Sealing, encode_sealed},
         shamir::{Share, split},
     },
 };
@@ -187,6 +188,8 @@ struct Common {
     auth: SecAggAuth,
     /// Digest of the model this round is about; the setup must name it.
     model_digest: [u8; 32],
+    /// The update's sealed layers and the key of their pads.
+    seal: Option<(SealKey, SealedLayers)>,
     input: Input,
     outbox: VecDeque<AggregationPayload>,
     /// The encoded input before masking, kept for tests.
@@ -220,6 +223,7 @@ impl SecAggParticipant {
                 num_params,
                 auth,
                 model_digest,
+                seal: None,
                 input: Input::None,
                 outbox: VecDeque::new(),
                 #[cfg(test)]
@@ -227,6 +231,14 @@ impl SecAggParticipant {
             },
             state: Ok(State::ExpectSetup(ExpectSetup)),
         }
+    }
+
+    /// Seals `layers` of our input with pads from `key` (see
+    /// [`crate::secagg::seal`]): the input's values there are the trained
+    /// values, not an update.
+    pub fn with_seal(mut self, key: SealKey, layers: SealedLayers) -> Self {
+        self.common.seal = Some((key, layers));
+        self
     }
 
     /// Our participant id.
@@ -377,7 +389,9 @@ impl SecAggParticipant {
                 // The round's weight bound (the operator's cap on claimed
                 // samples) bounds our weight too.
                 let weight = weight.min(params.encoding.max_weight);
-                let encoded = encode(&params.encoding, update, weight, rng)?;
+                let encoded = self
+                    .common
+                    .encode_input(&params.encoding, update, weight, rng)?;
                 self.common.set_encoded(encoded);
                 if matches!(self.state, Ok(State::ExpectInput(_))) {
                     let Ok(State::ExpectInput(st)) =
@@ -483,6 +497,36 @@ impl Common {
         });
     }
 
+    /// Encodes our input under the round's `params`, sealing the sealed
+    /// layers when we have them.
+    fn encode_input(
+        &self,
+        params: &EncodingParams,
+        update: &[f32],
+        weight: u32,
+        rng: &mut impl CryptoRng,
+    ) -> Result<Vec<u32>, ProtocolError> {
+        match &self.seal {
+            None => encode(params, update, weight, rng),
+            Some((key, layers)) => encode_sealed(
+                params,
+                &Sealing {
+                    layers,
+                    key,
+                    pad: PadContext {
+                        session_id: self.ctx.session_id,
+                        round: self.ctx.round,
+                        model_digest: self.model_digest,
+                    },
+                    who: self.id,
+                },
+                update,
+                weight,
+                rng,
+            ),
+        }
+    }
+
     fn set_encoded(&mut self, encoded: Vec<u32>) {
         #[cfg(test)]
         {
@@ -508,7 +552,7 @@ impl Common {
                 )));
             }
             let weight = weight.min(params.encoding.max_weight);
-            let encoded = encode(&params.encoding, &update, weight, rng)?;
+            let encoded = self.encode_input(&params.encoding, &update, weight, rng)?;
             self.set_encoded(encoded);
         }
         let c = KeyPair::generate(rng);

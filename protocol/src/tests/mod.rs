@@ -1,5 +1,6 @@
 //! In-memory tests of the session state machines, driven by [`util::Harness`].
 
 mod claims;
+mod sealed;
 mod session;
 pub(crate) mod util;

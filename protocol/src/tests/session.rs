@@ -520,6 +520,7 @@ fn participant_session_rejects_out_of_order_messages() {
     let mut p = ParticipantSession::new(hello(0, 10));
     assert!(matches!(p.poll_transmit(), Some(Message::Hello(_))));
     let train = Message::TrainRequest {
+        sealed: None,
         round: 1,
         global: crate::GlobalModel::Weights(tiny_model().into()),
         seed: 0,
@@ -561,6 +562,7 @@ fn a_participant_still_training_accepts_the_end_of_the_session() {
     };
     p.handle_message(welcome, &mut rng).unwrap();
     let train = Message::TrainRequest {
+        sealed: None,
         round: 1,
         global: crate::GlobalModel::Weights(tiny_model().into()),
         seed: 0,
@@ -943,6 +945,7 @@ fn participant_session_trains_from_the_model_it_evaluated() {
         .with_flat_values(&[42.0, 1.0, 2.0, 3.0])
         .unwrap();
     let reference = |round| Message::TrainRequest {
+        sealed: None,
         round,
         global: crate::GlobalModel::Evaluated { round: 1 },
         seed: 0,
@@ -957,6 +960,7 @@ fn participant_session_trains_from_the_model_it_evaluated() {
 
     let mut p = admitted();
     let eval = Message::EvaluateRequest {
+        sealed: None,
         round: 1,
         global: evaluated.clone().into(),
     };
@@ -1250,6 +1254,7 @@ fn a_participant_evaluates_each_round_once() {
     let welcome = s.poll_transmit().unwrap().1;
     // Each round's model differs, as a real session's do.
     let evaluate = |round: u32| Message::EvaluateRequest {
+        sealed: None,
         round,
         global: tiny_model()
             .with_flat_values(&[round as f32, 0.0, 0.0, 0.0])
@@ -1302,6 +1307,7 @@ fn a_participant_evaluates_each_round_once() {
     p.submit_evaluation(2, eval_metrics(1.0, 1, 2), &mut rng)
         .unwrap();
     let again = Message::EvaluateRequest {
+        sealed: None,
         round: 3,
         global: tiny_model()
             .with_flat_values(&[1.0, 0.0, 0.0, 0.0])

@@ -51,6 +51,9 @@ pub struct Harness {
     pub samples: BTreeMap<ParticipantId, u64>,
     /// Every update each participant submitted, by round.
     pub submitted: BTreeMap<(u32, ParticipantId), Vec<f32>>,
+    /// The sealed layers' opened values each participant was handed with
+    /// its TrainRequest, by round.
+    pub opened: BTreeMap<(u32, ParticipantId), Option<Vec<f32>>>,
     /// Payload kind of every `Evaluation` the coordinator received.
     pub evaluation_uploads: Vec<&'static str>,
     /// Randomness handed to the participants.
@@ -172,6 +175,7 @@ impl Harness {
             gone: BTreeSet::new(),
             samples: BTreeMap::new(),
             submitted: BTreeMap::new(),
+            opened: BTreeMap::new(),
             evaluation_uploads: Vec::new(),
             rng: rand::SeedableRng::seed_from_u64(3),
             progress: Vec::new(),
@@ -241,7 +245,13 @@ impl Harness {
             let events: Vec<_> = std::iter::from_fn(|| p.poll_event()).collect();
             for ev in events {
                 match ev {
-                    ParticipantEvent::Train { round, global, .. } => {
+                    ParticipantEvent::Train {
+                        round,
+                        global,
+                        sealed,
+                        ..
+                    } => {
+                        self.opened.insert((round, to), sealed);
                         if let Some(how) = self.leaves(to, round, Stage::Train) {
                             if how == Departure::Withdraw {
                                 let p = self.participants.get_mut(&to).unwrap();

@@ -714,6 +714,7 @@ fn training_throughput(spec: &ModelSpec, n: usize, epochs: u32, runs: usize) -> 
         round_lr_schedule: Default::default(),
         key_layer_mask: false,
         freeze_key_layers: false,
+        sealed_layers: None,
         local_epochs: epochs,
         batch_size: 64,
         optimizer: OptimizerSpec::Adam { lr: 1e-3 },

@@ -11,7 +11,7 @@ use super::{MAX_SEALED_LEN, SecAggCoordinator};
 use crate::{
     aggregate::AggregateResult,
     error::ProtocolError,
-    message::ParticipantId,
+    message::{ParticipantId, SumKind},
     secagg::{
         auth::{
             MAX_CREDENTIAL_BYTES, Signature, keys_statement, self_mask_commitment,
@@ -21,6 +21,7 @@ use crate::{
         keys::{KeyPair, RoundContext, pairwise_mask_seed},
         message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload, SignedKeys},
         prg::{add_mask, sub_mask},
+        seal::{PadContext, SealedSum},
         shamir::{LagrangeCache, RobustReconstructError, Share, reconstruct_verified},
     },
 };
@@ -597,10 +598,28 @@ impl SecAggCoordinator {
         for x in &mut sum {
             *x &= ring_mask;
         }
-        let (mean_update, total_weight) = decode(&r.setup.encoding, &sum)?;
         #[cfg(test)]
         {
-            self.unmasked_sum = Some(sum);
+            self.unmasked_sum = Some(sum.clone());
+        }
+        let sealed = match self.sealed_layers {
+            Some(layers) if ctx.sum == SumKind::Update => Some(SealedSum::split_from(
+                &r.setup.encoding,
+                layers,
+                PadContext {
+                    session_id: ctx.session_id,
+                    round: ctx.round,
+                    model_digest: r.setup.model_digest,
+                },
+                s.u3.iter().copied().collect(),
+                &mut sum,
+            )?),
+            _ => None,
+        };
+        let (mut mean_update, total_weight) = decode(&r.setup.encoding, &sum)?;
+        if let Some(sealed) = &sealed {
+            let range = sealed.layers.range(mean_update.len())?;
+            mean_update[range].fill(0.0);
         }
         Ok(AggregateResult {
             round: ctx.round,
@@ -622,6 +641,7 @@ impl SecAggCoordinator {
                     )
                 })
                 .collect(),
+            sealed,
         })
     }
 
