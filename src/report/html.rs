@@ -214,6 +214,9 @@ fn training_rows(run: &RunRecord) -> Vec<(String, String)> {
             if t.freeze_key_layers {
                 row("freeze-key-layers", "on".into());
             }
+            if t.sealed_layers.is_some() {
+                row("seal-key-layers", "on".into());
+            }
         }
         Some(ImageCipher::Plain) => row("cipher", "plain".into()),
         None => {}
@@ -537,6 +540,16 @@ mod tests {
         run.training.freeze_key_layers = true;
         let frozen = training_rows(&run);
         assert_eq!(value(&frozen, "--freeze-key-layers").as_deref(), Some("on"));
+        assert_eq!(value(&frozen, "--seal-key-layers"), None, "only when on");
+        run.training.freeze_key_layers = false;
+        run.training.sealed_layers = Some(greyfed_protocol::secagg::seal::SealedLayers {
+            start: 0,
+            len: 3538,
+            clip: 4.0,
+        });
+        let sealed = training_rows(&run);
+        assert_eq!(value(&sealed, "--seal-key-layers").as_deref(), Some("on"));
+        assert_eq!(value(&sealed, "--freeze-key-layers"), None);
         run.training.proximal_mu = 0.01;
         run.cipher = Some(ImageCipher::Plain);
         run.key_fingerprint = None;
