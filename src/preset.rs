@@ -24,7 +24,7 @@ use crate::config_file::flag_given;
 pub enum Preset {
     /// The built-in defaults: a fast demo (blocknet, a few rounds).
     Demo,
-    /// The grid CNN on 4x4 blocks from its aligned start (simulate), AdamW,
+    /// The grid CNN on 4x4 blocks from its digits start (simulate), AdamW,
     /// online random affine augmentation; see docs/accuracy.md.
     Accurate,
 }
@@ -38,8 +38,8 @@ const ACCURATE_DATA: &[(&str, &str)] = &[
 
 /// The model and local training of the accurate recipe (training flags of
 /// `simulate` and `coordinator`). Measured over 5 seeds with 10 participant
-/// processes on 2 cores from the aligned start: 98.71% (`block`), 98.61%
-/// (`le`), 98.52% (`pixel`, masked start) after 40 rounds in 131-175 s
+/// processes on 2 cores from the digits start (`simulate`): 98.79%
+/// (`block`), 98.92% (`le`), 98.86% (`pixel`) after 40 rounds
 /// (docs/accuracy.md).
 const ACCURATE_TRAINING: &[(&str, &str)] = &[
     ("model", "gridcnn"),
@@ -54,11 +54,13 @@ const ACCURATE_TRAINING: &[(&str, &str)] = &[
     ("strategy", "fedavg"),
 ];
 
-/// How `simulate` starts the accurate recipe: the grid CNN's aligned start,
-/// which the simulation (holding the image key) makes and hands the
-/// coordinator masked with the image key's layer mask
-/// (docs/threat-model.md); `--start fresh` is the recipe without it.
-const ACCURATE_SIMULATE: &[(&str, &str)] = &[("start", "aligned")];
+/// How `simulate` starts the accurate recipe: the grid CNN's aligned start
+/// pre-trained on the built-in synthetic digits (public data), which the
+/// simulation (holding the image key) makes and hands the coordinator
+/// masked with the image key's layer mask; on encrypted images its
+/// key-bearing layers are then frozen (docs/threat-model.md). `--start
+/// aligned` or `--start fresh` is the recipe without the pre-training.
+const ACCURATE_SIMULATE: &[(&str, &str)] = &[("start", "digits")];
 
 /// The accurate recipe for `experiment encryption` (central epochs as well).
 const ACCURATE_EXPERIMENT: &[(&str, &str)] = &[
@@ -171,7 +173,7 @@ mod tests {
         assert_eq!(s.training.rounds, 40);
         assert_eq!(s.training.weight_decay, 0.05);
         assert_eq!(s.training.label_smoothing, 0.1);
-        assert_eq!(s.start, crate::cli::StartArg::Aligned);
+        assert_eq!(s.start, crate::cli::StartArg::Digits);
         assert_eq!(
             s.training.strategy.strategy,
             crate::cli::StrategyKind::Fedavg

@@ -38,7 +38,9 @@ use serde::Serialize;
 use super::attack::{KnownPlaintextAttack, fold_image, merge_split, split_values};
 use super::ciphertext_only::{Layout, RecoveredTable, ciphertext_only};
 use super::experiment::{experiment_key, model_spec, parse_mode};
-use super::model_attack::{Knowledge, Start, block_ink, coordinator_view, recover_key, score};
+use super::model_attack::{
+    KeyLayers, Knowledge, Start, block_ink, coordinator_view, recover_key, score,
+};
 use super::quality::{mean_ssim, psnr};
 use super::security::slices;
 use crate::preview::Canvas;
@@ -105,8 +107,9 @@ pub struct AttackRow {
     /// The mode.
     pub mode: String,
     /// `cipher` (no attack), `fold`, `ciphertext-only`, `known-plaintext`,
-    /// `model` (the coordinator's attack on the trained model) or `model,
-    /// frozen` (the same with `--freeze-key-layers`).
+    /// `model` (the coordinator's attack on the trained model), `model,
+    /// frozen` (the same with `--freeze-key-layers`) or `model, sealed`
+    /// (with `--seal-key-layers`).
     pub attack: String,
     /// Cipher images (ciphertext only), known pairs (known plaintext), or
     /// the images the attacked model was trained on (model).
@@ -303,6 +306,7 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
     if settings.model_epochs > 0 {
         columns.push("model".into());
         columns.push("model, frozen".into());
+        columns.push("model, sealed".into());
     }
     // The attacker's public images as a data set (the model attack's prior)
     // and the participant's (the model attack's training data).
@@ -417,9 +421,13 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
             }
             // The coordinator's attack on a model trained from the masked
             // aligned start, knowing that start and the public ink prior;
-            // then the same with the key-bearing layers frozen.
+            // then the same with the key-bearing layers frozen, and sealed.
             if settings.model_epochs > 0 {
-                for (attack, freeze) in [("model", false), ("model, frozen", true)] {
+                for (attack, key_layers) in [
+                    ("model", KeyLayers::Trained),
+                    ("model, frozen", KeyLayers::Frozen),
+                    ("model, sealed", KeyLayers::Sealed),
+                ] {
                     let start = Instant::now();
                     let seen = coordinator_view(
                         "gridcnn",
@@ -430,7 +438,7 @@ pub fn run_attacks(splits: &DatasetSplits, settings: &AttackSettings) -> Result<
                         &cipher,
                         settings.model_epochs,
                         key_seed,
-                        freeze,
+                        key_layers,
                     )?;
                     let knows = Knowledge {
                         steps,
@@ -615,8 +623,8 @@ mod tests {
         assert_eq!(report.participant_images, 1000);
         assert_eq!(report.public_images, 500);
         // cipher, fold, 2 x ciphertext-only, 2 x known-plaintext and the
-        // model attack with and without the freeze per mode.
-        assert_eq!(report.rows.len(), 2 * 8);
+        // model attack without a defence, frozen and sealed per mode.
+        assert_eq!(report.rows.len(), 2 * 9);
         let model = report
             .rows
             .iter()
@@ -632,6 +640,12 @@ mod tests {
             .find(|r| r.mode == "block-shuffle+negpos" && r.attack == "model, frozen")
             .unwrap();
         assert!(frozen.blocks.is_some_and(|b| b < 0.3), "{frozen:?}");
+        let sealed = report
+            .rows
+            .iter()
+            .find(|r| r.mode == "block-shuffle+negpos" && r.attack == "model, sealed")
+            .unwrap();
+        assert!(sealed.blocks.is_some_and(|b| b < 0.3), "{sealed:?}");
         for mode in ["block-shuffle+negpos", "pixel"] {
             let row = |attack: &str, images: usize| {
                 report

@@ -1036,14 +1036,28 @@ pub struct CoordinatorView {
     pub trained: ModelWeights,
 }
 
+/// What the participants do with the key-bearing tensors (grid CNN only
+/// for the defences).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyLayers {
+    /// Trained, and their updates reach the coordinator (the default of an
+    /// aligned start).
+    Trained,
+    /// Not trained (`--freeze-key-layers`).
+    Frozen,
+    /// Trained, but summed under pads only key holders remove
+    /// (`--seal-key-layers`): the coordinator keeps the masked start there.
+    Sealed,
+}
+
 /// Trains `model` (`blocknet` or `gridcnn`, `cipher`'s block size) for
 /// `epochs` of central Adam on `train` encrypted with `cipher` under `key`,
 /// from `start` (aligned: the masked key transform of the aligned start),
 /// and returns what the coordinator of a federation with that training
 /// would hold (the central training's weight change stands for the sum of
 /// the federation's updates). The first layer is per-block where the mode
-/// differs between blocks. With `freeze_key_layers` (grid CNN only) the
-/// key-bearing tensors are not trained (`--freeze-key-layers`).
+/// differs between blocks. `key_layers` says what happens to the grid
+/// CNN's key-bearing tensors ([`KeyLayers`]).
 #[allow(clippy::too_many_arguments)]
 pub fn coordinator_view(
     model: &str,
@@ -1054,7 +1068,7 @@ pub fn coordinator_view(
     cipher: &ImageCipher,
     epochs: u32,
     seed: u64,
-    freeze_key_layers: bool,
+    key_layers: KeyLayers,
 ) -> Result<CoordinatorView> {
     use greyfed_participant::{layer_mask::KeyLayerMask, model, train};
     let steps = cipher.steps();
@@ -1099,7 +1113,7 @@ pub fn coordinator_view(
         ..Default::default()
     };
     let options = train::TrainOptions {
-        frozen: if freeze_key_layers {
+        frozen: if key_layers == KeyLayers::Frozen {
             greyfed_participant::layer_mask::key_bearing_tensors(&spec)?
         } else {
             0..0
@@ -1110,6 +1124,15 @@ pub fn coordinator_view(
         train::train_local_with(&spec, &init, data.as_ref(), &config, seed, &options)?.weights;
     if start == Start::Aligned {
         mask.hide(&spec, &mut seen)?;
+    }
+    if key_layers == KeyLayers::Sealed {
+        // The coordinator's model keeps the start it got there.
+        let range = greyfed_participant::layer_mask::key_bearing_tensors(&spec)?;
+        let mut tensors = seen.into_tensors();
+        for i in range {
+            tensors[i] = seen_init.tensors()[i].clone();
+        }
+        seen = ModelWeights::new(tensors)?;
     }
     Ok(CoordinatorView {
         spec,
@@ -1158,7 +1181,7 @@ pub fn measure(
         &cipher,
         epochs,
         seed,
-        false,
+        KeyLayers::Trained,
     )?;
     let plain: Vec<&[u8]> = (0..splits.test.len().min(200))
         .map(|i| splits.test.image(i))
