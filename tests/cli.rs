@@ -177,6 +177,14 @@ fn simulate_reports_peak_memory_per_process() {
     let text = std::fs::read_to_string(out.path().join("summary.json")).unwrap();
     let summary: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(summary["rounds_completed"], 1, "{summary}");
+    // The round's training floor: every participant reported its training
+    // CPU time, and the round took at least that spread over the cores.
+    let rounds = read_metrics(&out.path().join("metrics.jsonl")).unwrap();
+    let cpu = rounds[0].train_cpu_secs.expect("training time reported");
+    assert!(cpu > 0.0 && cpu < 3.0 * rounds[0].secs, "{rounds:?}");
+    let overhead = summary["round_overhead"].as_f64().expect("round_overhead");
+    assert!(overhead >= 1.0, "{summary}");
+    assert_eq!(summary["mean_train_cpu_secs"].as_f64(), Some(cpu));
     let rss = &summary["peak_rss"];
     let bytes = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{v} in {summary}"));
     // Each process holds at least its code and the model (about 1.6 MB of

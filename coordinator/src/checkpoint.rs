@@ -216,6 +216,7 @@ mod tests {
             central_accuracy: None,
             central_loss: None,
             train_loss: None,
+            train_cpu_secs: Some(1.25),
             participants: 3,
             survivors: 3,
             stage_secs: Default::default(),

@@ -32,6 +32,11 @@ pub struct RoundRecord {
     /// Sample-weighted mean training loss reported by the contributors;
     /// absent under secure aggregation (no individual loss is reported).
     pub train_loss: Option<f64>,
+    /// CPU seconds of local training summed over the round's participants
+    /// (each reports its own): the work the round contains, against which
+    /// `secs` is measured. Absent when nobody reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_cpu_secs: Option<f64>,
     /// Participants whose updates were aggregated.
     pub participants: usize,
     /// Participants whose updates are in the sum (the same as

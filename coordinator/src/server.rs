@@ -791,6 +791,7 @@ impl Driver {
             central_accuracy: central.as_ref().map(|m| m.accuracy()),
             central_loss: central.as_ref().map(|m| m.mean_loss()),
             train_loss: s.train_loss.is_finite().then_some(s.train_loss),
+            train_cpu_secs: s.train_cpu_secs,
             participants: s.contributors.len(),
             survivors: s.contributors.len(),
             stage_secs: s

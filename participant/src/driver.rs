@@ -32,6 +32,7 @@ use rand::{
 use tracing::{debug, info, warn};
 
 use self::dp::{OwnDpLedger, check_dp_sgd_floor};
+use crate::cpu_time::CpuClock;
 use crate::{
     cipher::ImageCipher,
     client,
@@ -472,7 +473,8 @@ struct Training {
     dp_sgd: Option<(DpSgdSpec, f64)>,
     /// The update's sealed coordinates, which carry the trained values.
     sealed_range: Option<std::ops::Range<usize>>,
-    task: tokio::task::JoinHandle<Result<(TrainOutcome, ModelWeights)>>,
+    /// The outcome, the model trained from and the training's CPU seconds.
+    task: tokio::task::JoinHandle<Result<(TrainOutcome, ModelWeights, Option<f64>)>>,
 }
 
 /// Sends `event` to the display, if there is one.
@@ -634,6 +636,7 @@ async fn session_loop(
                                         .send(ParticipantProgress::Training { round, progress: p });
                                 }
                             };
+                            let cpu = CpuClock::start();
                             train_local_observed(
                                 &spec,
                                 &global,
@@ -643,7 +646,7 @@ async fn session_loop(
                                 &options,
                                 &mut observe,
                             )
-                            .map(|o| (o, global))
+                            .map(|o| (o, global, cpu.elapsed_secs()))
                         }),
                     });
                 }
@@ -696,7 +699,7 @@ async fn session_loop(
             tokio::select! {
                 done = async { (&mut training.as_mut().expect("guarded").task).await }, if training.is_some() => {
                     let Training { round, started, dp_sgd, sealed_range, .. } = training.take().expect("guarded");
-                    let (outcome, global) = done
+                    let (outcome, global, cpu_secs) = done
                         .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
                     emit(config, ParticipantProgress::Trained {
                         round,
@@ -713,6 +716,10 @@ async fn session_loop(
                     }
                     debug!(round, loss = outcome.mean_loss, "trained");
                     let submitted = if update.iter().all(|v| v.is_finite()) {
+                        if let Some(secs) = cpu_secs {
+                            // Late only: submit_update says so below.
+                            let _ = session.report_training_time(round, secs);
+                        }
                         session.submit_update(round, outcome.mean_loss, update, outcome.samples as f64, &mut rng)
                     } else {
                         Err(ProtocolError::InvalidContribution(

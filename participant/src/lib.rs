@@ -15,6 +15,7 @@
 
 pub mod cipher;
 pub mod client;
+pub mod cpu_time;
 pub mod data;
 pub mod dp_sgd;
 pub mod driver;

@@ -91,6 +91,8 @@ pub enum UploadKind {
     Error,
     /// [`Message::Withdraw`].
     Withdraw,
+    /// [`Message::TrainingTime`].
+    TrainingTime,
     /// A message only the coordinator sends (named by its kind).
     FromCoordinator(&'static str),
 }
@@ -104,6 +106,7 @@ impl UploadKind {
             Message::Evaluation { .. } => UploadKind::Evaluation,
             Message::Error { .. } => UploadKind::Error,
             Message::Withdraw { .. } => UploadKind::Withdraw,
+            Message::TrainingTime { .. } => UploadKind::TrainingTime,
             Message::Welcome { .. } => UploadKind::FromCoordinator("Welcome"),
             Message::Reject { .. } => UploadKind::FromCoordinator("Reject"),
             Message::TrainRequest { .. } => UploadKind::FromCoordinator("TrainRequest"),
@@ -132,6 +135,7 @@ impl UploadKind {
             8 => UploadKind::FromCoordinator("SecAgg"),
             9 => UploadKind::Error,
             10 => UploadKind::Withdraw,
+            11 => UploadKind::TrainingTime,
             other => return Err(LimitError::UnknownKind(other)),
         })
     }
@@ -144,6 +148,7 @@ impl UploadKind {
             UploadKind::Evaluation => "Evaluation",
             UploadKind::Error => "Error",
             UploadKind::Withdraw => "Withdraw",
+            UploadKind::TrainingTime => "TrainingTime",
             UploadKind::FromCoordinator(name) => name,
         }
     }
@@ -234,7 +239,9 @@ impl UploadLimits {
     pub fn for_kind(&self, kind: UploadKind) -> Option<usize> {
         match kind {
             UploadKind::Hello => Some(self.hello),
-            UploadKind::Error | UploadKind::Withdraw => Some(self.control),
+            UploadKind::Error | UploadKind::Withdraw | UploadKind::TrainingTime => {
+                Some(self.control)
+            }
             UploadKind::Contribution => Some(self.contribution),
             UploadKind::Evaluation => Some(self.evaluation),
             UploadKind::FromCoordinator(_) => None,
@@ -373,13 +380,17 @@ mod tests {
                 message: "x".into(),
             },
             Message::Withdraw { round: 1 },
+            Message::TrainingTime {
+                round: 1,
+                cpu_secs: 0.5,
+            },
         ]
     }
 
     #[test]
     fn the_first_payload_byte_names_the_kind_of_every_variant() {
         let msgs = one_of_each();
-        assert_eq!(msgs.len(), 11, "one message per variant");
+        assert_eq!(msgs.len(), 12, "one message per variant");
         for msg in &msgs {
             let bytes = payload(msg);
             let kind = UploadKind::from_first_byte(bytes[0]).unwrap();
@@ -388,8 +399,8 @@ mod tests {
             assert!(msg.kind().starts_with(kind.name()), "{}", msg.kind());
         }
         assert_eq!(
-            UploadKind::from_first_byte(11),
-            Err(LimitError::UnknownKind(11))
+            UploadKind::from_first_byte(12),
+            Err(LimitError::UnknownKind(12))
         );
         assert_eq!(
             UploadKind::from_first_byte(251),

@@ -1214,6 +1214,16 @@ pub enum Message {
         /// The round it leaves.
         round: u32,
     },
+    /// Participant → coordinator: the CPU time its local training for
+    /// `round` took, sent just before its update; summed over the round's
+    /// participants into the `train_cpu_secs` metric, the floor a round's
+    /// wall time is measured against.
+    TrainingTime {
+        /// The round trained.
+        round: u32,
+        /// CPU seconds of the training (all its threads).
+        cpu_secs: f32,
+    },
 }
 
 impl Message {
@@ -1230,6 +1240,7 @@ impl Message {
             Message::Finished { .. } => "Finished",
             Message::SecAgg { msg, .. } => msg.kind(),
             Message::Withdraw { .. } => "Withdraw",
+            Message::TrainingTime { .. } => "TrainingTime",
             Message::Error { .. } => "Error",
         }
     }

@@ -486,6 +486,26 @@ impl ParticipantSession {
         }
     }
 
+    /// Reports that the local training for `round` took `cpu_secs` CPU
+    /// seconds ([`Message::TrainingTime`]); call it just before
+    /// [`Self::submit_update`]. Non-finite or negative times are sent as 0.
+    ///
+    /// # Errors
+    /// No TrainRequest for `round` is outstanding.
+    pub fn report_training_time(&mut self, round: u32, cpu_secs: f64) -> Result<(), ProtocolError> {
+        if self.state != (State::Training { round }) {
+            return Err(ProtocolError::Late("TrainingTime"));
+        }
+        let cpu_secs = if cpu_secs.is_finite() && cpu_secs >= 0.0 {
+            cpu_secs as f32
+        } else {
+            0.0
+        };
+        self.outbox
+            .push_back(Message::TrainingTime { round, cpu_secs });
+        Ok(())
+    }
+
     /// Leaves `round`'s training sum, for an update that cannot be
     /// submitted (training diverged, or [`ParticipantSession::submit_update`]
     /// refused it): queues a [`Message::Withdraw`] so that the coordinator

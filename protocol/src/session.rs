@@ -247,6 +247,9 @@ pub struct RoundSummary {
     pub dropped: Vec<ParticipantId>,
     /// Sample-weighted mean of the contributors' training losses.
     pub train_loss: f64,
+    /// CPU seconds of local training summed over the cohort members that
+    /// reported it ([`Message::TrainingTime`]); `None` when none did.
+    pub train_cpu_secs: Option<f64>,
     /// Sample-weighted mean metrics of the evaluators; `None` when nobody
     /// evaluated or the evaluation sum failed.
     pub eval: Option<EvalSummary>,
@@ -424,6 +427,8 @@ struct RoundState {
     reported_loss: BTreeSet<ParticipantId>,
     train_loss_sum: f64,
     train_loss_weight: f64,
+    /// CPU seconds of local training reported by cohort members, by member.
+    train_cpu_secs: BTreeMap<ParticipantId, f64>,
     contributors: Vec<ParticipantId>,
     dropped: Vec<ParticipantId>,
     /// Who was asked to evaluate.
@@ -790,6 +795,26 @@ impl CoordinatorSession {
                 Ok(())
             }
             Message::Error { message } => Err(ProtocolError::PeerError(message)),
+            Message::TrainingTime { round, cpu_secs } => {
+                let current = self.current_round();
+                if round != current || !matches!(self.phase, Phase::Training { .. }) {
+                    return Err(ProtocolError::Late("TrainingTime"));
+                }
+                if !self.round.cohort.contains(&from) {
+                    return Err(ProtocolError::UnknownParticipant(from));
+                }
+                if !(cpu_secs.is_finite() && cpu_secs >= 0.0) {
+                    return Err(ProtocolError::Malformed(format!(
+                        "training time {cpu_secs} is not a finite, non-negative number of seconds"
+                    )));
+                }
+                // The first report counts.
+                self.round
+                    .train_cpu_secs
+                    .entry(from)
+                    .or_insert(f64::from(cpu_secs));
+                Ok(())
+            }
             Message::Withdraw { round } => {
                 let current = self.current_round();
                 match self.phase {
@@ -813,7 +838,7 @@ impl CoordinatorSession {
                 Ok(())
             }
             other => Err(ProtocolError::UnexpectedMessage {
-                expected: "Hello, Contribution, Evaluation or Withdraw",
+                expected: "Hello, Contribution, Evaluation, TrainingTime or Withdraw",
                 got: other.kind(),
             }),
         }
@@ -1470,6 +1495,8 @@ impl CoordinatorSession {
                 } else {
                     f64::NAN
                 },
+                train_cpu_secs: (!r.train_cpu_secs.is_empty())
+                    .then(|| r.train_cpu_secs.values().sum()),
                 eval,
                 stage_secs: r.stage_secs,
                 misbehaved: r.misbehaved,

@@ -407,6 +407,15 @@ mod tests {
         let plots = plots::plots(&dp);
         assert_eq!(plots[1].0, "privacy");
         assert_eq!(plots.len(), 6);
+        let timed: Vec<RoundRecord> = (1..=3)
+            .map(|r| RoundRecord {
+                train_cpu_secs: Some(1.5),
+                ..record(r)
+            })
+            .collect();
+        let plots = plots::plots(&timed);
+        assert_eq!(plots.last().unwrap().0, "training");
+        assert!(!(plots.last().unwrap().3)(&timed).unwrap().is_empty());
         let png = (plots[1].3)(&dp).unwrap();
         let decoder = png::Decoder::new(std::io::Cursor::new(png));
         let info = decoder.read_info().unwrap().info().clone();

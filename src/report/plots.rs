@@ -22,7 +22,9 @@ type DrawFn = fn(&[RoundRecord]) -> Result<Vec<u8>>;
 pub(super) type Plot = (&'static str, &'static str, &'static str, DrawFn);
 
 /// The per-round plots of `rounds`: always accuracy, loss, bytes, stages
-/// and survivors; the privacy plot after accuracy when the run used DP.
+/// and survivors; then round time against training when participants
+/// reported their training time; the privacy plot after accuracy when the
+/// run used DP.
 pub(super) fn plots(rounds: &[RoundRecord]) -> Vec<Plot> {
     let mut plots = vec![
         (
@@ -62,6 +64,17 @@ pub(super) fn plots(rounds: &[RoundRecord]) -> Vec<Plot> {
             plot_survivors,
         ),
     ];
+    if rounds.iter().any(|r| r.train_cpu_secs.is_some()) {
+        plots.push((
+            "training",
+            "Round time against the training in it",
+            "Wall seconds of each round at the coordinator, and the CPU seconds the \
+             participants' local training took, summed over them: spread over the cores the \
+             participants could use, that is the floor a round cannot beat (summary.json's \
+             round_overhead is the ratio).",
+            plot_training,
+        ));
+    }
     if rounds.iter().any(|r| r.dp_epsilon.is_some()) {
         plots.insert(
             1,
@@ -339,6 +352,29 @@ fn plot_loss(rounds: &[RoundRecord]) -> Result<Vec<u8>> {
         ],
         Some(0.0),
         &|y| format!("{y:.2}"),
+        SeriesLabelPosition::UpperRight,
+    )
+}
+
+fn plot_training(rounds: &[RoundRecord]) -> Result<Vec<u8>> {
+    line_chart(
+        rounds,
+        "Round time against the training in it",
+        "seconds",
+        vec![
+            Series {
+                name: "round (wall)",
+                color: BLUE_,
+                points: points(rounds, |r| Some(r.secs)),
+            },
+            Series {
+                name: "training (CPU, summed over participants)",
+                color: GREEN_,
+                points: points(rounds, |r| r.train_cpu_secs),
+            },
+        ],
+        Some(0.0),
+        &|y| format!("{y:.1}"),
         SeriesLabelPosition::UpperRight,
     )
 }

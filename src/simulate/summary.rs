@@ -39,7 +39,38 @@ struct Summary<'a> {
     plain: bool,
     /// Compute threads per participant process.
     threads: usize,
+    /// Cores the participants could use: the machine's, or fewer when the
+    /// processes' compute threads are fewer.
+    cores_used: usize,
+    /// Mean wall time of a round.
+    mean_round_secs: Option<f64>,
+    /// Mean over rounds of the participants' summed training CPU seconds.
+    mean_train_cpu_secs: Option<f64>,
+    /// `mean_round_secs / (mean_train_cpu_secs / cores_used)`: how far the
+    /// rounds are from the floor their training sets (1: no overhead).
+    round_overhead: Option<f64>,
     peak_rss: &'a MemoryReport,
+}
+
+/// The rounds' overhead over their training: mean round wall time over
+/// (mean summed training CPU seconds / `cores`), over the rounds whose
+/// training time was reported; `None` without such rounds.
+pub(crate) fn round_overhead(
+    rounds: &[greyfed_coordinator::metrics::RoundRecord],
+    cores: usize,
+) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let timed: Vec<(f64, f64)> = rounds
+        .iter()
+        .filter_map(|r| r.train_cpu_secs.map(|cpu| (r.secs, cpu)))
+        .collect();
+    if timed.is_empty() {
+        return (None, None, None);
+    }
+    let n = timed.len() as f64;
+    let secs = timed.iter().map(|t| t.0).sum::<f64>() / n;
+    let cpu = timed.iter().map(|t| t.1).sum::<f64>() / n;
+    let floor = cpu / cores.max(1) as f64;
+    (Some(secs), Some(cpu), (floor > 0.0).then(|| secs / floor))
 }
 
 impl SimulationReport {
@@ -53,6 +84,12 @@ impl SimulationReport {
     /// # Errors
     /// When the file cannot be written.
     pub fn write_summary(&self, settings: &SimulationSettings) -> Result<()> {
+        let participants = self.memory.participant_bytes.len();
+        let cores_used = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(participants.max(1) * settings.threads.max(1));
+        let (mean_round_secs, mean_train_cpu_secs, round_overhead) =
+            round_overhead(&self.rounds, cores_used);
         let summary = Summary {
             participants: self.memory.participant_bytes.len(),
             rounds_planned: self.rounds_planned,
@@ -64,6 +101,10 @@ impl SimulationReport {
             partition: settings.data.partition.to_string(),
             plain: settings.plain,
             threads: settings.threads,
+            cores_used,
+            mean_round_secs,
+            mean_train_cpu_secs,
+            round_overhead,
             peak_rss: &self.memory,
         };
         let path = self.out.join(SUMMARY_FILE);
@@ -103,5 +144,30 @@ impl SimulationReport {
             s.push('\n');
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use greyfed_coordinator::metrics::RoundRecord;
+
+    #[test]
+    fn the_overhead_is_round_time_over_the_training_floor() {
+        let round = |secs, cpu| RoundRecord {
+            secs,
+            train_cpu_secs: cpu,
+            ..RoundRecord::default()
+        };
+        // 4 CPU seconds on 2 cores is a 2 s floor; rounds of 2.5 s and 3.5 s.
+        let rounds = [
+            round(2.5, Some(4.0)),
+            round(3.5, Some(4.0)),
+            round(9.0, None),
+        ];
+        let (secs, cpu, overhead) = round_overhead(&rounds, 2);
+        assert_eq!((secs, cpu), (Some(3.0), Some(4.0)));
+        assert!((overhead.unwrap() - 1.5).abs() < 1e-12);
+        assert_eq!(round_overhead(&rounds[2..], 2), (None, None, None));
     }
 }

@@ -3,4 +3,5 @@
 mod claims;
 mod sealed;
 mod session;
+mod training_time;
 pub(crate) mod util;

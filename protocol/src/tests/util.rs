@@ -145,6 +145,11 @@ pub fn join(
     s.handle_message(now, id, Message::Hello(hello))
 }
 
+/// The CPU seconds participant `id` reports for its training.
+pub fn training_secs(id: ParticipantId) -> f64 {
+    0.25 * f64::from(id + 1)
+}
+
 /// The fake local update of participant `id` in `round`.
 pub fn fake_update(id: ParticipantId, round: u32, n: usize) -> Vec<f32> {
     (0..n)
@@ -265,6 +270,7 @@ impl Harness {
                         let update = fake_update(to, round, global.num_parameters());
                         self.submitted.insert((round, to), update.clone());
                         let p = self.participants.get_mut(&to).unwrap();
+                        p.report_training_time(round, training_secs(to)).unwrap();
                         p.submit_update(
                             round,
                             0.5,
