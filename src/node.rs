@@ -272,6 +272,8 @@ pub struct CoordinatorSettings {
     /// Continue the interrupted run whose output directory this is (its
     /// `checkpoint` directory is read).
     pub resume: Option<PathBuf>,
+    /// Congestion controller for what the coordinator sends.
+    pub congestion: greyfed_protocol::transport::Congestion,
     /// Central evaluation of every round's model, if any.
     pub central: Option<CentralEvaluation>,
     /// The model, training and aggregation settings.
@@ -322,6 +324,8 @@ pub struct ParticipantSettings {
     /// The peer allow list (allow-list format): the only certificates
     /// accepted as secure-aggregation neighbours. `None`: any of the CA's.
     pub peers: Option<PathBuf>,
+    /// Congestion controller for what the participant sends.
+    pub congestion: greyfed_protocol::transport::Congestion,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -581,6 +585,7 @@ pub async fn run_coordinator(
         config.dp = Some(dp);
     }
     config.join_timeout = settings.join_timeout;
+    config.congestion = settings.congestion;
     config.max_claimed_samples = settings.max_claimed_samples;
     config.seed = settings.seed;
     config.key_fingerprint = settings.key_fingerprint.clone();
@@ -739,6 +744,7 @@ pub async fn run_participant(
         identity,
     );
     config.name = name;
+    config.congestion = settings.congestion;
     config.hooks = settings.hooks.clone();
     config.reconnect_for = settings.reconnect_for;
     config.save_model = settings.save_model.clone();
@@ -847,6 +853,7 @@ mod tests {
             dump_aggregates: None,
             addr_file: None,
             resume: None,
+            congestion: Default::default(),
             central: None,
             training: training(model, block_size),
         }

@@ -1,14 +1,15 @@
 //! Several hosts over lossy, delayed links: the coordinator and each
 //! participant run in network namespaces of their own (`ip netns`), joined
 //! by veth pairs to a bridge, with `tc netem` adding 50 ms of delay and 2%
-//! loss on every host's link (about 100 ms round trip, and loss both ways).
+//! loss on every host's link (about 100 ms round trip, and loss both ways),
+//! or 200 ms and 0.5% in the second test.
 //! A deployment bundle made for the coordinator's address gives each host
 //! its settings, and secure rounds complete across the links.
 //!
 //! Where the kernel has no `netem` queueing discipline (some VM kernels are
 //! built without `sch_netem`), the same impairment is applied in user space
 //! instead: a UDP relay in the coordinator's namespace, in front of the
-//! coordinator, delays every datagram by 50 ms and drops 2% of them, each way.
+//! coordinator, delays and drops datagrams in the same way, each way.
 //! The test prints which of the two it used.
 //!
 //! Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip`; without them the
@@ -31,12 +32,51 @@ use greyfed_coordinator::metrics::read_metrics;
 const PARTICIPANTS: usize = 3;
 /// Rounds to complete.
 const ROUNDS: u32 = 2;
-/// `tc netem` settings of every host's link.
-const NETEM: &[&str] = &["delay", "50ms", "loss", "2%"];
-/// The relay's one-way delay and loss, where `tc netem` is not available.
-const RELAY_DELAY: Duration = Duration::from_millis(50);
-/// Probability that the relay drops a datagram, each way.
-const RELAY_LOSS: f64 = 0.02;
+/// A link's impairment, each way: one-way delay and the probability that a
+/// datagram is lost.
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    delay: Duration,
+    loss: f64,
+}
+
+impl Link {
+    /// 50 ms each way (about 100 ms round trip) and 2% loss.
+    const LOSSY: Link = Link {
+        delay: Duration::from_millis(50),
+        loss: 0.02,
+    };
+    /// 200 ms each way (about 400 ms round trip) and 0.5% loss.
+    const LONG: Link = Link {
+        delay: Duration::from_millis(200),
+        loss: 0.005,
+    };
+
+    /// `tc netem` arguments for the link.
+    fn netem(self) -> Vec<String> {
+        vec![
+            "delay".into(),
+            format!("{}ms", self.delay.as_millis()),
+            "loss".into(),
+            format!("{}%", self.loss * 100.0),
+        ]
+    }
+
+    /// The link of `GREYFED_NETEM_LINK` (`DELAY_MS,LOSS_PERCENT`, e.g.
+    /// `50,0.1`), for measuring other links with the same test.
+    fn from_env() -> Option<Link> {
+        let text = std::env::var("GREYFED_NETEM_LINK").ok()?;
+        let (delay, loss) = text.split_once(',')?;
+        Some(Link {
+            delay: Duration::from_millis(delay.trim().parse().ok()?),
+            loss: loss.trim().parse::<f64>().ok()? / 100.0,
+        })
+    }
+}
+
+/// The longest a round may take on the test's links (with CUBIC, before
+/// BBR became the default, the 50 ms / 2% rounds took 27-44 s).
+const ROUND_BOUND: Duration = Duration::from_secs(15);
 /// Where the coordinator is reached (its certificate names this address).
 const COORDINATOR: &str = "10.231.0.1:7447";
 /// Where the coordinator listens behind the relay.
@@ -83,10 +123,11 @@ struct Network {
 
 impl Network {
     /// Builds `hosts` namespaces on a bridge in a namespace of its own, host
-    /// `i` at 10.231.0.(i+1)/24, each link shaped by [`NETEM`].
-    fn build(hosts: usize) -> Result<Self, String> {
+    /// `i` at 10.231.0.(i+1)/24, each link shaped as `link` says; `case`
+    /// tells apart the networks of tests that run at once.
+    fn build(hosts: usize, link: Link, case: char) -> Result<Self, String> {
         // Unique names: tests of several checkouts may run at once.
-        let tag = format!("gf{}", std::process::id() % 100_000);
+        let tag = format!("gf{}{case}", std::process::id() % 100_000);
         let bridge_ns = format!("{tag}-sw");
         let mut net = Network {
             namespaces: Vec::new(),
@@ -116,9 +157,10 @@ impl Network {
             setup(&["ip", "-n", &ns, "link", "set", &inner, "up"])?;
             setup(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
             if net.impairment == Impairment::Netem {
+                let netem = link.netem();
                 let mut tc = vec!["ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev"];
                 tc.extend([inner.as_str(), "root", "netem"]);
-                tc.extend(NETEM);
+                tc.extend(netem.iter().map(String::as_str));
                 match setup(&tc) {
                     Ok(()) => {}
                     // The kernel lacks sch_netem: impair in user space instead.
@@ -139,9 +181,14 @@ impl Network {
 }
 
 /// Starts a UDP relay inside namespace `ns`: datagrams to `listen` go on to
-/// `upstream` and the answers come back, each delayed by [`RELAY_DELAY`] and
-/// dropped with probability [`RELAY_LOSS`]. It runs until the test ends.
-fn start_relay(ns: &str, listen: SocketAddr, upstream: SocketAddr) -> Result<(), String> {
+/// `upstream` and the answers come back, each delayed and dropped as `link`
+/// says. It runs until the test ends.
+fn start_relay(
+    ns: &str,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    link: Link,
+) -> Result<(), String> {
     let path = format!("/run/netns/{ns}");
     let netns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -166,7 +213,7 @@ fn start_relay(ns: &str, listen: SocketAddr, upstream: SocketAddr) -> Result<(),
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            relay(front, upstream).await;
+            relay(front, upstream, link).await;
         });
     });
     ready_rx
@@ -174,14 +221,19 @@ fn start_relay(ns: &str, listen: SocketAddr, upstream: SocketAddr) -> Result<(),
         .map_err(|e| format!("relay did not start: {e}"))?
 }
 
-/// Sends `datagram` to `to` after [`RELAY_DELAY`], unless it is lost.
-fn impaired_send(socket: &Arc<tokio::net::UdpSocket>, datagram: Vec<u8>, to: Option<SocketAddr>) {
-    if rand::random::<f64>() < RELAY_LOSS {
+/// Sends `datagram` to `to` after `link`'s delay, unless `link` loses it.
+fn impaired_send(
+    socket: &Arc<tokio::net::UdpSocket>,
+    datagram: Vec<u8>,
+    to: Option<SocketAddr>,
+    link: Link,
+) {
+    if rand::random::<f64>() < link.loss {
         return;
     }
     let socket = socket.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(RELAY_DELAY).await;
+        tokio::time::sleep(link.delay).await;
         let _ = match to {
             Some(addr) => socket.send_to(&datagram, addr).await,
             None => socket.send(&datagram).await,
@@ -190,7 +242,7 @@ fn impaired_send(socket: &Arc<tokio::net::UdpSocket>, datagram: Vec<u8>, to: Opt
 }
 
 /// The relay loop: one upstream socket per client address.
-async fn relay(front: Arc<tokio::net::UdpSocket>, upstream: SocketAddr) {
+async fn relay(front: Arc<tokio::net::UdpSocket>, upstream: SocketAddr, link: Link) {
     let mut clients: HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
@@ -212,13 +264,13 @@ async fn relay(front: Arc<tokio::net::UdpSocket>, upstream: SocketAddr) {
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
                     while let Ok(n) = back.recv(&mut buf).await {
-                        impaired_send(&front, buf[..n].to_vec(), Some(client));
+                        impaired_send(&front, buf[..n].to_vec(), Some(client), link);
                     }
                 });
                 up
             }
         };
-        impaired_send(&up, buf[..n].to_vec(), None);
+        impaired_send(&up, buf[..n].to_vec(), None, link);
     }
 }
 
@@ -245,9 +297,29 @@ fn log(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
+/// 50 ms each way and 2% loss on every link: both rounds complete with
+/// everyone, each within [`ROUND_BOUND`]. `GREYFED_NETEM_LINK` and
+/// `GREYFED_NETEM_CONGESTION` (`bbr`, `cubic`, `new-reno`) measure other
+/// links and controllers with the same test.
 #[test]
 fn secure_rounds_complete_across_lossy_delayed_links_between_namespaces() {
-    let network = match Network::build(PARTICIPANTS + 1) {
+    let link = Link::from_env().unwrap_or(Link::LOSSY);
+    rounds_across(link, 'a');
+}
+
+/// 200 ms each way and 0.5% loss: rounds still complete within
+/// [`ROUND_BOUND`].
+#[test]
+fn secure_rounds_complete_across_long_links_between_namespaces() {
+    rounds_across(Link::LONG, 'b');
+}
+
+/// Runs [`ROUNDS`] secure rounds with a coordinator and [`PARTICIPANTS`]
+/// participants on hosts of their own joined by links like `link`, and
+/// checks them.
+fn rounds_across(link: Link, case: char) {
+    let congestion = std::env::var("GREYFED_NETEM_CONGESTION").unwrap_or_else(|_| "bbr".into());
+    let network = match Network::build(PARTICIPANTS + 1, link, case) {
         Ok(n) => n,
         Err(why) => {
             eprintln!(
@@ -286,6 +358,7 @@ fn secure_rounds_complete_across_lossy_delayed_links_between_namespaces() {
                 network.host(0),
                 COORDINATOR.parse().unwrap(),
                 BEHIND_RELAY.parse().unwrap(),
+                link,
             )
             .expect("starting the relay");
             BEHIND_RELAY
@@ -297,6 +370,7 @@ fn secure_rounds_complete_across_lossy_delayed_links_between_namespaces() {
         .arg("--config")
         .arg(bundle.join("coordinator/coordinator.toml"))
         .args(["--listen", listen, "--rounds", &ROUNDS.to_string()])
+        .args(["--congestion", &congestion])
         .args(["--local-epochs", "1", "--join-timeout", "60"])
         .args(["--stage-timeout", "60", "--round-timeout", "300"])
         .arg("--out")
@@ -313,6 +387,7 @@ fn secure_rounds_complete_across_lossy_delayed_links_between_namespaces() {
                 .arg("--config")
                 .arg(bundle.join(format!("participant-{i}/participant.toml")))
                 .args(["--reconnect-for", "60"])
+                .args(["--congestion", &congestion])
                 .stdout(std::fs::File::create(dir.join(format!("p{i}.out"))).unwrap())
                 .stderr(std::fs::File::create(dir.join(format!("p{i}.log"))).unwrap())
                 .spawn()
@@ -346,16 +421,26 @@ fn secure_rounds_complete_across_lossy_delayed_links_between_namespaces() {
         );
     }
     let links = match network.impairment {
-        Impairment::Netem => format!("tc netem {} on every link", NETEM.join(" ")),
+        Impairment::Netem => format!("tc netem {} on every link", link.netem().join(" ")),
         Impairment::Relay => format!(
             "a user-space relay ({} ms delay, {}% loss each way; this kernel has no sch_netem)",
-            RELAY_DELAY.as_millis(),
-            RELAY_LOSS * 100.0
+            link.delay.as_millis(),
+            link.loss * 100.0
         ),
     };
     eprintln!(
-        "{ROUNDS} rounds across {} hosts with {links} in {:.1} s",
+        "{ROUNDS} rounds across {} hosts with {links}, {congestion}, in {:.1} s",
         PARTICIPANTS + 1,
         started.elapsed().as_secs_f64()
     );
+    if std::env::var_os("GREYFED_NETEM_CONGESTION").is_none() {
+        for r in &records {
+            assert!(
+                r.secs < ROUND_BOUND.as_secs_f64(),
+                "round {} took {:.1} s over {links}",
+                r.round,
+                r.secs
+            );
+        }
+    }
 }

@@ -79,6 +79,8 @@ pub struct CoordinatorConfig {
     pub key_fingerprint: Option<String>,
     /// Largest frame accepted from a participant, in bytes.
     pub max_frame: usize,
+    /// Congestion controller for what the coordinator sends.
+    pub congestion: greyfed_protocol::transport::Congestion,
     /// Caps on the training and test sample counts a participant may claim
     /// (default 1 000 000 each). A claim bounds the participant's weight in
     /// the weighted means; larger claims are clamped to the cap (the session
@@ -229,6 +231,7 @@ impl CoordinatorConfig {
             join_timeout: None,
             key_fingerprint: None,
             max_frame: DEFAULT_MAX_FRAME,
+            congestion: Default::default(),
             max_claimed_samples: greyfed_protocol::session::SampleClaimCaps::default(),
             hello_timeout: Duration::from_secs(10),
             max_connections_per_identity: 2,

@@ -142,7 +142,8 @@ impl Coordinator {
             path: config.out_dir.clone(),
             source,
         })?;
-        let server_config = tls::server_config(&config.tls)?;
+        let mut server_config = tls::server_config(&config.tls)?;
+        server_config.transport_config(Arc::new(tls::transport_config(config.congestion)));
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             CoordinatorError::Bind {
                 addr: config.listen,

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use greyfed_protocol::transport;
+use greyfed_protocol::transport::{self, Congestion};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::{
@@ -84,18 +84,31 @@ pub fn server_config(tls: &ServerTls) -> Result<quinn::ServerConfig> {
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(config)).map_err(tls_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config(Congestion::default())));
     Ok(config)
+}
+
+/// quinn's controller for `congestion`.
+fn congestion_controller(
+    congestion: Congestion,
+) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync + 'static> {
+    match congestion {
+        Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+        Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+        Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+    }
 }
 
 fn tls_err(e: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Tls(e.to_string())
 }
 
-/// Transport settings shared by both sides: keep-alives so that a vanished
-/// peer is noticed within the idle timeout.
-pub fn transport_config() -> quinn::TransportConfig {
+/// The coordinator's transport settings: keep-alives so that a vanished
+/// peer is noticed within the idle timeout, one stream per connection, and
+/// `congestion` for what it sends (models, above all).
+pub fn transport_config(congestion: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    t.congestion_controller_factory(congestion_controller(congestion));
     t.keep_alive_interval(Some(transport::KEEP_ALIVE_INTERVAL));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(transport::IDLE_TIMEOUT).expect("idle timeout fits a VarInt"),

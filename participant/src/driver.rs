@@ -118,6 +118,8 @@ pub struct ParticipantConfig {
     pub name: String,
     /// Largest frame accepted from the coordinator, in bytes.
     pub max_frame: usize,
+    /// Congestion controller for what the participant sends.
+    pub congestion: greyfed_protocol::transport::Congestion,
     /// Simulations and tests only: scheduled crashes and update dumps
     /// ([`TestHooks`]). A deployment keeps the default, no hook.
     pub hooks: TestHooks,
@@ -160,6 +162,7 @@ impl ParticipantConfig {
             identity,
             name: String::from("participant"),
             max_frame: DEFAULT_MAX_FRAME,
+            congestion: Default::default(),
             hooks: TestHooks::default(),
             reconnect_for: Duration::from_secs(60),
             progress: None,
@@ -393,7 +396,8 @@ pub struct ParticipantReport {
 /// coordinator, protocol violations, or a model the local data does not
 /// fit.
 pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<ParticipantReport> {
-    let tls = client::client_config(&config.ca_pem, &config.identity)?;
+    let mut tls = client::client_config(&config.ca_pem, &config.identity)?;
+    tls.transport_config(Arc::new(client::transport_config(config.congestion)));
     let mut report = ParticipantReport::default();
     // Across reconnections: every update we submitted counts.
     let mut own_dp = OwnDpLedger::default();

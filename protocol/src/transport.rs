@@ -18,3 +18,47 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// about 5 s (or a process starved of CPU that long) drops a live peer,
 /// which then reconnects and rejoins the next round.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The congestion controller a QUIC endpoint uses for what it sends (the
+/// coordinator for models, participants for their uploads). Each side
+/// chooses its own; they need not agree. The default is BBR: on a link
+/// with 2% random loss and 100 ms round trip it brought the netem test's
+/// rounds from 27-38 s (CUBIC) to 2-4 s (docs/benchmarks.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Congestion {
+    /// CUBIC (quinn's default): loss-based, so its rate falls as
+    /// `1/sqrt(loss)`; about 100 KB/s at 2% loss and 100 ms round trip.
+    Cubic,
+    /// NewReno: loss-based, as CUBIC.
+    NewReno,
+    /// BBR (quinn marks its implementation experimental): paced at the
+    /// measured bottleneck bandwidth, so random loss barely slows it.
+    #[default]
+    Bbr,
+}
+
+impl Congestion {
+    /// The name the command line uses: `cubic`, `new-reno` or `bbr`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "new-reno",
+            Congestion::Bbr => "bbr",
+        }
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "new-reno" | "newreno" => Ok(Congestion::NewReno),
+            "bbr" => Ok(Congestion::Bbr),
+            other => Err(format!(
+                "unknown congestion controller {other:?}: cubic, new-reno or bbr"
+            )),
+        }
+    }
+}

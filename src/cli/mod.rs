@@ -1104,6 +1104,11 @@ impl TrainingArgs {
     }
 }
 
+/// Parses a congestion controller name for clap.
+pub fn parse_congestion(text: &str) -> Result<greyfed_protocol::transport::Congestion, String> {
+    text.parse()
+}
+
 /// Parses a cipher mode for clap.
 pub fn parse_cipher(text: &str) -> Result<CipherSteps, String> {
     text.parse()
@@ -1167,6 +1172,11 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "N", default_value_t = greyfed_protocol::session::DEFAULT_MAX_CLAIMED_SAMPLES,
           value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
     pub max_claimed_samples: u64,
+    /// Congestion controller for what this side sends: `bbr` (default;
+    /// paced, barely slowed by random loss), `cubic` or `new-reno`
+    /// (loss-based: about 100 KB/s at 2% loss and 100 ms round trip).
+    #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
+    pub congestion: greyfed_protocol::transport::Congestion,
     /// Directory for metrics.jsonl and model.safetensors.
     #[arg(long, default_value = "out/coordinator")]
     pub out: PathBuf,
@@ -1384,6 +1394,11 @@ pub struct ParticipantArgs {
     /// pose as other participants (docs/threat-model.md).
     #[arg(long, value_name = "FILE")]
     pub peers: Option<PathBuf>,
+    /// Congestion controller for what this side sends: `bbr` (default;
+    /// paced, barely slowed by random loss), `cubic` or `new-reno`
+    /// (loss-based: about 100 KB/s at 2% loss and 100 ms round trip).
+    #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
+    pub congestion: greyfed_protocol::transport::Congestion,
     /// Seconds to keep reconnecting (with backoff) when the coordinator
     /// goes away before the session finished; 0 gives up at once.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -1449,6 +1464,10 @@ pub struct SimulateArgs {
     /// Compute threads per participant process.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Congestion controller of the coordinator and the participants
+    /// (`bbr`, `cubic` or `new-reno`; see `greyfed coordinator --help`).
+    #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
+    pub congestion: greyfed_protocol::transport::Congestion,
     /// Give the coordinator the image key so that it also evaluates every
     /// round's model on the whole test split (central evaluation; off by
     /// default, see docs/threat-model.md).

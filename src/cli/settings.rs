@@ -238,6 +238,7 @@ impl CoordinatorArgs {
             dump_aggregates: self.dump_aggregates.clone(),
             addr_file: self.addr_file.clone(),
             resume: self.resume.clone(),
+            congestion: self.congestion,
             central,
             training: self.training.settings()?,
         })
@@ -287,6 +288,7 @@ impl ParticipantArgs {
             dp_min_noise_multiplier: self.dp_min_noise_multiplier,
             dp_sgd_min_noise_multiplier: self.dp_sgd_min_noise_multiplier,
             peers: self.peers.clone(),
+            congestion: self.congestion,
             data: self.data.settings()?,
         })
     }
@@ -346,6 +348,7 @@ impl SimulateArgs {
                 DropoutStageArg::Stage(stage) => Some(stage),
             },
             threads: self.threads,
+            congestion: self.congestion,
             central_eval: self.central_eval,
             data: crate::simulate::SimulationData {
                 path: data.data.clone(),

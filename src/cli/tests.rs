@@ -671,3 +671,37 @@ fn transform_flags_pick_the_source_and_from_key_file_needs_a_model() {
     assert!(e.to_string().contains("--from-key-file"), "{e}");
     assert!(parse(&["--from-key-file", "old.key"]).is_err());
 }
+
+/// `--congestion` picks each side's congestion controller: BBR unless
+/// asked otherwise, and simulate hands its choice to every process.
+#[test]
+fn congestion_flags_map_to_typed_settings() {
+    use greyfed_protocol::transport::Congestion;
+    assert_eq!(
+        coordinator_args(&[]).settings().unwrap().congestion,
+        Congestion::Bbr
+    );
+    assert_eq!(
+        coordinator_args(&["--congestion", "cubic"])
+            .settings()
+            .unwrap()
+            .congestion,
+        Congestion::Cubic
+    );
+    let simulate = |extra: &[&str]| {
+        let mut argv = vec!["greyfed", "simulate"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Simulate(s)) => Ok(s.settings().unwrap().congestion),
+            Ok(other) => panic!("parsed {other:?}"),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    assert_eq!(simulate(&[]), Ok(Congestion::Bbr));
+    assert_eq!(
+        simulate(&["--congestion", "new-reno"]),
+        Ok(Congestion::NewReno)
+    );
+    let err = simulate(&["--congestion", "vegas"]).unwrap_err();
+    assert!(err.contains("cubic, new-reno or bbr"), "{err}");
+}

@@ -78,6 +78,8 @@ pub struct SimulationSettings {
     pub dropout_stage: Option<DropoutStage>,
     /// Compute threads per participant process.
     pub threads: usize,
+    /// Congestion controller of the coordinator and participant processes.
+    pub congestion: greyfed_protocol::transport::Congestion,
     /// Whether the coordinator gets the image key and the test data, to
     /// evaluate every round's model centrally.
     pub central_eval: bool,
@@ -279,6 +281,8 @@ pub async fn simulate(settings: &SimulationSettings, display: Display) -> Result
         .arg("coordinator")
         .arg("--listen")
         .arg("127.0.0.1:0")
+        .arg("--congestion")
+        .arg(settings.congestion.name())
         .arg("--cert")
         .arg(coordinator_keys.join(files::COORDINATOR_CERT))
         .arg("--key")
@@ -368,6 +372,8 @@ pub async fn simulate(settings: &SimulationSettings, display: Display) -> Result
             .arg(own.join(files::PARTICIPANT_KEY))
             .arg("--shard")
             .arg(format!("{i}/{}", settings.participants))
+            .arg("--congestion")
+            .arg(settings.congestion.name())
             .args(&settings.participant_args);
         // A simulation may run (or drop to) cohorts of two.
         if !settings
