@@ -272,8 +272,9 @@ pub struct CoordinatorSettings {
     /// Continue the interrupted run whose output directory this is (its
     /// `checkpoint` directory is read).
     pub resume: Option<PathBuf>,
-    /// Congestion controller for what the coordinator sends.
-    pub congestion: greyfed_protocol::transport::Congestion,
+    /// Congestion controller and idle timeout of the coordinator's QUIC
+    /// endpoint.
+    pub transport: greyfed_protocol::transport::TransportSettings,
     /// Central evaluation of every round's model, if any.
     pub central: Option<CentralEvaluation>,
     /// The model, training and aggregation settings.
@@ -324,8 +325,9 @@ pub struct ParticipantSettings {
     /// The peer allow list (allow-list format): the only certificates
     /// accepted as secure-aggregation neighbours. `None`: any of the CA's.
     pub peers: Option<PathBuf>,
-    /// Congestion controller for what the participant sends.
-    pub congestion: greyfed_protocol::transport::Congestion,
+    /// Congestion controller and idle timeout of the participant's QUIC
+    /// endpoint.
+    pub transport: greyfed_protocol::transport::TransportSettings,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -585,7 +587,7 @@ pub async fn run_coordinator(
         config.dp = Some(dp);
     }
     config.join_timeout = settings.join_timeout;
-    config.congestion = settings.congestion;
+    config.transport = settings.transport;
     config.max_claimed_samples = settings.max_claimed_samples;
     config.seed = settings.seed;
     config.key_fingerprint = settings.key_fingerprint.clone();
@@ -744,7 +746,7 @@ pub async fn run_participant(
         identity,
     );
     config.name = name;
-    config.congestion = settings.congestion;
+    config.transport = settings.transport;
     config.hooks = settings.hooks.clone();
     config.reconnect_for = settings.reconnect_for;
     config.save_model = settings.save_model.clone();
@@ -853,7 +855,7 @@ mod tests {
             dump_aggregates: None,
             addr_file: None,
             resume: None,
-            congestion: Default::default(),
+            transport: Default::default(),
             central: None,
             training: training(model, block_size),
         }

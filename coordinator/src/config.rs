@@ -79,8 +79,9 @@ pub struct CoordinatorConfig {
     pub key_fingerprint: Option<String>,
     /// Largest frame accepted from a participant, in bytes.
     pub max_frame: usize,
-    /// Congestion controller for what the coordinator sends.
-    pub congestion: greyfed_protocol::transport::Congestion,
+    /// Congestion controller and idle timeout of the coordinator's QUIC
+    /// endpoint.
+    pub transport: greyfed_protocol::transport::TransportSettings,
     /// Caps on the training and test sample counts a participant may claim
     /// (default 1 000 000 each). A claim bounds the participant's weight in
     /// the weighted means; larger claims are clamped to the cap (the session
@@ -231,7 +232,7 @@ impl CoordinatorConfig {
             join_timeout: None,
             key_fingerprint: None,
             max_frame: DEFAULT_MAX_FRAME,
-            congestion: Default::default(),
+            transport: Default::default(),
             max_claimed_samples: greyfed_protocol::session::SampleClaimCaps::default(),
             hello_timeout: Duration::from_secs(10),
             max_connections_per_identity: 2,

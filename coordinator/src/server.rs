@@ -86,6 +86,10 @@ impl Coordinator {
             ));
         }
         check_config(&config)?;
+        config
+            .transport
+            .validate()
+            .map_err(CoordinatorError::Config)?;
         if let Some(dp) = config.dp {
             dp.check(
                 config.secagg.max_norm,
@@ -143,7 +147,7 @@ impl Coordinator {
             source,
         })?;
         let mut server_config = tls::server_config(&config.tls)?;
-        server_config.transport_config(Arc::new(tls::transport_config(config.congestion)));
+        server_config.transport_config(Arc::new(tls::transport_config(config.transport)));
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             CoordinatorError::Bind {
                 addr: config.listen,

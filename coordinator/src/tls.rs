@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use greyfed_protocol::transport::{self, Congestion};
+use greyfed_protocol::transport::{self, Congestion, TransportSettings};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::{
@@ -84,7 +84,7 @@ pub fn server_config(tls: &ServerTls) -> Result<quinn::ServerConfig> {
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(config)).map_err(tls_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(Congestion::default())));
+    config.transport_config(Arc::new(transport_config(TransportSettings::default())));
     Ok(config)
 }
 
@@ -105,13 +105,14 @@ fn tls_err(e: impl std::fmt::Display) -> CoordinatorError {
 
 /// The coordinator's transport settings: keep-alives so that a vanished
 /// peer is noticed within the idle timeout, one stream per connection, and
-/// `congestion` for what it sends (models, above all).
-pub fn transport_config(congestion: Congestion) -> quinn::TransportConfig {
+/// `settings`' congestion controller (for what it sends: models, above all)
+/// and idle timeout.
+pub fn transport_config(settings: TransportSettings) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.congestion_controller_factory(congestion_controller(congestion));
+    t.congestion_controller_factory(congestion_controller(settings.congestion));
     t.keep_alive_interval(Some(transport::KEEP_ALIVE_INTERVAL));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(transport::IDLE_TIMEOUT).expect("idle timeout fits a VarInt"),
+        quinn::IdleTimeout::try_from(settings.idle_timeout).unwrap_or(quinn::VarInt::MAX.into()),
     ));
     t.max_concurrent_uni_streams(0u8.into());
     t.max_concurrent_bidi_streams(1u8.into());

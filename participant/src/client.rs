@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use greyfed_protocol::transport::{self, Congestion};
+use greyfed_protocol::transport::{self, Congestion, TransportSettings};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::error::{ParticipantError, Result};
@@ -73,17 +73,18 @@ pub fn client_config(ca_pem: &[u8], identity: &ClientIdentity) -> Result<quinn::
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| ParticipantError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(Congestion::default())));
+    config.transport_config(Arc::new(transport_config(TransportSettings::default())));
     Ok(config)
 }
 
 /// The participant's transport settings: keep-alives so that a vanished
-/// coordinator is noticed within the idle timeout, and `congestion` for
-/// what it sends (its uploads). Set it on a [`client_config`] with
+/// coordinator is noticed within the idle timeout, and `settings`'
+/// congestion controller (for what it sends: its uploads) and idle
+/// timeout. Set it on a [`client_config`] with
 /// `quinn::ClientConfig::transport_config`.
-pub fn transport_config(congestion: Congestion) -> quinn::TransportConfig {
+pub fn transport_config(settings: TransportSettings) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.congestion_controller_factory(match congestion {
+    t.congestion_controller_factory(match settings.congestion {
         Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default())
             as Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>,
         Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
@@ -91,7 +92,7 @@ pub fn transport_config(congestion: Congestion) -> quinn::TransportConfig {
     });
     t.keep_alive_interval(Some(transport::KEEP_ALIVE_INTERVAL));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(transport::IDLE_TIMEOUT).expect("idle timeout fits a VarInt"),
+        quinn::IdleTimeout::try_from(settings.idle_timeout).unwrap_or(quinn::VarInt::MAX.into()),
     ));
     t
 }

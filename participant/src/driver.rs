@@ -118,8 +118,9 @@ pub struct ParticipantConfig {
     pub name: String,
     /// Largest frame accepted from the coordinator, in bytes.
     pub max_frame: usize,
-    /// Congestion controller for what the participant sends.
-    pub congestion: greyfed_protocol::transport::Congestion,
+    /// Congestion controller and idle timeout of the participant's QUIC
+    /// endpoint.
+    pub transport: greyfed_protocol::transport::TransportSettings,
     /// Simulations and tests only: scheduled crashes and update dumps
     /// ([`TestHooks`]). A deployment keeps the default, no hook.
     pub hooks: TestHooks,
@@ -162,7 +163,7 @@ impl ParticipantConfig {
             identity,
             name: String::from("participant"),
             max_frame: DEFAULT_MAX_FRAME,
-            congestion: Default::default(),
+            transport: Default::default(),
             hooks: TestHooks::default(),
             reconnect_for: Duration::from_secs(60),
             progress: None,
@@ -396,8 +397,12 @@ pub struct ParticipantReport {
 /// coordinator, protocol violations, or a model the local data does not
 /// fit.
 pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<ParticipantReport> {
+    config
+        .transport
+        .validate()
+        .map_err(ParticipantError::Connection)?;
     let mut tls = client::client_config(&config.ca_pem, &config.identity)?;
-    tls.transport_config(Arc::new(client::transport_config(config.congestion)));
+    tls.transport_config(Arc::new(client::transport_config(config.transport)));
     let mut report = ParticipantReport::default();
     // Across reconnections: every update we submitted counts.
     let mut own_dp = OwnDpLedger::default();

@@ -62,3 +62,75 @@ impl std::str::FromStr for Congestion {
         }
     }
 }
+
+/// What a deployment tunes of a QUIC endpoint's transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportSettings {
+    /// Congestion controller for what this side sends.
+    pub congestion: Congestion,
+    /// How long a silent peer (no packet, keep-alives included) lasts
+    /// before it counts as gone. Each side announces its own and the
+    /// smaller one applies; quinn never uses less than three probe timeouts
+    /// of the path, so slow links stretch it by themselves. Shorter notices
+    /// a crashed participant sooner (each crash costs its round about this
+    /// much); longer rides out longer outages.
+    pub idle_timeout: Duration,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            congestion: Congestion::default(),
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl TransportSettings {
+    /// Longest idle timeout accepted (QUIC encodes it in milliseconds; a
+    /// day is far beyond any use).
+    pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+    /// Checks the idle timeout: longer than the keep-alive interval (or
+    /// keep-alives could not keep a live peer) and at most
+    /// [`Self::MAX_IDLE_TIMEOUT`].
+    ///
+    /// # Errors
+    /// A message naming the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.idle_timeout <= KEEP_ALIVE_INTERVAL || self.idle_timeout > Self::MAX_IDLE_TIMEOUT {
+            return Err(format!(
+                "the idle timeout must be above the {} s keep-alive interval and at most {} s, \
+                 got {:?}",
+                KEEP_ALIVE_INTERVAL.as_secs(),
+                Self::MAX_IDLE_TIMEOUT.as_secs(),
+                self.idle_timeout
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn congestion_names_round_trip_and_idle_timeouts_are_bounded() {
+        for c in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
+            assert_eq!(c.name().parse::<Congestion>(), Ok(c));
+        }
+        assert!("vegas".parse::<Congestion>().is_err());
+        assert_eq!(Congestion::default(), Congestion::Bbr);
+        let with = |secs: u64| TransportSettings {
+            idle_timeout: Duration::from_secs(secs),
+            ..TransportSettings::default()
+        };
+        assert!(TransportSettings::default().validate().is_ok());
+        assert!(with(2).validate().is_ok());
+        assert!(with(86_400).validate().is_ok());
+        for bad in [0, 1, 86_401] {
+            assert!(with(bad).validate().is_err(), "{bad} s");
+        }
+    }
+}

@@ -1177,6 +1177,13 @@ pub struct CoordinatorArgs {
     /// (loss-based: about 100 KB/s at 2% loss and 100 ms round trip).
     #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
     pub congestion: greyfed_protocol::transport::Congestion,
+    /// Seconds of silence after which a peer counts as gone (the smaller of
+    /// the two sides' values applies; quinn stretches it to three probe
+    /// timeouts on slow links). Shorter notices a crashed peer sooner,
+    /// longer rides out outages.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub idle_timeout: u64,
     /// Directory for metrics.jsonl and model.safetensors.
     #[arg(long, default_value = "out/coordinator")]
     pub out: PathBuf,
@@ -1399,6 +1406,13 @@ pub struct ParticipantArgs {
     /// (loss-based: about 100 KB/s at 2% loss and 100 ms round trip).
     #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
     pub congestion: greyfed_protocol::transport::Congestion,
+    /// Seconds of silence after which a peer counts as gone (the smaller of
+    /// the two sides' values applies; quinn stretches it to three probe
+    /// timeouts on slow links). Shorter notices a crashed peer sooner,
+    /// longer rides out outages.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub idle_timeout: u64,
     /// Seconds to keep reconnecting (with backoff) when the coordinator
     /// goes away before the session finished; 0 gives up at once.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -1468,6 +1482,13 @@ pub struct SimulateArgs {
     /// (`bbr`, `cubic` or `new-reno`; see `greyfed coordinator --help`).
     #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
     pub congestion: greyfed_protocol::transport::Congestion,
+    /// Seconds of silence after which a peer counts as gone (the smaller of
+    /// the two sides' values applies; quinn stretches it to three probe
+    /// timeouts on slow links). Shorter notices a crashed peer sooner,
+    /// longer rides out outages.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub idle_timeout: u64,
     /// Give the coordinator the image key so that it also evaluates every
     /// round's model on the whole test split (central evaluation; off by
     /// default, see docs/threat-model.md).

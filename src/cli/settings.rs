@@ -238,7 +238,10 @@ impl CoordinatorArgs {
             dump_aggregates: self.dump_aggregates.clone(),
             addr_file: self.addr_file.clone(),
             resume: self.resume.clone(),
-            congestion: self.congestion,
+            transport: greyfed_protocol::transport::TransportSettings {
+                congestion: self.congestion,
+                idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+            },
             central,
             training: self.training.settings()?,
         })
@@ -288,7 +291,10 @@ impl ParticipantArgs {
             dp_min_noise_multiplier: self.dp_min_noise_multiplier,
             dp_sgd_min_noise_multiplier: self.dp_sgd_min_noise_multiplier,
             peers: self.peers.clone(),
-            congestion: self.congestion,
+            transport: greyfed_protocol::transport::TransportSettings {
+                congestion: self.congestion,
+                idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+            },
             data: self.data.settings()?,
         })
     }
@@ -348,7 +354,10 @@ impl SimulateArgs {
                 DropoutStageArg::Stage(stage) => Some(stage),
             },
             threads: self.threads,
-            congestion: self.congestion,
+            transport: greyfed_protocol::transport::TransportSettings {
+                congestion: self.congestion,
+                idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+            },
             central_eval: self.central_eval,
             data: crate::simulate::SimulationData {
                 path: data.data.clone(),

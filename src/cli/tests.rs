@@ -672,27 +672,47 @@ fn transform_flags_pick_the_source_and_from_key_file_needs_a_model() {
     assert!(parse(&["--from-key-file", "old.key"]).is_err());
 }
 
-/// `--congestion` picks each side's congestion controller: BBR unless
-/// asked otherwise, and simulate hands its choice to every process.
+/// `--congestion` and `--idle-timeout` set each side's transport: BBR and
+/// 5 s unless asked otherwise, and simulate hands its choice to every
+/// process.
 #[test]
 fn congestion_flags_map_to_typed_settings() {
     use greyfed_protocol::transport::Congestion;
+    let defaults = coordinator_args(&[]).settings().unwrap().transport;
     assert_eq!(
-        coordinator_args(&[]).settings().unwrap().congestion,
-        Congestion::Bbr
+        defaults,
+        greyfed_protocol::transport::TransportSettings::default()
     );
-    assert_eq!(
-        coordinator_args(&["--congestion", "cubic"])
-            .settings()
-            .unwrap()
-            .congestion,
-        Congestion::Cubic
+    assert_eq!(defaults.congestion, Congestion::Bbr);
+    let tuned = coordinator_args(&["--congestion", "cubic", "--idle-timeout", "30"])
+        .settings()
+        .unwrap()
+        .transport;
+    assert_eq!(tuned.congestion, Congestion::Cubic);
+    assert_eq!(tuned.idle_timeout, std::time::Duration::from_secs(30));
+    assert!(
+        Cli::try_parse_from([
+            "greyfed",
+            "coordinator",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "ca",
+            "--allow-list",
+            "a",
+            "--idle-timeout",
+            "1"
+        ])
+        .is_err(),
+        "an idle timeout at or below the keep-alive interval is refused"
     );
     let simulate = |extra: &[&str]| {
         let mut argv = vec!["greyfed", "simulate"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).map(|c| c.command) {
-            Ok(Command::Simulate(s)) => Ok(s.settings().unwrap().congestion),
+            Ok(Command::Simulate(s)) => Ok(s.settings().unwrap().transport.congestion),
             Ok(other) => panic!("parsed {other:?}"),
             Err(e) => Err(e.to_string()),
         }

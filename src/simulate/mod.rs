@@ -78,8 +78,9 @@ pub struct SimulationSettings {
     pub dropout_stage: Option<DropoutStage>,
     /// Compute threads per participant process.
     pub threads: usize,
-    /// Congestion controller of the coordinator and participant processes.
-    pub congestion: greyfed_protocol::transport::Congestion,
+    /// Congestion controller and idle timeout of the coordinator and
+    /// participant processes.
+    pub transport: greyfed_protocol::transport::TransportSettings,
     /// Whether the coordinator gets the image key and the test data, to
     /// evaluate every round's model centrally.
     pub central_eval: bool,
@@ -282,7 +283,9 @@ pub async fn simulate(settings: &SimulationSettings, display: Display) -> Result
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--congestion")
-        .arg(settings.congestion.name())
+        .arg(settings.transport.congestion.name())
+        .arg("--idle-timeout")
+        .arg(settings.transport.idle_timeout.as_secs().to_string())
         .arg("--cert")
         .arg(coordinator_keys.join(files::COORDINATOR_CERT))
         .arg("--key")
@@ -373,7 +376,9 @@ pub async fn simulate(settings: &SimulationSettings, display: Display) -> Result
             .arg("--shard")
             .arg(format!("{i}/{}", settings.participants))
             .arg("--congestion")
-            .arg(settings.congestion.name())
+            .arg(settings.transport.congestion.name())
+            .arg("--idle-timeout")
+            .arg(settings.transport.idle_timeout.as_secs().to_string())
             .args(&settings.participant_args);
         // A simulation may run (or drop to) cohorts of two.
         if !settings
