@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{coordinator_tls, deployment, greyfed, image_key, participant_tls};
+use common::{coordinator_tls, deployment, digit_pngs, greyfed, image_key, participant_tls};
 use greyfed_coordinator::metrics::read_metrics;
 use greyfed_protocol::weights::CIPHER_METADATA;
 
@@ -553,9 +553,8 @@ fn freezing_key_layers_without_a_masked_start_fails_at_once() {
 /// without the sum the model predicts otherwise (the sealed values count).
 #[test]
 fn a_sealed_simulation_predicts_with_the_opened_layers() {
-    use greyfed_participant::data::synthetic::builtin_splits;
     use greyfed_protocol::model_file::ModelFile;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     let out = tempfile::tempdir().unwrap();
     let run = greyfed()
@@ -594,47 +593,13 @@ fn a_sealed_simulation_predicts_with_the_opened_layers() {
     )
     .unwrap();
 
-    let digits = builtin_splits(4).test;
-    let files: Vec<PathBuf> = digits
-        .pixels()
-        .chunks_exact(28 * 28)
-        .take(16)
-        .enumerate()
-        .map(|(i, pixels)| {
-            let file = path(&format!("digit-{i}.png"));
-            image::GrayImage::from_raw(28, 28, pixels.to_vec())
-                .unwrap()
-                .save(&file)
-                .unwrap();
-            file
-        })
-        .collect();
-    let predict = |model: &Path| {
-        let out = greyfed()
-            .arg("predict")
-            .arg("--model")
-            .arg(model)
-            .arg("--image-key")
-            .arg(path("keys/ca/image.key"))
-            .args(&files)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-            .lines()
-            .skip(1)
-            .map(|row| {
-                row.split(',')
-                    .skip(3)
-                    .map(|p| p.parse::<f64>().unwrap())
-                    .collect::<Vec<_>>()
-            })
-            .collect::<Vec<_>>()
+    let files = digit_pngs(out.path(), 16);
+    let key = path("keys/ca/image.key");
+    let predict = |model: &Path| -> Vec<Vec<f64>> {
+        common::predict(model, &key, &files)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
     };
     let opened = predict(&path("model.safetensors"));
     let own = predict(&path("participants/participant-0/model.safetensors"));
@@ -926,12 +891,11 @@ fn record_level_run_json_lets_anyone_recompute_epsilon() {
 #[test]
 fn model_transform_rotates_a_model_to_a_new_key() {
     use greyfed_participant::cipher::{ImageCipher, ImageKey};
-    use greyfed_participant::data::synthetic::builtin_splits;
     use greyfed_participant::layer_mask::KeyLayerMask;
     use greyfed_participant::model::rekeyed_weights;
     use greyfed_protocol::ModelWeights;
     use greyfed_protocol::model_file::ModelFile;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name);
@@ -1019,44 +983,8 @@ fn model_transform_rotates_a_model_to_a_new_key() {
     }
     // The new model's predictions on images under the new key are the old
     // model's under the old key (predict encrypts with the key it is given).
-    let digits = builtin_splits(4).test;
-    let files: Vec<PathBuf> = digits
-        .pixels()
-        .chunks_exact(28 * 28)
-        .take(8)
-        .enumerate()
-        .map(|(i, pixels)| {
-            let file = path(&format!("digit-{i}.png"));
-            image::GrayImage::from_raw(28, 28, pixels.to_vec())
-                .unwrap()
-                .save(&file)
-                .unwrap();
-            file
-        })
-        .collect();
-    let predict = |model: &Path, key: &str| {
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "predict".as_ref(),
-            "--model".as_ref(),
-            model.as_os_str(),
-            "--image-key".as_ref(),
-        ];
-        let key = path(key);
-        args.push(key.as_os_str());
-        args.extend(files.iter().map(|f| f.as_os_str()));
-        let (ok, stdout, err) = run(&args);
-        assert!(ok, "{err}");
-        stdout
-            .lines()
-            .skip(1)
-            .map(|row| {
-                let cells: Vec<&str> = row.split(',').collect();
-                let probabilities: Vec<f64> =
-                    cells[3..].iter().map(|p| p.parse().unwrap()).collect();
-                (cells[1].to_string(), probabilities)
-            })
-            .collect::<Vec<_>>()
-    };
+    let files = digit_pngs(dir.path(), 8);
+    let predict = |model: &Path, key: &str| common::predict(model, &path(key), &files);
     let (before, after) = (
         predict(&old_model, "old.key"),
         predict(&new_model, "new.key"),

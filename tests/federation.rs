@@ -471,19 +471,9 @@ async fn a_federation_from_a_masked_start_follows_the_unmasked_one() {
 /// of zero updates), while the rest of the model trains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_key_layers_reach_the_coordinator_only_as_the_masked_start() {
-    use greyfed_participant::layer_mask::{KeyLayerMask, key_bearing_tensors};
+    use greyfed_participant::layer_mask::key_bearing_tensors;
     let key = ImageKey::from_bytes([0x5d; 32]);
-    let input = greyfed_protocol::InputSpec {
-        rows: 28,
-        cols: 28,
-        channels: 1,
-        classes: (0..10).map(|d| d.to_string()).collect(),
-    };
-    let spec = greyfed_participant::model::builtin_spec("gridcnn", &input, 4).unwrap();
-    let mut masked_init = greyfed_participant::model::init_weights(&spec, 4).unwrap();
-    KeyLayerMask::new(&key)
-        .hide(&spec, &mut masked_init)
-        .unwrap();
+    let (spec, _, masked_init) = masked_gridcnn(&key);
     let run = |freeze: bool| {
         Federation::builder()
             .participants(3)
@@ -537,21 +527,10 @@ async fn frozen_key_layers_reach_the_coordinator_only_as_the_masked_start() {
 /// keeps a model whose other layers are the coordinator's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_key_layers_train_but_reach_the_coordinator_only_as_the_masked_start() {
-    use greyfed_participant::layer_mask::{KeyLayerMask, key_bearing_tensors, sealed_layers};
+    use greyfed_participant::layer_mask::{key_bearing_tensors, sealed_layers};
     use greyfed_protocol::model_file::ModelFile;
     let key = ImageKey::from_bytes([0x5e; 32]);
-    let input = greyfed_protocol::InputSpec {
-        rows: 28,
-        cols: 28,
-        channels: 1,
-        classes: (0..10).map(|d| d.to_string()).collect(),
-    };
-    let spec = greyfed_participant::model::builtin_spec("gridcnn", &input, 4).unwrap();
-    let plain_init = greyfed_participant::model::init_weights(&spec, 4).unwrap();
-    let mut masked_init = plain_init.clone();
-    KeyLayerMask::new(&key)
-        .hide(&spec, &mut masked_init)
-        .unwrap();
+    let (spec, plain_init, masked_init) = masked_gridcnn(&key);
     let dir = tempfile::tempdir().unwrap();
     let report = Federation::builder()
         .participants(3)
@@ -612,6 +591,24 @@ async fn sealed_key_layers_train_but_reach_the_coordinator_only_as_the_masked_st
             }
         }
     }
+}
+
+/// The 28x28 grid CNN, a seeded start and that start under `key`'s layer
+/// mask (what a key holder hands the coordinator).
+fn masked_gridcnn(key: &ImageKey) -> (ModelSpec, ModelWeights, ModelWeights) {
+    let input = greyfed_protocol::InputSpec {
+        rows: 28,
+        cols: 28,
+        channels: 1,
+        classes: (0..10).map(|d| d.to_string()).collect(),
+    };
+    let spec = greyfed_participant::model::builtin_spec("gridcnn", &input, 4).unwrap();
+    let plain = greyfed_participant::model::init_weights(&spec, 4).unwrap();
+    let mut masked = plain.clone();
+    greyfed_participant::layer_mask::KeyLayerMask::new(key)
+        .hide(&spec, &mut masked)
+        .unwrap();
+    (spec, plain, masked)
 }
 
 /// A server strategy of the caller's own replaces the built-in ones: one

@@ -134,3 +134,54 @@ pub fn no_certificate_config(ca_pem: &[u8]) -> quinn::ClientConfig {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
     quinn::ClientConfig::new(Arc::new(crypto))
 }
+
+/// Writes the first `n` images of the built-in test digits as
+/// `dir/digit-I.png` and returns their paths.
+pub fn digit_pngs(dir: &Path, n: usize) -> Vec<PathBuf> {
+    let digits = greyfed_participant::data::synthetic::builtin_splits(4).test;
+    digits
+        .pixels()
+        .chunks_exact(28 * 28)
+        .take(n)
+        .enumerate()
+        .map(|(i, pixels)| {
+            let file = dir.join(format!("digit-{i}.png"));
+            image::GrayImage::from_raw(28, 28, pixels.to_vec())
+                .expect("28x28 pixels")
+                .save(&file)
+                .expect("writing a PNG");
+            file
+        })
+        .collect()
+}
+
+/// `greyfed predict --model MODEL --image-key KEY FILES...`, which must
+/// succeed: each file's predicted class and class probabilities.
+pub fn predict(model: &Path, key: &Path, files: &[PathBuf]) -> Vec<(String, Vec<f64>)> {
+    let out = greyfed()
+        .arg("predict")
+        .arg("--model")
+        .arg(model)
+        .arg("--image-key")
+        .arg(key)
+        .args(files)
+        .output()
+        .expect("running greyfed predict");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|row| {
+            let cells: Vec<&str> = row.split(',').collect();
+            let probabilities = cells[3..]
+                .iter()
+                .map(|p| p.parse().expect("a probability"))
+                .collect();
+            (cells[1].to_string(), probabilities)
+        })
+        .collect()
+}
