@@ -27,12 +27,18 @@ const LAYERS: SealedLayers = SealedLayers {
 const STEP: f32 = 128.0 / 65535.0;
 
 fn sealed_harness(n: usize, rounds: u32, key: &SealKey) -> Harness {
+    sealed_harness_from(n, rounds, 1, key)
+}
+
+/// [`sealed_harness`] for a session that resumes at `first_round`.
+fn sealed_harness_from(n: usize, rounds: u32, first_round: u32, key: &SealKey) -> Harness {
     let mut cfg = SecAggConfig::new(7, [9; 32]);
     cfg.clip = 64.0;
     cfg.stage_timeout = std::time::Duration::from_secs(5);
     let mut session = config(n, rounds);
     session.training.key_layer_mask = true;
     session.training.sealed_layers = Some(LAYERS);
+    session.first_round = first_round;
     let mut h =
         Harness::with_aggregator(session, n, Box::new(SecAggCoordinator::new(cfg).unwrap()));
     for id in 0..n as u32 {
@@ -186,4 +192,33 @@ fn a_participant_without_the_key_or_over_plain_aggregation_refuses_to_seal() {
     };
     let err = p.handle_message(welcome, &mut rng).unwrap_err();
     assert!(err.to_string().contains("plain"), "{err}");
+}
+
+#[test]
+fn a_resumed_session_hands_out_the_sealed_sum_it_resumes_with() {
+    let key = SealKey::derive(&[0x42; 32]);
+    let mut first = sealed_harness(3, 1, &key);
+    first.drive(20_000);
+    let kept = first.coordinator.sealed().cloned().expect("round 1 sealed");
+    let values = kept.open(&key).unwrap();
+    // As after a restart from the checkpoint: round 2 of 2, the sum kept.
+    let mut resumed = sealed_harness_from(3, 2, 2, &key);
+    let placeholder = CoordinatorSession::new(
+        config(1, 1),
+        fixed_model(),
+        Box::new(PlainAggregator::new()),
+        resumed.now,
+    )
+    .unwrap();
+    let coordinator = std::mem::replace(&mut resumed.coordinator, placeholder);
+    resumed.coordinator = coordinator.with_sealed(Some(kept));
+    resumed.drive(20_000);
+    assert_eq!(resumed.completed().len(), 1);
+    for id in 0..3u32 {
+        assert_eq!(
+            resumed.opened[&(2, id)].as_deref(),
+            Some(&values[..]),
+            "participant {id} trains round 2 from the kept values"
+        );
+    }
 }
