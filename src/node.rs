@@ -505,21 +505,15 @@ fn initial_model(
 /// masked start `initial`.
 ///
 /// # Errors
-/// A start that is not masked, or not a fixed model with key-bearing
-/// tensors.
-fn sealed_layers(
-    initial: &InitialModel,
-    masked: bool,
-) -> Result<greyfed_protocol::secagg::seal::SealedLayers> {
+/// A start that is not a fixed model with key-bearing tensors.
+fn sealed_layers(initial: &InitialModel) -> Result<greyfed_protocol::secagg::seal::SealedLayers> {
     match initial {
-        InitialModel::Fixed { spec, weights, .. } if masked => Ok(
+        InitialModel::Fixed { spec, weights, .. } => Ok(
             greyfed_participant::layer_mask::sealed_layers(spec, weights)?,
         ),
-        _ => bail!(
-            "--seal-key-layers seals the key-bearing tensors of a masked start; the initial \
-             model is not masked with the image key's layer mask (start from `greyfed model \
-             aligned-start` or, in simulate, --start aligned or digits)"
-        ),
+        InitialModel::ForInput(_) => {
+            bail!("--seal-key-layers needs a fixed initial model with key-bearing tensors")
+        }
     }
 }
 
@@ -551,15 +545,20 @@ pub async fn run_coordinator(
     config.average_last = training.average_last;
     config.training = training.training.clone();
     config.training.key_layer_mask = masked;
-    if config.training.freeze_key_layers && !masked {
-        bail!(
-            "--freeze-key-layers keeps the key-bearing tensors of a masked start out of training; \
-             the initial model is not masked with the image key's layer mask (start from \
-             `greyfed model aligned-start` or, in simulate, --start aligned or digits)"
-        );
+    for (on, flag) in [
+        (config.training.freeze_key_layers, "--freeze-key-layers"),
+        (training.seal_key_layers, "--seal-key-layers"),
+    ] {
+        if on && !masked {
+            bail!(
+                "{flag} hides the key-bearing tensors of a masked start; the initial model is \
+                 not masked with the image key's layer mask (start from `greyfed model \
+                 aligned-start` or, in simulate, --start aligned or digits)"
+            );
+        }
     }
     if training.seal_key_layers {
-        config.training.sealed_layers = Some(sealed_layers(&config.initial, masked)?);
+        config.training.sealed_layers = Some(sealed_layers(&config.initial)?);
     }
     config.strategy = training.strategy;
     config.server_lr_schedule = training.server_lr_schedule;

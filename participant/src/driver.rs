@@ -296,20 +296,10 @@ impl LocalData {
         sealed: Option<Vec<f32>>,
     ) -> Result<ModelWeights> {
         let mut global = self.unmasked(spec, training.key_layer_mask, global)?;
-        if let Some(layers) = training.sealed_layers {
-            let own = crate::layer_mask::sealed_layers(spec, &global)?;
-            if (own.start, own.len) != (layers.start, layers.len) {
-                return Err(ParticipantError::Model(format!(
-                    "the coordinator seals coordinates {}..{}, but this model's key-bearing \
-                     tensors are {}..{}",
-                    layers.start,
-                    layers.start + layers.len,
-                    own.start,
-                    own.start + own.len
-                )));
-            }
+        if let Some(layers) = &training.sealed_layers {
+            let range = crate::layer_mask::sealed_range(spec, &global, layers)?;
             if let Some(values) = sealed {
-                global.set_flat_range(own.start as usize, &values)?;
+                global.set_flat_range(range.start, &values)?;
             }
         } else if sealed.is_some() {
             return Err(ParticipantError::Model(

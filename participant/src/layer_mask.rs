@@ -106,6 +106,30 @@ pub fn sealed_layers(spec: &ModelSpec, weights: &ModelWeights) -> Result<SealedL
     })
 }
 
+/// The flat positions of `layers` in `weights`, after checking that they
+/// are exactly `spec`'s key-bearing tensors (what a coordinator may seal).
+///
+/// # Errors
+/// As [`sealed_layers`], or `layers` that cover other coordinates.
+pub fn sealed_range(
+    spec: &ModelSpec,
+    weights: &ModelWeights,
+    layers: &SealedLayers,
+) -> Result<Range<usize>> {
+    let own = sealed_layers(spec, weights)?;
+    if (own.start, own.len) != (layers.start, layers.len) {
+        return Err(ParticipantError::Model(format!(
+            "the sealed layers cover coordinates {}..{}, but this model's key-bearing tensors \
+             are {}..{}",
+            layers.start,
+            layers.start + layers.len,
+            own.start,
+            own.start + own.len
+        )));
+    }
+    Ok(own.start as usize..(own.start + own.len) as usize)
+}
+
 impl KeyLayerMask {
     /// The mask of `key`.
     pub fn new(key: &ImageKey) -> Self {
@@ -151,19 +175,9 @@ impl KeyLayerMask {
     ) -> Result<()> {
         self.reveal(spec, weights)?;
         if let Some(sum) = sealed {
-            let own = sealed_layers(spec, weights)?;
-            if (own.start, own.len) != (sum.layers.start, sum.layers.len) {
-                return Err(ParticipantError::Model(format!(
-                    "the sealed sum covers coordinates {}..{}, but the key-bearing tensors are \
-                     {}..{}",
-                    sum.layers.start,
-                    sum.layers.start + sum.layers.len,
-                    own.start,
-                    own.start + own.len
-                )));
-            }
+            let range = sealed_range(spec, weights, &sum.layers)?;
             let values = sum.open(&self.seal_key())?;
-            weights.set_flat_range(own.start as usize, &values)?;
+            weights.set_flat_range(range.start, &values)?;
         }
         Ok(())
     }

@@ -490,7 +490,7 @@ impl CoordinatorSession {
     pub fn new(
         config: SessionConfig,
         initial: InitialModel,
-        aggregator: Box<dyn Aggregator>,
+        mut aggregator: Box<dyn Aggregator>,
         now: Instant,
     ) -> Result<Self, ProtocolError> {
         if config.participants == 0 || config.min_participants == 0 {
@@ -542,7 +542,6 @@ impl CoordinatorSession {
         let key_fingerprint = config.key_fingerprint.clone();
         let rounds_completed = config.first_round - 1;
         let evaluator = aggregator.for_evaluation()?;
-        let mut aggregator = aggregator;
         aggregator.set_sealed_layers(config.training.sealed_layers)?;
         Ok(Self {
             config,

@@ -1104,6 +1104,34 @@ impl TrainingArgs {
     }
 }
 
+/// QUIC transport flags, shared by `coordinator`, `participant` and
+/// `simulate`.
+#[derive(Args, Debug, Clone)]
+pub struct TransportArgs {
+    /// Congestion controller for what each side sends: `bbr` (default;
+    /// paced, barely slowed by random loss), `cubic` or `new-reno`
+    /// (loss-based: about 100 KB/s at 2% loss and 100 ms round trip).
+    #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
+    pub congestion: greyfed_protocol::transport::Congestion,
+    /// Seconds of silence after which a peer counts as gone (the smaller of
+    /// the two sides' values applies; quinn stretches it to three probe
+    /// timeouts on slow links). Shorter notices a crashed peer sooner,
+    /// longer rides out outages.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub idle_timeout: u64,
+}
+
+impl TransportArgs {
+    /// The typed settings.
+    pub fn settings(&self) -> greyfed_protocol::transport::TransportSettings {
+        greyfed_protocol::transport::TransportSettings {
+            congestion: self.congestion,
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+        }
+    }
+}
+
 /// Parses a congestion controller name for clap.
 pub fn parse_congestion(text: &str) -> Result<greyfed_protocol::transport::Congestion, String> {
     text.parse()
@@ -1172,18 +1200,9 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "N", default_value_t = greyfed_protocol::session::DEFAULT_MAX_CLAIMED_SAMPLES,
           value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
     pub max_claimed_samples: u64,
-    /// Congestion controller for what this side sends: `bbr` (default;
-    /// paced, barely slowed by random loss), `cubic` or `new-reno`
-    /// (loss-based: about 100 KB/s at 2% loss and 100 ms round trip).
-    #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
-    pub congestion: greyfed_protocol::transport::Congestion,
-    /// Seconds of silence after which a peer counts as gone (the smaller of
-    /// the two sides' values applies; quinn stretches it to three probe
-    /// timeouts on slow links). Shorter notices a crashed peer sooner,
-    /// longer rides out outages.
-    #[arg(long, value_name = "SECS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(2..=86_400))]
-    pub idle_timeout: u64,
+    /// QUIC transport settings.
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// Directory for metrics.jsonl and model.safetensors.
     #[arg(long, default_value = "out/coordinator")]
     pub out: PathBuf,
@@ -1401,18 +1420,9 @@ pub struct ParticipantArgs {
     /// pose as other participants (docs/threat-model.md).
     #[arg(long, value_name = "FILE")]
     pub peers: Option<PathBuf>,
-    /// Congestion controller for what this side sends: `bbr` (default;
-    /// paced, barely slowed by random loss), `cubic` or `new-reno`
-    /// (loss-based: about 100 KB/s at 2% loss and 100 ms round trip).
-    #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
-    pub congestion: greyfed_protocol::transport::Congestion,
-    /// Seconds of silence after which a peer counts as gone (the smaller of
-    /// the two sides' values applies; quinn stretches it to three probe
-    /// timeouts on slow links). Shorter notices a crashed peer sooner,
-    /// longer rides out outages.
-    #[arg(long, value_name = "SECS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(2..=86_400))]
-    pub idle_timeout: u64,
+    /// QUIC transport settings.
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// Seconds to keep reconnecting (with backoff) when the coordinator
     /// goes away before the session finished; 0 gives up at once.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -1478,17 +1488,9 @@ pub struct SimulateArgs {
     /// Compute threads per participant process.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Congestion controller of the coordinator and the participants
-    /// (`bbr`, `cubic` or `new-reno`; see `greyfed coordinator --help`).
-    #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
-    pub congestion: greyfed_protocol::transport::Congestion,
-    /// Seconds of silence after which a peer counts as gone (the smaller of
-    /// the two sides' values applies; quinn stretches it to three probe
-    /// timeouts on slow links). Shorter notices a crashed peer sooner,
-    /// longer rides out outages.
-    #[arg(long, value_name = "SECS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(2..=86_400))]
-    pub idle_timeout: u64,
+    /// QUIC transport settings of the coordinator and the participants.
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// Give the coordinator the image key so that it also evaluates every
     /// round's model on the whole test split (central evaluation; off by
     /// default, see docs/threat-model.md).

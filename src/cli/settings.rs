@@ -238,10 +238,7 @@ impl CoordinatorArgs {
             dump_aggregates: self.dump_aggregates.clone(),
             addr_file: self.addr_file.clone(),
             resume: self.resume.clone(),
-            transport: greyfed_protocol::transport::TransportSettings {
-                congestion: self.congestion,
-                idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
-            },
+            transport: self.transport.settings(),
             central,
             training: self.training.settings()?,
         })
@@ -291,10 +288,7 @@ impl ParticipantArgs {
             dp_min_noise_multiplier: self.dp_min_noise_multiplier,
             dp_sgd_min_noise_multiplier: self.dp_sgd_min_noise_multiplier,
             peers: self.peers.clone(),
-            transport: greyfed_protocol::transport::TransportSettings {
-                congestion: self.congestion,
-                idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
-            },
+            transport: self.transport.settings(),
             data: self.data.settings()?,
         })
     }
@@ -354,10 +348,7 @@ impl SimulateArgs {
                 DropoutStageArg::Stage(stage) => Some(stage),
             },
             threads: self.threads,
-            transport: greyfed_protocol::transport::TransportSettings {
-                congestion: self.congestion,
-                idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
-            },
+            transport: self.transport.settings(),
             central_eval: self.central_eval,
             data: crate::simulate::SimulationData {
                 path: data.data.clone(),
