@@ -55,7 +55,10 @@ pub struct RoundRecord {
     pub bytes_up: u64,
     /// Bytes sent to participants during the round.
     pub bytes_down: u64,
-    /// Wall time of the round in seconds.
+    /// Wall time of the round in seconds: from its start to the next
+    /// round's start (the next round trains while this one's model is
+    /// evaluated), or to its completion for the last round. The rounds'
+    /// `secs` add up to the session's time from the first round's start.
     pub secs: f64,
     /// Seconds per secure-aggregation stage (`advertise`, `share`, `masked`,
     /// `unmask`), measured at the coordinator from the round's start or the

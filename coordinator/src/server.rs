@@ -454,10 +454,10 @@ impl Driver {
                 wire_bytes,
                 _permit,
             } => {
-                self.round_bytes
-                    .entry(self.session.current_round())
-                    .or_default()
-                    .0 += wire_bytes as u64;
+                // A round's evaluation overlaps the next round's training:
+                // bytes count towards the round their message names.
+                let round = msg.round().unwrap_or(self.session.current_round());
+                self.round_bytes.entry(round).or_default().0 += wire_bytes as u64;
                 let kind = msg.kind();
                 match self.session.handle_message(now, id, msg) {
                     Ok(()) => {
@@ -518,21 +518,16 @@ impl Driver {
     }
 
     /// Queues an encoded frame for `to`, counting it towards the `bytes_down`
-    /// of the round in progress. A participant too far behind to take it is
-    /// closed (its Closed event then tells the session).
-    fn send_frame(&mut self, to: ParticipantId, frame: Bytes) {
+    /// of `round`. A participant too far behind to take it is closed (its
+    /// Closed event then tells the session).
+    fn send_frame(&mut self, to: ParticipantId, round: u32, frame: Bytes) {
         let budget = self.links.outbound_budget(&self.session);
         let Some(link) = self.connections.get(&to) else {
             return;
         };
         let len = frame.len() as u64;
         match link.send_frame(frame, budget) {
-            Ok(()) => {
-                self.round_bytes
-                    .entry(self.session.current_round())
-                    .or_default()
-                    .1 += len;
-            }
+            Ok(()) => self.round_bytes.entry(round).or_default().1 += len,
             Err(backlog) => {
                 warn!(
                     id = to,
@@ -554,7 +549,8 @@ impl Driver {
             },
             self.max_frame,
         ) {
-            self.send_frame(id, frame.into());
+            let round = self.session.current_round();
+            self.send_frame(id, round, frame.into());
         }
         if let Some(link) = self.connections.remove(&id) {
             link.finish(code, reason);
@@ -680,11 +676,12 @@ impl Driver {
     }
 
     /// Encodes and queues everything the session wants to send. The session
-    /// gives every evaluator's `EvaluateRequest` the same model `Arc`: that
-    /// request is encoded once and its bytes shared (not copied), so a
-    /// round's evaluation holds one encoded model, not one per evaluator.
+    /// gives every evaluator's `EvaluateRequest` the same model (or delta)
+    /// `Arc`: that request is encoded once and its bytes shared (not
+    /// copied), so a round's evaluation holds one encoded model (and one
+    /// delta), not one per evaluator.
     fn flush_transmits(&mut self) {
-        let mut evaluate_frame: Option<(u32, Arc<ModelWeights>, Bytes)> = None;
+        let mut evaluate_frames: Vec<(u32, *const (), Bytes)> = Vec::new();
         while let Some((to, msg)) = self.session.poll_transmit() {
             let Some(link) = self.connections.get_mut(&to) else {
                 continue;
@@ -695,20 +692,31 @@ impl Driver {
                 self.links.admit(&self.session, link);
             }
             let frame = match &msg {
-                Message::EvaluateRequest { round, global, .. } => match &evaluate_frame {
-                    Some((r, model, frame)) if r == round && Arc::ptr_eq(model, global) => {
-                        Ok(frame.clone())
+                Message::EvaluateRequest { round, global, .. } => {
+                    let shared = match global {
+                        greyfed_protocol::GlobalModel::Weights(w) => Arc::as_ptr(w).cast::<()>(),
+                        greyfed_protocol::GlobalModel::Delta(d) => Arc::as_ptr(d).cast::<()>(),
+                        greyfed_protocol::GlobalModel::Evaluated { .. } => std::ptr::null(),
+                    };
+                    match evaluate_frames
+                        .iter()
+                        .find(|(r, p, _)| r == round && *p == shared && !p.is_null())
+                    {
+                        Some((_, _, frame)) => Ok(frame.clone()),
+                        None => encode_frame(&msg, self.max_frame).map(|f| {
+                            let f = Bytes::from(f);
+                            evaluate_frames.push((*round, shared, f.clone()));
+                            f
+                        }),
                     }
-                    _ => encode_frame(&msg, self.max_frame).map(|f| {
-                        let f = Bytes::from(f);
-                        evaluate_frame = Some((*round, global.clone(), f.clone()));
-                        f
-                    }),
-                },
+                }
                 _ => encode_frame(&msg, self.max_frame).map(Bytes::from),
             };
             match frame {
-                Ok(frame) => self.send_frame(to, frame),
+                Ok(frame) => {
+                    let round = msg.round().unwrap_or(self.session.current_round());
+                    self.send_frame(to, round, frame);
+                }
                 Err(e) => warn!(to, kind = msg.kind(), "cannot encode message: {e}"),
             }
         }
@@ -786,6 +794,16 @@ impl Driver {
         }
         let (up, down) = self.round_bytes.remove(&s.round).unwrap_or_default();
         let start = self.round_start.remove(&s.round).unwrap_or(now);
+        // The round's share of the session's wall time: until the next round
+        // started (alongside this one's evaluation), or until now for the
+        // last round.
+        let end = self
+            .round_start
+            .range(s.round + 1..)
+            .next()
+            .map_or(now, |(_, &t)| t.min(now));
+        // Abandoned rounds before this one have no record to time.
+        self.round_start.retain(|&r, _| r > s.round);
         // Counted when the round was aggregated.
         let dp = self.dp_rounds.remove(&s.round);
         let record = RoundRecord {
@@ -812,7 +830,7 @@ impl Driver {
             aggregation: self.session.aggregation_kind().to_string(),
             bytes_up: up,
             bytes_down: down,
-            secs: now.duration_since(start).as_secs_f64(),
+            secs: end.saturating_duration_since(start).as_secs_f64(),
             dp_noise_multiplier: dp.map(|d| d.noise_multiplier),
             dp_epsilon: dp.map(|d| d.epsilon),
             dp_epsilon_coordinator: dp.map(|d| d.epsilon_coordinator),

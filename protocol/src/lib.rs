@@ -23,6 +23,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod model_delta;
 pub mod model_file;
 pub mod participant;
 pub mod privacy;
@@ -39,4 +40,4 @@ pub use message::*;
 pub use weights::{ModelWeights, NamedTensor};
 
 /// Version of the wire protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;

@@ -359,7 +359,7 @@ mod tests {
             Message::EvaluateRequest {
                 sealed: None,
                 round: 1,
-                global: Arc::new(weights(2)),
+                global: Arc::new(weights(2)).into(),
             },
             Message::Evaluation {
                 round: 1,
@@ -645,7 +645,7 @@ mod tests {
             &Message::EvaluateRequest {
                 sealed: None,
                 round: u32::MAX,
-                global: model,
+                global: model.into(),
             },
             DEFAULT_MAX_FRAME,
         )

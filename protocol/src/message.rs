@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cipher::CipherSpec,
+    model_delta::ModelDelta,
     secagg::message::{SecAggDownload, SecAggUpload},
     secagg::seal::{SealedLayers, SealedSum},
     weights::ModelWeights,
@@ -848,12 +849,15 @@ impl Hello {
     }
 }
 
-/// The global model a [`Message::TrainRequest`] starts from.
+/// The global model a [`Message::TrainRequest`] starts from, or that a
+/// [`Message::EvaluateRequest`] evaluates.
 ///
 /// The model evaluated at the end of round `r` is the one round `r + 1`
 /// trains from, so the coordinator sends a participant that evaluated it
-/// only a reference instead of the same weights again (half the downlink
-/// bytes of a round).
+/// only a reference instead of the same weights again; and a participant
+/// that holds the previous round's model gets the new one as a lossless
+/// delta from it. Either way the participant's model is the coordinator's
+/// bit for bit (a delta names the model it gives by its digest).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GlobalModel {
     /// The weights themselves, shared by every recipient's message (the
@@ -861,11 +865,26 @@ pub enum GlobalModel {
     /// participant).
     Weights(Arc<ModelWeights>),
     /// The model of the participant's `EvaluateRequest` for `round`, which
-    /// it keeps until its next training.
+    /// it keeps until its next training (in a `TrainRequest` only).
     Evaluated {
         /// Round of that `EvaluateRequest`.
         round: u32,
     },
+    /// The weights as a delta from the last model the participant received
+    /// (see [`ModelDelta`]), shared by every recipient's message.
+    Delta(Arc<ModelDelta>),
+}
+
+impl From<ModelWeights> for GlobalModel {
+    fn from(weights: ModelWeights) -> Self {
+        GlobalModel::Weights(Arc::new(weights))
+    }
+}
+
+impl From<Arc<ModelWeights>> for GlobalModel {
+    fn from(weights: Arc<ModelWeights>) -> Self {
+        GlobalModel::Weights(weights)
+    }
 }
 
 /// How participants' updates are aggregated.
@@ -1170,8 +1189,9 @@ pub enum Message {
     EvaluateRequest {
         /// Round whose aggregated model is evaluated.
         round: u32,
-        /// The new global model, shared by every evaluator's message.
-        global: Arc<ModelWeights>,
+        /// The new global model (weights or a delta, never a reference),
+        /// shared by every evaluator's message of that form.
+        global: GlobalModel,
         /// The sealed layers' padded sum that goes with `global`.
         sealed: Option<Arc<SealedSum>>,
     },
@@ -1227,6 +1247,24 @@ pub enum Message {
 }
 
 impl Message {
+    /// The round a message belongs to, for the kinds that name one.
+    pub fn round(&self) -> Option<u32> {
+        match self {
+            Message::TrainRequest { round, .. }
+            | Message::Contribution { round, .. }
+            | Message::EvaluateRequest { round, .. }
+            | Message::Evaluation { round, .. }
+            | Message::SecAgg { round, .. }
+            | Message::Withdraw { round }
+            | Message::TrainingTime { round, .. } => Some(*round),
+            Message::Hello(_)
+            | Message::Welcome { .. }
+            | Message::Reject { .. }
+            | Message::Finished { .. }
+            | Message::Error { .. } => None,
+        }
+    }
+
     /// Short variant name for errors and logs.
     pub fn kind(&self) -> &'static str {
         match self {

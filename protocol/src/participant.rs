@@ -92,6 +92,15 @@ enum State {
     Finished,
 }
 
+/// A model the participant received, with its digest.
+#[derive(Debug)]
+struct HeldModel {
+    weights: ModelWeights,
+    digest: [u8; 32],
+    /// The round it was sent to evaluate, if it came in an EvaluateRequest.
+    evaluated: Option<u32>,
+}
+
 /// The participant's state machine. See the module docs.
 #[derive(Debug)]
 pub struct ParticipantSession {
@@ -105,9 +114,10 @@ pub struct ParticipantSession {
     /// Digests of every model evaluated in this session: the same model is
     /// evaluated once, whatever round number it comes under.
     evaluated_models: std::collections::HashSet<[u8; 32]>,
-    /// The model of the last `EvaluateRequest` and its round, kept for a
-    /// `TrainRequest` that refers to it ([`GlobalModel::Evaluated`]).
-    evaluated: Option<(u32, ModelWeights, [u8; 32])>,
+    /// The last model we received, kept for a `TrainRequest` that refers
+    /// to it ([`GlobalModel::Evaluated`]) and as the base of the next
+    /// [`GlobalModel::Delta`].
+    held: Option<HeldModel>,
     /// Our side of the current round's secure update sum, if any.
     update_sum: Option<SecAggParticipant>,
     /// Our side of the current round's secure evaluation sum, if any.
@@ -131,7 +141,7 @@ impl ParticipantSession {
             last_round: 0,
             last_evaluated: 0,
             evaluated_models: std::collections::HashSet::new(),
-            evaluated: None,
+            held: None,
             update_sum: None,
             eval_sum: None,
             auth: None,
@@ -272,26 +282,8 @@ impl ParticipantSession {
                         got: round,
                     });
                 }
-                let (global, digest) = match global {
-                    GlobalModel::Weights(w) => {
-                        w.validate()?;
-                        let digest = w.digest();
-                        (Arc::unwrap_or_clone(w), digest)
-                    }
-                    GlobalModel::Evaluated { round: wanted } => match self.evaluated.take() {
-                        Some((held, w, digest)) if held == wanted => (w, digest),
-                        other => {
-                            return Err(ProtocolError::MissingModel {
-                                wanted,
-                                held: other.map_or("none".into(), |(r, _, _)| {
-                                    format!("round {r}'s model")
-                                }),
-                            });
-                        }
-                    },
-                };
+                let (global, digest) = self.receive(global, None)?;
                 let sealed = self.open_sealed(&global, sealed.as_deref())?;
-                self.evaluated = None;
                 self.last_round = round;
                 self.state = State::Training { round };
                 self.update_sum =
@@ -314,8 +306,6 @@ impl ParticipantSession {
                     sealed,
                 },
             ) => {
-                global.validate()?;
-                let global = Arc::unwrap_or_clone(global);
                 // A participant admitted during the round evaluates it too.
                 if round < self.last_round {
                     return Err(ProtocolError::WrongRound {
@@ -326,15 +316,19 @@ impl ParticipantSession {
                 if round <= self.last_evaluated {
                     return Err(ProtocolError::RepeatedEvaluation { round });
                 }
+                if let GlobalModel::Evaluated { .. } = global {
+                    return Err(ProtocolError::Malformed(
+                        "an EvaluateRequest must carry its model, not refer to one".into(),
+                    ));
+                }
+                let (global, digest) = self.receive(global, Some(round))?;
                 // The same model under a new round number would let the
                 // coordinator difference two sums over different evaluators.
-                let digest = global.digest();
                 if !self.evaluated_models.insert(digest) {
                     return Err(ProtocolError::RepeatedEvaluation { round });
                 }
                 self.last_round = round;
                 self.last_evaluated = round;
-                self.evaluated = Some((round, global.clone(), digest));
                 self.state = State::Evaluating { round };
                 // Accuracy, loss and the confusion counts of the model's classes.
                 let classes = self
@@ -380,6 +374,57 @@ impl ParticipantSession {
                 got: other.kind(),
             }),
         }
+    }
+
+    /// The model `global` names and its digest, kept as the model we hold
+    /// (marked as `evaluated` round's evaluation model when given).
+    ///
+    /// # Errors
+    /// Invalid weights, a reference to a model we do not hold, or a delta
+    /// that does not apply to the model we hold or does not give the model
+    /// it names.
+    fn receive(
+        &mut self,
+        global: GlobalModel,
+        evaluated: Option<u32>,
+    ) -> Result<(ModelWeights, [u8; 32]), ProtocolError> {
+        let (weights, digest) = match global {
+            GlobalModel::Weights(w) => {
+                w.validate()?;
+                let digest = w.digest();
+                (Arc::unwrap_or_clone(w), digest)
+            }
+            GlobalModel::Evaluated { round: wanted } => {
+                return match &self.held {
+                    Some(held) if held.evaluated == Some(wanted) => {
+                        Ok((held.weights.clone(), held.digest))
+                    }
+                    other => Err(ProtocolError::MissingModel {
+                        wanted,
+                        held: match other.as_ref().and_then(|h| h.evaluated) {
+                            Some(r) => format!("round {r}'s model"),
+                            None => "none".into(),
+                        },
+                    }),
+                };
+            }
+            GlobalModel::Delta(delta) => {
+                let Some(held) = &self.held else {
+                    return Err(ProtocolError::InvalidWeights(
+                        "a model delta came before any model to apply it to".into(),
+                    ));
+                };
+                let (weights, digest) = delta.apply(&held.weights, held.digest)?;
+                weights.validate()?;
+                (weights, digest)
+            }
+        };
+        self.held = Some(HeldModel {
+            weights: weights.clone(),
+            digest,
+            evaluated,
+        });
+        Ok((weights, digest))
     }
 
     /// Opens the sealed layers' padded sum that came with `global`: `None`

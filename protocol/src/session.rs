@@ -21,13 +21,22 @@
 //!
 //! A round's phases: `Training` (TrainRequest out, Contributions in, through
 //! the [`Aggregator`]) → `AwaitingModel` (the driver applies the strategy) →
-//! `Evaluating` (EvaluateRequest out to every participant with a test split,
+//! evaluation (EvaluateRequest out to every participant with a test split,
 //! Evaluations in, through a second aggregator of the same scheme from
 //! [`Aggregator::for_evaluation`], so the coordinator learns only the
-//! sample-weighted mean metrics) → next round. Each waiting phase has a
-//! deadline; participants that miss it are treated as dropped for that
-//! phase. A failed evaluation sum (too few evaluators left) is reported and
-//! the round still completes: its model is already applied.
+//! sample-weighted mean metrics). The evaluation of round `r`'s model runs
+//! alongside round `r + 1`'s training: `apply_global` sends the
+//! EvaluateRequests and then the next round's TrainRequests (which refer to
+//! the model just sent, [`GlobalModel::Evaluated`]), so a round's wall time
+//! is its training and aggregation, not also the evaluation's round trips.
+//! Events keep round order all the same: [`SessionEvent::RoundCompleted`]
+//! for `r` comes before [`SessionEvent::Aggregated`] for `r + 1` (a result
+//! that is ready first waits), so the driver's model, strategy state and
+//! checkpoint at `RoundCompleted` are round `r`'s. After the last round the
+//! session waits for its evaluation (phase `Evaluating`) and then finishes.
+//! Each waiting sum has a deadline; participants that miss it are treated as
+//! dropped for that sum. A failed evaluation sum (too few evaluators left)
+//! is reported and the round still completes: its model is already applied.
 //!
 //! Identity: a participant is known by the identity the driver authenticated
 //! (the coordinator takes it from the participant's TLS client certificate)
@@ -62,6 +71,7 @@ use crate::{
         AggregationPayload, EvalMetrics, EvalSummary, GlobalModel, Hello, InputSpec, Message,
         ModelSpec, ParticipantId, SessionInfo, SumKind, TrainingConfig,
     },
+    model_delta::ModelDelta,
     secagg::seal::SealedSum,
     weights::ModelWeights,
 };
@@ -403,10 +413,31 @@ pub enum SessionEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Joining,
-    Training { round: u32 },
-    AwaitingModel { round: u32 },
-    Evaluating { round: u32 },
+    Training {
+        round: u32,
+    },
+    AwaitingModel {
+        round: u32,
+    },
+    /// No round trains: the last round's evaluation is finishing.
+    Evaluating {
+        round: u32,
+    },
     Over,
+}
+
+/// A round whose model is being evaluated (while the next round trains).
+#[derive(Debug)]
+struct Evaluation {
+    round: u32,
+    /// The round's training record, completed with the evaluation.
+    record: RoundState,
+    started: Instant,
+    /// Who was asked to evaluate.
+    evaluators: BTreeSet<ParticipantId>,
+    /// The (clamped) claimed test samples of the evaluators.
+    test_claims: BTreeMap<ParticipantId, u64>,
+    deadline: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -418,6 +449,9 @@ struct Peer {
     /// Round of the last `EvaluateRequest` sent to this participant (which
     /// it keeps, see [`GlobalModel::Evaluated`]).
     evaluated: Option<u32>,
+    /// Digest of the last model sent to this participant, which it keeps
+    /// as the base of a [`GlobalModel::Delta`].
+    holds: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Default)]
@@ -431,14 +465,9 @@ struct RoundState {
     train_cpu_secs: BTreeMap<ParticipantId, f64>,
     contributors: Vec<ParticipantId>,
     dropped: Vec<ParticipantId>,
-    /// Who was asked to evaluate.
-    evaluators: BTreeSet<ParticipantId>,
     /// The (clamped) claimed training samples of the cohort, at the round's
     /// start: the decoded total weight may not exceed the contributors' sum.
     train_claims: BTreeMap<ParticipantId, u64>,
-    /// The (clamped) claimed test samples of the evaluators.
-    test_claims: BTreeMap<ParticipantId, u64>,
-    evaluation_started: Option<Instant>,
     stage_secs: Vec<(&'static str, f64)>,
     /// Who was caught breaking the protocol in the round's sums.
     misbehaved: Vec<(ParticipantId, String)>,
@@ -469,8 +498,14 @@ pub struct CoordinatorSession {
     peers: BTreeMap<ParticipantId, Peer>,
     /// The last round whose evaluation finished (its stragglers are late).
     last_evaluated: u32,
+    /// The training sum's (or, while joining, the join) deadline.
     deadline: Option<Instant>,
     round: RoundState,
+    /// The evaluation in flight, if any.
+    evaluation: Option<Evaluation>,
+    /// An aggregated round that waits for the evaluation in flight before
+    /// its [`SessionEvent::Aggregated`] goes out.
+    held: Option<AggregateResult>,
     rounds_completed: u32,
     key_fingerprint: Option<String>,
     /// The cipher of the first admitted participant; all others must match.
@@ -558,6 +593,8 @@ impl CoordinatorSession {
             last_evaluated: 0,
             deadline,
             round: RoundState::default(),
+            evaluation: None,
+            held: None,
             rounds_completed,
             key_fingerprint,
             cipher: None,
@@ -844,27 +881,26 @@ impl CoordinatorSession {
     }
 
     /// Checks that an Evaluation from `from` for `msg_round` is expected:
-    /// the evaluation phase of the round in progress, from someone asked.
+    /// the evaluation in flight is that round's, and `from` was asked.
     /// Uploads for an evaluation that already finished (spare unmasking
     /// shares) are [`ProtocolError::Late`].
     fn expect_evaluation(&self, from: ParticipantId, msg_round: u32) -> Result<(), ProtocolError> {
-        if msg_round != 0 && msg_round == self.last_evaluated {
+        if msg_round != 0 && msg_round <= self.last_evaluated {
             return Err(ProtocolError::Late("Evaluation"));
         }
-        let current = self.current_round();
-        if msg_round != current {
-            return Err(ProtocolError::WrongRound {
-                current,
-                got: msg_round,
-            });
-        }
-        if !matches!(self.phase, Phase::Evaluating { .. }) {
+        let Some(evaluation) = &self.evaluation else {
             return Err(ProtocolError::UnexpectedMessage {
                 expected: self.phase_expects(),
                 got: "Evaluation",
             });
+        };
+        if msg_round != evaluation.round {
+            return Err(ProtocolError::WrongRound {
+                current: evaluation.round,
+                got: msg_round,
+            });
         }
-        if !self.round.evaluators.contains(&from) {
+        if !evaluation.evaluators.contains(&from) {
             return Err(ProtocolError::UnknownParticipant(from));
         }
         Ok(())
@@ -1057,6 +1093,7 @@ impl CoordinatorSession {
                 train_samples,
                 test_samples,
                 evaluated: None,
+                holds: None,
             },
         );
         self.outbox.push_back((
@@ -1089,32 +1126,40 @@ impl CoordinatorSession {
         if self.peers.remove(&id).is_none() {
             return;
         }
-        match self.phase {
-            Phase::Training { round } if self.round.cohort.contains(&id) => {
-                self.aggregator.handle_dropout(now, id);
-                self.drain_aggregator(now, round);
-            }
-            Phase::Evaluating { .. } if self.round.evaluators.contains(&id) => {
-                self.evaluator.handle_dropout(now, id);
-                self.drain_evaluator(now);
-            }
-            _ => {}
+        if self
+            .evaluation
+            .as_ref()
+            .is_some_and(|e| e.evaluators.contains(&id))
+        {
+            self.evaluator.handle_dropout(now, id);
+            self.drain_evaluator(now);
+        }
+        if let Phase::Training { round } = self.phase
+            && self.round.cohort.contains(&id)
+        {
+            self.aggregator.handle_dropout(now, id);
+            self.drain_aggregator(now, round);
         }
     }
 
     /// Advances on the clock: a passed deadline turns whoever the phase still
     /// waits for into dropouts for that phase.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(evaluation) = &mut self.evaluation {
+            let evaluators = evaluation.evaluators.iter().copied();
+            expire(
+                &mut *self.evaluator,
+                &mut evaluation.deadline,
+                evaluators,
+                now,
+            );
+            self.drain_evaluator(now);
+        }
         match self.phase {
             Phase::Training { round } => {
                 let cohort = self.round.cohort.iter().copied();
                 expire(&mut *self.aggregator, &mut self.deadline, cohort, now);
                 self.drain_aggregator(now, round);
-            }
-            Phase::Evaluating { .. } => {
-                let evaluators = self.round.evaluators.iter().copied();
-                expire(&mut *self.evaluator, &mut self.deadline, evaluators, now);
-                self.drain_evaluator(now);
             }
             Phase::Joining if self.deadline.is_some_and(|d| now >= d) => {
                 self.deadline = None;
@@ -1128,12 +1173,15 @@ impl CoordinatorSession {
                     ));
                 }
             }
-            Phase::Joining | Phase::AwaitingModel { .. } | Phase::Over => {}
+            Phase::Joining
+            | Phase::AwaitingModel { .. }
+            | Phase::Evaluating { .. }
+            | Phase::Over => {}
         }
     }
 
-    /// Installs the next global model after [`SessionEvent::Aggregated`] and
-    /// starts the round's evaluation.
+    /// Installs the next global model after [`SessionEvent::Aggregated`],
+    /// starts the round's evaluation and, alongside it, the next round.
     pub fn apply_global(
         &mut self,
         now: Instant,
@@ -1153,14 +1201,48 @@ impl CoordinatorSession {
                 "the new global model contains NaN or infinity".into(),
             ));
         }
-        self.global = Some(global);
+        let previous_digest = self.round_global_digest();
+        let previous = self.global.replace(global).map(|w| (w, previous_digest));
         self.global_digest = None;
         self.global_round = Some(round);
         if let Some(sealed) = self.pending_sealed.take() {
             self.sealed = Some(Arc::new(sealed));
         }
-        self.phase = Phase::Evaluating { round };
-        self.round.evaluation_started = Some(now);
+        let record = std::mem::take(&mut self.round);
+        match self.begin_evaluation(now, round, previous) {
+            Some((evaluators, test_claims)) => {
+                self.evaluation = Some(Evaluation {
+                    round,
+                    record,
+                    started: now,
+                    evaluators,
+                    test_claims,
+                    deadline: Some(now + self.config.evaluation_timeout),
+                });
+                // The evaluator's first messages go out after the
+                // EvaluateRequests, the next round's TrainRequests after both.
+                self.drain_evaluator(now);
+            }
+            None => self.complete_round(round, record, None, None),
+        }
+        if !self.is_over() {
+            self.start_round(now, round + 1);
+        }
+        Ok(())
+    }
+
+    /// Sends round `round`'s model to every participant with a test split
+    /// (as a delta from `previous`, the model it replaced, to those that
+    /// hold that one) and begins the evaluation sum over them; returns the
+    /// evaluators and their test claims, or `None` (reported) when nobody
+    /// can evaluate.
+    #[allow(clippy::type_complexity)]
+    fn begin_evaluation(
+        &mut self,
+        now: Instant,
+        round: u32,
+        previous: Option<(ModelWeights, [u8; 32])>,
+    ) -> Option<(BTreeSet<ParticipantId>, BTreeMap<ParticipantId, u64>)> {
         // Everyone connected with a test split evaluates, in the cohort or
         // not (participants admitted during the round included).
         let evaluators: Vec<ParticipantId> = self
@@ -1170,8 +1252,7 @@ impl CoordinatorSession {
             .map(|(&id, _)| id)
             .collect();
         if evaluators.is_empty() {
-            self.finish_evaluation(now, round, None);
-            return Ok(());
+            return None;
         }
         let max_weight = evaluators
             .iter()
@@ -1196,34 +1277,51 @@ impl CoordinatorSession {
                     round,
                     reason: e.to_string(),
                 });
-                self.finish_evaluation(now, round, None);
-                return Ok(());
+                return None;
             }
         }
-        self.round.evaluators = evaluators.iter().copied().collect();
-        self.round.test_claims = evaluators
+        let test_claims = evaluators
             .iter()
             .filter_map(|id| self.peers.get(id).map(|p| (*id, p.test_samples)))
             .collect();
-        // One copy of the model for every EvaluateRequest.
-        let shared = Arc::new(self.round_global().clone());
+        // One copy of the model, or of the delta, for every EvaluateRequest.
+        let mut weights: Option<Arc<ModelWeights>> = None;
+        let mut delta: Option<Arc<ModelDelta>> = None;
         for &id in &evaluators {
+            let holds_previous = match (&previous, self.peers.get(&id)) {
+                (Some((_, d)), Some(peer)) => peer.holds == Some(*d),
+                _ => false,
+            };
+            if holds_previous && delta.is_none() {
+                let (base, base_digest) = previous.as_ref().expect("checked above");
+                // Layouts are fixed for a session; should encoding fail
+                // anyway, the weights go instead.
+                delta = ModelDelta::encode(base, *base_digest, self.round_global(), digest)
+                    .ok()
+                    .map(Arc::new);
+            }
+            let global = match &delta {
+                Some(d) if holds_previous => GlobalModel::Delta(d.clone()),
+                _ => GlobalModel::Weights(
+                    weights
+                        .get_or_insert_with(|| Arc::new(self.round_global().clone()))
+                        .clone(),
+                ),
+            };
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.evaluated = Some(round);
+                peer.holds = Some(digest);
             }
             self.outbox.push_back((
                 id,
                 Message::EvaluateRequest {
                     round,
-                    global: shared.clone(),
+                    global,
                     sealed: self.sealed.clone(),
                 },
             ));
         }
-        self.deadline = Some(now + self.config.evaluation_timeout);
-        // The evaluator's first messages go out after the EvaluateRequests.
-        self.drain_evaluator(now);
-        Ok(())
+        Some((evaluators.into_iter().collect(), test_claims))
     }
 
     /// Next message to send, with its recipient.
@@ -1238,20 +1336,25 @@ impl CoordinatorSession {
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let own = match self.phase {
+        let training = match self.phase {
             Phase::Training { .. } => self.aggregator.poll_timeout(),
-            Phase::Evaluating { .. } => self.evaluator.poll_timeout(),
             _ => None,
         };
-        match (own, self.deadline) {
-            (Some(a), Some(d)) => Some(a.min(d)),
-            (a, d) => a.or(d),
-        }
+        let evaluation = self
+            .evaluation
+            .as_ref()
+            .and_then(|e| earliest(self.evaluator.poll_timeout(), e.deadline));
+        earliest(earliest(training, self.deadline), evaluation)
     }
 
     fn start_round(&mut self, now: Instant, round: u32) {
         if round > self.config.rounds {
-            self.finish();
+            self.deadline = None;
+            match &self.evaluation {
+                // The last evaluation finishes the session.
+                Some(e) => self.phase = Phase::Evaluating { round: e.round },
+                None => self.finish(),
+            }
             return;
         }
         let connected = self.peers.len();
@@ -1325,11 +1428,16 @@ impl CoordinatorSession {
                 (Some(r), Some(peer)) if peer.evaluated == Some(r) => {
                     GlobalModel::Evaluated { round: r }
                 }
-                _ => GlobalModel::Weights(
-                    shared
-                        .get_or_insert_with(|| Arc::new(self.round_global().clone()))
-                        .clone(),
-                ),
+                _ => {
+                    if let Some(peer) = self.peers.get_mut(&id) {
+                        peer.holds = Some(digest);
+                    }
+                    GlobalModel::Weights(
+                        shared
+                            .get_or_insert_with(|| Arc::new(self.round_global().clone()))
+                            .clone(),
+                    )
+                }
             };
             self.outbox.push_back((
                 id,
@@ -1425,7 +1533,12 @@ impl CoordinatorSession {
                 self.phase = Phase::AwaitingModel { round };
                 self.deadline = None;
                 self.pending_sealed = result.sealed.clone();
-                self.events.push_back(SessionEvent::Aggregated(result));
+                if self.evaluation.is_some() {
+                    // Round order: the evaluation in flight completes first.
+                    self.held = Some(result);
+                } else {
+                    self.events.push_back(SessionEvent::Aggregated(result));
+                }
             }
             Some(Err(e)) => {
                 self.events.push_back(SessionEvent::RoundAbandoned {
@@ -1438,19 +1551,19 @@ impl CoordinatorSession {
     }
 
     fn drain_evaluator(&mut self, now: Instant) {
-        let Phase::Evaluating { round } = self.phase else {
+        let Some(evaluation) = &self.evaluation else {
             return;
         };
+        let round = evaluation.round;
         while let Some(t) = self.evaluator.poll_transmit() {
             self.outbox.push_back(t);
         }
+        let mut misbehaved = Vec::new();
         let eval = match self.evaluator.poll_result() {
             None => return,
             Some(Ok(result)) => {
-                self.round
-                    .misbehaved
-                    .extend(result.misbehaved.iter().cloned());
-                weight_within_claims(&result, &self.round.test_claims).and_then(|()| {
+                misbehaved.clone_from(&result.misbehaved);
+                weight_within_claims(&result, &evaluation.test_claims).and_then(|()| {
                     EvalSummary::from_mean(
                         &result.mean_update,
                         result.total_weight.round() as u64,
@@ -1468,20 +1581,34 @@ impl CoordinatorSession {
                 });
             })
             .ok();
-        self.finish_evaluation(now, round, eval);
+        let evaluation = self.evaluation.take().expect("checked above");
+        let mut record = evaluation.record;
+        record.misbehaved.extend(misbehaved);
+        let secs = now.saturating_duration_since(evaluation.started);
+        self.complete_round(round, record, eval, Some(secs.as_secs_f64()));
+        // What waited for this evaluation goes on.
+        if let Some(result) = self.held.take() {
+            self.events.push_back(SessionEvent::Aggregated(result));
+        }
+        if let Phase::Evaluating { .. } = self.phase {
+            self.finish();
+        }
     }
 
-    /// Completes `round` with its evaluation `eval` and starts the next.
-    fn finish_evaluation(&mut self, now: Instant, round: u32, eval: Option<EvalSummary>) {
-        let mut r = std::mem::take(&mut self.round);
-        if let Some(start) = r.evaluation_started {
-            r.stage_secs.push((
-                "evaluate",
-                now.saturating_duration_since(start).as_secs_f64(),
-            ));
+    /// Reports `round` completed with its evaluation `eval` (which took
+    /// `evaluate_secs`, when one was begun).
+    fn complete_round(
+        &mut self,
+        round: u32,
+        r: RoundState,
+        eval: Option<EvalSummary>,
+        evaluate_secs: Option<f64>,
+    ) {
+        let mut stage_secs = r.stage_secs;
+        if let Some(secs) = evaluate_secs {
+            stage_secs.push(("evaluate", secs));
         }
         self.last_evaluated = round;
-        self.deadline = None;
         self.rounds_completed += 1;
         self.events
             .push_back(SessionEvent::RoundCompleted(RoundSummary {
@@ -1497,10 +1624,9 @@ impl CoordinatorSession {
                 train_cpu_secs: (!r.train_cpu_secs.is_empty())
                     .then(|| r.train_cpu_secs.values().sum()),
                 eval,
-                stage_secs: r.stage_secs,
+                stage_secs,
                 misbehaved: r.misbehaved,
             }));
-        self.start_round(now, round + 1);
     }
 
     fn finish(&mut self) {
@@ -1569,6 +1695,14 @@ fn begin_with_weight_bound(
             Err(ProtocolError::BitBudget(_)) if bound > 1 => bound /= 2,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -1662,7 +1662,7 @@ fn evaluate_request(round: u32, model: &ModelWeights) -> Message {
     Message::EvaluateRequest {
         sealed: None,
         round,
-        global: Arc::new(model.clone()),
+        global: greyfed_protocol::GlobalModel::Weights(Arc::new(model.clone())),
     }
 }
 

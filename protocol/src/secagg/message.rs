@@ -167,7 +167,10 @@ pub enum SecAggUpload {
     /// Stage 3: the masked input, `num_elements` ring elements packed in
     /// `ring_bits` bits each.
     MaskedInput {
-        /// Packed masked elements.
+        /// Packed masked elements (as bytes on the wire: the same encoding
+        /// as a sequence of `u8`, decoded in one copy instead of byte by
+        /// byte).
+        #[serde(with = "serde_bytes")]
         packed: Vec<u8>,
     },
     /// Stage 4 (consistency check): a signature over
@@ -211,5 +214,52 @@ impl SecAggUpload {
             SecAggUpload::SurvivorSignature { .. } => 4,
             SecAggUpload::UnmaskShares { .. } => 5,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `MaskedInput` in the form it had before `serde_bytes`: a sequence of
+    /// `u8` (the variant index is the same, 2).
+    #[derive(Serialize, Deserialize)]
+    enum SeqOfBytes {
+        A(()),
+        B(()),
+        MaskedInput { packed: Vec<u8> },
+    }
+
+    #[test]
+    fn masked_input_bytes_keep_the_wire_form_of_a_byte_sequence() {
+        let config = bincode::config::standard();
+        let packed: Vec<u8> = (0..=255u8).cycle().take(70_001).collect();
+        let now = bincode::serde::encode_to_vec(
+            SecAggUpload::MaskedInput {
+                packed: packed.clone(),
+            },
+            config,
+        )
+        .unwrap();
+        let before = bincode::serde::encode_to_vec(
+            SeqOfBytes::MaskedInput {
+                packed: packed.clone(),
+            },
+            config,
+        )
+        .unwrap();
+        assert_eq!(now, before);
+        let (back, used): (SecAggUpload, usize) =
+            bincode::serde::decode_from_slice(&before, config).unwrap();
+        assert_eq!(used, before.len());
+        assert_eq!(back, SecAggUpload::MaskedInput { packed });
+        // A cut-off input is an error, not a shorter vector.
+        assert!(
+            bincode::serde::decode_from_slice::<SecAggUpload, _>(
+                &before[..before.len() - 1],
+                config
+            )
+            .is_err()
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! In-memory tests of the session state machines, driven by [`util::Harness`].
 
 mod claims;
+mod downloads;
+mod overlap;
 mod sealed;
 mod session;
 mod training_time;

@@ -6,7 +6,7 @@ use super::util::*;
 use crate::{
     PROTOCOL_VERSION, ProtocolError,
     aggregate::PlainAggregator,
-    message::{AggregationPayload, MAX_EVAL_LOSS, Message, ParticipantId},
+    message::{MAX_EVAL_LOSS, Message, ParticipantId},
     session::{CoordinatorSession, Selection, SessionEvent, SessionPhase, SessionProgress},
 };
 
@@ -42,19 +42,6 @@ fn expected_eval(ids: &[u32]) -> (f64, f64) {
     let correct: u32 = ids.iter().map(|i| i % 3).sum();
     let n = 3.0 * ids.len() as f64;
     (f64::from(correct) / n, ids.len() as f64 / n)
-}
-
-/// A plain evaluation upload.
-fn plain_evaluation(round: u32) -> Message {
-    let metrics = eval_metrics(1.0, 1, 2);
-    let (update, weight) = metrics.sum_input().unwrap();
-    Message::Evaluation {
-        round,
-        payload: AggregationPayload::Plain {
-            update,
-            weight: weight as f64,
-        },
-    }
 }
 
 fn aggregated(h: &Harness) -> Vec<&crate::aggregate::AggregateResult> {
@@ -138,13 +125,15 @@ fn progress_counts_joins_and_each_stages_answers() {
         assert!(p.answered <= p.expected, "{p:?}");
         assert_eq!(p.rounds, 2);
     }
-    // Every count from 0 to 3 is seen in round 2's training uploads.
-    let answered: Vec<usize> = h
+    // Every count from 0 to 3 is seen in round 2's training uploads (in
+    // order, each as often as round 1's evaluation uploads come in between).
+    let mut answered: Vec<usize> = h
         .progress
         .iter()
         .filter(|p| p.round == 2 && p.phase == SessionPhase::Training)
         .map(|p| p.answered)
         .collect();
+    answered.dedup();
     assert_eq!(answered, [0, 1, 2], "the third upload closes the stage");
     let last = h.progress.last().unwrap();
     assert_eq!(last.rounds_completed, 2);
@@ -383,34 +372,6 @@ fn join_timeout_starts_with_those_present_or_aborts() {
         h.events.last(),
         Some(SessionEvent::Aborted { .. })
     ));
-}
-
-fn started_session(n: u32) -> (CoordinatorSession, std::time::Instant) {
-    let now = std::time::Instant::now();
-    let mut s = CoordinatorSession::new(
-        config(n as usize, 2),
-        fixed_model(),
-        Box::new(PlainAggregator::new()),
-        now,
-    )
-    .unwrap();
-    for id in 0..n {
-        join(&mut s, now, id, hello(id, 10)).unwrap();
-    }
-    while s.poll_transmit().is_some() {}
-    while s.poll_event().is_some() {}
-    (s, now)
-}
-
-fn contribution(round: u32, update: Vec<f32>) -> Message {
-    Message::Contribution {
-        round,
-        train_loss: 0.1,
-        payload: AggregationPayload::Plain {
-            update,
-            weight: 10.0,
-        },
-    }
 }
 
 #[test]
@@ -817,18 +778,47 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
     while s.poll_event().is_some() {}
     let next = s.global().unwrap().clone();
     s.apply_global(now, next).unwrap();
+    // The evaluation requests go out first, then round 2's TrainRequests
+    // (round 2 trains while round 1's model is evaluated).
+    // Those that trained round 1 hold its start and get a delta; the
+    // newcomer gets the weights.
     let mut evaluated = Vec::new();
-    let mut models: Vec<std::sync::Arc<crate::ModelWeights>> = Vec::new();
+    let mut deltas: Vec<std::sync::Arc<crate::model_delta::ModelDelta>> = Vec::new();
+    let mut trained = Vec::new();
     while let Some((to, m)) = s.poll_transmit() {
-        let Message::EvaluateRequest { global, .. } = m else {
-            panic!("expected an EvaluateRequest, got {}", m.kind());
-        };
-        assert_eq!(*global, *s.global().unwrap());
-        models.push(global);
-        evaluated.push(to);
+        match m {
+            Message::EvaluateRequest { global, .. } => {
+                assert!(
+                    trained.is_empty(),
+                    "an EvaluateRequest after a TrainRequest"
+                );
+                match global {
+                    crate::GlobalModel::Delta(d) => {
+                        assert_eq!(d.result, s.global().unwrap().digest());
+                        deltas.push(d);
+                    }
+                    crate::GlobalModel::Weights(w) => {
+                        assert_eq!(to, 5, "only the newcomer needs the weights");
+                        assert_eq!(*w, *s.global().unwrap());
+                    }
+                    other => panic!("an EvaluateRequest with {other:?}"),
+                }
+                evaluated.push(to);
+            }
+            Message::TrainRequest {
+                round: 2,
+                global: crate::GlobalModel::Evaluated { round: 1 },
+                ..
+            } => trained.push(to),
+            m => panic!(
+                "expected an EvaluateRequest or TrainRequest, got {}",
+                m.kind()
+            ),
+        }
     }
-    // One copy of the model serves every evaluator's request.
-    assert!(models.iter().all(|m| std::sync::Arc::ptr_eq(m, &models[0])));
+    // One copy of the delta serves every evaluator's request.
+    assert_eq!(deltas.len(), 2);
+    assert!(std::sync::Arc::ptr_eq(&deltas[0], &deltas[1]));
     assert_eq!(
         evaluated,
         vec![0, 1, 5],
@@ -853,19 +843,6 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
         }
     }
     assert_eq!(cohort, Some(vec![0, 1, 5]));
-    let trained: Vec<ParticipantId> = std::iter::from_fn(|| s.poll_transmit())
-        .filter(|(_, m)| {
-            matches!(
-                m,
-                Message::TrainRequest {
-                    round: 2,
-                    global: crate::GlobalModel::Evaluated { round: 1 },
-                    ..
-                }
-            )
-        })
-        .map(|(to, _)| to)
-        .collect();
     assert_eq!(
         trained,
         vec![0, 1, 5],

@@ -10,7 +10,9 @@ use crate::{
     PROTOCOL_VERSION,
     aggregate::PlainAggregator,
     cipher::{CipherSpec, CipherSteps},
-    message::{EvalMetrics, Hello, Message, ModelSpec, ParticipantId, TrainingConfig},
+    message::{
+        AggregationPayload, EvalMetrics, Hello, Message, ModelSpec, ParticipantId, TrainingConfig,
+    },
     participant::{ParticipantEvent, ParticipantSession},
     session::{
         CoordinatorSession, InitialModel, Selection, SessionConfig, SessionEvent, SessionProgress,
@@ -60,6 +62,15 @@ pub struct Harness {
     pub rng: rand::rngs::StdRng,
     /// Every distinct [`CoordinatorSession::progress`] seen after an input, in order.
     pub progress: Vec<SessionProgress>,
+    /// The models each participant was handed, by round and purpose
+    /// (`"train"` or `"evaluate"`).
+    pub received: BTreeMap<(u32, ParticipantId, &'static str), ModelWeights>,
+    /// How each TrainRequest and EvaluateRequest carried its model
+    /// (`"weights"`, `"delta"` or `"reference"`), with round, recipient and
+    /// request kind.
+    pub downloads: Vec<(u32, ParticipantId, &'static str, &'static str)>,
+    /// Every global model the coordinator installed, in order.
+    pub globals: Vec<ModelWeights>,
 }
 
 pub fn tiny_model() -> ModelWeights {
@@ -184,6 +195,9 @@ impl Harness {
             evaluation_uploads: Vec::new(),
             rng: rand::SeedableRng::seed_from_u64(3),
             progress: Vec::new(),
+            received: BTreeMap::new(),
+            downloads: Vec::new(),
+            globals: Vec::new(),
         };
         for id in 0..n as ParticipantId {
             h.add_participant(id, 10 * (id as u64 + 1));
@@ -243,6 +257,16 @@ impl Harness {
             if self.gone.contains(&to) {
                 continue;
             }
+            if let Message::TrainRequest { round, global, .. }
+            | Message::EvaluateRequest { round, global, .. } = &m
+            {
+                let how = match global {
+                    crate::GlobalModel::Weights(_) => "weights",
+                    crate::GlobalModel::Delta(_) => "delta",
+                    crate::GlobalModel::Evaluated { .. } => "reference",
+                };
+                self.downloads.push((*round, to, m.kind(), how));
+            }
             let p = self.participants.get_mut(&to).unwrap();
             if p.handle_message(m, &mut self.rng).is_err() {
                 continue;
@@ -257,6 +281,7 @@ impl Harness {
                         ..
                     } => {
                         self.opened.insert((round, to), sealed);
+                        self.received.insert((round, to, "train"), global.clone());
                         if let Some(how) = self.leaves(to, round, Stage::Train) {
                             if how == Departure::Withdraw {
                                 let p = self.participants.get_mut(&to).unwrap();
@@ -280,7 +305,8 @@ impl Harness {
                         )
                         .unwrap();
                     }
-                    ParticipantEvent::Evaluate { round, .. } => {
+                    ParticipantEvent::Evaluate { round, global, .. } => {
+                        self.received.insert((round, to, "evaluate"), global);
                         if let Some(how) = self.leaves(to, round, Stage::Evaluate) {
                             self.depart(to, how);
                             break;
@@ -318,6 +344,7 @@ impl Harness {
                     let delta = g.with_flat_values(&r.mean_update).unwrap();
                     g.add_scaled(&delta, 1.0).unwrap();
                     self.events.push(ev);
+                    self.globals.push(g.clone());
                     self.coordinator.apply_global(self.now, g).unwrap();
                     self.record_progress();
                     applied = true;
@@ -376,4 +403,48 @@ pub fn auth(id: ParticipantId) -> crate::secagg::auth::SecAggAuth {
     };
     CA.get_or_init(crate::secagg::testing::TestCa::new)
         .auth(&format!("p{id}"), policy)
+}
+
+/// A plain evaluation upload for `round`.
+pub fn plain_evaluation(round: u32) -> Message {
+    let metrics = eval_metrics(1.0, 1, 2);
+    let (update, weight) = metrics.sum_input().unwrap();
+    Message::Evaluation {
+        round,
+        payload: AggregationPayload::Plain {
+            update,
+            weight: weight as f64,
+        },
+    }
+}
+
+/// A session of `n` participants (plain aggregation, 2 rounds) whose first
+/// round has started, with its outputs drained.
+pub fn started_session(n: u32) -> (CoordinatorSession, std::time::Instant) {
+    let now = std::time::Instant::now();
+    let mut s = CoordinatorSession::new(
+        config(n as usize, 2),
+        fixed_model(),
+        Box::new(PlainAggregator::new()),
+        now,
+    )
+    .unwrap();
+    for id in 0..n {
+        join(&mut s, now, id, hello(id, 10)).unwrap();
+    }
+    while s.poll_transmit().is_some() {}
+    while s.poll_event().is_some() {}
+    (s, now)
+}
+
+/// A plain training upload for `round` with weight 10.
+pub fn contribution(round: u32, update: Vec<f32>) -> Message {
+    Message::Contribution {
+        round,
+        train_loss: 0.1,
+        payload: AggregationPayload::Plain {
+            update,
+            weight: 10.0,
+        },
+    }
 }

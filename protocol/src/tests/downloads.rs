@@ -1,0 +1,87 @@
+//! Model downloads: each participant gets the model once per round, from
+//! round 2 on as a delta from the one it holds, and holds the coordinator's
+//! model bit for bit.
+
+use super::util::*;
+use crate::{message::ParticipantId, weights::ModelWeights};
+
+fn bits(m: &ModelWeights) -> Vec<u32> {
+    m.to_flat().iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn every_participant_holds_the_coordinators_model_bit_for_bit_through_deltas() {
+    let mut h = Harness::new(config(3, 4), 3);
+    h.drive(10_000);
+    assert!(h.coordinator.is_over());
+    assert_eq!(h.globals.len(), 4);
+    for (i, global) in h.globals.iter().enumerate() {
+        let round = i as u32 + 1;
+        for id in 0..3 as ParticipantId {
+            let evaluated = &h.received[&(round, id, "evaluate")];
+            assert_eq!(
+                bits(evaluated),
+                bits(global),
+                "round {round}, participant {id}"
+            );
+            if round < 4 {
+                // The next round trains from the model just evaluated.
+                let next = &h.received[&(round + 1, id, "train")];
+                assert_eq!(
+                    bits(next),
+                    bits(global),
+                    "round {}, participant {id}",
+                    round + 1
+                );
+            }
+        }
+    }
+    assert_eq!(bits(h.coordinator.global().unwrap()), bits(&h.globals[3]));
+    // Round 1 trains from the weights; every evaluation after it is a
+    // delta from the model its recipient trained from, and every later
+    // round refers to the model just evaluated: one model per round.
+    for (round, id, kind, how) in &h.downloads {
+        let expected = match (*round, *kind) {
+            (1, "TrainRequest") => "weights",
+            (_, "TrainRequest") => "reference",
+            (_, "EvaluateRequest") => "delta",
+            other => panic!("unexpected download {other:?}"),
+        };
+        assert_eq!(*how, expected, "round {round}, participant {id}, {kind}");
+    }
+    assert_eq!(h.downloads.len(), 3 * 4 * 2);
+}
+
+#[test]
+fn a_participant_without_the_base_gets_the_weights() {
+    let mut h = Harness::new(config(3, 3), 3);
+    // Participant 3 arrives after round 1 has started: it holds nothing, so
+    // its first evaluation carries the weights, later ones deltas.
+    h.step();
+    h.add_participant(3, 40);
+    h.drive(10_000);
+    assert!(h.coordinator.is_over());
+    let first_evaluation = h
+        .downloads
+        .iter()
+        .find(|(_, id, kind, _)| *id == 3 && *kind == "EvaluateRequest")
+        .expect("the newcomer evaluates");
+    assert_eq!(first_evaluation.3, "weights");
+    let later: Vec<&str> = h
+        .downloads
+        .iter()
+        .filter(|(round, id, kind, _)| {
+            *id == 3 && *kind == "EvaluateRequest" && *round > first_evaluation.0
+        })
+        .map(|d| d.3)
+        .collect();
+    assert!(
+        !later.is_empty() && later.iter().all(|how| *how == "delta"),
+        "{later:?}"
+    );
+    let last = h.globals.len() as u32;
+    assert_eq!(
+        bits(&h.received[&(last, 3, "evaluate")]),
+        bits(h.coordinator.global().unwrap())
+    );
+}
