@@ -85,3 +85,29 @@ fn a_participant_without_the_base_gets_the_weights() {
         bits(h.coordinator.global().unwrap())
     );
 }
+
+#[test]
+fn a_delta_from_a_model_the_participant_does_not_hold_is_refused_by_name() {
+    let mut h = Harness::new(config(1, 2), 1);
+    // Until the participant has its round-1 TrainRequest (and holds its model).
+    while !h.received.contains_key(&(1, 0, "train")) {
+        assert!(h.step(), "round 1 never reached the participant");
+    }
+    let other = tiny_model().with_flat_values(&[0.5; 4]).unwrap();
+    let next = tiny_model().with_flat_values(&[0.25; 4]).unwrap();
+    let delta =
+        crate::model_delta::ModelDelta::encode(&other, other.digest(), &next, next.digest())
+            .unwrap();
+    let p = h.participants.get_mut(&0).unwrap();
+    let err = p
+        .handle_message(
+            crate::Message::EvaluateRequest {
+                round: 1,
+                global: crate::GlobalModel::Delta(std::sync::Arc::new(delta)),
+                sealed: None,
+            },
+            &mut h.rng,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("applies to model"), "{err}");
+}
