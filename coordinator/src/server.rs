@@ -454,9 +454,7 @@ impl Driver {
                 wire_bytes,
                 _permit,
             } => {
-                // A round's evaluation overlaps the next round's training:
-                // bytes count towards the round their message names.
-                let round = msg.round().unwrap_or(self.session.current_round());
+                let round = self.round_of(&msg);
                 self.round_bytes.entry(round).or_default().0 += wire_bytes as u64;
                 let kind = msg.kind();
                 match self.session.handle_message(now, id, msg) {
@@ -515,6 +513,13 @@ impl Driver {
             self.close(id, close_code::LIMIT, &reason);
             self.session.handle_disconnect(now, id);
         }
+    }
+
+    /// The round whose byte counts `msg` goes to: the one it names (a
+    /// round's evaluation overlaps the next round's training), else the
+    /// round in progress.
+    fn round_of(&self, msg: &Message) -> u32 {
+        msg.round().unwrap_or_else(|| self.session.current_round())
     }
 
     /// Queues an encoded frame for `to`, counting it towards the `bytes_down`
@@ -693,14 +698,15 @@ impl Driver {
             }
             let frame = match &msg {
                 Message::EvaluateRequest { round, global, .. } => {
+                    use greyfed_protocol::GlobalModel;
                     let shared = match global {
-                        greyfed_protocol::GlobalModel::Weights(w) => Arc::as_ptr(w).cast::<()>(),
-                        greyfed_protocol::GlobalModel::Delta(d) => Arc::as_ptr(d).cast::<()>(),
-                        greyfed_protocol::GlobalModel::Evaluated { .. } => std::ptr::null(),
+                        GlobalModel::Weights(w) => Arc::as_ptr(w).cast::<()>(),
+                        GlobalModel::Delta(d) => Arc::as_ptr(d).cast::<()>(),
+                        GlobalModel::Evaluated { .. } => std::ptr::null(),
                     };
                     match evaluate_frames
                         .iter()
-                        .find(|(r, p, _)| r == round && *p == shared && !p.is_null())
+                        .find(|(r, p, _)| r == round && *p == shared)
                     {
                         Some((_, _, frame)) => Ok(frame.clone()),
                         None => encode_frame(&msg, self.max_frame).map(|f| {
@@ -714,7 +720,7 @@ impl Driver {
             };
             match frame {
                 Ok(frame) => {
-                    let round = msg.round().unwrap_or(self.session.current_round());
+                    let round = self.round_of(&msg);
                     self.send_frame(to, round, frame);
                 }
                 Err(e) => warn!(to, kind = msg.kind(), "cannot encode message: {e}"),

@@ -1284,24 +1284,29 @@ impl CoordinatorSession {
             .iter()
             .filter_map(|id| self.peers.get(id).map(|p| (*id, p.test_samples)))
             .collect();
-        // One copy of the model, or of the delta, for every EvaluateRequest.
+        // Who holds the model this one replaced gets a delta from it.
+        let holds_previous = |peer: Option<&Peer>| match (&previous, peer) {
+            (Some((_, d)), Some(peer)) => peer.holds == Some(*d),
+            _ => false,
+        };
+        // One copy of the delta, or of the model, for every EvaluateRequest;
+        // should encoding fail (layouts are fixed for a session), the
+        // weights go instead.
+        let delta = previous
+            .as_ref()
+            .filter(|_| {
+                evaluators
+                    .iter()
+                    .any(|id| holds_previous(self.peers.get(id)))
+            })
+            .and_then(|(base, base_digest)| {
+                ModelDelta::encode(base, *base_digest, self.round_global(), digest).ok()
+            })
+            .map(Arc::new);
         let mut weights: Option<Arc<ModelWeights>> = None;
-        let mut delta: Option<Arc<ModelDelta>> = None;
         for &id in &evaluators {
-            let holds_previous = match (&previous, self.peers.get(&id)) {
-                (Some((_, d)), Some(peer)) => peer.holds == Some(*d),
-                _ => false,
-            };
-            if holds_previous && delta.is_none() {
-                let (base, base_digest) = previous.as_ref().expect("checked above");
-                // Layouts are fixed for a session; should encoding fail
-                // anyway, the weights go instead.
-                delta = ModelDelta::encode(base, *base_digest, self.round_global(), digest)
-                    .ok()
-                    .map(Arc::new);
-            }
             let global = match &delta {
-                Some(d) if holds_previous => GlobalModel::Delta(d.clone()),
+                Some(d) if holds_previous(self.peers.get(&id)) => GlobalModel::Delta(d.clone()),
                 _ => GlobalModel::Weights(
                     weights
                         .get_or_insert_with(|| Arc::new(self.round_global().clone()))

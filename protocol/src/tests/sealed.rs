@@ -5,7 +5,7 @@
 use super::util::*;
 use crate::{
     ProtocolError,
-    aggregate::{AggregateResult, PlainAggregator},
+    aggregate::PlainAggregator,
     message::AggregationKind,
     participant::ParticipantSession,
     secagg::{
@@ -53,16 +53,6 @@ fn sealed_harness_from(n: usize, rounds: u32, first_round: u32, key: &SealKey) -
     h
 }
 
-fn aggregated(h: &Harness) -> Vec<&AggregateResult> {
-    h.events
-        .iter()
-        .filter_map(|e| match e {
-            SessionEvent::Aggregated(r) => Some(r),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn key_holders_open_the_weighted_mean_of_sealed_values_and_the_coordinator_keeps_the_start() {
     let key = SealKey::derive(&[0x42; 32]);
@@ -78,7 +68,7 @@ fn key_holders_open_the_weighted_mean_of_sealed_values_and_the_coordinator_keeps
             rounds_completed: 3
         })
     ));
-    let aggs = aggregated(&h);
+    let aggs = h.aggregated();
     assert_eq!(aggs.len(), 3);
     for r in &aggs {
         let sealed = r.sealed.as_ref().expect("every update sum seals");

@@ -44,16 +44,6 @@ fn expected_eval(ids: &[u32]) -> (f64, f64) {
     (f64::from(correct) / n, ids.len() as f64 / n)
 }
 
-fn aggregated(h: &Harness) -> Vec<&crate::aggregate::AggregateResult> {
-    h.events
-        .iter()
-        .filter_map(|e| match e {
-            SessionEvent::Aggregated(r) => Some(r),
-            _ => None,
-        })
-        .collect()
-}
-
 /// From a summed confusion matrix of the harness's metrics (see
 /// `eval_metrics`): class 0 right, class 0 as class 1, and everything else.
 fn confusion_head(eval: &crate::message::EvalSummary) -> (u64, u64, u64) {
@@ -76,7 +66,7 @@ fn full_session_completes_every_round_with_exact_weighted_means() {
             rounds_completed: 4
         })
     ));
-    for (i, r) in aggregated(&h).into_iter().enumerate() {
+    for (i, r) in h.aggregated().into_iter().enumerate() {
         assert_eq!(r.round, i as u32 + 1);
         assert_eq!(r.contributors, vec![0, 1, 2]);
         assert_eq!(r.total_weight, 60.0);
@@ -91,7 +81,7 @@ fn full_session_completes_every_round_with_exact_weighted_means() {
     assert_eq!(confusion_head(&eval), (3, 6, 0), "{eval:?}");
     // The global model is the sum of the applied mean updates.
     let mut expect = vec![0.0f32; 4];
-    for r in aggregated(&h) {
+    for r in h.aggregated() {
         for (e, u) in expect.iter_mut().zip(&r.mean_update) {
             *e += u;
         }
@@ -256,7 +246,7 @@ fn disconnect_while_training_excludes_exactly_that_participant() {
     h.departures
         .push((2, 1, Stage::Train, Departure::Disconnect));
     h.drive(1000);
-    let aggs = aggregated(&h);
+    let aggs = h.aggregated();
     assert_eq!(aggs[0].contributors, vec![0, 1, 3]);
     assert_eq!(aggs[0].mean_update, expected_mean(&h, 1, &[0, 1, 3]));
     assert_eq!(h.completed()[0].dropped, vec![2]);
@@ -271,7 +261,7 @@ fn withdrawn_participant_is_left_out_at_once_and_asked_again() {
     let start = h.now;
     h.drive(1000);
     assert_eq!(h.now, start, "no deadline was waited for");
-    let aggs = aggregated(&h);
+    let aggs = h.aggregated();
     assert_eq!(aggs[0].contributors, vec![0, 2]);
     assert_eq!(aggs[0].mean_update, expected_mean(&h, 1, &[0, 2]));
     assert_eq!(h.completed()[0].dropped, vec![1]);
@@ -296,7 +286,7 @@ fn silent_participant_is_dropped_at_the_deadline() {
         h.now >= start + Duration::from_secs(30),
         "clock jumped to the deadline"
     );
-    let aggs = aggregated(&h);
+    let aggs = h.aggregated();
     assert_eq!(aggs[0].contributors, vec![0, 2]);
     assert_eq!(aggs[0].mean_update, expected_mean(&h, 1, &[0, 2]));
     // Still connected but silent: asked again in round 2, misses again.
@@ -330,7 +320,7 @@ fn everyone_dropping_abandons_the_round_without_touching_the_model() {
             .iter()
             .any(|e| matches!(e, SessionEvent::RoundAbandoned { round: 1, .. }))
     );
-    assert!(aggregated(&h).is_empty());
+    assert!(h.aggregated().is_empty());
     assert_eq!(h.coordinator.global(), Some(&tiny_model()));
     // Round 2 also fails (both stay silent); the session still ends.
     assert!(matches!(
@@ -575,7 +565,7 @@ mod secure {
                 rounds_completed: 2
             })
         ));
-        let aggs = aggregated(&h);
+        let aggs = h.aggregated();
         assert_eq!(aggs.len(), 2);
         for r in aggs {
             assert_eq!(r.contributors, vec![0, 1, 2, 3]);
@@ -609,7 +599,7 @@ mod secure {
         let start = h.now;
         h.drive(10_000);
         assert_eq!(h.now, start, "no stage deadline was waited for");
-        let aggs = aggregated(&h);
+        let aggs = h.aggregated();
         assert_eq!(aggs[0].contributors, vec![0, 1, 3]);
         let expect = expected_mean(&h, 1, &[0, 1, 3]);
         for (a, b) in aggs[0].mean_update.iter().zip(&expect) {
@@ -710,7 +700,7 @@ mod secure {
         h.departures
             .push((3, 1, Stage::Train, Departure::Disconnect));
         h.drive(10_000);
-        let aggs = aggregated(&h);
+        let aggs = h.aggregated();
         assert_eq!(aggs.len(), 2);
         assert_eq!(aggs[0].contributors, vec![0, 1, 2, 4]);
         assert_eq!(h.completed()[0].dropped, vec![3]);
@@ -725,7 +715,7 @@ mod secure {
         let mut h = secagg_harness(5, 1);
         h.departures.push((1, 1, Stage::Train, Departure::Silent));
         h.drive(10_000);
-        let aggs = aggregated(&h);
+        let aggs = h.aggregated();
         assert_eq!(aggs.len(), 1, "{:?}", h.events);
         assert_eq!(aggs[0].contributors, vec![0, 2, 3, 4]);
     }

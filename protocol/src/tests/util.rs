@@ -379,6 +379,16 @@ impl Harness {
         panic!("harness did not settle in {max_steps} steps");
     }
 
+    pub fn aggregated(&self) -> Vec<&crate::aggregate::AggregateResult> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::Aggregated(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn completed(&self) -> Vec<&crate::session::RoundSummary> {
         self.events
             .iter()
