@@ -39,7 +39,7 @@ use greyfed_participant::{
 };
 use greyfed_protocol::{
     AggregationKind, InputSpec, LrSchedule, ModelSpec, ModelWeights, TrainingConfig,
-    cipher::CipherSteps, session::Selection,
+    cipher::CipherSteps, model_delta::ModelDeltas, session::Selection,
 };
 
 /// Entry point; see [`FederationBuilder`].
@@ -80,6 +80,7 @@ impl Federation {
             selection: Selection::default(),
             dropouts: BTreeMap::new(),
             dp: None,
+            model_deltas: ModelDeltas::default(),
         }
     }
 }
@@ -115,6 +116,7 @@ pub struct FederationBuilder {
     selection: Selection,
     dropouts: BTreeMap<usize, DropoutPlan>,
     dp: Option<(greyfed_coordinator::privacy::ParticipantDp, f32)>,
+    model_deltas: ModelDeltas,
 }
 
 impl FederationBuilder {
@@ -295,6 +297,13 @@ impl FederationBuilder {
         self
     }
 
+    /// Which participants get model deltas (default `Auto`: none, all
+    /// being on loopback).
+    pub fn model_deltas(mut self, model_deltas: ModelDeltas) -> Self {
+        self.model_deltas = model_deltas;
+        self
+    }
+
     /// Runs the federation to its end.
     pub async fn run(self) -> Result<FederationReport> {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
@@ -365,6 +374,7 @@ impl FederationBuilder {
         config.custom_strategy = self.custom_strategy.clone();
         config.round_timeout = self.round_timeout;
         config.aggregation = self.aggregation;
+        config.model_deltas = self.model_deltas;
         config.secagg.stage_timeout = self.round_timeout / 5;
         config.join_timeout = Some(self.join_timeout);
         config.seed = self.seed;

@@ -256,6 +256,8 @@ pub struct CoordinatorSettings {
     /// Caps on the sample counts a participant may claim (larger claims are
     /// clamped).
     pub max_claimed_samples: greyfed_protocol::session::SampleClaimCaps,
+    /// Which participants get model deltas rather than whole models.
+    pub model_deltas: greyfed_protocol::model_delta::ModelDeltas,
     /// Directory for `metrics.jsonl`, `run.json` and `model.safetensors`.
     pub out: PathBuf,
     /// Start from this model file instead of a fresh initialisation.
@@ -588,6 +590,7 @@ pub async fn run_coordinator(
     config.join_timeout = settings.join_timeout;
     config.transport = settings.transport;
     config.max_claimed_samples = settings.max_claimed_samples;
+    config.model_deltas = settings.model_deltas;
     config.seed = settings.seed;
     config.key_fingerprint = settings.key_fingerprint.clone();
     config.dump_aggregates = settings.dump_aggregates.clone();
@@ -847,6 +850,7 @@ mod tests {
             min_participants: 5,
             join_timeout: None,
             max_claimed_samples: Default::default(),
+            model_deltas: Default::default(),
             out: "out".into(),
             init: None,
             seed: 0,

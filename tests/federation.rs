@@ -9,7 +9,7 @@ use greyfed_participant::model::encrypted_domain_weights;
 use greyfed_protocol::message::LrSchedule;
 use greyfed_protocol::{
     AggregationKind, FirstLayer, ModelSpec, ModelWeights, OptimizerSpec, TrainingConfig,
-    cipher::CipherSteps,
+    cipher::CipherSteps, model_delta::ModelDeltas,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,34 +88,53 @@ async fn three_participants_two_rounds_learn_the_builtin_digits() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_aggregation_counts_exactly_the_model_frames() {
+/// One plain round of 3 participants with `model_deltas`: its bytes down and
+/// up, and the model's size in bytes.
+async fn plain_round_bytes(model_deltas: ModelDeltas) -> (u64, u64, u64) {
     let report = Federation::builder()
         .participants(3)
         .rounds(1)
         .max_train_samples(300)
         .aggregation(AggregationKind::Plain)
+        .model_deltas(model_deltas)
         .run()
         .await
         .unwrap();
     let r = &report.rounds[0];
     assert_eq!(r.aggregation, "plain");
     assert_eq!(r.participants, 3);
-    // Each participant gets the model (to train) and then the trained model
-    // as a lossless delta from it (to evaluate), smaller than the model, and
-    // sends one f32 update: frame bytes are that payload plus a small header.
     let model_bytes = 4 * report.final_model.num_parameters() as u64;
+    (r.bytes_down, r.bytes_up, model_bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_aggregation_counts_exactly_the_model_frames() {
+    // Each participant gets the model (to train) and then the trained model
+    // (to evaluate), and sends one f32 update: frame bytes are that payload
+    // plus a small header. On loopback (`Auto`) both downloads are whole
+    // models.
+    let (down, up, model_bytes) = plain_round_bytes(ModelDeltas::Auto).await;
     assert!(
-        r.bytes_down > 3 * model_bytes + 3 * model_bytes / 10
-            && r.bytes_down < 3 * model_bytes + 3 * model_bytes * 9 / 10,
-        "bytes_down {} for 3 model frames of {model_bytes} bytes and 3 deltas",
-        r.bytes_down
+        down >= 6 * model_bytes && down < 6 * model_bytes + 6 * 4096,
+        "bytes_down {down} for 6 model frames of {model_bytes} bytes"
     );
     assert!(
-        r.bytes_up >= 3 * model_bytes && r.bytes_up < 3 * model_bytes + 3 * 4096,
-        "bytes_up {} for 3 updates of {model_bytes} bytes",
-        r.bytes_up
+        up >= 3 * model_bytes && up < 3 * model_bytes + 3 * 4096,
+        "bytes_up {up} for 3 updates of {model_bytes} bytes"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_deltas_shrink_the_second_download() {
+    // With deltas the trained model goes as a lossless delta from the one
+    // each participant holds: smaller than the model, but not nothing.
+    let (down, up, model_bytes) = plain_round_bytes(ModelDeltas::Always).await;
+    assert!(
+        down > 3 * model_bytes + 3 * model_bytes / 10
+            && down < 3 * model_bytes + 3 * model_bytes * 9 / 10,
+        "bytes_down {down} for 3 model frames of {model_bytes} bytes and 3 deltas"
+    );
+    assert!(up >= 3 * model_bytes, "bytes_up {up}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,6 +82,9 @@ pub struct CoordinatorConfig {
     /// Congestion controller and idle timeout of the coordinator's QUIC
     /// endpoint.
     pub transport: greyfed_protocol::transport::TransportSettings,
+    /// Which participants get model downloads as deltas from the model
+    /// they hold (default: all but those on this machine).
+    pub model_deltas: greyfed_protocol::model_delta::ModelDeltas,
     /// Caps on the training and test sample counts a participant may claim
     /// (default 1 000 000 each). A claim bounds the participant's weight in
     /// the weighted means; larger claims are clamped to the cap (the session
@@ -233,6 +236,7 @@ impl CoordinatorConfig {
             key_fingerprint: None,
             max_frame: DEFAULT_MAX_FRAME,
             transport: Default::default(),
+            model_deltas: Default::default(),
             max_claimed_samples: greyfed_protocol::session::SampleClaimCaps::default(),
             hello_timeout: Duration::from_secs(10),
             max_connections_per_identity: 2,

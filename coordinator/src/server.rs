@@ -25,6 +25,7 @@ use greyfed_protocol::{
     AggregationKind, EvalMetrics, Message, ModelWeights, ParticipantId, ProtocolError,
     aggregate::PlainAggregator,
     frame::encode_frame,
+    model_delta::ModelDeltas,
     model_file::ModelFile,
     secagg::{coordinator::SecAggCoordinator, x509::CertificateVerifier},
     session::{
@@ -148,11 +149,19 @@ impl Coordinator {
         })?;
         let mut server_config = tls::server_config(&config.tls)?;
         server_config.transport_config(Arc::new(tls::transport_config(config.transport)));
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            CoordinatorError::Bind {
-                addr: config.listen,
-                source,
-            }
+        let socket = tls::udp_socket(config.listen).map_err(|source| CoordinatorError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| CoordinatorError::Bind {
+            addr: config.listen,
+            source,
         })?;
         Ok(Self { endpoint, config })
     }
@@ -293,6 +302,7 @@ impl Coordinator {
             events: config.events.clone(),
             last_progress: None,
             links,
+            model_deltas: config.model_deltas,
             dp: dp_ledger,
             record_dp,
             dp_rounds: BTreeMap::new(),
@@ -363,6 +373,8 @@ struct Driver {
     last_progress: Option<SessionProgress>,
     /// Admission, upload limits and queue bounds of connections.
     links: LinkPolicy,
+    /// Which participants get model deltas.
+    model_deltas: ModelDeltas,
 }
 
 impl Driver {
@@ -442,6 +454,9 @@ impl Driver {
             Inbound::Connected { id, link } => {
                 debug!(id, remote = %link.remote, identity = link.identity, "connection opened");
                 self.session.handle_connect(id, link.identity.clone());
+                if !self.model_deltas.for_peer(link.remote.ip()) {
+                    self.session.send_whole_models(id);
+                }
                 self.connections.insert(id, link);
             }
             // A connection the driver closed: what it still sent is dropped.

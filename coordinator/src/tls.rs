@@ -119,6 +119,39 @@ pub fn transport_config(settings: TransportSettings) -> quinn::TransportConfig {
     t
 }
 
+/// A UDP socket bound to `addr` with [`transport::UDP_BUFFER_BYTES`] of
+/// receive and send buffer asked for; warns, naming the sysctl, when the
+/// kernel grants less.
+///
+/// # Errors
+/// The socket cannot be opened or bound.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Linux reports twice the size it grants (its bookkeeping included).
+    let wanted = transport::UDP_BUFFER_BYTES;
+    let reported_per_granted = if cfg!(target_os = "linux") { 2 } else { 1 };
+    let granted = |size: std::io::Result<usize>| size.map_or(0, |s| s / reported_per_granted);
+    if socket.set_recv_buffer_size(wanted).is_err() || granted(socket.recv_buffer_size()) < wanted {
+        tracing::warn!(
+            granted = granted(socket.recv_buffer_size()),
+            wanted,
+            "the kernel caps this UDP socket's receive buffer: bursts may be dropped and \
+             rounds run slower; raise net.core.rmem_max (docs/deploy.md)"
+        );
+    }
+    if socket.set_send_buffer_size(wanted).is_err() || granted(socket.send_buffer_size()) < wanted {
+        tracing::warn!(
+            granted = granted(socket.send_buffer_size()),
+            wanted,
+            "the kernel caps this UDP socket's send buffer; raise net.core.wmem_max \
+             (docs/deploy.md)"
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +195,23 @@ mod tests {
         let err = server_config(&t).unwrap_err();
         assert!(!err.to_string().contains("PRIVATE KEY"));
         assert!(DeploymentPki::generate(&[], &[], Validity::days_from_now(1)).is_err());
+    }
+
+    /// The socket gets the buffer asked for, or all the kernel allows.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn udp_sockets_get_the_buffer_the_kernel_allows() {
+        let socket = udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let limit = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let socket = socket2::Socket::from(socket);
+        let wanted = transport::UDP_BUFFER_BYTES;
+        assert!(socket.recv_buffer_size().unwrap() / 2 >= wanted.min(limit("rmem_max")));
+        assert!(socket.send_buffer_size().unwrap() / 2 >= wanted.min(limit("wmem_max")));
     }
 }

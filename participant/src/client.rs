@@ -97,6 +97,39 @@ pub fn transport_config(settings: TransportSettings) -> quinn::TransportConfig {
     t
 }
 
+/// A UDP socket bound to `addr` with [`transport::UDP_BUFFER_BYTES`] of
+/// receive and send buffer asked for; warns, naming the sysctl, when the
+/// kernel grants less.
+///
+/// # Errors
+/// The socket cannot be opened or bound.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Linux reports twice the size it grants (its bookkeeping included).
+    let wanted = transport::UDP_BUFFER_BYTES;
+    let reported_per_granted = if cfg!(target_os = "linux") { 2 } else { 1 };
+    let granted = |size: std::io::Result<usize>| size.map_or(0, |s| s / reported_per_granted);
+    if socket.set_recv_buffer_size(wanted).is_err() || granted(socket.recv_buffer_size()) < wanted {
+        tracing::warn!(
+            granted = granted(socket.recv_buffer_size()),
+            wanted,
+            "the kernel caps this UDP socket's receive buffer: bursts may be dropped and \
+             rounds run slower; raise net.core.rmem_max (docs/deploy.md)"
+        );
+    }
+    if socket.set_send_buffer_size(wanted).is_err() || granted(socket.send_buffer_size()) < wanted {
+        tracing::warn!(
+            granted = granted(socket.send_buffer_size()),
+            wanted,
+            "the kernel caps this UDP socket's send buffer; raise net.core.wmem_max \
+             (docs/deploy.md)"
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Connects to the coordinator at `addr`, checking its certificate against
 /// `server_name`. Returns the endpoint (keep it alive) and the connection.
 pub async fn connect(
@@ -109,8 +142,15 @@ pub async fn connect(
     } else {
         "0.0.0.0:0".parse().expect("valid address")
     };
-    let mut endpoint = quinn::Endpoint::client(bind)
+    let socket = udp_socket(bind)
         .map_err(|e| ParticipantError::Connection(format!("cannot open a UDP socket: {e}")))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| ParticipantError::Connection(format!("cannot open a UDP socket: {e}")))?;
     endpoint.set_default_client_config(config);
     let connecting = endpoint
         .connect(addr, server_name)
@@ -161,5 +201,28 @@ pub fn write_error(e: &quinn::WriteError) -> ParticipantError {
     match e {
         quinn::WriteError::ConnectionLost(c) => connection_error(c),
         other => ParticipantError::Connection(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket gets the buffer asked for, or all the kernel allows.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn udp_sockets_get_the_buffer_the_kernel_allows() {
+        let socket = udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let limit = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let socket = socket2::Socket::from(socket);
+        let wanted = transport::UDP_BUFFER_BYTES;
+        assert!(socket.recv_buffer_size().unwrap() / 2 >= wanted.min(limit("rmem_max")));
+        assert!(socket.send_buffer_size().unwrap() / 2 >= wanted.min(limit("wmem_max")));
     }
 }

@@ -452,6 +452,9 @@ struct Peer {
     /// Digest of the last model sent to this participant, which it keeps
     /// as the base of a [`GlobalModel::Delta`].
     holds: Option<[u8; 32]>,
+    /// Whether it gets deltas at all (see
+    /// [`CoordinatorSession::send_whole_models`]).
+    takes_deltas: bool,
 }
 
 #[derive(Debug, Default)]
@@ -495,6 +498,9 @@ pub struct CoordinatorSession {
     /// Identities of open connections, from `handle_connect`, until they
     /// disconnect.
     identities: BTreeMap<ParticipantId, String>,
+    /// Connections that get whole models, never deltas
+    /// ([`CoordinatorSession::send_whole_models`]).
+    whole_models: BTreeSet<ParticipantId>,
     peers: BTreeMap<ParticipantId, Peer>,
     /// The last round whose evaluation finished (its stragglers are late).
     last_evaluated: u32,
@@ -589,6 +595,7 @@ impl CoordinatorSession {
             global_digest: None,
             phase: Phase::Joining,
             identities: BTreeMap::new(),
+            whole_models: BTreeSet::new(),
             peers: BTreeMap::new(),
             last_evaluated: 0,
             deadline,
@@ -721,6 +728,17 @@ impl CoordinatorSession {
     pub fn handle_connect(&mut self, id: ParticipantId, identity: impl Into<String>) {
         if !self.peers.contains_key(&id) {
             self.identities.insert(id, identity.into());
+        }
+    }
+
+    /// Sends connection `id` whole models, never deltas: the driver's
+    /// choice where bytes cost less than the CPU time to make and apply a
+    /// delta, as for a participant on the coordinator's own machine (see
+    /// [`crate::model_delta::ModelDeltas`]). Call it before passing the
+    /// connection's first message.
+    pub fn send_whole_models(&mut self, id: ParticipantId) {
+        if !self.peers.contains_key(&id) {
+            self.whole_models.insert(id);
         }
     }
 
@@ -1094,6 +1112,7 @@ impl CoordinatorSession {
                 test_samples,
                 evaluated: None,
                 holds: None,
+                takes_deltas: !self.whole_models.contains(&from),
             },
         );
         self.outbox.push_back((
@@ -1123,6 +1142,7 @@ impl CoordinatorSession {
     /// The connection of `id` is gone. Unknown ids are ignored.
     pub fn handle_disconnect(&mut self, now: Instant, id: ParticipantId) {
         self.identities.remove(&id);
+        self.whole_models.remove(&id);
         if self.peers.remove(&id).is_none() {
             return;
         }
@@ -1284,9 +1304,10 @@ impl CoordinatorSession {
             .iter()
             .filter_map(|id| self.peers.get(id).map(|p| (*id, p.test_samples)))
             .collect();
-        // Who holds the model this one replaced gets a delta from it.
+        // Who takes deltas and holds the model this one replaced gets a
+        // delta from it.
         let holds_previous = |peer: Option<&Peer>| match (&previous, peer) {
-            (Some((_, d)), Some(peer)) => peer.holds == Some(*d),
+            (Some((_, d)), Some(peer)) => peer.takes_deltas && peer.holds == Some(*d),
             _ => false,
         };
         // One copy of the delta, or of the model, for every EvaluateRequest;

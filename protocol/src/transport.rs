@@ -19,6 +19,16 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// which then reconnects and rejoins the next round.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Receive and send buffer, in bytes, each side asks the kernel for on its
+/// QUIC endpoint's UDP socket. The coordinator takes every participant's
+/// upload on one socket and a participant a whole model in a burst: with
+/// Linux's usual 208 KiB, bursts overflow the buffer, and the datagrams
+/// lost cost retransmissions and slower sending (on loopback, 10 processes
+/// on 2 cores: rounds about 3% longer). The kernel grants at most
+/// `net.core.rmem_max` (`wmem_max` for sending); each side warns when it
+/// got less (see docs/deploy.md).
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
 /// The congestion controller a QUIC endpoint uses for what it sends (the
 /// coordinator for models, participants for their uploads). Each side
 /// chooses its own; they need not agree. The default is BBR: on a link

@@ -1132,6 +1132,13 @@ impl TransportArgs {
     }
 }
 
+/// Parses a model-delta policy for clap.
+pub fn parse_model_deltas(
+    text: &str,
+) -> Result<greyfed_protocol::model_delta::ModelDeltas, String> {
+    text.parse()
+}
+
 /// Parses a congestion controller name for clap.
 pub fn parse_congestion(text: &str) -> Result<greyfed_protocol::transport::Congestion, String> {
     text.parse()
@@ -1200,6 +1207,12 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "N", default_value_t = greyfed_protocol::session::DEFAULT_MAX_CLAIMED_SAMPLES,
           value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
     pub max_claimed_samples: u64,
+    /// Which participants get model downloads as lossless deltas from the
+    /// model they hold: `auto` (all but those on this machine, for which
+    /// loopback bytes cost less than the CPU a delta takes), `always` or
+    /// `never`.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = parse_model_deltas)]
+    pub model_deltas: greyfed_protocol::model_delta::ModelDeltas,
     /// QUIC transport settings.
     #[command(flatten)]
     pub transport: TransportArgs,
@@ -1488,6 +1501,12 @@ pub struct SimulateArgs {
     /// Compute threads per participant process.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Which participants get model downloads as lossless deltas from the
+    /// model they hold: `auto` (all but those on the coordinator's machine, for which
+    /// loopback bytes cost less than the CPU a delta takes), `always` or
+    /// `never`.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = parse_model_deltas)]
+    pub model_deltas: greyfed_protocol::model_delta::ModelDeltas,
     /// QUIC transport settings of the coordinator and the participants.
     #[command(flatten)]
     pub transport: TransportArgs,

@@ -231,6 +231,7 @@ impl CoordinatorArgs {
                 train: self.max_claimed_samples,
                 test: self.max_claimed_samples,
             },
+            model_deltas: self.model_deltas,
             out: self.out.clone(),
             init: self.init.clone(),
             seed: self.seed,
@@ -396,6 +397,7 @@ impl SimulateArgs {
         {
             args.push("--freeze-key-layers".into());
         }
+        args.extend(["--model-deltas".into(), self.model_deltas.name().into()]);
         args
     }
 }

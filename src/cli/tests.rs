@@ -702,3 +702,30 @@ fn congestion_flags_map_to_typed_settings() {
     let err = simulate(&["--congestion", "vegas"]).unwrap_err();
     assert!(err.contains("cubic, new-reno or bbr"), "{err}");
 }
+
+/// `--model-deltas` sets the coordinator's policy (`auto` unless asked
+/// otherwise), refuses unknown names, and simulate hands it on.
+#[test]
+fn model_delta_flags_map_to_the_coordinators_policy() {
+    use greyfed_protocol::model_delta::ModelDeltas;
+    let policy = |extra: &[&str]| coordinator_args(extra).settings().unwrap().model_deltas;
+    assert_eq!(policy(&[]), ModelDeltas::Auto);
+    assert_eq!(policy(&["--model-deltas", "never"]), ModelDeltas::Never);
+    assert_eq!(policy(&["--model-deltas", "always"]), ModelDeltas::Always);
+    let err = try_coordinator_args(&["--model-deltas", "often"]).unwrap_err();
+    assert!(err.to_string().contains("often"), "{err}");
+    let forwarded = |extra: &[&str]| {
+        let mut argv = vec!["greyfed", "simulate"];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Command::Simulate(s) => {
+                let args = s.settings().unwrap().coordinator_args;
+                let at = args.iter().position(|a| a == "--model-deltas").unwrap();
+                args[at + 1].clone()
+            }
+            other => panic!("parsed {other:?}"),
+        }
+    };
+    assert_eq!(forwarded(&[]), "auto");
+    assert_eq!(forwarded(&["--model-deltas", "always"]), "always");
+}

@@ -111,3 +111,33 @@ fn a_delta_from_a_model_the_participant_does_not_hold_is_refused_by_name() {
         .unwrap_err();
     assert!(err.to_string().contains("applies to model"), "{err}");
 }
+
+#[test]
+fn a_participant_sent_whole_models_never_gets_a_delta() {
+    let mut h = Harness::new(config(3, 3), 3);
+    // What the driver does for a participant on its own machine, before
+    // the Hello arrives.
+    h.coordinator.send_whole_models(1);
+    h.drive(10_000);
+    assert!(h.coordinator.is_over());
+    let evaluations = |who: ParticipantId| -> Vec<&str> {
+        h.downloads
+            .iter()
+            .filter(|(round, id, kind, _)| *id == who && *kind == "EvaluateRequest" && *round > 0)
+            .map(|d| d.3)
+            .collect()
+    };
+    assert_eq!(evaluations(1), vec!["weights"; 3]);
+    assert_eq!(evaluations(0), vec!["delta"; 3]);
+    assert_eq!(evaluations(2), vec!["delta"; 3]);
+    for (i, global) in h.globals.iter().enumerate() {
+        let round = i as u32 + 1;
+        for id in 0..3 as ParticipantId {
+            assert_eq!(
+                bits(&h.received[&(round, id, "evaluate")]),
+                bits(global),
+                "round {round}, participant {id}"
+            );
+        }
+    }
+}
