@@ -473,7 +473,7 @@ struct Training {
     /// The update's sealed coordinates, which carry the trained values.
     sealed_range: Option<std::ops::Range<usize>>,
     /// The outcome, the model trained from and the training's CPU seconds.
-    task: tokio::task::JoinHandle<Result<(TrainOutcome, ModelWeights, Option<f64>)>>,
+    task: crate::background::Background<Result<(TrainOutcome, ModelWeights, Option<f64>)>>,
 }
 
 /// Sends `event` to the display, if there is one.
@@ -607,16 +607,16 @@ async fn session_loop(
                         seed ^ rand::Rng::next_u64(&mut rng)
                     };
                     let data = data.clone();
-                    if let Some(old) = training.take() {
-                        old.task.abort();
-                    }
+                    // A training still running for an older round goes on
+                    // to its end, its result dropped.
+                    drop(training.take());
                     let progress = config.progress.clone();
                     training = Some(Training {
                         round,
                         started: Instant::now(),
                         dp_sgd,
                         sealed_range,
-                        task: tokio::task::spawn_blocking(move || {
+                        task: crate::background::spawn_training("greyfed-train", move || {
                             let options = TrainOptions {
                                 proximal_mu: training_config.proximal_mu,
                                 dp_sgd: training_config.dp_sgd,
@@ -646,7 +646,10 @@ async fn session_loop(
                                 &mut observe,
                             )
                             .map(|o| (o, global, cpu.elapsed_secs()))
-                        }),
+                        })
+                        .map_err(|e| {
+                            ParticipantError::Model(format!("cannot start local training: {e}"))
+                        })?,
                     });
                 }
                 ParticipantEvent::Evaluate {
@@ -699,7 +702,7 @@ async fn session_loop(
                 done = async { (&mut training.as_mut().expect("guarded").task).await }, if training.is_some() => {
                     let Training { round, started, dp_sgd, sealed_range, .. } = training.take().expect("guarded");
                     let (outcome, global, cpu_secs) = done
-                        .map_err(|e| ParticipantError::Model(format!("training task failed: {e}")))??;
+                        .map_err(|_| ParticipantError::Model("local training panicked".into()))??;
                     emit(config, ParticipantProgress::Trained {
                         round,
                         loss: outcome.mean_loss,

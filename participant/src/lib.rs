@@ -13,6 +13,7 @@
 //! Images and the image key never leave this crate; only model updates and
 //! evaluation sums do.
 
+pub mod background;
 pub mod cipher;
 pub mod client;
 pub mod cpu_time;
