@@ -479,7 +479,13 @@ impl Driver {
                         }
                     }
                     // Late or repeated messages: ignore, the peer may still be
-                    // useful, unless it sends too many of them in a row.
+                    // useful, unless it sends too many of them in a row. A
+                    // reply to a round that moved on without it (a secure
+                    // sum needs only some of them) is routine.
+                    Err(e @ ProtocolError::WrongRound { current, got }) if got < current => {
+                        debug!(id, kind, "ignoring a late message: {e}");
+                        self.note_ignored(now, id);
+                    }
                     Err(
                         e @ (ProtocolError::WrongRound { .. }
                         | ProtocolError::DuplicateContribution(_)),
