@@ -57,10 +57,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::{RngExt, SeedableRng, rngs::StdRng, seq::SliceRandom};
-use serde::{Deserialize, Serialize};
 
 use crate::{
     PROTOCOL_VERSION,
@@ -68,346 +67,29 @@ use crate::{
     cipher::CipherSpec,
     error::ProtocolError,
     message::{
-        AggregationPayload, EvalMetrics, EvalSummary, GlobalModel, Hello, InputSpec, Message,
-        ModelSpec, ParticipantId, SessionInfo, SumKind, TrainingConfig,
+        AggregationPayload, GlobalModel, Hello, Message, ModelSpec, ParticipantId, SessionInfo,
+        SumKind, TrainingConfig,
     },
-    model_delta::ModelDelta,
     secagg::seal::SealedSum,
     weights::ModelWeights,
 };
 
-/// Parameters of one coordinator session.
-#[derive(Clone, Debug)]
-pub struct SessionConfig {
-    /// Random id of the session, sent to participants.
-    pub session_id: u64,
-    /// Number of participants to wait for before round 1 starts.
-    pub participants: usize,
-    /// Fewest contributors a round may have; with fewer left the session aborts.
-    pub min_participants: usize,
-    /// Which connected participants train each round.
-    pub selection: Selection,
-    /// Number of rounds to run.
-    pub rounds: u32,
-    /// Local training settings.
-    pub training: TrainingConfig,
-    /// Hard limit on a round's training phase (local training plus
-    /// aggregation, all secure-aggregation stages included).
-    pub round_timeout: Duration,
-    /// Hard limit on a round's evaluation phase (all stages of the secure
-    /// evaluation sum included).
-    pub evaluation_timeout: Duration,
-    /// How long to wait for `participants` to join; `None` waits forever.
-    /// When it passes, the session starts with those present if there are at
-    /// least `min_participants`, and aborts otherwise.
-    pub join_timeout: Option<Duration>,
-    /// Image key fingerprint every participant must present; `None` accepts
-    /// the first participant's and requires the others to match it.
-    pub key_fingerprint: Option<String>,
-    /// Seed for the per-round, per-participant training seeds.
-    pub seed: u64,
-    /// Number of the first round to run, from 1; a resumed session starts
-    /// after the last completed round (rounds before it count as completed).
-    pub first_round: u32,
-    /// Caps on the sample counts a participant's Hello may claim. Claims
-    /// above a cap are clamped to it (and reported with
-    /// [`SessionEvent::ClaimClamped`]): a claim bounds the participant's
-    /// aggregation weight, so an inflated one must neither dominate the
-    /// weighted means nor overflow the secure-aggregation ring.
-    pub max_claimed_samples: SampleClaimCaps,
-}
+mod config;
+mod evaluation;
+mod events;
 
-/// Largest training or test sample count a participant may claim by
-/// default (see [`SampleClaimCaps`]).
-pub const DEFAULT_MAX_CLAIMED_SAMPLES: u64 = 1_000_000;
-
-/// Operator-set caps on the sample counts participants claim in their Hello
-/// ([`SessionConfig::max_claimed_samples`]). A claim above its cap is
-/// clamped to the cap, never refused: the clamped count is the
-/// participant's aggregation weight bound (training) or evaluation weight
-/// bound (test). Each cap must be in `1..=u32::MAX` (secure aggregation
-/// encodes weights in 32 bits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SampleClaimCaps {
-    /// Largest claimed number of training samples (default
-    /// [`DEFAULT_MAX_CLAIMED_SAMPLES`]).
-    pub train: u64,
-    /// Largest claimed number of test samples (default
-    /// [`DEFAULT_MAX_CLAIMED_SAMPLES`]).
-    pub test: u64,
-}
-
-impl Default for SampleClaimCaps {
-    /// [`DEFAULT_MAX_CLAIMED_SAMPLES`] for both.
-    fn default() -> Self {
-        Self {
-            train: DEFAULT_MAX_CLAIMED_SAMPLES,
-            test: DEFAULT_MAX_CLAIMED_SAMPLES,
-        }
-    }
-}
-
-/// Builds the model a session starts from once the participants' input is
-/// known (see [`InitialModel::ForInput`]). Pure: no I/O, deterministic.
-pub trait ModelFactory: Send + Sync {
-    /// The architecture for `input` and its round-1 weights.
-    ///
-    /// # Errors
-    /// Why no model can be built for `input` (for example a block size that
-    /// does not divide the image size); the participant is refused with it.
-    fn build(&self, input: &InputSpec) -> Result<(ModelSpec, ModelWeights), String>;
-}
-
-impl<F> ModelFactory for F
-where
-    F: Fn(&InputSpec) -> Result<(ModelSpec, ModelWeights), String> + Send + Sync,
-{
-    fn build(&self, input: &InputSpec) -> Result<(ModelSpec, ModelWeights), String> {
-        self(input)
-    }
-}
-
-/// The model a session starts from.
-#[derive(Clone)]
-pub enum InitialModel {
-    /// A fixed architecture and weights (a model file, a checkpoint, a
-    /// coordinator with its own test data): participants' input must fit
-    /// it. `classes`: the class names when known, otherwise the first
-    /// admitted participant's, which the others must then match.
-    Fixed {
-        /// Architecture, input included.
-        spec: ModelSpec,
-        /// Round-1 weights, in `spec`'s layout.
-        weights: ModelWeights,
-        /// Class names in label order, if known.
-        classes: Option<Vec<String>>,
-    },
-    /// Built for the input of the first admitted participant (image size,
-    /// planes and classes come from its data); the others must match it.
-    ForInput(Arc<dyn ModelFactory>),
-}
-
-impl std::fmt::Debug for InitialModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            InitialModel::Fixed { spec, classes, .. } => f
-                .debug_struct("Fixed")
-                .field("spec", spec)
-                .field("classes", classes)
-                .finish_non_exhaustive(),
-            InitialModel::ForInput(_) => f.write_str("ForInput(..)"),
-        }
-    }
-}
+pub use config::{
+    DEFAULT_MAX_CLAIMED_SAMPLES, InitialModel, ModelFactory, SampleClaimCaps, Selection,
+    SessionConfig,
+};
+use evaluation::Evaluation;
+pub use events::{RoundSummary, SessionEvent, SessionPhase, SessionProgress};
 
 /// The session's model once its input is known.
 #[derive(Clone, Debug)]
 struct SessionModel {
     spec: ModelSpec,
     classes: Vec<String>,
-}
-
-/// Participant selection: each round trains a fresh uniformly random
-/// cohort of `max(ceil(fraction * connected), minimum, min_participants)`
-/// connected participants (all of them when fewer are connected), or, with
-/// `poisson`, every connected participant independently with probability
-/// `fraction` (the sampling the DP accountant assumes; a round whose draw
-/// falls below `minimum` or the session's `min_participants` is abandoned,
-/// and the session goes on). Every connected participant with a test split evaluates,
-/// selected or not.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Selection {
-    /// Fraction of the connected participants to train, in (0, 1].
-    pub fraction: f64,
-    /// Smallest cohort to select (with `poisson`: to run a round).
-    pub minimum: usize,
-    /// Poisson sampling instead of a fixed-size cohort.
-    pub poisson: bool,
-}
-
-impl Default for Selection {
-    /// Everyone trains every round.
-    fn default() -> Self {
-        Self {
-            fraction: 1.0,
-            minimum: 1,
-            poisson: false,
-        }
-    }
-}
-
-impl Selection {
-    /// How many of `connected` participants train (at least `floor`).
-    pub fn cohort_size(&self, connected: usize, floor: usize) -> usize {
-        let wanted = (self.fraction * connected as f64).ceil() as usize;
-        wanted.max(self.minimum).max(floor).min(connected)
-    }
-}
-
-/// What one completed round produced.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RoundSummary {
-    /// Round number, from 1.
-    pub round: u32,
-    /// Participants asked to train.
-    pub cohort: Vec<ParticipantId>,
-    /// Participants whose updates were aggregated.
-    pub contributors: Vec<ParticipantId>,
-    /// Cohort members that dropped out or missed the deadline while training.
-    pub dropped: Vec<ParticipantId>,
-    /// Sample-weighted mean of the contributors' training losses.
-    pub train_loss: f64,
-    /// CPU seconds of local training summed over the cohort members that
-    /// reported it ([`Message::TrainingTime`]); `None` when none did.
-    pub train_cpu_secs: Option<f64>,
-    /// Sample-weighted mean metrics of the evaluators; `None` when nobody
-    /// evaluated or the evaluation sum failed.
-    pub eval: Option<EvalSummary>,
-    /// Seconds per aggregation stage (see [`AggregateResult::stage_secs`]),
-    /// then `"evaluate"`: the whole evaluation phase.
-    pub stage_secs: Vec<(&'static str, f64)>,
-    /// Participants caught breaking the protocol in this round's sums (a
-    /// Shamir share inconsistent with its owner's commitment), with what
-    /// they did; their wrong shares were outvoted.
-    pub misbehaved: Vec<(ParticipantId, String)>,
-}
-
-/// Which part of the session is under way (see [`SessionProgress`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionPhase {
-    /// Waiting for participants to join.
-    Joining,
-    /// The cohort trains and the aggregator collects the round's updates.
-    Training,
-    /// The aggregate is in; the driver computes the next global model.
-    Updating,
-    /// Participants evaluate the new global model.
-    Evaluating,
-    /// Finished or aborted.
-    Over,
-}
-
-impl SessionPhase {
-    /// Lower-case name: `joining`, `training`, `updating`, `evaluating`, `over`.
-    pub fn name(self) -> &'static str {
-        match self {
-            SessionPhase::Joining => "joining",
-            SessionPhase::Training => "training",
-            SessionPhase::Updating => "updating",
-            SessionPhase::Evaluating => "evaluating",
-            SessionPhase::Over => "over",
-        }
-    }
-}
-
-/// A snapshot of where the session stands, for progress displays: see
-/// [`CoordinatorSession::progress`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SessionProgress {
-    /// The round under way (0 while joining).
-    pub round: u32,
-    /// Rounds planned.
-    pub rounds: u32,
-    /// Rounds completed.
-    pub rounds_completed: u32,
-    /// What the session does now.
-    pub phase: SessionPhase,
-    /// The aggregation stage within `Training` or `Evaluating` (see
-    /// [`StageProgress::stage`]).
-    pub stage: Option<&'static str>,
-    /// Participants that answered the current stage (joined, while joining).
-    pub answered: usize,
-    /// Participants the current stage can still hear from (the
-    /// participants waited for, while joining).
-    pub expected: usize,
-}
-
-/// Something the driver should know about.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub enum SessionEvent {
-    /// A participant was admitted.
-    Joined {
-        /// Its id.
-        id: ParticipantId,
-        /// Its authenticated identity (from [`CoordinatorSession::handle_connect`]).
-        identity: String,
-    },
-    /// A participant was refused.
-    Rejected {
-        /// Its id.
-        id: ParticipantId,
-        /// Why.
-        reason: String,
-    },
-    /// A round began.
-    RoundStarted {
-        /// Round number.
-        round: u32,
-        /// Participants asked to train.
-        cohort: Vec<ParticipantId>,
-    },
-    /// Aggregation finished; call [`CoordinatorSession::apply_global`].
-    Aggregated(AggregateResult),
-    /// A round's evaluation sum failed (too few evaluators left); the round
-    /// still completes without metrics.
-    EvaluationFailed {
-        /// Round number.
-        round: u32,
-        /// Why.
-        reason: String,
-    },
-    /// A round was abandoned (no result); no model change was applied.
-    RoundAbandoned {
-        /// Round number.
-        round: u32,
-        /// Why.
-        reason: String,
-    },
-    /// A round completed, evaluation included.
-    RoundCompleted(RoundSummary),
-    /// All rounds ran; the session is over.
-    Finished {
-        /// Rounds that completed (abandoned ones excluded).
-        rounds_completed: u32,
-    },
-    /// The session cannot continue (too few participants).
-    Aborted {
-        /// Why.
-        reason: String,
-    },
-    /// A participant's Hello claimed more samples than the session's cap
-    /// ([`SessionConfig::max_claimed_samples`]); it was admitted with the
-    /// cap as its count. Worth a warning: the claim is implausible (or the
-    /// cap too low for this deployment).
-    ClaimClamped {
-        /// Its id.
-        id: ParticipantId,
-        /// Its authenticated identity.
-        identity: String,
-        /// Which claim: `"train_samples"` or `"test_samples"`.
-        field: &'static str,
-        /// The count it claimed.
-        claimed: u64,
-        /// The count it was given.
-        cap: u64,
-    },
-    /// A sum's weight bound was lowered below the cohort's largest claim
-    /// so that the aggregator's encoding fits the cohort (the secure
-    /// aggregation ring holds `cohort size × weight bound × quantisation
-    /// levels`): participants with more samples weigh as if they had
-    /// `bound`.
-    WeightBoundLowered {
-        /// Round number.
-        round: u32,
-        /// Which sum of the round.
-        sum: SumKind,
-        /// The largest (clamped) claim of the sum's participants.
-        claimed: u64,
-        /// The bound the aggregator accepted.
-        bound: u64,
-    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -424,20 +106,6 @@ enum Phase {
         round: u32,
     },
     Over,
-}
-
-/// A round whose model is being evaluated (while the next round trains).
-#[derive(Debug)]
-struct Evaluation {
-    round: u32,
-    /// The round's training record, completed with the evaluation.
-    record: RoundState,
-    started: Instant,
-    /// Who was asked to evaluate.
-    evaluators: BTreeSet<ParticipantId>,
-    /// The (clamped) claimed test samples of the evaluators.
-    test_claims: BTreeMap<ParticipantId, u64>,
-    deadline: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -898,32 +566,6 @@ impl CoordinatorSession {
         }
     }
 
-    /// Checks that an Evaluation from `from` for `msg_round` is expected:
-    /// the evaluation in flight is that round's, and `from` was asked.
-    /// Uploads for an evaluation that already finished (spare unmasking
-    /// shares) are [`ProtocolError::Late`].
-    fn expect_evaluation(&self, from: ParticipantId, msg_round: u32) -> Result<(), ProtocolError> {
-        if msg_round != 0 && msg_round <= self.last_evaluated {
-            return Err(ProtocolError::Late("Evaluation"));
-        }
-        let Some(evaluation) = &self.evaluation else {
-            return Err(ProtocolError::UnexpectedMessage {
-                expected: self.phase_expects(),
-                got: "Evaluation",
-            });
-        };
-        if msg_round != evaluation.round {
-            return Err(ProtocolError::WrongRound {
-                current: evaluation.round,
-                got: msg_round,
-            });
-        }
-        if !evaluation.evaluators.contains(&from) {
-            return Err(ProtocolError::UnknownParticipant(from));
-        }
-        Ok(())
-    }
-
     /// Why `hello`'s input does not fit the session's model or classes
     /// (naming both sides), or `None`.
     fn input_refusal(&self, hello: &Hello) -> Option<String> {
@@ -1251,105 +893,6 @@ impl CoordinatorSession {
         Ok(())
     }
 
-    /// Sends round `round`'s model to every participant with a test split
-    /// (as a delta from `previous`, the model it replaced, to those that
-    /// hold that one) and begins the evaluation sum over them; returns the
-    /// evaluators and their test claims, or `None` (reported) when nobody
-    /// can evaluate.
-    #[allow(clippy::type_complexity)]
-    fn begin_evaluation(
-        &mut self,
-        now: Instant,
-        round: u32,
-        previous: Option<(ModelWeights, [u8; 32])>,
-    ) -> Option<(BTreeSet<ParticipantId>, BTreeMap<ParticipantId, u64>)> {
-        // Everyone connected with a test split evaluates, in the cohort or
-        // not (participants admitted during the round included).
-        let evaluators: Vec<ParticipantId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.test_samples > 0)
-            .map(|(&id, _)| id)
-            .collect();
-        if evaluators.is_empty() {
-            return None;
-        }
-        let max_weight = evaluators
-            .iter()
-            .map(|id| self.peers[id].test_samples)
-            .max()
-            .unwrap_or(1);
-        let digest = self.round_global_digest();
-        self.evaluator.set_model_digest(digest);
-        let classes = self.model().map_or(0, |m| m.num_classes() as usize);
-        let sum_len = EvalMetrics::sum_len(classes);
-        match begin_with_weight_bound(
-            &mut *self.evaluator,
-            now,
-            round,
-            &evaluators,
-            sum_len,
-            max_weight,
-        ) {
-            Ok(bound) => self.note_weight_bound(round, SumKind::Evaluation, max_weight, bound),
-            Err(e) => {
-                self.events.push_back(SessionEvent::EvaluationFailed {
-                    round,
-                    reason: e.to_string(),
-                });
-                return None;
-            }
-        }
-        let test_claims = evaluators
-            .iter()
-            .filter_map(|id| self.peers.get(id).map(|p| (*id, p.test_samples)))
-            .collect();
-        // Who takes deltas and holds the model this one replaced gets a
-        // delta from it.
-        let holds_previous = |peer: Option<&Peer>| match (&previous, peer) {
-            (Some((_, d)), Some(peer)) => peer.takes_deltas && peer.holds == Some(*d),
-            _ => false,
-        };
-        // One copy of the delta, or of the model, for every EvaluateRequest;
-        // should encoding fail (layouts are fixed for a session), the
-        // weights go instead.
-        let delta = previous
-            .as_ref()
-            .filter(|_| {
-                evaluators
-                    .iter()
-                    .any(|id| holds_previous(self.peers.get(id)))
-            })
-            .and_then(|(base, base_digest)| {
-                ModelDelta::encode(base, *base_digest, self.round_global(), digest).ok()
-            })
-            .map(Arc::new);
-        let mut weights: Option<Arc<ModelWeights>> = None;
-        for &id in &evaluators {
-            let global = match &delta {
-                Some(d) if holds_previous(self.peers.get(&id)) => GlobalModel::Delta(d.clone()),
-                _ => GlobalModel::Weights(
-                    weights
-                        .get_or_insert_with(|| Arc::new(self.round_global().clone()))
-                        .clone(),
-                ),
-            };
-            if let Some(peer) = self.peers.get_mut(&id) {
-                peer.evaluated = Some(round);
-                peer.holds = Some(digest);
-            }
-            self.outbox.push_back((
-                id,
-                Message::EvaluateRequest {
-                    round,
-                    global,
-                    sealed: self.sealed.clone(),
-                },
-            ));
-        }
-        Some((evaluators.into_iter().collect(), test_claims))
-    }
-
     /// Next message to send, with its recipient.
     pub fn poll_transmit(&mut self) -> Option<(ParticipantId, Message)> {
         self.outbox.pop_front()
@@ -1574,85 +1117,6 @@ impl CoordinatorSession {
                 self.start_round(now, round + 1);
             }
         }
-    }
-
-    fn drain_evaluator(&mut self, now: Instant) {
-        let Some(evaluation) = &self.evaluation else {
-            return;
-        };
-        let round = evaluation.round;
-        while let Some(t) = self.evaluator.poll_transmit() {
-            self.outbox.push_back(t);
-        }
-        let mut misbehaved = Vec::new();
-        let eval = match self.evaluator.poll_result() {
-            None => return,
-            Some(Ok(result)) => {
-                misbehaved.clone_from(&result.misbehaved);
-                weight_within_claims(&result, &evaluation.test_claims).and_then(|()| {
-                    EvalSummary::from_mean(
-                        &result.mean_update,
-                        result.total_weight.round() as u64,
-                        result.contributors.len(),
-                    )
-                })
-            }
-            Some(Err(e)) => Err(e),
-        };
-        let eval = eval
-            .map_err(|e| {
-                self.events.push_back(SessionEvent::EvaluationFailed {
-                    round,
-                    reason: e.to_string(),
-                });
-            })
-            .ok();
-        let evaluation = self.evaluation.take().expect("checked above");
-        let mut record = evaluation.record;
-        record.misbehaved.extend(misbehaved);
-        let secs = now.saturating_duration_since(evaluation.started);
-        self.complete_round(round, record, eval, Some(secs.as_secs_f64()));
-        // What waited for this evaluation goes on.
-        if let Some(result) = self.held.take() {
-            self.events.push_back(SessionEvent::Aggregated(result));
-        }
-        if let Phase::Evaluating { .. } = self.phase {
-            self.finish();
-        }
-    }
-
-    /// Reports `round` completed with its evaluation `eval` (which took
-    /// `evaluate_secs`, when one was begun).
-    fn complete_round(
-        &mut self,
-        round: u32,
-        r: RoundState,
-        eval: Option<EvalSummary>,
-        evaluate_secs: Option<f64>,
-    ) {
-        let mut stage_secs = r.stage_secs;
-        if let Some(secs) = evaluate_secs {
-            stage_secs.push(("evaluate", secs));
-        }
-        self.last_evaluated = round;
-        self.rounds_completed += 1;
-        self.events
-            .push_back(SessionEvent::RoundCompleted(RoundSummary {
-                round,
-                cohort: r.cohort,
-                contributors: r.contributors,
-                dropped: r.dropped,
-                train_loss: if r.train_loss_weight > 0.0 {
-                    r.train_loss_sum / r.train_loss_weight
-                } else {
-                    f64::NAN
-                },
-                train_cpu_secs: (!r.train_cpu_secs.is_empty())
-                    .then(|| r.train_cpu_secs.values().sum()),
-                eval,
-                stage_secs,
-                misbehaved: r.misbehaved,
-            }));
     }
 
     fn finish(&mut self) {

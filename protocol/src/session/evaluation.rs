@@ -1,0 +1,244 @@
+//! A round's evaluation: its model goes to every participant with a test
+//! split and their metrics come back through a second secure sum, while the
+//! next round trains (see the module docs of [`super`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{
+    CoordinatorSession, Peer, Phase, RoundState, RoundSummary, SessionEvent,
+    begin_with_weight_bound, weight_within_claims,
+};
+use crate::{
+    error::ProtocolError,
+    message::{EvalMetrics, EvalSummary, GlobalModel, Message, ParticipantId, SumKind},
+    model_delta::ModelDelta,
+    weights::ModelWeights,
+};
+
+/// A round whose model is being evaluated (while the next round trains).
+#[derive(Debug)]
+pub(super) struct Evaluation {
+    pub(super) round: u32,
+    /// The round's training record, completed with the evaluation.
+    pub(super) record: RoundState,
+    pub(super) started: Instant,
+    /// Who was asked to evaluate.
+    pub(super) evaluators: BTreeSet<ParticipantId>,
+    /// The (clamped) claimed test samples of the evaluators.
+    pub(super) test_claims: BTreeMap<ParticipantId, u64>,
+    pub(super) deadline: Option<Instant>,
+}
+
+impl CoordinatorSession {
+    /// Checks that an Evaluation from `from` for `msg_round` is expected:
+    /// the evaluation in flight is that round's, and `from` was asked.
+    /// Uploads for an evaluation that already finished (spare unmasking
+    /// shares) are [`ProtocolError::Late`].
+    pub(super) fn expect_evaluation(
+        &self,
+        from: ParticipantId,
+        msg_round: u32,
+    ) -> Result<(), ProtocolError> {
+        if msg_round != 0 && msg_round <= self.last_evaluated {
+            return Err(ProtocolError::Late("Evaluation"));
+        }
+        let Some(evaluation) = &self.evaluation else {
+            return Err(ProtocolError::UnexpectedMessage {
+                expected: self.phase_expects(),
+                got: "Evaluation",
+            });
+        };
+        if msg_round != evaluation.round {
+            return Err(ProtocolError::WrongRound {
+                current: evaluation.round,
+                got: msg_round,
+            });
+        }
+        if !evaluation.evaluators.contains(&from) {
+            return Err(ProtocolError::UnknownParticipant(from));
+        }
+        Ok(())
+    }
+
+    /// Sends round `round`'s model to every participant with a test split
+    /// (as a delta from `previous`, the model it replaced, to those that
+    /// hold that one) and begins the evaluation sum over them; returns the
+    /// evaluators and their test claims, or `None` (reported) when nobody
+    /// can evaluate.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn begin_evaluation(
+        &mut self,
+        now: Instant,
+        round: u32,
+        previous: Option<(ModelWeights, [u8; 32])>,
+    ) -> Option<(BTreeSet<ParticipantId>, BTreeMap<ParticipantId, u64>)> {
+        // Everyone connected with a test split evaluates, in the cohort or
+        // not (participants admitted during the round included).
+        let evaluators: Vec<ParticipantId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.test_samples > 0)
+            .map(|(&id, _)| id)
+            .collect();
+        if evaluators.is_empty() {
+            return None;
+        }
+        let max_weight = evaluators
+            .iter()
+            .map(|id| self.peers[id].test_samples)
+            .max()
+            .unwrap_or(1);
+        let digest = self.round_global_digest();
+        self.evaluator.set_model_digest(digest);
+        let classes = self.model().map_or(0, |m| m.num_classes() as usize);
+        let sum_len = EvalMetrics::sum_len(classes);
+        match begin_with_weight_bound(
+            &mut *self.evaluator,
+            now,
+            round,
+            &evaluators,
+            sum_len,
+            max_weight,
+        ) {
+            Ok(bound) => self.note_weight_bound(round, SumKind::Evaluation, max_weight, bound),
+            Err(e) => {
+                self.events.push_back(SessionEvent::EvaluationFailed {
+                    round,
+                    reason: e.to_string(),
+                });
+                return None;
+            }
+        }
+        let test_claims = evaluators
+            .iter()
+            .filter_map(|id| self.peers.get(id).map(|p| (*id, p.test_samples)))
+            .collect();
+        // Who takes deltas and holds the model this one replaced gets a
+        // delta from it.
+        let holds_previous = |peer: Option<&Peer>| match (&previous, peer) {
+            (Some((_, d)), Some(peer)) => peer.takes_deltas && peer.holds == Some(*d),
+            _ => false,
+        };
+        // One copy of the delta, or of the model, for every EvaluateRequest;
+        // should encoding fail (layouts are fixed for a session), the
+        // weights go instead.
+        let delta = previous
+            .as_ref()
+            .filter(|_| {
+                evaluators
+                    .iter()
+                    .any(|id| holds_previous(self.peers.get(id)))
+            })
+            .and_then(|(base, base_digest)| {
+                ModelDelta::encode(base, *base_digest, self.round_global(), digest).ok()
+            })
+            .map(Arc::new);
+        let mut weights: Option<Arc<ModelWeights>> = None;
+        for &id in &evaluators {
+            let global = match &delta {
+                Some(d) if holds_previous(self.peers.get(&id)) => GlobalModel::Delta(d.clone()),
+                _ => GlobalModel::Weights(
+                    weights
+                        .get_or_insert_with(|| Arc::new(self.round_global().clone()))
+                        .clone(),
+                ),
+            };
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.evaluated = Some(round);
+                peer.holds = Some(digest);
+            }
+            self.outbox.push_back((
+                id,
+                Message::EvaluateRequest {
+                    round,
+                    global,
+                    sealed: self.sealed.clone(),
+                },
+            ));
+        }
+        Some((evaluators.into_iter().collect(), test_claims))
+    }
+
+    /// Passes on what the evaluation sum produced: its messages, and, once
+    /// it is done (or failed), the round's completion.
+    pub(super) fn drain_evaluator(&mut self, now: Instant) {
+        let Some(evaluation) = &self.evaluation else {
+            return;
+        };
+        let round = evaluation.round;
+        while let Some(t) = self.evaluator.poll_transmit() {
+            self.outbox.push_back(t);
+        }
+        let mut misbehaved = Vec::new();
+        let eval = match self.evaluator.poll_result() {
+            None => return,
+            Some(Ok(result)) => {
+                misbehaved.clone_from(&result.misbehaved);
+                weight_within_claims(&result, &evaluation.test_claims).and_then(|()| {
+                    EvalSummary::from_mean(
+                        &result.mean_update,
+                        result.total_weight.round() as u64,
+                        result.contributors.len(),
+                    )
+                })
+            }
+            Some(Err(e)) => Err(e),
+        };
+        let eval = eval
+            .map_err(|e| {
+                self.events.push_back(SessionEvent::EvaluationFailed {
+                    round,
+                    reason: e.to_string(),
+                });
+            })
+            .ok();
+        let evaluation = self.evaluation.take().expect("checked above");
+        let mut record = evaluation.record;
+        record.misbehaved.extend(misbehaved);
+        let secs = now.saturating_duration_since(evaluation.started);
+        self.complete_round(round, record, eval, Some(secs.as_secs_f64()));
+        // What waited for this evaluation goes on.
+        if let Some(result) = self.held.take() {
+            self.events.push_back(SessionEvent::Aggregated(result));
+        }
+        if let Phase::Evaluating { .. } = self.phase {
+            self.finish();
+        }
+    }
+
+    /// Reports `round` completed with its evaluation `eval` (which took
+    /// `evaluate_secs`, when one was begun).
+    pub(super) fn complete_round(
+        &mut self,
+        round: u32,
+        r: RoundState,
+        eval: Option<EvalSummary>,
+        evaluate_secs: Option<f64>,
+    ) {
+        let mut stage_secs = r.stage_secs;
+        if let Some(secs) = evaluate_secs {
+            stage_secs.push(("evaluate", secs));
+        }
+        self.last_evaluated = round;
+        self.rounds_completed += 1;
+        self.events
+            .push_back(SessionEvent::RoundCompleted(RoundSummary {
+                round,
+                cohort: r.cohort,
+                contributors: r.contributors,
+                dropped: r.dropped,
+                train_loss: if r.train_loss_weight > 0.0 {
+                    r.train_loss_sum / r.train_loss_weight
+                } else {
+                    f64::NAN
+                },
+                train_cpu_secs: (!r.train_cpu_secs.is_empty())
+                    .then(|| r.train_cpu_secs.values().sum()),
+                eval,
+                stage_secs,
+                misbehaved: r.misbehaved,
+            }));
+    }
+}
