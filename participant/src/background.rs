@@ -9,6 +9,8 @@
 //! [`TRAINING_NICE`] (docs/benchmarks.md). The loop, when it wakes, then
 //! preempts training, and training still gets every cycle nothing else
 //! wants. It also yields to other programs on the participant's machine.
+//! Only that thread is lowered: with more than one compute thread
+//! (`--threads`), candle's pool threads keep the process's priority.
 
 use tokio::sync::oneshot;
 

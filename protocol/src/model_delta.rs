@@ -34,10 +34,11 @@ pub enum ModelDeltas {
 }
 
 impl ModelDeltas {
-    /// Whether a participant connected from `remote` gets deltas.
+    /// Whether a participant connected from `remote` gets deltas (an
+    /// IPv4 address seen through a dual-stack socket counts as IPv4).
     pub fn for_peer(self, remote: std::net::IpAddr) -> bool {
         match self {
-            ModelDeltas::Auto => !remote.is_loopback(),
+            ModelDeltas::Auto => !remote.to_canonical().is_loopback(),
             ModelDeltas::Always => true,
             ModelDeltas::Never => false,
         }
@@ -278,11 +279,15 @@ mod tests {
     fn the_policy_sends_deltas_off_this_machine_unless_told_otherwise() {
         let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
         let local6: std::net::IpAddr = "::1".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         let remote: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let remote_mapped: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(ModelDeltas::default(), ModelDeltas::Auto);
         assert!(!ModelDeltas::Auto.for_peer(local));
         assert!(!ModelDeltas::Auto.for_peer(local6));
+        assert!(!ModelDeltas::Auto.for_peer(mapped));
         assert!(ModelDeltas::Auto.for_peer(remote));
+        assert!(ModelDeltas::Auto.for_peer(remote_mapped));
         assert!(ModelDeltas::Always.for_peer(local));
         assert!(!ModelDeltas::Never.for_peer(remote));
         for p in [ModelDeltas::Auto, ModelDeltas::Always, ModelDeltas::Never] {
