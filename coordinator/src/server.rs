@@ -149,20 +149,13 @@ impl Coordinator {
         })?;
         let mut server_config = tls::server_config(&config.tls)?;
         server_config.transport_config(Arc::new(tls::transport_config(config.transport)));
-        let socket = tls::udp_socket(config.listen).map_err(|source| CoordinatorError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| CoordinatorError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let endpoint =
+            greyfed_quic::endpoint(config.listen, Some(server_config)).map_err(|source| {
+                CoordinatorError::Bind {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
         Ok(Self { endpoint, config })
     }
 

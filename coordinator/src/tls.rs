@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use greyfed_protocol::transport::{self, Congestion, TransportSettings};
+use greyfed_protocol::transport::{self, TransportSettings};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::{
@@ -88,68 +88,19 @@ pub fn server_config(tls: &ServerTls) -> Result<quinn::ServerConfig> {
     Ok(config)
 }
 
-/// quinn's controller for `congestion`.
-fn congestion_controller(
-    congestion: Congestion,
-) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync + 'static> {
-    match congestion {
-        Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
-        Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
-        Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
-    }
-}
-
 fn tls_err(e: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Tls(e.to_string())
 }
 
-/// The coordinator's transport settings: keep-alives so that a vanished
-/// peer is noticed within the idle timeout, one stream per connection, and
-/// `settings`' congestion controller (for what it sends: models, above all)
-/// and idle timeout.
+/// The coordinator's transport settings: `settings`' (see
+/// [`greyfed_quic::transport_config`]; its congestion controller governs
+/// what the coordinator sends, models above all) with one bidirectional
+/// stream per connection.
 pub fn transport_config(settings: TransportSettings) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.congestion_controller_factory(congestion_controller(settings.congestion));
-    t.keep_alive_interval(Some(transport::KEEP_ALIVE_INTERVAL));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(settings.idle_timeout).unwrap_or(quinn::VarInt::MAX.into()),
-    ));
+    let mut t = greyfed_quic::transport_config(settings);
     t.max_concurrent_uni_streams(0u8.into());
     t.max_concurrent_bidi_streams(1u8.into());
     t
-}
-
-/// A UDP socket bound to `addr` with [`transport::UDP_BUFFER_BYTES`] of
-/// receive and send buffer asked for; warns, naming the sysctl, when the
-/// kernel grants less.
-///
-/// # Errors
-/// The socket cannot be opened or bound.
-pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Linux reports twice the size it grants (its bookkeeping included).
-    let wanted = transport::UDP_BUFFER_BYTES;
-    let reported_per_granted = if cfg!(target_os = "linux") { 2 } else { 1 };
-    let granted = |size: std::io::Result<usize>| size.map_or(0, |s| s / reported_per_granted);
-    if socket.set_recv_buffer_size(wanted).is_err() || granted(socket.recv_buffer_size()) < wanted {
-        tracing::warn!(
-            granted = granted(socket.recv_buffer_size()),
-            wanted,
-            "the kernel caps this UDP socket's receive buffer: bursts may be dropped and \
-             rounds run slower; raise net.core.rmem_max (docs/deploy.md)"
-        );
-    }
-    if socket.set_send_buffer_size(wanted).is_err() || granted(socket.send_buffer_size()) < wanted {
-        tracing::warn!(
-            granted = granted(socket.send_buffer_size()),
-            wanted,
-            "the kernel caps this UDP socket's send buffer; raise net.core.wmem_max \
-             (docs/deploy.md)"
-        );
-    }
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
 }
 
 #[cfg(test)]
@@ -195,23 +146,5 @@ mod tests {
         let err = server_config(&t).unwrap_err();
         assert!(!err.to_string().contains("PRIVATE KEY"));
         assert!(DeploymentPki::generate(&[], &[], Validity::days_from_now(1)).is_err());
-    }
-
-    /// The socket gets the buffer asked for, or all the kernel allows.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn udp_sockets_get_the_buffer_the_kernel_allows() {
-        let socket = udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
-        let limit = |name: &str| -> usize {
-            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        };
-        let socket = socket2::Socket::from(socket);
-        let wanted = transport::UDP_BUFFER_BYTES;
-        assert!(socket.recv_buffer_size().unwrap() / 2 >= wanted.min(limit("rmem_max")));
-        assert!(socket.send_buffer_size().unwrap() / 2 >= wanted.min(limit("wmem_max")));
     }
 }

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use greyfed_protocol::transport::{self, Congestion, TransportSettings};
+use greyfed_protocol::transport::{self, TransportSettings};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::error::{ParticipantError, Result};
@@ -73,61 +73,10 @@ pub fn client_config(ca_pem: &[u8], identity: &ClientIdentity) -> Result<quinn::
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| ParticipantError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(TransportSettings::default())));
+    config.transport_config(Arc::new(greyfed_quic::transport_config(
+        TransportSettings::default(),
+    )));
     Ok(config)
-}
-
-/// The participant's transport settings: keep-alives so that a vanished
-/// coordinator is noticed within the idle timeout, and `settings`'
-/// congestion controller (for what it sends: its uploads) and idle
-/// timeout. Set it on a [`client_config`] with
-/// `quinn::ClientConfig::transport_config`.
-pub fn transport_config(settings: TransportSettings) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.congestion_controller_factory(match settings.congestion {
-        Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default())
-            as Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>,
-        Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
-        Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
-    });
-    t.keep_alive_interval(Some(transport::KEEP_ALIVE_INTERVAL));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(settings.idle_timeout).unwrap_or(quinn::VarInt::MAX.into()),
-    ));
-    t
-}
-
-/// A UDP socket bound to `addr` with [`transport::UDP_BUFFER_BYTES`] of
-/// receive and send buffer asked for; warns, naming the sysctl, when the
-/// kernel grants less.
-///
-/// # Errors
-/// The socket cannot be opened or bound.
-pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Linux reports twice the size it grants (its bookkeeping included).
-    let wanted = transport::UDP_BUFFER_BYTES;
-    let reported_per_granted = if cfg!(target_os = "linux") { 2 } else { 1 };
-    let granted = |size: std::io::Result<usize>| size.map_or(0, |s| s / reported_per_granted);
-    if socket.set_recv_buffer_size(wanted).is_err() || granted(socket.recv_buffer_size()) < wanted {
-        tracing::warn!(
-            granted = granted(socket.recv_buffer_size()),
-            wanted,
-            "the kernel caps this UDP socket's receive buffer: bursts may be dropped and \
-             rounds run slower; raise net.core.rmem_max (docs/deploy.md)"
-        );
-    }
-    if socket.set_send_buffer_size(wanted).is_err() || granted(socket.send_buffer_size()) < wanted {
-        tracing::warn!(
-            granted = granted(socket.send_buffer_size()),
-            wanted,
-            "the kernel caps this UDP socket's send buffer; raise net.core.wmem_max \
-             (docs/deploy.md)"
-        );
-    }
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
 }
 
 /// Connects to the coordinator at `addr`, checking its certificate against
@@ -142,15 +91,8 @@ pub async fn connect(
     } else {
         "0.0.0.0:0".parse().expect("valid address")
     };
-    let socket = udp_socket(bind)
+    let mut endpoint = greyfed_quic::endpoint(bind, None)
         .map_err(|e| ParticipantError::Connection(format!("cannot open a UDP socket: {e}")))?;
-    let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| ParticipantError::Connection(format!("cannot open a UDP socket: {e}")))?;
     endpoint.set_default_client_config(config);
     let connecting = endpoint
         .connect(addr, server_name)
@@ -201,28 +143,5 @@ pub fn write_error(e: &quinn::WriteError) -> ParticipantError {
     match e {
         quinn::WriteError::ConnectionLost(c) => connection_error(c),
         other => ParticipantError::Connection(other.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The socket gets the buffer asked for, or all the kernel allows.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn udp_sockets_get_the_buffer_the_kernel_allows() {
-        let socket = udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
-        let limit = |name: &str| -> usize {
-            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        };
-        let socket = socket2::Socket::from(socket);
-        let wanted = transport::UDP_BUFFER_BYTES;
-        assert!(socket.recv_buffer_size().unwrap() / 2 >= wanted.min(limit("rmem_max")));
-        assert!(socket.send_buffer_size().unwrap() / 2 >= wanted.min(limit("wmem_max")));
     }
 }
