@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(LogWriter)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime_for(&cli.command) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -53,6 +53,21 @@ fn main() -> ExitCode {
         eprintln!("warning: cannot write {}: {e}", path.display());
     }
     code
+}
+
+/// The async runtime a command runs on. A participant runs on one thread:
+/// its session loop and its one QUIC connection wait on each other, and its
+/// training has a thread of its own, so worker threads only add wake-ups
+/// across threads (on 10 participants sharing 2 cores, rounds were 1-2%
+/// longer with them; docs/benchmarks.md). Everything else, the coordinator
+/// serving many connections first, gets a worker per core.
+fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    match command {
+        Command::Participant(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    }
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
