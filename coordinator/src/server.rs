@@ -716,7 +716,7 @@ impl Driver {
                     let shared = match global {
                         GlobalModel::Weights(w) => Arc::as_ptr(w).cast::<()>(),
                         GlobalModel::Delta(d) => Arc::as_ptr(d).cast::<()>(),
-                        GlobalModel::Evaluated { .. } => std::ptr::null(),
+                        GlobalModel::Held { .. } => std::ptr::null(),
                     };
                     match evaluate_frames
                         .iter()

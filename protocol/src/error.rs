@@ -60,15 +60,17 @@ pub enum ProtocolError {
         got: &'static str,
     },
     /// A `TrainRequest` names a kept model (see
-    /// [`crate::message::GlobalModel::Evaluated`]) that this participant does
+    /// [`crate::message::GlobalModel::Held`]) that this participant does
     /// not hold.
     #[error(
-        "the coordinator referred to round {wanted}'s model, but this participant holds {held}"
+        "the coordinator referred to the model with digest {wanted}, but this participant holds \
+         {held}"
     )]
     MissingModel {
-        /// The round whose evaluated model was named.
-        wanted: u32,
-        /// What the participant holds (`"round N's model"` or `"none"`).
+        /// The named model's digest (hex, first 4 bytes).
+        wanted: String,
+        /// What the participant holds (`"the model with digest …"` or
+        /// `"none"`).
         held: String,
     },
     /// A message refers to a round other than the current one.

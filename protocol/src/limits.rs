@@ -340,12 +340,13 @@ mod tests {
                     rounds: 2,
                     aggregation: AggregationKind::Plain,
                 },
+                model: None,
             },
             Message::Reject { reason: "x".into() },
             Message::TrainRequest {
                 sealed: None,
                 round: 1,
-                global: GlobalModel::Evaluated { round: 1 },
+                global: GlobalModel::Held { digest: [7; 32] },
                 seed: 2,
             },
             Message::Contribution {

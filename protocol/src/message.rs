@@ -852,23 +852,26 @@ impl Hello {
 /// The global model a [`Message::TrainRequest`] starts from, or that a
 /// [`Message::EvaluateRequest`] evaluates.
 ///
-/// The model evaluated at the end of round `r` is the one round `r + 1`
-/// trains from, so the coordinator sends a participant that evaluated it
-/// only a reference instead of the same weights again; and a participant
-/// that holds the previous round's model gets the new one as a lossless
-/// delta from it. Either way the participant's model is the coordinator's
-/// bit for bit (a delta names the model it gives by its digest).
+/// A participant keeps the last model it received (with its Welcome or an
+/// `EvaluateRequest`). The model evaluated at the end of round `r` is the
+/// one round `r + 1` trains from, and the model of a participant's Welcome
+/// is the one round 1 trains from, so the coordinator then sends only a
+/// reference to it ([`GlobalModel::Held`]) instead of the same weights
+/// again; and a participant that holds the previous round's model gets the
+/// new one as a lossless delta from it. Either way the participant's model
+/// is the coordinator's bit for bit (a reference and a delta name the model
+/// by its digest).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GlobalModel {
     /// The weights themselves, shared by every recipient's message (the
     /// wire form is the weights; `Arc` only saves the coordinator a copy per
     /// participant).
     Weights(Arc<ModelWeights>),
-    /// The model of the participant's `EvaluateRequest` for `round`, which
-    /// it keeps until its next training (in a `TrainRequest` only).
-    Evaluated {
-        /// Round of that `EvaluateRequest`.
-        round: u32,
+    /// The model the participant holds (the last one it received), named by
+    /// its digest (in a `TrainRequest` only).
+    Held {
+        /// Digest ([`ModelWeights::digest`]) of the model meant.
+        digest: [u8; 32],
     },
     /// The weights as a delta from the last model the participant received
     /// (see [`ModelDelta`]), shared by every recipient's message.
@@ -1157,6 +1160,10 @@ pub enum Message {
         participant_id: ParticipantId,
         /// Session parameters.
         session: SessionInfo,
+        /// The current global model, which the participant keeps: its first
+        /// `TrainRequest` then refers to it ([`GlobalModel::Held`]), so the
+        /// download happens while the others join rather than in round 1.
+        model: Option<Arc<ModelWeights>>,
     },
     /// Coordinator → participant: not admitted (full, wrong key, wrong input).
     Reject {

@@ -101,7 +101,8 @@ impl std::fmt::Debug for ModelDelta {
     }
 }
 
-fn hex8(digest: &[u8; 32]) -> String {
+/// A digest's first 4 bytes in hex, for errors and `Debug` output.
+pub(crate) fn hex8(digest: &[u8; 32]) -> String {
     digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 

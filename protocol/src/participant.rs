@@ -33,6 +33,7 @@ use crate::{
         AggregationKind, AggregationPayload, EvalMetrics, GlobalModel, Hello, Message,
         ParticipantId, SessionInfo, SumKind,
     },
+    model_delta::hex8,
     secagg::{
         auth::SecAggAuth,
         keys::RoundContext,
@@ -97,8 +98,6 @@ enum State {
 struct HeldModel {
     weights: ModelWeights,
     digest: [u8; 32],
-    /// The round it was sent to evaluate, if it came in an EvaluateRequest.
-    evaluated: Option<u32>,
 }
 
 /// The participant's state machine. See the module docs.
@@ -115,7 +114,7 @@ pub struct ParticipantSession {
     /// evaluated once, whatever round number it comes under.
     evaluated_models: std::collections::HashSet<[u8; 32]>,
     /// The last model we received, kept for a `TrainRequest` that refers
-    /// to it ([`GlobalModel::Evaluated`]) and as the base of the next
+    /// to it ([`GlobalModel::Held`]) and as the base of the next
     /// [`GlobalModel::Delta`].
     held: Option<HeldModel>,
     /// Our side of the current round's secure update sum, if any.
@@ -222,6 +221,7 @@ impl ParticipantSession {
                 Message::Welcome {
                     participant_id,
                     session,
+                    model,
                 },
             ) => {
                 if let Some(layers) = session.training.sealed_layers {
@@ -255,6 +255,9 @@ impl ParticipantSession {
                             .into(),
                     ));
                 }
+                if let Some(model) = model {
+                    self.receive(GlobalModel::Weights(model))?;
+                }
                 self.id = Some(participant_id);
                 self.session = Some(session.clone());
                 self.state = State::Idle;
@@ -282,7 +285,7 @@ impl ParticipantSession {
                         got: round,
                     });
                 }
-                let (global, digest) = self.receive(global, None)?;
+                let (global, digest) = self.receive(global)?;
                 let sealed = self.open_sealed(&global, sealed.as_deref())?;
                 self.last_round = round;
                 self.state = State::Training { round };
@@ -316,12 +319,12 @@ impl ParticipantSession {
                 if round <= self.last_evaluated {
                     return Err(ProtocolError::RepeatedEvaluation { round });
                 }
-                if let GlobalModel::Evaluated { .. } = global {
+                if let GlobalModel::Held { .. } = global {
                     return Err(ProtocolError::Malformed(
                         "an EvaluateRequest must carry its model, not refer to one".into(),
                     ));
                 }
-                let (global, digest) = self.receive(global, Some(round))?;
+                let (global, digest) = self.receive(global)?;
                 // The same model under a new round number would let the
                 // coordinator difference two sums over different evaluators.
                 if !self.evaluated_models.insert(digest) {
@@ -376,35 +379,28 @@ impl ParticipantSession {
         }
     }
 
-    /// The model `global` names and its digest, kept as the model we hold
-    /// (marked as `evaluated` round's evaluation model when given).
+    /// The model `global` names and its digest, kept as the model we hold.
     ///
     /// # Errors
     /// Invalid weights, a reference to a model we do not hold, or a delta
     /// that does not apply to the model we hold or does not give the model
     /// it names.
-    fn receive(
-        &mut self,
-        global: GlobalModel,
-        evaluated: Option<u32>,
-    ) -> Result<(ModelWeights, [u8; 32]), ProtocolError> {
+    fn receive(&mut self, global: GlobalModel) -> Result<(ModelWeights, [u8; 32]), ProtocolError> {
         let (weights, digest) = match global {
             GlobalModel::Weights(w) => {
                 w.validate()?;
                 let digest = w.digest();
                 (Arc::unwrap_or_clone(w), digest)
             }
-            GlobalModel::Evaluated { round: wanted } => {
+            GlobalModel::Held { digest: wanted } => {
                 return match &self.held {
-                    Some(held) if held.evaluated == Some(wanted) => {
-                        Ok((held.weights.clone(), held.digest))
-                    }
+                    Some(held) if held.digest == wanted => Ok((held.weights.clone(), held.digest)),
                     other => Err(ProtocolError::MissingModel {
-                        wanted,
-                        held: match other.as_ref().and_then(|h| h.evaluated) {
-                            Some(r) => format!("round {r}'s model"),
-                            None => "none".into(),
-                        },
+                        wanted: hex8(&wanted),
+                        held: other.as_ref().map_or_else(
+                            || "none".into(),
+                            |h| format!("the model with digest {}", hex8(&h.digest)),
+                        ),
                     }),
                 };
             }
@@ -422,7 +418,6 @@ impl ParticipantSession {
         self.held = Some(HeldModel {
             weights: weights.clone(),
             digest,
-            evaluated,
         });
         Ok((weights, digest))
     }

@@ -1585,6 +1585,7 @@ fn sessions(
         let welcome = Message::Welcome {
             participant_id: id,
             session: session_info(),
+            model: None,
         };
         s.handle_message(welcome, &mut rng).unwrap();
         assert!(matches!(

@@ -136,7 +136,7 @@ async fn a_frame_over_its_kinds_limit_is_refused_after_one_payload_byte() {
     let train = Message::TrainRequest {
         sealed: None,
         round: 1,
-        global: greyfed_protocol::GlobalModel::Evaluated { round: 1 },
+        global: greyfed_protocol::GlobalModel::Held { digest: [1; 32] },
         seed: 1,
     };
     let reason = refused(read_prefix(&frame(&train)[..HEADER_LEN + 1], &limits, None).await);

@@ -175,14 +175,16 @@ impl CoordinatorSession {
         };
         let train_samples = clamp("train_samples", hello.train_samples, caps.train);
         let test_samples = clamp("test_samples", hello.test_samples, caps.test);
+        // The Welcome carries the current model, which the participant keeps.
+        let welcome_model = self.welcome_model();
+        let holds = Some(self.round_global_digest());
         self.peers.insert(
             from,
             Peer {
                 identity: identity.clone(),
                 train_samples,
                 test_samples,
-                evaluated: None,
-                holds: None,
+                holds,
                 takes_deltas: !self.whole_models.contains(&from),
             },
         );
@@ -197,6 +199,7 @@ impl CoordinatorSession {
                     rounds: self.config.rounds,
                     aggregation: self.aggregator.aggregation(),
                 },
+                model: Some(welcome_model),
             },
         ));
         self.events

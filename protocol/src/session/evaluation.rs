@@ -146,7 +146,6 @@ impl CoordinatorSession {
                 ),
             };
             if let Some(peer) = self.peers.get_mut(&id) {
-                peer.evaluated = Some(round);
                 peer.holds = Some(digest);
             }
             self.outbox.push_back((

@@ -27,7 +27,7 @@
 //! sample-weighted mean metrics). The evaluation of round `r`'s model runs
 //! alongside round `r + 1`'s training: `apply_global` sends the
 //! EvaluateRequests and then the next round's TrainRequests (which refer to
-//! the model just sent, [`GlobalModel::Evaluated`]), so a round's wall time
+//! the model just sent, [`GlobalModel::Held`]), so a round's wall time
 //! is its training and aggregation, not also the evaluation's round trips.
 //! Events keep round order all the same: [`SessionEvent::RoundCompleted`]
 //! for `r` comes before [`SessionEvent::Aggregated`] for `r + 1` (a result
@@ -115,11 +115,9 @@ struct Peer {
     identity: String,
     train_samples: u64,
     test_samples: u64,
-    /// Round of the last `EvaluateRequest` sent to this participant (which
-    /// it keeps, see [`GlobalModel::Evaluated`]).
-    evaluated: Option<u32>,
     /// Digest of the last model sent to this participant, which it keeps
-    /// as the base of a [`GlobalModel::Delta`].
+    /// for a [`GlobalModel::Held`] reference and as the base of a
+    /// [`GlobalModel::Delta`].
     holds: Option<[u8; 32]>,
     /// Whether it gets deltas at all (see
     /// [`CoordinatorSession::send_whole_models`]).
@@ -157,12 +155,12 @@ pub struct CoordinatorSession {
     model: Option<SessionModel>,
     /// The current global model; `None` only until the model is built.
     global: Option<ModelWeights>,
-    /// The round whose `apply_global` installed `global` (None: the initial
-    /// model).
-    global_round: Option<u32>,
     /// [`ModelWeights::digest`] of `global`, once computed (both sums about
     /// one model name it; hashing a large model is not free).
     global_digest: Option<[u8; 32]>,
+    /// The copy of `global` every Welcome carries (with its digest), kept
+    /// while participants join and handed to the first TrainRequests.
+    welcome: Option<([u8; 32], Arc<ModelWeights>)>,
     phase: Phase,
     /// Identities of open connections, from `handle_connect`, until they
     /// disconnect.
@@ -260,8 +258,8 @@ impl CoordinatorSession {
             initial,
             model: None,
             global,
-            global_round: None,
             global_digest: None,
+            welcome: None,
             phase: Phase::Joining,
             identities: BTreeMap::new(),
             whole_models: BTreeSet::new(),
@@ -331,6 +329,20 @@ impl CoordinatorSession {
                 let d = self.round_global().digest();
                 self.global_digest = Some(d);
                 d
+            }
+        }
+    }
+
+    /// The global model for a Welcome: one copy shared by every Welcome
+    /// while the model stays the same.
+    fn welcome_model(&mut self) -> Arc<ModelWeights> {
+        let digest = self.round_global_digest();
+        match &self.welcome {
+            Some((d, model)) if *d == digest => model.clone(),
+            _ => {
+                let model = Arc::new(self.round_global().clone());
+                self.welcome = Some((digest, model.clone()));
+                model
             }
         }
     }
@@ -662,7 +674,6 @@ impl CoordinatorSession {
         let previous_digest = self.round_global_digest();
         let previous = self.global.replace(global).map(|w| (w, previous_digest));
         self.global_digest = None;
-        self.global_round = Some(round);
         if let Some(sealed) = self.pending_sealed.take() {
             self.sealed = Some(Arc::new(sealed));
         }
@@ -786,13 +797,15 @@ impl CoordinatorSession {
                 .collect(),
             ..RoundState::default()
         };
-        // One copy of the model for every TrainRequest that carries it.
-        let mut shared: Option<Arc<ModelWeights>> = None;
+        // One copy of the model for every TrainRequest that carries it (the
+        // Welcomes' copy, if that is still the model).
+        let mut shared: Option<Arc<ModelWeights>> = self
+            .welcome
+            .take()
+            .and_then(|(d, model)| (d == digest).then_some(model));
         for &id in &cohort {
-            let global = match (self.global_round, self.peers.get(&id)) {
-                (Some(r), Some(peer)) if peer.evaluated == Some(r) => {
-                    GlobalModel::Evaluated { round: r }
-                }
+            let global = match self.peers.get(&id) {
+                Some(peer) if peer.holds == Some(digest) => GlobalModel::Held { digest },
                 _ => {
                     if let Some(peer) = self.peers.get_mut(&id) {
                         peer.holds = Some(digest);

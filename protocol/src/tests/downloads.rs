@@ -37,12 +37,20 @@ fn every_participant_holds_the_coordinators_model_bit_for_bit_through_deltas() {
         }
     }
     assert_eq!(bits(h.coordinator.global().unwrap()), bits(&h.globals[3]));
-    // Round 1 trains from the weights; every evaluation after it is a
+    // Round 1 trains everywhere from the one model the Welcomes carried.
+    let first = bits(&h.received[&(1, 0, "train")]);
+    for id in 1..3 as ParticipantId {
+        assert_eq!(
+            bits(&h.received[&(1, id, "train")]),
+            first,
+            "participant {id}"
+        );
+    }
+    // Round 1 trains from the model of the Welcome; every evaluation is a
     // delta from the model its recipient trained from, and every later
     // round refers to the model just evaluated: one model per round.
     for (round, id, kind, how) in &h.downloads {
         let expected = match (*round, *kind) {
-            (1, "TrainRequest") => "weights",
             (_, "TrainRequest") => "reference",
             (_, "EvaluateRequest") => "delta",
             other => panic!("unexpected download {other:?}"),
@@ -53,10 +61,10 @@ fn every_participant_holds_the_coordinators_model_bit_for_bit_through_deltas() {
 }
 
 #[test]
-fn a_participant_without_the_base_gets_the_weights() {
+fn a_newcomer_gets_deltas_from_the_model_of_its_welcome() {
     let mut h = Harness::new(config(3, 3), 3);
-    // Participant 3 arrives after round 1 has started: it holds nothing, so
-    // its first evaluation carries the weights, later ones deltas.
+    // Participant 3 arrives after round 1 has started: its Welcome carries
+    // round 1's model, so even its first evaluation is a delta from it.
     h.step();
     h.add_participant(3, 40);
     h.drive(10_000);
@@ -66,7 +74,7 @@ fn a_participant_without_the_base_gets_the_weights() {
         .iter()
         .find(|(_, id, kind, _)| *id == 3 && *kind == "EvaluateRequest")
         .expect("the newcomer evaluates");
-    assert_eq!(first_evaluation.3, "weights");
+    assert_eq!(first_evaluation.3, "delta");
     let later: Vec<&str> = h
         .downloads
         .iter()

@@ -108,12 +108,11 @@ fn train_requests_during_an_evaluation_refer_to_the_evaluated_model() {
     let (mut s, now) = started_session(2);
     train(&mut s, now, 1, &[0, 1]);
     let next = s.global().unwrap().clone();
+    let digest = next.digest();
     s.apply_global(now, next).unwrap();
     let models: Vec<bool> = std::iter::from_fn(|| s.poll_transmit())
         .filter_map(|(_, m)| match m {
-            Message::TrainRequest { global, .. } => {
-                Some(global == GlobalModel::Evaluated { round: 1 })
-            }
+            Message::TrainRequest { global, .. } => Some(global == GlobalModel::Held { digest }),
             _ => None,
         })
         .collect();

@@ -179,6 +179,7 @@ fn a_participant_without_the_key_or_over_plain_aggregation_refuses_to_seal() {
             rounds: 1,
             aggregation: AggregationKind::Plain,
         },
+        model: None,
     };
     let err = p.handle_message(welcome, &mut rng).unwrap_err();
     assert!(err.to_string().contains("plain"), "{err}");

@@ -510,6 +510,7 @@ fn a_participant_still_training_accepts_the_end_of_the_session() {
             rounds: 1,
             aggregation: crate::AggregationKind::Plain,
         },
+        model: None,
     };
     p.handle_message(welcome, &mut rng).unwrap();
     let train = Message::TrainRequest {
@@ -770,8 +771,8 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
     s.apply_global(now, next).unwrap();
     // The evaluation requests go out first, then round 2's TrainRequests
     // (round 2 trains while round 1's model is evaluated).
-    // Those that trained round 1 hold its start and get a delta; the
-    // newcomer gets the weights.
+    // Those that trained round 1 hold its start and get a delta; so does the
+    // newcomer, which holds the model its Welcome carried.
     let mut evaluated = Vec::new();
     let mut deltas: Vec<std::sync::Arc<crate::model_delta::ModelDelta>> = Vec::new();
     let mut trained = Vec::new();
@@ -787,17 +788,13 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
                         assert_eq!(d.result, s.global().unwrap().digest());
                         deltas.push(d);
                     }
-                    crate::GlobalModel::Weights(w) => {
-                        assert_eq!(to, 5, "only the newcomer needs the weights");
-                        assert_eq!(*w, *s.global().unwrap());
-                    }
-                    other => panic!("an EvaluateRequest with {other:?}"),
+                    other => panic!("an EvaluateRequest to {to} with {other:?}"),
                 }
                 evaluated.push(to);
             }
             Message::TrainRequest {
                 round: 2,
-                global: crate::GlobalModel::Evaluated { round: 1 },
+                global: crate::GlobalModel::Held { .. },
                 ..
             } => trained.push(to),
             m => panic!(
@@ -807,8 +804,8 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
         }
     }
     // One copy of the delta serves every evaluator's request.
-    assert_eq!(deltas.len(), 2);
-    assert!(std::sync::Arc::ptr_eq(&deltas[0], &deltas[1]));
+    assert_eq!(deltas.len(), 3);
+    assert!(deltas.iter().all(|d| std::sync::Arc::ptr_eq(d, &deltas[0])));
     assert_eq!(
         evaluated,
         vec![0, 1, 5],
@@ -840,9 +837,10 @@ fn a_hello_during_a_running_session_joins_the_next_rounds_cohort() {
     );
 }
 
-/// Round 1 sends the weights; from round 2 on, a participant that evaluated
-/// the previous round's model gets a reference, one without a test split
-/// (which was not asked to evaluate) gets the weights again.
+/// Round 1 refers to the model every Welcome carried; from round 2 on, a
+/// participant that evaluated the previous round's model gets a reference,
+/// one without a test split (which was not asked to evaluate) gets the
+/// weights.
 #[test]
 fn train_requests_refer_to_the_evaluated_model_only_for_evaluators() {
     let now = std::time::Instant::now();
@@ -873,11 +871,11 @@ fn train_requests_refer_to_the_evaluated_model_only_for_evaluators() {
                 .unwrap();
         }
         while s.poll_event().is_some() {}
-        let next = s.global().unwrap().clone();
+        let next = tiny_model().with_flat_values(&[round as f32; 4]).unwrap();
         s.apply_global(now, next).unwrap();
         s.handle_message(now, 0, plain_evaluation(round)).unwrap();
     }
-    assert_eq!(by_round[0], vec![(0, true), (1, true)]);
+    assert_eq!(by_round[0], vec![(0, false), (1, false)]);
     assert_eq!(
         by_round[1],
         vec![(0, false), (1, true)],
@@ -885,8 +883,9 @@ fn train_requests_refer_to_the_evaluated_model_only_for_evaluators() {
     );
 }
 
-/// A participant keeps the model it evaluated for the next `TrainRequest`
-/// that refers to it, and refuses a reference to a model it does not hold.
+/// A participant keeps the model of its Welcome, then the model it
+/// evaluated, for the next `TrainRequest` that refers to it, and refuses a
+/// reference to a model it does not hold.
 #[test]
 fn participant_session_trains_from_the_model_it_evaluated() {
     use crate::participant::{ParticipantEvent, ParticipantSession};
@@ -911,17 +910,36 @@ fn participant_session_trains_from_the_model_it_evaluated() {
     let evaluated = tiny_model()
         .with_flat_values(&[42.0, 1.0, 2.0, 3.0])
         .unwrap();
-    let reference = |round| Message::TrainRequest {
+    let reference = |round, digest| Message::TrainRequest {
         sealed: None,
         round,
-        global: crate::GlobalModel::Evaluated { round: 1 },
+        global: crate::GlobalModel::Held { digest },
         seed: 0,
     };
 
+    // The Welcome's model is held: round 1 may refer to it...
     let mut p = admitted();
-    let err = p.handle_message(reference(2), &mut rng).unwrap_err();
+    let initial = s.global().unwrap().clone();
+    p.handle_message(reference(1, initial.digest()), &mut rng)
+        .unwrap();
+    match p.poll_event() {
+        Some(ParticipantEvent::Train {
+            round: 1, global, ..
+        }) => assert_eq!(global, initial),
+        other => panic!("expected a Train event, got {other:?}"),
+    }
+    // ... but not to a model it never received.
+    let mut p = admitted();
+    let err = p
+        .handle_message(reference(2, evaluated.digest()), &mut rng)
+        .unwrap_err();
+    let wanted = evaluated.digest()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
     assert!(
-        matches!(err, ProtocolError::MissingModel { wanted: 1, .. }),
+        matches!(&err, ProtocolError::MissingModel { wanted: w, held }
+            if *w == wanted && held.starts_with("the model with digest")),
         "{err}"
     );
 
@@ -939,7 +957,8 @@ fn participant_session_trains_from_the_model_it_evaluated() {
     let metrics = eval_metrics(2.0, 3, 4);
     p.submit_evaluation(1, metrics, &mut rng).unwrap();
     while p.poll_transmit().is_some() {}
-    p.handle_message(reference(2), &mut rng).unwrap();
+    p.handle_message(reference(2, evaluated.digest()), &mut rng)
+        .unwrap();
     match p.poll_event() {
         Some(ParticipantEvent::Train {
             round: 2, global, ..
@@ -1285,4 +1304,44 @@ fn a_participant_evaluates_each_round_once() {
         p.handle_message(again, &mut rng).unwrap_err(),
         ProtocolError::RepeatedEvaluation { round: 3 }
     );
+}
+
+/// A Welcome whose model is malformed is refused before the participant
+/// joins: it never trains from weights that do not hold together.
+#[test]
+fn a_welcome_with_malformed_weights_is_refused() {
+    use crate::participant::{ParticipantEvent, ParticipantSession};
+    use crate::weights::{ModelWeights, NamedTensor};
+    // Weights as a hostile coordinator could put on the wire: the shape
+    // names 3 values, the data has 1.
+    let bad = vec![NamedTensor {
+        name: "w".into(),
+        shape: vec![3],
+        data: vec![1.0],
+    }];
+    let bytes = bincode::serde::encode_to_vec(&bad, bincode::config::standard()).unwrap();
+    let (bad, _): (ModelWeights, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(1);
+    let mut p = ParticipantSession::new(hello(0, 10));
+    let welcome = Message::Welcome {
+        participant_id: 0,
+        session: crate::SessionInfo {
+            session_id: 1,
+            model: crate::ModelSpec::blocknet_28x28(4),
+            training: crate::TrainingConfig::default(),
+            rounds: 1,
+            aggregation: crate::AggregationKind::Plain,
+        },
+        model: Some(std::sync::Arc::new(bad)),
+    };
+    let err = p.handle_message(welcome, &mut rng).unwrap_err();
+    assert!(
+        matches!(&err, ProtocolError::InvalidWeights(why) if why.contains("shape")),
+        "{err}"
+    );
+    assert!(!matches!(
+        p.poll_event(),
+        Some(ParticipantEvent::Joined { .. })
+    ));
 }

@@ -263,7 +263,7 @@ impl Harness {
                 let how = match global {
                     crate::GlobalModel::Weights(_) => "weights",
                     crate::GlobalModel::Delta(_) => "delta",
-                    crate::GlobalModel::Evaluated { .. } => "reference",
+                    crate::GlobalModel::Held { .. } => "reference",
                 };
                 self.downloads.push((*round, to, m.kind(), how));
             }
