@@ -318,7 +318,7 @@ fn secure_rounds_complete_across_long_links_between_namespaces() {
 /// participants on hosts of their own joined by links like `link`, and
 /// checks them.
 fn rounds_across(link: Link, case: char) {
-    let congestion = std::env::var("GREYFED_NETEM_CONGESTION").unwrap_or_else(|_| "bbr".into());
+    let congestion = std::env::var("GREYFED_NETEM_CONGESTION").unwrap_or_else(|_| "auto".into());
     let network = match Network::build(PARTICIPANTS + 1, link, case) {
         Ok(n) => n,
         Err(why) => {

@@ -151,15 +151,21 @@ pub(crate) struct Listener {
     /// Whether the last connection was refused for want of a pending slot
     /// (the refusals of one episode are logged once).
     saturated: AtomicBool,
+    /// The server settings for peers on this machine, where they differ
+    /// from the endpoint's (its congestion controller: see
+    /// [`greyfed_protocol::transport::Congestion::for_peer`]).
+    loopback_server: Option<Arc<quinn::ServerConfig>>,
 }
 
 impl Listener {
     /// The listener of `config`, sending to `inbound`, with the admitted
-    /// limits from `upload_limits` ([`LinkPolicy::new`]).
+    /// limits from `upload_limits` ([`LinkPolicy::new`]), accepting peers on
+    /// this machine with `loopback_server` when given.
     pub(crate) fn new(
         config: &CoordinatorConfig,
         inbound: mpsc::Sender<Inbound>,
         upload_limits: watch::Receiver<UploadLimits>,
+        loopback_server: Option<Arc<quinn::ServerConfig>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             inbound,
@@ -172,7 +178,17 @@ impl Listener {
             identities: IdentitySlots::new(config.max_connections_per_identity.max(1)),
             ids: IdAllocator::default(),
             saturated: AtomicBool::new(false),
+            loopback_server,
         })
+    }
+
+    /// The server settings for a connection from `remote` where they are
+    /// not the endpoint's: those for peers on this machine (a loopback
+    /// address, IPv4-mapped ones included), if any.
+    fn server_config_for(&self, remote: std::net::SocketAddr) -> Option<Arc<quinn::ServerConfig>> {
+        self.loopback_server
+            .clone()
+            .filter(|_| remote.ip().to_canonical().is_loopback())
     }
 }
 
@@ -254,7 +270,15 @@ impl Drop for AbortOnDrop {
 
 async fn connection_task(incoming: quinn::Incoming, listener: Arc<Listener>, pending: PendingSlot) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    let connecting = match listener.server_config_for(remote) {
+        Some(server) => incoming.accept_with(server),
+        None => incoming.accept(),
+    };
+    let conn = match connecting {
+        Ok(connecting) => connecting.await,
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
         Ok(c) => c,
         Err(e) => {
             // The one log line of a refused peer: unknown CA, expired, not

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,6 +74,9 @@ pub struct RunReport {
 pub struct Coordinator {
     endpoint: quinn::Endpoint,
     config: CoordinatorConfig,
+    /// The server settings for participants on this machine, where they
+    /// differ from the endpoint's (see [`Congestion::for_peer`]).
+    loopback_server: Option<Arc<quinn::ServerConfig>>,
 }
 
 impl Coordinator {
@@ -147,8 +150,17 @@ impl Coordinator {
             path: config.out_dir.clone(),
             source,
         })?;
-        let mut server_config = tls::server_config(&config.tls)?;
-        server_config.transport_config(Arc::new(tls::transport_config(config.transport)));
+        let server_with = |transport| -> Result<quinn::ServerConfig> {
+            let mut server = tls::server_config(&config.tls)?;
+            server.transport_config(Arc::new(tls::transport_config(transport)));
+            Ok(server)
+        };
+        let server_config = server_with(config.transport)?;
+        let loopback = config.transport.for_peer(Ipv6Addr::LOCALHOST.into());
+        let loopback_server = (loopback.congestion != config.transport.congestion)
+            .then(|| server_with(loopback))
+            .transpose()?
+            .map(Arc::new);
         let endpoint =
             greyfed_quic::endpoint(config.listen, Some(server_config)).map_err(|source| {
                 CoordinatorError::Bind {
@@ -156,7 +168,11 @@ impl Coordinator {
                     source,
                 }
             })?;
-        Ok(Self { endpoint, config })
+        Ok(Self {
+            endpoint,
+            config,
+            loopback_server,
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -180,7 +196,11 @@ impl Coordinator {
     /// [`CoordinatorError::Interrupted`] on shutdown, I/O errors writing
     /// `run.json`, metrics, checkpoints or the model.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
-        let Coordinator { endpoint, config } = self;
+        let Coordinator {
+            endpoint,
+            config,
+            loopback_server,
+        } = self;
         let started = Instant::now();
         let dp_ledger = config
             .dp
@@ -267,7 +287,7 @@ impl Coordinator {
         let (links, upload_limits) = LinkPolicy::new(&config);
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
-            Listener::new(&config, inbound_tx, upload_limits),
+            Listener::new(&config, inbound_tx, upload_limits, loopback_server),
         ));
         info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -392,7 +392,9 @@ pub async fn run(config: &ParticipantConfig, data: Arc<LocalData>) -> Result<Par
         .validate()
         .map_err(ParticipantError::Connection)?;
     let mut tls = client::client_config(&config.ca_pem, &config.identity)?;
-    tls.transport_config(Arc::new(greyfed_quic::transport_config(config.transport)));
+    tls.transport_config(Arc::new(greyfed_quic::transport_config(
+        config.transport.for_peer(config.coordinator.ip()),
+    )));
     let mut report = ParticipantReport::default();
     // Across reconnections: every update we submitted counts.
     let mut own_dp = OwnDpLedger::default();

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use greyfed_protocol::transport::{self, Congestion, TransportSettings};
 
 /// quinn's transport settings for `settings`: its congestion controller
-/// (for what this side sends), keep-alives every
+/// (for what this side sends; [`Congestion::Auto`] unresolved means BBR, so
+/// resolve it with [`TransportSettings::for_peer`] where the peer is
+/// known), keep-alives every
 /// [`transport::KEEP_ALIVE_INTERVAL`] so that a vanished peer is noticed,
 /// and its idle timeout. Each side adds its own stream limits.
 pub fn transport_config(settings: TransportSettings) -> quinn::TransportConfig {
@@ -29,7 +31,7 @@ fn congestion_controller(
     match congestion {
         Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
         Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
-        Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+        Congestion::Bbr | Congestion::Auto => Arc::new(quinn::congestion::BbrConfig::default()),
     }
 }
 

@@ -1108,10 +1108,12 @@ impl TrainingArgs {
 /// `simulate`.
 #[derive(Args, Debug, Clone)]
 pub struct TransportArgs {
-    /// Congestion controller for what each side sends: `bbr` (default;
-    /// paced, barely slowed by random loss), `cubic` or `new-reno`
-    /// (loss-based: about 100 KB/s at 2% loss and 100 ms round trip).
-    #[arg(long, value_name = "NAME", default_value = "bbr", value_parser = parse_congestion)]
+    /// Congestion controller for what each side sends: `auto` (default:
+    /// CUBIC to peers on this machine, BBR to others), `bbr` (paced, barely
+    /// slowed by random loss, but slow to open on loopback), `cubic` or
+    /// `new-reno` (loss-based: about 100 KB/s at 2% loss and 100 ms round
+    /// trip).
+    #[arg(long, value_name = "NAME", default_value = "auto", value_parser = parse_congestion)]
     pub congestion: greyfed_protocol::transport::Congestion,
     /// Seconds of silence after which a peer counts as gone (the smaller of
     /// the two sides' values applies; quinn stretches it to three probe

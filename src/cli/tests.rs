@@ -674,7 +674,7 @@ fn congestion_flags_map_to_typed_settings() {
         defaults,
         greyfed_protocol::transport::TransportSettings::default()
     );
-    assert_eq!(defaults.congestion, Congestion::Bbr);
+    assert_eq!(defaults.congestion, Congestion::Auto);
     let tuned = coordinator_args(&["--congestion", "cubic", "--idle-timeout", "30"])
         .settings()
         .unwrap()
@@ -694,13 +694,14 @@ fn congestion_flags_map_to_typed_settings() {
             Err(e) => Err(e.to_string()),
         }
     };
-    assert_eq!(simulate(&[]), Ok(Congestion::Bbr));
+    assert_eq!(simulate(&[]), Ok(Congestion::Auto));
+    assert_eq!(simulate(&["--congestion", "bbr"]), Ok(Congestion::Bbr));
     assert_eq!(
         simulate(&["--congestion", "new-reno"]),
         Ok(Congestion::NewReno)
     );
     let err = simulate(&["--congestion", "vegas"]).unwrap_err();
-    assert!(err.contains("cubic, new-reno or bbr"), "{err}");
+    assert!(err.contains("auto, cubic, new-reno or bbr"), "{err}");
 }
 
 /// `--model-deltas` sets the coordinator's policy (`auto` unless asked

@@ -256,7 +256,7 @@ async fn the_reader_keeps_the_hello_limit_until_admitted_and_waits_for_room() {
     let config = test_config();
     let (tx, mut rx) = mpsc::channel(16);
     let (_limits_tx, limits_rx) = watch::channel(admitted(100_000));
-    let listener = Listener::new(&config, tx, limits_rx);
+    let listener = Listener::new(&config, tx, limits_rx, None);
     let reader = Reader {
         id: 7,
         listener: &listener,
@@ -312,4 +312,32 @@ fn zero_limits_are_configuration_errors() {
     config.hello_timeout = Duration::ZERO;
     let err = check_config(&config).unwrap_err().to_string();
     assert!(err.contains("hello_timeout"), "{err}");
+}
+
+#[test]
+fn peers_on_this_machine_get_the_loopback_server_settings() {
+    let config = test_config();
+    let (tx, _rx) = mpsc::channel(1);
+    let (_limits_tx, limits_rx) = watch::channel(admitted(100));
+    let loopback = Arc::new(crate::tls::server_config(&config.tls).unwrap());
+    let listener = Listener::new(&config, tx, limits_rx, Some(loopback.clone()));
+    let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    for local in ["127.0.0.1:4000", "[::1]:4000", "[::ffff:127.0.0.1]:4000"] {
+        let chosen = listener.server_config_for(addr(local));
+        assert!(
+            chosen.is_some_and(|c| Arc::ptr_eq(&c, &loopback)),
+            "{local}"
+        );
+    }
+    for remote in ["10.0.0.2:4000", "[2001:db8::1]:4000"] {
+        assert!(
+            listener.server_config_for(addr(remote)).is_none(),
+            "{remote}"
+        );
+    }
+    // Without loopback settings every peer gets the endpoint's.
+    let (tx, _rx) = mpsc::channel(1);
+    let (_limits_tx, limits_rx) = watch::channel(admitted(100));
+    let plain = Listener::new(&config, tx, limits_rx, None);
+    assert!(plain.server_config_for(addr("127.0.0.1:4000")).is_none());
 }
