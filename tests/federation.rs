@@ -109,10 +109,10 @@ async fn plain_round_bytes(model_deltas: ModelDeltas) -> (u64, u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_aggregation_counts_exactly_the_model_frames() {
-    // Each participant gets the model (to train) and then the trained model
-    // (to evaluate), and sends one f32 update: frame bytes are that payload
-    // plus a small header. On loopback (`Auto`) both downloads are whole
-    // models.
+    // Each participant gets the model (with its Welcome, to train) and then
+    // the trained model (to evaluate), and sends one f32 update: frame bytes
+    // are that payload plus a small header. On loopback (`Auto`) both
+    // downloads are whole models, and round 1 counts the Welcomes.
     let (down, up, model_bytes) = plain_round_bytes(ModelDeltas::Auto).await;
     assert!(
         down >= 6 * model_bytes && down < 6 * model_bytes + 6 * 4096,

@@ -552,8 +552,14 @@ impl Driver {
     /// The round whose byte counts `msg` goes to: the one it names (a
     /// round's evaluation overlaps the next round's training), else the
     /// round in progress.
+    /// The round whose `bytes_down` counts `msg`: its own, else the current
+    /// one; a Welcome (which carries the model) sent before the first round
+    /// counts towards that round, which trains from it.
     fn round_of(&self, msg: &Message) -> u32 {
-        msg.round().unwrap_or_else(|| self.session.current_round())
+        msg.round().unwrap_or_else(|| match msg {
+            Message::Welcome { .. } => self.session.current_round().max(self.session.first_round()),
+            _ => self.session.current_round(),
+        })
     }
 
     /// Queues an encoded frame for `to`, counting it towards the `bytes_down`

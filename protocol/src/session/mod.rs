@@ -369,6 +369,12 @@ impl CoordinatorSession {
         self.aggregator.kind()
     }
 
+    /// The first round this session runs (after the rounds a checkpoint
+    /// holds).
+    pub fn first_round(&self) -> u32 {
+        self.config.first_round
+    }
+
     /// The current round (0 before the first).
     pub fn current_round(&self) -> u32 {
         match self.phase {
