@@ -501,18 +501,7 @@ fn a_participant_still_training_accepts_the_end_of_the_session() {
     use crate::participant::{ParticipantEvent, ParticipantSession};
     let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(1);
     let mut p = ParticipantSession::new(hello(0, 10));
-    let welcome = Message::Welcome {
-        participant_id: 0,
-        session: crate::SessionInfo {
-            session_id: 1,
-            model: crate::ModelSpec::blocknet_28x28(4),
-            training: crate::TrainingConfig::default(),
-            rounds: 1,
-            aggregation: crate::AggregationKind::Plain,
-        },
-        model: None,
-    };
-    p.handle_message(welcome, &mut rng).unwrap();
+    p.handle_message(plain_welcome(None), &mut rng).unwrap();
     let train = Message::TrainRequest {
         sealed: None,
         round: 1,
@@ -1324,18 +1313,9 @@ fn a_welcome_with_malformed_weights_is_refused() {
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
     let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(1);
     let mut p = ParticipantSession::new(hello(0, 10));
-    let welcome = Message::Welcome {
-        participant_id: 0,
-        session: crate::SessionInfo {
-            session_id: 1,
-            model: crate::ModelSpec::blocknet_28x28(4),
-            training: crate::TrainingConfig::default(),
-            rounds: 1,
-            aggregation: crate::AggregationKind::Plain,
-        },
-        model: Some(std::sync::Arc::new(bad)),
-    };
-    let err = p.handle_message(welcome, &mut rng).unwrap_err();
+    let err = p
+        .handle_message(plain_welcome(Some(bad)), &mut rng)
+        .unwrap_err();
     assert!(
         matches!(&err, ProtocolError::InvalidWeights(why) if why.contains("shape")),
         "{err}"
@@ -1344,4 +1324,20 @@ fn a_welcome_with_malformed_weights_is_refused() {
         p.poll_event(),
         Some(ParticipantEvent::Joined { .. })
     ));
+}
+
+/// A Welcome to participant 0 into a one-round plain session of blocknet,
+/// carrying `model`.
+fn plain_welcome(model: Option<crate::weights::ModelWeights>) -> Message {
+    Message::Welcome {
+        participant_id: 0,
+        session: crate::SessionInfo {
+            session_id: 1,
+            model: crate::ModelSpec::blocknet_28x28(4),
+            training: crate::TrainingConfig::default(),
+            rounds: 1,
+            aggregation: crate::AggregationKind::Plain,
+        },
+        model: model.map(std::sync::Arc::new),
+    }
 }
