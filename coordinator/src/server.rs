@@ -150,17 +150,15 @@ impl Coordinator {
             path: config.out_dir.clone(),
             source,
         })?;
-        let server_with = |transport| -> Result<quinn::ServerConfig> {
-            let mut server = tls::server_config(&config.tls)?;
-            server.transport_config(Arc::new(tls::transport_config(transport)));
-            Ok(server)
-        };
-        let server_config = server_with(config.transport)?;
+        let mut server_config = tls::server_config(&config.tls)?;
+        server_config.transport_config(Arc::new(tls::transport_config(config.transport)));
+        // The same TLS settings with the transport for peers on this machine.
         let loopback = config.transport.for_peer(Ipv6Addr::LOCALHOST.into());
-        let loopback_server = (loopback.congestion != config.transport.congestion)
-            .then(|| server_with(loopback))
-            .transpose()?
-            .map(Arc::new);
+        let loopback_server = (loopback.congestion != config.transport.congestion).then(|| {
+            let mut server = server_config.clone();
+            server.transport_config(Arc::new(tls::transport_config(loopback)));
+            Arc::new(server)
+        });
         let endpoint =
             greyfed_quic::endpoint(config.listen, Some(server_config)).map_err(|source| {
                 CoordinatorError::Bind {

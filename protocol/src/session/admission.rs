@@ -49,7 +49,7 @@ impl CoordinatorSession {
                     ));
                 }
                 weights.validate().map_err(|e| e.to_string())?;
-                self.global = Some(weights);
+                self.global = Some(Arc::new(weights));
                 self.global_digest = None;
                 Ok(SessionModel {
                     spec,
@@ -176,7 +176,6 @@ impl CoordinatorSession {
         let train_samples = clamp("train_samples", hello.train_samples, caps.train);
         let test_samples = clamp("test_samples", hello.test_samples, caps.test);
         // The Welcome carries the current model, which the participant keeps.
-        let welcome_model = self.welcome_model();
         let holds = Some(self.round_global_digest());
         self.peers.insert(
             from,
@@ -199,7 +198,7 @@ impl CoordinatorSession {
                     rounds: self.config.rounds,
                     aggregation: self.aggregator.aggregation(),
                 },
-                model: Some(welcome_model),
+                model: Some(self.shared_global()),
             },
         ));
         self.events

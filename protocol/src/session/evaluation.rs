@@ -72,7 +72,7 @@ impl CoordinatorSession {
         &mut self,
         now: Instant,
         round: u32,
-        previous: Option<(ModelWeights, [u8; 32])>,
+        previous: Option<(Arc<ModelWeights>, [u8; 32])>,
     ) -> Option<(BTreeSet<ParticipantId>, BTreeMap<ParticipantId, u64>)> {
         // Everyone connected with a test split evaluates, in the cohort or
         // not (participants admitted during the round included).
@@ -121,7 +121,7 @@ impl CoordinatorSession {
             (Some((_, d)), Some(peer)) => peer.takes_deltas && peer.holds == Some(*d),
             _ => false,
         };
-        // One copy of the delta, or of the model, for every EvaluateRequest;
+        // One copy of the delta, or the shared model, for every EvaluateRequest;
         // should encoding fail (layouts are fixed for a session), the
         // weights go instead.
         let delta = previous
@@ -135,15 +135,10 @@ impl CoordinatorSession {
                 ModelDelta::encode(base, *base_digest, self.round_global(), digest).ok()
             })
             .map(Arc::new);
-        let mut weights: Option<Arc<ModelWeights>> = None;
         for &id in &evaluators {
             let global = match &delta {
                 Some(d) if holds_previous(self.peers.get(&id)) => GlobalModel::Delta(d.clone()),
-                _ => GlobalModel::Weights(
-                    weights
-                        .get_or_insert_with(|| Arc::new(self.round_global().clone()))
-                        .clone(),
-                ),
+                _ => GlobalModel::Weights(self.shared_global()),
             };
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.holds = Some(digest);

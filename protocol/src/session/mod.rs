@@ -154,13 +154,11 @@ pub struct CoordinatorSession {
     /// Architecture and classes, fixed when the first participant is admitted.
     model: Option<SessionModel>,
     /// The current global model; `None` only until the model is built.
-    global: Option<ModelWeights>,
+    /// Shared with every message that carries it.
+    global: Option<Arc<ModelWeights>>,
     /// [`ModelWeights::digest`] of `global`, once computed (both sums about
     /// one model name it; hashing a large model is not free).
     global_digest: Option<[u8; 32]>,
-    /// The copy of `global` every Welcome carries (with its digest), kept
-    /// while participants join and handed to the first TrainRequests.
-    welcome: Option<([u8; 32], Arc<ModelWeights>)>,
     phase: Phase,
     /// Identities of open connections, from `handle_connect`, until they
     /// disconnect.
@@ -242,7 +240,7 @@ impl CoordinatorSession {
         let global = match &initial {
             InitialModel::Fixed { weights, .. } => {
                 weights.validate()?;
-                Some(weights.clone())
+                Some(Arc::new(weights.clone()))
             }
             InitialModel::ForInput(_) => None,
         };
@@ -259,7 +257,6 @@ impl CoordinatorSession {
             model: None,
             global,
             global_digest: None,
-            welcome: None,
             phase: Phase::Joining,
             identities: BTreeMap::new(),
             whole_models: BTreeSet::new(),
@@ -297,7 +294,7 @@ impl CoordinatorSession {
     /// The current global model; `None` until the model is built for the
     /// first admitted participant's input ([`InitialModel::ForInput`]).
     pub fn global(&self) -> Option<&ModelWeights> {
-        self.global.as_ref()
+        self.global.as_deref()
     }
 
     /// The architecture trained, once known (at the first admission for
@@ -319,8 +316,6 @@ impl CoordinatorSession {
         }
     }
 
-    /// The global model during a round (built at the first admission,
-    /// before any round can start).
     /// The digest of [`Self::round_global`], computed once per model.
     fn round_global_digest(&mut self) -> [u8; 32] {
         match self.global_digest {
@@ -333,24 +328,17 @@ impl CoordinatorSession {
         }
     }
 
-    /// The global model for a Welcome: one copy shared by every Welcome
-    /// while the model stays the same.
-    fn welcome_model(&mut self) -> Arc<ModelWeights> {
-        let digest = self.round_global_digest();
-        match &self.welcome {
-            Some((d, model)) if *d == digest => model.clone(),
-            _ => {
-                let model = Arc::new(self.round_global().clone());
-                self.welcome = Some((digest, model.clone()));
-                model
-            }
-        }
-    }
-
-    fn round_global(&self) -> &ModelWeights {
+    /// The global model during a round (built at the first admission,
+    /// before any round can start).
+    fn round_global(&self) -> &Arc<ModelWeights> {
         self.global
             .as_ref()
             .expect("rounds start only after a participant was admitted, which builds the model")
+    }
+
+    /// [`Self::round_global`] for a message to carry: shared, not copied.
+    fn shared_global(&self) -> Arc<ModelWeights> {
+        Arc::clone(self.round_global())
     }
 
     /// The image cipher of the admitted participants: `None` before anyone
@@ -678,7 +666,10 @@ impl CoordinatorSession {
             ));
         }
         let previous_digest = self.round_global_digest();
-        let previous = self.global.replace(global).map(|w| (w, previous_digest));
+        let previous = self
+            .global
+            .replace(Arc::new(global))
+            .map(|w| (w, previous_digest));
         self.global_digest = None;
         if let Some(sealed) = self.pending_sealed.take() {
             self.sealed = Some(Arc::new(sealed));
@@ -803,12 +794,6 @@ impl CoordinatorSession {
                 .collect(),
             ..RoundState::default()
         };
-        // One copy of the model for every TrainRequest that carries it (the
-        // Welcomes' copy, if that is still the model).
-        let mut shared: Option<Arc<ModelWeights>> = self
-            .welcome
-            .take()
-            .and_then(|(d, model)| (d == digest).then_some(model));
         for &id in &cohort {
             let global = match self.peers.get(&id) {
                 Some(peer) if peer.holds == Some(digest) => GlobalModel::Held { digest },
@@ -816,11 +801,7 @@ impl CoordinatorSession {
                     if let Some(peer) = self.peers.get_mut(&id) {
                         peer.holds = Some(digest);
                     }
-                    GlobalModel::Weights(
-                        shared
-                            .get_or_insert_with(|| Arc::new(self.round_global().clone()))
-                            .clone(),
-                    )
+                    GlobalModel::Weights(self.shared_global())
                 }
             };
             self.outbox.push_back((
