@@ -188,7 +188,7 @@ impl Listener {
     fn server_config_for(&self, remote: std::net::SocketAddr) -> Option<Arc<quinn::ServerConfig>> {
         self.loopback_server
             .clone()
-            .filter(|_| remote.ip().to_canonical().is_loopback())
+            .filter(|_| greyfed_protocol::transport::on_this_machine(remote.ip()))
     }
 }
 

@@ -34,11 +34,11 @@ pub enum ModelDeltas {
 }
 
 impl ModelDeltas {
-    /// Whether a participant connected from `remote` gets deltas (an
-    /// IPv4 address seen through a dual-stack socket counts as IPv4).
+    /// Whether a participant connected from `remote` gets deltas (`Auto`:
+    /// unless it is [`on_this_machine`](crate::transport::on_this_machine)).
     pub fn for_peer(self, remote: std::net::IpAddr) -> bool {
         match self {
-            ModelDeltas::Auto => !remote.to_canonical().is_loopback(),
+            ModelDeltas::Auto => !crate::transport::on_this_machine(remote),
             ModelDeltas::Always => true,
             ModelDeltas::Never => false,
         }

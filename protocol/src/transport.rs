@@ -29,6 +29,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// got less (see docs/deploy.md).
 pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 
+/// Whether a peer at `remote` is on this machine: a loopback address (an
+/// IPv4 address seen through a dual-stack socket counts as IPv4). The
+/// per-peer defaults ([`Congestion::Auto`],
+/// [`crate::model_delta::ModelDeltas::Auto`]) go by it.
+pub fn on_this_machine(remote: std::net::IpAddr) -> bool {
+    remote.to_canonical().is_loopback()
+}
+
 /// The congestion controller a QUIC endpoint uses for what it sends (the
 /// coordinator for models, participants for their uploads). Each side
 /// chooses its own; they need not agree. The default, [`Congestion::Auto`],
@@ -66,11 +74,10 @@ impl Congestion {
     }
 
     /// The controller for a connection with `remote`: [`Congestion::Auto`]
-    /// resolved (an IPv4 address seen through a dual-stack socket counts as
-    /// IPv4), any other choice as it is.
+    /// resolved ([`on_this_machine`]), any other choice as it is.
     pub fn for_peer(self, remote: std::net::IpAddr) -> Self {
         match self {
-            Congestion::Auto if remote.to_canonical().is_loopback() => Congestion::Cubic,
+            Congestion::Auto if on_this_machine(remote) => Congestion::Cubic,
             Congestion::Auto => Congestion::Bbr,
             other => other,
         }
