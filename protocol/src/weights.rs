@@ -34,8 +34,8 @@ pub struct NamedTensor {
     pub name: String,
     /// Dimensions, outermost first; their product is `data.len()`.
     pub shape: Vec<usize>,
-    /// Values in row-major order (on the wire: little-endian bytes, see
-    /// [`f32_bytes`]).
+    /// Values in row-major order (in binary formats, one run of
+    /// little-endian bytes).
     #[serde(with = "f32_bytes")]
     pub data: Vec<f32>,
 }
