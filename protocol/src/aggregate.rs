@@ -37,6 +37,21 @@ pub struct AggregateResult {
     /// The sealed layers' raw sum, when the round seals them (see
     /// [`crate::secagg::seal`]); [`Self::mean_update`] is 0 there.
     pub sealed: Option<SealedSum>,
+    /// The second input's weighted mean and total weight, over the same
+    /// contributors, when the round summed one ([`Aggregator::set_paired`]).
+    pub paired: Option<(Vec<f32>, f64)>,
+}
+
+/// A second input for the next round's sum: `len` values in `[-1, 1]`,
+/// weighted by integers up to `max_weight`, summed over exactly the
+/// contributors of the first (see
+/// [`PairedSetup`](crate::secagg::message::PairedSetup)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairedInput {
+    /// Values per participant.
+    pub len: usize,
+    /// Largest weight any cohort member will use.
+    pub max_weight: u64,
 }
 
 /// How far the current stage of an aggregation has come: for progress
@@ -103,6 +118,15 @@ pub trait Aggregator: Send {
                 self.kind()
             ))),
         }
+    }
+
+    /// Pairs a second input with the next round's updates (or stops with
+    /// `None`): every contributor then gives both, and the result carries
+    /// the second one's mean in [`AggregateResult::paired`]. Returns whether
+    /// the scheme can; the default cannot, and ignores the request.
+    fn set_paired(&mut self, paired: Option<PairedInput>) -> bool {
+        let _ = paired;
+        false
     }
 
     /// Starts a round over `cohort` for updates of `num_params` values.
@@ -311,6 +335,7 @@ impl Aggregator for PlainAggregator {
             stage_secs: Vec::new(),
             misbehaved: Vec::new(),
             sealed: None,
+            paired: None,
         }))
     }
 

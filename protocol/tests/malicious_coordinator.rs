@@ -170,6 +170,7 @@ fn honest_setup(
         threshold: gp.threshold as u32,
         num_elements: num_elements as u64,
         model_digest,
+        paired: None,
     }
 }
 

@@ -288,6 +288,16 @@ pub fn setup_digest(setup: &RoundSetup) -> [u8; 32] {
     h.update(setup.threshold.to_be_bytes());
     h.update(setup.num_elements.to_be_bytes());
     h.update(setup.model_digest);
+    // A setup without a second input hashes as before the field existed.
+    if let Some(p) = &setup.paired {
+        h.update(b"paired");
+        let e = &p.encoding;
+        h.update(e.clip.to_bits().to_be_bytes());
+        h.update(e.bits.to_be_bytes());
+        h.update(e.max_weight.to_be_bytes());
+        h.update(e.ring_bits.to_be_bytes());
+        h.update(p.num_elements.to_be_bytes());
+    }
     h.finalize().into()
 }
 

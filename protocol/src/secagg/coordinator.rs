@@ -74,7 +74,7 @@ use std::time::{Duration, Instant};
 use rand::{SeedableRng, rngs::StdRng};
 
 use crate::{
-    aggregate::{AggregateResult, Aggregator, StageProgress},
+    aggregate::{AggregateResult, Aggregator, PairedInput, StageProgress},
     error::ProtocolError,
     message::{AggregationPayload, Message, ParticipantId},
     secagg::{
@@ -82,7 +82,7 @@ use crate::{
         encode::EncodingParams,
         graph::{NeighbourGraph, graph_params},
         keys::RoundContext,
-        message::{RoundSetup, SecAggDownload},
+        message::{PairedSetup, RoundSetup, SecAggDownload},
         prg::PrgKind,
         seal::SealedLayers,
     },
@@ -203,6 +203,8 @@ pub struct SecAggCoordinator {
     sealed_layers: Option<SealedLayers>,
     /// Checks participants' signatures before they are relayed.
     verifier: Option<Arc<dyn PeerVerifier>>,
+    /// The second input of the next rounds, from [`Aggregator::set_paired`].
+    paired: Option<PairedInput>,
     round: Option<RoundInfo>,
     stage: Stage,
     outbox: VecDeque<(ParticipantId, Message)>,
@@ -261,6 +263,7 @@ impl SecAggCoordinator {
             model_digest: [0; 32],
             sealed_layers: None,
             verifier: None,
+            paired: None,
             round: None,
             stage: Stage::Idle,
             outbox: VecDeque::new(),
@@ -423,6 +426,11 @@ impl Aggregator for SecAggCoordinator {
         Ok(())
     }
 
+    fn set_paired(&mut self, paired: Option<PairedInput>) -> bool {
+        self.paired = paired;
+        true
+    }
+
     fn begin_round(
         &mut self,
         now: Instant,
@@ -469,6 +477,10 @@ impl Aggregator for SecAggCoordinator {
             let variance = noise.variance(&encoding, num_params)?;
             encoding = encoding.with_noise(variance, n)?;
         }
+        let paired = match self.paired {
+            Some(p) => Some(paired_setup(p, n, encoding.ring_bits)?),
+            None => None,
+        };
         let graph = NeighbourGraph::random(cohort, gp.degree, &mut self.rng)?;
         let neighbours = members.iter().map(|&u| (u, graph.neighbours(u))).collect();
         let setup = RoundSetup {
@@ -481,6 +493,7 @@ impl Aggregator for SecAggCoordinator {
             threshold: gp.threshold as u32,
             num_elements: num_params as u64 + 1,
             model_digest: self.model_digest,
+            paired,
         };
         self.round = Some(RoundInfo {
             ctx: RoundContext {
@@ -489,7 +502,7 @@ impl Aggregator for SecAggCoordinator {
                 sum: c.sum,
             },
             threshold: gp.threshold,
-            num_elements: num_params + 1,
+            layout: setup.ring_layout()?,
             neighbours,
             gone: BTreeSet::new(),
             deadline: now + c.stage_timeout,
@@ -611,6 +624,32 @@ impl Aggregator for SecAggCoordinator {
         evaluator.verifier = self.verifier.clone();
         Ok(Box::new(evaluator))
     }
+}
+
+/// Quantisation bits a paired input (evaluation metrics in `[-1, 1]`)
+/// asks for, as [`SecAggConfig::for_evaluation`] does for a sum of its own.
+const PAIRED_BITS: u32 = 24;
+
+/// The encoding of a second input of `n` participants: as many bits (up to
+/// [`PAIRED_BITS`]) as fit the first input's ring of `ring_bits` bits, so
+/// that it packs no wider; where that leaves fewer than
+/// [`MIN_FITTED_BITS`], as many as fit a ring of its own.
+///
+/// # Errors
+/// Weights so large that not even 1 bit fits the 32-bit ring.
+fn paired_setup(p: PairedInput, n: usize, ring_bits: u32) -> Result<PairedSetup, ProtocolError> {
+    let w = u32::try_from(p.max_weight.max(1)).unwrap_or(u32::MAX);
+    let within = (1..=PAIRED_BITS)
+        .rev()
+        .find(|&b| (n as u128) * u128::from(w) * ((1u128 << b) - 1) < (1u128 << ring_bits));
+    let bits = match within {
+        Some(b) if b >= MIN_FITTED_BITS => b,
+        _ => fit_bits(PAIRED_BITS, w, n),
+    };
+    Ok(PairedSetup {
+        encoding: EncodingParams::new(1.0, bits, w, n)?,
+        num_elements: p.len as u64 + 1,
+    })
 }
 
 /// Fewest quantisation bits [`fit_bits`] may choose on its own.

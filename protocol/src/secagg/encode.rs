@@ -425,7 +425,7 @@ pub fn decode(params: &EncodingParams, sum: &[u32]) -> Result<(Vec<f32>, u64), P
 }
 
 /// `ceil(len * bits / 8)`, or `None` on overflow.
-fn packed_len(len: usize, bits: u32) -> Option<usize> {
+pub(crate) fn packed_len(len: usize, bits: u32) -> Option<usize> {
     len.checked_mul(bits as usize)?
         .checked_add(7)
         .map(|b| b / 8)

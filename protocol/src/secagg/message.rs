@@ -29,8 +29,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    error::ProtocolError,
     message::ParticipantId,
-    secagg::{auth::Signature, encode::EncodingParams, prg::PrgKind, shamir::Share},
+    secagg::{
+        auth::Signature, encode::EncodingParams, layout::RingLayout, prg::PrgKind, shamir::Share,
+    },
 };
 
 /// The round parameters every cohort member receives first.
@@ -57,9 +60,45 @@ pub struct RoundSetup {
     /// a participant refuses a setup that names another model than the one
     /// it received.
     pub model_digest: [u8; 32],
+    /// A second input summed under the same masks, after the first
+    /// (`None`: none): an update sum that also carries the evaluation of the
+    /// model it started from.
+    pub paired: Option<PairedSetup>,
+}
+
+/// The second input of a round that sums two: its own encoding (weights,
+/// quantisation, ring) and length. It shares the first input's key
+/// agreement, masks and survivors, so the coordinator learns its sum over
+/// exactly the participants whose first input it learns.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairedSetup {
+    /// Clipping, quantisation and ring parameters of the second input.
+    pub encoding: EncodingParams,
+    /// Its ring elements: values plus one weight element.
+    pub num_elements: u64,
 }
 
 impl RoundSetup {
+    /// Where each input lies in the masked vector, and its ring.
+    ///
+    /// # Errors
+    /// Lengths that do not fit in memory addresses.
+    pub fn ring_layout(&self) -> Result<RingLayout, ProtocolError> {
+        let len = |n: u64| {
+            usize::try_from(n)
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| ProtocolError::InvalidConfig(format!("{n} ring elements")))
+        };
+        Ok(RingLayout {
+            first: (len(self.num_elements)?, self.encoding.ring_bits),
+            second: match &self.paired {
+                Some(p) => Some((len(p.num_elements)?, p.encoding.ring_bits)),
+                None => None,
+            },
+        })
+    }
+
     /// Whether a survivor's own share of its self-mask seed is revealed and
     /// counted in stage 4: only when `2t > k + 1`. A coordinator that tells
     /// some holders of `u`'s shares "`u` survived" and others "`u` dropped"

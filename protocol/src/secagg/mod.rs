@@ -28,6 +28,7 @@ pub mod coordinator;
 pub mod encode;
 pub mod graph;
 pub mod keys;
+pub mod layout;
 pub mod message;
 pub mod participant;
 pub mod prg;

@@ -59,12 +59,13 @@ use crate::{
             SecAggAuth, Signature, keys_statement, self_mask_commitment, setup_digest,
             survivors_statement,
         },
-        encode::{EncodingParams, encode, pack},
+        encode::{EncodingParams, encode},
         graph::NeighbourGraph,
         keys::{
             KeyPair, RoundContext, SharePair, open_share_pair, pairwise_mask_seed, seal_share_pair,
             share_channel_key,
         },
+        layout::RingLayout,
         message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload, SignedKeys},
         prg::{PrgKind, add_mask, sub_mask},
         seal::{PadContext, SealKey, SealedLayers, Sealing, encode_sealed},
@@ -105,6 +106,10 @@ struct Params {
     /// [`RoundSetup::own_share_counts`].
     own_counts: bool,
     num_elements: usize,
+    /// The second input's encoding, when the round pairs one.
+    paired: Option<EncodingParams>,
+    /// Where the inputs lie in the masked vector.
+    layout: RingLayout,
     /// [`setup_digest`] of the accepted setup.
     setup_digest: [u8; 32],
 }
@@ -172,10 +177,15 @@ enum State {
     Aborted(String),
 }
 
-/// The local update, as given and once encoded.
+/// The local update (and the paired input, if any), as given and once
+/// encoded.
 enum Input {
     None,
-    Raw { update: Vec<f32>, weight: u32 },
+    Raw {
+        update: Vec<f32>,
+        weight: u32,
+        paired: Option<(Vec<f32>, u32)>,
+    },
     Encoded(Vec<u32>),
     Used,
 }
@@ -185,6 +195,8 @@ struct Common {
     id: ParticipantId,
     ctx: RoundContext,
     num_params: Option<usize>,
+    /// Values of the second input the round must pair, if it must.
+    paired_len: Option<usize>,
     auth: SecAggAuth,
     /// Digest of the model this round is about; the setup must name it.
     model_digest: [u8; 32],
@@ -221,6 +233,7 @@ impl SecAggParticipant {
                 id,
                 ctx,
                 num_params,
+                paired_len: None,
                 auth,
                 model_digest,
                 seal: None,
@@ -238,6 +251,15 @@ impl SecAggParticipant {
     /// values, not an update.
     pub fn with_seal(mut self, key: SealKey, layers: SealedLayers) -> Self {
         self.common.seal = Some((key, layers));
+        self
+    }
+
+    /// Expects the round to pair a second input of `len` values with the
+    /// update ([`PairedSetup`](crate::secagg::message::PairedSetup)): a
+    /// setup without one, or with one of another length, is refused, as a
+    /// setup that pairs one is without this call.
+    pub fn with_paired(mut self, len: usize) -> Self {
+        self.common.paired_len = Some(len);
         self
     }
 
@@ -337,6 +359,23 @@ impl SecAggParticipant {
         weight: u32,
         rng: &mut impl CryptoRng,
     ) -> Result<(), ProtocolError> {
+        self.set_inputs(update, weight, None, rng)
+    }
+
+    /// [`set_input`](Self::set_input) for a round that pairs a second
+    /// input ([`with_paired`](Self::with_paired)): `paired` is its values
+    /// (in `[-1, 1]`) and weight, given together with the update.
+    ///
+    /// # Errors
+    /// As `set_input`, and a paired input where the round has none (or
+    /// none where it has one), or one of the wrong length or weight.
+    pub fn set_inputs(
+        &mut self,
+        update: &[f32],
+        weight: u32,
+        paired: Option<(&[f32], u32)>,
+        rng: &mut impl CryptoRng,
+    ) -> Result<(), ProtocolError> {
         let state = match &self.state {
             Err(e) => return Err(e.clone()),
             Ok(s) => s,
@@ -372,26 +411,31 @@ impl SecAggParticipant {
                 update.len()
             )));
         }
+        if paired.map(|(values, _)| values.len()) != self.common.paired_len {
+            return Err(ProtocolError::InvalidContribution(format!(
+                "a paired input of {:?} values, the round expects {:?}",
+                paired.map(|(values, _)| values.len()),
+                self.common.paired_len
+            )));
+        }
+        if weight == 0 || paired.is_some_and(|(_, w)| w == 0) {
+            return Err(ProtocolError::InvalidContribution(
+                "weight must be at least 1".into(),
+            ));
+        }
         match params {
             None => {
-                if weight == 0 {
-                    return Err(ProtocolError::InvalidContribution(
-                        "weight must be at least 1".into(),
-                    ));
-                }
                 self.common.input = Input::Raw {
                     update: update.to_vec(),
                     weight,
+                    paired: paired.map(|(values, w)| (values.to_vec(), w)),
                 };
                 Ok(())
             }
             Some(params) => {
-                // The round's weight bound (the operator's cap on claimed
-                // samples) bounds our weight too.
-                let weight = weight.min(params.encoding.max_weight);
                 let encoded = self
                     .common
-                    .encode_input(&params.encoding, update, weight, rng)?;
+                    .encode_inputs(params, update, weight, paired, rng)?;
                 self.common.set_encoded(encoded);
                 if matches!(self.state, Ok(State::ExpectInput(_))) {
                     let Ok(State::ExpectInput(st)) =
@@ -527,6 +571,40 @@ impl Common {
         }
     }
 
+    /// Encodes the update and the paired input, if any, one after the
+    /// other; the round's weight bounds (the operator's cap on claimed
+    /// samples) bound our weights too.
+    fn encode_inputs(
+        &self,
+        params: &Params,
+        update: &[f32],
+        weight: u32,
+        paired: Option<(&[f32], u32)>,
+        rng: &mut impl CryptoRng,
+    ) -> Result<Vec<u32>, ProtocolError> {
+        let weight = weight.min(params.encoding.max_weight);
+        let mut encoded = self.encode_input(&params.encoding, update, weight, rng)?;
+        match (&params.paired, paired) {
+            (None, None) => {}
+            (Some(e), Some((values, w))) => {
+                encoded.extend(encode(e, values, w.min(e.max_weight), rng)?);
+            }
+            _ => {
+                return Err(ProtocolError::InvalidConfig(
+                    "the round and our input disagree on a paired input".into(),
+                ));
+            }
+        }
+        if encoded.len() != params.layout.len() {
+            return Err(ProtocolError::InvalidContribution(format!(
+                "{} encoded elements, the round expects {}",
+                encoded.len(),
+                params.layout.len()
+            )));
+        }
+        Ok(encoded)
+    }
+
     fn set_encoded(&mut self, encoded: Vec<u32>) {
         #[cfg(test)]
         {
@@ -543,7 +621,12 @@ impl Common {
         rng: &mut impl CryptoRng,
     ) -> Result<State, ProtocolError> {
         let params = self.check_setup(setup)?;
-        if let Input::Raw { update, weight } = std::mem::replace(&mut self.input, Input::None) {
+        if let Input::Raw {
+            update,
+            weight,
+            paired,
+        } = std::mem::replace(&mut self.input, Input::None)
+        {
             if update.len() + 1 != params.num_elements {
                 return Err(ProtocolError::InvalidContribution(format!(
                     "update has {} values, the round expects {}",
@@ -551,8 +634,8 @@ impl Common {
                     params.num_elements - 1
                 )));
             }
-            let weight = weight.min(params.encoding.max_weight);
-            let encoded = self.encode_input(&params.encoding, &update, weight, rng)?;
+            let paired = paired.as_ref().map(|(values, w)| (values.as_slice(), *w));
+            let encoded = self.encode_inputs(&params, &update, weight, paired, rng)?;
             self.set_encoded(encoded);
         }
         let c = KeyPair::generate(rng);
@@ -618,6 +701,7 @@ impl Common {
         self.auth.policy.check(n, degree, threshold)?;
         let own_counts = setup.own_share_counts();
         let digest = setup_digest(&setup);
+        let layout = setup.ring_layout()?;
         let graph = NeighbourGraph::from_order(setup.graph_order, degree)?;
         let e = setup.encoding;
         let expected = EncodingParams::new(e.clip, e.bits, e.max_weight, n)?
@@ -644,6 +728,36 @@ impl Common {
         if self.ctx.sum == SumKind::Update {
             self.auth.policy.check_noise(&e, n, num_elements - 1)?;
         }
+        let paired = match (&setup.paired, self.paired_len) {
+            (None, None) => None,
+            (Some(p), Some(len)) => {
+                let e = p.encoding;
+                let expected = EncodingParams::new(e.clip, e.bits, e.max_weight, n)?;
+                if expected != e {
+                    return Err(ProtocolError::InvalidConfig(format!(
+                        "paired encoding {e:?} is inconsistent with {n} participants \
+                         (expected {expected:?})"
+                    )));
+                }
+                if p.num_elements != len as u64 + 1 {
+                    return Err(ProtocolError::InvalidConfig(format!(
+                        "the round pairs {} elements, our paired input has {len} values + 1",
+                        p.num_elements
+                    )));
+                }
+                Some(e)
+            }
+            (Some(_), None) => {
+                return Err(ProtocolError::InvalidConfig(
+                    "the round pairs a second input we were not asked for".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ProtocolError::InvalidConfig(
+                    "the round pairs no second input, but we were asked for one".into(),
+                ));
+            }
+        };
         Ok(Params {
             prg: setup.prg,
             encoding: e,
@@ -651,6 +765,8 @@ impl Common {
             threshold,
             own_counts,
             num_elements,
+            paired,
+            layout,
             setup_digest: digest,
         })
     }
@@ -866,11 +982,8 @@ impl Common {
                 sub_mask(params.prg, seed, &mut y);
             }
         }
-        let ring_mask = params.encoding.ring_mask();
-        for v in &mut y {
-            *v &= ring_mask;
-        }
-        let packed = pack(&y, params.encoding.ring_bits);
+        params.layout.reduce(&mut y);
+        let packed = params.layout.pack(&y);
         self.upload(SecAggUpload::MaskedInput { packed });
         State::ExpectSurvivors(Box::new(unmask))
     }

@@ -17,8 +17,9 @@ use crate::{
             MAX_CREDENTIAL_BYTES, Signature, keys_statement, self_mask_commitment,
             survivors_statement,
         },
-        encode::{decode, unpack_add},
+        encode::decode,
         keys::{KeyPair, RoundContext, pairwise_mask_seed},
+        layout::RingLayout,
         message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload, SignedKeys},
         prg::{add_mask, sub_mask},
         seal::{PadContext, SealedSum},
@@ -33,7 +34,8 @@ pub(super) struct RoundInfo {
     /// [`setup_digest`](crate::secagg::auth::setup_digest) of `setup`.
     pub(super) setup_digest: [u8; 32],
     pub(super) threshold: usize,
-    pub(super) num_elements: usize,
+    /// Where the inputs lie in the masked vector.
+    pub(super) layout: RingLayout,
     /// Graph neighbours of every cohort member, ascending.
     pub(super) neighbours: BTreeMap<ParticipantId, Vec<ParticipantId>>,
     /// Dropped, timed out or pruned: never contacted again this round.
@@ -341,7 +343,7 @@ impl SecAggCoordinator {
             kept.commitments.insert(*u, k.commitment);
             kept.credentials.insert(*u, k.credential);
         }
-        let num_elements = self.round.as_ref().expect("round").num_elements;
+        let num_elements = self.round.as_ref().expect("round").layout.len();
         self.next_deadline(now);
         Ok(Stage::CollectMasked(CollectMasked {
             waiting,
@@ -594,10 +596,16 @@ impl SecAggCoordinator {
                 }
             }
         }
-        let ring_mask = r.setup.encoding.ring_mask();
-        for x in &mut sum {
-            *x &= ring_mask;
-        }
+        r.layout.reduce(&mut sum);
+        // The second input, if any, follows the first.
+        let paired_sum = match &r.setup.paired {
+            Some(p) => {
+                let second = sum.split_off(r.layout.first.0);
+                let (mean, total) = decode(&p.encoding, &second)?;
+                Some((mean, total as f64))
+            }
+            None => None,
+        };
         #[cfg(test)]
         {
             self.unmasked_sum = Some(sum.clone());
@@ -642,6 +650,7 @@ impl SecAggCoordinator {
                 })
                 .collect(),
             sealed,
+            paired: paired_sum,
         })
     }
 
@@ -771,9 +780,7 @@ impl SecAggCoordinator {
                 // Unpacked and summed in one pass; values of `m` bits are in
                 // the ring by construction, and a malformed input is refused
                 // before the sum is touched.
-                let bits = r.setup.encoding.ring_bits;
-                debug_assert_eq!(s.sum.len(), r.num_elements);
-                unpack_add(&packed, bits, &mut s.sum).map_err(|e| {
+                r.layout.unpack_add(&packed, &mut s.sum).map_err(|e| {
                     Rejected::refuse(format!(
                         "masked input of {from}: {e} ({} bytes)",
                         packed.len()

@@ -415,3 +415,86 @@ proptest! {
         prop_assert!(h.participant_errors.is_empty(), "{:?}", h.participant_errors);
     }
 }
+
+/// A round that pairs a second input (as an update sum pairs the
+/// evaluation of its model): both sums come out exact over the same
+/// contributors, through dropouts at every stage, and the second input
+/// packs in no more bits than the first's ring.
+#[test]
+fn a_paired_input_is_summed_over_the_same_contributors() {
+    let mut h = Harness::new(config(true), 8, 12, 11);
+    h.paired = Some((5, 300));
+    h.begin_round(1).unwrap();
+    let paired = h.setup().paired.expect("the setup pairs the second input");
+    assert_eq!(paired.num_elements, 6);
+    assert!(paired.encoding.ring_bits <= h.encoding().ring_bits);
+    h.departures.insert(1, (Stage::Share, Departure::Silent));
+    h.departures
+        .insert(4, (Stage::Masked, Departure::Disconnect));
+    h.departures.insert(6, (Stage::Unmask, Departure::Silent));
+    h.drive();
+    let r = h.result.clone().unwrap().unwrap();
+    assert_eq!(Ok(r.contributors.clone()), oracle(&h));
+    assert_eq!(r.contributors, vec![0, 2, 3, 5, 6, 7]);
+    h.check_result(&r);
+    let (mean, total) = r.paired.clone().expect("a paired result");
+    let weights: u64 = r
+        .contributors
+        .iter()
+        .map(|id| u64::from(h.paired_inputs[id].1))
+        .sum();
+    assert_eq!(total, weights as f64);
+    let step = f64::from(paired.encoding.step());
+    for (k, got) in mean.iter().enumerate() {
+        let exact = r
+            .contributors
+            .iter()
+            .map(|id| {
+                let (values, w) = &h.paired_inputs[id];
+                f64::from(*w) * f64::from(values[k])
+            })
+            .sum::<f64>()
+            / weights as f64;
+        assert!(
+            (f64::from(*got) - exact).abs() <= step * 1.001 + 1e-6,
+            "paired element {k}: {got} vs {exact} (step {step})"
+        );
+    }
+    // Each masked upload: the update's run in its ring, then the paired run.
+    let bits = h.encoding().ring_bits as usize;
+    let expected = (13 * bits).div_ceil(8) + (6 * paired.encoding.ring_bits as usize).div_ceil(8);
+    for ((_, id), bytes) in &h.masked {
+        assert_eq!(bytes.len(), expected, "masked input of {id}");
+    }
+}
+
+/// A participant takes a paired input only when asked for one, and always
+/// when asked: a setup that disagrees is refused before any key goes out.
+#[test]
+fn a_setup_that_pairs_otherwise_than_asked_is_refused() {
+    for (coordinator_pairs, participant_pairs) in [(true, false), (false, true)] {
+        let mut h = Harness::new(config(true), 3, 4, 12);
+        h.paired = coordinator_pairs.then_some((2, 10));
+        h.begin_round(1).unwrap();
+        let (to, setup) = h.to_participant.pop_front().unwrap();
+        let ctx = crate::secagg::keys::RoundContext::update(SESSION, 1);
+        let mut p = crate::secagg::participant::SecAggParticipant::new(
+            to,
+            ctx,
+            Some(4),
+            h.auths[&to].clone(),
+            MODEL,
+        );
+        if participant_pairs {
+            p = p.with_paired(2);
+        }
+        let err = p
+            .handle_message(setup, h.rngs.get_mut(&to).unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProtocolError::InvalidConfig(m) if m.contains("pairs")),
+            "{err:?}"
+        );
+        assert!(p.poll_transmit().is_none(), "no keys after a refused setup");
+    }
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 use crate::{
-    aggregate::{AggregateResult, Aggregator},
+    aggregate::{AggregateResult, Aggregator, PairedInput},
     error::ProtocolError,
     message::{AggregationPayload, Message, ParticipantId},
     secagg::{
@@ -102,6 +102,11 @@ pub struct Harness {
     pub input_kind: InputKind,
     /// This round's inputs.
     pub inputs: BTreeMap<ParticipantId, (Vec<f32>, u32)>,
+    /// Values and largest weight of a second input paired with the update
+    /// (`None`: none).
+    pub paired: Option<(usize, u32)>,
+    /// This round's paired inputs, when rounds pair one.
+    pub paired_inputs: BTreeMap<ParticipantId, (Vec<f32>, u32)>,
     pub to_coordinator: VecDeque<(ParticipantId, AggregationPayload)>,
     pub to_participant: VecDeque<(ParticipantId, Message)>,
     /// Per participant: the stage before which it leaves this round, and how.
@@ -171,6 +176,8 @@ impl Harness {
             input_timing: InputTiming::AfterSetup,
             input_kind: InputKind::Random,
             inputs: BTreeMap::new(),
+            paired: None,
+            paired_inputs: BTreeMap::new(),
             to_coordinator: VecDeque::new(),
             to_participant: VecDeque::new(),
             departures: BTreeMap::new(),
@@ -237,18 +244,41 @@ impl Harness {
             .into_iter()
             .map(|id| (id, self.make_input(round, id)))
             .collect();
+        self.paired_inputs = match self.paired {
+            Some((len, max_weight)) => self
+                .cohort()
+                .into_iter()
+                .map(|id| {
+                    let mut rng = StdRng::seed_from_u64(
+                        self.seed ^ (u64::from(round) << 40) ^ (u64::from(id) << 8) ^ 0x5a5a,
+                    );
+                    let values = (0..len).map(|_| rng.random_range(-1.0..=1.0)).collect();
+                    (id, (values, rng.random_range(1..=max_weight)))
+                })
+                .collect(),
+            None => BTreeMap::new(),
+        };
         let ctx = RoundContext::update(SESSION, round);
         for id in self.cohort() {
             let model = self.participant_model.get(&id).copied().unwrap_or(MODEL);
             let mut p =
                 SecAggParticipant::new(id, ctx, Some(self.d), self.auths[&id].clone(), model);
+            if let Some((len, _)) = self.paired {
+                p = p.with_paired(len);
+            }
             if self.input_timing == InputTiming::BeforeSetup {
-                let (u, w) = &self.inputs[&id];
-                p.set_input(u, *w, self.rngs.get_mut(&id).unwrap()).unwrap();
+                self.give_input(&mut p, id);
             }
             self.participants.insert(id, p);
         }
         let cohort = self.cohort();
+        let accepted = self
+            .coordinator
+            .set_paired(self.paired.map(|(len, w)| PairedInput {
+                len,
+                max_weight: u64::from(w),
+            }));
+        assert!(accepted, "secure aggregation pairs inputs");
         self.coordinator.set_model_digest(MODEL);
         self.coordinator
             .begin_round(self.now, round, &cohort, self.d)?;
@@ -289,11 +319,20 @@ impl Harness {
                 InputTiming::AfterShares => p.stage() == ParticipantStage::AwaitingInput,
             };
             if give {
-                let (u, w) = &self.inputs[&to];
-                p.set_input(u, *w, rng).unwrap();
+                let mut p = self.participants.remove(&to).unwrap();
+                self.give_input(&mut p, to);
+                self.participants.insert(to, p);
             }
         }
         r
+    }
+
+    /// Gives `p` its update and, when rounds pair one, its paired input.
+    fn give_input(&mut self, p: &mut SecAggParticipant, id: ParticipantId) {
+        let (u, w) = &self.inputs[&id];
+        let paired = self.paired_inputs.get(&id).map(|(v, w)| (v.as_slice(), *w));
+        p.set_inputs(u, *w, paired, self.rngs.get_mut(&id).unwrap())
+            .unwrap();
     }
 
     /// Moves the participants' uploads to the coordinator, then the
