@@ -75,9 +75,14 @@ fn decode_limited(payload: &[u8]) -> Result<(Message, usize), bincode::error::De
 /// Encodes `msg` as one frame. Fails with [`ProtocolError::FrameTooLarge`] if
 /// the payload exceeds `max_frame` bytes.
 pub fn encode_frame(msg: &Message, max_frame: usize) -> Result<Vec<u8>, ProtocolError> {
-    let mut out = vec![0u8; HEADER_LEN];
-    bincode::serde::encode_into_std_write(msg, &mut out, bincode_config())
-        .map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    let encode_error = |e: bincode::error::EncodeError| ProtocolError::Encode(e.to_string());
+    // Sized first (cheap: models serialize as one borrowed run of bytes),
+    // so that a frame carrying a model is written into one allocation.
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(msg, &mut size, bincode_config()).map_err(encode_error)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + size.bytes_written);
+    out.resize(HEADER_LEN, 0);
+    bincode::serde::encode_into_std_write(msg, &mut out, bincode_config()).map_err(encode_error)?;
     let len = out.len() - HEADER_LEN;
     let max = max_frame.min(MAX_FRAME_CEILING);
     if len > max {
@@ -255,6 +260,7 @@ mod tests {
         ])
         .unwrap();
         Message::TrainRequest {
+            evaluates: None,
             sealed: None,
             round: 3,
             global: crate::GlobalModel::Weights(w.into()),

@@ -51,8 +51,20 @@ mod f32_bytes {
         if s.is_human_readable() {
             return values.serialize(s);
         }
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        s.serialize_bytes(&bytes)
+        // On little-endian machines the values are their own wire bytes:
+        // no copy (a model is the bulk of every frame that carries one).
+        #[cfg(target_endian = "little")]
+        {
+            s.serialize_bytes(bytemuck::cast_slice(values))
+        }
+        #[cfg(not(target_endian = "little"))]
+        {
+            let mut bytes = Vec::with_capacity(values.len() * 4);
+            for v in values {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            s.serialize_bytes(&bytes)
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
