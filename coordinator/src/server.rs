@@ -229,6 +229,7 @@ impl Coordinator {
                 seed: config.seed,
                 first_round: config.resume.as_ref().map_or(1, |c| c.rounds_completed + 1),
                 max_claimed_samples: config.max_claimed_samples,
+                fold_evaluation: true,
             },
             session_start(&config)?.unwrap_or_else(|| config.initial.clone()),
             build_aggregator(&config, session_id)?,
@@ -630,6 +631,7 @@ impl Driver {
                     self.round_start.insert(round, now);
                 }
                 SessionEvent::Aggregated(result) => {
+                    debug!(round = result.round, "aggregated");
                     if let Some(dir) = &self.dump_aggregates {
                         let names: Vec<String> = result
                             .contributors

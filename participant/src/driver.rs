@@ -613,6 +613,7 @@ async fn session_loop(
                     // to its end, its result dropped.
                     drop(training.take());
                     let progress = config.progress.clone();
+                    debug!(round, "training started");
                     training = Some(Training {
                         round,
                         started: Instant::now(),
@@ -677,8 +678,14 @@ async fn session_loop(
                     if config.save_model.is_some() {
                         latest = Some((round, global));
                     }
-                    session.submit_evaluation(round, metrics, &mut rng)?;
-                    emit(config, ParticipantProgress::Evaluated { round });
+                    debug!(round, "evaluated");
+                    match session.submit_evaluation(round, metrics, &mut rng) {
+                        Ok(()) => emit(config, ParticipantProgress::Evaluated { round }),
+                        // It was to ride in an update sum we left (training
+                        // failed): the coordinator counts us out of both.
+                        Err(e @ ProtocolError::Late(_)) => warn!(round, "evaluation not used: {e}"),
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 ParticipantEvent::Finished { rounds_completed } => {
                     info!(rounds_completed, "session finished");

@@ -222,15 +222,18 @@ impl UploadLimits {
     /// above `max_frame`.
     pub fn for_session(shape: SessionShape, max_frame: usize) -> Self {
         let peers = shape.peers.max(1);
+        let eval_len = EvalMetrics::sum_len(shape.classes.min(crate::message::MAX_CLASSES));
         Self {
             hello: HELLO_MAX_BYTES.min(max_frame),
             control: CONTROL_MAX_BYTES.min(max_frame),
-            contribution: vector_upload_bytes(shape.parameters, peers).min(max_frame),
-            evaluation: vector_upload_bytes(
-                EvalMetrics::sum_len(shape.classes.min(crate::message::MAX_CLASSES)),
+            // An update sum may carry the evaluation of its model too (its
+            // elements after the update's, see `PairedSetup`).
+            contribution: vector_upload_bytes(
+                shape.parameters.saturating_add(eval_len).saturating_add(1),
                 peers,
             )
             .min(max_frame),
+            evaluation: vector_upload_bytes(eval_len, peers).min(max_frame),
             admitted: true,
         }
     }
@@ -344,6 +347,7 @@ mod tests {
             },
             Message::Reject { reason: "x".into() },
             Message::TrainRequest {
+                evaluates: None,
                 sealed: None,
                 round: 1,
                 global: GlobalModel::Held { digest: [7; 32] },

@@ -1182,6 +1182,11 @@ pub enum Message {
         /// The sealed layers' padded sum that goes with `global`, when the
         /// session seals them and a round has produced one.
         sealed: Option<Arc<SealedSum>>,
+        /// `Some(r)`: `global` is round `r`'s model, to evaluate on the
+        /// local test split as well; its metrics go into this round's
+        /// secure sum as the paired input (in place of an EvaluateRequest
+        /// and a sum of their own).
+        evaluates: Option<u32>,
     },
     /// Participant → coordinator: this participant's input to aggregation.
     Contribution {

@@ -93,6 +93,19 @@ enum State {
     Finished,
 }
 
+/// The two inputs of an update sum that carries an evaluation, as they
+/// come (the update from training, the metrics from evaluation, in either
+/// order); the sum gets both at once.
+#[derive(Debug)]
+struct FoldedInputs {
+    /// The round whose model is evaluated.
+    evaluated: u32,
+    /// The evaluation's sum input and weight.
+    metrics: Option<(Vec<f32>, u32)>,
+    /// The update and its weight.
+    update: Option<(Vec<f32>, u32)>,
+}
+
 /// A model the participant received, with its digest.
 #[derive(Debug)]
 struct HeldModel {
@@ -119,6 +132,9 @@ pub struct ParticipantSession {
     held: Option<HeldModel>,
     /// Our side of the current round's secure update sum, if any.
     update_sum: Option<SecAggParticipant>,
+    /// The inputs of an update sum that carries an evaluation, while they
+    /// come in.
+    folded: Option<FoldedInputs>,
     /// Our side of the current round's secure evaluation sum, if any.
     eval_sum: Option<SecAggParticipant>,
     /// Credentials and floors for secure aggregation.
@@ -142,6 +158,7 @@ impl ParticipantSession {
             evaluated_models: std::collections::HashSet::new(),
             held: None,
             update_sum: None,
+            folded: None,
             eval_sum: None,
             auth: None,
             seal_key: None,
@@ -277,6 +294,7 @@ impl ParticipantSession {
                     global,
                     seed,
                     sealed,
+                    evaluates,
                 },
             ) => {
                 if round <= self.last_round {
@@ -287,16 +305,47 @@ impl ParticipantSession {
                 }
                 let (global, digest) = self.receive(global)?;
                 let sealed = self.open_sealed(&global, sealed.as_deref())?;
+                if let Some(evaluated) = evaluates {
+                    self.check_folded_evaluation(round, evaluated, digest)?;
+                }
                 self.last_round = round;
                 self.state = State::Training { round };
                 self.update_sum =
                     self.secure_sum(round, SumKind::Update, global.num_parameters(), digest);
-                self.events.push_back(ParticipantEvent::Train {
-                    round,
-                    global,
-                    seed,
-                    sealed,
+                self.folded = evaluates.map(|evaluated| {
+                    self.last_evaluated = evaluated;
+                    self.evaluated_models.insert(digest);
+                    if let Some(sum) = self.update_sum.take() {
+                        self.update_sum = Some(sum.with_paired(self.eval_sum_len()));
+                    }
+                    FoldedInputs {
+                        evaluated,
+                        metrics: None,
+                        update: None,
+                    }
                 });
+                // Training first, so that it starts at once; the evaluation
+                // of the same model can run beside it.
+                if let Some(evaluated) = evaluates {
+                    self.events.push_back(ParticipantEvent::Train {
+                        round,
+                        global: global.clone(),
+                        seed,
+                        sealed: sealed.clone(),
+                    });
+                    self.events.push_back(ParticipantEvent::Evaluate {
+                        round: evaluated,
+                        global,
+                        sealed,
+                    });
+                } else {
+                    self.events.push_back(ParticipantEvent::Train {
+                        round,
+                        global,
+                        seed,
+                        sealed,
+                    });
+                }
                 Ok(())
             }
             // `Training` too: the coordinator may finish a round without us
@@ -333,17 +382,8 @@ impl ParticipantSession {
                 self.last_round = round;
                 self.last_evaluated = round;
                 self.state = State::Evaluating { round };
-                // Accuracy, loss and the confusion counts of the model's classes.
-                let classes = self
-                    .session
-                    .as_ref()
-                    .map_or(0, |info| info.model.num_classes() as usize);
-                self.eval_sum = self.secure_sum(
-                    round,
-                    SumKind::Evaluation,
-                    EvalMetrics::sum_len(classes),
-                    digest,
-                );
+                self.eval_sum =
+                    self.secure_sum(round, SumKind::Evaluation, self.eval_sum_len(), digest);
                 let sealed = self.open_sealed(&global, sealed.as_deref())?;
                 self.events.push_back(ParticipantEvent::Evaluate {
                     round,
@@ -360,6 +400,7 @@ impl ParticipantSession {
             ) => {
                 self.state = State::Finished;
                 self.update_sum = None;
+                self.folded = None;
                 self.eval_sum = None;
                 self.events
                     .push_back(ParticipantEvent::Finished { rounds_completed });
@@ -452,6 +493,48 @@ impl ParticipantSession {
         }
     }
 
+    /// Values of an evaluation's sum input: accuracy, loss and the
+    /// confusion counts of the model's classes.
+    fn eval_sum_len(&self) -> usize {
+        let classes = self
+            .session
+            .as_ref()
+            .map_or(0, |info| info.model.num_classes() as usize);
+        EvalMetrics::sum_len(classes)
+    }
+
+    /// Checks a TrainRequest for `round` that also asks to evaluate its
+    /// model (digest `digest`) as round `evaluated`'s: only under secure
+    /// aggregation (the metrics ride in its sum), for the round before, and
+    /// for a model and round not evaluated before (the same model in two
+    /// sums over different participants would let the coordinator difference
+    /// them).
+    fn check_folded_evaluation(
+        &self,
+        round: u32,
+        evaluated: u32,
+        digest: [u8; 32],
+    ) -> Result<(), ProtocolError> {
+        if self
+            .session
+            .as_ref()
+            .is_none_or(|info| info.aggregation == AggregationKind::Plain)
+        {
+            return Err(ProtocolError::InvalidConfig(
+                "the coordinator asks for an evaluation inside a plain update sum".into(),
+            ));
+        }
+        if evaluated.checked_add(1) != Some(round) {
+            return Err(ProtocolError::Malformed(format!(
+                "round {round}'s TrainRequest asks to evaluate round {evaluated}'s model"
+            )));
+        }
+        if evaluated <= self.last_evaluated || self.evaluated_models.contains(&digest) {
+            return Err(ProtocolError::RepeatedEvaluation { round: evaluated });
+        }
+        Ok(())
+    }
+
     /// Our side of a secure sum of `num_values` values for `round` about
     /// the model with digest `model`, when the session aggregates securely.
     fn secure_sum(
@@ -513,6 +596,10 @@ impl ParticipantSession {
                         "weight {weight} is not a positive sample count"
                     )));
                 }
+                if let Some(folded) = &mut self.folded {
+                    folded.update = Some((update, w as u32));
+                    return self.submit_folded(rng);
+                }
                 s.set_input(&update, w as u32, rng)
             }
             None => {
@@ -564,6 +651,7 @@ impl ParticipantSession {
             _ => return Err(ProtocolError::Late("Withdraw")),
         }
         self.update_sum = None;
+        self.folded = None;
         self.outbox.push_back(Message::Withdraw { round });
         Ok(())
     }
@@ -581,6 +669,21 @@ impl ParticipantSession {
         metrics: EvalMetrics,
         rng: &mut impl CryptoRng,
     ) -> Result<(), ProtocolError> {
+        if let Some(folded) = &mut self.folded
+            && folded.evaluated == round
+            && folded.metrics.is_none()
+        {
+            let (values, samples) = metrics.sum_input()?;
+            let weight = u32::try_from(samples).map_err(|_| {
+                ProtocolError::InvalidContribution(format!("{samples} test samples"))
+            })?;
+            folded.metrics = Some((values, weight));
+            return self.submit_folded(rng);
+        }
+        // An evaluation that was to ride in an update sum we left.
+        if round <= self.last_evaluated && self.state != (State::Evaluating { round }) {
+            return Err(ProtocolError::Late("evaluation"));
+        }
         if self.state != (State::Evaluating { round }) {
             return Err(ProtocolError::UnexpectedMessage {
                 expected: "an EvaluateRequest for this round first",
@@ -606,6 +709,26 @@ impl ParticipantSession {
                 });
                 Ok(())
             }
+        }
+    }
+
+    /// Gives the update sum both inputs once the update and the metrics of
+    /// a folded evaluation are both here.
+    fn submit_folded(&mut self, rng: &mut impl CryptoRng) -> Result<(), ProtocolError> {
+        let Some(folded) = &self.folded else {
+            return Ok(());
+        };
+        if folded.update.is_none() || folded.metrics.is_none() {
+            return Ok(());
+        }
+        let folded = self.folded.take().expect("checked above");
+        let (Some((update, weight)), Some((metrics, samples))) = (folded.update, folded.metrics)
+        else {
+            unreachable!("checked above")
+        };
+        match &mut self.update_sum {
+            Some(sum) => sum.set_inputs(&update, weight, Some((&metrics, samples)), rng),
+            None => Err(ProtocolError::Late("update")),
         }
     }
 

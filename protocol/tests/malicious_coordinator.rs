@@ -1670,6 +1670,7 @@ fn evaluate_request(round: u32, model: &ModelWeights) -> Message {
 
 fn train_request(round: u32, model: &ModelWeights) -> Message {
     Message::TrainRequest {
+        evaluates: None,
         sealed: None,
         round,
         global: GlobalModel::Weights(Arc::new(model.clone())),

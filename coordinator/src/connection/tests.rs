@@ -138,6 +138,7 @@ async fn a_frame_over_its_kinds_limit_is_refused_after_one_payload_byte() {
         round: 1,
         global: greyfed_protocol::GlobalModel::Held { digest: [1; 32] },
         seed: 1,
+        evaluates: None,
     };
     let reason = refused(read_prefix(&frame(&train)[..HEADER_LEN + 1], &limits, None).await);
     assert!(reason.contains("never send a TrainRequest"), "{reason}");

@@ -50,6 +50,12 @@ pub struct SessionConfig {
     /// aggregation weight, so an inflated one must neither dominate the
     /// weighted means nor overflow the secure-aggregation ring.
     pub max_claimed_samples: SampleClaimCaps,
+    /// Whether a round's evaluation may ride in the next round's sum (see
+    /// the [session docs](super)): when that round's cohort is exactly the
+    /// participants that evaluate and the aggregator can pair inputs, the
+    /// TrainRequests ask for the evaluation too and one secure sum carries
+    /// both. `false`: every evaluation has a sum of its own.
+    pub fold_evaluation: bool,
 }
 
 /// Largest training or test sample count a participant may claim by

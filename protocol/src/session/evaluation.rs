@@ -11,11 +11,23 @@ use super::{
     begin_with_weight_bound, weight_within_claims,
 };
 use crate::{
+    aggregate::AggregateResult,
     error::ProtocolError,
     message::{EvalMetrics, EvalSummary, GlobalModel, Message, ParticipantId, SumKind},
     model_delta::ModelDelta,
     weights::ModelWeights,
 };
+
+/// A round's evaluation that rides in the next round's training sum (the
+/// paired input, see [`Aggregator::set_paired`](crate::aggregate::Aggregator::set_paired)).
+#[derive(Debug)]
+pub(super) struct FoldedEvaluation {
+    /// The round and its record (no deadline: the training sum's holds).
+    pub(super) evaluation: Evaluation,
+    /// The model the evaluated one replaced (the base of deltas), until
+    /// the TrainRequests or a separate evaluation use it.
+    pub(super) previous: Option<(Arc<ModelWeights>, [u8; 32])>,
+}
 
 /// A round whose model is being evaluated (while the next round trains).
 #[derive(Debug)]
@@ -111,38 +123,9 @@ impl CoordinatorSession {
                 return None;
             }
         }
-        let test_claims = evaluators
-            .iter()
-            .filter_map(|id| self.peers.get(id).map(|p| (*id, p.test_samples)))
-            .collect();
-        // Who takes deltas and holds the model this one replaced gets a
-        // delta from it.
-        let holds_previous = |peer: Option<&Peer>| match (&previous, peer) {
-            (Some((_, d)), Some(peer)) => peer.takes_deltas && peer.holds == Some(*d),
-            _ => false,
-        };
-        // One copy of the delta, or the shared model, for every EvaluateRequest;
-        // should encoding fail (layouts are fixed for a session), the
-        // weights go instead.
-        let delta = previous
-            .as_ref()
-            .filter(|_| {
-                evaluators
-                    .iter()
-                    .any(|id| holds_previous(self.peers.get(id)))
-            })
-            .and_then(|(base, base_digest)| {
-                ModelDelta::encode(base, *base_digest, self.round_global(), digest).ok()
-            })
-            .map(Arc::new);
-        for &id in &evaluators {
-            let global = match &delta {
-                Some(d) if holds_previous(self.peers.get(&id)) => GlobalModel::Delta(d.clone()),
-                _ => GlobalModel::Weights(self.shared_global()),
-            };
-            if let Some(peer) = self.peers.get_mut(&id) {
-                peer.holds = Some(digest);
-            }
+        let test_claims = self.test_claims(&evaluators);
+        // An EvaluateRequest carries its model (never a reference to it).
+        for (id, global) in self.models_for(&evaluators, previous.as_ref(), false) {
             self.outbox.push_back((
                 id,
                 Message::EvaluateRequest {
@@ -153,6 +136,146 @@ impl CoordinatorSession {
             ));
         }
         Some((evaluators.into_iter().collect(), test_claims))
+    }
+
+    /// The (clamped) claimed test samples of `ids`.
+    pub(super) fn test_claims(&self, ids: &[ParticipantId]) -> BTreeMap<ParticipantId, u64> {
+        ids.iter()
+            .filter_map(|id| self.peers.get(id).map(|p| (*id, p.test_samples)))
+            .collect()
+    }
+
+    /// The current global model as each of `ids` gets it, each then marked
+    /// as holding it: a reference for whoever holds it already (when
+    /// `refer`), a delta from
+    /// `previous` (the model it replaced) for whoever takes deltas and holds
+    /// that one, the weights for everyone else. One copy of the delta, or
+    /// of the weights, is shared by every message; should encoding fail
+    /// (layouts are fixed for a session), the weights go instead.
+    pub(super) fn models_for(
+        &mut self,
+        ids: &[ParticipantId],
+        previous: Option<&(Arc<ModelWeights>, [u8; 32])>,
+        refer: bool,
+    ) -> Vec<(ParticipantId, GlobalModel)> {
+        let digest = self.round_global_digest();
+        let holds_previous = |peer: Option<&Peer>| match (previous, peer) {
+            (Some((_, d)), Some(peer)) => peer.takes_deltas && peer.holds == Some(*d),
+            _ => false,
+        };
+        let delta = previous
+            .filter(|_| ids.iter().any(|id| holds_previous(self.peers.get(id))))
+            .and_then(|(base, base_digest)| {
+                ModelDelta::encode(base, *base_digest, self.round_global(), digest).ok()
+            })
+            .map(Arc::new);
+        let mut models = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let peer = self.peers.get(&id);
+            let global = match &delta {
+                _ if refer && peer.is_some_and(|p| p.holds == Some(digest)) => {
+                    GlobalModel::Held { digest }
+                }
+                Some(d) if holds_previous(peer) => GlobalModel::Delta(d.clone()),
+                _ => GlobalModel::Weights(self.shared_global()),
+            };
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.holds = Some(digest);
+            }
+            models.push((id, global));
+        }
+        models
+    }
+
+    /// Who evaluates round `next - 1`'s model inside round `next`'s sum, or
+    /// `None` where that cannot be: folding is off, the aggregator cannot
+    /// pair inputs, selection is random per round (Poisson), `next` is past
+    /// the last round, or round `next`'s cohort is not exactly the
+    /// participants with a test split.
+    pub(super) fn fold_evaluators(&self, next: u32) -> Option<Vec<ParticipantId>> {
+        if !self.config.fold_evaluation
+            || !self.pairs_inputs
+            || self.config.selection.poisson
+            || next > self.config.rounds
+        {
+            return None;
+        }
+        let evaluators: Vec<ParticipantId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.test_samples > 0)
+            .map(|(&id, _)| id)
+            .collect();
+        (!evaluators.is_empty() && self.select(next) == evaluators).then_some(evaluators)
+    }
+
+    /// Gives the folded evaluation, if any, a sum of its own after all (the
+    /// next round could not carry it).
+    pub(super) fn unfold(&mut self, now: Instant) {
+        if let Some(f) = self.folded.take() {
+            let e = f.evaluation;
+            self.begin_separate_evaluation(now, e.round, e.record, f.previous);
+        }
+    }
+
+    /// Sends round `round`'s model for evaluation in a sum of its own (see
+    /// [`Self::begin_evaluation`]); `record` completes when that sum does,
+    /// at once when nobody can evaluate.
+    pub(super) fn begin_separate_evaluation(
+        &mut self,
+        now: Instant,
+        round: u32,
+        record: RoundState,
+        previous: Option<(Arc<ModelWeights>, [u8; 32])>,
+    ) {
+        match self.begin_evaluation(now, round, previous) {
+            Some((evaluators, test_claims)) => {
+                self.evaluation = Some(Evaluation {
+                    round,
+                    record,
+                    started: now,
+                    evaluators,
+                    test_claims,
+                    deadline: Some(now + self.config.evaluation_timeout),
+                });
+                // The evaluator's first messages go out after the
+                // EvaluateRequests, the next round's TrainRequests after both.
+                self.drain_evaluator(now);
+            }
+            None => self.complete_round(round, record, None, None),
+        }
+    }
+
+    /// Completes the round whose evaluation rode in the training sum that
+    /// just ended, with the evaluation from `outcome` (the sum's result, or
+    /// why it failed). Nothing to do without a folded evaluation.
+    pub(super) fn complete_folded(&mut self, outcome: Result<&AggregateResult, String>) {
+        let Some(f) = self.folded.take() else {
+            return;
+        };
+        let e = f.evaluation;
+        let eval = outcome.and_then(|result| {
+            let (mean, total) = result
+                .paired
+                .as_ref()
+                .ok_or_else(|| "the sum carried no evaluation".to_string())?;
+            weight_within_claims(*total, &result.contributors, &e.test_claims)
+                .and_then(|()| {
+                    EvalSummary::from_mean(mean, total.round() as u64, result.contributors.len())
+                })
+                .map_err(|err| err.to_string())
+        });
+        let eval = match eval {
+            Ok(summary) => Some(summary),
+            Err(reason) => {
+                self.events.push_back(SessionEvent::EvaluationFailed {
+                    round: e.round,
+                    reason,
+                });
+                None
+            }
+        };
+        self.complete_round(e.round, e.record, eval, None);
     }
 
     /// Passes on what the evaluation sum produced: its messages, and, once
@@ -170,7 +293,12 @@ impl CoordinatorSession {
             None => return,
             Some(Ok(result)) => {
                 misbehaved.clone_from(&result.misbehaved);
-                weight_within_claims(&result, &evaluation.test_claims).and_then(|()| {
+                weight_within_claims(
+                    result.total_weight,
+                    &result.contributors,
+                    &evaluation.test_claims,
+                )
+                .and_then(|()| {
                     EvalSummary::from_mean(
                         &result.mean_update,
                         result.total_weight.round() as u64,

@@ -34,6 +34,18 @@
 //! that is ready first waits), so the driver's model, strategy state and
 //! checkpoint at `RoundCompleted` are round `r`'s. After the last round the
 //! session waits for its evaluation (phase `Evaluating`) and then finishes.
+//!
+//! Folded evaluation: when round `r + 1`'s cohort is exactly the
+//! participants with a test split and the aggregator can pair inputs
+//! ([`Aggregator::set_paired`]; secure aggregation can), no EvaluateRequest
+//! goes out: round `r + 1`'s TrainRequests ask for the evaluation of the
+//! model they carry (`evaluates: Some(r)`), and its sum carries the metrics
+//! beside the updates, over the same survivors. Round `r` completes when
+//! that sum does (still before `Aggregated` for `r + 1`); should the sum
+//! fail, round `r` completes without metrics
+//! ([`SessionEvent::EvaluationFailed`]). This saves a whole secure sum (key
+//! agreement, signatures, five exchanges) per round;
+//! [`SessionConfig::fold_evaluation`] turns it off.
 //! Each waiting sum has a deadline; participants that miss it are treated as
 //! dropped for that sum. A failed evaluation sum (too few evaluators left)
 //! is reported and the round still completes: its model is already applied.
@@ -63,11 +75,11 @@ use rand::{RngExt, SeedableRng, rngs::StdRng, seq::SliceRandom};
 
 use crate::{
     PROTOCOL_VERSION,
-    aggregate::{AggregateResult, Aggregator, StageProgress},
+    aggregate::{AggregateResult, Aggregator, PairedInput, StageProgress},
     cipher::CipherSpec,
     error::ProtocolError,
     message::{
-        AggregationPayload, GlobalModel, Hello, Message, ModelSpec, ParticipantId, SessionInfo,
+        AggregationPayload, EvalMetrics, Hello, Message, ModelSpec, ParticipantId, SessionInfo,
         SumKind, TrainingConfig,
     },
     secagg::seal::SealedSum,
@@ -83,7 +95,7 @@ pub use config::{
     DEFAULT_MAX_CLAIMED_SAMPLES, InitialModel, ModelFactory, SampleClaimCaps, Selection,
     SessionConfig,
 };
-use evaluation::Evaluation;
+use evaluation::{Evaluation, FoldedEvaluation};
 pub use events::{RoundSummary, SessionEvent, SessionPhase, SessionProgress};
 
 /// The session's model once its input is known.
@@ -149,6 +161,9 @@ pub struct CoordinatorSession {
     aggregator: Box<dyn Aggregator>,
     /// The evaluation sum's aggregator (same scheme as `aggregator`).
     evaluator: Box<dyn Aggregator>,
+    /// Whether `aggregator` can pair an evaluation with the updates
+    /// ([`Aggregator::set_paired`]).
+    pairs_inputs: bool,
     /// How the model is built before anyone is admitted.
     initial: InitialModel,
     /// Architecture and classes, fixed when the first participant is admitted.
@@ -174,6 +189,8 @@ pub struct CoordinatorSession {
     round: RoundState,
     /// The evaluation in flight, if any.
     evaluation: Option<Evaluation>,
+    /// The evaluation that rides in the training sum in flight, if any.
+    folded: Option<FoldedEvaluation>,
     /// An aggregated round that waits for the evaluation in flight before
     /// its [`SessionEvent::Aggregated`] goes out.
     held: Option<AggregateResult>,
@@ -249,10 +266,12 @@ impl CoordinatorSession {
         let rounds_completed = config.first_round - 1;
         let evaluator = aggregator.for_evaluation()?;
         aggregator.set_sealed_layers(config.training.sealed_layers)?;
+        let pairs_inputs = aggregator.set_paired(None);
         Ok(Self {
             config,
             aggregator,
             evaluator,
+            pairs_inputs,
             initial,
             model: None,
             global,
@@ -265,6 +284,7 @@ impl CoordinatorSession {
             deadline,
             round: RoundState::default(),
             evaluation: None,
+            folded: None,
             held: None,
             rounds_completed,
             key_fingerprint,
@@ -675,21 +695,23 @@ impl CoordinatorSession {
             self.sealed = Some(Arc::new(sealed));
         }
         let record = std::mem::take(&mut self.round);
-        match self.begin_evaluation(now, round, previous) {
-            Some((evaluators, test_claims)) => {
-                self.evaluation = Some(Evaluation {
-                    round,
-                    record,
-                    started: now,
-                    evaluators,
-                    test_claims,
-                    deadline: Some(now + self.config.evaluation_timeout),
+        match self.fold_evaluators(round + 1) {
+            // The next round's sum carries the evaluation.
+            Some(evaluators) => {
+                let test_claims = self.test_claims(&evaluators);
+                self.folded = Some(FoldedEvaluation {
+                    evaluation: Evaluation {
+                        round,
+                        record,
+                        started: now,
+                        evaluators: evaluators.into_iter().collect(),
+                        test_claims,
+                        deadline: None,
+                    },
+                    previous,
                 });
-                // The evaluator's first messages go out after the
-                // EvaluateRequests, the next round's TrainRequests after both.
-                self.drain_evaluator(now);
             }
-            None => self.complete_round(round, record, None, None),
+            None => self.begin_separate_evaluation(now, round, record, previous),
         }
         if !self.is_over() {
             self.start_round(now, round + 1);
@@ -771,14 +793,51 @@ impl CoordinatorSession {
             self.abort(e.to_string());
             return;
         }
-        let bound = match begin_with_weight_bound(
+        if self
+            .folded
+            .as_ref()
+            .is_some_and(|f| !f.evaluation.evaluators.iter().eq(cohort.iter()))
+        {
+            self.unfold(now);
+        }
+        let classes = self.model().map_or(0, |m| m.num_classes() as usize);
+        let paired = self.folded.as_ref().map(|f| PairedInput {
+            len: EvalMetrics::sum_len(classes),
+            max_weight: f
+                .evaluation
+                .test_claims
+                .values()
+                .max()
+                .copied()
+                .unwrap_or(1),
+        });
+        self.aggregator.set_paired(paired);
+        let begun = begin_with_weight_bound(
             &mut *self.aggregator,
             now,
             round,
             &cohort,
             num_params,
             max_weight,
-        ) {
+        );
+        let begun = match begun {
+            // The pairing may be what the aggregator refused: the
+            // evaluation gets a sum of its own, and the round begins without.
+            Err(_) if self.folded.is_some() => {
+                self.aggregator.set_paired(None);
+                self.unfold(now);
+                begin_with_weight_bound(
+                    &mut *self.aggregator,
+                    now,
+                    round,
+                    &cohort,
+                    num_params,
+                    max_weight,
+                )
+            }
+            begun => begun,
+        };
+        let bound = match begun {
             Ok(bound) => bound,
             Err(e) => {
                 self.abort(format!("aggregator refused round {round}: {e}"));
@@ -794,16 +853,9 @@ impl CoordinatorSession {
                 .collect(),
             ..RoundState::default()
         };
-        for &id in &cohort {
-            let global = match self.peers.get(&id) {
-                Some(peer) if peer.holds == Some(digest) => GlobalModel::Held { digest },
-                _ => {
-                    if let Some(peer) = self.peers.get_mut(&id) {
-                        peer.holds = Some(digest);
-                    }
-                    GlobalModel::Weights(self.shared_global())
-                }
-            };
+        let evaluates = self.folded.as_ref().map(|f| f.evaluation.round);
+        let previous = self.folded.as_mut().and_then(|f| f.previous.take());
+        for (id, global) in self.models_for(&cohort, previous.as_ref(), true) {
             self.outbox.push_back((
                 id,
                 Message::TrainRequest {
@@ -814,6 +866,7 @@ impl CoordinatorSession {
                         None => derive_seed(self.config.seed, round, id),
                     },
                     sealed: self.sealed.clone(),
+                    evaluates,
                 },
             ));
         }
@@ -874,8 +927,13 @@ impl CoordinatorSession {
         match self.aggregator.poll_result() {
             None => {}
             Some(Ok(result))
-                if let Err(e) = weight_within_claims(&result, &self.round.train_claims) =>
+                if let Err(e) = weight_within_claims(
+                    result.total_weight,
+                    &result.contributors,
+                    &self.round.train_claims,
+                ) =>
             {
+                self.complete_folded(Err(e.to_string()));
                 self.events.push_back(SessionEvent::RoundAbandoned {
                     round,
                     reason: e.to_string(),
@@ -883,6 +941,7 @@ impl CoordinatorSession {
                 self.start_round(now, round + 1);
             }
             Some(Ok(result)) => {
+                self.complete_folded(Ok(&result));
                 self.round.contributors = result.contributors.clone();
                 self.round.stage_secs = result.stage_secs.clone();
                 self.round
@@ -906,6 +965,7 @@ impl CoordinatorSession {
                 }
             }
             Some(Err(e)) => {
+                self.complete_folded(Err(e.to_string()));
                 self.events.push_back(SessionEvent::RoundAbandoned {
                     round,
                     reason: e.to_string(),
@@ -932,6 +992,11 @@ impl CoordinatorSession {
 
     /// Ends the session: `farewell` to every participant, then `event`.
     fn end(&mut self, farewell: Message, event: SessionEvent) {
+        // A round whose evaluation was to ride in a round that never ran
+        // completes without one.
+        self.complete_folded(Err(
+            "the session ended before the sum that carried it".into()
+        ));
         self.phase = Phase::Over;
         self.deadline = None;
         for &id in self.peers.keys() {
@@ -1038,20 +1103,19 @@ pub fn derive_seed(seed: u64, round: u32, id: ParticipantId) -> u64 {
 /// weight never exceeds its claim, so a larger total means one inflated its
 /// weight element (under secure aggregation nobody can tell who).
 fn weight_within_claims(
-    result: &AggregateResult,
+    total_weight: f64,
+    contributors: &[ParticipantId],
     claims: &BTreeMap<ParticipantId, u64>,
 ) -> Result<(), ProtocolError> {
-    let claimed: u64 = result
-        .contributors
+    let claimed: u64 = contributors
         .iter()
         .map(|id| claims.get(id).copied().unwrap_or(0))
         .sum();
-    if result.total_weight > claimed as f64 {
+    if total_weight > claimed as f64 {
         return Err(ProtocolError::InvalidContribution(format!(
-            "the sum's total weight {} exceeds the {claimed} samples its {} contributors \
-             claimed: a participant inflated its weight; the round is discarded",
-            result.total_weight,
-            result.contributors.len()
+            "the sum's total weight {total_weight} exceeds the {claimed} samples its {} \
+             contributors claimed: a participant inflated its weight; the round is discarded",
+            contributors.len()
         )));
     }
     Ok(())

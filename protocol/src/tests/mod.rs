@@ -2,6 +2,7 @@
 
 mod claims;
 mod downloads;
+mod folded;
 mod overlap;
 mod sealed;
 mod session;

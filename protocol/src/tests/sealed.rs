@@ -105,10 +105,12 @@ fn key_holders_open_the_weighted_mean_of_sealed_values_and_the_coordinator_keeps
             sealed.open(&SealKey::derive(&[0x43; 32])),
             Err(ProtocolError::Crypto(_))
         ));
-        // Nor does leaving out a contributor's pad.
+        // Nor does leaving out a contributor's pad: the words left are
+        // uniformly random, so opening fails (when one falls outside the
+        // range a sum can take) or gives other values.
         let mut short = sealed.clone();
         short.contributors.pop();
-        assert!(short.open(&key).is_err());
+        assert!(short.open(&key).map_or(true, |values| values != opened));
     }
     assert_eq!(aggs[1].contributors, vec![0, 1, 2]);
     // The coordinator's model never moved in the sealed range ...

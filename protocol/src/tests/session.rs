@@ -471,6 +471,7 @@ fn participant_session_rejects_out_of_order_messages() {
     let mut p = ParticipantSession::new(hello(0, 10));
     assert!(matches!(p.poll_transmit(), Some(Message::Hello(_))));
     let train = Message::TrainRequest {
+        evaluates: None,
         sealed: None,
         round: 1,
         global: crate::GlobalModel::Weights(tiny_model().into()),
@@ -503,6 +504,7 @@ fn a_participant_still_training_accepts_the_end_of_the_session() {
     let mut p = ParticipantSession::new(hello(0, 10));
     p.handle_message(plain_welcome(None), &mut rng).unwrap();
     let train = Message::TrainRequest {
+        evaluates: None,
         sealed: None,
         round: 1,
         global: crate::GlobalModel::Weights(tiny_model().into()),
@@ -567,19 +569,14 @@ mod secure {
         }
         // No individual training loss reaches the coordinator.
         assert!(h.completed().iter().all(|s| s.train_loss.is_nan()));
-        // Stage durations come in protocol order.
-        let names: Vec<&str> = h.completed()[0].stage_secs.iter().map(|s| s.0).collect();
-        assert_eq!(
-            names,
-            [
-                "advertise",
-                "share",
-                "masked",
-                "consistency",
-                "unmask",
-                "evaluate"
-            ]
-        );
+        // Stage durations come in protocol order. Round 1's evaluation rode
+        // in round 2's sum; the last round's has a sum of its own.
+        let names =
+            |i: usize| -> Vec<&str> { h.completed()[i].stage_secs.iter().map(|s| s.0).collect() };
+        let stages = ["advertise", "share", "masked", "consistency", "unmask"];
+        assert_eq!(names(0), stages);
+        assert_eq!(names(1), [&stages[..], &["evaluate"]].concat());
+        assert!(h.completed().iter().all(|s| s.eval.is_some()));
     }
 
     #[test]
@@ -900,6 +897,7 @@ fn participant_session_trains_from_the_model_it_evaluated() {
         .with_flat_values(&[42.0, 1.0, 2.0, 3.0])
         .unwrap();
     let reference = |round, digest| Message::TrainRequest {
+        evaluates: None,
         sealed: None,
         round,
         global: crate::GlobalModel::Held { digest },

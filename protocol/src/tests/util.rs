@@ -125,6 +125,7 @@ pub fn config(participants: usize, rounds: u32) -> SessionConfig {
         seed: 1,
         first_round: 1,
         max_claimed_samples: crate::session::SampleClaimCaps::default(),
+        fold_evaluation: true,
     }
 }
 
