@@ -141,9 +141,10 @@ struct ExpectShares {
 /// Shares received; waiting for the input (or masking right away).
 struct ExpectInput {
     params: Params,
-    /// Pairwise mask seed per `j ∈ N2(i)`.
-    mask_seeds: BTreeMap<ParticipantId, Zeroizing<[u8; 32]>>,
-    b: Zeroizing<[u8; 32]>,
+    /// The whole mask `PRG(b) + Σ ±PRG(s_ij)` over `j ∈ N2(i)`, expanded
+    /// while the input is still being computed, so that only an addition
+    /// is left once it comes.
+    mask: Zeroizing<Vec<u32>>,
     unmask: ExpectUnmaskRequest,
 }
 
@@ -941,6 +942,20 @@ impl Common {
         }
         mask_seeds.retain(|j, _| held.contains_key(j));
         credentials.retain(|j, _| held.contains_key(j));
+        // The mask depends on the seeds alone: expanded now, while the
+        // local training (or whatever computes the input) still runs, it
+        // is off the round's critical path, which begins when the last
+        // input is ready.
+        let mut mask = Zeroizing::new(vec![0u32; params.layout.len()]);
+        add_mask(params.prg, &b, &mut mask);
+        for (&j, seed) in &mask_seeds {
+            if i < j {
+                add_mask(params.prg, seed, &mut mask);
+            } else {
+                sub_mask(params.prg, seed, &mut mask);
+            }
+        }
+        drop(mask_seeds);
         let st = ExpectInput {
             unmask: ExpectUnmaskRequest {
                 threshold: params.threshold,
@@ -954,8 +969,7 @@ impl Common {
                 neighbours: params.graph.neighbours(i).into_iter().collect(),
             },
             params,
-            mask_seeds,
-            b,
+            mask,
         };
         Ok(match self.input {
             Input::Encoded(_) => self.mask_and_send(st),
@@ -970,17 +984,11 @@ impl Common {
         };
         let ExpectInput {
             params,
-            mask_seeds,
-            b,
+            mask,
             unmask,
         } = st;
-        add_mask(params.prg, &b, &mut y);
-        for (&j, seed) in &mask_seeds {
-            if self.id < j {
-                add_mask(params.prg, seed, &mut y);
-            } else {
-                sub_mask(params.prg, seed, &mut y);
-            }
+        for (v, m) in y.iter_mut().zip(mask.iter()) {
+            *v = v.wrapping_add(*m);
         }
         params.layout.reduce(&mut y);
         let packed = params.layout.pack(&y);
