@@ -12,11 +12,14 @@
 //! runs a [`SecAggParticipant`]: its stage messages arrive while the driver
 //! is still training, are answered at once, and the update is masked when
 //! `submit_update` hands it over. The driver keeps reading messages while it
-//! trains so that key exchange overlaps training. The evaluation metrics go
-//! through a second, small secure sum in the same way (see
-//! [`EvalMetrics::sum_input`]), so the coordinator never sees one
-//! participant's accuracy or loss. With plain aggregation both are sent in
-//! the clear.
+//! trains so that key exchange overlaps training. The evaluation metrics
+//! (see [`EvalMetrics::sum_input`]) go through a secure sum too: the next
+//! round's update sum, as its paired input, when that round's TrainRequest
+//! asks for them (`evaluates`), or a second, small sum of their own after
+//! an EvaluateRequest. Either way the coordinator never sees one
+//! participant's accuracy or loss, and each model is evaluated once. With
+//! plain aggregation both are sent in the clear (and no TrainRequest may ask
+//! for an evaluation).
 //!
 //! A fatal error poisons the session: it returns that error again. A failed
 //! secure-aggregation round is not fatal: the coordinator leaves this
@@ -69,6 +72,10 @@ pub enum ParticipantEvent {
         sealed: Option<Vec<f32>>,
     },
     /// Evaluate `global` on the local test split, then call `submit_evaluation`.
+    /// Right after a [`Train`](Self::Train) whose TrainRequest asked for it,
+    /// `global` is the model that round trains from and the metrics ride in
+    /// its secure sum: the masked input goes out once both the update and
+    /// the metrics are submitted, in either order.
     Evaluate {
         /// Round number.
         round: u32,

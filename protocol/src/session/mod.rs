@@ -27,8 +27,11 @@
 //! sample-weighted mean metrics). The evaluation of round `r`'s model runs
 //! alongside round `r + 1`'s training: `apply_global` sends the
 //! EvaluateRequests and then the next round's TrainRequests (which refer to
-//! the model just sent, [`GlobalModel::Held`]), so a round's wall time
-//! is its training and aggregation, not also the evaluation's round trips.
+//! the model just sent,
+//! [`GlobalModel::Held`](crate::message::GlobalModel::Held)), so a round's
+//! wall time is its training and aggregation, not also the evaluation's
+//! round trips (and, where it can, the next round's sum carries the
+//! evaluation: see "Folded evaluation" below).
 //! Events keep round order all the same: [`SessionEvent::RoundCompleted`]
 //! for `r` comes before [`SessionEvent::Aggregated`] for `r + 1` (a result
 //! that is ready first waits), so the driver's model, strategy state and
