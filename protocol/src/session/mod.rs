@@ -748,6 +748,8 @@ impl CoordinatorSession {
     fn start_round(&mut self, now: Instant, round: u32) {
         if round > self.config.rounds {
             self.deadline = None;
+            // No round to carry a folded evaluation: it gets a sum of its own.
+            self.unfold(now);
             match &self.evaluation {
                 // The last evaluation finishes the session.
                 Some(e) => self.phase = Phase::Evaluating { round: e.round },

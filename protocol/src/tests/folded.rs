@@ -267,3 +267,57 @@ fn sampled_cohorts_keep_separate_evaluations() {
         assert!((eval.accuracy - accuracy).abs() < 1e-4);
     }
 }
+
+/// A session stopped early (a privacy budget spent) after round 2, while
+/// round 2 carries round 1's evaluation: round 1 completes with it, and
+/// round 2, now the last, gets a sum of its own.
+#[test]
+fn a_session_stopped_early_evaluates_its_last_round_on_its_own() {
+    let mut h = secagg_harness(4, 4, true);
+    for _ in 0..1_000 {
+        if h.coordinator.current_round() == 2 {
+            break;
+        }
+        h.step();
+    }
+    assert_eq!(h.coordinator.current_round(), 2);
+    h.coordinator.stop_after(2);
+    h.drive(10_000);
+    assert!(matches!(
+        h.events.last(),
+        Some(SessionEvent::Finished {
+            rounds_completed: 2
+        })
+    ));
+    assert_eq!(evaluate_requests(&h), [2]);
+    let completed = h.completed();
+    assert_eq!(completed.len(), 2);
+    assert!(completed.iter().all(|s| s.eval.is_some()));
+}
+
+/// When the sum that carries round 1's evaluation fails, round 1 still
+/// completes (its model is applied), without metrics, and says why.
+#[test]
+fn a_failed_carrying_sum_completes_the_evaluated_round_without_metrics() {
+    let mut h = secagg_harness(4, 3, true);
+    for id in [1, 2, 3] {
+        h.departures
+            .push((id, 2, Stage::Train, Departure::Disconnect));
+    }
+    h.drive(10_000);
+    let completed = h.completed();
+    assert_eq!(completed.len(), 1);
+    assert_eq!(completed[0].round, 1);
+    assert!(completed[0].eval.is_none());
+    let failed = h
+        .events
+        .iter()
+        .position(|e| matches!(e, SessionEvent::EvaluationFailed { round: 1, .. }))
+        .expect("the evaluation's failure is reported");
+    let abandoned = h
+        .events
+        .iter()
+        .position(|e| matches!(e, SessionEvent::RoundAbandoned { round: 2, .. }))
+        .expect("round 2 is abandoned");
+    assert!(failed < abandoned, "round order: round 1 first");
+}
