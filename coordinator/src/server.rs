@@ -302,6 +302,7 @@ impl Coordinator {
             metrics,
             records,
             checkpoint_dir: Checkpoint::dir_in(&config.out_dir),
+            unsaved: None,
             rounds_planned: config.rounds,
             recent_models: crate::strategy::RecentModels::new(config.average_last),
             round_start: BTreeMap::new(),
@@ -360,6 +361,11 @@ struct Driver {
     records: Vec<RoundRecord>,
     /// Where a checkpoint is written after every completed round.
     checkpoint_dir: PathBuf,
+    /// The last completed round's checkpoint, written once the session's
+    /// outputs are drained: when a round completes as the next one's sum
+    /// ends (its evaluation rode in that sum), the next round's requests go
+    /// out first.
+    unsaved: Option<(u32, Checkpoint)>,
     rounds_planned: u32,
     /// The last rounds' global models, averaged into the final one.
     recent_models: crate::strategy::RecentModels,
@@ -607,6 +613,7 @@ impl Driver {
         loop {
             self.flush_transmits();
             let Some(ev) = self.session.poll_event() else {
+                self.save_checkpoint()?;
                 return Ok(None);
             };
             match ev {
@@ -683,11 +690,13 @@ impl Driver {
                 }
                 SessionEvent::Finished { rounds_completed } => {
                     info!(rounds_completed, "session finished");
+                    self.save_checkpoint()?;
                     self.finish_all(close_code::DONE, "session finished");
                     return Ok(Some(Ok(())));
                 }
                 SessionEvent::Aborted { reason } => {
                     warn!("session aborted: {reason}");
+                    self.save_checkpoint()?;
                     self.finish_all(close_code::SHUTDOWN, "session aborted");
                     return Ok(Some(Err(CoordinatorError::Aborted(reason))));
                 }
@@ -893,17 +902,30 @@ impl Driver {
         self.emit(CoordinatorEvent::RoundCompleted(Box::new(record.clone())));
         self.records.push(record);
         self.update_record()?;
-        Checkpoint {
-            rounds_completed: self.session.rounds_completed(),
-            rounds_planned: self.rounds_planned,
-            settings: Some(self.record.clone()),
-            global: round_global(&self.session)?.clone(),
-            sealed: self.session.sealed().cloned(),
-            strategy_state: self.strategy.state(),
-            records: self.records.clone(),
+        // Taken now (the model and strategy state are this round's),
+        // written once the outputs are drained.
+        self.save_checkpoint()?;
+        self.unsaved = Some((
+            s.round,
+            Checkpoint {
+                rounds_completed: self.session.rounds_completed(),
+                rounds_planned: self.rounds_planned,
+                settings: Some(self.record.clone()),
+                global: round_global(&self.session)?.clone(),
+                sealed: self.session.sealed().cloned(),
+                strategy_state: self.strategy.state(),
+                records: self.records.clone(),
+            },
+        ));
+        Ok(())
+    }
+
+    /// Writes the checkpoint [`Self::record_round`] took, if any.
+    fn save_checkpoint(&mut self) -> Result<()> {
+        if let Some((round, checkpoint)) = self.unsaved.take() {
+            checkpoint.save(&self.checkpoint_dir)?;
+            debug!(round, "checkpoint written");
         }
-        .save(&self.checkpoint_dir)?;
-        debug!(round = s.round, "checkpoint written");
         Ok(())
     }
 }
