@@ -331,28 +331,20 @@ impl ParticipantSession {
                         update: None,
                     }
                 });
+                let evaluate = evaluates.map(|evaluated| ParticipantEvent::Evaluate {
+                    round: evaluated,
+                    global: global.clone(),
+                    sealed: sealed.clone(),
+                });
                 // Training first, so that it starts at once; the evaluation
                 // of the same model can run beside it.
-                if let Some(evaluated) = evaluates {
-                    self.events.push_back(ParticipantEvent::Train {
-                        round,
-                        global: global.clone(),
-                        seed,
-                        sealed: sealed.clone(),
-                    });
-                    self.events.push_back(ParticipantEvent::Evaluate {
-                        round: evaluated,
-                        global,
-                        sealed,
-                    });
-                } else {
-                    self.events.push_back(ParticipantEvent::Train {
-                        round,
-                        global,
-                        seed,
-                        sealed,
-                    });
-                }
+                self.events.push_back(ParticipantEvent::Train {
+                    round,
+                    global,
+                    seed,
+                    sealed,
+                });
+                self.events.extend(evaluate);
                 Ok(())
             }
             // `Training` too: the coordinator may finish a round without us
@@ -681,10 +673,7 @@ impl ParticipantSession {
             && folded.metrics.is_none()
         {
             let (values, samples) = metrics.sum_input()?;
-            let weight = u32::try_from(samples).map_err(|_| {
-                ProtocolError::InvalidContribution(format!("{samples} test samples"))
-            })?;
-            folded.metrics = Some((values, weight));
+            folded.metrics = Some((values, secure_weight(samples)?));
             return self.submit_folded(rng);
         }
         // An evaluation that was to ride in an update sum we left.
@@ -700,12 +689,7 @@ impl ParticipantSession {
         self.state = State::Idle;
         let (values, samples) = metrics.sum_input()?;
         match &mut self.eval_sum {
-            Some(s) => {
-                let weight = u32::try_from(samples).map_err(|_| {
-                    ProtocolError::InvalidContribution(format!("{samples} test samples"))
-                })?;
-                s.set_input(&values, weight, rng)
-            }
+            Some(s) => s.set_input(&values, secure_weight(samples)?, rng),
             None => {
                 self.outbox.push_back(Message::Evaluation {
                     round,
@@ -722,16 +706,15 @@ impl ParticipantSession {
     /// Gives the update sum both inputs once the update and the metrics of
     /// a folded evaluation are both here.
     fn submit_folded(&mut self, rng: &mut impl CryptoRng) -> Result<(), ProtocolError> {
-        let Some(folded) = &self.folded else {
-            return Ok(());
-        };
-        if folded.update.is_none() || folded.metrics.is_none() {
-            return Ok(());
-        }
-        let folded = self.folded.take().expect("checked above");
-        let (Some((update, weight)), Some((metrics, samples))) = (folded.update, folded.metrics)
+        let Some(FoldedInputs {
+            update: Some((update, weight)),
+            metrics: Some((metrics, samples)),
+            ..
+        }) = self
+            .folded
+            .take_if(|f| f.update.is_some() && f.metrics.is_some())
         else {
-            unreachable!("checked above")
+            return Ok(());
         };
         match &mut self.update_sum {
             Some(sum) => sum.set_inputs(&update, weight, Some((&metrics, samples)), rng),
@@ -766,4 +749,10 @@ impl ParticipantSession {
     pub fn poll_event(&mut self) -> Option<ParticipantEvent> {
         self.events.pop_front()
     }
+}
+
+/// A test split's sample count as a secure sum's integer weight.
+fn secure_weight(samples: u64) -> Result<u32, ProtocolError> {
+    u32::try_from(samples)
+        .map_err(|_| ProtocolError::InvalidContribution(format!("{samples} test samples")))
 }

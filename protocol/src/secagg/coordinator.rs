@@ -477,10 +477,10 @@ impl Aggregator for SecAggCoordinator {
             let variance = noise.variance(&encoding, num_params)?;
             encoding = encoding.with_noise(variance, n)?;
         }
-        let paired = match self.paired {
-            Some(p) => Some(paired_setup(p, n, encoding.ring_bits)?),
-            None => None,
-        };
+        let paired = self
+            .paired
+            .map(|p| paired_setup(p, n, encoding.ring_bits))
+            .transpose()?;
         let graph = NeighbourGraph::random(cohort, gp.degree, &mut self.rng)?;
         let neighbours = members.iter().map(|&u| (u, graph.neighbours(u))).collect();
         let setup = RoundSetup {
@@ -639,11 +639,8 @@ const PAIRED_BITS: u32 = 24;
 /// Weights so large that not even 1 bit fits the 32-bit ring.
 fn paired_setup(p: PairedInput, n: usize, ring_bits: u32) -> Result<PairedSetup, ProtocolError> {
     let w = u32::try_from(p.max_weight.max(1)).unwrap_or(u32::MAX);
-    let within = (1..=PAIRED_BITS)
-        .rev()
-        .find(|&b| (n as u128) * u128::from(w) * ((1u128 << b) - 1) < (1u128 << ring_bits));
-    let bits = match within {
-        Some(b) if b >= MIN_FITTED_BITS => b,
+    let bits = match fit_bits_in(PAIRED_BITS, w, n, ring_bits) {
+        b if b >= MIN_FITTED_BITS => b,
         _ => fit_bits(PAIRED_BITS, w, n),
     };
     Ok(PairedSetup {
@@ -659,8 +656,13 @@ const MIN_FITTED_BITS: u32 = 8;
 /// up to `max_weight` fit the 32-bit ring (at least 1: if even that does not
 /// fit, [`EncodingParams::new`] reports the bit budget).
 fn fit_bits(wanted: u32, max_weight: u32, n: usize) -> u32 {
+    fit_bits_in(wanted, max_weight, n, 32)
+}
+
+/// [`fit_bits`] for a ring of `ring_bits` bits.
+fn fit_bits_in(wanted: u32, max_weight: u32, n: usize, ring_bits: u32) -> u32 {
     (1..=wanted)
         .rev()
-        .find(|&b| (n as u128) * (max_weight as u128) * ((1u128 << b) - 1) < (1u128 << 32))
+        .find(|&b| (n as u128) * (max_weight as u128) * ((1u128 << b) - 1) < (1u128 << ring_bits))
         .unwrap_or(1)
 }

@@ -92,10 +92,10 @@ impl RoundSetup {
         };
         Ok(RingLayout {
             first: (len(self.num_elements)?, self.encoding.ring_bits),
-            second: match &self.paired {
-                Some(p) => Some((len(p.num_elements)?, p.encoding.ring_bits)),
-                None => None,
-            },
+            second: self
+                .paired
+                .map(|p| len(p.num_elements).map(|n| (n, p.encoding.ring_bits)))
+                .transpose()?,
         })
     }
 

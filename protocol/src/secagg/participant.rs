@@ -102,12 +102,12 @@ struct Params {
     encoding: EncodingParams,
     graph: NeighbourGraph,
     threshold: usize,
-    /// [`RoundSetup::own_share_counts`].
+    /// [`RoundSetup::own_share_counts`](crate::secagg::message::RoundSetup::own_share_counts).
     own_counts: bool,
-    num_elements: usize,
     /// The second input's encoding, when the round pairs one.
     paired: Option<EncodingParams>,
-    /// Where the inputs lie in the masked vector.
+    /// Where the inputs lie in the masked vector (the update's elements
+    /// first).
     layout: RingLayout,
     /// [`setup_digest`] of the accepted setup.
     setup_digest: [u8; 32],
@@ -402,7 +402,7 @@ impl SecAggParticipant {
             }
         };
         if let Some(d) = params
-            .map(|p| p.num_elements - 1)
+            .map(|p| p.layout.first.0 - 1)
             .or(self.common.num_params)
             && update.len() != d
         {

@@ -86,14 +86,7 @@ impl CoordinatorSession {
         round: u32,
         previous: Option<(Arc<ModelWeights>, [u8; 32])>,
     ) -> Option<(BTreeSet<ParticipantId>, BTreeMap<ParticipantId, u64>)> {
-        // Everyone connected with a test split evaluates, in the cohort or
-        // not (participants admitted during the round included).
-        let evaluators: Vec<ParticipantId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.test_samples > 0)
-            .map(|(&id, _)| id)
-            .collect();
+        let evaluators = self.evaluators();
         if evaluators.is_empty() {
             return None;
         }
@@ -104,8 +97,7 @@ impl CoordinatorSession {
             .unwrap_or(1);
         let digest = self.round_global_digest();
         self.evaluator.set_model_digest(digest);
-        let classes = self.model().map_or(0, |m| m.num_classes() as usize);
-        let sum_len = EvalMetrics::sum_len(classes);
+        let sum_len = self.eval_sum_len();
         match begin_with_weight_bound(
             &mut *self.evaluator,
             now,
@@ -200,13 +192,25 @@ impl CoordinatorSession {
         {
             return None;
         }
-        let evaluators: Vec<ParticipantId> = self
-            .peers
+        let evaluators = self.evaluators();
+        (!evaluators.is_empty() && self.select(next) == evaluators).then_some(evaluators)
+    }
+
+    /// Who evaluates a round's model: everyone connected with a test
+    /// split, in the cohort or not (participants admitted during the round
+    /// included), ascending.
+    fn evaluators(&self) -> Vec<ParticipantId> {
+        self.peers
             .iter()
             .filter(|(_, p)| p.test_samples > 0)
             .map(|(&id, _)| id)
-            .collect();
-        (!evaluators.is_empty() && self.select(next) == evaluators).then_some(evaluators)
+            .collect()
+    }
+
+    /// Values of an evaluation's sum input for the session's model
+    /// (accuracy, loss and the confusion counts, see [`EvalMetrics::sum_len`]).
+    pub(super) fn eval_sum_len(&self) -> usize {
+        EvalMetrics::sum_len(self.model().map_or(0, |m| m.num_classes() as usize))
     }
 
     /// Gives the folded evaluation, if any, a sum of its own after all (the

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     aggregate::PairedInput,
-    message::{EvalMetrics, Message, ParticipantId, SumKind},
+    message::{Message, ParticipantId, SumKind},
 };
 
 impl CoordinatorSession {
@@ -76,9 +76,8 @@ impl CoordinatorSession {
         {
             self.unfold(now);
         }
-        let classes = self.model().map_or(0, |m| m.num_classes() as usize);
         let paired = self.folded.as_ref().map(|f| PairedInput {
-            len: EvalMetrics::sum_len(classes),
+            len: self.eval_sum_len(),
             max_weight: f
                 .evaluation
                 .test_claims
@@ -88,31 +87,24 @@ impl CoordinatorSession {
                 .unwrap_or(1),
         });
         self.aggregator.set_paired(paired);
-        let begun = begin_with_weight_bound(
-            &mut *self.aggregator,
-            now,
-            round,
-            &cohort,
-            num_params,
-            max_weight,
-        );
-        let begun = match begun {
+        let begin = |s: &mut Self| {
+            begin_with_weight_bound(
+                &mut *s.aggregator,
+                now,
+                round,
+                &cohort,
+                num_params,
+                max_weight,
+            )
+        };
+        let mut begun = begin(self);
+        if begun.is_err() && self.folded.is_some() {
             // The pairing may be what the aggregator refused: the
             // evaluation gets a sum of its own, and the round begins without.
-            Err(_) if self.folded.is_some() => {
-                self.aggregator.set_paired(None);
-                self.unfold(now);
-                begin_with_weight_bound(
-                    &mut *self.aggregator,
-                    now,
-                    round,
-                    &cohort,
-                    num_params,
-                    max_weight,
-                )
-            }
-            begun => begun,
-        };
+            self.aggregator.set_paired(None);
+            self.unfold(now);
+            begun = begin(self);
+        }
         let bound = match begun {
             Ok(bound) => bound,
             Err(e) => {

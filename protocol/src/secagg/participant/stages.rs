@@ -46,11 +46,11 @@ impl Common {
             paired,
         } = std::mem::replace(&mut self.input, Input::None)
         {
-            if update.len() + 1 != params.num_elements {
+            if update.len() + 1 != params.layout.first.0 {
                 return Err(ProtocolError::InvalidContribution(format!(
                     "update has {} values, the round expects {}",
                     update.len(),
-                    params.num_elements - 1
+                    params.layout.first.0 - 1
                 )));
             }
             let paired = paired.as_ref().map(|(values, w)| (values.as_slice(), *w));
@@ -131,12 +131,8 @@ impl Common {
                 "encoding {e:?} is inconsistent with {n} participants (expected {expected:?})"
             )));
         }
-        let num_elements = usize::try_from(setup.num_elements)
-            .ok()
-            .filter(|&m| m >= 1)
-            .ok_or_else(|| {
-                ProtocolError::InvalidConfig(format!("{} elements", setup.num_elements))
-            })?;
+        // The update's elements (checked to be at least 1 by the layout).
+        let num_elements = layout.first.0;
         if let Some(d) = self.num_params
             && num_elements != d + 1
         {
@@ -183,7 +179,6 @@ impl Common {
             graph,
             threshold,
             own_counts,
-            num_elements,
             paired,
             layout,
             setup_digest: digest,
