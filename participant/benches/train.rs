@@ -16,7 +16,7 @@ use greyfed_participant::{
     cipher::{ImageCipher, ImageKey},
     data::synthetic::synthetic_digits,
     model::{cnn_28x28, init_weights, vit_28x28},
-    train::{TensorData, train_local},
+    train::{TensorData, evaluate, train_local},
 };
 use greyfed_protocol::{ModelSpec, OptimizerSpec, TrainingConfig, cipher::CipherSteps};
 
@@ -77,5 +77,25 @@ fn encryption(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, training, encryption);
+/// One participant's evaluation in `greyfed simulate`'s 10 × 10 MNIST run:
+/// a fresh blocknet built from the round's weights and one forward pass
+/// over its 150 test images (the build is a fair share of it).
+fn evaluation(c: &mut Criterion) {
+    let data = synthetic_digits(150, 3);
+    let tensors = TensorData::from_dataset(&data, &Device::Cpu).expect("tensor data");
+    let spec = ModelSpec::blocknet_28x28(4);
+    let weights = init_weights(&spec, 0).expect("init");
+    let mut group = c.benchmark_group("evaluate_150");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(data.len() as u64));
+    group.bench_function("blocknet", |b| {
+        b.iter(|| black_box(evaluate(&spec, &weights, &tensors, 256).expect("evaluate")))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, training, encryption, evaluation);
 criterion_main!(benches);

@@ -25,18 +25,19 @@
 //! leaves it with probability below 10⁻⁴³), and the decoder reads each sum
 //! as the integer in `[−H, 2^m − H)`.
 
-use rand::CryptoRng;
+use rand::{CryptoRng, Rng};
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::ProtocolError;
 use crate::privacy::discrete_gaussian::DiscreteGaussian;
+use crate::secagg::prg::{KeystreamRng, PrgKind};
 
 /// Largest ring: all arithmetic is in `u32`.
 const MAX_RING_BITS: u32 = 32;
 
 /// Elements encoded per block of random bits.
-const ENCODE_BLOCK: usize = 512;
+const ENCODE_BLOCK: usize = 1024;
 
 /// Encoding agreed for a round.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -292,8 +293,9 @@ fn budget_advice(bits: u32, max_weight: u32, participants: usize, needed: u32) -
 ///
 /// Stochastic rounding rounds up with probability equal to the fractional
 /// part, compared against a 32-bit uniform per element (so `E[q]` is exact
-/// up to `2^-32` of a level). The uniforms are 4 bytes of `rng` output per
-/// element, drawn in blocks of 2 KiB with `fill_bytes`, whatever the data.
+/// up to `2^-32` of a level). The uniforms are 4 bytes per element of a
+/// [`KeystreamRng`] seeded with 32 bytes of `rng`, drawn in blocks of 4 KiB,
+/// whatever the data.
 ///
 /// # Errors
 /// [`ProtocolError::InvalidContribution`] for a weight outside
@@ -319,30 +321,28 @@ pub fn encode(
     }
     let c = f64::from(params.clip);
     let top = levels(params.bits) as f64;
-    let scale = top / (2.0 * c);
-    let shrink = norm_scale(params.max_norm, update);
+    let quantiser = Quantiser {
+        c,
+        top,
+        scale: top / (2.0 * c),
+        shrink: norm_scale(params.max_norm, update),
+        weight,
+    };
     let mut out = vec![0u32; update.len() + 1];
-    // Random bits are drawn in blocks with `fill_bytes` (32 bits per
-    // element): much faster than a call per draw.
+    // The uniforms come from a keystream seeded by `rng` (AES-CTR where the
+    // CPU has AES instructions: about twice as fast as `StdRng`), drawn in
+    // blocks, 32 bits per element.
+    let mut seed = Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(&mut seed[..]);
+    let mut uniforms = KeystreamRng::new(PrgKind::fastest(), &seed);
     let mut random = [0u8; 4 * ENCODE_BLOCK];
     for (block, dst) in update
         .chunks(ENCODE_BLOCK)
         .zip(out.chunks_mut(ENCODE_BLOCK))
     {
         let random = &mut random[..4 * block.len()];
-        rng.fill_bytes(random);
-        for ((o, &x), r) in dst.iter_mut().zip(block).zip(random.as_chunks::<4>().0) {
-            let clipped = (f64::from(x) * shrink).max(-c).min(c);
-            let scaled = ((clipped + c) * scale).max(0.0).min(top);
-            // 0 <= scaled < 2^24: truncation to i32 is floor (no libm call,
-            // and i32 conversions vectorise).
-            let floor = scaled as i32;
-            let frac = scaled - f64::from(floor);
-            let u = f64::from(u32::from_le_bytes(*r)) * (1.0 / 4_294_967_296.0);
-            let q = floor as u32 + u32::from(u < frac);
-            // w * q <= max_weight * (2^b - 1) < 2^m <= 2^32 (checked by validate).
-            *o = weight * q;
-        }
+        uniforms.fill_bytes(random);
+        quantiser.run(block, random, dst);
     }
     random.zeroize();
     if params.noise_variance > 0 {
@@ -354,6 +354,69 @@ pub fn encode(
     }
     out[update.len()] = weight;
     Ok(out)
+}
+
+/// Stochastic rounding of one block of an update, weighted: the inner loop
+/// of [`encode`]. The crates build for baseline x86-64 (SSE2); where the CPU
+/// has AVX2 the loop runs compiled for it (same results: no fused steps).
+struct Quantiser {
+    /// Clipping bound.
+    c: f64,
+    /// Largest level, `2^b - 1`.
+    top: f64,
+    /// Levels per unit, `top / 2c`.
+    scale: f64,
+    /// The norm bound's factor.
+    shrink: f64,
+    /// The contribution's weight.
+    weight: u32,
+}
+
+impl Quantiser {
+    /// `dst[i] = weight * round(x[i])`, rounding up when the `i`-th 32-bit
+    /// little-endian uniform of `random` is below the fractional part.
+    fn run(&self, x: &[f32], random: &[u8], dst: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has the feature `run_avx2` is compiled for.
+            return unsafe { self.run_avx2(x, random, dst) };
+        }
+        self.body(x, random, dst);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn run_avx2(&self, x: &[f32], random: &[u8], dst: &mut [u32]) {
+        self.body(x, random, dst);
+    }
+
+    #[inline(always)]
+    fn body(&self, x: &[f32], random: &[u8], dst: &mut [u32]) {
+        let Quantiser {
+            c,
+            top,
+            scale,
+            shrink,
+            weight,
+        } = *self;
+        for ((o, &x), r) in dst.iter_mut().zip(x).zip(random.as_chunks::<4>().0) {
+            // No NaN reaches here (encode refuses them), so `clamp` is a
+            // plain min/max pair, which vectorises.
+            let clipped = (f64::from(x) * shrink).clamp(-c, c);
+            let scaled = ((clipped + c) * scale).clamp(0.0, top);
+            // SAFETY: 0 <= scaled <= 2^24 - 1 (bits <= 24, checked by
+            // validate), so it is in i32's range, where truncation is floor.
+            let floor = unsafe { scaled.to_int_unchecked::<i32>() };
+            let frac = scaled - f64::from(floor);
+            // The 32-bit uniform through a signed conversion (SSE2 and AVX2
+            // have no unsigned one): the same value as `r as f64`, exactly.
+            let r = u32::from_le_bytes(*r).wrapping_sub(1 << 31) as i32;
+            let u = (f64::from(r) + 2_147_483_648.0) * (1.0 / 4_294_967_296.0);
+            let q = floor as u32 + u32::from(u < frac);
+            // w * q <= max_weight * (2^b - 1) < 2^m <= 2^32 (checked by validate).
+            *o = weight * q;
+        }
+    }
 }
 
 /// The factor `min(1, C / ‖update‖₂)` that brings `update` within the L2

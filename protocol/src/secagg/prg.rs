@@ -217,6 +217,12 @@ impl rand::TryRng for KeystreamRng {
         let mut filled = 0;
         while filled < dst.len() {
             if self.pos == RNG_BUFFER {
+                // Nothing buffered: a long request takes the keystream
+                // straight from the cipher (the same bytes, without a copy).
+                if dst.len() - filled >= RNG_BUFFER {
+                    self.cipher.write(&mut dst[filled..]);
+                    return Ok(());
+                }
                 self.refill();
             }
             let n = (dst.len() - filled).min(RNG_BUFFER - self.pos);
@@ -310,6 +316,16 @@ mod tests {
             let mut more = vec![0u8; RNG_BUFFER + 5];
             rng.fill_bytes(&mut more);
             assert_eq!(more, bytes[RNG_BUFFER + 8..2 * RNG_BUFFER + 13]);
+            // Long requests on an empty buffer come straight from the
+            // cipher: still the same stream, and the buffer resumes after.
+            let mut fresh = KeystreamRng::new(kind, &s);
+            let mut long = vec![0u8; 2 * RNG_BUFFER + 3];
+            fresh.fill_bytes(&mut long);
+            assert_eq!(long, bytes[..2 * RNG_BUFFER + 3]);
+            assert_eq!(
+                fresh.next_u32().to_le_bytes(),
+                bytes[2 * RNG_BUFFER + 3..2 * RNG_BUFFER + 7]
+            );
         }
     }
 

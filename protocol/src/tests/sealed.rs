@@ -100,11 +100,15 @@ fn key_holders_open_the_weighted_mean_of_sealed_values_and_the_coordinator_keeps
             .sum::<f32>()
             / total as f32;
         assert!((r.mean_update[3] - expected_b).abs() <= STEP);
-        // Another key does not open it.
-        assert!(matches!(
-            sealed.open(&SealKey::derive(&[0x43; 32])),
-            Err(ProtocolError::Crypto(_))
-        ));
+        // Another key does not open it: its pads leave uniformly random
+        // words, so opening fails (when one falls outside the range a sum
+        // can take, which three words all escape now and then) or gives
+        // other values.
+        match sealed.open(&SealKey::derive(&[0x43; 32])) {
+            Err(ProtocolError::Crypto(_)) => {}
+            Ok(values) => assert_ne!(values, opened, "round {}", r.round),
+            Err(e) => panic!("round {}: {e}", r.round),
+        }
         // Nor does leaving out a contributor's pad: the words left are
         // uniformly random, so opening fails (when one falls outside the
         // range a sum can take) or gives other values.
