@@ -563,26 +563,42 @@ impl Model for BlockNet {
     }
 }
 
-/// Rows of `H` moved together by the fc1 layout changes: a tile's values
-/// for one internal row are contiguous, so each cache line is written (or
-/// read) once instead of once per value. Building the network for every
-/// evaluation spent more time here than in the forward pass.
-const FC1_TILE: usize = 16;
+/// Side of the blocks the fc1 layout changes move: eight runs of eight
+/// contiguous values in, eight out, transposed in registers. Every
+/// evaluation builds a network, and value-by-value moves had cost about a
+/// third of it (`cargo bench -p greyfed-participant --bench train --
+/// evaluate`).
+const FC1_BLOCK: usize = 8;
 
 /// fc1 weight from PyTorch's `[H, C * P]` (column `c * P + p`) to the
 /// internal `[P * C, H]` (row `p * C + c`).
 fn fc1_to_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
+    const B: usize = FC1_BLOCK;
+    let cp = c * p;
+    // Internal row of each PyTorch column.
+    let row_of: Vec<usize> = (0..cp).map(|col| (col % p) * c + col / p).collect();
     let mut out = vec![0f32; w.len()];
-    for h0 in (0..h).step_by(FC1_TILE) {
-        let rows = FC1_TILE.min(h - h0);
-        for ci in 0..c {
-            for pi in 0..p {
-                let src = ci * p + pi;
-                let dst = (pi * c + ci) * h + h0;
-                for (k, o) in out[dst..dst + rows].iter_mut().enumerate() {
-                    *o = w[(h0 + k) * c * p + src];
-                }
+    let (h8, cp8) = (h - h % B, cp - cp % B);
+    // Whole 8 x 8 blocks: eight row pieces in, eight column pieces out.
+    for h0 in (0..h8).step_by(B) {
+        for col0 in (0..cp8).step_by(B) {
+            let block: [[f32; B]; B] = std::array::from_fn(|k| {
+                let at = (h0 + k) * cp + col0;
+                w[at..at + B].try_into().expect("B values")
+            });
+            for (j, &row) in row_of[col0..col0 + B].iter().enumerate() {
+                let dst: &mut [f32; B] = (&mut out[row * h + h0..row * h + h0 + B])
+                    .try_into()
+                    .expect("B values");
+                *dst = std::array::from_fn(|k| block[k][j]);
             }
+        }
+    }
+    // The edges, value by value.
+    for hh in 0..h {
+        let cols = if hh < h8 { cp8..cp } else { 0..cp };
+        for col in cols {
+            out[row_of[col] * h + hh] = w[hh * cp + col];
         }
     }
     out
@@ -590,17 +606,28 @@ fn fc1_to_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
 
 /// Inverse of [`fc1_to_internal`].
 fn fc1_from_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
+    const B: usize = FC1_BLOCK;
+    let cp = c * p;
+    let row_of: Vec<usize> = (0..cp).map(|col| (col % p) * c + col / p).collect();
     let mut out = vec![0f32; w.len()];
-    for h0 in (0..h).step_by(FC1_TILE) {
-        let rows = FC1_TILE.min(h - h0);
-        for ci in 0..c {
-            for pi in 0..p {
-                let dst = ci * p + pi;
-                let src = (pi * c + ci) * h + h0;
-                for (k, &v) in w[src..src + rows].iter().enumerate() {
-                    out[(h0 + k) * c * p + dst] = v;
-                }
+    let (h8, cp8) = (h - h % B, cp - cp % B);
+    for h0 in (0..h8).step_by(B) {
+        for col0 in (0..cp8).step_by(B) {
+            let block: [[f32; B]; B] = std::array::from_fn(|j| {
+                let at = row_of[col0 + j] * h + h0;
+                w[at..at + B].try_into().expect("B values")
+            });
+            for k in 0..B {
+                let at = (h0 + k) * cp + col0;
+                let dst: &mut [f32; B] = (&mut out[at..at + B]).try_into().expect("B values");
+                *dst = std::array::from_fn(|j| block[j][k]);
             }
+        }
+    }
+    for hh in 0..h {
+        let cols = if hh < h8 { cp8..cp } else { 0..cp };
+        for col in cols {
+            out[hh * cp + col] = w[row_of[col] * h + hh];
         }
     }
     out
@@ -709,8 +736,9 @@ mod tests {
     use super::super::{Network, autograd_loss_and_grads, init_weights};
     use super::*;
 
-    /// The tiled layout changes move every value where the definition says,
-    /// including a last tile shorter than [`FC1_TILE`], and undo each other.
+    /// The blocked layout changes move every value where the definition
+    /// says, in whole blocks and at edges narrower than [`FC1_BLOCK`] in
+    /// either direction, and undo each other.
     #[test]
     fn fc1_layout_changes_follow_their_definition() {
         for (h, c, p) in [(37, 3, 5), (16, 2, 49), (1, 1, 1), (128, 16, 49)] {
