@@ -17,7 +17,7 @@ use ctr::{
 };
 use greyfed_protocol::secagg::{
     encode::{EncodingParams, decode, encode, pack, unpack},
-    prg::{PrgKind, add_mask, fill_mask, sub_mask},
+    prg::{MaskTerm, PrgKind, add_mask, add_masks, fill_mask, sub_mask},
     shamir::{LagrangeCache, combine, split},
 };
 use rand::{Rng, RngExt, SeedableRng, rngs::StdRng};
@@ -68,6 +68,39 @@ fn prg(c: &mut Criterion) {
             group.finish();
         }
     }
+}
+
+/// A participant's whole mask in the 10 × 10 MNIST run: its self mask and
+/// nine pairwise masks over the blocknet update (406,000 words), one stream
+/// after another against all ten streams chunk by chunk.
+fn masks(c: &mut Criterion) {
+    let d = 406_000;
+    let seeds: Vec<[u8; 32]> = (0..10u8).map(|t| [t; 32]).collect();
+    let kind = PrgKind::fastest();
+    let mut group = c.benchmark_group(format!("masks/{kind:?}/10x{d}"));
+    short(&mut group);
+    group.throughput(Throughput::Bytes(10 * 4 * d as u64));
+    let mut words = vec![0u32; d];
+    group.bench_function("one_by_one", |b| {
+        b.iter(|| {
+            for (t, seed) in seeds.iter().enumerate() {
+                if t % 2 == 0 {
+                    add_mask(kind, black_box(seed), &mut words);
+                } else {
+                    sub_mask(kind, black_box(seed), &mut words);
+                }
+            }
+        })
+    });
+    let terms: Vec<MaskTerm<'_>> = seeds
+        .iter()
+        .enumerate()
+        .map(|(t, seed)| MaskTerm { seed, add: t % 2 == 0 })
+        .collect();
+    group.bench_function("fused", |b| {
+        b.iter(|| add_masks(kind, black_box(&terms), &mut words))
+    });
+    group.finish();
 }
 
 fn shamir(c: &mut Criterion) {
@@ -129,5 +162,5 @@ fn encoding(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, prg, shamir, packing, encoding);
+criterion_group!(benches, prg, masks, shamir, packing, encoding);
 criterion_main!(benches);

@@ -18,6 +18,7 @@ use ctr::{
     cipher::{KeyIvInit, StreamCipher},
 };
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 /// Which stream cipher expands mask seeds. Chosen by the coordinator at run
 /// time ([`PrgKind::fastest`]) and recorded in the round so both sides agree.
@@ -139,6 +140,45 @@ pub fn add_mask(kind: PrgKind, seed: &[u8; 32], out: &mut [u32]) {
 /// `out[k] = out[k].wrapping_sub(mask[k])` for the mask stream of `seed`.
 pub fn sub_mask(kind: PrgKind, seed: &[u8; 32], out: &mut [u32]) {
     apply(kind, seed, out, Op::Sub);
+}
+
+/// One mask stream of a sum of masks: its seed and whether it is added.
+pub struct MaskTerm<'a> {
+    /// The stream's seed.
+    pub seed: &'a [u8; 32],
+    /// `true`: `+PRG(seed)`, `false`: `-PRG(seed)`.
+    pub add: bool,
+}
+
+/// `out[k] = out[k] ± word k of each term's stream`: the same words as
+/// [`add_mask`] and [`sub_mask`] term after term, but chunk by chunk over
+/// all terms, so each chunk of `out` stays in L1 while every stream passes
+/// over it (one pass over `out` instead of one per term).
+pub fn add_masks(kind: PrgKind, terms: &[MaskTerm<'_>], out: &mut [u32]) {
+    if out.is_empty() || terms.is_empty() {
+        return;
+    }
+    let mut streams: Vec<(Keystream, bool)> = terms
+        .iter()
+        .map(|t| (Keystream::new(kind, t.seed), t.add))
+        .collect();
+    let mut buf = Zeroizing::new([0u8; 4 * CHUNK_WORDS]);
+    for chunk in out.chunks_mut(CHUNK_WORDS) {
+        let bytes = &mut buf[..4 * chunk.len()];
+        for (stream, add) in &mut streams {
+            stream.write(bytes);
+            let (words, _) = bytes.as_chunks::<4>();
+            if *add {
+                for (o, w) in chunk.iter_mut().zip(words) {
+                    *o = o.wrapping_add(u32::from_le_bytes(*w));
+                }
+            } else {
+                for (o, w) in chunk.iter_mut().zip(words) {
+                    *o = o.wrapping_sub(u32::from_le_bytes(*w));
+                }
+            }
+        }
+    }
 }
 
 /// Writes the raw mask stream of `seed` into `out` (for benchmarks: the
@@ -284,6 +324,37 @@ mod tests {
         let mut out = vec![0u32; len];
         fill_mask(kind, seed, &mut out);
         out
+    }
+
+    /// Summing the terms chunk by chunk gives what adding and subtracting
+    /// them one after another gives, at every length (chunk edges too).
+    #[test]
+    fn fused_masks_are_the_terms_one_by_one() {
+        for kind in KINDS {
+            for len in LENGTHS {
+                let seeds: Vec<[u8; 32]> = (0..5).map(|t| seed(40 + t)).collect();
+                let start: Vec<u32> = (0..len as u32).map(|k| k.wrapping_mul(2_654_435_761)).collect();
+                let mut expected = start.clone();
+                for (t, s) in seeds.iter().enumerate() {
+                    if t % 2 == 0 {
+                        add_mask(kind, s, &mut expected);
+                    } else {
+                        sub_mask(kind, s, &mut expected);
+                    }
+                }
+                let terms: Vec<MaskTerm<'_>> = seeds
+                    .iter()
+                    .enumerate()
+                    .map(|(t, seed)| MaskTerm { seed, add: t % 2 == 0 })
+                    .collect();
+                let mut got = start.clone();
+                add_masks(kind, &terms, &mut got);
+                assert_eq!(got, expected, "{kind:?}, {len} words");
+                let mut untouched = start.clone();
+                add_masks(kind, &[], &mut untouched);
+                assert_eq!(untouched, start);
+            }
+        }
     }
 
     /// The RNG hands out the mask stream's bytes in order, whatever mix of

@@ -21,7 +21,7 @@ use crate::{
         keys::{KeyPair, RoundContext, pairwise_mask_seed},
         layout::RingLayout,
         message::{NeighbourKey, RoundSetup, SecAggDownload, SecAggUpload, SignedKeys},
-        prg::{add_mask, sub_mask},
+        prg::{MaskTerm, add_masks},
         seal::{PadContext, SealedSum},
         shamir::{LagrangeCache, RobustReconstructError, Share, reconstruct_verified},
     },
@@ -572,9 +572,10 @@ impl SecAggCoordinator {
         let ctx = r.ctx;
         let digest = r.setup_digest;
         let mut sum = s.sum;
-        for (_, b) in &secrets.self_masks {
-            sub_mask(prg, b, &mut sum);
-        }
+        // Survivors' self masks come off; so do the pairwise masks between
+        // each dropped participant v and the survivors u it shared with (u
+        // added +PRG(s_uv) when u < v, -PRG(s_uv) otherwise).
+        let mut pairwise: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
         for (v, kp) in &secrets.mask_keys {
             let v = *v;
             let v_pk = kp.public();
@@ -588,14 +589,18 @@ impl SecAggCoordinator {
                     (u, u_pk),
                     (v, v_pk),
                 ));
-                // u added +PRG(s_uv) when u < v, -PRG(s_uv) otherwise.
-                if u < v {
-                    sub_mask(prg, &seed, &mut sum);
-                } else {
-                    add_mask(prg, &seed, &mut sum);
-                }
+                pairwise.push((seed, u > v));
             }
         }
+        let terms: Vec<MaskTerm<'_>> = secrets
+            .self_masks
+            .iter()
+            .map(|(_, b)| MaskTerm { seed: b, add: false })
+            .chain(pairwise.iter().map(|(seed, add)| MaskTerm { seed, add: *add }))
+            .collect();
+        add_masks(prg, &terms, &mut sum);
+        drop(terms);
+        drop(pairwise);
         r.layout.reduce(&mut sum);
         // The second input, if any, follows the first.
         let paired_sum = match &r.setup.paired {

@@ -26,7 +26,7 @@ use crate::{
             share_channel_key,
         },
         message::{NeighbourKey, RoundSetup, SecAggUpload, SignedKeys},
-        prg::{add_mask, sub_mask},
+        prg::{MaskTerm, add_masks},
         shamir::{Share, split},
     },
 };
@@ -360,14 +360,15 @@ impl Common {
         // is off the round's critical path, which begins when the last
         // input is ready.
         let mut mask = Zeroizing::new(vec![0u32; params.layout.len()]);
-        add_mask(params.prg, &b, &mut mask);
-        for (&j, seed) in &mask_seeds {
-            if i < j {
-                add_mask(params.prg, seed, &mut mask);
-            } else {
-                sub_mask(params.prg, seed, &mut mask);
-            }
-        }
+        let terms: Vec<MaskTerm<'_>> = std::iter::once(MaskTerm { seed: &b, add: true })
+            .chain(
+                mask_seeds
+                    .iter()
+                    .map(|(&j, seed)| MaskTerm { seed, add: i < j }),
+            )
+            .collect();
+        add_masks(params.prg, &terms, &mut mask);
+        drop(terms);
         drop(mask_seeds);
         let st = ExpectInput {
             unmask: ExpectUnmaskRequest {
