@@ -188,7 +188,6 @@ impl ModelWeights {
     pub fn digest(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         h.update(b"greyfed/model/v2");
-        let mut buf = Vec::with_capacity(64 * 1024);
         for t in &self.tensors {
             h.update(&(t.name.len() as u64).to_be_bytes());
             h.update(t.name.as_bytes());
@@ -196,14 +195,14 @@ impl ModelWeights {
             for d in &t.shape {
                 h.update(&(*d as u64).to_be_bytes());
             }
+            // The values' little-endian bytes: on little-endian machines
+            // their own memory, hashed without a copy.
+            #[cfg(target_endian = "little")]
+            h.update(bytemuck::cast_slice(&t.data));
+            #[cfg(not(target_endian = "little"))]
             for chunk in t.data.chunks(16 * 1024) {
-                // Fixed-size copies into a sized buffer compile to a plain
-                // copy on little-endian machines.
-                buf.resize(4 * chunk.len(), 0);
-                for (dst, v) in buf.chunks_exact_mut(4).zip(chunk) {
-                    dst.copy_from_slice(&v.to_bits().to_le_bytes());
-                }
-                h.update(&buf);
+                let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+                h.update(&bytes);
             }
         }
         h.finalize().into()
