@@ -95,7 +95,10 @@ fn masks(c: &mut Criterion) {
     let terms: Vec<MaskTerm<'_>> = seeds
         .iter()
         .enumerate()
-        .map(|(t, seed)| MaskTerm { seed, add: t % 2 == 0 })
+        .map(|(t, seed)| MaskTerm {
+            seed,
+            add: t % 2 == 0,
+        })
         .collect();
     group.bench_function("fused", |b| {
         b.iter(|| add_masks(kind, black_box(&terms), &mut words))

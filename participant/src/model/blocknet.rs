@@ -563,40 +563,79 @@ impl Model for BlockNet {
     }
 }
 
-/// Side of the blocks the fc1 layout changes move: eight runs of eight
-/// contiguous values in, eight out, transposed in registers. Every
-/// evaluation builds a network, and value-by-value moves had cost about a
-/// third of it (`cargo bench -p greyfed-participant --bench train --
-/// evaluate`).
-const FC1_BLOCK: usize = 8;
+/// Rows of `H` the fc1 layout changes move together, in 4 x 4 blocks
+/// transposed in registers: each internal row gets 16 contiguous values (a
+/// cache line) at a time. Every evaluation builds a network, and
+/// value-by-value moves had cost about a third of it (`cargo bench -p
+/// greyfed-participant --bench train -- evaluate`).
+const FC1_TILE: usize = 16;
+
+/// The transpose of a 4 x 4 block (SSE shuffles on x86-64).
+#[inline(always)]
+fn transpose4(m: [[f32; 4]; 4]) -> [[f32; 4]; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            _mm_loadu_ps, _mm_movehl_ps, _mm_movelh_ps, _mm_storeu_ps, _mm_unpackhi_ps,
+            _mm_unpacklo_ps,
+        };
+        // SAFETY: SSE is part of x86-64; every load and store is of a whole
+        // `[f32; 4]` (unaligned accesses).
+        unsafe {
+            let [a, b, c, d] = m.map(|row| _mm_loadu_ps(row.as_ptr()));
+            let (ab_lo, cd_lo) = (_mm_unpacklo_ps(a, b), _mm_unpacklo_ps(c, d));
+            let (ab_hi, cd_hi) = (_mm_unpackhi_ps(a, b), _mm_unpackhi_ps(c, d));
+            let columns = [
+                _mm_movelh_ps(ab_lo, cd_lo),
+                _mm_movehl_ps(cd_lo, ab_lo),
+                _mm_movelh_ps(ab_hi, cd_hi),
+                _mm_movehl_ps(cd_hi, ab_hi),
+            ];
+            let mut out = [[0f32; 4]; 4];
+            for (o, col) in out.iter_mut().zip(columns) {
+                _mm_storeu_ps(o.as_mut_ptr(), col);
+            }
+            out
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::array::from_fn(|j| std::array::from_fn(|k| m[k][j]))
+    }
+}
+
+/// The 4 values of `w` from `at`.
+#[inline(always)]
+fn run_of(w: &[f32], at: usize) -> [f32; 4] {
+    w[at..at + 4].try_into().expect("4 values")
+}
+
+/// Internal fc1 row of each PyTorch column `c * P + p`: `p * C + c`.
+fn fc1_rows(c: usize, p: usize) -> Vec<usize> {
+    (0..c * p).map(|col| (col % p) * c + col / p).collect()
+}
 
 /// fc1 weight from PyTorch's `[H, C * P]` (column `c * P + p`) to the
 /// internal `[P * C, H]` (row `p * C + c`).
 fn fc1_to_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
-    const B: usize = FC1_BLOCK;
     let cp = c * p;
-    // Internal row of each PyTorch column.
-    let row_of: Vec<usize> = (0..cp).map(|col| (col % p) * c + col / p).collect();
+    let row_of = fc1_rows(c, p);
     let mut out = vec![0f32; w.len()];
-    let (h8, cp8) = (h - h % B, cp - cp % B);
-    // Whole 8 x 8 blocks: eight row pieces in, eight column pieces out.
-    for h0 in (0..h8).step_by(B) {
-        for col0 in (0..cp8).step_by(B) {
-            let block: [[f32; B]; B] = std::array::from_fn(|k| {
-                let at = (h0 + k) * cp + col0;
-                w[at..at + B].try_into().expect("B values")
-            });
-            for (j, &row) in row_of[col0..col0 + B].iter().enumerate() {
-                let dst: &mut [f32; B] = (&mut out[row * h + h0..row * h + h0 + B])
-                    .try_into()
-                    .expect("B values");
-                *dst = std::array::from_fn(|k| block[k][j]);
+    let (ht, cp4) = (h - h % FC1_TILE, cp - cp % 4);
+    // Whole tiles: for 4 columns at a time, 16 values of each.
+    for h0 in (0..ht).step_by(FC1_TILE) {
+        for col0 in (0..cp4).step_by(4) {
+            for q in (h0..h0 + FC1_TILE).step_by(4) {
+                let block = std::array::from_fn(|k| run_of(w, (q + k) * cp + col0));
+                for (&row, column) in row_of[col0..col0 + 4].iter().zip(transpose4(block)) {
+                    out[row * h + q..row * h + q + 4].copy_from_slice(&column);
+                }
             }
         }
     }
     // The edges, value by value.
     for hh in 0..h {
-        let cols = if hh < h8 { cp8..cp } else { 0..cp };
+        let cols = if hh < ht { cp4..cp } else { 0..cp };
         for col in cols {
             out[row_of[col] * h + hh] = w[hh * cp + col];
         }
@@ -606,26 +645,23 @@ fn fc1_to_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
 
 /// Inverse of [`fc1_to_internal`].
 fn fc1_from_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
-    const B: usize = FC1_BLOCK;
     let cp = c * p;
-    let row_of: Vec<usize> = (0..cp).map(|col| (col % p) * c + col / p).collect();
+    let row_of = fc1_rows(c, p);
     let mut out = vec![0f32; w.len()];
-    let (h8, cp8) = (h - h % B, cp - cp % B);
-    for h0 in (0..h8).step_by(B) {
-        for col0 in (0..cp8).step_by(B) {
-            let block: [[f32; B]; B] = std::array::from_fn(|j| {
-                let at = row_of[col0 + j] * h + h0;
-                w[at..at + B].try_into().expect("B values")
-            });
-            for k in 0..B {
-                let at = (h0 + k) * cp + col0;
-                let dst: &mut [f32; B] = (&mut out[at..at + B]).try_into().expect("B values");
-                *dst = std::array::from_fn(|j| block[j][k]);
+    let (ht, cp4) = (h - h % FC1_TILE, cp - cp % 4);
+    for h0 in (0..ht).step_by(FC1_TILE) {
+        for col0 in (0..cp4).step_by(4) {
+            for q in (h0..h0 + FC1_TILE).step_by(4) {
+                let block = std::array::from_fn(|j| run_of(w, row_of[col0 + j] * h + q));
+                for (k, row) in transpose4(block).into_iter().enumerate() {
+                    let at = (q + k) * cp + col0;
+                    out[at..at + 4].copy_from_slice(&row);
+                }
             }
         }
     }
     for hh in 0..h {
-        let cols = if hh < h8 { cp8..cp } else { 0..cp };
+        let cols = if hh < ht { cp4..cp } else { 0..cp };
         for col in cols {
             out[hh * cp + col] = w[row_of[col] * h + hh];
         }
@@ -736,12 +772,18 @@ mod tests {
     use super::super::{Network, autograd_loss_and_grads, init_weights};
     use super::*;
 
-    /// The blocked layout changes move every value where the definition
-    /// says, in whole blocks and at edges narrower than [`FC1_BLOCK`] in
+    /// The tiled layout changes move every value where the definition
+    /// says, in whole tiles and at edges narrower than a tile or a block in
     /// either direction, and undo each other.
     #[test]
     fn fc1_layout_changes_follow_their_definition() {
-        for (h, c, p) in [(37, 3, 5), (16, 2, 49), (1, 1, 1), (128, 16, 49)] {
+        for (h, c, p) in [
+            (37, 3, 5),
+            (16, 2, 49),
+            (1, 1, 1),
+            (128, 16, 49),
+            (35, 2, 7),
+        ] {
             let w: Vec<f32> = (0..h * c * p).map(|i| i as f32).collect();
             let internal = fc1_to_internal(&w, h, c, p);
             for hi in 0..h {

@@ -333,7 +333,9 @@ mod tests {
         for kind in KINDS {
             for len in LENGTHS {
                 let seeds: Vec<[u8; 32]> = (0..5).map(|t| seed(40 + t)).collect();
-                let start: Vec<u32> = (0..len as u32).map(|k| k.wrapping_mul(2_654_435_761)).collect();
+                let start: Vec<u32> = (0..len as u32)
+                    .map(|k| k.wrapping_mul(2_654_435_761))
+                    .collect();
                 let mut expected = start.clone();
                 for (t, s) in seeds.iter().enumerate() {
                     if t % 2 == 0 {
@@ -345,7 +347,10 @@ mod tests {
                 let terms: Vec<MaskTerm<'_>> = seeds
                     .iter()
                     .enumerate()
-                    .map(|(t, seed)| MaskTerm { seed, add: t % 2 == 0 })
+                    .map(|(t, seed)| MaskTerm {
+                        seed,
+                        add: t % 2 == 0,
+                    })
                     .collect();
                 let mut got = start.clone();
                 add_masks(kind, &terms, &mut got);

@@ -595,8 +595,15 @@ impl SecAggCoordinator {
         let terms: Vec<MaskTerm<'_>> = secrets
             .self_masks
             .iter()
-            .map(|(_, b)| MaskTerm { seed: b, add: false })
-            .chain(pairwise.iter().map(|(seed, add)| MaskTerm { seed, add: *add }))
+            .map(|(_, b)| MaskTerm {
+                seed: b,
+                add: false,
+            })
+            .chain(
+                pairwise
+                    .iter()
+                    .map(|(seed, add)| MaskTerm { seed, add: *add }),
+            )
             .collect();
         add_masks(prg, &terms, &mut sum);
         drop(terms);

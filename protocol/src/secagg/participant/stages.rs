@@ -360,13 +360,16 @@ impl Common {
         // is off the round's critical path, which begins when the last
         // input is ready.
         let mut mask = Zeroizing::new(vec![0u32; params.layout.len()]);
-        let terms: Vec<MaskTerm<'_>> = std::iter::once(MaskTerm { seed: &b, add: true })
-            .chain(
-                mask_seeds
-                    .iter()
-                    .map(|(&j, seed)| MaskTerm { seed, add: i < j }),
-            )
-            .collect();
+        let terms: Vec<MaskTerm<'_>> = std::iter::once(MaskTerm {
+            seed: &b,
+            add: true,
+        })
+        .chain(
+            mask_seeds
+                .iter()
+                .map(|(&j, seed)| MaskTerm { seed, add: i < j }),
+        )
+        .collect();
         add_masks(params.prg, &terms, &mut mask);
         drop(terms);
         drop(mask_seeds);
