@@ -716,6 +716,49 @@ mod tests {
     use proptest::prelude::*;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
+    /// The rounding loop gives the same words whichever build of it runs
+    /// (AVX2 or baseline), and every word is the weight times the floor or
+    /// the ceiling of the scaled value, the ceiling exactly when the
+    /// uniform is below the fraction.
+    #[test]
+    fn the_rounding_loop_is_the_same_in_every_build() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let n = 3 * 1024 + 7;
+        let x: Vec<f32> = (0..n)
+            .map(|k| match k % 5 {
+                0 => f32::INFINITY,
+                1 => -3.5,
+                _ => (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 2.5,
+            })
+            .collect();
+        let mut random = vec![0u8; 4 * n];
+        rng.fill_bytes(&mut random);
+        let q = Quantiser {
+            c: 1.0,
+            top: 65535.0,
+            scale: 65535.0 / 2.0,
+            shrink: 1.0,
+            weight: 3,
+        };
+        let (mut fast, mut plain) = (vec![0u32; n], vec![0u32; n]);
+        q.run(&x, &random, &mut fast);
+        q.body(&x, &random, &mut plain);
+        assert_eq!(fast, plain);
+        for (k, (&w, &v)) in plain.iter().zip(&x).enumerate() {
+            let scaled = ((f64::from(v).clamp(-1.0, 1.0) + 1.0) * q.scale).clamp(0.0, q.top);
+            let u = f64::from(u32::from_le_bytes(
+                random[4 * k..4 * k + 4].try_into().unwrap(),
+            )) / 4_294_967_296.0;
+            let level = scaled.floor()
+                + if u < scaled - scaled.floor() {
+                    1.0
+                } else {
+                    0.0
+                };
+            assert_eq!(w, 3 * level as u32, "element {k} ({v})");
+        }
+    }
+
     fn params(clip: f32, bits: u32, max_weight: u32, n: usize) -> EncodingParams {
         EncodingParams::new(clip, bits, max_weight, n).unwrap()
     }
