@@ -618,17 +618,41 @@ fn fc1_rows(c: usize, p: usize) -> Vec<usize> {
 /// fc1 weight from PyTorch's `[H, C * P]` (column `c * P + p`) to the
 /// internal `[P * C, H]` (row `p * C + c`).
 fn fc1_to_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
+    fc1_relayout::<true>(w, h, c, p)
+}
+
+/// Inverse of [`fc1_to_internal`].
+fn fc1_from_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
+    fc1_relayout::<false>(w, h, c, p)
+}
+
+/// Moves the value at `(hh, col)` (row `hh` of `H`, PyTorch column `col`)
+/// from PyTorch's place, `hh * C * P + col`, to the internal one,
+/// `row_of[col] * H + hh` (`TO_INTERNAL`), or back. Runs of 4 are
+/// contiguous along `col` in PyTorch's layout and along `hh` in the internal
+/// one, so each 4 x 4 block is read as 4 runs of one layout, transposed, and
+/// written as 4 runs of the other.
+fn fc1_relayout<const TO_INTERNAL: bool>(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
     let cp = c * p;
     let row_of = fc1_rows(c, p);
+    let pytorch = |hh: usize, col: usize| hh * cp + col;
+    let internal = |hh: usize, col: usize| row_of[col] * h + hh;
     let mut out = vec![0f32; w.len()];
     let (ht, cp4) = (h - h % FC1_TILE, cp - cp % 4);
     // Whole tiles: for 4 columns at a time, 16 values of each.
     for h0 in (0..ht).step_by(FC1_TILE) {
         for col0 in (0..cp4).step_by(4) {
             for q in (h0..h0 + FC1_TILE).step_by(4) {
-                let block = std::array::from_fn(|k| run_of(w, (q + k) * cp + col0));
-                for (&row, column) in row_of[col0..col0 + 4].iter().zip(transpose4(block)) {
-                    out[row * h + q..row * h + q + 4].copy_from_slice(&column);
+                let block = std::array::from_fn(|i| match TO_INTERNAL {
+                    true => run_of(w, pytorch(q + i, col0)),
+                    false => run_of(w, internal(q, col0 + i)),
+                });
+                for (i, run) in transpose4(block).into_iter().enumerate() {
+                    let at = match TO_INTERNAL {
+                        true => internal(q, col0 + i),
+                        false => pytorch(q + i, col0),
+                    };
+                    out[at..at + 4].copy_from_slice(&run);
                 }
             }
         }
@@ -637,33 +661,11 @@ fn fc1_to_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
     for hh in 0..h {
         let cols = if hh < ht { cp4..cp } else { 0..cp };
         for col in cols {
-            out[row_of[col] * h + hh] = w[hh * cp + col];
-        }
-    }
-    out
-}
-
-/// Inverse of [`fc1_to_internal`].
-fn fc1_from_internal(w: &[f32], h: usize, c: usize, p: usize) -> Vec<f32> {
-    let cp = c * p;
-    let row_of = fc1_rows(c, p);
-    let mut out = vec![0f32; w.len()];
-    let (ht, cp4) = (h - h % FC1_TILE, cp - cp % 4);
-    for h0 in (0..ht).step_by(FC1_TILE) {
-        for col0 in (0..cp4).step_by(4) {
-            for q in (h0..h0 + FC1_TILE).step_by(4) {
-                let block = std::array::from_fn(|j| run_of(w, row_of[col0 + j] * h + q));
-                for (k, row) in transpose4(block).into_iter().enumerate() {
-                    let at = (q + k) * cp + col0;
-                    out[at..at + 4].copy_from_slice(&row);
-                }
-            }
-        }
-    }
-    for hh in 0..h {
-        let cols = if hh < ht { cp4..cp } else { 0..cp };
-        for col in cols {
-            out[hh * cp + col] = w[row_of[col] * h + hh];
+            let (from, to) = match TO_INTERNAL {
+                true => (pytorch(hh, col), internal(hh, col)),
+                false => (internal(hh, col), pytorch(hh, col)),
+            };
+            out[to] = w[from];
         }
     }
     out

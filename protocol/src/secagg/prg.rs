@@ -69,22 +69,28 @@ fn expand<C: StreamCipher>(mut cipher: C, out: &mut [u32], op: Op) {
     for chunk in out.chunks_mut(CHUNK_WORDS) {
         let bytes = &mut buf[..4 * chunk.len()];
         cipher.write_keystream(bytes);
-        let (words, _) = bytes.as_chunks::<4>();
-        match op {
-            Op::Add => {
-                for (o, w) in chunk.iter_mut().zip(words) {
-                    *o = o.wrapping_add(u32::from_le_bytes(*w));
-                }
+        combine(chunk, bytes, op);
+    }
+}
+
+/// `chunk[k] = op(chunk[k], little-endian word k of bytes)`.
+#[inline(always)]
+fn combine(chunk: &mut [u32], bytes: &[u8], op: Op) {
+    let (words, _) = bytes.as_chunks::<4>();
+    match op {
+        Op::Add => {
+            for (o, w) in chunk.iter_mut().zip(words) {
+                *o = o.wrapping_add(u32::from_le_bytes(*w));
             }
-            Op::Sub => {
-                for (o, w) in chunk.iter_mut().zip(words) {
-                    *o = o.wrapping_sub(u32::from_le_bytes(*w));
-                }
+        }
+        Op::Sub => {
+            for (o, w) in chunk.iter_mut().zip(words) {
+                *o = o.wrapping_sub(u32::from_le_bytes(*w));
             }
-            Op::Set => {
-                for (o, w) in chunk.iter_mut().zip(words) {
-                    *o = u32::from_le_bytes(*w);
-                }
+        }
+        Op::Set => {
+            for (o, w) in chunk.iter_mut().zip(words) {
+                *o = u32::from_le_bytes(*w);
             }
         }
     }
@@ -158,25 +164,19 @@ pub fn add_masks(kind: PrgKind, terms: &[MaskTerm<'_>], out: &mut [u32]) {
     if out.is_empty() || terms.is_empty() {
         return;
     }
-    let mut streams: Vec<(Keystream, bool)> = terms
+    let mut streams: Vec<(Keystream, Op)> = terms
         .iter()
-        .map(|t| (Keystream::new(kind, t.seed), t.add))
+        .map(|t| {
+            let op = if t.add { Op::Add } else { Op::Sub };
+            (Keystream::new(kind, t.seed), op)
+        })
         .collect();
     let mut buf = Zeroizing::new([0u8; 4 * CHUNK_WORDS]);
     for chunk in out.chunks_mut(CHUNK_WORDS) {
         let bytes = &mut buf[..4 * chunk.len()];
-        for (stream, add) in &mut streams {
+        for (stream, op) in &mut streams {
             stream.write(bytes);
-            let (words, _) = bytes.as_chunks::<4>();
-            if *add {
-                for (o, w) in chunk.iter_mut().zip(words) {
-                    *o = o.wrapping_add(u32::from_le_bytes(*w));
-                }
-            } else {
-                for (o, w) in chunk.iter_mut().zip(words) {
-                    *o = o.wrapping_sub(u32::from_le_bytes(*w));
-                }
-            }
+            combine(chunk, bytes, *op);
         }
     }
 }
