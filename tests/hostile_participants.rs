@@ -112,6 +112,20 @@ fn honest_participants(addr: SocketAddr, pki: &DeploymentPki) -> Vec<Honest> {
 /// the setup of the sum the message belongs to (if it is a stage upload).
 type Tamper = Box<dyn FnMut(&mut Message, Option<&RoundSetup>) + Send>;
 
+/// Metrics of `test_claim` samples, each of the first class and predicted
+/// right (the count capped to what a secure sum's weight can hold).
+fn metrics(test_claim: u64) -> EvalMetrics {
+    let count = test_claim.min(u64::from(u32::MAX));
+    let mut confusion = vec![0u64; CLASSES * CLASSES];
+    confusion[0] = count;
+    EvalMetrics {
+        loss_sum: count as f64,
+        correct: count,
+        count,
+        confusion,
+    }
+}
+
 /// The hostile participant: the real state machine with valid credentials,
 /// a Hello claiming `claims` (train, test) samples, an update of small
 /// constants instead of training, made-up metrics, and `tamper` applied to
@@ -166,23 +180,22 @@ async fn hostile(
         }
         while let Some(event) = session.poll_event() {
             match event {
-                ParticipantEvent::Train { round, global, .. } => {
+                ParticipantEvent::Train {
+                    round,
+                    global,
+                    evaluates,
+                    ..
+                } => {
                     let update = vec![0.001f32; global.to_flat().len()];
                     let weight = claims.0.min(u64::from(u32::MAX)) as f64;
                     // A refusal here (the coordinator moved on) is not fatal.
                     let _ = session.submit_update(round, 0.0, update, weight, &mut rng);
+                    if let Some(evaluated) = evaluates {
+                        let _ = session.submit_evaluation(evaluated, metrics(claims.1), &mut rng);
+                    }
                 }
                 ParticipantEvent::Evaluate { round, .. } => {
-                    let count = claims.1.min(u64::from(u32::MAX));
-                    let mut confusion = vec![0u64; CLASSES * CLASSES];
-                    confusion[0] = count;
-                    let metrics = EvalMetrics {
-                        loss_sum: count as f64,
-                        correct: count,
-                        count,
-                        confusion,
-                    };
-                    let _ = session.submit_evaluation(round, metrics, &mut rng);
+                    let _ = session.submit_evaluation(round, metrics(claims.1), &mut rng);
                 }
                 ParticipantEvent::Finished { rounds_completed } => return Ok(rounds_completed),
                 _ => {}

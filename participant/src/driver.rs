@@ -17,7 +17,7 @@ use greyfed_protocol::{
     ProtocolError,
     cipher::CipherSpec,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
-    message::DpSgdSpec,
+    message::{DpSgdSpec, EvalMetrics},
     model_file::ModelFile,
     participant::{ParticipantEvent, ParticipantSession},
     secagg::{
@@ -41,8 +41,8 @@ use crate::{
     error::{ParticipantError, Result},
     layer_mask::KeyLayerMask,
     train::{
-        EpochImages, StepProgress, TensorData, TrainOptions, TrainOutcome, epoch_images, evaluate,
-        train_local_observed,
+        EpochImages, StepProgress, TensorData, TrainOptions, TrainOutcome, TrainingEvent,
+        epoch_images, evaluate, evaluate_network, train_local_observed,
     },
 };
 
@@ -474,8 +474,22 @@ struct Training {
     dp_sgd: Option<(DpSgdSpec, f64)>,
     /// The update's sealed coordinates, which carry the trained values.
     sealed_range: Option<std::ops::Range<usize>>,
-    /// The outcome, the model trained from and the training's CPU seconds.
-    task: crate::background::Background<Result<(TrainOutcome, ModelWeights, Option<f64>)>>,
+    /// The round whose evaluation of the same model rides in this round's
+    /// sum, if the TrainRequest asked for one.
+    evaluates: Option<u32>,
+    task: crate::background::Background<Result<Trained>>,
+}
+
+/// What the training thread hands back.
+struct Trained {
+    outcome: TrainOutcome,
+    /// The model trained from.
+    global: ModelWeights,
+    /// The training's CPU seconds (without the evaluation's).
+    cpu_secs: Option<f64>,
+    /// The evaluation of `global` on the network built for training, when
+    /// one was asked for.
+    evaluation: Option<Result<EvalMetrics>>,
 }
 
 /// Sends `event` to the display, if there is one.
@@ -558,6 +572,7 @@ async fn session_loop(
                     global,
                     seed,
                     sealed,
+                    evaluates,
                 } => {
                     if let Some(plan) = config.hooks.dropout
                         && plan
@@ -619,6 +634,7 @@ async fn session_loop(
                         started: Instant::now(),
                         dp_sgd,
                         sealed_range,
+                        evaluates,
                         task: crate::background::spawn_training("greyfed-train", move || {
                             let options = TrainOptions {
                                 proximal_mu: training_config.proximal_mu,
@@ -626,20 +642,36 @@ async fn session_loop(
                                 frozen,
                             };
                             let mut last_sent: Option<Instant> = None;
-                            let mut observe = |p: StepProgress| {
-                                let Some(tx) = &progress else { return };
-                                let epoch_done =
-                                    (p.step * u64::from(p.epochs)).is_multiple_of(p.steps.max(1));
-                                if epoch_done
-                                    || last_sent.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
-                                {
-                                    last_sent = Some(Instant::now());
-                                    let _ = tx
-                                        .send(ParticipantProgress::Training { round, progress: p });
+                            // The evaluation asked for, on the network built
+                            // for training, and its CPU seconds.
+                            let mut evaluation = None;
+                            let mut observe = |event: TrainingEvent<'_>| match event {
+                                TrainingEvent::Built(net) => {
+                                    if evaluates.is_some() {
+                                        let cpu = CpuClock::start();
+                                        let metrics =
+                                            evaluate_network(net, &spec, &data.test, EVAL_BATCH);
+                                        evaluation = Some((metrics, cpu.elapsed_secs()));
+                                    }
+                                }
+                                TrainingEvent::Step(p) => {
+                                    let Some(tx) = &progress else { return };
+                                    let epoch_done = (p.step * u64::from(p.epochs))
+                                        .is_multiple_of(p.steps.max(1));
+                                    if epoch_done
+                                        || last_sent
+                                            .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
+                                    {
+                                        last_sent = Some(Instant::now());
+                                        let _ = tx.send(ParticipantProgress::Training {
+                                            round,
+                                            progress: p,
+                                        });
+                                    }
                                 }
                             };
                             let cpu = CpuClock::start();
-                            train_local_observed(
+                            let outcome = train_local_observed(
                                 &spec,
                                 &global,
                                 data.train.as_ref(),
@@ -647,8 +679,18 @@ async fn session_loop(
                                 seed,
                                 &options,
                                 &mut observe,
-                            )
-                            .map(|o| (o, global, cpu.elapsed_secs()))
+                            )?;
+                            // The evaluation's CPU time is not training's.
+                            let evaluation_cpu = evaluation
+                                .as_ref()
+                                .and_then(|(_, secs)| *secs)
+                                .unwrap_or(0.0);
+                            Ok(Trained {
+                                outcome,
+                                global,
+                                cpu_secs: cpu.elapsed_secs().map(|t| (t - evaluation_cpu).max(0.0)),
+                                evaluation: evaluation.map(|(metrics, _)| metrics),
+                            })
                         })
                         .map_err(|e| {
                             ParticipantError::Model(format!("cannot start local training: {e}"))
@@ -709,15 +751,30 @@ async fn session_loop(
         } else {
             tokio::select! {
                 done = async { (&mut training.as_mut().expect("guarded").task).await }, if training.is_some() => {
-                    let Training { round, started, dp_sgd, sealed_range, .. } = training.take().expect("guarded");
-                    let (outcome, global, cpu_secs) = done
+                    let Training { round, started, dp_sgd, sealed_range, evaluates, .. } = training.take().expect("guarded");
+                    let Trained { outcome, global, cpu_secs, evaluation } = done
                         .map_err(|_| ParticipantError::Model("local training panicked".into()))??;
                     emit(config, ParticipantProgress::Trained {
                         round,
                         loss: outcome.mean_loss,
                         secs: started.elapsed().as_secs_f64(),
                     });
+                    if let Some(evaluated) = evaluates {
+                        let metrics = evaluation.ok_or_else(|| {
+                            ParticipantError::Model("the evaluation asked for did not run".into())
+                        })??;
+                        debug!(round = evaluated, "evaluated");
+                        match session.submit_evaluation(evaluated, metrics, &mut rng) {
+                            Ok(()) => emit(config, ParticipantProgress::Evaluated { round: evaluated }),
+                            // The update sum it was to ride in is over.
+                            Err(e @ ProtocolError::Late(_)) => warn!(evaluated, "evaluation not used: {e}"),
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                     let update = outcome.weights.sub(&global)?;
+                    if let Some(evaluated) = evaluates.filter(|_| config.save_model.is_some()) {
+                        latest = Some((evaluated, global));
+                    }
                     if let Some(dir) = &config.hooks.dump_updates {
                         dump_update(dir, &config.name, round, &update, outcome.samples)?;
                     }

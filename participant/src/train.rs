@@ -264,8 +264,18 @@ pub struct StepProgress {
     pub epochs: u32,
 }
 
-/// [`train_local_with`] that calls `observe` after every optimiser step
-/// (for progress displays; it should return quickly).
+/// What [`train_local_observed`] tells its observer.
+pub enum TrainingEvent<'a> {
+    /// The network is built from the global model and no step is taken
+    /// yet: the place to evaluate the global model without building it a
+    /// second time ([`evaluate_network`]).
+    Built(&'a Network),
+    /// An optimiser step was taken (for progress displays).
+    Step(StepProgress),
+}
+
+/// [`train_local_with`] that tells `observe` when its network is built and
+/// after every optimiser step (it should return quickly).
 pub fn train_local_observed(
     spec: &ModelSpec,
     global: &ModelWeights,
@@ -273,7 +283,7 @@ pub fn train_local_observed(
     config: &TrainingConfig,
     seed: u64,
     options: &TrainOptions,
-    observe: &mut dyn FnMut(StepProgress),
+    observe: &mut dyn FnMut(TrainingEvent<'_>),
 ) -> Result<TrainOutcome> {
     let batch_size = config.batch_size as usize;
     if batch_size == 0 {
@@ -297,6 +307,7 @@ pub fn train_local_observed(
     let first = data.epoch(seed, 0)?;
     let net = Network::new(spec, global, first.device())?;
     first.check_fits(spec)?;
+    observe(TrainingEvent::Built(&net));
     let n = first.len();
     let mut epoch_data = Some(first);
     if n == 0 {
@@ -385,12 +396,12 @@ pub fn train_local_observed(
                 loss_sum += f64::from(loss) * chosen.len() as f64;
                 seen += chosen.len();
             }
-            observe(StepProgress {
+            observe(TrainingEvent::Step(StepProgress {
                 step: u64::from(optimizer.steps),
                 steps: total_steps,
                 epoch: epoch + 1,
                 epochs: config.local_epochs,
-            });
+            }));
         }
     }
     Ok(TrainOutcome {
@@ -425,6 +436,23 @@ pub fn evaluate(
         ));
     }
     let net = Network::new(spec, weights, data.device())?;
+    evaluate_network(&net, spec, data, batch_size)
+}
+
+/// [`evaluate`] on a network already built from the weights to evaluate
+/// (for example the one a local training has just built, see
+/// [`TrainingEvent::Built`]).
+pub fn evaluate_network(
+    net: &Network,
+    spec: &ModelSpec,
+    data: &TensorData,
+    batch_size: usize,
+) -> Result<EvalMetrics> {
+    if batch_size == 0 {
+        return Err(ParticipantError::Model(
+            "batch size must be positive".into(),
+        ));
+    }
     data.check_fits(spec)?;
     let classes = spec.num_classes() as usize;
     let mut metrics = EvalMetrics {
@@ -1106,10 +1134,12 @@ mod tests {
     }
 
     #[test]
-    fn the_observer_sees_every_step_of_every_epoch() {
+    fn the_observer_sees_the_network_built_then_every_step_of_every_epoch() {
         let spec = small_spec();
         let data = TensorData::from_dataset(&synthetic(20, 10), &Device::Cpu).unwrap();
+        let test = TensorData::from_dataset(&synthetic(30, 11), &Device::Cpu).unwrap();
         let global = init_weights(&spec, 3).unwrap();
+        let mut on_built = None;
         let mut cfg = config(
             OptimizerSpec::Sgd {
                 lr: 0.05,
@@ -1119,6 +1149,7 @@ mod tests {
         );
         cfg.batch_size = 8;
         let mut seen = Vec::new();
+        let mut built = 0;
         let out = train_local_observed(
             &spec,
             &global,
@@ -1126,9 +1157,22 @@ mod tests {
             &cfg,
             1,
             &TrainOptions::default(),
-            &mut |p| seen.push(p),
+            &mut |e| match e {
+                TrainingEvent::Built(net) => {
+                    assert!(seen.is_empty(), "built after a step");
+                    built += 1;
+                    on_built = Some(evaluate_network(net, &spec, &test, 7).unwrap());
+                }
+                TrainingEvent::Step(p) => seen.push(p),
+            },
         )
         .unwrap();
+        assert_eq!(built, 1);
+        // The built network is the global model's, not a trained one's.
+        let on_built = on_built.unwrap();
+        assert_eq!(on_built, evaluate(&spec, &global, &test, 7).unwrap());
+        assert_ne!(on_built, evaluate(&spec, &out.weights, &test, 7).unwrap());
+        assert_eq!(on_built.count, 30);
         // 20 samples in batches of 8: 3 steps per epoch, 2 epochs.
         assert_eq!(out.steps, 6);
         let steps: Vec<u64> = seen.iter().map(|p| p.step).collect();

@@ -70,12 +70,17 @@ pub enum ParticipantEvent {
         /// sealed range (after removing the layer mask); `None` before the
         /// first sum (the start's values stand).
         sealed: Option<Vec<f32>>,
+        /// When the TrainRequest asked for it: also evaluate `global` on
+        /// the local test split, as this round's evaluation (the previous
+        /// round's model is the one this round trains from), and call
+        /// `submit_evaluation` with this round number. The metrics ride in
+        /// this round's secure sum: the masked input goes out once both the
+        /// update and the metrics are submitted, in either order. One model
+        /// for both lets the driver build one network for both.
+        evaluates: Option<u32>,
     },
-    /// Evaluate `global` on the local test split, then call `submit_evaluation`.
-    /// Right after a [`Train`](Self::Train) whose TrainRequest asked for it,
-    /// `global` is the model that round trains from and the metrics ride in
-    /// its secure sum: the masked input goes out once both the update and
-    /// the metrics are submitted, in either order.
+    /// Evaluate `global` on the local test split, then call
+    /// `submit_evaluation` (an EvaluateRequest: a sum of its own).
     Evaluate {
         /// Round number.
         round: u32,
@@ -331,20 +336,13 @@ impl ParticipantSession {
                         update: None,
                     }
                 });
-                let evaluate = evaluates.map(|evaluated| ParticipantEvent::Evaluate {
-                    round: evaluated,
-                    global: global.clone(),
-                    sealed: sealed.clone(),
-                });
-                // Training first, so that it starts at once; the evaluation
-                // of the same model can run beside it.
                 self.events.push_back(ParticipantEvent::Train {
                     round,
                     global,
                     seed,
                     sealed,
+                    evaluates,
                 });
-                self.events.extend(evaluate);
                 Ok(())
             }
             // `Training` too: the coordinator may finish a round without us

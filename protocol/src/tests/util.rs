@@ -279,9 +279,14 @@ impl Harness {
                         round,
                         global,
                         sealed,
+                        evaluates,
                         ..
                     } => {
                         self.opened.insert((round, to), sealed);
+                        if let Some(evaluated) = evaluates {
+                            self.received
+                                .insert((evaluated, to, "evaluate"), global.clone());
+                        }
                         self.received.insert((round, to, "train"), global.clone());
                         if let Some(how) = self.leaves(to, round, Stage::Train) {
                             if how == Departure::Withdraw {
@@ -305,6 +310,15 @@ impl Harness {
                             &mut self.rng,
                         )
                         .unwrap();
+                        if let Some(evaluated) = evaluates {
+                            if let Some(how) = self.leaves(to, evaluated, Stage::Evaluate) {
+                                self.depart(to, how);
+                                break;
+                            }
+                            let p = self.participants.get_mut(&to).unwrap();
+                            let m = eval_metrics(1.0, to as u64 % 3, 3);
+                            p.submit_evaluation(evaluated, m, &mut self.rng).unwrap();
+                        }
                     }
                     ParticipantEvent::Evaluate { round, global, .. } => {
                         self.received.insert((round, to, "evaluate"), global);
