@@ -31,7 +31,7 @@ use greyfed_protocol::{
     session::{CoordinatorSession, InitialModel, SessionConfig, SessionEvent, SessionProgress},
 };
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::{
     central::CentralEvaluator,
@@ -302,6 +302,7 @@ impl Coordinator {
             records,
             checkpoint_dir: Checkpoint::dir_in(&config.out_dir),
             unsaved: None,
+            checkpoint_write: None,
             rounds_planned: config.rounds,
             recent_models: crate::strategy::RecentModels::new(config.average_last),
             round_start: BTreeMap::new(),
@@ -365,6 +366,8 @@ struct Driver {
     /// ends (its evaluation rode in that sum), the next round's requests go
     /// out first.
     unsaved: Option<(u32, Checkpoint)>,
+    /// The checkpoint being written, and its round.
+    checkpoint_write: Option<tokio::task::JoinHandle<Result<u32>>>,
     rounds_planned: u32,
     /// The last rounds' global models, averaged into the final one.
     recent_models: crate::strategy::RecentModels,
@@ -489,6 +492,7 @@ impl Driver {
                 let round = self.round_of(&msg);
                 self.round_bytes.entry(round).or_default().0 += wire_bytes as u64;
                 let kind = msg.kind();
+                trace!(id, kind, "received");
                 match self.session.handle_message(now, id, msg) {
                     Ok(()) => {
                         if let Some(link) = self.connections.get_mut(&id) {
@@ -612,7 +616,7 @@ impl Driver {
         loop {
             self.flush_transmits();
             let Some(ev) = self.session.poll_event() else {
-                self.save_checkpoint()?;
+                self.save_checkpoint().await?;
                 return Ok(None);
             };
             match ev {
@@ -685,17 +689,19 @@ impl Driver {
                         }
                         None => None,
                     };
-                    self.record_round(now, &summary, central)?;
+                    self.record_round(now, &summary, central).await?;
                 }
                 SessionEvent::Finished { rounds_completed } => {
                     info!(rounds_completed, "session finished");
-                    self.save_checkpoint()?;
+                    self.save_checkpoint().await?;
+                    self.checkpoint_written().await?;
                     self.finish_all(close_code::DONE, "session finished");
                     return Ok(Some(Ok(())));
                 }
                 SessionEvent::Aborted { reason } => {
                     warn!("session aborted: {reason}");
-                    self.save_checkpoint()?;
+                    self.save_checkpoint().await?;
+                    self.checkpoint_written().await?;
                     self.finish_all(close_code::SHUTDOWN, "session aborted");
                     return Ok(Some(Err(CoordinatorError::Aborted(reason))));
                 }
@@ -739,6 +745,7 @@ impl Driver {
             let Some(link) = self.connections.get_mut(&to) else {
                 continue;
             };
+            trace!(id = to, kind = msg.kind(), "sending");
             if let Message::Welcome { .. } = msg {
                 // Admitted: raise the connection's upload limits before the
                 // participant can see its Welcome.

@@ -29,7 +29,7 @@ use rand::{
     SeedableRng,
     rngs::{StdRng, SysRng},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use self::dp::{OwnDpLedger, check_dp_sgd_floor};
 use crate::cpu_time::CpuClock;
@@ -480,6 +480,33 @@ struct Training {
     task: crate::background::Background<Result<Trained>>,
 }
 
+/// Keeps `global`, the model of `round`, as the latest one evaluated, unless
+/// a later round's is kept already.
+fn keep(latest: &mut Option<(u32, ModelWeights)>, round: u32, global: ModelWeights) {
+    if latest.as_ref().is_none_or(|(r, _)| *r <= round) {
+        *latest = Some((round, global));
+    }
+}
+
+/// Hands `metrics`, the evaluation of `round`'s model, to the session. An
+/// evaluation that was to ride in an update sum we left (training failed)
+/// is only late: the coordinator counts us out of both.
+fn submit_metrics(
+    config: &ParticipantConfig,
+    session: &mut ParticipantSession,
+    round: u32,
+    metrics: EvalMetrics,
+    rng: &mut StdRng,
+) -> Result<()> {
+    debug!(round, "evaluated");
+    match session.submit_evaluation(round, metrics, rng) {
+        Ok(()) => emit(config, ParticipantProgress::Evaluated { round }),
+        Err(e @ ProtocolError::Late(_)) => warn!(round, "evaluation not used: {e}"),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 /// What the training thread hands back.
 struct Trained {
     outcome: TrainOutcome,
@@ -524,7 +551,7 @@ async fn session_loop(
     if let Some(mask) = &data.layer_mask {
         session = session.with_seal_key(mask.seal_key());
     }
-    // The latest global model we received, with its round (kept at the end).
+    // The latest global model we evaluated, with its round (kept at the end).
     let mut latest: Option<(u32, ModelWeights)> = None;
     let mut spec: Option<ModelSpec> = None;
     let mut training: Option<Training> = None;
@@ -539,6 +566,7 @@ async fn session_loop(
             {
                 return Ok(crash(&config.hooks, plan));
             }
+            trace!(kind = msg.kind(), "sending");
             let frame = encode_frame(&msg, config.max_frame)?;
             send.write_all(&frame)
                 .await
@@ -709,7 +737,9 @@ async fn session_loop(
                         .ok_or_else(|| no_session("Evaluate"))?;
                     let global = data.session_model(&spec, &training_config, global, sealed)?;
                     let data = data.clone();
-                    // The model comes back from the task: kept without a copy.
+                    // Awaited here: the session takes no other message
+                    // (the next TrainRequest) until the metrics are in. The
+                    // model comes back from the task, kept without a copy.
                     let (metrics, global) = tokio::task::spawn_blocking(move || {
                         evaluate(&spec, &global, &data.test, EVAL_BATCH).map(|m| (m, global))
                     })
@@ -717,17 +747,8 @@ async fn session_loop(
                     .map_err(|e| {
                         ParticipantError::Model(format!("evaluation task failed: {e}"))
                     })??;
-                    if config.save_model.is_some() {
-                        latest = Some((round, global));
-                    }
-                    debug!(round, "evaluated");
-                    match session.submit_evaluation(round, metrics, &mut rng) {
-                        Ok(()) => emit(config, ParticipantProgress::Evaluated { round }),
-                        // It was to ride in an update sum we left (training
-                        // failed): the coordinator counts us out of both.
-                        Err(e @ ProtocolError::Late(_)) => warn!(round, "evaluation not used: {e}"),
-                        Err(e) => return Err(e.into()),
-                    }
+                    keep(&mut latest, round, global);
+                    submit_metrics(config, &mut session, round, metrics, &mut rng)?;
                 }
                 ParticipantEvent::Finished { rounds_completed } => {
                     info!(rounds_completed, "session finished");
@@ -763,17 +784,11 @@ async fn session_loop(
                         let metrics = evaluation.ok_or_else(|| {
                             ParticipantError::Model("the evaluation asked for did not run".into())
                         })??;
-                        debug!(round = evaluated, "evaluated");
-                        match session.submit_evaluation(evaluated, metrics, &mut rng) {
-                            Ok(()) => emit(config, ParticipantProgress::Evaluated { round: evaluated }),
-                            // The update sum it was to ride in is over.
-                            Err(e @ ProtocolError::Late(_)) => warn!(evaluated, "evaluation not used: {e}"),
-                            Err(e) => return Err(e.into()),
-                        }
+                        submit_metrics(config, &mut session, evaluated, metrics, &mut rng)?;
                     }
                     let update = outcome.weights.sub(&global)?;
-                    if let Some(evaluated) = evaluates.filter(|_| config.save_model.is_some()) {
-                        latest = Some((evaluated, global));
+                    if let Some(evaluated) = evaluates {
+                        keep(&mut latest, evaluated, global);
                     }
                     if let Some(dir) = &config.hooks.dump_updates {
                         dump_update(dir, &config.name, round, &update, outcome.samples)?;
@@ -834,6 +849,7 @@ async fn session_loop(
         if let Message::Reject { reason } = &msg {
             return Err(ParticipantError::Rejected(reason.clone()));
         }
+        trace!(kind = msg.kind(), "received");
         if let Err(e) = session.handle_message(msg, &mut rng) {
             if session.is_finished() {
                 return Err(e.into());

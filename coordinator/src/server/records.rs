@@ -9,7 +9,10 @@ use tracing::{debug, info, warn};
 
 use super::{Driver, fmt_metric, round_global};
 use crate::{
-    checkpoint::Checkpoint, error::Result, events::CoordinatorEvent, metrics::RoundRecord,
+    checkpoint::Checkpoint,
+    error::{CoordinatorError, Result},
+    events::CoordinatorEvent,
+    metrics::RoundRecord,
     privacy::DpRound,
 };
 
@@ -58,7 +61,7 @@ impl Driver {
         Ok(Some(figures))
     }
 
-    pub(super) fn record_round(
+    pub(super) async fn record_round(
         &mut self,
         now: Instant,
         s: &RoundSummary,
@@ -133,7 +136,7 @@ impl Driver {
         self.update_record()?;
         // Taken now (the model and strategy state are this round's),
         // written once the outputs are drained.
-        self.save_checkpoint()?;
+        self.save_checkpoint().await?;
         self.unsaved = Some((
             s.round,
             Checkpoint {
@@ -149,10 +152,28 @@ impl Driver {
         Ok(())
     }
 
-    /// Writes the checkpoint [`Self::record_round`] took, if any.
-    pub(super) fn save_checkpoint(&mut self) -> Result<()> {
-        if let Some((round, checkpoint)) = self.unsaved.take() {
-            checkpoint.save(&self.checkpoint_dir)?;
+    /// Starts writing the checkpoint [`Self::record_round`] took, if any,
+    /// on a blocking thread, once the previous one is written: each is
+    /// synced to disk (7-15 ms here), which the driver does not wait for.
+    /// Returns the previous write's error.
+    pub(super) async fn save_checkpoint(&mut self) -> Result<()> {
+        let Some((round, checkpoint)) = self.unsaved.take() else {
+            return Ok(());
+        };
+        self.checkpoint_written().await?;
+        let dir = self.checkpoint_dir.clone();
+        self.checkpoint_write = Some(tokio::task::spawn_blocking(move || {
+            checkpoint.save(&dir).map(|()| round)
+        }));
+        Ok(())
+    }
+
+    /// Waits for the checkpoint being written, if any; its error.
+    pub(super) async fn checkpoint_written(&mut self) -> Result<()> {
+        if let Some(write) = self.checkpoint_write.take() {
+            let round = write.await.map_err(|e| {
+                CoordinatorError::Checkpoint(format!("the checkpoint writer failed: {e}"))
+            })??;
             debug!(round, "checkpoint written");
         }
         Ok(())
