@@ -74,7 +74,8 @@ pub struct Coordinator {
     endpoint: quinn::Endpoint,
     config: CoordinatorConfig,
     /// The server settings for participants on this machine, where they
-    /// differ from the endpoint's (see [`Congestion::for_peer`]).
+    /// differ from the endpoint's (see
+    /// [`greyfed_protocol::transport::TransportSettings::for_peer`]).
     loopback_server: Option<Arc<quinn::ServerConfig>>,
 }
 
@@ -153,7 +154,7 @@ impl Coordinator {
         server_config.transport_config(Arc::new(tls::transport_config(config.transport)));
         // The same TLS settings with the transport for peers on this machine.
         let loopback = config.transport.for_peer(Ipv6Addr::LOCALHOST.into());
-        let loopback_server = (loopback.congestion != config.transport.congestion).then(|| {
+        let loopback_server = (loopback != config.transport).then(|| {
             let mut server = server_config.clone();
             server.transport_config(Arc::new(tls::transport_config(loopback)));
             Arc::new(server)

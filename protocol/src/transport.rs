@@ -29,6 +29,30 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// got less (see docs/deploy.md).
 pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 
+/// Largest UDP payload, in bytes, of a QUIC datagram to a peer on another
+/// machine: the ceiling of QUIC's path MTU discovery there (quinn's
+/// default: Ethernet's 1500 bytes less the IPv6 and UDP headers).
+pub const NETWORK_DATAGRAM_CEILING: u16 = 1452;
+
+/// Largest UDP payload, in bytes, of a QUIC datagram to a peer on this
+/// machine ([`on_this_machine`]): the ceiling of path MTU discovery there.
+/// Loopback carries 64 KiB datagrams, and every datagram costs a pass
+/// through quinn and the kernel whatever its size: on the 10 × 10 MNIST
+/// simulation, 6,500-byte datagrams took `round_overhead` from 1.16-1.19
+/// to 1.13-1.15 (docs/benchmarks.md). The bound is what one segmentation-
+/// offload batch allows: quinn sends up to [`GSO_BATCH_DATAGRAMS`]
+/// datagrams of one size in a single UDP send, and the whole batch must fit
+/// in one 65,507-byte UDP payload; larger datagrams make the kernel refuse
+/// the batch. MTU discovery probes its way up, so a path that cannot carry
+/// them (a relay onto a network) keeps to the size that gets through.
+pub const LOOPBACK_DATAGRAM_CEILING: u16 = 6500;
+
+/// Datagrams quinn 0.11 puts in one segmentation-offload batch (its
+/// `MAX_TRANSMIT_SEGMENTS`); see [`LOOPBACK_DATAGRAM_CEILING`].
+pub const GSO_BATCH_DATAGRAMS: usize = 10;
+
+const _: () = assert!(LOOPBACK_DATAGRAM_CEILING as usize * GSO_BATCH_DATAGRAMS <= 65_507);
+
 /// Whether a peer at `remote` is on this machine: a loopback address (an
 /// IPv4 address seen through a dual-stack socket counts as IPv4). The
 /// per-peer defaults ([`Congestion::Auto`],
@@ -112,6 +136,11 @@ pub struct TransportSettings {
     /// a crashed participant sooner (each crash costs its round about this
     /// much); longer rides out longer outages.
     pub idle_timeout: Duration,
+    /// Ceiling of path MTU discovery: the largest UDP payload a datagram
+    /// may carry once probes show the path takes it.
+    /// [`NETWORK_DATAGRAM_CEILING`] unless [`Self::for_peer`] finds the
+    /// peer on this machine ([`LOOPBACK_DATAGRAM_CEILING`]).
+    pub datagram_ceiling: u16,
 }
 
 impl Default for TransportSettings {
@@ -119,16 +148,23 @@ impl Default for TransportSettings {
         Self {
             congestion: Congestion::default(),
             idle_timeout: IDLE_TIMEOUT,
+            datagram_ceiling: NETWORK_DATAGRAM_CEILING,
         }
     }
 }
 
 impl TransportSettings {
-    /// These settings for a connection with `remote` (see
-    /// [`Congestion::for_peer`]).
+    /// These settings for a connection with `remote`: [`Congestion::Auto`]
+    /// resolved ([`Congestion::for_peer`]), and larger datagrams to a peer
+    /// on this machine ([`LOOPBACK_DATAGRAM_CEILING`]).
     pub fn for_peer(self, remote: std::net::IpAddr) -> Self {
         Self {
             congestion: self.congestion.for_peer(remote),
+            datagram_ceiling: if on_this_machine(remote) {
+                LOOPBACK_DATAGRAM_CEILING
+            } else {
+                self.datagram_ceiling
+            },
             ..self
         }
     }
@@ -203,5 +239,29 @@ mod tests {
         let settings = TransportSettings::default().for_peer(ip("127.0.0.1"));
         assert_eq!(settings.congestion, Congestion::Cubic);
         assert_eq!(settings.idle_timeout, IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn datagrams_grow_only_towards_peers_on_this_machine() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let settings = TransportSettings::default();
+        assert_eq!(settings.datagram_ceiling, NETWORK_DATAGRAM_CEILING);
+        for local in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            let s = settings.for_peer(ip(local));
+            assert_eq!(s.datagram_ceiling, LOOPBACK_DATAGRAM_CEILING, "{local}");
+        }
+        for remote in ["10.0.0.2", "2001:db8::1"] {
+            let s = settings.for_peer(ip(remote));
+            assert_eq!(s.datagram_ceiling, NETWORK_DATAGRAM_CEILING, "{remote}");
+        }
+        // Whatever the congestion controller.
+        let bbr = TransportSettings {
+            congestion: Congestion::Bbr,
+            ..settings
+        };
+        assert_eq!(
+            bbr.for_peer(ip("127.0.0.1")).datagram_ceiling,
+            LOOPBACK_DATAGRAM_CEILING
+        );
     }
 }

@@ -13,11 +13,15 @@ use greyfed_protocol::transport::{self, Congestion, TransportSettings};
 /// resolve it with [`TransportSettings::for_peer`] where the peer is
 /// known), keep-alives every
 /// [`transport::KEEP_ALIVE_INTERVAL`] so that a vanished peer is noticed,
-/// and its idle timeout. Each side adds its own stream limits.
+/// its idle timeout, and path MTU discovery up to its datagram ceiling.
+/// Each side adds its own stream limits.
 pub fn transport_config(settings: TransportSettings) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.congestion_controller_factory(congestion_controller(settings.congestion));
     t.keep_alive_interval(Some(transport::KEEP_ALIVE_INTERVAL));
+    let mut discovery = quinn::MtuDiscoveryConfig::default();
+    discovery.upper_bound(settings.datagram_ceiling);
+    t.mtu_discovery_config(Some(discovery));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(settings.idle_timeout).unwrap_or(quinn::VarInt::MAX.into()),
     ));
@@ -44,8 +48,14 @@ pub fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    // What this endpoint accepts and announces: datagrams up to the largest
+    // ceiling either side may reach (peers elsewhere stop at theirs).
+    config
+        .max_udp_payload_size(transport::LOOPBACK_DATAGRAM_CEILING)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        config,
         server,
         udp_socket(addr)?,
         Arc::new(quinn::TokioRuntime),
@@ -109,6 +119,91 @@ mod tests {
         let wanted = transport::UDP_BUFFER_BYTES;
         assert!(granted(socket.recv_buffer_size()) >= wanted.min(limit("rmem_max")));
         assert!(granted(socket.send_buffer_size()) >= wanted.min(limit("wmem_max")));
+    }
+
+    /// A connection over loopback between two endpoints with `settings`
+    /// that carries 2 MB one way; the path MTU each side ends with.
+    async fn mtu_after_a_transfer(settings: TransportSettings) -> (u16, u16) {
+        use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(
+            certified.signing_key.serialize_der(),
+        ));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server_tls.alpn_protocols = vec![b"test".to_vec()];
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap(),
+        ));
+        server.transport_config(Arc::new(transport_config(settings)));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = vec![b"test".to_vec()];
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
+        ));
+        client.transport_config(Arc::new(transport_config(settings)));
+
+        let server = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
+        let addr = server.local_addr().unwrap();
+        let receiver = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut stream = conn.accept_uni().await.unwrap();
+            let got = stream.read_to_end(4 << 20).await.unwrap();
+            assert_eq!(got.len(), 2 << 20);
+            let mtu = conn.stats().path.current_mtu;
+            conn.close(0u32.into(), b"done");
+            server.wait_idle().await;
+            mtu
+        });
+        let client_endpoint = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let conn = client_endpoint
+            .connect_with(client, addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let mut stream = conn.open_uni().await.unwrap();
+        stream.write_all(&vec![7u8; 2 << 20]).await.unwrap();
+        stream.finish().unwrap();
+        let server_mtu = receiver.await.unwrap();
+        (conn.stats().path.current_mtu, server_mtu)
+    }
+
+    /// Path MTU discovery climbs to the loopback ceiling with a peer on
+    /// this machine, and stays within the network ceiling otherwise.
+    #[tokio::test]
+    async fn datagrams_reach_the_ceiling_their_settings_allow() {
+        let loopback = TransportSettings::default().for_peer("127.0.0.1".parse().unwrap());
+        let (sender, receiver) = mtu_after_a_transfer(loopback).await;
+        assert!(
+            sender > transport::NETWORK_DATAGRAM_CEILING
+                && sender <= transport::LOOPBACK_DATAGRAM_CEILING,
+            "sender's MTU {sender}"
+        );
+        assert!(
+            receiver > transport::NETWORK_DATAGRAM_CEILING,
+            "receiver's MTU {receiver}"
+        );
+        let (sender, receiver) = mtu_after_a_transfer(TransportSettings::default()).await;
+        assert!(
+            sender <= transport::NETWORK_DATAGRAM_CEILING,
+            "sender's MTU {sender}"
+        );
+        assert!(
+            receiver <= transport::NETWORK_DATAGRAM_CEILING,
+            "receiver's MTU {receiver}"
+        );
     }
 
     #[tokio::test]

@@ -1130,6 +1130,7 @@ impl TransportArgs {
         greyfed_protocol::transport::TransportSettings {
             congestion: self.congestion,
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+            ..Default::default()
         }
     }
 }
