@@ -35,7 +35,8 @@ pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 pub const NETWORK_DATAGRAM_CEILING: u16 = 1452;
 
 /// Largest UDP payload, in bytes, of a QUIC datagram to a peer on this
-/// machine ([`on_this_machine`]): the ceiling of path MTU discovery there.
+/// machine ([`on_this_machine`]) under [`Congestion::Auto`]: the ceiling of
+/// path MTU discovery there.
 /// Loopback carries 64 KiB datagrams, and every datagram costs a pass
 /// through quinn and the kernel whatever its size: on the 10 × 10 MNIST
 /// simulation, 6,500-byte datagrams took `round_overhead` from 1.16-1.19
@@ -44,7 +45,10 @@ pub const NETWORK_DATAGRAM_CEILING: u16 = 1452;
 /// datagrams of one size in a single UDP send, and the whole batch must fit
 /// in one 65,507-byte UDP payload; larger datagrams make the kernel refuse
 /// the batch. MTU discovery probes its way up, so a path that cannot carry
-/// them (a relay onto a network) keeps to the size that gets through.
+/// them keeps to the size that gets through. A relay onto a network may
+/// carry them in fragments, each of which a lossy link can lose: a
+/// coordinator behind one, which sees its peers on loopback, is given an
+/// explicit congestion controller, and with it the network ceiling.
 pub const LOOPBACK_DATAGRAM_CEILING: u16 = 6500;
 
 /// Datagrams quinn 0.11 puts in one segmentation-offload batch (its
@@ -81,7 +85,8 @@ pub enum Congestion {
     /// measured bottleneck bandwidth, so random loss barely slows it.
     Bbr,
     /// CUBIC to a peer on this machine (a loopback address), BBR to any
-    /// other ([`Congestion::for_peer`]).
+    /// other ([`Congestion::for_peer`]); larger datagrams to a peer on this
+    /// machine too ([`TransportSettings::for_peer`]).
     #[default]
     Auto,
 }
@@ -139,7 +144,8 @@ pub struct TransportSettings {
     /// Ceiling of path MTU discovery: the largest UDP payload a datagram
     /// may carry once probes show the path takes it.
     /// [`NETWORK_DATAGRAM_CEILING`] unless [`Self::for_peer`] finds the
-    /// peer on this machine ([`LOOPBACK_DATAGRAM_CEILING`]).
+    /// peer on this machine under [`Congestion::Auto`]
+    /// ([`LOOPBACK_DATAGRAM_CEILING`]).
     pub datagram_ceiling: u16,
 }
 
@@ -155,12 +161,13 @@ impl Default for TransportSettings {
 
 impl TransportSettings {
     /// These settings for a connection with `remote`: [`Congestion::Auto`]
-    /// resolved ([`Congestion::for_peer`]), and larger datagrams to a peer
-    /// on this machine ([`LOOPBACK_DATAGRAM_CEILING`]).
+    /// resolved ([`Congestion::for_peer`]), and under it larger datagrams
+    /// to a peer on this machine ([`LOOPBACK_DATAGRAM_CEILING`]). An
+    /// explicit controller treats every peer alike.
     pub fn for_peer(self, remote: std::net::IpAddr) -> Self {
         Self {
             congestion: self.congestion.for_peer(remote),
-            datagram_ceiling: if on_this_machine(remote) {
+            datagram_ceiling: if self.congestion == Congestion::Auto && on_this_machine(remote) {
                 LOOPBACK_DATAGRAM_CEILING
             } else {
                 self.datagram_ceiling
@@ -254,14 +261,18 @@ mod tests {
             let s = settings.for_peer(ip(remote));
             assert_eq!(s.datagram_ceiling, NETWORK_DATAGRAM_CEILING, "{remote}");
         }
-        // Whatever the congestion controller.
-        let bbr = TransportSettings {
-            congestion: Congestion::Bbr,
-            ..settings
-        };
-        assert_eq!(
-            bbr.for_peer(ip("127.0.0.1")).datagram_ceiling,
-            LOOPBACK_DATAGRAM_CEILING
-        );
+        // An explicit controller (a coordinator behind a relay) treats
+        // every peer alike.
+        for congestion in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
+            let explicit = TransportSettings {
+                congestion,
+                ..settings
+            };
+            assert_eq!(
+                explicit.for_peer(ip("127.0.0.1")).datagram_ceiling,
+                NETWORK_DATAGRAM_CEILING,
+                "{congestion:?}"
+            );
+        }
     }
 }

@@ -1109,10 +1109,11 @@ impl TrainingArgs {
 #[derive(Args, Debug, Clone)]
 pub struct TransportArgs {
     /// Congestion controller for what each side sends: `auto` (default:
-    /// CUBIC to peers on this machine, BBR to others), `bbr` (paced, barely
-    /// slowed by random loss, but slow to open on loopback), `cubic` or
-    /// `new-reno` (loss-based: about 100 KB/s at 2% loss and 100 ms round
-    /// trip).
+    /// CUBIC and datagrams of up to 6,500 bytes to peers on this machine,
+    /// BBR to others), `bbr` (paced, barely slowed by random loss, but slow
+    /// to open on loopback), `cubic` or `new-reno` (loss-based: about
+    /// 100 KB/s at 2% loss and 100 ms round trip). An explicit choice holds
+    /// for every peer, with network-sized datagrams.
     #[arg(long, value_name = "NAME", default_value = "auto", value_parser = parse_congestion)]
     pub congestion: greyfed_protocol::transport::Congestion,
     /// Seconds of silence after which a peer counts as gone (the smaller of
