@@ -578,7 +578,11 @@ fn a_sealed_simulation_predicts_with_the_opened_layers() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
+    assert!(
+        run.status.success(),
+        "{stderr}\n{}",
+        common::simulation_logs(out.path())
+    );
     let path = |p: &str| out.path().join(p);
     let read = |p: &Path| ModelFile::from_safetensors(&std::fs::read(p).unwrap()).unwrap();
     let coordinator = read(&path("model.safetensors"));

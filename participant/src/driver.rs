@@ -11,13 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use greyfed_protocol::{
     Hello, InputSpec, Message, ModelSpec, ModelWeights, PROTOCOL_VERSION, ParticipantId,
     ProtocolError,
-    cipher::CipherSpec,
     frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame},
-    message::{DpSgdSpec, EvalMetrics},
     model_file::ModelFile,
     participant::{ParticipantEvent, ParticipantSession},
     secagg::{
@@ -32,21 +29,19 @@ use rand::{
 use tracing::{debug, info, trace, warn};
 
 use self::dp::{OwnDpLedger, check_dp_sgd_floor};
-use crate::cpu_time::CpuClock;
 use crate::{
-    cipher::ImageCipher,
     client,
-    data::{Dataset, RandomAffine},
     dropout::{CrashMode, DropoutPlan, DropoutStage, TestHooks, kill_this_process},
     error::{ParticipantError, Result},
-    layer_mask::KeyLayerMask,
-    train::{
-        EpochImages, StepProgress, TensorData, TrainOptions, TrainOutcome, TrainingEvent,
-        epoch_images, evaluate, evaluate_network, train_local_observed,
-    },
+    train::{StepProgress, evaluate},
 };
 
 mod dp;
+mod local_data;
+mod training;
+
+pub use local_data::LocalData;
+use training::{Trained, Training, TrainingJob, keep, submit_metrics};
 
 /// Batch size used for evaluation (does not affect results).
 const EVAL_BATCH: usize = 256;
@@ -200,153 +195,6 @@ impl ParticipantConfig {
     }
 }
 
-/// A participant's local data, encrypted (unless plain) and converted to
-/// tensors: once, or for the training images afresh in every epoch when
-/// they are augmented online ([`LocalData::prepare_augmented`]).
-pub struct LocalData {
-    train: Box<dyn EpochImages>,
-    test: TensorData,
-    image_size: (u32, u32),
-    classes: Vec<String>,
-    cipher: Option<CipherSpec>,
-    layer_mask: Option<KeyLayerMask>,
-}
-
-impl LocalData {
-    /// Encrypts `train` and `test` with `cipher` (or keeps them plain when
-    /// `None`) and converts them to tensors. `classes` names the labels in
-    /// order; there must be one name per class of the datasets.
-    pub fn prepare(
-        train: &Dataset,
-        test: &Dataset,
-        classes: &[String],
-        cipher: Option<ImageCipher>,
-    ) -> Result<Self> {
-        Self::prepare_augmented(train, test, classes, cipher, RandomAffine::default())
-    }
-
-    /// Like [`LocalData::prepare`], but every training image is distorted
-    /// by `affine` afresh in every epoch (on the plain image, before
-    /// encryption; see [`AugmentedImages`](crate::train::AugmentedImages)). The test images are not
-    /// distorted. With the identity `affine` (what [`LocalData::prepare`]
-    /// passes) the training images are encrypted and converted once.
-    pub fn prepare_augmented(
-        train: &Dataset,
-        test: &Dataset,
-        classes: &[String],
-        cipher: Option<ImageCipher>,
-        affine: RandomAffine,
-    ) -> Result<Self> {
-        check_splits(train, test, classes)?;
-        let device = Device::Cpu;
-        let test = match &cipher {
-            Some(c) => c.encrypt_dataset(test)?,
-            None => test.clone(),
-        };
-        let spec = cipher.as_ref().map(ImageCipher::spec);
-        Ok(Self {
-            image_size: (train.rows() as u32, train.cols() as u32),
-            train: epoch_images(train.clone(), affine, cipher, device.clone())?,
-            test: TensorData::from_dataset(&test, &device)?,
-            classes: classes.to_vec(),
-            cipher: spec,
-            layer_mask: None,
-        })
-    }
-
-    /// The image key's layer mask, for sessions whose global model is
-    /// masked (a masked start; see [`crate::layer_mask`]). Without it such
-    /// a session is refused.
-    pub fn with_layer_mask(mut self, mask: KeyLayerMask) -> Self {
-        self.layer_mask = Some(mask);
-        self
-    }
-
-    /// `global` as this participant trains and evaluates it: with the layer
-    /// mask removed when the session's model is masked.
-    fn unmasked(
-        &self,
-        spec: &ModelSpec,
-        masked: bool,
-        mut global: ModelWeights,
-    ) -> Result<ModelWeights> {
-        if !masked {
-            return Ok(global);
-        }
-        let mask = self.layer_mask.as_ref().ok_or_else(|| {
-            ParticipantError::Model(
-                "the coordinator's model is masked with an image key's layer mask, but this \
-                 participant has no image key (plain images)"
-                    .into(),
-            )
-        })?;
-        mask.reveal(spec, &mut global)?;
-        Ok(global)
-    }
-
-    /// `global` as this participant trains and evaluates it in a session
-    /// that may seal layers: [`Self::unmasked`], then the sealed layers'
-    /// opened values written over them. Also checks that the layers the
-    /// coordinator seals are exactly this model's key-bearing tensors.
-    fn session_model(
-        &self,
-        spec: &ModelSpec,
-        training: &greyfed_protocol::TrainingConfig,
-        global: ModelWeights,
-        sealed: Option<Vec<f32>>,
-    ) -> Result<ModelWeights> {
-        let mut global = self.unmasked(spec, training.key_layer_mask, global)?;
-        if let Some(layers) = &training.sealed_layers {
-            let range = crate::layer_mask::sealed_range(spec, &global, layers)?;
-            if let Some(values) = sealed {
-                global.set_flat_range(range.start, &values)?;
-            }
-        } else if sealed.is_some() {
-            return Err(ParticipantError::Model(
-                "sealed values came in a session that does not seal layers".into(),
-            ));
-        }
-        Ok(global)
-    }
-
-    /// Number of training samples (the aggregation weight).
-    pub fn train_len(&self) -> usize {
-        self.train.len()
-    }
-
-    /// Number of test samples.
-    pub fn test_len(&self) -> usize {
-        self.test.len()
-    }
-
-    /// Class names in label order.
-    pub fn classes(&self) -> &[String] {
-        &self.classes
-    }
-}
-
-/// Checks that two splits name their classes and share an image size.
-fn check_splits(train: &Dataset, test: &Dataset, classes: &[String]) -> Result<()> {
-    if classes.len() != train.num_classes() || classes.len() != test.num_classes() {
-        return Err(ParticipantError::Dataset(format!(
-            "{} class names for {} training and {} test classes",
-            classes.len(),
-            train.num_classes(),
-            test.num_classes()
-        )));
-    }
-    if (train.rows(), train.cols()) != (test.rows(), test.cols()) {
-        return Err(ParticipantError::Dataset(format!(
-            "train images are {}x{} but test images are {}x{}",
-            train.rows(),
-            train.cols(),
-            test.rows(),
-            test.cols()
-        )));
-    }
-    Ok(())
-}
-
 /// What a participant did in a session.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ParticipantReport {
@@ -463,60 +311,6 @@ async fn connect_once(
     // A vanished coordinator never answers the close: do not wait for it.
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     result
-}
-
-/// Local training running on a blocking thread while the loop keeps
-/// answering the coordinator (secure-aggregation key exchange overlaps it).
-struct Training {
-    round: u32,
-    started: Instant,
-    /// DP-SGD settings and the batch sampling rate of this round's training.
-    dp_sgd: Option<(DpSgdSpec, f64)>,
-    /// The update's sealed coordinates, which carry the trained values.
-    sealed_range: Option<std::ops::Range<usize>>,
-    /// The round whose evaluation of the same model rides in this round's
-    /// sum, if the TrainRequest asked for one.
-    evaluates: Option<u32>,
-    task: crate::background::Background<Result<Trained>>,
-}
-
-/// Keeps `global`, the model of `round`, as the latest one evaluated, unless
-/// a later round's is kept already.
-fn keep(latest: &mut Option<(u32, ModelWeights)>, round: u32, global: ModelWeights) {
-    if latest.as_ref().is_none_or(|(r, _)| *r <= round) {
-        *latest = Some((round, global));
-    }
-}
-
-/// Hands `metrics`, the evaluation of `round`'s model, to the session. An
-/// evaluation that was to ride in an update sum we left (training failed)
-/// is only late: the coordinator counts us out of both.
-fn submit_metrics(
-    config: &ParticipantConfig,
-    session: &mut ParticipantSession,
-    round: u32,
-    metrics: EvalMetrics,
-    rng: &mut StdRng,
-) -> Result<()> {
-    debug!(round, "evaluated");
-    match session.submit_evaluation(round, metrics, rng) {
-        Ok(()) => emit(config, ParticipantProgress::Evaluated { round }),
-        Err(e @ ProtocolError::Late(_)) => warn!(round, "evaluation not used: {e}"),
-        Err(e) => return Err(e.into()),
-    }
-    Ok(())
-}
-
-/// What the training thread hands back.
-struct Trained {
-    outcome: TrainOutcome,
-    /// The model trained from.
-    global: ModelWeights,
-    /// The training's CPU seconds (without the evaluation's).
-    cpu_secs: Option<f64>,
-    /// The evaluation of `global` on the network built for training, when
-    /// one was asked for.
-    evaluation: Option<Result<EvalMetrics>>,
 }
 
 /// Sends `event` to the display, if there is one.
@@ -655,7 +449,6 @@ async fn session_loop(
                     // A training still running for an older round goes on
                     // to its end, its result dropped.
                     drop(training.take());
-                    let progress = config.progress.clone();
                     debug!(round, "training started");
                     training = Some(Training {
                         round,
@@ -663,66 +456,18 @@ async fn session_loop(
                         dp_sgd,
                         sealed_range,
                         evaluates,
-                        task: crate::background::spawn_training("greyfed-train", move || {
-                            let options = TrainOptions {
-                                proximal_mu: training_config.proximal_mu,
-                                dp_sgd: training_config.dp_sgd,
-                                frozen,
-                            };
-                            let mut last_sent: Option<Instant> = None;
-                            // The evaluation asked for, on the network built
-                            // for training, and its CPU seconds.
-                            let mut evaluation = None;
-                            let mut observe = |event: TrainingEvent<'_>| match event {
-                                TrainingEvent::Built(net) => {
-                                    if evaluates.is_some() {
-                                        let cpu = CpuClock::start();
-                                        let metrics =
-                                            evaluate_network(net, &spec, &data.test, EVAL_BATCH);
-                                        evaluation = Some((metrics, cpu.elapsed_secs()));
-                                    }
-                                }
-                                TrainingEvent::Step(p) => {
-                                    let Some(tx) = &progress else { return };
-                                    let epoch_done = (p.step * u64::from(p.epochs))
-                                        .is_multiple_of(p.steps.max(1));
-                                    if epoch_done
-                                        || last_sent
-                                            .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
-                                    {
-                                        last_sent = Some(Instant::now());
-                                        let _ = tx.send(ParticipantProgress::Training {
-                                            round,
-                                            progress: p,
-                                        });
-                                    }
-                                }
-                            };
-                            let cpu = CpuClock::start();
-                            let outcome = train_local_observed(
-                                &spec,
-                                &global,
-                                data.train.as_ref(),
-                                &training_config,
-                                seed,
-                                &options,
-                                &mut observe,
-                            )?;
-                            // The evaluation's CPU time is not training's.
-                            let evaluation_cpu = evaluation
-                                .as_ref()
-                                .and_then(|(_, secs)| *secs)
-                                .unwrap_or(0.0);
-                            Ok(Trained {
-                                outcome,
-                                global,
-                                cpu_secs: cpu.elapsed_secs().map(|t| (t - evaluation_cpu).max(0.0)),
-                                evaluation: evaluation.map(|(metrics, _)| metrics),
-                            })
-                        })
-                        .map_err(|e| {
-                            ParticipantError::Model(format!("cannot start local training: {e}"))
-                        })?,
+                        task: TrainingJob {
+                            round,
+                            spec,
+                            global,
+                            data,
+                            config: training_config,
+                            seed,
+                            frozen,
+                            evaluates,
+                            progress: config.progress.clone(),
+                        }
+                        .spawn()?,
                     });
                 }
                 ParticipantEvent::Evaluate {

@@ -34,6 +34,28 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> bool {
     }
 }
 
+/// The last lines of every log a simulation wrote in `out/logs`, for a
+/// failed test's message (the temporary directory goes with the test).
+pub fn simulation_logs(out: &Path) -> String {
+    let Ok(entries) = std::fs::read_dir(out.join("logs")) else {
+        return format!("(no logs in {})", out.display());
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    paths.sort();
+    let mut text = String::new();
+    for path in paths {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(20)..];
+        text.push_str(&format!("--- {}\n{}\n", path.display(), tail.join("\n")));
+    }
+    text
+}
+
 /// The real MNIST subset at `../shared/data/mnist-10k`, or `None` (after
 /// printing why the caller skips) when it is absent.
 pub fn mnist_10k() -> Option<PathBuf> {
