@@ -70,13 +70,13 @@ pub enum ParticipantEvent {
         /// sealed range (after removing the layer mask); `None` before the
         /// first sum (the start's values stand).
         sealed: Option<Vec<f32>>,
-        /// When the TrainRequest asked for it: also evaluate `global` on
-        /// the local test split, as this round's evaluation (the previous
-        /// round's model is the one this round trains from), and call
-        /// `submit_evaluation` with this round number. The metrics ride in
-        /// this round's secure sum: the masked input goes out once both the
-        /// update and the metrics are submitted, in either order. One model
-        /// for both lets the driver build one network for both.
+        /// When the TrainRequest asked for it, the round whose model
+        /// `global` is (the one before `round`): also evaluate `global` on
+        /// the local test split and call `submit_evaluation` with that
+        /// round number. The metrics ride in this round's secure sum: the
+        /// masked input goes out once both the update and the metrics are
+        /// submitted, in either order. One model for both lets the driver
+        /// build one network for both.
         evaluates: Option<u32>,
     },
     /// Evaluate `global` on the local test split, then call

@@ -39,8 +39,8 @@ pub const NETWORK_DATAGRAM_CEILING: u16 = 1452;
 /// path MTU discovery there.
 /// Loopback carries 64 KiB datagrams, and every datagram costs a pass
 /// through quinn and the kernel whatever its size: on the 10 × 10 MNIST
-/// simulation, 6,500-byte datagrams took `round_overhead` from 1.16-1.19
-/// to 1.13-1.15 (docs/benchmarks.md). The bound is what one segmentation-
+/// simulation, 6,500-byte datagrams took `round_overhead` from 1.15-1.19
+/// to 1.12-1.15 (docs/benchmarks.md). The bound is what one segmentation-
 /// offload batch allows: quinn sends up to [`GSO_BATCH_DATAGRAMS`]
 /// datagrams of one size in a single UDP send, and the whole batch must fit
 /// in one 65,507-byte UDP payload; larger datagrams make the kernel refuse
