@@ -430,11 +430,6 @@ pub fn evaluate(
     data: &TensorData,
     batch_size: usize,
 ) -> Result<EvalMetrics> {
-    if batch_size == 0 {
-        return Err(ParticipantError::Model(
-            "batch size must be positive".into(),
-        ));
-    }
     let net = Network::new(spec, weights, data.device())?;
     evaluate_network(&net, spec, data, batch_size)
 }
