@@ -40,6 +40,20 @@ pub struct NamedTensor {
     pub data: Vec<f32>,
 }
 
+/// `values` as little-endian bytes: on little-endian machines their own
+/// memory, without a copy (a model is the bulk of every frame that carries
+/// one, and every participant hashes it each round).
+fn le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    #[cfg(target_endian = "little")]
+    {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
 /// `Vec<f32>` as one run of little-endian bytes in binary formats, so that
 /// a model is encoded and decoded in one pass rather than a value at a
 /// time through serde (decoding models was 0.5% of a 10-participant run's
@@ -51,20 +65,7 @@ mod f32_bytes {
         if s.is_human_readable() {
             return values.serialize(s);
         }
-        // On little-endian machines the values are their own wire bytes:
-        // no copy (a model is the bulk of every frame that carries one).
-        #[cfg(target_endian = "little")]
-        {
-            s.serialize_bytes(bytemuck::cast_slice(values))
-        }
-        #[cfg(not(target_endian = "little"))]
-        {
-            let mut bytes = Vec::with_capacity(values.len() * 4);
-            for v in values {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
-            s.serialize_bytes(&bytes)
-        }
+        s.serialize_bytes(&super::le_bytes(values))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
@@ -195,15 +196,7 @@ impl ModelWeights {
             for d in &t.shape {
                 h.update(&(*d as u64).to_be_bytes());
             }
-            // The values' little-endian bytes: on little-endian machines
-            // their own memory, hashed without a copy.
-            #[cfg(target_endian = "little")]
-            h.update(bytemuck::cast_slice(&t.data));
-            #[cfg(not(target_endian = "little"))]
-            for chunk in t.data.chunks(16 * 1024) {
-                let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-                h.update(&bytes);
-            }
+            h.update(&le_bytes(&t.data));
         }
         h.finalize().into()
     }

@@ -565,9 +565,10 @@ impl Model for BlockNet {
 
 /// Rows of `H` the fc1 layout changes move together, in 4 x 4 blocks
 /// transposed in registers: each internal row gets 16 contiguous values (a
-/// cache line) at a time. Every evaluation builds a network, and
-/// value-by-value moves had cost about a third of it (`cargo bench -p
-/// greyfed-participant --bench train -- evaluate`).
+/// cache line) at a time. Every local training and every evaluation in a
+/// sum of its own builds a network, and value-by-value moves had cost
+/// about a third of an evaluation (`cargo bench -p greyfed-participant
+/// --bench train -- evaluate`).
 const FC1_TILE: usize = 16;
 
 /// The transpose of a 4 x 4 block (SSE shuffles on x86-64).
